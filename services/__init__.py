@@ -1,0 +1,1 @@
+"""Cape workers: appliance, MPC engine, jobs, reference coordinator and broker, client."""
