@@ -1,0 +1,119 @@
+"""The broker's HTTP API under `/broker/v1`: per-job mailboxes of opaque, streamed message bodies."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.broker.mailboxes import MailboxSignals
+from services.broker.membership import JobMembership
+from services.broker.store import BodyTooLarge, MessageStore
+from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
+SEATS = ("x_owner", "y_owner", "model_owner", "helper")
+_NAME = re.compile(NAME_PATTERN)
+
+bearer = HTTPBearer(auto_error=False, description="an organization token (`<token_id>,<secret>`)")
+MessageName = Path(pattern=NAME_PATTERN, description="`[A-Za-z0-9._-]{1,200}`")
+JobId = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+CHUNK = 1 << 20
+
+
+async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := file.read(CHUNK):
+            yield chunk
+    finally:
+        file.close()
+
+
+def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
+                  max_message_bytes: int) -> APIRouter:
+    """All `/broker/v1` endpoints over one store and one way of authorizing callers."""
+    router = APIRouter(prefix="/broker/v1", tags=["broker"])
+
+    async def caller_seat(job: str = JobId,
+                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        return await membership.seat(credentials.credentials if credentials else None, job)
+
+    @router.put("/jobs/{job}/messages/{to_seat}/{name}", status_code=201,
+                responses={200: {"description": "already stored with the same bytes"}})
+    async def put_message(request: Request, to_seat: str, job: str = JobId, name: str = MessageName,
+                          seat: str = Depends(caller_seat)) -> Response:
+        if to_seat not in SEATS:
+            raise InvalidRequest(f"field 'to_seat': must be one of {', '.join(SEATS)}")
+        if not _NAME.match(name):  # the route pattern guards too; names reach the index, never a path
+            raise InvalidRequest("field 'name': must match [A-Za-z0-9._-]{1,200}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_message_bytes:
+            raise TooLarge(f"the message is {declared} bytes; this broker takes at most {max_message_bytes}",
+                           code="message_too_large")
+        pending = store.begin(max_message_bytes)
+        try:
+            async for chunk in request.stream():
+                pending.write(chunk)
+            digest = pending.finish()
+        except BodyTooLarge:
+            pending.discard()
+            raise TooLarge(f"the message exceeds this broker's limit of {max_message_bytes} bytes",
+                           code="message_too_large") from None
+        except ClientDisconnect:
+            pending.discard()
+            return Response(status_code=400)  # nobody is left to read it
+        except BaseException:
+            pending.discard()
+            raise
+        message, created = store.commit(job, to_seat, name, seat, pending, digest)
+        if not created:
+            if message.sha256 != digest:
+                raise Conflict(f"message '{name}' already holds other bytes; a name is written once",
+                               code="message_conflict")
+            return Response(status_code=200)
+        signals.notify(job, to_seat)
+        return Response(status_code=201)
+
+    @router.get("/jobs/{job}/messages")
+    async def list_messages(job: str = JobId, wait: float = Query(0, ge=0, le=60),
+                            seat: str = Depends(caller_seat)) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + wait
+        while True:
+            event = signals.event(job, seat)
+            waiting = store.waiting(job, seat)
+            remaining = deadline - time.monotonic()
+            if waiting or remaining <= 0:
+                return [m.view() for m in waiting]
+            try:
+                await asyncio.wait_for(event.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+
+    @router.get("/jobs/{job}/messages/{name}", responses={200: {"content": {"application/octet-stream": {}}}})
+    async def get_message(job: str = JobId, name: str = MessageName, seat: str = Depends(caller_seat)) -> Response:
+        message = store.get(job, seat, name)
+        try:
+            # Open now: an acknowledge or the expiry sweep may unlink the file while we stream it.
+            file = open(message.file, "rb") if message else None
+        except FileNotFoundError:
+            file = None
+        if message is None or file is None:
+            raise NotFound(f"no message '{name}' waits for you in this job", code="message_not_found")
+        return StreamingResponse(_chunks(file), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(message.size), "X-Content-SHA256": message.sha256})
+
+    @router.delete("/jobs/{job}/messages/{name}", status_code=204)
+    async def delete_message(job: str = JobId, name: str = MessageName, seat: str = Depends(caller_seat)) -> Response:
+        if not store.delete(job, seat, name):
+            raise NotFound(f"no message '{name}' waits for you in this job", code="message_not_found")
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,86 @@
+"""Which seat of a job a broker caller's organization token holds: from the coordinator's database when both run
+in one process, or by asking the coordinator's worker endpoint when the broker runs alone."""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Protocol
+
+import httpx
+
+from services.coordinator import identity
+from services.coordinator.db import Database
+from services.coordinator.jobs import find_job, seat_of
+from services.coordinator.permissions import require_worker
+from services.server.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+
+
+class JobMembership(Protocol):
+    """Authorizes a broker caller for one job."""
+
+    async def seat(self, token: str | None, job_id: str) -> str:
+        """The caller's seat in the job; raises Unauthorized (401), Forbidden (403) or NotFound (404)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalMembership:
+    """Reads the coordinator's database directly (broker and coordinator in one process)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def seat(self, token: str | None, job_id: str) -> str:
+        with self.db.transaction() as conn:
+            principal = identity.authenticate(conn, token)
+            require_worker(principal)
+            find_job(conn, job_id)
+            seat = seat_of(conn, job_id, principal.org_id or "")
+        if seat is None:
+            raise Forbidden("your organization has no seat in this job", code="no_seat")
+        return seat
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteMembership:
+    """Asks `GET {coordinator}/v1/worker/jobs/{id}` with the caller's token; answers are cached briefly."""
+
+    def __init__(self, coordinator_url: str, cache_seconds: float = 10.0, timeout: float = 10.0):
+        self.base = coordinator_url.rstrip("/")
+        self.cache_seconds = cache_seconds
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    async def seat(self, token: str | None, job_id: str) -> str:
+        if not token:
+            raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>'", code="no_token")
+        # Key the cache by a hash so the token itself is kept in one place only (the request).
+        key = (hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest(), job_id)
+        hit = self._cache.get(key)
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        try:
+            response = await self._client.get(f"{self.base}/v1/worker/jobs/{job_id}",
+                                              headers={"Authorization": f"Bearer {token}"})
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"the broker cannot reach its coordinator at {self.base} ({type(exc).__name__}); "
+                              "try again shortly") from None
+        if response.status_code == 200:
+            seat = response.json()["seat"]
+            if len(self._cache) > 10_000:  # bound memory: drop everything, it refills on demand
+                self._cache.clear()
+            self._cache[key] = (seat, time.monotonic() + self.cache_seconds)
+            return seat
+        error_type: type[ApiError] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}.get(
+            response.status_code, Unavailable)
+        try:
+            error = response.json()["error"]
+            raise error_type(str(error["message"]), code=str(error["code"]))
+        except (ValueError, KeyError, TypeError):
+            raise error_type(f"the coordinator answered {response.status_code}") from None
+
+    async def close(self) -> None:
+        await self._client.aclose()

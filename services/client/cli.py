@@ -1,0 +1,51 @@
+"""The `cape` command line: thin over the SDK; every error is one `error: ...` line on stderr and exit 1."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import click
+
+from services.client.commands.auth import login, whoami
+from services.client.commands.dataviews import dataviews
+from services.client.commands.jobs import jobs
+from services.client.commands.orgs import orgs
+from services.client.commands.projects import projects
+from services.client.errors import CapeError
+
+EXIT_ERROR = 1
+
+
+class CapeGroup(click.Group):
+    """Turns the SDK's typed errors into one readable line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CapeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=CapeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cape-workers", prog_name="cape")
+def cape() -> None:
+    """Cape: projects, dataviews and privacy-preserving jobs across organizations.
+
+    The coordinator and token come from `cape login`, overridden by CAPE_COORDINATOR and CAPE_TOKEN.
+    """
+
+
+for command in (login, whoami, orgs, projects, dataviews, jobs):
+    cape.add_command(command)
+
+# `cape simulate` lives in its own module (the engine's part of the project).
+if importlib.util.find_spec("services.client.simulate") is not None:
+    from services.client.simulate import simulate
+
+    cape.add_command(simulate)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cape(prog_name="cape")

@@ -1,0 +1,1 @@
+"""The `cape` command groups, one module each; thin over the SDK."""

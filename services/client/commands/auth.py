@@ -1,0 +1,52 @@
+"""`cape login` and `cape whoami`."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from services.client.commands.output import CliContext, json_option, pass_cli, print_fields, print_json
+from services.client.config import TOKEN_ENV, load_config, save_config
+from services.client.sdk import Cape
+
+
+@click.command()
+@click.option("--coordinator", metavar="URL", help="Coordinator URL (default: CAPE_COORDINATOR, then the saved one).")
+@click.option("--token", metavar="TOKEN", help=f"Your user token (default: {TOKEN_ENV}; prompted if neither).")
+def login(coordinator: str | None, token: str | None) -> None:
+    """Check a token with the coordinator and save both in the config file (mode 0600)."""
+    config = load_config(coordinator, token)
+    chosen = token or config.token
+    if not chosen:
+        chosen = click.prompt("Token", hide_input=True).strip()
+    identity = Cape(endpoint=config.coordinator, token=chosen).login()
+    path = save_config(config.coordinator, chosen)
+    click.echo(f"Logged in to {config.coordinator} as {describe(identity)}; saved in {path}")
+
+
+@click.command()
+@json_option
+@pass_cli
+def whoami(cli: CliContext, as_json: bool) -> None:
+    """Show who the current token belongs to."""
+    cape = cli.cape()
+    identity = cape.login()
+    if as_json:
+        print_json(identity)
+        return
+    roles = identity.get("roles") or {}
+    print_fields([
+        ("coordinator", cape.endpoint),
+        ("kind", identity.get("kind")),
+        ("identity", describe(identity)),
+        ("roles", [f"{org}: {role}" for org, role in roles.items()]),
+    ])
+
+
+def describe(identity: dict[str, Any]) -> str:
+    """``alice@example.org (user)`` or ``org-a (organization)``: never the token."""
+    if identity.get("kind") == "organization":
+        org = identity.get("organization") or {}
+        return f"{org.get('label') or org.get('id', '?')} (organization token)"
+    user = identity.get("user") or {}
+    return f"{user.get('email') or user.get('id', '?')} (user)"

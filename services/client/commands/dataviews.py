@@ -1,0 +1,90 @@
+"""`cape dataviews add|list|show|delete`."""
+from __future__ import annotations
+
+import click
+
+from services.client.commands.output import (
+    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+)
+from services.client.models import DataView
+from services.client.schema import parse_schema_spec, schema_from_csv
+
+
+@click.group()
+def dataviews() -> None:
+    """Dataviews: pointers to an organization's datasets, with their schema."""
+
+
+@dataviews.command("add")
+@click.argument("project")
+@click.argument("name")
+@click.argument("uri")
+@click.option("--schema-from-csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Read the columns from this local CSV's header (types guessed from its first rows).")
+@click.option("--schema", "spec", metavar="NAME:TYPE,...", help="Columns, types number|integer|string.")
+@click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
+@json_option
+@pass_cli
+def add(cli: CliContext, project: str, name: str, uri: str, csv_path: str | None, spec: str | None,
+        organization: str | None, as_json: bool) -> None:
+    """Register dataset URI (s3://, file://, path) as dataview NAME of PROJECT, owned by your organization.
+
+    Without --schema or --schema-from-csv, URI itself must be a local CSV file."""
+    if csv_path and spec:
+        raise click.UsageError("give --schema-from-csv or --schema, not both")
+    schema = schema_from_csv(csv_path) if csv_path else parse_schema_spec(spec) if spec else None
+    view = cli.cape().get_project(project).create_dataview(name, uri, schema=schema, organization=organization)
+    _show(view, as_json, verb="Added")
+
+
+@dataviews.command("list")
+@click.argument("project")
+@json_option
+@pass_cli
+def list_dataviews(cli: CliContext, project: str, as_json: bool) -> None:
+    """List the dataviews of PROJECT (URIs only of your own organization's)."""
+    found = cli.cape().get_project(project).list_dataviews()
+    if as_json:
+        print_json([v.data for v in found])
+        return
+    print_table(
+        [v.data for v in found],
+        [("ID", lambda v: v.get("id")), ("NAME", lambda v: v.get("name")),
+         ("OWNER", lambda v: org_label(v.get("owner"))),
+         ("COLUMNS", lambda v: [c["name"] for c in v.get("schema") or []]), ("URI", lambda v: v.get("uri"))],
+        empty="No dataviews.",
+    )
+
+
+@dataviews.command("show")
+@click.argument("dataview_id")
+@json_option
+@pass_cli
+def show(cli: CliContext, dataview_id: str, as_json: bool) -> None:
+    """Show one dataview by id."""
+    _show(cli.cape().get_dataview(dataview_id), as_json)
+
+
+@dataviews.command("delete")
+@click.argument("dataview_id")
+@pass_cli
+def delete(cli: CliContext, dataview_id: str) -> None:
+    """Delete a dataview of your organization."""
+    cli.cape().get_dataview(dataview_id).delete()
+    click.echo(f"Deleted dataview {dataview_id}.")
+
+
+def _show(view: DataView, as_json: bool, verb: str | None = None) -> None:
+    if as_json:
+        print_json(view.data)
+        return
+    if verb:
+        click.echo(f"{verb} dataview {view.name}.")
+    print_fields([
+        ("id", view.id),
+        ("name", view.name),
+        ("project", view.data.get("project")),
+        ("owner", org_label(view.owner)),
+        ("uri", view.uri),
+        ("schema", [f"{c['name']}:{c['type']}" for c in view.schema]),
+    ])

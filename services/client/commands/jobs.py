@@ -1,0 +1,237 @@
+"""`cape jobs submit|list|status|approve|reject|stop|watch|results`."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from services.client.commands.output import (
+    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+)
+from services.client.errors import BadArgument
+from services.client.models import Job
+from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression
+
+# `cape jobs watch` exit codes besides 0 (Completed).
+EXIT_JOB_FAILED = 1
+EXIT_WATCH_TIMEOUT = 3
+
+
+@click.group()
+def jobs() -> None:
+    """Jobs: submit, approve or reject, follow, and read the results."""
+
+
+@jobs.command("submit")
+@click.argument("project")
+@click.argument("job_type", metavar="TYPE", type=click.Choice(["linear-regression"]))
+@click.option("--x", "x_spec", required=True, metavar="DATAVIEW[:COL,...]",
+              help="The features: a dataview (name or id) and its columns (default: all).")
+@click.option("--y", "y_spec", required=True, metavar="DATAVIEW[:COL]",
+              help="The target: a dataview and its column (default: its only column).")
+@click.option("--model-owner", required=True, metavar="ORG", help="Organization that receives weights and metrics.")
+@click.option("--model-location", metavar="s3://BUCKET[/PREFIX]|file:///PATH",
+              help="Where the model owner's worker writes the weights (default: the worker's CAPE_BUCKET).")
+@click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
+              help="Seconds the three workers have to start after approval.")
+@json_option
+@pass_cli
+def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: str, model_owner: str,
+           model_location: str | None, timeout: int, as_json: bool) -> None:
+    """Submit a job to PROJECT; it runs once every data owner has approved it."""
+    found = cli.cape().get_project(project)
+    x_name, x_columns = _split_spec(x_spec, "--x")
+    y_name, y_columns = _split_spec(y_spec, "--y")
+    if len(y_columns) > 1:
+        raise click.UsageError("--y takes one column: DATAVIEW:COLUMN")
+    x_view = found.get_dataview(x_name)
+    y_view = found.get_dataview(y_name)
+    task = VerticallyPartitionedLinearRegression(
+        x_view[x_columns] if x_columns else x_view,
+        y_view[y_columns] if y_columns else y_view,
+        model_owner=model_owner,
+        model_location=model_location,
+        timeout=timeout,
+    )
+    job = found.submit_job(task)
+    if as_json:
+        print_json(job.data)
+        return
+    click.echo(f"Submitted job {job.id} ({job.status}); each data owner approves it with `cape jobs approve {job.id}`.")
+
+
+@jobs.command("list")
+@click.argument("project")
+@json_option
+@pass_cli
+def list_jobs(cli: CliContext, project: str, as_json: bool) -> None:
+    """List the jobs of PROJECT."""
+    found = cli.cape().get_project(project).list_jobs()
+    if as_json:
+        print_json([j.data for j in found])
+        return
+    print_table(
+        [j.data for j in found],
+        [("ID", lambda j: j.get("id")), ("TYPE", lambda j: j.get("type")), ("STATUS", lambda j: j.get("status")),
+         ("MODEL OWNER", lambda j: _model_owner(j)), ("CREATED", lambda j: j.get("created_at"))],
+        empty="No jobs.",
+    )
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@json_option
+@pass_cli
+def status(cli: CliContext, job_id: str, as_json: bool) -> None:
+    """Show a job's status, approvals and each party's progress."""
+    job = cli.cape().get_job(job_id)
+    if as_json:
+        print_json(job.data)
+        return
+    _print_job(job)
+
+
+@jobs.command("approve")
+@click.argument("job_id")
+@pass_cli
+def approve(cli: CliContext, job_id: str) -> None:
+    """Approve JOB for your organization's data."""
+    job = cli.cape().get_job(job_id).approve()
+    click.echo(f"Approved job {job.id}; it is now {job.status}.")
+
+
+@jobs.command("reject")
+@click.argument("job_id")
+@click.option("--reason", help="Shown to the project's members.")
+@pass_cli
+def reject(cli: CliContext, job_id: str, reason: str | None) -> None:
+    """Reject JOB: it will not run."""
+    job = cli.cape().get_job(job_id).reject(reason)
+    click.echo(f"Rejected job {job.id}; it is now {job.status}.")
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@pass_cli
+def stop(cli: CliContext, job_id: str) -> None:
+    """Stop JOB; the workers abandon it."""
+    job = cli.cape().get_job(job_id).stop()
+    click.echo(f"Stopped job {job.id}; it is now {job.status}.")
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@click.option("--timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Give up after this many seconds (exit 3).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between polls.")
+@pass_cli
+def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None:
+    """Show progress per party until JOB ends: exit 0 if Completed, 1 if it ended otherwise, 3 on --timeout."""
+    job = cli.cape().get_job(job_id)
+    started = time.monotonic()
+    last: list[str] = []
+
+    def show(update: Job) -> None:
+        line = _progress_line(update)
+        if line != (last[0] if last else None):
+            click.echo(f"[{time.monotonic() - started:6.1f}s] {line}")
+            last[:] = [line]
+
+    final = job.wait(timeout=timeout, interval=interval, on_update=show)
+    if final == "Completed":
+        click.echo(f"Job {job.id} completed; the model owner reads the results with `cape jobs results {job.id}`.")
+        return
+    if final in ("Error", "Rejected", "Stopped"):
+        reason = job.data.get("error")
+        click.echo(f"error: job {job.id} ended {final}" + (f": {reason}" if reason else ""), err=True)
+        click.get_current_context().exit(EXIT_JOB_FAILED)
+    click.echo(f"error: job {job.id} is still {final} after {timeout:g} s; watch again or raise --timeout", err=True)
+    click.get_current_context().exit(EXIT_WATCH_TIMEOUT)
+
+
+@jobs.command("results")
+@click.argument("job_id")
+@json_option
+@pass_cli
+def results(cli: CliContext, job_id: str, as_json: bool) -> None:
+    """Print JOB's weights (intercept first) and metrics; model owner only."""
+    job = cli.cape().get_job(job_id)
+    weights, metrics = job.get_results()
+    names = ["intercept", *_x_columns(job)]
+    if len(names) != len(weights):
+        names = ["intercept", *(f"w{i}" for i in range(1, len(weights)))]
+    if as_json:
+        print_json({"job": job.id, "weights": weights.tolist(), "names": names, "metrics": metrics})
+        return
+    print_table([{"name": n, "weight": float(w)} for n, w in zip(names, weights)],
+                [("TERM", lambda r: r["name"]), ("WEIGHT", lambda r: repr(r["weight"]))], empty="No weights.")
+    click.echo("")
+    print_fields([(name, value) for name, value in sorted(metrics.items())] or [("metrics", None)])
+
+
+def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:
+    """``name:a,b`` -> ("name", ["a", "b"]); ``name`` -> ("name", [])."""
+    name, _, columns = spec.partition(":")
+    selected = [c.strip() for c in columns.split(",") if c.strip()]
+    if not name.strip():
+        raise BadArgument(f"{option} needs a dataview name or id before the columns: DATAVIEW[:COL,...]")
+    return name.strip(), selected
+
+
+def _x_columns(job: Job) -> list[str]:
+    task = job.data.get("task") or {}
+    return list((task.get("x") or {}).get("columns") or [])
+
+
+def _model_owner(job: dict[str, Any]) -> str:
+    owner = job.get("model_owner") or (job.get("task") or {}).get("model_owner")
+    return org_label(owner) if isinstance(owner, dict) else (owner or "-")
+
+
+def _side(job: dict[str, Any], side: str, key: str) -> str:
+    """``dataview: col, col`` for one side of the task."""
+    part = (job.get("task") or {}).get(side) or {}
+    view = part.get("dataview")
+    name = view.get("name") or view.get("id") if isinstance(view, dict) else view
+    columns = part.get(key)
+    columns = ", ".join(columns) if isinstance(columns, list) else columns
+    return f"{name or '-'}: {columns or '-'}"
+
+
+def _progress_line(job: Job) -> str:
+    parts = []
+    for seat, party in job.parties.items():
+        progress = party.get("progress")
+        percent = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
+        message = f" ({party['message']})" if party.get("message") else ""
+        parts.append(f"{seat}={org_label(party.get('organization'))}:{party.get('state') or 'waiting'}{percent}{message}")
+    return f"{job.status:<13} " + "  ".join(parts)
+
+
+def _print_job(job: Job) -> None:
+    data = job.data
+    print_fields([
+        ("id", job.id),
+        ("type", data.get("type")),
+        ("status", job.status),
+        ("error", data.get("error")),
+        ("x", _side(data, "x", "columns")),
+        ("y", _side(data, "y", "column")),
+        ("model owner", _model_owner(data)),
+        ("outputs to", data.get("outputs_to")),
+        ("approvals", [f"{org}: {state}" for org, state in (data.get("approvals") or {}).items()]),
+        ("created", data.get("created_at")),
+        ("updated", data.get("updated_at")),
+    ])
+    click.echo("")
+    print_table(
+        [{"seat": seat, **party} for seat, party in job.parties.items()],
+        [("SEAT", lambda p: p["seat"]), ("ORGANIZATION", lambda p: org_label(p.get("organization"))),
+         ("STATE", lambda p: p.get("state")),
+         ("PROGRESS", lambda p: f"{float(p['progress']) * 100:.0f}%"
+          if isinstance(p.get("progress"), (int, float)) else None),
+         ("MESSAGE", lambda p: p.get("message"))],
+        empty="No parties.",
+    )

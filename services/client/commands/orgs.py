@@ -1,0 +1,83 @@
+"""`cape orgs list|show|add-user|create-token`."""
+from __future__ import annotations
+
+import click
+
+from services.client.commands.output import (
+    CliContext, json_option, pass_cli, print_fields, print_json, print_table,
+)
+from services.client.errors import ApiError
+
+ROLES = ("admin", "operator", "data_scientist", "user")
+
+
+@click.group()
+def orgs() -> None:
+    """Organizations and their users and worker tokens."""
+
+
+@orgs.command("list")
+@json_option
+@pass_cli
+def list_orgs(cli: CliContext, as_json: bool) -> None:
+    """List every organization (labels are public)."""
+    found = cli.cape().list_organizations()
+    if as_json:
+        print_json([o.data for o in found])
+        return
+    print_table([o.data for o in found], [("ID", lambda o: o.get("id")), ("LABEL", lambda o: o.get("label")),
+                                          ("NAME", lambda o: o.get("name"))], empty="No organizations.")
+
+
+@orgs.command("show")
+@click.argument("org")
+@json_option
+@pass_cli
+def show(cli: CliContext, org: str, as_json: bool) -> None:
+    """Show an organization, with its users when you may see them."""
+    organization = cli.cape().get_organization(org)
+    try:
+        users = organization.list_users()
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        users = None  # not a member: the organization itself is still public
+    if as_json:
+        print_json({**organization.data, "users": users})
+        return
+    print_fields([("id", organization.id), ("label", organization.label), ("name", organization.name)])
+    if users is not None:
+        click.echo("")
+        print_table(users, [("USER", lambda u: u.get("email")), ("ROLE", lambda u: u.get("role")),
+                            ("ID", lambda u: u.get("id"))], empty="No users.")
+
+
+@orgs.command("add-user")
+@click.argument("org")
+@click.argument("email")
+@click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@json_option
+@pass_cli
+def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) -> None:
+    """Add a user to ORG (admin); prints the user's token once."""
+    created = cli.cape().get_organization(org).add_user(email, role)
+    if as_json:
+        print_json(created)
+        return
+    click.echo(f"Added {email} to {org} as {role}. Their token (shown once, give it to them privately):")
+    click.echo(created["token"])
+
+
+@orgs.command("create-token")
+@click.argument("org")
+@click.option("--description", help="What the token is for, e.g. the worker's host.")
+@json_option
+@pass_cli
+def create_token(cli: CliContext, org: str, description: str | None, as_json: bool) -> None:
+    """Create an organization token for ORG's worker (admin); prints it once."""
+    created = cli.cape().get_organization(org).create_token(description)
+    if as_json:
+        print_json(created)
+        return
+    click.echo(f"Organization token {created['id']} for {org}'s worker (shown once; set it as CAPE_TOKEN):")
+    click.echo(created["token"])

@@ -1,0 +1,110 @@
+"""`cape projects create|list|show|add-org|set-helper|delete`."""
+from __future__ import annotations
+
+import click
+
+from services.client.commands.output import (
+    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+)
+from services.client.models import Project
+
+
+@click.group()
+def projects() -> None:
+    """Projects: member organizations, helper, dataviews and jobs."""
+
+
+@projects.command("create")
+@click.argument("label")
+@click.option("--name", help="A display name.")
+@click.option("--description")
+@click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
+@json_option
+@pass_cli
+def create(cli: CliContext, label: str, name: str | None, description: str | None, organization: str | None,
+           as_json: bool) -> None:
+    """Create a project owned by your organization."""
+    project = cli.cape().create_project(label, name=name, description=description, organization=organization)
+    _show(project, as_json, verb="Created")
+
+
+@projects.command("list")
+@json_option
+@pass_cli
+def list_projects(cli: CliContext, as_json: bool) -> None:
+    """List the projects your organizations are members of."""
+    found = cli.cape().list_projects()
+    if as_json:
+        print_json([p.data for p in found])
+        return
+    print_table(
+        [p.data for p in found],
+        [("ID", lambda p: p.get("id")), ("LABEL", lambda p: p.get("label")), ("NAME", lambda p: p.get("name")),
+         ("ORGANIZATIONS", lambda p: [org_label(o) for o in p.get("organizations") or []]),
+         ("HELPER", lambda p: org_label(p.get("helper")))],
+        empty="No projects.",
+    )
+
+
+@projects.command("show")
+@click.argument("project")
+@json_option
+@pass_cli
+def show(cli: CliContext, project: str, as_json: bool) -> None:
+    """Show a project (by label or id)."""
+    _show(cli.cape().get_project(project), as_json)
+
+
+@projects.command("add-org")
+@click.argument("project")
+@click.argument("org")
+@json_option
+@pass_cli
+def add_org(cli: CliContext, project: str, org: str, as_json: bool) -> None:
+    """Add organization ORG (label or id) to PROJECT."""
+    _show(cli.cape().get_project(project).add_org(org), as_json, verb="Updated")
+
+
+@projects.command("set-helper")
+@click.argument("project")
+@click.argument("org", required=False)
+@click.option("--none", "clear", is_flag=True, help="Remove the helper.")
+@json_option
+@pass_cli
+def set_helper(cli: CliContext, project: str, org: str | None, clear: bool, as_json: bool) -> None:
+    """Name ORG as the helper whose worker takes the third seat when the model owner is a data owner."""
+    if bool(org) == clear:
+        raise click.UsageError("give either ORG or --none")
+    _show(cli.cape().get_project(project).set_helper(None if clear else org), as_json, verb="Updated")
+
+
+@projects.command("delete")
+@click.argument("project")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_cli
+def delete(cli: CliContext, project: str, yes: bool) -> None:
+    """Delete PROJECT with its dataviews and jobs."""
+    found = cli.cape().get_project(project)
+    if not yes:
+        click.confirm(f"Delete project {found.label} ({found.id})?", abort=True)
+    found.delete()
+    click.echo(f"Deleted project {found.label} ({found.id}).")
+
+
+def _show(project: Project, as_json: bool, verb: str | None = None) -> None:
+    if as_json:
+        print_json(project.data)
+        return
+    if verb:
+        click.echo(f"{verb} project {project.label}.")
+    data = project.data
+    print_fields([
+        ("id", project.id),
+        ("label", project.label),
+        ("name", project.name),
+        ("description", project.description),
+        ("owner", org_label(data.get("owner")) if isinstance(data.get("owner"), dict) else data.get("owner")),
+        ("organizations", [org_label(o) for o in project.organizations]),
+        ("helper", org_label(project.helper)),
+        ("created", data.get("created_at")),
+    ])

@@ -1,0 +1,97 @@
+"""The HTTP session to the coordinator: bearer auth, JSON, and errors turned into typed exceptions."""
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from services.client.errors import ApiError, CoordinatorUnreachable, NotConfigured
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class ApiSession:
+    """Calls the coordinator's ``/v1`` API with a token; returns decoded JSON or raises a ``CapeError``."""
+
+    def __init__(self, endpoint: str, token: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._http = requests.Session()
+
+    @property
+    def has_token(self) -> bool:
+        """Whether a token is set (the token itself is never exposed)."""
+        return bool(self._token)
+
+    def request(self, method: str, path: str, json: Any = None) -> Any:
+        """Send one request; return the JSON body (None for 204) or raise ``ApiError``."""
+        if not self._token:
+            raise NotConfigured(
+                "no token: run `cape login --coordinator URL --token TOKEN` or set CAPE_TOKEN"
+            )
+        url = f"{self.endpoint}{path}"
+        try:
+            response = self._http.request(
+                method,
+                url,
+                json=json,
+                headers={"Authorization": f"Bearer {self._token}"},
+                timeout=self._timeout,
+            )
+        except requests.exceptions.ConnectionError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else "no connection"
+            raise CoordinatorUnreachable(
+                f"cannot reach the coordinator at {self.endpoint} ({reason}); check the URL "
+                "(cape login --coordinator, CAPE_COORDINATOR) and that the server is running"
+            ) from None
+        except requests.exceptions.Timeout:
+            raise CoordinatorUnreachable(
+                f"the coordinator at {self.endpoint} did not answer within {self._timeout:g} s"
+            ) from None
+        if response.status_code >= 400:
+            raise _api_error(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(
+                response.status_code, "bad_response",
+                f"the server at {self.endpoint} did not answer with JSON; is it a Cape coordinator?",
+            ) from None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, json: Any = None) -> Any:
+        return self.request("POST", path, json=json if json is not None else {})
+
+    def put(self, path: str, json: Any = None) -> Any:
+        return self.request("PUT", path, json=json)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def _api_error(response: requests.Response) -> ApiError:
+    """Build an ``ApiError`` from the contract's error body, tolerating other shapes."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        return ApiError(status, str(error.get("code", "error")), str(error.get("message", "")).strip()
+                        or response.reason or "request failed")
+    if isinstance(body, dict) and "detail" in body:
+        # A framework-default body (e.g. FastAPI validation): name the fields if we can.
+        detail = body["detail"]
+        if isinstance(detail, list):
+            fields = [".".join(str(p) for p in d.get("loc", [])[1:]) for d in detail if isinstance(d, dict)]
+            message = "invalid field(s): " + ", ".join(f for f in fields if f) if any(fields) else "invalid request"
+        else:
+            message = str(detail)
+        return ApiError(status, "error", message)
+    return ApiError(status, "error", response.reason or "request failed")

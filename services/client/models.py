@@ -1,0 +1,298 @@
+"""The SDK's resource objects (pycape's shape): ``Organization``, ``Project``, ``DataView``, ``Job``."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+from urllib.parse import quote
+
+import numpy as np
+
+from services.client.errors import BadArgument
+from services.client.http import ApiSession
+from services.client.results import read_weights, weights_location
+from services.client.schema import local_csv_path, normalise_schema, schema_from_csv
+
+if TYPE_CHECKING:
+    from services.client.tasks import VerticallyPartitionedLinearRegression
+
+TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
+
+
+def seg(value: str) -> str:
+    """One URL path segment (labels and names may hold any character)."""
+    return quote(str(value), safe="")
+
+
+class Resource:
+    """A server object: its JSON is kept in ``.data``; attributes read from it."""
+
+    def __init__(self, session: ApiSession, data: dict[str, Any]) -> None:
+        self._session = session
+        self.data = data
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.id == self.id  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.id))
+
+
+class Organization(Resource):
+    """An organization (labels are public; members and tokens need the right role)."""
+
+    @property
+    def label(self) -> str:
+        return self.data.get("label", "")
+
+    @property
+    def name(self) -> str | None:
+        return self.data.get("name")
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Members of the organization with their roles."""
+        return self._session.get(f"/v1/organizations/{seg(self.id)}/users")
+
+    def add_user(self, email: str, role: str) -> dict[str, Any]:
+        """Add a user (admin only); returns ``{"user", "token"}`` with the new user's token."""
+        return self._session.post(f"/v1/organizations/{seg(self.id)}/users", {"email": email, "role": role})
+
+    def create_token(self, description: str | None = None) -> dict[str, Any]:
+        """A new organization token for this organization's worker (admin only): ``{"id", "token"}``."""
+        body = {"description": description} if description else {}
+        return self._session.post(f"/v1/organizations/{seg(self.id)}/tokens", body)
+
+    def __repr__(self) -> str:
+        return f"Organization(id={self.id!r}, label={self.label!r})"
+
+
+class DataView(Resource):
+    """A pointer to one organization's dataset; ``dv[["a", "b"]]`` selects columns for a job (as pycape)."""
+
+    def __init__(self, session: ApiSession, data: dict[str, Any], columns: list[str] | None = None) -> None:
+        super().__init__(session, data)
+        self.columns = columns
+
+    @property
+    def name(self) -> str:
+        return self.data.get("name", "")
+
+    @property
+    def uri(self) -> str | None:
+        return self.data.get("uri")
+
+    @property
+    def owner(self) -> dict[str, Any]:
+        return self.data.get("owner") or {}
+
+    @property
+    def schema(self) -> list[dict[str, str]]:
+        return self.data.get("schema") or []
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c["name"] for c in self.schema]
+
+    def __getitem__(self, columns: str | Sequence[str]) -> DataView:
+        selected = [columns] if isinstance(columns, str) else list(columns)
+        if not selected:
+            raise BadArgument(f"select at least one column of dataview {self.name!r}")
+        known = self.column_names
+        missing = [c for c in selected if known and c not in known]
+        if missing:
+            raise BadArgument(
+                f"dataview {self.name!r} has no column {missing[0]!r}; its columns are {', '.join(known)}"
+            )
+        view = copy.copy(self)
+        view.columns = selected
+        return view
+
+    def delete(self) -> None:
+        """Delete the dataview (its owner organization only)."""
+        self._session.delete(f"/v1/dataviews/{seg(self.id)}")
+
+    def __repr__(self) -> str:
+        cols = f", columns={self.columns!r}" if self.columns else ""
+        return f"DataView(id={self.id!r}, name={self.name!r}, owner={self.owner.get('label')!r}{cols})"
+
+
+class Job(Resource):
+    """A job: its status, the parties' progress, approval, and (for the model owner) the results."""
+
+    @property
+    def status(self) -> str:
+        return self.data.get("status", "")
+
+    @property
+    def parties(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("parties") or {}
+
+    def refresh(self) -> Job:
+        """Reload from the coordinator; returns self."""
+        self.data = self._session.get(f"/v1/jobs/{seg(self.id)}")
+        return self
+
+    def get_status(self) -> str:
+        """The job's current status (``NeedsApproval``, ``Approved``, ``Started``, ``Completed``, ...)."""
+        return self.refresh().status
+
+    def approve(self) -> Job:
+        """Approve as a data owner (admin or operator)."""
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/approve")
+        return self
+
+    def reject(self, reason: str | None = None) -> Job:
+        """Reject as a data owner; the reason is shown to the project's members."""
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/reject", {"reason": reason} if reason else {})
+        return self
+
+    def stop(self) -> Job:
+        """Stop the job; the workers stop at their next report."""
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/stop")
+        return self
+
+    def get_raw_results(self) -> dict[str, Any]:
+        """The coordinator's results object: ``{"job", "status", "metrics", "model_location"}``."""
+        return self._session.get(f"/v1/jobs/{seg(self.id)}/results")
+
+    def get_results(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """``(weights, metrics)``: weights (intercept first) from the model location, metrics from the coordinator."""
+        raw = self.get_raw_results()
+        location = raw.get("model_location")
+        if not location:
+            raise BadArgument(f"job {self.id} has no model location; the coordinator reported none")
+        weights = read_weights(weights_location(location, self.id))
+        return weights, dict(raw.get("metrics") or {})
+
+    def wait(
+        self,
+        timeout: float,
+        interval: float = 2.0,
+        on_update: Callable[[Job], None] | None = None,
+    ) -> str:
+        """Poll until the job ends or ``timeout`` seconds pass; call ``on_update`` after each poll; return the status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if on_update is not None:
+                on_update(self)
+            if self.status in TERMINAL_STATUSES:
+                return self.status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.status
+            time.sleep(min(interval, remaining))
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, status={self.status!r})"
+
+
+class Project(Resource):
+    """A project: member organizations, an optional helper, dataviews and jobs."""
+
+    @property
+    def label(self) -> str:
+        return self.data.get("label", "")
+
+    @property
+    def name(self) -> str | None:
+        return self.data.get("name")
+
+    @property
+    def description(self) -> str | None:
+        return self.data.get("description")
+
+    @property
+    def organizations(self) -> list[dict[str, Any]]:
+        return self.data.get("organizations") or []
+
+    @property
+    def helper(self) -> dict[str, Any] | None:
+        return self.data.get("helper")
+
+    def refresh(self) -> Project:
+        self.data = self._session.get(f"/v1/projects/{seg(self.id)}")
+        return self
+
+    def add_org(self, organization: str | Organization) -> Project:
+        """Add a member organization (by label, id or object)."""
+        self.data = self._session.post(
+            f"/v1/projects/{seg(self.id)}/organizations", {"organization": org_ref(organization)}
+        )
+        return self
+
+    def set_helper(self, organization: str | Organization | None) -> Project:
+        """Name the organization whose worker takes the third seat when needed (None removes it)."""
+        ref = None if organization is None else org_ref(organization)
+        self.data = self._session.put(f"/v1/projects/{seg(self.id)}/helper", {"organization": ref})
+        return self
+
+    def delete(self) -> None:
+        """Delete the project (owner organization)."""
+        self._session.delete(f"/v1/projects/{seg(self.id)}")
+
+    def create_dataview(
+        self,
+        name: str,
+        uri: str,
+        schema: Any = None,
+        schema_from_csv_path: str | None = None,
+        organization: str | None = None,
+    ) -> DataView:
+        """Register a dataview; the schema is given, read from a local CSV's header, or from ``uri`` if local."""
+        if schema is not None:
+            columns = normalise_schema(schema)
+        elif schema_from_csv_path is not None:
+            columns = schema_from_csv(schema_from_csv_path)
+        else:
+            local = local_csv_path(uri)
+            if local is None:
+                raise BadArgument(
+                    f"give the schema of dataview {name!r} (schema=... or a local CSV to read the header from); "
+                    f"{uri} is not a local CSV file"
+                )
+            columns = schema_from_csv(local)
+        body: dict[str, Any] = {"name": name, "uri": uri, "schema": columns}
+        if organization:
+            body["organization"] = organization
+        return DataView(self._session, self._session.post(f"/v1/projects/{seg(self.id)}/dataviews", body))
+
+    def list_dataviews(self) -> list[DataView]:
+        """Dataviews of the project (``uri`` shown for your own organization's only)."""
+        return [DataView(self._session, d) for d in self._session.get(f"/v1/projects/{seg(self.id)}/dataviews")]
+
+    def get_dataview(self, id_or_name: str) -> DataView:
+        """One dataview of this project by id or name."""
+        views = self.list_dataviews()
+        for view in views:
+            if view.id == id_or_name:
+                return view
+        named = [v for v in views if v.name == id_or_name]
+        if len(named) == 1:
+            return named[0]
+        if len(named) > 1:
+            raise BadArgument(f"several dataviews of project {self.label!r} are named {id_or_name!r}; use the id")
+        raise BadArgument(f"project {self.label!r} has no dataview named {id_or_name!r}; see `cape dataviews list`")
+
+    def submit_job(self, job: VerticallyPartitionedLinearRegression) -> Job:
+        """Submit a job; it waits for every data owner's approval."""
+        return Job(self._session, self._session.post(f"/v1/projects/{seg(self.id)}/jobs", job.to_request()))
+
+    def list_jobs(self) -> list[Job]:
+        """Jobs of the project, as the coordinator lists them."""
+        return [Job(self._session, j) for j in self._session.get(f"/v1/projects/{seg(self.id)}/jobs")]
+
+    def __repr__(self) -> str:
+        return f"Project(id={self.id!r}, label={self.label!r})"
+
+
+def org_ref(organization: str | Organization | dict[str, Any]) -> str:
+    if isinstance(organization, Organization):
+        return organization.label or organization.id
+    if isinstance(organization, dict):
+        return organization.get("label") or organization["id"]
+    return str(organization)

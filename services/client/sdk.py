@@ -1,0 +1,69 @@
+"""``Cape``: the SDK's entry point, shaped like pycape's (``Cape().login()``, ``list_projects()``, ...)."""
+from __future__ import annotations
+
+from typing import Any
+
+from services.client.config import load_config
+from services.client.http import DEFAULT_TIMEOUT_S, ApiSession
+from services.client.models import DataView, Job, Organization, Project, seg
+
+
+class Cape:
+    """A client of one coordinator; endpoint and token default to CAPE_COORDINATOR / CAPE_TOKEN, then `cape login`."""
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        config = load_config(endpoint, token)
+        self.endpoint = config.coordinator
+        self._timeout = timeout
+        self._session = ApiSession(config.coordinator, config.token, timeout)
+        self.identity: dict[str, Any] | None = None
+
+    def login(self, token: str | None = None) -> dict[str, Any]:
+        """Check the token with the coordinator; returns who it belongs to (kind, user, organization, roles)."""
+        if token is not None:
+            self._session = ApiSession(self.endpoint, token, self._timeout)
+        self.identity = self._session.post("/v1/login")
+        return self.identity
+
+    # Organizations
+
+    def list_organizations(self) -> list[Organization]:
+        """All organizations (labels are public so projects can add them)."""
+        return [Organization(self._session, o) for o in self._session.get("/v1/organizations")]
+
+    def get_organization(self, id_or_label: str) -> Organization:
+        return Organization(self._session, self._session.get(f"/v1/organizations/{seg(id_or_label)}"))
+
+    def create_user_token(self, description: str | None = None) -> dict[str, Any]:
+        """A new token for the calling user: ``{"id", "token"}``."""
+        return self._session.post("/v1/tokens", {"description": description} if description else {})
+
+    def revoke_token(self, token_id: str) -> None:
+        self._session.delete(f"/v1/tokens/{seg(token_id)}")
+
+    # Projects
+
+    def list_projects(self) -> list[Project]:
+        """Projects one of your organizations is a member of."""
+        return [Project(self._session, p) for p in self._session.get("/v1/projects")]
+
+    def get_project(self, id_or_label: str) -> Project:
+        return Project(self._session, self._session.get(f"/v1/projects/{seg(id_or_label)}"))
+
+    def create_project(self, label: str, name: str | None = None, description: str | None = None,
+                       organization: str | None = None) -> Project:
+        """Create a project owned by your organization (``organization`` when you belong to several)."""
+        body: dict[str, Any] = {"label": label}
+        for key, value in (("name", name), ("description", description), ("organization", organization)):
+            if value is not None:
+                body[key] = value
+        return Project(self._session, self._session.post("/v1/projects", body))
+
+    # Dataviews and jobs by id
+
+    def get_dataview(self, dataview_id: str) -> DataView:
+        return DataView(self._session, self._session.get(f"/v1/dataviews/{seg(dataview_id)}"))
+
+    def get_job(self, job_id: str) -> Job:
+        return Job(self._session, self._session.get(f"/v1/jobs/{seg(job_id)}"))

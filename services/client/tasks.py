@@ -1,0 +1,66 @@
+"""Job types a project can submit (pycape's names)."""
+from __future__ import annotations
+
+from typing import Any
+
+from services.client.errors import BadArgument
+from services.client.models import DataView, Organization, org_ref
+
+DEFAULT_JOB_TIMEOUT_S = 600
+
+
+class VerticallyPartitionedLinearRegression:
+    """Linear regression of y (one organization's column) on X (another's columns), by 3-party MPC.
+
+    ``x_train_dataview`` / ``y_train_dataview`` are ``DataView`` objects, optionally with columns selected
+    (``dv[["a", "b"]]``, ``dv["target"]``): without a selection X takes every column of its schema and y the
+    only column of its schema.
+    """
+
+    def __init__(
+        self,
+        x_train_dataview: DataView,
+        y_train_dataview: DataView,
+        model_owner: str | Organization | None = None,
+        model_location: str | None = None,
+        timeout: int = DEFAULT_JOB_TIMEOUT_S,
+    ) -> None:
+        if model_owner is None:
+            raise BadArgument("name the model owner organization (model_owner=...), who receives weights and metrics")
+        if model_location is not None and not model_location.startswith(("s3://", "file://")):
+            raise BadArgument(f"model_location must be s3://BUCKET[/PREFIX] or file:///PATH, not {model_location!r}")
+        if timeout <= 0:
+            raise BadArgument("timeout must be a positive number of seconds")
+        self.x_train_dataview = x_train_dataview
+        self.y_train_dataview = y_train_dataview
+        self.model_owner = model_owner
+        self.model_location = model_location
+        self.timeout = int(timeout)
+
+    def x_columns(self) -> list[str]:
+        dv = self.x_train_dataview
+        columns = dv.columns or dv.column_names
+        if not columns:
+            raise BadArgument(f"dataview {dv.name!r} has no schema; select the x columns: dv[['a', 'b']]")
+        return columns
+
+    def y_column(self) -> str:
+        dv = self.y_train_dataview
+        columns = dv.columns or dv.column_names
+        if len(columns) != 1:
+            raise BadArgument(
+                f"select exactly one y column of dataview {dv.name!r}: dv['target'] "
+                f"(it has {', '.join(columns) or 'no schema'})"
+            )
+        return columns[0]
+
+    def to_request(self) -> dict[str, Any]:
+        """The body of ``POST /v1/projects/{project}/jobs``."""
+        return {
+            "type": "linear_regression",
+            "x": {"dataview": self.x_train_dataview.id, "columns": self.x_columns()},
+            "y": {"dataview": self.y_train_dataview.id, "column": self.y_column()},
+            "model_owner": org_ref(self.model_owner),
+            "model_location": self.model_location,
+            "timeout": self.timeout,
+        }

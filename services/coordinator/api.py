@@ -1,0 +1,213 @@
+"""The coordinator's HTTP API under `/v1` (see services/CONTRACTS.md); thin handlers over the store modules."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.coordinator import identity, jobs, projects, workers
+from services.coordinator.db import Database
+from services.coordinator.identity import Principal
+from services.coordinator.permissions import MANAGE_USERS, require_member, require_person, require_role, require_worker
+from services.coordinator.schemas import (Heartbeat, HelperRef, NewDataview, NewJob, NewProject, NewToken, NewUser,
+                                          OrganizationRef, Rejection, Report, WorkerKeys)
+
+bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issued by the coordinator")
+
+
+def coordinator_router(db: Database) -> APIRouter:
+    """All `/v1` endpoints, bound to one database."""
+    router = APIRouter(prefix="/v1")
+
+    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        with db.transaction() as conn:
+            return identity.authenticate(conn, credentials.credentials if credentials else None)
+
+    def person(p: Principal = Depends(principal)) -> Principal:
+        require_person(p)
+        return p
+
+    def worker(p: Principal = Depends(principal)) -> Principal:
+        require_worker(p)
+        return p
+
+    # --- identity ----------------------------------------------------------------------------------------------
+
+    @router.post("/login", tags=["identity"])
+    def login(p: Principal = Depends(principal)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return identity.login_view(conn, p)
+
+    @router.get("/organizations", tags=["identity"])
+    def list_organizations(p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            return identity.list_organizations(conn)
+
+    @router.get("/organizations/{org}", tags=["identity"])
+    def get_organization(org: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return identity.org_view(identity.find_organization(conn, org))
+
+    @router.post("/organizations/{org}/users", status_code=201, tags=["identity"])
+    def add_user(org: str, body: NewUser, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            org_id = identity.find_organization(conn, org)["id"]
+            require_role(p, org_id, MANAGE_USERS, "add users")
+            user, token = identity.add_user(conn, org_id, body.email, body.role)
+            return {"user": user, "token": token}
+
+    @router.get("/organizations/{org}/users", tags=["identity"])
+    def list_users(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            org_id = identity.find_organization(conn, org)["id"]
+            require_member(p, org_id, "these users")
+            return identity.list_members(conn, org_id)
+
+    @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"])
+    def create_org_token(org: str, body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
+        with db.transaction() as conn:
+            org_id = identity.find_organization(conn, org)["id"]
+            require_role(p, org_id, MANAGE_USERS, "create organization tokens")
+            return identity.issue_org_token(conn, org_id, body.description if body else None)
+
+    @router.post("/tokens", status_code=201, tags=["identity"])
+    def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
+        with db.transaction() as conn:
+            return identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
+
+    @router.delete("/tokens/{token_id}", status_code=204, tags=["identity"])
+    def revoke_token(token_id: str, p: Principal = Depends(principal)) -> Response:
+        with db.transaction() as conn:
+            identity.check_may_revoke(conn, p, token_id)
+            identity.revoke_token(conn, token_id)
+        return Response(status_code=204)
+
+    # --- projects ----------------------------------------------------------------------------------------------
+
+    @router.post("/projects", status_code=201, tags=["projects"])
+    def create_project(body: NewProject, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            row = projects.create_project(conn, p, body.label, body.name, body.description, body.organization)
+            return projects.project_view(conn, row)
+
+    @router.get("/projects", tags=["projects"])
+    def list_projects(p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            return [projects.project_view(conn, r) for r in projects.list_projects(conn, p)]
+
+    @router.get("/projects/{project}", tags=["projects"])
+    def get_project(project: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return projects.project_view(conn, projects.readable_project(conn, p, project))
+
+    @router.post("/projects/{project}/organizations", tags=["projects"])
+    def add_project_organization(project: str, body: OrganizationRef, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return projects.project_view(conn, projects.add_organization(conn, p, project, body.organization))
+
+    @router.put("/projects/{project}/helper", tags=["projects"])
+    def set_project_helper(project: str, body: HelperRef, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return projects.project_view(conn, projects.set_helper(conn, p, project, body.organization))
+
+    @router.delete("/projects/{project}", status_code=204, tags=["projects"])
+    def delete_project(project: str, p: Principal = Depends(person)) -> Response:
+        with db.transaction() as conn:
+            projects.delete_project(conn, p, project)
+        return Response(status_code=204)
+
+    # --- dataviews ---------------------------------------------------------------------------------------------
+
+    @router.post("/projects/{project}/dataviews", status_code=201, tags=["dataviews"])
+    def create_dataview(project: str, body: NewDataview, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            schema = [c.model_dump() for c in body.schema_]
+            row = projects.create_dataview(conn, p, project, body.name, body.uri, schema, body.organization)
+            return projects.dataview_view(conn, p, row)
+
+    @router.get("/projects/{project}/dataviews", tags=["dataviews"])
+    def list_dataviews(project: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            return [projects.dataview_view(conn, p, r) for r in projects.list_dataviews(conn, p, project)]
+
+    @router.get("/dataviews/{dataview_id}", tags=["dataviews"])
+    def get_dataview(dataview_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return projects.dataview_view(conn, p, projects.readable_dataview(conn, p, dataview_id))
+
+    @router.delete("/dataviews/{dataview_id}", status_code=204, tags=["dataviews"])
+    def delete_dataview(dataview_id: str, p: Principal = Depends(person)) -> Response:
+        with db.transaction() as conn:
+            projects.delete_dataview(conn, p, dataview_id)
+        return Response(status_code=204)
+
+    # --- jobs --------------------------------------------------------------------------------------------------
+
+    @router.post("/projects/{project}/jobs", status_code=201, tags=["jobs"])
+    def submit_job(project: str, body: NewJob, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            job_id = jobs.submit_job(conn, p, project, body.model_dump())
+            return jobs.job_view(conn, jobs.find_job(conn, job_id))
+
+    @router.get("/projects/{project}/jobs", tags=["jobs"])
+    def list_jobs(project: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            return [jobs.job_view(conn, r) for r in jobs.list_jobs(conn, p, project)]
+
+    @router.get("/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return jobs.job_view(conn, jobs.readable_job(conn, p, job_id))
+
+    @router.post("/jobs/{job_id}/approve", tags=["jobs"])
+    def approve_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return jobs.job_view(conn, jobs.approve(conn, p, job_id))
+
+    @router.post("/jobs/{job_id}/reject", tags=["jobs"])
+    def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
+
+    @router.post("/jobs/{job_id}/stop", tags=["jobs"])
+    def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return jobs.job_view(conn, jobs.stop(conn, p, job_id))
+
+    @router.get("/jobs/{job_id}/results", tags=["jobs"])
+    def job_results(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return jobs.results(conn, p, job_id)
+
+    # --- worker endpoints --------------------------------------------------------------------------------------
+
+    @router.put("/worker/keys", status_code=204, tags=["worker"])
+    def put_keys(body: WorkerKeys, p: Principal = Depends(worker)) -> Response:
+        with db.transaction() as conn:
+            workers.register_keys(conn, p.org_id or "", body.encryption_public_key, body.signing_public_key)
+        return Response(status_code=204)
+
+    @router.post("/worker/heartbeat", status_code=204, tags=["worker"])
+    def post_heartbeat(body: Heartbeat | None = None, p: Principal = Depends(worker)) -> Response:
+        with db.transaction() as conn:
+            workers.heartbeat(conn, p.org_id or "", body.version if body else None, body.programs if body else None)
+        return Response(status_code=204)
+
+    @router.get("/worker/jobs", tags=["worker"])
+    def worker_jobs(p: Principal = Depends(worker)) -> list[dict[str, Any]]:
+        with db.transaction() as conn:
+            return workers.list_worker_jobs(conn, p.org_id or "")
+
+    @router.get("/worker/jobs/{job_id}", tags=["worker"])
+    def worker_job(job_id: str, p: Principal = Depends(worker)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            return workers.get_worker_job(conn, p.org_id or "", job_id)
+
+    @router.post("/worker/jobs/{job_id}/report", status_code=204, tags=["worker"])
+    def worker_report(job_id: str, body: Report, p: Principal = Depends(worker)) -> Response:
+        with db.transaction() as conn:
+            workers.report(conn, p.org_id or "", job_id, body.model_dump(exclude_none=True))
+        return Response(status_code=204)
+
+    return router

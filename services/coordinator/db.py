@@ -1,0 +1,96 @@
+"""The coordinator's embedded SQLite database: one connection behind a lock, WAL, schema on open."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS organizations (
+    id TEXT PRIMARY KEY, label TEXT NOT NULL UNIQUE, name TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS memberships (
+    user_id TEXT NOT NULL REFERENCES users(id), org_id TEXT NOT NULL REFERENCES organizations(id),
+    role TEXT NOT NULL, PRIMARY KEY (user_id, org_id));
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, user_id TEXT, org_id TEXT, secret_hash TEXT NOT NULL,
+    description TEXT, created_at TEXT NOT NULL, revoked_at TEXT);
+CREATE TABLE IF NOT EXISTS workers (
+    org_id TEXT PRIMARY KEY REFERENCES organizations(id), encryption_public_key TEXT,
+    signing_public_key TEXT, keys_updated_at TEXT, last_seen TEXT, version TEXT, programs TEXT);
+CREATE TABLE IF NOT EXISTS projects (
+    id TEXT PRIMARY KEY, label TEXT NOT NULL UNIQUE, name TEXT NOT NULL, description TEXT NOT NULL,
+    owner_org_id TEXT NOT NULL, helper_org_id TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS project_organizations (
+    project_id TEXT NOT NULL, org_id TEXT NOT NULL, added_at TEXT NOT NULL, PRIMARY KEY (project_id, org_id));
+CREATE TABLE IF NOT EXISTS dataviews (
+    id TEXT PRIMARY KEY, project_id TEXT NOT NULL, name TEXT NOT NULL, uri TEXT NOT NULL,
+    owner_org_id TEXT NOT NULL, schema_json TEXT NOT NULL, created_at TEXT NOT NULL, UNIQUE (project_id, name));
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, project_id TEXT NOT NULL, type TEXT NOT NULL, status TEXT NOT NULL,
+    task_json TEXT NOT NULL, model_owner_org_id TEXT NOT NULL, outputs_to TEXT NOT NULL, timeout INTEGER NOT NULL,
+    submitted_by_user_id TEXT NOT NULL, submitted_by_org_id TEXT NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, approved_at TEXT, error TEXT, metrics_json TEXT, result_location TEXT);
+CREATE TABLE IF NOT EXISTS job_parties (
+    job_id TEXT NOT NULL, seat TEXT NOT NULL, org_id TEXT NOT NULL, state TEXT NOT NULL, progress REAL NOT NULL,
+    message TEXT, updated_at TEXT NOT NULL, PRIMARY KEY (job_id, seat));
+CREATE TABLE IF NOT EXISTS job_approvals (
+    job_id TEXT NOT NULL, org_id TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT, decided_at TEXT,
+    PRIMARY KEY (job_id, org_id));
+CREATE INDEX IF NOT EXISTS job_parties_org ON job_parties(org_id);
+CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_id);
+"""
+
+
+def now_iso() -> str:
+    """The current time as an ISO 8601 UTC string (what every timestamp of the API looks like)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def new_id() -> str:
+    """An opaque id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+class Database:
+    """The coordinator's state in `<data_dir>/coordinator.sqlite3`.
+
+    One connection shared by all threads behind a lock: the coordinator's load is small, and a single writer
+    keeps every read-check-write sequence (approvals, status transitions) atomic without retry loops.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Yield the connection inside BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,177 @@
+"""Organizations, users, memberships and tokens: creating them and authenticating a bearer token."""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.coordinator.db import new_id, now_iso
+from services.coordinator.tokens import issue_token, secret_matches, split_token
+from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
+
+ROLES = ("admin", "operator", "data_scientist", "user")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a person (user token, roles per organization) or a worker (organization token)."""
+
+    kind: Literal["user", "organization"]
+    token_id: str
+    user_id: str | None = None
+    email: str | None = None
+    org_id: str | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def role_in(self, org_id: str) -> str | None:
+        return self.roles.get(org_id)
+
+
+# --- organizations -----------------------------------------------------------------------------------------
+
+def org_view(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "label": row["label"], "name": row["name"]}
+
+
+def org_ref(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "label": row["label"]}
+
+
+def create_organization(conn: sqlite3.Connection, label: str, name: str | None = None) -> dict[str, Any]:
+    if conn.execute("SELECT 1 FROM organizations WHERE label = ?", (label,)).fetchone():
+        raise Conflict(f"an organization labelled '{label}' already exists; choose another label",
+                       code="duplicate_label")
+    row = {"id": new_id(), "label": label, "name": name or label, "created_at": now_iso()}
+    conn.execute("INSERT INTO organizations (id, label, name, created_at) VALUES (:id, :label, :name, :created_at)",
+                 row)
+    return row
+
+
+def find_organization(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
+    """An organization by id or label; NotFound names the reference."""
+    row = conn.execute("SELECT * FROM organizations WHERE id = ? OR label = ? ORDER BY id = ? DESC LIMIT 1",
+                       (ref, ref, ref)).fetchone()
+    if row is None:
+        raise NotFound(f"no organization '{ref}'; `GET /v1/organizations` lists them", code="organization_not_found")
+    return row
+
+
+def get_org(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM organizations WHERE id = ?", (org_id,)).fetchone()
+    if row is None:  # only ids we stored ourselves reach here
+        raise NotFound(f"no organization '{org_id}'", code="organization_not_found")
+    return row
+
+
+def list_organizations(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [org_view(r) for r in conn.execute("SELECT * FROM organizations ORDER BY label")]
+
+
+# --- users and memberships ----------------------------------------------------------------------------------
+
+def user_view(row: sqlite3.Row | dict[str, Any], role: str | None = None) -> dict[str, Any]:
+    view = {"id": row["id"], "email": row["email"]}
+    if role is not None:
+        view["role"] = role
+    return view
+
+
+def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str) -> tuple[dict[str, Any], str]:
+    """Add a user (made if the email is new) to the organization with a role; returns (user, new user token)."""
+    if role not in ROLES:
+        raise InvalidRequest(f"field 'role': must be one of {', '.join(ROLES)}")
+    user = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
+    if user is None:
+        user = {"id": new_id(), "email": email, "created_at": now_iso()}
+        conn.execute("INSERT INTO users (id, email, created_at) VALUES (:id, :email, :created_at)", user)
+    elif conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND org_id = ?", (user["id"], org_id)).fetchone():
+        raise Conflict(f"'{email}' is already a member of this organization", code="duplicate_member")
+    conn.execute("INSERT INTO memberships (user_id, org_id, role) VALUES (?, ?, ?)", (user["id"], org_id, role))
+    token = issue_user_token(conn, user["id"], "first token")
+    return user_view(user, role), token["token"]
+
+
+def list_members(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT u.id, u.email, m.role FROM memberships m JOIN users u ON u.id = m.user_id "
+                        "WHERE m.org_id = ? ORDER BY u.email", (org_id,))
+    return [user_view(r, r["role"]) for r in rows]
+
+
+def find_user(conn: sqlite3.Connection, email: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
+    if row is None:
+        raise NotFound(f"no user '{email}'", code="user_not_found")
+    return row
+
+
+# --- tokens -------------------------------------------------------------------------------------------------
+
+def _store_token(conn: sqlite3.Connection, kind: str, user_id: str | None, org_id: str | None,
+                 description: str | None) -> dict[str, str]:
+    issued = issue_token()
+    conn.execute("INSERT INTO tokens (id, kind, user_id, org_id, secret_hash, description, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (issued.id, kind, user_id, org_id, issued.secret_hash, description, now_iso()))
+    return {"id": issued.id, "token": issued.text}
+
+
+def issue_user_token(conn: sqlite3.Connection, user_id: str, description: str | None = None) -> dict[str, str]:
+    return _store_token(conn, "user", user_id, None, description)
+
+
+def issue_org_token(conn: sqlite3.Connection, org_id: str, description: str | None = None) -> dict[str, str]:
+    return _store_token(conn, "organization", None, org_id, description)
+
+
+def find_token(conn: sqlite3.Connection, token_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no token '{token_id}'", code="token_not_found")
+    return row
+
+
+def revoke_token(conn: sqlite3.Connection, token_id: str) -> None:
+    """Revoke a token (idempotent: revoking a revoked token is a no-op)."""
+    find_token(conn, token_id)
+    conn.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (now_iso(), token_id))
+
+
+def check_may_revoke(conn: sqlite3.Connection, principal: Principal, token_id: str) -> None:
+    """Own user tokens, and organization tokens of an organization the caller administers."""
+    row = find_token(conn, token_id)
+    if principal.kind != "user":
+        raise Forbidden("organization tokens cannot revoke tokens; use an admin's user token")
+    if row["kind"] == "user" and row["user_id"] == principal.user_id:
+        return
+    if row["kind"] == "organization" and principal.role_in(row["org_id"]) == "admin":
+        return
+    raise Forbidden("you may revoke only your own user tokens and the organization tokens of organizations you "
+                    "administer")
+
+
+def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
+    """The principal a bearer token stands for; Unauthorized when it is missing, malformed, unknown or revoked."""
+    if not token_text:
+        raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>'", code="no_token")
+    parts = split_token(token_text)
+    row = conn.execute("SELECT * FROM tokens WHERE id = ?", (parts[0],)).fetchone() if parts else None
+    if parts is None or row is None or not secret_matches(parts[1], row["secret_hash"]):
+        raise Unauthorized("the token is not valid; check it or ask your organization's admin for a new one",
+                           code="bad_token")
+    if row["revoked_at"]:
+        raise Unauthorized("the token was revoked; ask your organization's admin for a new one",
+                           code="revoked_token")
+    if row["kind"] == "organization":
+        return Principal(kind="organization", token_id=row["id"], org_id=row["org_id"])
+    user = conn.execute("SELECT * FROM users WHERE id = ?", (row["user_id"],)).fetchone()
+    roles = {r["org_id"]: r["role"] for r in
+             conn.execute("SELECT org_id, role FROM memberships WHERE user_id = ?", (row["user_id"],))}
+    return Principal(kind="user", token_id=row["id"], user_id=user["id"], email=user["email"], roles=roles)
+
+
+def login_view(conn: sqlite3.Connection, principal: Principal) -> dict[str, Any]:
+    if principal.kind == "organization":
+        return {"kind": "organization", "user": None,
+                "organization": org_view(get_org(conn, principal.org_id or "")), "roles": {}}
+    return {"kind": "user", "user": {"id": principal.user_id, "email": principal.email}, "organization": None,
+            "roles": dict(principal.roles)}

@@ -1,0 +1,254 @@
+"""Jobs: submission with seats, approvals, rejection, stop, the start timeout, and the views people read."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from services.coordinator.db import new_id, now_iso, parse_iso
+from services.coordinator.identity import Principal, find_organization, get_org, org_ref
+from services.coordinator.permissions import (APPROVE_JOBS, STOP_JOBS, SUBMIT_JOBS, acting_organization,
+                                              require_person)
+from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
+from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
+
+FINAL_STATUSES = ("Rejected", "Completed", "Stopped", "Error")
+DATA_SEATS = ("x_owner", "y_owner")
+NUMERIC_TYPES = ("number", "integer")
+
+
+def find_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no job '{job_id}'", code="job_not_found")
+    return row
+
+
+def parties(conn: sqlite3.Connection, job_id: str) -> list[sqlite3.Row]:
+    """The job's three seats in protocol order (x_owner, y_owner, third seat)."""
+    rows = list(conn.execute("SELECT * FROM job_parties WHERE job_id = ?", (job_id,)))
+    order = {"x_owner": 0, "y_owner": 1}
+    return sorted(rows, key=lambda r: order.get(r["seat"], 2))
+
+
+def seat_of(conn: sqlite3.Connection, job_id: str, org_id: str) -> str | None:
+    row = conn.execute("SELECT seat FROM job_parties WHERE job_id = ? AND org_id = ?", (job_id, org_id)).fetchone()
+    return row["seat"] if row else None
+
+
+def data_owner_orgs(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    return [p["org_id"] for p in parties(conn, job_id) if p["seat"] in DATA_SEATS]
+
+
+# --- submission ---------------------------------------------------------------------------------------------
+
+def _check_columns(dataview: sqlite3.Row, columns: list[str], field: str) -> None:
+    schema = {c["name"]: c["type"] for c in json.loads(dataview["schema_json"])}
+    for column in columns:
+        if column not in schema:
+            raise InvalidRequest(f"field '{field}': dataview '{dataview['name']}' has no column '{column}' "
+                                 f"(it has: {', '.join(schema) or 'none'})")
+        if schema[column] not in NUMERIC_TYPES:
+            raise InvalidRequest(f"field '{field}': column '{column}' of dataview '{dataview['name']}' is "
+                                 f"{schema[column]}, not numeric")
+
+
+def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str, body: dict[str, Any]) -> str:
+    """Validate a linear-regression job, assign its seats and ask its data owners to approve it; returns its id."""
+    project = readable_project(conn, principal, project_ref)
+    org_id = acting_organization(conn, principal, body.get("organization"), SUBMIT_JOBS, "submit jobs")
+    if not is_member_org(conn, project["id"], org_id):
+        raise Forbidden(f"your organization is not a member of project '{project['label']}'")
+    x_view = find_project_dataview(conn, project["id"], body["x"]["dataview"], "x.dataview")
+    y_view = find_project_dataview(conn, project["id"], body["y"]["dataview"], "y.dataview")
+    columns = body["x"]["columns"]
+    if len(set(columns)) != len(columns):
+        raise InvalidRequest("field 'x.columns': a column is named twice")
+    _check_columns(x_view, columns, "x.columns")
+    _check_columns(y_view, [body["y"]["column"]], "y.column")
+    x_org, y_org = x_view["owner_org_id"], y_view["owner_org_id"]
+    if x_org == y_org:
+        raise InvalidRequest("field 'y.dataview': the x and y dataviews must belong to two different organizations")
+    try:
+        model_owner = find_organization(conn, body["model_owner"])["id"]
+    except NotFound:
+        raise InvalidRequest(f"field 'model_owner': no organization '{body['model_owner']}'") from None
+    if not is_member_org(conn, project["id"], model_owner):
+        raise InvalidRequest("field 'model_owner': the model owner must be a member organization of the project")
+    if model_owner in (x_org, y_org):
+        third_seat, third_org = "helper", project["helper_org_id"]
+        outputs_to = "x_owner" if model_owner == x_org else "y_owner"
+        if third_org is None:
+            raise InvalidRequest("field 'helper': the model owner is a data owner, so the project needs a helper "
+                                 "organization for the third seat (`PUT /v1/projects/{project}/helper`)")
+        if third_org in (x_org, y_org):
+            raise InvalidRequest("field 'helper': the project's helper owns one of the dataviews; three distinct "
+                                 "organizations must take the seats, so set another helper")
+    else:
+        third_seat, third_org, outputs_to = "model_owner", model_owner, "model_owner"
+    job_id, now = new_id(), now_iso()
+    task = {"x": {"dataview": x_view["id"], "dataview_name": x_view["name"], "columns": columns},
+            "y": {"dataview": y_view["id"], "dataview_name": y_view["name"], "column": body["y"]["column"]},
+            "model_location": body.get("model_location")}
+    conn.execute("INSERT INTO jobs (id, project_id, type, status, task_json, model_owner_org_id, outputs_to, timeout,"
+                 " submitted_by_user_id, submitted_by_org_id, created_at, updated_at) "
+                 "VALUES (?, ?, ?, 'NeedsApproval', ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (job_id, project["id"], body["type"], json.dumps(task), model_owner, outputs_to, body["timeout"],
+                  principal.user_id, org_id, now, now))
+    for seat, seat_org in (("x_owner", x_org), ("y_owner", y_org), (third_seat, third_org)):
+        conn.execute("INSERT INTO job_parties (job_id, seat, org_id, state, progress, updated_at) "
+                     "VALUES (?, ?, ?, 'pending', 0, ?)", (job_id, seat, seat_org, now))
+    for data_org in (x_org, y_org):
+        conn.execute("INSERT INTO job_approvals (job_id, org_id, decision) VALUES (?, ?, 'pending')",
+                     (job_id, data_org))
+    return job_id
+
+
+# --- status ---------------------------------------------------------------------------------------------------
+
+def set_status(conn: sqlite3.Connection, job_id: str, status: str, error: str | None = None) -> None:
+    conn.execute("UPDATE jobs SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE id = ?",
+                 (status, error, now_iso(), job_id))
+
+
+def expire_if_late(conn: sqlite3.Connection, job: sqlite3.Row, now: datetime | None = None) -> sqlite3.Row:
+    """An Approved job whose three parties did not all start within its timeout ends in Error naming who is late."""
+    if job["status"] != "Approved" or not job["approved_at"]:
+        return job
+    now = now or datetime.now(timezone.utc)
+    if now < parse_iso(job["approved_at"]) + timedelta(seconds=job["timeout"]):
+        return job
+    missing = [f"{p['seat']} ({get_org(conn, p['org_id'])['label']})" for p in parties(conn, job["id"])
+               if p["state"] == "pending"]
+    set_status(conn, job["id"], "Error",
+               f"not all parties started within {job['timeout']} s of approval; missing: {', '.join(missing)}")
+    return find_job(conn, job["id"])
+
+
+def expire_late_jobs(conn: sqlite3.Connection) -> int:
+    """The periodic sweep: apply the start timeout to every Approved job; returns how many ended."""
+    ended = 0
+    for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'Approved'")):
+        ended += expire_if_late(conn, job)["status"] == "Error"
+    return ended
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+def readable_job(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:
+    job = find_job(conn, job_id)
+    readable_project(conn, principal, job["project_id"])
+    return expire_if_late(conn, job)
+
+
+def task_view(job: sqlite3.Row) -> dict[str, Any]:
+    task = json.loads(job["task_json"])
+    return {"x": {"dataview": {"id": task["x"]["dataview"], "name": task["x"]["dataview_name"]},
+                  "columns": task["x"]["columns"]},
+            "y": {"dataview": {"id": task["y"]["dataview"], "name": task["y"]["dataview_name"]},
+                  "column": task["y"]["column"]},
+            "model_location": task["model_location"], "timeout": job["timeout"]}
+
+
+def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
+    approvals = {get_org(conn, a["org_id"])["label"]: a["decision"]
+                 for a in conn.execute("SELECT * FROM job_approvals WHERE job_id = ?", (job["id"],))}
+    submitter = conn.execute("SELECT id, email FROM users WHERE id = ?", (job["submitted_by_user_id"],)).fetchone()
+    return {
+        "id": job["id"], "project": job["project_id"], "type": job["type"], "status": job["status"],
+        "task": task_view(job),
+        "parties": {p["seat"]: {"organization": org_ref(get_org(conn, p["org_id"])), "state": p["state"],
+                                "progress": p["progress"], "message": p["message"]}
+                    for p in parties(conn, job["id"])},
+        "outputs_to": job["outputs_to"],
+        "model_owner": org_ref(get_org(conn, job["model_owner_org_id"])),
+        "approvals": approvals,
+        "submitted_by": {"id": submitter["id"] if submitter else job["submitted_by_user_id"],
+                         "email": submitter["email"] if submitter else None,
+                         "organization": org_ref(get_org(conn, job["submitted_by_org_id"]))},
+        "created_at": job["created_at"], "updated_at": job["updated_at"], "approved_at": job["approved_at"],
+        "error": job["error"],
+    }
+
+
+def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str) -> list[sqlite3.Row]:
+    project = readable_project(conn, principal, project_ref)
+    rows = list(conn.execute("SELECT * FROM jobs WHERE project_id = ? ORDER BY created_at", (project["id"],)))
+    return [expire_if_late(conn, r) for r in rows]
+
+
+# --- decisions -----------------------------------------------------------------------------------------------
+
+def _deciding_orgs(conn: sqlite3.Connection, principal: Principal, job: sqlite3.Row, action: str) -> list[str]:
+    """The job's data-owner organizations in which the caller may approve or reject."""
+    owners = data_owner_orgs(conn, job["id"])
+    mine = [o for o in owners if principal.role_in(o) in APPROVE_JOBS]
+    if not mine:
+        if any(principal.role_in(o) for o in owners):
+            raise Forbidden(f"to {action} a job you need the role admin or operator in a data-owner organization")
+        raise Forbidden(f"only the organizations whose data the job uses can {action} it")
+    return mine
+
+
+def approve(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:
+    job = readable_job(conn, principal, job_id)
+    mine = _deciding_orgs(conn, principal, job, "approve")
+    decisions = {a["org_id"]: a["decision"] for a in
+                 conn.execute("SELECT * FROM job_approvals WHERE job_id = ?", (job_id,))}
+    if all(decisions[o] == "approved" for o in mine):
+        return job  # approving again is a no-op
+    if job["status"] != "NeedsApproval":
+        raise Conflict(f"the job is {job['status']}; only a job that needs approval can be approved",
+                       code="wrong_status", extra={"status": job["status"]})
+    now = now_iso()
+    for org_id in mine:
+        conn.execute("UPDATE job_approvals SET decision = 'approved', decided_at = ? WHERE job_id = ? AND org_id = ?",
+                     (now, job_id, org_id))
+        decisions[org_id] = "approved"
+    if all(d == "approved" for d in decisions.values()):
+        conn.execute("UPDATE jobs SET status = 'Approved', approved_at = ?, updated_at = ? WHERE id = ?",
+                     (now, now, job_id))
+    else:
+        conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, job_id))
+    return find_job(conn, job_id)
+
+
+def reject(conn: sqlite3.Connection, principal: Principal, job_id: str, reason: str | None) -> sqlite3.Row:
+    job = readable_job(conn, principal, job_id)
+    mine = _deciding_orgs(conn, principal, job, "reject")
+    if job["status"] not in ("NeedsApproval", "Approved"):
+        raise Conflict(f"the job is {job['status']}; only a job that has not started can be rejected",
+                       code="wrong_status", extra={"status": job["status"]})
+    now = now_iso()
+    for org_id in mine:
+        conn.execute("UPDATE job_approvals SET decision = 'rejected', reason = ?, decided_at = ? "
+                     "WHERE job_id = ? AND org_id = ?", (reason, now, job_id, org_id))
+    labels = ", ".join(get_org(conn, o)["label"] for o in mine)
+    set_status(conn, job_id, "Rejected", f"rejected by {labels}" + (f": {reason}" if reason else ""))
+    return find_job(conn, job_id)
+
+
+def stop(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:
+    job = readable_job(conn, principal, job_id)
+    orgs = {job["submitted_by_org_id"], *(p["org_id"] for p in parties(conn, job_id))}
+    if not any(principal.role_in(o) in STOP_JOBS for o in orgs):
+        raise Forbidden("to stop a job you need the role admin, operator or data_scientist in the submitting "
+                        "organization or a party's organization")
+    if job["status"] in FINAL_STATUSES:
+        raise Conflict(f"the job already ended ({job['status']})", code="wrong_status",
+                       extra={"status": job["status"]})
+    set_status(conn, job_id, "Stopped", f"stopped by {principal.email}")
+    return find_job(conn, job_id)
+
+
+def results(conn: sqlite3.Connection, principal: Principal, job_id: str) -> dict[str, Any]:
+    require_person(principal)
+    job = readable_job(conn, principal, job_id)
+    if principal.role_in(job["model_owner_org_id"]) is None:
+        raise Forbidden("only members of the model owner's organization can read a job's results")
+    if job["status"] != "Completed":
+        raise Conflict(f"the job is {job['status']}; results exist once it is Completed", code="not_completed",
+                       extra={"status": job["status"]})
+    return {"job": job["id"], "status": job["status"], "metrics": json.loads(job["metrics_json"] or "{}"),
+            "model_location": job["result_location"]}

@@ -1,0 +1,192 @@
+"""Projects (member organizations, helper) and dataviews (pointers to an organization's dataset)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from services.coordinator.db import new_id, now_iso
+from services.coordinator.identity import Principal, find_organization, get_org, org_ref
+from services.coordinator.permissions import (MANAGE_DATAVIEWS, MANAGE_PROJECTS, acting_organization,
+                                              require_person, require_role)
+from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
+
+ACTIVE_STATUSES = ("Initialized", "NeedsApproval", "Approved", "Started")
+
+
+def find_project(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM projects WHERE id = ? OR label = ? ORDER BY id = ? DESC LIMIT 1",
+                       (ref, ref, ref)).fetchone()
+    if row is None:
+        raise NotFound(f"no project '{ref}'; `GET /v1/projects` lists yours", code="project_not_found")
+    return row
+
+
+def member_org_ids(conn: sqlite3.Connection, project_id: str) -> list[str]:
+    return [r["org_id"] for r in conn.execute(
+        "SELECT org_id FROM project_organizations WHERE project_id = ? ORDER BY added_at, org_id", (project_id,))]
+
+
+def is_member_org(conn: sqlite3.Connection, project_id: str, org_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM project_organizations WHERE project_id = ? AND org_id = ?",
+                        (project_id, org_id)).fetchone() is not None
+
+
+def readable_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> sqlite3.Row:
+    """The project if one of the caller's organizations is a member (any role); 403/404 otherwise."""
+    require_person(principal)
+    project = find_project(conn, ref)
+    if not any(principal.role_in(o) for o in member_org_ids(conn, project["id"])):
+        raise Forbidden(f"none of your organizations is a member of project '{project['label']}'")
+    return project
+
+
+def project_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"], "label": row["label"], "name": row["name"], "description": row["description"],
+        "owner": org_ref(get_org(conn, row["owner_org_id"])),
+        "organizations": [org_ref(get_org(conn, o)) for o in member_org_ids(conn, row["id"])],
+        "helper": org_ref(get_org(conn, row["helper_org_id"])) if row["helper_org_id"] else None,
+        "created_at": row["created_at"],
+    }
+
+
+def create_project(conn: sqlite3.Connection, principal: Principal, label: str, name: str | None,
+                   description: str | None, organization: str | None) -> sqlite3.Row:
+    org_id = acting_organization(conn, principal, organization, MANAGE_PROJECTS, "create projects")
+    if conn.execute("SELECT 1 FROM projects WHERE label = ?", (label,)).fetchone():
+        raise Conflict(f"a project labelled '{label}' already exists; choose another label", code="duplicate_label")
+    project_id, now = new_id(), now_iso()
+    conn.execute("INSERT INTO projects (id, label, name, description, owner_org_id, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?)", (project_id, label, name or label, description or "", org_id, now))
+    conn.execute("INSERT INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
+                 (project_id, org_id, now))
+    return find_project(conn, project_id)
+
+
+def _managed_project(conn: sqlite3.Connection, principal: Principal, ref: str, action: str) -> sqlite3.Row:
+    project = readable_project(conn, principal, ref)
+    require_role(principal, project["owner_org_id"], MANAGE_PROJECTS, f"{action} (owner organization)")
+    return project
+
+
+def add_organization(conn: sqlite3.Connection, principal: Principal, ref: str, org: str) -> sqlite3.Row:
+    project = _managed_project(conn, principal, ref, "add organizations to a project")
+    org_id = find_organization(conn, org)["id"]
+    conn.execute("INSERT OR IGNORE INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
+                 (project["id"], org_id, now_iso()))
+    return project
+
+
+def set_helper(conn: sqlite3.Connection, principal: Principal, ref: str, org: str | None) -> sqlite3.Row:
+    """Name (or clear) the helper organization; a helper not yet in the project is added as a member."""
+    project = _managed_project(conn, principal, ref, "set a project's helper")
+    org_id = find_organization(conn, org)["id"] if org is not None else None
+    if org_id is not None:
+        conn.execute("INSERT OR IGNORE INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
+                     (project["id"], org_id, now_iso()))
+    conn.execute("UPDATE projects SET helper_org_id = ? WHERE id = ?", (org_id, project["id"]))
+    return find_project(conn, project["id"])
+
+
+def _active_jobs(conn: sqlite3.Connection, where: str, arg: str) -> int:
+    marks = ",".join("?" * len(ACTIVE_STATUSES))
+    return conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where} AND status IN ({marks})",
+                        (arg, *ACTIVE_STATUSES)).fetchone()[0]
+
+
+def delete_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> None:
+    project = _managed_project(conn, principal, ref, "delete a project")
+    if _active_jobs(conn, "project_id = ?", project["id"]):
+        raise Conflict(f"project '{project['label']}' has jobs that have not ended; stop them first",
+                       code="active_jobs")
+    pid = project["id"]
+    for table in ("job_parties", "job_approvals"):
+        conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE project_id = ?)", (pid,))
+    conn.execute("DELETE FROM jobs WHERE project_id = ?", (pid,))
+    conn.execute("DELETE FROM dataviews WHERE project_id = ?", (pid,))
+    conn.execute("DELETE FROM project_organizations WHERE project_id = ?", (pid,))
+    conn.execute("DELETE FROM projects WHERE id = ?", (pid,))
+
+
+def list_projects(conn: sqlite3.Connection, principal: Principal) -> list[sqlite3.Row]:
+    require_person(principal)
+    org_ids = list(principal.roles)
+    if not org_ids:
+        return []
+    marks = ",".join("?" * len(org_ids))
+    return list(conn.execute(
+        f"SELECT * FROM projects WHERE id IN (SELECT project_id FROM project_organizations WHERE org_id IN ({marks}))"
+        " ORDER BY created_at, label", org_ids))
+
+
+# --- dataviews ----------------------------------------------------------------------------------------------
+
+def dataview_view(conn: sqlite3.Connection, principal: Principal, row: sqlite3.Row) -> dict[str, Any]:
+    owner = get_org(conn, row["owner_org_id"])
+    return {
+        "id": row["id"], "name": row["name"], "project": row["project_id"], "owner": org_ref(owner),
+        "schema": json.loads(row["schema_json"]),
+        # The uri says where an organization keeps its data: only that organization sees it.
+        "uri": row["uri"] if principal.role_in(row["owner_org_id"]) else None,
+        "created_at": row["created_at"],
+    }
+
+
+def create_dataview(conn: sqlite3.Connection, principal: Principal, ref: str, name: str, uri: str,
+                    schema: list[dict[str, str]], organization: str | None) -> sqlite3.Row:
+    project = readable_project(conn, principal, ref)
+    org_id = acting_organization(conn, principal, organization, MANAGE_DATAVIEWS, "add dataviews")
+    if not is_member_org(conn, project["id"], org_id):
+        raise Forbidden(f"your organization is not a member of project '{project['label']}'")
+    names = [c["name"] for c in schema]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("field 'schema': column names must be unique")
+    if conn.execute("SELECT 1 FROM dataviews WHERE project_id = ? AND name = ?", (project["id"], name)).fetchone():
+        raise Conflict(f"project '{project['label']}' already has a dataview named '{name}'", code="duplicate_name")
+    dataview_id = new_id()
+    conn.execute("INSERT INTO dataviews (id, project_id, name, uri, owner_org_id, schema_json, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (dataview_id, project["id"], name, uri, org_id, json.dumps(schema), now_iso()))
+    return find_dataview(conn, dataview_id)
+
+
+def find_dataview(conn: sqlite3.Connection, dataview_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM dataviews WHERE id = ?", (dataview_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no dataview '{dataview_id}'", code="dataview_not_found")
+    return row
+
+
+def find_project_dataview(conn: sqlite3.Connection, project_id: str, ref: str, field: str) -> sqlite3.Row:
+    """A dataview of this project by id or name; 422 naming `field` when the project has none such."""
+    row = conn.execute("SELECT * FROM dataviews WHERE project_id = ? AND (id = ? OR name = ?) "
+                       "ORDER BY id = ? DESC LIMIT 1", (project_id, ref, ref, ref)).fetchone()
+    if row is None:
+        raise InvalidRequest(f"field '{field}': this project has no dataview '{ref}'")
+    return row
+
+
+def readable_dataview(conn: sqlite3.Connection, principal: Principal, dataview_id: str) -> sqlite3.Row:
+    row = find_dataview(conn, dataview_id)
+    readable_project(conn, principal, row["project_id"])
+    return row
+
+
+def list_dataviews(conn: sqlite3.Connection, principal: Principal, ref: str) -> list[sqlite3.Row]:
+    project = readable_project(conn, principal, ref)
+    return list(conn.execute("SELECT * FROM dataviews WHERE project_id = ? ORDER BY created_at, name",
+                             (project["id"],)))
+
+
+def delete_dataview(conn: sqlite3.Connection, principal: Principal, dataview_id: str) -> None:
+    row = readable_dataview(conn, principal, dataview_id)
+    require_role(principal, row["owner_org_id"], MANAGE_DATAVIEWS, "delete a dataview (owner organization)")
+    marks = ",".join("?" * len(ACTIVE_STATUSES))
+    in_use = conn.execute(
+        f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks}) AND (json_extract(task_json, '$.x.dataview') = ? "
+        "OR json_extract(task_json, '$.y.dataview') = ?)", (*ACTIVE_STATUSES, dataview_id, dataview_id)).fetchone()[0]
+    if in_use:
+        raise Conflict(f"dataview '{row['name']}' is used by jobs that have not ended; stop them first",
+                       code="dataview_in_use")
+    conn.execute("DELETE FROM dataviews WHERE id = ?", (dataview_id,))

@@ -1,0 +1,112 @@
+"""Request bodies of the coordinator API (pydantic): validation here turns into 422s naming the field."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+
+def _encodable(text: str) -> str:
+    # JSON may smuggle lone surrogates in; they cannot be stored or echoed back as UTF-8.
+    text.encode("utf-8")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+Name = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,190}$")]
+Role = Literal["admin", "operator", "data_scientist", "user"]
+Column = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewUser(Body):
+    email: Email
+    role: Role
+
+
+class NewToken(Body):
+    description: Annotated[Text, StringConstraints(max_length=500)] | None = None
+
+
+class NewProject(Body):
+    label: Label
+    name: Name | None = None
+    description: Annotated[Text, StringConstraints(max_length=5000)] | None = None
+    organization: Ref | None = None
+
+
+class OrganizationRef(Body):
+    organization: Ref
+
+
+class HelperRef(Body):
+    organization: Ref | None
+
+
+class SchemaColumn(Body):
+    name: Column
+    type: Literal["number", "integer", "string"]
+
+
+class NewDataview(Body):
+    name: Name
+    uri: Annotated[Text, StringConstraints(min_length=1, max_length=2000)]
+    schema_: list[SchemaColumn] = Field(alias="schema", min_length=1, max_length=10000)
+    organization: Ref | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class XSpec(Body):
+    dataview: Ref
+    columns: list[Column] = Field(min_length=1, max_length=1000)
+
+
+class YSpec(Body):
+    dataview: Ref
+    column: Column
+
+
+class NewJob(Body):
+    type: Literal["linear_regression"]
+    x: XSpec
+    y: YSpec
+    model_owner: Ref
+    model_location: Annotated[Text, StringConstraints(pattern=r"^(s3|file)://\S+$", max_length=2000)] | None = None
+    timeout: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+    organization: Ref | None = None
+
+
+class Rejection(Body):
+    reason: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+
+
+class WorkerKeys(Body):
+    encryption_public_key: Annotated[str, StringConstraints(max_length=200)]
+    signing_public_key: Annotated[str, StringConstraints(max_length=200)]
+
+
+class Heartbeat(Body):
+    version: Annotated[Text, StringConstraints(max_length=200)] | None = None
+    programs: dict[Annotated[Text, StringConstraints(max_length=100)], Any] | None = Field(default=None,
+                                                                                          max_length=50)
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    mse_result: float
+    r_squared_result: float
+
+
+class Report(Body):
+    state: Literal["started", "running", "completed", "error"]
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    message: Annotated[Text, StringConstraints(max_length=4000)] | None = None
+    metrics: Metrics | None = None
+    model_location: Annotated[Text, StringConstraints(max_length=2000)] | None = None

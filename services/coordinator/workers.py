@@ -1,0 +1,139 @@
+"""What workers (organization tokens) do: register keys, heartbeat, fetch their jobs, report progress."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from services.coordinator.db import now_iso
+from services.coordinator.identity import get_org, org_ref
+from services.coordinator.jobs import FINAL_STATUSES, expire_if_late, find_job, parties, seat_of, set_status
+from services.server.errors import Conflict, Forbidden, InvalidRequest
+
+
+def _check_public_key(text: str, loader: Any, field: str, kind: str) -> None:
+    try:
+        loader(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"field '{field}': must be the base64 of a raw 32-byte {kind} public key") from None
+
+
+def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> None:
+    _check_public_key(encryption_key, X25519PublicKey.from_public_bytes, "encryption_public_key", "X25519")
+    _check_public_key(signing_key, Ed25519PublicKey.from_public_bytes, "signing_public_key", "Ed25519")
+    conn.execute("INSERT INTO workers (org_id, encryption_public_key, signing_public_key, keys_updated_at) "
+                 "VALUES (?, ?, ?, ?) ON CONFLICT(org_id) DO UPDATE SET encryption_public_key = excluded."
+                 "encryption_public_key, signing_public_key = excluded.signing_public_key, "
+                 "keys_updated_at = excluded.keys_updated_at", (org_id, encryption_key, signing_key, now_iso()))
+
+
+def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None) -> None:
+    conn.execute("INSERT INTO workers (org_id, last_seen, version, programs) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT(org_id) DO UPDATE SET last_seen = excluded.last_seen, version = excluded.version, "
+                 "programs = excluded.programs",
+                 (org_id, now_iso(), version, json.dumps(programs) if programs is not None else None))
+
+
+def _keys(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM workers WHERE org_id = ? AND encryption_public_key IS NOT NULL",
+                        (org_id,)).fetchone()
+
+
+def missing_keys(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    """Seats (with organization labels) whose worker has not registered its public keys yet."""
+    return [f"{p['seat']} ({get_org(conn, p['org_id'])['label']})" for p in parties(conn, job_id)
+            if _keys(conn, p["org_id"]) is None]
+
+
+def seated_job(conn: sqlite3.Connection, org_id: str, job_id: str) -> tuple[sqlite3.Row, str]:
+    """The job (start timeout applied) and the caller's seat; 404 unknown job, 403 no seat."""
+    job = find_job(conn, job_id)
+    seat = seat_of(conn, job_id, org_id)
+    if seat is None:
+        raise Forbidden("your organization has no seat in this job", code="no_seat")
+    return expire_if_late(conn, job), seat
+
+
+def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> dict[str, Any]:
+    task = json.loads(job["task_json"])
+    seats = {p["seat"]: p for p in parties(conn, job["id"])}
+
+    def dataview(key: str, owner_seat: str) -> dict[str, Any]:
+        uri = None
+        if owner_seat == seat:  # only the owning seat learns where the data lives
+            row = conn.execute("SELECT uri FROM dataviews WHERE id = ?", (task[key]["dataview"],)).fetchone()
+            uri = row["uri"] if row else None
+        return {"id": task[key]["dataview"], "name": task[key]["dataview_name"], "uri": uri}
+
+    party_view = {}
+    for name, party in seats.items():
+        keys = _keys(conn, party["org_id"])
+        party_view[name] = {"organization": org_ref(get_org(conn, party["org_id"])),
+                            "encryption_public_key": keys["encryption_public_key"] if keys else None,
+                            "signing_public_key": keys["signing_public_key"] if keys else None}
+    return {
+        "id": job["id"], "type": job["type"], "status": job["status"], "seat": seat,
+        "outputs_to": job["outputs_to"], "timeout": job["timeout"], "approved_at": job["approved_at"],
+        "task": {"x": {"columns": task["x"]["columns"], "dataview": dataview("x", "x_owner")},
+                 "y": {"column": task["y"]["column"], "dataview": dataview("y", "y_owner")},
+                 "model_location": task["model_location"]},
+        "parties": party_view,
+    }
+
+
+def list_worker_jobs(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
+    """Approved or Started jobs where the organization holds a seat and all three parties registered keys."""
+    rows = list(conn.execute("SELECT j.*, p.seat AS my_seat FROM jobs j JOIN job_parties p ON p.job_id = j.id "
+                             "WHERE p.org_id = ? AND j.status IN ('Approved', 'Started') ORDER BY j.approved_at",
+                             (org_id,)))
+    out = []
+    for row in rows:
+        job = expire_if_late(conn, row)
+        if job["status"] in ("Approved", "Started") and not missing_keys(conn, job["id"]):
+            out.append(worker_job_view(conn, job, row["my_seat"]))
+    return out
+
+
+def get_worker_job(conn: sqlite3.Connection, org_id: str, job_id: str) -> dict[str, Any]:
+    job, seat = seated_job(conn, org_id, job_id)
+    missing = missing_keys(conn, job_id)
+    if missing:
+        raise Conflict(f"the job waits for workers to register their keys: {', '.join(missing)}",
+                       code="keys_missing", extra={"status": job["status"]})
+    return worker_job_view(conn, job, seat)
+
+
+def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, Any]) -> None:
+    """Record a seat's state; move the job to Started, Completed or Error when the reports say so."""
+    job, seat = seated_job(conn, org_id, job_id)
+    state = body["state"]
+    current = conn.execute("SELECT state FROM job_parties WHERE job_id = ? AND seat = ?", (job_id, seat)).fetchone()
+    if job["status"] not in ("Approved", "Started"):
+        if job["status"] in FINAL_STATUSES and state in ("completed", "error") and current["state"] == state:
+            return  # a retried final report that was already applied (its first answer got lost)
+        raise Conflict(f"the job is {job['status']}; stop working on it", code="job_not_active",
+                       extra={"status": job["status"]})
+    if state == "completed" and seat == job["outputs_to"] and not body.get("metrics"):
+        raise InvalidRequest("field 'metrics': the output seat's completed report must carry the metrics")
+    progress = 1.0 if state == "completed" else body.get("progress") or 0.0
+    conn.execute("UPDATE job_parties SET state = ?, progress = ?, message = ?, updated_at = ? "
+                 "WHERE job_id = ? AND seat = ?", (state, progress, body.get("message"), now_iso(), job_id, seat))
+    if state == "error":
+        label = get_org(conn, org_id)["label"]
+        set_status(conn, job_id, "Error", f"{seat} ({label}): {body.get('message') or 'the worker reported an error'}")
+    elif state == "completed" and seat == job["outputs_to"]:
+        task = json.loads(job["task_json"])
+        location = body.get("model_location") or (
+            f"{task['model_location'].rstrip('/')}/{job_id}/regression_weights.csv" if task["model_location"] else None)
+        conn.execute("UPDATE jobs SET metrics_json = ?, result_location = ? WHERE id = ?",
+                     (json.dumps(body["metrics"]), location, job_id))
+        set_status(conn, job_id, "Completed")
+    elif job["status"] == "Approved" and all(p["state"] != "pending" for p in parties(conn, job_id)):
+        set_status(conn, job_id, "Started")
+    else:
+        conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now_iso(), job_id))

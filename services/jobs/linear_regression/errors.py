@@ -1,0 +1,136 @@
+"""Typed errors of the linear-regression job.
+
+`JobDataError` and its subclasses are problems with a data owner's input; each message names the file, the column
+and, where it applies, the first bad row (rows count from 1, the header row not counted), and says what to fix.
+`ProtocolError` is a failure of the protocol run itself (a party misbehaving, or the parties disagreeing).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# One class for the engine and the job: a caller catches `ProtocolError` whichever layer raised it.
+from services.mpc.errors import ProtocolError
+
+# Long bad values are cut so one odd cell cannot flood a log line or an error report.
+_MAX_SHOWN_CHARS = 32
+_MAX_SHOWN_COLUMNS = 20
+
+
+def shown_value(text: str) -> str:
+    """Return `text` quoted and cut to a short length, for an error message."""
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[: _MAX_SHOWN_CHARS - 3] + "..."
+    return repr(text)
+
+
+def shown_columns(columns: Sequence[str]) -> str:
+    """Return a short, readable list of column names."""
+    names = ", ".join(repr(c) for c in columns[:_MAX_SHOWN_COLUMNS])
+    if len(columns) > _MAX_SHOWN_COLUMNS:
+        names += f", ... ({len(columns)} in all)"
+    return names or "none"
+
+
+class JobDataError(ValueError):
+    """A data owner's input cannot be used for the job; the message says what and where."""
+
+
+class MissingFileError(JobDataError):
+    """The data file does not exist or cannot be read."""
+
+    def __init__(self, file: str, reason: str = "no such file") -> None:
+        self.file = file
+        super().__init__(f"{file}: {reason}; check the path (a local path, a file:// uri, or a dataview's uri)")
+
+
+class UnreadableDataError(JobDataError):
+    """The file exists but is not a CSV with a header row or a Parquet file."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file = file
+        super().__init__(f"{file}: {reason}")
+
+
+class MissingColumnError(JobDataError):
+    """A requested column is not in the file."""
+
+    def __init__(self, file: str, column: str, available: Sequence[str]) -> None:
+        self.file, self.column = file, column
+        super().__init__(f"{file}: no column {column!r}; the file has {shown_columns(list(available))}")
+
+
+class NonNumericError(JobDataError):
+    """A cell is empty or not a number."""
+
+    def __init__(self, file: str, column: str, row: int, value: str | None) -> None:
+        self.file, self.column, self.row = file, column, row
+        what = "the value is empty" if value is None or value.strip() == "" else f"{shown_value(value)} is not a number"
+        super().__init__(f"{file}: column {column!r} row {row}: {what}")
+
+
+class NonFiniteError(JobDataError):
+    """A cell is NaN or infinite."""
+
+    def __init__(self, file: str, column: str, row: int, value: float) -> None:
+        self.file, self.column, self.row = file, column, row
+        what = "NaN (not a number)" if value != value else "infinite (or beyond the float64 range)"
+        super().__init__(f"{file}: column {column!r} row {row}: the value is {what}; every value must be a finite number")
+
+
+class ValueRangeError(JobDataError):
+    """A value is too large in magnitude for the fixed-point encoding used by the secure computation."""
+
+    def __init__(self, file: str, column: str, row: int, limit: float) -> None:
+        self.file, self.column, self.row = file, column, row
+        super().__init__(
+            f"{file}: column {column!r} row {row}: the value's magnitude is above {limit:g}, too large for the "
+            "secure computation's fixed-point range; rescale the column (e.g. to other units)"
+        )
+
+
+class RowCountMismatchError(JobDataError):
+    """The x data and the y data have different numbers of rows."""
+
+    def __init__(self, x_file: str, x_rows: int, y_file: str, y_rows: int) -> None:
+        self.x_rows, self.y_rows = x_rows, y_rows
+        super().__init__(
+            f"{x_file} has {x_rows} rows but {y_file} has {y_rows}; the x and y data must have the same rows, "
+            "in the same order"
+        )
+
+
+class TooFewRowsError(JobDataError):
+    """Fewer rows than the number of weights to fit."""
+
+    def __init__(self, file: str, rows: int, columns: int) -> None:
+        self.file, self.rows, self.columns = file, rows, columns
+        super().__init__(
+            f"{file}: {rows} rows for {columns} x columns; a fit needs at least {columns + 1} rows "
+            "(one more than the number of x columns, for the intercept)"
+        )
+
+
+class SingularDataError(JobDataError):
+    """The x columns (with the intercept) are constant or collinear, so XᵀX is singular."""
+
+    def __init__(self, file: str, problem: str) -> None:
+        self.file = file
+        super().__init__(f"{file}: {problem}; drop or replace those columns, the weights are not determined")
+
+
+class ConstantTargetColumnError(JobDataError):
+    """The y column does not vary, so there is nothing to fit."""
+
+    def __init__(self, file: str, column: str) -> None:
+        self.file, self.column = file, column
+        super().__init__(
+            f"{file}: column {column!r} is constant (all its values are equal); a regression needs a target that varies"
+        )
+
+
+class RowCountsDiffer(ProtocolError):
+    """Raised by the protocol when the row counts exchanged by the x-owner and the y-owner differ."""
+
+    def __init__(self, x_rows: int, y_rows: int) -> None:
+        self.x_rows, self.y_rows = x_rows, y_rows
+        super().__init__(f"the x data has {x_rows} rows but the y data has {y_rows}")

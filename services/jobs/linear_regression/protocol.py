@@ -1,0 +1,410 @@
+"""The 3-party protocol of the vertically partitioned linear regression (DESIGN.md section 6).
+
+Party 0 (x_owner) holds X (n x d), party 1 (y_owner) holds y (n), party 2 (the third seat: model owner or
+helper) holds nothing; `task.output_party` (any of the three) alone learns the weights (intercept first) and
+the metrics. Everything that touches only X is done by the x-owner in plaintext; only the two products that
+mix owners go through the engine (`services.mpc.private_product`). The steps, in the order they happen:
+
+1. x_owner, plaintext (two passes over X, in row blocks): column means mu, column scaling D (1/norm of the
+   centred column), the Gram matrix G of Xc = (X - mu) D (unit diagonal) and its Cholesky factor L (G = L L^T;
+   singular or nearly so -> `numpy.linalg.LinAlgError`, which the facade turns into a message naming the
+   constant or collinear columns). Qc = Xc L^-T has orthonormal columns, so every entry of
+   M = U Qc^T (U a random rotation from the x-owner's own seed) lies in [-1, 1]: M's fixed-point scale 2^a is
+   public and says nothing about X's units.
+2. y_owner, plaintext: ybar, yc = y - ybar, SS_tot = ||yc||^2 (zero -> `ConstantTargetError`), and
+   yc~ = round(yc 2^fy) with fy chosen so that 2^(b-1) <= ||yc|| 2^fy < 2^b. Then |(M~ yc~)_i| < 2^(a+b)(1+eps):
+   no overflow whatever the data.
+3. One private product v~ = M~ yc~ (x_owner's matrix, y_owner's vector, party 2 helping), re-randomized and
+   opened to the output party, with fy and SS_tot from the y-owner. v = U Qc^T yc is a uniformly random
+   direction (U) of length ||Qc^T yc||, and ||v||^2 = SS_tot - SS_res: mse = SS_res / n, r2 = 1 - SS_res/SS_tot.
+4. Weights w = K v + ybar e_0 with K = [-mu^T W; W], W = D L^-T U^T (the x-owner's (d+1) x d matrix): slopes
+   = W v and intercept = ybar - mu^T slopes. By output party:
+   - x_owner: it computes K v itself; the y-owner sends it ybar (which it could compute from the outputs:
+     ybar = intercept + mu^T slopes).
+   - y_owner: private product K~ v~ (x_owner's K at scale 2^(FK - kx), y_owner's v normalized to the unit ball
+     at scale 2^Fv, party 2 helping), opened to the y-owner; the x-owner sends kx, the exponent of K's largest
+     row norm, needed to decode; the y-owner adds its own ybar.
+   - third seat: the same product with the model owner's v (scale 2^(Fv - t)), plus ybar brought in by a
+     second, 1 x 1 private product c * ybar~ (model owner's c = 2^(FK - kx - t + ky), y-owner's
+     ybar~ = ybar 2^(fy - b + Fv - ky), the x-owner helping), so both terms share the scale
+     2^(fy - b + Fv - t + FK - kx) and neither the x-owner nor the y-owner learns the other's exponent. The
+     model owner receives kx from the x-owner and ky (the exponent of |ybar| / 2^(b - fy)) from the y-owner;
+     t = max(0, ky - kx) keeps the sum below 2^62.
+
+What each party learns (besides the public n, d, column names and these parameters):
+- x_owner: y - r (uniform: r is the y-owner's and helper's PRF). As output party also v, SS_tot, fy and ybar,
+  all of which follow from the outputs and its own X (and the rotation it chose).
+- y_owner: M - S (uniform: S is the x-owner's and helper's PRF); as output party of step 4 also K~ v~'s
+  opened sum; as output party it learns v (a uniformly random direction of length derivable from the outputs)
+  and kx, one power-of-two exponent of X's scale (of the largest row norm of D L^-T).
+- third seat as helper: nothing (it only expands PRFs). As model owner: v, SS_tot and fy (derivable from the
+  outputs given n), the weights and metrics, and two power-of-two exponents: kx (as above) and ky (of
+  |ybar| / ||yc|| within a factor 2).
+Every opened value arrives re-randomized by a fresh sharing of zero, so it carries nothing beyond its sum.
+
+Accuracy: with a = b = 31 the relative error of v is about 2^-31 sqrt(2)/sqrt(12) ~ 2e-10 of ||yc|| (rounding
+errors add in quadrature; the hard worst case is 2^-31 sqrt(n)). The weights' error is that times the
+conditioning of X; the metrics' relative error is about 4e-10 / (1 - r2), so it exceeds 1e-6 only for fits
+with r2 above 0.9996.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.mpc.additive import reveal_additive
+from services.mpc.errors import ProtocolError
+from services.mpc.fixed_point import decode, encode, encode_scaled
+from services.mpc.party import Party
+from services.mpc.prf import PartySeeds
+from services.mpc.private_product import block_bounds, private_matvec
+from services.mpc.ring import RING_DTYPE, to_signed
+from services.mpc.transport import Transport
+
+from .errors import JobDataError, RowCountsDiffer
+from .task import THIRD_SEAT, X_OWNER, Y_OWNER, LinearRegressionResult, LinearRegressionTask
+
+__all__ = ["ConstantTargetError", "LinearRegressionResult", "PartySeeds", "ProtocolError", "run_party"]
+
+# Public parameters of the protocol (every party uses the same).
+BLOCK_ROWS = 1 << 15  # rows per streamed block of M^T: bounds memory, ~8 MiB per block at d = 32
+M_FRAC_BITS = 31  # a: M's entries are in [-1, 1]
+Y_NORM_BITS = 31  # b: ||yc~|| < 2^b, so |M~ yc~| < 2^(a+b) = 2^62
+K_FRAC_BITS = 30  # FK: rows of K~ have norm < 2^FK
+V_FRAC_BITS = 30  # Fv: the normalized v (and ybar) have norm < 2^Fv
+MIN_EIGENVALUE_RATIO = 1e-14  # of the centred, scaled Gram matrix: below it the columns count as collinear
+
+_STATUS_OK, _STATUS_SINGULAR, _STATUS_CONSTANT_Y = 0, 1, 2
+_NO_EXPONENT = -(1 << 20)  # ky when ybar == 0: its term vanishes
+
+Progress = Callable[[float, str], None]
+
+
+class ConstantTargetError(JobDataError):
+    """The y column does not vary, so there is nothing to fit."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        super().__init__(f"the y column {column!r} is constant (all its values are equal); a regression needs a "
+                         "target that varies")
+
+
+@dataclass
+class _XPlan:
+    """The x-owner's plaintext results of step 1."""
+
+    n: int
+    mu: np.ndarray  # column means (d)
+    w_scaled: np.ndarray  # W 2^a (d x d): M~^T = (X - mu) W 2^a, rounded
+    k: np.ndarray  # K = [-mu^T W; W], (d + 1) x d
+
+
+@dataclass
+class _YPlan:
+    """The y-owner's plaintext results of step 2."""
+
+    n: int
+    ybar: float
+    ss_tot: float
+    fy: int
+    y_encoded: np.ndarray  # yc~ (n ring elements)
+
+
+class _Clock:
+    """Seconds per phase, reported through `progress(fraction, phase)` at the end of each phase."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, fraction: float, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
+        if self.progress is not None:
+            self.progress(fraction, phase)
+
+
+def run_party(index: int, task: LinearRegressionTask, data: np.ndarray | None, transport: Transport,
+              seeds: PartySeeds, progress: Progress | None = None) -> LinearRegressionResult | None:
+    """Run party `index`'s role; return the result at `task.output_party`, None elsewhere.
+
+    `data` is X (n x d float64, validated finite) at party 0, y (n float64) at party 1, None at party 2.
+    `progress(fraction, phase)` is called at the end of the phases prepare, product, reveal, weights; the
+    output party's result carries the seconds per phase in `result.seconds`.
+    """
+    party = Party.create(index, transport, seeds)
+    clock = _Clock(progress)
+    if index == X_OWNER:
+        return _x_owner(party, task, np.asarray(data, dtype=np.float64), clock)
+    if index == Y_OWNER:
+        return _y_owner(party, task, np.asarray(data, dtype=np.float64), clock)
+    return _third_seat(party, task, clock)
+
+
+# --- the three roles ------------------------------------------------------------------------------------------
+
+def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Clock) -> LinearRegressionResult | None:
+    if x.ndim != 2 or x.shape[1] != task.d:
+        raise ProtocolError(f"the x-owner's data must be an n x {task.d} array")
+    n = x.shape[0]
+    out = task.output_party
+    _announce_rows(party, n, (Y_OWNER, THIRD_SEAT))
+    _check_rows(x_rows=n, y_rows=_receive_int(party, Y_OWNER, "lr/y-rows"))
+    try:
+        plan = _prepare_x(party, x)
+    except np.linalg.LinAlgError:
+        _send_status(party, "lr/x-status", _STATUS_SINGULAR, (Y_OWNER, THIRD_SEAT))
+        raise
+    _send_status(party, "lr/x-status", _STATUS_OK, (Y_OWNER, THIRD_SEAT))
+    _check_status(party, Y_OWNER, "lr/y-status")
+    clock.done(0.3, "prepare")
+
+    share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
+                           blocks=_m_blocks(x, plan), block_rows=BLOCK_ROWS)
+    clock.done(0.85, "product")
+    v_ring = reveal_additive(party, "lr/v-open", share, out)
+
+    if out == X_OWNER:
+        assert v_ring is not None
+        ss_tot, fy = _receive_meta(party)
+        v = decode(v_ring, M_FRAC_BITS + fy)
+        clock.done(0.9, "reveal")
+        ybar = float(party.receive(Y_OWNER, "lr/ybar")[0])
+        slopes = plan.k[1:] @ v
+        weights = np.concatenate([[ybar - plan.mu @ slopes], slopes])
+        clock.done(1.0, "weights")
+        return _result(weights, ss_tot, v, n, clock)
+    clock.done(0.9, "reveal")
+    kx = _exponent(float(np.max(np.linalg.norm(plan.k, axis=1))))
+    party.send(out, "lr/kx", np.array([kx], dtype=np.int64))
+    k_encoded = encode(np.ldexp(plan.k, K_FRAC_BITS - kx), 0, what="the x-owner's weight matrix")
+    share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=out, n=task.d, m=task.d + 1,
+                           blocks=[np.ascontiguousarray(k_encoded.T)], block_rows=task.d)
+    if out == THIRD_SEAT:  # the 1 x 1 product c * ybar~: the x-owner helps
+        share[:1] += private_matvec(party, "lr/w-ybar", matrix_owner=THIRD_SEAT, vector_owner=Y_OWNER, n=1, m=1)
+    reveal_additive(party, "lr/w-open", share, out)
+    clock.done(1.0, "weights")
+    return None
+
+
+def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Clock) -> LinearRegressionResult | None:
+    if y.ndim != 1:
+        raise ProtocolError("the y-owner's data must be a vector")
+    n = y.shape[0]
+    out = task.output_party
+    _announce_rows(party, n, (X_OWNER, THIRD_SEAT))
+    _check_rows(x_rows=_receive_int(party, X_OWNER, "lr/x-rows"), y_rows=n)
+    plan = _prepare_y(y, task.y_column)
+    if plan is None:
+        _send_status(party, "lr/y-status", _STATUS_CONSTANT_Y, (X_OWNER, THIRD_SEAT))
+        raise ConstantTargetError(task.y_column)
+    _send_status(party, "lr/y-status", _STATUS_OK, (X_OWNER, THIRD_SEAT))
+    _check_status(party, X_OWNER, "lr/x-status")
+    clock.done(0.3, "prepare")
+
+    share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
+                           vector=plan.y_encoded, block_rows=BLOCK_ROWS)
+    clock.done(0.85, "product")
+    v_ring = reveal_additive(party, "lr/v-open", share, out)
+    if out != Y_OWNER:
+        party.send(out, "lr/y-meta", np.array([plan.ss_tot, plan.fy], dtype=np.float64))
+    clock.done(0.9, "reveal")
+
+    if out == X_OWNER:
+        party.send(X_OWNER, "lr/ybar", np.array([plan.ybar]))
+        clock.done(1.0, "weights")
+        return None
+    if out == Y_OWNER:
+        assert v_ring is not None
+        v = decode(v_ring, M_FRAC_BITS + plan.fy)
+        kx = _receive_int(party, X_OWNER, "lr/kx")
+        v_encoded = encode(np.ldexp(v, plan.fy - Y_NORM_BITS), V_FRAC_BITS, what="the opened vector v")
+        share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1,
+                               vector=v_encoded, block_rows=task.d)
+        opened = reveal_additive(party, "lr/w-open", share, Y_OWNER)
+        assert opened is not None
+        weights = decode(opened, plan.fy - Y_NORM_BITS + V_FRAC_BITS + K_FRAC_BITS - kx)
+        weights[0] += plan.ybar
+        clock.done(1.0, "weights")
+        return _result(weights, plan.ss_tot, v, n, clock)
+    # Output to the third seat: the y-owner helps with K~ v~ and brings ybar in through c * ybar~.
+    ky = _exponent(abs(plan.ybar) * 2.0 ** (plan.fy - Y_NORM_BITS)) if plan.ybar != 0 else _NO_EXPONENT
+    party.send(THIRD_SEAT, "lr/ky", np.array([ky], dtype=np.int64))
+    share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=THIRD_SEAT, n=task.d, m=task.d + 1)
+    ybar_encoded = (encode(np.ldexp(np.array([plan.ybar]), plan.fy - Y_NORM_BITS + V_FRAC_BITS - ky), 0,
+                           what="the y mean") if ky != _NO_EXPONENT else np.zeros(1, dtype=RING_DTYPE))
+    ybar_share = private_matvec(party, "lr/w-ybar", matrix_owner=THIRD_SEAT, vector_owner=Y_OWNER, n=1, m=1,
+                                vector=ybar_encoded, block_rows=1)
+    share[:1] += ybar_share
+    reveal_additive(party, "lr/w-open", share, THIRD_SEAT)
+    clock.done(1.0, "weights")
+    return None
+
+
+def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> LinearRegressionResult | None:
+    out = task.output_party
+    x_rows = _receive_int(party, X_OWNER, "lr/x-rows")
+    n = _receive_int(party, Y_OWNER, "lr/y-rows")
+    _check_rows(x_rows=x_rows, y_rows=n)
+    # The helper's share needs no data, so it is computed while the x-owner is still preparing.
+    share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
+                           block_rows=BLOCK_ROWS)
+    _check_status(party, X_OWNER, "lr/x-status")
+    _check_status(party, Y_OWNER, "lr/y-status")
+    clock.done(0.3, "prepare")
+    clock.done(0.85, "product")
+    v_ring = reveal_additive(party, "lr/v-open", share, out)
+    if out == X_OWNER:
+        clock.done(0.9, "reveal")
+        clock.done(1.0, "weights")
+        return None
+    if out == Y_OWNER:  # the third seat helps with K~ v~
+        clock.done(0.9, "reveal")
+        share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1)
+        reveal_additive(party, "lr/w-open", share, Y_OWNER)
+        clock.done(1.0, "weights")
+        return None
+
+    assert v_ring is not None
+    ss_tot, fy = _receive_meta(party)
+    v = decode(v_ring, M_FRAC_BITS + fy)
+    clock.done(0.9, "reveal")
+    kx = _receive_int(party, X_OWNER, "lr/kx")
+    ky = _receive_int(party, Y_OWNER, "lr/ky")
+    t = max(0, ky - kx)
+    v_encoded = encode(np.ldexp(v, fy - Y_NORM_BITS - t), V_FRAC_BITS, what="the opened vector v")
+    share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=THIRD_SEAT, n=task.d, m=task.d + 1,
+                           vector=v_encoded, block_rows=task.d)
+    c_exponent = K_FRAC_BITS - kx - t + ky
+    c = np.array([[1 << c_exponent if c_exponent >= 0 else 0]], dtype=RING_DTYPE)  # below 2^0: ybar negligible
+    ybar_share = private_matvec(party, "lr/w-ybar", matrix_owner=THIRD_SEAT, vector_owner=Y_OWNER, n=1, m=1,
+                                blocks=[c], block_rows=1)
+    share[:1] += ybar_share
+    opened = reveal_additive(party, "lr/w-open", share, THIRD_SEAT)
+    assert opened is not None
+    weights = decode(opened, fy - Y_NORM_BITS + V_FRAC_BITS - t + K_FRAC_BITS - kx)
+    clock.done(1.0, "weights")
+    return _result(weights, ss_tot, v, n, clock)
+
+
+# --- plaintext steps ----------------------------------------------------------------------------------------
+
+def _prepare_x(party: Party, x: np.ndarray) -> _XPlan:
+    """Step 1: means, scaling, Cholesky of the centred scaled Gram matrix, rotation; LinAlgError if singular."""
+    n, d = x.shape
+    shift = x[0].copy()  # sums of shifted values keep the centring exact when |mean| >> spread
+    total = np.zeros(d)
+    gram = np.zeros((d, d))
+    for start, stop in block_bounds(n, BLOCK_ROWS):
+        block = x[start:stop] - shift
+        total += block.sum(axis=0)
+        gram += block.T @ block
+    offset = total / n
+    mu = shift + offset
+    centred_gram = gram - n * np.outer(offset, offset)
+    diagonal = np.diag(centred_gram).copy()
+    if not np.all(diagonal > 0):
+        raise np.linalg.LinAlgError("constant x column")
+    scale = 1.0 / np.sqrt(diagonal)  # D
+    g = centred_gram * np.outer(scale, scale)
+    g = (g + g.T) / 2
+    eigenvalues = np.linalg.eigvalsh(g)
+    if eigenvalues[0] <= MIN_EIGENVALUE_RATIO * eigenvalues[-1]:
+        raise np.linalg.LinAlgError("collinear x columns")
+    lower = np.linalg.cholesky(g)
+    rotation = _random_rotation(party, d)
+    l_inv_t = np.linalg.inv(lower).T
+    w = scale[:, None] * (l_inv_t @ rotation.T)  # W = D L^-T U^T: M^T = (X - mu) W
+    k = np.vstack([-(mu @ w)[None, :], w])
+    return _XPlan(n=n, mu=mu, w_scaled=np.ldexp(w, M_FRAC_BITS), k=k)
+
+
+def _m_blocks(x: np.ndarray, plan: _XPlan) -> Iterator[np.ndarray]:
+    """Step 1, second pass: the blocks of M~^T = round((X - mu) W 2^a), never held whole."""
+    limit = 2.0 ** (M_FRAC_BITS + 1)  # |entries| <= 2^a in exact arithmetic; more means numerical breakdown
+    for start, stop in block_bounds(plan.n, BLOCK_ROWS):
+        block = (x[start:stop] - plan.mu) @ plan.w_scaled
+        if block.size and not np.abs(block).max() < limit:
+            raise ProtocolError("the x-owner's orthogonalized data left the expected range; the x columns are "
+                                "too close to collinear for this protocol")
+        yield encode_scaled(block)
+
+
+def _prepare_y(y: np.ndarray, column: str) -> _YPlan | None:
+    """Step 2: mean, centred sum of squares and the scaled encoding of yc; None if y is constant."""
+    n = y.shape[0]
+    shift = float(y[0])
+    ybar = shift + float(np.mean(y - shift))
+    yc = y - ybar
+    ss_tot = float(yc @ yc)
+    norm = float(np.sqrt(ss_tot))
+    if ss_tot == 0.0 or norm <= n * np.finfo(float).eps * float(np.max(np.abs(y))):
+        return None  # constant, or varying only at the level of float rounding
+    fy = Y_NORM_BITS - _exponent(norm)
+    np.ldexp(yc, fy, out=yc)
+    return _YPlan(n=n, ybar=ybar, ss_tot=ss_tot, fy=fy, y_encoded=encode_scaled(yc))
+
+
+def _random_rotation(party: Party, d: int) -> np.ndarray:
+    """A Haar-random d x d rotation from the party's own PRF (QR of a Gaussian matrix, signs fixed)."""
+    gaussian = party.randomness.own.normal("lr/x/rotation", d * d).reshape(d, d)
+    q, r = np.linalg.qr(gaussian)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def _exponent(value: float) -> int:
+    """The e with 2^(e-1) <= value < 2^e (value > 0)."""
+    return int(np.frexp(value)[1])
+
+
+def _result(weights: np.ndarray, ss_tot: float, v: np.ndarray, n: int, clock: _Clock) -> LinearRegressionResult:
+    """Step 3's metrics from SS_tot and ||v||^2 = SS_tot - SS_res, and the result."""
+    ss_res = max(ss_tot - float(v @ v), 0.0)
+    result = LinearRegressionResult(
+        weights=np.asarray(weights, dtype=np.float64),
+        metrics={"mse_result": ss_res / n, "r_squared_result": 1.0 - ss_res / ss_tot},
+    )
+    result.seconds = dict(clock.seconds)  # type: ignore[attr-defined]
+    return result
+
+
+# --- small messages -----------------------------------------------------------------------------------------
+
+def _announce_rows(party: Party, n: int, to: tuple[int, ...]) -> None:
+    name = "lr/x-rows" if party.index == X_OWNER else "lr/y-rows"
+    for other in to:
+        party.send(other, name, np.array([n], dtype=np.int64))
+
+
+def _receive_int(party: Party, frm: int, name: str) -> int:
+    return int(party.receive(frm, name)[0])
+
+
+def _check_rows(x_rows: int, y_rows: int) -> None:
+    if x_rows != y_rows:
+        raise RowCountsDiffer(x_rows, y_rows)
+
+
+def _send_status(party: Party, name: str, status: int, to: tuple[int, ...]) -> None:
+    for other in to:
+        party.send(other, name, np.array([status], dtype=np.int64))
+
+
+def _check_status(party: Party, frm: int, name: str) -> None:
+    status = _receive_int(party, frm, name)
+    if status == _STATUS_SINGULAR:
+        raise ProtocolError("the x_owner stopped the job: its x columns are constant or collinear (see its error)")
+    if status == _STATUS_CONSTANT_Y:
+        raise ProtocolError("the y_owner stopped the job: its y column is constant (see its error)")
+    if status != _STATUS_OK:
+        raise ProtocolError(f"party {frm} sent an unknown status; are all workers running the same version?")
+
+
+def _receive_meta(party: Party) -> tuple[float, int]:
+    meta = party.receive(Y_OWNER, "lr/y-meta")
+    return float(meta[0]), int(meta[1])

@@ -1,0 +1,89 @@
+"""Product of one party's private matrix with another party's private vector, a third party helping.
+
+The matrix owner holds M (m x n), the vector owner holds y (n), the helper holds nothing. With S (m x n) from
+the PRF shared by the matrix owner and the helper, and r (n) from the PRF shared by the vector owner and the
+helper:
+
+    matrix owner -> vector owner:  M - S         (uniform: the vector owner does not know S)
+    vector owner -> matrix owner:  y - r         (uniform: the matrix owner does not know r)
+    shares:  vector owner (M - S) y,   matrix owner S (y - r),   helper S r,   summing to M y.
+
+One round, m*n + n words, no truncation; the helper receives nothing. This is the "helper-assisted" form of
+a Beaver-style product (Beaver, CRYPTO 1991) where the dealer is the third party and its correlated
+randomness comes from the pairwise seeds instead of being sent. The result is a 3-out-of-3 additive sharing
+(one ring array per party); open it with `additive.reveal_additive`.
+
+M is handed over as blocks of B = M^T (rows of n, the way data is stored), so the matrix owner can stream a
+matrix it never holds whole: block k holds rows [k*block_rows, (k+1)*block_rows) of B.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from services.mpc.errors import ProtocolError
+from services.mpc.party import Party
+from services.mpc.ring import RING_DTYPE, as_ring, vec_mat, zeros
+
+
+def block_bounds(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    """The (start, stop) row ranges of the blocks of an n-row matrix."""
+    for start in range(0, n, block_rows):
+        yield start, min(n, start + block_rows)
+
+
+def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: int, n: int, m: int,
+                   blocks: Iterable[np.ndarray] | None = None, vector: np.ndarray | None = None,
+                   block_rows: int = 1 << 15) -> np.ndarray:
+    """This party's additive share (m ring elements) of M y = B^T y.
+
+    The matrix owner passes `blocks` (ring arrays of shape (rows, m), in order, covering n rows in blocks of
+    `block_rows`), the vector owner passes `vector` (n ring elements); `n`, `m` and `block_rows` are public.
+    """
+    party.claim(name)
+    i = party.index
+    helper = 3 - matrix_owner - vector_owner
+    if {matrix_owner, vector_owner, helper} != {0, 1, 2}:
+        raise ProtocolError("the matrix owner, vector owner and helper must be three different parties")
+    share = zeros(m)
+    if i == vector_owner:
+        if vector is None:
+            raise ValueError("the vector owner must provide the vector")
+        y = as_ring(vector)
+        if y.shape != (n,):
+            raise ProtocolError(f"the vector has {y.shape[0] if y.ndim else 0} entries, expected {n}")
+        r = party.randomness.shared_with(helper).array(f"{name}/r", n)
+        party.send(matrix_owner, f"{name}/y-r", y - r)
+        del r
+        for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
+            masked = party.receive(matrix_owner, f"{name}/M-S/{k}")
+            share += vec_mat(y[start:stop], masked)
+        return share
+    if i == matrix_owner:
+        if blocks is None:
+            raise ValueError("the matrix owner must provide the matrix blocks")
+        y_minus_r = party.receive(vector_owner, f"{name}/y-r")
+        if y_minus_r.shape != (n,):
+            raise ProtocolError(f"party {vector_owner} sent a vector of {y_minus_r.shape} entries, expected {n}")
+        prf = party.randomness.shared_with(helper)
+        bounds = list(block_bounds(n, block_rows))
+        count = 0
+        for k, block in enumerate(blocks):
+            if k >= len(bounds) or block.shape != (bounds[k][1] - bounds[k][0], m):
+                raise ProtocolError(f"matrix block {k} has shape {block.shape}, which does not fit {n} x {m} "
+                                    f"in blocks of {block_rows} rows")
+            start, stop = bounds[k]
+            s = prf.array(f"{name}/S/{k}", (stop - start, m))
+            share += vec_mat(y_minus_r[start:stop], s)
+            s = np.subtract(as_ring(block), s, out=s)
+            party.send(vector_owner, f"{name}/M-S/{k}", s)
+            count += 1
+        if count != len(bounds):
+            raise ProtocolError(f"the matrix owner supplied {count} blocks, expected {len(bounds)}")
+        return share
+    prf_s = party.randomness.shared_with(matrix_owner)
+    r = party.randomness.shared_with(vector_owner).array(f"{name}/r", n)
+    for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
+        share += vec_mat(r[start:stop], prf_s.array(f"{name}/S/{k}", (stop - start, m)))
+    return share.astype(RING_DTYPE, copy=False)

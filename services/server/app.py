@@ -1,0 +1,97 @@
+"""The `cape-server` ASGI application: coordinator at `/v1`, broker at `/broker/v1`, OpenAPI at `/openapi.json`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+
+from services.broker.api import broker_router
+from services.broker.mailboxes import MailboxSignals
+from services.broker.membership import JobMembership, LocalMembership, RemoteMembership
+from services.broker.store import MessageStore
+from services.coordinator.api import coordinator_router
+from services.coordinator.db import Database
+from services.coordinator.jobs import expire_late_jobs
+from services.server.config import ServerConfig
+from services.server.error_handlers import install_error_handlers
+
+log = logging.getLogger("cape.server")
+
+
+def _version() -> str:
+    try:
+        return version("cape-workers")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def _every(seconds: float, what: str, work: Callable[[], Any]) -> None:
+    """Run blocking `work` in a thread every `seconds` until cancelled; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await anyio.to_thread.run_sync(work)
+        except Exception:
+            log.exception("background %s failed; retrying in %.0f s", what, seconds)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """Build the app for the parts `config` asks for; background sweeps start with the app's lifespan."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.coordinator_db_path) if config.runs_coordinator else None
+    store = MessageStore(config.data_dir, config.message_ttl) if config.runs_broker else None
+    membership: JobMembership | None = None
+    if store is not None:
+        if db is not None:
+            membership = LocalMembership(db)
+        elif config.coordinator_url:
+            membership = RemoteMembership(config.coordinator_url)
+        else:
+            raise ValueError("a broker running alone needs --coordinator-url to check who may use a job's mailboxes")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tasks = []
+        if db is not None:
+            def sweep_jobs() -> None:
+                with db.transaction() as conn:
+                    expire_late_jobs(conn)
+            tasks.append(asyncio.create_task(_every(config.job_sweep_seconds, "job timeout sweep", sweep_jobs)))
+        if store is not None:
+            interval = min(60.0, max(0.5, config.message_ttl / 4))
+            tasks.append(asyncio.create_task(_every(interval, "message expiry", store.expire)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if membership is not None:
+                await membership.close()
+            if store is not None:
+                store.close()
+            if db is not None:
+                db.close()
+
+    app = FastAPI(title="Cape server", version=_version(), lifespan=lifespan, openapi_url="/openapi.json",
+                  description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
+    install_error_handlers(app)
+    parts = []
+    if db is not None:
+        app.include_router(coordinator_router(db))
+        parts.append("coordinator")
+    if store is not None and membership is not None:
+        app.include_router(broker_router(store, membership, MailboxSignals(), config.max_message_bytes))
+        parts.append("broker")
+
+    @app.get("/healthz", tags=["server"])
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "parts": parts, "version": _version()}
+
+    return app

@@ -1,0 +1,173 @@
+"""`cape-server`: run the coordinator and broker (`serve`), and bootstrap identities from the shell (`admin`)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services.coordinator import identity
+from services.coordinator.db import Database
+from services.server.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, ServerConfig
+from services.server.errors import ApiError
+
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+data_dir_option = click.option(
+    "--data-dir", required=True, envvar="CAPE_SERVER_DATA_DIR", show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Directory of the database and message store.")
+
+
+@click.group()
+def main() -> None:
+    """Cape's reference coordinator and broker."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on; 0 picks a free one (printed on stdout).")
+@data_dir_option
+@click.option("--only", type=click.Choice(["coordinator", "broker"]), help="Run one part alone.")
+@click.option("--coordinator-url", help="The coordinator a broker running alone checks job membership with.")
+@click.option("--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True,
+              type=click.IntRange(1), help="Largest message the broker stores.")
+@click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds after which undelivered messages expire.")
+@click.option("--job-sweep-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="How often jobs that did not start in time are ended.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
+          max_message_bytes: int, message_ttl: float, job_sweep_seconds: float, log_level: str,
+          access_log: bool) -> None:
+    """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
+    import uvicorn
+
+    from services.server.app import create_app
+
+    if only == "broker" and not coordinator_url:
+        raise click.UsageError("--only broker needs --coordinator-url (the coordinator that knows the jobs)")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
+                          max_message_bytes=max_message_bytes, message_ttl=message_ttl,
+                          job_sweep_seconds=job_sweep_seconds)
+    app = create_app(config)
+    # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
+    # connections made in between wait in the backlog.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+    sock.listen(2048)
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if family == socket.AF_INET6 else host
+    click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
+    sys.stdout.flush()
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log,
+                                           timeout_graceful_shutdown=5, log_config=None))
+    server.run(sockets=[sock])
+
+
+# --- admin --------------------------------------------------------------------------------------------------
+
+@main.group()
+def admin() -> None:
+    """Bootstrap organizations, users and tokens directly in the database (like createsuperuser)."""
+
+
+def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo("\n".join(lines))
+
+
+def _run(data_dir: Path, action: Any) -> Any:
+    db = Database(data_dir / "coordinator.sqlite3")
+    try:
+        with db.transaction() as conn:
+            return action(conn)
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+    finally:
+        db.close()
+
+
+@admin.command("create-org")
+@click.argument("label")
+@click.option("--name", help="Display name (defaults to the label).")
+@click.option("--admin-email", required=True, help="Email of the organization's first admin.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def create_org(label: str, name: str | None, admin_email: str, as_json: bool, data_dir: Path) -> None:
+    """Create an organization with its first admin; prints an organization token (for its worker) and the
+    admin's user token. Keep both secret: they are shown only once."""
+    if not LABEL.match(label):
+        raise click.BadParameter("use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or "
+                                 "digit)", param_hint="LABEL")
+
+    def action(conn: Any) -> dict[str, Any]:
+        org = identity.create_organization(conn, label, name)
+        user, user_token = identity.add_user(conn, org["id"], admin_email, "admin")
+        org_token = identity.issue_org_token(conn, org["id"], "created with the organization")
+        return {"organization": identity.org_view(org), "user": user,
+                "organization_token": org_token["token"], "user_token": user_token}
+
+    result = _run(data_dir, action)
+    _emit(result, as_json, [f"organization {label} ({result['organization']['id']})",
+                            f"organization token (for its worker's CAPE_TOKEN): {result['organization_token']}",
+                            f"admin {admin_email} user token (for `cape login`): {result['user_token']}"])
+
+
+@admin.command("create-user")
+@click.argument("organization")
+@click.option("--email", required=True)
+@click.option("--role", required=True, type=click.Choice(list(identity.ROLES)))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def create_user(organization: str, email: str, role: str, as_json: bool, data_dir: Path) -> None:
+    """Add a user (by email) to an organization with a role; prints a user token for them."""
+    def action(conn: Any) -> dict[str, Any]:
+        org = identity.find_organization(conn, organization)
+        user, token = identity.add_user(conn, org["id"], email, role)
+        return {"user": user, "organization": identity.org_view(org), "token": token}
+
+    result = _run(data_dir, action)
+    _emit(result, as_json, [f"user {email} is {role} of {result['organization']['label']}",
+                            f"user token: {result['token']}"])
+
+
+@admin.command("create-org-token")
+@click.argument("organization")
+@click.option("--description", help="What the token is for (e.g. which worker).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def create_org_token(organization: str, description: str | None, as_json: bool, data_dir: Path) -> None:
+    """Make another organization token (for a worker)."""
+    def action(conn: Any) -> dict[str, Any]:
+        org = identity.find_organization(conn, organization)
+        return identity.issue_org_token(conn, org["id"], description)
+
+    result = _run(data_dir, action)
+    _emit(result, as_json, [f"organization token {result['id']}: {result['token']}"])
+
+
+@admin.command("revoke-token")
+@click.argument("token_id")
+@data_dir_option
+def revoke_token(token_id: str, data_dir: Path) -> None:
+    """Revoke a token by its id (the part before the comma)."""
+    token_id = token_id.split(",", 1)[0]  # accept a whole token too, but never echo its secret
+    _run(data_dir, lambda conn: identity.revoke_token(conn, token_id))
+    click.echo(f"revoked token {token_id}")

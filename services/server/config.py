@@ -1,0 +1,31 @@
+"""What `cape-server serve` was asked to run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024**3
+DEFAULT_MESSAGE_TTL = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    only: Literal["coordinator", "broker"] | None = None
+    coordinator_url: str | None = None  # where a broker running alone asks about job membership
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    message_ttl: float = DEFAULT_MESSAGE_TTL
+    job_sweep_seconds: float = 5.0  # how often the start timeout is applied in the background
+
+    @property
+    def runs_coordinator(self) -> bool:
+        return self.only in (None, "coordinator")
+
+    @property
+    def runs_broker(self) -> bool:
+        return self.only in (None, "broker")
+
+    @property
+    def coordinator_db_path(self) -> Path:
+        return self.data_dir / "coordinator.sqlite3"

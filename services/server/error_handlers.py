@@ -1,0 +1,81 @@
+"""The handlers that turn typed errors, validation failures and everything else into JSON error bodies.
+
+Every error reaches the client as `{"error": {"code": "<snake_case>", "message": "<one sentence>"}}`; a
+stack trace never does (it is logged server-side only).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.server.errors import ApiError, InvalidRequest
+
+log = logging.getLogger("cape.server")
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """`('body', 'x', 'columns', 0)` -> `x.columns[0]`; the location kind (body/query/path) is dropped."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header", "cookie") else list(loc)
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """One readable sentence naming the first bad field (and how many more there are)."""
+    if not errors:
+        return "the request is malformed"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    field = _field_name(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and field == "body":
+        message = "the request needs a JSON body"
+    else:
+        msg = str(first.get("msg", "is invalid"))
+        message = f"field '{field}': {msg[:1].lower() + msg[1:]}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the JSON error handlers: typed errors, validation (422 naming the field), HTTP errors, 500."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidRequest(validation_message(list(exc.errors()))))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: ("not_found", "no such endpoint; see /openapi.json"),
+                 405: ("method_not_allowed", "this endpoint does not accept that method; see /openapi.json")}
+        code, message = codes.get(exc.status_code, ("http_error", str(exc.detail)))
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The trace stays in the server log; the client learns only that it was our fault.
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": {"code": "internal_error",
+                                       "message": "the server failed; the operator can find details in its log"}},
+                            status_code=500)

@@ -1,0 +1,157 @@
+"""HTTP client for the broker (`/broker/v1`, CONTRACTS.md), authenticated by the organization token.
+
+Bodies are streamed from and to disk. Connection errors and 5xx answers are retried with exponential backoff and
+full jitter, a bounded number of times; then `BrokerUnavailable` tells the caller to try again later. No error
+message carries the token.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from services.worker.spool import validate_job_id, validate_message_name, validate_seat
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+_STREAM_CHUNK = 1 << 20
+
+
+class BrokerError(RuntimeError):
+    """The broker refused a request for a reason retrying will not fix (401, 403, 404, 413, ...)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker could not be reached or kept answering 5xx: try again later."""
+
+
+class BrokerConflict(BrokerError):
+    """409: the broker holds other bytes under this message name."""
+
+
+class BrokerClient:
+    """The worker's calls to the broker at `base_url` (e.g. `http://127.0.0.1:8000/broker`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        attempts: int = 5,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 5.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.attempts = attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stop = stop or threading.Event()
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {token}"
+        self._session.headers["User-Agent"] = "cape-worker-messenger"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._session.close()
+
+    # ---- the four broker calls ------------------------------------------------------------------------------
+    def put(self, job_id: str, to_seat: str, name: str, path: Path) -> bool:
+        """Store the file at `path` as message `name` for `to_seat`; True if new, False if already stored."""
+        url = self._url(job_id, "messages", validate_seat(to_seat), validate_message_name(name))
+
+        def send() -> requests.Response:
+            with open(path, "rb") as body:  # reopened per attempt: a retry sends the whole body again
+                return self._session.put(url, data=body, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                                         headers={"Content-Type": "application/octet-stream"})
+
+        response = self._retrying(f"put message {name} for {to_seat}", send)
+        if response.status_code == 409:
+            raise BrokerConflict(f"the broker holds different bytes under {name!r} for {to_seat}", 409)
+        self._raise_for(response, f"put message {name}")
+        return response.status_code == 201
+
+    def wait_for_messages(self, job_id: str, wait: float) -> list[dict[str, Any]]:
+        """List messages waiting for this worker's seat, long-polling up to `wait` seconds (0..60)."""
+        url = self._url(job_id, "messages")
+        wait = max(0.0, min(60.0, wait))
+        response = self._retrying(
+            f"list messages of job {job_id}",
+            lambda: self._session.get(url, params={"wait": f"{wait:g}"},
+                                      timeout=(CONNECT_TIMEOUT, wait + READ_TIMEOUT)),
+        )
+        self._raise_for(response, f"list messages of job {job_id}")
+        listing = response.json()
+        if not isinstance(listing, list):
+            raise BrokerError("the broker's message listing is not a list")
+        return listing
+
+    def download(self, job_id: str, name: str, dest: Path) -> int:
+        """Stream message `name` into `dest` (created or truncated); returns its size in bytes."""
+        url = self._url(job_id, "messages", validate_message_name(name))
+
+        def fetch() -> requests.Response:
+            return self._session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+
+        response = self._retrying(f"download message {name}", fetch)
+        with response:
+            self._raise_for(response, f"download message {name}")
+            size = 0
+            with open(dest, "wb") as out:
+                for piece in response.iter_content(_STREAM_CHUNK):
+                    out.write(piece)
+                    size += len(piece)
+        return size
+
+    def delete(self, job_id: str, name: str) -> None:
+        """Acknowledge message `name` (already gone counts as done)."""
+        url = self._url(job_id, "messages", validate_message_name(name))
+        response = self._retrying(f"delete message {name}",
+                                  lambda: self._session.delete(url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
+        if response.status_code == 404:
+            return
+        self._raise_for(response, f"delete message {name}")
+
+    # ---- plumbing -------------------------------------------------------------------------------------------
+    def _url(self, job_id: str, *parts: str) -> str:
+        return "/".join([self.base_url, "v1", "jobs", validate_job_id(job_id), *parts])
+
+    def _retrying(self, what: str, call) -> requests.Response:  # type: ignore[no-untyped-def]
+        last = "no attempt made"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = call()
+            except requests.RequestException as exc:
+                last = f"cannot reach the broker at {self.base_url} ({type(exc).__name__})"
+            else:
+                if response.status_code < 500:
+                    return response
+                last = f"the broker answered {response.status_code}"
+                response.close()
+            if attempt == self.attempts or self.stop.is_set():
+                break
+            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+            log.debug("%s failed (%s); retry %d in %.2f s", what, last, attempt, delay)
+            if self.stop.wait(delay):
+                break
+        raise BrokerUnavailable(f"{what}: {last}; check CAPE_BROKER and that the broker is running")
+
+    @staticmethod
+    def _raise_for(response: requests.Response, what: str) -> None:
+        if response.status_code < 300:
+            return
+        try:
+            detail = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.reason or ""
+        status = response.status_code
+        hint = {401: "; check CAPE_TOKEN (an organization token)", 403: "; this organization has no seat in the job"}
+        raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status)

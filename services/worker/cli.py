@@ -1,0 +1,176 @@
+"""`cape-worker`: run the appliance (`run`, the image's CMD), check its configuration and endpoints (`check`),
+show its programs and jobs (`status`), and answer Docker's HEALTHCHECK (`health`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+from dotenv import load_dotenv
+
+from services.worker import health as health_mod
+from services.worker.checks import run_checks
+from services.worker.config import ConfigError, WorkerConfig
+from services.worker.fatal_listener import marker_path
+from services.worker.spool import Spool
+
+PROGRAMS = health_mod.PROGRAMS
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def supervisord_conf() -> Path:
+    """conf/supervisord.conf: CAPE_WORKER_CONF (the file or its directory), else the source tree's conf/."""
+    override = os.environ.get("CAPE_WORKER_CONF")
+    if override:
+        path = Path(override)
+        return path / "supervisord.conf" if path.is_dir() else path
+    return Path(__file__).resolve().parents[2] / "conf" / "supervisord.conf"
+
+
+def _load_dotenv() -> None:
+    """Variables from CAPE_ENV_FILE or ./.env join the environment (the environment wins), for every program."""
+    env_file = os.environ.get("CAPE_ENV_FILE") or (".env" if Path(".env").is_file() else None)
+    if env_file:
+        load_dotenv(env_file, override=False)
+
+
+def _config_or_exit() -> WorkerConfig:
+    _load_dotenv()
+    try:
+        return WorkerConfig.from_env()
+    except ConfigError as exc:
+        click.echo(f"cape-worker: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """The cape worker appliance: one per organization."""
+
+
+@main.command()
+def run() -> None:
+    """Start supervisord in the foreground with the four programs (what the Docker image runs)."""
+    config = _config_or_exit()
+    conf = supervisord_conf()
+    if not conf.is_file():
+        click.echo(f"cape-worker: {conf} not found; set CAPE_WORKER_CONF to the conf/ directory", err=True)
+        sys.exit(2)
+    try:
+        config.spool_dir.mkdir(parents=True, exist_ok=True)
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        Spool(config.spool_dir)
+    except OSError as exc:
+        click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "
+                   "CAPE_STATE_DIR writable volumes", err=True)
+        sys.exit(2)
+    marker = marker_path(config.run_dir)
+    marker.unlink(missing_ok=True)
+    env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable}
+    # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
+    # Its output (and the programs', via stdout_logfile=/dev/stdout) goes through a pipe this user owns: a
+    # non-root user cannot reopen a stdout pipe created by root (Docker's), and a pipe has no file offset for
+    # concurrent writers to overwrite.
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], env=env,
+                            stdout=write_fd, stderr=subprocess.STDOUT)
+    os.close(write_fd)
+    relay = threading.Thread(target=_relay, args=(read_fd, sys.stdout.fileno()), daemon=True)
+    relay.start()
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda s, _f: proc.send_signal(s))
+    code = proc.wait()
+    relay.join(timeout=5)
+    if marker.exists():
+        try:
+            program = json.loads(marker.read_text()).get("program", "?")
+        except ValueError:
+            program = "?"
+        click.echo(f"cape-worker: program {program} kept failing (FATAL); the worker stopped. See its log lines "
+                   "above; `cape-worker check` tests the configuration.", err=True)
+        sys.exit(3)
+    sys.exit(code)
+
+
+def _relay(read_fd: int, out_fd: int) -> None:
+    """Copy supervisord's pipe to our stdout until every writer has closed it; never block the writers."""
+    out_ok = True
+    while True:
+        try:
+            data = os.read(read_fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        while out_ok and data:
+            try:
+                data = data[os.write(out_fd, data):]
+            except OSError:
+                out_ok = False  # our stdout is gone: keep draining so the programs never block
+    os.close(read_fd)
+
+
+@main.command()
+def check() -> None:
+    """Validate the configuration and reach each endpoint: one line per check, non-zero exit on failure."""
+    _load_dotenv()
+    ok = True
+    for result in run_checks(os.environ):
+        click.echo(result.line())
+        ok = ok and result.ok
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(as_json: bool) -> None:
+    """The four programs' states and the jobs in the spool."""
+    config = _config_or_exit()
+    try:
+        programs = health_mod.program_states(config.run_dir)
+    except health_mod.SupervisorUnavailable as exc:
+        programs = {}
+        problem = str(exc)
+    else:
+        problem = None
+    jobs = health_mod.spool_jobs(Spool(config.spool_dir)) if config.spool_dir.is_dir() else []
+    if as_json:
+        click.echo(json.dumps({"programs": programs, "supervisor_error": problem, "jobs": jobs}, indent=2))
+        return
+    click.echo(f"worker {config.worker_name}")
+    if problem:
+        click.echo(f"programs: {problem}")
+    for name in PROGRAMS:
+        click.echo(f"  {name:<10} {programs.get(name, 'MISSING')}")
+    click.echo(f"jobs in {config.spool_dir}: {len(jobs)}")
+    for job in jobs:
+        click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"
+                   f"  unsent_messages={job['unsent_messages']}  pending_reports={job['pending_reports']}"
+                   f"  result={job['result']}")
+
+
+@main.command()
+def health() -> None:
+    """Exit 0 only if all four programs are RUNNING (Docker HEALTHCHECK)."""
+    _load_dotenv()
+    run_dir = health_mod.run_dir_from_env(os.environ)
+    try:
+        states = health_mod.program_states(run_dir)
+    except health_mod.SupervisorUnavailable as exc:
+        click.echo(f"unhealthy: {exc}")
+        sys.exit(1)
+    bad = {name: states.get(name, "MISSING") for name in PROGRAMS if states.get(name) != "RUNNING"}
+    if bad:
+        click.echo("unhealthy: " + ", ".join(f"{n} {s}" for n, s in bad.items()))
+        sys.exit(1)
+    click.echo("healthy: " + ", ".join(f"{n} RUNNING" for n in PROGRAMS))
+
+
+if __name__ == "__main__":
+    main()

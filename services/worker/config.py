@@ -1,0 +1,234 @@
+"""The worker's configuration, read once from the environment (and an optional `.env` file) and validated.
+
+Every problem is a `ConfigError` naming the variable and how to fix it. Secrets (the organization token, the AWS
+secret key) are kept out of `repr()` and out of every message.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+from dotenv import dotenv_values
+
+DEFAULT_SPOOL_DIR = "/var/lib/cape-worker/spool"
+DEFAULT_STATE_DIR = "/var/lib/cape-worker/state"
+DEFAULT_LOG_GROUP = "/cape/worker"
+DEFAULT_REGION = "us-east-1"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_LOG_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-/.#]{1,512}$")
+_ON = {"1", "on", "true", "yes"}
+_OFF = {"", "0", "off", "false", "no"}
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or malformed; the message names it and says how to fix it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Where result files go: `s3://bucket[/prefix]` or `file:///dir`."""
+
+    scheme: str  # "s3" or "file"
+    name: str  # bucket name, or the local directory for file://
+    prefix: str = ""  # key prefix inside the bucket, no leading/trailing slash
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return Path(self.name).as_uri()
+        return f"s3://{self.name}/{self.prefix}".rstrip("/")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Validated settings of one worker; built by `from_env`."""
+
+    token: str = field(repr=False)
+    coordinator: str
+    broker: str
+    bucket: Bucket | None
+    spool_dir: Path
+    state_dir: Path
+    worker_name: str
+    log_level: str = "INFO"
+    cloudwatch: bool = False
+    log_group: str = DEFAULT_LOG_GROUP
+    aws_region: str = DEFAULT_REGION
+    aws_endpoint_url: str | None = None
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    poll_interval: float = 2.0
+
+    @property
+    def token_id(self) -> str:
+        """The public half of the token (safe to log)."""
+        return self.token.split(",", 1)[0]
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in a log line."""
+        return tuple(s for s in (self.token, self.token.split(",", 1)[1], self.aws_secret_access_key) if s)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where supervisord's socket and the FATAL marker live."""
+        return self.state_dir / "run"
+
+    def boto3_kwargs(self) -> dict[str, str]:
+        """Keyword arguments for `boto3.client(...)` (region, endpoint, explicit keys when given)."""
+        kwargs = {"region_name": self.aws_region}
+        if self.aws_endpoint_url:
+            kwargs["endpoint_url"] = self.aws_endpoint_url
+        if self.aws_access_key_id and self.aws_secret_access_key:
+            kwargs["aws_access_key_id"] = self.aws_access_key_id
+            kwargs["aws_secret_access_key"] = self.aws_secret_access_key
+        return kwargs
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None
+                 ) -> "WorkerConfig":
+        """Read and validate the configuration.
+
+        With no `environ`, reads `os.environ` plus the `.env` file named by CAPE_ENV_FILE (or `./.env` if present);
+        variables already in the environment win over the file.
+        """
+        if environ is None:
+            environ = os.environ
+            if env_file is None:
+                env_file = environ.get("CAPE_ENV_FILE") or (".env" if Path(".env").is_file() else None)
+        env: dict[str, str] = {}
+        if env_file is not None:
+            if not Path(env_file).is_file():
+                raise ConfigError("CAPE_ENV_FILE", f"{env_file} is not a readable file; fix the path or unset it")
+            env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        env.update(environ)
+        get = lambda name, default="": (env.get(name) or default).strip()  # noqa: E731
+
+        token = _parse_token(get("CAPE_TOKEN"))
+        coordinator = _parse_http_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), required=True)
+        broker = _parse_http_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), required=True)
+        endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), required=False) or None
+        access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
+        if bool(access_key) != bool(secret_key):
+            missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
+            raise ConfigError(missing, "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither "
+                                       "(to use the instance role or ~/.aws)")
+        worker_name = get("CAPE_WORKER_NAME", _default_worker_name())
+        if not _NAME_RE.match(worker_name):
+            raise ConfigError("CAPE_WORKER_NAME", "use 1-63 letters, digits, '.', '_' or '-', starting with a "
+                                                  "letter or digit")
+        log_level = get("CAPE_LOG_LEVEL", "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError("CAPE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
+        cloudwatch_raw = get("CAPE_CLOUDWATCH").lower()
+        if cloudwatch_raw not in _ON | _OFF:
+            raise ConfigError("CAPE_CLOUDWATCH", "must be 'on' or 'off'")
+        log_group = get("CAPE_LOG_GROUP", DEFAULT_LOG_GROUP)
+        if not _LOG_GROUP_RE.match(log_group):
+            raise ConfigError("CAPE_LOG_GROUP", "use letters, digits and _ - / . # only (for example /cape/worker)")
+        try:
+            poll_interval = float(get("CAPE_POLL_INTERVAL", "2"))
+        except ValueError:
+            poll_interval = -1.0
+        if not 0.05 <= poll_interval <= 3600:
+            raise ConfigError("CAPE_POLL_INTERVAL", "must be a number of seconds between 0.05 and 3600")
+        return cls(
+            token=token,
+            coordinator=coordinator,
+            broker=broker,
+            bucket=parse_bucket(get("CAPE_BUCKET"), "CAPE_BUCKET") if get("CAPE_BUCKET") else None,
+            spool_dir=_parse_dir("CAPE_SPOOL_DIR", get("CAPE_SPOOL_DIR", DEFAULT_SPOOL_DIR)),
+            state_dir=_parse_dir("CAPE_STATE_DIR", get("CAPE_STATE_DIR", DEFAULT_STATE_DIR)),
+            worker_name=worker_name,
+            log_level=log_level,
+            cloudwatch=cloudwatch_raw in _ON,
+            log_group=log_group,
+            aws_region=get("AWS_REGION", get("AWS_DEFAULT_REGION", DEFAULT_REGION)),
+            aws_endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            poll_interval=poll_interval,
+        )
+
+
+def parse_bucket(value: str, variable: str = "model_location") -> Bucket:
+    """Parse `s3://bucket[/prefix]` or `file:///absolute/dir`; `variable` names the source in errors."""
+    parsed = urlparse(value)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ConfigError(variable, "a file:// location needs an absolute path, e.g. file:///srv/models")
+        return Bucket("file", os.path.normpath(parsed.path))
+    if parsed.scheme == "s3":
+        name = parsed.netloc
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name or ""):
+            raise ConfigError(variable, "not a valid S3 bucket name; use s3://bucket-name[/prefix]")
+        if parsed.query or parsed.fragment:
+            raise ConfigError(variable, "remove the ?query or #fragment; use s3://bucket-name[/prefix]")
+        return Bucket("s3", name, parsed.path.strip("/"))
+    raise ConfigError(variable, "must start with s3:// (an S3 bucket) or file:// (a local directory)")
+
+
+def _parse_token(value: str) -> str:
+    if not value:
+        raise ConfigError("CAPE_TOKEN", "is not set; create an organization token (`cape-server admin create-org` "
+                                        "or `POST /v1/organizations/ORG/tokens`) and pass it as CAPE_TOKEN")
+    token_id, sep, secret = value.partition(",")
+    if not sep or not _TOKEN_ID_RE.match(token_id) or not secret:
+        raise ConfigError("CAPE_TOKEN", "is malformed: expected '<token_id>,<base64 secret>' as printed when the "
+                                        "token was created")
+    try:
+        base64.b64decode(secret + "=" * (-len(secret) % 4), altchars=b"-_" if ("-" in secret or "_" in secret)
+                         else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("CAPE_TOKEN", "is malformed: the part after the comma is not base64; copy the whole "
+                                        "token as printed when it was created") from None
+    return value
+
+
+def _parse_http_url(variable: str, value: str, required: bool) -> str:
+    if not value:
+        if required:
+            raise ConfigError(variable, "is not set; give the server's URL, e.g. https://cape.example.com")
+        return ""
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(variable, f"is not an http(s) URL: {value!r}; use e.g. https://cape.example.com")
+    try:
+        parsed.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(variable, f"has an invalid port: {value!r}") from None
+    if parsed.query or parsed.fragment or parsed.username:
+        raise ConfigError(variable, "must not contain credentials, ?query or #fragment; give just the base URL")
+    return value.rstrip("/")
+
+
+def _parse_dir(variable: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    try:
+        is_other = path.exists() and not path.is_dir()
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot access {path} ({exc.strerror}); give this user access or choose "
+                                    "another directory") from None
+    if is_other:
+        raise ConfigError(variable, f"{path} exists and is not a directory; point it at a directory (a volume)")
+    return path
+
+
+def _default_worker_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.") or "worker"
+    return name

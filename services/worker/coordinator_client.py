@@ -1,0 +1,117 @@
+"""HTTP client for the coordinator's worker endpoints (`/v1/login`, `/v1/worker/...`), authenticated by CAPE_TOKEN.
+
+Errors are typed so the poller can tell "retry later" (`CoordinatorUnreachable`) from "fix the configuration"
+(`CoordinatorAuthError`) from "this job is over" (`JobEnded`). No message carries the token.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator answered with an error the worker cannot fix by retrying."""
+
+
+class CoordinatorUnreachable(CoordinatorError):
+    """The coordinator could not be reached or answered 5xx: retry with backoff."""
+
+
+class CoordinatorAuthError(CoordinatorError):
+    """The coordinator refused CAPE_TOKEN (401/403)."""
+
+
+class JobEnded(CoordinatorError):
+    """A report was refused with 409 because the job is Stopped, Error or Completed."""
+
+    def __init__(self, job_id: str, status: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.status = status
+
+
+class CoordinatorClient:
+    """Worker-side calls to the coordinator at `base_url` (e.g. `http://127.0.0.1:8000`)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {token}"
+        self._session.headers["User-Agent"] = "cape-worker"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def login(self) -> dict[str, Any]:
+        """`POST /v1/login`; returns the identity (`kind`, `organization`, ...)."""
+        return self._request("POST", "/v1/login").json()
+
+    def register_keys(self, encryption_public_key: str, signing_public_key: str) -> None:
+        """`PUT /v1/worker/keys` with base64 raw public keys."""
+        self._request("PUT", "/v1/worker/keys", json={"encryption_public_key": encryption_public_key,
+                                                      "signing_public_key": signing_public_key})
+
+    def heartbeat(self, version: str | None = None, programs: dict[str, str] | None = None) -> None:
+        """`POST /v1/worker/heartbeat`."""
+        body: dict[str, Any] = {}
+        if version:
+            body["version"] = version
+        if programs:
+            body["programs"] = programs
+        self._request("POST", "/v1/worker/heartbeat", json=body)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """`GET /v1/worker/jobs`: approved or started jobs where this organization holds a seat."""
+        return self._request("GET", "/v1/worker/jobs").json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """`GET /v1/worker/jobs/{id}`: one job in any status."""
+        return self._request("GET", f"/v1/worker/jobs/{job_id}").json()
+
+    def report(self, job_id: str, report: dict[str, Any]) -> None:
+        """`POST /v1/worker/jobs/{id}/report`; raises `JobEnded` when the coordinator says the job is over."""
+        self._request("POST", f"/v1/worker/jobs/{job_id}/report", json=report, job_id=job_id)
+
+    def _request(self, method: str, path: str, json: Any = None, job_id: str | None = None) -> requests.Response:
+        url = self.base_url + path
+        try:
+            response = self._session.request(method, url, json=json, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise CoordinatorUnreachable(
+                f"cannot reach the coordinator at {self.base_url} ({type(exc).__name__}); check CAPE_COORDINATOR "
+                "and the network") from None
+        if response.status_code < 400:
+            return response
+        code, message = _error_of(response)
+        if response.status_code >= 500:
+            raise CoordinatorUnreachable(f"the coordinator at {self.base_url} answered {response.status_code} to "
+                                         f"{method} {path}: {message}")
+        if response.status_code == 401:
+            raise CoordinatorAuthError(f"the coordinator at {self.base_url} refused CAPE_TOKEN ({message}); create "
+                                       "a new organization token and set CAPE_TOKEN")
+        if response.status_code == 409 and job_id is not None:
+            raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
+        if response.status_code == 403 and path == "/v1/login":
+            raise CoordinatorAuthError(f"the coordinator refused CAPE_TOKEN: {message}")
+        raise CoordinatorError(f"{method} {path} failed with {response.status_code} {code}: {message}")
+
+
+def _error_of(response: requests.Response) -> tuple[str, str]:
+    """(code, message) from the API's `{"error": {...}}` body, or a short description otherwise."""
+    try:
+        error = response.json().get("error") or {}
+        return str(error.get("code", "error")), str(error.get("message", response.reason))
+    except (ValueError, AttributeError):
+        return "error", f"{response.reason} (not a Cape coordinator response; check the URL)"
+
+
+def _status_in(message: str) -> str:
+    """The job status named in a 409 message (`... is Stopped`), or `Ended` if none is named."""
+    for status in ("Stopped", "Error", "Completed", "Rejected"):
+        if status in message:
+            return status
+    return "Ended"

@@ -1,0 +1,69 @@
+"""What the worker is doing: the four programs' supervisord states (XML-RPC over the unix socket) and the jobs
+in the spool. `supervisorctl status` exits 0 even with a program in BACKOFF, so the states are read directly."""
+from __future__ import annotations
+
+import socket
+import xmlrpc.client
+from pathlib import Path
+from typing import Any, Mapping
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from services.worker.config import DEFAULT_STATE_DIR
+from services.worker.spool import Spool
+
+PROGRAMS = ("poller", "messenger", "runner", "uploader")
+SOCKET_NAME = "supervisor.sock"
+
+
+class SupervisorUnavailable(RuntimeError):
+    """supervisord's socket cannot be reached: the worker is not running (or CAPE_STATE_DIR differs)."""
+
+
+def run_dir_from_env(environ: Mapping[str, str]) -> Path:
+    """The run directory without needing a full configuration (the HEALTHCHECK has only the image's env)."""
+    if environ.get("CAPE_RUN_DIR"):
+        return Path(environ["CAPE_RUN_DIR"])
+    return Path(environ.get("CAPE_STATE_DIR") or DEFAULT_STATE_DIR) / "run"
+
+
+def supervisor_proxy(run_dir: Path) -> xmlrpc.client.ServerProxy:
+    """An XML-RPC proxy to supervisord over `run_dir/supervisor.sock`."""
+    transport = SupervisorTransport(None, None, f"unix://{run_dir / SOCKET_NAME}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def program_states(run_dir: Path) -> dict[str, str]:
+    """{program: state name} for the worker group's programs (e.g. {"poller": "RUNNING", ...})."""
+    sock = run_dir / SOCKET_NAME
+    if not sock.exists():
+        raise SupervisorUnavailable(f"no supervisord socket at {sock}; is the worker running (`cape-worker run`) "
+                                    "with this CAPE_STATE_DIR?")
+    try:
+        infos = supervisor_proxy(run_dir).supervisor.getAllProcessInfo()
+    except (OSError, socket.error, xmlrpc.client.Error) as exc:
+        raise SupervisorUnavailable(f"supervisord at {sock} does not answer ({type(exc).__name__})") from None
+    return {info["name"]: info["statename"] for info in infos if info["name"] in PROGRAMS}
+
+
+def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
+    """A summary of each job in the spool (no data values, no keys)."""
+    pending_reports: dict[str, int] = {}
+    for item in spool.pending_status():
+        pending_reports[item.job_id] = pending_reports.get(item.job_id, 0) + 1
+    results = set(spool.pending_results())
+    jobs = []
+    for job_id in spool.job_ids():
+        spec = spool.read_job(job_id) or {}
+        ended, done = spool.ended(job_id), spool.done(job_id)
+        jobs.append({
+            "id": job_id,
+            "seat": spec.get("seat"),
+            "status": (ended or {}).get("status") or spec.get("status"),
+            "runner": (done or {}).get("outcome") or ("running" if spool.claimed_job() == job_id else "waiting"),
+            "unsent_messages": spool.unsent_count(job_id),
+            "pending_reports": pending_reports.get(job_id, 0),
+            "result": "pending upload" if job_id in results else (
+                "uploaded" if spool.result_path(job_id).with_name("uploaded.json").exists() else "-"),
+        })
+    return jobs

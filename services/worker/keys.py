@@ -1,0 +1,117 @@
+"""The worker's long-term key pairs: X25519 to receive encrypted messages, Ed25519 to sign sent ones.
+
+Made on first start under the state directory (mode 0700, files 0600, PKCS#8 PEM) and reused afterwards. Several
+programs may start at once: each key file is published with `os.link`, which never replaces an existing file, and
+every program then loads what is on disk, so all four agree on one key pair.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from services.worker.spool import atomic_write_bytes
+
+ENCRYPTION_KEY_FILE = "encryption_key.pem"
+SIGNING_KEY_FILE = "signing_key.pem"
+
+
+class KeyFileError(Exception):
+    """A key file or the state directory is unusable; the message says how to fix it."""
+
+
+def b64_raw_public(key: x25519.X25519PublicKey | ed25519.Ed25519PublicKey) -> str:
+    """The raw 32-byte public key, base64 (standard alphabet), as the coordinator stores it."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def x25519_public_from_b64(text: str) -> x25519.X25519PublicKey:
+    """Parse a base64 raw X25519 public key (from a WorkerJob's parties)."""
+    return x25519.X25519PublicKey.from_public_bytes(_raw32(text, "encryption_public_key"))
+
+
+def ed25519_public_from_b64(text: str) -> ed25519.Ed25519PublicKey:
+    """Parse a base64 raw Ed25519 public key (from a WorkerJob's parties)."""
+    return ed25519.Ed25519PublicKey.from_public_bytes(_raw32(text, "signing_public_key"))
+
+
+def _raw32(text: str, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{what} is not valid base64") from exc
+    if len(raw) != 32:
+        raise KeyFileError(f"{what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """This worker's private keys (never logged, never sent) and their public halves."""
+
+    encryption: x25519.X25519PrivateKey
+    signing: ed25519.Ed25519PrivateKey
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path | str) -> "WorkerKeys":
+        """Load the key pairs from `state_dir`, creating the directory and the keys on first start."""
+        folder = Path(state_dir)
+        _prepare_state_dir(folder)
+        encryption = _load_or_create(folder / ENCRYPTION_KEY_FILE, x25519.X25519PrivateKey.generate)
+        signing = _load_or_create(folder / SIGNING_KEY_FILE, ed25519.Ed25519PrivateKey.generate)
+        if not isinstance(encryption, x25519.X25519PrivateKey):
+            raise KeyFileError(f"{folder / ENCRYPTION_KEY_FILE} does not hold an X25519 key; move it away to make a new one")
+        if not isinstance(signing, ed25519.Ed25519PrivateKey):
+            raise KeyFileError(f"{folder / SIGNING_KEY_FILE} does not hold an Ed25519 key; move it away to make a new one")
+        return cls(encryption, signing)
+
+    @property
+    def encryption_public_b64(self) -> str:
+        """Base64 raw X25519 public key for `PUT /v1/worker/keys`."""
+        return b64_raw_public(self.encryption.public_key())
+
+    @property
+    def signing_public_b64(self) -> str:
+        """Base64 raw Ed25519 public key for `PUT /v1/worker/keys`."""
+        return b64_raw_public(self.signing.public_key())
+
+    def public_keys(self) -> dict[str, str]:
+        """The body of `PUT /v1/worker/keys`."""
+        return {"encryption_public_key": self.encryption_public_b64, "signing_public_key": self.signing_public_b64}
+
+    def __repr__(self) -> str:  # never print private material
+        return f"WorkerKeys(encryption_public={self.encryption_public_b64}, signing_public={self.signing_public_b64})"
+
+
+def _prepare_state_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(folder.stat().st_mode) & 0o077:
+            os.chmod(folder, 0o700)
+    except PermissionError as exc:
+        raise KeyFileError(
+            f"cannot use the state directory {folder} (permission denied); set CAPE_STATE_DIR to a directory "
+            "this user owns"
+        ) from exc
+
+
+def _load_or_create(path: Path, generate):  # type: ignore[no-untyped-def]
+    if not path.exists():
+        pem = generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        # First writer wins (link never replaces); everyone then loads the winner's file.
+        atomic_write_bytes(path, pem, overwrite=False, mode=0o600)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except ValueError as exc:
+        raise KeyFileError(f"{path} is not a readable private key; move it away to make a new one") from exc

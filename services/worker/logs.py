@@ -1,0 +1,131 @@
+"""Logging for the worker's programs: one line per event on stdout, optionally CloudWatch Logs via watchtower.
+
+CloudWatch being down or slow must never block or stop a program: the boto3 client has short timeouts and one
+attempt, the handler's constructor is guarded, its flush waits are bounded, and SIGTERM becomes a normal exit so
+`logging.shutdown()` flushes the queued records (a default SIGTERM would lose them all).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import time
+from typing import Iterable
+
+from .config import WorkerConfig
+
+# Anything shaped like a Cape token (`<id>,<base64 secret>`) and any long base64 run: a last defence, on top of
+# never passing secrets to a logger in the first place.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{6,},[A-Za-z0-9+/_-]{16,}={0,2}")
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+REDACTED = "[REDACTED]"
+CLOUDWATCH_SEND_INTERVAL = 2  # seconds a record may wait in watchtower's queue before being sent
+CLOUDWATCH_FLUSH_TIMEOUT = 3  # seconds flush()/close() wait per stream (watchtower's default is 30)
+_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace known secrets and anything token-shaped in `text`."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    text = _BEARER.sub(r"\1" + REDACTED, text)
+    return _TOKEN_SHAPE.sub(REDACTED, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and traceback) with secrets removed, before any handler formats it."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage(), self.secrets)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True
+
+
+class LineFormatter(logging.Formatter):
+    """`2026-01-01T00:00:00.123Z poller INFO message` — UTC time, one line per event (tracebacks folded)."""
+
+    converter = time.gmtime
+
+    def __init__(self, program: str) -> None:
+        super().__init__(f"%(asctime)s.%(msecs)03dZ {program} %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " | ")
+
+
+def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logging.Logger:
+    """Configure the root logger for `program` and return the program's logger.
+
+    With a config whose `cloudwatch` is on, records also go to the log group, stream `<worker>/<program>`.
+    Installs a SIGTERM handler that exits normally so queued records are flushed.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(config.log_level if config else "INFO")
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    redactor = RedactingFilter(config.secrets if config else ())
+
+    console = logging.StreamHandler(stream or sys.stdout)
+    console.setFormatter(LineFormatter(program))
+    console.addFilter(redactor)
+    root.addHandler(console)
+    logger = logging.getLogger(f"cape.{program}")
+
+    if config is not None and config.cloudwatch:
+        handler = cloudwatch_handler(config, program)
+        if handler is None:
+            logger.warning("CloudWatch Logs unreachable at start-up (group %s); logging to stdout only",
+                           config.log_group)
+        else:
+            handler.addFilter(redactor)
+            handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
+            root.addHandler(handler)
+    _exit_normally_on_sigterm()
+    return logger
+
+
+def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | None:
+    """A watchtower handler for stream `<worker>/<program>`, or None if CloudWatch cannot be reached now."""
+    import boto3
+    import watchtower
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=1,
+                                                 retries={"max_attempts": 1, "mode": "standard"}),
+                          **_logs_kwargs(config))
+    kwargs = dict(log_group_name=config.log_group, log_stream_name=f"{config.worker_name}/{program}",
+                  boto3_client=client, send_interval=CLOUDWATCH_SEND_INTERVAL)
+    try:
+        handler = watchtower.CloudWatchLogHandler(create_log_group=True, **kwargs)
+    except (BotoCoreError, ClientError):
+        return None
+    handler.FLUSH_TIMEOUT = CLOUDWATCH_FLUSH_TIMEOUT  # bound flush()/close() so a slow endpoint cannot stall a stop
+    return handler
+
+
+def _logs_kwargs(config: WorkerConfig) -> dict[str, str]:
+    return config.boto3_kwargs()
+
+
+def _exit_normally_on_sigterm() -> None:
+    def _on_sigterm(signum, frame):  # noqa: ARG001
+        raise SystemExit(0)  # unwinds `main()` so logging.shutdown() flushes queued records
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. under a test runner): leave signals alone
+        pass

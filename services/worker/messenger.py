@@ -1,0 +1,266 @@
+"""The messenger program: sealed messages out of the outbox to the broker, and in from the broker to the inbox.
+
+Two loops share one stop flag. The sender puts each outbox file at the broker (streamed from disk) and renames it
+to .sent only after the broker confirmed it. The receiver long-polls the broker for every active job, downloads
+each message to a scratch file, verifies and opens it (signature of the expected sender, addressed to this seat,
+this job, this name), places the plaintext in the inbox atomically and durably, and only then acknowledges it
+(DELETE) at the broker. A message that fails verification is dropped, logged (without its content) and
+acknowledged, and noted in the spool so the runner can say why it is still waiting.
+
+Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
+from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keys import WorkerKeys
+from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
+from services.worker.spool import InvalidName, OutboxItem, Spool, atomic_writer, validate_message_name
+
+log = logging.getLogger("cape.messenger")
+LONG_POLL_SECONDS = 1.0
+IDLE_SECONDS = 0.01
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class Messenger:
+    """Moves sealed messages between the spool and the broker for one worker."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        keys: WorkerKeys,
+        broker: BrokerClient,
+        stop: threading.Event | None = None,
+        long_poll: float = LONG_POLL_SECONDS,
+    ) -> None:
+        self.spool = spool
+        self.keys = keys
+        self.broker = broker
+        self.stop = stop or broker.stop
+        self.long_poll = long_poll
+        self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
+        self._specs: dict[str, JobSpec] = {}
+        self.sent = 0
+        self.received = 0
+        self.rejected = 0
+
+    # ---- outgoing -------------------------------------------------------------------------------------------
+    def send_pending(self) -> int:
+        """Put every due outbox file at the broker; returns how many were confirmed."""
+        confirmed = 0
+        now = time.monotonic()
+        for item in self.spool.pending_outbox():
+            if self.stop.is_set():
+                break
+            key = str(item.path)
+            if self._retry_at.get(key, (0.0, 0.0))[0] > now:
+                continue
+            if self.spool.ended(item.job_id) is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    item.path.unlink()  # the coordinator ended the job: nobody will read it
+                continue
+            if self._send_one(item):
+                confirmed += 1
+        return confirmed
+
+    def _send_one(self, item: OutboxItem) -> bool:
+        try:
+            new = self.broker.put(item.job_id, item.to_seat, item.name, item.path)
+        except FileNotFoundError:
+            return False  # discarded meanwhile
+        except BrokerConflict:
+            # Someone put other bytes under our name (tampering, or a stale copy): the recipient drops those
+            # after failing to verify them, and a later retry stores ours.
+            self._later(item, "the broker holds other bytes under this name")
+            return False
+        except BrokerUnavailable:
+            raise
+        except BrokerError as exc:
+            self._later(item, str(exc))
+            return False
+        self.spool.mark_sent(item)
+        self._retry_at.pop(str(item.path), None)
+        self.sent += 1
+        log.info("sent %s to %s for job %s (%s)", item.name, item.to_seat, item.job_id,
+                 "stored" if new else "already stored")
+        return True
+
+    def _later(self, item: OutboxItem, why: str) -> None:
+        _, last = self._retry_at.get(str(item.path), (0.0, 0.0))
+        delay = min(MAX_BACKOFF_SECONDS, max(1.0, last * 2))
+        self._retry_at[str(item.path)] = (time.monotonic() + delay, delay)
+        log.warning("could not send %s to %s for job %s: %s; retrying in %.0f s", item.name, item.to_seat,
+                    item.job_id, why, delay)
+
+    # ---- incoming -------------------------------------------------------------------------------------------
+    def receiving_jobs(self) -> list[JobSpec]:
+        """Jobs whose messages this worker still needs: a spec, not ended, the runner not done."""
+        jobs = []
+        for job_id in self.spool.active_job_ids():
+            spec = self._specs.get(job_id)
+            if spec is None:
+                raw = self.spool.read_job(job_id)
+                try:
+                    spec = JobSpec.parse(raw or {})
+                except JobSpecError as exc:
+                    log.error("job %s: cannot receive its messages: %s", job_id, exc)
+                    continue
+                self._specs[job_id] = spec
+            jobs.append(spec)
+        return jobs
+
+    def receive(self, spec: JobSpec, wait: float) -> int:
+        """Take in every message waiting for this worker in `spec`'s job; returns how many were placed."""
+        placed = 0
+        for entry in self.broker.wait_for_messages(spec.id, wait):
+            if self.stop.is_set():
+                break
+            if self._accept(spec, entry):
+                placed += 1
+        return placed
+
+    def _accept(self, spec: JobSpec, entry: dict[str, Any]) -> bool:
+        try:
+            name = validate_message_name(entry.get("name"))  # type: ignore[arg-type]
+        except InvalidName:
+            log.error("job %s: the broker listed a message with an invalid name; ignoring it", spec.id)
+            return False
+        from_seat = entry.get("from_seat")
+        inbox = self.spool.inbox_path(spec.id, name)
+        if inbox.exists():
+            self.broker.delete(spec.id, name)  # a second delivery of a message we already hold
+            return False
+        problem = self._misaddressed(spec, name, from_seat)
+        if problem:
+            self._reject(spec, name, str(from_seat), problem)
+            return False
+        scratch = self.spool.temp_file(".download")
+        try:
+            try:
+                self.broker.download(spec.id, name, scratch)
+            except BrokerError as exc:
+                if exc.status != 404 or isinstance(exc, BrokerUnavailable):
+                    raise
+                return False  # expired or acknowledged meanwhile
+            address = MessageAddress(spec.id, str(from_seat), spec.seat, name)
+            sender = spec.parties[str(from_seat)].signing_key
+            try:
+                with open(scratch, "rb") as source, atomic_writer(inbox, overwrite=False) as out:
+                    SealedMessage.open(source, out, address, self.keys.encryption, sender)
+            except MessageRejected as exc:
+                self._reject(spec, name, str(from_seat), str(exc))
+                return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+        self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
+        self.received += 1
+        log.info("received %s from %s for job %s", name, from_seat, spec.id)
+        return True
+
+    @staticmethod
+    def _misaddressed(spec: JobSpec, name: str, from_seat: Any) -> str | None:
+        if from_seat not in spec.parties or from_seat == spec.seat:
+            return "the sender is not another party of the job"
+        if not name.startswith(f"{from_seat}."):
+            return f"the name does not belong to the sender's seat {from_seat}"
+        return None
+
+    def _reject(self, spec: JobSpec, name: str, from_seat: str, reason: str) -> None:
+        self.rejected += 1
+        log.warning("job %s: dropped message %s from %s: %s", spec.id, name, from_seat, reason)
+        self.spool.record_rejection(spec.id, name, from_seat, reason)
+        self.broker.delete(spec.id, name)
+
+    # ---- loops ----------------------------------------------------------------------------------------------
+    def sender_loop(self) -> None:
+        """Send outbox files until stopped; back off while the broker is unreachable."""
+        self._loop("sending", lambda: self.send_pending() > 0, idle=IDLE_SECONDS)
+
+    def receiver_loop(self) -> None:
+        """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
+
+        def once() -> bool:
+            jobs = self.receiving_jobs()
+            if not jobs:
+                self.stop.wait(0.2)
+                return False
+            wait = self.long_poll if len(jobs) == 1 else 0.0
+            return sum(self.receive(spec, wait) for spec in jobs if not self.stop.is_set()) > 0
+
+        self._loop("receiving", once, idle=0.0)
+
+    def _loop(self, what: str, once, idle: float) -> None:  # type: ignore[no-untyped-def]
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                busy = once()
+            except BrokerUnavailable as exc:
+                failures += 1
+                delay = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (failures - 1))
+                log.warning("%s: %s; retrying in %.1f s", what, exc, delay)
+                self.stop.wait(delay)
+                continue
+            except BrokerError as exc:
+                failures += 1
+                log.error("%s: %s", what, exc)
+                self.stop.wait(min(MAX_BACKOFF_SECONDS, 2.0 * failures))
+                continue
+            if failures:
+                log.info("%s: the broker is reachable again", what)
+                failures = 0
+            if not busy and idle:
+                self.stop.wait(idle)
+
+    def run(self) -> None:
+        """Run both loops until the stop flag is set (the receiver in this thread)."""
+        sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
+        sender.start()
+        try:
+            self.receiver_loop()
+        finally:
+            self.stop.set()
+            sender.join(timeout=2.0)
+
+
+def main() -> int:
+    """Entry point of the supervisord program `messenger`."""
+    from services.worker import logs
+    from services.worker.config import ConfigError, WorkerConfig
+    from services.worker.keys import KeyFileError
+
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as exc:
+        logs.setup("messenger").error("configuration error: %s", exc)
+        return 2
+    logs.setup("messenger", config)
+    try:
+        keys = WorkerKeys.load_or_create(config.state_dir)
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        return 2
+    stop = threading.Event()
+    broker = BrokerClient(config.broker, config.token, stop=stop)
+    spool = Spool(config.spool_dir)
+    spool.sweep_temp()
+    log.info("relaying messages through %s", config.broker)
+    try:
+        Messenger(spool, keys, broker, stop).run()
+    finally:
+        stop.set()
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""The poller program: the worker's only conversation with the coordinator.
+
+Logs in with CAPE_TOKEN, registers the worker's public keys, heartbeats, copies approved jobs where this
+organization holds a seat into the spool, sends the spool's status updates (in order, each removed only after the
+coordinator accepted it) and marks jobs the coordinator ended (Stopped, Error, Completed) so the runner drops them.
+An unreachable coordinator is retried with capped exponential backoff and logged, never a crash loop.
+
+Run as `python -m services.worker.poller`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from services.worker import logs
+from services.worker.config import ConfigError, WorkerConfig
+from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
+                                                CoordinatorUnreachable, JobEnded)
+from services.worker.keys import KeyFileError, WorkerKeys
+from services.worker.spool import InvalidName, Spool
+
+ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
+HEARTBEAT_SECONDS = 15.0
+MAX_BACKOFF_SECONDS = 30.0
+VERSION = "0.1.0"
+
+log = logging.getLogger("cape.poller")
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff: `base`, 2*base, ... up to `cap` seconds; `reset()` after a success."""
+
+    base: float
+    cap: float = MAX_BACKOFF_SECONDS
+    failures: int = field(default=0)
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return min(self.cap, self.base * 2 ** (self.failures - 1))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Poller:
+    """One cycle at a time (`cycle()`), so tests can drive it without the endless loop of `run()`."""
+
+    def __init__(self, config: WorkerConfig, client: CoordinatorClient, spool: Spool, keys: WorkerKeys) -> None:
+        self.config = config
+        self.client = client
+        self.spool = spool
+        self.keys = keys
+        self.registered = False
+        self.last_heartbeat = 0.0
+
+    def start(self) -> None:
+        """Log in and register keys (once per process start)."""
+        identity = self.client.login()
+        organization = (identity.get("organization") or {}).get("label", "?")
+        if identity.get("kind") != "organization":
+            raise CoordinatorAuthError("CAPE_TOKEN is a user token; a worker needs an organization token "
+                                       "(`POST /v1/organizations/ORG/tokens`)")
+        self.client.register_keys(self.keys.encryption_public_b64, self.keys.signing_public_b64)
+        self.registered = True
+        log.info("logged in as organization %s (token id %s); public keys registered", organization,
+                 self.config.token_id)
+
+    def cycle(self) -> None:
+        """Heartbeat when due, fetch jobs, notice ended jobs, send status updates."""
+        if not self.registered:
+            self.start()
+        now = time.monotonic()
+        if now - self.last_heartbeat >= HEARTBEAT_SECONDS:
+            self.client.heartbeat(version=VERSION)
+            self.last_heartbeat = now
+        served = self.fetch_jobs()
+        self.notice_ended(served)
+        self.send_status()
+
+    def fetch_jobs(self) -> set[str]:
+        """Store every approved/started job of ours in the spool; returns the ids served."""
+        served = set()
+        for spec in self.client.jobs():
+            try:
+                if self.spool.put_job(spec):
+                    log.info("job %s (%s) stored for seat %s", spec["id"], spec.get("status"), spec.get("seat"))
+                served.add(spec["id"])
+            except (InvalidName, KeyError, TypeError):
+                log.error("ignoring a job from the coordinator with an invalid id or shape")
+        return served
+
+    def notice_ended(self, served: set[str]) -> None:
+        """For spooled jobs the coordinator no longer serves, look up their status and mark the ended ones."""
+        for job_id in self.spool.job_ids():
+            if job_id in served or self.spool.ended(job_id) is not None:
+                continue
+            try:
+                job = self.client.job(job_id)
+            except CoordinatorUnreachable:
+                raise
+            except CoordinatorError as exc:
+                log.warning("job %s is no longer visible to this worker (%s); dropping it", job_id, exc)
+                self.spool.mark_ended(job_id, "Error", str(exc))
+                continue
+            status = job.get("status")
+            if status in ENDED_STATUSES:
+                self.spool.mark_ended(job_id, status, job.get("error"))
+                log.info("job %s ended at the coordinator: %s", job_id, status)
+
+    def send_status(self) -> None:
+        """Report queued status updates in order; stop at the first one the coordinator could not take now."""
+        for item in self.spool.pending_status():
+            if self.spool.ended(item.job_id) is not None:
+                self.spool.ack_status(item)  # the coordinator would refuse it (409): nothing left to tell
+                continue
+            update = item.read()
+            try:
+                self.client.report(item.job_id, update)
+            except JobEnded as exc:
+                self.spool.mark_ended(item.job_id, exc.status, str(exc))
+                log.info("job %s is %s at the coordinator; the worker stops it", item.job_id, exc.status)
+            except CoordinatorUnreachable:
+                raise
+            except CoordinatorError as exc:
+                log.error("the coordinator refused a %s report for job %s: %s", update.get("state"), item.job_id,
+                          exc)
+            else:
+                log.info("reported job %s: %s %.0f%%", item.job_id, update.get("state"),
+                         100 * float(update.get("progress") or 0))
+            self.spool.ack_status(item)
+
+    def run(self, max_cycles: int | None = None) -> None:
+        """Cycle every `poll_interval` seconds, backing off while the coordinator is unreachable."""
+        backoff = Backoff(self.config.poll_interval)
+        cycles = 0
+        while max_cycles is None or cycles < max_cycles:
+            cycles += 1
+            try:
+                self.cycle()
+            except CoordinatorAuthError as exc:
+                delay = max(backoff.next_delay(), 10.0)
+                log.error("%s; retrying in %.0f s", exc, delay)
+            except CoordinatorUnreachable as exc:
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
+            except CoordinatorError as exc:
+                delay = backoff.next_delay()
+                log.error("%s; retrying in %.1f s", exc, delay)
+            else:
+                if backoff.failures:
+                    log.info("the coordinator at %s is reachable again", self.config.coordinator)
+                backoff.reset()
+                delay = self.config.poll_interval
+            time.sleep(delay)
+
+
+def main() -> int:
+    """Entry point of the supervisord program `poller`."""
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as exc:
+        logs.setup("poller").error("configuration error: %s", exc)
+        return 2
+    logs.setup("poller", config)
+    try:
+        keys = WorkerKeys.load_or_create(config.state_dir)
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        return 2
+    client = CoordinatorClient(config.coordinator, config.token)
+    log.info("polling %s every %.1f s", config.coordinator, config.poll_interval)
+    try:
+        Poller(config, client, Spool(config.spool_dir), keys).run()
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

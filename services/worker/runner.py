@@ -1,0 +1,247 @@
+"""The runner program: runs this worker's role of each approved job, over the spool.
+
+For each job the poller put in the spool the runner writes a claim (which survives its own restart), loads this
+organization's dataview, derives the job's seeds from the worker keys, and runs `run_party` over a `SpoolTransport`.
+A restarted runner resumes its claimed jobs and replays its role from the start: the run is deterministic, sent
+messages are not re-sealed and received ones wait in the inbox, so it catches up and sends the same bytes.
+Status updates go to the spool for the poller; the output seat's weights and metrics go to the spool for the
+uploader, which reports completion once the model is stored. Bad data or a failed protocol becomes an error status
+with a readable message. A job the coordinator ended (the poller marks it) is abandoned.
+
+Jobs run in parallel threads: two workers must never wait on each other for different jobs.
+
+Run as `python -m services.worker.runner`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from services.jobs.linear_regression import JobDataError, LinearRegressionTask, ProtocolError, run_party
+from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
+from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keys import WorkerKeys
+from services.worker.seeds import party_seeds
+from services.worker.spool import Spool
+from services.worker.spool_transport import JobInterrupted, SpoolTransport, SpoolTransportTimeout
+
+log = logging.getLogger("cape.runner")
+SCAN_SECONDS = 0.2
+PROGRESS_EVERY_SECONDS = 1.0
+MAX_PARALLEL_JOBS = 4
+_STOPPING = "the runner is stopping"
+
+
+class JobFailed(Exception):
+    """The job cannot finish at this worker; the message is what the coordinator shows."""
+
+
+class Runner:
+    """Runs the spool's jobs, one thread per job, until `stop` is set."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        keys: WorkerKeys,
+        stop: threading.Event | None = None,
+        s3_client: S3ClientFactory = default_s3_client,
+        max_parallel: int = MAX_PARALLEL_JOBS,
+    ) -> None:
+        self.spool = spool
+        self.keys = keys
+        self.stop = stop or threading.Event()
+        self.s3_client = s3_client
+        self.max_parallel = max_parallel
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ---- scheduling -----------------------------------------------------------------------------------------
+    def runnable(self) -> list[str]:
+        """Jobs to run: claimed ones first (a restart resumes them), then active ones oldest approval first."""
+        active = set(self.spool.active_job_ids())
+        claimed = [j for j in self.spool.claimed_jobs() if j in active]
+        for job_id in self.spool.claimed_jobs():
+            if job_id not in active:
+                self.spool.release_claim(job_id)  # ended or done while we were down
+
+        def order(job_id: str) -> tuple[str, str]:
+            spec = self.spool.read_job(job_id) or {}
+            return (str(spec.get("approved_at") or ""), job_id)
+
+        return claimed + sorted(active - set(claimed), key=order)
+
+    def start_due(self) -> None:
+        """Start a thread for each runnable job not yet running, up to `max_parallel`."""
+        for job_id, thread in list(self._threads.items()):
+            if not thread.is_alive():
+                del self._threads[job_id]
+        for job_id in self.runnable():
+            if len(self._threads) >= self.max_parallel:
+                break
+            if job_id not in self._threads:
+                thread = threading.Thread(target=self.run_job, args=(job_id,), name=f"job-{job_id[:8]}", daemon=True)
+                self._threads[job_id] = thread
+                thread.start()
+
+    def run(self) -> None:
+        """Start jobs as they appear until stopped."""
+        while not self.stop.is_set():
+            self.start_due()
+            self.stop.wait(SCAN_SECONDS)
+        for thread in self._threads.values():
+            thread.join(timeout=2.0)
+
+    # ---- one job --------------------------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> str:
+        """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
+        self.spool.claim(job_id)
+        try:
+            outcome, message = self._run(job_id)
+        except JobInterrupted as exc:
+            if str(exc) == _STOPPING:
+                log.info("job %s: paused (the runner is stopping); it resumes on restart", job_id)
+                return "paused"
+            outcome, message = "abandoned", str(exc)
+            log.info("job %s: abandoned: %s", job_id, exc)
+        except JobFailed as exc:
+            outcome, message = "error", str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
+            log.exception("job %s: unexpected failure", job_id)
+            outcome, message = "error", f"the worker's runner failed unexpectedly ({type(exc).__name__}: {exc})"
+        if outcome == "error":
+            log.error("job %s: error: %s", job_id, message)
+            self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
+        self.spool.mark_done(job_id, outcome, message)
+        self.spool.release_claim(job_id)
+        self.spool.discard_messages(job_id)
+        return outcome
+
+    def _run(self, job_id: str) -> tuple[str, str | None]:
+        try:
+            spec = JobSpec.parse(self.spool.read_job(job_id) or {})
+        except JobSpecError as exc:
+            raise JobFailed(str(exc)) from None
+        if spec.type != "linear_regression":
+            raise JobFailed(f"this worker cannot run jobs of type {spec.type!r}; upgrade the worker image")
+        mine = spec.parties[spec.seat]
+        if (_raw(mine.encryption_key) != _raw(self.keys.encryption.public_key())
+                or _raw(mine.signing_key) != _raw(self.keys.signing.public_key())):
+            raise JobFailed(f"the coordinator holds other public keys for the {spec.seat} worker than this worker's "
+                            "own; was the state directory (CAPE_STATE_DIR) replaced? The poller registers the "
+                            "current keys; submit the job again")
+        log.info("job %s: running seat %s (party %d)", job_id, spec.seat, spec.index)
+        self.spool.put_status(job_id, {"state": "started", "progress": 0.0})
+
+        task = LinearRegressionTask(tuple(spec.x_columns), spec.y_column, spec.outputs_to)
+        uri: str | None = None
+        try:
+            uri = spec.data_uri()
+            data = self._load(spec, uri)
+            seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
+                                spec.id, spec.index)
+            transport = SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id))
+            result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
+                               data_name=uri)
+        except (JobDataError, ProtocolError, SpoolTransportTimeout, JobSpecError) as exc:
+            raise JobFailed(str(exc)) from None
+        log.info("job %s: role finished (%d messages sent, %d received)", job_id, transport.messages_sent,
+                 transport.messages_received)
+        if result is None:
+            self.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
+            return "completed", None
+        weights = np.asarray(result.weights, dtype=np.float64)
+        if not self.spool.result_path(job_id).with_name("uploaded.json").exists():
+            self.spool.put_result(job_id, {
+                "job_id": job_id,
+                "x_columns": spec.x_columns,
+                "weights": [float(w) for w in weights],
+                "metrics": {k: float(v) for k, v in result.metrics.items()},
+                "model_location": spec.task.get("model_location"),
+            })
+        # Completion is the uploader's to report, once the model is stored where the model owner reads it.
+        self.spool.put_status(job_id, {"state": "running", "progress": 0.99, "message": "uploading the model"})
+        return "completed", None
+
+    def _load(self, spec: JobSpec, uri: str | None) -> np.ndarray | None:
+        if uri is None:
+            return None
+        if spec.seat == "x_owner":
+            return load_dataview(uri, x_columns=spec.x_columns, spool=self.spool, s3_client=self.s3_client)
+        return load_dataview(uri, y_column=spec.y_column, spool=self.spool, s3_client=self.s3_client)
+
+    def _interrupted(self, job_id: str) -> str | None:
+        if self.stop.is_set():
+            return _STOPPING
+        ended = self.spool.ended(job_id)
+        if ended is not None:
+            return f"the coordinator ended the job ({ended.get('status')})"
+        return None
+
+
+class _Progress:
+    """The engine's progress callback: queue `running` updates for the poller, at most about once a second."""
+
+    def __init__(self, spool: Spool, job_id: str) -> None:
+        self.spool = spool
+        self.job_id = job_id
+        self.last_at = 0.0
+        self.last_fraction = -1.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        fraction = kwargs.get("fraction", kwargs.get("progress", numbers[0] if numbers else None))
+        phase = kwargs.get("phase") or next((a for a in args if isinstance(a, str)), None)
+        if fraction is None:
+            return
+        fraction = max(0.0, min(0.98, float(fraction)))  # 1.0 is for the completed report
+        now = time.monotonic()
+        if fraction <= self.last_fraction or now - self.last_at < PROGRESS_EVERY_SECONDS:
+            return
+        self.last_at, self.last_fraction = now, fraction
+        update: dict[str, Any] = {"state": "running", "progress": fraction}
+        if phase:
+            update["message"] = str(phase)
+        self.spool.put_status(self.job_id, update)
+
+
+def _raw(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def main() -> int:
+    """Entry point of the supervisord program `runner`."""
+    from services.worker import logs
+    from services.worker.config import ConfigError, WorkerConfig
+    from services.worker.keys import KeyFileError
+
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as exc:
+        logs.setup("runner").error("configuration error: %s", exc)
+        return 2
+    logs.setup("runner", config)
+    try:
+        keys = WorkerKeys.load_or_create(config.state_dir)
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        return 2
+    import boto3
+
+    spool = Spool(config.spool_dir)
+    stop = threading.Event()
+    runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
+    log.info("running jobs from %s", config.spool_dir)
+    try:
+        runner.run()
+    finally:
+        stop.set()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

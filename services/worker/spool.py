@@ -1,0 +1,382 @@
+"""The spool directory: the only hand-off between the worker's four programs.
+
+Every file a program hands to another is written under a temporary name (a dot file ending in `.tmp`, ignored by
+every reader), fsynced, `rename()`d into place and its directory fsynced, so a reader sees a whole file or nothing
+and a crash at any moment leaves at worst a torn temporary file. Names are built here from validated parts only.
+
+Layout (one directory per job under each stage):
+
+    jobs/<job>/spec.json              the coordinator's WorkerJob (poller)
+    jobs/<job>/ended.json             the coordinator ended the job: Stopped/Error/Completed (poller)
+    jobs/<job>/done.json              this worker's runner finished its role (runner)
+    claims/<job>.json                 a job the runner works on; survives the runner's restart
+    outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); renamed to .sent once the broker has it
+    inbox/<job>/<name>.msg            verified plaintext of a received message (messenger)
+    rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error
+    status/<job>/<seq>.json           status updates for the poller to report, in order
+    results/<job>/result.json         the output seat's weights and metrics, for the uploader
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+# The broker's message-name pattern, minus names starting with "." (our temporary files) and "..".
+MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
+_STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
+_TEMP_SUFFIX = ".tmp"
+
+
+class SpoolError(Exception):
+    """A spool operation failed or a name from outside is not acceptable."""
+
+
+class InvalidName(SpoolError, ValueError):
+    """A job id, seat or message name does not match its strict pattern."""
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return `job_id` if it is a safe job id, else raise `InvalidName`."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise InvalidName("job id must be 1-128 letters, digits, '_' or '-' (starting with a letter or digit)")
+    return job_id
+
+
+def validate_message_name(name: str) -> str:
+    """Return `name` if it is a safe message name, else raise `InvalidName`."""
+    if not isinstance(name, str) or not MESSAGE_NAME_PATTERN.fullmatch(name):
+        raise InvalidName("message name must be 1-200 of [A-Za-z0-9._-], not starting with '.'")
+    return name
+
+
+def validate_seat(seat: str) -> str:
+    """Return `seat` if it is a safe seat name (e.g. x_owner), else raise `InvalidName`."""
+    if not isinstance(seat, str) or not SEAT_PATTERN.fullmatch(seat):
+        raise InvalidName("seat must be lower-case letters and '_' (e.g. x_owner)")
+    return seat
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the spool's temporary file names (never read by any stage)."""
+    return name.startswith(".") and name.endswith(_TEMP_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path, *, overwrite: bool = True, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Yield a binary file that appears at `final` whole, or not at all, when the block ends without error.
+
+    With `overwrite=False` an existing `final` is kept (`os.link` refuses to replace it) and the new bytes are
+    discarded: the first writer wins, which is what idempotent hand-offs need.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_path(final)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temp, final)
+        else:
+            try:
+                os.link(temp, final)
+            except FileExistsError:
+                pass
+            os.unlink(temp)
+        fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def atomic_write_bytes(final: Path, data: bytes, *, overwrite: bool = True, mode: int = 0o644) -> None:
+    """Write `data` to `final` atomically and durably (see `atomic_writer`)."""
+    with atomic_writer(final, overwrite=overwrite, mode=mode) as handle:
+        handle.write(data)
+
+
+def atomic_write_json(final: Path, obj: Any, *, overwrite: bool = True) -> None:
+    """Write `obj` as JSON to `final` atomically and durably."""
+    atomic_write_bytes(final, json.dumps(obj, sort_keys=True).encode(), overwrite=overwrite)
+
+
+def read_json(path: Path) -> Any | None:
+    """Return the JSON in `path`, or None if the file does not exist."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def durable_unlink(path: Path) -> None:
+    """Remove `path` (if present) and make the removal durable."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A sealed message waiting in the outbox to be put at the broker."""
+
+    job_id: str
+    to_seat: str
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class StatusItem:
+    """One queued status update for the poller to report to the coordinator."""
+
+    job_id: str
+    path: Path
+
+    def read(self) -> dict[str, Any]:
+        """Return the update: {"state", "progress", "message"?, "metrics"?, "model_location"?}."""
+        return json.loads(self.path.read_bytes())
+
+
+class Spool:
+    """The spool directory of one worker (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        for sub in ("jobs", "claims", "outbox", "inbox", "rejected", "status", "results", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        """The directory of a job's spec and markers."""
+        return self.root / "jobs" / validate_job_id(job_id)
+
+    def put_job(self, spec: dict[str, Any]) -> bool:
+        """Store a WorkerJob spec (poller); returns True if it is new or changed."""
+        path = self.job_dir(spec["id"]) / "spec.json"
+        if read_json(path) == spec:
+            return False
+        atomic_write_json(path, spec)
+        return True
+
+    def read_job(self, job_id: str) -> dict[str, Any] | None:
+        """The stored WorkerJob spec, or None."""
+        return read_json(self.job_dir(job_id) / "spec.json")
+
+    def job_ids(self) -> list[str]:
+        """Ids of the jobs with a stored spec, oldest spec first."""
+        found = []
+        for entry in (self.root / "jobs").iterdir():
+            if JOB_ID_PATTERN.fullmatch(entry.name) and (entry / "spec.json").is_file():
+                found.append((entry.joinpath("spec.json").stat().st_mtime_ns, entry.name))
+        return [job_id for _, job_id in sorted(found)]
+
+    def mark_ended(self, job_id: str, status: str, message: str | None = None) -> None:
+        """Record that the coordinator ended the job (Stopped, Error, Completed); the runner abandons it."""
+        atomic_write_json(self.job_dir(job_id) / "ended.json", {"status": status, "message": message})
+
+    def ended(self, job_id: str) -> dict[str, Any] | None:
+        """The coordinator's end of the job ({"status", "message"}), or None while it may still run."""
+        return read_json(self.job_dir(job_id) / "ended.json")
+
+    def mark_done(self, job_id: str, outcome: str, message: str | None = None) -> None:
+        """Record that the runner finished its role: outcome is completed, error or abandoned."""
+        atomic_write_json(self.job_dir(job_id) / "done.json", {"outcome": outcome, "message": message})
+
+    def done(self, job_id: str) -> dict[str, Any] | None:
+        """The runner's outcome for the job, or None if it has not finished."""
+        return read_json(self.job_dir(job_id) / "done.json")
+
+    def active_job_ids(self) -> list[str]:
+        """Jobs the runner still has to run: a spec, not done, not ended by the coordinator."""
+        return [j for j in self.job_ids() if self.done(j) is None and self.ended(j) is None]
+
+    # ---- the runner's claims ---------------------------------------------------------------------------------
+    def claim(self, job_id: str) -> None:
+        """Durably record that the runner works on `job_id` (a restarted runner resumes it)."""
+        path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
+        atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time()})
+
+    def claimed_jobs(self) -> list[str]:
+        """The jobs the runner had claimed and not released (resumed first after a restart)."""
+        names = [e.name.removesuffix(".json") for e in (self.root / "claims").iterdir() if e.name.endswith(".json")]
+        return sorted(n for n in names if JOB_ID_PATTERN.fullmatch(n))
+
+    def is_claimed(self, job_id: str) -> bool:
+        """True while the runner works on `job_id`."""
+        return (self.root / "claims" / f"{validate_job_id(job_id)}.json").exists()
+
+    def claimed_job(self) -> str | None:
+        """One claimed job (the first by id), or None; prefer `is_claimed` / `claimed_jobs`."""
+        claimed = self.claimed_jobs()
+        return claimed[0] if claimed else None
+
+    def release_claim(self, job_id: str) -> None:
+        """Drop the runner's claim on `job_id` (after `mark_done`)."""
+        durable_unlink(self.root / "claims" / f"{validate_job_id(job_id)}.json")
+
+    # ---- outbox ---------------------------------------------------------------------------------------------
+    def outbox_path(self, job_id: str, to_seat: str, name: str) -> Path:
+        """Where the sealed message `name` for `to_seat` waits to be sent."""
+        return (self.root / "outbox" / validate_job_id(job_id) / validate_seat(to_seat)
+                / f"{validate_message_name(name)}.sealed")
+
+    def outbox_has(self, job_id: str, to_seat: str, name: str) -> bool:
+        """True if the message was already written (pending or sent): sending again must not re-seal it."""
+        path = self.outbox_path(job_id, to_seat, name)
+        return path.exists() or path.with_suffix(".sent").exists()
+
+    def pending_outbox(self, job_id: str | None = None) -> list[OutboxItem]:
+        """Sealed messages not yet acknowledged by the broker, oldest first."""
+        items = []
+        jobs = [validate_job_id(job_id)] if job_id else _subdirs(self.root / "outbox", JOB_ID_PATTERN)
+        for job in jobs:
+            for seat in _subdirs(self.root / "outbox" / job, SEAT_PATTERN):
+                for entry in (self.root / "outbox" / job / seat).iterdir():
+                    name = entry.name.removesuffix(".sealed")
+                    if entry.name.endswith(".sealed") and MESSAGE_NAME_PATTERN.fullmatch(name):
+                        with contextlib.suppress(FileNotFoundError):
+                            items.append((entry.stat().st_mtime_ns, OutboxItem(job, seat, name, entry)))
+        return [item for _, item in sorted(items, key=lambda pair: (pair[0], pair[1].name))]
+
+    def mark_sent(self, item: OutboxItem) -> None:
+        """The broker has the message: keep its bytes (as .sent) so a replaying runner does not re-seal it."""
+        os.replace(item.path, item.path.with_suffix(".sent"))
+        fsync_dir(item.path.parent)
+
+    # ---- inbox ----------------------------------------------------------------------------------------------
+    def inbox_path(self, job_id: str, name: str) -> Path:
+        """Where the verified plaintext of received message `name` lives until the job ends."""
+        return self.root / "inbox" / validate_job_id(job_id) / f"{validate_message_name(name)}.msg"
+
+    def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> None:
+        """Note that a received message was dropped (reason without secrets), for the runner's error message."""
+        path = self.root / "rejected" / validate_job_id(job_id) / f"{validate_message_name(name)}.json"
+        atomic_write_json(path, {"from_seat": from_seat, "reason": reason, "at": time.time()})
+
+    def rejections(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Dropped messages of a job by name: {"from_seat", "reason", "at"}."""
+        folder = self.root / "rejected" / validate_job_id(job_id)
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for entry in folder.iterdir():
+            name = entry.name.removesuffix(".json")
+            if entry.name.endswith(".json") and MESSAGE_NAME_PATTERN.fullmatch(name):
+                record = read_json(entry)
+                if record is not None:
+                    found[name] = record
+        return found
+
+    # ---- status updates -------------------------------------------------------------------------------------
+    def put_status(self, job_id: str, update: dict[str, Any], source: str = "runner") -> Path:
+        """Queue a status update ({"state", "progress", ...}) for the poller; later updates sort later."""
+        if not re.fullmatch(r"[a-z]{1,16}", source):
+            raise InvalidName("status source must be a short lower-case program name")
+        name = f"{time.time_ns():020d}-{source}-{secrets.token_hex(4)}.json"
+        path = self.root / "status" / validate_job_id(job_id) / name
+        atomic_write_json(path, update)
+        return path
+
+    def pending_status(self) -> list[StatusItem]:
+        """Queued status updates of all jobs, in the order they were written."""
+        items = []
+        for job in _subdirs(self.root / "status", JOB_ID_PATTERN):
+            for entry in (self.root / "status" / job).iterdir():
+                if _STATUS_NAME.fullmatch(entry.name):
+                    items.append(StatusItem(job, entry))
+        return sorted(items, key=lambda item: item.path.name)
+
+    def ack_status(self, item: StatusItem) -> None:
+        """The coordinator has the update (or refused it for good): drop it from the queue."""
+        durable_unlink(item.path)
+
+    # ---- results --------------------------------------------------------------------------------------------
+    def result_path(self, job_id: str) -> Path:
+        """Where the output seat's result (weights, metrics) waits for the uploader."""
+        return self.root / "results" / validate_job_id(job_id) / "result.json"
+
+    def put_result(self, job_id: str, result: dict[str, Any]) -> None:
+        """Hand the result to the uploader: {"job_id", "weights", "x_columns", "metrics", "model_location"}."""
+        atomic_write_json(self.result_path(job_id), result)
+
+    def pending_results(self) -> list[str]:
+        """Ids of jobs whose result waits for the uploader."""
+        return [j for j in _subdirs(self.root / "results", JOB_ID_PATTERN) if self.result_path(j).is_file()]
+
+    def read_result(self, job_id: str) -> dict[str, Any] | None:
+        """The result waiting for the uploader, or None."""
+        return read_json(self.result_path(job_id))
+
+    def ack_result(self, job_id: str) -> None:
+        """The uploader has stored the result and queued its status: keep it as uploaded.json, not pending."""
+        path = self.result_path(job_id)
+        if path.exists():
+            os.replace(path, path.with_name("uploaded.json"))
+            fsync_dir(path.parent)
+
+    # ---- housekeeping ---------------------------------------------------------------------------------------
+    def unsent_count(self, job_id: str) -> int:
+        """How many sealed messages of the job still wait for the broker."""
+        return len(self.pending_outbox(job_id))
+
+    def discard_messages(self, job_id: str) -> None:
+        """Remove a finished job's received and sent messages (pending outgoing ones are kept)."""
+        job = validate_job_id(job_id)
+        shutil.rmtree(self.root / "inbox" / job, ignore_errors=True)
+        shutil.rmtree(self.root / "rejected" / job, ignore_errors=True)
+        outbox = self.root / "outbox" / job
+        if outbox.is_dir():
+            for sent in outbox.glob("*/*.sent"):
+                sent.unlink(missing_ok=True)
+
+    def sweep_temp(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files left by crashed writers (old enough not to be in use); returns the count."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = Path(dirpath) / name
+                if is_temp_name(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.stat().st_mtime < cutoff:
+                            path.unlink()
+                            removed += 1
+        return removed
+
+    def temp_file(self, suffix: str = "") -> Path:
+        """A fresh path under tmp/ for a program's scratch file (e.g. a download in progress)."""
+        return self.root / "tmp" / f".scratch-{secrets.token_hex(8)}{suffix}{_TEMP_SUFFIX}"
+
+
+def _subdirs(folder: Path, pattern: re.Pattern[str]) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(e.name for e in folder.iterdir() if pattern.fullmatch(e.name) and e.is_dir())

@@ -1,0 +1,245 @@
+"""The uploader program: result files from the spool to the model owner's bucket, then a "completed" status.
+
+Layout (pycape's, read back by `Job.get_results()` with `np.loadtxt(..., delimiter=",")`):
+
+    <bucket>[/<prefix>]/<job_id>/regression_weights.csv   intercept first, one number per line
+    <bucket>[/<prefix>]/<job_id>/metrics.json             {"mse_result": ..., "r_squared_result": ...}
+
+CAPE_BUCKET (s3://bucket[/prefix] or file:///dir) overrides the job's model_location. S3 uploads go through boto3's
+managed transfer (multipart above `MULTIPART_THRESHOLD`); AWS_ENDPOINT_URL points it at an S3-compatible store.
+
+Run as `python -m services.worker.uploader`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.worker import logs
+from services.worker.config import Bucket, ConfigError, WorkerConfig, parse_bucket
+from services.worker.spool import Spool, atomic_write_bytes
+
+WEIGHTS_FILE = "regression_weights.csv"
+METRICS_FILE = "metrics.json"
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+MAX_BACKOFF_SECONDS = 30.0
+
+log = logging.getLogger("cape.uploader")
+
+
+class UploadError(RuntimeError):
+    """Storing a result failed in a way retrying will not fix; the message says what to change."""
+
+
+class UploadUnavailable(UploadError):
+    """The store could not be reached right now: retry later."""
+
+
+def weights_csv(weights: list[float] | np.ndarray) -> bytes:
+    """The weights file's bytes: one number per line, intercept first (as `np.savetxt(..., delimiter=",")`)."""
+    buffer = io.BytesIO()
+    np.savetxt(buffer, np.asarray(weights, dtype=np.float64).reshape(-1), delimiter=",", fmt="%.17g")
+    return buffer.getvalue()
+
+
+def object_key(bucket: Bucket, job_id: str, filename: str) -> str:
+    """`[prefix/]JOB_ID/filename`."""
+    return "/".join(part for part in (bucket.prefix, job_id, filename) if part)
+
+
+def object_uri(bucket: Bucket, key: str) -> str:
+    """The URI of `key` in `bucket` (s3://bucket/key or file:///dir/key)."""
+    if bucket.scheme == "file":
+        return (Path(bucket.name) / key).as_uri()
+    return f"s3://{bucket.name}/{key}"
+
+
+class ModelStore:
+    """Writes objects to an s3:// bucket (boto3 managed transfer) or a file:// directory."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._s3 = None
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            self._s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
+                                                        retries={"max_attempts": 3, "mode": "standard"}),
+                                    **self.config.boto3_kwargs())
+        return self._s3
+
+    def put_bytes(self, bucket: Bucket, key: str, data: bytes, scratch_dir: Path) -> str:
+        """Store `data` at `key`; returns the object's URI."""
+        if bucket.scheme == "file":
+            return self._put_file_bytes(bucket, key, data)
+        scratch = scratch_dir / f".upload-{os.getpid()}-{time.time_ns()}.tmp"
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            scratch.write_bytes(data)
+            return self.upload_file(bucket, key, scratch)
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def upload_file(self, bucket: Bucket, key: str, path: Path) -> str:
+        """Store the file at `path` under `key` (multipart for large files on S3); returns the object's URI."""
+        if bucket.scheme == "file":
+            return self._put_file_bytes(bucket, key, path.read_bytes())
+        from boto3.exceptions import S3UploadFailedError
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        uri = object_uri(bucket, key)
+        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        try:
+            self.s3.upload_file(str(path), bucket.name, key, Config=transfer)
+        except NoCredentialsError:
+            raise UploadError(f"no AWS credentials to write {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                              "(or give the host an instance role)") from None
+        except (S3UploadFailedError, ClientError) as exc:
+            raise _upload_error(uri, exc) from None
+        except EndpointConnectionError:
+            raise UploadUnavailable(f"cannot reach S3 to write {uri}; check AWS_ENDPOINT_URL, AWS_REGION and the "
+                                    "network") from None
+        except BotoCoreError as exc:
+            raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}") from None
+        return uri
+
+    def delete(self, bucket: Bucket, key: str) -> None:
+        """Remove `key` (used by `cape-worker check` to clean its test object)."""
+        if bucket.scheme == "file":
+            (Path(bucket.name) / key).unlink(missing_ok=True)
+        else:
+            self.s3.delete_object(Bucket=bucket.name, Key=key)
+
+    def _put_file_bytes(self, bucket: Bucket, key: str, data: bytes) -> str:
+        target = Path(bucket.name) / key
+        try:
+            atomic_write_bytes(target, data)
+        except OSError as exc:
+            raise UploadError(f"cannot write {target}: {exc.strerror}; make the directory of CAPE_BUCKET (or the "
+                              "job's model_location) writable by this worker") from None
+        return target.as_uri()
+
+
+def _upload_error(uri: str, exc: Exception) -> UploadError:
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code", "")
+    if not code:
+        match = re.search(r"\((\w+)\)", str(exc))
+        code = match.group(1) if match else ""
+    if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
+                "SignatureDoesNotMatch"):
+        return UploadError(f"access denied writing {uri} ({code}): give this worker's AWS credentials "
+                           "s3:PutObject on the bucket, or set CAPE_BUCKET to a bucket they can write")
+    if code in ("NoSuchBucket", "404"):
+        return UploadError(f"the bucket of {uri} does not exist: create it, or fix CAPE_BUCKET / the job's "
+                           "model_location")
+    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+        return UploadUnavailable(f"S3 is busy writing {uri} ({code}); will retry")
+    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__})")
+
+
+class Uploader:
+    """Moves each pending result of the spool to its bucket and queues the "completed" status."""
+
+    def __init__(self, config: WorkerConfig, spool: Spool, store: ModelStore | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.store = store or ModelStore(config)
+
+    def bucket_for(self, result: dict[str, Any], job_id: str) -> Bucket:
+        """CAPE_BUCKET if set, else the job's model_location; an error if neither is usable."""
+        if self.config.bucket is not None:
+            return self.config.bucket
+        location = result.get("model_location")
+        if not location:
+            spec = self.spool.read_job(job_id) or {}
+            location = (spec.get("task") or {}).get("model_location")
+        if not location:
+            raise UploadError("the job has no model_location and CAPE_BUCKET is not set: set CAPE_BUCKET to "
+                              "s3://bucket[/prefix] or file:///dir")
+        try:
+            return parse_bucket(location, "the job's model_location")
+        except ConfigError as exc:
+            raise UploadError(f"{exc}; or set CAPE_BUCKET to override it") from None
+
+    def upload(self, job_id: str) -> str:
+        """Store one job's weights and metrics; queue its completed status; return the weights URI."""
+        result = self.spool.read_result(job_id)
+        if result is None:
+            raise UploadError(f"no result for job {job_id} in the spool")
+        bucket = self.bucket_for(result, job_id)
+        metrics = {k: float(v) for k, v in (result.get("metrics") or {}).items()}
+        scratch = self.spool.root / "tmp"
+        weights_uri = self.store.put_bytes(bucket, object_key(bucket, job_id, WEIGHTS_FILE),
+                                           weights_csv(result["weights"]), scratch)
+        self.store.put_bytes(bucket, object_key(bucket, job_id, METRICS_FILE),
+                             json.dumps(metrics, sort_keys=True).encode() + b"\n", scratch)
+        # Status before ack: a crash in between re-uploads the same bytes and repeats an idempotent report.
+        self.spool.put_status(job_id, {"state": "completed", "progress": 1.0, "metrics": metrics,
+                                       "model_location": weights_uri}, source="uploader")
+        self.spool.ack_result(job_id)
+        log.info("job %s: weights and metrics stored at %s", job_id, weights_uri)
+        return weights_uri
+
+    def fail(self, job_id: str, error: UploadError) -> None:
+        """Report a permanent upload failure as the job's error and stop retrying it."""
+        self.spool.put_status(job_id, {"state": "error", "progress": 1.0,
+                                       "message": f"uploading the model failed: {error}"}, source="uploader")
+        self.spool.ack_result(job_id)
+        log.error("job %s: %s", job_id, error)
+
+    def cycle(self) -> bool:
+        """Upload every pending result; returns False if a store was unreachable (retry later)."""
+        healthy = True
+        for job_id in self.spool.pending_results():
+            try:
+                self.upload(job_id)
+            except UploadUnavailable as exc:
+                log.warning("job %s: %s", job_id, exc)
+                healthy = False
+            except UploadError as exc:
+                self.fail(job_id, exc)
+        return healthy
+
+    def run(self) -> None:
+        """Cycle every `poll_interval` seconds, backing off while the store is unreachable."""
+        delay = self.config.poll_interval
+        while True:
+            if self.cycle():
+                delay = self.config.poll_interval
+            else:
+                delay = min(MAX_BACKOFF_SECONDS, delay * 2)
+            time.sleep(delay)
+
+
+def main() -> int:
+    """Entry point of the supervisord program `uploader`."""
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as exc:
+        logs.setup("uploader").error("configuration error: %s", exc)
+        return 2
+    logs.setup("uploader", config)
+    target = config.bucket.uri if config.bucket else "each job's model_location"
+    log.info("uploading results to %s", target)
+    Uploader(config, Spool(config.spool_dir)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""An approved three-party job on a real `cape-server`, with real worker keys: the setting of messenger/runner tests.
+
+`approved_job(cape_server, tmp_path, x_csv=..., y_csv=...)` creates three organizations (bank = x-owner,
+shop = y-owner and model owner, neutral = helper), a project, the two dataviews, registers each worker's keys
+(made by `WorkerKeys` under `tmp_path/<seat>/state`), submits and approves a linear regression, and returns an
+`ApprovedJob` whose `seats[seat]` holds that worker's org token, keys, spool and the `WorkerJob` it is served.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from services.worker.keys import WorkerKeys
+from services.worker.spool import Spool
+
+SEAT_ORGS = {"x_owner": "bank", "y_owner": "shop", "helper": "neutral"}
+HTTP_TIMEOUT = 30
+
+
+@dataclass
+class Seat:
+    """One worker of the job."""
+
+    seat: str
+    org: str
+    token: str
+    keys: WorkerKeys
+    spool: Spool
+    spec: dict[str, Any]
+
+
+@dataclass
+class ApprovedJob:
+    """The job id and the three workers."""
+
+    id: str
+    url: str
+    broker_url: str
+    seats: dict[str, Seat]
+
+
+def _call(method: str, url: str, token: str, expect: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+    response = requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT,
+                                **kwargs)
+    assert response.status_code in expect, f"{method} {url}: {response.status_code} {response.text}"
+    return response.json() if response.content else None
+
+
+def approved_job(cape_server: Any, base: Path, *, x_uri: str = "file:///nonexistent/x.csv",
+                 y_uri: str = "file:///nonexistent/y.csv", x_columns: tuple[str, ...] = ("a", "b"),
+                 y_column: str = "t", timeout: int = 60, model_location: str | None = None) -> ApprovedJob:
+    """Set up an approved job on `cape_server` (see the module docstring)."""
+    url = cape_server.url
+    orgs = {seat: cape_server.create_org(label) for seat, label in SEAT_ORGS.items()}
+    bank = orgs["x_owner"]["user_token"]
+    project = _call("POST", f"{url}/v1/projects", bank, json={"label": f"p{time.time_ns()}"})
+    for other in ("shop", "neutral"):
+        _call("POST", f"{url}/v1/projects/{project['id']}/organizations", bank, json={"organization": other})
+    _call("PUT", f"{url}/v1/projects/{project['id']}/helper", bank, json={"organization": "neutral"})
+    _call("POST", f"{url}/v1/projects/{project['id']}/dataviews", bank, json={
+        "name": "features", "uri": x_uri, "schema": [{"name": c, "type": "number"} for c in x_columns]})
+    _call("POST", f"{url}/v1/projects/{project['id']}/dataviews", orgs["y_owner"]["user_token"], json={
+        "name": "target", "uri": y_uri, "schema": [{"name": y_column, "type": "number"}]})
+
+    keys = {seat: WorkerKeys.load_or_create(base / seat / "state") for seat in SEAT_ORGS}
+    for seat, org in orgs.items():
+        _call("PUT", f"{url}/v1/worker/keys", org["organization_token"], expect=(204,), json=keys[seat].public_keys())
+
+    job = _call("POST", f"{url}/v1/projects/{project['id']}/jobs", bank, json={
+        "type": "linear_regression", "x": {"dataview": "features", "columns": list(x_columns)},
+        "y": {"dataview": "target", "column": y_column}, "model_owner": "shop",
+        "model_location": model_location, "timeout": timeout})
+    for seat in ("x_owner", "y_owner"):
+        _call("POST", f"{url}/v1/jobs/{job['id']}/approve", orgs[seat]["user_token"])
+
+    seats = {}
+    for seat, org in orgs.items():
+        spec = _call("GET", f"{url}/v1/worker/jobs/{job['id']}", org["organization_token"])
+        assert spec["seat"] == seat, spec
+        seats[seat] = Seat(seat, SEAT_ORGS[seat], org["organization_token"], keys[seat],
+                           Spool(base / seat / "spool"), spec)
+    return ApprovedJob(job["id"], url, cape_server.broker_url, seats)

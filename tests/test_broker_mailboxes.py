@@ -1,0 +1,139 @@
+"""Broker mailboxes against a real cape-server: idempotent puts, long-poll, download, acknowledge, expiry, access."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import requests
+
+from tests.support.server import Api, build_job_world
+
+
+def _messages(jid: str, name: str = "", seat: str = "") -> str:
+    path = f"/broker/v1/jobs/{jid}/messages"
+    return f"{path}/{seat}/{name}" if seat else (f"{path}/{name}" if name else path)
+
+
+def test_put_list_get_ack_and_idempotent_puts(cape_server):
+    world = build_job_world(cape_server)
+    jid, worker = world["job"]["id"], world["worker"]
+    body = b"\x00ciphertext\xff" * 1000
+    put = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body)
+    assert put.status_code == 201, put.text
+    assert worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body).status_code == 200
+    other = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=b"other bytes")
+    assert other.status_code == 409 and other.json()["error"]["code"] == "message_conflict"
+
+    listed = worker["yorg"].get(_messages(jid)).json()
+    assert [(m["name"], m["from_seat"], m["size"], m["sha256"]) for m in listed] == [
+        ("r1.x-to-y", "x_owner", len(body), hashlib.sha256(body).hexdigest())]
+    assert worker["helper"].get(_messages(jid)).json() == []  # mailboxes are per seat
+    assert worker["helper"].get(_messages(jid, "r1.x-to-y")).status_code == 404
+
+    got = worker["yorg"].get(_messages(jid, "r1.x-to-y"))
+    assert got.status_code == 200 and got.content == body
+    assert got.headers["content-type"] == "application/octet-stream"
+    assert worker["yorg"].delete(_messages(jid, "r1.x-to-y")).status_code == 204
+    assert worker["yorg"].delete(_messages(jid, "r1.x-to-y")).status_code == 404
+    assert worker["yorg"].get(_messages(jid)).json() == []
+
+
+def test_long_poll_returns_within_100_ms_of_a_put(cape_server):
+    world = build_job_world(cape_server)
+    jid, worker = world["job"]["id"], world["worker"]
+    returned: dict[str, object] = {}
+
+    def poll() -> None:
+        response = worker["helper"].get(_messages(jid), params={"wait": 20})
+        returned["at"] = time.monotonic()
+        returned["messages"] = response.json()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.5)  # the poll is parked on the server by now
+    assert "at" not in returned
+    put = worker["yorg"].put(_messages(jid, "share-0", "helper"), data=b"abc")
+    put_done = time.monotonic()
+    assert put.status_code == 201
+    poller.join(timeout=20)
+    assert [m["name"] for m in returned["messages"]] == ["share-0"]
+    assert returned["at"] - put_done < 0.1, f"long-poll returned {returned['at'] - put_done:.3f} s after the put"
+
+
+def test_long_poll_times_out_empty(cape_server):
+    world = build_job_world(cape_server)
+    started = time.monotonic()
+    response = world["worker"]["xorg"].get(_messages(world["job"]["id"]), params={"wait": 0.5})
+    assert response.json() == [] and 0.45 <= time.monotonic() - started < 5
+    too_long = world["worker"]["xorg"].get(_messages(world["job"]["id"]), params={"wait": 61})
+    assert too_long.status_code == 422 and "wait" in too_long.json()["error"]["message"]
+
+
+def test_access_is_limited_to_the_job_parties(cape_server):
+    world = build_job_world(cape_server)
+    jid = world["job"]["id"]
+    outsider = cape_server.create_org("outsider")
+    path = _messages(jid, "m1", "y_owner")
+    assert Api(cape_server, None).put(path, data=b"x").status_code == 401
+    assert Api(cape_server, None).get(_messages(jid)).status_code == 401
+    assert Api(cape_server, "nope,nope").put(path, data=b"x").status_code == 401
+    refused = Api(cape_server, outsider["organization_token"]).put(path, data=b"x")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "no_seat"
+    assert Api(cape_server, outsider["organization_token"]).get(_messages(jid)).status_code == 403
+    # A person's token is not a worker's token, even for a member of a party organization.
+    assert world["user"]["xorg"].put(path, data=b"x").status_code == 403
+    assert world["worker"]["xorg"].get(_messages("0" * 32)).status_code == 404
+    bad_name = world["worker"]["xorg"].put(_messages(jid, "a%2Fb", "y_owner"), data=b"x")
+    assert bad_name.status_code in (404, 422)
+    bad_seat = world["worker"]["xorg"].put(_messages(jid, "m1", "boss"), data=b"x")
+    assert bad_seat.status_code == 422 and "to_seat" in bad_seat.json()["error"]["message"]
+    # A worker of another job: seats in job 2 do not open job 1's mailboxes.
+    assert world["worker"]["helper"].get(_messages(jid)).status_code == 200
+
+
+def test_size_limit(start_cape_server):
+    server = start_cape_server(extra_args=["--max-message-bytes", "1000"])
+    world = build_job_world(server)
+    api, jid = world["worker"]["xorg"], world["job"]["id"]
+    assert api.put(_messages(jid, "ok", "y_owner"), data=b"a" * 1000).status_code == 201
+    declared = api.put(_messages(jid, "big", "y_owner"), data=b"a" * 1001)
+    assert declared.status_code == 413 and "1000" in declared.json()["error"]["message"]
+    streamed = api.put(_messages(jid, "big", "y_owner"), data=iter([b"a" * 600, b"b" * 600]))  # chunked
+    assert streamed.status_code == 413
+    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(jid)).json()] == ["ok"]
+    assert list((server.data_dir / "broker" / "incoming").iterdir()) == []
+
+
+def test_messages_expire_after_ttl(start_cape_server):
+    server = start_cape_server(extra_args=["--message-ttl", "1"])
+    world = build_job_world(server)
+    jid = world["job"]["id"]
+    assert world["worker"]["xorg"].put(_messages(jid, "old", "y_owner"), data=b"bytes").status_code == 201
+    assert len(world["worker"]["yorg"].get(_messages(jid)).json()) == 1
+    bodies = server.data_dir / "broker" / "bodies"
+    deadline = time.monotonic() + 10
+    while any(bodies.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(bodies.iterdir()) == []
+    assert world["worker"]["yorg"].get(_messages(jid)).json() == []
+    assert world["worker"]["yorg"].get(_messages(jid, "old")).status_code == 404
+
+
+def test_broker_alone_asks_the_coordinator(start_cape_server):
+    coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
+    broker = start_cape_server(extra_args=["--only", "broker", "--coordinator-url", coordinator.url], name="broker")
+    world = build_job_world(coordinator)
+    jid = world["job"]["id"]
+    assert requests.get(f"{coordinator.url}/broker/v1/jobs/{jid}/messages", timeout=10).status_code == 404
+    assert requests.get(f"{broker.url}/v1/organizations", timeout=10).status_code == 404
+
+    x = Api(broker, world["orgs"]["xorg"]["organization_token"])
+    y = Api(broker, world["orgs"]["yorg"]["organization_token"])
+    assert x.put(_messages(jid, "m", "y_owner"), data=b"hello").status_code == 201
+    assert y.get(_messages(jid, "m")).content == b"hello"
+    outsider = coordinator.create_org("outsider")
+    assert Api(broker, outsider["organization_token"]).get(_messages(jid)).status_code == 403
+    assert Api(broker, "bad,token").get(_messages(jid)).status_code == 401
+    assert Api(broker, None).get(_messages(jid)).status_code == 401
+    assert x.get(_messages("f" * 32)).status_code == 404

@@ -1,0 +1,199 @@
+"""The `cape` CLI against the real cape-server: login and config, organizations, projects, dataviews, jobs."""
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from services.client import Cape, VerticallyPartitionedLinearRegression
+
+
+@pytest.fixture
+def orgs(cape_server, unique_label) -> dict[str, dict]:
+    return {name: cape_server.create_org(unique_label(name)) for name in ("acme", "globex", "initech")}
+
+
+def test_login_verifies_then_saves_url_and_token_0600(cape_server, cape_script, cape_home: Path, orgs) -> None:
+    token = orgs["acme"]["user_token"]
+    result = cape_script("login", "--coordinator", cape_server.url, "--token", token)
+    assert result.exit_code == 0, result.stderr
+    assert f"Logged in to {cape_server.url} as " in result.stdout
+    assert token not in result.stdout + result.stderr
+    assert stat.S_IMODE(cape_home.stat().st_mode) == 0o600
+    assert json.loads(cape_home.read_text()) == {"coordinator": cape_server.url, "token": token}
+
+    # Later commands use the saved file, with no variable set.
+    whoami = cape_script("whoami", "--json")
+    assert whoami.exit_code == 0, whoami.stderr
+    identity = json.loads(whoami.stdout)
+    assert identity["kind"] == "user"
+    assert orgs["acme"]["organization"]["id"] in identity["roles"]
+
+
+def test_login_with_a_bad_token_saves_nothing(cape_server, cape_cli, cape_home: Path, orgs) -> None:
+    result = cape_cli("login", "--coordinator", cape_server.url, "--token", "bogus,Ym9ndXM=")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and result.stderr.strip().endswith("(HTTP 401)")
+    assert not cape_home.exists()
+
+
+def test_login_prompts_for_the_token_without_echo(cape_server, cape_cli, cape_home: Path, orgs) -> None:
+    token = orgs["acme"]["user_token"]
+    result = cape_cli("login", "--coordinator", cape_server.url, input=token + "\n")
+    assert result.exit_code == 0, result.stderr
+    assert token not in result.stdout
+    assert json.loads(cape_home.read_text())["token"] == token
+
+
+def test_environment_overrides_the_saved_login(cape_server, cape_cli, orgs) -> None:
+    assert cape_cli("login", "--coordinator", cape_server.url, "--token", orgs["acme"]["user_token"]).exit_code == 0
+    saved = json.loads(cape_cli("whoami", "--json").stdout)
+    override = json.loads(cape_cli("whoami", "--json", env={"CAPE_TOKEN": orgs["globex"]["user_token"]}).stdout)
+    assert orgs["acme"]["organization"]["id"] in saved["roles"]
+    assert orgs["globex"]["organization"]["id"] in override["roles"]
+    refused = cape_cli("whoami", env={"CAPE_COORDINATOR": "http://127.0.0.1:9"})
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: cannot reach the coordinator at http://127.0.0.1:9 ")
+
+
+def test_orgs_commands(cape_server, cape_cli, orgs) -> None:
+    acme = orgs["acme"]["organization"]["label"]
+    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    listed = json.loads(cape_cli("orgs", "list", "--json", env=env).stdout)
+    assert {o["label"] for o in listed} >= {o["organization"]["label"] for o in orgs.values()}
+    table = cape_cli("orgs", "list", env=env).stdout
+    assert table.splitlines()[0].split() == ["ID", "LABEL", "NAME"] and acme in table
+
+    added = json.loads(cape_cli("orgs", "add-user", acme, "op@acme.test", "--role", "operator", "--json",
+                                env=env).stdout)
+    assert added["user"]["email"] == "op@acme.test" and "," in added["token"]
+    shown = json.loads(cape_cli("orgs", "show", acme, "--json", env=env).stdout)
+    assert {"email": "op@acme.test", "role": "operator"}.items() <= next(
+        u for u in shown["users"] if u["email"] == "op@acme.test").items()
+
+    # The operator's token works; the operator may not create worker tokens (admin only).
+    op_env = {**env, "CAPE_TOKEN": added["token"]}
+    assert json.loads(cape_cli("whoami", "--json", env=op_env).stdout)["user"]["email"] == "op@acme.test"
+    denied = cape_cli("orgs", "create-token", acme, env=op_env)
+    assert denied.exit_code == 1 and denied.stderr.strip().endswith("(HTTP 403)")
+
+    created = cape_cli("orgs", "create-token", acme, "--description", "worker-1", env=env)
+    assert created.exit_code == 0, created.stderr
+    worker_token = created.stdout.strip().splitlines()[-1]
+    worker = Cape(endpoint=cape_server.url, token=worker_token).login()
+    assert worker["kind"] == "organization" and worker["organization"]["label"] == acme
+
+
+def test_projects_and_dataviews(cape_server, cape_cli, orgs, unique_label, tmp_path: Path) -> None:
+    acme, globex, initech = (orgs[n]["organization"]["label"] for n in ("acme", "globex", "initech"))
+    env_a = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    env_g = {**env_a, "CAPE_TOKEN": orgs["globex"]["user_token"]}
+    project = unique_label("proj")
+
+    created = cape_cli("projects", "create", project, "--name", "Joint study", "--description", "d", env=env_a)
+    assert created.exit_code == 0, created.stderr
+    assert f"Created project {project}." in created.stdout
+    cape_cli("projects", "add-org", project, globex, env=env_a)
+    cape_cli("projects", "add-org", project, initech, env=env_a)
+    shown = json.loads(cape_cli("projects", "set-helper", project, initech, "--json", env=env_a).stdout)
+    assert shown["helper"]["label"] == initech
+    assert sorted(o["label"] for o in shown["organizations"]) == sorted([acme, globex, initech])
+    assert [p["label"] for p in json.loads(cape_cli("projects", "list", "--json", env=env_g).stdout)] == [project]
+    text = cape_cli("projects", "show", project, env=env_g).stdout
+    assert "helper:" in text and initech in text and "Joint study" in text
+
+    csv = tmp_path / "x.csv"
+    csv.write_text("age,height,city\n30,1.8,Oslo\n41,1.7,Rome\n")
+    added = json.loads(cape_cli("dataviews", "add", project, "people", f"s3://acme-data/people.csv",
+                                "--schema-from-csv", str(csv), "--json", env=env_a).stdout)
+    assert added["schema"] == [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
+                               {"name": "city", "type": "string"}]
+    # Without a schema option the uri itself must be a local CSV: it is read from there.
+    local = json.loads(cape_cli("dataviews", "add", project, "local", str(csv), "--json", env=env_a).stdout)
+    assert [c["name"] for c in local["schema"]] == ["age", "height", "city"]
+    remote = cape_cli("dataviews", "add", project, "remote", "s3://b/k.csv", env=env_a)
+    assert remote.exit_code == 1 and "give the schema of dataview 'remote'" in remote.stderr
+    given = json.loads(cape_cli("dataviews", "add", project, "labels", "file:///g/y.csv", "--schema", "churned:integer",
+                                "--json", env=env_g).stdout)
+    assert given["owner"]["label"] == globex
+
+    as_acme = {v["name"]: v for v in json.loads(cape_cli("dataviews", "list", project, "--json", env=env_a).stdout)}
+    assert as_acme["people"]["uri"] == "s3://acme-data/people.csv" and as_acme["labels"]["uri"] is None
+    table = cape_cli("dataviews", "list", project, env=env_g).stdout
+    assert table.splitlines()[0].split() == ["ID", "NAME", "OWNER", "COLUMNS", "URI"]
+    assert "s3://acme-data" not in table  # globex never sees acme's uri
+
+    show = cape_cli("dataviews", "show", added["id"], env=env_a).stdout
+    assert "schema:" in show and "age:integer, height:number, city:string" in show
+    denied = cape_cli("dataviews", "delete", added["id"], env=env_g)
+    assert denied.exit_code == 1 and denied.stderr.strip().endswith("(HTTP 403)")
+    assert cape_cli("dataviews", "delete", local["id"], env=env_a).exit_code == 0
+    remaining = {v["name"] for v in json.loads(cape_cli("dataviews", "list", project, "--json", env=env_a).stdout)}
+    assert remaining == {"people", "labels"}
+
+    # Jobs list/submit/reject/stop through the CLI (no workers: the job never starts).
+    submitted = json.loads(cape_cli("jobs", "submit", project, "linear-regression", "--x", "people:age,height",
+                                    "--y", "labels", "--model-owner", acme, "--json", env=env_a).stdout)
+    assert submitted["task"]["x"]["columns"] == ["age", "height"] and submitted["task"]["y"]["column"] == "churned"
+    assert submitted["outputs_to"] == "x_owner" and "helper" in submitted["parties"]
+    listed = cape_cli("jobs", "list", project, env=env_g).stdout
+    assert submitted["id"] in listed and "NeedsApproval" in listed
+    rejected = cape_cli("jobs", "reject", submitted["id"], "--reason", "not this quarter", env=env_g)
+    assert rejected.exit_code == 0 and "Rejected" in rejected.stdout
+    watch = cape_cli("jobs", "watch", submitted["id"], "--interval", "0.1", "--timeout", "5", env=env_a)
+    assert watch.exit_code == 1
+    assert watch.stderr.startswith(f"error: job {submitted['id']} ended Rejected")
+
+    second = json.loads(cape_cli("jobs", "submit", project, "linear-regression", "--x", "people:age",
+                                 "--y", "labels:churned", "--model-owner", acme, "--json", env=env_a).stdout)
+    timeout = cape_cli("jobs", "watch", second["id"], "--interval", "0.1", "--timeout", "0.3", env=env_a)
+    assert timeout.exit_code == 3 and "still NeedsApproval after 0.3 s" in timeout.stderr
+    stopped = cape_cli("jobs", "stop", second["id"], env=env_a)
+    assert stopped.exit_code == 0 and "Stopped" in stopped.stdout
+    status = cape_cli("jobs", "status", second["id"], env=env_g).stdout
+    assert "status:" in status and "Stopped" in status and "SEAT" in status
+    early = cape_cli("jobs", "results", second["id"], env=env_a)
+    assert early.exit_code == 1 and early.stderr.strip().endswith("(HTTP 409)")
+
+    missing = cape_cli("jobs", "submit", project, "linear-regression", "--x", "nope", "--y", "labels",
+                       "--model-owner", acme, env=env_a)
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == f"error: project {project!r} has no dataview named 'nope'; see `cape dataviews list`"
+
+    denied = cape_cli("projects", "delete", project, "--yes", env=env_g)
+    assert denied.exit_code == 1 and denied.stderr.strip().endswith("(HTTP 403)")
+    deleted = cape_cli("projects", "delete", project, "--yes", env=env_a)
+    assert deleted.exit_code == 0, deleted.stderr
+    assert json.loads(cape_cli("projects", "list", "--json", env=env_a).stdout) == []
+
+
+def test_sdk_pycape_shape(cape_server, orgs, unique_label, tmp_path: Path) -> None:
+    acme, globex = orgs["acme"], orgs["globex"]
+    cape = Cape(endpoint=cape_server.url, token=acme["user_token"])
+    assert cape.login()["kind"] == "user"
+    project = cape.create_project(unique_label("sdk"), name="SDK", description="pycape-like")
+    project.add_org(globex["organization"]["label"])
+    project.add_org(orgs["initech"]["organization"]["label"]).set_helper(orgs["initech"]["organization"]["label"])
+    assert project.helper["label"] == orgs["initech"]["organization"]["label"]
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n1,2\n3,4\n")
+    x = project.create_dataview("x", csv.as_uri())
+    assert x.column_names == ["a", "b"] and x.uri == csv.as_uri()
+    assert [p.label for p in cape.list_projects()] == [project.label]
+    assert cape.get_project(project.label) == project
+
+    other = Cape(endpoint=cape_server.url, token=globex["user_token"]).get_project(project.id)
+    y = other.create_dataview("y", "s3://globex/y.csv", schema={"t": "number"})
+    job = project.submit_job(VerticallyPartitionedLinearRegression(
+        x_train_dataview=x[["b"]], y_train_dataview=project.get_dataview("y")["t"],
+        model_owner=globex["organization"]["label"], timeout=30))
+    assert job.get_status() == "NeedsApproval"
+    assert [j.id for j in project.list_jobs()] == [job.id]
+    job.approve()
+    assert other.list_jobs()[0].get_status() == "NeedsApproval"
+    assert other.list_jobs()[0].approve().status == "Approved"
+    assert job.stop().status == "Stopped"
+    assert {d.name for d in project.list_dataviews()} == {"x", "y"}
+    assert y.owner["label"] == globex["organization"]["label"]

@@ -1,0 +1,99 @@
+"""Each server error becomes one readable `error: <message> (HTTP <status>)` line and exit 1, never a traceback."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from services.client import Cape
+from services.client.errors import ApiError, CoordinatorUnreachable
+
+
+def _single_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def two_orgs(cape_server) -> dict[str, dict]:
+    return {label: cape_server.create_org(label) for label in ("alpha", "beta")}
+
+
+def test_bad_token_is_401(cape_server, cape_cli, two_orgs) -> None:
+    result = cape_cli("projects", "list", env={"CAPE_COORDINATOR": cape_server.url,
+                                               "CAPE_TOKEN": "nosuchid,c2VjcmV0c2VjcmV0"})
+    assert result.exit_code == 1
+    line = _single_error_line(result.stderr)
+    assert line.endswith("(HTTP 401)")
+    assert "c2VjcmV0c2VjcmV0" not in result.stderr  # the token never shows up
+
+
+def test_other_orgs_project_is_403(cape_server, cape_cli, two_orgs) -> None:
+    alpha = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    beta = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
+    assert cape_cli("projects", "create", "secret-project", env=alpha).exit_code == 0
+    result = cape_cli("projects", "show", "secret-project", env=beta)
+    assert result.exit_code == 1
+    assert _single_error_line(result.stderr).endswith("(HTTP 403)")
+    assert result.stdout == ""
+
+
+def test_unknown_job_is_404(cape_server, cape_cli, two_orgs) -> None:
+    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    result = cape_cli("jobs", "status", "0" * 32, env=env)
+    assert result.exit_code == 1
+    assert _single_error_line(result.stderr).endswith("(HTTP 404)")
+
+
+def test_bad_field_is_422_naming_the_field(cape_server, cape_cli, two_orgs) -> None:
+    alpha = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    beta = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
+    assert cape_cli("projects", "create", "p422", env=alpha).exit_code == 0
+    assert cape_cli("projects", "add-org", "p422", "beta", env=alpha).exit_code == 0
+    assert cape_cli("dataviews", "add", "p422", "x", "file:///data/x.csv", "--schema", "a,b", env=alpha).exit_code == 0
+    assert cape_cli("dataviews", "add", "p422", "y", "file:///data/y.csv", "--schema", "t", env=beta).exit_code == 0
+    result = cape_cli("jobs", "submit", "p422", "linear-regression", "--x", "x", "--y", "y",
+                      "--model-owner", "nobody", env=alpha)
+    assert result.exit_code == 1
+    line = _single_error_line(result.stderr)
+    assert line.endswith("(HTTP 422)")
+    assert "model_owner" in line
+
+
+def test_duplicate_label_is_409(cape_server, cape_cli, two_orgs) -> None:
+    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    assert cape_cli("projects", "create", "twice", env=env).exit_code == 0
+    result = cape_cli("projects", "create", "twice", env=env)
+    assert result.exit_code == 1
+    line = _single_error_line(result.stderr)
+    assert line.endswith("(HTTP 409)") and "twice" in line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connection_refused_names_the_url(cape_cli, cape_script) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    env = {"CAPE_COORDINATOR": url, "CAPE_TOKEN": "tid,c2VjcmV0"}
+    expected = (f"error: cannot reach the coordinator at {url} (connection refused); check the URL "
+                "(cape login --coordinator, CAPE_COORDINATOR) and that the server is running")
+    for run in (cape_cli, cape_script):
+        result = run("jobs", "list", "some-project", env=env)
+        assert result.exit_code == 1
+        assert _single_error_line(result.stderr) == expected
+    with pytest.raises(CoordinatorUnreachable, match="connection refused"):
+        Cape(endpoint=url, token="tid,c2VjcmV0").list_projects()
+
+
+def test_sdk_raises_typed_api_errors(cape_server, two_orgs) -> None:
+    cape = Cape(endpoint=cape_server.url, token=two_orgs["alpha"]["user_token"])
+    with pytest.raises(ApiError) as info:
+        cape.get_project("no-such-project")
+    assert info.value.status == 404 and info.value.code
+    assert str(info.value).endswith("(HTTP 404)")

@@ -1,0 +1,165 @@
+"""Job lifecycle against a real cape-server: seats, approvals, worker view, reports, status moves, results."""
+from __future__ import annotations
+
+import time
+
+from tests.support.server import Api, build_job_world
+
+METRICS = {"mse_result": 0.25, "r_squared_result": 0.93}
+
+
+def test_job_runs_from_submission_to_results(cape_server):
+    world = build_job_world(cape_server, approve=False)
+    job, user, worker = world["job"], world["user"], world["worker"]
+    jid = job["id"]
+    assert job["status"] == "NeedsApproval"
+    assert job["outputs_to"] == "y_owner"
+    assert {s: p["organization"]["label"] for s, p in job["parties"].items()} == {
+        "x_owner": "xorg", "y_owner": "yorg", "helper": "helper"}
+    assert job["approvals"] == {"xorg": "pending", "yorg": "pending"}
+    assert job["task"]["x"] == {"dataview": {"id": job["task"]["x"]["dataview"]["id"], "name": "xs"},
+                                "columns": ["a", "b"]}
+
+    # Not yet approved: no worker sees it, and the helper cannot approve (it owns no data).
+    assert worker["xorg"].get("/v1/worker/jobs").json() == []
+    assert user["helper"].post(f"/v1/jobs/{jid}/approve").status_code == 403
+    assert user["xorg"].post(f"/v1/jobs/{jid}/approve").json()["status"] == "NeedsApproval"
+    approved = user["yorg"].post(f"/v1/jobs/{jid}/approve").json()
+    assert approved["status"] == "Approved"
+    assert approved["approvals"] == {"xorg": "approved", "yorg": "approved"}
+
+    # Each worker gets the job with its own seat, everyone's public keys, and only its own dataview's uri.
+    views = {label: api.get("/v1/worker/jobs").json() for label, api in worker.items()}
+    assert [v[0]["seat"] for v in views.values()] == ["x_owner", "y_owner", "helper"]
+    x_view, y_view, h_view = views["xorg"][0], views["yorg"][0], views["helper"][0]
+    assert x_view["task"]["x"]["dataview"]["uri"] == "file:///data/x.csv"
+    assert x_view["task"]["y"]["dataview"]["uri"] is None
+    assert y_view["task"]["y"]["dataview"]["uri"] == "file:///data/y.csv"
+    assert y_view["task"]["x"]["dataview"]["uri"] is None
+    assert h_view["task"]["x"]["dataview"]["uri"] is None and h_view["task"]["y"]["dataview"]["uri"] is None
+    assert set(x_view["parties"]) == {"x_owner", "y_owner", "helper"}
+    assert all(len(p["encryption_public_key"]) == 44 for p in x_view["parties"].values())
+    assert worker["xorg"].get(f"/v1/worker/jobs/{jid}").json() == x_view
+
+    # Started once all three report started; progress visible to project members.
+    for label in ("xorg", "yorg"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["status"] == "Approved"
+    assert worker["helper"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "running", "progress": 0.5, "message": "round 3"}).status_code == 204
+    status = user["yorg"].get(f"/v1/jobs/{jid}").json()
+    assert status["status"] == "Started"
+    assert status["parties"]["x_owner"] == {"organization": status["parties"]["x_owner"]["organization"],
+                                            "state": "running", "progress": 0.5, "message": "round 3"}
+
+    # Results only once Completed; the output seat must send metrics.
+    assert user["yorg"].get(f"/v1/jobs/{jid}/results").status_code == 409
+    missing = worker["yorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "completed"})
+    assert missing.status_code == 422 and "metrics" in missing.json()["error"]["message"]
+    done = worker["yorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "completed", "metrics": METRICS})
+    assert done.status_code == 204
+    # A retried identical report is fine; anything else on an ended job is 409 naming the status.
+    assert worker["yorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "completed", "metrics": METRICS}).status_code == 204
+    late = worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running", "progress": 0.9})
+    assert late.status_code == 409 and late.json()["error"]["status"] == "Completed"
+
+    results = user["yorg"].get(f"/v1/jobs/{jid}/results").json()
+    assert results == {"job": jid, "status": "Completed", "metrics": METRICS,
+                       "model_location": f"s3://bucket/models/{jid}/regression_weights.csv"}
+    for label in ("xorg", "helper"):
+        refused = user[label].get(f"/v1/jobs/{jid}/results")
+        assert refused.status_code == 403, refused.text
+        assert "model owner" in refused.json()["error"]["message"]
+    assert worker["xorg"].get("/v1/worker/jobs").json() == []  # ended jobs leave the worker list
+
+
+def test_error_report_ends_job_with_the_party_message(cape_server):
+    world = build_job_world(cape_server)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    assert worker["yorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "error", "message": "column t has NaN at row 7"}).status_code == 204
+    job = user["xorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "Error"
+    assert job["error"] == "y_owner (yorg): column t has NaN at row 7"
+
+
+def test_job_not_served_until_all_keys_registered(cape_server):
+    world = build_job_world(cape_server, register_keys=False)
+    jid, worker = world["job"]["id"], world["worker"]
+    from tests.support.server import worker_public_keys
+    worker["xorg"].put("/v1/worker/keys", json=worker_public_keys())
+    assert worker["xorg"].get("/v1/worker/jobs").json() == []
+    waiting = worker["xorg"].get(f"/v1/worker/jobs/{jid}")
+    assert waiting.status_code == 409
+    assert "y_owner (yorg)" in waiting.json()["error"]["message"]
+    assert "helper (helper)" in waiting.json()["error"]["message"]
+    for label in ("yorg", "helper"):
+        worker[label].put("/v1/worker/keys", json=worker_public_keys())
+    assert [j["id"] for j in worker["xorg"].get("/v1/worker/jobs").json()] == [jid]
+
+
+def test_start_timeout_ends_job_naming_missing_seats(cape_server):
+    world = build_job_world(cape_server, timeout=1)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"})
+    time.sleep(1.2)
+    job = user["xorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "Error"
+    assert job["error"] == "not all parties started within 1 s of approval; missing: y_owner (yorg), helper (helper)"
+    refused = worker["yorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"})
+    assert refused.status_code == 409 and refused.json()["error"]["status"] == "Error"
+
+
+def test_start_timeout_is_applied_by_the_background_sweep(start_cape_server):
+    server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2"])
+    world = build_job_world(server, timeout=1)
+    jid = world["job"]["id"]
+    time.sleep(1.6)
+    # Read the raw row through a second process-independent path: the database itself.
+    import sqlite3
+    conn = sqlite3.connect(server.data_dir / "coordinator.sqlite3")
+    status = conn.execute("SELECT status FROM jobs WHERE id = ?", (jid,)).fetchone()[0]
+    conn.close()
+    assert status == "Error"
+
+
+def test_reject_and_stop(cape_server):
+    world = build_job_world(cape_server, approve=False)
+    jid, user = world["job"]["id"], world["user"]
+    rejected = user["yorg"].post(f"/v1/jobs/{jid}/reject", json={"reason": "not this quarter"}).json()
+    assert rejected["status"] == "Rejected"
+    assert rejected["error"] == "rejected by yorg: not this quarter"
+    assert rejected["approvals"]["yorg"] == "rejected"
+    assert user["xorg"].post(f"/v1/jobs/{jid}/approve").status_code == 409
+    assert user["xorg"].post(f"/v1/jobs/{jid}/stop").status_code == 409
+
+    second = user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]}, "y": {"dataview": "ys", "column": "t"},
+        "model_owner": "xorg"}).json()
+    assert second["outputs_to"] == "x_owner" and second["task"]["timeout"] == 600
+    stopped = user["helper"].post(f"/v1/jobs/{second['id']}/stop").json()  # a party's org may stop it
+    assert stopped["status"] == "Stopped"
+    report = world["worker"]["helper"].post(f"/v1/worker/jobs/{second['id']}/report", json={"state": "started"})
+    assert report.status_code == 409 and report.json()["error"]["status"] == "Stopped"
+
+
+def test_model_owner_outside_data_owners_takes_third_seat(cape_server):
+    world = build_job_world(cape_server, approve=False)
+    user = world["user"]
+    # `helper` org as model owner: it gets the model_owner seat and the outputs.
+    job = user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["b", "a"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "helper"}).json()
+    assert set(job["parties"]) == {"x_owner", "y_owner", "model_owner"}
+    assert job["outputs_to"] == "model_owner"
+    assert job["task"]["x"]["columns"] == ["b", "a"]
+    del_helper = user["xorg"].put("/v1/projects/demo/helper", json={"organization": None})
+    assert del_helper.json()["helper"] is None
+    no_helper = user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg"})
+    assert no_helper.status_code == 422
+    assert no_helper.json()["error"]["message"].startswith("field 'helper':")
+    assert isinstance(Api, type)

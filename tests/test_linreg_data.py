@@ -1,0 +1,165 @@
+"""Loading an owner's columns: CSV and Parquet, paths, file:// uris, file objects; every bad input's message."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from services.jobs.linear_regression import (
+    JobDataError,
+    MissingColumnError,
+    MissingFileError,
+    NonFiniteError,
+    NonNumericError,
+    UnreadableDataError,
+    load_x,
+    load_y,
+    read_columns,
+)
+
+
+class OneWayStream(io.RawIOBase):
+    """A stream that cannot seek, like the body of an S3 GET."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self._inner.read(min(len(buffer), 1000))  # short reads, as a network stream gives
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.fixture
+def table() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {"age": rng.uniform(18, 90, 50), "income": rng.lognormal(10, 1, 50), "tiny": rng.normal(0, 1e-4, 50)}
+
+
+def write_csv(path: Path, columns: dict[str, np.ndarray]) -> Path:
+    names = list(columns)
+    lines = [",".join(names)] + [",".join(repr(float(columns[c][i])) for c in names) for i in range(len(columns[names[0]]))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_columns_in_the_order_asked(tmp_path: Path, table) -> None:
+    path = write_csv(tmp_path / "x.csv", table)
+    x = load_x(path, ["tiny", "age"])
+    assert x.shape == (50, 2) and x.dtype == np.float64 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x[:, 0], table["tiny"])  # repr() round-trips exactly
+    np.testing.assert_array_equal(x[:, 1], table["age"])
+    np.testing.assert_array_equal(load_y(str(path), "income"), table["income"])
+
+
+def test_parquet_by_file_uri_and_by_magic_bytes(tmp_path: Path, table) -> None:
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table(table), path)
+    np.testing.assert_array_equal(load_x(f"file://{path}", ["income", "age"])[:, 0], table["income"])
+    misnamed = tmp_path / "data.csv"  # the extension lies; the first bytes decide
+    misnamed.write_bytes(path.read_bytes())
+    np.testing.assert_array_equal(load_y(misnamed, "tiny"), table["tiny"])
+    assert read_columns(path) == ["age", "income", "tiny"]
+
+
+def test_integer_and_string_parquet_columns_are_converted(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"n": pa.array([1, 2, 3], pa.int32()), "s": ["1.5", " 2 ", "-3e2"]}), path)
+    np.testing.assert_array_equal(load_x(path, ["n", "s"]), [[1, 1.5], [2, 2], [3, -300]])
+
+
+def test_open_file_objects_seekable_and_one_way(tmp_path: Path, table) -> None:
+    csv_path = write_csv(tmp_path / "x.csv", table)
+    with open(csv_path, "rb") as handle:
+        np.testing.assert_array_equal(load_y(handle, "age"), table["age"])
+    np.testing.assert_array_equal(load_y(OneWayStream(csv_path.read_bytes()), "age", name="s3://b/x.csv"), table["age"])
+    parquet_path = tmp_path / "x.parquet"
+    pq.write_table(pa.table(table), parquet_path)
+    np.testing.assert_array_equal(load_y(OneWayStream(parquet_path.read_bytes()), "income"), table["income"])
+
+
+def test_large_csv_is_read_by_pyarrow(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((200_000, 3))
+    path = tmp_path / "big.csv"
+    np.savetxt(path, x, delimiter=",", header="a,b,c", comments="", fmt="%.17g")
+    np.testing.assert_array_equal(load_x(path, ["c", "a"]), x[:, [2, 0]])
+
+
+@pytest.mark.parametrize("one_way", [False, True])
+def test_non_numeric_names_file_column_and_first_bad_row(tmp_path: Path, one_way: bool) -> None:
+    lines = ["id,age"] + [f"{i},{20 + i % 50}" for i in range(1, 100_001)]
+    lines[70_000] = "70000,abc"  # data row 70000
+    lines[90_000] = "90000,xyz"
+    data = ("\n".join(lines) + "\n").encode()
+    path = tmp_path / "x.csv"
+    path.write_bytes(data)
+    source = OneWayStream(data) if one_way else path
+    with pytest.raises(NonNumericError) as caught:
+        load_x(source, ["id", "age"], name="x.csv")
+    assert str(caught.value) == "x.csv: column 'age' row 70000: 'abc' is not a number"
+    assert caught.value.row == 70000
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        (b"a,b\n1,2\n3,\n", NonNumericError, "x.csv: column 'b' row 2: the value is empty"),
+        (b"a,b\n1,2\n3,nan\n", NonFiniteError,
+         "x.csv: column 'b' row 2: the value is NaN (not a number); every value must be a finite number"),
+        (b"a,b\n1,2\n-inf,4\n5,inf\n", NonFiniteError,
+         "x.csv: column 'a' row 2: the value is infinite (or beyond the float64 range); every value must be a "
+         "finite number"),
+        (b"a,b\n1,2\n3,1e999\n", NonFiniteError,
+         "x.csv: column 'b' row 2: the value is infinite (or beyond the float64 range); every value must be a "
+         "finite number"),
+        (b"a,b\n1,2\n3\n", UnreadableDataError,
+         "x.csv: row 2 has 1 fields but the header has 2; every row needs one value per column"),
+        (b"", UnreadableDataError, "x.csv: the file is empty; expected a CSV file with a header row, or Parquet"),
+        (b"a,b\n1,2\n", MissingColumnError, "x.csv: no column 'c'; the file has 'a', 'b'"),
+    ],
+)
+def test_bad_csv_messages(tmp_path: Path, text: bytes, error: type, message: str) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes(text)
+    columns = ["a", "c"] if error is MissingColumnError else ["a", "b"]
+    with pytest.raises(error) as caught:
+        load_x(path, columns, name="x.csv")
+    assert str(caught.value) == message
+    assert isinstance(caught.value, JobDataError)
+
+
+def test_bad_parquet_values(tmp_path: Path) -> None:
+    path = tmp_path / "y.parquet"
+    pq.write_table(pa.table({"y": pa.array([1.0, None, 3.0]), "s": ["1", "2", "x"], "when": pa.array([1, 2, 3], pa.timestamp("s"))}), path)
+    with pytest.raises(NonNumericError, match=r"y.parquet: column 'y' row 2: the value is empty"):
+        load_y(path, "y")
+    with pytest.raises(NonNumericError, match=r"y.parquet: column 's' row 3: 'x' is not a number"):
+        load_y(path, "s")
+    with pytest.raises(UnreadableDataError, match=r"column 'when' holds timestamp\[m?s\] values, not numbers"):
+        load_y(path, "when")
+
+
+def test_missing_file_and_unsupported_uri(tmp_path: Path) -> None:
+    with pytest.raises(MissingFileError) as caught:
+        load_x(tmp_path / "nope.csv", ["a"])
+    assert str(caught.value).startswith(f"{tmp_path / 'nope.csv'}: no such file; check the path")
+    with pytest.raises(MissingFileError, match="is a directory"):
+        load_y(tmp_path, "a")
+    with pytest.raises(UnreadableDataError, match=r"cannot read s3:// here"):
+        load_y("s3://bucket/y.csv", "a")
+
+
+def test_long_bad_values_are_cut(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("a\n" + "z" * 500 + "\n")
+    with pytest.raises(NonNumericError) as caught:
+        load_y(path, "a", name="x.csv")
+    assert str(caught.value) == "x.csv: column 'a' row 1: 'zzzzzzzzzzzzzzzzzzzzzzzzzzzzz...' is not a number"

@@ -1,0 +1,136 @@
+"""A worker started exactly as the image starts it (`cape-worker run`, conf/supervisord.conf), under real
+supervisord: four programs RUNNING, a killed program respawned, a FATAL program ends the worker non-zero,
+SIGTERM stops everything within 10 s, and a non-root worker whose stdout is a root-owned pipe still logs."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+import pwd
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from services.worker import health
+from services.worker.keys import ENCRYPTION_KEY_FILE
+from tests.support.workers import worker_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cape_worker(*args, env):
+    return subprocess.run(["cape-worker", *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_four_programs_running_health_and_status(start_worker, tmp_path):
+    env = worker_env(tmp_path, "org-a")
+    worker = start_worker(env)
+    assert worker.wait_running() == {p: "RUNNING" for p in health.PROGRAMS}
+    result = cape_worker("health", env=env)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip() == "healthy: poller RUNNING, messenger RUNNING, runner RUNNING, uploader RUNNING"
+    result = cape_worker("status", env=env)
+    assert result.returncode == 0
+    for program in health.PROGRAMS:
+        assert f"  {program:<10} RUNNING" in result.stdout
+    assert "jobs in " in result.stdout
+    # Every program's own lines reach the worker's stdout, one per event.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "poller WARNING cannot reach the coordinator" not in worker.output:
+        time.sleep(0.2)
+    assert "poller WARNING cannot reach the coordinator at http://127.0.0.1:9" in worker.output
+    assert "uploader INFO uploading results to file://" in worker.output
+
+
+def test_killed_program_is_respawned(start_worker, tmp_path):
+    worker = start_worker(worker_env(tmp_path, "org-a"))
+    worker.wait_running()
+    for program in ("runner", "messenger"):
+        old = worker.pid(program)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            info = worker.supervisor().getProcessInfo(f"worker:{program}")
+            if info["pid"] not in (0, old) and info["statename"] in ("STARTING", "RUNNING"):
+                break
+            time.sleep(0.1)
+        assert info["pid"] not in (0, old), info
+    worker.wait_running()
+
+
+def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):
+    env = worker_env(tmp_path, "org-a")
+    state = tmp_path / "org-a" / "state"
+    state.mkdir(parents=True, mode=0o700)
+    (state / ENCRYPTION_KEY_FILE).write_text("not a key")  # every program that loads the keys fails at start
+    os.chmod(state / ENCRYPTION_KEY_FILE, 0o600)
+    worker = start_worker(env)
+    code = worker.wait_exit(timeout=60)
+    assert code not in (None, 0), worker.output[-2000:]
+    assert "kept failing (FATAL)" in worker.output
+    assert "not a readable private key" in worker.output
+
+
+def test_sigterm_stops_all_programs_within_10_seconds(start_worker, tmp_path):
+    worker = start_worker(worker_env(tmp_path, "org-a"))
+    worker.wait_running()
+    pids = [worker.pid(p) for p in health.PROGRAMS]
+    supervisord_pid = int((worker.run_dir / "supervisord.pid").read_text())
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    code = worker.wait_exit(timeout=10)
+    elapsed = time.monotonic() - started
+    assert code == 0, worker.output[-2000:]
+    assert elapsed < 10
+    for pid in [*pids, supervisord_pid]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    result = cape_worker("health", env=worker.env)
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: ")
+
+
+def test_health_fails_without_a_worker(tmp_path):
+    env = worker_env(tmp_path, "nobody-here")
+    result = cape_worker("health", env=env)
+    assert result.returncode == 1
+    assert "no supervisord socket" in result.stdout
+
+
+def test_non_root_worker_with_root_owned_stdout_pipe():
+    """As in `docker run` with USER: stdout is a pipe created by root; the programs' lines still come out."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a worker as another user")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="cape-nonroot-", dir="/tmp"))  # pytest's tmp dirs are 0700 root
+    os.chmod(base, 0o755)
+    folder = base / "org-n"
+    folder.mkdir()
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    env = worker_env(base, "org-n", HOME=str(folder))
+    proc = subprocess.Popen(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                             "cape-worker", "run"], env=env, cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 30
+        os.set_blocking(proc.stdout.fileno(), False)
+        while time.monotonic() < deadline and not any("poller WARNING" in line for line in lines):
+            chunk = proc.stdout.read()
+            if chunk:
+                lines.extend(chunk.decode(errors="replace").splitlines())
+            time.sleep(0.2)
+        text = "\n".join(lines)
+        assert "poller WARNING cannot reach the coordinator" in text, text[-2000:]
+        assert "EACCES" not in text and "Permission denied" not in text
+        states = health.program_states(folder / "state" / "run")
+        assert set(states) == set(health.PROGRAMS) and "FATAL" not in states.values()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        shutil.rmtree(base, ignore_errors=True)

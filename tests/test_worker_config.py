@@ -1,0 +1,85 @@
+"""WorkerConfig.from_env: valid settings, and each bad setting named in its error, never the token."""
+import pytest
+
+from services.worker.config import Bucket, ConfigError, WorkerConfig, parse_bucket
+
+TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+
+
+def env(**overrides):
+    base = {"CAPE_TOKEN": TOKEN, "CAPE_COORDINATOR": "http://127.0.0.1:8000", "CAPE_SPOOL_DIR": "/tmp/spool",
+            "CAPE_STATE_DIR": "/tmp/state", "CAPE_WORKER_NAME": "org-a"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_defaults_and_derived_values():
+    config = WorkerConfig.from_env(env())
+    assert config.broker == "http://127.0.0.1:8000/broker"
+    assert config.bucket is None
+    assert config.log_group == "/cape/worker"
+    assert config.cloudwatch is False
+    assert config.aws_region == "us-east-1"
+    assert config.token_id == "tok123"
+    assert str(config.spool_dir) == "/tmp/spool"
+
+
+def test_token_never_in_repr():
+    config = WorkerConfig.from_env(env(AWS_ACCESS_KEY_ID="AKIA", AWS_SECRET_ACCESS_KEY="verysecretkey"))
+    text = repr(config) + str(config)
+    assert "c2VjcmV0" not in text and "verysecretkey" not in text
+
+
+@pytest.mark.parametrize("overrides, variable, words", [
+    ({"CAPE_TOKEN": None}, "CAPE_TOKEN", "is not set"),
+    ({"CAPE_TOKEN": "no-comma-here"}, "CAPE_TOKEN", "malformed"),
+    ({"CAPE_TOKEN": "id,not base64!!"}, "CAPE_TOKEN", "not base64"),
+    ({"CAPE_COORDINATOR": None}, "CAPE_COORDINATOR", "is not set"),
+    ({"CAPE_COORDINATOR": "127.0.0.1:8000"}, "CAPE_COORDINATOR", "not an http(s) URL"),
+    ({"CAPE_COORDINATOR": "ftp://host"}, "CAPE_COORDINATOR", "not an http(s) URL"),
+    ({"CAPE_COORDINATOR": "http://host:99999"}, "CAPE_COORDINATOR", "invalid port"),
+    ({"CAPE_BROKER": "broker.example.com"}, "CAPE_BROKER", "not an http(s) URL"),
+    ({"AWS_ENDPOINT_URL": "localhost:9000"}, "AWS_ENDPOINT_URL", "not an http(s) URL"),
+    ({"CAPE_BUCKET": "my-bucket"}, "CAPE_BUCKET", "s3://"),
+    ({"CAPE_BUCKET": "s3://Bad_Bucket"}, "CAPE_BUCKET", "bucket name"),
+    ({"CAPE_BUCKET": "file://relative/dir"}, "CAPE_BUCKET", "absolute path"),
+    ({"CAPE_LOG_LEVEL": "chatty"}, "CAPE_LOG_LEVEL", "DEBUG, INFO"),
+    ({"CAPE_CLOUDWATCH": "maybe"}, "CAPE_CLOUDWATCH", "'on' or 'off'"),
+    ({"CAPE_WORKER_NAME": "a b"}, "CAPE_WORKER_NAME", "letters, digits"),
+    ({"AWS_ACCESS_KEY_ID": "AKIA"}, "AWS_SECRET_ACCESS_KEY", "both"),
+    ({"CAPE_POLL_INTERVAL": "fast"}, "CAPE_POLL_INTERVAL", "seconds"),
+])
+def test_bad_settings_name_the_variable(overrides, variable, words):
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(**overrides))
+    assert err.value.variable == variable
+    assert str(err.value).startswith(variable + ":")
+    assert words in str(err.value)
+    assert "c2VjcmV0" not in str(err.value)
+
+
+def test_spool_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="CAPE_SPOOL_DIR: .* is not a directory"):
+        WorkerConfig.from_env(env(CAPE_SPOOL_DIR=str(tmp_path / "file")))
+
+
+def test_buckets():
+    assert parse_bucket("s3://models/team/a") == Bucket("s3", "models", "team/a")
+    assert parse_bucket("s3://models").uri == "s3://models"
+    assert parse_bucket("file:///srv/models/").uri == "file:///srv/models"
+    config = WorkerConfig.from_env(env(CAPE_BUCKET="s3://models/p", CAPE_CLOUDWATCH="on",
+                                       AWS_ENDPOINT_URL="http://127.0.0.1:5000/"))
+    assert config.bucket == Bucket("s3", "models", "p")
+    assert config.cloudwatch is True
+    assert config.boto3_kwargs()["endpoint_url"] == "http://127.0.0.1:5000"
+
+
+def test_dotenv_file_and_environment_wins(tmp_path):
+    dotenv = tmp_path / "worker.env"
+    dotenv.write_text(f"CAPE_TOKEN={TOKEN}\nCAPE_COORDINATOR=http://from-file:1\nCAPE_LOG_LEVEL=debug\n")
+    config = WorkerConfig.from_env({"CAPE_COORDINATOR": "http://from-env:2", "CAPE_WORKER_NAME": "w"},
+                                   env_file=dotenv)
+    assert config.coordinator == "http://from-env:2"
+    assert config.log_level == "DEBUG"
+    assert config.token == TOKEN

@@ -1,0 +1,144 @@
+"""Worker logging: one line per event, secrets redacted, CloudWatch via moto, CloudWatch down never blocks."""
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from services.worker import logs
+from services.worker.config import WorkerConfig
+from tests.support.aws import free_port
+
+TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+
+
+def config_env(**extra):
+    return {"CAPE_TOKEN": TOKEN, "CAPE_COORDINATOR": "http://127.0.0.1:1", "CAPE_WORKER_NAME": "org-a",
+            "CAPE_SPOOL_DIR": "/tmp/s", "CAPE_STATE_DIR": "/tmp/t", **extra}
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger():
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def test_one_line_per_event_with_program_level_and_utc_time():
+    out = io.StringIO()
+    log = logs.setup("poller", WorkerConfig.from_env(config_env()), stream=out)
+    log.info("fetched %d jobs", 2)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed\nsecond line")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(" poller INFO fetched 2 jobs")
+    assert time.strptime(lines[0].split(" ")[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert " poller ERROR failed | second line | Traceback" in lines[1] and "RuntimeError: boom" in lines[1]
+
+
+def test_no_token_or_secret_in_any_line():
+    out = io.StringIO()
+    config = WorkerConfig.from_env(config_env(AWS_ACCESS_KEY_ID="AKIAX", AWS_SECRET_ACCESS_KEY="aws-secret-value"))
+    log = logs.setup("runner", config, stream=out)
+    log.info("token is %s", TOKEN)
+    log.warning("header Authorization: Bearer %s", "abc,def")
+    log.error("secret half %s and aws %s", TOKEN.split(",")[1], "aws-secret-value")
+    log.info("someone else's token otherid,QUJDREVGR0hJSktMTU5PUFFSU1RVVg== leaked")
+    text = out.getvalue()
+    assert "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0" not in text
+    assert "aws-secret-value" not in text and "abc,def" not in text
+    assert "QUJDREVGR0hJSktMTU5PUFFSU1RVVg" not in text
+    assert text.count(logs.REDACTED) == 5
+
+
+def test_records_reach_cloudwatch_one_stream_per_worker_and_program(moto):
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/test", **moto.env))
+    log = logs.setup("uploader", config, stream=io.StringIO())
+    log.info("uploaded %s", "weights")
+    log.info("token %s", TOKEN)
+    logging.getLogger().handlers[-1].close()  # flushes the queue, as logging.shutdown() does at exit
+    messages = moto.log_events("/cape/test", "org-a/uploader")
+    assert messages == ["uploader INFO uploaded weights", f"uploader INFO token {logs.REDACTED}"]
+
+
+def test_cloudwatch_down_never_blocks_a_program():
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=dead,
+                                              AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b"))
+    out = io.StringIO()
+    started = time.monotonic()
+    log = logs.setup("messenger", config, stream=out)
+    setup_seconds = time.monotonic() - started
+    started = time.monotonic()
+    for i in range(200):
+        log.info("event %d", i)
+    emit_seconds = time.monotonic() - started
+    assert "CloudWatch Logs unreachable" in out.getvalue()
+    assert out.getvalue().count("messenger INFO event") == 200
+    assert setup_seconds < 10 and emit_seconds < 2
+
+
+def test_cloudwatch_accepting_but_silent_endpoint_does_not_block_emit():
+    """An endpoint that accepts connections and never answers: emit() stays fast, close() is bounded."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(50)
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=url,
+                                                  AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b"))
+        log = logs.setup("poller", config, stream=io.StringIO())
+        started = time.monotonic()
+        for i in range(100):
+            log.info("event %d", i)
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        assert time.monotonic() - started < 15
+    finally:
+        server.close()
+
+
+def test_sigterm_flushes_queued_records_to_cloudwatch(moto, tmp_path):
+    """A program killed by SIGTERM (supervisord's stop) exits 0 and its queued records still arrive."""
+    program = textwrap.dedent("""
+        import sys, time
+        from services.worker import logs
+        from services.worker.config import WorkerConfig
+        log = logs.setup("runner", WorkerConfig.from_env())
+        for i in range(5):
+            log.info("step %d", i)
+        print("READY", flush=True)
+        time.sleep(60)
+    """)
+    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/sigterm", **moto.env)}
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, env=env, cwd=tmp_path,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while "READY" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "program ended before logging"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert moto.log_events("/cape/sigterm", "org-a/runner") == [f"runner INFO step {i}" for i in range(5)]

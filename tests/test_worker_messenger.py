@@ -1,0 +1,161 @@
+"""The messenger against a real cape-server: sealed messages move between workers' spools through the broker."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from services.worker.job_spec import JobSpec
+from services.worker.sealing import MessageAddress, SealedMessage
+from services.worker.spool_transport import SpoolTransport, SpoolTransportTimeout
+from tests.support.worker_messaging import approved_job
+
+WAIT = 30.0  # bound on every wait in these tests
+
+
+def messenger_env(job, seat, base: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "AWS_"))}
+    env.update({
+        "CAPE_TOKEN": job.seats[seat].token,
+        "CAPE_COORDINATOR": job.url,
+        "CAPE_BROKER": job.broker_url,
+        "CAPE_SPOOL_DIR": str(job.seats[seat].spool.root),
+        "CAPE_STATE_DIR": str(base / seat / "state"),
+        "CAPE_WORKER_NAME": seat.replace("_", "-"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def start_messenger(job, seat, base: Path) -> subprocess.Popen:
+    log = open(base / f"{seat}.messenger.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "services.worker.messenger"], env=messenger_env(job, seat, base),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def transport(job, seat, timeout=WAIT) -> SpoolTransport:
+    s = job.seats[seat]
+    return SpoolTransport(s.spool, JobSpec.parse(s.spec), s.keys, timeout=timeout)
+
+
+@pytest.fixture
+def job(cape_server, tmp_path):
+    job = approved_job(cape_server, tmp_path)
+    for seat in job.seats.values():
+        seat.spool.put_job(seat.spec)
+    return job
+
+
+def test_messages_travel_sealed_through_the_broker(job, cape_server, tmp_path):
+    x_array = np.arange(1000, dtype=np.uint64) * np.uint64(0x0101010101010101)
+    helper_array = np.linspace(-1, 1, 77).reshape(7, 11)
+    started = []
+    try:
+        # Senders first, the recipient's messenger later: the messages wait at the broker meanwhile.
+        started += [start_messenger(job, "x_owner", tmp_path), start_messenger(job, "helper", tmp_path)]
+        transport(job, "x_owner").send(1, "round1.share", x_array)
+        transport(job, "helper").send(1, "round1.share", helper_array)
+        for seat in ("x_owner", "helper"):
+            spool = job.seats[seat].spool
+            wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner",
+                                                                              f"{seat}.round1.share"),
+                     f"{seat}'s message to be confirmed by the broker")
+
+        # What the broker stores is ciphertext: the share's bytes appear nowhere in the server's data directory.
+        needle = x_array.tobytes()[8:200]
+        for path in cape_server.data_dir.rglob("*"):
+            if path.is_file():
+                assert needle not in path.read_bytes(), f"plaintext share found in {path}"
+
+        started.append(start_messenger(job, "y_owner", tmp_path))
+        receiver = transport(job, "y_owner")
+        np.testing.assert_array_equal(receiver.receive(0, "round1.share"), x_array)
+        got = receiver.receive(2, "round1.share")
+        np.testing.assert_array_equal(got, helper_array)
+        assert got.dtype == helper_array.dtype and got.shape == (7, 11)
+
+        # Delivered messages were acknowledged: nothing waits at the broker for y_owner any more.
+        listing = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
+                               headers={"Authorization": f"Bearer {job.seats['y_owner'].token}"}).json()
+        assert listing == []
+    finally:
+        for proc in started:
+            proc.send_signal(signal.SIGTERM)
+        for proc in started:
+            proc.wait(timeout=10)
+    log = (tmp_path / "y_owner.messenger.log").read_text()
+    assert "received x_owner.round1.share from x_owner" in log
+    assert job.seats["y_owner"].token.split(",")[1] not in log
+
+
+def test_forged_and_misaddressed_messages_are_dropped(job, tmp_path):
+    helper = job.seats["helper"]
+    y_spool = job.seats["y_owner"].spool
+    put = lambda name, body: requests.put(  # noqa: E731 - what a misbehaving helper worker can do at the broker
+        f"{job.broker_url}/v1/jobs/{job.id}/messages/y_owner/{name}", data=body, timeout=10,
+        headers={"Authorization": f"Bearer {helper.token}"})
+    # 1. signed with a key that is not the helper's registered one
+    forged = SealedMessage.seal_bytes(b"\x93NUMPY fake", MessageAddress(job.id, "helper", "y_owner", "helper.r1"),
+                                      JobSpec.parse(helper.spec).parties["y_owner"].encryption_key,
+                                      ed25519.Ed25519PrivateKey.generate())
+    assert put("helper.r1", forged).status_code == 201
+    # 2. the helper posing as the x-owner (the broker says it comes from the helper's seat)
+    assert put("x_owner.r1", b"garbage").status_code == 201
+    # 3. a genuine message of the helper, but for another slot, replayed under a new name
+    genuine = SealedMessage.seal_bytes(b"data", MessageAddress(job.id, "helper", "y_owner", "helper.r0"),
+                                       JobSpec.parse(helper.spec).parties["y_owner"].encryption_key,
+                                       helper.keys.signing)
+    assert put("helper.r2", genuine).status_code == 201
+
+    proc = start_messenger(job, "y_owner", tmp_path)
+    try:
+        wait_for(lambda: len(y_spool.rejections(job.id)) == 3, "three rejections")
+        rejections = y_spool.rejections(job.id)
+        assert "signature does not verify" in rejections["helper.r1"]["reason"]
+        assert "does not belong to the sender" in rejections["x_owner.r1"]["reason"]
+        assert "signature does not verify" in rejections["helper.r2"]["reason"]
+        for name in rejections:
+            assert not y_spool.inbox_path(job.id, name).exists()
+        # the runner waiting for the helper's message says why it never came
+        with pytest.raises(SpoolTransportTimeout, match="rejected"):
+            transport(job, "y_owner", timeout=0.3).receive(2, "r1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    log = (tmp_path / "y_owner.messenger.log").read_text()
+    assert log.count("dropped message") == 3
+    assert "garbage" not in log
+
+
+def test_sigterm_stops_the_messenger_within_two_seconds(job, tmp_path):
+    proc = start_messenger(job, "y_owner", tmp_path)
+    try:
+        log = tmp_path / "y_owner.messenger.log"
+        wait_for(lambda: log.exists() and "relaying messages" in log.read_text(), "the messenger to start")
+        time.sleep(0.5)  # now inside a long-poll at the broker
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)

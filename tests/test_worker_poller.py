@@ -1,0 +1,103 @@
+"""The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
+import logging
+
+import pytest
+
+from services.worker.config import WorkerConfig
+from services.worker.coordinator_client import CoordinatorAuthError, CoordinatorClient
+from services.worker.keys import WorkerKeys
+import services.worker.poller as poller_mod
+from services.worker.poller import Backoff, Poller
+from services.worker.spool import Spool
+from tests.support.aws import free_port
+from tests.support.server import build_job_world
+
+
+def make_poller(tmp_path, url, token):
+    config = WorkerConfig.from_env({"CAPE_TOKEN": token, "CAPE_COORDINATOR": url, "CAPE_WORKER_NAME": "w",
+                                    "CAPE_SPOOL_DIR": str(tmp_path / "spool"), "CAPE_STATE_DIR": str(tmp_path / "st"),
+                                    "CAPE_POLL_INTERVAL": "0.05"})
+    keys = WorkerKeys.load_or_create(config.state_dir)
+    return Poller(config, CoordinatorClient(url, token, timeout=5), Spool(config.spool_dir), keys), keys
+
+
+@pytest.fixture
+def world(cape_server):
+    return build_job_world(cape_server)
+
+
+def test_fetches_approved_job_into_spool_and_registers_keys(cape_server, world, tmp_path):
+    poller, keys = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.cycle()
+    job_id = world["job"]["id"]
+    spec = poller.spool.read_job(job_id)
+    assert spec["seat"] == "x_owner" and spec["status"] == "Approved"
+    assert spec["parties"]["x_owner"]["encryption_public_key"] == keys.encryption_public_b64
+    assert spec["parties"]["x_owner"]["signing_public_key"] == keys.signing_public_b64
+    assert spec["task"]["x"]["dataview"]["uri"] == "file:///data/x.csv"
+
+
+def test_reports_status_in_order_and_removes_only_accepted(cape_server, world, tmp_path):
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.cycle()
+    job_id = world["job"]["id"]
+    poller.spool.put_status(job_id, {"state": "started", "progress": 0.0})
+    poller.spool.put_status(job_id, {"state": "running", "progress": 0.5, "message": "halfway"})
+    poller.cycle()
+    assert poller.spool.pending_status() == []
+    job = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()
+    party = job["parties"]["x_owner"]
+    assert (party["state"], party["progress"]) == ("running", 0.5)
+
+
+def test_unreachable_coordinator_keeps_reports_for_later(cape_server, world, tmp_path):
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.cycle()
+    job_id = world["job"]["id"]
+    poller.spool.put_status(job_id, {"state": "started", "progress": 0.0})
+    poller.client.base_url = f"http://127.0.0.1:{free_port()}"
+    poller.run(max_cycles=2)  # logs and backs off, never raises
+    assert len(poller.spool.pending_status()) == 1
+    poller.client.base_url = cape_server.url
+    poller.cycle()
+    assert poller.spool.pending_status() == []
+
+
+def test_stopped_job_is_marked_ended_in_spool(cape_server, world, tmp_path):
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
+    poller.cycle()
+    job_id = world["job"]["id"]
+    assert poller.spool.ended(job_id) is None
+    assert world["user"]["xorg"].post(f"/v1/jobs/{job_id}/stop").status_code == 200
+    poller.cycle()
+    assert poller.spool.ended(job_id)["status"] == "Stopped"
+
+
+def test_report_refused_with_409_marks_job_ended(cape_server, world, tmp_path):
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
+    poller.cycle()
+    job_id = world["job"]["id"]
+    world["user"]["xorg"].post(f"/v1/jobs/{job_id}/stop")
+    poller.spool.put_status(job_id, {"state": "running", "progress": 0.2})
+    poller.send_status()  # before noticing the stop through the job list
+    assert poller.spool.ended(job_id)["status"] == "Stopped"
+    assert poller.spool.pending_status() == []
+
+
+def test_bad_token_is_an_auth_error_not_a_crash(cape_server, tmp_path, caplog, monkeypatch):
+    poller, _ = make_poller(tmp_path, cape_server.url, "nosuchid,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==")
+    with pytest.raises(CoordinatorAuthError, match="refused CAPE_TOKEN"):
+        poller.cycle()
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    delays = []
+    monkeypatch.setattr(poller_mod.time, "sleep", delays.append)
+    poller.run(max_cycles=2)
+    assert delays == [10.0, 10.0]  # a refused token is retried slowly, never a crash loop
+    assert "refused CAPE_TOKEN" in caplog.text and "ZHVtbXkt" not in caplog.text
+
+
+def test_backoff_doubles_and_caps():
+    backoff = Backoff(0.5, cap=4)
+    assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
+    backoff.reset()
+    assert backoff.next_delay() == 0.5

@@ -1,0 +1,152 @@
+"""The spool: atomic hand-offs, crash leftovers ignored, strict names, the queues the programs share."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from services.worker.spool import (
+    InvalidName,
+    Spool,
+    atomic_write_bytes,
+    atomic_writer,
+    validate_job_id,
+    validate_message_name,
+    validate_seat,
+)
+
+JOB = "0123456789abcdef0123456789abcdef"
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "a" / "file.json"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert os.listdir(target.parent) == ["file.json"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_writer(target) as handle:
+            handle.write(b"partial")
+            raise RuntimeError("crash in the middle")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_first_writer_wins_without_overwrite(tmp_path):
+    target = tmp_path / "msg.sealed"
+    atomic_write_bytes(target, b"genuine", overwrite=False)
+    atomic_write_bytes(target, b"second try", overwrite=False)
+    assert target.read_bytes() == b"genuine"
+    assert os.listdir(tmp_path) == ["msg.sealed"]
+
+
+def test_torn_temp_files_are_ignored_by_every_reader(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put_job({"id": JOB, "seat": "x_owner"})
+    spool.put_status(JOB, {"state": "started", "progress": 0})
+    # what a writer killed mid-write leaves: dot-prefixed temp files in each stage directory
+    for folder in (spool.job_dir("torn1"), tmp_path / "status" / JOB, tmp_path / "outbox" / JOB / "y_owner",
+                   tmp_path / "inbox" / JOB, tmp_path / "results" / JOB):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".spec.json.abc123.tmp").write_bytes(b'{"id": "tor')
+    assert spool.job_ids() == [JOB]
+    assert [item.read() for item in spool.pending_status()] == [{"state": "started", "progress": 0}]
+    assert spool.pending_outbox() == []
+    assert spool.pending_results() == []
+    assert not spool.inbox_path(JOB, "x_owner.m1").exists()
+
+
+def test_sweep_removes_only_old_temp_files(tmp_path):
+    spool = Spool(tmp_path)
+    old = tmp_path / "inbox" / ".a.msg.111111.tmp"
+    new = tmp_path / "inbox" / ".b.msg.222222.tmp"
+    keep = tmp_path / "inbox" / "c.msg"
+    for path in (old, new, keep):
+        path.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    assert spool.sweep_temp(older_than=3600) == 1
+    assert not old.exists() and new.exists() and keep.exists()
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "a/b", ".hidden", "a b", "x" * 129, "é", None, 5])
+def test_job_ids_from_outside_are_validated(tmp_path, bad):
+    with pytest.raises(InvalidName, match="job id"):
+        validate_job_id(bad)
+    with pytest.raises(InvalidName):
+        Spool(tmp_path).put_job({"id": bad})
+
+
+@pytest.mark.parametrize("bad", ["", "..", ".", ".x", "a/b", "a\\b", "x" * 201, "a\x00b", "ü"])
+def test_message_names_from_outside_are_validated(tmp_path, bad):
+    with pytest.raises(InvalidName, match="message name"):
+        validate_message_name(bad)
+    with pytest.raises(InvalidName):
+        Spool(tmp_path).inbox_path(JOB, bad)
+
+
+def test_good_names_pass():
+    assert validate_message_name("x_owner.round-3.share_1") == "x_owner.round-3.share_1"
+    assert validate_seat("model_owner") == "model_owner"
+    with pytest.raises(InvalidName, match="seat"):
+        validate_seat("../x")
+
+
+def test_job_lifecycle_markers_and_claim(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put_job({"id": "a1", "seat": "x_owner"})
+    spool.put_job({"id": "b2", "seat": "y_owner"})
+    assert spool.put_job({"id": "a1", "seat": "x_owner"}) is False  # unchanged spec is not rewritten
+    assert spool.active_job_ids() == ["a1", "b2"]
+    spool.claim("a1")
+    assert Spool(tmp_path).claimed_jobs() == ["a1"]  # a new process (a restarted runner) sees the claim
+    spool.mark_done("a1", "completed")
+    spool.release_claim("a1")
+    assert spool.claimed_jobs() == []
+    spool.mark_ended("b2", "Stopped", "stopped by alice")
+    assert spool.ended("b2") == {"status": "Stopped", "message": "stopped by alice"}
+    assert spool.active_job_ids() == []
+
+
+def test_status_queue_keeps_order_across_writers(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put_status(JOB, {"state": "started", "progress": 0.0})
+    spool.put_status(JOB, {"state": "running", "progress": 0.5})
+    spool.put_status(JOB, {"state": "completed", "progress": 1.0}, source="uploader")
+    items = spool.pending_status()
+    assert [i.read()["state"] for i in items] == ["started", "running", "completed"]
+    spool.ack_status(items[0])
+    assert [i.read()["state"] for i in spool.pending_status()] == ["running", "completed"]
+
+
+def test_outbox_is_marked_sent_and_remembered(tmp_path):
+    spool = Spool(tmp_path)
+    path = spool.outbox_path(JOB, "y_owner", "x_owner.r1")
+    atomic_write_bytes(path, b"sealed bytes")
+    [item] = spool.pending_outbox()
+    assert (item.job_id, item.to_seat, item.name) == (JOB, "y_owner", "x_owner.r1")
+    spool.mark_sent(item)
+    assert spool.pending_outbox() == []
+    assert spool.outbox_has(JOB, "y_owner", "x_owner.r1")  # a replaying runner must not re-seal it
+    spool.discard_messages(JOB)
+    assert not spool.outbox_has(JOB, "y_owner", "x_owner.r1")
+
+
+def test_results_hand_over_to_the_uploader(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put_result(JOB, {"weights": [1.0, 2.0], "metrics": {"mse_result": 0.1}})
+    assert spool.pending_results() == [JOB]
+    assert spool.read_result(JOB)["weights"] == [1.0, 2.0]
+    spool.ack_result(JOB)
+    assert spool.pending_results() == []
+
+
+def test_rejections_are_recorded_without_content(tmp_path):
+    spool = Spool(tmp_path)
+    spool.record_rejection(JOB, "y_owner.r2", "y_owner", "signature does not verify")
+    assert spool.rejections(JOB)["y_owner.r2"]["reason"] == "signature does not verify"

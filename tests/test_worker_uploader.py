@@ -1,0 +1,134 @@
+"""The uploader against a real moto S3 server and file:// buckets: layout, multipart, override, permissions."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from services.client.results import read_weights, weights_location
+from services.worker.config import WorkerConfig, parse_bucket
+from services.worker.spool import Spool
+from services.worker.uploader import ModelStore, Uploader, UploadError, weights_csv
+
+TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+WEIGHTS = [1.5, -2.25, 1e-12, 3.141592653589793]
+METRICS = {"mse_result": 0.125, "r_squared_result": 0.97}
+
+
+def make_config(tmp_path, **extra):
+    return WorkerConfig.from_env({"CAPE_TOKEN": TOKEN, "CAPE_COORDINATOR": "http://127.0.0.1:1",
+                                  "CAPE_SPOOL_DIR": str(tmp_path / "spool"), "CAPE_STATE_DIR": str(tmp_path / "st"),
+                                  "CAPE_WORKER_NAME": "org-a", **extra})
+
+
+def spool_with_result(config, job_id="job1", model_location=None):
+    spool = Spool(config.spool_dir)
+    spool.put_result(job_id, {"job_id": job_id, "weights": WEIGHTS, "x_columns": ["a", "b", "c"],
+                              "metrics": METRICS, "model_location": model_location})
+    return spool
+
+
+def statuses(spool):
+    return [item.read() for item in spool.pending_status()]
+
+
+def test_weights_csv_is_pycape_layout():
+    data = weights_csv(WEIGHTS)
+    assert data.decode().splitlines()[0] == "1.5"
+    assert len(data.decode().splitlines()) == 4
+    np.testing.assert_array_equal(np.loadtxt(data.decode().splitlines(), delimiter=","), WEIGHTS)
+
+
+def test_upload_to_jobs_model_location_on_s3(tmp_path, moto, monkeypatch):
+    moto.make_bucket("models")
+    config = make_config(tmp_path, **moto.env)
+    spool = spool_with_result(config, model_location="s3://models/team")
+    assert Uploader(config, spool).cycle()
+    assert moto.keys("models") == ["team/job1/metrics.json", "team/job1/regression_weights.csv"]
+    s3 = moto.client("s3")
+    body = s3.get_object(Bucket="models", Key="team/job1/regression_weights.csv")["Body"].read()
+    np.testing.assert_array_equal(np.loadtxt(body.decode().splitlines(), delimiter=","), WEIGHTS)
+    assert json.loads(s3.get_object(Bucket="models", Key="team/job1/metrics.json")["Body"].read()) == METRICS
+    # The status for the poller carries the metrics and where the weights are; the result is no longer pending.
+    [status] = statuses(spool)
+    assert status == {"state": "completed", "progress": 1.0, "metrics": METRICS,
+                      "model_location": "s3://models/team/job1/regression_weights.csv"}
+    assert spool.pending_results() == []
+    # The client SDK reads it back from the reported location (pycape's reader: np.loadtxt with delimiter ",").
+    for key, value in moto.env.items():
+        monkeypatch.setenv(key, value)
+    np.testing.assert_array_equal(read_weights(weights_location(status["model_location"], "job1")), WEIGHTS)
+
+
+def test_cape_bucket_overrides_model_location(tmp_path, moto):
+    moto.make_bucket("theirs")
+    moto.make_bucket("ours")
+    config = make_config(tmp_path, CAPE_BUCKET="s3://ours", **moto.env)
+    spool = spool_with_result(config, model_location="s3://theirs/p")
+    Uploader(config, spool).cycle()
+    assert moto.keys("ours") == ["job1/metrics.json", "job1/regression_weights.csv"]
+    assert moto.keys("theirs") == []
+
+
+def test_file_bucket_writes_local_directory(tmp_path):
+    config = make_config(tmp_path, CAPE_BUCKET=f"file://{tmp_path}/bucket")
+    spool = spool_with_result(config, model_location="s3://ignored")
+    Uploader(config, spool).cycle()
+    weights = tmp_path / "bucket" / "job1" / "regression_weights.csv"
+    np.testing.assert_array_equal(np.loadtxt(weights, delimiter=","), WEIGHTS)
+    assert json.loads((tmp_path / "bucket/job1/metrics.json").read_text()) == METRICS
+    assert statuses(spool)[0]["model_location"] == weights.as_uri()
+
+
+def test_large_file_goes_multipart(tmp_path, moto):
+    moto.make_bucket("models")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))
+    config = make_config(tmp_path, **moto.env)
+    uri = ModelStore(config).upload_file(parse_bucket("s3://models"), "job1/big.bin", big)
+    assert uri == "s3://models/job1/big.bin"
+    head = moto.client("s3").head_object(Bucket="models", Key="job1/big.bin")
+    assert head["ContentLength"] == 20 * 1024 * 1024
+    assert head["ETag"].strip('"').endswith("-3")  # 3 parts of 8 MiB: a multipart upload
+
+
+def test_missing_bucket_ends_job_with_clear_error(tmp_path, moto):
+    config = make_config(tmp_path, CAPE_BUCKET="s3://no-such-bucket", **moto.env)
+    spool = spool_with_result(config)
+    Uploader(config, spool).cycle()
+    [status] = statuses(spool)
+    assert status["state"] == "error"
+    assert "s3://no-such-bucket/job1/regression_weights.csv" in status["message"]
+    assert "does not exist" in status["message"] and "CAPE_BUCKET" in status["message"]
+
+
+def test_bucket_without_write_permission_gives_clear_error(tmp_path, moto):
+    moto.make_bucket("readonly")
+    keys = moto.read_only_keys("readonly")
+    config = make_config(tmp_path, **{**moto.env, **keys})
+    spool = spool_with_result(config, model_location="s3://readonly")
+    moto.enforce_iam(True)
+    Uploader(config, spool).cycle()
+    moto.enforce_iam(False)
+    [status] = statuses(spool)
+    assert status["state"] == "error"
+    assert "access denied writing s3://readonly/job1/regression_weights.csv" in status["message"]
+    assert "s3:PutObject" in status["message"]
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in status["message"]
+    assert moto.keys("readonly") == []
+
+
+def test_unreachable_s3_is_retried_not_failed(tmp_path):
+    from tests.support.aws import free_port
+    config = make_config(tmp_path, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="a",
+                         AWS_SECRET_ACCESS_KEY="b")
+    spool = spool_with_result(config, model_location="s3://models")
+    assert Uploader(config, spool).cycle() is False
+    assert spool.pending_results() == ["job1"] and statuses(spool) == []
+
+
+def test_no_location_anywhere_is_an_error(tmp_path):
+    config = make_config(tmp_path)
+    spool = spool_with_result(config)
+    Uploader(config, spool).cycle()
+    assert "CAPE_BUCKET is not set" in statuses(spool)[0]["message"]
