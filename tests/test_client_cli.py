@@ -11,18 +11,18 @@ from services.client import Cape, VerticallyPartitionedLinearRegression
 
 
 @pytest.fixture
-def orgs(cape_server, unique_label) -> dict[str, dict]:
-    return {name: cape_server.create_org(unique_label(name)) for name in ("acme", "globex", "initech")}
+def orgs(shared_cape_server, unique_label) -> dict[str, dict]:
+    return {name: shared_cape_server.create_org(unique_label(name)) for name in ("acme", "globex", "initech")}
 
 
-def test_login_verifies_then_saves_url_and_token_0600(cape_server, cape_script, cape_home: Path, orgs) -> None:
+def test_login_verifies_then_saves_url_and_token_0600(shared_cape_server, cape_script, cape_home: Path, orgs) -> None:
     token = orgs["acme"]["user_token"]
-    result = cape_script("login", "--coordinator", cape_server.url, "--token", token)
+    result = cape_script("login", "--coordinator", shared_cape_server.url, "--token", token)
     assert result.exit_code == 0, result.stderr
-    assert f"Logged in to {cape_server.url} as " in result.stdout
+    assert f"Logged in to {shared_cape_server.url} as " in result.stdout
     assert token not in result.stdout + result.stderr
     assert stat.S_IMODE(cape_home.stat().st_mode) == 0o600
-    assert json.loads(cape_home.read_text()) == {"coordinator": cape_server.url, "token": token}
+    assert json.loads(cape_home.read_text()) == {"coordinator": shared_cape_server.url, "token": token}
 
     # Later commands use the saved file, with no variable set.
     whoami = cape_script("whoami", "--json")
@@ -32,23 +32,24 @@ def test_login_verifies_then_saves_url_and_token_0600(cape_server, cape_script, 
     assert orgs["acme"]["organization"]["id"] in identity["roles"]
 
 
-def test_login_with_a_bad_token_saves_nothing(cape_server, cape_cli, cape_home: Path, orgs) -> None:
-    result = cape_cli("login", "--coordinator", cape_server.url, "--token", "bogus,Ym9ndXM=")
+def test_login_with_a_bad_token_saves_nothing(shared_cape_server, cape_cli, cape_home: Path, orgs) -> None:
+    result = cape_cli("login", "--coordinator", shared_cape_server.url, "--token", "bogus,Ym9ndXM=")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and result.stderr.strip().endswith("(HTTP 401)")
     assert not cape_home.exists()
 
 
-def test_login_prompts_for_the_token_without_echo(cape_server, cape_cli, cape_home: Path, orgs) -> None:
+def test_login_prompts_for_the_token_without_echo(shared_cape_server, cape_cli, cape_home: Path, orgs) -> None:
     token = orgs["acme"]["user_token"]
-    result = cape_cli("login", "--coordinator", cape_server.url, input=token + "\n")
+    result = cape_cli("login", "--coordinator", shared_cape_server.url, input=token + "\n")
     assert result.exit_code == 0, result.stderr
     assert token not in result.stdout
     assert json.loads(cape_home.read_text())["token"] == token
 
 
-def test_environment_overrides_the_saved_login(cape_server, cape_cli, orgs) -> None:
-    assert cape_cli("login", "--coordinator", cape_server.url, "--token", orgs["acme"]["user_token"]).exit_code == 0
+def test_environment_overrides_the_saved_login(shared_cape_server, cape_cli, orgs) -> None:
+    url = shared_cape_server.url
+    assert cape_cli("login", "--coordinator", url, "--token", orgs["acme"]["user_token"]).exit_code == 0
     saved = json.loads(cape_cli("whoami", "--json").stdout)
     override = json.loads(cape_cli("whoami", "--json", env={"CAPE_TOKEN": orgs["globex"]["user_token"]}).stdout)
     assert orgs["acme"]["organization"]["id"] in saved["roles"]
@@ -58,37 +59,38 @@ def test_environment_overrides_the_saved_login(cape_server, cape_cli, orgs) -> N
     assert refused.stderr.startswith("error: cannot reach the coordinator at http://127.0.0.1:9 ")
 
 
-def test_orgs_commands(cape_server, cape_cli, orgs) -> None:
+def test_orgs_commands(shared_cape_server, cape_cli, orgs) -> None:
     acme = orgs["acme"]["organization"]["label"]
-    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    op_email = f"op@{acme}.test"
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
     listed = json.loads(cape_cli("orgs", "list", "--json", env=env).stdout)
     assert {o["label"] for o in listed} >= {o["organization"]["label"] for o in orgs.values()}
     table = cape_cli("orgs", "list", env=env).stdout
     assert table.splitlines()[0].split() == ["ID", "LABEL", "NAME"] and acme in table
 
-    added = json.loads(cape_cli("orgs", "add-user", acme, "op@acme.test", "--role", "operator", "--json",
+    added = json.loads(cape_cli("orgs", "add-user", acme, op_email, "--role", "operator", "--json",
                                 env=env).stdout)
-    assert added["user"]["email"] == "op@acme.test" and "," in added["token"]
+    assert added["user"]["email"] == op_email and "," in added["token"]
     shown = json.loads(cape_cli("orgs", "show", acme, "--json", env=env).stdout)
-    assert {"email": "op@acme.test", "role": "operator"}.items() <= next(
-        u for u in shown["users"] if u["email"] == "op@acme.test").items()
+    assert {"email": op_email, "role": "operator"}.items() <= next(
+        u for u in shown["users"] if u["email"] == op_email).items()
 
     # The operator's token works; the operator may not create worker tokens (admin only).
     op_env = {**env, "CAPE_TOKEN": added["token"]}
-    assert json.loads(cape_cli("whoami", "--json", env=op_env).stdout)["user"]["email"] == "op@acme.test"
+    assert json.loads(cape_cli("whoami", "--json", env=op_env).stdout)["user"]["email"] == op_email
     denied = cape_cli("orgs", "create-token", acme, env=op_env)
     assert denied.exit_code == 1 and denied.stderr.strip().endswith("(HTTP 403)")
 
     created = cape_cli("orgs", "create-token", acme, "--description", "worker-1", env=env)
     assert created.exit_code == 0, created.stderr
     worker_token = created.stdout.strip().splitlines()[-1]
-    worker = Cape(endpoint=cape_server.url, token=worker_token).login()
+    worker = Cape(endpoint=shared_cape_server.url, token=worker_token).login()
     assert worker["kind"] == "organization" and worker["organization"]["label"] == acme
 
 
-def test_projects_and_dataviews(cape_server, cape_cli, orgs, unique_label, tmp_path: Path) -> None:
+def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label, tmp_path: Path) -> None:
     acme, globex, initech = (orgs[n]["organization"]["label"] for n in ("acme", "globex", "initech"))
-    env_a = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    env_a = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
     env_g = {**env_a, "CAPE_TOKEN": orgs["globex"]["user_token"]}
     project = unique_label("proj")
 
@@ -160,7 +162,8 @@ def test_projects_and_dataviews(cape_server, cape_cli, orgs, unique_label, tmp_p
     missing = cape_cli("jobs", "submit", project, "linear-regression", "--x", "nope", "--y", "labels",
                        "--model-owner", acme, env=env_a)
     assert missing.exit_code == 1
-    assert missing.stderr.strip() == f"error: project {project!r} has no dataview named 'nope'; see `cape dataviews list`"
+    assert missing.stderr.strip() == (
+        f"error: project {project!r} has no dataview named 'nope'; see `cape dataviews list`")
 
     denied = cape_cli("projects", "delete", project, "--yes", env=env_g)
     assert denied.exit_code == 1 and denied.stderr.strip().endswith("(HTTP 403)")
@@ -169,9 +172,9 @@ def test_projects_and_dataviews(cape_server, cape_cli, orgs, unique_label, tmp_p
     assert json.loads(cape_cli("projects", "list", "--json", env=env_a).stdout) == []
 
 
-def test_sdk_pycape_shape(cape_server, orgs, unique_label, tmp_path: Path) -> None:
+def test_sdk_pycape_shape(shared_cape_server, orgs, unique_label, tmp_path: Path) -> None:
     acme, globex = orgs["acme"], orgs["globex"]
-    cape = Cape(endpoint=cape_server.url, token=acme["user_token"])
+    cape = Cape(endpoint=shared_cape_server.url, token=acme["user_token"])
     assert cape.login()["kind"] == "user"
     project = cape.create_project(unique_label("sdk"), name="SDK", description="pycape-like")
     project.add_org(globex["organization"]["label"])
@@ -184,7 +187,7 @@ def test_sdk_pycape_shape(cape_server, orgs, unique_label, tmp_path: Path) -> No
     assert [p.label for p in cape.list_projects()] == [project.label]
     assert cape.get_project(project.label) == project
 
-    other = Cape(endpoint=cape_server.url, token=globex["user_token"]).get_project(project.id)
+    other = Cape(endpoint=shared_cape_server.url, token=globex["user_token"]).get_project(project.id)
     y = other.create_dataview("y", "s3://globex/y.csv", schema={"t": "number"})
     job = project.submit_job(VerticallyPartitionedLinearRegression(
         x_train_dataview=x[["b"]], y_train_dataview=project.get_dataview("y")["t"],
@@ -197,3 +200,23 @@ def test_sdk_pycape_shape(cape_server, orgs, unique_label, tmp_path: Path) -> No
     assert job.stop().status == "Stopped"
     assert {d.name for d in project.list_dataviews()} == {"x", "y"}
     assert y.owner["label"] == globex["organization"]["label"]
+
+
+def test_watch_and_status_show_a_worker_error(cape_server, cape_script) -> None:
+    """A party's error ends the job; `watch` exits 1 naming it and `status` shows the message."""
+    from tests.support.server import build_job_world
+
+    world = build_job_world(cape_server)
+    job_id = world["job"]["id"]
+    assert world["worker"]["xorg"].post(f"/v1/worker/jobs/{job_id}/report", json={
+        "state": "error", "progress": 0.1, "message": "column 'b' of /data/x.csv is not numeric at row 7",
+    }).status_code == 204
+    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": world["orgs"]["yorg"]["user_token"]}
+    watch = cape_script("jobs", "watch", job_id, "--interval", "0.1", "--timeout", "10", env=env)
+    assert watch.exit_code == 1
+    assert watch.stderr.startswith(f"error: job {job_id} ended Error: ")
+    assert "column 'b' of /data/x.csv is not numeric at row 7" in watch.stderr
+    assert "x_owner=xorg:error 10%" in watch.stdout
+    status = cape_script("jobs", "status", job_id, env=env)
+    assert status.exit_code == 0
+    assert "not numeric at row 7" in status.stdout and "Error" in status.stdout

@@ -18,12 +18,12 @@ def _single_error_line(stderr: str) -> str:
 
 
 @pytest.fixture
-def two_orgs(cape_server) -> dict[str, dict]:
-    return {label: cape_server.create_org(label) for label in ("alpha", "beta")}
+def two_orgs(shared_cape_server, unique_label) -> dict[str, dict]:
+    return {name: shared_cape_server.create_org(unique_label(name)) for name in ("alpha", "beta")}
 
 
-def test_bad_token_is_401(cape_server, cape_cli, two_orgs) -> None:
-    result = cape_cli("projects", "list", env={"CAPE_COORDINATOR": cape_server.url,
+def test_bad_token_is_401(shared_cape_server, cape_cli, two_orgs) -> None:
+    result = cape_cli("projects", "list", env={"CAPE_COORDINATOR": shared_cape_server.url,
                                                "CAPE_TOKEN": "nosuchid,c2VjcmV0c2VjcmV0"})
     assert result.exit_code == 1
     line = _single_error_line(result.stderr)
@@ -31,31 +31,33 @@ def test_bad_token_is_401(cape_server, cape_cli, two_orgs) -> None:
     assert "c2VjcmV0c2VjcmV0" not in result.stderr  # the token never shows up
 
 
-def test_other_orgs_project_is_403(cape_server, cape_cli, two_orgs) -> None:
-    alpha = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
-    beta = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
-    assert cape_cli("projects", "create", "secret-project", env=alpha).exit_code == 0
-    result = cape_cli("projects", "show", "secret-project", env=beta)
+def test_other_orgs_project_is_403(shared_cape_server, cape_cli, two_orgs, unique_label) -> None:
+    project = unique_label("secret")
+    alpha = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    beta = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
+    assert cape_cli("projects", "create", project, env=alpha).exit_code == 0
+    result = cape_cli("projects", "show", project, env=beta)
     assert result.exit_code == 1
     assert _single_error_line(result.stderr).endswith("(HTTP 403)")
     assert result.stdout == ""
 
 
-def test_unknown_job_is_404(cape_server, cape_cli, two_orgs) -> None:
-    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+def test_unknown_job_is_404(shared_cape_server, cape_cli, two_orgs) -> None:
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
     result = cape_cli("jobs", "status", "0" * 32, env=env)
     assert result.exit_code == 1
     assert _single_error_line(result.stderr).endswith("(HTTP 404)")
 
 
-def test_bad_field_is_422_naming_the_field(cape_server, cape_cli, two_orgs) -> None:
-    alpha = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
-    beta = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
-    assert cape_cli("projects", "create", "p422", env=alpha).exit_code == 0
-    assert cape_cli("projects", "add-org", "p422", "beta", env=alpha).exit_code == 0
-    assert cape_cli("dataviews", "add", "p422", "x", "file:///data/x.csv", "--schema", "a,b", env=alpha).exit_code == 0
-    assert cape_cli("dataviews", "add", "p422", "y", "file:///data/y.csv", "--schema", "t", env=beta).exit_code == 0
-    result = cape_cli("jobs", "submit", "p422", "linear-regression", "--x", "x", "--y", "y",
+def test_bad_field_is_422_naming_the_field(shared_cape_server, cape_cli, two_orgs, unique_label) -> None:
+    project, beta_label = unique_label("p422"), two_orgs["beta"]["organization"]["label"]
+    alpha = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    beta = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["beta"]["user_token"]}
+    assert cape_cli("projects", "create", project, env=alpha).exit_code == 0
+    assert cape_cli("projects", "add-org", project, beta_label, env=alpha).exit_code == 0
+    assert cape_cli("dataviews", "add", project, "x", "file:///data/x.csv", "--schema", "a,b", env=alpha).exit_code == 0
+    assert cape_cli("dataviews", "add", project, "y", "file:///data/y.csv", "--schema", "t", env=beta).exit_code == 0
+    result = cape_cli("jobs", "submit", project, "linear-regression", "--x", "x", "--y", "y",
                       "--model-owner", "nobody", env=alpha)
     assert result.exit_code == 1
     line = _single_error_line(result.stderr)
@@ -63,13 +65,14 @@ def test_bad_field_is_422_naming_the_field(cape_server, cape_cli, two_orgs) -> N
     assert "model_owner" in line
 
 
-def test_duplicate_label_is_409(cape_server, cape_cli, two_orgs) -> None:
-    env = {"CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
-    assert cape_cli("projects", "create", "twice", env=env).exit_code == 0
-    result = cape_cli("projects", "create", "twice", env=env)
+def test_duplicate_label_is_409(shared_cape_server, cape_cli, two_orgs, unique_label) -> None:
+    project = unique_label("twice")
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
+    assert cape_cli("projects", "create", project, env=env).exit_code == 0
+    result = cape_cli("projects", "create", project, env=env)
     assert result.exit_code == 1
     line = _single_error_line(result.stderr)
-    assert line.endswith("(HTTP 409)") and "twice" in line
+    assert line.endswith("(HTTP 409)") and project in line
 
 
 def _closed_port() -> int:
@@ -91,9 +94,18 @@ def test_connection_refused_names_the_url(cape_cli, cape_script) -> None:
         Cape(endpoint=url, token="tid,c2VjcmV0").list_projects()
 
 
-def test_sdk_raises_typed_api_errors(cape_server, two_orgs) -> None:
-    cape = Cape(endpoint=cape_server.url, token=two_orgs["alpha"]["user_token"])
+def test_sdk_raises_typed_api_errors(shared_cape_server, two_orgs) -> None:
+    cape = Cape(endpoint=shared_cape_server.url, token=two_orgs["alpha"]["user_token"])
     with pytest.raises(ApiError) as info:
         cape.get_project("no-such-project")
     assert info.value.status == 404 and info.value.code
     assert str(info.value).endswith("(HTTP 404)")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8080", "ftp://127.0.0.1", "http://[::1"])
+def test_malformed_coordinator_url_is_one_line(cape_cli, url: str) -> None:
+    result = cape_cli("login", "--coordinator", url, "--token", "tid,c2VjcmV0")
+    assert result.exit_code == 1
+    assert _single_error_line(result.stderr) == (
+        f"error: the coordinator URL {url!r} is not valid; give it as http(s)://HOST[:PORT]"
+    )

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 
@@ -65,6 +64,39 @@ def test_s3_without_credentials_names_the_variables(moto, monkeypatch: pytest.Mo
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    boto3.DEFAULT_SESSION = None
     with pytest.raises(ResultsUnavailable, match="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         read_weights("s3://any-bucket/j/regression_weights.csv")
+
+
+def test_reads_what_the_worker_uploader_writes(tmp_path: Path) -> None:
+    from services.worker.uploader import weights_csv
+
+    path = tmp_path / "regression_weights.csv"
+    path.write_bytes(weights_csv(WEIGHTS))
+    np.testing.assert_array_equal(read_weights(path.as_uri()), WEIGHTS)
+
+
+def test_sdk_get_results_from_s3_through_the_coordinator(cape_server, moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator derives the pycape location from the job's s3:// model location; the SDK reads it."""
+    from services.client import Cape
+    from tests.support.server import build_job_world
+
+    world = build_job_world(cape_server)  # model location s3://bucket/models, yorg is the model owner
+    job_id = world["job"]["id"]
+    for label in ("xorg", "yorg", "helper"):
+        api = world["worker"][label]
+        assert api.post(f"/v1/worker/jobs/{job_id}/report", json={"state": "started", "progress": 0}).status_code == 204
+    metrics = {"mse_result": 0.25, "r_squared_result": 0.75}
+    done = world["worker"]["yorg"].post(f"/v1/worker/jobs/{job_id}/report",
+                                        json={"state": "completed", "progress": 1, "metrics": metrics})
+    assert done.status_code == 204, done.text
+
+    for name, value in moto.env.items():
+        monkeypatch.setenv(name, value)
+    moto.make_bucket("bucket")
+    moto.client("s3").put_object(Bucket="bucket", Key=f"models/{job_id}/regression_weights.csv",
+                                 Body="".join(f"{float(w)!r}\n" for w in WEIGHTS).encode())
+    cape = Cape(endpoint=cape_server.url, token=world["orgs"]["yorg"]["user_token"])
+    weights, got = cape.get_job(job_id).get_results()
+    np.testing.assert_array_equal(weights, WEIGHTS)
+    assert got == metrics

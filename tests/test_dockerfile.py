@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from services.worker.config import DEFAULT_SPOOL_DIR, DEFAULT_STATE_DIR
 from tests.support.workers import WORKER_COMMAND

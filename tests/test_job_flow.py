@@ -113,11 +113,12 @@ def _run_seat(worker: ScriptedWorker, job_id: str, data: dict[str, np.ndarray], 
         worker.send(job_id, other, f"r0.{seat}.{other}", _npy(payload))
     received = worker.receive(job_id, {f"r0.{other}.{seat}" for other in SEATS if other != seat})
     assert {frm for frm, _ in received.values()} == set(SEATS) - {seat}
-    worker.report(job_id, "running", 0.5, message="messages exchanged")
     if seat != outputs_to:
-        # The job may already be Completed by the output seat: a 409 tells a worker to stop.
+        # The output seat may have completed the job already: a 409 tells a worker to stop.
+        worker.report(job_id, "running", 0.5, expect=(204, 409), message="messages exchanged")
         worker.report(job_id, "completed", 1.0, expect=(204, 409))
         return seat
+    worker.report(job_id, "running", 0.5, message="messages exchanged")
     arrays = {frm: np.load(io.BytesIO(body)) for frm, body in received.values()}
     arrays[seat] = data[seat]
     x, y = arrays["x_owner"], arrays["y_owner"]
@@ -232,6 +233,11 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     np.testing.assert_array_equal(printed["weights"], expected)
     assert printed["metrics"]["r_squared_result"] > 0.99
     np.testing.assert_allclose(expected, [2.0, 0.5, -0.25, 4.0], atol=0.01)
+
+    table = ok("shop", "jobs", "results", job_id)
+    assert table.splitlines()[0].split() == ["TERM", "WEIGHT"]
+    assert table.splitlines()[1].split() == ["intercept", repr(float(expected[0]))]
+    assert f"r_squared_result: {printed['metrics']['r_squared_result']:.6g}" in table
 
     weights, metrics = Cape(endpoint=url, token=orgs["shop"]["user_token"]).get_job(job_id).get_results()
     np.testing.assert_array_equal(weights, expected)

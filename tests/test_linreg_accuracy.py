@@ -12,8 +12,6 @@ from services.jobs.linear_regression import LinearRegressionTask, plaintext_fit,
 
 TOLERANCE = 1e-6
 
-pytest.importorskip("services.jobs.linear_regression.protocol", reason="the protocol has not landed yet")
-
 
 def make_data(n: int, d: int, y_scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Independent columns whose magnitudes alternate between 1e-4 and 1e6 (and values between), with offsets."""

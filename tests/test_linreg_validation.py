@@ -51,6 +51,9 @@ def test_non_finite_and_out_of_range_name_the_first_bad_row() -> None:
     with pytest.raises(ValueRangeError) as caught:
         check_y(y, "t", 1, "y.csv")
     assert str(caught.value).startswith("y.csv: column 't' row 5: the value's magnitude is above 1e+100")
+    with pytest.raises(ValueRangeError, match=r"^x.csv: column 'b': every value's magnitude is below 1e-100"):
+        check_x(np.array([[1.0, 0.0], [2.0, 3e-101], [3.0, 0.0]]), ["a", "b"], "x.csv")
+    check_x(np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 1e-99]]), ["a", "b"], "x.csv")  # small but in range
 
 
 def test_wrong_shape() -> None:

@@ -44,10 +44,11 @@ def files(tmp_path: Path) -> Path:
     """A user's files: features in one CSV (columns in no particular order), the target alone in a Parquet file."""
     rng = np.random.default_rng(7)
     n = 200
-    height = rng.normal(170, 10, n)
-    income = rng.lognormal(10, 0.5, n)
-    ratio = rng.normal(0, 1e-3, n)
-    target = 3.0 + 0.5 * height - 2e-4 * income + 400.0 * ratio + rng.normal(0, 1, n)
+    height = rng.normal(170, 10, n).tolist()
+    income = rng.lognormal(10, 0.5, n).tolist()
+    ratio = rng.normal(0, 1e-3, n).tolist()
+    noise = rng.normal(0, 1, n).tolist()
+    target = [3.0 + 0.5 * height[i] - 2e-4 * income[i] + 400.0 * ratio[i] + noise[i] for i in range(n)]
     (tmp_path / "features.csv").write_text(
         "income,id,height,ratio\n"
         + "".join(f"{income[i]!r},{i},{height[i]!r},{ratio[i]!r}\n" for i in range(n))
@@ -80,6 +81,7 @@ def test_help_explains_the_defaults() -> None:
         (["--x", "x.csv"], "error: Missing option '--y'; see --help"),
         (["--x", "x.csv:a,,b", "--y", "y.csv"], "error: 'x.csv:a,,b': empty column name; write PATH:COL1,COL2"),
         (["--x", "x.csv:a", "--y", "y.csv:t,u"], "error: --y takes one column, got 2: t, u"),
+        (["--x", "x.csv:a,b,a", "--y", "y.csv:t"], "error: x columns named more than once: a"),
         (["--x", "x.csv", "--y", "y.csv", "--frobnicate"], "error: No such option '--frobnicate'; see --help"),
     ],
 )
@@ -185,10 +187,13 @@ def test_rows_that_do_not_match(tmp_path: Path) -> None:
         ("a\n1\n2\n3\n", "t\n4\n4\n4\n",
          "error: y.csv: column 't' is constant (all its values are equal); a regression needs a target that varies"),
         ("a\n1\n2e101\n3\n", "t\n1\n2\n3\n",
-         "error: x.csv: column 'a' row 2: the value's magnitude is above 1e+100, too large for the secure "
-         "computation's fixed-point range; rescale the column (e.g. to other units)"),
+         "error: x.csv: column 'a' row 2: the value's magnitude is above 1e+100, outside the secure computation's "
+         "fixed-point range even after its internal scaling; rescale the column (e.g. to other units)"),
+        ("a\n1\n2\n3\n", "t\n1e-120\n0\n-3e-120\n",
+         "error: y.csv: column 't': every value's magnitude is below 1e-100 (but not all are 0), outside the secure "
+         "computation's fixed-point range even after its internal scaling; rescale the column (e.g. to other units)"),
     ],
-    ids=["too-few-rows", "constant-column", "collinear-columns", "constant-y", "out-of-range"],
+    ids=["too-few-rows", "constant-column", "collinear-columns", "constant-y", "too-large", "too-small"],
 )
 def test_data_the_fit_cannot_use(tmp_path: Path, monkeypatch, x_text: str, y_text: str, expected: str) -> None:
     (tmp_path / "x.csv").write_text(x_text)

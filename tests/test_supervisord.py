@@ -2,14 +2,13 @@
 supervisord: four programs RUNNING, a killed program respawned, a FATAL program ends the worker non-zero,
 SIGTERM stops everything within 10 s, and a non-root worker whose stdout is a root-owned pipe still logs."""
 import os
-import shutil
-import tempfile
-from pathlib import Path
 import pwd
+import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,7 +24,8 @@ def cape_worker(*args, env):
     return subprocess.run(["cape-worker", *args], env=env, capture_output=True, text=True, timeout=30)
 
 
-def test_four_programs_running_health_and_status(start_worker, tmp_path):
+def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
+    """One worker: four programs RUNNING (health, status), kill -9 respawns, SIGTERM stops all within 10 s."""
     env = worker_env(tmp_path, "org-a")
     worker = start_worker(env)
     assert worker.wait_running() == {p: "RUNNING" for p in health.PROGRAMS}
@@ -44,10 +44,7 @@ def test_four_programs_running_health_and_status(start_worker, tmp_path):
     assert "poller WARNING cannot reach the coordinator at http://127.0.0.1:9" in worker.output
     assert "uploader INFO uploading results to file://" in worker.output
 
-
-def test_killed_program_is_respawned(start_worker, tmp_path):
-    worker = start_worker(worker_env(tmp_path, "org-a"))
-    worker.wait_running()
+    # kill -9: supervisord respawns the program; the others keep running.
     for program in ("runner", "messenger"):
         old = worker.pid(program)
         os.kill(old, signal.SIGKILL)
@@ -58,7 +55,24 @@ def test_killed_program_is_respawned(start_worker, tmp_path):
                 break
             time.sleep(0.1)
         assert info["pid"] not in (0, old), info
+    # While a program is STARTING again the health check says so.
+    result = cape_worker("health", env=env)
+    assert result.returncode == 1 and "unhealthy: " in result.stdout
     worker.wait_running()
+
+    # SIGTERM (docker stop): every program and supervisord end within 10 s, exit 0.
+    pids = [worker.pid(p) for p in health.PROGRAMS]
+    supervisord_pid = int((worker.run_dir / "supervisord.pid").read_text())
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    code = worker.wait_exit(timeout=10)
+    elapsed = time.monotonic() - started
+    assert code == 0, worker.output[-2000:]
+    assert elapsed < 10
+    for pid in [*pids, supervisord_pid]:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    result = cape_worker("health", env=worker.env)
+    assert result.returncode == 1 and result.stdout.startswith("unhealthy: ")
 
 
 def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):
@@ -72,23 +86,6 @@ def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp
     assert code not in (None, 0), worker.output[-2000:]
     assert "kept failing (FATAL)" in worker.output
     assert "not a readable private key" in worker.output
-
-
-def test_sigterm_stops_all_programs_within_10_seconds(start_worker, tmp_path):
-    worker = start_worker(worker_env(tmp_path, "org-a"))
-    worker.wait_running()
-    pids = [worker.pid(p) for p in health.PROGRAMS]
-    supervisord_pid = int((worker.run_dir / "supervisord.pid").read_text())
-    started = time.monotonic()
-    worker.proc.send_signal(signal.SIGTERM)
-    code = worker.wait_exit(timeout=10)
-    elapsed = time.monotonic() - started
-    assert code == 0, worker.output[-2000:]
-    assert elapsed < 10
-    for pid in [*pids, supervisord_pid]:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    result = cape_worker("health", env=worker.env)
-    assert result.returncode == 1 and result.stdout.startswith("unhealthy: ")
 
 
 def test_health_fails_without_a_worker(tmp_path):

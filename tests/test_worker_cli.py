@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from tests.support.aws import free_port
+from tests.support.server import CapeServer
 from tests.support.workers import worker_env
 
 
@@ -14,9 +15,26 @@ def check(env):
     return result.returncode, lines, result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    server = CapeServer(tmp_path_factory.mktemp("check") / "server")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def acme(module_server):
+    return module_server.create_org("acme")
+
+
 @pytest.fixture
-def good_env(cape_server, moto, tmp_path):
-    org = cape_server.create_org("acme")
+def cape_server(module_server):
+    return module_server
+
+
+@pytest.fixture
+def good_env(cape_server, acme, moto, tmp_path):
+    org = acme
     moto.make_bucket("acme-models")
     env = worker_env(tmp_path, "acme", CAPE_TOKEN=org["organization_token"], CAPE_COORDINATOR=cape_server.url,
                      CAPE_BUCKET="s3://acme-models/cape", CAPE_CLOUDWATCH="on", **moto.env)

@@ -1,7 +1,6 @@
 """The messenger against a real cape-server: sealed messages move between workers' spools through the broker."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,39 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from services.worker.job_spec import JobSpec
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool_transport import SpoolTransport, SpoolTransportTimeout
-from tests.support.worker_messaging import approved_job
+from tests.support.worker_messaging import approved_job, program_env, wait_for
 
 WAIT = 30.0  # bound on every wait in these tests
 
 
-def messenger_env(job, seat, base: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "AWS_"))}
-    env.update({
-        "CAPE_TOKEN": job.seats[seat].token,
-        "CAPE_COORDINATOR": job.url,
-        "CAPE_BROKER": job.broker_url,
-        "CAPE_SPOOL_DIR": str(job.seats[seat].spool.root),
-        "CAPE_STATE_DIR": str(base / seat / "state"),
-        "CAPE_WORKER_NAME": seat.replace("_", "-"),
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
-
-
 def start_messenger(job, seat, base: Path) -> subprocess.Popen:
     log = open(base / f"{seat}.messenger.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "services.worker.messenger"], env=messenger_env(job, seat, base),
+    return subprocess.Popen([sys.executable, "-m", "services.worker.messenger"], env=program_env(job, seat, base),
                             stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def transport(job, seat, timeout=WAIT) -> SpoolTransport:

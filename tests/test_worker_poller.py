@@ -10,7 +10,7 @@ import services.worker.poller as poller_mod
 from services.worker.poller import Backoff, Poller
 from services.worker.spool import Spool
 from tests.support.aws import free_port
-from tests.support.server import build_job_world
+from tests.support.server import CapeServer, build_job_world
 
 
 def make_poller(tmp_path, url, token):
@@ -21,9 +21,33 @@ def make_poller(tmp_path, url, token):
     return Poller(config, CoordinatorClient(url, token, timeout=5), Spool(config.spool_dir), keys), keys
 
 
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    server = CapeServer(tmp_path_factory.mktemp("poller") / "server")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_world(module_server):
+    return build_job_world(module_server)
+
+
 @pytest.fixture
-def world(cape_server):
-    return build_job_world(cape_server)
+def cape_server(module_server):
+    return module_server
+
+
+@pytest.fixture
+def world(module_world):
+    """The module's organizations and project with a fresh approved job per test."""
+    user = module_world["user"]
+    job = user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()
+    assert user["xorg"].post(f"/v1/jobs/{job['id']}/approve").status_code == 200
+    assert user["yorg"].post(f"/v1/jobs/{job['id']}/approve").status_code == 200
+    return {**module_world, "job": job}
 
 
 def test_fetches_approved_job_into_spool_and_registers_keys(cape_server, world, tmp_path):

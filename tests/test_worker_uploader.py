@@ -3,12 +3,11 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from services.client.results import read_weights, weights_location
 from services.worker.config import WorkerConfig, parse_bucket
 from services.worker.spool import Spool
-from services.worker.uploader import ModelStore, Uploader, UploadError, weights_csv
+from services.worker.uploader import ModelStore, Uploader, weights_csv
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 WEIGHTS = [1.5, -2.25, 1e-12, 3.141592653589793]

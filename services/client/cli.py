@@ -1,7 +1,6 @@
 """The `cape` command line: thin over the SDK; every error is one `error: ...` line on stderr and exit 1."""
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import click
@@ -12,6 +11,7 @@ from services.client.commands.jobs import jobs
 from services.client.commands.orgs import orgs
 from services.client.commands.projects import projects
 from services.client.errors import CapeError
+from services.client.simulate import simulate  # the engine's `cape simulate`, in its own module
 
 EXIT_ERROR = 1
 
@@ -36,14 +36,8 @@ def cape() -> None:
     """
 
 
-for command in (login, whoami, orgs, projects, dataviews, jobs):
+for command in (login, whoami, orgs, projects, dataviews, jobs, simulate):
     cape.add_command(command)
-
-# `cape simulate` lives in its own module (the engine's part of the project).
-if importlib.util.find_spec("services.client.simulate") is not None:
-    from services.client.simulate import simulate
-
-    cape.add_command(simulate)
 
 
 def main() -> None:

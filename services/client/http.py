@@ -5,7 +5,7 @@ from typing import Any
 
 import requests
 
-from services.client.errors import ApiError, CoordinatorUnreachable, NotConfigured
+from services.client.errors import ApiError, BadArgument, CoordinatorUnreachable, NotConfigured
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -44,6 +44,11 @@ class ApiSession:
             raise CoordinatorUnreachable(
                 f"cannot reach the coordinator at {self.endpoint} ({reason}); check the URL "
                 "(cape login --coordinator, CAPE_COORDINATOR) and that the server is running"
+            ) from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidURL):
+            raise BadArgument(
+                f"the coordinator URL {self.endpoint!r} is not valid; give it as http(s)://HOST[:PORT]"
             ) from None
         except requests.exceptions.Timeout:
             raise CoordinatorUnreachable(

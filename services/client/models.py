@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from services.client.errors import BadArgument
+from services.client.errors import BadArgument, ResultsUnavailable
 from services.client.http import ApiSession
 from services.client.results import read_weights, weights_location
 from services.client.schema import local_csv_path, normalise_schema, schema_from_csv
@@ -164,7 +164,7 @@ class Job(Resource):
         raw = self.get_raw_results()
         location = raw.get("model_location")
         if not location:
-            raise BadArgument(f"job {self.id} has no model location; the coordinator reported none")
+            raise ResultsUnavailable(f"job {self.id} has no model location; the coordinator reported none")
         weights = read_weights(weights_location(location, self.id))
         return weights, dict(raw.get("metrics") or {})
 
@@ -174,7 +174,9 @@ class Job(Resource):
         interval: float = 2.0,
         on_update: Callable[[Job], None] | None = None,
     ) -> str:
-        """Poll until the job ends or ``timeout`` seconds pass; call ``on_update`` after each poll; return the status."""
+        """Poll until the job ends or ``timeout`` seconds pass, calling ``on_update`` after each poll.
+
+        Returns the last status seen (a terminal one unless the timeout came first)."""
         deadline = time.monotonic() + timeout
         while True:
             self.refresh()

@@ -61,8 +61,9 @@ def _read_s3(bucket: str, key: str, location: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
-        # boto3 itself honours AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL and the profile files.
-        body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+        # A fresh session reads AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL and the profile files now,
+        # rather than whatever boto3's process-wide default session cached earlier.
+        body = boto3.session.Session().client("s3").get_object(Bucket=bucket, Key=key)["Body"]
         return body.read()
     except NoCredentialsError:
         raise ResultsUnavailable(

@@ -78,6 +78,9 @@ def _resolve_columns(x_spec: str, y_spec: str) -> tuple[str, list[str], str, str
             raise JobDataError(f"{x_path}: no x columns left once the y column {y_column!r} is set aside")
     elif _same_file(x_path, y_path) and y_column in x_columns:
         raise click.UsageError(f"column {y_column!r} is both an x column and the y column")
+    repeated = sorted({c for c in x_columns if x_columns.count(c) > 1})
+    if repeated:
+        raise click.UsageError(f"x columns named more than once: {', '.join(repeated)}")
     return x_path, x_columns, y_path, y_column
 
 
@@ -119,15 +122,15 @@ def _as_text(doc: dict[str, Any]) -> str:
     width = max(len(n) for n in names + ["r_squared_result"]) + 2
     lines = ["weights (secure fit; plaintext fit):"]
     for name, w, p in zip(names, doc["weights"], doc["plaintext_weights"]):
-        lines.append(f"  {name:<{width}}{w: .10g}   {p: .10g}")
+        lines.append(f"  {name:<{width}}{w:>20.12g}  {p:>20.12g}")
     lines.append("metrics (secure fit; plaintext fit):")
     for key, value in doc["metrics"].items():
-        lines.append(f"  {key:<{width}}{value: .10g}   {doc['plaintext_metrics'][key]: .10g}")
+        lines.append(f"  {key:<{width}}{value:>20.12g}  {doc['plaintext_metrics'][key]:>20.12g}")
     lines.append(f"largest weight difference from the plaintext fit: {doc['max_abs_error']:.3g}")
     seconds = ", ".join(f"{k} {v:.3f}" for k, v in doc["seconds"].items())
     lines.append(f"seconds: {seconds}")
-    lines.append("bytes sent per party: " + ", ".join(f"{b:,}" for b in doc["bytes_sent"]))
-    lines.append("rounds per party: " + ", ".join(str(r) for r in doc["rounds"]))
+    lines.append("bytes sent: " + ", ".join(f"{seat} {b:,}" for seat, b in doc["bytes_sent"].items()))
+    lines.append("rounds: " + ", ".join(f"{seat} {r}" for seat, r in doc["rounds"].items()))
     return "\n".join(lines)
 
 

@@ -13,12 +13,14 @@ from services.coordinator.permissions import MANAGE_USERS, require_member, requi
 from services.coordinator.schemas import (Heartbeat, HelperRef, NewDataview, NewJob, NewProject, NewToken, NewUser,
                                           OrganizationRef, Rejection, Report, WorkerKeys)
 
+MAX_JSON_BODY = 1 << 20
 bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issued by the coordinator")
 
 
 def coordinator_router(db: Database) -> APIRouter:
     """All `/v1` endpoints, bound to one database."""
-    router = APIRouter(prefix="/v1")
+    # JSON bodies here are small; a 1 MiB cap answers 413 before a big body is parsed into memory.
+    router = APIRouter(prefix="/v1", max_body_size=MAX_JSON_BODY)
 
     def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         with db.transaction() as conn:

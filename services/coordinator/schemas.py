@@ -8,7 +8,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 def _encodable(text: str) -> str:
     # JSON may smuggle lone surrogates in; they cannot be stored or echoed back as UTF-8.
-    text.encode("utf-8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
     return text
 
 

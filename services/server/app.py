@@ -15,9 +15,10 @@ from services.broker.api import broker_router
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobMembership, LocalMembership, RemoteMembership
 from services.broker.store import MessageStore
-from services.coordinator.api import coordinator_router
+from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.db import Database
 from services.coordinator.jobs import expire_late_jobs
+from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
 from services.server.error_handlers import install_error_handlers
 
@@ -82,6 +83,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Cape server", version=_version(), lifespan=lifespan, openapi_url="/openapi.json",
                   description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
     install_error_handlers(app)
+    app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
     parts = []
     if db is not None:
         app.include_router(coordinator_router(db))

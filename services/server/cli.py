@@ -75,7 +75,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
     sys.stdout.flush()
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log,
-                                           timeout_graceful_shutdown=5, log_config=None))
+                                           timeout_graceful_shutdown=3, log_config=None))
     server.run(sockets=[sock])
 
 

@@ -45,6 +45,8 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     field = _field_name(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and field == "body":
         message = "the request needs a JSON body"
+    elif field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        message = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
     else:
         msg = str(first.get("msg", "is invalid"))
         message = f"field '{field}': {msg[:1].lower() + msg[1:]}"
@@ -67,7 +69,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: ("not_found", "no such endpoint; see /openapi.json"),
-                 405: ("method_not_allowed", "this endpoint does not accept that method; see /openapi.json")}
+                 405: ("method_not_allowed", "this endpoint does not accept that method; see /openapi.json"),
+                 413: ("too_large", "the request body is too large for this endpoint"),
+                 415: ("unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")}
         code, message = codes.get(exc.status_code, ("http_error", str(exc.detail)))
         return JSONResponse({"error": {"code": code, "message": message}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -49,6 +49,7 @@ class Messenger:
         self.long_poll = long_poll
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
         self._specs: dict[str, JobSpec] = {}
+        self._sender: threading.Thread | None = None
         self.sent = 0
         self.received = 0
         self.rejected = 0
@@ -190,6 +191,8 @@ class Messenger:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
 
         def once() -> bool:
+            if self._sender is not None and not self._sender.is_alive():
+                raise SystemExit("the sender loop stopped")  # let supervisord restart the whole program
             jobs = self.receiving_jobs()
             if not jobs:
                 self.stop.wait(0.2)
@@ -215,6 +218,11 @@ class Messenger:
                 log.error("%s: %s", what, exc)
                 self.stop.wait(min(MAX_BACKOFF_SECONDS, 2.0 * failures))
                 continue
+            except Exception as exc:  # noqa: BLE001 - a loop must not die silently; the next pass retries
+                failures += 1
+                log.exception("%s: unexpected %s; retrying", what, type(exc).__name__)
+                self.stop.wait(min(MAX_BACKOFF_SECONDS, 1.0 * failures))
+                continue
             if failures:
                 log.info("%s: the broker is reachable again", what)
                 failures = 0
@@ -223,13 +231,13 @@ class Messenger:
 
     def run(self) -> None:
         """Run both loops until the stop flag is set (the receiver in this thread)."""
-        sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
-        sender.start()
+        self._sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
+        self._sender.start()
         try:
             self.receiver_loop()
         finally:
             self.stop.set()
-            sender.join(timeout=2.0)
+            self._sender.join(timeout=2.0)
 
 
 def main() -> int:

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from services.jobs.linear_regression import JobDataError, LinearRegressionTask, ProtocolError, run_party
+from services.mpc import ProtocolError as EngineProtocolError
 from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
 from services.worker.spool import Spool
-from services.worker.spool_transport import JobInterrupted, SpoolTransport, SpoolTransportTimeout
+from services.worker.spool_transport import JobInterrupted, SpoolTransport
 
 log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.2
@@ -145,7 +146,7 @@ class Runner:
             transport = SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id))
             result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
                                data_name=uri)
-        except (JobDataError, ProtocolError, SpoolTransportTimeout, JobSpecError) as exc:
+        except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
             raise JobFailed(str(exc)) from None
         log.info("job %s: role finished (%d messages sent, %d received)", job_id, transport.messages_sent,
                  transport.messages_received)

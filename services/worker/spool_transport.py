@@ -19,16 +19,13 @@ from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
 
-try:  # the engine's exception, so the protocol code can catch it by its own name
-    from services.mpc import TransportTimeout as _EngineTimeout
-except ImportError:  # pragma: no cover - the engine package is being built alongside
-    _EngineTimeout = TimeoutError  # type: ignore[misc,assignment]
+from services.mpc import TransportTimeout
 
 log = logging.getLogger(__name__)
 _POLL_MIN, _POLL_MAX = 0.002, 0.05
 
 
-class SpoolTransportTimeout(_EngineTimeout):  # type: ignore[misc,valid-type]
+class SpoolTransportTimeout(TransportTimeout):
     """A message did not arrive within the job's bound; the message says which, from whom, and any rejections."""
 
 

@@ -3,6 +3,7 @@
 - `cape_home` (function): an empty config home (XDG_CONFIG_HOME) and no CAPE_* variables; returns the config path.
 - `cape_cli` (function): runs `cape ...` in-process with click's CliRunner; `cape_cli(*args, env={...})`.
 - `unique_label` (function): `unique_label("acme")` -> "acme-1a2b3c", so tests never collide on a shared server.
+- `shared_cape_server` (module): one real cape-server for a test module whose tests use `unique_label`.
 - `cape_script` (function): runs the installed `cape` console script in a subprocess with the same env handling.
 """
 from __future__ import annotations
@@ -13,10 +14,13 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
+
+if TYPE_CHECKING:
+    from tests.support.server import CapeServer
 
 CAPE_VARS = ("CAPE_TOKEN", "CAPE_COORDINATOR")
 SCRIPT_TIMEOUT_S = 60
@@ -71,3 +75,13 @@ def cape_script(cape_home: Path) -> Callable[..., CliResult]:
 def unique_label() -> Callable[[str], str]:
     """Labels unique per call, for organizations and projects on a server other tests share."""
     return lambda name: f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def shared_cape_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["CapeServer"]:
+    """A cape-server shared by one test module (starting one per test costs seconds on this machine)."""
+    from tests.support.server import CapeServer  # imported late: pytest loads it as a plugin itself
+
+    server = CapeServer(tmp_path_factory.mktemp("shared-cape-server") / "data")
+    yield server
+    server.stop()

@@ -8,6 +8,7 @@ Usage::
                          headers={"Authorization": f"Bearer {org['user_token']}"})
         cape_server.broker_url                     # f"{url}/broker"  (what CAPE_BROKER is set to)
         cape_server.restart()                      # same data dir, new port: read `url` again afterwards
+        cape_server.restart(crash=True)            # the same after SIGKILL
         cape_server.stop()                         # also done at teardown
 
 `CapeServer(data_dir, extra_args=[...])` starts one by hand (e.g. `["--message-ttl", "2"]`), as does the
@@ -109,9 +110,18 @@ class CapeServer:
         self.process = None
         self.url = ""
 
-    def restart(self) -> None:
-        """Stop and start again on the same data directory (the port changes: read `url` again)."""
-        self.stop()
+    def kill(self) -> None:
+        """SIGKILL (a crash): nothing gets to shut down cleanly."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+        self.url = ""
+
+    def restart(self, crash: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL with `crash=True`) and start again on the same data directory.
+        The port changes: read `url` again afterwards."""
+        self.kill() if crash else self.stop()
         self.start()
 
     def admin(self, *args: str) -> str:

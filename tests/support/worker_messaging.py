@@ -4,10 +4,14 @@
 shop = y-owner and model owner, neutral = helper), a project, the two dataviews, registers each worker's keys
 (made by `WorkerKeys` under `tmp_path/<seat>/state`), submits and approves a linear regression, and returns an
 `ApprovedJob` whose `seats[seat]` holds that worker's org token, keys, spool and the `WorkerJob` it is served.
+`program_env(job, seat, base)` is the environment a worker program of that seat runs with; `wait_for` polls with
+a bound.
 """
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,3 +88,29 @@ def approved_job(cape_server: Any, base: Path, *, x_uri: str = "file:///nonexist
         seats[seat] = Seat(seat, SEAT_ORGS[seat], org["organization_token"], keys[seat],
                            Spool(base / seat / "spool"), spec)
     return ApprovedJob(job["id"], url, cape_server.broker_url, seats)
+
+
+def program_env(job: ApprovedJob, seat: str, base: Path) -> dict[str, str]:
+    """Environment for `python -m services.worker.<program>` of `seat` (its token, spool and state)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "AWS_"))}
+    env.update({
+        "CAPE_TOKEN": job.seats[seat].token,
+        "CAPE_COORDINATOR": job.url,
+        "CAPE_BROKER": job.broker_url,
+        "CAPE_SPOOL_DIR": str(job.seats[seat].spool.root),
+        "CAPE_STATE_DIR": str(base / seat / "state"),
+        "CAPE_WORKER_NAME": seat.replace("_", "-"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll `predicate` every 50 ms until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

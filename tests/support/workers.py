@@ -184,14 +184,20 @@ class JobWorld:
         """How the first data values are written in the CSV files (none may appear in a log line)."""
         return [f"{v:.12g}" for v in [*self.x[:count // 2].ravel(), *self.y[:count // 2]] if len(f"{v:.12g}") > 6]
 
-    def submit(self, model_location: str | None = None, timeout: int = 120) -> str:
+    def add_dataview(self, label: str, name: str, uri: str, columns: list[str]) -> None:
+        self._ok(self.user[label].post("/v1/projects/e2e/dataviews", json={
+            "name": name, "uri": uri, "schema": [{"name": c, "type": "number"} for c in columns]}))
+
+    def submit(self, model_location: str | None = None, timeout: int = 120, x: str = "xs",
+               approvers: tuple[str, ...] = ("xorg", "yorg")) -> str:
+        """Submit a job on dataviews `x` (columns a, b, c) and `ys`; approve it as `approvers`; return its id."""
         ok = self._ok
         job = ok(self.user["xorg"].post("/v1/projects/e2e/jobs", json={
-            "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b", "c"]},
+            "type": "linear_regression", "x": {"dataview": x, "columns": ["a", "b", "c"]},
             "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": model_location,
             "timeout": timeout}))
-        ok(self.user["xorg"].post(f"/v1/jobs/{job['id']}/approve"))
-        ok(self.user["yorg"].post(f"/v1/jobs/{job['id']}/approve"))
+        for label in approvers:
+            ok(self.user[label].post(f"/v1/jobs/{job['id']}/approve"))
         return job["id"]
 
     def job(self, job_id: str) -> dict:

@@ -35,11 +35,12 @@ def whoami(cli: CliContext, as_json: bool) -> None:
         print_json(identity)
         return
     roles = identity.get("roles") or {}
+    labels = {o.id: o.label for o in cape.list_organizations()} if roles and identity.get("kind") == "user" else {}
     print_fields([
         ("coordinator", cape.endpoint),
         ("kind", identity.get("kind")),
         ("identity", describe(identity)),
-        ("roles", [f"{org}: {role}" for org, role in roles.items()]),
+        ("roles", [f"{labels.get(org, org)}: {role}" for org, role in roles.items()]),
     ])
 
 

@@ -206,7 +206,8 @@ def _progress_line(job: Job) -> str:
         progress = party.get("progress")
         percent = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
         message = f" ({party['message']})" if party.get("message") else ""
-        parts.append(f"{seat}={org_label(party.get('organization'))}:{party.get('state') or 'waiting'}{percent}{message}")
+        state = party.get("state") or "waiting"
+        parts.append(f"{seat}={org_label(party.get('organization'))}:{state}{percent}{message}")
     return f"{job.status:<13} " + "  ".join(parts)
 
 

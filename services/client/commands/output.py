@@ -57,7 +57,7 @@ def org_label(ref: dict[str, Any] | None) -> str:
 
 
 def _text(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"

@@ -19,6 +19,7 @@ import numpy as np
 DEFAULT_CASES = [(n, d) for n in (10**4, 10**5, 10**6) for d in (8, 32)]
 QUICK_CASES = [(10**4, 8), (10**5, 8)]
 CASE_TIMEOUT_SECONDS = 900
+NUMPY_REPEATS = 3
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -58,7 +59,7 @@ def _rss_bytes() -> int:
 
 def run_case(n: int, d: int) -> dict:
     """Run one case in this process; return its JSON record."""
-    from services.jobs.linear_regression import LinearRegressionTask, simulate_arrays
+    from services.jobs.linear_regression import LinearRegressionTask, plaintext_fit, simulate_arrays
     from services.jobs.linear_regression import protocol  # noqa: F401 - imported before the baseline
 
     baseline = _rss_bytes()
@@ -73,25 +74,24 @@ def run_case(n: int, d: int) -> dict:
     xb = np.empty((n, d + 1))
     xb[:, 0] = 1.0
     xb[:, 1:] = x
-    started = time.perf_counter()
-    xtx = xb.T @ xb
-    xty = xb.T @ y
-    numpy_weights = np.linalg.solve(xtx, xty)
-    numpy_seconds = time.perf_counter() - started
+    numpy_seconds = float("inf")
+    for _ in range(NUMPY_REPEATS):  # the best of a few: a busy machine must not flatter the ratio
+        started = time.perf_counter()
+        xtx = xb.T @ xb
+        xty = xb.T @ y
+        numpy_weights = np.linalg.solve(xtx, xty)
+        numpy_seconds = min(numpy_seconds, time.perf_counter() - started)
 
-    lstsq_weights, *_ = np.linalg.lstsq(xb, y, rcond=None)
-    residual = y - xb @ lstsq_weights
-    ss_res = float(residual @ residual)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    metrics = {"mse_result": ss_res / n, "r_squared_result": 1 - ss_res / ss_tot}
+    del xb
+    lstsq_weights, metrics = plaintext_fit(x, y)
     scale = float(np.max(np.abs(lstsq_weights)))
     input_bytes = n * (d + 1) * 8
     return {
         "n": n,
         "d": d,
-        "seconds": {**{k: round(v, 4) for k, v in report.seconds.items()}, "job": round(job_seconds, 4)},
-        "numpy_seconds": round(numpy_seconds, 4),
-        "ratio_to_numpy": round(job_seconds / numpy_seconds, 2),
+        "seconds": {**report.seconds, "job": job_seconds},
+        "numpy_seconds": numpy_seconds,
+        "ratio_to_numpy": round(job_seconds / max(numpy_seconds, 1e-9), 2),
         "bytes_sent": report.to_json()["bytes_sent"],
         "rounds": report.to_json()["rounds"],
         "input_bytes": input_bytes,

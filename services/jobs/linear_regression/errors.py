@@ -78,13 +78,17 @@ class NonFiniteError(JobDataError):
 
 
 class ValueRangeError(JobDataError):
-    """A value is too large in magnitude for the fixed-point encoding used by the secure computation."""
+    """A column's magnitude is outside the range the secure computation's internal scaling handles."""
 
-    def __init__(self, file: str, column: str, row: int, limit: float) -> None:
+    def __init__(self, file: str, column: str, row: int | None, limit: float) -> None:
         self.file, self.column, self.row = file, column, row
+        if row is not None:
+            where, what = f"column {column!r} row {row}", f"the value's magnitude is above {limit:g}"
+        else:
+            where, what = f"column {column!r}", f"every value's magnitude is below {limit:g} (but not all are 0)"
         super().__init__(
-            f"{file}: column {column!r} row {row}: the value's magnitude is above {limit:g}, too large for the "
-            "secure computation's fixed-point range; rescale the column (e.g. to other units)"
+            f"{file}: {where}: {what}, outside the secure computation's fixed-point range even after its internal "
+            "scaling; rescale the column (e.g. to other units)"
         )
 
 

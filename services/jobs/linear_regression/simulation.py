@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +25,6 @@ _JOIN_AFTER_FAILURE_SECONDS = 30.0
 _POLL_SECONDS = 0.05
 # A receive waits this long for a live peer (the x-owner's plaintext step at 10^6 rows takes seconds).
 RECEIVE_BOUND_SECONDS = 600.0
-PARTY_NAMES = ("x_owner", "y_owner", "model_owner")
 
 
 @dataclass
@@ -41,6 +40,7 @@ class SimulationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_sent: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    seats: tuple[str, str, str] = ("x_owner", "y_owner", "model_owner")  # the parties' seat names, by index
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the `cape simulate --json` object)."""
@@ -52,8 +52,8 @@ class SimulationReport:
             "plaintext_metrics": {k: float(v) for k, v in self.plaintext_metrics.items()},
             "max_abs_error": float(self.max_abs_error),
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
-            "bytes_sent": {PARTY_NAMES[i]: int(b) for i, b in enumerate(self.bytes_sent)},
-            "rounds": {PARTY_NAMES[i]: int(r) for i, r in enumerate(self.rounds)},
+            "bytes_sent": {self.seats[i]: int(b) for i, b in enumerate(self.bytes_sent)},
+            "rounds": {self.seats[i]: int(r) for i, r in enumerate(self.rounds)},
         }
 
 
@@ -94,26 +94,22 @@ def simulate_arrays(
     seeds = list(seeds) if seeds is not None else simulated_seeds()
     # Short network timeout: receives are retried by _CancellableTransport, which stops when a party fails.
     network = InMemoryNetwork(parties=3, timeout=_POLL_SECONDS)
-    cancelled = threading.Event()
+    failed = threading.Event()
     phases = _PhaseClock()
     data = {X_OWNER: x, Y_OWNER: y, THIRD_SEAT: None}
     names = {X_OWNER: (x_name, y_name), Y_OWNER: (y_name, x_name), THIRD_SEAT: (None, None)}
     results: dict[int, LinearRegressionResult | None] = {}
     errors: dict[int, BaseException] = {}
-    failed = threading.Event()
 
     def party(index: int) -> None:
         try:
             results[index] = run_party(
-                index, task, data[index], _CancellableTransport(network.transport(index), cancelled),
-                seeds[index],
-                phases.progress if index == task.output_party else None,
-                data_name=names[index][0], other_name=names[index][1],
+                index, task, data[index], _CancellableTransport(network.transport(index), failed), seeds[index],
+                phases.reporter(index), data_name=names[index][0], other_name=names[index][1],
             )
         except BaseException as exc:  # noqa: BLE001 - reported to the caller below
             errors[index] = exc
-            cancelled.set()
-            failed.set()
+            failed.set()  # wakes the other parties' receives
 
     started = time.perf_counter()
     threads = [threading.Thread(target=party, args=(i,), name=f"party-{i}", daemon=True) for i in range(3)]
@@ -131,7 +127,8 @@ def simulate_arrays(
     seconds["protocol"] = time.perf_counter() - started
 
     result = results[task.output_party]
-    assert result is not None, "the output party returned no result"
+    if result is None:
+        raise ProtocolError(f"the output party ({task.outputs_to}) finished without a result")
     plain_started = time.perf_counter()
     if plaintext:
         plain_weights, plain_metrics = plaintext_fit(x, y)
@@ -148,39 +145,63 @@ def simulate_arrays(
         seconds=seconds,
         bytes_sent=[int(b) for b in _per_party(network.bytes_sent)],
         rounds=[int(r) for r in _per_party(network.rounds)],
+        seats=("x_owner", "y_owner", "model_owner" if task.output_party == THIRD_SEAT else "helper"),
     )
 
 
 def plaintext_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """numpy's least squares with an intercept: weights (intercept first) and the job's two metrics."""
-    xb = np.empty((x.shape[0], x.shape[1] + 1))
+    """numpy's least squares with an intercept: weights (intercept first) and the job's two metrics.
+
+    Columns are first scaled by powers of two (exact in floating point) to comparable magnitudes: lstsq's default
+    cutoff (eps · max(n, d) of the largest singular value) would otherwise drop a 1e-4 column beside a 1e6 one
+    once n reaches ~10^6, and return a wrong fit.
+    """
+    n, d = x.shape
+    exponents = np.frexp(np.max(np.abs(x), axis=0) if n else np.ones(d))[1]
+    xb = np.empty((n, d + 1))
     xb[:, 0] = 1.0
-    xb[:, 1:] = x
-    weights, *_ = np.linalg.lstsq(xb, y, rcond=None)
-    residual = y - xb @ weights
+    np.ldexp(x, -exponents, out=xb[:, 1:])
+    scaled_weights, *_ = np.linalg.lstsq(xb, y, rcond=None)
+    residual = y - xb @ scaled_weights
+    weights = scaled_weights.copy()
+    weights[1:] = np.ldexp(scaled_weights[1:], -exponents)
     ss_res = float(residual @ residual)
     centred = y - y.mean()
     ss_tot = float(centred @ centred)
-    return weights, {"mse_result": ss_res / len(y), "r_squared_result": 1.0 - ss_res / ss_tot}
+    return weights, {"mse_result": ss_res / n, "r_squared_result": 1.0 - ss_res / ss_tot}
 
 
 class _PhaseClock:
-    """Turns the output party's progress reports into seconds per phase (when the protocol names phases)."""
+    """Seconds per phase of the whole job: a phase ends when the last party reports its end.
+
+    The protocol calls `progress(fraction, phase)` at the end of each phase, in every party.
+    """
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, str]] = []
+        self._ends: dict[str, float] = {}
+        self._order: list[str] = []
+        self._lock = threading.Lock()
 
-    def progress(self, *args: Any, **kwargs: Any) -> None:
-        phase = kwargs.get("phase") or next((a for a in args if isinstance(a, str)), None)
-        if phase is not None:
-            self.marks.append((time.perf_counter(), phase))
+    def reporter(self, index: int) -> Callable[[float, str], None]:
+        """The progress callback for party `index`."""
+
+        def progress(fraction: float, phase: str) -> None:
+            now = time.perf_counter()
+            with self._lock:
+                if phase not in self._ends:
+                    self._order.append(phase)
+                self._ends[phase] = max(self._ends.get(phase, now), now)
+
+        return progress
 
     def seconds(self, started: float) -> dict[str, float]:
+        """Seconds per phase, in the order the phases were first reported."""
         out: dict[str, float] = {}
         last = started
-        for at, phase in self.marks:
-            out[phase] = out.get(phase, 0.0) + (at - last)
-            last = at
+        for phase in self._order:
+            end = max(self._ends[phase], last)
+            out[phase] = end - last
+            last = end
         return out
 
 

@@ -18,6 +18,8 @@ from .errors import (
 # is not the limit; this bound keeps xᵢ², Σxᵢ² and XᵀX far from float64 overflow (1e300) after scaling and summing
 # over up to 10^9 rows. Users with larger values should change units.
 MAX_ABS_VALUE = 1e100
+# A column whose largest magnitude is below this would underflow once squared (1e-200 and below lose precision).
+MIN_ABS_VALUE = 1e-100
 
 
 def check_x(x: np.ndarray, columns: Sequence[str], name: str) -> None:
@@ -45,7 +47,11 @@ def _check_values(a: np.ndarray, columns: list[str], name: str) -> None:
     if a.shape[0] == 0:
         return
     low, high = a.min(axis=0), a.max(axis=0)
-    if np.all(np.maximum(-low, high) <= MAX_ABS_VALUE):
+    largest = np.maximum(-low, high)
+    if np.all(largest <= MAX_ABS_VALUE):
+        tiny = (largest < MIN_ABS_VALUE) & (largest > 0)
+        if tiny.any():
+            raise ValueRangeError(name, columns[int(np.argmax(tiny))], None, MIN_ABS_VALUE)
         return
     for row in range(0, a.shape[0], 65536):  # the error path: find the first bad row block by block
         block = a[row : row + 65536]

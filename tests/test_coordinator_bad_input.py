@@ -1,0 +1,164 @@
+"""Bad input gets a typed JSON error naming what is wrong, never a 500."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.support.server import Api, build_job_world, cape_server_command
+
+JOB = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]}, "y": {"dataview": "ys", "column": "t"},
+       "model_owner": "yorg"}
+
+
+def error(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) >= {"code", "message"}
+    return body["message"]
+
+
+@pytest.fixture
+def world(cape_server):
+    world = build_job_world(cape_server)
+    yield world
+    log = cape_server.log_path.read_text()
+    assert "internal error" not in log and "Traceback" not in log
+
+
+def test_malformed_bodies_name_the_field(world):
+    admin = world["user"]["xorg"]
+    assert error(admin.post("/v1/projects", json={"label": "has space"}), 422).startswith("field 'label':")
+    assert error(admin.post("/v1/projects", json={"name": "no label"}), 422) == "field 'label': field required"
+    assert error(admin.post("/v1/projects", json={"label": "ok", "colour": 1}), 422) == \
+        "field 'colour': extra inputs are not permitted"
+    assert error(admin.post("/v1/projects", data="{not json", headers={"Content-Type": "application/json"}),
+                 422) == "the request body is not valid JSON"
+    assert "JSON object" in error(admin.post("/v1/projects", json=["label"]), 422)
+    assert "Content-Type" in error(admin.post("/v1/projects", data='{"label": "x"}'), 422)
+    assert error(admin.post("/v1/projects/demo/dataviews", json={
+        "name": "d", "uri": "file:///d.csv", "schema": [{"name": "a", "type": "float"}]}), 422).startswith(
+        "field 'schema[0].type':")
+    assert error(admin.post("/v1/projects/demo/dataviews", json={
+        "name": "d", "uri": "file:///d.csv", "schema": [{"name": "a", "type": "number"}] * 2}), 422) == \
+        "field 'schema': column names must be unique"
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "x": {"dataview": "xs"}}), 422) == \
+        "field 'x.columns': field required"
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "x": {"dataview": "xs", "columns": []}}),
+                 422).startswith("field 'x.columns':")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "timeout": 0}), 422).startswith("field 'timeout':")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "type": "logistic"}), 422).startswith(
+        "field 'type':")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "http://x"}), 422).startswith(
+        "field 'model_location':")
+    worker = world["worker"]["xorg"]
+    assert error(worker.put("/v1/worker/keys", json={"encryption_public_key": "not base64!",
+                                                     "signing_public_key": "AAAA"}), 422).startswith(
+        "field 'encryption_public_key': must be the base64 of a raw 32-byte X25519 public key")
+    jid = world["job"]["id"]
+    assert error(worker.post(f"/v1/worker/jobs/{jid}/report", json={"state": "started", "progress": 2}),
+                 422).startswith("field 'progress':")
+    assert error(worker.post(f"/v1/worker/jobs/{jid}/report", json={"state": "done"}), 422).startswith(
+        "field 'state':")
+    assert error(worker.post(f"/v1/worker/jobs/{jid}/report", data='{"state": "started", "progress": NaN}',
+                             headers={"Content-Type": "application/json"}), 422).startswith("field 'progress':")
+
+
+def test_job_references_are_checked(world):
+    admin = world["user"]["xorg"]
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "x": {"dataview": "xs", "columns": ["zz"]}}),
+                 422) == "field 'x.columns': dataview 'xs' has no column 'zz' (it has: a, b)"
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "y": {"dataview": "ys", "column": "a"}}),
+                 422).startswith("field 'y.column': dataview 'ys' has no column 'a'")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "y": {"dataview": "xs", "column": "a"}}),
+                 422) == "field 'y.dataview': the x and y dataviews must belong to two different organizations"
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_owner": "nobody"}), 422) == \
+        "field 'model_owner': no organization 'nobody'"
+    admin.post("/v1/projects/demo/dataviews", json={"name": "names", "uri": "file:///n.csv",
+                                                    "schema": [{"name": "who", "type": "string"}]})
+    assert "not numeric" in error(admin.post("/v1/projects/demo/jobs", json={
+        **JOB, "x": {"dataview": "names", "columns": ["who"]}}), 422)
+
+
+def test_job_on_another_projects_dataview_is_refused(world, cape_server):
+    outsider = cape_server.create_org("outsider")
+    out = Api(cape_server, outsider["user_token"])
+    assert out.post("/v1/projects", json={"label": "theirs"}).status_code == 201
+    theirs = out.post("/v1/projects/theirs/dataviews", json={
+        "name": "secret", "uri": "s3://theirs/x.csv", "schema": [{"name": "a", "type": "number"}]}).json()
+    # A dataview of another project cannot be named in this project's job, not even by id...
+    assert error(world["user"]["xorg"].post("/v1/projects/demo/jobs", json={
+        **JOB, "x": {"dataview": theirs["id"], "columns": ["a"]}}), 422) == \
+        f"field 'x.dataview': this project has no dataview '{theirs['id']}'"
+    # ...and an organization outside the project can neither submit there nor see its dataviews.
+    assert error(out.post("/v1/projects/demo/jobs", json=JOB), 403).startswith("none of your organizations")
+    assert out.get("/v1/projects/demo/dataviews").status_code == 403
+    assert world["user"]["xorg"].get(f"/v1/dataviews/{theirs['id']}").status_code == 403
+
+
+def test_unknown_ids_are_404(world):
+    admin = world["user"]["xorg"]
+    assert error(admin.get("/v1/projects/nope"), 404).startswith("no project 'nope'")
+    assert error(admin.get("/v1/jobs/0123"), 404) == "no job '0123'"
+    assert error(admin.get("/v1/dataviews/0123"), 404) == "no dataview '0123'"
+    assert error(admin.get("/v1/organizations/nope"), 404).startswith("no organization 'nope'")
+    assert error(admin.post("/v1/projects/demo/organizations", json={"organization": "nope"}), 404).startswith(
+        "no organization 'nope'")
+    assert error(world["worker"]["xorg"].get("/v1/worker/jobs/0123"), 404) == "no job '0123'"
+    assert error(admin.get("/v1/no/such/endpoint"), 404).startswith("no such endpoint")
+    assert error(admin.request("PATCH", "/v1/projects/demo"), 405).startswith("this endpoint does not accept")
+
+
+def test_duplicates_are_409(world, cape_server):
+    admin = world["user"]["xorg"]
+    assert error(admin.post("/v1/projects", json={"label": "demo"}), 409) == \
+        "a project labelled 'demo' already exists; choose another label"
+    assert error(admin.post("/v1/projects/demo/dataviews", json={
+        "name": "xs", "uri": "file:///x.csv", "schema": [{"name": "a", "type": "number"}]}), 409) == \
+        "project 'demo' already has a dataview named 'xs'"
+    assert error(admin.post("/v1/organizations/xorg/users", json={"email": "admin@xorg.example", "role": "user"}),
+                 409) == "'admin@xorg.example' is already a member of this organization"
+    # Ending states: approving twice is a no-op, stopping an ended job is a conflict naming its status.
+    jid = world["job"]["id"]
+    assert admin.post(f"/v1/jobs/{jid}/approve").status_code == 200
+    assert admin.post(f"/v1/jobs/{jid}/stop").status_code == 200
+    assert error(admin.post(f"/v1/jobs/{jid}/stop"), 409) == "the job already ended (Stopped)"
+
+
+def test_active_jobs_block_deleting_their_project_and_dataviews(world):
+    admin = world["user"]["xorg"]
+    xs = world["job"]["task"]["x"]["dataview"]["id"]
+    assert error(admin.delete(f"/v1/dataviews/{xs}"), 409).startswith("dataview 'xs' is used by jobs")
+    assert error(admin.delete("/v1/projects/demo"), 409).startswith("project 'demo' has jobs that have not ended")
+    assert admin.post(f"/v1/jobs/{world['job']['id']}/stop").status_code == 200
+    assert admin.delete(f"/v1/dataviews/{xs}").status_code == 204
+    assert admin.delete("/v1/projects/demo").status_code == 204
+    assert admin.get("/v1/projects/demo").status_code == 404
+
+
+def test_oversized_json_body_is_413(world):
+    response = world["user"]["xorg"].post("/v1/projects", data=b'{"label": "' + b"a" * 2_000_000 + b'"}',
+                                          headers={"Content-Type": "application/json"})
+    assert error(response, 413).startswith("the request body is over")
+
+
+def test_admin_cli_errors_are_one_line(cape_server):
+    cape_server.create_org("acme")
+
+    def admin(*args):
+        return subprocess.run([*cape_server_command(), "admin", *args, "--data-dir", str(cape_server.data_dir)],
+                              capture_output=True, text=True, timeout=60)
+
+    dup = admin("create-org", "acme", "--admin-email", "x@acme.example")
+    assert dup.returncode == 1 and dup.stderr.strip() == \
+        "Error: an organization labelled 'acme' already exists; choose another label"
+    bad = admin("create-org", "a b", "--admin-email", "x@acme.example")
+    assert bad.returncode == 2 and "Invalid value for LABEL" in bad.stderr
+    missing = admin("create-user", "nope", "--email", "x@y.z", "--role", "user")
+    assert missing.returncode == 1 and "no organization 'nope'" in missing.stderr
+    role = admin("create-user", "acme", "--email", "x@y.z", "--role", "boss")
+    assert role.returncode == 2 and "'boss' is not one of" in role.stderr
+    token = cape_server.create_org("beta")["organization_token"]
+    revoked = admin("revoke-token", token)
+    assert revoked.returncode == 0 and token.split(",")[1] not in revoked.stdout
+    assert Api(cape_server, token).post("/v1/login").status_code == 401

@@ -1,0 +1,41 @@
+"""`cape-server serve` start-up: the announced address, bad options, an occupied port."""
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import requests
+
+from tests.support.server import cape_server_command
+
+
+def test_serve_announces_its_address_and_serves_openapi(cape_server):
+    assert cape_server.url.startswith("http://127.0.0.1:")
+    health = requests.get(f"{cape_server.url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["parts"] == ["coordinator", "broker"]
+    document = requests.get(f"{cape_server.url}/openapi.json", timeout=10).json()
+    assert document["info"]["title"] == "Cape server"
+
+
+def test_only_coordinator_has_no_broker(start_cape_server):
+    server = start_cape_server(extra_args=["--only", "coordinator"])
+    assert requests.get(f"{server.url}/healthz", timeout=10).json()["parts"] == ["coordinator"]
+    assert "/broker/v1/jobs/{job}/messages" not in requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_broker_alone_needs_a_coordinator_url(tmp_path):
+    result = subprocess.run([*cape_server_command(), "serve", "--only", "broker", "--port", "0",
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--only broker needs --coordinator-url" in result.stderr
+
+
+def test_occupied_port_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([*cape_server_command(), "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick another --port" in result.stderr

@@ -1,0 +1,220 @@
+"""The runner: a real three-party job over three spools and the real broker, restarts, bad data, stopped jobs."""
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.worker.broker_client import BrokerClient
+from services.worker.keys import WorkerKeys
+from services.worker.messenger import Messenger
+from services.worker.runner import Runner
+from tests.support.worker_messaging import approved_job, program_env, wait_for
+
+SEATS = ("x_owner", "y_owner", "helper")
+ACCURACY = 1e-5  # the engine's bound on |weights - lstsq| for well-scaled data of this size
+
+
+def write_data(folder: Path, n: int = 300, bad_cell: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(n, 3)) * [1.0, 50.0, 0.02] + [0.0, 1000.0, 0.0]  # unscaled on purpose
+    y = 3.0 + x @ np.array([0.5, -0.01, 40.0]) + rng.normal(scale=0.1, size=n)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savetxt(folder / "x.csv", x, delimiter=",", header="a,b,c", comments="", fmt="%.17g")
+    lines = ["t"] + [repr(float(v)) for v in y]
+    if bad_cell is not None:
+        lines[bad_cell] = "n/a"
+    (folder / "y.csv").write_text("\n".join(lines) + "\n")
+    return x, y
+
+
+def lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(np.column_stack([np.ones(len(x)), x]), y, rcond=None)[0]
+
+
+def statuses(spool, job_id) -> list[dict]:
+    return [item.read() for item in spool.pending_status() if item.job_id == job_id]
+
+
+@pytest.fixture
+def data_job(cape_server, tmp_path):
+    x, y = write_data(tmp_path / "data")
+    job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "data" / "x.csv").as_uri(),
+                       y_uri=str(tmp_path / "data" / "y.csv"), x_columns=("a", "b", "c"), y_column="t",
+                       model_location=(tmp_path / "models").as_uri())
+    for seat in job.seats.values():
+        seat.spool.put_job(seat.spec)
+    return job, x, y
+
+
+def start_program(program: str, job, seat: str, base: Path) -> subprocess.Popen:
+    log = open(base / f"{seat}.{program}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", f"services.worker.{program}"],
+                            env=program_env(job, seat, base), stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_three_workers_run_the_job_over_their_spools(data_job, tmp_path):
+    job, x, y = data_job
+    procs = []
+    try:
+        for seat in SEATS:
+            procs += [start_program("messenger", job, seat, tmp_path), start_program("runner", job, seat, tmp_path)]
+        y_spool = job.seats["y_owner"].spool
+        result = wait_for(lambda: y_spool.read_result(job.id), "the output seat's result", timeout=90)
+        for seat in SEATS:
+            spool = job.seats[seat].spool
+            wait_for(lambda: spool.done(job.id), f"{seat}'s runner to finish")
+    finally:
+        stop_all(procs)
+
+    np.testing.assert_allclose(result["weights"], lstsq(x, y), atol=ACCURACY, rtol=0)
+    assert result["x_columns"] == ["a", "b", "c"]
+    assert set(result["metrics"]) == {"mse_result", "r_squared_result"}
+    assert result["metrics"]["r_squared_result"] > 0.99
+    assert result["model_location"] == (tmp_path / "models").as_uri()
+    for seat in ("x_owner", "helper"):  # only the output seat learns anything
+        spool = job.seats[seat].spool
+        assert spool.pending_results() == []
+        assert spool.done(job.id) == {"outcome": "completed", "message": None}
+        states = [s["state"] for s in statuses(spool, job.id)]
+        assert states[0] == "started" and states[-1] == "completed"
+    y_states = statuses(job.seats["y_owner"].spool, job.id)
+    assert y_states[0]["state"] == "started" and y_states[-1]["state"] == "running"  # the uploader completes it
+    for seat in SEATS:  # received messages are gone once the job is done; nothing left to send
+        spool = job.seats[seat].spool
+        assert not (spool.root / "inbox" / job.id).exists()
+        assert spool.pending_outbox() == [] and spool.claimed_jobs() == []
+    log = (tmp_path / "x_owner.runner.log").read_text()
+    assert f"job {job.id}: role finished" in log
+    assert repr(float(x[0, 0]))[:8] not in log  # no data value in the log
+
+
+def test_a_restarted_runner_replays_its_role_and_sends_the_same_bytes(data_job, tmp_path):
+    job, x, y = data_job
+    stop = threading.Event()
+    messengers = []
+    for seat in SEATS:
+        s = job.seats[seat]
+        messengers.append(Messenger(s.spool, s.keys, BrokerClient(job.broker_url, s.token, stop=stop), stop,
+                                    long_poll=0.5))
+    threads = [threading.Thread(target=m.run, daemon=True) for m in messengers]
+    runners = {seat: Runner(job.seats[seat].spool, job.seats[seat].keys) for seat in ("x_owner", "helper")}
+    threads += [threading.Thread(target=r.run_job, args=(job.id,), daemon=True) for r in runners.values()]
+    for thread in threads:
+        thread.start()
+    try:
+        y = job.seats["y_owner"]
+        first = Runner(y.spool, y.keys)
+        outbox = y.spool.root / "outbox" / job.id
+        # Stop y_owner's runner as soon as it has sealed its first message: the "crash" of this test.
+        watcher = threading.Thread(target=lambda: (wait_for(lambda: list(outbox.glob("*/*")), "a sealed message"),
+                                                   first.stop.set()), daemon=True)
+        watcher.start()
+        assert first.run_job(job.id) == "paused"
+        assert y.spool.claimed_jobs() == [job.id] and y.spool.done(job.id) is None
+        sealed_before = {p.name.rsplit(".", 1)[0]: hashlib.sha256(p.read_bytes()).hexdigest()
+                         for p in outbox.glob("*/*")}
+        assert sealed_before
+
+        second = Runner(y.spool, y.keys)
+        assert second.runnable() == [job.id]  # the claim survives: the restarted runner resumes it
+        assert second.run_job(job.id) == "completed"
+        sealed_after = {p.name.rsplit(".", 1)[0]: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in outbox.glob("*/*.se*")}
+        for name, digest in sealed_before.items():  # not re-sealed: the broker sees one version of each name
+            assert sealed_after.get(name, digest) == digest
+    finally:
+        stop.set()
+        for runner in runners.values():
+            runner.stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+    result = y.spool.read_result(job.id)
+    np.testing.assert_allclose(result["weights"], lstsq(x, y_data := np.loadtxt(tmp_path / "data" / "y.csv",
+                                                                                 skiprows=1)), atol=ACCURACY, rtol=0)
+    assert y_data.shape == (300,)
+
+
+def test_bad_data_ends_in_an_error_status_that_says_where(cape_server, tmp_path):
+    write_data(tmp_path / "data", bad_cell=42)
+    job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "data" / "x.csv").as_uri(),
+                       y_uri=(tmp_path / "data" / "y.csv").as_uri(), x_columns=("a", "b", "c"), y_column="t")
+    y = job.seats["y_owner"]
+    y.spool.put_job(y.spec)
+    assert Runner(y.spool, y.keys).run_job(job.id) == "error"
+    last = statuses(y.spool, job.id)[-1]
+    assert last["state"] == "error"
+    assert "y.csv" in last["message"] and "'t'" in last["message"] and "row 42" in last["message"]
+    assert y.spool.done(job.id)["outcome"] == "error"
+
+
+def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):
+    job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "nope.csv").as_uri())
+    x = job.seats["x_owner"]
+    x.spool.put_job(x.spec)
+    assert Runner(x.spool, x.keys).run_job(job.id) == "error"
+    message = statuses(x.spool, job.id)[-1]["message"]
+    assert "nope.csv" in message and "no such file" in message
+
+
+def test_a_job_the_coordinator_ended_is_abandoned(data_job):
+    job, _, _ = data_job
+    x = job.seats["x_owner"]  # its peers never run: x waits for them until the job is stopped
+    runner = Runner(x.spool, x.keys)
+    threading.Timer(1.0, x.spool.mark_ended, args=(job.id, "Stopped", "stopped by a user")).start()
+    started = time.monotonic()
+    assert runner.run_job(job.id) == "abandoned"
+    assert time.monotonic() - started < 10
+    assert x.spool.done(job.id)["message"] == "the coordinator ended the job (Stopped)"
+    assert [s["state"] for s in statuses(x.spool, job.id)] == ["started"]
+    assert runner.runnable() == []
+
+
+def test_keys_other_than_the_registered_ones_are_refused(data_job, tmp_path):
+    job, _, _ = data_job
+    x = job.seats["x_owner"]
+    stranger = WorkerKeys.load_or_create(tmp_path / "other-state")
+    assert Runner(x.spool, stranger).run_job(job.id) == "error"
+    assert "other public keys" in statuses(x.spool, job.id)[-1]["message"]
+
+
+@pytest.mark.parametrize("victim", ["runner", "messenger"])
+def test_kill_9_mid_job_then_restart_gives_the_same_weights(data_job, tmp_path, victim):
+    """A program of the output seat is SIGKILLed as soon as the job's messages start flowing, then restarted."""
+    job, x, y = data_job
+    procs: dict[tuple[str, str], subprocess.Popen] = {}
+    try:
+        for seat in SEATS:
+            for program in ("messenger", "runner"):
+                procs[(seat, program)] = start_program(program, job, seat, tmp_path)
+        y_spool = job.seats["y_owner"].spool
+        first_message = (y_spool.root / "inbox" / job.id) if victim == "messenger" else (y_spool.root / "outbox" / job.id)
+        wait_for(lambda: first_message.is_dir() and any(first_message.rglob("*")), "the first message", timeout=60)
+        procs[("y_owner", victim)].kill()
+        procs[("y_owner", victim)].wait(timeout=10)
+        procs[("y_owner", victim)] = start_program(victim, job, "y_owner", tmp_path)
+        result = wait_for(lambda: y_spool.read_result(job.id), "the output seat's result", timeout=90)
+        wait_for(lambda: y_spool.done(job.id), "the output seat's runner to finish")
+    finally:
+        stop_all(list(procs.values()))
+    np.testing.assert_allclose(result["weights"], lstsq(x, y), atol=ACCURACY, rtol=0)
+    assert job.seats["y_owner"].spool.done(job.id)["outcome"] == "completed"

@@ -1,0 +1,126 @@
+"""The spool transport: arrays sealed into the outbox once, read back from the inbox, bounded waits."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from services.mpc import TransportTimeout
+from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keys import WorkerKeys
+from services.worker.sealing import MessageAddress, SealedMessage
+from services.worker.spool import Spool, atomic_writer
+from services.worker.spool_transport import JobInterrupted, SpoolTransport, wire_name
+
+JOB = "feedfacefeedfacefeedfacefeedface"
+SEATS = ("x_owner", "y_owner", "helper")
+
+
+def worker_job(keys: dict[str, WorkerKeys], seat: str) -> dict:
+    return {
+        "id": JOB, "type": "linear_regression", "status": "Approved", "seat": seat, "outputs_to": "y_owner",
+        "timeout": 5, "approved_at": "2026-01-01T00:00:00Z",
+        "task": {"x": {"columns": ["a"], "dataview": {"id": "d1", "name": "x", "uri": None}},
+                 "y": {"column": "t", "dataview": {"id": "d2", "name": "y", "uri": None}}, "model_location": None},
+        "parties": {s: {"organization": {"id": s, "label": f"org-{s}"}, **keys[s].public_keys()} for s in SEATS},
+    }
+
+
+@pytest.fixture
+def world(tmp_path):
+    keys = {s: WorkerKeys.load_or_create(tmp_path / s / "state") for s in SEATS}
+    spools = {s: Spool(tmp_path / s / "spool") for s in SEATS}
+    specs = {s: JobSpec.parse(worker_job(keys, s)) for s in SEATS}
+    return keys, spools, specs
+
+
+def deliver(world, frm: str, to: str) -> int:
+    """What the two messengers do, minus the broker: open each sealed outbox file into the recipient's inbox."""
+    keys, spools, specs = world
+    moved = 0
+    for item in spools[frm].pending_outbox():
+        if item.to_seat != to:
+            continue
+        with open(item.path, "rb") as source, atomic_writer(spools[to].inbox_path(JOB, item.name)) as out:
+            SealedMessage.open(source, out, MessageAddress(JOB, frm, to, item.name), keys[to].encryption,
+                               specs[to].parties[frm].signing_key)
+        spools[frm].mark_sent(item)
+        moved += 1
+    return moved
+
+
+def test_arrays_roundtrip_with_dtype_and_shape(world):
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    arrays = [np.arange(12, dtype=np.uint64).reshape(3, 4), np.array([1.5, -2.0]), np.zeros((0, 3)),
+              np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.arange(10)[::2]]
+    for i, array in enumerate(arrays):
+        x.send(1, f"m{i}", array)
+    assert deliver(world, "x_owner", "y_owner") == len(arrays)
+    for i, array in enumerate(arrays):
+        got = y.receive(0, f"m{i}")
+        np.testing.assert_array_equal(got, array)
+        assert got.dtype == array.dtype and got.shape == array.shape
+    assert x.messages_sent == len(arrays) and y.messages_received == len(arrays)
+
+
+def test_sending_again_keeps_the_first_ciphertext(world):
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    x.send(2, "r1", np.arange(5))
+    path = spools["x_owner"].outbox_path(JOB, "helper", "x_owner.r1")
+    first = path.read_bytes()
+    replayed = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])  # a restarted runner
+    replayed.send(2, "r1", np.arange(5))
+    assert path.read_bytes() == first and replayed.messages_sent == 0
+    deliver(world, "x_owner", "helper")  # sent and marked .sent: still not sealed again
+    replayed.send(2, "r1", np.arange(5))
+    assert spools["x_owner"].pending_outbox() == []
+
+
+def test_receive_waits_for_a_late_message(world):
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    timer = threading.Timer(0.3, lambda: (x.send(1, "late", np.ones(3)), deliver(world, "x_owner", "y_owner")))
+    timer.start()
+    np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
+    timer.join()
+
+
+def test_receive_times_out_naming_the_sender(world):
+    keys, spools, specs = world
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(TransportTimeout, match=r"no message 'helper.r9' from the helper worker \(organization "
+                                                r"org-helper\) within 0.2 s"):
+        y.receive(2, "r9")
+    assert time.monotonic() - started < 2
+
+
+def test_receive_stops_when_interrupted(world):
+    keys, spools, specs = world
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=30,
+                       interrupted=lambda: "the coordinator ended the job (Stopped)")
+    with pytest.raises(JobInterrupted, match="Stopped"):
+        y.receive(0, "r1")
+
+
+def test_wire_names_are_safe_and_agree():
+    assert wire_name("x_owner", "reveal.3") == "x_owner.reveal.3"
+    odd = wire_name("x_owner", "round 1/share:a")
+    assert odd.startswith("x_owner.h-") and odd == wire_name("x_owner", "round 1/share:a")
+    assert wire_name("x_owner", "a" * 300) != wire_name("x_owner", "a" * 301)
+
+
+def test_a_bad_worker_job_names_the_field(world):
+    keys, _, _ = world
+    raw = worker_job(keys, "x_owner")
+    raw["parties"]["helper"]["signing_public_key"] = "AAAA"
+    with pytest.raises(JobSpecError, match="parties.helper"):
+        JobSpec.parse(raw)
+    with pytest.raises(JobSpecError, match="job id"):
+        JobSpec.parse({**worker_job(keys, "x_owner"), "id": "../../etc"})
