@@ -79,7 +79,7 @@ def test_a_party_failing_before_it_sends_stops_the_others_promptly() -> None:
     started = time.monotonic()
     with pytest.raises(NonFiniteError, match=r"^x.csv: column 'b' row 41: the value is NaN"):
         simulate_arrays(x, y, TASK, x_name="x.csv")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # not the 600 s receive bound: the others were cancelled
     with pytest.raises(TooFewRowsError, match=r"^y.csv: 2 rows for 2 x columns"):
         simulate_arrays(np.nan_to_num(x), y[:2], TASK, y_name="y.csv")
 
@@ -90,7 +90,7 @@ def test_collinear_columns_are_named_by_the_x_owner() -> None:
     started = time.monotonic()
     with pytest.raises(SingularDataError, match=r"^x.csv: columns 'a', 'b' are collinear"):
         simulate_arrays(x, y, TASK, x_name="x.csv")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # not the 600 s receive bound: the others were cancelled
 
 
 def test_one_party_alone_names_what_it_knows() -> None:

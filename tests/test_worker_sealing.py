@@ -43,7 +43,7 @@ def test_roundtrip_across_chunk_boundaries(parties, size):
     plaintext = os.urandom(size)
     sealed = seal(parties, plaintext, chunk_size=4096)
     assert open_(parties, sealed, max_chunk=4096) == plaintext
-    assert plaintext == b"" or plaintext not in sealed
+    assert len(plaintext) < 32 or plaintext[:32] not in sealed
 
 
 def test_ciphertext_hides_the_plaintext(parties):
