@@ -15,7 +15,7 @@ CHUNK = 1024 * 1024
 RSS_GROWTH_LIMIT = 50 * 1024 * 1024
 
 
-def body_chunks(digest: "hashlib._Hash") -> Iterator[bytes]:
+def body_chunks(digest: hashlib._Hash) -> Iterator[bytes]:
     """300 MiB of varying bytes, made chunk by chunk (the test process never holds the whole body either)."""
     block = bytes(range(256)) * (CHUNK // 256)
     for i in range(SIZE // CHUNK):
@@ -37,7 +37,7 @@ class PeakRss:
         while not self._stop.wait(0.01):
             self.peak = max(self.peak, self.process.memory_info().rss)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 

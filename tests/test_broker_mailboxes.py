@@ -137,3 +137,18 @@ def test_broker_alone_asks_the_coordinator(start_cape_server):
     assert Api(broker, "bad,token").get(_messages(jid)).status_code == 401
     assert Api(broker, None).get(_messages(jid)).status_code == 401
     assert x.get(_messages("f" * 32)).status_code == 404
+
+
+def test_stopping_server_releases_parked_long_polls(cape_server):
+    world = build_job_world(cape_server)
+    jid, api = world["job"]["id"], world["worker"]["helper"]
+    answers: list[requests.Response] = []
+    poller = threading.Thread(target=lambda: answers.append(api.get(_messages(jid), params={"wait": 30})))
+    poller.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    cape_server.stop()
+    stopped_in = time.monotonic() - started
+    poller.join(timeout=10)
+    assert [a.status_code for a in answers] == [200] and answers[0].json() == []
+    assert stopped_in < 2.5, f"stopping took {stopped_in:.1f} s with a parked long poll"

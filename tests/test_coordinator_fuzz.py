@@ -1,9 +1,9 @@
 """Schema-driven fuzz of the coordinator API from its served OpenAPI document: no input gets a 500."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 import itertools
 import time
+from collections.abc import Iterator
 
 import pytest
 import schemathesis
@@ -65,7 +65,7 @@ def test_coordinator_never_answers_500(fuzz_server, api_schema):
         @given(case=strategy)
         @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
-        def fuzz(case: schemathesis.Case) -> None:
+        def fuzz(case: schemathesis.Case, headers: dict[str, str] = headers) -> None:
             response = case.call(base_url=fuzz_server.url, headers=headers, timeout=30)
             if response.status_code >= 500 or (response.status_code >= 400 and "error" not in response.json()):
                 failures.append(f"{case.method} {case.formatted_path} body={case.body!r:.200}: "

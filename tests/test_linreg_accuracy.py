@@ -23,8 +23,8 @@ def make_data(n: int, d: int, y_scale: float, seed: int) -> tuple[np.ndarray, np
     return x, y
 
 
-def assert_close_to_lstsq(x: np.ndarray, y: np.ndarray) -> None:
-    task = LinearRegressionTask(tuple(f"x{i}" for i in range(x.shape[1])), "y", "model_owner")
+def assert_close_to_lstsq(x: np.ndarray, y: np.ndarray, outputs_to: str = "model_owner") -> None:
+    task = LinearRegressionTask(tuple(f"x{i}" for i in range(x.shape[1])), "y", outputs_to)
     report = simulate_arrays(x, y, task, plaintext=False)
     expected, metrics = plaintext_fit(x, y)
     scale = np.max(np.abs(expected))
@@ -45,9 +45,10 @@ def assert_close_to_lstsq(x: np.ndarray, y: np.ndarray) -> None:
         (5_000, 64, 1e-4),
     ],
 )
-def test_corners(n: int, d: int, y_scale: float) -> None:
+@pytest.mark.parametrize("outputs_to", ["x_owner", "y_owner", "model_owner"])
+def test_corners(n: int, d: int, y_scale: float, outputs_to: str) -> None:
     x, y = make_data(n, d, y_scale, seed=n + d)
-    assert_close_to_lstsq(x, y)
+    assert_close_to_lstsq(x, y, outputs_to)
 
 
 def test_tiny_and_huge_columns_alone() -> None:
@@ -61,4 +62,16 @@ def test_tiny_and_huge_columns_alone() -> None:
 
 def test_two_million_rows() -> None:
     x, y = make_data(2_000_000, 3, 1e3, seed=11)
+    assert_close_to_lstsq(x, y)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known protocol gap: mse_result = (SS_tot - ||v||^2) / n cancels when r2 is near 1; at r2 = 0.999997 "
+    "its relative error is ~3e-4 (the weights and r2 stay within 1e-9)",
+)
+def test_metrics_of_a_close_fit() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10_000, 4))
+    y = x @ np.array([1.0, 2.0, 3.0, 4.0]) + 0.01 * rng.standard_normal(10_000)
     assert_close_to_lstsq(x, y)

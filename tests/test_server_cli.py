@@ -20,7 +20,8 @@ def test_serve_announces_its_address_and_serves_openapi(cape_server):
 def test_only_coordinator_has_no_broker(start_cape_server):
     server = start_cape_server(extra_args=["--only", "coordinator"])
     assert requests.get(f"{server.url}/healthz", timeout=10).json()["parts"] == ["coordinator"]
-    assert "/broker/v1/jobs/{job}/messages" not in requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+    paths = requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+    assert "/broker/v1/jobs/{job}/messages" not in paths and "/v1/projects" in paths
 
 
 def test_broker_alone_needs_a_coordinator_url(tmp_path):

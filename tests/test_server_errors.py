@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import logging
-
-import pytest
 from typing import TYPE_CHECKING
 
+import pytest
 from fastapi import FastAPI
-
 
 from services.server.error_handlers import install_error_handlers, validation_message
 from services.server.errors import Conflict, Unauthorized
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.te
 
 
 @pytest.fixture
-def client() -> "TestClient":
+def client() -> TestClient:
     from fastapi.testclient import TestClient  # imported here: its import warns about httpx, which we don't control
 
     app = FastAPI()
@@ -55,8 +53,8 @@ def test_unexpected_exception_is_a_generic_500_logged_server_side(client, caplog
 def test_typed_errors_keep_status_code_and_extra_fields(client):
     response = client.get("/conflict")
     assert response.status_code == 409
-    assert response.json() == {"error": {"code": "job_not_active", "message": "the job is Completed; stop working on it",
-                                         "status": "Completed"}}
+    assert response.json() == {"error": {"code": "job_not_active", "status": "Completed",
+                                         "message": "the job is Completed; stop working on it"}}
     unauthorized = client.get("/unauthorized")
     assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
 

@@ -101,3 +101,10 @@ def test_bad_configuration(tmp_path, change, words):
     assert run.returncode == 2
     assert f"cape-worker: configuration error: {words}" in run.stderr
     assert not (tmp_path / "w" / "state" / "run").exists()  # nothing was started
+
+
+def test_run_refuses_a_state_dir_too_deep_for_the_socket(tmp_path):
+    env = worker_env(tmp_path, "w", CAPE_STATE_DIR=str(tmp_path / ("d" * 120)))
+    run = subprocess.run(["cape-worker", "run"], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert "CAPE_STATE_DIR is too deep for supervisord's unix socket" in run.stderr

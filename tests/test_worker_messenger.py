@@ -50,8 +50,8 @@ def test_messages_travel_sealed_through_the_broker(job, cape_server, tmp_path):
         transport(job, "helper").send(1, "round1.share", helper_array)
         for seat in ("x_owner", "helper"):
             spool = job.seats[seat].spool
-            wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner",
-                                                                              f"{seat}.round1.share"),
+            wait_for(lambda spool=spool, seat=seat: not spool.pending_outbox()
+                     and spool.outbox_has(job.id, "y_owner", f"{seat}.round1.share"),
                      f"{seat}'s message to be confirmed by the broker")
 
         # What the broker stores is ciphertext: the share's bytes appear nowhere in the server's data directory.

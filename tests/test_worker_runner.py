@@ -82,7 +82,7 @@ def test_three_workers_run_the_job_over_their_spools(data_job, tmp_path):
         result = wait_for(lambda: y_spool.read_result(job.id), "the output seat's result", timeout=90)
         for seat in SEATS:
             spool = job.seats[seat].spool
-            wait_for(lambda: spool.done(job.id), f"{seat}'s runner to finish")
+            wait_for(lambda spool=spool: spool.done(job.id), f"{seat}'s runner to finish")
     finally:
         stop_all(procs)
 
@@ -207,7 +207,7 @@ def test_kill_9_mid_job_then_restart_gives_the_same_weights(data_job, tmp_path, 
             for program in ("messenger", "runner"):
                 procs[(seat, program)] = start_program(program, job, seat, tmp_path)
         y_spool = job.seats["y_owner"].spool
-        first_message = (y_spool.root / "inbox" / job.id) if victim == "messenger" else (y_spool.root / "outbox" / job.id)
+        first_message = y_spool.root / ("inbox" if victim == "messenger" else "outbox") / job.id
         wait_for(lambda: first_message.is_dir() and any(first_message.rglob("*")), "the first message", timeout=60)
         procs[("y_owner", victim)].kill()
         procs[("y_owner", victim)].wait(timeout=10)

@@ -111,8 +111,10 @@ def test_receive_stops_when_interrupted(world):
 
 def test_wire_names_are_safe_and_agree():
     assert wire_name("x_owner", "reveal.3") == "x_owner.reveal.3"
-    odd = wire_name("x_owner", "round 1/share:a")
-    assert odd.startswith("x_owner.h-") and odd == wire_name("x_owner", "round 1/share:a")
+    odd = wire_name("x_owner", "lr/v/M-S/0")
+    assert odd.startswith("x_owner.lr-v-M-S-0.h") and odd == wire_name("x_owner", "lr/v/M-S/0")
+    assert wire_name("x_owner", "a/b") != wire_name("x_owner", "a:b")
+    assert wire_name("helper", "///").startswith("helper.h")
     assert wire_name("x_owner", "a" * 300) != wire_name("x_owner", "a" * 301)
 
 

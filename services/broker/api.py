@@ -9,8 +9,8 @@ from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.requests import ClientDisconnect
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobMembership
@@ -90,7 +90,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             event = signals.event(job, seat)
             waiting = store.waiting(job, seat)
             remaining = deadline - time.monotonic()
-            if waiting or remaining <= 0:
+            if waiting or remaining <= 0 or signals.closing:
                 return [m.view() for m in waiting]
             try:
                 await asyncio.wait_for(event.wait(), timeout=remaining)

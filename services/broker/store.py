@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ class StoredMessage:
     created: float
 
     def view(self) -> dict[str, Any]:
-        created = datetime.fromtimestamp(self.created, timezone.utc).isoformat(timespec="milliseconds")
+        created = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="milliseconds")
         return {"name": self.name, "from_seat": self.from_seat, "size": self.size, "sha256": self.sha256,
                 "created_at": created.replace("+00:00", "Z")}
 

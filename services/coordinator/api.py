@@ -10,8 +10,19 @@ from services.coordinator import identity, jobs, projects, workers
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.permissions import MANAGE_USERS, require_member, require_person, require_role, require_worker
-from services.coordinator.schemas import (Heartbeat, HelperRef, NewDataview, NewJob, NewProject, NewToken, NewUser,
-                                          OrganizationRef, Rejection, Report, WorkerKeys)
+from services.coordinator.schemas import (
+    Heartbeat,
+    HelperRef,
+    NewDataview,
+    NewJob,
+    NewProject,
+    NewToken,
+    NewUser,
+    OrganizationRef,
+    Rejection,
+    Report,
+    WorkerKeys,
+)
 
 MAX_JSON_BODY = 1 << 20
 bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issued by the coordinator")

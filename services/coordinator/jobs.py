@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.coordinator.db import new_id, now_iso, parse_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref
-from services.coordinator.permissions import (APPROVE_JOBS, STOP_JOBS, SUBMIT_JOBS, acting_organization,
-                                              require_person)
+from services.coordinator.permissions import APPROVE_JOBS, STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
 from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
@@ -116,7 +115,7 @@ def expire_if_late(conn: sqlite3.Connection, job: sqlite3.Row, now: datetime | N
     """An Approved job whose three parties did not all start within its timeout ends in Error naming who is late."""
     if job["status"] != "Approved" or not job["approved_at"]:
         return job
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if now < parse_iso(job["approved_at"]) + timedelta(seconds=job["timeout"]):
         return job
     missing = [f"{p['seat']} ({get_org(conn, p['org_id'])['label']})" for p in parties(conn, job["id"])

@@ -7,8 +7,13 @@ from typing import Any
 
 from services.coordinator.db import new_id, now_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref
-from services.coordinator.permissions import (MANAGE_DATAVIEWS, MANAGE_PROJECTS, acting_organization,
-                                              require_person, require_role)
+from services.coordinator.permissions import (
+    MANAGE_DATAVIEWS,
+    MANAGE_PROJECTS,
+    acting_organization,
+    require_person,
+    require_role,
+)
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 ACTIVE_STATUSES = ("Initialized", "NeedsApproval", "Approved", "Started")

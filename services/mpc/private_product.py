@@ -18,7 +18,8 @@ matrix it never holds whole: block k holds rows [k*block_rows, (k+1)*block_rows)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,6 +32,23 @@ def block_bounds(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
     """The (start, stop) row ranges of the blocks of an n-row matrix."""
     for start in range(0, n, block_rows):
         yield start, min(n, start + block_rows)
+
+
+def prefetched(make: Callable[[int], np.ndarray], count: int) -> Iterator[np.ndarray]:
+    """Yield make(0) .. make(count - 1), computing the next item in a background thread meanwhile.
+
+    Used for the PRF masks: AES and numpy release the GIL, so generating block k+1 overlaps using block k.
+    """
+    if count <= 1:
+        yield from (make(k) for k in range(count))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prf-prefetch") as pool:
+        future = pool.submit(make, 0)
+        for k in range(count):
+            current = future.result()
+            if k + 1 < count:
+                future = pool.submit(make, k + 1)
+            yield current
 
 
 def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: int, n: int, m: int,
@@ -68,13 +86,14 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
             raise ProtocolError(f"party {vector_owner} sent a vector of {y_minus_r.shape} entries, expected {n}")
         prf = party.randomness.shared_with(helper)
         bounds = list(block_bounds(n, block_rows))
+        masks = prefetched(lambda k: prf.array(f"{name}/S/{k}", (bounds[k][1] - bounds[k][0], m)), len(bounds))
         count = 0
         for k, block in enumerate(blocks):
             if k >= len(bounds) or block.shape != (bounds[k][1] - bounds[k][0], m):
                 raise ProtocolError(f"matrix block {k} has shape {block.shape}, which does not fit {n} x {m} "
                                     f"in blocks of {block_rows} rows")
             start, stop = bounds[k]
-            s = prf.array(f"{name}/S/{k}", (stop - start, m))
+            s = next(masks)
             share += vec_mat(y_minus_r[start:stop], s)
             s = np.subtract(as_ring(block), s, out=s)
             party.send(vector_owner, f"{name}/M-S/{k}", s)
@@ -84,6 +103,8 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
         return share
     prf_s = party.randomness.shared_with(matrix_owner)
     r = party.randomness.shared_with(vector_owner).array(f"{name}/r", n)
-    for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
-        share += vec_mat(r[start:stop], prf_s.array(f"{name}/S/{k}", (stop - start, m)))
+    bounds = list(block_bounds(n, block_rows))
+    masks = prefetched(lambda k: prf_s.array(f"{name}/S/{k}", (bounds[k][1] - bounds[k][0], m)), len(bounds))
+    for (start, stop), s in zip(bounds, masks):
+        share += vec_mat(r[start:stop], s)
     return share.astype(RING_DTYPE, copy=False)

@@ -56,8 +56,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         else:
             raise ValueError("a broker running alone needs --coordinator-url to check who may use a job's mailboxes")
 
+    signals = MailboxSignals()
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        # `cape-server serve` calls this from its signal handler: parked long polls return at once.
+        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(signals.close)
         tasks = []
         if db is not None:
             def sweep_jobs() -> None:
@@ -89,7 +94,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.include_router(coordinator_router(db))
         parts.append("coordinator")
     if store is not None and membership is not None:
-        app.include_router(broker_router(store, membership, MailboxSignals(), config.max_message_bytes))
+        app.include_router(broker_router(store, membership, signals, config.max_message_bytes))
         parts.append("broker")
 
     @app.get("/healthz", tags=["server"])

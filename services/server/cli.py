@@ -28,6 +28,22 @@ def main() -> None:
     """Cape's reference coordinator and broker."""
 
 
+def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that also tells the app when a stop signal arrives (to release long polls)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            begin = getattr(app.state, "begin_shutdown", None)
+            if begin is not None:
+                begin()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=3,
+                          log_config=None)).run(sockets=[sock])
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
@@ -48,8 +64,6 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
           max_message_bytes: int, message_ttl: float, job_sweep_seconds: float, log_level: str,
           access_log: bool) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
-    import uvicorn
-
     from services.server.app import create_app
 
     if only == "broker" and not coordinator_url:
@@ -74,9 +88,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
     sys.stdout.flush()
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log,
-                                           timeout_graceful_shutdown=3, log_config=None))
-    server.run(sockets=[sock])
+    _run_uvicorn(app, sock, log_level, access_log)
 
 
 # --- admin --------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
 class ApiError(Exception):
     """An error the client caused or must act on; `status` is the HTTP status."""
 

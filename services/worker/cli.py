@@ -14,13 +14,13 @@ import click
 from dotenv import load_dotenv
 
 from services.worker import health as health_mod
-from services.worker.checks import run_checks
 from services.worker.config import ConfigError, WorkerConfig
 from services.worker.fatal_listener import marker_path
 from services.worker.spool import Spool
 
 PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
 
 def supervisord_conf() -> Path:
@@ -69,6 +69,11 @@ def run() -> None:
     except OSError as exc:
         click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "
                    "CAPE_STATE_DIR writable volumes", err=True)
+        sys.exit(2)
+    socket_path = config.run_dir / health_mod.SOCKET_NAME
+    if len(str(socket_path)) > MAX_SOCKET_PATH:
+        click.echo(f"cape-worker: CAPE_STATE_DIR is too deep for supervisord's unix socket ({socket_path} is over "
+                   f"{MAX_SOCKET_PATH} characters); use a shorter path", err=True)
         sys.exit(2)
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
@@ -119,6 +124,8 @@ def _relay(read_fd: int, out_fd: int) -> None:
 @main.command()
 def check() -> None:
     """Validate the configuration and reach each endpoint: one line per check, non-zero exit on failure."""
+    from services.worker.checks import run_checks  # boto3 and numpy: not loaded for `health`, run every 30 s
+
     _load_dotenv()
     ok = True
     for result in run_checks(os.environ):

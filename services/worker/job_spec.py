@@ -69,7 +69,8 @@ class JobSpec:
             return None
         uri = (self.task.get(part) or {}).get("dataview", {}).get("uri")
         if not uri:
-            raise JobSpecError(f"the job gives no uri for this organization's {part} dataview (task.{part}.dataview.uri)")
+            raise JobSpecError(
+                f"the job gives no uri for this organization's {part} dataview (task.{part}.dataview.uri)")
         return str(uri)
 
     @classmethod

@@ -66,9 +66,11 @@ class WorkerKeys:
         encryption = _load_or_create(folder / ENCRYPTION_KEY_FILE, x25519.X25519PrivateKey.generate)
         signing = _load_or_create(folder / SIGNING_KEY_FILE, ed25519.Ed25519PrivateKey.generate)
         if not isinstance(encryption, x25519.X25519PrivateKey):
-            raise KeyFileError(f"{folder / ENCRYPTION_KEY_FILE} does not hold an X25519 key; move it away to make a new one")
+            raise KeyFileError(f"{folder / ENCRYPTION_KEY_FILE} does not hold an X25519 key; move it away to make "
+                               "a new one")
         if not isinstance(signing, ed25519.Ed25519PrivateKey):
-            raise KeyFileError(f"{folder / SIGNING_KEY_FILE} does not hold an Ed25519 key; move it away to make a new one")
+            raise KeyFileError(f"{folder / SIGNING_KEY_FILE} does not hold an Ed25519 key; move it away to make "
+                               "a new one")
         return cls(encryption, signing)
 
     @property

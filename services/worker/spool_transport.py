@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -36,13 +37,15 @@ class JobInterrupted(Exception):
 def wire_name(from_seat: str, engine_name: str) -> str:
     """The broker/inbox name of an engine message: the sender's seat, a dot, the engine's name.
 
-    An engine name outside the broker's character set (or too long) is replaced by a digest of it, the same at
-    both ends.
+    An engine name outside the broker's character set (e.g. `lr/x-rows`) becomes a readable form plus a digest of
+    the original (`x_owner.lr-x-rows.h<20 hex>`), the same at both ends and distinct for distinct names.
     """
     candidate = f"{from_seat}.{engine_name}"
     if MESSAGE_NAME_PATTERN.fullmatch(candidate):
         return candidate
-    return f"{from_seat}.h-{hashlib.sha256(engine_name.encode()).hexdigest()[:40]}"
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", engine_name).strip("-")[:80]
+    digest = hashlib.sha256(engine_name.encode()).hexdigest()[:20]
+    return f"{from_seat}.{readable}.h{digest}" if readable else f"{from_seat}.h{digest}"
 
 
 def _npy_pieces(array: np.ndarray) -> list[bytes | memoryview]:

@@ -110,6 +110,9 @@ def start_worker(tmp_path) -> Callable[..., WorkerProcess]:
         return worker
 
     yield _start
+    for worker in started:  # SIGTERM all first: they stop in parallel, as `docker stop` of several containers
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
     for worker in started:
         worker.stop()
         try:

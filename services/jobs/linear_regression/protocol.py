@@ -31,16 +31,18 @@ mix owners go through the engine (`services.mpc.private_product`). The steps, in
      model owner receives kx from the x-owner and ky (the exponent of |ybar| / 2^(b - fy)) from the y-owner;
      t = max(0, ky - kx) keeps the sum below 2^62.
 
-What each party learns (besides the public n, d, column names and these parameters):
-- x_owner: y - r (uniform: r is the y-owner's and helper's PRF). As output party also v, SS_tot, fy and ybar,
-  all of which follow from the outputs and its own X (and the rotation it chose).
-- y_owner: M - S (uniform: S is the x-owner's and helper's PRF); as output party of step 4 also K~ v~'s
-  opened sum; as output party it learns v (a uniformly random direction of length derivable from the outputs)
-  and kx, one power-of-two exponent of X's scale (of the largest row norm of D L^-T).
-- third seat as helper: nothing (it only expands PRFs). As model owner: v, SS_tot and fy (derivable from the
-  outputs given n), the weights and metrics, and two power-of-two exponents: kx (as above) and ky (of
-  |ybar| / ||yc|| within a factor 2).
-Every opened value arrives re-randomized by a fresh sharing of zero, so it carries nothing beyond its sum.
+What each party learns. All three learn the public n, d, column names and these parameters, and whether the
+others' data could be used (the statuses). Every ring array a party receives is masked by a PRF it does not
+hold, and every opened value arrives re-randomized by a fresh sharing of zero, so it carries nothing beyond
+its sum. Beyond that:
+- x_owner: nothing about y (it receives only masked arrays: yc~ - r in step 3, v~ - r in step 4). As output
+  party: v, SS_tot, fy and ybar, all of which follow from the outputs, n and its own X.
+- y_owner: nothing about X (it receives M~ - S in step 3, c - S in step 4). As output party: v (a uniformly
+  random direction whose length follows from the outputs), kx (one power-of-two exponent of the size of
+  X's whitening matrix D L^-T) and the outputs.
+- third seat, as helper: nothing at all (it receives no ring array; it only expands PRFs). As model owner:
+  the outputs, v, SS_tot and fy (which follow from the outputs and n) and two power-of-two exponents: kx and
+  ky (the size of |ybar| / ||yc|| within a factor of 2).
 
 Accuracy: with a = b = 31 the relative error of v is about 2^-31 sqrt(2)/sqrt(12) ~ 2e-10 of ||yc|| (rounding
 errors add in quadrature; the hard worst case is 2^-31 sqrt(n)). The weights' error is that times the
@@ -61,7 +63,7 @@ from services.mpc.fixed_point import decode, encode, encode_scaled
 from services.mpc.party import Party
 from services.mpc.prf import PartySeeds
 from services.mpc.private_product import block_bounds, private_matvec
-from services.mpc.ring import RING_DTYPE, to_signed
+from services.mpc.ring import RING_DTYPE
 from services.mpc.transport import Transport
 
 from .errors import JobDataError, RowCountsDiffer
@@ -76,6 +78,8 @@ Y_NORM_BITS = 31  # b: ||yc~|| < 2^b, so |M~ yc~| < 2^(a+b) = 2^62
 K_FRAC_BITS = 30  # FK: rows of K~ have norm < 2^FK
 V_FRAC_BITS = 30  # Fv: the normalized v (and ybar) have norm < 2^Fv
 MIN_EIGENVALUE_RATIO = 1e-14  # of the centred, scaled Gram matrix: below it the columns count as collinear
+FAST_PATH_MAX_OFFSET = 1e3  # |column mean| / spread up to which X^T X is centred after the product
+ROUNDING_OFFSET = 2.0**40  # public offset on M~'s entries so that a cast rounds (see _m_blocks)
 
 _STATUS_OK, _STATUS_SINGULAR, _STATUS_CONSTANT_Y = 0, 1, 2
 _NO_EXPONENT = -(1 << 20)  # ky when ybar == 0: its term vanishes
@@ -100,6 +104,8 @@ class _XPlan:
     mu: np.ndarray  # column means (d)
     w_scaled: np.ndarray  # W 2^a (d x d): M~^T = (X - mu) W 2^a, rounded
     k: np.ndarray  # K = [-mu^T W; W], (d + 1) x d
+    centre_first: bool  # subtract mu from each block before the product (columns with |mean| >> spread)
+    block_offset: np.ndarray  # added to each row of a block's product: 2^40 + 1/2 (- mu W 2^a)
 
 
 @dataclass
@@ -209,6 +215,8 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
 
     share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
                            vector=plan.y_encoded, block_rows=BLOCK_ROWS)
+    # The x-owner's blocks carry + 2^40 on every entry: remove 2^40 sum(yc~) (array arithmetic wraps silently).
+    share -= np.array([plan.y_encoded.sum()], dtype=RING_DTYPE) * RING_DTYPE(int(ROUNDING_OFFSET))
     clock.done(0.85, "product")
     v_ring = reveal_additive(party, "lr/v-open", share, out)
     if out != Y_OWNER:
@@ -297,16 +305,7 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
 def _prepare_x(party: Party, x: np.ndarray) -> _XPlan:
     """Step 1: means, scaling, Cholesky of the centred scaled Gram matrix, rotation; LinAlgError if singular."""
     n, d = x.shape
-    shift = x[0].copy()  # sums of shifted values keep the centring exact when |mean| >> spread
-    total = np.zeros(d)
-    gram = np.zeros((d, d))
-    for start, stop in block_bounds(n, BLOCK_ROWS):
-        block = x[start:stop] - shift
-        total += block.sum(axis=0)
-        gram += block.T @ block
-    offset = total / n
-    mu = shift + offset
-    centred_gram = gram - n * np.outer(offset, offset)
+    mu, centred_gram, centre_first = _centred_gram(x)
     diagonal = np.diag(centred_gram).copy()
     if not np.all(diagonal > 0):
         raise np.linalg.LinAlgError("constant x column")
@@ -317,22 +316,53 @@ def _prepare_x(party: Party, x: np.ndarray) -> _XPlan:
     if eigenvalues[0] <= MIN_EIGENVALUE_RATIO * eigenvalues[-1]:
         raise np.linalg.LinAlgError("collinear x columns")
     lower = np.linalg.cholesky(g)
+    l_inv = np.linalg.inv(lower)
+    if np.max(np.abs(l_inv @ g @ l_inv.T - np.eye(d))) > 1e-2:  # Qc = Xc L^-T would not be orthonormal
+        raise np.linalg.LinAlgError("collinear x columns")
     rotation = _random_rotation(party, d)
-    l_inv_t = np.linalg.inv(lower).T
-    w = scale[:, None] * (l_inv_t @ rotation.T)  # W = D L^-T U^T: M^T = (X - mu) W
+    w = scale[:, None] * (l_inv.T @ rotation.T)  # W = D L^-T U^T: M^T = (X - mu) W
     k = np.vstack([-(mu @ w)[None, :], w])
-    return _XPlan(n=n, mu=mu, w_scaled=np.ldexp(w, M_FRAC_BITS), k=k)
+    w_scaled = np.asfortranarray(np.ldexp(w, M_FRAC_BITS))
+    # Each entry of a block gets 2^40 + 1/2 added, so that the cast to integers (a truncation) rounds to nearest.
+    offset = ROUNDING_OFFSET + 0.5 - (0.0 if centre_first else mu @ w_scaled)
+    return _XPlan(n=n, mu=mu, w_scaled=w_scaled, k=k, centre_first=centre_first, block_offset=offset)
+
+
+def _centred_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Column means and (X - mu)^T (X - mu); True when the data had to be centred block by block.
+
+    The fast path is one BLAS product over X, centred afterwards, whose relative error grows like
+    eps (|mean| / spread)^2; columns whose mean dwarfs their spread are centred first (shifted by their first
+    row, which keeps the sums exact), one block at a time.
+    """
+    n, d = x.shape
+    mu = x.sum(axis=0) / n
+    centred = x.T @ x - n * np.outer(mu, mu)
+    diagonal = np.diag(centred)
+    if np.all(diagonal > 0) and np.all(n * mu**2 <= FAST_PATH_MAX_OFFSET**2 * diagonal):
+        return mu, centred, False
+    shift = x[0].copy()
+    total = np.zeros(d)
+    gram = np.zeros((d, d))
+    for start, stop in block_bounds(n, BLOCK_ROWS):
+        block = x[start:stop] - shift
+        total += block.sum(axis=0)
+        gram += block.T @ block
+    offset = total / n
+    return shift + offset, gram - n * np.outer(offset, offset), True
 
 
 def _m_blocks(x: np.ndarray, plan: _XPlan) -> Iterator[np.ndarray]:
-    """Step 1, second pass: the blocks of M~^T = round((X - mu) W 2^a), never held whole."""
-    limit = 2.0 ** (M_FRAC_BITS + 1)  # |entries| <= 2^a in exact arithmetic; more means numerical breakdown
+    """Step 1, second pass: the blocks of M~^T + 2^40 = round((X - mu) W 2^a) + 2^40, never held whole.
+
+    |entries of M~| <= 2^a (1 + 1e-2) by the orthonormality check, so adding 2^40 makes every entry positive and
+    the cast to int64 a rounding; the y-owner removes the offset's contribution, 2^40 sum(yc~), from its share.
+    """
     for start, stop in block_bounds(plan.n, BLOCK_ROWS):
-        block = (x[start:stop] - plan.mu) @ plan.w_scaled
-        if block.size and not np.abs(block).max() < limit:
-            raise ProtocolError("the x-owner's orthogonalized data left the expected range; the x columns are "
-                                "too close to collinear for this protocol")
-        yield encode_scaled(block)
+        block = x[start:stop] - plan.mu if plan.centre_first else x[start:stop]
+        scaled = block @ plan.w_scaled
+        scaled += plan.block_offset
+        yield scaled.astype(np.int64).view(RING_DTYPE)
 
 
 def _prepare_y(y: np.ndarray, column: str) -> _YPlan | None:

@@ -85,12 +85,3 @@ def diagnose_singular(x: np.ndarray, columns: Sequence[str], name: str) -> Singu
         "and the intercept)",
     )
 
-
-def is_ill_conditioned(x: np.ndarray, threshold: float = 1e12) -> bool:
-    """Whether X_b (with an intercept column), its columns scaled to unit norm, has a condition number above `threshold`."""
-    centred = x - x.mean(axis=0)
-    norms = np.linalg.norm(centred, axis=0)
-    if (norms == 0).any():
-        return True
-    singular = np.linalg.svd(centred / norms, compute_uv=False)
-    return bool(singular[-1] == 0 or singular[0] / singular[-1] > threshold)
