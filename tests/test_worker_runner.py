@@ -218,3 +218,13 @@ def test_kill_9_mid_job_then_restart_gives_the_same_weights(data_job, tmp_path, 
         stop_all(list(procs.values()))
     np.testing.assert_allclose(result["weights"], lstsq(x, y), atol=ACCURACY, rtol=0)
     assert job.seats["y_owner"].spool.done(job.id)["outcome"] == "completed"
+
+
+def test_a_job_ended_before_it_ran_is_closed_without_running(data_job):
+    job, _, _ = data_job
+    x = job.seats["x_owner"]
+    x.spool.mark_ended(job.id, "Stopped", "stopped by a user")
+    runner = Runner(x.spool, x.keys)
+    assert runner.runnable() == []
+    assert x.spool.done(job.id) == {"outcome": "abandoned", "message": "the coordinator ended the job (Stopped)"}
+    assert statuses(x.spool, job.id) == []  # nothing to report: it never started here

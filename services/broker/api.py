@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -13,12 +14,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
 from services.broker.mailboxes import MailboxSignals
-from services.broker.membership import JobMembership
+from services.broker.membership import JobAccess, JobMembership
 from services.broker.store import BodyTooLarge, MessageStore
-from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge
+from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable
+
+log = logging.getLogger("cape.broker")
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
-SEATS = ("x_owner", "y_owner", "model_owner", "helper")
 _NAME = re.compile(NAME_PATTERN)
 
 bearer = HTTPBearer(auto_error=False, description="an organization token (`<token_id>,<secret>`)")
@@ -37,28 +39,40 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
         file.close()
 
 
+def _storage_failed(exc: OSError) -> Unavailable:
+    log.error("cannot store a message: %s", exc.strerror or type(exc).__name__)
+    return Unavailable("the broker could not store the message (its disk refused); try again later",
+                       code="storage_failed")
+
+
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
                   max_message_bytes: int) -> APIRouter:
     """All `/broker/v1` endpoints over one store and one way of authorizing callers."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
 
-    async def caller_seat(job: str = JobId,
-                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        return await membership.seat(credentials.credentials if credentials else None, job)
+    async def caller(job: str = JobId, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JobAccess:
+        return await membership.access(credentials.credentials if credentials else None, job)
+
+    async def caller_seat(access: JobAccess = Depends(caller)) -> str:
+        return access.seat
 
     @router.put("/jobs/{job}/messages/{to_seat}/{name}", status_code=201,
                 responses={200: {"description": "already stored with the same bytes"}})
     async def put_message(request: Request, to_seat: str, job: str = JobId, name: str = MessageName,
-                          seat: str = Depends(caller_seat)) -> Response:
-        if to_seat not in SEATS:
-            raise InvalidRequest(f"field 'to_seat': must be one of {', '.join(SEATS)}")
+                          access: JobAccess = Depends(caller)) -> Response:
+        if to_seat not in access.seats:
+            raise InvalidRequest(f"field 'to_seat': this job's seats are {', '.join(access.seats)}")
+        seat = access.seat
         if not _NAME.match(name):  # the route pattern guards too; names reach the index, never a path
             raise InvalidRequest("field 'name': must match [A-Za-z0-9._-]{1,200}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_message_bytes:
             raise TooLarge(f"the message is {declared} bytes; this broker takes at most {max_message_bytes}",
                            code="message_too_large")
-        pending = store.begin(max_message_bytes)
+        try:
+            pending = store.begin(max_message_bytes)
+        except OSError as exc:
+            raise _storage_failed(exc) from None
         try:
             async for chunk in request.stream():
                 pending.write(chunk)
@@ -70,10 +84,17 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         except ClientDisconnect:
             pending.discard()
             return Response(status_code=400)  # nobody is left to read it
+        except OSError as exc:
+            pending.discard()
+            raise _storage_failed(exc) from None
         except BaseException:
             pending.discard()
             raise
-        message, created = store.commit(job, to_seat, name, seat, pending, digest)
+        try:
+            message, created = store.commit(job, to_seat, name, seat, pending, digest)
+        except OSError as exc:
+            pending.discard()
+            raise _storage_failed(exc) from None
         if not created:
             if message.sha256 != digest:
                 raise Conflict(f"message '{name}' already holds other bytes; a name is written once",

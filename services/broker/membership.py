@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
 from services.coordinator import identity
 from services.coordinator.db import Database
-from services.coordinator.jobs import find_job, seat_of
+from services.coordinator.jobs import find_job, parties, seat_of
 from services.coordinator.permissions import require_worker
 from services.server.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+
+
+@dataclass(frozen=True)
+class JobAccess:
+    """The caller's seat in a job, and all the job's seats (the mailboxes it may write to)."""
+
+    seat: str
+    seats: tuple[str, ...]
 
 
 class JobMembership(Protocol):
     """Authorizes a broker caller for one job."""
 
-    async def seat(self, token: str | None, job_id: str) -> str:
+    async def access(self, token: str | None, job_id: str) -> JobAccess:
         """The caller's seat in the job; raises Unauthorized (401), Forbidden (403) or NotFound (404)."""
         ...
 
@@ -31,15 +40,16 @@ class LocalMembership:
     def __init__(self, db: Database):
         self.db = db
 
-    async def seat(self, token: str | None, job_id: str) -> str:
+    async def access(self, token: str | None, job_id: str) -> JobAccess:
         with self.db.transaction() as conn:
             principal = identity.authenticate(conn, token)
             require_worker(principal)
             find_job(conn, job_id)
             seat = seat_of(conn, job_id, principal.org_id or "")
+            seats = tuple(p["seat"] for p in parties(conn, job_id))
         if seat is None:
             raise Forbidden("your organization has no seat in this job", code="no_seat")
-        return seat
+        return JobAccess(seat, seats)
 
     async def close(self) -> None:
         return None
@@ -51,10 +61,10 @@ class RemoteMembership:
     def __init__(self, coordinator_url: str, cache_seconds: float = 10.0, timeout: float = 10.0):
         self.base = coordinator_url.rstrip("/")
         self.cache_seconds = cache_seconds
-        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+        self._cache: dict[tuple[str, str], tuple[JobAccess, float]] = {}
         self._client = httpx.AsyncClient(timeout=timeout)
 
-    async def seat(self, token: str | None, job_id: str) -> str:
+    async def access(self, token: str | None, job_id: str) -> JobAccess:
         if not token:
             raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>'", code="no_token")
         # Key the cache by a hash so the token itself is kept in one place only (the request).
@@ -69,11 +79,12 @@ class RemoteMembership:
             raise Unavailable(f"the broker cannot reach its coordinator at {self.base} ({type(exc).__name__}); "
                               "try again shortly") from None
         if response.status_code == 200:
-            seat = response.json()["seat"]
+            job = response.json()
+            access = JobAccess(job["seat"], tuple(job["parties"]))
             if len(self._cache) > 10_000:  # bound memory: drop everything, it refills on demand
                 self._cache.clear()
-            self._cache[key] = (seat, time.monotonic() + self.cache_seconds)
-            return seat
+            self._cache[key] = (access, time.monotonic() + self.cache_seconds)
+            return access
         error_type: type[ApiError] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}.get(
             response.status_code, Unavailable)
         try:

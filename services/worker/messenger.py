@@ -28,7 +28,7 @@ from services.worker.spool import InvalidName, OutboxItem, Spool, atomic_writer,
 log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 
 
 class Messenger:

@@ -65,8 +65,14 @@ class Runner:
         active = set(self.spool.active_job_ids())
         claimed = [j for j in self.spool.claimed_jobs() if j in active]
         for job_id in self.spool.claimed_jobs():
-            if job_id not in active:
+            if job_id not in active and job_id not in self._threads:
                 self.spool.release_claim(job_id)  # ended or done while we were down
+        for job_id in self.spool.job_ids():
+            ended = self.spool.ended(job_id)
+            if ended is not None and self.spool.done(job_id) is None and job_id not in self._threads:
+                # Ended by the coordinator before this runner finished (or started) it: close it here too.
+                self.spool.mark_done(job_id, "abandoned", f"the coordinator ended the job ({ended.get('status')})")
+                self.spool.discard_messages(job_id)
 
         def order(job_id: str) -> tuple[str, str]:
             spec = self.spool.read_job(job_id) or {}
