@@ -78,9 +78,21 @@ def test_access_is_limited_to_the_job_parties(cape_server):
     assert Api(cape_server, None).put(path, data=b"x").status_code == 401
     assert Api(cape_server, None).get(_messages(jid)).status_code == 401
     assert Api(cape_server, "nope,nope").put(path, data=b"x").status_code == 401
-    refused = Api(cape_server, outsider["organization_token"]).put(path, data=b"x")
+    # The outsider is a worker of another job (job 2, same project), not of job 1.
+    out_user, out_worker = Api(cape_server, outsider["user_token"]), Api(cape_server, outsider["organization_token"])
+    assert world["user"]["xorg"].post("/v1/projects/demo/organizations", json={"organization": "outsider"}).ok
+    assert out_user.post("/v1/projects/demo/dataviews", json={
+        "name": "ox", "uri": "file:///o.csv", "schema": [{"name": "a", "type": "number"}]}).ok
+    job2 = out_user.post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "ox", "columns": ["a"]}, "y": {"dataview": "ys", "column": "t"},
+        "model_owner": "yorg"}).json()["id"]
+    assert out_user.post(f"/v1/jobs/{job2}/approve").ok and world["user"]["yorg"].post(f"/v1/jobs/{job2}/approve").ok
+    assert out_worker.put(_messages(job2, "m1", "y_owner"), data=b"x").status_code == 201
+    refused = out_worker.put(path, data=b"x")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "no_seat"
-    assert Api(cape_server, outsider["organization_token"]).get(_messages(jid)).status_code == 403
+    assert out_worker.get(_messages(jid)).status_code == 403
+    assert out_worker.get(_messages(jid, "m1")).status_code == 403
+    assert out_worker.delete(_messages(jid, "m1")).status_code == 403
     # A person's token is not a worker's token, even for a member of a party organization.
     assert world["user"]["xorg"].put(path, data=b"x").status_code == 403
     assert world["worker"]["xorg"].get(_messages("0" * 32)).status_code == 404

@@ -40,6 +40,24 @@ def test_openapi_document_describes_both_parts(fuzz_server, api_schema):
     assert api_schema.raw_schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def fuzz_operation(strategy: st.SearchStrategy[schemathesis.Case], examples: int, base_url: str,
+                   headers: dict[str, str]) -> list[str]:
+    """Call the API with `examples` generated cases; returns a line per 5xx or non-JSON error answer."""
+    failures: list[str] = []
+
+    @given(case=strategy)
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(case: schemathesis.Case) -> None:
+        response = case.call(base_url=base_url, headers=headers, timeout=30)
+        if response.status_code >= 500 or (response.status_code >= 400 and "error" not in response.json()):
+            failures.append(f"{case.method} {case.formatted_path} body={case.body!r:.200}: "
+                            f"{response.status_code} {response.text[:200]}")
+
+    fuzz()
+    return failures
+
+
 def test_coordinator_never_answers_500(fuzz_server, api_schema):
     """Every `/v1` operation, valid and invalid inputs alike, with a real token so the fuzz gets past 401."""
     world = fuzz_server.world
@@ -62,14 +80,5 @@ def test_coordinator_never_answers_500(fuzz_server, api_schema):
         if real and real.keys() == names:
             strategy = st.one_of(strategy, operation.as_strategy(mode, path_parameters=real))
 
-        @given(case=strategy)
-        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(case: schemathesis.Case, headers: dict[str, str] = headers) -> None:
-            response = case.call(base_url=fuzz_server.url, headers=headers, timeout=30)
-            if response.status_code >= 500 or (response.status_code >= 400 and "error" not in response.json()):
-                failures.append(f"{case.method} {case.formatted_path} body={case.body!r:.200}: "
-                                f"{response.status_code} {response.text[:200]}")
-
-        fuzz()
+        failures += fuzz_operation(strategy, examples, fuzz_server.url, headers)
     assert not failures, "\n".join(failures[:20])

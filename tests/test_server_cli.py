@@ -40,3 +40,13 @@ def test_occupied_port_is_a_clear_error(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick another --port" in result.stderr
+
+
+def test_admin_bootstrap_makes_a_private_data_dir(tmp_path):
+    data_dir = tmp_path / "fresh"
+    result = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",
+                             "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (data_dir.stat().st_mode & 0o777) == 0o700
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("organization acme (") and "CAPE_TOKEN" in lines[1] and "cape login" in lines[2]

@@ -77,15 +77,38 @@ def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
 
 def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):
     env = worker_env(tmp_path, "org-a")
-    state = tmp_path / "org-a" / "state"
-    state.mkdir(parents=True, mode=0o700)
-    (state / ENCRYPTION_KEY_FILE).write_text("not a key")  # every program that loads the keys fails at start
-    os.chmod(state / ENCRYPTION_KEY_FILE, 0o600)
+    corrupt_keys(tmp_path, "org-a")
     worker = start_worker(env)
     code = worker.wait_exit(timeout=60)
     assert code not in (None, 0), worker.output[-2000:]
     assert "kept failing (FATAL)" in worker.output
     assert "not a readable private key" in worker.output
+
+
+def corrupt_keys(tmp_path, name):
+    """A state directory whose key file is not a key: every program that loads the keys fails at start."""
+    state = tmp_path / name / "state"
+    state.mkdir(parents=True, mode=0o700)
+    (state / ENCRYPTION_KEY_FILE).write_text("not a key")
+    os.chmod(state / ENCRYPTION_KEY_FILE, 0o600)
+
+
+def test_sigterm_while_a_program_is_in_backoff_is_a_clean_stop(start_worker, tmp_path):
+    """supervisord turns a program waiting in BACKOFF into FATAL while it stops: that is no failure, exit 0."""
+    env = worker_env(tmp_path, "org-b")
+    corrupt_keys(tmp_path, "org-b")
+    worker = start_worker(env)
+    deadline = time.monotonic() + 20
+    states = {}
+    while time.monotonic() < deadline and "BACKOFF" not in states.values():
+        states = worker.states()
+        time.sleep(0.02)
+    assert "BACKOFF" in states.values() and "FATAL" not in states.values(), states
+    worker.proc.send_signal(signal.SIGTERM)
+    code = worker.wait_exit(timeout=10)
+    assert code == 0, worker.output[-2000:]
+    assert "kept failing (FATAL)" not in worker.output
+    assert "FATAL while the worker stops; ignored" in worker.output
 
 
 def test_health_fails_without_a_worker(tmp_path):

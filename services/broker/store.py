@@ -80,7 +80,7 @@ class MessageStore:
         self.bodies = self.root / "bodies"
         self.incoming = self.root / "incoming"
         for d in (self.bodies, self.incoming):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for leftover in self.incoming.iterdir():  # uploads cut off by a crash or restart
             leftover.unlink(missing_ok=True)
         self.ttl = ttl_seconds

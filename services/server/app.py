@@ -44,7 +44,8 @@ async def _every(seconds: float, what: str, work: Callable[[], Any]) -> None:
 
 def create_app(config: ServerConfig) -> FastAPI:
     """Build the app for the parts `config` asks for; background sweeps start with the app's lifespan."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Token hashes and queued messages live here: a new data dir is private to the server's user.
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db = Database(config.coordinator_db_path) if config.runs_coordinator else None
     store = MessageStore(config.data_dir, config.message_ttl) if config.runs_broker else None
     membership: JobMembership | None = None

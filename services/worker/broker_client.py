@@ -55,13 +55,32 @@ class BrokerClient:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.stop = stop or threading.Event()
-        self._session = requests.Session()
-        self._session.headers["Authorization"] = f"Bearer {token}"
-        self._session.headers["User-Agent"] = "cape-worker-messenger"
+        self._token = token
+        self._local = threading.local()  # one requests.Session per thread: sessions are not thread-safe
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    @property
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {self._token}"
+            session.headers["User-Agent"] = "cape-worker-messenger"
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
 
     def close(self) -> None:
-        """Close the HTTP connections."""
-        self._session.close()
+        """Close the HTTP connections of every thread."""
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def __repr__(self) -> str:  # never show the token
+        return f"BrokerClient({self.base_url!r})"
 
     # ---- the four broker calls ------------------------------------------------------------------------------
     def put(self, job_id: str, to_seat: str, name: str, path: Path) -> bool:

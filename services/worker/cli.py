@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ from dotenv import load_dotenv
 
 from services.worker import health as health_mod
 from services.worker.config import ConfigError, WorkerConfig
-from services.worker.fatal_listener import marker_path
+from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.spool import Spool
 
 PROGRAMS = health_mod.PROGRAMS
@@ -88,17 +89,24 @@ def run() -> None:
     os.close(write_fd)
     relay = threading.Thread(target=_relay, args=(read_fd, sys.stdout.fileno()), daemon=True)
     relay.start()
+    stop_requested: list[float] = []  # when the first stop signal arrived (docker stop)
+
+    def forward(signum: int, _frame: object) -> None:
+        if signum != signal.SIGHUP and not stop_requested:
+            stop_requested.append(time.time())
+        proc.send_signal(signum)
+
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, lambda s, _f: proc.send_signal(s))
+        signal.signal(signum, forward)
     code = proc.wait()
     relay.join(timeout=5)
-    if marker.exists():
-        try:
-            program = json.loads(marker.read_text()).get("program", "?")
-        except ValueError:
-            program = "?"
-        click.echo(f"cape-worker: program {program} kept failing (FATAL); the worker stopped. See its log lines "
-                   "above; `cape-worker check` tests the configuration.", err=True)
+    fatal = read_marker(config.run_dir)
+    # supervisord turns a program waiting in BACKOFF into FATAL while it stops: after a stop request that is a
+    # clean stop, not a failure. The listener ignores FATAL after supervisord's STOPPING event; this also covers
+    # a FATAL that raced the signal.
+    if fatal is not None and not (stop_requested and float(fatal.get("at") or 0) >= stop_requested[0]):
+        click.echo(f"cape-worker: program {fatal.get('program', '?')} kept failing (FATAL); the worker stopped. "
+                   "See its log lines above; `cape-worker check` tests the configuration.", err=True)
         sys.exit(3)
     sys.exit(code)
 

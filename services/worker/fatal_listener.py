@@ -4,7 +4,12 @@ supervisord itself exits 0 after SIGTERM, so the listener leaves a marker file (
 program; `cape-worker run` sees it after supervisord has stopped and exits non-zero, so Docker's restart policy
 takes over. stdout is the event protocol's channel: diagnostics go to stderr.
 
-Run as `python -m services.worker.fatal_listener` (an `[eventlistener]` with `events=PROCESS_STATE_FATAL`).
+Once supervisord is shutting down (`docker stop`), a FATAL is not a failure: supervisord itself turns a program
+waiting in BACKOFF into FATAL while it stops everything, so FATAL events after SUPERVISOR_STATE_CHANGE_STOPPING
+are ignored (and `cape-worker run` ignores a marker written after it forwarded the stop signal).
+
+Run as `python -m services.worker.fatal_listener` (an `[eventlistener]` with
+`events=PROCESS_STATE_FATAL,SUPERVISOR_STATE_CHANGE_STOPPING`).
 """
 from __future__ import annotations
 
@@ -13,11 +18,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor import childutils
 
 FATAL_MARKER = "fatal"
+FATAL_EVENT = "PROCESS_STATE_FATAL"
+STOPPING_EVENT = "SUPERVISOR_STATE_CHANGE_STOPPING"
 
 
 def marker_path(run_dir: str | os.PathLike) -> Path:
@@ -25,31 +33,56 @@ def marker_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / FATAL_MARKER
 
 
-def handle(headers: dict[str, str], payload: str, run_dir: Path, supervisord_pid: int) -> str | None:
-    """Act on one event; returns the FATAL program's name, or None for any other event."""
-    if headers.get("eventname") != "PROCESS_STATE_FATAL":
+def read_marker(run_dir: str | os.PathLike) -> dict | None:
+    """The FATAL marker's content ({"program", "group", "at"}), or None if there is none."""
+    try:
+        found = json.loads(marker_path(run_dir).read_text())
+    except FileNotFoundError:
         return None
-    fields, _ = childutils.eventdata(payload + "\n")
-    program = fields.get("processname", "?")
-    group = fields.get("groupname", "?")
-    marker = marker_path(run_dir)
-    tmp = marker.with_name(f".{FATAL_MARKER}.tmp")
-    tmp.write_text(json.dumps({"program": program, "group": group, "at": time.time()}))
-    os.replace(tmp, marker)
-    print(f"fatal_listener: program {program} keeps failing (FATAL); stopping the worker", file=sys.stderr,
-          flush=True)
-    os.kill(supervisord_pid, signal.SIGTERM)
-    return program
+    except ValueError:
+        return {"program": "?", "group": "?", "at": 0.0}
+    return found if isinstance(found, dict) else {"program": "?", "group": "?", "at": 0.0}
+
+
+@dataclass
+class FatalListener:
+    """Acts on supervisord's events; `stopping` turns true once supervisord begins its shutdown."""
+
+    run_dir: Path
+    supervisord_pid: int
+    stopping: bool = False
+
+    def handle(self, headers: dict[str, str], payload: str) -> str | None:
+        """Act on one event; returns the FATAL program's name when it stopped the worker, else None."""
+        event = headers.get("eventname")
+        if event == STOPPING_EVENT:
+            self.stopping = True
+            return None
+        if event != FATAL_EVENT:
+            return None
+        fields, _ = childutils.eventdata(payload + "\n")
+        program = fields.get("processname", "?")
+        if self.stopping:
+            print(f"fatal_listener: program {program} FATAL while the worker stops; ignored", file=sys.stderr,
+                  flush=True)
+            return None
+        marker = marker_path(self.run_dir)
+        tmp = marker.with_name(f".{FATAL_MARKER}.tmp")
+        tmp.write_text(json.dumps({"program": program, "group": fields.get("groupname", "?"), "at": time.time()}))
+        os.replace(tmp, marker)
+        print(f"fatal_listener: program {program} keeps failing (FATAL); stopping the worker", file=sys.stderr,
+              flush=True)
+        os.kill(self.supervisord_pid, signal.SIGTERM)
+        return program
 
 
 def main() -> int:
     """Serve supervisord's event listener protocol until stdin closes."""
-    run_dir = Path(os.environ.get("CAPE_RUN_DIR", "."))
-    supervisord_pid = os.getppid()
+    listener = FatalListener(Path(os.environ.get("CAPE_RUN_DIR", ".")), os.getppid())
     while True:
         headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)
         try:
-            handle(headers, payload, run_dir, supervisord_pid)
+            listener.handle(headers, payload)
         finally:
             childutils.listener.ok(sys.stdout)
 

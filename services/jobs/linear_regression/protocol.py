@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +80,10 @@ K_FRAC_BITS = 30  # FK: rows of K~ have norm < 2^FK
 V_FRAC_BITS = 30  # Fv: the normalized v (and ybar) have norm < 2^Fv
 MIN_EIGENVALUE_RATIO = 1e-14  # of the centred, scaled Gram matrix: below it the columns count as collinear
 FAST_PATH_MAX_OFFSET = 1e3  # |column mean| / spread up to which X^T X is centred after the product
-ROUNDING_OFFSET = 2.0**40  # public offset on M~'s entries so that a cast rounds (see _m_blocks)
+ROUNDING_OFFSET = 2.0**40  # public offset on M~'s entries so that a cast rounds (see _MBlocks)
+CORRECTION_FRAC_BITS = 50  # the metric correction E (|E| <= 2^-20) is encoded with 50 fractional bits ...
+CORRECTION_LIMIT_BITS = 20
+OUTER_FRAC_BITS = 24  # ... and v v^T (normalized, entries <= 1) with 24: sum < d 2^30 2^24 <= 2^60 for d <= 64
 
 _STATUS_OK, _STATUS_SINGULAR, _STATUS_CONSTANT_Y = 0, 1, 2
 _NO_EXPONENT = -(1 << 20)  # ky when ybar == 0: its term vanishes
@@ -106,6 +110,7 @@ class _XPlan:
     k: np.ndarray  # K = [-mu^T W; W], (d + 1) x d
     centre_first: bool  # subtract mu from each block before the product (columns with |mean| >> spread)
     block_offset: np.ndarray  # added to each row of a block's product: 2^40 + 1/2 (- mu W 2^a)
+    rotation: np.ndarray  # U
 
 
 @dataclass
@@ -170,8 +175,10 @@ def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Cl
     _check_status(party, Y_OWNER, "lr/y-status")
     clock.done(0.3, "prepare")
 
+    m_blocks = _MBlocks(x, plan)
     share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
-                           blocks=_m_blocks(x, plan), block_rows=BLOCK_ROWS)
+                           blocks=m_blocks, block_rows=BLOCK_ROWS)
+    correction = m_blocks.metric_correction()
     clock.done(0.85, "product")
     v_ring = reveal_additive(party, "lr/v-open", share, out)
 
@@ -184,8 +191,9 @@ def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Cl
         slopes = plan.k[1:] @ v
         weights = np.concatenate([[ybar - plan.mu @ slopes], slopes])
         clock.done(1.0, "weights")
-        return _result(weights, ss_tot, v, n, clock)
+        return _result(weights, ss_tot, v, float(v @ correction @ v), n, clock)
     clock.done(0.9, "reveal")
+    _open_metric_correction(party, task, correction=correction)
     kx = _exponent(float(np.max(np.linalg.norm(plan.k, axis=1))))
     party.send(out, "lr/kx", np.array([kx], dtype=np.int64))
     k_encoded = encode(np.ldexp(plan.k, K_FRAC_BITS - kx), 0, what="the x-owner's weight matrix")
@@ -230,6 +238,7 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
     if out == Y_OWNER:
         assert v_ring is not None
         v = decode(v_ring, M_FRAC_BITS + plan.fy)
+        correction = _open_metric_correction(party, task, v=v, fy=plan.fy)
         kx = _receive_int(party, X_OWNER, "lr/kx")
         v_encoded = encode(np.ldexp(v, plan.fy - Y_NORM_BITS), V_FRAC_BITS, what="the opened vector v")
         share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1,
@@ -239,8 +248,9 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
         weights = decode(opened, plan.fy - Y_NORM_BITS + V_FRAC_BITS + K_FRAC_BITS - kx)
         weights[0] += plan.ybar
         clock.done(1.0, "weights")
-        return _result(weights, plan.ss_tot, v, n, clock)
-    # Output to the third seat: the y-owner helps with K~ v~ and brings ybar in through c * ybar~.
+        return _result(weights, plan.ss_tot, v, correction, n, clock)
+    # Output to the third seat: the y-owner helps with E v v^T and K~ v~ and brings ybar in through c * ybar~.
+    _open_metric_correction(party, task)
     ky = _exponent(abs(plan.ybar) * 2.0 ** (plan.fy - Y_NORM_BITS)) if plan.ybar != 0 else _NO_EXPONENT
     party.send(THIRD_SEAT, "lr/ky", np.array([ky], dtype=np.int64))
     share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=THIRD_SEAT, n=task.d, m=task.d + 1)
@@ -271,8 +281,9 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
         clock.done(0.9, "reveal")
         clock.done(1.0, "weights")
         return None
-    if out == Y_OWNER:  # the third seat helps with K~ v~
+    if out == Y_OWNER:  # the third seat helps with E v v^T and K~ v~
         clock.done(0.9, "reveal")
+        _open_metric_correction(party, task)
         share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1)
         reveal_additive(party, "lr/w-open", share, Y_OWNER)
         clock.done(1.0, "weights")
@@ -282,6 +293,7 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
     ss_tot, fy = _receive_meta(party)
     v = decode(v_ring, M_FRAC_BITS + fy)
     clock.done(0.9, "reveal")
+    correction = _open_metric_correction(party, task, v=v, fy=fy)
     kx = _receive_int(party, X_OWNER, "lr/kx")
     ky = _receive_int(party, Y_OWNER, "lr/ky")
     t = max(0, ky - kx)
@@ -297,7 +309,30 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
     assert opened is not None
     weights = decode(opened, fy - Y_NORM_BITS + V_FRAC_BITS - t + K_FRAC_BITS - kx)
     clock.done(1.0, "weights")
-    return _result(weights, ss_tot, v, n, clock)
+    return _result(weights, ss_tot, v, correction, n, clock)
+
+
+def _open_metric_correction(party: Party, task: LinearRegressionTask, *, correction: np.ndarray | None = None,
+                            v: np.ndarray | None = None, fy: int = 0) -> float | None:
+    """Step 3b: c = v^T E v, opened to the output party (x-owner's E, output party's v v^T, the third party helping).
+
+    v is normalized by 2^(fy - b) (so ||v|| <= 1) before forming v v^T. Returns c at the output party.
+    """
+    out, words = task.output_party, task.d * task.d
+    blocks = vector = None
+    if party.index == X_OWNER:
+        assert correction is not None
+        blocks = [encode(correction, CORRECTION_FRAC_BITS, what="the metric correction").reshape(words, 1)]
+    if party.index == out:
+        assert v is not None
+        normalized = np.ldexp(v, fy - Y_NORM_BITS)
+        vector = encode(np.outer(normalized, normalized).ravel(), OUTER_FRAC_BITS, what="v v^T")
+    share = private_matvec(party, "lr/c", matrix_owner=X_OWNER, vector_owner=out, n=words, m=1, blocks=blocks,
+                           vector=vector, block_rows=words)
+    opened = reveal_additive(party, "lr/c-open", share, out)
+    if opened is None:
+        return None
+    return float(decode(opened, CORRECTION_FRAC_BITS + OUTER_FRAC_BITS + 2 * (fy - Y_NORM_BITS))[0])
 
 
 # --- plaintext steps ----------------------------------------------------------------------------------------
@@ -325,7 +360,8 @@ def _prepare_x(party: Party, x: np.ndarray) -> _XPlan:
     w_scaled = np.asfortranarray(np.ldexp(w, M_FRAC_BITS))
     # Each entry of a block gets 2^40 + 1/2 added, so that the cast to integers (a truncation) rounds to nearest.
     offset = ROUNDING_OFFSET + 0.5 - (0.0 if centre_first else mu @ w_scaled)
-    return _XPlan(n=n, mu=mu, w_scaled=w_scaled, k=k, centre_first=centre_first, block_offset=offset)
+    return _XPlan(n=n, mu=mu, w_scaled=w_scaled, k=k, centre_first=centre_first, block_offset=offset,
+                  rotation=rotation)
 
 
 def _centred_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -352,17 +388,52 @@ def _centred_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return shift + offset, gram - n * np.outer(offset, offset), True
 
 
-def _m_blocks(x: np.ndarray, plan: _XPlan) -> Iterator[np.ndarray]:
+class _MBlocks:
     """Step 1, second pass: the blocks of M~^T + 2^40 = round((X - mu) W 2^a) + 2^40, never held whole.
 
     |entries of M~| <= 2^a (1 + 1e-2) by the orthonormality check, so adding 2^40 makes every entry positive and
     the cast to int64 a rounding; the y-owner removes the offset's contribution, 2^40 sum(yc~), from its share.
+    Meanwhile a background thread accumulates R^T Z over the blocks (R = M~^T - Z the rounding residuals,
+    Z = (X - mu) W 2^a), from which `metric_correction` corrects ||v||^2 for M's rounding.
     """
-    for start, stop in block_bounds(plan.n, BLOCK_ROWS):
-        block = x[start:stop] - plan.mu if plan.centre_first else x[start:stop]
-        scaled = block @ plan.w_scaled
-        scaled += plan.block_offset
-        yield scaled.astype(np.int64).view(RING_DTYPE)
+
+    def __init__(self, x: np.ndarray, plan: _XPlan) -> None:
+        self.x, self.plan = x, plan
+        self._residual_gram = np.zeros((x.shape[1], x.shape[1]))
+        self._pending: list[Future[None]] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        plan = self.plan
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="x-owner-residuals") as pool:
+            for start, stop in block_bounds(plan.n, BLOCK_ROWS):
+                block = self.x[start:stop] - plan.mu if plan.centre_first else self.x[start:stop]
+                scaled = block @ plan.w_scaled
+                scaled += plan.block_offset
+                encoded = scaled.astype(np.int64)
+                self._pending.append(pool.submit(self._accumulate, scaled, encoded))
+                yield encoded.view(RING_DTYPE)
+
+    def _accumulate(self, scaled: np.ndarray, encoded: np.ndarray) -> None:
+        residual = encoded.astype(np.float64)  # exact: entries are below 2^53
+        residual -= scaled
+        residual += 0.5  # R = (E - 2^40) - Z with Z = scaled - 2^40 - 1/2
+        scaled -= ROUNDING_OFFSET + 0.5
+        self._residual_gram += residual.T @ scaled
+
+    def metric_correction(self) -> np.ndarray:
+        """E = (A A^T)^-1 - I for A = M' Qc, M' = M~ / 2^a: ||P yc'||^2 = v'^T (I + E) v' up to M's rounding
+        noise along the residual. A = U + F with F = 2^-2a (R^T Z) U, so E = -Delta + Delta^2 with
+        Delta = U F^T + F U^T + F F^T (third-order terms are below 2^-90)."""
+        for future in self._pending:
+            future.result()
+        u = self.plan.rotation
+        f = np.ldexp(self._residual_gram, -2 * M_FRAC_BITS) @ u
+        delta = u @ f.T + f @ u.T + f @ f.T
+        correction = -delta + delta @ delta
+        if not np.max(np.abs(correction)) <= 2.0 ** -CORRECTION_LIMIT_BITS:
+            raise ProtocolError("the x-owner's orthogonalized data rounded far worse than expected; the x columns "
+                                "are too close to collinear for this protocol")
+        return correction
 
 
 def _prepare_y(y: np.ndarray, column: str) -> _YPlan | None:
@@ -377,7 +448,13 @@ def _prepare_y(y: np.ndarray, column: str) -> _YPlan | None:
         return None  # constant, or varying only at the level of float rounding
     fy = Y_NORM_BITS - _exponent(norm)
     np.ldexp(yc, fy, out=yc)
-    return _YPlan(n=n, ybar=ybar, ss_tot=ss_tot, fy=fy, y_encoded=encode_scaled(yc))
+    encoded = encode_scaled(yc)
+    # SS_tot of the encoded y itself (exact integer sums: ||yc~||^2 < 2^63), so that its rounding enters SS_tot
+    # and ||P yc~||^2 alike and cancels in SS_res instead of being amplified by 1 / (1 - r2).
+    as_int = encoded.view(np.int64)
+    total, squares = int(as_int.sum()), int(np.dot(as_int, as_int))
+    ss_tot_encoded = float((squares * n - total * total) / n) * 2.0 ** (-2 * fy)
+    return _YPlan(n=n, ybar=ybar, ss_tot=ss_tot_encoded, fy=fy, y_encoded=encoded)
 
 
 def _random_rotation(party: Party, d: int) -> np.ndarray:
@@ -392,9 +469,11 @@ def _exponent(value: float) -> int:
     return int(np.frexp(value)[1])
 
 
-def _result(weights: np.ndarray, ss_tot: float, v: np.ndarray, n: int, clock: _Clock) -> LinearRegressionResult:
-    """Step 3's metrics from SS_tot and ||v||^2 = SS_tot - SS_res, and the result."""
-    ss_res = max(ss_tot - float(v @ v), 0.0)
+def _result(weights: np.ndarray, ss_tot: float, v: np.ndarray, correction: float | None, n: int,
+            clock: _Clock) -> LinearRegressionResult:
+    """Step 3's metrics, SS_res = SS_tot - ||P yc||^2 with ||P yc||^2 = ||v||^2 + c, and the result."""
+    assert correction is not None
+    ss_res = max(ss_tot - (float(v @ v) + correction), 0.0)
     result = LinearRegressionResult(
         weights=np.asarray(weights, dtype=np.float64),
         metrics={"mse_result": ss_res / n, "r_squared_result": 1.0 - ss_res / ss_tot},
