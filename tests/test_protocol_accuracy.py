@@ -92,6 +92,15 @@ def test_columns_with_large_offsets_and_tiny_spread() -> None:
         assert_accurate(result, x, y)
 
 
+@pytest.mark.parametrize("outputs_to", ["x_owner", "y_owner", "model_owner"])
+def test_metrics_of_a_close_fit(outputs_to: str) -> None:
+    """r2 = 1 - 4e-6: SS_res = SS_tot - ||P yc||^2 would lose ~1e-4 relative without the rounding corrections."""
+    x, y = make_data(5000, 8, seed=21, noise=5e-3, magnitudes=(1e-3, 1e3))
+    result, _ = fit(x, y, outputs_to)
+    assert 1 - result.metrics["r_squared_result"] < 1e-5
+    assert_accurate(result, x, y)
+
+
 def test_perfect_fit_has_r_squared_one_and_zero_mse() -> None:
     rng = np.random.default_rng(9)
     x = rng.standard_normal((100, 2))

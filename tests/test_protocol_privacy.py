@@ -85,7 +85,7 @@ def two_designs():
 
 def test_what_the_x_owner_receives_is_uniform_and_independent_of_y(two_targets) -> None:
     small, large = (masked_words(v[0]) for v in two_targets)
-    assert set(small) == set(large) == {"lr/v/y-r", "lr/w/y-r"}
+    assert set(small) == set(large) == {"lr/v/y-r", "lr/c/y-r", "lr/w/y-r"}
     for name in small:
         assert_uniform(small[name], f"x-owner's {name} (small y)")
         assert_uniform(large[name], f"x-owner's {name} (large y)")
@@ -118,7 +118,8 @@ def test_the_helper_receives_only_public_counts_and_statuses(outputs_to: str) ->
 def test_the_model_owners_opened_shares_are_each_uniform(two_targets) -> None:
     for view in two_targets:
         opened = {name: words for name, words in masked_words(view[2]).items() if "-open/" in name}
-        assert set(opened) == {"lr/v-open/0", "lr/v-open/1", "lr/w-open/0", "lr/w-open/1"}
+        assert set(opened) == {"lr/v-open/0", "lr/v-open/1", "lr/c-open/0", "lr/c-open/1", "lr/w-open/0",
+                               "lr/w-open/1"}
         for name, words in opened.items():
             assert_uniform(words, f"model owner's {name}")
 

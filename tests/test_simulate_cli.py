@@ -107,7 +107,7 @@ def test_bad_values_through_the_installed_cape(tmp_path: Path) -> None:
     (tmp_path / "y.csv").write_text("t\n1\n2\nnan\n4\n")
     result = run_cape("--x", "x.csv", "--y", "y.csv", cwd=tmp_path)
     assert result.returncode == 1
-    assert one_error_line(result.stderr) == "error: x.csv: column 'b' row 3: 'six' is not a number"
+    assert one_error_line(result.stderr) == "error: x.csv: column 'b' row 3: the value is not a number"
     result = run_cape("--x", "x.csv:a", "--y", "y.csv", cwd=tmp_path)
     assert result.returncode == 1
     assert one_error_line(result.stderr) == (

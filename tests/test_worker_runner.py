@@ -163,7 +163,8 @@ def test_bad_data_ends_in_an_error_status_that_says_where(cape_server, tmp_path)
     assert Runner(y.spool, y.keys).run_job(job.id) == "error"
     last = statuses(y.spool, job.id)[-1]
     assert last["state"] == "error"
-    assert "y.csv" in last["message"] and "'t'" in last["message"] and "row 42" in last["message"]
+    # The dataview is named, not its uri: job errors are shown to every project member.
+    assert last["message"] == "dataview 'target': column 't' row 42: the value is not a number"
     assert y.spool.done(job.id)["outcome"] == "error"
 
 
@@ -173,7 +174,7 @@ def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):
     x.spool.put_job(x.spec)
     assert Runner(x.spool, x.keys).run_job(job.id) == "error"
     message = statuses(x.spool, job.id)[-1]["message"]
-    assert "nope.csv" in message and "no such file" in message
+    assert "dataview 'features'" in message and "no such file" in message and "nope.csv" not in message
 
 
 def test_a_job_the_coordinator_ended_is_abandoned(data_job):

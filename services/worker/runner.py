@@ -153,7 +153,7 @@ class Runner:
             result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
                                data_name=uri)
         except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
-            raise JobFailed(str(exc)) from None
+            raise JobFailed(_without_uri(str(exc), uri, spec)) from None
         log.info("job %s: role finished (%d messages sent, %d received)", job_id, transport.messages_sent,
                  transport.messages_received)
         if result is None:
@@ -186,6 +186,18 @@ class Runner:
         if ended is not None:
             return f"the coordinator ended the job ({ended.get('status')})"
         return None
+
+
+def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
+    """The message with this seat's dataview uri replaced by the dataview's name.
+
+    Job errors are shown to every member of the project, and a dataview's uri is for its owner's eyes only.
+    """
+    if not uri:
+        return message
+    part = {"x_owner": "x", "y_owner": "y"}.get(spec.seat, "")
+    name = ((spec.task.get(part) or {}).get("dataview") or {}).get("name") or part
+    return message.replace(uri, f"dataview {name!r}")
 
 
 class _Progress:

@@ -11,16 +11,7 @@ from collections.abc import Sequence
 # One class for the engine and the job: a caller catches `ProtocolError` whichever layer raised it.
 from services.mpc.errors import ProtocolError
 
-# Long bad values are cut so one odd cell cannot flood a log line or an error report.
-_MAX_SHOWN_CHARS = 32
 _MAX_SHOWN_COLUMNS = 20
-
-
-def shown_value(text: str) -> str:
-    """Return `text` quoted and cut to a short length, for an error message."""
-    if len(text) > _MAX_SHOWN_CHARS:
-        text = text[: _MAX_SHOWN_CHARS - 3] + "..."
-    return repr(text)
 
 
 def shown_columns(columns: Sequence[str]) -> str:
@@ -64,7 +55,8 @@ class NonNumericError(JobDataError):
 
     def __init__(self, file: str, column: str, row: int, value: str | None) -> None:
         self.file, self.column, self.row = file, column, row
-        what = "the value is empty" if value is None or value.strip() == "" else f"{shown_value(value)} is not a number"
+        # The cell's text is not quoted: job errors travel to the coordinator and the logs, where no data value may go.
+        what = "the value is empty" if value is None or value.strip() == "" else "the value is not a number"
         super().__init__(f"{file}: column {column!r} row {row}: {what}")
 
 

@@ -1,0 +1,423 @@
+"""End-to-end benchmark of the appliance: one linear regression through three real workers and a real broker.
+
+`./scripts/bench --e2e [--n N] [--d D] [--quick] [--format parquet|csv] [--poll-interval S] [--keep]` starts
+`cape-server` (coordinator + broker) on 127.0.0.1 with a temporary data dir, three organizations and their workers
+(`cape-worker run`: supervisord and its four programs, each worker with its own spool, state and file:// bucket),
+writes the engine bench's data (`bench.make_data`, same seed) as files before any timing, submits the job, approves
+it as both data owners and times it to Completed. Then, with the workers stopped, it runs the in-memory simulation
+of the same data in a fresh process (the engine bench's own case runner) and prints one JSON line: the engine
+bench's fields for the simulation plus `e2e_seconds` (approval to Completed, split into its stages),
+`simulation_seconds`, `e2e_over_simulation`, the bytes each worker put through the broker and its programs' peak
+memory, and the end-to-end weights' error against `numpy.linalg.lstsq`.
+
+Where a message's time goes is observed from the outside: a sampler thread watches each worker's spool (claims,
+outbox, inbox, results) every few milliseconds and records when each file first appears.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+BIN = Path(sys.executable).parent
+SEATS = {"xorg": "x_owner", "yorg": "y_owner", "helper": "helper"}
+START_TIMEOUT = 60.0
+HTTP_TIMEOUT = 60.0
+SAMPLE_SECONDS = 0.005
+SIMULATION_TIMEOUT = 900.0
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says which part failed and where its log is."""
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+def write_data(base: Path, n: int, d: int, fmt: str) -> tuple[np.ndarray, np.ndarray, Path, Path]:
+    """The engine bench's data for (n, d), written as the x-owner's and y-owner's files (Parquet or CSV)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from services.jobs.linear_regression.bench import make_data
+
+    x, y, _ = make_data(n, d)
+    paths = []
+    for owner, table in (("xorg", pa.table({f"x{i}": x[:, i] for i in range(d)})), ("yorg", pa.table({"y": y}))):
+        folder = base / owner / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{'x' if owner == 'xorg' else 'y'}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(table, path)
+        else:  # pyarrow writes floats with round-trip precision
+            pacsv.write_csv(table, path)
+        paths.append(path)
+    return x, y, paths[0], paths[1]
+
+
+# ---- processes ------------------------------------------------------------------------------------------------
+
+class Server:
+    """`cape-server serve` on a free loopback port with its own data dir."""
+
+    def __init__(self, base: Path) -> None:
+        self.data_dir = base / "server"
+        self.log = base / "server.log"
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [str(BIN / "cape-server"), "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
+                 str(self.data_dir)], stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = self.proc.stdout
+        assert stdout is not None
+        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+        self.url = ""
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.url:
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise BenchError(f"cape-server did not start within {START_TIMEOUT:.0f} s; see {self.log}") from None
+            if line.startswith("cape-server listening on "):
+                self.url = line.split("listening on ", 1)[1].strip()
+
+    def create_org(self, label: str) -> dict[str, Any]:
+        out = subprocess.run([str(BIN / "cape-server"), "admin", "create-org", label, "--admin-email",
+                              f"admin@{label}.example", "--data-dir", str(self.data_dir), "--json"],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise BenchError(f"cape-server admin create-org {label} failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+class Worker:
+    """`cape-worker run` for one organization, exactly as the image runs it."""
+
+    def __init__(self, base: Path, label: str, token: str, coordinator: str, poll_interval: float) -> None:
+        self.label = label
+        self.folder = base / label
+        self.spool = self.folder / "spool"
+        self.run_dir = self.folder / "state" / "run"
+        self.log = self.folder / "worker.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPE_", "AWS_"))}
+        env.update({"CAPE_TOKEN": token, "CAPE_COORDINATOR": coordinator, "CAPE_WORKER_NAME": label,
+                    "CAPE_SPOOL_DIR": str(self.spool), "CAPE_STATE_DIR": str(self.folder / "state"),
+                    "CAPE_BUCKET": (self.folder / "bucket").as_uri(), "CAPE_POLL_INTERVAL": f"{poll_interval:g}",
+                    "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:  # append mode: the four programs share the file
+            self.proc = subprocess.Popen([str(BIN / "cape-worker"), "run"], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True)
+
+    def states(self) -> dict[str, str]:
+        from services.worker.health import SupervisorUnavailable, program_states
+
+        try:
+            return program_states(self.run_dir)
+        except SupervisorUnavailable:
+            return {}
+
+    def program_pids(self) -> dict[str, int]:
+        from services.worker.health import supervisor_proxy
+
+        infos = supervisor_proxy(self.run_dir).supervisor.getAllProcessInfo()
+        return {info["name"]: info["pid"] for info in infos if info["pid"]}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def peak_rss(pid: int) -> int | None:
+    """A live process's peak resident memory (VmHWM) in bytes, or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+# ---- watching the spools --------------------------------------------------------------------------------------
+
+class SpoolSampler:
+    """Records when files first appear in the workers' spools for one job, and the outbox files' sizes."""
+
+    def __init__(self, workers: dict[str, Worker], job_id: str) -> None:
+        self.workers = workers
+        self.job_id = job_id
+        self.first_seen: dict[str, float] = {}  # "<label>:<kind>:<name>" -> time.time()
+        self.sizes: dict[str, int] = {}  # "<label>:<to_seat>/<name>" -> sealed size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spool-sampler", daemon=True)
+
+    def __enter__(self) -> "SpoolSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def _see(self, key: str, now: float) -> None:
+        self.first_seen.setdefault(key, now)
+
+    def sample(self) -> None:
+        now = time.time()
+        job = self.job_id
+        for label, worker in self.workers.items():
+            spool = worker.spool
+            if (spool / "claims" / f"{job}.json").exists():
+                self._see(f"{label}:claim:", now)
+            for name in ("result.json", "uploaded.json"):
+                if (spool / "results" / job / name).exists():
+                    self._see(f"{label}:result:", now)
+            for seat_dir in _entries(spool / "outbox" / job):
+                for entry in _entries(seat_dir):
+                    if entry.name.startswith("."):
+                        continue
+                    stem, _, kind = entry.name.rpartition(".")
+                    self._see(f"{label}:{kind}:{seat_dir.name}/{stem}", now)
+                    key = f"{label}:{seat_dir.name}/{stem}"
+                    if key not in self.sizes:
+                        try:
+                            self.sizes[key] = entry.stat().st_size
+                        except FileNotFoundError:
+                            pass
+            for entry in _entries(spool / "inbox" / job):
+                if not entry.name.startswith("."):
+                    self._see(f"{label}:inbox:{entry.name.removesuffix('.msg')}", now)
+
+    def times(self, label: str, kind: str) -> list[float]:
+        prefix = f"{label}:{kind}:"
+        return sorted(t for key, t in self.first_seen.items() if key.startswith(prefix))
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+def _call(method: str, url: str, token: str, **kwargs: Any) -> Any:
+    response = requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT,
+                                **kwargs)
+    if response.status_code >= 300:
+        raise BenchError(f"{method} {url} answered {response.status_code}: {response.text[:300]}")
+    return response.json() if response.content else None
+
+
+def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_timeout: float) -> dict[str, Any]:
+    """Run the job through real workers; returns the end-to-end fields of the JSON line."""
+    from services.jobs.linear_regression import plaintext_fit
+
+    x, y, x_path, y_path = write_data(base, n, d, fmt)
+    server = Server(base)
+    workers: dict[str, Worker] = {}
+    try:
+        orgs = {label: server.create_org(label) for label in SEATS}
+        url, user = server.url, {label: org["user_token"] for label, org in orgs.items()}
+        columns = [f"x{i}" for i in range(d)]
+        _call("POST", f"{url}/v1/projects", user["xorg"], json={"label": "bench", "name": "e2e bench"})
+        _call("POST", f"{url}/v1/projects/bench/organizations", user["xorg"], json={"organization": "yorg"})
+        _call("PUT", f"{url}/v1/projects/bench/helper", user["xorg"], json={"organization": "helper"})
+        _call("POST", f"{url}/v1/projects/bench/dataviews", user["xorg"], json={
+            "name": "xs", "uri": x_path.as_uri(), "schema": [{"name": c, "type": "number"} for c in columns]})
+        _call("POST", f"{url}/v1/projects/bench/dataviews", user["yorg"], json={
+            "name": "ys", "uri": y_path.as_uri(), "schema": [{"name": "y", "type": "number"}]})
+        for label, org in orgs.items():
+            workers[label] = Worker(base, label, org["organization_token"], url, poll_interval)
+        _wait_running(workers)
+
+        job = _call("POST", f"{url}/v1/projects/bench/jobs", user["xorg"], json={
+            "type": "linear_regression", "x": {"dataview": "xs", "columns": columns},
+            "y": {"dataview": "ys", "column": "y"}, "model_owner": "yorg", "model_location": None,
+            "timeout": job_timeout})
+        job_id = job["id"]
+        _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
+        with SpoolSampler(workers, job_id) as sampler:
+            _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["yorg"])
+            approved = time.time()
+            status = _wait_ended(url, user["yorg"], job_id, job_timeout + 60)
+            ended = time.time()
+        if status["status"] != "Completed":
+            raise BenchError(f"the job ended {status['status']}: {status.get('error')}; see the logs in {base}")
+        results = _call("GET", f"{url}/v1/jobs/{job_id}/results", user["yorg"])
+        peaks = {label: {program: peak_rss(pid) for program, pid in w.program_pids().items()}
+                 for label, w in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in workers.values():
+            worker.stop()
+        server.stop()
+
+    weights = np.loadtxt(workers["yorg"].folder / "bucket" / job_id / "regression_weights.csv", delimiter=",")
+    expected, expected_metrics = plaintext_fit(x, y)
+    scale = float(np.max(np.abs(expected)))
+    return {
+        "e2e_seconds": {"total": ended - approved, **_stages(sampler, approved, ended)},
+        "e2e_weight_error_vs_lstsq": float(np.max(np.abs(weights - expected)) / scale),
+        "e2e_metrics_error_vs_lstsq": {k: float(abs(results["metrics"][k] - v) / abs(v))
+                                       for k, v in expected_metrics.items()},
+        "broker_bytes": _broker_bytes(sampler),
+        "e2e_peak_rss_bytes": peaks,
+        "data_format": fmt,
+        "data_file_bytes": {"x": x_path.stat().st_size, "y": y_path.stat().st_size},
+        "poll_interval_seconds": poll_interval,
+    }
+
+
+def _wait_running(workers: dict[str, Worker]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    pending = set(workers)
+    while pending:
+        for label in sorted(pending):
+            if workers[label].proc.poll() is not None:
+                raise BenchError(f"the {label} worker exited; see {workers[label].log}")
+            states = workers[label].states()
+            if len(states) == 4 and set(states.values()) == {"RUNNING"}:
+                pending.discard(label)
+        if time.monotonic() > deadline:
+            raise BenchError(f"workers not running after {START_TIMEOUT:.0f} s: {sorted(pending)}")
+        time.sleep(0.1)
+
+
+def _wait_ended(url: str, token: str, job_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = _call("GET", f"{url}/v1/jobs/{job_id}", token)
+        if job["status"] in ("Completed", "Error", "Stopped", "Rejected"):
+            return job
+        if time.monotonic() > deadline:
+            raise BenchError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _stages(sampler: SpoolSampler, approved: float, ended: float) -> dict[str, float]:
+    """Approval to Completed, cut at what the spools showed: all three runners claimed the job, the first
+    sealed message, the last message placed in an inbox, the output seat's result written."""
+    claims = [t for label in SEATS for t in sampler.times(label, "claim")]
+    sealed = [t for label in SEATS for t in sampler.times(label, "sealed") + sampler.times(label, "sent")]
+    inbox = [t for label in SEATS for t in sampler.times(label, "inbox")]
+    result = sampler.times("yorg", "result")
+    stages: dict[str, float] = {}
+    if claims:
+        stages["approval_to_claims"] = max(claims) - approved
+    if claims and result:
+        stages["runner_start_to_result"] = result[0] - min(claims)
+    if claims and sealed:
+        stages["claims_to_first_message"] = min(sealed) - max(claims)
+    if sealed and inbox:
+        stages["first_message_to_last_delivery"] = max(inbox) - min(sealed)
+    if inbox and result:
+        stages["last_delivery_to_result"] = result[0] - max(inbox)
+    if result:
+        stages["result_to_completed"] = ended - result[0]
+    return {k: round(v, 3) for k, v in stages.items()}
+
+
+def _broker_bytes(sampler: SpoolSampler) -> dict[str, Any]:
+    """What each worker put at the broker (sealed sizes from its outbox) and how many messages."""
+    per_seat: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for key, size in sampler.sizes.items():
+        label = key.split(":", 1)[0]
+        per_seat[SEATS[label]] = per_seat.get(SEATS[label], 0) + size
+        count[SEATS[label]] = count.get(SEATS[label], 0) + 1
+    return {"per_party": per_seat, "messages": count, "total": sum(per_seat.values())}
+
+
+def run_simulation(n: int, d: int) -> dict[str, Any]:
+    """The engine bench's case (same data generator and seed) in a fresh process: its JSON record."""
+    proc = subprocess.run([sys.executable, "-m", "services.jobs.linear_regression.bench", "--one", str(n), str(d)],
+                          capture_output=True, text=True, timeout=SIMULATION_TIMEOUT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"the simulation failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print one JSON line for the end-to-end run and the simulation of the same data; exit 1 if it failed."""
+    parser = argparse.ArgumentParser(prog="scripts/bench --e2e", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=lambda s: int(float(s)), default=10**6, help="rows (default 1e6)")
+    parser.add_argument("--d", type=int, default=32, help="x columns (default 32)")
+    parser.add_argument("--quick", action="store_true", help="n = 1e4 (a smoke run)")
+    parser.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="data files (default parquet)")
+    parser.add_argument("--poll-interval", type=float, default=2.0,
+                        help="the workers' CAPE_POLL_INTERVAL (default 2, the worker's own default)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="the job's timeout in seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, spools)")
+    args = parser.parse_args(argv)
+    n = 10**4 if args.quick else args.n
+    if args.d < 1 or n < args.d + 2:
+        parser.error("need d >= 1 and n >= d + 2")
+    base = Path(tempfile.mkdtemp(prefix="cape-bench-e2e-"))
+    failed = True
+    try:
+        e2e = run_e2e(base, n, args.d, args.format, args.poll_interval, args.timeout)
+        simulation = run_simulation(n, args.d)
+        simulation_seconds = simulation["seconds"]["job"]
+        record = {
+            **simulation,
+            "simulation_seconds": simulation_seconds,
+            **e2e,
+            "e2e_over_simulation": round(e2e["e2e_seconds"]["total"] / max(simulation_seconds, 1e-9), 2),
+            "runner_over_simulation": round(e2e["e2e_seconds"].get("runner_start_to_result", float("nan"))
+                                            / max(simulation_seconds, 1e-9), 2),
+        }
+        print(json.dumps(record), flush=True)
+        failed = False
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        print(json.dumps({"n": n, "d": args.d, "error": str(exc)}), flush=True)
+    finally:
+        if args.keep or failed:
+            print(f"logs and spools kept in {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
