@@ -53,11 +53,13 @@ def test_three_workers_train_and_only_the_model_owner_gets_weights(cape_server, 
     listed = {job["id"]: job for job in json.loads(status.stdout)["jobs"]}
     assert listed[job_id]["seat"] == "y_owner" and listed[job_id]["result"] == "uploaded"
 
-    # A dataview whose file is missing ends its job in Error with a message naming the file.
+    # A dataview whose file is missing ends its job in Error with a message naming the dataview (not its uri,
+    # which only its owner may see).
     world.add_dataview("xorg", "missing", (tmp_path / "xorg" / "data" / "gone.csv").as_uri(), ["a", "b", "c"])
     bad = world.wait_ended(world.submit(x="missing"))
     assert bad["status"] == "Error"
-    assert "gone.csv" in bad["error"], bad
+    assert "dataview 'missing'" in bad["error"] and "no such file" in bad["error"], bad
+    assert "gone.csv" not in bad["error"], bad
 
     # The job the y-owner did not approve never reached any worker.
     assert world.job(unapproved)["status"] == "NeedsApproval"
