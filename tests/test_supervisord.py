@@ -1,10 +1,14 @@
 """A worker started exactly as the image starts it (`cape-worker run`, conf/supervisord.conf), under real
 supervisord: four programs RUNNING, a killed program respawned, a FATAL program ends the worker non-zero,
-SIGTERM stops everything within 10 s, and a non-root worker whose stdout is a root-owned pipe still logs."""
+SIGTERM stops everything within 10 s (also while a program is in BACKOFF), the heartbeat carries the programs'
+states, and a non-root worker whose stdout is a root-owned pipe still logs."""
+import contextlib
+import json
 import os
 import pwd
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -98,21 +102,22 @@ def test_sigterm_while_a_program_is_in_backoff_is_a_clean_stop(start_worker, tmp
     env = worker_env(tmp_path, "org-b")
     corrupt_keys(tmp_path, "org-b")
     worker = start_worker(env)
-    deadline = time.monotonic() + 20
-    states, listener = {}, None
-    # The listener must be up to see the FATAL that the stop causes; then catch a program between two retries.
-    while time.monotonic() < deadline and not (listener == "RUNNING" and "BACKOFF" in states.values()):
+    # Catch a program entering its second BACKOFF (supervisord then waits 2 s before the next retry), so it is
+    # surely still in BACKOFF when the stop begins; the listener is up by then to see the FATAL the stop causes.
+    deadline = time.monotonic() + 30
+    states, previous, entries = {}, {}, {}
+    while time.monotonic() < deadline and max(entries.values(), default=0) < 2:
         states = worker.states()
-        try:
-            listener = worker.supervisor().getProcessInfo("fatal_listener")["statename"]
-        except OSError:
-            listener = None
+        for program, state in states.items():
+            if state == "BACKOFF" and previous.get(program) != "BACKOFF":
+                entries[program] = entries.get(program, 0) + 1
+        previous = states
         time.sleep(0.02)
-    assert "BACKOFF" in states.values() and "FATAL" not in states.values(), states
+    assert max(entries.values(), default=0) == 2 and "FATAL" not in states.values(), (entries, states)
     worker.proc.send_signal(signal.SIGTERM)
     code = worker.wait_exit(timeout=10)
     assert code == 0, worker.output[-2000:]
-    assert "entered FATAL state" in worker.output  # supervisord did turn BACKOFF into FATAL while stopping
+    # supervisord did turn the BACKOFF into FATAL while stopping, and the listener let it pass.
     assert "FATAL while the worker stops; ignored" in worker.output
     assert "kept failing (FATAL)" not in worker.output
 
@@ -160,3 +165,35 @@ def test_non_root_worker_with_root_owned_stdout_pipe():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def heartbeat_programs(server, org_id):
+    """The program states of the organization's last heartbeat, as the coordinator stored them."""
+    with contextlib.closing(sqlite3.connect(server.data_dir / "coordinator.sqlite3", timeout=5)) as db:
+        row = db.execute("SELECT programs FROM workers WHERE org_id = ?", (org_id,)).fetchone()
+    return json.loads(row[0]) if row and row[0] else None
+
+
+def test_heartbeat_carries_the_programs_states(cape_server, start_worker, tmp_path):
+    org = cape_server.create_org("acme")
+    env = worker_env(tmp_path, "acme", CAPE_TOKEN=org["organization_token"], CAPE_COORDINATOR=cape_server.url)
+    worker = start_worker(env)
+    org_id = org["organization"]["id"]
+    running = {p: "RUNNING" for p in health.PROGRAMS}
+
+    def wait_for(predicate, what):
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            programs = heartbeat_programs(cape_server, org_id)
+            if not seen or seen[-1] != programs:
+                seen.append(programs)
+            if predicate(programs):
+                return
+            time.sleep(0.1)
+        pytest.fail(f"no heartbeat with {what}; heartbeats seen: {seen}")
+
+    wait_for(lambda p: p == running, "all four programs RUNNING")
+    os.kill(worker.pid("runner"), signal.SIGKILL)  # a respawned program is STARTING for startsecs, then RUNNING
+    wait_for(lambda p: p and p["runner"] in ("STARTING", "BACKOFF") and p["poller"] == "RUNNING", "runner restarting")
+    wait_for(lambda p: p == running, "runner RUNNING again")

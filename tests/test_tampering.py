@@ -233,3 +233,23 @@ def _wait(predicate, what: str, timeout: float = 30.0):  # type: ignore[no-untyp
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_plaintext_scan_finds_a_share_a_header_or_an_input_value_stored_in_the_clear() -> None:
+    import io
+
+    share = (np.arange(1, 9, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    npy = io.BytesIO()
+    np.save(npy, share)
+    fingerprints = share_fingerprints([npy.getvalue()])
+    values = np.array([3.14159, -271.828])
+    rng = np.random.default_rng(1)
+    noise = rng.bytes(4096)
+    stored = {
+        "clean": noise,
+        "share": noise[:101] + share.tobytes() + noise[101:],  # raw array data, no header, unaligned
+        "header": noise + npy.getvalue()[:10],
+        "value": noise[:7] + np.float64(-271.828).tobytes() + noise[7:],
+    }
+    assert plaintext_leaks(stored, fingerprints, values) == [
+        "a received share in share", "the .npy header magic in header", "the input value -271.828 in value"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,6 +12,8 @@ from services.coordinator.identity import Principal, find_organization, get_org,
 from services.coordinator.permissions import APPROVE_JOBS, STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
 from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
+
+log = logging.getLogger("cape.coordinator")
 
 FINAL_STATUSES = ("Rejected", "Completed", "Stopped", "Error")
 DATA_SEATS = ("x_owner", "y_owner")
@@ -107,6 +110,7 @@ def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str,
 # --- status ---------------------------------------------------------------------------------------------------
 
 def set_status(conn: sqlite3.Connection, job_id: str, status: str, error: str | None = None) -> None:
+    log.info("job %s is now %s", job_id, status)  # ids and statuses only: messages may quote user data
     conn.execute("UPDATE jobs SET status = ?, error = COALESCE(?, error), updated_at = ? WHERE id = ?",
                  (status, error, now_iso(), job_id))
 
@@ -206,6 +210,7 @@ def approve(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqli
                      (now, job_id, org_id))
         decisions[org_id] = "approved"
     if all(d == "approved" for d in decisions.values()):
+        log.info("job %s is now Approved", job_id)
         conn.execute("UPDATE jobs SET status = 'Approved', approved_at = ?, updated_at = ? WHERE id = ?",
                      (now, now, job_id))
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,13 +29,16 @@ from services.mpc.party import Party
 from services.mpc.ring import RING_DTYPE, as_ring, vec_mat, zeros
 
 
+T = TypeVar("T")
+
+
 def block_bounds(n: int, block_rows: int) -> Iterator[tuple[int, int]]:
     """The (start, stop) row ranges of the blocks of an n-row matrix."""
     for start in range(0, n, block_rows):
         yield start, min(n, start + block_rows)
 
 
-def prefetched(make: Callable[[int], np.ndarray], count: int) -> Iterator[np.ndarray]:
+def prefetched(make: Callable[[int], T], count: int) -> Iterator[T]:
     """Yield make(0) .. make(count - 1), computing the next item in a background thread meanwhile.
 
     Used for the PRF masks: AES and numpy release the GIL, so generating block k+1 overlaps using block k.
@@ -86,15 +90,20 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
             raise ProtocolError(f"party {vector_owner} sent a vector of {y_minus_r.shape} entries, expected {n}")
         prf = party.randomness.shared_with(helper)
         bounds = list(block_bounds(n, block_rows))
-        masks = prefetched(lambda k: prf.array(f"{name}/S/{k}", (bounds[k][1] - bounds[k][0], m)), len(bounds))
+
+        def mask_and_share(k: int) -> tuple[np.ndarray, np.ndarray]:  # S_k and S_k^T (y - r)_k, off the main thread
+            start, stop = bounds[k]
+            s = prf.array(f"{name}/S/{k}", (stop - start, m))
+            return s, vec_mat(y_minus_r[start:stop], s)
+
+        masks = prefetched(mask_and_share, len(bounds))
         count = 0
         for k, block in enumerate(blocks):
             if k >= len(bounds) or block.shape != (bounds[k][1] - bounds[k][0], m):
                 raise ProtocolError(f"matrix block {k} has shape {block.shape}, which does not fit {n} x {m} "
                                     f"in blocks of {block_rows} rows")
-            start, stop = bounds[k]
-            s = next(masks)
-            share += vec_mat(y_minus_r[start:stop], s)
+            s, part = next(masks)
+            share += part
             s = np.subtract(as_ring(block), s, out=s)
             party.send(vector_owner, f"{name}/M-S/{k}", s)
             count += 1

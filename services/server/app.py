@@ -64,6 +64,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         # `cape-server serve` calls this from its signal handler: parked long polls return at once.
         app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(signals.close)
+        log.info("cape-server %s: %s, data in %s", _version(), " + ".join(parts), config.data_dir)
         tasks = []
         if db is not None:
             def sweep_jobs() -> None:

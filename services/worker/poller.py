@@ -1,6 +1,7 @@
 """The poller program: the worker's only conversation with the coordinator.
 
-Logs in with CAPE_TOKEN, registers the worker's public keys, heartbeats, copies approved jobs where this
+Logs in with CAPE_TOKEN, registers the worker's public keys, heartbeats (with the four programs' supervisord
+states, at least every HEARTBEAT_SECONDS and whenever they change), copies approved jobs where this
 organization holds a seat into the spool, sends the spool's status updates (in order, each removed only after the
 coordinator accepted it) and marks jobs the coordinator ended (Stopped, Error, Completed) so the runner drops them.
 An unreachable coordinator is retried with capped exponential backoff and logged, never a crash loop.
@@ -10,10 +11,12 @@ Run as `python -m services.worker.poller`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from services.worker import logs
+from services.worker import health, logs
 from services.worker.config import ConfigError, WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorUnreachable, JobEnded)
@@ -47,13 +50,16 @@ class Backoff:
 class Poller:
     """One cycle at a time (`cycle()`), so tests can drive it without the endless loop of `run()`."""
 
-    def __init__(self, config: WorkerConfig, client: CoordinatorClient, spool: Spool, keys: WorkerKeys) -> None:
+    def __init__(self, config: WorkerConfig, client: CoordinatorClient, spool: Spool, keys: WorkerKeys,
+                 program_states: Callable[[], dict[str, str]] | None = None) -> None:
         self.config = config
         self.client = client
         self.spool = spool
         self.keys = keys
+        self.program_states = program_states or (lambda: {})
         self.registered = False
         self.last_heartbeat = 0.0
+        self.last_programs: dict[str, str] | None = None
 
     def start(self) -> None:
         """Log in and register keys (once per process start)."""
@@ -71,13 +77,18 @@ class Poller:
         """Heartbeat when due, fetch jobs, notice ended jobs, send status updates."""
         if not self.registered:
             self.start()
-        now = time.monotonic()
-        if now - self.last_heartbeat >= HEARTBEAT_SECONDS:
-            self.client.heartbeat(version=VERSION)
-            self.last_heartbeat = now
+        self.heartbeat()
         served = self.fetch_jobs()
         self.notice_ended(served)
         self.send_status()
+
+    def heartbeat(self) -> None:
+        """Tell the coordinator this worker is alive, with its programs' states, when due or when they changed."""
+        now = time.monotonic()
+        programs = self.program_states()
+        if now - self.last_heartbeat >= HEARTBEAT_SECONDS or programs != self.last_programs:
+            self.client.heartbeat(version=VERSION, programs=programs or None)
+            self.last_heartbeat, self.last_programs = now, programs
 
     def fetch_jobs(self) -> set[str]:
         """Store every approved/started job of ours in the spool; returns the ids served."""
@@ -156,6 +167,14 @@ class Poller:
             time.sleep(delay)
 
 
+def supervised_program_states() -> dict[str, str]:
+    """The four programs' states from supervisord ({} when not run under `cape-worker run`)."""
+    try:
+        return health.program_states(health.run_dir_from_env(os.environ))
+    except health.SupervisorUnavailable:
+        return {}
+
+
 def main() -> int:
     """Entry point of the supervisord program `poller`."""
     try:
@@ -172,7 +191,7 @@ def main() -> int:
     client = CoordinatorClient(config.coordinator, config.token)
     log.info("polling %s every %.1f s", config.coordinator, config.poll_interval)
     try:
-        Poller(config, client, Spool(config.spool_dir), keys).run()
+        Poller(config, client, Spool(config.spool_dir), keys, supervised_program_states).run()
     finally:
         client.close()
     return 0

@@ -152,7 +152,8 @@ def plaintext_leaks(blobs: dict[str, bytes], fingerprints: Iterable[bytes], valu
     """Where the .npy magic, a share fingerprint or the raw float64 bytes of a known input value occur in `blobs`."""
     needles = [("the .npy header magic", NPY_MAGIC)]
     needles += [("a received share", piece) for piece in fingerprints]
-    needles += [(f"the input value {v!r}", np.float64(v).tobytes()) for v in np.asarray(values, dtype=np.float64)]
+    needles += [(f"the input value {float(v)!r}", np.float64(v).tobytes())
+                for v in np.asarray(values, dtype=np.float64)]
     found = []
     for path, data in blobs.items():
         for what, needle in needles:

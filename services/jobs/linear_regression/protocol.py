@@ -2,8 +2,8 @@
 
 Party 0 (x_owner) holds X (n x d), party 1 (y_owner) holds y (n), party 2 (the third seat: model owner or
 helper) holds nothing; `task.output_party` (any of the three) alone learns the weights (intercept first) and
-the metrics. Everything that touches only X is done by the x-owner in plaintext; only the two products that
-mix owners go through the engine (`services.mpc.private_product`). The steps, in the order they happen:
+the metrics. Everything that touches only X is done by the x-owner in plaintext; only the products that mix
+owners go through the engine (`services.mpc.private_product`). The steps, in the order they happen:
 
 1. x_owner, plaintext (two passes over X, in row blocks): column means mu, column scaling D (1/norm of the
    centred column), the Gram matrix G of Xc = (X - mu) D (unit diagonal) and its Cholesky factor L (G = L L^T;
@@ -17,6 +17,11 @@ mix owners go through the engine (`services.mpc.private_product`). The steps, in
 3. One private product v~ = M~ yc~ (x_owner's matrix, y_owner's vector, party 2 helping), re-randomized and
    opened to the output party, with fy and SS_tot from the y-owner. v = U Qc^T yc is a uniformly random
    direction (U) of length ||Qc^T yc||, and ||v||^2 = SS_tot - SS_res: mse = SS_res / n, r2 = 1 - SS_res/SS_tot.
+   That difference cancels when r2 is near 1, so both roundings are made consistent instead of amplified:
+   the y-owner computes SS_tot of its encoded yc~ exactly (integer sums), and the x-owner, while streaming M~,
+   accumulates R^T Z (R = M~ - M 2^a, its rounding residuals) to form the d x d matrix E with
+   ||P yc~||^2 = v^T (I + E) v for the rounded M~; c = v^T E v is opened to the output party through a third,
+   d^2-word private product (x-owner's E, output party's v v^T).
 4. Weights w = K v + ybar e_0 with K = [-mu^T W; W], W = D L^-T U^T (the x-owner's (d+1) x d matrix): slopes
    = W v and intercept = ybar - mu^T slopes. By output party:
    - x_owner: it computes K v itself; the y-owner sends it ybar (which it could compute from the outputs:
@@ -35,19 +40,19 @@ What each party learns. All three learn the public n, d, column names and these 
 others' data could be used (the statuses). Every ring array a party receives is masked by a PRF it does not
 hold, and every opened value arrives re-randomized by a fresh sharing of zero, so it carries nothing beyond
 its sum. Beyond that:
-- x_owner: nothing about y (it receives only masked arrays: yc~ - r in step 3, v~ - r in step 4). As output
-  party: v, SS_tot, fy and ybar, all of which follow from the outputs, n and its own X.
+- x_owner: nothing about y (it receives only masked arrays: yc~ - r and (v v^T)~ - r in step 3, v~ - r in
+  step 4). As output party: v, SS_tot, fy and ybar, all of which follow from the outputs, n and its own X.
 - y_owner: nothing about X (it receives M~ - S in step 3, c - S in step 4). As output party: v (a uniformly
-  random direction whose length follows from the outputs), kx (one power-of-two exponent of the size of
-  X's whitening matrix D L^-T) and the outputs.
+  random direction whose length follows from the outputs), c (= ||P yc~||^2 - ||v||^2, which follows from
+  the outputs and v), kx (one power-of-two exponent of the size of X's whitening matrix D L^-T) and the outputs.
 - third seat, as helper: nothing at all (it receives no ring array; it only expands PRFs). As model owner:
-  the outputs, v, SS_tot and fy (which follow from the outputs and n) and two power-of-two exponents: kx and
+  the outputs, v, c, SS_tot and fy (which follow from the outputs and n) and two power-of-two exponents: kx and
   ky (the size of |ybar| / ||yc|| within a factor of 2).
 
 Accuracy: with a = b = 31 the relative error of v is about 2^-31 sqrt(2)/sqrt(12) ~ 2e-10 of ||yc|| (rounding
 errors add in quadrature; the hard worst case is 2^-31 sqrt(n)). The weights' error is that times the
-conditioning of X; the metrics' relative error is about 4e-10 / (1 - r2), so it exceeds 1e-6 only for fits
-with r2 above 0.9996.
+conditioning of X (measured ~1e-9 of the largest weight). After the corrections of step 3 the metrics' relative
+error is about 6e-10 / sqrt(1 - r2) (mse within 1e-6 up to r2 ~ 0.9999996; r2 itself within ~1e-12).
 """
 from __future__ import annotations
 

@@ -1,0 +1,55 @@
+"""`scripts/bench --e2e` (services.worker.e2e_bench): a small real run through three workers, and its bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.worker.e2e_bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures(tmp_path):
+    done = bench("--n", "3000", "--d", "5", "--poll-interval", "0.2", "--format", "csv")
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+
+    # The engine bench's fields, for the simulation of the same data in the same run.
+    assert (record["n"], record["d"]) == (3000, 5)
+    for field in ("seconds", "numpy_seconds", "bytes_sent", "peak_rss_bytes", "weight_error_vs_lstsq"):
+        assert field in record
+    assert record["simulation_seconds"] == record["seconds"]["job"] > 0
+
+    # The end-to-end run: its stages add up to no more than the whole, and the ratio is the one printed.
+    e2e = record["e2e_seconds"]
+    assert e2e["total"] > 0
+    assert e2e["approval_to_first_claim"] <= e2e["approval_to_last_claim"] < e2e["total"]
+    assert 0 < e2e["runner_start_to_result"] < e2e["total"]
+    assert record["e2e_over_simulation"] == round(e2e["total"] / record["simulation_seconds"], 2)
+
+    # The workers' model is as accurate as the engine, and what went through the broker is sealed plaintext:
+    # at least as many bytes per party as the simulation sent in the clear, in one message per engine message.
+    assert record["e2e_weight_error_vs_lstsq"] < 1e-6
+    assert all(error < 1e-6 for error in record["e2e_metrics_error_vs_lstsq"].values())
+    sent = record["broker_bytes"]["per_party"]
+    plain = record["bytes_sent"]
+    assert sent["x_owner"] >= plain["x_owner"] and sent["y_owner"] >= plain["y_owner"]
+    assert sent["x_owner"] > 3000 * 5 * 8  # the masked matrix, n x d ring elements
+    assert record["broker_bytes"]["total"] == sum(sent.values())
+    assert record["deliveries"]["messages"] >= 1
+    assert {"runner", "messenger"} <= set(record["e2e_peak_rss_bytes"]["xorg"])
+    assert "kept in" not in done.stderr  # the temporary directory is removed after a good run
+
+
+def test_impossible_sizes_are_refused_with_a_message():
+    done = bench("--n", "4", "--d", "8", timeout=60)
+    assert done.returncode == 2
+    assert "need d >= 1 and n >= d + 2" in done.stderr
