@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
 import httpx
 
 from services.coordinator import identity
@@ -41,6 +42,11 @@ class LocalMembership:
         self.db = db
 
     async def access(self, token: str | None, job_id: str) -> JobAccess:
+        # The database lock may be held by a request in the thread pool: wait for it off the event loop, so
+        # long polls and streaming transfers keep moving meanwhile.
+        return await anyio.to_thread.run_sync(self._access, token, job_id)
+
+    def _access(self, token: str | None, job_id: str) -> JobAccess:
         with self.db.transaction() as conn:
             principal = identity.authenticate(conn, token)
             require_worker(principal)

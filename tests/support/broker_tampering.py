@@ -157,7 +157,7 @@ def plaintext_leaks(blobs: dict[str, bytes], fingerprints: Iterable[bytes], valu
     found = []
     for path, data in blobs.items():
         for what, needle in needles:
-            if needle in data:
+            if needle in data and f"{what} in {path}" not in found:
                 found.append(f"{what} in {path}")
     return found
 
