@@ -47,3 +47,23 @@ def test_different_seeds_give_different_messages_and_agreeing_results(outputs_to
     assert np.max(np.abs(first.weights - second.weights)) <= 1e-8 * scale
     for key in first.metrics:
         assert first.metrics[key] == pytest.approx(second.metrics[key], rel=1e-8)
+
+
+def test_streamed_blocks_and_background_threads_stay_deterministic() -> None:
+    """Several blocks of M (PRF prefetch and residual accumulation run in background threads)."""
+    from services.jobs.linear_regression.protocol import BLOCK_ROWS
+
+    rng = np.random.default_rng(8)
+    n = 2 * BLOCK_ROWS + 123
+    x = rng.standard_normal((n, 3)) * [1.0, 1e3, 1e-3]
+    y = x @ [1.0, 2e-3, 4e2] + rng.standard_normal(n)
+    task = LinearRegressionTask(("a", "b", "c"), "y", "model_owner")
+    runs = []
+    for _ in range(2):
+        network = InMemoryNetwork(timeout=20.0, record=True)
+        results, _ = run_protocol(task, x, y, seeds=simulated_seeds(b"blocks"), network=network)
+        names = sorted(name for frm, name, _ in network.received[1] if frm == 0)
+        runs.append((results[2], [a.tobytes() for to in range(3) for _, _, a in network.received[to]], names))
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][0].weights.tobytes() == runs[1][0].weights.tobytes() and runs[0][0].metrics == runs[1][0].metrics
+    assert [name for name in runs[0][2] if name.startswith("lr/v/M-S/")] == ["lr/v/M-S/0", "lr/v/M-S/1", "lr/v/M-S/2"]

@@ -50,12 +50,14 @@ def masked_words(view: dict[tuple[int, str], list[np.ndarray]]) -> dict[str, np.
 
 
 def assert_uniform(words: np.ndarray, what: str) -> None:
+    """Chi-square on the top bits (where the data's magnitude would show) and on the low bits."""
     assert words.dtype == np.uint64, f"{what} is not a ring element"
     bits = 8 if words.size >= 256 * 20 else 4  # at least ~20 expected per bin
-    counts = np.bincount((words >> np.uint64(64 - bits)).astype(np.int64), minlength=2**bits)
-    expected = words.size / 2**bits
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < CHI2_CRITICAL[2**bits - 1], f"{what}: top {bits} bits not uniform (chi2 = {chi2:.1f})"
+    for label, values in (("top", words >> np.uint64(64 - bits)), ("low", words & np.uint64(2**bits - 1))):
+        counts = np.bincount(values.astype(np.int64), minlength=2**bits)
+        expected = words.size / 2**bits
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < CHI2_CRITICAL[2**bits - 1], f"{what}: {label} {bits} bits not uniform (chi2 = {chi2:.1f})"
 
 
 def assert_same_distribution(a: np.ndarray, b: np.ndarray, what: str) -> None:

@@ -197,3 +197,21 @@ def test_heartbeat_carries_the_programs_states(cape_server, start_worker, tmp_pa
     os.kill(worker.pid("runner"), signal.SIGKILL)  # a respawned program is STARTING for startsecs, then RUNNING
     wait_for(lambda p: p and p["runner"] in ("STARTING", "BACKOFF") and p["poller"] == "RUNNING", "runner restarting")
     wait_for(lambda p: p == running, "runner RUNNING again")
+
+
+def test_fatal_listener_ignores_fatal_once_supervisord_is_stopping(tmp_path, monkeypatch):
+    from services.worker.fatal_listener import FatalListener, read_marker
+
+    signals = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: signals.append((pid, signum)))
+    fatal = ({"eventname": "PROCESS_STATE_FATAL"}, "processname:runner groupname:worker from_state:BACKOFF")
+    listener = FatalListener(tmp_path, supervisord_pid=4242)
+    assert listener.handle(*fatal) == "runner"
+    assert read_marker(tmp_path)["program"] == "runner" and signals == [(4242, signal.SIGTERM)]
+
+    (tmp_path / "fatal").unlink()
+    signals.clear()
+    stopping = FatalListener(tmp_path, supervisord_pid=4242)
+    assert stopping.handle({"eventname": "SUPERVISOR_STATE_CHANGE_STOPPING"}, "") is None
+    assert stopping.handle(*fatal) is None
+    assert read_marker(tmp_path) is None and signals == []

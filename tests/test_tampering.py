@@ -30,6 +30,7 @@ from tests.support.broker_tampering import (
     stored_body,
 )
 from tests.support.server import CapeServer
+from tests.support.worker_messaging import wait_for
 from tests.support.workers import JobWorld, WorkerProcess, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -138,8 +139,12 @@ def test_replayed_messages_are_rejected_and_the_job_completes_from_the_genuine_o
         job_b = tw.world.submit(approvers=())
         for name in (X_ROWS, X_STATUS, KX):
             assert xb.put(job_b, "y_owner", name, sealed_a) == 201
+        pause(tw.workers["yorg"], "messenger")  # until the x-owner's genuine put has met the forgery
         for label in ("xorg", "yorg"):
             assert tw.world.user[label].post(f"/v1/jobs/{job_b}/approve").status_code == 200
+        conflict = f"could not send {X_ROWS} to y_owner for job {job_b}: the broker holds other bytes under this name"
+        wait_for(lambda: conflict in tw.workers["xorg"].output, "the x-owner's put to meet the forgery (409)")
+        resume(tw.workers["yorg"], "messenger")
         job = tw.world.wait_ended(job_b)
         assert job["status"] == "Completed", job
 
@@ -154,9 +159,6 @@ def test_replayed_messages_are_rejected_and_the_job_completes_from_the_genuine_o
         assert record["from_seat"] == "x_owner" and SIGNATURE_FAILS in record["reason"], record
         assert f"job {job_b}: dropped message {name} from x_owner: {SIGNATURE_FAILS}" in tw.workers["yorg"].output
     assert tw.rejections(recorder, "yorg", job_a) == {}  # the genuine job A was untouched
-    # The x-owner's genuine puts met the forgeries (409) and were retried.
-    assert (f"could not send {X_ROWS} to y_owner for job {job_b}: the broker holds other bytes under this name"
-            in tw.workers["xorg"].output)
     tw.assert_no_plaintext_at_broker(recorder)
 
 
@@ -204,10 +206,9 @@ def test_a_message_sealed_for_another_seat_is_rejected_and_the_genuine_one_still
         assert helper.delete(job_id, X_ROWS) == 204
         assert xb.put(job_id, "helper", X_ROWS, for_y_owner) == 201
         resume(tw.workers["helper"], "messenger")
-        deadline_rejected = _wait(lambda: tw.rejections(recorder, "helper", job_id), "the helper's rejection")
-        assert list(deadline_rejected) == [X_ROWS]
-        assert SIGNATURE_FAILS in deadline_rejected[X_ROWS]["reason"]
-        assert helper.waiting(job_id) == {}  # dropped and acknowledged: the slot is free again
+        rejected = wait_for(lambda: tw.rejections(recorder, "helper", job_id), "the helper's rejection")
+        assert list(rejected) == [X_ROWS] and SIGNATURE_FAILS in rejected[X_ROWS]["reason"], rejected
+        assert X_ROWS not in helper.waiting(job_id)  # dropped and acknowledged: the slot is free again
 
         # The genuine message arrives after all (as a sender's retry would bring it): the job completes.
         assert xb.put(job_id, "helper", X_ROWS, for_helper) == 201
@@ -221,18 +222,6 @@ def test_a_message_sealed_for_another_seat_is_rejected_and_the_genuine_one_still
             in tw.workers["helper"].output)
     assert tw.rejections(recorder, "yorg", job_id) == {}
     tw.assert_no_plaintext_at_broker(recorder)
-
-
-def _wait(predicate, what: str, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_plaintext_scan_finds_a_share_a_header_or_an_input_value_stored_in_the_clear() -> None:

@@ -80,6 +80,9 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
         del r
         for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
             masked = party.receive(matrix_owner, f"{name}/M-S/{k}")
+            if masked.shape != (stop - start, m) or masked.dtype != RING_DTYPE:
+                raise ProtocolError(f"party {matrix_owner} sent block {k} of {name!r} with shape {masked.shape}, "
+                                    f"expected {(stop - start, m)} ring elements; are all workers on one version?")
             share += vec_mat(y[start:stop], masked)
         return share
     if i == matrix_owner:

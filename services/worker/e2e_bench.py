@@ -353,25 +353,47 @@ def _stages(sampler: SpoolSampler, approved: float, ended: float) -> dict[str, f
 
 
 def _deliveries(sampler: SpoolSampler) -> dict[str, Any]:
-    """Per message: from its sealed file appearing in the sender's outbox to its plaintext appearing in the
-    recipient's inbox (sealing is before the first, fsyncs, HTTP, polling and opening between the two)."""
+    """Per message, seconds from its sealed file appearing in the sender's outbox to the broker confirming it
+    (renamed .sent: queueing behind earlier messages, then the PUT), and from there to its plaintext appearing in
+    the recipient's inbox (the broker's long poll, download, verification and the inbox write)."""
     label_of = {seat: label for label, seat in SEATS.items()}
-    latencies = []
+    to_broker, to_inbox, sizes = [], [], []
     for key, sealed_at in sampler.first_seen.items():
         label, kind, rest = key.split(":", 2)
         if kind != "sealed":
             continue
         to_seat, name = rest.split("/", 1)
+        sent_at = sampler.first_seen.get(f"{label}:sent:{rest}")
         arrived = sampler.first_seen.get(f"{label_of.get(to_seat)}:inbox:{name}")
-        if arrived is not None:
-            latencies.append((arrived - sealed_at, sampler.sizes.get(f"{label}:{rest}", 0)))
-    if not latencies:
+        if sent_at is not None and arrived is not None:
+            to_broker.append(sent_at - sealed_at)
+            to_inbox.append(arrived - sent_at)
+            sizes.append(sampler.sizes.get(f"{label}:{rest}", 0))
+    if not sizes:
         return {}
-    seconds = np.array([s for s, _ in latencies])
-    big = [s for s, size in latencies if size >= 1 << 20]
-    return {"messages": len(latencies), "mean_seconds": round(float(seconds.mean()), 3),
-            "max_seconds": round(float(seconds.max()), 3),
-            "mean_seconds_over_1MiB": round(float(np.mean(big)), 3) if big else None}
+    big = np.array(sizes) >= 1 << 20
+
+    def mean(values: list[float], where: np.ndarray) -> float | None:
+        picked = np.array(values)[where]
+        return round(float(picked.mean()), 3) if picked.size else None
+
+    every = np.ones(len(sizes), dtype=bool)
+    started = min(sampler.times("xorg", "claim") or [0.0])
+    sealed = [t for key, t in sampler.first_seen.items()
+              if ":sealed:" in key and sampler.sizes.get(key.replace(":sealed:", ":", 1), 0) >= 1 << 20]
+    sent = [t for key, t in sampler.first_seen.items()
+            if ":sent:" in key and sampler.sizes.get(key.replace(":sent:", ":", 1), 0) >= 1 << 20]
+    timeline = {}
+    if sealed and sent and started:
+        # When the large messages (the x-owner's masked matrix blocks) moved, from the x-owner's runner start.
+        timeline = {"first_sealed": min(sealed) - started, "last_sealed": max(sealed) - started,
+                    "last_at_broker": max(sent) - started}
+        timeline = {k: round(v, 3) for k, v in timeline.items()}
+    return {"timeline_over_1MiB_from_x_owner_start": timeline,"messages": len(sizes), "messages_over_1MiB": int(big.sum()),
+            "mean_outbox_to_broker_seconds": mean(to_broker, every),
+            "mean_broker_to_inbox_seconds": mean(to_inbox, every),
+            "mean_outbox_to_broker_seconds_over_1MiB": mean(to_broker, big),
+            "mean_broker_to_inbox_seconds_over_1MiB": mean(to_inbox, big)}
 
 
 def _broker_bytes(sampler: SpoolSampler) -> dict[str, Any]:

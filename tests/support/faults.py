@@ -4,7 +4,8 @@
 trap: the next request whose request line matches `pattern` reaches the server, but the server's reply is kept
 back until `release()`; `wait_held(timeout)` returns that request line once the reply is being held. A test kills
 the client in between: the server did the work (stored the message, took the report, wrote the object) and the
-client never heard. `retarget(port)` points new connections at a restarted server.
+client never heard. `retarget(port)` points new connections at a restarted server; `cut(True)` makes the server
+unreachable through the relay (open connections dropped, new ones closed at once) until `cut(False)`.
 
 `relay` fixture: `relay(target_port)` -> a started `Relay`, closed at teardown.
 """
@@ -36,6 +37,7 @@ class Relay:
         self.held_request = ""
         self._sockets: list[socket.socket] = []
         self._closed = False
+        self._cut = False
         threading.Thread(target=self._accept, name=f"relay-{self.port}", daemon=True).start()
 
     @property
@@ -45,6 +47,13 @@ class Relay:
     def retarget(self, target_port: int) -> None:
         """Send new connections to `target_port` (e.g. a restarted server's new port)."""
         self.target_port = target_port
+
+    def cut(self, on: bool) -> None:
+        """While on, the server is unreachable through the relay: open connections drop, new ones close at once."""
+        self._cut = on
+        if on:
+            for sock in list(self._sockets):
+                _shutdown(sock, socket.SHUT_RDWR)
 
     def hold_reply(self, pattern: str) -> None:
         """Hold the reply to the next request whose request line (e.g. `PUT /path HTTP/1.1`) matches `pattern`."""
@@ -79,6 +88,9 @@ class Relay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._cut:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
                 upstream.settimeout(None)

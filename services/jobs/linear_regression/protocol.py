@@ -73,6 +73,7 @@ from services.mpc.ring import RING_DTYPE
 from services.mpc.transport import Transport
 
 from .errors import JobDataError, RowCountsDiffer
+from .protocol_threads import single_threaded_blas
 from .task import THIRD_SEAT, X_OWNER, Y_OWNER, LinearRegressionResult, LinearRegressionTask
 
 __all__ = ["ConstantTargetError", "LinearRegressionResult", "PartySeeds", "ProtocolError", "run_party"]
@@ -101,8 +102,8 @@ class ConstantTargetError(JobDataError):
 
     def __init__(self, column: str) -> None:
         self.column = column
-        super().__init__(f"the y column {column!r} is constant (all its values are equal); a regression needs a "
-                         "target that varies")
+        super().__init__(f"the y column {column!r} is constant (its values do not vary beyond float rounding); "
+                         "a regression needs a target that varies")
 
 
 @dataclass
@@ -155,16 +156,18 @@ def run_party(index: int, task: LinearRegressionTask, data: np.ndarray | None, t
     """
     party = Party.create(index, transport, seeds)
     clock = _Clock(progress)
-    if index == X_OWNER:
-        return _x_owner(party, task, np.asarray(data, dtype=np.float64), clock)
-    if index == Y_OWNER:
-        return _y_owner(party, task, np.asarray(data, dtype=np.float64), clock)
-    return _third_seat(party, task, clock)
+    with single_threaded_blas():
+        if index == X_OWNER:
+            return _x_owner(party, task, np.asarray(data, dtype=np.float64), clock)
+        if index == Y_OWNER:
+            return _y_owner(party, task, np.asarray(data, dtype=np.float64), clock)
+        return _third_seat(party, task, clock)
 
 
 # --- the three roles ------------------------------------------------------------------------------------------
 
 def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Clock) -> LinearRegressionResult | None:
+    """Party 0: steps 1 and 3 as matrix owner, step 4's K (or the whole step 4 when it is the output party)."""
     if x.ndim != 2 or x.shape[1] != task.d:
         raise ProtocolError(f"the x-owner's data must be an n x {task.d} array")
     n = x.shape[0]
@@ -212,6 +215,7 @@ def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Cl
 
 
 def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Clock) -> LinearRegressionResult | None:
+    """Party 1: step 2, step 3 as vector owner, ybar into step 4 (or v into step 4 when it is the output party)."""
     if y.ndim != 1:
         raise ProtocolError("the y-owner's data must be a vector")
     n = y.shape[0]
@@ -270,6 +274,7 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
 
 
 def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> LinearRegressionResult | None:
+    """Party 2: the helper of step 3; in step 4 the helper again, or the model owner with v and the outputs."""
     out = task.output_party
     x_rows = _receive_int(party, X_OWNER, "lr/x-rows")
     n = _receive_int(party, Y_OWNER, "lr/y-rows")
@@ -415,6 +420,8 @@ class _MBlocks:
                 scaled = block @ plan.w_scaled
                 scaled += plan.block_offset
                 encoded = scaled.astype(np.int64)
+                if len(self._pending) >= 2:  # at most two blocks wait for the residual thread: bounded memory
+                    self._pending.pop(0).result()
                 self._pending.append(pool.submit(self._accumulate, scaled, encoded))
                 yield encoded.view(RING_DTYPE)
 
