@@ -37,7 +37,6 @@ import pytest
 from services.jobs.linear_regression import simulate
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
-from tests.support.aws import MotoAWS
 from tests.support.workers import JobWorld, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -57,8 +56,9 @@ def has_files(folder):
 class Fleet:
     """The server, three workers behind their relays, and the moments of the faults (logged for failures)."""
 
-    def __init__(self, server, world, workers, relays, tmp_path):
+    def __init__(self, server, world, workers, relays, moto, tmp_path):
         self.server = server
+        self.moto = moto
         self.world = world
         self.workers = workers
         self.relays = relays
@@ -108,13 +108,12 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(start_cape_server, start_worker, relay, moto_server_url, tmp_path):
+def fleet(start_cape_server, start_worker, relay, moto, tmp_path):
     server = start_cape_server()
     world = JobWorld(server, tmp_path, n=N_ROWS)
-    moto = MotoAWS(moto_server_url)
-    moto.client("s3").create_bucket(Bucket="fault-models")
+    moto.make_bucket("fault-models")
     relays = {label: relay(port_of(server.url)) for label in JobWorld.LABELS}
-    relays["s3"] = relay(port_of(moto_server_url))
+    relays["s3"] = relay(port_of(moto.url))
     workers = {}
     for label in JobWorld.LABELS:
         extra = {"CAPE_BUCKET": "s3://fault-models", **moto.env, "AWS_ENDPOINT_URL": relays["s3"].url} \
@@ -124,8 +123,7 @@ def fleet(start_cape_server, start_worker, relay, moto_server_url, tmp_path):
             CAPE_BROKER=relays[label].url + "/broker", **extra))
     for worker in workers.values():
         worker.wait_running()
-    fleet = Fleet(server, world, workers, relays, tmp_path)
-    fleet.moto = moto
+    fleet = Fleet(server, world, workers, relays, moto, tmp_path)
     yield fleet
     for worker in workers.values():  # a program left stopped by a failed test must not hang the teardown
         for program in ("poller", "uploader"):

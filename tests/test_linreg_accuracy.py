@@ -65,12 +65,8 @@ def test_two_million_rows() -> None:
     assert_close_to_lstsq(x, y)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known protocol gap: mse_result = (SS_tot - ||v||^2) / n cancels when r2 is near 1; at r2 = 0.999997 "
-    "its relative error is ~3e-4 (the weights and r2 stay within 1e-9)",
-)
 def test_metrics_of_a_close_fit() -> None:
+    # r2 = 0.999997: mse = (SS_tot - ||v||^2) / n must not lose its precision to the cancellation.
     rng = np.random.default_rng(3)
     x = rng.standard_normal((10_000, 4))
     y = x @ np.array([1.0, 2.0, 3.0, 4.0]) + 0.01 * rng.standard_normal(10_000)

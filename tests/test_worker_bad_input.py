@@ -71,8 +71,8 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
     }
     helper = workers["helper"]
     messenger_pid = helper.pid("messenger")
-    warning = re.compile(r"messenger WARNING receiving: .*cannot reach the broker at \S+ \(\w+\); check CAPE_BROKER and "
-                         r"that the broker is running; retrying in ([0-9.]+) s")
+    warning = re.compile(r"messenger WARNING receiving: .*cannot reach the broker at \S+ \(\w+\); check CAPE_BROKER "
+                         r"and that the broker is running; retrying in ([0-9.]+) s")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(warning.findall(helper.output)) < 2:
         time.sleep(0.1)

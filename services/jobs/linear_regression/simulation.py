@@ -248,7 +248,9 @@ class _CancellableTransport:
 def _first_cause(errors: dict[int, BaseException]) -> BaseException:
     """The error to show: a data error first, then the earliest failure that is not an echo of another's."""
     ordered = list(errors.values())  # insertion order = order of failure
-    for error in ordered:
+    # A data owner's own account first: it names its file, where the third seat can only say "the x data".
+    owners_first = [e for i, e in errors.items() if i != THIRD_SEAT] + [e for i, e in errors.items() if i == THIRD_SEAT]
+    for error in owners_first:
         if isinstance(error, JobDataError):
             return error
     for error in ordered:
