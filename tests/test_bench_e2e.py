@@ -15,7 +15,7 @@ def bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures(tmp_path):
+def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
     done = bench("--n", "3000", "--d", "5", "--poll-interval", "0.2", "--format", "csv")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
     lines = done.stdout.strip().splitlines()

@@ -116,9 +116,10 @@ def test_sigterm_while_a_program_is_in_backoff_is_a_clean_stop(start_worker, tmp
     assert max(entries.values(), default=0) == 2 and "FATAL" not in states.values(), (entries, states)
     worker.proc.send_signal(signal.SIGTERM)
     code = worker.wait_exit(timeout=10)
+    # supervisord turns the BACKOFF into FATAL while stopping; the listener ignores it ("FATAL while the worker
+    # stops; ignored") when it gets the event before supervisord stops it too, and `run` ignores a marker
+    # written after the stop signal.
     assert code == 0, worker.output[-2000:]
-    # supervisord did turn the BACKOFF into FATAL while stopping, and the listener let it pass.
-    assert "FATAL while the worker stops; ignored" in worker.output
     assert "kept failing (FATAL)" not in worker.output
 
 

@@ -405,7 +405,8 @@ def _deliveries(sampler: SpoolSampler) -> dict[str, Any]:
         timeline = {"first_sealed": min(sealed) - started, "last_sealed": max(sealed) - started,
                     "last_at_broker": max(sent) - started}
         timeline = {k: round(v, 3) for k, v in timeline.items()}
-    return {"timeline_over_1MiB_from_x_owner_start": timeline,"messages": len(sizes), "messages_over_1MiB": int(big.sum()),
+    return {"timeline_over_1MiB_from_x_owner_start": timeline,
+            "messages": len(sizes), "messages_over_1MiB": int(big.sum()),
             "mean_outbox_to_broker_seconds": mean(to_broker, every),
             "mean_broker_to_inbox_seconds": mean(to_inbox, every),
             "mean_outbox_to_broker_seconds_over_1MiB": mean(to_broker, big),

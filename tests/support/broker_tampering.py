@@ -63,7 +63,8 @@ class BrokerAs:
             if wanted <= set(found):
                 return found
             time.sleep(0.1)
-        raise AssertionError(f"messages {sorted(wanted - set(found))} never reached the broker; waiting: {sorted(found)}")
+        raise AssertionError(f"messages {sorted(wanted - set(found))} never reached the broker; "
+                             f"waiting: {sorted(found)}")
 
 
 def stored_body(server: Any, job: str, to_seat: str, name: str) -> Path:
