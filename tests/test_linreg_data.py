@@ -163,3 +163,11 @@ def test_a_bad_cell_is_never_quoted(tmp_path: Path) -> None:
     with pytest.raises(NonNumericError) as caught:
         load_y(path, "a", name="x.csv")
     assert str(caught.value) == "x.csv: column 'a' row 1: the value is not a number"
+
+
+def test_binary_garbage_is_unreadable_and_not_quoted(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes(bytes(range(128, 256)) * 8 + b"\n1,2\n")
+    with pytest.raises(UnreadableDataError) as caught:
+        load_y(path, "a", name="x.csv")
+    assert str(caught.value) == "x.csv: not a CSV file with a UTF-8 header row, nor a Parquet file"

@@ -227,9 +227,13 @@ def _csv_header(opened: _Opened) -> list[str]:
     first_line = opened.head.split(b"\n", 1)[0]
     try:
         table = pacsv.read_csv(io.BytesIO(first_line + b"\n"), read_options=pacsv.ReadOptions(use_threads=False))
+        names = list(table.column_names)
     except pa.ArrowException as exc:
         raise UnreadableDataError(opened.name, f"cannot read the CSV header row ({_arrow_reason(exc)})") from None
-    return list(table.column_names)
+    except UnicodeDecodeError:
+        # Arrow's message would quote the offending bytes: data, which may not travel into a job's error.
+        raise UnreadableDataError(opened.name, "not a CSV file with a UTF-8 header row, nor a Parquet file") from None
+    return names
 
 
 def _read_csv(opened: _Opened, columns: list[str]) -> list[np.ndarray]:
