@@ -26,6 +26,9 @@ from services.worker.spool import InvalidName, Spool
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
 HEARTBEAT_SECONDS = 15.0
 MAX_BACKOFF_SECONDS = 30.0
+# Status files from the runner and uploader are local: they are reported this soon after they appear, while
+# the coordinator itself is polled for jobs every CAPE_POLL_INTERVAL.
+SPOOL_WATCH_SECONDS = 0.1
 VERSION = "0.1.0"
 
 log = logging.getLogger("cape.poller")
@@ -163,8 +166,21 @@ class Poller:
                 if backoff.failures:
                     log.info("the coordinator at %s is reachable again", self.config.coordinator)
                 backoff.reset()
-                delay = self.config.poll_interval
+                self.report_until(time.monotonic() + self.config.poll_interval)
+                continue
             time.sleep(delay)
+
+    def report_until(self, deadline: float) -> None:
+        """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails
+        (the next cycle backs off)."""
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(SPOOL_WATCH_SECONDS, left))
+            if not self.spool.pending_status():
+                continue
+            try:
+                self.send_status()
+            except CoordinatorError:
+                return
 
 
 def supervised_program_states() -> dict[str, str]:

@@ -31,6 +31,7 @@ WEIGHTS_FILE = "regression_weights.csv"
 METRICS_FILE = "metrics.json"
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 30.0
+SPOOL_WATCH_SECONDS = 0.1  # how soon a result the runner wrote is uploaded
 
 log = logging.getLogger("cape.uploader")
 
@@ -217,13 +218,14 @@ class Uploader:
         return healthy
 
     def run(self) -> None:
-        """Cycle every `poll_interval` seconds, backing off while the store is unreachable."""
-        delay = self.config.poll_interval
+        """Watch the spool for results (a local directory: checked often and cheaply), backing off while the
+        store is unreachable."""
+        delay = SPOOL_WATCH_SECONDS
         while True:
             if self.cycle():
-                delay = self.config.poll_interval
+                delay = SPOOL_WATCH_SECONDS
             else:
-                delay = min(MAX_BACKOFF_SECONDS, delay * 2)
+                delay = min(MAX_BACKOFF_SECONDS, max(delay, self.config.poll_interval) * 2)
             time.sleep(delay)
 
 
