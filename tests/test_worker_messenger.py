@@ -46,8 +46,9 @@ def test_messages_travel_sealed_through_the_broker(job, cape_server, tmp_path):
     try:
         # Senders first, the recipient's messenger later: the messages wait at the broker meanwhile.
         started += [start_messenger(job, "x_owner", tmp_path), start_messenger(job, "helper", tmp_path)]
-        transport(job, "x_owner").send(1, "round1.share", x_array)
-        transport(job, "helper").send(1, "round1.share", helper_array)
+        with transport(job, "x_owner") as x_sender, transport(job, "helper") as helper_sender:
+            x_sender.send(1, "round1.share", x_array)
+            helper_sender.send(1, "round1.share", helper_array)
         for seat in ("x_owner", "helper"):
             spool = job.seats[seat].spool
             wait_for(lambda spool=spool, seat=seat: not spool.pending_outbox()
@@ -134,3 +135,75 @@ def test_sigterm_stops_the_messenger_within_two_seconds(job, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def test_a_second_copy_of_a_received_name_is_verified(job, tmp_path):
+    helper = job.seats["helper"]
+    y = job.seats["y_owner"]
+    y_key = JobSpec.parse(helper.spec).parties["y_owner"].encryption_key
+    headers = {"Authorization": f"Bearer {helper.token}"}
+
+    def put(name: str, body: bytes) -> int:
+        return requests.put(f"{job.broker_url}/v1/jobs/{job.id}/messages/y_owner/{name}", data=body, timeout=10,
+                            headers=headers).status_code
+
+    def waiting() -> list:
+        return requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
+                            headers={"Authorization": f"Bearer {y.token}"}).json()
+
+    def sealed(name: str, plaintext: bytes, signer=None) -> bytes:
+        return SealedMessage.seal_bytes(plaintext, MessageAddress(job.id, "helper", "y_owner", name), y_key,
+                                        signer or helper.keys.signing)
+
+    genuine = {name: sealed(name, f"genuine {name}".encode()) for name in ("helper.r1", "helper.r2", "helper.r3")}
+    proc = start_messenger(job, "y_owner", tmp_path)
+    try:
+        for name, body in genuine.items():
+            assert put(name, body) == 201
+        wait_for(lambda: all(y.spool.inbox_path(job.id, n).exists() for n in genuine) and waiting() == [],
+                 "the genuine messages")
+        # 1. the same message again (as after a crash before the acknowledgement): dropped quietly
+        assert put("helper.r1", genuine["helper.r1"]) == 201
+        # 2. a forgery under a received name, arriving after the genuine one
+        assert put("helper.r2", sealed("helper.r2", b"forged", ed25519.Ed25519PrivateKey.generate())) == 201
+        # 3. the sender's own key, but other content under a received name
+        assert put("helper.r3", sealed("helper.r3", b"other content")) == 201
+        wait_for(lambda: waiting() == [] and len(y.spool.rejections(job.id)) == 2, "the second copies")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    rejections = y.spool.rejections(job.id)
+    assert set(rejections) == {"helper.r2", "helper.r3"}
+    assert "second copy" in rejections["helper.r2"]["reason"]
+    assert "signature does not verify" in rejections["helper.r2"]["reason"]
+    assert "different message" in rejections["helper.r3"]["reason"]
+    for name in genuine:  # the first, genuine message is what the runner reads
+        with open(y.spool.inbox_path(job.id, name), "rb") as handle:
+            assert handle.read() == f"genuine {name}".encode()
+    log = (tmp_path / "y_owner.messenger.log").read_text()
+    assert "dropped a second copy of helper.r1" in log
+    assert "dropped message helper.r2" in log and "dropped message helper.r3" in log
+    assert "other content" not in log and "forged" not in log
+
+
+def test_many_messages_of_one_job_are_all_confirmed_once(job, tmp_path):
+    x_spool = job.seats["x_owner"].spool
+    arrays = {f"block{i}": np.full(300_000, i, dtype=np.uint64) for i in range(12)}
+    started = [start_messenger(job, "x_owner", tmp_path), start_messenger(job, "y_owner", tmp_path)]
+    try:
+        with transport(job, "x_owner") as sender:
+            for name, array in arrays.items():
+                sender.send(1, name, array)
+        receiver = transport(job, "y_owner")
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(receiver.receive(0, name), array)
+        wait_for(lambda: not x_spool.pending_outbox(), "every message confirmed")
+    finally:
+        for proc in started:
+            proc.send_signal(signal.SIGTERM)
+        for proc in started:
+            proc.wait(timeout=10)
+    sent = sorted(p.name for p in (x_spool.root / "outbox" / job.id / "y_owner").iterdir())
+    assert sent == sorted(f"x_owner.{name}.sent" for name in arrays)
+    log = (tmp_path / "x_owner.messenger.log").read_text()
+    assert sum(log.count(f"sent x_owner.{name} to y_owner") for name in arrays) == len(arrays)

@@ -89,3 +89,37 @@ def test_names_are_validated_before_they_reach_a_url(tmp_path):
     with pytest.raises(InvalidName, match="job id"):
         client.wait_for_messages("../x", wait=0)
     assert not (tmp_path / "x").exists()
+
+
+class CutOffBroker(http.server.BaseHTTPRequestHandler):
+    """Announces a 100 000-byte message body, sends part of it, then drops the connection."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"CAPESM01" + b"\0" * 30_000)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_off_midway_is_unavailable_not_a_short_message():
+    # A short read would look like a truncated (forged) message and be rejected and acknowledged; a broken
+    # connection must instead leave the message at the broker for a later attempt.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOffBroker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = BrokerClient(f"http://127.0.0.1:{server.server_address[1]}/broker", TOKEN)
+        with pytest.raises(BrokerUnavailable, match="connection to the broker .* broke") as info:
+            with client.stream("job1", "x_owner.r1") as source:
+                got = b""
+                while piece := source.read(16384):
+                    got += piece
+        assert "c2VjcmV0" not in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -150,3 +150,12 @@ def test_rejections_are_recorded_without_content(tmp_path):
     spool = Spool(tmp_path)
     spool.record_rejection(JOB, "y_owner.r2", "y_owner", "signature does not verify")
     assert spool.rejections(JOB)["y_owner.r2"]["reason"] == "signature does not verify"
+
+
+def test_rejections_outlive_the_jobs_messages(tmp_path):
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.inbox_path(JOB, "y_owner.r1"), b"plaintext")
+    spool.record_rejection(JOB, "y_owner.r2", "y_owner", "signature does not verify")
+    spool.discard_messages(JOB)
+    assert not spool.inbox_path(JOB, "y_owner.r1").exists()
+    assert spool.rejections(JOB)["y_owner.r2"]["reason"] == "signature does not verify"  # the audit trail stays

@@ -59,6 +59,7 @@ def test_arrays_roundtrip_with_dtype_and_shape(world):
               np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.arange(10)[::2]]
     for i, array in enumerate(arrays):
         x.send(1, f"m{i}", array)
+    x.flush()
     assert deliver(world, "x_owner", "y_owner") == len(arrays)
     for i, array in enumerate(arrays):
         got = y.receive(0, f"m{i}")
@@ -71,10 +72,12 @@ def test_sending_again_keeps_the_first_ciphertext(world):
     keys, spools, specs = world
     x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
     x.send(2, "r1", np.arange(5))
+    x.flush()
     path = spools["x_owner"].outbox_path(JOB, "helper", "x_owner.r1")
     first = path.read_bytes()
     replayed = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])  # a restarted runner
     replayed.send(2, "r1", np.arange(5))
+    replayed.flush()
     assert path.read_bytes() == first and replayed.messages_sent == 0
     deliver(world, "x_owner", "helper")  # sent and marked .sent: still not sealed again
     replayed.send(2, "r1", np.arange(5))
@@ -85,7 +88,8 @@ def test_receive_waits_for_a_late_message(world):
     keys, spools, specs = world
     x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
-    timer = threading.Timer(0.3, lambda: (x.send(1, "late", np.ones(3)), deliver(world, "x_owner", "y_owner")))
+    timer = threading.Timer(0.3, lambda: (x.send(1, "late", np.ones(3)), x.flush(),
+                                          deliver(world, "x_owner", "y_owner")))
     timer.start()
     np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
     timer.join()
@@ -126,3 +130,83 @@ def test_a_bad_worker_job_names_the_field(world):
         JobSpec.parse(raw)
     with pytest.raises(JobSpecError, match="job id"):
         JobSpec.parse({**worker_job(keys, "x_owner"), "id": "../../etc"})
+
+
+def test_background_writes_keep_send_order_and_flush_makes_them_durable(world):
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"], write_ahead=2)
+    arrays = [np.full(50_000, i, dtype=np.uint64) for i in range(8)]
+    for i, array in enumerate(arrays):
+        x.send(1, f"block{i}", array)
+    x.flush()
+    # the messenger sends oldest first: the outbox order is the send order
+    assert [item.name for item in spools["x_owner"].pending_outbox()] == [f"x_owner.block{i}" for i in range(8)]
+    assert x.messages_sent == 8
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    deliver(world, "x_owner", "y_owner")
+    for i, array in enumerate(arrays):
+        np.testing.assert_array_equal(y.receive(0, f"block{i}"), array)
+    x.close()
+
+
+def test_a_failed_outbox_write_is_raised_in_the_engines_thread(world):
+    keys, spools, specs = world
+    (spools["x_owner"].root / "outbox" / JOB).write_bytes(b"")  # the job's outbox cannot be made: every write fails
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    with pytest.raises(OSError):
+        x.send(1, "a", np.ones(3))
+        x.flush()
+    with pytest.raises(OSError):  # the failure sticks: the job must not go on without its messages
+        x.send(1, "b", np.ones(3))
+    x.close()
+
+
+_SENDER = """
+import json, os, sys
+import numpy as np
+from services.worker.job_spec import JobSpec
+from services.worker.keys import WorkerKeys
+from services.worker.spool import Spool
+from services.worker.spool_transport import SpoolTransport
+base, spec = sys.argv[1], json.loads(sys.argv[2])
+transport = SpoolTransport(Spool(base + "/spool"), JobSpec.parse(spec), WorkerKeys.load_or_create(base + "/state"))
+for i in range(40):
+    transport.send(1, f"block{i}", np.full(200_000, i, dtype=np.uint64))
+    if i == 10:
+        print("sent", flush=True)
+transport.flush()
+"""
+
+
+def test_kill_9_while_writing_in_the_background_then_replay_gives_every_message_once(world, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    keys, spools, specs = world
+    spec = worker_job(keys, "x_owner")
+    outbox = spools["x_owner"].root / "outbox" / JOB / "y_owner"
+    proc = subprocess.Popen([sys.executable, "-c", _SENDER, str(tmp_path / "x_owner"), json.dumps(spec)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "sent"
+        proc.kill()  # kill -9 with sends queued and a write in progress
+    finally:
+        proc.wait(timeout=30)
+    before = {p.name: p.read_bytes() for p in outbox.glob("*.sealed")}
+    assert 0 < len(before) < 40
+    # the replay (a restarted runner) writes what was missing and leaves what was durable as it was
+    replay = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    for i in range(40):
+        replay.send(1, f"block{i}", np.full(200_000, i, dtype=np.uint64))
+    replay.flush()
+    replay.close()
+    assert replay.messages_sent == 40 - len(before)
+    spools["x_owner"].sweep_temp(older_than=0)
+    after = {p.name: p.read_bytes() for p in outbox.iterdir()}
+    assert sorted(after) == sorted(f"x_owner.block{i}.sealed" for i in range(40))
+    assert all(after[name] == data for name, data in before.items())
+    assert deliver(world, "x_owner", "y_owner") == 40
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    for i in range(40):
+        assert y.receive(0, f"block{i}")[0] == i

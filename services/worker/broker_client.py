@@ -6,13 +6,16 @@ message carries the token.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 
 from services.worker.spool import validate_job_id, validate_message_name, validate_seat
 
@@ -130,6 +133,24 @@ class BrokerClient:
                     size += len(piece)
         return size
 
+    @contextlib.contextmanager
+    def stream(self, job_id: str, name: str) -> Iterator[MessageStream]:
+        """Open message `name` for reading straight from the HTTP response (no copy on disk).
+
+        A connection that breaks while reading raises `BrokerUnavailable` from `read`, never a short read, so a
+        cut-off download is retried later rather than taken for a truncated (forged) message.
+        """
+        url = self._url(job_id, "messages", validate_message_name(name))
+
+        def fetch() -> requests.Response:
+            return self._session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+
+        response = self._retrying(f"download message {name}", fetch)
+        with response:
+            self._raise_for(response, f"download message {name}")
+            response.raw.decode_content = True
+            yield MessageStream(response.raw, f"download message {name}", self.base_url)
+
     def delete(self, job_id: str, name: str) -> None:
         """Acknowledge message `name` (already gone counts as done)."""
         url = self._url(job_id, "messages", validate_message_name(name))
@@ -174,3 +195,23 @@ class BrokerClient:
         status = response.status_code
         hint = {401: "; check CAPE_TOKEN (an organization token)", 403: "; this organization has no seat in the job"}
         raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status)
+
+
+class MessageStream:
+    """A message body being downloaded, read like a file; transport failures become `BrokerUnavailable`."""
+
+    def __init__(self, raw: urllib3.response.BaseHTTPResponse, what: str, base_url: str) -> None:
+        self._raw = raw
+        self._what = what
+        self._base_url = base_url
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes (fewer only at the end of the body, or as a stream may return them)."""
+        try:
+            data = self._raw.read(None if size < 0 else size)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            raise BrokerUnavailable(f"{self._what}: the connection to the broker at {self._base_url} broke "
+                                    f"({type(exc).__name__}); it is downloaded again later") from None
+        self.bytes_read += len(data)
+        return data

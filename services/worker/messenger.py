@@ -1,22 +1,27 @@
 """The messenger program: sealed messages out of the outbox to the broker, and in from the broker to the inbox.
 
-Two loops share one stop flag. The sender puts each outbox file at the broker (streamed from disk) and renames it
-to .sent only after the broker confirmed it. The receiver long-polls the broker for every active job, downloads
-each message to a scratch file, verifies and opens it (signature of the expected sender, addressed to this seat,
-this job, this name), places the plaintext in the inbox atomically and durably, and only then acknowledges it
-(DELETE) at the broker. A message that fails verification is dropped, logged (without its content) and
-acknowledged, and noted in the spool so the runner can say why it is still waiting.
+Two loops share one stop flag. The sender puts outbox files at the broker (streamed from disk), a few at a time per
+job (`PUTS_PER_JOB` threads, each with its own connection), and renames each to .sent only after the broker
+confirmed it; puts are idempotent, so a put repeated after a crash is harmless. The receiver long-polls the broker
+for every active job, verifies and opens each message (signature of the expected sender, addressed to this seat,
+this job, this name) straight from the download stream into a temporary inbox file, moves it into place durably,
+and only then acknowledges it (DELETE) at the broker. A message that fails verification is dropped, logged
+(without its content) and acknowledged, and noted in the spool so the runner can say why it is still waiting. A
+second copy of a name already received is verified too: the first is kept, and a copy that is not the same
+genuine message leaves the same trace.
 
 Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-import os
+import queue
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
@@ -29,6 +34,8 @@ log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
+PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
+PUT_THREADS = 6
 
 
 class Messenger:
@@ -48,6 +55,11 @@ class Messenger:
         self.stop = stop or broker.stop
         self.long_poll = long_poll
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, OutboxItem] = {}  # outbox path -> item, queued or being put (sender loop only)
+        self._put_queue: queue.Queue[OutboxItem] = queue.Queue()
+        self._done_queue: queue.Queue[tuple[OutboxItem, bool | Exception]] = queue.Queue()
+        self._put_threads: list[threading.Thread] = []
         self._specs: dict[str, JobSpec] = {}
         self._sender: threading.Thread | None = None
         self.sent = 0
@@ -55,23 +67,64 @@ class Messenger:
         self.rejected = 0
 
     # ---- outgoing -------------------------------------------------------------------------------------------
-    def send_pending(self) -> int:
-        """Put every due outbox file at the broker; returns how many were confirmed."""
-        confirmed = 0
+    def send_pending(self, wait: float = 0.0) -> int:
+        """Start puts of due outbox files (up to `PUTS_PER_JOB` per job in flight) and collect those that finished
+        within `wait` seconds; returns how many the broker confirmed. Raises `BrokerUnavailable` from a put."""
         now = time.monotonic()
         for item in self.spool.pending_outbox():
             if self.stop.is_set():
                 break
             key = str(item.path)
-            if self._retry_at.get(key, (0.0, 0.0))[0] > now:
+            if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
                 continue
             if self.spool.ended(item.job_id) is not None:
                 with contextlib.suppress(FileNotFoundError):
                     item.path.unlink()  # the coordinator ended the job: nobody will read it
                 continue
-            if self._send_one(item):
+            if sum(1 for other in self._in_flight.values() if other.job_id == item.job_id) >= PUTS_PER_JOB:
+                continue
+            self._in_flight[key] = item
+            self._put_queue.put(item)
+            self._start_put_threads()
+        return self._collect(wait if self._in_flight else 0.0)
+
+    def _collect(self, wait: float) -> int:
+        confirmed = 0
+        failure: Exception | None = None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                item, outcome = self._done_queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self._in_flight.pop(str(item.path), None)
+            if outcome is True:
                 confirmed += 1
+            elif isinstance(outcome, Exception) and not isinstance(failure, BrokerUnavailable):
+                failure = outcome  # raised below, as a put in this thread would: the loop backs off and logs it
+            deadline = time.monotonic()  # one finished: take the others already done, then go start more
+        if failure is not None:
+            raise failure
         return confirmed
+
+    def _start_put_threads(self) -> None:
+        while len(self._put_threads) < min(PUT_THREADS, len(self._in_flight)):
+            thread = threading.Thread(target=self._put_worker, name=f"messenger-put-{len(self._put_threads)}",
+                                      daemon=True)
+            self._put_threads.append(thread)
+            thread.start()
+
+    def _put_worker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                item = self._put_queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                outcome: bool | Exception = self._send_one(item)
+            except Exception as exc:  # noqa: BLE001 - handed to the sender loop, which backs off or logs it
+                outcome = exc
+            self._done_queue.put((item, outcome))
 
     def _send_one(self, item: OutboxItem) -> bool:
         try:
@@ -89,16 +142,18 @@ class Messenger:
             self._later(item, str(exc))
             return False
         self.spool.mark_sent(item)
-        self._retry_at.pop(str(item.path), None)
-        self.sent += 1
+        with self._lock:
+            self._retry_at.pop(str(item.path), None)
+            self.sent += 1
         log.info("sent %s to %s for job %s (%s)", item.name, item.to_seat, item.job_id,
                  "stored" if new else "already stored")
         return True
 
     def _later(self, item: OutboxItem, why: str) -> None:
-        _, last = self._retry_at.get(str(item.path), (0.0, 0.0))
-        delay = min(MAX_BACKOFF_SECONDS, max(1.0, last * 2))
-        self._retry_at[str(item.path)] = (time.monotonic() + delay, delay)
+        with self._lock:
+            _, last = self._retry_at.get(str(item.path), (0.0, 0.0))
+            delay = min(MAX_BACKOFF_SECONDS, max(1.0, last * 2))
+            self._retry_at[str(item.path)] = (time.monotonic() + delay, delay)
         log.warning("could not send %s to %s for job %s: %s; retrying in %.0f s", item.name, item.to_seat,
                     item.job_id, why, delay)
 
@@ -136,37 +191,58 @@ class Messenger:
             log.error("job %s: the broker listed a message with an invalid name; ignoring it", spec.id)
             return False
         from_seat = entry.get("from_seat")
-        inbox = self.spool.inbox_path(spec.id, name)
-        if inbox.exists():
-            self.broker.delete(spec.id, name)  # a second delivery of a message we already hold
-            return False
         problem = self._misaddressed(spec, name, from_seat)
         if problem:
             self._reject(spec, name, str(from_seat), problem)
             return False
-        scratch = self.spool.temp_file(".download")
+        inbox = self.spool.inbox_path(spec.id, name)
+        if inbox.exists():
+            self._second_copy(spec, name, str(from_seat), inbox)
+            return False
         try:
-            try:
-                self.broker.download(spec.id, name, scratch)
-            except BrokerError as exc:
-                if exc.status != 404 or isinstance(exc, BrokerUnavailable):
-                    raise
-                return False  # expired or acknowledged meanwhile
-            address = MessageAddress(spec.id, str(from_seat), spec.seat, name)
-            sender = spec.parties[str(from_seat)].signing_key
-            try:
-                with open(scratch, "rb") as source, atomic_writer(inbox, overwrite=False) as out:
-                    SealedMessage.open(source, out, address, self.keys.encryption, sender)
-            except MessageRejected as exc:
-                self._reject(spec, name, str(from_seat), str(exc))
-                return False
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(scratch)
+            # Decrypted straight from the download into the inbox's temporary file; it appears only if it verified.
+            with self.broker.stream(spec.id, name) as source, atomic_writer(inbox, overwrite=False) as out:
+                SealedMessage.open(source, out, self._address(spec, name, from_seat), self.keys.encryption,
+                                   spec.parties[str(from_seat)].signing_key)
+        except MessageRejected as exc:
+            self._reject(spec, name, str(from_seat), str(exc))
+            return False
+        except BrokerError as exc:
+            if exc.status != 404 or isinstance(exc, BrokerUnavailable):
+                raise
+            return False  # expired or acknowledged meanwhile
         self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
         self.received += 1
         log.info("received %s from %s for job %s", name, from_seat, spec.id)
         return True
+
+    def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path) -> None:
+        """Another message under a name already received: keep the first; drop this one, leaving a trace unless
+        it is the same genuine message (a redelivery after a crash before the acknowledgement)."""
+        digest = hashlib.sha256()
+        try:
+            with self.broker.stream(spec.id, name) as source:
+                SealedMessage.open(source, _HashingSink(digest), self._address(spec, name, from_seat),
+                                   self.keys.encryption, spec.parties[from_seat].signing_key)
+        except MessageRejected as exc:
+            self._reject(spec, name, from_seat, f"a second copy of an already received message fails verification "
+                                                f"({exc}); the first is kept")
+            return
+        except BrokerError as exc:
+            if exc.status != 404 or isinstance(exc, BrokerUnavailable):
+                raise
+            return
+        if digest.digest() != _file_sha256(inbox):
+            self._reject(spec, name, from_seat, "a second, different message under a name already received; "
+                                                "the first is kept")
+            return
+        log.info("job %s: dropped a second copy of %s from %s (the same message as the one received)", spec.id,
+                 name, from_seat)
+        self.broker.delete(spec.id, name)
+
+    @staticmethod
+    def _address(spec: JobSpec, name: str, from_seat: Any) -> MessageAddress:
+        return MessageAddress(spec.id, str(from_seat), spec.seat, name)
 
     @staticmethod
     def _misaddressed(spec: JobSpec, name: str, from_seat: Any) -> str | None:
@@ -185,7 +261,7 @@ class Messenger:
     # ---- loops ----------------------------------------------------------------------------------------------
     def sender_loop(self) -> None:
         """Send outbox files until stopped; back off while the broker is unreachable."""
-        self._loop("sending", lambda: self.send_pending() > 0, idle=IDLE_SECONDS)
+        self._loop("sending", lambda: self.send_pending(wait=IDLE_SECONDS) > 0, idle=IDLE_SECONDS)
 
     def receiver_loop(self) -> None:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
@@ -238,6 +314,22 @@ class Messenger:
         finally:
             self.stop.set()
             self._sender.join(timeout=2.0)
+
+
+class _HashingSink:
+    """A write-only file that only hashes what is written to it."""
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def _file_sha256(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").digest()
 
 
 def main() -> int:

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.worker import health, logs
-from services.worker.config import ConfigError, WorkerConfig
+from services.worker import health, program
+from services.worker.config import WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorUnreachable, JobEnded)
-from services.worker.keys import KeyFileError, WorkerKeys
+from services.worker.keys import WorkerKeys
 from services.worker.spool import InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
@@ -193,24 +193,17 @@ def supervised_program_states() -> dict[str, str]:
 
 def main() -> int:
     """Entry point of the supervisord program `poller`."""
-    try:
-        config = WorkerConfig.from_env()
-    except ConfigError as exc:
-        logs.setup("poller").error("configuration error: %s", exc)
-        return 2
-    logs.setup("poller", config)
-    try:
-        keys = WorkerKeys.load_or_create(config.state_dir)
-    except KeyFileError as exc:
-        log.error("%s", exc)
-        return 2
+    return program.run("poller", _poll)
+
+
+def _poll(config: WorkerConfig) -> None:
+    keys = program.load_keys(config)
     client = CoordinatorClient(config.coordinator, config.token)
     log.info("polling %s every %.1f s", config.coordinator, config.poll_interval)
     try:
         Poller(config, client, Spool(config.spool_dir), keys, supervised_program_states).run()
     finally:
         client.close()
-    return 0
 
 
 if __name__ == "__main__":

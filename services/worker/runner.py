@@ -144,16 +144,19 @@ class Runner:
 
         task = LinearRegressionTask(tuple(spec.x_columns), spec.y_column, spec.outputs_to)
         uri: str | None = None
-        try:
-            uri = spec.data_uri()
-            data = self._load(spec, uri)
-            seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
-                                spec.id, spec.index)
-            transport = SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id))
-            result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
-                               data_name=uri)
-        except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
-            raise JobFailed(_without_uri(str(exc), uri, spec)) from None
+        # Closed (queued sends written) before run_job marks the job done and releases the claim, whatever happens:
+        # a party that stops the job sends its status message first.
+        with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id)) as transport:
+            try:
+                uri = spec.data_uri()
+                data = self._load(spec, uri)
+                seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
+                                    spec.id, spec.index)
+                result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
+                                   data_name=uri)
+                transport.flush()  # every message durable before the result or `completed` is written
+            except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
+                raise JobFailed(_without_uri(str(exc), uri, spec)) from None
         log.info("job %s: role finished (%d messages sent, %d received)", job_id, transport.messages_sent,
                  transport.messages_received)
         if result is None:

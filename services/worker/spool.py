@@ -12,7 +12,8 @@ Layout (one directory per job under each stage):
     claims/<job>.json                 a job the runner works on; survives the runner's restart
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); renamed to .sent once the broker has it
     inbox/<job>/<name>.msg            verified plaintext of a received message (messenger)
-    rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error
+    rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error;
+                                      kept after the job ends as an audit trail
     status/<job>/<seq>.json           status updates for the poller to report, in order
     results/<job>/result.json         the output seat's weights and metrics, for the uploader
 """
@@ -348,10 +349,12 @@ class Spool:
         return len(self.pending_outbox(job_id))
 
     def discard_messages(self, job_id: str) -> None:
-        """Remove a finished job's received and sent messages (pending outgoing ones are kept)."""
+        """Remove a finished job's received and sent messages (pending outgoing ones are kept).
+
+        Rejection records stay in rejected/<job>/: they are the audit trail of tampering (small, no content).
+        """
         job = validate_job_id(job_id)
         shutil.rmtree(self.root / "inbox" / job, ignore_errors=True)
-        shutil.rmtree(self.root / "rejected" / job, ignore_errors=True)
         outbox = self.root / "outbox" / job
         if outbox.is_dir():
             for sent in outbox.glob("*/*.sent"):

@@ -4,13 +4,21 @@
 first write of a name wins, so a replaying runner never produces a second, different ciphertext for a message.
 `receive` waits, bounded by the job's timeout, for the inbox file the messenger placed after verifying and opening
 the sealed message; inbox files stay until the job ends, so a replay reads them again.
+
+Sealing and fsync run on one background thread per transport, in send order, so the engine computes the next
+block meanwhile; at most `write_ahead` sends wait (the engine must not modify a sent array, per the Transport
+contract, so they are not copied). A kill -9 loses only sends not yet durable: the runner's claim is still there,
+and the replay seals them then. The runner calls `flush()` before it writes the job's result or `completed`, and
+`close()` (which also waits for the queued writes) before it marks the job done and releases its claim.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -20,10 +28,12 @@ from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
 
-from services.mpc import TransportTimeout
+from services.mpc import ProtocolError, TransportTimeout
 
 log = logging.getLogger(__name__)
-_POLL_MIN, _POLL_MAX = 0.002, 0.05
+_POLL_MIN, _POLL_MAX = 0.002, 0.01  # a wait ends at most 10 ms after the file appears; an open() is cheap
+WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
+_SEALER_IDLE_SECONDS = 5.0
 
 
 class SpoolTransportTimeout(TransportTimeout):
@@ -59,6 +69,80 @@ def _npy_pieces(array: np.ndarray) -> list[bytes | memoryview]:
     return [header.getvalue(), memoryview(array.reshape(-1).view(np.uint8))]
 
 
+class OutboxWriteTimeout(ProtocolError):
+    """Sealed messages could not be written to the outbox in time (a stalled disk); the job cannot go on."""
+
+
+class _BackgroundSealer:
+    """One thread that runs queued outbox writes in order; at most `depth` wait, so memory stays bounded.
+
+    A write that fails is re-raised in the engine's thread by the next `submit` or `wait_idle`, and the writes
+    queued behind it are dropped (the job fails; a replay writes them).
+    """
+
+    def __init__(self, depth: int, name: str) -> None:
+        self.depth = depth
+        self.name = name
+        self._cond = threading.Condition()
+        self._pending: deque[Callable[[], None]] = deque()  # the head stays while it runs, so waits cover it
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, work: Callable[[], None], timeout: float) -> None:
+        """Queue `work`, waiting (up to `timeout` s) while `depth` writes are already queued."""
+        with self._cond:
+            self._raise_error()
+            if not self._cond.wait_for(lambda: len(self._pending) < self.depth or self._error is not None,
+                                       timeout):
+                raise OutboxWriteTimeout(f"sealed messages were not written to the outbox within {timeout:g} s; "
+                                         "check the spool volume (CAPE_SPOOL_DIR) is writable and not full")
+            self._raise_error()
+            self._pending.append(work)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float, *, raise_error: bool = True) -> bool:
+        """Wait until every queued write is durable (True), or `timeout` s passed (False); re-raise a failure."""
+        with self._cond:
+            idle = self._cond.wait_for(lambda: not self._pending, timeout)
+            if raise_error:
+                self._raise_error()
+            return idle
+
+    def close(self) -> None:
+        """Let the thread end once the queue is empty."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed, _SEALER_IDLE_SECONDS)
+                if not self._pending:
+                    self._thread = None  # closed or idle: the next submit starts a new thread
+                    return
+                work = self._pending[0]
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the engine's thread, which fails the job
+                with self._cond:
+                    self._error = exc
+                    self._pending.clear()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._pending.popleft()
+                self._cond.notify_all()
+
+
 class SpoolTransport:
     """Transport (CONTRACTS.md) of this worker's party in one job, over the spool."""
 
@@ -69,8 +153,12 @@ class SpoolTransport:
         keys: WorkerKeys,
         timeout: float | None = None,
         interrupted: Callable[[], str | None] = lambda: None,
+        write_ahead: int = WRITE_AHEAD,
     ) -> None:
-        """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None."""
+        """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None.
+
+        `write_ahead` > 0 seals on a background thread with that many sends queued at most; 0 seals in `send`.
+        """
         self.spool = spool
         self.spec = spec
         self.keys = keys
@@ -80,15 +168,45 @@ class SpoolTransport:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.messages_received = 0
+        self._sealer = _BackgroundSealer(write_ahead, f"sealer-{spec.id[:8]}") if write_ahead > 0 else None
 
     def send(self, to: int, name: str, array: np.ndarray) -> None:
-        """Seal `array` for party `to` into the outbox (once: a name already written is left as it is)."""
+        """Seal `array` for party `to` into the outbox (once: a name already written is left as it is).
+
+        With a background sealer the write may still be in progress when this returns; see `flush`.
+        """
         to_seat = self.spec.seat_of(to)
         if to == self.party:
             raise ValueError("a party cannot send to itself")
         wire = wire_name(self.spec.seat, name)
         if self.spool.outbox_has(self.spec.id, to_seat, wire):
             return  # written before a restart: the same run produces the same array, keep the first ciphertext
+        if self._sealer is None:
+            self._seal(to_seat, wire, array)
+        else:
+            self._sealer.submit(lambda: self._seal(to_seat, wire, array), self.timeout)
+
+    def flush(self) -> None:
+        """Return once every sent message is durable in the outbox; re-raise a failed write."""
+        if self._sealer is not None and not self._sealer.wait_idle(self.timeout):
+            raise OutboxWriteTimeout(f"sealed messages were not written to the outbox within {self.timeout:g} s; "
+                                     "check the spool volume (CAPE_SPOOL_DIR) is writable and not full")
+
+    def close(self) -> None:
+        """Wait (bounded) for queued writes, without raising (the job is ending either way), and stop the thread."""
+        if self._sealer is not None:
+            if not self._sealer.wait_idle(self.timeout, raise_error=False):
+                log.warning("job %s: sealed messages still unwritten after %g s; a replay writes them",
+                            self.spec.id, self.timeout)
+            self._sealer.close()
+
+    def __enter__(self) -> SpoolTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _seal(self, to_seat: str, wire: str, array: np.ndarray) -> None:
         address = MessageAddress(self.spec.id, self.spec.seat, to_seat, wire)
         with atomic_writer(self.spool.outbox_path(self.spec.id, to_seat, wire), overwrite=False) as out:
             size = SealedMessage.seal(

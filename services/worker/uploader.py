@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from services.worker import logs
+from services.worker import program
 from services.worker.config import Bucket, ConfigError, WorkerConfig, parse_bucket
 from services.worker.spool import Spool, atomic_write_bytes
 
@@ -231,16 +231,13 @@ class Uploader:
 
 def main() -> int:
     """Entry point of the supervisord program `uploader`."""
-    try:
-        config = WorkerConfig.from_env()
-    except ConfigError as exc:
-        logs.setup("uploader").error("configuration error: %s", exc)
-        return 2
-    logs.setup("uploader", config)
+    return program.run("uploader", _upload)
+
+
+def _upload(config: WorkerConfig) -> None:
     target = config.bucket.uri if config.bucket else "each job's model_location"
     log.info("uploading results to %s", target)
     Uploader(config, Spool(config.spool_dir)).run()
-    return 0
 
 
 if __name__ == "__main__":

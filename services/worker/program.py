@@ -1,0 +1,50 @@
+"""How each supervisord program starts: read the configuration, set up its log, load the worker's keys.
+
+A configuration or key problem is logged (it names the variable or file and how to fix it) and ends the program
+with exit code 2; supervisord's retries then make the worker exit non-zero, as a bad configuration should.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from services.worker import logs
+from services.worker.config import ConfigError, WorkerConfig
+from services.worker.keys import KeyFileError, WorkerKeys
+
+BAD_CONFIGURATION = 2
+
+log = logging.getLogger(__name__)
+
+
+class StartupFailed(Exception):
+    """The program cannot start; the reason is already logged."""
+
+
+def configure(program: str) -> WorkerConfig:
+    """The worker's configuration, with `program`'s log set up; raises StartupFailed."""
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as exc:
+        logs.setup(program).error("configuration error: %s", exc)
+        raise StartupFailed from None
+    logs.setup(program, config)
+    return config
+
+
+def load_keys(config: WorkerConfig) -> WorkerKeys:
+    """The worker's key pairs (made on first start); raises StartupFailed."""
+    try:
+        return WorkerKeys.load_or_create(config.state_dir)
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        raise StartupFailed from None
+
+
+def run(program: str, body: Callable[[WorkerConfig], None]) -> int:
+    """Configure `program`, then run `body(config)`; the process's exit code."""
+    try:
+        body(configure(program))
+    except StartupFailed:
+        return BAD_CONFIGURATION
+    return 0
