@@ -22,13 +22,16 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
 from services.worker.spool import InvalidName, OutboxItem, Spool, atomic_writer, validate_message_name
+
+if TYPE_CHECKING:  # the programs read their configuration only in main()
+    from services.worker.config import WorkerConfig
 
 log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
@@ -334,32 +337,22 @@ def _file_sha256(path: Path) -> bytes:
 
 def main() -> int:
     """Entry point of the supervisord program `messenger`."""
-    from services.worker import logs
-    from services.worker.config import ConfigError, WorkerConfig
-    from services.worker.keys import KeyFileError
+    from services.worker import program
 
-    try:
-        config = WorkerConfig.from_env()
-    except ConfigError as exc:
-        logs.setup("messenger").error("configuration error: %s", exc)
-        return 2
-    logs.setup("messenger", config)
-    try:
-        keys = WorkerKeys.load_or_create(config.state_dir)
-    except KeyFileError as exc:
-        log.error("%s", exc)
-        return 2
-    stop = threading.Event()
-    broker = BrokerClient(config.broker, config.token, stop=stop)
-    spool = Spool(config.spool_dir)
-    spool.sweep_temp()
-    log.info("relaying messages through %s", config.broker)
-    try:
-        Messenger(spool, keys, broker, stop).run()
-    finally:
-        stop.set()
-        broker.close()
-    return 0
+    def relay(config: WorkerConfig) -> None:
+        keys = program.load_keys(config)
+        stop = threading.Event()
+        broker = BrokerClient(config.broker, config.token, stop=stop)
+        spool = Spool(config.spool_dir)
+        spool.sweep_temp()
+        log.info("relaying messages through %s", config.broker)
+        try:
+            Messenger(spool, keys, broker, stop).run()
+        finally:
+            stop.set()
+            broker.close()
+
+    return program.run("messenger", relay)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
 from services.worker.spool import Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
+
+if TYPE_CHECKING:  # the programs read their configuration only in main()
+    from services.worker.config import WorkerConfig
 
 log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.2
@@ -237,32 +240,22 @@ def _raw(key: Any) -> bytes:
 
 def main() -> int:
     """Entry point of the supervisord program `runner`."""
-    from services.worker import logs
-    from services.worker.config import ConfigError, WorkerConfig
-    from services.worker.keys import KeyFileError
+    from services.worker import program
 
-    try:
-        config = WorkerConfig.from_env()
-    except ConfigError as exc:
-        logs.setup("runner").error("configuration error: %s", exc)
-        return 2
-    logs.setup("runner", config)
-    try:
-        keys = WorkerKeys.load_or_create(config.state_dir)
-    except KeyFileError as exc:
-        log.error("%s", exc)
-        return 2
-    import boto3
+    def run_jobs(config: WorkerConfig) -> None:
+        import boto3
 
-    spool = Spool(config.spool_dir)
-    stop = threading.Event()
-    runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
-    log.info("running jobs from %s", config.spool_dir)
-    try:
-        runner.run()
-    finally:
-        stop.set()
-    return 0
+        keys = program.load_keys(config)
+        stop = threading.Event()
+        runner = Runner(Spool(config.spool_dir), keys, stop,
+                        s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
+        log.info("running jobs from %s", config.spool_dir)
+        try:
+            runner.run()
+        finally:
+            stop.set()
+
+    return program.run("runner", run_jobs)
 
 
 if __name__ == "__main__":
