@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
-from services.broker.store import BodyTooLarge, MessageStore
+from services.broker.store import BodyTooLarge, MessageStore, PendingBody
 from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable
 
 log = logging.getLogger("cape.broker")
@@ -37,6 +37,21 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         file.close()
+
+
+async def _receive(request: Request, pending: PendingBody) -> None:
+    """Stream the body into `pending`, hashing and writing in a worker thread a batch at a time, so large uploads
+    do not hold the event loop (other uploads, long polls and downloads) while they are written."""
+    batch: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= CHUNK:
+            await asyncio.to_thread(pending.write, b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        await asyncio.to_thread(pending.write, b"".join(batch))
 
 
 def _storage_failed(exc: OSError) -> Unavailable:
@@ -74,9 +89,8 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         except OSError as exc:
             raise _storage_failed(exc) from None
         try:
-            async for chunk in request.stream():
-                pending.write(chunk)
-            digest = pending.finish()
+            await _receive(request, pending)
+            digest = await asyncio.to_thread(pending.finish)  # fsync: seconds on a busy disk
         except BodyTooLarge:
             pending.discard()
             raise TooLarge(f"the message exceeds this broker's limit of {max_message_bytes} bytes",
@@ -91,7 +105,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             pending.discard()
             raise
         try:
-            message, created = store.commit(job, to_seat, name, seat, pending, digest)
+            message, created = await asyncio.to_thread(store.commit, job, to_seat, name, seat, pending, digest)
         except OSError as exc:
             pending.discard()
             raise _storage_failed(exc) from None

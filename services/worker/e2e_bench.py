@@ -13,11 +13,14 @@ runner), and prints one JSON line: the engine bench's fields for the simulation,
 - `simulation_seconds`, `e2e_over_simulation`, `runner_over_simulation`, and `e2e_over_simulation_plus_load`
   (the workers read their files inside the end-to-end time; the simulation starts from arrays);
 - `broker_bytes`: what each worker put at the broker (its sealed outbox files), and `deliveries`: where a
-  message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks' timeline);
-- `e2e_peak_rss_bytes` of every program of every worker, `e2e_weight_error_vs_lstsq` and the metrics' errors.
+  message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks' timeline), over the
+  messages the sampler saw in each state (a small message can pass through one between two samples);
+- `e2e_peak_rss_bytes` and `e2e_cpu_seconds` (since start, idle polling included) of every program of every
+  worker, and the server's CPU seconds, `e2e_weight_error_vs_lstsq` and the metrics' errors.
 
 What happens inside the workers is observed from the outside: a sampler thread looks at each worker's spool
-(claims, outbox, inbox, results) every few milliseconds and records when each file first appears.
+(claims, outbox, inbox, results) every 20 ms and records when each file first appears; its own CPU time is
+reported (`sampler`) so it can be seen not to load the job.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ BIN = Path(sys.executable).parent
 SEATS = {"xorg": "x_owner", "yorg": "y_owner", "helper": "helper"}
 START_TIMEOUT = 60.0
 HTTP_TIMEOUT = 60.0
-SAMPLE_SECONDS = 0.005
+SAMPLE_SECONDS = 0.02  # the stages' resolution; a denser sampler loads the job it measures
+STATUS_POLL_SECONDS = 0.05  # the end's resolution
 SIMULATION_TIMEOUT = 900.0
 
 
@@ -164,6 +168,15 @@ class Worker:
                 self.proc.wait(timeout=10)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """A live process's CPU time so far (user + system), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
+
+
 def peak_rss(pid: int) -> int | None:
     """A live process's peak resident memory (VmHWM) in bytes, or None once it is gone."""
     try:
@@ -178,13 +191,20 @@ def peak_rss(pid: int) -> int | None:
 # ---- watching the spools --------------------------------------------------------------------------------------
 
 class SpoolSampler:
-    """Records when files first appear in the workers' spools for one job, and the outbox files' sizes."""
+    """Records when files first appear in the workers' spools for one job, and the outbox files' sizes.
+
+    Kept cheap so it does not load the job it measures: one `scandir` per folder every SAMPLE_SECONDS, names
+    already seen are skipped before any string work, and a size is stat'ed once per file. `cpu_seconds` is the
+    sampler thread's own CPU time, reported beside the figures."""
 
     def __init__(self, workers: dict[str, Worker], job_id: str) -> None:
         self.workers = workers
         self.job_id = job_id
         self.first_seen: dict[str, float] = {}  # "<label>:<kind>:<name>" -> time.time()
         self.sizes: dict[str, int] = {}  # "<label>:<to_seat>/<name>" -> sealed size
+        self.cpu_seconds = 0.0
+        self.samples = 0
+        self._seen_paths: set[str] = set()  # raw entry paths already recorded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-sampler", daemon=True)
 
@@ -197,9 +217,12 @@ class SpoolSampler:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        started = time.thread_time()
         while not self._stop.is_set():
             self.sample()
+            self.samples += 1
             self._stop.wait(SAMPLE_SECONDS)
+        self.cpu_seconds = time.thread_time() - started
 
     def _see(self, key: str, now: float) -> None:
         self.first_seen.setdefault(key, now)
@@ -208,16 +231,17 @@ class SpoolSampler:
         now = time.time()
         job = self.job_id
         for label, worker in self.workers.items():
-            spool = worker.spool
-            if (spool / "claims" / f"{job}.json").exists():
+            spool = os.fspath(worker.spool)
+            if f"{label}:claim:" not in self.first_seen and os.path.exists(f"{spool}/claims/{job}.json"):
                 self._see(f"{label}:claim:", now)
-            for name in ("result.json", "uploaded.json"):
-                if (spool / "results" / job / name).exists():
-                    self._see(f"{label}:result:", now)
-            for seat_dir in _entries(spool / "outbox" / job):
-                for entry in _entries(seat_dir):
-                    if entry.name.startswith("."):
+            if f"{label}:result:" not in self.first_seen and any(
+                    os.path.exists(f"{spool}/results/{job}/{name}") for name in ("result.json", "uploaded.json")):
+                self._see(f"{label}:result:", now)
+            for seat_dir in _scan(f"{spool}/outbox/{job}"):
+                for entry in _scan(seat_dir.path):
+                    if entry.path in self._seen_paths or entry.name.startswith("."):
                         continue
+                    self._seen_paths.add(entry.path)
                     stem, _, kind = entry.name.rpartition(".")
                     self._see(f"{label}:{kind}:{seat_dir.name}/{stem}", now)
                     key = f"{label}:{seat_dir.name}/{stem}"
@@ -226,8 +250,9 @@ class SpoolSampler:
                             self.sizes[key] = entry.stat().st_size
                         except FileNotFoundError:
                             pass
-            for entry in _entries(spool / "inbox" / job):
-                if not entry.name.startswith("."):
+            for entry in _scan(f"{spool}/inbox/{job}"):
+                if entry.path not in self._seen_paths and not entry.name.startswith("."):
+                    self._seen_paths.add(entry.path)
                     self._see(f"{label}:inbox:{entry.name.removesuffix('.msg')}", now)
 
     def times(self, label: str, kind: str) -> list[float]:
@@ -235,18 +260,19 @@ class SpoolSampler:
         return sorted(t for key, t in self.first_seen.items() if key.startswith(prefix))
 
 
-def _entries(folder: Path) -> list[Path]:
+def _scan(folder: str) -> list[os.DirEntry[str]]:
     try:
-        return list(folder.iterdir())
-    except FileNotFoundError:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
 
-def _call(method: str, url: str, token: str, **kwargs: Any) -> Any:
-    response = requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT,
-                                **kwargs)
+def _call(method: str, url: str, token: str, session: requests.Session | None = None, **kwargs: Any) -> Any:
+    response = (session or requests).request(method, url, headers={"Authorization": f"Bearer {token}"},
+                                              timeout=HTTP_TIMEOUT, **kwargs)
     if response.status_code >= 300:
         raise BenchError(f"{method} {url} answered {response.status_code}: {response.text[:300]}")
     return response.json() if response.content else None
@@ -288,8 +314,12 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         if status["status"] != "Completed":
             raise BenchError(f"the job ended {status['status']}: {status.get('error')}; see the logs in {base}")
         results = _call("GET", f"{url}/v1/jobs/{job_id}/results", user["yorg"])
-        peaks = {label: {program: peak_rss(pid) for program, pid in w.program_pids().items()}
-                 for label, w in workers.items()}
+        pids = {label: w.program_pids() for label, w in workers.items()}
+        peaks = {label: {program: peak_rss(pid) for program, pid in programs.items()}
+                 for label, programs in pids.items()}
+        cpu = {label: {program: cpu_seconds(pid) for program, pid in programs.items()}
+               for label, programs in pids.items()}
+        cpu["cape-server"] = cpu_seconds(server.proc.pid)
     finally:
         for worker in workers.values():
             if worker.proc.poll() is None:
@@ -318,10 +348,13 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         "broker_bytes": _broker_bytes(sampler),
         "deliveries": _deliveries(sampler),
         "e2e_peak_rss_bytes": peaks,
+        "e2e_cpu_seconds": cpu,
         "load_seconds": round(load_seconds, 3),
         "data_format": fmt,
         "data_file_bytes": {"x": x_path.stat().st_size, "y": y_path.stat().st_size},
         "poll_interval_seconds": poll_interval,
+        "sampler": {"interval_seconds": SAMPLE_SECONDS, "samples": sampler.samples,
+                    "cpu_seconds": round(sampler.cpu_seconds, 3), "status_poll_seconds": STATUS_POLL_SECONDS},
     }
 
 
@@ -341,14 +374,16 @@ def _wait_running(workers: dict[str, Worker]) -> None:
 
 
 def _wait_ended(url: str, token: str, job_id: str, timeout: float) -> dict[str, Any]:
+    # One kept-alive connection, every STATUS_POLL_SECONDS: the server this asks is part of what is measured.
     deadline = time.monotonic() + timeout
-    while True:
-        job = _call("GET", f"{url}/v1/jobs/{job_id}", token)
-        if job["status"] in ("Completed", "Error", "Stopped", "Rejected"):
-            return job
-        if time.monotonic() > deadline:
-            raise BenchError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
-        time.sleep(0.02)
+    with requests.Session() as session:
+        while True:
+            job = _call("GET", f"{url}/v1/jobs/{job_id}", token, session=session)
+            if job["status"] in ("Completed", "Error", "Stopped", "Rejected"):
+                return job
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+            time.sleep(STATUS_POLL_SECONDS)
 
 
 def _stages(sampler: SpoolSampler, approved: float, ended: float) -> dict[str, float]:
