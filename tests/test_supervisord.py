@@ -216,3 +216,16 @@ def test_fatal_listener_ignores_fatal_once_supervisord_is_stopping(tmp_path, mon
     assert stopping.handle({"eventname": "SUPERVISOR_STATE_CHANGE_STOPPING"}, "") is None
     assert stopping.handle(*fatal) is None
     assert read_marker(tmp_path) is None and signals == []
+
+
+def test_repeated_stop_signals_still_end_in_a_clean_exit(start_worker, tmp_path):
+    """`docker stop` then an impatient second one (or Ctrl-C pressed twice): still exit 0, never 'killed'."""
+    env = worker_env(tmp_path, "org-twice")
+    worker = start_worker(env)
+    worker.wait_running()
+    deadline = time.monotonic() + 15
+    while worker.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    assert worker.wait_exit(5) == 0

@@ -92,13 +92,19 @@ def run() -> None:
     stop_requested: list[float] = []  # when the first stop signal arrived (docker stop)
 
     def forward(signum: int, _frame: object) -> None:
-        if signum != signal.SIGHUP and not stop_requested:
+        if signum != signal.SIGHUP:
+            if stop_requested:
+                return  # supervisord is already stopping; a repeated signal could catch it mid-exit
             stop_requested.append(time.time())
         proc.send_signal(signum)
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     code = proc.wait()
+    # supervisord is gone: a repeated stop signal must not kill us while the interpreter shuts down (it resets
+    # the handlers to the default then, and our exit status would become "killed by SIGTERM").
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     relay.join(timeout=5)
     fatal = read_marker(config.run_dir)
     # supervisord turns a program waiting in BACKOFF into FATAL while it stops: after a stop request that is a
