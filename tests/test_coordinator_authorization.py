@@ -98,6 +98,7 @@ ACTIONS: list[tuple[str, Action, dict[str, int]]] = [
     ("list organizations", lambda api, w: api.get("/v1/organizations"), expect(200, 200, 200, 200, 403, 200, 403)),
     ("read organization", lambda api, w: api.get("/v1/organizations/a"), expect(200, 200, 200, 200, 403, 200, 403)),
     ("list org users", lambda api, w: api.get("/v1/organizations/a/users"), expect(200, 200, 200, 200, 403, 403, 403)),
+    ("show org worker", lambda api, w: api.get("/v1/organizations/a/worker"), expect(200, 200, 200, 200, 403, 403, 403)),
     ("add org user", lambda api, w: api.post("/v1/organizations/a/users",
                                              json={"email": f"{unique('u')}@a.example", "role": "user"}),
      expect(201, 403, 403, 403, 403, 403, 403)),

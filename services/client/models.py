@@ -53,6 +53,10 @@ class Organization(Resource):
     def name(self) -> str | None:
         return self.data.get("name")
 
+    def get_worker_status(self) -> dict[str, Any]:
+        """The organization's worker as the coordinator last saw it: keys registered, last heartbeat, programs."""
+        return self._session.get(f"/v1/organizations/{seg(self.id)}/worker")
+
     def list_users(self) -> list[dict[str, Any]]:
         """Members of the organization with their roles."""
         return self._session.get(f"/v1/organizations/{seg(self.id)}/users")

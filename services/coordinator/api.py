@@ -77,6 +77,13 @@ def coordinator_router(db: Database) -> APIRouter:
             require_member(p, org_id, "these users")
             return identity.list_members(conn, org_id)
 
+    @router.get("/organizations/{org}/worker", tags=["identity"])
+    def get_worker_status(org: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            org_id = identity.find_organization(conn, org)["id"]
+            require_member(p, org_id, "this worker")
+            return workers.status_view(conn, org_id)
+
     @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"])
     def create_org_token(org: str, body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:

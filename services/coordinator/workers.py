@@ -32,6 +32,16 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
                  "keys_updated_at = excluded.keys_updated_at", (org_id, encryption_key, signing_key, now_iso()))
 
 
+def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
+    """What an organization's members may see of their worker: keys registered, last heartbeat, program states."""
+    row = conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
+    if row is None:
+        return {"registered": False, "keys_updated_at": None, "last_seen": None, "version": None, "programs": None}
+    return {"registered": row["encryption_public_key"] is not None, "keys_updated_at": row["keys_updated_at"],
+            "last_seen": row["last_seen"], "version": row["version"],
+            "programs": json.loads(row["programs"]) if row["programs"] else None}
+
+
 def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None) -> None:
     conn.execute("INSERT INTO workers (org_id, last_seen, version, programs) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT(org_id) DO UPDATE SET last_seen = excluded.last_seen, version = excluded.version, "

@@ -38,14 +38,20 @@ def show(cli: CliContext, org: str, as_json: bool) -> None:
     organization = cli.cape().get_organization(org)
     try:
         users = organization.list_users()
+        worker = organization.get_worker_status()
     except ApiError as exc:
         if exc.status != 403:
             raise
-        users = None  # not a member: the organization itself is still public
+        users = worker = None  # not a member: the organization itself is still public
     if as_json:
-        print_json({**organization.data, "users": users})
+        print_json({**organization.data, "users": users, "worker": worker})
         return
     print_fields([("id", organization.id), ("label", organization.label), ("name", organization.name)])
+    if worker is not None:
+        programs = ", ".join(f"{name} {state}" for name, state in (worker.get("programs") or {}).items())
+        seen = worker.get("last_seen") or "never"
+        click.echo(f"worker: {'keys registered' if worker.get('registered') else 'no keys registered'}; "
+                   f"last heartbeat {seen}{'; ' + programs if programs else ''}")
     if users is not None:
         click.echo("")
         print_table(users, [("USER", lambda u: u.get("email")), ("ROLE", lambda u: u.get("role")),

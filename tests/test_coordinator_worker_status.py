@@ -1,0 +1,47 @@
+"""An organization's members see their worker's last heartbeat and its programs' states; nobody else does."""
+from __future__ import annotations
+
+from tests.support.server import Api, worker_public_keys
+
+
+def test_members_see_their_workers_heartbeat_and_programs(cape_server):
+    acme = cape_server.create_org("acme")
+    other = cape_server.create_org("other")
+    admin, worker = Api(cape_server, acme["user_token"]), Api(cape_server, acme["organization_token"])
+
+    before = admin.get("/v1/organizations/acme/worker")
+    assert before.status_code == 200
+    assert before.json() == {"registered": False, "keys_updated_at": None, "last_seen": None, "version": None,
+                             "programs": None}
+
+    assert worker.put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    programs = {"poller": "RUNNING", "messenger": "RUNNING", "runner": "BACKOFF", "uploader": "RUNNING"}
+    assert worker.post("/v1/worker/heartbeat", json={"version": "0.1.0", "programs": programs}).status_code == 204
+
+    seen = admin.get("/v1/organizations/acme/worker").json()
+    assert seen["registered"] is True and seen["version"] == "0.1.0" and seen["programs"] == programs
+    assert seen["last_seen"] and seen["keys_updated_at"]
+
+    refused = Api(cape_server, other["user_token"]).get("/v1/organizations/acme/worker")
+    assert refused.status_code == 403 and refused.json()["error"]["message"]
+
+
+def test_cape_orgs_show_tells_whether_the_worker_is_alive(cape_server, cape_home):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    acme = cape_server.create_org("acme")
+    worker = Api(cape_server, acme["organization_token"])
+    assert worker.put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    assert worker.post("/v1/worker/heartbeat", json={"programs": {"poller": "RUNNING"}}).status_code == 204
+    env = {**os.environ, "CAPE_COORDINATOR": cape_server.url, "CAPE_TOKEN": acme["user_token"]}
+    cape = str(Path(sys.executable).parent / "cape")
+    shown = subprocess.run([cape, "orgs", "show", "acme"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "worker: keys registered; last heartbeat " in shown.stdout and "; poller RUNNING" in shown.stdout
+    as_json = subprocess.run([cape, "orgs", "show", "acme", "--json"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert json.loads(as_json.stdout)["worker"]["programs"] == {"poller": "RUNNING"}
