@@ -171,3 +171,12 @@ def test_binary_garbage_is_unreadable_and_not_quoted(tmp_path: Path) -> None:
     with pytest.raises(UnreadableDataError) as caught:
         load_y(path, "a", name="x.csv")
     assert str(caught.value) == "x.csv: not a CSV file with a UTF-8 header row, nor a Parquet file"
+
+
+def test_a_large_x_lands_in_a_populated_writable_array() -> None:
+    from services.jobs.linear_regression.data import _populated_empty
+
+    x = _populated_empty((300_000, 32))  # 73 MB: above the threshold where the mapping is populated up front
+    assert x.shape == (300_000, 32) and x.dtype == np.float64 and x.flags.c_contiguous and x.flags.writeable
+    x[:] = 1.5
+    assert float(x.sum()) == 1.5 * 300_000 * 32

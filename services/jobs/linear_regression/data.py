@@ -8,6 +8,7 @@ second pass over the text finds the first bad row so the message can name it. Ro
 from __future__ import annotations
 
 import io
+import mmap
 import re
 import os
 import urllib.parse
@@ -156,12 +157,26 @@ def read_columns(source: Source, *, name: str | None = None) -> list[str]:
         return _csv_header(opened)
 
 
+def _populated_empty(shape: tuple[int, int]) -> np.ndarray:
+    """An uninitialized float64 array whose pages the kernel maps in one call (MAP_POPULATE).
+
+    Filling a fresh np.empty of a few hundred MB page-faults once per page: measured here at 0.05 s or 0.9 s for
+    256 MB, depending on whether huge pages were at hand; a populated mapping took 0.15 s every time.
+    """
+    size = int(np.prod(shape)) * 8
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if size < (64 << 20) or flags is None:
+        return np.empty(shape, dtype=np.float64)
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    return np.frombuffer(mapping, dtype=np.float64).reshape(shape)  # the array keeps the mapping alive
+
+
 def load_x(source: Source, columns: Sequence[str], *, name: str | None = None) -> np.ndarray:
     """Load `columns` (in that order) as an n×d C-contiguous float64 array; raise a `JobDataError` if unusable."""
     columns = list(columns)
     loaded = _load(source, columns, name)
     n = sum(len(chunk) for chunk in loaded[0]) if loaded else 0
-    x = np.empty((n, len(columns)), dtype=np.float64)
+    x = _populated_empty((n, len(columns)))
     # Straight from arrow's (zero-copy) chunks into x, block by block: no intermediate per-column copy.
     cursors = [_Cursor(chunks) for chunks in loaded]
     for start in range(0, n, _FILL_ROWS):
