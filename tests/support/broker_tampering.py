@@ -110,7 +110,11 @@ class DirectoryRecorder:
         for folder in self.folders:
             if not folder.is_dir():
                 continue
-            for path in folder.rglob(self.pattern):
+            try:
+                paths = list(folder.rglob(self.pattern))
+            except FileNotFoundError:
+                continue  # a job's folder went away mid-walk (the job ended): the next sweep sees the rest
+            for path in paths:
                 try:
                     data = path.read_bytes()
                 except (FileNotFoundError, IsADirectoryError, PermissionError):
