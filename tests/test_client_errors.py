@@ -7,14 +7,7 @@ import pytest
 
 from services.client import Cape
 from services.client.errors import ApiError, CoordinatorUnreachable
-
-
-def _single_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
+from tests.support.client import one_error_line
 
 
 @pytest.fixture
@@ -26,7 +19,7 @@ def test_bad_token_is_401(shared_cape_server, cape_cli, two_orgs) -> None:
     result = cape_cli("projects", "list", env={"CAPE_COORDINATOR": shared_cape_server.url,
                                                "CAPE_TOKEN": "nosuchid,c2VjcmV0c2VjcmV0"})
     assert result.exit_code == 1
-    line = _single_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert line.endswith("(HTTP 401)")
     assert "c2VjcmV0c2VjcmV0" not in result.stderr  # the token never shows up
 
@@ -38,7 +31,7 @@ def test_other_orgs_project_is_403(shared_cape_server, cape_cli, two_orgs, uniqu
     assert cape_cli("projects", "create", project, env=alpha).exit_code == 0
     result = cape_cli("projects", "show", project, env=beta)
     assert result.exit_code == 1
-    assert _single_error_line(result.stderr).endswith("(HTTP 403)")
+    assert one_error_line(result.stderr).endswith("(HTTP 403)")
     assert result.stdout == ""
 
 
@@ -46,7 +39,7 @@ def test_unknown_job_is_404(shared_cape_server, cape_cli, two_orgs) -> None:
     env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": two_orgs["alpha"]["user_token"]}
     result = cape_cli("jobs", "status", "0" * 32, env=env)
     assert result.exit_code == 1
-    assert _single_error_line(result.stderr).endswith("(HTTP 404)")
+    assert one_error_line(result.stderr).endswith("(HTTP 404)")
 
 
 def test_bad_field_is_422_naming_the_field(shared_cape_server, cape_cli, two_orgs, unique_label) -> None:
@@ -60,7 +53,7 @@ def test_bad_field_is_422_naming_the_field(shared_cape_server, cape_cli, two_org
     result = cape_cli("jobs", "submit", project, "linear-regression", "--x", "x", "--y", "y",
                       "--model-owner", "nobody", env=alpha)
     assert result.exit_code == 1
-    line = _single_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert line.endswith("(HTTP 422)")
     assert "model_owner" in line
 
@@ -71,7 +64,7 @@ def test_duplicate_label_is_409(shared_cape_server, cape_cli, two_orgs, unique_l
     assert cape_cli("projects", "create", project, env=env).exit_code == 0
     result = cape_cli("projects", "create", project, env=env)
     assert result.exit_code == 1
-    line = _single_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert line.endswith("(HTTP 409)") and project in line
 
 
@@ -89,7 +82,7 @@ def test_connection_refused_names_the_url(cape_cli, cape_script) -> None:
     for run in (cape_cli, cape_script):
         result = run("jobs", "list", "some-project", env=env)
         assert result.exit_code == 1
-        assert _single_error_line(result.stderr) == expected
+        assert one_error_line(result.stderr) == expected
     with pytest.raises(CoordinatorUnreachable, match="connection refused"):
         Cape(endpoint=url, token="tid,c2VjcmV0").list_projects()
 
@@ -106,6 +99,6 @@ def test_sdk_raises_typed_api_errors(shared_cape_server, two_orgs) -> None:
 def test_malformed_coordinator_url_is_one_line(cape_cli, url: str) -> None:
     result = cape_cli("login", "--coordinator", url, "--token", "tid,c2VjcmV0")
     assert result.exit_code == 1
-    assert _single_error_line(result.stderr) == (
+    assert one_error_line(result.stderr) == (
         f"error: the coordinator URL {url!r} is not valid; give it as http(s)://HOST[:PORT]"
     )

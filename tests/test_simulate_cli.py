@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from services.client.simulate import simulate, split_spec
+from tests.support.client import one_error_line
 
 CAPE = Path(sys.executable).with_name("cape")
 
@@ -29,14 +30,6 @@ def run_cape(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         [str(CAPE), "simulate", "linear-regression", *args],
         capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
-
-
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 @pytest.fixture

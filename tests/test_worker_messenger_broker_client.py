@@ -85,7 +85,8 @@ def test_a_stop_request_cuts_the_backoff_short(tmp_path):
 def test_names_are_validated_before_they_reach_a_url(tmp_path):
     client = BrokerClient("http://127.0.0.1:9/broker", TOKEN)
     with pytest.raises(InvalidName, match="message name"):
-        client.download("job1", "../../v1/jobs", tmp_path / "x")
+        with client.stream("job1", "../../v1/jobs"):
+            pass
     with pytest.raises(InvalidName, match="job id"):
         client.wait_for_messages("../x", wait=0)
     assert not (tmp_path / "x").exists()

@@ -22,7 +22,6 @@ from services.worker.spool import validate_job_id, validate_message_name, valida
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
-_STREAM_CHUNK = 1 << 20
 
 
 class BrokerError(RuntimeError):
@@ -115,23 +114,6 @@ class BrokerClient:
         if not isinstance(listing, list):
             raise BrokerError("the broker's message listing is not a list")
         return listing
-
-    def download(self, job_id: str, name: str, dest: Path) -> int:
-        """Stream message `name` into `dest` (created or truncated); returns its size in bytes."""
-        url = self._url(job_id, "messages", validate_message_name(name))
-
-        def fetch() -> requests.Response:
-            return self._session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-
-        response = self._retrying(f"download message {name}", fetch)
-        with response:
-            self._raise_for(response, f"download message {name}")
-            size = 0
-            with open(dest, "wb") as out:
-                for piece in response.iter_content(_STREAM_CHUNK):
-                    out.write(piece)
-                    size += len(piece)
-        return size
 
     @contextlib.contextmanager
     def stream(self, job_id: str, name: str) -> Iterator[MessageStream]:

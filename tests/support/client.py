@@ -85,3 +85,12 @@ def shared_cape_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Ca
     server = CapeServer(tmp_path_factory.mktemp("shared-cape-server") / "data")
     yield server
     server.stop()
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line a failing command prints (no traceback, nothing else)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
