@@ -5,7 +5,6 @@ import subprocess
 import pytest
 
 from tests.support.aws import free_port
-from tests.support.server import CapeServer
 from tests.support.workers import worker_env
 
 
@@ -16,20 +15,13 @@ def check(env):
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    server = CapeServer(tmp_path_factory.mktemp("check") / "server")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def acme(module_server):
-    return module_server.create_org("acme")
+def acme(shared_cape_server):
+    return shared_cape_server.create_org("acme")
 
 
 @pytest.fixture
-def cape_server(module_server):
-    return module_server
+def cape_server(shared_cape_server):
+    return shared_cape_server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import services.worker.poller as poller_mod
 from services.worker.poller import Backoff, Poller
 from services.worker.spool import Spool
 from tests.support.aws import free_port
-from tests.support.server import CapeServer, build_job_world
+from tests.support.server import build_job_world
 
 
 def make_poller(tmp_path, url, token):
@@ -22,20 +22,13 @@ def make_poller(tmp_path, url, token):
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    server = CapeServer(tmp_path_factory.mktemp("poller") / "server")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def module_world(module_server):
-    return build_job_world(module_server)
+def module_world(shared_cape_server):
+    return build_job_world(shared_cape_server)
 
 
 @pytest.fixture
-def cape_server(module_server):
-    return module_server
+def cape_server(shared_cape_server):
+    return shared_cape_server
 
 
 @pytest.fixture
