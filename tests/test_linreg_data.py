@@ -53,7 +53,7 @@ def write_csv(path: Path, columns: dict[str, np.ndarray]) -> Path:
 def test_csv_columns_in_the_order_asked(tmp_path: Path, table) -> None:
     path = write_csv(tmp_path / "x.csv", table)
     x = load_x(path, ["tiny", "age"])
-    assert x.shape == (50, 2) and x.dtype == np.float64 and x.flags.c_contiguous
+    assert x.shape == (50, 2) and x.dtype == np.float64 and x.flags.f_contiguous
     np.testing.assert_array_equal(x[:, 0], table["tiny"])  # repr() round-trips exactly
     np.testing.assert_array_equal(x[:, 1], table["age"])
     np.testing.assert_array_equal(load_y(str(path), "income"), table["income"])
@@ -177,6 +177,6 @@ def test_a_large_x_lands_in_a_populated_writable_array() -> None:
     from services.jobs.linear_regression.data import _populated_empty
 
     x = _populated_empty((300_000, 32))  # 73 MB: above the threshold where the mapping is populated up front
-    assert x.shape == (300_000, 32) and x.dtype == np.float64 and x.flags.c_contiguous and x.flags.writeable
+    assert x.shape == (300_000, 32) and x.dtype == np.float64 and x.flags.f_contiguous and x.flags.writeable
     x[:] = 1.5
     assert float(x.sum()) == 1.5 * 300_000 * 32

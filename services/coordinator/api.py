@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
+from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.coordinator import identity, jobs, projects, workers
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
+from services.coordinator.job_changes import VERSION_HEADER, JobChanges
 from services.coordinator.permissions import MANAGE_USERS, require_member, require_person, require_role, require_worker
 from services.coordinator.schemas import (
     Heartbeat,
@@ -28,8 +30,9 @@ MAX_JSON_BODY = 1 << 20
 bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issued by the coordinator")
 
 
-def coordinator_router(db: Database) -> APIRouter:
-    """All `/v1` endpoints, bound to one database."""
+def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRouter:
+    """All `/v1` endpoints, bound to one database; `changes` is bumped whenever a job's status may have changed."""
+    changes = changes or JobChanges()
     # JSON bodies here are small; a 1 MiB cap answers 413 before a big body is parsed into memory.
     router = APIRouter(prefix="/v1", max_body_size=MAX_JSON_BODY)
 
@@ -183,17 +186,23 @@ def coordinator_router(db: Database) -> APIRouter:
     @router.post("/jobs/{job_id}/approve", tags=["jobs"])
     def approve_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return jobs.job_view(conn, jobs.approve(conn, p, job_id))
+            view = jobs.job_view(conn, jobs.approve(conn, p, job_id))
+        changes.bump()
+        return view
 
     @router.post("/jobs/{job_id}/reject", tags=["jobs"])
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
+            view = jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
+        changes.bump()
+        return view
 
     @router.post("/jobs/{job_id}/stop", tags=["jobs"])
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return jobs.job_view(conn, jobs.stop(conn, p, job_id))
+            view = jobs.job_view(conn, jobs.stop(conn, p, job_id))
+        changes.bump()
+        return view
 
     @router.get("/jobs/{job_id}/results", tags=["jobs"])
     def job_results(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
@@ -215,9 +224,23 @@ def coordinator_router(db: Database) -> APIRouter:
         return Response(status_code=204)
 
     @router.get("/worker/jobs", tags=["worker"])
-    def worker_jobs(p: Principal = Depends(worker)) -> list[dict[str, Any]]:
-        with db.transaction() as conn:
-            return workers.list_worker_jobs(conn, p.org_id or "")
+    async def worker_jobs(response: Response, p: Principal = Depends(worker),
+                          wait: float = Query(0, ge=0, le=60, description="long-poll: answer once the jobs' version "
+                                              "differs from `after`, or after this many seconds"),
+                          after: int | None = Query(None, description="the version (X-Cape-Jobs-Version header) of "
+                                                    "the caller's previous answer")
+                          ) -> list[dict[str, Any]]:
+        if wait > 0 and after is not None:
+            await changes.wait(after, wait)
+        version = changes.version  # read before listing: a change made meanwhile shows as a newer version
+
+        def listing() -> list[dict[str, Any]]:
+            with db.transaction() as conn:
+                return workers.list_worker_jobs(conn, p.org_id or "")
+
+        jobs_now = await run_in_threadpool(listing)
+        response.headers[VERSION_HEADER] = str(version)
+        return jobs_now
 
     @router.get("/worker/jobs/{job_id}", tags=["worker"])
     def worker_job(job_id: str, p: Principal = Depends(worker)) -> dict[str, Any]:
@@ -228,6 +251,7 @@ def coordinator_router(db: Database) -> APIRouter:
     def worker_report(job_id: str, body: Report, p: Principal = Depends(worker)) -> Response:
         with db.transaction() as conn:
             workers.report(conn, p.org_id or "", job_id, body.model_dump(exclude_none=True))
+        changes.bump()
         return Response(status_code=204)
 
     return router

@@ -17,6 +17,7 @@ from services.broker.membership import JobMembership, LocalMembership, RemoteMem
 from services.broker.store import MessageStore
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.db import Database
+from services.coordinator.job_changes import JobChanges
 from services.coordinator.jobs import expire_late_jobs
 from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
@@ -58,18 +59,25 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ValueError("a broker running alone needs --coordinator-url to check who may use a job's mailboxes")
 
     signals = MailboxSignals()
+    changes = JobChanges()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         # `cape-server serve` calls this from its signal handler: parked long polls return at once.
-        app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(signals.close)
+        def begin_shutdown() -> None:
+            loop.call_soon_threadsafe(signals.close)
+            changes.close()
+
+        app.state.begin_shutdown = begin_shutdown
         log.info("cape-server %s: %s, data in %s", _version(), " + ".join(parts), config.data_dir)
         tasks = []
         if db is not None:
             def sweep_jobs() -> None:
                 with db.transaction() as conn:
-                    expire_late_jobs(conn)
+                    expired = expire_late_jobs(conn)
+                if expired:
+                    changes.bump()
             tasks.append(asyncio.create_task(_every(config.job_sweep_seconds, "job timeout sweep", sweep_jobs)))
         if store is not None:
             interval = min(60.0, max(0.5, config.message_ttl / 4))
@@ -93,7 +101,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
     parts = []
     if db is not None:
-        app.include_router(coordinator_router(db))
+        app.include_router(coordinator_router(db, changes))
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes))

@@ -83,6 +83,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
           max_message_bytes: int, message_ttl: float, job_sweep_seconds: float, log_level: str,
           access_log: bool) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
+    from services.memory_reuse import keep_freed_memory
     from services.server.app import create_app
 
     if only == "broker" and not coordinator_url:
@@ -92,6 +93,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, message_ttl=message_ttl,
                           job_sweep_seconds=job_sweep_seconds)
+    keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
     app = create_app(config)
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
     # connections made in between wait in the backlog.

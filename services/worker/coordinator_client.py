@@ -9,6 +9,8 @@ from typing import Any
 
 import requests
 
+from services.coordinator.job_changes import VERSION_HEADER
+
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -68,6 +70,14 @@ class CoordinatorClient:
         """`GET /v1/worker/jobs`: approved or started jobs where this organization holds a seat."""
         return self._request("GET", "/v1/worker/jobs").json()
 
+    def wait_for_jobs(self, after: int | None, wait: float) -> tuple[list[dict[str, Any]], int | None]:
+        """`GET /v1/worker/jobs?wait=&after=`: the jobs once their version differs from `after` (or after `wait`
+        seconds), and the version they reflect (None from a coordinator that does not long-poll)."""
+        params = {"wait": f"{wait:g}", **({"after": str(after)} if after is not None else {})}
+        response = self._request("GET", "/v1/worker/jobs", params=params, timeout=wait + self.timeout)
+        version = response.headers.get(VERSION_HEADER, "")
+        return response.json(), int(version) if version.isdigit() else None
+
     def job(self, job_id: str) -> dict[str, Any]:
         """`GET /v1/worker/jobs/{id}`: one job in any status."""
         return self._request("GET", f"/v1/worker/jobs/{job_id}").json()
@@ -76,10 +86,12 @@ class CoordinatorClient:
         """`POST /v1/worker/jobs/{id}/report`; raises `JobEnded` when the coordinator says the job is over."""
         self._request("POST", f"/v1/worker/jobs/{job_id}/report", json=report, job_id=job_id)
 
-    def _request(self, method: str, path: str, json: Any = None, job_id: str | None = None) -> requests.Response:
+    def _request(self, method: str, path: str, json: Any = None, job_id: str | None = None,
+                 params: dict[str, str] | None = None, timeout: float | None = None) -> requests.Response:
         url = self.base_url + path
         try:
-            response = self._session.request(method, url, json=json, timeout=self.timeout)
+            response = self._session.request(method, url, json=json, params=params,
+                                             timeout=timeout or self.timeout)
         except requests.RequestException as exc:
             raise CoordinatorUnreachable(
                 f"cannot reach the coordinator at {self.base_url} ({type(exc).__name__}); check CAPE_COORDINATOR "

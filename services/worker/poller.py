@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from services.worker import health, program
 from services.worker.config import WorkerConfig
@@ -28,7 +29,8 @@ HEARTBEAT_SECONDS = 15.0
 MAX_BACKOFF_SECONDS = 30.0
 # Status files from the runner and uploader are local: they are reported this soon after they appear, while
 # the coordinator itself is polled for jobs every CAPE_POLL_INTERVAL.
-SPOOL_WATCH_SECONDS = 0.1
+SPOOL_WATCH_SECONDS = 0.02
+JOB_WATCH_SECONDS = 25.0  # one long poll of the job list; below the coordinator's 60 s limit and proxies' timeouts
 VERSION = "0.1.0"
 
 log = logging.getLogger("cape.poller")
@@ -63,6 +65,7 @@ class Poller:
         self.registered = False
         self.last_heartbeat = 0.0
         self.last_programs: dict[str, str] | None = None
+        self._store_lock = threading.Lock()  # the cycle and the job watcher both store jobs
 
     def start(self) -> None:
         """Log in and register keys (once per process start)."""
@@ -95,15 +98,40 @@ class Poller:
 
     def fetch_jobs(self) -> set[str]:
         """Store every approved/started job of ours in the spool; returns the ids served."""
+        return self.store_jobs(self.client.jobs())
+
+    def store_jobs(self, specs: list[dict[str, Any]]) -> set[str]:
+        """Store the listed jobs in the spool; returns their ids."""
         served = set()
-        for spec in self.client.jobs():
-            try:
-                if self.spool.put_job(spec):
-                    log.info("job %s (%s) stored for seat %s", spec["id"], spec.get("status"), spec.get("seat"))
-                served.add(spec["id"])
-            except (InvalidName, KeyError, TypeError):
-                log.error("ignoring a job from the coordinator with an invalid id or shape")
+        with self._store_lock:
+            for spec in specs:
+                try:
+                    if self.spool.put_job(spec):
+                        log.info("job %s (%s) stored for seat %s", spec["id"], spec.get("status"), spec.get("seat"))
+                    served.add(spec["id"])
+                except (InvalidName, KeyError, TypeError):
+                    log.error("ignoring a job from the coordinator with an invalid id or shape")
         return served
+
+    def watch_jobs(self, client: CoordinatorClient, stop: threading.Event, wait: float = JOB_WATCH_SECONDS) -> None:
+        """Until `stop`, long-poll the job list and store jobs the moment they change (approved, mostly).
+
+        `client` is this thread's own (HTTP sessions are not shared between threads). Failures only pause the
+        watch: the cycle reports coordinator problems and still fetches the list every CAPE_POLL_INTERVAL.
+        """
+        version: int | None = None
+        backoff = Backoff(1.0)
+        while not stop.is_set():
+            try:
+                specs, version = client.wait_for_jobs(version, wait)
+            except CoordinatorError:
+                version = None
+                stop.wait(backoff.next_delay())
+                continue
+            backoff.reset()
+            self.store_jobs(specs)
+            if version is None:  # a coordinator without long polls: the cycle's fetches are enough
+                return
 
     def notice_ended(self, served: set[str]) -> None:
         """For spooled jobs the coordinator no longer serves, look up their status and mark the ended ones."""
@@ -199,11 +227,18 @@ def main() -> int:
 def _poll(config: WorkerConfig) -> None:
     keys = program.load_keys(config)
     client = CoordinatorClient(config.coordinator, config.token)
-    log.info("polling %s every %.1f s", config.coordinator, config.poll_interval)
+    watch_client = CoordinatorClient(config.coordinator, config.token)
+    stop = threading.Event()
+    poller = Poller(config, client, Spool(config.spool_dir), keys, supervised_program_states)
+    watcher = threading.Thread(target=poller.watch_jobs, args=(watch_client, stop), name="job-watch", daemon=True)
+    watcher.start()
+    log.info("polling %s every %.1f s, and watching it for approved jobs", config.coordinator, config.poll_interval)
     try:
-        Poller(config, client, Spool(config.spool_dir), keys, supervised_program_states).run()
+        poller.run()
     finally:
+        stop.set()
         client.close()
+        watch_client.close()
 
 
 if __name__ == "__main__":

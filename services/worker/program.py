@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from services.memory_reuse import keep_freed_memory
 from services.worker import logs
 from services.worker.config import ConfigError, WorkerConfig
 from services.worker.keys import KeyFileError, WorkerKeys
@@ -43,6 +44,7 @@ def load_keys(config: WorkerConfig) -> WorkerKeys:
 
 def run(program: str, body: Callable[[WorkerConfig], None]) -> int:
     """Configure `program`, then run `body(config)`; the process's exit code."""
+    keep_freed_memory()
     try:
         body(configure(program))
     except StartupFailed:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the programs read their configuration only in main()
     from services.worker.config import WorkerConfig
 
 log = logging.getLogger("cape.runner")
-SCAN_SECONDS = 0.2
+SCAN_SECONDS = 0.05  # how soon a job the poller stored starts; a scan is one directory listing
 PROGRESS_EVERY_SECONDS = 1.0
 MAX_PARALLEL_JOBS = 4
 _STOPPING = "the runner is stopping"

@@ -117,12 +117,13 @@ class SealedMessage:
 
         index = 0
         pending: Buffer | None = None
+        sealed = bytearray(chunk_size + _TAG)  # one buffer for every chunk: fresh memory is what costs most
         for chunk in fixed_chunks(pieces, chunk_size):
             if pending is not None:
-                written += _write_chunk(out, cipher, index, pending, False, binding)
+                written += _write_chunk(out, cipher, index, pending, False, binding, sealed)
                 index += 1
             pending = chunk
-        written += _write_chunk(out, cipher, index, pending if pending is not None else b"", True, binding)
+        written += _write_chunk(out, cipher, index, pending if pending is not None else b"", True, binding, sealed)
         return written
 
     @staticmethod
@@ -157,14 +158,17 @@ class SealedMessage:
 
         size = 0
         index = 0
+        sealed = memoryview(bytearray(max_chunk + _TAG))  # reused for every chunk, as in `seal`
+        plain = memoryview(bytearray(max_chunk))
         while True:
             (length,) = struct.unpack(">I", _read_exact(source, 4))
             if not _TAG <= length <= max_chunk + _TAG:
                 raise MessageRejected(f"chunk {index} has an impossible length")
-            sealed = _read_exact(source, length)
-            plain, final = _open_chunk(cipher, index, sealed, binding)
-            out.write(plain)
-            size += len(plain)
+            _read_into(source, sealed[:length])
+            opened = plain[: length - _TAG]
+            final = _open_chunk(cipher, index, sealed[:length], binding, opened)
+            out.write(opened)
+            size += len(opened)
             if final:
                 break
             index += 1
@@ -197,21 +201,42 @@ class SealedMessage:
         return out.getvalue()
 
 
-def _write_chunk(out: IO[bytes], cipher: AESGCM, index: int, plain: Buffer, final: bool, ad: bytes) -> int:
-    sealed = cipher.encrypt(_nonce(index, final), plain, ad)
-    out.write(struct.pack(">I", len(sealed)))
-    out.write(sealed)
-    return 4 + len(sealed)
+def _write_chunk(out: IO[bytes], cipher: AESGCM, index: int, plain: Buffer, final: bool, ad: bytes,
+                 buffer: bytearray) -> int:
+    length = len(plain) + _TAG
+    sealed = memoryview(buffer)[:length]
+    cipher.encrypt_into(_nonce(index, final), plain, ad, sealed)
+    out.write(struct.pack(">I", length))
+    out.write(sealed)  # a file copies it before returning, so the buffer can be reused
+    return 4 + length
 
 
-def _open_chunk(cipher: AESGCM, index: int, sealed: bytes, ad: bytes) -> tuple[bytes, bool]:
+def _open_chunk(cipher: AESGCM, index: int, sealed: memoryview, ad: bytes, plain: memoryview) -> bool:
+    """Decrypt one chunk into `plain`; returns its final flag."""
     # The final flag is not sent in the clear: try "not final" first (all chunks but one), then "final".
     for final in (False, True):
         try:
-            return cipher.decrypt(_nonce(index, final), sealed, ad), final
+            cipher.decrypt_into(_nonce(index, final), sealed, ad, plain)
+            return final
         except InvalidTag:
             continue
     raise MessageRejected(f"chunk {index} fails authentication (altered, reordered or from another message)")
+
+
+def _read_into(source: IO[bytes], target: memoryview) -> None:
+    """Fill `target` from `source` (which may return short reads before the end) or raise `MessageRejected`."""
+    readinto = getattr(source, "readinto", None)
+    done = 0
+    while done < len(target):
+        if readinto is not None:
+            got = readinto(target[done:])
+        else:
+            data = source.read(len(target) - done)
+            got = len(data)
+            target[done : done + got] = data
+        if not got:
+            raise MessageRejected("truncated message")
+        done += got
 
 
 def _read_exact(source: IO[bytes], count: int) -> bytes:

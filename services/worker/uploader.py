@@ -31,7 +31,7 @@ WEIGHTS_FILE = "regression_weights.csv"
 METRICS_FILE = "metrics.json"
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 30.0
-SPOOL_WATCH_SECONDS = 0.1  # how soon a result the runner wrote is uploaded
+SPOOL_WATCH_SECONDS = 0.02  # how soon a result the runner wrote is uploaded (a look is one listing)
 
 log = logging.getLogger("cape.uploader")
 

@@ -38,9 +38,6 @@ Column = list[np.ndarray]  # a column's values as arrow gave them: one float64 a
 _PARQUET_MAGIC = b"PAR1"
 # The header must lie within this many bytes: a bound on what a bad file can make us buffer.
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
-# Rows per block when filling the n×d array: a block (rows × d × 8 bytes) stays in cache while every column is
-# written into it; filling one whole column at a time is a strided pass over all of x per column, several times slower.
-_FILL_ROWS = 8192
 
 
 @dataclass
@@ -158,52 +155,42 @@ def read_columns(source: Source, *, name: str | None = None) -> list[str]:
 
 
 def _populated_empty(shape: tuple[int, int]) -> np.ndarray:
-    """An uninitialized float64 array whose pages the kernel maps in one call (MAP_POPULATE).
+    """An uninitialized column-major (Fortran-order) float64 array whose pages the kernel maps in one call.
 
     Filling a fresh np.empty of a few hundred MB page-faults once per page: measured here at 0.05 s or 0.9 s for
-    256 MB, depending on whether huge pages were at hand; a populated mapping took 0.15 s every time.
+    256 MB, depending on whether huge pages were at hand; a populated mapping (MAP_POPULATE) took 0.15 s every time.
     """
-    size = int(np.prod(shape)) * 8
+    rows, cols = shape
+    size = rows * cols * 8
     flags = getattr(mmap, "MAP_POPULATE", None)
     if size < (64 << 20) or flags is None:
-        return np.empty(shape, dtype=np.float64)
+        return np.empty(shape, dtype=np.float64, order="F")
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
-    return np.frombuffer(mapping, dtype=np.float64).reshape(shape)  # the array keeps the mapping alive
+    return np.frombuffer(mapping, dtype=np.float64).reshape(cols, rows).T  # the array keeps the mapping alive
 
 
 def load_x(source: Source, columns: Sequence[str], *, name: str | None = None) -> np.ndarray:
-    """Load `columns` (in that order) as an n×d C-contiguous float64 array; raise a `JobDataError` if unusable."""
+    """Load `columns` (in that order) as an n×d column-major float64 array; raise a `JobDataError` if unusable.
+
+    Parquet is read one column at a time, each copied into x and released before the next: arrow's buffers for
+    one column are reused for the next instead of the whole table being decoded into fresh memory first (on a
+    VM, fresh pages are what a large load mostly costs). Column-major keeps every copy contiguous.
+    """
     columns = list(columns)
-    loaded = _load(source, columns, name)
-    n = sum(len(chunk) for chunk in loaded[0]) if loaded else 0
-    x = _populated_empty((n, len(columns)))
-    # Straight from arrow's (zero-copy) chunks into x, block by block: no intermediate per-column copy.
-    cursors = [_Cursor(chunks) for chunks in loaded]
-    for start in range(0, n, _FILL_ROWS):
-        block = x[start : start + _FILL_ROWS]
-        for j, cursor in enumerate(cursors):
-            cursor.copy_into(block[:, j])
-    return x
-
-
-class _Cursor:
-    """Reads a chunked column forward into successive slices of the output."""
-
-    def __init__(self, chunks: Column) -> None:
-        self._chunks = [c for c in chunks if len(c)]
-        self._index = 0
-        self._offset = 0
-
-    def copy_into(self, out: np.ndarray) -> None:
-        done = 0
-        while done < len(out):
-            chunk = self._chunks[self._index]
-            take = min(len(out) - done, len(chunk) - self._offset)
-            out[done : done + take] = chunk[self._offset : self._offset + take]
-            done += take
-            self._offset += take
-            if self._offset == len(chunk):
-                self._index, self._offset = self._index + 1, 0
+    display = source_name(source, name)
+    x: np.ndarray | None = None
+    first_bad = _FirstNonFinite()
+    with _open(source, name) as opened:
+        for j, chunks in enumerate(_columns(opened, columns)):
+            if x is None:
+                x = _populated_empty((sum(len(chunk) for chunk in chunks), len(columns)))
+            first_bad.check(j, chunks)
+            offset = 0
+            for chunk in chunks:
+                x[offset : offset + len(chunk), j] = chunk
+                offset += len(chunk)
+    first_bad.raise_if_found(display, columns)
+    return x if x is not None else np.empty((0, 0), order="F")
 
 
 def load_y(source: Source, column: str, *, name: str | None = None) -> np.ndarray:
@@ -217,32 +204,45 @@ def load_y(source: Source, column: str, *, name: str | None = None) -> np.ndarra
 
 def _load(source: Source, columns: list[str], name: str | None) -> list[Column]:
     with _open(source, name) as opened:
-        if opened.kind == "parquet":
-            arrays = _read_parquet(opened, columns)
-        else:
-            arrays = _read_csv(opened, columns)
-    _check_finite(source_name(source, name), columns, arrays)
+        arrays = list(_columns(opened, columns))
+    first_bad = _FirstNonFinite()
+    for j, chunks in enumerate(arrays):
+        first_bad.check(j, chunks)
+    first_bad.raise_if_found(source_name(source, name), columns)
     return arrays
 
 
-def _check_finite(display: str, columns: list[str], loaded: list[Column]) -> None:
-    """Raise `NonFiniteError` for the earliest row holding NaN or ±inf (ties: the first column asked for)."""
-    first: tuple[int, int, float] | None = None
-    for j, chunks in enumerate(loaded):
+def _columns(opened: _Opened, columns: list[str]) -> Iterator[Column]:
+    """The asked-for columns as float64 chunks, in order; Parquet reads each only when it is asked for."""
+    if opened.kind == "parquet":
+        yield from _read_parquet(opened, columns)
+    else:
+        yield from _read_csv(opened, columns)
+
+
+class _FirstNonFinite:
+    """The earliest row holding NaN or ±inf over the columns checked (ties: the first column asked for)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, int, float] | None = None  # (row, column index, value)
+
+    def check(self, j: int, chunks: Column) -> None:
         offset = 0
         for chunk in chunks:
-            if first is not None and offset >= first[0]:
-                break
+            if self.first is not None and offset >= self.first[0]:
+                return
             bad = ~np.isfinite(chunk)
             if bad.any():
                 at = int(np.argmax(bad))
-                if first is None or offset + at < first[0]:
-                    first = (offset + at, j, float(chunk[at]))
-                break
+                if self.first is None or (offset + at, j) < self.first[:2]:
+                    self.first = (offset + at, j, float(chunk[at]))
+                return
             offset += len(chunk)
-    if first is not None:
-        row, j, value = first
-        raise NonFiniteError(display, columns[j], row + 1, value)
+
+    def raise_if_found(self, display: str, columns: list[str]) -> None:
+        if self.first is not None:
+            row, j, value = self.first
+            raise NonFiniteError(display, columns[j], row + 1, value)
 
 
 # --- Parquet -------------------------------------------------------------------------------------------------
@@ -259,15 +259,17 @@ def _parquet_file(opened: _Opened) -> pq.ParquetFile:
         raise UnreadableDataError(opened.name, f"not a readable Parquet file ({_arrow_reason(exc)})") from None
 
 
-def _read_parquet(opened: _Opened, columns: list[str]) -> list[Column]:
+def _read_parquet(opened: _Opened, columns: list[str]) -> Iterator[Column]:
     parquet = _parquet_file(opened)
     available = list(parquet.schema_arrow.names)
     _require_columns(opened.name, columns, available)
-    try:
-        table = parquet.read(columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        raise UnreadableDataError(opened.name, f"not a readable Parquet file ({_arrow_reason(exc)})") from None
-    return [_to_float(opened.name, c, table.column(c)) for c in columns]
+    for column in columns:
+        try:
+            table = parquet.read(columns=[column])
+        except (pa.ArrowException, OSError) as exc:
+            raise UnreadableDataError(opened.name, f"not a readable Parquet file ({_arrow_reason(exc)})") from None
+        yield _to_float(opened.name, column, table.column(0))
+        del table
 
 
 # --- CSV -----------------------------------------------------------------------------------------------------
