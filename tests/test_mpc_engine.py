@@ -6,7 +6,7 @@ import pytest
 
 from services.mpc import (FixedPointOverflow, InMemoryNetwork, Prf, ProtocolError, add, add_public, decode,
                           encode, matmul, mul, mul_public, neg, private_matvec, reveal_additive, reveal_to,
-                          share_input, simulated_seeds, sub, truncate)
+                          send_masked_vector, share_input, simulated_seeds, sub, truncate)
 from services.mpc.party import Party
 from services.mpc.prf import PartyRandomness, PartySeeds
 from tests.support.mpc_parties import run_three
@@ -201,6 +201,41 @@ def test_private_product_shares_sum_to_the_product(matrix_owner: int, vector_own
     assert [name for _, name, _ in network.received[matrix_owner]] == ["p/y-r"]
     assert network.bytes_sent[matrix_owner] == n * m * 8 and network.bytes_sent[vector_owner] == n * 8
     assert network.rounds[matrix_owner] == 1 and network.rounds[vector_owner] == 1
+
+
+def test_vector_sent_ahead_gives_the_same_shares_and_messages() -> None:
+    """`send_masked_vector` first (the vector owner sends before it waits for anything), then the product."""
+    n, m, block_rows = 700, 3, 256
+    b, y = ring_values((n, m)), ring_values((n,))
+    seeds = simulated_seeds()  # the same for both runs, so their shares can be compared
+
+    def run(ahead: bool) -> tuple[list, InMemoryNetwork]:
+        network = InMemoryNetwork(timeout=5.0, record=True)
+
+        def step(party: Party):
+            if party.index == 1 and ahead:
+                send_masked_vector(party, "p", matrix_owner=0, vector_owner=1, n=n, vector=y)
+                party.receive(0, "hello")  # only now does the vector owner wait for the matrix owner
+            if party.index == 0:
+                party.send(1, "hello", np.zeros(1, dtype=np.uint64))
+            blocks = [b[s:s + block_rows] for s in range(0, n, block_rows)] if party.index == 0 else None
+            return private_matvec(party, "p", matrix_owner=0, vector_owner=1, n=n, m=m, blocks=blocks,
+                                  vector=y if party.index == 1 else None, block_rows=block_rows,
+                                  vector_sent=ahead and party.index == 1)
+
+        return run_three(step, network=network, seeds=seeds), network
+
+    (ahead_shares, ahead_net), (plain_shares, plain_net) = run(True), run(False)
+    assert all(np.array_equal(a, p) for a, p in zip(ahead_shares, plain_shares))
+    assert np.array_equal(ahead_shares[0] + ahead_shares[1] + ahead_shares[2], y @ b)
+    sent = {name: array.tobytes() for _, name, array in ahead_net.received[0]}
+    assert sent == {name: array.tobytes() for _, name, array in plain_net.received[0]}  # the same y - r
+
+
+def test_only_the_vector_owner_sends_the_masked_vector() -> None:
+    party = Party.create(0, InMemoryNetwork(timeout=1.0).transport(0), simulated_seeds()[0])
+    with pytest.raises(ValueError, match="only the vector owner"):
+        send_masked_vector(party, "p", matrix_owner=0, vector_owner=1, n=3, vector=ring_values((3,)))
 
 
 def test_private_product_rejects_blocks_that_do_not_fit() -> None:

@@ -1,5 +1,7 @@
 """The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
 import logging
+import threading
+import time
 
 import pytest
 
@@ -118,3 +120,71 @@ def test_backoff_doubles_and_caps():
     assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
     backoff.reset()
     assert backoff.next_delay() == 0.5
+
+
+def submit_job(world):
+    user = world["user"]
+    return user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()
+
+
+def test_job_list_long_poll_answers_when_a_job_is_approved(cape_server, module_world):
+    worker = module_world["worker"]["helper"]
+    first = worker.get("/v1/worker/jobs")
+    version = int(first.headers["X-Cape-Jobs-Version"])
+    # Nothing changes: the poll waits its full time, then answers with the same version.
+    started = time.monotonic()
+    quiet = worker.get("/v1/worker/jobs", params={"wait": 0.3, "after": version})
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert int(quiet.headers["X-Cape-Jobs-Version"]) == version and quiet.json() == first.json()
+    # The last approval while a poll waits: the poll answers with the new job right away, not after its 20 s.
+    job = submit_job(module_world)
+    assert module_world["user"]["xorg"].post(f"/v1/jobs/{job['id']}/approve").status_code == 200
+    version = int(worker.get("/v1/worker/jobs").headers["X-Cape-Jobs-Version"])
+    answer: dict = {}
+    waiter = threading.Thread(target=lambda: answer.update(
+        response=worker.get("/v1/worker/jobs", params={"wait": 20, "after": version}), at=time.monotonic()))
+    waiter.start()
+    time.sleep(0.2)
+    assert module_world["user"]["yorg"].post(f"/v1/jobs/{job['id']}/approve").status_code == 200
+    approved = time.monotonic()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert answer["at"] - approved < 1.0
+    assert job["id"] in [j["id"] for j in answer["response"].json()]
+    assert int(answer["response"].headers["X-Cape-Jobs-Version"]) > version
+    # A version the server does not hold (say, from before its restart) is answered at once.
+    started = time.monotonic()
+    worker.get("/v1/worker/jobs", params={"wait": 20, "after": version - 1000})
+    assert time.monotonic() - started < 1.0
+
+
+def test_job_list_long_poll_rejects_a_bad_wait(module_world):
+    response = module_world["worker"]["helper"].get("/v1/worker/jobs", params={"wait": 61, "after": 1})
+    assert response.status_code == 422
+
+
+def test_watcher_stores_an_approved_job_before_the_next_cycle(cape_server, module_world, tmp_path):
+    poller, _ = make_poller(tmp_path, cape_server.url, module_world["orgs"]["helper"]["organization_token"])
+    poller.cycle()  # logs in and registers keys; the next cycle would be CAPE_POLL_INTERVAL away
+    stop = threading.Event()
+    watcher = threading.Thread(target=poller.watch_jobs,
+                               args=(CoordinatorClient(cape_server.url, module_world["orgs"]["helper"]
+                                                       ["organization_token"], timeout=5), stop, 20.0))
+    watcher.start()
+    try:
+        job = submit_job(module_world)
+        time.sleep(0.3)  # the watcher is parked in its long poll
+        for org in ("xorg", "yorg"):
+            module_world["user"][org].post(f"/v1/jobs/{job['id']}/approve")
+        deadline = time.monotonic() + 5
+        while poller.spool.read_job(job["id"]) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        spec = poller.spool.read_job(job["id"])
+        assert spec is not None and spec["seat"] == "helper" and spec["status"] == "Approved"
+    finally:
+        stop.set()
+        module_world["user"]["xorg"].post(f"/v1/jobs/{job['id']}/stop")  # wakes the watcher's poll
+        watcher.join(timeout=10)
+    assert not watcher.is_alive()

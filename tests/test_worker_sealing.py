@@ -46,6 +46,41 @@ def test_roundtrip_across_chunk_boundaries(parties, size):
     assert len(plaintext) < 32 or plaintext[:32] not in sealed
 
 
+class _Trickle(io.RawIOBase):
+    """A stream (like a socket) that returns at most 700 bytes per call, with or without `readinto`."""
+
+    def __init__(self, data: bytes, readinto: bool) -> None:
+        self._data = memoryview(data)
+        if not readinto:
+            self.readinto = None  # type: ignore[assignment]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = 700 if size < 0 else min(size, 700)
+        piece, self._data = bytes(self._data[:size]), self._data[size:]
+        return piece
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        piece = self.read(len(buffer))
+        buffer[: len(piece)] = piece
+        return len(piece)
+
+
+@pytest.mark.parametrize("readinto", [True, False])
+def test_opens_from_a_stream_that_returns_short_reads(parties, readinto):
+    plaintext = os.urandom(10_000)
+    sealed = seal(parties, plaintext, chunk_size=4096)
+    out = io.BytesIO()
+    SealedMessage.open(_Trickle(sealed, readinto), out, ADDRESS, parties["recipient"],
+                       parties["sender"].public_key(), 4096)
+    assert out.getvalue() == plaintext
+    with pytest.raises(MessageRejected, match="truncated"):
+        SealedMessage.open(_Trickle(sealed[:-5], readinto), io.BytesIO(), ADDRESS, parties["recipient"],
+                           parties["sender"].public_key(), 4096)
+
+
 def test_ciphertext_hides_the_plaintext(parties):
     plaintext = b"share:" + b"\x07" * 5000
     sealed = seal(parties, plaintext)

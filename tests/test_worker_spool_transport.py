@@ -68,6 +68,24 @@ def test_arrays_roundtrip_with_dtype_and_shape(world):
     assert x.messages_sent == len(arrays) and y.messages_received == len(arrays)
 
 
+def test_a_large_received_array_is_mapped_read_only(world):
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    large = np.arange(300_000, dtype=np.uint64).reshape(100_000, 3)  # 2.4 MB: mapped from the inbox file
+    small = np.arange(10, dtype=np.uint64)
+    x.send(1, "large", large)
+    x.send(1, "small", small)
+    x.flush()
+    deliver(world, "x_owner", "y_owner")
+    got = y.receive(0, "large")
+    np.testing.assert_array_equal(got, large)
+    assert isinstance(got, np.memmap) and not got.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        got[0, 0] = 1  # the engine never writes to a received array; if it did, it would fail loudly
+    assert y.receive(0, "small").flags.writeable  # small ones are read into memory as before
+
+
 def test_sending_again_keeps_the_first_ciphertext(world):
     keys, spools, specs = world
     x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])

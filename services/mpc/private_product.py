@@ -55,29 +55,51 @@ def prefetched(make: Callable[[int], T], count: int) -> Iterator[T]:
             yield current
 
 
+def _helper_of(matrix_owner: int, vector_owner: int) -> int:
+    helper = 3 - matrix_owner - vector_owner
+    if {matrix_owner, vector_owner, helper} != {0, 1, 2}:
+        raise ProtocolError("the matrix owner, vector owner and helper must be three different parties")
+    return helper
+
+
+def send_masked_vector(party: Party, name: str, *, matrix_owner: int, vector_owner: int, n: int,
+                       vector: np.ndarray) -> None:
+    """The vector owner's first move in `private_matvec(name)`: send y - r to the matrix owner.
+
+    Called ahead of `private_matvec(..., vector_sent=True)` when the vector owner can send before it is ready to
+    receive (y - r is uniform to the matrix owner, so sending early reveals nothing): the matrix owner then never
+    waits for it, which saves a round trip on a slow transport.
+    """
+    party.claim(name)
+    helper = _helper_of(matrix_owner, vector_owner)
+    if party.index != vector_owner:
+        raise ValueError("only the vector owner sends the masked vector")
+    y = as_ring(vector)
+    if y.shape != (n,):
+        raise ProtocolError(f"the vector has {y.shape[0] if y.ndim else 0} entries, expected {n}")
+    r = party.randomness.shared_with(helper).array(f"{name}/r", n)
+    party.send(matrix_owner, f"{name}/y-r", y - r)
+
+
 def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: int, n: int, m: int,
                    blocks: Iterable[np.ndarray] | None = None, vector: np.ndarray | None = None,
-                   block_rows: int = 1 << 15) -> np.ndarray:
+                   block_rows: int = 1 << 15, vector_sent: bool = False) -> np.ndarray:
     """This party's additive share (m ring elements) of M y = B^T y.
 
     The matrix owner passes `blocks` (ring arrays of shape (rows, m), in order, covering n rows in blocks of
     `block_rows`), the vector owner passes `vector` (n ring elements); `n`, `m` and `block_rows` are public.
+    `vector_sent` (vector owner only): `send_masked_vector` already sent y - r for this name.
     """
-    party.claim(name)
     i = party.index
-    helper = 3 - matrix_owner - vector_owner
-    if {matrix_owner, vector_owner, helper} != {0, 1, 2}:
-        raise ProtocolError("the matrix owner, vector owner and helper must be three different parties")
+    helper = _helper_of(matrix_owner, vector_owner)
     share = zeros(m)
     if i == vector_owner:
         if vector is None:
             raise ValueError("the vector owner must provide the vector")
+        if not vector_sent:
+            send_masked_vector(party, name, matrix_owner=matrix_owner, vector_owner=vector_owner, n=n,
+                               vector=vector)
         y = as_ring(vector)
-        if y.shape != (n,):
-            raise ProtocolError(f"the vector has {y.shape[0] if y.ndim else 0} entries, expected {n}")
-        r = party.randomness.shared_with(helper).array(f"{name}/r", n)
-        party.send(matrix_owner, f"{name}/y-r", y - r)
-        del r
         for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
             masked = party.receive(matrix_owner, f"{name}/M-S/{k}")
             if masked.shape != (stop - start, m) or masked.dtype != RING_DTYPE:
@@ -85,6 +107,7 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
                                     f"expected {(stop - start, m)} ring elements; are all workers on one version?")
             share += vec_mat(y[start:stop], masked)
         return share
+    party.claim(name)
     if i == matrix_owner:
         if blocks is None:
             raise ValueError("the matrix owner must provide the matrix blocks")

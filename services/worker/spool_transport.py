@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from services.mpc import ProtocolError, TransportTimeout
 log = logging.getLogger(__name__)
 _POLL_MIN, _POLL_MAX = 0.002, 0.01  # a wait ends at most 10 ms after the file appears; an open() is cheap
 WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
+MAP_INBOX_BYTES = 1 << 20  # received arrays from this size on are mapped from the inbox file, not read
 _SEALER_IDLE_SECONDS = 5.0
 
 
@@ -67,6 +70,18 @@ def _npy_pieces(array: np.ndarray) -> list[bytes | memoryview]:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     return [header.getvalue(), memoryview(array.reshape(-1).view(np.uint8))]
+
+
+def _read_inbox_array(path: Path) -> np.ndarray:
+    """An inbox message's array; a large one is mapped read-only from the file instead of copied into memory.
+
+    Inbox files stay until the job ends, and the engine never writes to a received array (a write to a mapped one
+    raises instead of going unnoticed). Mapping saves the runner a fresh copy of every block it receives.
+    """
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size < MAP_INBOX_BYTES:
+            return np.lib.format.read_array(handle, allow_pickle=False)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 class OutboxWriteTimeout(ProtocolError):
@@ -224,8 +239,7 @@ class SpoolTransport:
         delay = _POLL_MIN
         while True:
             try:
-                with open(path, "rb") as handle:
-                    array = np.lib.format.read_array(handle, allow_pickle=False)
+                array = _read_inbox_array(path)
                 self.messages_received += 1
                 return array
             except FileNotFoundError:

@@ -68,7 +68,7 @@ from services.mpc.errors import ProtocolError
 from services.mpc.fixed_point import decode, encode, encode_scaled
 from services.mpc.party import Party
 from services.mpc.prf import PartySeeds
-from services.mpc.private_product import block_bounds, private_matvec
+from services.mpc.private_product import block_bounds, private_matvec, send_masked_vector
 from services.mpc.ring import RING_DTYPE
 from services.mpc.transport import Transport
 
@@ -221,17 +221,20 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
     n = y.shape[0]
     out = task.output_party
     _announce_rows(party, n, (X_OWNER, THIRD_SEAT))
-    _check_rows(x_rows=_receive_int(party, X_OWNER, "lr/x-rows"), y_rows=n)
     plan = _prepare_y(y, task.y_column)
     if plan is None:
         _send_status(party, "lr/y-status", _STATUS_CONSTANT_Y, (X_OWNER, THIRD_SEAT))
         raise ConstantTargetError(task.y_column)
     _send_status(party, "lr/y-status", _STATUS_OK, (X_OWNER, THIRD_SEAT))
+    # yc~ - r (uniform to the x-owner) goes out before the x-owner's row count and status are known: it is there
+    # by the time the x-owner has loaded and prepared X, which otherwise waits one more round trip for it.
+    send_masked_vector(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, vector=plan.y_encoded)
+    _check_rows(x_rows=_receive_int(party, X_OWNER, "lr/x-rows"), y_rows=n)
     _check_status(party, X_OWNER, "lr/x-status")
     clock.done(0.3, "prepare")
 
     share = private_matvec(party, "lr/v", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=n, m=task.d,
-                           vector=plan.y_encoded, block_rows=BLOCK_ROWS)
+                           vector=plan.y_encoded, block_rows=BLOCK_ROWS, vector_sent=True)
     # The x-owner's blocks carry + 2^40 on every entry: remove 2^40 sum(yc~) (array arithmetic wraps silently).
     share -= np.array([plan.y_encoded.sum()], dtype=RING_DTYPE) * RING_DTYPE(int(ROUNDING_OFFSET))
     clock.done(0.85, "product")
@@ -247,11 +250,15 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
     if out == Y_OWNER:
         assert v_ring is not None
         v = decode(v_ring, M_FRAC_BITS + plan.fy)
-        correction = _open_metric_correction(party, task, v=v, fy=plan.fy)
-        kx = _receive_int(party, X_OWNER, "lr/kx")
         v_encoded = encode(np.ldexp(v, plan.fy - Y_NORM_BITS), V_FRAC_BITS, what="the opened vector v")
+        # Both masked vectors go out together: the x-owner answers both products in one round trip, not two.
+        send_masked_vector(party, "lr/c", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d * task.d,
+                           vector=_outer_vector(v, plan.fy))
+        send_masked_vector(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, vector=v_encoded)
+        correction = _open_metric_correction(party, task, v=v, fy=plan.fy, vector_sent=True)
+        kx = _receive_int(party, X_OWNER, "lr/kx")
         share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1,
-                               vector=v_encoded, block_rows=task.d)
+                               vector=v_encoded, block_rows=task.d, vector_sent=True)
         opened = reveal_additive(party, "lr/w-open", share, Y_OWNER)
         assert opened is not None
         weights = decode(opened, plan.fy - Y_NORM_BITS + V_FRAC_BITS + K_FRAC_BITS - kx)
@@ -323,10 +330,10 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
 
 
 def _open_metric_correction(party: Party, task: LinearRegressionTask, *, correction: np.ndarray | None = None,
-                            v: np.ndarray | None = None, fy: int = 0) -> float | None:
+                            v: np.ndarray | None = None, fy: int = 0, vector_sent: bool = False) -> float | None:
     """Step 3b: c = v^T E v, opened to the output party (x-owner's E, output party's v v^T, the third party helping).
 
-    v is normalized by 2^(fy - b) (so ||v|| <= 1) before forming v v^T. Returns c at the output party.
+    Returns c at the output party; `vector_sent`: it already sent its masked v v^T (`send_masked_vector`).
     """
     out, words = task.output_party, task.d * task.d
     blocks = vector = None
@@ -335,14 +342,19 @@ def _open_metric_correction(party: Party, task: LinearRegressionTask, *, correct
         blocks = [encode(correction, CORRECTION_FRAC_BITS, what="the metric correction").reshape(words, 1)]
     if party.index == out:
         assert v is not None
-        normalized = np.ldexp(v, fy - Y_NORM_BITS)
-        vector = encode(np.outer(normalized, normalized).ravel(), OUTER_FRAC_BITS, what="v v^T")
+        vector = _outer_vector(v, fy)
     share = private_matvec(party, "lr/c", matrix_owner=X_OWNER, vector_owner=out, n=words, m=1, blocks=blocks,
-                           vector=vector, block_rows=words)
+                           vector=vector, block_rows=words, vector_sent=vector_sent)
     opened = reveal_additive(party, "lr/c-open", share, out)
     if opened is None:
         return None
     return float(decode(opened, CORRECTION_FRAC_BITS + OUTER_FRAC_BITS + 2 * (fy - Y_NORM_BITS))[0])
+
+
+def _outer_vector(v: np.ndarray, fy: int) -> np.ndarray:
+    """The output party's input to step 3b: v v^T encoded, v first normalized by 2^(fy - b) (so ||v|| <= 1)."""
+    normalized = np.ldexp(v, fy - Y_NORM_BITS)
+    return encode(np.outer(normalized, normalized).ravel(), OUTER_FRAC_BITS, what="v v^T")
 
 
 # --- plaintext steps ----------------------------------------------------------------------------------------
