@@ -108,7 +108,7 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
 
     csv = tmp_path / "x.csv"
     csv.write_text("age,height,city\n30,1.8,Oslo\n41,1.7,Rome\n")
-    added = json.loads(cape_cli("dataviews", "add", project, "people", f"s3://acme-data/people.csv",
+    added = json.loads(cape_cli("dataviews", "add", project, "people", "s3://acme-data/people.csv",
                                 "--schema-from-csv", str(csv), "--json", env=env_a).stdout)
     assert added["schema"] == [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
                                {"name": "city", "type": "string"}]
