@@ -12,6 +12,7 @@ from services.client.commands.orgs import orgs
 from services.client.commands.projects import projects
 from services.client.errors import CapeError
 from services.client.simulate import simulate  # the engine's `cape simulate`, in its own module
+from services.process_exit import run_then_exit
 
 EXIT_ERROR = 1
 
@@ -41,5 +42,5 @@ for command in (login, whoami, orgs, projects, dataviews, jobs, simulate):
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cape(prog_name="cape")
+    """Console-script entry point (`cape simulate` reads files with Arrow, see services/process_exit.py)."""
+    run_then_exit(cape, prog_name="cape")

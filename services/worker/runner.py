@@ -259,4 +259,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from services.process_exit import run_then_exit
+
+    run_then_exit(main)  # the runner reads dataviews with Arrow: see services/process_exit.py
