@@ -82,7 +82,9 @@ def test_three_workers_train_and_only_the_model_owner_gets_weights(cape_server, 
             assert events, f"no CloudWatch events from {label}/{program}"
             assert all(e.startswith(f"{program} ") for e in events)
             cloudwatch_lines += events
-    assert any(job_id in line for line in moto.log_events(LOG_GROUP, "yorg/uploader"))
+    uploader_events = moto.log_events(LOG_GROUP, "yorg/uploader")
+    uploader_stdout = [line for line in workers["yorg"].output.splitlines() if "uploader" in line]
+    assert any(job_id in line for line in uploader_events), (uploader_events, uploader_stdout[-20:])
 
     # No token, token secret or data value in any log line (stdout or CloudWatch).
     everything = "\n".join([*cloudwatch_lines, *(w.output for w in workers.values())])
