@@ -13,21 +13,25 @@ import sys
 from typing import NoReturn
 
 
-def exit_now(code: int | str | None) -> NoReturn:
+def exit_now(code: object) -> NoReturn:
     """Flush logging handlers (watchtower's too) and stdout/stderr, then end the process with `code`.
 
-    `code` is as for SystemExit: None is 0, an int is the status, a string is printed to stderr with status 1.
+    `code` is as for SystemExit: None is 0, an int is the status, anything else is printed to stderr, status 1.
     """
-    if isinstance(code, str):
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
         print(code, file=sys.stderr)
-        code = 1
+        status = 1
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # closed or broken pipe: nothing more can be said on it
             pass
-    os._exit(code or 0)
+    os._exit(status)
 
 
 def run_then_exit(entry, *args, **kwargs) -> NoReturn:  # type: ignore[no-untyped-def]
