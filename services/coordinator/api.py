@@ -1,11 +1,13 @@
 """The coordinator's HTTP API under `/v1` (see services/CONTRACTS.md); thin handlers over the store modules."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from services.coordinator import identity, jobs, projects, workers
 from services.coordinator.db import Database
@@ -33,6 +35,13 @@ bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issu
 def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRouter:
     """All `/v1` endpoints, bound to one database; `changes` is bumped whenever a job's status may have changed."""
     changes = changes or JobChanges()
+
+    @contextmanager
+    def job_change() -> Iterator[Any]:
+        """A transaction that may change a job's status; waiting workers are woken once it has committed."""
+        with db.transaction() as conn:
+            yield conn
+        changes.bump()
     # JSON bodies here are small; a 1 MiB cap answers 413 before a big body is parsed into memory.
     router = APIRouter(prefix="/v1", max_body_size=MAX_JSON_BODY)
 
@@ -185,24 +194,18 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     @router.post("/jobs/{job_id}/approve", tags=["jobs"])
     def approve_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
-        with db.transaction() as conn:
-            view = jobs.job_view(conn, jobs.approve(conn, p, job_id))
-        changes.bump()
-        return view
+        with job_change() as conn:
+            return jobs.job_view(conn, jobs.approve(conn, p, job_id))
 
     @router.post("/jobs/{job_id}/reject", tags=["jobs"])
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
-        with db.transaction() as conn:
-            view = jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
-        changes.bump()
-        return view
+        with job_change() as conn:
+            return jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
 
     @router.post("/jobs/{job_id}/stop", tags=["jobs"])
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
-        with db.transaction() as conn:
-            view = jobs.job_view(conn, jobs.stop(conn, p, job_id))
-        changes.bump()
-        return view
+        with job_change() as conn:
+            return jobs.job_view(conn, jobs.stop(conn, p, job_id))
 
     @router.get("/jobs/{job_id}/results", tags=["jobs"])
     def job_results(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
@@ -249,9 +252,8 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     @router.post("/worker/jobs/{job_id}/report", status_code=204, tags=["worker"])
     def worker_report(job_id: str, body: Report, p: Principal = Depends(worker)) -> Response:
-        with db.transaction() as conn:
+        with job_change() as conn:
             workers.report(conn, p.org_id or "", job_id, body.model_dump(exclude_none=True))
-        changes.bump()
         return Response(status_code=204)
 
     return router

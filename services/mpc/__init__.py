@@ -17,6 +17,6 @@ from services.mpc.truncation import truncate
 __all__ = [
     "FixedPointOverflow", "InMemoryNetwork", "Party", "PartyRandomness", "PartySeeds", "Prf", "ProtocolError",
     "ReplicatedShare", "Transport", "TransportTimeout", "add", "add_public", "decode", "encode", "matmul", "mul",
-    "mul_public", "neg", "private_matvec", "reveal_additive", "reveal_to", "send_masked_vector", "share_input", "simulated_seeds",
-    "sub", "truncate",
+    "mul_public", "neg", "private_matvec", "reveal_additive", "reveal_to", "send_masked_vector", "share_input",
+    "simulated_seeds", "sub", "truncate",
 ]

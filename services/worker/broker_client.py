@@ -23,8 +23,6 @@ from services.worker.spool import validate_job_id, validate_message_name, valida
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
-
-
 UPLOAD_BLOCK_BYTES = 1 << 20
 
 
@@ -204,20 +202,19 @@ class MessageStream:
 
     def read(self, size: int = -1) -> bytes:
         """Up to `size` bytes (fewer only at the end of the body, or as a stream may return them)."""
-        try:
-            data = self._raw.read(None if size < 0 else size)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            raise BrokerUnavailable(f"{self._what}: the connection to the broker at {self._base_url} broke "
-                                    f"({type(exc).__name__}); it is downloaded again later") from None
+        data = self._guarded(lambda: self._raw.read(None if size < 0 else size))
         self.bytes_read += len(data)
         return data
 
     def readinto(self, buffer: memoryview | bytearray) -> int:
         """Read into `buffer` (no new bytes object per read); 0 only at the end of the body."""
+        count = self._guarded(lambda: self._raw.readinto(buffer))
+        self.bytes_read += count
+        return count
+
+    def _guarded(self, call):  # type: ignore[no-untyped-def]
         try:
-            count = self._raw.readinto(buffer)
+            return call()
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             raise BrokerUnavailable(f"{self._what}: the connection to the broker at {self._base_url} broke "
                                     f"({type(exc).__name__}); it is downloaded again later") from None
-        self.bytes_read += count
-        return count

@@ -240,10 +240,7 @@ def _read_into(source: IO[bytes], target: memoryview) -> None:
 
 
 def _read_exact(source: IO[bytes], count: int) -> bytes:
-    data = source.read(count)
-    while len(data) < count:  # streams (pipes, sockets) may return short reads before the end
-        more = source.read(count - len(data))
-        if not more:
-            raise MessageRejected("truncated message")
-        data += more
-    return data
+    """Exactly `count` bytes (the small header fields), or `MessageRejected`."""
+    data = bytearray(count)
+    _read_into(source, memoryview(data))
+    return bytes(data)

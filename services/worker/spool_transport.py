@@ -78,10 +78,10 @@ def _read_inbox_array(path: Path) -> np.ndarray:
     Inbox files stay until the job ends, and the engine never writes to a received array (a write to a mapped one
     raises instead of going unnoticed). Mapping saves the runner a fresh copy of every block it receives.
     """
+    if os.stat(path).st_size >= MAP_INBOX_BYTES:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size < MAP_INBOX_BYTES:
-            return np.lib.format.read_array(handle, allow_pickle=False)
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 class OutboxWriteTimeout(ProtocolError):

@@ -177,19 +177,15 @@ def load_x(source: Source, columns: Sequence[str], *, name: str | None = None) -
     VM, fresh pages are what a large load mostly costs). Column-major keeps every copy contiguous.
     """
     columns = list(columns)
-    display = source_name(source, name)
     x: np.ndarray | None = None
-    first_bad = _FirstNonFinite()
     with _open(source, name) as opened:
-        for j, chunks in enumerate(_columns(opened, columns)):
+        for j, chunks in enumerate(_finite_columns(opened, columns)):
             if x is None:
                 x = _populated_empty((sum(len(chunk) for chunk in chunks), len(columns)))
-            first_bad.check(j, chunks)
             offset = 0
             for chunk in chunks:
                 x[offset : offset + len(chunk), j] = chunk
                 offset += len(chunk)
-    first_bad.raise_if_found(display, columns)
     return x if x is not None else np.empty((0, 0), order="F")
 
 
@@ -204,45 +200,30 @@ def load_y(source: Source, column: str, *, name: str | None = None) -> np.ndarra
 
 def _load(source: Source, columns: list[str], name: str | None) -> list[Column]:
     with _open(source, name) as opened:
-        arrays = list(_columns(opened, columns))
-    first_bad = _FirstNonFinite()
-    for j, chunks in enumerate(arrays):
-        first_bad.check(j, chunks)
-    first_bad.raise_if_found(source_name(source, name), columns)
-    return arrays
+        return list(_finite_columns(opened, columns))
 
 
-def _columns(opened: _Opened, columns: list[str]) -> Iterator[Column]:
-    """The asked-for columns as float64 chunks, in order; Parquet reads each only when it is asked for."""
-    if opened.kind == "parquet":
-        yield from _read_parquet(opened, columns)
-    else:
-        yield from _read_csv(opened, columns)
-
-
-class _FirstNonFinite:
-    """The earliest row holding NaN or ±inf over the columns checked (ties: the first column asked for)."""
-
-    def __init__(self) -> None:
-        self.first: tuple[int, int, float] | None = None  # (row, column index, value)
-
-    def check(self, j: int, chunks: Column) -> None:
+def _finite_columns(opened: _Opened, columns: list[str]) -> Iterator[Column]:
+    """The asked-for columns as float64 chunks, in order (Parquet reads each only when it is asked for); once all
+    were read, `NonFiniteError` for the earliest row holding NaN or ±inf (ties: the first column asked for)."""
+    reader = _read_parquet if opened.kind == "parquet" else _read_csv
+    first: tuple[int, int, float] | None = None  # (row, column index, value)
+    for j, chunks in enumerate(reader(opened, columns)):
         offset = 0
         for chunk in chunks:
-            if self.first is not None and offset >= self.first[0]:
-                return
+            if first is not None and offset >= first[0]:
+                break
             bad = ~np.isfinite(chunk)
             if bad.any():
                 at = int(np.argmax(bad))
-                if self.first is None or (offset + at, j) < self.first[:2]:
-                    self.first = (offset + at, j, float(chunk[at]))
-                return
+                if first is None or offset + at < first[0]:
+                    first = (offset + at, j, float(chunk[at]))
+                break
             offset += len(chunk)
-
-    def raise_if_found(self, display: str, columns: list[str]) -> None:
-        if self.first is not None:
-            row, j, value = self.first
-            raise NonFiniteError(display, columns[j], row + 1, value)
+        yield chunks
+    if first is not None:
+        row, j, value = first
+        raise NonFiniteError(opened.name, columns[j], row + 1, value)
 
 
 # --- Parquet -------------------------------------------------------------------------------------------------
