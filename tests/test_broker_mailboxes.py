@@ -1,7 +1,7 @@
 """Broker mailboxes against a real cape-server: idempotent puts, long-poll, download, acknowledge, expiry, access."""
 from __future__ import annotations
 
-import hashlib
+import sqlite3
 import threading
 import time
 
@@ -22,12 +22,13 @@ def test_put_list_get_ack_and_idempotent_puts(cape_server):
     put = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body)
     assert put.status_code == 201, put.text
     assert worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body).status_code == 200
-    other = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=b"other bytes")
-    assert other.status_code == 409 and other.json()["error"]["code"] == "message_conflict"
+    for other_bytes in (b"other bytes", body[:-1] + b"\x00"):  # other size; same size, last byte differs
+        other = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=other_bytes)
+        assert other.status_code == 409 and other.json()["error"]["code"] == "message_conflict"
 
     listed = worker["yorg"].get(_messages(jid)).json()
-    assert [(m["name"], m["from_seat"], m["size"], m["sha256"]) for m in listed] == [
-        ("r1.x-to-y", "x_owner", len(body), hashlib.sha256(body).hexdigest())]
+    assert [(m["name"], m["from_seat"], m["size"]) for m in listed] == [("r1.x-to-y", "x_owner", len(body))]
+    assert set(listed[0]) == {"name", "from_seat", "size", "created_at"}
     assert worker["helper"].get(_messages(jid)).json() == []  # mailboxes are per seat
     assert worker["helper"].get(_messages(jid, "r1.x-to-y")).status_code == 404
 
@@ -167,3 +168,28 @@ def test_stopping_server_releases_parked_long_polls(cape_server):
     poller.join(timeout=10)
     assert [a.status_code for a in answers] == [200] and answers[0].json() == []
     assert stopped_in < 2.5, f"stopping took {stopped_in:.1f} s with a parked long poll"
+
+
+def test_an_index_from_before_bodies_were_unhashed_still_opens_and_stores(tmp_path):
+    from services.broker.store import Commit, MessageStore
+
+    root = tmp_path / "broker"
+    root.mkdir()
+    old = sqlite3.connect(root / "index.sqlite3")
+    old.executescript(
+        "CREATE TABLE messages (job_id TEXT NOT NULL, to_seat TEXT NOT NULL, name TEXT NOT NULL, "
+        "from_seat TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, file TEXT NOT NULL, "
+        "created REAL NOT NULL, PRIMARY KEY (job_id, to_seat, name));")
+    old.close()
+    store = MessageStore(tmp_path, ttl_seconds=60)
+    try:
+        for body, expected in ((b"sealed", Commit.CREATED), (b"sealed", Commit.DUPLICATE), (b"other", Commit.CONFLICT)):
+            pending = store.begin(limit=100)
+            pending.write(body)
+            pending.finish()
+            assert store.commit("job", "y_owner", "m", "x_owner", pending) is expected
+        [message] = store.waiting("job", "y_owner")
+        assert message.file.read_bytes() == b"sealed" and message.size == 6
+        assert list(store.incoming.iterdir()) == []  # the duplicate and the conflicting body were discarded
+    finally:
+        store.close()

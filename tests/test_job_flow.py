@@ -8,7 +8,6 @@ to a file:// model location, and the results read by the model owner and refused
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -86,7 +85,7 @@ class ScriptedWorker:
             for item in listing:
                 if item["name"] in names and item["name"] not in got:
                     body = self.call("GET", f"/broker/v1/jobs/{job_id}/messages/{item['name']}").content
-                    assert hashlib.sha256(body).hexdigest() == item["sha256"] and len(body) == item["size"]
+                    assert len(body) == item["size"]
                     got[item["name"]] = (item["from_seat"], body)
                     self.call("DELETE", f"/broker/v1/jobs/{job_id}/messages/{item['name']}", expect=(204,))
         return got

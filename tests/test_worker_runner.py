@@ -94,9 +94,13 @@ def test_three_workers_run_the_job_over_their_spools(data_job, tmp_path):
     for seat in ("x_owner", "helper"):  # only the output seat learns anything
         spool = job.seats[seat].spool
         assert spool.pending_results() == []
-        assert spool.done(job.id) == {"outcome": "completed", "message": None}
+        done = spool.done(job.id)
+        assert (done["outcome"], done["message"]) == ("completed", None)
         states = [s["state"] for s in statuses(spool, job.id)]
         assert states[0] == "started" and states[-1] == "completed"
+    traffic = {seat: job.seats[seat].spool.done(job.id)["traffic"] for seat in SEATS}
+    assert all(t["messages_sent"] > 0 and t["messages_received"] > 0 for t in traffic.values()), traffic
+    assert traffic["x_owner"]["bytes_sent"] > x.size * 8  # its masked matrix went out sealed
     y_states = statuses(job.seats["y_owner"].spool, job.id)
     assert y_states[0]["state"] == "started" and y_states[-1]["state"] == "running"  # the uploader completes it
     for seat in SEATS:  # received messages are gone once the job is done; nothing left to send

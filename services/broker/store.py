@@ -1,7 +1,12 @@
-"""The broker's message store: bodies as files under the data dir, an SQLite index of (job, seat, name)."""
+"""The broker's message store: bodies as files under the data dir, an SQLite index of (job, seat, name).
+
+Bodies are opaque and not hashed: the workers seal and authenticate every message end to end, so a digest here
+would only cost a pass over every byte. A second put under a stored name is compared byte for byte instead.
+"""
 from __future__ import annotations
 
-import hashlib
+import enum
+import filecmp
 import os
 import sqlite3
 import threading
@@ -15,7 +20,7 @@ from typing import Any
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     job_id TEXT NOT NULL, to_seat TEXT NOT NULL, name TEXT NOT NULL, from_seat TEXT NOT NULL,
-    size INTEGER NOT NULL, sha256 TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL,
+    size INTEGER NOT NULL, file TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (job_id, to_seat, name));
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 """
@@ -28,14 +33,21 @@ class StoredMessage:
     name: str
     from_seat: str
     size: int
-    sha256: str
     file: Path
     created: float
 
     def view(self) -> dict[str, Any]:
         created = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="milliseconds")
-        return {"name": self.name, "from_seat": self.from_seat, "size": self.size, "sha256": self.sha256,
+        return {"name": self.name, "from_seat": self.from_seat, "size": self.size,
                 "created_at": created.replace("+00:00", "Z")}
+
+
+class Commit(enum.Enum):
+    """What storing a body under a name did."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # the name already held these same bytes
+    CONFLICT = "conflict"  # the name already held other bytes
 
 
 class BodyTooLarge(Exception):
@@ -43,28 +55,26 @@ class BodyTooLarge(Exception):
 
 
 class PendingBody:
-    """A body being received: written to a temp file and hashed chunk by chunk, never held whole in memory."""
+    """A body being received: written to a temp file chunk by chunk, never held whole in memory."""
 
     def __init__(self, path: Path, limit: int):
         self.path = path
         self.limit = limit
         self.size = 0
-        self._hash = hashlib.sha256()
-        self._file = open(path, "wb")
+        self._file = open(path, "wb", buffering=0)  # chunks are large: no buffer to copy them through
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
             raise BodyTooLarge()
-        self._hash.update(chunk)
-        self._file.write(chunk)
+        view = memoryview(chunk)
+        while view:  # a raw file may take less than asked
+            view = view[self._file.write(view):]
 
-    def finish(self) -> str:
-        """Flush to disk and return the body's sha256 hex."""
-        self._file.flush()
+    def finish(self) -> None:
+        """Make the body durable."""
         os.fsync(self._file.fileno())
         self._file.close()
-        return self._hash.hexdigest()
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -89,29 +99,35 @@ class MessageStore:
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(INDEX_SCHEMA)
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
+        if "sha256" in columns:  # an index written before bodies stopped being hashed
+            self._conn.execute("ALTER TABLE messages DROP COLUMN sha256")
 
     def begin(self, limit: int) -> PendingBody:
         return PendingBody(self.incoming / f"{uuid.uuid4().hex}.part", limit)
 
-    def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody,
-               sha256: str) -> tuple[StoredMessage, bool]:
-        """Store a received body under its name; returns (message, created). Same name, other bytes -> (old, False)
-        with a different sha256, which the caller turns into 409."""
+    def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody) -> Commit:
+        """Store a received (finished) body under its name. A name already stored keeps its body; the new one is
+        discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict)."""
         with self._lock:
             existing = self.get(job_id, to_seat, name)
             if existing is not None:
+                try:
+                    same = filecmp.cmp(existing.file, body.path, shallow=False)
+                except FileNotFoundError:  # acknowledged or expired meanwhile: the name is taken all the same
+                    same = False
                 body.discard()
-                return existing, False
+                return Commit.DUPLICATE if same else Commit.CONFLICT
             final = self.bodies / f"{uuid.uuid4().hex}.msg"
             os.replace(body.path, final)
-            message = StoredMessage(job_id, to_seat, name, from_seat, body.size, sha256, final, time.time())
-            self._conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (job_id, to_seat, name, from_seat, body.size, sha256, final.name, message.created))
-            return message, True
+            self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (job_id, to_seat, name, from_seat, body.size, final.name, time.time()))
+            return Commit.CREATED
 
     def _row(self, row: sqlite3.Row) -> StoredMessage:
         return StoredMessage(row["job_id"], row["to_seat"], row["name"], row["from_seat"], row["size"],
-                             row["sha256"], self.bodies / row["file"], row["created"])
+                             self.bodies / row["file"], row["created"])
 
     def get(self, job_id: str, to_seat: str, name: str) -> StoredMessage | None:
         with self._lock:

@@ -48,6 +48,7 @@ START_TIMEOUT = 60.0
 HTTP_TIMEOUT = 60.0
 SAMPLE_SECONDS = 0.02  # the stages' resolution; a denser sampler loads the job it measures
 STATUS_POLL_SECONDS = 0.05  # the end's resolution
+DONE_TIMEOUT = 10.0
 SIMULATION_TIMEOUT = 900.0
 
 
@@ -201,7 +202,7 @@ class SpoolSampler:
         self.workers = workers
         self.job_id = job_id
         self.first_seen: dict[str, float] = {}  # "<label>:<kind>:<name>" -> time.time()
-        self.sizes: dict[str, int] = {}  # "<label>:<to_seat>/<name>" -> sealed size
+        self.sizes: dict[str, int] = {}  # "<label>:<to_seat>/<name>" -> sealed size (of those seen before sent)
         self.cpu_seconds = 0.0
         self.samples = 0
         self._seen_paths: set[str] = set()  # raw entry paths already recorded
@@ -245,7 +246,7 @@ class SpoolSampler:
                     stem, _, kind = entry.name.rpartition(".")
                     self._see(f"{label}:{kind}:{seat_dir.name}/{stem}", now)
                     key = f"{label}:{seat_dir.name}/{stem}"
-                    if key not in self.sizes:
+                    if kind == "sealed" and key not in self.sizes:  # a .sent file is emptied
                         try:
                             self.sizes[key] = entry.stat().st_size
                         except FileNotFoundError:
@@ -313,6 +314,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
             ended = time.time()
         if status["status"] != "Completed":
             raise BenchError(f"the job ended {status['status']}: {status.get('error')}; see the logs in {base}")
+        traffic = {label: _runner_traffic(worker, job_id) for label, worker in workers.items()}
         results = _call("GET", f"{url}/v1/jobs/{job_id}/results", user["yorg"])
         pids = {label: w.program_pids() for label, w in workers.items()}
         peaks = {label: {program: peak_rss(pid) for program, pid in programs.items()}
@@ -345,7 +347,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         "e2e_weight_error_vs_lstsq": float(np.max(np.abs(weights - expected)) / scale),
         "e2e_metrics_error_vs_lstsq": {k: float(abs(results["metrics"][k] - v) / abs(v))
                                        for k, v in expected_metrics.items()},
-        "broker_bytes": _broker_bytes(sampler),
+        "broker_bytes": _broker_bytes(traffic),
         "deliveries": _deliveries(sampler),
         "e2e_peak_rss_bytes": peaks,
         "e2e_cpu_seconds": cpu,
@@ -448,14 +450,23 @@ def _deliveries(sampler: SpoolSampler) -> dict[str, Any]:
             "mean_broker_to_inbox_seconds_over_1MiB": mean(to_inbox, big)}
 
 
-def _broker_bytes(sampler: SpoolSampler) -> dict[str, Any]:
-    """What each worker put at the broker (sealed sizes from its outbox) and how many messages."""
-    per_seat: dict[str, int] = {}
-    count: dict[str, int] = {}
-    for key, size in sampler.sizes.items():
-        label = key.split(":", 1)[0]
-        per_seat[SEATS[label]] = per_seat.get(SEATS[label], 0) + size
-        count[SEATS[label]] = count.get(SEATS[label], 0) + 1
+def _runner_traffic(worker: Worker, job_id: str) -> dict[str, int]:
+    """The messages the worker's runner sealed and read in the job (its done.json), waiting a little for a runner
+    that is still writing it."""
+    done = worker.spool / "jobs" / job_id / "done.json"
+    deadline = time.monotonic() + DONE_TIMEOUT
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise BenchError(f"the {worker.label} runner did not record its end within {DONE_TIMEOUT:.0f} s of "
+                             f"Completed; see {worker.log}")
+        time.sleep(0.05)
+    return json.loads(done.read_bytes()).get("traffic") or {}
+
+
+def _broker_bytes(traffic: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """What each worker put at the broker (the sealed bytes its runner wrote) and how many messages."""
+    per_seat = {SEATS[label]: t.get("bytes_sent", 0) for label, t in traffic.items()}
+    count = {SEATS[label]: t.get("messages_sent", 0) for label, t in traffic.items()}
     return {"per_party": per_seat, "messages": count, "total": sum(per_seat.values())}
 
 

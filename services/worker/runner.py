@@ -108,8 +108,9 @@ class Runner:
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         self.spool.claim(job_id)
+        traffic: dict[str, int] = {}
         try:
-            outcome, message = self._run(job_id)
+            outcome, message = self._run(job_id, traffic)
         except JobInterrupted as exc:
             if str(exc) == _STOPPING:
                 log.info("job %s: paused (the runner is stopping); it resumes on restart", job_id)
@@ -124,12 +125,12 @@ class Runner:
         if outcome == "error":
             log.error("job %s: error: %s", job_id, message)
             self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
-        self.spool.mark_done(job_id, outcome, message)
+        self.spool.mark_done(job_id, outcome, message, traffic or None)
         self.spool.release_claim(job_id)
         self.spool.discard_messages(job_id)
         return outcome
 
-    def _run(self, job_id: str) -> tuple[str, str | None]:
+    def _run(self, job_id: str, traffic: dict[str, int]) -> tuple[str, str | None]:
         try:
             spec = JobSpec.parse(self.spool.read_job(job_id) or {})
         except JobSpecError as exc:
@@ -160,8 +161,10 @@ class Runner:
                 transport.flush()  # every message durable before the result or `completed` is written
             except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
                 raise JobFailed(_without_uri(str(exc), uri, spec)) from None
-        log.info("job %s: role finished (%d messages sent, %d received)", job_id, transport.messages_sent,
-                 transport.messages_received)
+        traffic.update(messages_sent=transport.messages_sent, bytes_sent=transport.bytes_sent,
+                       messages_received=transport.messages_received)
+        log.info("job %s: role finished (%d messages sent, %d bytes; %d received)", job_id, transport.messages_sent,
+                 transport.bytes_sent, transport.messages_received)
         if result is None:
             self.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
             return "completed", None
