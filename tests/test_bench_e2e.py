@@ -53,3 +53,17 @@ def test_impossible_sizes_are_refused_with_a_message():
     done = bench("--n", "4", "--d", "8", timeout=60)
     assert done.returncode == 2
     assert "need d >= 1 and n >= d + 2" in done.stderr
+
+
+def test_the_broker_bench_relays_every_byte_and_reports_both_sides():
+    done = subprocess.run([sys.executable, "-m", "services.worker.broker_bench", "--messages", "3", "--mib", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (record["messages"], record["message_bytes"], record["bytes"]) == (3, 2 << 20, 3 * (2 << 20))
+    for step in ("put", "download"):
+        assert record[step]["wall_seconds"] > 0 and record[step]["server_cpu_seconds"] >= 0
+        assert record[step]["client_cpu_seconds"] > 0
+    bad = subprocess.run([sys.executable, "-m", "services.worker.broker_bench", "--messages", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--messages, --mib and --puts must be at least 1" in bad.stderr

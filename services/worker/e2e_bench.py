@@ -279,6 +279,25 @@ def _call(method: str, url: str, token: str, session: requests.Session | None = 
     return response.json() if response.content else None
 
 
+def create_project(url: str, user: dict[str, str], x_uri: str, y_uri: str, columns: list[str]) -> None:
+    """Project `bench` of the three organizations (helper: `helper`) with the x-owner's and y-owner's dataviews."""
+    _call("POST", f"{url}/v1/projects", user["xorg"], json={"label": "bench", "name": "bench"})
+    _call("POST", f"{url}/v1/projects/bench/organizations", user["xorg"], json={"organization": "yorg"})
+    _call("PUT", f"{url}/v1/projects/bench/helper", user["xorg"], json={"organization": "helper"})
+    _call("POST", f"{url}/v1/projects/bench/dataviews", user["xorg"], json={
+        "name": "xs", "uri": x_uri, "schema": [{"name": c, "type": "number"} for c in columns]})
+    _call("POST", f"{url}/v1/projects/bench/dataviews", user["yorg"], json={
+        "name": "ys", "uri": y_uri, "schema": [{"name": "y", "type": "number"}]})
+
+
+def submit_job(url: str, user: dict[str, str], columns: list[str], timeout: float) -> str:
+    """Submit the linear regression of project `bench` (model owner: yorg); returns the job id."""
+    job = _call("POST", f"{url}/v1/projects/bench/jobs", user["xorg"], json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": columns},
+        "y": {"dataview": "ys", "column": "y"}, "model_owner": "yorg", "model_location": None, "timeout": timeout})
+    return str(job["id"])
+
+
 def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_timeout: float) -> dict[str, Any]:
     """Run the job through real workers; returns the end-to-end fields of the JSON line."""
     from services.jobs.linear_regression import plaintext_fit
@@ -290,22 +309,12 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         orgs = {label: server.create_org(label) for label in SEATS}
         url, user = server.url, {label: org["user_token"] for label, org in orgs.items()}
         columns = [f"x{i}" for i in range(d)]
-        _call("POST", f"{url}/v1/projects", user["xorg"], json={"label": "bench", "name": "e2e bench"})
-        _call("POST", f"{url}/v1/projects/bench/organizations", user["xorg"], json={"organization": "yorg"})
-        _call("PUT", f"{url}/v1/projects/bench/helper", user["xorg"], json={"organization": "helper"})
-        _call("POST", f"{url}/v1/projects/bench/dataviews", user["xorg"], json={
-            "name": "xs", "uri": x_path.as_uri(), "schema": [{"name": c, "type": "number"} for c in columns]})
-        _call("POST", f"{url}/v1/projects/bench/dataviews", user["yorg"], json={
-            "name": "ys", "uri": y_path.as_uri(), "schema": [{"name": "y", "type": "number"}]})
+        create_project(url, user, x_path.as_uri(), y_path.as_uri(), columns)
         for label, org in orgs.items():
             workers[label] = Worker(base, label, org["organization_token"], url, poll_interval)
         _wait_running(workers)
 
-        job = _call("POST", f"{url}/v1/projects/bench/jobs", user["xorg"], json={
-            "type": "linear_regression", "x": {"dataview": "xs", "columns": columns},
-            "y": {"dataview": "ys", "column": "y"}, "model_owner": "yorg", "model_location": None,
-            "timeout": job_timeout})
-        job_id = job["id"]
+        job_id = submit_job(url, user, columns, job_timeout)
         _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
         with SpoolSampler(workers, job_id) as sampler:
             _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["yorg"])
