@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
-from services.broker.store import BodyTooLarge, Commit, MessageStore, PendingBody
+from services.broker.store import BodyTooLarge, Commit, MessageStore
 from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable
 
 log = logging.getLogger("cape.broker")
@@ -37,14 +37,6 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         file.close()
-
-
-async def _receive(request: Request, pending: PendingBody) -> None:
-    """Stream the body into `pending` as it arrives. Each chunk (at most a socket read, 256 KiB) is written on the
-    event loop: a write into the page cache takes well under a millisecond, and handing every chunk to a thread
-    cost more CPU than the write (the broker bench). Only the fsync, which waits for the disk, goes to a thread."""
-    async for chunk in request.stream():
-        pending.write(chunk)
 
 
 def _storage_failed(exc: OSError) -> Unavailable:
@@ -82,7 +74,11 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         except OSError as exc:
             raise _storage_failed(exc) from None
         try:
-            await _receive(request, pending)
+            # Each chunk (at most one socket read, 256 KiB) is written on the event loop: a page-cache write takes
+            # well under a millisecond, and handing chunks to a thread cost more CPU than the writes (the broker
+            # bench). Only the fsync, which waits for the disk, goes to a thread.
+            async for chunk in request.stream():
+                pending.write(chunk)
             await asyncio.to_thread(pending.finish)  # fsync: seconds on a busy disk
         except BodyTooLarge:
             pending.discard()

@@ -12,9 +12,10 @@ runner), and prints one JSON line: the engine bench's fields for the simulation,
   the output seat's result (`runner_start_to_result`), result to Completed;
 - `simulation_seconds`, `e2e_over_simulation`, `runner_over_simulation`, and `e2e_over_simulation_plus_load`
   (the workers read their files inside the end-to-end time; the simulation starts from arrays);
-- `broker_bytes`: what each worker put at the broker (its sealed outbox files), and `deliveries`: where a
-  message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks' timeline), over the
-  messages the sampler saw in each state (a small message can pass through one between two samples);
+- `broker_bytes`: what each worker put at the broker (the sealed messages its runner recorded in done.json);
+- `deliveries`: where a message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks'
+  timeline), over the messages the sampler saw in each state (a small message can pass through one between two
+  samples);
 - `e2e_peak_rss_bytes` and `e2e_cpu_seconds` (since start, idle polling included) of every program of every
   worker, and the server's CPU seconds, `e2e_weight_error_vs_lstsq` and the metrics' errors.
 

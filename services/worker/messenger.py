@@ -3,12 +3,12 @@
 Two loops share one stop flag. The sender puts outbox files at the broker (streamed from disk), a few at a time per
 job (`PUTS_PER_JOB` threads, each with its own connection), and renames each to .sent only after the broker
 confirmed it; puts are idempotent, so a put repeated after a crash is harmless. The receiver long-polls the broker
-for every active job, downloads what is waiting (`GET_THREADS` at a time), verifies and opens each message (signature of the expected sender, addressed to this seat,
-this job, this name) straight from the download stream into a temporary inbox file, moves it into place durably,
-and only then acknowledges it (DELETE) at the broker. A message that fails verification is dropped, logged
-(without its content) and acknowledged, and noted in the spool so the runner can say why it is still waiting. A
-second copy of a name already received is verified too: the first is kept, and a copy that is not the same
-genuine message leaves the same trace.
+for every active job, downloads what is waiting (`GET_THREADS` at a time), verifies and opens each message
+(signature of the expected sender, addressed to this seat, this job, this name) straight from the download stream
+into a temporary inbox file, moves it into place durably, and only then acknowledges it (DELETE) at the broker.
+A message that fails verification is dropped, logged (without its content) and acknowledged, and noted in the
+spool so the runner can say why it is still waiting. A second copy of a name already received is verified too:
+the first is kept, and a copy that is not the same genuine message leaves the same trace.
 
 Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
 """
@@ -186,8 +186,6 @@ class Messenger:
         """Take in every message waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time; returns
         how many were placed. A failure of one is raised once the others are done (the loop backs off)."""
         entries = self.broker.wait_for_messages(spec.id, wait)
-        if len(entries) <= 1:
-            return sum(1 for entry in entries if not self.stop.is_set() and self._accept(spec, entry))
         if self._gets is None:
             self._gets = ThreadPoolExecutor(GET_THREADS, thread_name_prefix="messenger-get")
         futures = [self._gets.submit(self._accept_unless_stopped, spec, entry) for entry in entries]

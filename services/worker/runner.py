@@ -108,9 +108,9 @@ class Runner:
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         self.spool.claim(job_id)
-        traffic: dict[str, int] = {}
+        traffic: dict[str, int] | None = None
         try:
-            outcome, message = self._run(job_id, traffic)
+            outcome, message, traffic = self._run(job_id)
         except JobInterrupted as exc:
             if str(exc) == _STOPPING:
                 log.info("job %s: paused (the runner is stopping); it resumes on restart", job_id)
@@ -125,12 +125,13 @@ class Runner:
         if outcome == "error":
             log.error("job %s: error: %s", job_id, message)
             self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
-        self.spool.mark_done(job_id, outcome, message, traffic or None)
+        self.spool.mark_done(job_id, outcome, message, traffic)
         self.spool.release_claim(job_id)
         self.spool.discard_messages(job_id)
         return outcome
 
-    def _run(self, job_id: str, traffic: dict[str, int]) -> tuple[str, str | None]:
+    def _run(self, job_id: str) -> tuple[str, str | None, dict[str, int]]:
+        """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""
         try:
             spec = JobSpec.parse(self.spool.read_job(job_id) or {})
         except JobSpecError as exc:
@@ -161,13 +162,12 @@ class Runner:
                 transport.flush()  # every message durable before the result or `completed` is written
             except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
                 raise JobFailed(_without_uri(str(exc), uri, spec)) from None
-        traffic.update(messages_sent=transport.messages_sent, bytes_sent=transport.bytes_sent,
-                       messages_received=transport.messages_received)
-        log.info("job %s: role finished (%d messages sent, %d bytes; %d received)", job_id, transport.messages_sent,
-                 transport.bytes_sent, transport.messages_received)
+        traffic = transport.traffic()
+        log.info("job %s: role finished (%d messages sent, %d bytes; %d received)", job_id, traffic["messages_sent"],
+                 traffic["bytes_sent"], traffic["messages_received"])
         if result is None:
             self.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
-            return "completed", None
+            return "completed", None, traffic
         weights = np.asarray(result.weights, dtype=np.float64)
         if not self.spool.result_path(job_id).with_name("uploaded.json").exists():
             self.spool.put_result(job_id, {
@@ -179,7 +179,7 @@ class Runner:
             })
         # Completion is the uploader's to report, once the model is stored where the model owner reads it.
         self.spool.put_status(job_id, {"state": "running", "progress": 0.99, "message": "uploading the model"})
-        return "completed", None
+        return "completed", None, traffic
 
     def _load(self, spec: JobSpec, uri: str | None) -> np.ndarray | None:
         if uri is None:

@@ -211,7 +211,7 @@ class Spool:
     def mark_done(self, job_id: str, outcome: str, message: str | None = None,
                   traffic: dict[str, int] | None = None) -> None:
         """Record that the runner finished its role: outcome is completed, error or abandoned; `traffic` counts the
-        messages this run of the runner sealed and read (`cape-worker status` and the e2e bench show it)."""
+        messages this run of the runner sealed and read (the e2e bench reports it as the bytes through the broker)."""
         record: dict[str, Any] = {"outcome": outcome, "message": message}
         if traffic is not None:
             record["traffic"] = traffic

@@ -201,6 +201,11 @@ class SpoolTransport:
         else:
             self._sealer.submit(lambda: self._seal(to_seat, wire, array), self.timeout)
 
+    def traffic(self) -> dict[str, int]:
+        """What this transport sealed and read so far: messages_sent, bytes_sent (sealed sizes), messages_received."""
+        return {"messages_sent": self.messages_sent, "bytes_sent": self.bytes_sent,
+                "messages_received": self.messages_received}
+
     def flush(self) -> None:
         """Return once every sent message is durable in the outbox; re-raise a failed write."""
         if self._sealer is not None and not self._sealer.wait_idle(self.timeout):
