@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,8 +98,11 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _run_seat(worker: ScriptedWorker, job_id: str, data: dict[str, np.ndarray], model_dir: Path) -> str:
-    """One seat's scripted run: every seat sends one message to each other seat; the output seat fits the model."""
+def _run_seat(worker: ScriptedWorker, job_id: str, data: dict[str, np.ndarray], model_dir: Path,
+              all_sent: threading.Barrier) -> str:
+    """One seat's scripted run: every seat sends one message to each other seat; the output seat fits the model.
+    No seat receives before all have sent: an acknowledged name is free again at the broker, so a repeated put
+    after the recipient's acknowledgment would be stored anew (201), not answered as a duplicate (200)."""
     job = worker.fetch_job(job_id)
     seat, outputs_to = job["seat"], job["outputs_to"]
     assert set(job["parties"]) == set(SEATS)
@@ -110,6 +114,7 @@ def _run_seat(worker: ScriptedWorker, job_id: str, data: dict[str, np.ndarray], 
         # The data owners send their columns to the output seat; the rest is filler, as a helper's shares would be.
         payload = data[seat] if other == outputs_to and seat in data else np.arange(4, dtype=np.float64)
         worker.send(job_id, other, f"r0.{seat}.{other}", _npy(payload))
+    all_sent.wait()
     received = worker.receive(job_id, {f"r0.{other}.{seat}" for other in SEATS if other != seat})
     assert {frm for frm, _ in received.values()} == set(SEATS) - {seat}
     if seat != outputs_to:
@@ -207,8 +212,9 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     )
     try:
         data = {"x_owner": flow_data["x"], "y_owner": flow_data["y"]}
+        all_sent = threading.Barrier(len(SEATS), timeout=STEP_TIMEOUT_S)
         with ThreadPoolExecutor(max_workers=3) as pool:
-            runs = [pool.submit(_run_seat, w, job_id, data, model_dir) for w in workers.values()]
+            runs = [pool.submit(_run_seat, w, job_id, data, model_dir, all_sent) for w in workers.values()]
             assert sorted(r.result(timeout=STEP_TIMEOUT_S * 2) for r in runs) == sorted(SEATS)
         out, err = watch.communicate(timeout=STEP_TIMEOUT_S)
     finally:
