@@ -136,6 +136,41 @@ def test_messages_expire_after_ttl(start_cape_server):
     assert world["worker"]["yorg"].get(_messages(jid, "old")).status_code == 404
 
 
+def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_server):
+    server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2"])
+    world = build_job_world(server)
+    ending = world["job"]["id"]
+    user = world["user"]
+    running = user["xorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": "s3://bucket/models"}
+    ).json()["id"]
+    for label in ("xorg", "yorg"):
+        assert user[label].post(f"/v1/jobs/{running}/approve").status_code == 200
+    xorg = world["worker"]["xorg"]
+    for jid in (ending, running):
+        for name in ("r1.a", "r1.b"):
+            assert xorg.put(_messages(jid, name, "y_owner"), data=b"sealed bytes").status_code == 201
+    bodies = server.data_dir / "broker" / "bodies"
+    assert len(list(bodies.iterdir())) == 4
+
+    assert user["xorg"].post(f"/v1/jobs/{ending}/stop").status_code == 200
+    deadline = time.monotonic() + 10
+    while len(list(bodies.iterdir())) > 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(bodies.iterdir())) == 2
+    assert world["worker"]["yorg"].get(_messages(ending)).json() == []
+    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(running)).json()] == ["r1.a", "r1.b"]
+    assert f"job {ending} ended: dropped 2 message(s) still at the broker" in server.log_path.read_text()
+
+    # A put to the ended job after the sweep (a late retry) is dropped by the next one.
+    assert xorg.put(_messages(ending, "r2.late", "y_owner"), data=b"late").status_code == 201
+    deadline = time.monotonic() + 10
+    while len(list(bodies.iterdir())) > 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(bodies.iterdir())) == 2
+
+
 def test_broker_alone_asks_the_coordinator(start_cape_server):
     coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
     broker = start_cape_server(extra_args=["--only", "broker", "--coordinator-url", coordinator.url], name="broker")

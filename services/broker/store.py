@@ -154,6 +154,20 @@ class MessageStore:
         (self.bodies / row["file"]).unlink(missing_ok=True)
         return True
 
+    def job_ids(self) -> list[str]:
+        """The jobs that have messages stored (waiting or expired but not yet swept)."""
+        with self._lock:
+            return [row[0] for row in self._conn.execute("SELECT DISTINCT job_id FROM messages")]
+
+    def purge_job(self, job_id: str) -> int:
+        """Delete every message of one job (it ended: nobody will read them); returns how many."""
+        with self._lock:
+            rows = self._conn.execute("SELECT file FROM messages WHERE job_id = ?", (job_id,)).fetchall()
+            self._conn.execute("DELETE FROM messages WHERE job_id = ?", (job_id,))
+        for row in rows:
+            (self.bodies / row["file"]).unlink(missing_ok=True)
+        return len(rows)
+
     def expire(self) -> int:
         """Delete messages older than the TTL; returns how many."""
         cutoff = time.time() - self.ttl

@@ -137,6 +137,13 @@ def expire_late_jobs(conn: sqlite3.Connection) -> int:
     return ended
 
 
+def ended_jobs(conn: sqlite3.Connection, job_ids: list[str]) -> list[str]:
+    """Those of `job_ids` that have ended (a final status), or that no longer exist (their project was deleted)."""
+    status = {row["id"]: row["status"] for row in conn.execute(
+        f"SELECT id, status FROM jobs WHERE id IN ({', '.join('?' * len(job_ids))})", job_ids)} if job_ids else {}
+    return [job_id for job_id in job_ids if job_id not in status or status[job_id] in FINAL_STATUSES]
+
+
 # --- reading -------------------------------------------------------------------------------------------------
 
 def readable_job(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:

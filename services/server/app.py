@@ -18,7 +18,7 @@ from services.broker.store import MessageStore
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
-from services.coordinator.jobs import expire_late_jobs
+from services.coordinator.jobs import ended_jobs, expire_late_jobs
 from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
 from services.server.error_handlers import install_error_handlers
@@ -41,6 +41,18 @@ async def _every(seconds: float, what: str, work: Callable[[], Any]) -> None:
             await anyio.to_thread.run_sync(work)
         except Exception:
             log.exception("background %s failed; retrying in %.0f s", what, seconds)
+
+
+def _purge_ended_jobs(db: Database, store: MessageStore) -> None:
+    """Drop the messages of jobs that ended: nobody will read them, and they would otherwise stay for the TTL
+    (a sender that repeats a put whose answer it lost, after the recipient acknowledged, stores a second copy)."""
+    held = store.job_ids()
+    if not held:
+        return
+    with db.transaction() as conn:
+        ended = ended_jobs(conn, held)
+    for job_id in ended:
+        log.info("job %s ended: dropped %d message(s) still at the broker", job_id, store.purge_job(job_id))
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -78,6 +90,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                     expired = expire_late_jobs(conn)
                 if expired:
                     changes.bump()
+                if store is not None:
+                    _purge_ended_jobs(db, store)
             tasks.append(asyncio.create_task(_every(config.job_sweep_seconds, "job timeout sweep", sweep_jobs)))
         if store is not None:
             interval = min(60.0, max(0.5, config.message_ttl / 4))

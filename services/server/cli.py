@@ -77,7 +77,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds after which undelivered messages expire.")
 @click.option("--job-sweep-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="How often jobs that did not start in time are ended.")
+              help="How often jobs that did not start in time are ended, and ended jobs' messages dropped.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
