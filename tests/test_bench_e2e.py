@@ -46,6 +46,14 @@ def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
     assert record["broker_bytes"]["total"] == sum(sent.values())
     assert record["deliveries"]["messages"] >= 1 and record["deliveries"]["mean_broker_to_inbox_seconds"] >= 0
     assert {"runner", "messenger"} <= set(record["e2e_peak_rss_bytes"]["xorg"])
+
+    # CPU in the job's window: every program of every worker, the server, the bench itself and the machine, which
+    # covers them all and cannot exceed its capacity (the window times the cores).
+    cpu = record["e2e_job_cpu_seconds"]
+    assert set(cpu) == {"xorg", "yorg", "helper", "cape-server", "bench", "machine", "machine_capacity"}
+    assert cpu["xorg"]["runner"] > 0 and cpu["yorg"]["messenger"] > 0 and cpu["cape-server"] > 0
+    assert cpu["machine"] <= cpu["machine_capacity"] * 1.05  # clock-tick rounding
+    assert cpu["machine"] >= cpu["xorg"]["runner"] + cpu["cape-server"] - 0.05
     assert "kept in" not in done.stderr  # the temporary directory is removed after a good run
 
 

@@ -8,7 +8,8 @@ it as both data owners and times it to Completed. Then, with the workers stopped
 in one process and runs the in-memory simulation of the same data in a fresh process (the engine bench's own case
 runner), and prints one JSON line: the engine bench's fields for the simulation, plus
 
-- `e2e_seconds`: `total` (approval to Completed) and its stages: approval to the runners' claims, runner start to
+- `e2e_seconds`: `total` (approval to Completed, from the job's own `approved_at` and `updated_at` at the
+  coordinator) and its stages: approval to the runners' claims, runner start to
   the output seat's result (`runner_start_to_result`), result to Completed;
 - `simulation_seconds`, `e2e_over_simulation`, `runner_over_simulation`, and `e2e_over_simulation_plus_load`
   (the workers read their files inside the end-to-end time; the simulation starts from arrays);
@@ -17,7 +18,11 @@ runner), and prints one JSON line: the engine bench's fields for the simulation,
   timeline), over the messages the sampler saw in each state (a small message can pass through one between two
   samples);
 - `e2e_peak_rss_bytes` and `e2e_cpu_seconds` (since start, idle polling included) of every program of every
-  worker, and the server's CPU seconds, `e2e_weight_error_vs_lstsq` and the metrics' errors.
+  worker, and the server's CPU seconds, `e2e_weight_error_vs_lstsq` and the metrics' errors;
+- `e2e_job_cpu_seconds`: the same CPU seconds from the approval until the bench saw Completed (at most
+  STATUS_POLL_SECONDS late), this bench's own (`bench`: the sampler and the status polls), and `machine` (every
+  process and the kernel's threads, from /proc/stat) beside `machine_capacity` (that window times the cores): how
+  close the job came to keeping the machine busy.
 
 What happens inside the workers is observed from the outside: a sampler thread looks at each worker's spool
 (claims, outbox, inbox, results) every 20 ms and records when each file first appears; its own CPU time is
@@ -37,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,7 @@ SEATS = {"xorg": "x_owner", "yorg": "y_owner", "helper": "helper"}
 START_TIMEOUT = 60.0
 HTTP_TIMEOUT = 60.0
 SAMPLE_SECONDS = 0.02  # the stages' resolution; a denser sampler loads the job it measures
-STATUS_POLL_SECONDS = 0.05  # the end's resolution
+STATUS_POLL_SECONDS = 0.25  # how often the end is looked for; its time is the coordinator's own record
 DONE_TIMEOUT = 10.0
 SIMULATION_TIMEOUT = 900.0
 
@@ -177,6 +183,19 @@ def cpu_seconds(pid: int) -> float | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; idle and iowait excluded)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # up to steal; minus idle, iowait
+
+
+def job_cpu(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per program (nested by worker) and per process, the CPU seconds spent between two snapshots."""
+    return {key: job_cpu(value, after[key]) if isinstance(value, dict) else
+            (round(after[key] - value, 2) if value is not None and after.get(key) is not None else None)
+            for key, value in before.items()}
 
 
 def peak_rss(pid: int) -> int | None:
@@ -317,16 +336,27 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
 
         job_id = submit_job(url, user, columns, job_timeout)
         _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
+        pids = {label: w.program_pids() for label, w in workers.items()}
+
+        def cpu_now() -> dict[str, Any]:
+            cpu: dict[str, Any] = {label: {program: cpu_seconds(pid) for program, pid in programs.items()}
+                                   for label, programs in pids.items()}
+            return {**cpu, "cape-server": cpu_seconds(server.proc.pid), "bench": cpu_seconds(os.getpid()),
+                    "machine": machine_busy_seconds(), "window": time.monotonic()}
+
         with SpoolSampler(workers, job_id) as sampler:
+            cpu_before = cpu_now()
             _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["yorg"])
-            approved = time.time()
             status = _wait_ended(url, user["yorg"], job_id, job_timeout + 60)
-            ended = time.time()
+            # The coordinator's own times (same machine, same clock): exact to the millisecond, where a client's
+            # polls would add their interval, or their load on the two cores if made often.
+            approved, ended = _epoch(status["approved_at"]), _epoch(status["updated_at"])
+            cpu_during = job_cpu(cpu_before, cpu_now())
+            cpu_during["machine_capacity"] = round(cpu_during.pop("window") * (os.cpu_count() or 1), 2)
         if status["status"] != "Completed":
             raise BenchError(f"the job ended {status['status']}: {status.get('error')}; see the logs in {base}")
         traffic = {label: _runner_traffic(worker, job_id) for label, worker in workers.items()}
         results = _call("GET", f"{url}/v1/jobs/{job_id}/results", user["yorg"])
-        pids = {label: w.program_pids() for label, w in workers.items()}
         peaks = {label: {program: peak_rss(pid) for program, pid in programs.items()}
                  for label, programs in pids.items()}
         cpu = {label: {program: cpu_seconds(pid) for program, pid in programs.items()}
@@ -361,6 +391,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         "deliveries": _deliveries(sampler),
         "e2e_peak_rss_bytes": peaks,
         "e2e_cpu_seconds": cpu,
+        "e2e_job_cpu_seconds": cpu_during,
         "load_seconds": round(load_seconds, 3),
         "data_format": fmt,
         "data_file_bytes": {"x": x_path.stat().st_size, "y": y_path.stat().st_size},
@@ -383,6 +414,11 @@ def _wait_running(workers: dict[str, Worker]) -> None:
         if time.monotonic() > deadline:
             raise BenchError(f"workers not running after {START_TIMEOUT:.0f} s: {sorted(pending)}")
         time.sleep(0.1)
+
+
+def _epoch(timestamp: str) -> float:
+    """Seconds since the epoch of an API timestamp (ISO 8601 UTC, milliseconds)."""
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def _wait_ended(url: str, token: str, job_id: str, timeout: float) -> dict[str, Any]:
