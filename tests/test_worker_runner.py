@@ -109,6 +109,7 @@ def test_three_workers_run_the_job_over_their_spools(data_job, tmp_path):
         assert spool.pending_outbox() == [] and spool.claimed_jobs() == []
     log = (tmp_path / "x_owner.runner.log").read_text()
     assert f"job {job.id}: role finished" in log
+    assert f"job {job.id}: loaded its data ({x.shape[0]} x {x.shape[1]}) in " in log  # its shape, how long it took
     assert repr(float(x[0, 0]))[:8] not in log  # no data value in the log
 
 

@@ -154,7 +154,11 @@ class Runner:
         with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id)) as transport:
             try:
                 uri = spec.data_uri()
+                started = time.monotonic()
                 data = self._load(spec, uri)
+                if data is not None:  # the shape is public to the job's parties; the values are never logged
+                    log.info("job %s: loaded its data (%s) in %.2f s", job_id,
+                             " x ".join(str(n) for n in data.shape), time.monotonic() - started)
                 seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
                                     spec.id, spec.index)
                 result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
