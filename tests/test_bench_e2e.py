@@ -75,3 +75,22 @@ def test_the_broker_bench_relays_every_byte_and_reports_both_sides():
     bad = subprocess.run([sys.executable, "-m", "services.worker.broker_bench", "--messages", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--messages, --mib and --puts must be at least 1" in bad.stderr
+
+
+def test_the_spool_bench_finds_the_scanned_folders_empty_after_the_jobs():
+    done = subprocess.run([sys.executable, "-m", "services.worker.spool_bench", "--jobs", "200"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["jobs"] == 200
+    # Finished jobs leave nothing in the folders the programs scan while idle, so no scan grows with the history.
+    assert record["left_in_scanned_folders"] == {"outbox": 0, "status": 0, "results": 0, "inbox": 0}
+    assert set(record["scans"]) == {"messenger_outbox", "messenger_active_jobs", "runner_runnable_jobs",
+                                    "uploader_results", "poller_status"}
+    for scan in record["scans"].values():
+        assert scan["ms"] > 0 and 0 < scan["core_share"] < 1
+        share = scan["ms"] / 1000 / (scan["ms"] / 1000 + scan["every_seconds"])  # from the rounded ms, so close
+        assert abs(scan["core_share"] - share) <= 2e-4
+    bad = subprocess.run([sys.executable, "-m", "services.worker.spool_bench", "--jobs", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--jobs must be at least 1" in bad.stderr

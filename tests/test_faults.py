@@ -190,7 +190,7 @@ def test_kills_and_server_restarts_at_several_moments_end_with_the_fault_free_we
     held_poller = f.signal("yorg", "poller", signal.SIGSTOP)  # the completion must wait for the server's crash
     try:
         f.kill_held("yorg", "uploader", "s3", "during the upload")
-        f.wait("the upload finishes", (f.spool["yorg"] / "results" / job_id / "uploaded.json").exists)
+        f.wait("the upload finishes", (f.spool["yorg"] / "jobs" / job_id / "uploaded.json").exists)
         assert f.world.job(job_id)["status"] != "Completed"
         f.restart_server(crash=True, moment="after the upload, before the completion is reported")
     finally:

@@ -106,6 +106,7 @@ def test_three_workers_run_the_job_over_their_spools(data_job, tmp_path):
     for seat in SEATS:  # received messages are gone once the job is done; nothing left to send
         spool = job.seats[seat].spool
         assert not (spool.root / "inbox" / job.id).exists()
+        assert not (spool.root / "outbox" / job.id).exists()  # nor anything for the messenger's scans to walk
         assert spool.pending_outbox() == [] and spool.claimed_jobs() == []
     log = (tmp_path / "x_owner.runner.log").read_text()
     assert f"job {job.id}: role finished" in log

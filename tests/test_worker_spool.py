@@ -135,15 +135,93 @@ def test_outbox_is_marked_sent_and_remembered(tmp_path):
     assert spool.outbox_has(JOB, "y_owner", "x_owner.r1")  # a replaying runner must not re-seal it
     spool.discard_messages(JOB)
     assert not spool.outbox_has(JOB, "y_owner", "x_owner.r1")
+    assert os.listdir(tmp_path / "outbox") == []  # nothing of the finished job is left to scan
+
+
+def test_a_message_sent_after_the_runner_finished_leaves_nothing_in_the_outbox(tmp_path):
+    spool = Spool(tmp_path)
+    for name in ("x_owner.r1", "x_owner.r2"):
+        atomic_write_bytes(spool.outbox_path(JOB, "y_owner", name), b"sealed bytes")
+    spool.put_job({"id": JOB, "seat": "x_owner"})
+    spool.mark_done(JOB, "completed")
+    spool.discard_messages(JOB)  # the runner's end: both messages still wait for the messenger
+    first, second = spool.pending_outbox()
+    spool.mark_sent(first)
+    assert spool.pending_outbox() == [second] and os.listdir(tmp_path / "outbox" / JOB / "y_owner") == [
+        "x_owner.r2.sealed"]
+    spool.mark_sent(second)
+    assert os.listdir(tmp_path / "outbox") == []
+
+
+def test_a_job_ended_by_the_coordinator_has_its_unsent_messages_discarded(tmp_path):
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.outbox_path(JOB, "helper", "x_owner.r1"), b"sealed bytes")
+    [item] = spool.pending_outbox()
+    spool.discard_outbox_item(item)
+    assert spool.pending_outbox() == [] and os.listdir(tmp_path / "outbox") == []
+
+
+def test_an_emptied_status_queue_leaves_no_folder_and_a_writer_makes_it_again(tmp_path):
+    spool = Spool(tmp_path)
+    spool.put_status(JOB, {"state": "started", "progress": 0.0})
+    [item] = spool.pending_status()
+    spool.ack_status(item)
+    assert os.listdir(tmp_path / "status") == []
+    spool.put_status(JOB, {"state": "running", "progress": 0.5})
+    assert [i.read()["state"] for i in spool.pending_status()] == ["running"]
+
+
+def test_a_writer_whose_folder_is_removed_under_it_makes_it_again(tmp_path, monkeypatch):
+    # The race `_remove_empty` allows: a consumer removes the empty folder between the writer's mkdir and open.
+    target = tmp_path / "status" / JOB / "update.json"
+    real_open = os.open
+    raced = []
+
+    def racing_open(path, flags, mode=0o777):
+        if not raced:
+            raced.append(path)
+            os.rmdir(target.parent)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    atomic_write_bytes(target, b"{}")
+    monkeypatch.undo()
+    assert raced and target.read_bytes() == b"{}"
 
 
 def test_results_hand_over_to_the_uploader(tmp_path):
     spool = Spool(tmp_path)
     spool.put_result(JOB, {"weights": [1.0, 2.0], "metrics": {"mse_result": 0.1}})
-    assert spool.pending_results() == [JOB]
+    assert spool.pending_results() == [JOB] and not spool.uploaded(JOB)
     assert spool.read_result(JOB)["weights"] == [1.0, 2.0]
     spool.ack_result(JOB)
-    assert spool.pending_results() == []
+    assert spool.pending_results() == [] and spool.uploaded(JOB)
+    assert os.listdir(tmp_path / "results") == []  # kept as the job's record, out of the uploader's scan
+    assert (tmp_path / "jobs" / JOB / "uploaded.json").exists()
+
+
+def test_a_result_uploaded_by_an_older_version_still_counts_as_uploaded(tmp_path):
+    spool = Spool(tmp_path)
+    atomic_write_bytes(tmp_path / "results" / JOB / "uploaded.json", b"{}")
+    assert spool.uploaded(JOB) and spool.pending_results() == []
+
+
+def test_scans_do_not_read_the_markers_of_finished_jobs_again(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    for job in ("done1", "ended2", "live3"):
+        spool.put_job({"id": job, "seat": "x_owner"})
+    spool.mark_done("done1", "completed")
+    spool.mark_ended("ended2", "Stopped")
+    assert spool.active_job_ids() == ["live3"] and spool.unended_job_ids() == ["done1", "live3"]
+    read = []
+    import services.worker.spool as spool_module
+    real_read = spool_module.read_json
+    monkeypatch.setattr(spool_module, "read_json", lambda path: read.append(path.parent.name) or real_read(path))
+    assert spool.active_job_ids() == ["live3"]
+    assert spool.unended_job_ids() == ["done1", "live3"]
+    assert set(read) == {"done1", "live3"}  # done1's ended.json is still read: the coordinator may end it later
+    spool.mark_ended("live3", "Completed")  # written by another program: this spool notices on its next scan
+    assert spool.active_job_ids() == []
 
 
 def test_rejections_are_recorded_without_content(tmp_path):

@@ -256,7 +256,8 @@ class SpoolSampler:
             if f"{label}:claim:" not in self.first_seen and os.path.exists(f"{spool}/claims/{job}.json"):
                 self._see(f"{label}:claim:", now)
             if f"{label}:result:" not in self.first_seen and any(
-                    os.path.exists(f"{spool}/results/{job}/{name}") for name in ("result.json", "uploaded.json")):
+                    os.path.exists(path) for path in (f"{spool}/results/{job}/result.json",
+                                                      f"{spool}/jobs/{job}/uploaded.json")):
                 self._see(f"{label}:result:", now)
             for seat_dir in _scan(f"{spool}/outbox/{job}"):
                 for entry in _scan(seat_dir.path):

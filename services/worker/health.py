@@ -64,6 +64,6 @@ def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
             "unsent_messages": spool.unsent_count(job_id),
             "pending_reports": pending_reports.get(job_id, 0),
             "result": "pending upload" if job_id in results else (
-                "uploaded" if spool.result_path(job_id).with_name("uploaded.json").exists() else "-"),
+                "uploaded" if spool.uploaded(job_id) else "-"),
         })
     return jobs

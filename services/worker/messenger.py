@@ -86,8 +86,7 @@ class Messenger:
             if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
                 continue
             if self.spool.ended(item.job_id) is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    item.path.unlink()  # the coordinator ended the job: nobody will read it
+                self.spool.discard_outbox_item(item)  # the coordinator ended the job: nobody will read it
                 continue
             if sum(1 for other in self._in_flight.values() if other.job_id == item.job_id) >= PUTS_PER_JOB:
                 continue

@@ -135,8 +135,8 @@ class Poller:
 
     def notice_ended(self, served: set[str]) -> None:
         """For spooled jobs the coordinator no longer serves, look up their status and mark the ended ones."""
-        for job_id in self.spool.job_ids():
-            if job_id in served or self.spool.ended(job_id) is not None:
+        for job_id in self.spool.unended_job_ids():
+            if job_id in served:
                 continue
             try:
                 job = self.client.job(job_id)

@@ -70,9 +70,9 @@ class Runner:
         for job_id in self.spool.claimed_jobs():
             if job_id not in active and job_id not in self._threads:
                 self.spool.release_claim(job_id)  # ended or done while we were down
-        for job_id in self.spool.job_ids():
-            ended = self.spool.ended(job_id)
-            if ended is not None and self.spool.done(job_id) is None and job_id not in self._threads:
+        for job_id in self.spool.ended_not_done_job_ids():
+            ended = self.spool.ended(job_id) or {}
+            if job_id not in self._threads:
                 # Ended by the coordinator before this runner finished (or started) it: close it here too.
                 self.spool.mark_done(job_id, "abandoned", f"the coordinator ended the job ({ended.get('status')})")
                 self.spool.discard_messages(job_id)
@@ -173,7 +173,7 @@ class Runner:
             self.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
             return "completed", None, traffic
         weights = np.asarray(result.weights, dtype=np.float64)
-        if not self.spool.result_path(job_id).with_name("uploaded.json").exists():
+        if not self.spool.uploaded(job_id):
             self.spool.put_result(job_id, {
                 "job_id": job_id,
                 "x_columns": spec.x_columns,

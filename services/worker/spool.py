@@ -11,12 +11,19 @@ Layout (one directory per job under each stage):
     jobs/<job>/done.json              this worker's runner finished its role (runner)
     claims/<job>.json                 a job the runner works on; survives the runner's restart
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); once the broker has it, renamed to .sent
-                                      and emptied (the name alone keeps a replaying runner from sealing it again)
+                                      and emptied (the name alone keeps a replaying runner from sealing it again),
+                                      or removed once the runner is done with the job
     inbox/<job>/<name>.msg            verified plaintext of a received message (messenger)
     rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error;
                                       kept after the job ends as an audit trail
     status/<job>/<seq>.json           status updates for the poller to report, in order
-    results/<job>/result.json         the output seat's weights and metrics, for the uploader
+    results/<job>/result.json         the output seat's weights and metrics, for the uploader; once stored, moved
+                                      to jobs/<job>/uploaded.json
+
+The folders the programs scan often (outbox, status, results) hold only work in progress: a job's folder there is
+removed once it is empty and the job no longer needs it, so a scan costs the same after thousands of jobs. Under
+jobs/, a finished job's folder stays (`cape-worker status` lists it); each Spool remembers the jobs it saw done or
+ended and does not read their markers again.
 """
 from __future__ import annotations
 
@@ -94,9 +101,15 @@ def atomic_writer(final: Path, *, overwrite: bool = True, mode: int = 0o644) -> 
     With `overwrite=False` an existing `final` is kept (`os.link` refuses to replace it) and the new bytes are
     discarded: the first writer wins, which is what idempotent hand-offs need.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_path(final)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    for attempt in range(3):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            break
+        except FileNotFoundError:  # a consumer removed the empty folder between our mkdir and open: again
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -174,6 +187,9 @@ class Spool:
         self.root = Path(root)
         for sub in ("jobs", "claims", "outbox", "inbox", "rejected", "status", "results", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # Jobs seen with done.json / ended.json: both are final, so scans skip these without reading them again.
+        self._seen_done: set[str] = set()
+        self._seen_ended: set[str] = set()
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -194,11 +210,23 @@ class Spool:
 
     def job_ids(self) -> list[str]:
         """Ids of the jobs with a stored spec, oldest spec first."""
+        return self._job_ids(skip=set())
+
+    def _job_ids(self, skip: set[str]) -> list[str]:
         found = []
-        for entry in (self.root / "jobs").iterdir():
-            if JOB_ID_PATTERN.fullmatch(entry.name) and (entry / "spec.json").is_file():
-                found.append((entry.joinpath("spec.json").stat().st_mtime_ns, entry.name))
+        with os.scandir(self.root / "jobs") as entries:
+            for entry in entries:
+                if entry.name in skip or not JOB_ID_PATTERN.fullmatch(entry.name):
+                    continue
+                try:
+                    found.append((os.stat(os.path.join(entry.path, "spec.json")).st_mtime_ns, entry.name))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
         return [job_id for _, job_id in sorted(found)]
+
+    def unended_job_ids(self) -> list[str]:
+        """Jobs with a spec that the coordinator has not ended (as far as this worker knows), oldest first."""
+        return [j for j in self._job_ids(skip=self._seen_ended) if self.ended(j) is None]
 
     def mark_ended(self, job_id: str, status: str, message: str | None = None) -> None:
         """Record that the coordinator ended the job (Stopped, Error, Completed); the runner abandons it."""
@@ -206,7 +234,10 @@ class Spool:
 
     def ended(self, job_id: str) -> dict[str, Any] | None:
         """The coordinator's end of the job ({"status", "message"}), or None while it may still run."""
-        return read_json(self.job_dir(job_id) / "ended.json")
+        record = read_json(self.job_dir(job_id) / "ended.json")
+        if record is not None:
+            self._seen_ended.add(job_id)
+        return record
 
     def mark_done(self, job_id: str, outcome: str, message: str | None = None,
                   traffic: dict[str, int] | None = None) -> None:
@@ -219,11 +250,19 @@ class Spool:
 
     def done(self, job_id: str) -> dict[str, Any] | None:
         """The runner's outcome for the job, or None if it has not finished."""
-        return read_json(self.job_dir(job_id) / "done.json")
+        record = read_json(self.job_dir(job_id) / "done.json")
+        if record is not None:
+            self._seen_done.add(job_id)
+        return record
+
+    def ended_not_done_job_ids(self) -> list[str]:
+        """Jobs the coordinator ended before this worker's runner finished (or started) them."""
+        return [j for j in self._job_ids(skip=self._seen_done) if self.ended(j) is not None and self.done(j) is None]
 
     def active_job_ids(self) -> list[str]:
         """Jobs the runner still has to run: a spec, not done, not ended by the coordinator."""
-        return [j for j in self.job_ids() if self.done(j) is None and self.ended(j) is None]
+        return [j for j in self._job_ids(skip=self._seen_done | self._seen_ended)
+                if self.done(j) is None and self.ended(j) is None]
 
     # ---- the runner's claims ---------------------------------------------------------------------------------
     def claim(self, job_id: str) -> None:
@@ -277,10 +316,18 @@ class Spool:
         """The broker has the message durably: keep its name (as .sent) so a replaying runner does not seal it
         again, and free its bytes. Their pages are the ones the next message's writes reuse: on a VM, freshly
         faulted memory is most of what writing a large message costs (the e2e bench ran about 8% faster)."""
+        if self.done(item.job_id) is not None:  # no replay will come: the name is not needed either
+            self.discard_outbox_item(item)
+            return
         sent = item.path.with_suffix(".sent")
         os.replace(item.path, sent)
         fsync_dir(item.path.parent)
         os.truncate(sent, 0)
+
+    def discard_outbox_item(self, item: OutboxItem) -> None:
+        """Remove a sealed message nobody needs any more (sent after the runner finished, or its job ended)."""
+        durable_unlink(item.path)
+        self._remove_empty(item.path.parent, self.root / "outbox")
 
     # ---- inbox ----------------------------------------------------------------------------------------------
     def inbox_path(self, job_id: str, name: str) -> Path:
@@ -328,6 +375,7 @@ class Spool:
     def ack_status(self, item: StatusItem) -> None:
         """The coordinator has the update (or refused it for good): drop it from the queue."""
         durable_unlink(item.path)
+        self._remove_empty(item.path.parent, self.root / "status")
 
     # ---- results --------------------------------------------------------------------------------------------
     def result_path(self, job_id: str) -> Path:
@@ -347,11 +395,21 @@ class Spool:
         return read_json(self.result_path(job_id))
 
     def ack_result(self, job_id: str) -> None:
-        """The uploader has stored the result and queued its status: keep it as uploaded.json, not pending."""
+        """The uploader has stored the result and queued its status: keep it as jobs/<job>/uploaded.json, out of
+        the folder the uploader scans."""
         path = self.result_path(job_id)
         if path.exists():
-            os.replace(path, path.with_name("uploaded.json"))
+            uploaded = self.job_dir(job_id) / "uploaded.json"
+            uploaded.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, uploaded)
+            fsync_dir(uploaded.parent)
             fsync_dir(path.parent)
+        self._remove_empty(path.parent, self.root / "results")
+
+    def uploaded(self, job_id: str) -> bool:
+        """True once the uploader stored the job's result (also as kept by older versions, under results/)."""
+        return ((self.job_dir(job_id) / "uploaded.json").exists()
+                or self.result_path(job_id).with_name("uploaded.json").exists())
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def unsent_count(self, job_id: str) -> int:
@@ -369,6 +427,19 @@ class Spool:
         if outbox.is_dir():
             for sent in outbox.glob("*/*.sent"):
                 sent.unlink(missing_ok=True)
+            for seat in _subdirs(outbox, SEAT_PATTERN):
+                self._remove_empty(outbox / seat, self.root / "outbox")
+
+    @staticmethod
+    def _remove_empty(folder: Path, stage: Path) -> None:
+        """Remove `folder` and then its parents below `stage` while they are empty (a writer that loses the race
+        makes its folder again: see `atomic_writer`)."""
+        while folder != stage and stage in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (still in use), or already gone
+                return
+            folder = folder.parent
 
     def sweep_temp(self, older_than: float = 3600.0) -> int:
         """Remove temporary files left by crashed writers (old enough not to be in use); returns the count."""
