@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from services.worker.spool import FINISHED_JOBS_KEPT
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +87,7 @@ def test_the_spool_bench_finds_the_scanned_folders_empty_after_the_jobs():
     assert record["jobs"] == 200
     # Finished jobs leave nothing in the folders the programs scan while idle, so no scan grows with the history.
     assert record["left_in_scanned_folders"] == {"outbox": 0, "status": 0, "results": 0, "inbox": 0}
+    assert record["finished_jobs_kept"] == FINISHED_JOBS_KEPT  # the rest were forgotten by the poller's cycle
     assert set(record["scans"]) == {"messenger_outbox", "messenger_active_jobs", "runner_runnable_jobs",
                                     "uploader_results", "poller_status"}
     for scan in record["scans"].values():

@@ -1,5 +1,6 @@
 """The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
 import logging
+import os
 import threading
 import time
 
@@ -90,6 +91,19 @@ def test_stopped_job_is_marked_ended_in_spool(cape_server, world, tmp_path):
     assert world["user"]["xorg"].post(f"/v1/jobs/{job_id}/stop").status_code == 200
     poller.cycle()
     assert poller.spool.ended(job_id)["status"] == "Stopped"
+
+
+def test_a_cycle_forgets_finished_jobs_beyond_the_most_recent(cape_server, world, tmp_path, monkeypatch):
+    monkeypatch.setattr("services.worker.spool.FINISHED_JOBS_KEPT", 1)
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
+    for job in ("finished1", "finished2"):
+        poller.spool.put_job({"id": job, "seat": "y_owner"})
+        poller.spool.mark_done(job, "completed")
+        poller.spool.mark_ended(job, "Completed")
+    os.utime(poller.spool.job_dir("finished1") / "ended.json", ns=(0, 0))
+    poller.cycle()
+    assert "finished1" not in poller.spool.job_ids() and "finished2" in poller.spool.job_ids()
+    assert world["job"]["id"] in poller.spool.job_ids()  # the job still served is kept
 
 
 def test_report_refused_with_409_marks_job_ended(cape_server, world, tmp_path):

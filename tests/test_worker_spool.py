@@ -237,3 +237,26 @@ def test_rejections_outlive_the_jobs_messages(tmp_path):
     spool.discard_messages(JOB)
     assert not spool.inbox_path(JOB, "y_owner.r1").exists()
     assert spool.rejections(JOB)["y_owner.r2"]["reason"] == "signature does not verify"  # the audit trail stays
+
+
+def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_path):
+    spool = Spool(tmp_path)
+    for k in range(5):  # finished, oldest first
+        job = f"old{k}"
+        spool.put_job({"id": job, "seat": "x_owner"})
+        spool.mark_done(job, "completed")
+        spool.mark_ended(job, "Completed")
+        os.utime(spool.job_dir(job) / "ended.json", ns=(k * 10**9, k * 10**9))
+    spool.record_rejection("old0", "y_owner.r1", "y_owner", "signature does not verify")
+    for job in ("sending", "claimed", "running"):
+        spool.put_job({"id": job, "seat": "x_owner"})
+    for job in ("sending", "claimed"):  # done and ended, but still in use: a message to send, a claim
+        spool.mark_done(job, "completed")
+        spool.mark_ended(job, "Completed")
+    atomic_write_bytes(spool.outbox_path("sending", "y_owner", "x_owner.r9"), b"sealed bytes")
+    spool.claim("claimed")
+
+    assert sorted(spool.prune_finished(keep=2)) == ["old0", "old1", "old2"]
+    assert sorted(spool.job_ids()) == ["claimed", "old3", "old4", "running", "sending"]
+    assert spool.rejections("old0")  # the audit trail stays
+    assert Spool(tmp_path).prune_finished(keep=2) == []  # another program's Spool agrees

@@ -26,6 +26,7 @@ from services.worker.spool import InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
 HEARTBEAT_SECONDS = 15.0
+PRUNE_SECONDS = 60.0  # how often old finished jobs are looked for (a scan of the spool's jobs/ folder)
 MAX_BACKOFF_SECONDS = 30.0
 # Status files from the runner and uploader are local: they are reported this soon after they appear, while
 # the coordinator itself is polled for jobs every CAPE_POLL_INTERVAL.
@@ -64,6 +65,7 @@ class Poller:
         self.program_states = program_states or (lambda: {})
         self.registered = False
         self.last_heartbeat = 0.0
+        self.last_prune = 0.0
         self.last_programs: dict[str, str] | None = None
         self._store_lock = threading.Lock()  # the cycle and the job watcher both store jobs
 
@@ -80,13 +82,17 @@ class Poller:
                  self.config.token_id)
 
     def cycle(self) -> None:
-        """Heartbeat when due, fetch jobs, notice ended jobs, send status updates."""
+        """Heartbeat when due, fetch jobs, notice ended jobs, send status updates, forget old finished jobs."""
         if not self.registered:
             self.start()
         self.heartbeat()
         served = self.fetch_jobs()
         self.notice_ended(served)
         self.send_status()
+        if time.monotonic() - self.last_prune >= PRUNE_SECONDS:
+            self.last_prune = time.monotonic()
+            for job_id in self.spool.prune_finished():
+                log.info("job %s: finished long ago; its record left the spool (the coordinator keeps it)", job_id)
 
     def heartbeat(self) -> None:
         """Tell the coordinator this worker is alive, with its programs' states, when due or when they changed."""

@@ -22,8 +22,9 @@ Layout (one directory per job under each stage):
 
 The folders the programs scan often (outbox, status, results) hold only work in progress: a job's folder there is
 removed once it is empty and the job no longer needs it, so a scan costs the same after thousands of jobs. Under
-jobs/, a finished job's folder stays (`cape-worker status` lists it); each Spool remembers the jobs it saw done or
-ended and does not read their markers again.
+jobs/, the FINISHED_JOBS_KEPT most recently finished jobs stay (`cape-worker status` lists them; the coordinator
+keeps every job's history), and each Spool remembers the jobs it saw done or ended and does not read their
+markers again. rejected/ is kept whole: it is the audit trail of tampering.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
+FINISHED_JOBS_KEPT = 100  # finished jobs whose records stay in jobs/ (for `cape-worker status`); older ones go
 
 
 class SpoolError(Exception):
@@ -440,6 +442,33 @@ class Spool:
             except OSError:  # not empty (still in use), or already gone
                 return
             folder = folder.parent
+
+    def prune_finished(self, keep: int | None = None) -> list[str]:
+        """Remove the records of finished jobs beyond the `keep` (FINISHED_JOBS_KEPT) most recently finished;
+        returns their ids.
+
+        Finished: the runner is done, the coordinator ended it, and nothing of it waits in any stage (no claim,
+        outbox, inbox, status or result), so no program touches it again.
+        """
+        finished = []
+        for job_id in self._job_ids(skip=set()):
+            done = job_id in self._seen_done or self.done(job_id) is not None
+            if not done or not (job_id in self._seen_ended or self.ended(job_id) is not None):
+                continue
+            if self.is_claimed(job_id):
+                continue
+            if any((self.root / stage / job_id).exists() for stage in ("outbox", "inbox", "status", "results")):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                finished.append(((self.job_dir(job_id) / "ended.json").stat().st_mtime_ns, job_id))
+        finished.sort()
+        keep = FINISHED_JOBS_KEPT if keep is None else keep
+        removed = [job_id for _, job_id in finished[:max(0, len(finished) - keep)]]
+        for job_id in removed:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self._seen_done.discard(job_id)
+            self._seen_ended.discard(job_id)
+        return removed
 
     def sweep_temp(self, older_than: float = 3600.0) -> int:
         """Remove temporary files left by crashed writers (old enough not to be in use); returns the count."""

@@ -4,7 +4,7 @@
 programs leave them (the poller stores the spec; the runner claims it, writes its status, outbox messages and the
 output seat's result, marks it done and discards its messages; the messenger marks messages sent, one of them after
 the runner finished; the poller acknowledges the statuses and marks the job ended; the uploader acknowledges the
-result), then times the scans each program makes while idle, with how often it makes them. It prints one JSON line:
+result; the poller's next cycle forgets old finished jobs), then times the scans each program makes while idle, with how often it makes them. It prints one JSON line:
 per scan, the milliseconds it takes and the share of one core it costs at that rate (`core_share`); what a just
 started program's first scan of the jobs costs; and what is left in the scanned folders.
 """
@@ -49,6 +49,7 @@ def _one_job(spool: Spool, job_id: str) -> None:
     for item in spool.pending_status():
         spool.ack_status(item)
     spool.mark_ended(job_id, "Completed")
+    spool.prune_finished()  # the poller's cycle
 
 
 def _time(scan: Callable[[], Any]) -> float:
@@ -86,6 +87,7 @@ def run(base: Path, jobs: int) -> dict[str, Any]:
         "first_active_jobs_scan_ms": round(first_scan * 1000, 3),
         "left_in_scanned_folders": {folder: len(list((base / "spool" / folder).iterdir()))
                                     for folder in ("outbox", "status", "results", "inbox")},
+        "finished_jobs_kept": len(list((base / "spool" / "jobs").iterdir())),
     }
 
 
