@@ -4,7 +4,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from tests.support.server import build_job_world, worker_public_keys
+from tests.support.server import Api, build_job_world, worker_public_keys
 
 METRICS = {"mse_result": 0.25, "r_squared_result": 0.93}
 
@@ -161,3 +161,17 @@ def test_model_owner_outside_data_owners_takes_third_seat(cape_server):
         "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg"})
     assert no_helper.status_code == 422
     assert no_helper.json()["error"]["message"].startswith("field 'helper':")
+
+
+def test_a_database_from_before_the_status_index_gets_it_and_still_serves_workers(start_cape_server):
+    server = start_cape_server()
+    world = build_job_world(server)
+    server.stop()
+    with sqlite3.connect(server.data_dir / "coordinator.sqlite3") as conn:  # as an older version left it
+        conn.execute("DROP INDEX jobs_status")
+    server.start()
+    with sqlite3.connect(server.data_dir / "coordinator.sqlite3") as conn:
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'jobs_status'").fetchone()
+    served = Api(server, world["orgs"]["xorg"]["organization_token"]).get("/v1/worker/jobs")
+    assert served.status_code == 200 and [job["id"] for job in served.json()] == [world["job"]["id"]]
+    assert served.json()[0]["seat"] == "x_owner"

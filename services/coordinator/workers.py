@@ -98,8 +98,11 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
 
 def list_worker_jobs(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
     """Approved or Started jobs where the organization holds a seat and all three parties registered keys."""
-    rows = list(conn.execute("SELECT j.*, p.seat AS my_seat FROM jobs j JOIN job_parties p ON p.job_id = j.id "
-                             "WHERE p.org_id = ? AND j.status IN ('Approved', 'Started') ORDER BY j.approved_at",
+    # From the few live jobs to their parties: left to itself, SQLite walks every job the organization ever had a
+    # seat in (20 ms for 20,000 jobs, on every worker's poll; 0.05 ms this way).
+    rows = list(conn.execute("SELECT j.*, p.seat AS my_seat FROM jobs j INDEXED BY jobs_status "
+                             "JOIN job_parties p ON p.job_id = j.id "
+                             "WHERE j.status IN ('Approved', 'Started') AND p.org_id = ? ORDER BY j.approved_at",
                              (org_id,)))
     out = []
     for row in rows:
