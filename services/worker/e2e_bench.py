@@ -479,10 +479,11 @@ def _deliveries(sampler: SpoolSampler) -> dict[str, Any]:
 
     every = np.ones(len(sizes), dtype=bool)
     started = min(sampler.times("xorg", "claim") or [0.0])
-    sealed = [t for key, t in sampler.first_seen.items()
-              if ":sealed:" in key and sampler.sizes.get(key.replace(":sealed:", ":", 1), 0) >= 1 << 20]
-    sent = [t for key, t in sampler.first_seen.items()
-            if ":sent:" in key and sampler.sizes.get(key.replace(":sent:", ":", 1), 0) >= 1 << 20]
+    # The x-owner's own large messages only: the y-owner's masked vector (8 MB at n = 10^6) is sealed earlier.
+    sealed = [t for key, t in sampler.first_seen.items() if key.startswith("xorg:sealed:")
+              and sampler.sizes.get(key.replace(":sealed:", ":", 1), 0) >= 1 << 20]
+    sent = [t for key, t in sampler.first_seen.items() if key.startswith("xorg:sent:")
+            and sampler.sizes.get(key.replace(":sent:", ":", 1), 0) >= 1 << 20]
     timeline = {}
     if sealed and sent and started:
         # When the large messages (the x-owner's masked matrix blocks) moved, from the x-owner's runner start.
