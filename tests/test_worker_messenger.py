@@ -207,3 +207,20 @@ def test_many_messages_of_one_job_are_all_confirmed_once(job, tmp_path):
     assert sent == {f"x_owner.{name}.sent": 0 for name in arrays}  # names kept (no re-sealing), bytes freed
     log = (tmp_path / "x_owner.messenger.log").read_text()
     assert sum(log.count(f"sent x_owner.{name} to y_owner") for name in arrays) == len(arrays)
+
+
+def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(tmp_path, caplog):
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    messenger = Messenger(spool, WorkerKeys.load_or_create(tmp_path / "state"),
+                          BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"))  # never called here
+    spool.put_job({"id": "bad1", "seat": "x_owner"})  # not a WorkerJob the messenger can use
+    with caplog.at_level("ERROR", logger="services.worker.messenger"):
+        assert messenger.receiving_jobs() == [] and messenger.receiving_jobs() == []
+    assert [r.getMessage().startswith("job bad1: cannot receive its messages") for r in caplog.records] == [True]
+    spool.mark_ended("bad1", "Stopped")
+    assert messenger.receiving_jobs() == [] and messenger._specs == {}  # nothing kept of a job no longer active

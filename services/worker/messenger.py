@@ -68,7 +68,7 @@ class Messenger:
         self._done_queue: queue.Queue[tuple[OutboxItem, bool | Exception]] = queue.Queue()
         self._put_threads: list[threading.Thread] = []
         self._gets: ThreadPoolExecutor | None = None
-        self._specs: dict[str, JobSpec] = {}
+        self._specs: dict[str, JobSpec | None] = {}
         self._sender: threading.Thread | None = None
         self.sent = 0
         self.received = 0
@@ -87,6 +87,7 @@ class Messenger:
                 continue
             if self.spool.ended(item.job_id) is not None:
                 self.spool.discard_outbox_item(item)  # the coordinator ended the job: nobody will read it
+                self._retry_at.pop(key, None)
                 continue
             if sum(1 for other in self._in_flight.values() if other.job_id == item.job_id) >= PUTS_PER_JOB:
                 continue
@@ -168,17 +169,20 @@ class Messenger:
     def receiving_jobs(self) -> list[JobSpec]:
         """Jobs whose messages this worker still needs: a spec, not ended, the runner not done."""
         jobs = []
-        for job_id in self.spool.active_job_ids():
-            spec = self._specs.get(job_id)
-            if spec is None:
-                raw = self.spool.read_job(job_id)
+        active = self.spool.active_job_ids()
+        # Parsed specs of the active jobs only (a long-running messenger sees thousands of jobs); None for a spec
+        # that cannot be parsed, so its error is logged once.
+        self._specs = {job_id: self._specs[job_id] for job_id in active if job_id in self._specs}
+        for job_id in active:
+            if job_id not in self._specs:
                 try:
-                    spec = JobSpec.parse(raw or {})
+                    self._specs[job_id] = JobSpec.parse(self.spool.read_job(job_id) or {})
                 except JobSpecError as exc:
                     log.error("job %s: cannot receive its messages: %s", job_id, exc)
-                    continue
-                self._specs[job_id] = spec
-            jobs.append(spec)
+                    self._specs[job_id] = None
+            spec = self._specs[job_id]
+            if spec is not None:
+                jobs.append(spec)
         return jobs
 
     def receive(self, spec: JobSpec, wait: float) -> int:
