@@ -215,15 +215,18 @@ class Spool:
         return self._job_ids(skip=set())
 
     def _job_ids(self, skip: set[str]) -> list[str]:
-        found = []
+        found, present = [], set()
         with os.scandir(self.root / "jobs") as entries:
             for entry in entries:
+                present.add(entry.name)
                 if entry.name in skip or not JOB_ID_PATTERN.fullmatch(entry.name):
                     continue
                 try:
                     found.append((os.stat(os.path.join(entry.path, "spec.json")).st_mtime_ns, entry.name))
                 except (FileNotFoundError, NotADirectoryError):
                     continue
+        self._seen_done &= present  # jobs another program removed (prune_finished) are forgotten here too
+        self._seen_ended &= present
         return [job_id for _, job_id in sorted(found)]
 
     def unended_job_ids(self) -> list[str]:
