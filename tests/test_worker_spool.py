@@ -255,6 +255,8 @@ def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_p
         spool.mark_ended(job, "Completed")
     atomic_write_bytes(spool.outbox_path("sending", "y_owner", "x_owner.r9"), b"sealed bytes")
     spool.claim("claimed")
+    for leftover in (tmp_path / "outbox" / "old1" / "helper", tmp_path / "results" / "old2"):
+        leftover.mkdir(parents=True)  # empty folders a crash left: they do not keep a job
 
     other = Spool(tmp_path)  # another program's view, which saw the old jobs finish
     assert other.active_job_ids() == ["running"] and "old0" in other._seen_done
@@ -262,5 +264,6 @@ def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_p
     assert sorted(spool.prune_finished(keep=2)) == ["old0", "old1", "old2"]
     assert sorted(spool.job_ids()) == ["claimed", "old3", "old4", "running", "sending"]
     assert spool.rejections("old0")  # the audit trail stays
+    assert os.listdir(tmp_path / "outbox") == ["sending"] and os.listdir(tmp_path / "results") == []
     assert other.prune_finished(keep=2) == []  # the other program agrees, and forgets what it remembered of them
     assert other.active_job_ids() == ["running"] and not {"old0", "old1", "old2"} & other._seen_done

@@ -460,7 +460,14 @@ class Spool:
                 continue
             if self.is_claimed(job_id):
                 continue
-            if any((self.root / stage / job_id).exists() for stage in ("outbox", "inbox", "status", "results")):
+            # Empty folders a crash left between a hand-off and its tidying go too; any content keeps the job.
+            outbox = self.root / "outbox" / job_id
+            for seat in _subdirs(outbox, SEAT_PATTERN):
+                self._remove_empty(outbox / seat, self.root / "outbox")
+            stages = [self.root / stage / job_id for stage in ("outbox", "inbox", "status", "results")]
+            for folder in stages:
+                self._remove_empty(folder, folder.parent)
+            if any(folder.exists() for folder in stages):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 finished.append(((self.job_dir(job_id) / "ended.json").stat().st_mtime_ns, job_id))
