@@ -257,6 +257,7 @@ def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_p
     spool.claim("claimed")
     for leftover in (tmp_path / "outbox" / "old1" / "helper", tmp_path / "results" / "old2"):
         leftover.mkdir(parents=True)  # empty folders a crash left: they do not keep a job
+    atomic_write_bytes(tmp_path / "outbox" / "old2" / "y_owner" / "x_owner.r1.sent", b"")  # a name sent late
 
     other = Spool(tmp_path)  # another program's view, which saw the old jobs finish
     assert other.active_job_ids() == ["running"] and "old0" in other._seen_done

@@ -460,10 +460,9 @@ class Spool:
                 continue
             if self.is_claimed(job_id):
                 continue
-            # Empty folders a crash left between a hand-off and its tidying go too; any content keeps the job.
-            outbox = self.root / "outbox" / job_id
-            for seat in _subdirs(outbox, SEAT_PATTERN):
-                self._remove_empty(outbox / seat, self.root / "outbox")
+            # What a crash or a race left behind once the runner was done (received messages, .sent names, empty
+            # folders) goes too; a message still to send, a status still to report or a result to upload keeps it.
+            self.discard_messages(job_id)
             stages = [self.root / stage / job_id for stage in ("outbox", "inbox", "status", "results")]
             for folder in stages:
                 self._remove_empty(folder, folder.parent)
