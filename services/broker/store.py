@@ -161,19 +161,17 @@ class MessageStore:
 
     def purge_job(self, job_id: str) -> int:
         """Delete every message of one job (it ended: nobody will read them); returns how many."""
-        with self._lock:
-            rows = self._conn.execute("SELECT file FROM messages WHERE job_id = ?", (job_id,)).fetchall()
-            self._conn.execute("DELETE FROM messages WHERE job_id = ?", (job_id,))
-        for row in rows:
-            (self.bodies / row["file"]).unlink(missing_ok=True)
-        return len(rows)
+        return self._delete_where("job_id = ?", (job_id,))
 
     def expire(self) -> int:
         """Delete messages older than the TTL; returns how many."""
-        cutoff = time.time() - self.ttl
+        return self._delete_where("created <= ?", (time.time() - self.ttl,))
+
+    def _delete_where(self, condition: str, params: tuple[Any, ...]) -> int:
+        """Drop the index rows matching `condition` (SQL over this class's own columns), then their bodies."""
         with self._lock:
-            rows = self._conn.execute("SELECT * FROM messages WHERE created <= ?", (cutoff,)).fetchall()
-            self._conn.execute("DELETE FROM messages WHERE created <= ?", (cutoff,))
+            rows = self._conn.execute(f"SELECT file FROM messages WHERE {condition}", params).fetchall()
+            self._conn.execute(f"DELETE FROM messages WHERE {condition}", params)
         for row in rows:
             (self.bodies / row["file"]).unlink(missing_ok=True)
         return len(rows)

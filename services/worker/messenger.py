@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the programs read their configuration only in main()
 log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01
+NO_JOBS_SECONDS = 0.2  # with no active job, the receiver looks for one again after this long
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
@@ -294,7 +295,7 @@ class Messenger:
                 raise SystemExit("the sender loop stopped")  # let supervisord restart the whole program
             jobs = self.receiving_jobs()
             if not jobs:
-                self.stop.wait(0.2)
+                self.stop.wait(NO_JOBS_SECONDS)
                 return False
             wait = self.long_poll if len(jobs) == 1 else 0.0
             return sum(self.receive(spec, wait) for spec in jobs if not self.stop.is_set()) > 0

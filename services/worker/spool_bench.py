@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.worker import messenger, runner, uploader
+from services.worker import messenger, poller, runner, uploader
 from services.worker.keys import WorkerKeys
 from services.worker.spool import Spool, atomic_write_bytes
 
 REPEATS = 20
-RECEIVER_IDLE_SECONDS = 0.2  # the messenger's receiver loop, with no active job, looks again after this long
 
 
 def _one_job(spool: Spool, job_id: str) -> None:
@@ -70,10 +69,10 @@ def run(base: Path, jobs: int) -> dict[str, Any]:
     the_runner = runner.Runner(spool, WorkerKeys.load_or_create(base / "state"))
     scans = {  # what each program's idle loop looks at, and how often
         "messenger_outbox": (spool.pending_outbox, messenger.IDLE_SECONDS),
-        "messenger_active_jobs": (spool.active_job_ids, RECEIVER_IDLE_SECONDS),
+        "messenger_active_jobs": (spool.active_job_ids, messenger.NO_JOBS_SECONDS),
         "runner_runnable_jobs": (the_runner.runnable, runner.SCAN_SECONDS),
         "uploader_results": (spool.pending_results, uploader.SPOOL_WATCH_SECONDS),
-        "poller_status": (spool.pending_status, RECEIVER_IDLE_SECONDS),
+        "poller_status": (spool.pending_status, poller.SPOOL_WATCH_SECONDS),
     }
     figures = {}
     for name, (scan, every) in scans.items():
