@@ -224,3 +224,38 @@ def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(t
     assert [r.getMessage().startswith("job bad1: cannot receive its messages") for r in caplog.records] == [True]
     spool.mark_ended("bad1", "Stopped")
     assert messenger.receiving_jobs() == [] and messenger._specs == {}  # nothing kept of a job no longer active
+
+
+def test_with_several_active_jobs_the_receiver_pauses_between_rounds_that_found_nothing(tmp_path, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+
+    class EmptyBroker(BrokerClient):  # a broker with nothing waiting, answering at once (unit test: no server)
+        lists: list[tuple[str, float]] = []
+
+        def wait_for_messages(self, job_id, wait):
+            self.lists.append((job_id, wait))
+            return []
+
+    stop = threading.Event()
+    broker = EmptyBroker("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
+    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop)
+    monkeypatch.setattr(messenger, "receiving_jobs", lambda: [SimpleNamespace(id="job1"), SimpleNamespace(id="job2")])
+    loop = threading.Thread(target=messenger.receiver_loop, daemon=True)
+    loop.start()
+    time.sleep(0.5)
+    stop.set()
+    loop.join(timeout=5)
+    assert not loop.is_alive()
+    rounds = 0.5 / messenger_module.MULTI_JOB_POLL_SECONDS
+    # Both jobs are looked at in every round, without a long poll that would hold up the other job's messages,
+    # and not in a tight loop of requests (which made thousands of lists in half a second).
+    assert {job for job, _ in broker.lists} == {"job1", "job2"}
+    assert all(wait == 0.0 for _, wait in broker.lists)
+    assert 4 <= len(broker.lists) <= 2 * (rounds + 2)

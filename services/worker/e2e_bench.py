@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -544,12 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.d < 1 or n < args.d + 2:
         parser.error("need d >= 1 and n >= d + 2")
     base = Path(tempfile.mkdtemp(prefix="cape-bench-e2e-"))
-    failed = True
-    try:
+
+    def record() -> dict[str, Any]:
         e2e = run_e2e(base, n, args.d, args.format, args.poll_interval, args.timeout)
         simulation = run_simulation(n, args.d)
         simulation_seconds = simulation["seconds"]["job"]
-        record = {
+        return {
             **simulation,
             "simulation_seconds": simulation_seconds,
             **e2e,
@@ -559,17 +559,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runner_over_simulation": round(e2e["e2e_seconds"].get("runner_start_to_result", float("nan"))
                                             / max(simulation_seconds, 1e-9), 2),
         }
-        print(json.dumps(record), flush=True)
+
+    return print_record(base, record, {"n": n, "d": args.d}, keep=args.keep)
+
+
+def print_record(base: Path, record: Callable[[], dict[str, Any]], identity: dict[str, Any], keep: bool = False) -> int:
+    """Print `record()` as one JSON line (or `identity` and the error if the run failed) and remove `base`, unless
+    asked to keep it or the run failed (its logs and spools say why); the exit code."""
+    failed = True
+    try:
+        print(json.dumps(record()), flush=True)
         failed = False
     except (BenchError, subprocess.TimeoutExpired) as exc:
-        print(json.dumps({"n": n, "d": args.d, "error": str(exc)}), flush=True)
+        print(json.dumps({**identity, "error": str(exc)}), flush=True)
     finally:
-        if args.keep or failed:
+        if keep or failed:
             print(f"logs and spools kept in {base}", file=sys.stderr)
         else:
             shutil.rmtree(base, ignore_errors=True)
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,6 @@ Run as `python -m services.worker.messenger`; SIGTERM stops it within a second o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import queue
@@ -36,8 +35,9 @@ if TYPE_CHECKING:  # the programs read their configuration only in main()
 
 log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
-IDLE_SECONDS = 0.01
-NO_JOBS_SECONDS = 0.2  # with no active job, the receiver looks for one again after this long
+IDLE_SECONDS = 0.01  # without a spool watch, how often the sender looks at the outbox and its finished puts
+NO_JOBS_SECONDS = 0.2  # with no active job and no spool watch, the receiver looks for one again after this long
+MULTI_JOB_POLL_SECONDS = 0.05  # with several active jobs, the pause between rounds of lists that found nothing
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
@@ -134,6 +134,7 @@ class Messenger:
             except Exception as exc:  # noqa: BLE001 - handed to the sender loop, which backs off or logs it
                 outcome = exc
             self._done_queue.put((item, outcome))
+            self.spool.changes.wake()  # the sender loop collects it now and starts the next put
 
     def _send_one(self, item: OutboxItem) -> bool:
         try:
@@ -285,7 +286,7 @@ class Messenger:
     # ---- loops ----------------------------------------------------------------------------------------------
     def sender_loop(self) -> None:
         """Send outbox files until stopped; back off while the broker is unreachable."""
-        self._loop("sending", lambda: self.send_pending(wait=IDLE_SECONDS) > 0, idle=IDLE_SECONDS)
+        self._loop("sending", lambda: self.send_pending() > 0, idle=IDLE_SECONDS)
 
     def receiver_loop(self) -> None:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
@@ -293,18 +294,26 @@ class Messenger:
         def once() -> bool:
             if self._sender is not None and not self._sender.is_alive():
                 raise SystemExit("the sender loop stopped")  # let supervisord restart the whole program
+            seen = self.spool.changes.generation
             jobs = self.receiving_jobs()
             if not jobs:
-                self.stop.wait(NO_JOBS_SECONDS)
+                self.spool.changes.wait(seen, NO_JOBS_SECONDS)  # a new job's spec wakes it
                 return False
-            wait = self.long_poll if len(jobs) == 1 else 0.0
-            return sum(self.receive(spec, wait) for spec in jobs if not self.stop.is_set()) > 0
+            if len(jobs) == 1:
+                return self.receive(jobs[0], self.long_poll) > 0
+            # Several jobs: a long poll of one would hold up the others' messages, so look at each in turn,
+            # pausing briefly when none had anything (not a tight loop of requests to the broker).
+            if sum(self.receive(spec, 0.0) for spec in jobs if not self.stop.is_set()):
+                return True
+            self.stop.wait(MULTI_JOB_POLL_SECONDS)
+            return False
 
         self._loop("receiving", once, idle=0.0)
 
     def _loop(self, what: str, once, idle: float) -> None:  # type: ignore[no-untyped-def]
         failures = 0
         while not self.stop.is_set():
+            seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the idle wait
             try:
                 busy = once()
             except BrokerUnavailable as exc:
@@ -327,7 +336,7 @@ class Messenger:
                 log.info("%s: the broker is reachable again", what)
                 failures = 0
             if not busy and idle:
-                self.stop.wait(idle)
+                self.spool.changes.wait(seen, idle)
 
     def run(self) -> None:
         """Run both loops until the stop flag is set (the receiver in this thread)."""
@@ -337,6 +346,7 @@ class Messenger:
             self.receiver_loop()
         finally:
             self.stop.set()
+            self.spool.changes.wake()  # the sender may be waiting for a spool change
             self._sender.join(timeout=2.0)
             if self._gets is not None:
                 self._gets.shutdown(wait=False, cancel_futures=True)
@@ -368,11 +378,13 @@ def main() -> int:
         broker = BrokerClient(config.broker, config.token, stop=stop)
         spool = Spool(config.spool_dir)
         spool.sweep_temp()
+        spool.watch("outbox", "jobs")
         log.info("relaying messages through %s", config.broker)
         try:
             Messenger(spool, keys, broker, stop).run()
         finally:
             stop.set()
+            spool.changes.close()
             broker.close()
 
     return program.run("messenger", relay)

@@ -208,8 +208,9 @@ class Poller:
         """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails
         (the next cycle backs off)."""
         while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(SPOOL_WATCH_SECONDS, left))
+            seen = self.spool.changes.generation
             if not self.spool.pending_status():
+                self.spool.changes.wait(seen, SPOOL_WATCH_SECONDS, at_most=left)  # a new status file wakes it
                 continue
             try:
                 self.send_status()
@@ -235,7 +236,9 @@ def _poll(config: WorkerConfig) -> None:
     client = CoordinatorClient(config.coordinator, config.token)
     watch_client = CoordinatorClient(config.coordinator, config.token)
     stop = threading.Event()
-    poller = Poller(config, client, Spool(config.spool_dir), keys, supervised_program_states)
+    spool = Spool(config.spool_dir)
+    spool.watch("status")
+    poller = Poller(config, client, spool, keys, supervised_program_states)
     watcher = threading.Thread(target=poller.watch_jobs, args=(watch_client, stop), name="job-watch", daemon=True)
     watcher.start()
     log.info("polling %s every %.1f s, and watching it for approved jobs", config.coordinator, config.poll_interval)
@@ -243,6 +246,7 @@ def _poll(config: WorkerConfig) -> None:
         poller.run()
     finally:
         stop.set()
+        spool.changes.close()
         client.close()
         watch_client.close()
 

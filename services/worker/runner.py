@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the programs read their configuration only in main()
     from services.worker.config import WorkerConfig
 
 log = logging.getLogger("cape.runner")
-SCAN_SECONDS = 0.05  # how soon a job the poller stored starts; a scan is one directory listing
+SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored starts (a scan is one listing)
 PROGRESS_EVERY_SECONDS = 1.0
 MAX_PARALLEL_JOBS = 4
 _STOPPING = "the runner is stopping"
@@ -99,8 +99,9 @@ class Runner:
     def run(self) -> None:
         """Start jobs as they appear until stopped."""
         while not self.stop.is_set():
+            seen = self.spool.changes.generation
             self.start_due()
-            self.stop.wait(SCAN_SECONDS)
+            self.spool.changes.wait(seen, SCAN_SECONDS)
         for thread in self._threads.values():
             thread.join(timeout=2.0)
 
@@ -254,13 +255,15 @@ def main() -> int:
 
         keys = program.load_keys(config)
         stop = threading.Event()
-        runner = Runner(Spool(config.spool_dir), keys, stop,
-                        s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
+        spool = Spool(config.spool_dir)
+        spool.watch("jobs", "inbox")
+        runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
         log.info("running jobs from %s", config.spool_dir)
         try:
             runner.run()
         finally:
             stop.set()
+            spool.changes.close()  # waiting jobs see the stop now
 
     return program.run("runner", run_jobs)
 

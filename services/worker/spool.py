@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from services.worker.spool_watch import SpoolWatch
+
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # The broker's message-name pattern, minus names starting with "." (our temporary files) and "..".
 MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
@@ -192,6 +194,13 @@ class Spool:
         # Jobs seen with done.json / ended.json: both are final, so scans skip these without reading them again.
         self._seen_done: set[str] = set()
         self._seen_ended: set[str] = set()
+        # What this program's waits sleep on: a short poll until `watch` starts reporting hand-offs.
+        self.changes = SpoolWatch(ignore=is_temp_name)
+
+    def watch(self, *stages: str) -> bool:
+        """Have `changes` wake waiters when a file lands under these stage folders (e.g. "outbox"), so idle
+        loops can sleep instead of polling; False if the system refused (the short polls go on)."""
+        return self.changes.start(self.root, stages)
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:

@@ -5,7 +5,9 @@ programs leave them (the poller stores the spec; the runner claims it, writes it
 output seat's result, marks it done and discards its messages; the messenger marks messages sent, one of them after
 the runner finished; the poller acknowledges the statuses and marks the job ended; the uploader acknowledges the
 result; the poller's next cycle forgets old finished jobs), then times the scans each program makes while idle, with how often it makes them. It prints one JSON line:
-per scan, the milliseconds it takes and the share of one core it costs at that rate (`core_share`); what a just
+per scan, the milliseconds it takes and the share of one core it costs at that rate (`core_share`: the programs'
+short polls, used when the system refuses a spool watch) and at the rate of a program whose spool watch runs
+(`watched_core_share`: one look per `WATCHED_POLL_SECONDS` while nothing lands in the spool); what a just
 started program's first scan of the jobs costs; and what is left in the scanned folders.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from services.worker import messenger, poller, runner, uploader
 from services.worker.keys import WorkerKeys
 from services.worker.spool import Spool, atomic_write_bytes
+from services.worker.spool_watch import WATCHED_POLL_SECONDS
 
 REPEATS = 20
 
@@ -77,8 +80,10 @@ def run(base: Path, jobs: int) -> dict[str, Any]:
     figures = {}
     for name, (scan, every) in scans.items():
         seconds = _time(scan)
+        watched = max(every, WATCHED_POLL_SECONDS)  # with the spool watch, an idle program looks this often
         figures[name] = {"ms": round(seconds * 1000, 3), "every_seconds": every,
-                         "core_share": round(seconds / (seconds + every), 4)}
+                         "core_share": round(seconds / (seconds + every), 4),
+                         "watched_every_seconds": watched, "watched_core_share": round(seconds / (seconds + watched), 5)}
     return {
         "jobs": jobs,
         "lifecycle_ms_per_job": round(lifecycle / jobs * 1000, 3),

@@ -33,7 +33,8 @@ from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
 from services.mpc import ProtocolError, TransportTimeout
 
 log = logging.getLogger(__name__)
-_POLL_MIN, _POLL_MAX = 0.002, 0.01  # a wait ends at most 10 ms after the file appears; an open() is cheap
+# Without a spool watch, a wait ends at most 10 ms after the file appears (an open() is cheap).
+_POLL_MIN, _POLL_MAX = 0.002, 0.01
 WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
 MAP_INBOX_BYTES = 1 << 20  # received arrays from this size on are mapped from the inbox file, not read
 _SEALER_IDLE_SECONDS = 5.0
@@ -243,6 +244,7 @@ class SpoolTransport:
         deadline = time.monotonic() + self.timeout
         delay = _POLL_MIN
         while True:
+            seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
                 array = _read_inbox_array(path)
                 self.messages_received += 1
@@ -252,9 +254,10 @@ class SpoolTransport:
             reason = self.interrupted()
             if reason:
                 raise JobInterrupted(reason)
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise SpoolTransportTimeout(self._timeout_message(from_seat, wire))
-            time.sleep(delay)
+            self.spool.changes.wait(seen, delay, at_most=left)  # the messenger's inbox file (or an end) wakes it
             delay = min(_POLL_MAX, delay * 2)
 
     def _timeout_message(self, from_seat: str, wire: str) -> str:

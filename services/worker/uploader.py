@@ -31,7 +31,7 @@ WEIGHTS_FILE = "regression_weights.csv"
 METRICS_FILE = "metrics.json"
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 30.0
-SPOOL_WATCH_SECONDS = 0.02  # how soon a result the runner wrote is uploaded (a look is one listing)
+SPOOL_WATCH_SECONDS = 0.02  # without a spool watch, how soon a result the runner wrote is uploaded (one listing)
 
 log = logging.getLogger("cape.uploader")
 
@@ -222,11 +222,13 @@ class Uploader:
         store is unreachable."""
         delay = SPOOL_WATCH_SECONDS
         while True:
+            seen = self.spool.changes.generation
             if self.cycle():
                 delay = SPOOL_WATCH_SECONDS
+                self.spool.changes.wait(seen, delay)  # the runner's next result wakes it
             else:
                 delay = min(MAX_BACKOFF_SECONDS, max(delay, self.config.poll_interval) * 2)
-            time.sleep(delay)
+                time.sleep(delay)  # a store that failed is not retried sooner for a new result
 
 
 def main() -> int:
@@ -237,7 +239,12 @@ def main() -> int:
 def _upload(config: WorkerConfig) -> None:
     target = config.bucket.uri if config.bucket else "each job's model_location"
     log.info("uploading results to %s", target)
-    Uploader(config, Spool(config.spool_dir)).run()
+    spool = Spool(config.spool_dir)
+    spool.watch("results")
+    try:
+        Uploader(config, spool).run()
+    finally:
+        spool.changes.close()
 
 
 if __name__ == "__main__":
