@@ -10,6 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.support.server import CapeServer, build_job_world
 
@@ -40,6 +41,29 @@ def test_openapi_document_describes_both_parts(fuzz_server, api_schema):
     assert api_schema.raw_schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
+def test_openapi_document_names_the_shape_of_every_answer(api_schema):
+    """Every JSON success answer has a named schema (an SDK or another worker can be written from the document);
+    the answers without a body say so."""
+    unnamed = []
+    for path, operations in api_schema.raw_schema["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation["responses"].items():
+                if not status.startswith("2"):
+                    continue
+                json_schema = answer.get("content", {}).get("application/json", {}).get("schema")
+                if json_schema is not None and "$ref" not in json_schema.get("items", json_schema):
+                    unnamed.append(f"{method.upper()} {path} {status}")
+                if not answer.get("content") and status not in ("204", "201", "200"):
+                    unnamed.append(f"{method.upper()} {path} {status}: no content")
+    assert not unnamed, unnamed
+    schemas = api_schema.raw_schema["components"]["schemas"]
+    assert schemas["Job"]["properties"]["status"]["enum"] == ["NeedsApproval", "Approved", "Started", "Completed",
+                                                              "Error", "Stopped", "Rejected"]
+    assert schemas["WorkerJob"]["additionalProperties"] is False
+    broker_get = api_schema.raw_schema["paths"]["/broker/v1/jobs/{job}/messages/{name}"]["get"]["responses"]["200"]
+    assert list(broker_get["content"]) == ["application/octet-stream"]
+
+
 def fuzz_operation(strategy: st.SearchStrategy[schemathesis.Case], examples: int, base_url: str,
                    headers: dict[str, str]) -> list[str]:
     """Call the API with `examples` generated cases; returns a line per 5xx or non-JSON error answer."""
@@ -53,6 +77,12 @@ def fuzz_operation(strategy: st.SearchStrategy[schemathesis.Case], examples: int
         if response.status_code >= 500 or (response.status_code >= 400 and "error" not in response.json()):
             failures.append(f"{case.method} {case.formatted_path} body={case.body!r:.200}: "
                             f"{response.status_code} {response.text[:200]}")
+        elif response.status_code < 300:
+            try:  # what the API answers is what its OpenAPI document says it answers
+                case.validate_response(response, checks=[response_schema_conformance])
+            except BaseExceptionGroup as exc:  # schemathesis's FailureGroup: one entry per mismatch
+                failures.append(f"{case.method} {case.formatted_path}: {response.status_code} does not match the "
+                                f"documented schema: {exc!s:.300}")
 
     fuzz()
     return failures

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
 from services.broker.store import BodyTooLarge, Commit, MessageStore
+from services.coordinator.views import WaitingMessage
 from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable
 
 log = logging.getLogger("cape.broker")
@@ -56,8 +57,12 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
     async def caller_seat(access: JobAccess = Depends(caller)) -> str:
         return access.seat
 
-    @router.put("/jobs/{job}/messages/{to_seat}/{name}", status_code=201,
-                responses={200: {"description": "already stored with the same bytes"}})
+    @router.put("/jobs/{job}/messages/{to_seat}/{name}", status_code=201, response_class=Response,
+                responses={201: {"description": "stored (no body)"},
+                           200: {"description": "already stored with the same bytes (no body)"}},
+                openapi_extra={"requestBody": {"required": True, "description": "the sealed message, streamed",
+                                               "content": {"application/octet-stream": {"schema": {
+                                                   "type": "string", "format": "binary"}}}}})
     async def put_message(request: Request, to_seat: str, job: str = JobId, name: str = MessageName,
                           access: JobAccess = Depends(caller)) -> Response:
         if to_seat not in access.seats:
@@ -106,7 +111,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         signals.notify(job, to_seat)
         return Response(status_code=201)
 
-    @router.get("/jobs/{job}/messages")
+    @router.get("/jobs/{job}/messages", response_model=list[WaitingMessage])
     async def list_messages(job: str = JobId, wait: float = Query(0, ge=0, le=60),
                             seat: str = Depends(caller_seat)) -> list[dict[str, Any]]:
         deadline = time.monotonic() + wait
@@ -121,7 +126,10 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             except TimeoutError:
                 pass
 
-    @router.get("/jobs/{job}/messages/{name}", responses={200: {"content": {"application/octet-stream": {}}}})
+    @router.get("/jobs/{job}/messages/{name}", response_class=StreamingResponse,
+                responses={200: {"description": "the sealed message's bytes, as put",
+                                 "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}})
     async def get_message(job: str = JobId, name: str = MessageName, seat: str = Depends(caller_seat)) -> Response:
         message = store.get(job, seat, name)
         try:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from services.coordinator import identity, jobs, projects, workers
+from services.coordinator import identity, jobs, projects, views, workers
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
@@ -59,22 +59,22 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     # --- identity ----------------------------------------------------------------------------------------------
 
-    @router.post("/login", tags=["identity"])
+    @router.post("/login", tags=["identity"], response_model=views.Login)
     def login(p: Principal = Depends(principal)) -> dict[str, Any]:
         with db.transaction() as conn:
             return identity.login_view(conn, p)
 
-    @router.get("/organizations", tags=["identity"])
+    @router.get("/organizations", tags=["identity"], response_model=list[views.Organization])
     def list_organizations(p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             return identity.list_organizations(conn)
 
-    @router.get("/organizations/{org}", tags=["identity"])
+    @router.get("/organizations/{org}", tags=["identity"], response_model=views.Organization)
     def get_organization(org: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return identity.org_view(identity.find_organization(conn, org))
 
-    @router.post("/organizations/{org}/users", status_code=201, tags=["identity"])
+    @router.post("/organizations/{org}/users", status_code=201, tags=["identity"], response_model=views.NewMember)
     def add_user(org: str, body: NewUser, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
@@ -82,28 +82,28 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             user, token = identity.add_user(conn, org_id, body.email, body.role)
             return {"user": user, "token": token}
 
-    @router.get("/organizations/{org}/users", tags=["identity"])
+    @router.get("/organizations/{org}/users", tags=["identity"], response_model=list[views.Member])
     def list_users(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_member(p, org_id, "these users")
             return identity.list_members(conn, org_id)
 
-    @router.get("/organizations/{org}/worker", tags=["identity"])
+    @router.get("/organizations/{org}/worker", tags=["identity"], response_model=views.WorkerStatus)
     def get_worker_status(org: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_member(p, org_id, "this worker")
             return workers.status_view(conn, org_id)
 
-    @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"])
+    @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_org_token(org: str, body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "create organization tokens")
             return identity.issue_org_token(conn, org_id, body.description if body else None)
 
-    @router.post("/tokens", status_code=201, tags=["identity"])
+    @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:
             return identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
@@ -117,28 +117,28 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     # --- projects ----------------------------------------------------------------------------------------------
 
-    @router.post("/projects", status_code=201, tags=["projects"])
+    @router.post("/projects", status_code=201, tags=["projects"], response_model=views.Project)
     def create_project(body: NewProject, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             row = projects.create_project(conn, p, body.label, body.name, body.description, body.organization)
             return projects.project_view(conn, row)
 
-    @router.get("/projects", tags=["projects"])
+    @router.get("/projects", tags=["projects"], response_model=list[views.Project])
     def list_projects(p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             return [projects.project_view(conn, r) for r in projects.list_projects(conn, p)]
 
-    @router.get("/projects/{project}", tags=["projects"])
+    @router.get("/projects/{project}", tags=["projects"], response_model=views.Project)
     def get_project(project: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return projects.project_view(conn, projects.readable_project(conn, p, project))
 
-    @router.post("/projects/{project}/organizations", tags=["projects"])
+    @router.post("/projects/{project}/organizations", tags=["projects"], response_model=views.Project)
     def add_project_organization(project: str, body: OrganizationRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return projects.project_view(conn, projects.add_organization(conn, p, project, body.organization))
 
-    @router.put("/projects/{project}/helper", tags=["projects"])
+    @router.put("/projects/{project}/helper", tags=["projects"], response_model=views.Project)
     def set_project_helper(project: str, body: HelperRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return projects.project_view(conn, projects.set_helper(conn, p, project, body.organization))
@@ -151,19 +151,19 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     # --- dataviews ---------------------------------------------------------------------------------------------
 
-    @router.post("/projects/{project}/dataviews", status_code=201, tags=["dataviews"])
+    @router.post("/projects/{project}/dataviews", status_code=201, tags=["dataviews"], response_model=views.Dataview)
     def create_dataview(project: str, body: NewDataview, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             schema = [c.model_dump() for c in body.schema_]
             row = projects.create_dataview(conn, p, project, body.name, body.uri, schema, body.organization)
             return projects.dataview_view(conn, p, row)
 
-    @router.get("/projects/{project}/dataviews", tags=["dataviews"])
+    @router.get("/projects/{project}/dataviews", tags=["dataviews"], response_model=list[views.Dataview])
     def list_dataviews(project: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             return [projects.dataview_view(conn, p, r) for r in projects.list_dataviews(conn, p, project)]
 
-    @router.get("/dataviews/{dataview_id}", tags=["dataviews"])
+    @router.get("/dataviews/{dataview_id}", tags=["dataviews"], response_model=views.Dataview)
     def get_dataview(dataview_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return projects.dataview_view(conn, p, projects.readable_dataview(conn, p, dataview_id))
@@ -176,38 +176,38 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     # --- jobs --------------------------------------------------------------------------------------------------
 
-    @router.post("/projects/{project}/jobs", status_code=201, tags=["jobs"])
+    @router.post("/projects/{project}/jobs", status_code=201, tags=["jobs"], response_model=views.Job)
     def submit_job(project: str, body: NewJob, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             job_id = jobs.submit_job(conn, p, project, body.model_dump())
             return jobs.job_view(conn, jobs.find_job(conn, job_id))
 
-    @router.get("/projects/{project}/jobs", tags=["jobs"])
+    @router.get("/projects/{project}/jobs", tags=["jobs"], response_model=list[views.Job])
     def list_jobs(project: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             return [jobs.job_view(conn, r) for r in jobs.list_jobs(conn, p, project)]
 
-    @router.get("/jobs/{job_id}", tags=["jobs"])
+    @router.get("/jobs/{job_id}", tags=["jobs"], response_model=views.Job)
     def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return jobs.job_view(conn, jobs.readable_job(conn, p, job_id))
 
-    @router.post("/jobs/{job_id}/approve", tags=["jobs"])
+    @router.post("/jobs/{job_id}/approve", tags=["jobs"], response_model=views.Job)
     def approve_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
             return jobs.job_view(conn, jobs.approve(conn, p, job_id))
 
-    @router.post("/jobs/{job_id}/reject", tags=["jobs"])
+    @router.post("/jobs/{job_id}/reject", tags=["jobs"], response_model=views.Job)
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
             return jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
 
-    @router.post("/jobs/{job_id}/stop", tags=["jobs"])
+    @router.post("/jobs/{job_id}/stop", tags=["jobs"], response_model=views.Job)
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
             return jobs.job_view(conn, jobs.stop(conn, p, job_id))
 
-    @router.get("/jobs/{job_id}/results", tags=["jobs"])
+    @router.get("/jobs/{job_id}/results", tags=["jobs"], response_model=views.JobResults)
     def job_results(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             return jobs.results(conn, p, job_id)
@@ -226,7 +226,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             workers.heartbeat(conn, p.org_id or "", body.version if body else None, body.programs if body else None)
         return Response(status_code=204)
 
-    @router.get("/worker/jobs", tags=["worker"])
+    @router.get("/worker/jobs", tags=["worker"], response_model=list[views.WorkerJob])
     async def worker_jobs(response: Response, p: Principal = Depends(worker),
                           wait: float = Query(0, ge=0, le=60, description="long-poll: answer once the jobs' version "
                                               "differs from `after`, or after this many seconds"),
@@ -245,7 +245,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
         response.headers[VERSION_HEADER] = str(version)
         return jobs_now
 
-    @router.get("/worker/jobs/{job_id}", tags=["worker"])
+    @router.get("/worker/jobs/{job_id}", tags=["worker"], response_model=views.WorkerJob)
     def worker_job(job_id: str, p: Principal = Depends(worker)) -> dict[str, Any]:
         with db.transaction() as conn:
             return workers.get_worker_job(conn, p.org_id or "", job_id)

@@ -18,6 +18,7 @@ from services.broker.store import MessageStore
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
+from services.coordinator.views import Health
 from services.coordinator.jobs import ended_jobs, expire_late_jobs
 from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
@@ -121,7 +122,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes))
         parts.append("broker")
 
-    @app.get("/healthz", tags=["server"])
+    @app.get("/healthz", tags=["server"], response_model=Health)
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "parts": parts, "version": _version()}
 

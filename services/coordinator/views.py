@@ -1,0 +1,215 @@
+"""Response bodies of the coordinator and broker APIs (pydantic): the shapes the OpenAPI document shows.
+
+The handlers build plain dicts (see the store modules' `*_view` functions); FastAPI checks each against these
+models on the way out. Extra fields are refused, so a field added to a view without its model here fails the
+tests (an internal error) instead of going undocumented.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.coordinator.schemas import Role
+
+JobStatus = Literal["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]
+PartyState = Literal["pending", "started", "running", "completed", "error"]
+Decision = Literal["pending", "approved", "rejected"]
+Seat = str  # x_owner, y_owner and the third seat (helper, or model_owner when the model owner holds no data)
+
+
+class View(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- identity ------------------------------------------------------------------------------------------------
+
+class OrgRef(View):
+    id: str
+    label: str
+
+
+class Organization(OrgRef):
+    name: str | None
+
+
+class UserRef(View):
+    id: str
+    email: str
+
+
+class Member(UserRef):
+    role: Role
+
+
+class Login(View):
+    kind: Literal["user", "organization"] = Field(description="a person's token or a worker's organization token")
+    user: UserRef | None
+    organization: Organization | None = Field(description="the organization of an organization token")
+    roles: dict[str, Role] = Field(description="organization id -> the user's role there")
+
+
+class NewMember(View):
+    user: Member
+    token: str = Field(description="the new user's first token (`<token_id>,<secret>`); shown only this once")
+
+
+class IssuedToken(View):
+    id: str
+    token: str = Field(description="`<token_id>,<secret>`; the secret is shown only this once")
+
+
+class WorkerStatus(View):
+    registered: bool = Field(description="the worker registered its public keys")
+    keys_updated_at: str | None
+    last_seen: str | None = Field(description="the worker's last heartbeat")
+    version: str | None
+    programs: dict[str, Any] | None = Field(description="the worker's programs and their states, as it reported")
+
+
+# --- projects and dataviews ------------------------------------------------------------------------------------
+
+class Project(View):
+    id: str
+    label: str
+    name: str | None
+    description: str | None
+    owner: OrgRef
+    organizations: list[OrgRef]
+    helper: OrgRef | None
+    created_at: str
+
+
+class DataviewColumn(View):
+    name: str
+    type: Literal["number", "integer", "string"]
+
+
+class Dataview(View):
+    id: str
+    name: str
+    project: str = Field(description="the project's id")
+    owner: OrgRef
+    schema_: list[DataviewColumn] = Field(alias="schema")
+    uri: str | None = Field(description="where the owner keeps the data; null for other organizations")
+    created_at: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- jobs ----------------------------------------------------------------------------------------------------
+
+class DataviewRef(View):
+    id: str
+    name: str
+
+
+class TaskX(View):
+    dataview: DataviewRef
+    columns: list[str]
+
+
+class TaskY(View):
+    dataview: DataviewRef
+    column: str
+
+
+class Task(View):
+    x: TaskX
+    y: TaskY
+    model_location: str | None
+    timeout: int = Field(description="seconds the workers have to start the job once approved")
+
+
+class Party(View):
+    organization: OrgRef
+    state: PartyState
+    progress: float
+    message: str | None
+
+
+class Submitter(View):
+    id: str
+    email: str | None
+    organization: OrgRef
+
+
+class Job(View):
+    id: str
+    project: str = Field(description="the project's id")
+    type: Literal["linear_regression"]
+    status: JobStatus
+    task: Task
+    parties: dict[Seat, Party]
+    outputs_to: Seat = Field(description="the seat that learns the model")
+    model_owner: OrgRef
+    approvals: dict[str, Decision] = Field(description="data-owner organization label -> its decision")
+    submitted_by: Submitter
+    created_at: str
+    updated_at: str
+    approved_at: str | None
+    error: str | None
+
+
+class JobResults(View):
+    job: str = Field(description="the job's id")
+    status: Literal["Completed"]
+    metrics: dict[str, Any] = Field(description="`mse_result` and `r_squared_result`, as the output seat reported")
+    model_location: str | None = Field(description="where the model owner's worker wrote the weights")
+
+
+# --- worker endpoints ----------------------------------------------------------------------------------------
+
+class WorkerDataview(View):
+    id: str
+    name: str
+    uri: str | None = Field(description="only for the seat that owns this dataview")
+
+
+class WorkerTaskX(View):
+    columns: list[str]
+    dataview: WorkerDataview
+
+
+class WorkerTaskY(View):
+    column: str
+    dataview: WorkerDataview
+
+
+class WorkerTask(View):
+    x: WorkerTaskX
+    y: WorkerTaskY
+    model_location: str | None
+
+
+class WorkerParty(View):
+    organization: OrgRef
+    encryption_public_key: str | None
+    signing_public_key: str | None
+
+
+class WorkerJob(View):
+    id: str
+    type: Literal["linear_regression"]
+    status: JobStatus
+    seat: Seat = Field(description="the calling worker's seat")
+    outputs_to: Seat
+    timeout: int
+    approved_at: str | None
+    task: WorkerTask
+    parties: dict[Seat, WorkerParty]
+
+
+# --- broker --------------------------------------------------------------------------------------------------
+
+class WaitingMessage(View):
+    name: str
+    from_seat: Seat
+    size: int = Field(description="bytes")
+    created_at: str
+
+
+class Health(View):
+    status: Literal["ok"]
+    parts: list[Literal["coordinator", "broker"]]
+    version: str
