@@ -142,3 +142,68 @@ def test_sigterm_flushes_queued_records_to_cloudwatch(moto, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert moto.log_events("/cape/sigterm", "org-a/runner") == [f"runner INFO step {i}" for i in range(5)]
+
+
+@pytest.fixture
+def slow_cloudwatch(moto):
+    """moto behind a forwarder that answers every PutLogEvents 1.5 s late: a CloudWatch that is slow but working,
+    as a busy machine is when all of a worker's programs flush at once on a stop."""
+    import http.server
+    import threading
+
+    import requests
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server interface
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("X-Amz-Target", "").endswith(".PutLogEvents"):
+                time.sleep(1.5)
+            upstream = requests.post(moto.url + self.path, data=body, timeout=30,
+                                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+            self.send_response(upstream.status_code)
+            for name in ("Content-Type", "x-amzn-RequestId"):
+                if name in upstream.headers:
+                    self.send_header(name, upstream.headers[name])
+            self.send_header("Content-Length", str(len(upstream.content)))
+            self.end_headers()
+            self.wfile.write(upstream.content)
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield moto, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_sigterm_delivers_the_last_records_to_a_slow_cloudwatch(slow_cloudwatch, tmp_path):
+    moto, slow_url = slow_cloudwatch
+    program = textwrap.dedent("""
+        import time
+        from services.worker import logs
+        from services.worker.config import WorkerConfig
+        log = logs.setup("uploader", WorkerConfig.from_env())
+        for i in range(3):
+            log.info("stored %d", i)
+        print("READY", flush=True)
+        time.sleep(60)
+    """)
+    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/slow", **moto.env),
+           "AWS_ENDPOINT_URL": slow_url}
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while "READY" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "program ended before logging"
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - stopping < 7  # inside supervisord's stopwaitsecs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert moto.log_events("/cape/slow", "org-a/uploader") == [f"uploader INFO stored {i}" for i in range(3)]

@@ -104,7 +104,10 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | 
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=1,
+    # A call may take as long as a stop waits for it: a slow but answering endpoint (a busy machine at shutdown,
+    # when every program flushes at once) still gets the last records. The stop itself is bounded by the waits
+    # (FLUSH_TIMEOUT), not by these timeouts; a dead endpoint fails at connect.
+    client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=CLOUDWATCH_FLUSH_TIMEOUT,
                                                  retries={"max_attempts": 1, "mode": "standard"}),
                           **_logs_kwargs(config))
     kwargs = dict(log_group_name=config.log_group, log_stream_name=f"{config.worker_name}/{program}",
