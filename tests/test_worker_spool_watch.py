@@ -121,3 +121,21 @@ def test_a_refused_watch_is_reported_once_and_the_short_polls_go_on(tmp_path: Pa
     assert len(warnings) == 1 and "cannot watch the spool" in warnings[0] and "max_user_instances" in warnings[0]
     changed, waited = _timed_wait(watch, watch.generation, poll=0.05)
     assert not changed and waited < 0.5
+
+
+def test_a_watch_whose_folder_disappears_falls_back_to_the_short_polls(tmp_path: Path, caplog):
+    import shutil
+
+    spool = Spool(tmp_path / "spool")
+    assert spool.watch("outbox")
+    shutil.rmtree(spool.root)  # the volume went away under the program: no event will ever come
+    deadline = time.monotonic() + 5.0
+    with caplog.at_level("WARNING", logger="services.worker.spool_watch"):
+        while spool.changes.watching and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not spool.changes.watching
+    assert [r.getMessage() for r in caplog.records] == [
+        "the spool watch stopped; looking for work every few milliseconds instead"]
+    changed, waited = _timed_wait(spool.changes, spool.changes.generation, poll=0.05)
+    assert not changed and waited < 0.5
+    spool.changes.close()

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEvent, F
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
+# watchdog warns when a folder made and filled at once is watched twice (its event and its scan of the new folder
+# both add the watch); the watch is replaced and nothing is lost, and the warning's huge line would reach the logs.
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning)
 WATCHED_POLL_SECONDS = 1.0  # with a watch, the longest a waiter sleeps without an event
 STOP_SECONDS = 2.0
 
@@ -46,7 +50,19 @@ class SpoolWatch:
     @property
     def watching(self) -> bool:
         """True while the file system reports changes (waits then last up to `WATCHED_POLL_SECONDS`)."""
-        return self._observer is not None
+        observer = self._observer
+        if observer is None:
+            return False
+        if observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters):
+            return True
+        # Its threads ended (the spool folder itself went away, say): back to the short polls, said once.
+        with self._changed:
+            if self._observer is not observer:
+                return False  # another waiter saw it first
+            self._observer = None
+        log.warning("the spool watch stopped; looking for work every few milliseconds instead")
+        _stop(observer)
+        return False
 
     @property
     def generation(self) -> int:
@@ -85,7 +101,7 @@ class SpoolWatch:
     def wait(self, seen: int, poll: float, at_most: float | None = None) -> bool:
         """Return once the generation moved past `seen`, after `poll` seconds without a watch (or
         `WATCHED_POLL_SECONDS` with one), or after `at_most` seconds; True if something changed."""
-        timeout = max(poll, WATCHED_POLL_SECONDS) if self._observer is not None else poll
+        timeout = max(poll, WATCHED_POLL_SECONDS) if self.watching else poll
         if at_most is not None:
             timeout = min(timeout, at_most)
         deadline = time.monotonic() + max(0.0, timeout)
