@@ -3,8 +3,8 @@
 Starts cape-server (coordinator + broker) with a temporary data directory, creates three organizations (bank holds
 the features, insurer holds the target and receives the model, helper takes the third seat), writes sample data,
 registers the dataviews, starts one worker per organization with `cape-worker run` (each with its own spool, state
-and file:// bucket), submits a linear regression with the `cape` CLI, approves it as both data owners, follows its
-progress, prints the weights and metrics beside a plaintext fit, and stops everything it started.
+and file:// bucket), submits a linear regression with the `cape` CLI, follows its
+progress (`cape jobs watch`) while both data owners approve it, prints the weights and metrics beside a plaintext fit, and stops everything it started.
 """
 from __future__ import annotations
 
@@ -114,16 +114,29 @@ class Demo:
                 self.server.kill()
 
     # ---- the cape CLI ---------------------------------------------------------------------------------------
-    def cape(self, label: str, *args: str, capture: bool = True) -> str:
-        env = {**os.environ, "CAPE_COORDINATOR": self.url, "CAPE_TOKEN": self.orgs[label]["user_token"],
-               "XDG_CONFIG_HOME": str(self.base / label / "cli-config")}
-        shown = " ".join(args)
-        print(f"    [{label}] $ cape {shown}", flush=True)
-        result = subprocess.run([str(BIN / "cape"), *args], env=env, text=True, timeout=120,
-                                capture_output=capture)
+    def cape(self, label: str, *args: str) -> str:
+        """Run `cape ARGS` as LABEL's admin; its output, or exit with its error."""
+        shown = self._show(label, args)
+        result = subprocess.run([str(BIN / "cape"), *args], env=self._env(label), text=True, timeout=120,
+                                capture_output=True)
         if result.returncode != 0:
             raise SystemExit(f"`cape {shown}` failed ({result.returncode}): {(result.stderr or '').strip()}")
-        return result.stdout if capture else ""
+        return result.stdout
+
+    def cape_in_background(self, label: str, *args: str) -> subprocess.Popen:
+        """Start `cape ARGS` as LABEL's admin, its output going straight to this terminal."""
+        self._show(label, args)
+        return subprocess.Popen([str(BIN / "cape"), *args], env=self._env(label), text=True)
+
+    def _env(self, label: str) -> dict[str, str]:
+        return {**os.environ, "CAPE_COORDINATOR": self.url, "CAPE_TOKEN": self.orgs[label]["user_token"],
+                "XDG_CONFIG_HOME": str(self.base / label / "cli-config")}
+
+    @staticmethod
+    def _show(label: str, args: tuple[str, ...]) -> str:
+        shown = " ".join(args)
+        print(f"    [{label}] $ cape {shown}", flush=True)
+        return shown
 
     # ---- the story ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -153,17 +166,25 @@ class Demo:
             self.start_worker(label)
         self.wait_workers_running()
 
-        say("submitting the job and approving it as each data owner")
+        say("submitting the job")
         job = json.loads(self.cape("bank", "jobs", "submit", "demo", "linear-regression", "--x",
                                    f"features:{','.join(COLUMNS)}", "--y", f"target:{TARGET}", "--model-owner",
                                    "insurer", "--timeout", "120", "--json"))
         job_id = job["id"]
-        self.cape("bank", "jobs", "approve", job_id)
-        self.cape("insurer", "jobs", "approve", job_id)
-
-        say(f"job {job_id}: progress")
-        self.cape("insurer", "jobs", "watch", job_id, "--interval", "0.5", "--timeout", str(JOB_TIMEOUT),
-                  capture=False)
+        # Watched from the start, so its progress shows from NeedsApproval on: the job itself takes about a second.
+        say(f"job {job_id}: following its progress while each data owner approves it")
+        watch = self.cape_in_background("insurer", "jobs", "watch", job_id, "--interval", "0.2", "--timeout",
+                                        str(JOB_TIMEOUT))
+        try:
+            time.sleep(0.5)  # the watch's first line comes before the approvals
+            self.cape("bank", "jobs", "approve", job_id)
+            self.cape("insurer", "jobs", "approve", job_id)
+            code = watch.wait(timeout=JOB_TIMEOUT + 30)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+        if code != 0:
+            raise SystemExit(f"the job did not complete (`cape jobs watch` exited {code})")
 
         results = json.loads(self.cape("insurer", "jobs", "results", job_id, "--json"))
         secure = np.asarray(results["weights"], dtype=float)

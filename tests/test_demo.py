@@ -17,7 +17,10 @@ def test_demo_completes_and_matches_plaintext_fit():
     elapsed = time.monotonic() - started
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "Completed" in out
+    # Progress is shown from before the approvals to the end, one line per change.
+    progress = [m.group(1) for m in re.finditer(r"^\[\s*[\d.]+s\] (\w+)", out, re.M)]
+    assert progress[0] == "NeedsApproval" and progress[-1] == "Completed", progress
+    assert out.index("NeedsApproval") < out.index("$ cape jobs approve")
     rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
             for m in re.finditer(r"^\s+(intercept|age|income|debt|mse_result|r_squared_result)\s+(\S+)\s+(\S+)$",
                                  out, re.M)}
