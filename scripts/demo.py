@@ -123,10 +123,11 @@ class Demo:
             raise SystemExit(f"`cape {shown}` failed ({result.returncode}): {(result.stderr or '').strip()}")
         return result.stdout
 
-    def cape_in_background(self, label: str, *args: str) -> subprocess.Popen:
-        """Start `cape ARGS` as LABEL's admin, its output going straight to this terminal."""
+    def cape_in_background(self, label: str, *args: str) -> "Relayed":
+        """Start `cape ARGS` as LABEL's admin, its output relayed to this terminal line by line."""
         self._show(label, args)
-        return subprocess.Popen([str(BIN / "cape"), *args], env=self._env(label), text=True)
+        return Relayed(subprocess.Popen([str(BIN / "cape"), *args], env=self._env(label), text=True,
+                                        stdout=subprocess.PIPE))
 
     def _env(self, label: str) -> dict[str, str]:
         return {**os.environ, "CAPE_COORDINATOR": self.url, "CAPE_TOKEN": self.orgs[label]["user_token"],
@@ -176,13 +177,12 @@ class Demo:
         watch = self.cape_in_background("insurer", "jobs", "watch", job_id, "--interval", "0.2", "--timeout",
                                         str(JOB_TIMEOUT))
         try:
-            time.sleep(0.5)  # the watch's first line comes before the approvals
+            watch.first_line.wait(timeout=30)  # NeedsApproval shows before the approvals
             self.cape("bank", "jobs", "approve", job_id)
             self.cape("insurer", "jobs", "approve", job_id)
             code = watch.wait(timeout=JOB_TIMEOUT + 30)
         finally:
-            if watch.poll() is None:
-                watch.kill()
+            watch.kill()
         if code != 0:
             raise SystemExit(f"the job did not complete (`cape jobs watch` exited {code})")
 
@@ -203,6 +203,33 @@ class Demo:
             f"{sum(1 for _ in (self.base / 'helper' / 'bucket').rglob('*.csv'))} files")
         say(f"done in {time.monotonic() - started:.1f} s")
         return 0 if error < 1e-6 else 1
+
+
+class Relayed:
+    """A process whose output this script prints line by line as it comes (so it can tell when the first came)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.first_line = threading.Event()
+        self._relay = threading.Thread(target=self._run, daemon=True)
+        self._relay.start()
+
+    def _run(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            print(line, end="", flush=True)
+            self.first_line.set()
+        self.first_line.set()  # it ended without a line: nobody should wait for one
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once every line it wrote is printed."""
+        code = self.proc.wait(timeout=timeout)
+        self._relay.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
 
 
 def sample_data(rows: int) -> tuple[np.ndarray, np.ndarray]:
