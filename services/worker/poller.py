@@ -30,7 +30,7 @@ PRUNE_SECONDS = 60.0  # how often old finished jobs are looked for (a scan of th
 MAX_BACKOFF_SECONDS = 30.0
 # Status files from the runner and uploader are local: they are reported this soon after they appear, while
 # the coordinator itself is polled for jobs every CAPE_POLL_INTERVAL.
-SPOOL_WATCH_SECONDS = 0.02
+SPOOL_WATCH_SECONDS = 0.02  # without a spool watch, how soon a status file the runner wrote is reported
 JOB_WATCH_SECONDS = 25.0  # one long poll of the job list; below the coordinator's 60 s limit and proxies' timeouts
 VERSION = "0.1.0"
 

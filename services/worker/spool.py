@@ -3,6 +3,7 @@
 Every file a program hands to another is written under a temporary name (a dot file ending in `.tmp`, ignored by
 every reader), fsynced, `rename()`d into place and its directory fsynced, so a reader sees a whole file or nothing
 and a crash at any moment leaves at worst a torn temporary file. Names are built here from validated parts only.
+Files landing in place (renamed or linked) are also what wakes the other programs (`Spool.watch`, spool_watch.py).
 
 Layout (one directory per job under each stage):
 
