@@ -12,9 +12,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.worker.e2e_bench", *args], cwd=ROOT, capture_output=True,
+def run_bench(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m services.worker.<name> ARGS`, as `scripts/bench` runs it."""
+    return subprocess.run([sys.executable, "-m", f"services.worker.{name}", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    return run_bench("e2e_bench", *args, timeout=timeout)
 
 
 def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
@@ -66,22 +71,19 @@ def test_impossible_sizes_are_refused_with_a_message():
 
 
 def test_the_broker_bench_relays_every_byte_and_reports_both_sides():
-    done = subprocess.run([sys.executable, "-m", "services.worker.broker_bench", "--messages", "3", "--mib", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_bench("broker_bench", "--messages", "3", "--mib", "2")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert (record["messages"], record["message_bytes"], record["bytes"]) == (3, 2 << 20, 3 * (2 << 20))
     for step in ("put", "download"):
         assert record[step]["wall_seconds"] > 0 and record[step]["server_cpu_seconds"] >= 0
         assert record[step]["client_cpu_seconds"] > 0
-    bad = subprocess.run([sys.executable, "-m", "services.worker.broker_bench", "--messages", "0"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = run_bench("broker_bench", "--messages", "0", timeout=60)
     assert bad.returncode == 2 and "--messages, --mib and --puts must be at least 1" in bad.stderr
 
 
 def test_the_spool_bench_finds_the_scanned_folders_empty_after_the_jobs():
-    done = subprocess.run([sys.executable, "-m", "services.worker.spool_bench", "--jobs", "200"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_bench("spool_bench", "--jobs", "200")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["jobs"] == 200
@@ -96,14 +98,12 @@ def test_the_spool_bench_finds_the_scanned_folders_empty_after_the_jobs():
         assert abs(scan["core_share"] - share) <= 2e-4
         assert scan["watched_every_seconds"] >= scan["every_seconds"]
         assert 0 < scan["watched_core_share"] <= scan["core_share"]
-    bad = subprocess.run([sys.executable, "-m", "services.worker.spool_bench", "--jobs", "0"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = run_bench("spool_bench", "--jobs", "0", timeout=60)
     assert bad.returncode == 2 and "--jobs must be at least 1" in bad.stderr
 
 
 def test_an_idle_worker_watches_its_spool_and_uses_almost_no_cpu():
-    done = subprocess.run([sys.executable, "-m", "services.worker.idle_bench", "--seconds", "4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_bench("idle_bench", "--seconds", "4")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["spool_watched"] is True
@@ -111,6 +111,5 @@ def test_an_idle_worker_watches_its_spool_and_uses_almost_no_cpu():
     # Polling the spool every 10-50 ms cost an idle worker 0.06 of a core here; watching it, about 0.004.
     assert 0 <= record["worker_core_share"] < 0.03, record
     assert record["worker_core_share"] == pytest.approx(sum(record["core_share"].values()), abs=1e-3)
-    bad = subprocess.run([sys.executable, "-m", "services.worker.idle_bench", "--seconds", "0"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = run_bench("idle_bench", "--seconds", "0", timeout=60)
     assert bad.returncode == 2 and "--seconds must be between 1 and 3600" in bad.stderr

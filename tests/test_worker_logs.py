@@ -115,32 +115,39 @@ def test_cloudwatch_accepting_but_silent_endpoint_does_not_block_emit():
         server.close()
 
 
-def test_sigterm_flushes_queued_records_to_cloudwatch(moto, tmp_path):
-    """A program killed by SIGTERM (supervisord's stop) exits 0 and its queued records still arrive."""
-    program = textwrap.dedent("""
-        import sys, time
+def log_then_sigterm(program: str, lines: list[str], env: dict[str, str], cwd) -> float:
+    """Run a process that logs `lines` as `program` (through `logs.setup`) and then waits; SIGTERM it once they are
+    logged, as supervisord's stop does. It must exit 0; returns the seconds it took to exit."""
+    script = textwrap.dedent(f"""
+        import time
         from services.worker import logs
         from services.worker.config import WorkerConfig
-        log = logs.setup("runner", WorkerConfig.from_env())
-        for i in range(5):
-            log.info("step %d", i)
+        log = logs.setup({program!r}, WorkerConfig.from_env())
+        for line in {lines!r}:
+            log.info(line)
         print("READY", flush=True)
         time.sleep(60)
     """)
-    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/sigterm", **moto.env)}
-    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, env=env, cwd=tmp_path,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=cwd, text=True)
     try:
         deadline = time.monotonic() + 30
         line = ""
         while "READY" not in line and time.monotonic() < deadline:
             line = proc.stdout.readline()
             assert line, "program ended before logging"
+        stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        return time.monotonic() - stopping
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_flushes_queued_records_to_cloudwatch(moto, tmp_path):
+    """A program killed by SIGTERM (supervisord's stop) exits 0 and its queued records still arrive."""
+    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/sigterm", **moto.env)}
+    log_then_sigterm("runner", [f"step {i}" for i in range(5)], env, tmp_path)
     assert moto.log_events("/cape/sigterm", "org-a/runner") == [f"runner INFO step {i}" for i in range(5)]
 
 
@@ -180,30 +187,8 @@ def slow_cloudwatch(moto):
 
 def test_sigterm_delivers_the_last_records_to_a_slow_cloudwatch(slow_cloudwatch, tmp_path):
     moto, slow_url = slow_cloudwatch
-    program = textwrap.dedent("""
-        import time
-        from services.worker import logs
-        from services.worker.config import WorkerConfig
-        log = logs.setup("uploader", WorkerConfig.from_env())
-        for i in range(3):
-            log.info("stored %d", i)
-        print("READY", flush=True)
-        time.sleep(60)
-    """)
     env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/slow", **moto.env),
            "AWS_ENDPOINT_URL": slow_url}
-    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        line = ""
-        while "READY" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "program ended before logging"
-        stopping = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - stopping < 7  # inside supervisord's stopwaitsecs
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stop_seconds = log_then_sigterm("uploader", [f"stored {i}" for i in range(3)], env, tmp_path)
+    assert stop_seconds < 7  # inside supervisord's stopwaitsecs
     assert moto.log_events("/cape/slow", "org-a/uploader") == [f"uploader INFO stored {i}" for i in range(3)]

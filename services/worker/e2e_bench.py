@@ -333,7 +333,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         create_project(url, user, x_path.as_uri(), y_path.as_uri(), columns)
         for label, org in orgs.items():
             workers[label] = Worker(base, label, org["organization_token"], url, poll_interval)
-        _wait_running(workers)
+        wait_running(workers)
 
         job_id = submit_job(url, user, columns, job_timeout)
         _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
@@ -402,7 +402,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
     }
 
 
-def _wait_running(workers: dict[str, Worker]) -> None:
+def wait_running(workers: dict[str, Worker]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     pending = set(workers)
     while pending:

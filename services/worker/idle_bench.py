@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.config import WorkerConfig
-from services.worker.e2e_bench import BenchError, Server, Worker, _wait_running, cpu_seconds, print_record
+from services.worker.e2e_bench import BenchError, Server, Worker, wait_running, cpu_seconds, print_record
 
 SETTLE_SECONDS = 2.0  # start-up work (imports, key loading, the first polls) is not idle cost
 
@@ -33,7 +33,7 @@ def run(base: Path, seconds: float) -> dict[str, Any]:
         org = server.create_org("idle")
         worker = Worker(base, "idle", org["organization_token"], server.url, WorkerConfig.poll_interval)
         try:
-            _wait_running({"idle": worker})
+            wait_running({"idle": worker})
             time.sleep(SETTLE_SECONDS)
             pids = {**worker.program_pids(), "cape-server": server.proc.pid}
             before = _cpu(pids)

@@ -76,9 +76,10 @@ class Messenger:
         self.rejected = 0
 
     # ---- outgoing -------------------------------------------------------------------------------------------
-    def send_pending(self, wait: float = 0.0) -> int:
+    def send_pending(self) -> int:
         """Start puts of due outbox files (up to `PUTS_PER_JOB` per job in flight) and collect those that finished
-        within `wait` seconds; returns how many the broker confirmed. Raises `BrokerUnavailable` from a put."""
+        (each finished put wakes the sender loop); returns how many the broker confirmed. Raises
+        `BrokerUnavailable` from a put."""
         now = time.monotonic()
         for item in self.spool.pending_outbox():
             if self.stop.is_set():
@@ -95,15 +96,14 @@ class Messenger:
             self._in_flight[key] = item
             self._put_queue.put(item)
             self._start_put_threads()
-        return self._collect(wait if self._in_flight else 0.0)
+        return self._collect()
 
-    def _collect(self, wait: float) -> int:
+    def _collect(self) -> int:
         confirmed = 0
         failure: Exception | None = None
-        deadline = time.monotonic() + wait
         while True:
             try:
-                item, outcome = self._done_queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item, outcome = self._done_queue.get_nowait()
             except queue.Empty:
                 break
             self._in_flight.pop(str(item.path), None)
@@ -111,7 +111,6 @@ class Messenger:
                 confirmed += 1
             elif isinstance(outcome, Exception) and not isinstance(failure, BrokerUnavailable):
                 failure = outcome  # raised below, as a put in this thread would: the loop backs off and logs it
-            deadline = time.monotonic()  # one finished: take the others already done, then go start more
         if failure is not None:
             raise failure
         return confirmed
