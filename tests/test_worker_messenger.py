@@ -68,10 +68,13 @@ def test_messages_travel_sealed_through_the_broker(job, cape_server, tmp_path):
         np.testing.assert_array_equal(got, helper_array)
         assert got.dtype == helper_array.dtype and got.shape == (7, 11)
 
-        # Delivered messages were acknowledged: nothing waits at the broker for y_owner any more.
-        listing = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
-                               headers={"Authorization": f"Bearer {job.seats['y_owner'].token}"}).json()
-        assert listing == []
+        # Delivered messages were acknowledged: nothing waits at the broker for y_owner any more. The messenger
+        # acknowledges only after the inbox file is durable, so the acknowledgement may trail the file by a moment.
+        def nothing_waiting() -> bool:
+            return requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
+                                headers={"Authorization": f"Bearer {job.seats['y_owner'].token}"}).json() == []
+
+        wait_for(nothing_waiting, "the y_owner messenger to acknowledge both messages", timeout=WAIT)
     finally:
         for proc in started:
             proc.send_signal(signal.SIGTERM)
