@@ -189,6 +189,47 @@ def test_a_writer_whose_folder_is_removed_under_it_makes_it_again(tmp_path, monk
     assert raced and target.read_bytes() == b"{}"
 
 
+def test_a_writer_whose_folder_is_removed_within_its_mkdir_makes_it_again(tmp_path, monkeypatch):
+    # mkdir(exist_ok=True) raises FileExistsError when the folder existed at its mkdir but a consumer removed it
+    # before its check that a folder is there. A spinning consumer made 13 of 5000 status writes fail that way.
+    target = tmp_path / "status" / JOB / "update.json"
+    target.parent.parent.mkdir()
+    real_mkdir = os.mkdir
+    raced = []
+
+    def racing_mkdir(path, mode=0o777):
+        if not raced:
+            raced.append(path)
+            raise FileExistsError(17, "File exists", str(path))  # and it is gone by the time mkdir looks
+        return real_mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    atomic_write_bytes(target, b"{}")
+    monkeypatch.undo()
+    assert raced and target.read_bytes() == b"{}"
+
+
+def test_a_writer_whose_file_is_taken_and_folder_removed_before_its_directory_fsync_succeeds(tmp_path, monkeypatch):
+    # The other race: the poller (woken by the spool watch) reports the update, acknowledges it and removes the
+    # emptied folder, all between the runner's rename and its fsync of the folder. Unhandled, the runner's status
+    # write raised FileNotFoundError, and a runner that fails that way fails its job.
+    spool, consumer = Spool(tmp_path), Spool(tmp_path)
+    real_replace = os.replace
+    reported = []
+
+    def replace_then_consume(src, dst):
+        real_replace(src, dst)
+        for item in consumer.pending_status():
+            reported.append(item.read()["state"])
+            consumer.ack_status(item)
+
+    monkeypatch.setattr(os, "replace", replace_then_consume)
+    spool.put_status(JOB, {"state": "started", "progress": 0.0})
+    monkeypatch.undo()
+    assert reported == ["started"]
+    assert os.listdir(tmp_path / "status") == []
+
+
 def test_results_hand_over_to_the_uploader(tmp_path):
     spool = Spool(tmp_path)
     spool.put_result(JOB, {"weights": [1.0, 2.0], "metrics": {"mse_result": 0.1}})

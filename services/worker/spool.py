@@ -82,8 +82,15 @@ def validate_seat(seat: str) -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or unlink inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """fsync a directory so a rename or unlink inside it is durable.
+
+    A folder already gone is not an error: its consumer took the file renamed into it, made that durable on its
+    side and removed the emptied folder (`_remove_empty`), all before this fsync; nothing is left in it to keep.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
     try:
         os.fsync(fd)
     finally:
@@ -108,11 +115,13 @@ def atomic_writer(final: Path, *, overwrite: bool = True, mode: int = 0o644) -> 
     """
     temp = _temp_path(final)
     for attempt in range(3):
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             break
-        except FileNotFoundError:  # a consumer removed the empty folder between our mkdir and open: again
+        # A consumer removed the emptied folder between our mkdir and open (FileNotFoundError), or within mkdir,
+        # between its "exists" and its check that a folder is there (FileExistsError): again.
+        except (FileNotFoundError, FileExistsError):
             if attempt == 2:
                 raise
     try:
