@@ -15,7 +15,7 @@ def blas_threads() -> set[int]:
 
 def test_the_limit_holds_while_any_role_runs_and_is_restored_after_the_last() -> None:
     before = blas_threads()
-    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    first_in, second_in, first_out, second_out = (threading.Event() for _ in range(4))
     seen: dict[str, set[int]] = {}
 
     def first() -> None:
@@ -23,6 +23,7 @@ def test_the_limit_holds_while_any_role_runs_and_is_restored_after_the_last() ->
             first_in.set()
             second_in.wait(5)
         first_out.set()
+        second_out.wait(5)  # the first role's thread outlives the last role (threadpoolctl ties control to it)
 
     def second() -> None:
         first_in.wait(5)
@@ -30,6 +31,8 @@ def test_the_limit_holds_while_any_role_runs_and_is_restored_after_the_last() ->
             second_in.set()
             first_out.wait(5)
             seen["after the first role left"] = blas_threads()
+        seen["after the last role left"] = blas_threads()
+        second_out.set()
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for thread in threads:
@@ -37,4 +40,5 @@ def test_the_limit_holds_while_any_role_runs_and_is_restored_after_the_last() ->
     for thread in threads:
         thread.join(10)
     assert seen["after the first role left"] == {1}
+    assert seen["after the last role left"] == before
     assert blas_threads() == before

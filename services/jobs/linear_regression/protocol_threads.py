@@ -7,6 +7,11 @@ on this 2-core machine. One thread also fixes BLAS's summation order, so a repla
 computes byte-identical blocks whatever the machine's core count. The limit is process-wide, so concurrent
 roles (a simulation's three threads) share one reference-counted limit: the first role in sets it, the last one
 out restores the previous setting.
+
+The first and the last role are often on different threads. threadpoolctl (3.8 on) lets only the thread that last
+changed OpenBLAS's pthreads pool change it again while that thread is alive, so the last role's restore was
+dropped whenever the first role's thread outlived it. Each change here first hands that control to the calling
+thread; `_lock` already keeps our own changes from racing.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import threadpoolctl
 from threadpoolctl import threadpool_limits
 
 _lock = threading.Lock()
@@ -27,6 +33,7 @@ def single_threaded_blas() -> Iterator[None]:
     global _active, _limiter
     with _lock:
         if _active == 0:
+            _take_blas_control()
             _limiter = threadpool_limits(limits=1, user_api="blas")
         _active += 1
     try:
@@ -35,5 +42,15 @@ def single_threaded_blas() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0 and _limiter is not None:
+                _take_blas_control()
                 _limiter.restore_original_limits()
                 _limiter = None
+
+
+def _take_blas_control() -> None:
+    """Let this thread change OpenBLAS's thread count (see the module's docstring); older threadpoolctl versions
+    have no such control and need nothing."""
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
