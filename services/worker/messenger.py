@@ -377,14 +377,13 @@ def main() -> int:
         broker = BrokerClient(config.broker, config.token, stop=stop)
         spool = Spool(config.spool_dir)
         spool.sweep_temp()
-        spool.watch("outbox", "jobs")
         log.info("relaying messages through %s", config.broker)
-        try:
-            Messenger(spool, keys, broker, stop).run()
-        finally:
-            stop.set()
-            spool.changes.close()
-            broker.close()
+        with spool.watching("outbox", "jobs"):
+            try:
+                Messenger(spool, keys, broker, stop).run()
+            finally:
+                stop.set()
+                broker.close()
 
     return program.run("messenger", relay)
 

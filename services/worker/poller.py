@@ -237,18 +237,17 @@ def _poll(config: WorkerConfig) -> None:
     watch_client = CoordinatorClient(config.coordinator, config.token)
     stop = threading.Event()
     spool = Spool(config.spool_dir)
-    spool.watch("status")
     poller = Poller(config, client, spool, keys, supervised_program_states)
     watcher = threading.Thread(target=poller.watch_jobs, args=(watch_client, stop), name="job-watch", daemon=True)
-    watcher.start()
     log.info("polling %s every %.1f s, and watching it for approved jobs", config.coordinator, config.poll_interval)
-    try:
-        poller.run()
-    finally:
-        stop.set()
-        spool.changes.close()
-        client.close()
-        watch_client.close()
+    with spool.watching("status"):
+        watcher.start()
+        try:
+            poller.run()
+        finally:
+            stop.set()
+            client.close()
+            watch_client.close()
 
 
 if __name__ == "__main__":

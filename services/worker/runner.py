@@ -256,14 +256,13 @@ def main() -> int:
         keys = program.load_keys(config)
         stop = threading.Event()
         spool = Spool(config.spool_dir)
-        spool.watch("jobs", "inbox")
         runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
         log.info("running jobs from %s", config.spool_dir)
-        try:
-            runner.run()
-        finally:
-            stop.set()
-            spool.changes.close()  # waiting jobs see the stop now
+        with spool.watching("jobs", "inbox"):  # leaving it releases the waiting jobs, which then see the stop
+            try:
+                runner.run()
+            finally:
+                stop.set()
 
     return program.run("runner", run_jobs)
 

@@ -212,6 +212,15 @@ class Spool:
         loops can sleep instead of polling; False if the system refused (the short polls go on)."""
         return self.changes.start(self.root, stages)
 
+    @contextlib.contextmanager
+    def watching(self, *stages: str) -> Iterator[None]:
+        """`watch(stages)` for the block; on leaving it, stop watching and release every wait (a program's main)."""
+        self.watch(*stages)
+        try:
+            yield
+        finally:
+            self.changes.close()
+
     # ---- jobs -----------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
         """The directory of a job's spec and markers."""

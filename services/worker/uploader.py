@@ -240,11 +240,8 @@ def _upload(config: WorkerConfig) -> None:
     target = config.bucket.uri if config.bucket else "each job's model_location"
     log.info("uploading results to %s", target)
     spool = Spool(config.spool_dir)
-    spool.watch("results")
-    try:
+    with spool.watching("results"):
         Uploader(config, spool).run()
-    finally:
-        spool.changes.close()
 
 
 if __name__ == "__main__":
