@@ -16,6 +16,7 @@ from services.worker.broker_client import BrokerClient
 from services.worker.keys import WorkerKeys
 from services.worker.messenger import Messenger
 from services.worker.runner import Runner
+from services.worker.spool import Spool
 from tests.support.worker_messaging import approved_job, program_env, wait_for
 
 SEATS = ("x_owner", "y_owner", "helper")
@@ -245,3 +246,46 @@ def test_a_job_ended_before_it_ran_is_closed_without_running(data_job):
     assert runner.runnable() == []
     assert x.spool.done(job.id) == {"outcome": "abandoned", "message": "the coordinator ended the job (Stopped)"}
     assert statuses(x.spool, job.id) == []  # nothing to report: it never started here
+
+
+def test_sigterm_lets_a_running_job_pause_before_the_runner_exits(data_job, tmp_path):
+    """SIGTERM interrupts the runner's main loop; the job threads still get to stop their job cleanly before the
+    process ends (a killed thread would leave a step half done, e.g. a finished job's messages not yet removed)."""
+    job, _, _ = data_job
+    x = job.seats["x_owner"]  # its peers never run: its job waits for their messages
+    proc = start_program("runner", job, "x_owner", tmp_path)
+    log = tmp_path / "x_owner.runner.log"
+    try:
+        wait_for(lambda: f"job {job.id}: loaded its data" in log.read_text(), "the job to start", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        stop_all([proc])
+    assert f"job {job.id}: paused (the runner is stopping); it resumes on restart" in log.read_text()
+    assert x.spool.claimed_jobs() == [job.id]  # a restart resumes it
+    assert x.spool.done(job.id) is None
+
+
+def test_a_run_loop_ended_by_sigterm_still_waits_for_its_job_threads(tmp_path, monkeypatch):
+    """SIGTERM's handler raises SystemExit in the main thread, inside the loop's wait; the job threads must still
+    be told to stop and be waited for, since the process then exits without finalizing."""
+    spool = Spool(tmp_path / "spool")
+    runner = Runner(spool, WorkerKeys.load_or_create(tmp_path / "state"))
+    finished = []
+
+    def job(job_id):
+        runner.stop.wait(5)  # a job waiting for a message, until the stop
+        time.sleep(0.3)  # a last step that must not be cut short
+        finished.append(job_id)
+
+    def sigterm(seen, poll, at_most=None):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "runnable", lambda: ["job1"])
+    monkeypatch.setattr(runner, "run_job", job)
+    monkeypatch.setattr(spool.changes, "wait", sigterm)
+    started = time.monotonic()
+    with pytest.raises(SystemExit):
+        runner.run()
+    assert finished == ["job1"]
+    assert time.monotonic() - started < 2

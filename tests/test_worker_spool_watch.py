@@ -1,6 +1,7 @@
 """The spool watch: programs sleep until another program hands them a file, on this machine's real inotify."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -139,3 +140,11 @@ def test_a_watch_whose_folder_disappears_falls_back_to_the_short_polls(tmp_path:
     changed, waited = _timed_wait(spool.changes, spool.changes.generation, poll=0.05)
     assert not changed and waited < 0.5
     spool.changes.close()
+
+
+def test_watchdogs_stop_race_error_stays_out_of_the_logs_and_its_other_errors_do_not(caplog):
+    inotify_log = logging.getLogger("watchdog.observers.inotify")
+    with caplog.at_level(logging.INFO):
+        inotify_log.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        inotify_log.error("some other inotify failure")
+    assert [r.getMessage() for r in caplog.records if r.name == inotify_log.name] == ["some other inotify failure"]

@@ -10,7 +10,8 @@ with a readable message. A job the coordinator ended (the poller marks it) is ab
 
 Jobs run in parallel threads: two workers must never wait on each other for different jobs.
 
-Run as `python -m services.worker.runner`.
+Run as `python -m services.worker.runner`. SIGTERM pauses the running jobs (their claims stay, so they resume on
+restart) and waits up to `STOP_JOIN_SECONDS` for their threads to leave cleanly.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored starts (a scan is one listing)
 PROGRESS_EVERY_SECONDS = 1.0
 MAX_PARALLEL_JOBS = 4
+STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
 _STOPPING = "the runner is stopping"
 
 
@@ -97,13 +99,21 @@ class Runner:
                 thread.start()
 
     def run(self) -> None:
-        """Start jobs as they appear until stopped."""
-        while not self.stop.is_set():
-            seen = self.spool.changes.generation
-            self.start_due()
-            self.spool.changes.wait(seen, SCAN_SECONDS)
-        for thread in self._threads.values():
-            thread.join(timeout=2.0)
+        """Start jobs as they appear until stopped, then give the job threads `STOP_JOIN_SECONDS` to stop."""
+        try:
+            while not self.stop.is_set():
+                seen = self.spool.changes.generation
+                self.start_due()
+                self.spool.changes.wait(seen, SCAN_SECONDS)
+        finally:
+            # Also when SIGTERM's SystemExit ends the loop: the process exits without finalizing (process_exit),
+            # so a job thread not joined here dies mid-step, e.g. between marking its job done and removing its
+            # received messages.
+            self.stop.set()
+            self.spool.changes.wake()  # a job waiting for a message sees the stop now
+            deadline = time.monotonic() + STOP_JOIN_SECONDS
+            for thread in list(self._threads.values()):
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # ---- one job --------------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
@@ -258,11 +268,8 @@ def main() -> int:
         spool = Spool(config.spool_dir)
         runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
         log.info("running jobs from %s", config.spool_dir)
-        with spool.watching("jobs", "inbox"):  # leaving it releases the waiting jobs, which then see the stop
-            try:
-                runner.run()
-            finally:
-                stop.set()
+        with spool.watching("jobs", "inbox"):
+            runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them
 
     return program.run("runner", run_jobs)
 

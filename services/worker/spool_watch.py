@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 # watchdog warns when a folder made and filled at once is watched twice (its event and its scan of the new folder
 # both add the watch); the watch is replaced and nothing is lost, and the warning's huge line would reach the logs.
 warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning)
+
+
+class _WithoutStopRace(logging.Filter):
+    """Drops watchdog's ERROR "InotifyEmitter.queue_events() called when the thread is inactive": logged when its
+    emitter reads an event while the observer is being stopped (upstream's choice, watchdog#963). It only happens
+    as a program stops, drops nothing we need, and an ERROR line at every such stop would alarm an operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_WithoutStopRace())
 WATCHED_POLL_SECONDS = 1.0  # with a watch, the longest a waiter sleeps without an event
 STOP_SECONDS = 2.0
 
