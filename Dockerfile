@@ -30,4 +30,5 @@ VOLUME ["/var/lib/cape-worker/spool", "/var/lib/cape-worker/state"]
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["cape-worker", "health"]
 
 # docker stop sends SIGTERM: cape-worker forwards it to supervisord, which stops the group within 10 s.
+# As PID 1 (no --init, or Kubernetes) it also reaps orphaned processes, so none stays a zombie.
 CMD ["cape-worker", "run"]

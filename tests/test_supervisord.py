@@ -1,7 +1,7 @@
 """A worker started exactly as the image starts it (`cape-worker run`, conf/supervisord.conf), under real
 supervisord: four programs RUNNING, a killed program respawned, a FATAL program ends the worker non-zero,
 SIGTERM stops everything within 10 s (also while a program is in BACKOFF), the heartbeat carries the programs'
-states, and a non-root worker whose stdout is a root-owned pipe still logs."""
+states, a non-root worker whose stdout is a root-owned pipe still logs, and orphans are reaped (no init needed)."""
 import contextlib
 import json
 import os
@@ -229,3 +229,34 @@ def test_repeated_stop_signals_still_end_in_a_clean_exit(start_worker, tmp_path)
             worker.proc.send_signal(signal.SIGTERM)
         time.sleep(0.005)
     assert worker.wait_exit(5) == 0
+
+
+def test_run_reaps_orphans_so_the_image_needs_no_init(start_worker, tmp_path):
+    """Without `docker run --init` (or under Kubernetes) `cape-worker run` is PID 1: an orphan re-parented to it
+    must not stay a zombie. A program here leaves a child behind; it is re-parented to `cape-worker run` (a child
+    subreaper, as PID 1 would be), and reaped when it ends."""
+    conf = tmp_path / "supervisord.conf"
+    orphan_pid = tmp_path / "orphan.pid"
+    conf.write_text((Path(__file__).parents[1] / "conf" / "supervisord.conf").read_text() + f"""
+[program:leaves_an_orphan]
+command=/bin/sh -c 'sleep 1.5 & echo $! > {orphan_pid}; exit 0'
+autorestart=false
+startsecs=0
+""")
+    worker = start_worker(worker_env(tmp_path, "org-a", CAPE_WORKER_CONF=str(conf)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (orphan_pid.exists() and orphan_pid.read_text().strip()):
+        time.sleep(0.05)
+    orphan = psutil.Process(int(orphan_pid.read_text()))
+    parents = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and worker.proc.pid not in parents:  # the shell may not have exited yet
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parents.append(orphan.ppid())
+        time.sleep(0.05)
+    assert worker.proc.pid in parents, f"the orphan's parents were {set(parents)}, not cape-worker run"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and psutil.pid_exists(orphan.pid):
+        time.sleep(0.1)
+    assert not psutil.pid_exists(orphan.pid), f"orphan {orphan.pid} is {orphan.status()}"  # a zombie until reaped
+    assert worker.proc.poll() is None  # the worker itself goes on

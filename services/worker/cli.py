@@ -15,6 +15,7 @@ import click
 from dotenv import load_dotenv
 
 from services.worker import health as health_mod
+from services.worker import reaper
 from services.worker.config import ConfigError, WorkerConfig
 from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.spool import Spool
@@ -84,6 +85,7 @@ def run() -> None:
     # non-root user cannot reopen a stdout pipe created by root (Docker's), and a pipe has no file offset for
     # concurrent writers to overwrite.
     read_fd, write_fd = os.pipe()
+    reaper.become_subreaper()
     proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], env=env,
                             stdout=write_fd, stderr=subprocess.STDOUT)
     os.close(write_fd)
@@ -96,11 +98,12 @@ def run() -> None:
             if stop_requested:
                 return  # supervisord is already stopping; a repeated signal could catch it mid-exit
             stop_requested.append(time.time())
-        proc.send_signal(signum)
+        if proc.returncode is None:
+            os.kill(proc.pid, signum)  # not proc.send_signal: its poll() could reap supervisord behind our wait
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
-    code = proc.wait()
+    code = reaper.wait_reaping(proc)  # also reaps orphans re-parented to us (PID 1 without --init)
     # supervisord is gone: a repeated stop signal must not kill us while the interpreter shuts down (it resets
     # the handlers to the default then, and our exit status would become "killed by SIGTERM").
     for signum in FORWARDED_SIGNALS:
