@@ -4,6 +4,10 @@ Arrow's native thread pools (CSV and Parquet reading) can abort the process whil
 "terminate called without an active exception", after all the work is done and the exit code chosen (an open
 upstream issue, apache/arrow#34314). It was seen here once in a few hundred runs of `cape simulate`. Flushing the
 logs and standard streams and then leaving with os._exit skips that teardown and keeps the exit code.
+
+The worker's other programs leave the same way for a second reason: finalization joins every executor thread, and
+one blocked on the network (the messenger's download whose reply does not come) held a stop until supervisord's
+SIGKILL. Each of their steps survives a kill, so nothing needs those threads to finish.
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ job 2  yorg messenger    killed when the job has just reached its spool
        yorg uploader     killed during the upload (the weights PUT in flight at S3)
        cape-server       crashed (SIGKILL) and restarted after the upload, before the completion is reported
                          (the yorg poller is held by SIGSTOP until the server is back)
+
+A second test stops whole workers as `docker stop` does and starts them again, each with a request in flight: the
+helper's worker during a message download, the model owner's during the weights' upload.
 """
 import os
 import re
@@ -37,11 +40,13 @@ import pytest
 from services.jobs.linear_regression import simulate
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
+from services.worker.spool import Spool
 from tests.support.workers import JobWorld, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 N_ROWS = 5000
 MOMENT_TIMEOUT = 45.0  # bound for reaching each moment
+STOP_SECONDS = 5.0  # a worker's stop, with requests in flight: well inside docker stop's 10 s
 SEAT_INDEX = {"xorg": 0, "yorg": 1, "helper": 2}  # x_owner, y_owner (the model owner), helper
 
 
@@ -206,3 +211,46 @@ def test_kills_and_server_restarts_at_several_moments_end_with_the_fault_free_we
                          r"and the network; retrying in [0-9.]+ s \(attempt 1\)", output), label
         assert re.search(r"poller INFO the coordinator at \S+ is reachable again", output), label
     assert len(f.done) == 12, f.done
+
+
+def test_docker_stop_then_start_of_a_worker_mid_job_ends_with_the_fault_free_weights(fleet, start_worker):
+    """`docker stop` of a worker with a request in flight (its reply held at the relay), then `docker start` of the
+    same worker: the stop is clean and well inside docker's 10 s (a program blocked on the network must not wait
+    for supervisord's SIGKILL), the work resumes at the start, and each job ends with the fault-free weights.
+
+    job 1: the helper's worker, while its runner waits for a message whose download is in flight;
+    job 2: the model owner's worker, with the weights' upload to S3 in flight."""
+    f = fleet
+
+    def docker_stop(label: str, relay_key: str, moment: str) -> None:
+        worker = f.workers[label]
+        try:
+            if f.relays[relay_key].wait_held(MOMENT_TIMEOUT) is None:
+                pytest.fail(f"moment never reached: {label}: {moment}; moments done: {f.done}")
+            started = time.monotonic()
+            worker.proc.send_signal(signal.SIGTERM)
+            code = worker.wait_exit(timeout=10)
+            elapsed = time.monotonic() - started
+        finally:
+            f.relays[relay_key].release()
+        assert code == 0, worker.output[-3000:]
+        assert elapsed < STOP_SECONDS, (elapsed, worker.output[-3000:])
+        assert "SIGKILL" not in worker.output, worker.output[-3000:]
+        f.done.append(f"{label} worker: docker stop ({elapsed:.1f} s) {moment}, then docker start")
+
+    def docker_start(label: str) -> None:
+        f.workers[label] = start_worker(f.workers[label].env)
+
+    f.arm("helper", r"^GET /broker/v1/jobs/[^/]+/messages/[^ ?]+ ")
+    job_id = f.world.submit()
+    docker_stop("helper", "helper", "with a message download in flight")
+    assert f"job {job_id}: paused (the runner is stopping); it resumes on restart" in f.workers["helper"].output
+    assert Spool(f.spool["helper"]).claimed_jobs() == [job_id]  # the started worker resumes it first
+    docker_start("helper")
+    assert_completed_with_fault_free_weights(f, job_id)
+
+    f.arm("s3", r"^PUT /fault-models/[^/]+/regression_weights\.csv")
+    job_id = f.world.submit()
+    docker_stop("yorg", "s3", "with the weights' upload in flight")
+    docker_start("yorg")
+    assert_completed_with_fault_free_weights(f, job_id)

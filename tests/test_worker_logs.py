@@ -192,3 +192,37 @@ def test_sigterm_delivers_the_last_records_to_a_slow_cloudwatch(slow_cloudwatch,
     stop_seconds = log_then_sigterm("uploader", [f"stored {i}" for i in range(3)], env, tmp_path)
     assert stop_seconds < 7  # inside supervisord's stopwaitsecs
     assert moto.log_events("/cape/slow", "org-a/uploader") == [f"uploader INFO stored {i}" for i in range(3)]
+
+
+def test_a_stop_stuck_in_a_librarys_cleanup_still_ends_within_the_grace(tmp_path):
+    """SIGTERM unwinds the program; when that unwinding blocks (s3transfer waiting for a request in flight, an
+    executor joining a stuck download), the program still leaves, exit 0, logs flushed, before supervisord's
+    SIGKILL (stopwaitsecs 7)."""
+    script = textwrap.dedent("""
+        import threading, time
+        from services.worker import logs
+        from services.worker.config import WorkerConfig
+        log = logs.setup("uploader", WorkerConfig.from_env())
+        try:
+            print("READY", flush=True)
+            time.sleep(60)
+        finally:
+            log.info("cleaning up")
+            threading.Event().wait()  # a library's cleanup that never returns
+    """)
+    env = {**os.environ, **config_env()}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        elapsed = time.monotonic() - stopping
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert logs.STOP_GRACE_SECONDS - 0.5 < elapsed < logs.STOP_GRACE_SECONDS + 2, elapsed
+    assert "uploader INFO cleaning up" in output
+    assert (f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s (waiting on a request in "
+            "flight); leaving now, the work resumes at the next start") in output

@@ -2,7 +2,8 @@
 
 CloudWatch being down or slow must never block or stop a program: the boto3 client has short timeouts and one
 attempt, the handler's constructor is guarded, its flush waits are bounded, and SIGTERM becomes a normal exit so
-`logging.shutdown()` flushes the queued records (a default SIGTERM would lose them all).
+`logging.shutdown()` flushes the queued records (a default SIGTERM would lose them all). An exit whose unwinding
+is stuck in a library's wait leaves after `STOP_GRACE_SECONDS`, logs flushed.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import time
 from typing import Iterable
 
@@ -22,6 +24,9 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 REDACTED = "[REDACTED]"
 CLOUDWATCH_SEND_INTERVAL = 2  # seconds a record may wait in watchtower's queue before being sent
 CLOUDWATCH_FLUSH_TIMEOUT = 3  # seconds flush()/close() wait per stream (watchtower's default is 30)
+# After SIGTERM, how long a program may take to unwind before it leaves regardless; with the flush above it stays
+# inside supervisord's stopwaitsecs (7), so a stop never needs the SIGKILL.
+STOP_GRACE_SECONDS = 4.0
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower")
 
 
@@ -120,12 +125,28 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | 
     return handler
 
 
+def _leave_now() -> None:
+    """The stop's unwinding is stuck in a library's cleanup (s3transfer waits for a request in flight, an
+    executor joins a blocked download): leave anyway, as a kill would, but with the logs flushed."""
+    from services.process_exit import exit_now
+
+    logging.getLogger("cape.worker").warning("still stopping after %.0f s (waiting on a request in flight); "
+                                             "leaving now, the work resumes at the next start", STOP_GRACE_SECONDS)
+    exit_now(0)
+
+
 def _logs_kwargs(config: WorkerConfig) -> dict[str, str]:
     return config.boto3_kwargs()
 
 
 def _exit_normally_on_sigterm() -> None:
+    grace: list[threading.Timer] = []
+
     def _on_sigterm(signum, frame):  # noqa: ARG001
+        if not grace:  # a repeated signal keeps the first deadline
+            grace.append(threading.Timer(STOP_GRACE_SECONDS, _leave_now))
+            grace[0].daemon = True
+            grace[0].start()
         raise SystemExit(0)  # unwinds `main()` so logging.shutdown() flushes queued records
 
     try:

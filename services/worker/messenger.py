@@ -389,4 +389,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from services.process_exit import run_then_exit
+
+    run_then_exit(main)  # a stop does not wait for threads blocked on the network: see services/process_exit.py

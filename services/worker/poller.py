@@ -251,4 +251,6 @@ def _poll(config: WorkerConfig) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from services.process_exit import run_then_exit
+
+    run_then_exit(main)  # a stop does not wait for threads blocked on the network: see services/process_exit.py
