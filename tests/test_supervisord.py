@@ -73,6 +73,8 @@ def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
     elapsed = time.monotonic() - started
     assert code == 0, worker.output[-2000:]
     assert elapsed < 10
+    for program in ("fatal_listener", *health.PROGRAMS):  # each stopped on its own, no SIGKILL, no WARN line
+        assert f"INFO stopped: {program} (exit status 0)" in worker.output, worker.output[-2000:]
     for pid in [*pids, supervisord_pid]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     result = cape_worker("health", env=worker.env)

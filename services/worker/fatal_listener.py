@@ -79,6 +79,9 @@ class FatalListener:
 def main() -> int:
     """Serve supervisord's event listener protocol until stdin closes."""
     listener = FatalListener(Path(os.environ.get("CAPE_RUN_DIR", ".")), os.getppid())
+    # supervisord's stop: leave at once with status 0 (the default action made supervisord log a WARN, "terminated
+    # by SIGTERM", at every docker stop). Nothing is lost: the marker is in place before supervisord is signalled.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
     while True:
         headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)
         try:
