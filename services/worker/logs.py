@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Iterable
 
+from services.process_exit import exit_now
+
 from .config import WorkerConfig
 
 # Anything shaped like a Cape token (`<id>,<base64 secret>`) and any long base64 run: a last defence, on top of
@@ -128,8 +130,6 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | 
 def _leave_now() -> None:
     """The stop's unwinding is stuck in a library's cleanup (s3transfer waits for a request in flight, an
     executor joins a blocked download): leave anyway, as a kill would, but with the logs flushed."""
-    from services.process_exit import exit_now
-
     logging.getLogger("cape.worker").warning("still stopping after %.0f s (waiting on a request in flight); "
                                              "leaving now, the work resumes at the next start", STOP_GRACE_SECONDS)
     exit_now(0)
