@@ -140,13 +140,12 @@ def _logs_kwargs(config: WorkerConfig) -> dict[str, str]:
 
 
 def _exit_normally_on_sigterm() -> None:
-    grace: list[threading.Timer] = []
+    grace = threading.Timer(STOP_GRACE_SECONDS, _leave_now)
+    grace.daemon = True
 
     def _on_sigterm(signum, frame):  # noqa: ARG001
-        if not grace:  # a repeated signal keeps the first deadline
-            grace.append(threading.Timer(STOP_GRACE_SECONDS, _leave_now))
-            grace[0].daemon = True
-            grace[0].start()
+        if grace.ident is None:  # a repeated signal keeps the first deadline
+            grace.start()
         raise SystemExit(0)  # unwinds `main()` so logging.shutdown() flushes queued records
 
     try:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import subprocess
 
-log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
@@ -33,9 +31,8 @@ def wait_reaping(proc: subprocess.Popen) -> int:
     while True:
         try:
             pid, status = os.wait()  # a signal handler that returns lets it resume (PEP 475)
-        except ChildProcessError:  # `proc` was already reaped (by Popen itself, e.g. in send_signal's poll)
+        except ChildProcessError:  # `proc` was already reaped by one of Popen's own waits
             return proc.wait()
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode
-        log.debug("reaped orphan %d", pid)
