@@ -61,6 +61,7 @@ def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
     assert cpu["xorg"]["runner"] > 0 and cpu["yorg"]["messenger"] > 0 and cpu["cape-server"] > 0
     assert cpu["machine"] <= cpu["machine_capacity"] * 1.05  # clock-tick rounding
     assert cpu["machine"] >= cpu["xorg"]["runner"] + cpu["cape-server"] - 0.05
+    assert record["e2e_cpu_over_simulation_cpu"] == round(cpu["machine"] / record["job_cpu_seconds"], 2)
     assert "kept in" not in done.stderr  # the temporary directory is removed after a good run
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -42,4 +43,6 @@ def test_cases_print_one_json_line_each() -> None:
         assert {"prepare", "product", "job"} <= set(record["seconds"])
         assert set(record["bytes_sent"]) == {"x_owner", "y_owner", "model_owner"}
         assert record["bytes_sent"]["x_owner"] >= record["n"] * record["d"] * 8  # the masked X streams once
+        # The simulation's CPU time (its parties' and BLAS's threads) fits in its wall time on this machine's cores.
+        assert 0 < record["job_cpu_seconds"] <= record["seconds"]["job"] * (os.cpu_count() or 1) + 0.02
         assert record["ratio_to_numpy"] == pytest.approx(record["seconds"]["job"] / record["numpy_seconds"], rel=0.02)

@@ -13,6 +13,8 @@ runner), and prints one JSON line: the engine bench's fields for the simulation,
   the output seat's result (`runner_start_to_result`), result to Completed;
 - `simulation_seconds`, `e2e_over_simulation`, `runner_over_simulation`, and `e2e_over_simulation_plus_load`
   (the workers read their files inside the end-to-end time; the simulation starts from arrays);
+  `e2e_cpu_over_simulation_cpu`: the machine's CPU seconds in the job's window over the simulation's own
+  (`job_cpu_seconds`), which bounds the time ratio from below on a machine the job keeps busy;
 - `broker_bytes`: what each worker put at the broker (the sealed messages its runner recorded in done.json);
 - `deliveries`: where a message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks'
   timeline), over the messages the sampler saw in each state (a small message can pass through one between two
@@ -556,6 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "e2e_over_simulation": round(e2e["e2e_seconds"]["total"] / max(simulation_seconds, 1e-9), 2),
             "e2e_over_simulation_plus_load": round(
                 e2e["e2e_seconds"]["total"] / max(simulation_seconds + e2e["load_seconds"], 1e-9), 2),
+            # The two cores' work beside the simulation's: on a CPU-bound machine the time ratio follows it.
+            "e2e_cpu_over_simulation_cpu": round(
+                e2e["e2e_job_cpu_seconds"]["machine"] / max(simulation["job_cpu_seconds"], 1e-9), 2),
             "runner_over_simulation": round(e2e["e2e_seconds"].get("runner_start_to_result", float("nan"))
                                             / max(simulation_seconds, 1e-9), 2),
         }
