@@ -1,6 +1,7 @@
 """The spool transport: arrays sealed into the outbox once, read back from the inbox, bounded waits."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -68,22 +69,36 @@ def test_arrays_roundtrip_with_dtype_and_shape(world):
     assert x.messages_sent == len(arrays) and y.messages_received == len(arrays)
 
 
-def test_a_large_received_array_is_mapped_read_only(world):
+def test_a_large_received_array_is_read_only_and_its_inbox_file_leaves_the_page_cache(world, monkeypatch):
     keys, spools, specs = world
     x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
-    large = np.arange(300_000, dtype=np.uint64).reshape(100_000, 3)  # 2.4 MB: mapped from the inbox file
+    large = np.arange(300_000, dtype=np.uint64).reshape(100_000, 3)  # 2.4 MB: its cached pages are dropped
     small = np.arange(10, dtype=np.uint64)
     x.send(1, "large", large)
     x.send(1, "small", small)
     x.flush()
     deliver(world, "x_owner", "y_owner")
+    advice = []
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, what):  # records which file was advised what, then gives the kernel the advice
+        advice.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, what))
+        real_fadvise(fd, offset, length, what)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
     got = y.receive(0, "large")
     np.testing.assert_array_equal(got, large)
-    assert isinstance(got, np.memmap) and not got.flags.writeable
+    assert not isinstance(got, np.memmap) and not got.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         got[0, 0] = 1  # the engine never writes to a received array; if it did, it would fail loudly
-    assert y.receive(0, "small").flags.writeable  # small ones are read into memory as before
+    inbox = spools["y_owner"].inbox_path(JOB, "x_owner.large")
+    assert advice == [(str(inbox), 0, 0, os.POSIX_FADV_DONTNEED)]
+    assert inbox.stat().st_size > 2_400_000  # the file stays, for a replay
+    assert y.receive(0, "large").flags.writeable is False  # a replay reads it again, from disk
+    advice.clear()
+    assert y.receive(0, "small").flags.writeable  # small ones are read as they are, the cache left alone
+    assert advice == []
 
 
 def test_sending_again_keeps_the_first_ciphertext(world):
