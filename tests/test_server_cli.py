@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from importlib.metadata import version
 
 import requests
 
@@ -14,8 +15,9 @@ def test_serve_announces_its_address_and_serves_openapi(cape_server):
     assert cape_server.url.startswith("http://127.0.0.1:")
     health = requests.get(f"{cape_server.url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["parts"] == ["coordinator", "broker"]
+    assert health["version"] == version("cape-workers")
     document = requests.get(f"{cape_server.url}/openapi.json", timeout=10).json()
-    assert document["info"]["title"] == "Cape server"
+    assert document["info"]["title"] == "Cape server" and document["info"]["version"] == health["version"]
 
 
 def test_only_coordinator_has_no_broker(start_cape_server):

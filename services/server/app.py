@@ -83,7 +83,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             changes.close()
 
         app.state.begin_shutdown = begin_shutdown
-        log.info("cape-server %s: %s, data in %s", _version(), " + ".join(parts), config.data_dir)
+        log.info("cape-server %s: %s, data in %s", server_version, " + ".join(parts), config.data_dir)
         tasks = []
         if db is not None:
             def sweep_jobs() -> None:
@@ -110,7 +110,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             if db is not None:
                 db.close()
 
-    app = FastAPI(title="Cape server", version=_version(), lifespan=lifespan, openapi_url="/openapi.json",
+    server_version = _version()  # read once: a metadata lookup searches sys.path, and would cost each health check
+    app = FastAPI(title="Cape server", version=server_version, lifespan=lifespan, openapi_url="/openapi.json",
                   description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
     install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
@@ -123,7 +124,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         parts.append("broker")
 
     @app.get("/healthz", tags=["server"], response_model=Health)
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "parts": parts, "version": _version()}
+    async def healthz() -> dict[str, Any]:  # no I/O: served on the event loop, no thread hand-off
+        return {"status": "ok", "parts": parts, "version": server_version}
 
     return app
