@@ -14,7 +14,7 @@ runner), and prints one JSON line: the engine bench's fields for the simulation,
 - `simulation_seconds`, `e2e_over_simulation`, `runner_over_simulation`, and `e2e_over_simulation_plus_load`
   (the workers read their files inside the end-to-end time; the simulation starts from arrays);
   `e2e_cpu_over_simulation_cpu`: the machine's CPU seconds in the job's window over the simulation's own
-  (`job_cpu_seconds`), which bounds the time ratio from below on a machine the job keeps busy;
+  (`job_cpu_seconds`), which the time ratio follows on a machine that both keep busy;
 - `broker_bytes`: what each worker put at the broker (the sealed messages its runner recorded in done.json);
 - `deliveries`: where a message's time goes (outbox to broker, broker to the recipient's inbox; the large blocks'
   timeline), over the messages the sampler saw in each state (a small message can pass through one between two
