@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # watchdog warns when a folder made and filled at once is watched twice (its event and its scan of the new folder
 # both add the watch); the watch is replaced and nothing is lost, and the warning's huge line would reach the logs.
 warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning)
+WATCHED_POLL_SECONDS = 1.0  # with a watch, the longest a waiter sleeps without an event
+STOP_SECONDS = 2.0
 
 
 class _WithoutStopRace(logging.Filter):
@@ -45,8 +47,6 @@ class _WithoutStopRace(logging.Filter):
 
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_WithoutStopRace())
-WATCHED_POLL_SECONDS = 1.0  # with a watch, the longest a waiter sleeps without an event
-STOP_SECONDS = 2.0
 
 
 class SpoolWatch:
