@@ -1,7 +1,9 @@
 """`scripts/bench --e2e` (services.worker.e2e_bench): a small real run through three workers, and its bad input."""
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ def bench(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
 
 
 def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
-    done = bench("--n", "3000", "--d", "5", "--poll-interval", "0.2", "--format", "csv")
+    done = bench("--n", "3000", "--d", "5", "--poll-interval", "0.2", "--format", "csv", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -62,6 +64,22 @@ def test_a_small_run_prints_the_engine_fields_and_the_end_to_end_figures():
     assert cpu["machine"] <= cpu["machine_capacity"] * 1.05  # clock-tick rounding
     assert cpu["machine"] >= cpu["xorg"]["runner"] + cpu["cape-server"] - 0.05
     assert record["e2e_cpu_over_simulation_cpu"] == round(cpu["machine"] / record["job_cpu_seconds"], 2)
+
+    # The disk in the same window. Every hand-off is fsynced, so on a disk-backed temporary directory at least the
+    # sender's outbox and the broker have written each sealed message to it.
+    disk = record["e2e_job_disk"]
+    assert set(disk) == {"written_bytes", "busy_seconds", "iowait_seconds"}
+    assert disk["busy_seconds"] >= 0 and 0 <= disk["iowait_seconds"] <= cpu["machine_capacity"] * 1.05
+    device = os.stat(tempfile.gettempdir()).st_dev
+    if Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}").exists():
+        assert disk["written_bytes"] >= 2 * record["broker_bytes"]["total"]
+
+    # A second job through the same workers: timed the same way, as accurate, its ratio the one printed.
+    [later] = record["later_jobs"]
+    assert later["seconds"] > 0 and later["machine_cpu_seconds"] > 0
+    assert set(later["disk"]) == set(disk)
+    assert later["weight_error_vs_lstsq"] < 1e-6
+    assert later["over_simulation"] == round(later["seconds"] / record["simulation_seconds"], 2)
     assert "kept in" not in done.stderr  # the temporary directory is removed after a good run
 
 
@@ -69,6 +87,9 @@ def test_impossible_sizes_are_refused_with_a_message():
     done = bench("--n", "4", "--d", "8", timeout=60)
     assert done.returncode == 2
     assert "need d >= 1 and n >= d + 2" in done.stderr
+    done = bench("--jobs", "0", timeout=60)
+    assert done.returncode == 2
+    assert "--jobs must be at least 1" in done.stderr
 
 
 def test_the_broker_bench_relays_every_byte_and_reports_both_sides():
