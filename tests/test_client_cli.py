@@ -20,6 +20,7 @@ def test_login_verifies_then_saves_url_and_token_0600(shared_cape_server, cape_s
     result = cape_script("login", "--coordinator", shared_cape_server.url, "--token", token)
     assert result.exit_code == 0, result.stderr
     assert f"Logged in to {shared_cape_server.url} as " in result.stdout
+    assert " (user token); saved in " in result.stdout
     assert token not in result.stdout + result.stderr
     assert stat.S_IMODE(cape_home.stat().st_mode) == 0o600
     assert json.loads(cape_home.read_text()) == {"coordinator": shared_cape_server.url, "token": token}

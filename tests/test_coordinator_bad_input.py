@@ -78,6 +78,11 @@ def test_job_references_are_checked(world):
                                                     "schema": [{"name": "who", "type": "string"}]})
     assert "not numeric" in error(admin.post("/v1/projects/demo/jobs", json={
         **JOB, "x": {"dataview": "names", "columns": ["who"]}}), 422)
+    # The model owner holds y, so a helper must take the third seat: without one, the message says how to name it.
+    assert admin.put("/v1/projects/demo/helper", json={"organization": None}).status_code == 200
+    assert error(admin.post("/v1/projects/demo/jobs", json=JOB), 422) == (
+        "field 'helper': the model owner is a data owner, so the project needs a helper organization for the third "
+        "seat (`cape projects set-helper PROJECT ORG`, or `PUT /v1/projects/{project}/helper`)")
 
 
 def test_job_on_another_projects_dataview_is_refused(world, cape_server):
@@ -98,14 +103,20 @@ def test_job_on_another_projects_dataview_is_refused(world, cape_server):
 
 def test_unknown_ids_are_404(world):
     admin = world["user"]["xorg"]
-    assert error(admin.get("/v1/projects/nope"), 404).startswith("no project 'nope'")
+    # Each 404 says how to find the right name, with the CLI command first (most users meet it there).
+    assert error(admin.get("/v1/projects/nope"), 404) == \
+        "no project 'nope'; `cape projects list` (`GET /v1/projects`) lists yours"
     assert error(admin.get("/v1/jobs/0123"), 404) == "no job '0123'"
     assert error(admin.get("/v1/dataviews/0123"), 404) == "no dataview '0123'"
-    assert error(admin.get("/v1/organizations/nope"), 404).startswith("no organization 'nope'")
+    assert error(admin.get("/v1/organizations/nope"), 404) == \
+        "no organization 'nope'; `cape orgs list` (`GET /v1/organizations`) lists them"
     assert error(admin.post("/v1/projects/demo/organizations", json={"organization": "nope"}), 404).startswith(
         "no organization 'nope'")
     assert error(world["worker"]["xorg"].get("/v1/worker/jobs/0123"), 404) == "no job '0123'"
     assert error(admin.get("/v1/no/such/endpoint"), 404).startswith("no such endpoint")
+    assert error(admin.get("/v1/worker/jobs"), 403) == ("this endpoint is for workers: use an organization token "
+                                                         "(`cape orgs create-token ORG`, or "
+                                                         "`POST /v1/organizations/{org}/tokens`)")
     assert error(admin.request("PATCH", "/v1/projects/demo"), 405).startswith("this endpoint does not accept")
 
 

@@ -52,7 +52,8 @@ def find_organization(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM organizations WHERE id = ? OR label = ? ORDER BY id = ? DESC LIMIT 1",
                        (ref, ref, ref)).fetchone()
     if row is None:
-        raise NotFound(f"no organization '{ref}'; `GET /v1/organizations` lists them", code="organization_not_found")
+        raise NotFound(f"no organization '{ref}'; `cape orgs list` (`GET /v1/organizations`) lists them",
+                       code="organization_not_found")
     return row
 
 

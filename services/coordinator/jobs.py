@@ -83,7 +83,8 @@ def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str,
         outputs_to = "x_owner" if model_owner == x_org else "y_owner"
         if third_org is None:
             raise InvalidRequest("field 'helper': the model owner is a data owner, so the project needs a helper "
-                                 "organization for the third seat (`PUT /v1/projects/{project}/helper`)")
+                                 "organization for the third seat (`cape projects set-helper PROJECT ORG`, or "
+                                 "`PUT /v1/projects/{project}/helper`)")
         if third_org in (x_org, y_org):
             raise InvalidRequest("field 'helper': the project's helper owns one of the dataviews; three distinct "
                                  "organizations must take the seats, so set another helper")

@@ -24,8 +24,8 @@ def require_person(principal: Principal) -> None:
 def require_worker(principal: Principal) -> None:
     """Worker endpoints and the broker take organization tokens only."""
     if principal.kind != "organization":
-        raise Forbidden("this endpoint is for workers: use an organization token (`POST /v1/organizations/{org}/"
-                        "tokens`)", code="wrong_token_kind")
+        raise Forbidden("this endpoint is for workers: use an organization token (`cape orgs create-token ORG`, "
+                        "or `POST /v1/organizations/{org}/tokens`)", code="wrong_token_kind")
 
 
 def require_member(principal: Principal, org_id: str, what: str = "this") -> None:

@@ -23,7 +23,8 @@ def find_project(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM projects WHERE id = ? OR label = ? ORDER BY id = ? DESC LIMIT 1",
                        (ref, ref, ref)).fetchone()
     if row is None:
-        raise NotFound(f"no project '{ref}'; `GET /v1/projects` lists yours", code="project_not_found")
+        raise NotFound(f"no project '{ref}'; `cape projects list` (`GET /v1/projects`) lists yours",
+                       code="project_not_found")
     return row
 
 

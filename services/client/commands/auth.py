@@ -45,9 +45,10 @@ def whoami(cli: CliContext, as_json: bool) -> None:
 
 
 def describe(identity: dict[str, Any]) -> str:
-    """``alice@example.org (user)`` or ``org-a (organization)``: never the token."""
+    """``alice@example.org (user token)`` or ``org-a (organization token)``: never the token. "user token", not
+    "user": a person's roles are per organization, and `user` is one of them."""
     if identity.get("kind") == "organization":
         org = identity.get("organization") or {}
         return f"{org.get('label') or org.get('id', '?')} (organization token)"
     user = identity.get("user") or {}
-    return f"{user.get('email') or user.get('id', '?')} (user)"
+    return f"{user.get('email') or user.get('id', '?')} (user token)"
