@@ -1,14 +1,29 @@
-"""`cape-server serve` start-up: the announced address, bad options, an occupied port."""
+"""`cape-server serve` start-up: the announced address, bad options, an occupied port; and what the user is told
+when `cape-server` (serve or admin) is given something it cannot use."""
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import time
 from importlib.metadata import version
 
+import pytest
 import requests
 
 from tests.support.server import cape_server_command
+
+DATA_DIR_ADVICE = "(give a directory this user can create and write)"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cape_server_command(), *args], capture_output=True, text=True, timeout=60)
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The last line of stderr: where click puts its `Error: ...` (after any usage lines)."""
+    return result.stderr.rstrip("\n").splitlines()[-1]
 
 
 def test_serve_announces_its_address_and_serves_openapi(cape_server):
@@ -93,3 +108,72 @@ def test_keep_alive_requests_do_not_wait_for_delayed_acks(cape_server):
             session.get(f"{cape_server.url}/healthz", timeout=10).raise_for_status()
         elapsed = time.perf_counter() - started
     assert elapsed < 0.6, f"20 keep-alive requests took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("command", [["admin", "create-org", "acme", "--admin-email", "a@acme.example"],
+                                     ["serve", "--port", "0"]], ids=["admin", "serve"])
+def test_a_data_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, command):
+    (tmp_path / "afile").write_text("")
+    data_dir = tmp_path / "afile" / "data"  # under a regular file: fails even for root
+    result = run_cli(*command, "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert result.stderr == f"Error: --data-dir {data_dir} cannot be used: Not a directory {DATA_DIR_ADVICE}\n"
+    assert result.stdout == ""  # in particular no "listening" line from serve
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any directory")
+@pytest.mark.parametrize("command", [["admin", "create-org", "acme", "--admin-email", "a@acme.example"],
+                                     ["serve", "--port", "0"]], ids=["admin", "serve"])
+def test_a_data_dir_this_user_cannot_write_is_a_one_line_error(tmp_path, command):
+    data_dir = tmp_path / "readonly"
+    data_dir.mkdir(mode=0o500)
+    result = run_cli(*command, "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert result.stderr == f"Error: --data-dir {data_dir} cannot be used: Permission denied {DATA_DIR_ADVICE}\n"
+    assert result.stdout == ""
+
+
+def test_an_address_this_machine_lacks_points_at_host(tmp_path):
+    address = "192.0.2.1"  # TEST-NET-1 (documentation only); binding sends nothing
+    with socket.socket() as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"this machine has {address}")
+    result = run_cli("serve", "--host", address, "--port", "0", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert error_line(result) == (f"Error: cannot listen on {address}:0: {os.strerror(errno.EADDRNOTAVAIL)} "
+                                  "(this machine has no such address); pick another --host")
+
+
+@pytest.mark.parametrize("command, usage", [
+    ([], "Usage: cape-server [OPTIONS] COMMAND [ARGS]..."),
+    (["admin", "create-user"], "Usage: cape-server admin create-user [OPTIONS] ORGANIZATION"),
+], ids=["top", "subcommand"])
+def test_dash_h_is_help(command, usage):
+    result = run_cli(*command, "-h")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == usage
+    assert "-h, --help" in result.stdout
+
+
+@pytest.mark.parametrize("only", [[], ["--only", "coordinator"]], ids=["both", "coordinator"])
+def test_coordinator_url_is_only_for_a_broker_alone(tmp_path, only):
+    result = run_cli("serve", *only, "--coordinator-url", "http://127.0.0.1:9", "--port", "0",
+                     "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert error_line(result) == ("Error: --coordinator-url is only for --only broker (otherwise the coordinator "
+                                  "runs in this same process)")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("email", ["notanemail", "a@b@acme.example", "@acme.example", "a@"])
+def test_create_user_rejects_what_is_not_an_email(tmp_path, email):
+    made = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--data-dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    result = run_cli("admin", "create-user", "acme", "--email", email, "--role", "user", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert error_line(result) == (f"Error: Invalid value for '--email': '{email}' is not an email address "
+                                  "(like name@example.org)")

@@ -1,18 +1,22 @@
 """`cape-server`: run the coordinator and broker (`serve`), and bootstrap identities from the shell (`admin`)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import TypeAdapter, ValidationError
 
 from services.coordinator import identity
 from services.coordinator.db import Database
+from services.coordinator.schemas import Email
 from services.server.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, ServerConfig
 from services.server.errors import ApiError
 
@@ -22,10 +26,44 @@ data_dir_option = click.option(
     "--data-dir", required=True, envvar="CAPE_SERVER_DATA_DIR", show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path), help="Directory of the database and message store.")
 
+# The coordinator API's own email rule (schemas.Email), so an admin cannot bootstrap a user the API would refuse.
+_EMAIL = TypeAdapter(Email)
 
-@click.group()
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})  # as the `cape` CLI
 def main() -> None:
     """Cape's reference coordinator and broker."""
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Make `data_dir` (private: it holds token hashes and queued messages) and check this user can write in it,
+    so a bad one is a one-line error before anything starts rather than a traceback from mkdir or sqlite."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".cape-server-probe-"):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"--data-dir {data_dir} cannot be used: {exc.strerror or exc} "
+                                   "(give a directory this user can create and write)") from None
+
+
+def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return _EMAIL.validate_python(value)
+    except ValidationError:
+        raise click.BadParameter(f"{value!r} is not an email address (like name@example.org)") from None
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> click.ClickException:
+    """Point at the option to change: a name that does not resolve, or an address this machine does not have, is
+    the host's fault, not the port's."""
+    if isinstance(exc, socket.gaierror):
+        advice = "; pick another --host"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        advice = " (this machine has no such address); pick another --host"
+    else:
+        advice = "; pick another --port"
+    return click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}{advice}")
 
 
 def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool) -> None:
@@ -90,6 +128,10 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
 
     if only == "broker" and not coordinator_url:
         raise click.UsageError("--only broker needs --coordinator-url (the coordinator that knows the jobs)")
+    if only != "broker" and coordinator_url:
+        raise click.UsageError("--coordinator-url is only for --only broker (otherwise the coordinator runs in this "
+                               "same process)")
+    check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
@@ -103,7 +145,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     try:
         sock = listening_socket(host, port)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+        raise _listen_error(host, port, exc) from None
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
@@ -126,6 +168,7 @@ def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 
 def _run(data_dir: Path, action: Any) -> Any:
+    check_data_dir(data_dir)
     db = Database(data_dir / "coordinator.sqlite3")
     try:
         with db.transaction() as conn:
@@ -139,7 +182,7 @@ def _run(data_dir: Path, action: Any) -> Any:
 @admin.command("create-org")
 @click.argument("label")
 @click.option("--name", help="Display name (defaults to the label).")
-@click.option("--admin-email", required=True, help="Email of the organization's first admin.")
+@click.option("--admin-email", required=True, callback=_email, help="Email of the organization's first admin.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
 def create_org(label: str, name: str | None, admin_email: str, as_json: bool, data_dir: Path) -> None:
@@ -164,7 +207,7 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
 
 @admin.command("create-user")
 @click.argument("organization")
-@click.option("--email", required=True)
+@click.option("--email", required=True, callback=_email)
 @click.option("--role", required=True, type=click.Choice(list(identity.ROLES)))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
