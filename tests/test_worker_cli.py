@@ -1,7 +1,9 @@
 """`cape-worker check` against the real cape-server and a real moto server: all ok, then each bad setting gives
-its own line and a non-zero exit; `cape-worker run` refuses a bad configuration before starting anything."""
+its own line and a non-zero exit; `cape-worker run` refuses a bad configuration, or a second worker on the same
+state directory, before starting anything; `status` needs only local settings; `-h` is `--help`."""
 import subprocess
 
+import psutil
 import pytest
 
 from tests.support.aws import free_port
@@ -100,3 +102,146 @@ def test_run_refuses_a_state_dir_too_deep_for_the_socket(tmp_path):
     run = subprocess.run(["cape-worker", "run"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert "CAPE_STATE_DIR is too deep for supervisord's unix socket" in run.stderr
+
+
+def cape_worker(*args, env, cwd):
+    """`cape-worker ARGS` in `cwd` (a folder without .env); a bounded wait."""
+    return subprocess.run(["cape-worker", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_check_with_a_user_token_fails_both_coordinator_and_broker(cape_server, acme, tmp_path):
+    env = worker_env(tmp_path, "acme", CAPE_TOKEN=acme["user_token"], CAPE_COORDINATOR=cape_server.url)
+    code, lines, out = check(env)
+    assert code == 1, out
+    assert lines["coordinator"] == ("FAIL coordinator   CAPE_TOKEN is a user token; a worker needs an organization "
+                                    "token (`cape orgs create-token ORG`, as an admin of ORG)"), out
+    assert lines["broker"] == (f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN; use an organization "
+                               "token"), out
+
+
+def test_token_hints_name_the_cli_commands(cape_server, tmp_path):
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=""))
+    assert code == 1
+    assert lines["configuration"] == ("FAIL configuration CAPE_TOKEN: is not set; create an organization token "
+                                      "(`cape-server admin create-org` or `cape orgs create-token ORG`) and pass it "
+                                      "as CAPE_TOKEN"), out
+    unknown = "unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA=="
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=unknown, CAPE_COORDINATOR=cape_server.url))
+    assert code == 1
+    assert lines["coordinator"].endswith("; create a new organization token (`cape orgs create-token ORG`) and set "
+                                         "CAPE_TOKEN"), out
+
+
+@pytest.mark.parametrize("variable, suffix, base", [
+    ("CAPE_COORDINATOR", "/v1", "coordinator's base URL, without /v1: {url}"),
+    ("CAPE_COORDINATOR", "/v1/", "coordinator's base URL, without /v1: {url}"),
+    ("CAPE_BROKER", "/broker/v1", "broker's base URL, without /v1: {url}/broker"),
+])
+def test_server_url_ending_in_v1(cape_server, acme, tmp_path, variable, suffix, base):
+    env = worker_env(tmp_path, "acme", CAPE_TOKEN=acme["organization_token"],
+                     **{"CAPE_COORDINATOR": cape_server.url, variable: cape_server.url + suffix})
+    message = f"{variable}: give the {base.format(url=cape_server.url)}"
+    code, lines, out = check(env)
+    assert code == 1
+    assert lines == {"configuration": f"FAIL configuration {message}"}, out
+    run = cape_worker("run", env=env, cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (2, f"cape-worker: configuration error: {message}\n")
+
+
+def test_env_file_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nonexist.env"
+    env = worker_env(tmp_path, "w", CAPE_ENV_FILE=str(missing))
+    message = f"CAPE_ENV_FILE: {missing} does not exist; fix the path or unset CAPE_ENV_FILE"
+    result = cape_worker("check", env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, f"FAIL configuration {message}\n"), result.stderr
+    for command in ("run", "status"):
+        result = cape_worker(command, env=env, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (2, f"cape-worker: configuration error: {message}\n")
+    result = cape_worker("health", env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, f"unhealthy: {message}\n")
+    assert not (tmp_path / "w" / "state" / "run").exists()  # nothing was started
+
+
+def test_env_file_that_is_a_directory(tmp_path):
+    env = worker_env(tmp_path, "w", CAPE_ENV_FILE=str(tmp_path))
+    result = cape_worker("check", env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, f"FAIL configuration CAPE_ENV_FILE: {tmp_path} is a directory; "
+                                                     "point CAPE_ENV_FILE at the .env file itself\n")
+
+
+def test_env_file_fills_in_the_environment(tmp_path):
+    """CAPE_ENV_FILE still works, and the default ./.env stays optional (the other tests run without one)."""
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("CAPE_WORKER_NAME=from-file\n")
+    env = {k: v for k, v in worker_env(tmp_path, "w", CAPE_ENV_FILE=str(env_file)).items() if k != "CAPE_WORKER_NAME"}
+    result = cape_worker("status", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "worker from-file"
+
+
+def test_status_needs_no_token_or_coordinator(tmp_path):
+    env = {k: v for k, v in worker_env(tmp_path, "w").items() if k not in ("CAPE_TOKEN", "CAPE_COORDINATOR")}
+    result = cape_worker("status", env=env, cwd=tmp_path)
+    sock = tmp_path / "w" / "state" / "run" / "supervisor.sock"
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        "worker w",
+        f"programs: no supervisord socket at {sock}; is the worker running (`cape-worker run`) with this "
+        "CAPE_STATE_DIR?",
+        "  poller     MISSING", "  messenger  MISSING", "  runner     MISSING", "  uploader   MISSING",
+        f"jobs in {tmp_path / 'w' / 'spool'}: 0",
+    ]
+    result = cape_worker("status", env={**env, "CAPE_TOKEN": "malformed"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr  # nor a valid one: status never reads it
+
+
+@pytest.mark.parametrize("args, usage", [
+    ([], "Usage: cape-worker [OPTIONS] COMMAND [ARGS]..."),
+    (["run"], "Usage: cape-worker run [OPTIONS]"),
+    (["check"], "Usage: cape-worker check [OPTIONS]"),
+    (["status"], "Usage: cape-worker status [OPTIONS]"),
+    (["health"], "Usage: cape-worker health [OPTIONS]"),
+])
+def test_short_help_option(tmp_path, args, usage):
+    env = worker_env(tmp_path, "w")
+    short, long = (cape_worker(*args, flag, env=env, cwd=tmp_path) for flag in ("-h", "--help"))
+    assert (short.returncode, short.stderr) == (0, "")
+    assert short.stdout.splitlines()[0] == usage
+    assert short.stdout == long.stdout
+    assert "  -h, --help " in short.stdout
+    assert not (tmp_path / "w").exists()  # help only: `run -h` started nothing
+
+
+def kill_whole_worker(worker) -> None:
+    """SIGKILL `cape-worker run`, supervisord and every program at once, as when a container is killed."""
+    root = psutil.Process(worker.proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        proc.kill()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    assert not alive, alive
+
+
+def test_run_refuses_while_a_worker_runs_on_the_same_state_dir(start_worker, tmp_path):
+    env = worker_env(tmp_path, "w")
+    first = start_worker(env)
+    first.wait_running()
+    run = cape_worker("run", env=env, cwd=tmp_path)
+    state = tmp_path / "w" / "state"
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == (f"cape-worker: a worker is already running with CAPE_STATE_DIR={state} (its supervisord "
+                          f"answers on {state / 'run' / 'supervisor.sock'}); stop it first\n")
+    assert first.proc.poll() is None
+    first.wait_running(timeout=5)
+
+
+def test_run_starts_over_a_killed_workers_leftover_socket(start_worker, tmp_path):
+    env = worker_env(tmp_path, "w")
+    first = start_worker(env)
+    first.wait_running()
+    kill_whole_worker(first)
+    run_dir = tmp_path / "w" / "state" / "run"
+    assert (run_dir / "supervisor.sock").exists() and (run_dir / "supervisord.pid").exists()  # left behind
+    second = start_worker(env)
+    second.wait_running()
+    assert "already running" not in second.output

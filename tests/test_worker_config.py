@@ -1,7 +1,11 @@
-"""WorkerConfig.from_env: valid settings, and each bad setting named in its error, never the token."""
+"""WorkerConfig.from_env: valid settings, and each bad setting named in its error, never the token; the .env file
+CAPE_ENV_FILE names (it must be readable; ./.env is optional); LocalConfig, all `status` needs."""
+import os
+from pathlib import Path
+
 import pytest
 
-from services.worker.config import Bucket, ConfigError, WorkerConfig, parse_bucket
+from services.worker.config import Bucket, ConfigError, LocalConfig, WorkerConfig, env_file_path, parse_bucket
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -83,3 +87,59 @@ def test_dotenv_file_and_environment_wins(tmp_path):
     assert config.coordinator == "http://from-env:2"
     assert config.log_level == "DEBUG"
     assert config.token == TOKEN
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"CAPE_COORDINATOR": "http://127.0.0.1:8000/v1"},
+     "CAPE_COORDINATOR: give the coordinator's base URL, without /v1: http://127.0.0.1:8000"),
+    ({"CAPE_COORDINATOR": "https://cape.example.com/api/v1/"},
+     "CAPE_COORDINATOR: give the coordinator's base URL, without /v1: https://cape.example.com/api"),
+    ({"CAPE_BROKER": "http://127.0.0.1:8000/broker/v1"},
+     "CAPE_BROKER: give the broker's base URL, without /v1: http://127.0.0.1:8000/broker"),
+])
+def test_server_url_with_the_api_version(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(**overrides))
+    assert str(err.value) == message
+
+
+def test_server_url_with_v1_elsewhere_in_its_path():
+    config = WorkerConfig.from_env(env(CAPE_COORDINATOR="https://cape.example.com/v1x", CAPE_BROKER="http://b/v1/x"))
+    assert (config.coordinator, config.broker) == ("https://cape.example.com/v1x", "http://b/v1/x")
+
+
+def test_local_config_needs_no_token_or_coordinator():
+    local = LocalConfig.from_env({"CAPE_STATE_DIR": "/tmp/state", "CAPE_WORKER_NAME": "w"})
+    assert (local.spool_dir, local.run_dir, local.worker_name) == (Path("/var/lib/cape-worker/spool"),
+                                                                    Path("/tmp/state/run"), "w")
+    with pytest.raises(ConfigError, match="^CAPE_WORKER_NAME: "):
+        LocalConfig.from_env({"CAPE_WORKER_NAME": "a b"})
+
+
+def test_env_file_named_but_missing(tmp_path):
+    missing = tmp_path / "nonexist.env"
+    with pytest.raises(ConfigError) as err:
+        env_file_path({"CAPE_ENV_FILE": str(missing)})
+    assert str(err.value) == f"CAPE_ENV_FILE: {missing} does not exist; fix the path or unset CAPE_ENV_FILE"
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(), env_file=missing)
+    assert err.value.variable == "CAPE_ENV_FILE"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_env_file_not_readable(tmp_path):
+    unreadable = tmp_path / "worker.env"
+    unreadable.write_text("CAPE_LOG_LEVEL=DEBUG\n")
+    unreadable.chmod(0)
+    with pytest.raises(ConfigError) as err:
+        env_file_path({"CAPE_ENV_FILE": str(unreadable)})
+    assert str(err.value) == (f"CAPE_ENV_FILE: cannot read {unreadable} (permission denied); let this user read "
+                              "it, or unset CAPE_ENV_FILE")
+
+
+def test_default_env_file_is_optional(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert env_file_path({}) is None
+    (tmp_path / ".env").write_text("CAPE_LOG_LEVEL=DEBUG\n")
+    assert env_file_path({}) == Path(".env")
+    assert env_file_path({"CAPE_ENV_FILE": " "}) == Path(".env")  # blank: as if unset

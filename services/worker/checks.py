@@ -66,7 +66,7 @@ def check_coordinator(config: WorkerConfig) -> CheckResult:
         client.close()
     if identity.get("kind") != "organization":
         return CheckResult("coordinator", False, "CAPE_TOKEN is a user token; a worker needs an organization token "
-                                                 "(`POST /v1/organizations/ORG/tokens`)")
+                                                 "(`cape orgs create-token ORG`, as an admin of ORG)")
     label = (identity.get("organization") or {}).get("label", "?")
     return CheckResult("coordinator", True, f"{config.coordinator}: logged in as organization {label}")
 
@@ -80,12 +80,13 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     except requests.RequestException as exc:
         return CheckResult("broker", False, f"cannot reach {config.broker} ({type(exc).__name__}); check "
                                             "CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
-    if response.status_code == 401:
-        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN; use an organization token")
     try:
         code = response.json()["error"]["code"]
     except (ValueError, KeyError, TypeError):
         code = None
+    # 403 wrong_token_kind: a user token, which the broker refuses before it looks for the job.
+    if response.status_code == 401 or code == "wrong_token_kind":
+        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN; use an organization token")
     # A Cape broker knows the route and refuses the job (job_not_found / no_seat); a generic "not_found" means
     # no broker route lives at this URL.
     if response.status_code == 200 or (response.status_code in (403, 404) and code not in (None, "not_found")):

@@ -5,24 +5,29 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import click
 from dotenv import load_dotenv
 
 from services.worker import health as health_mod
 from services.worker import reaper
-from services.worker.config import ConfigError, WorkerConfig
+from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path
 from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.spool import Spool
 
+T = TypeVar("T")
 PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+LIVE_PROBE_TIMEOUT = 2.0
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
 
 
 def supervisord_conf() -> Path:
@@ -35,22 +40,39 @@ def supervisord_conf() -> Path:
 
 
 def _load_dotenv() -> None:
-    """Variables from CAPE_ENV_FILE or ./.env join the environment (the environment wins), for every program."""
-    env_file = os.environ.get("CAPE_ENV_FILE") or (".env" if Path(".env").is_file() else None)
+    """Variables from CAPE_ENV_FILE or ./.env join the environment (the environment wins), for every program.
+    Raises ConfigError if CAPE_ENV_FILE names a file that cannot be read."""
+    env_file = env_file_path(os.environ)
     if env_file:
         load_dotenv(env_file, override=False)
 
 
-def _config_or_exit() -> WorkerConfig:
-    _load_dotenv()
+def _config_or_exit(load: Callable[[], T] = WorkerConfig.from_env) -> T:
+    """`load()` after the .env file joins the environment; a configuration error ends the command (exit 2)."""
     try:
-        return WorkerConfig.from_env()
+        _load_dotenv()
+        return load()
     except ConfigError as exc:
         click.echo(f"cape-worker: configuration error: {exc}", err=True)
         sys.exit(2)
 
 
-@click.group()
+def _live_supervisord(run_dir: Path) -> Path | None:
+    """The socket of a supervisord that accepts connections in `run_dir`, or None. A socket file left by a worker
+    that was killed refuses connections (supervisord replaces it), so only a live one counts."""
+    sock = run_dir / health_mod.SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(LIVE_PROBE_TIMEOUT)
+        try:
+            probe.connect(str(sock))
+        except TimeoutError:
+            return sock  # its listen backlog is full: busy, but alive
+        except OSError:
+            return None  # no socket, or a stale one (ECONNREFUSED)
+    return sock
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """The cape worker appliance: one per organization."""
 
@@ -62,6 +84,13 @@ def run() -> None:
     conf = supervisord_conf()
     if not conf.is_file():
         click.echo(f"cape-worker: {conf} not found; set CAPE_WORKER_CONF to the conf/ directory", err=True)
+        sys.exit(2)
+    # Before anything changes: a second supervisord would only refuse once this run had removed the running
+    # worker's FATAL marker, and with its own raw error.
+    live = _live_supervisord(config.run_dir)
+    if live is not None:
+        click.echo(f"cape-worker: a worker is already running with CAPE_STATE_DIR={config.state_dir} (its "
+                   f"supervisord answers on {live}); stop it first", err=True)
         sys.exit(2)
     try:
         config.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -141,9 +170,13 @@ def _relay(read_fd: int, out_fd: int) -> None:
 @main.command()
 def check() -> None:
     """Validate the configuration and reach each endpoint: one line per check, non-zero exit on failure."""
-    from services.worker.checks import run_checks  # boto3 and numpy: not loaded for `health`, run every 30 s
+    from services.worker.checks import CheckResult, run_checks  # boto3, numpy: not loaded for `health` (every 30 s)
 
-    _load_dotenv()
+    try:
+        _load_dotenv()
+    except ConfigError as exc:
+        click.echo(CheckResult("configuration", False, str(exc)).line())
+        sys.exit(1)
     ok = True
     for result in run_checks(os.environ):
         click.echo(result.line())
@@ -155,7 +188,7 @@ def check() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(as_json: bool) -> None:
     """The four programs' states and the jobs in the spool."""
-    config = _config_or_exit()
+    config = _config_or_exit(LocalConfig.from_env)  # only local state: works without CAPE_TOKEN or a coordinator
     try:
         programs = health_mod.program_states(config.run_dir)
     except health_mod.SupervisorUnavailable as exc:
@@ -182,7 +215,11 @@ def status(as_json: bool) -> None:
 @main.command()
 def health() -> None:
     """Exit 0 only if all four programs are RUNNING (Docker HEALTHCHECK)."""
-    _load_dotenv()
+    try:
+        _load_dotenv()
+    except ConfigError as exc:
+        click.echo(f"unhealthy: {exc}")  # Docker reserves exit 2: unhealthy is 1 whatever the cause
+        sys.exit(1)
     run_dir = health_mod.run_dir_from_env(os.environ)
     try:
         states = health_mod.program_states(run_dir)

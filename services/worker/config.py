@@ -10,9 +10,10 @@ import binascii
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
@@ -50,6 +51,33 @@ class Bucket:
         if self.scheme == "file":
             return Path(self.name).as_uri()
         return f"s3://{self.name}/{self.prefix}".rstrip("/")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """The settings that name only this machine's directories and the worker: all `cape-worker status` reads, so it
+    works without CAPE_TOKEN or CAPE_COORDINATOR."""
+
+    spool_dir: Path
+    state_dir: Path
+    worker_name: str
+
+    @property
+    def run_dir(self) -> Path:
+        """Where supervisord's socket and the FATAL marker live."""
+        return self.state_dir / "run"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "LocalConfig":
+        """Read and validate these settings (defaults as in the image); with no `environ`, as `WorkerConfig`."""
+        get = _getter(_merged_env(environ, None))
+        worker_name = get("CAPE_WORKER_NAME", _default_worker_name())
+        if not _NAME_RE.match(worker_name):
+            raise ConfigError("CAPE_WORKER_NAME", "use 1-63 letters, digits, '.', '_' or '-', starting with a "
+                                                  "letter or digit")
+        return cls(spool_dir=_parse_dir("CAPE_SPOOL_DIR", get("CAPE_SPOOL_DIR", DEFAULT_SPOOL_DIR)),
+                   state_dir=_parse_dir("CAPE_STATE_DIR", get("CAPE_STATE_DIR", DEFAULT_STATE_DIR)),
+                   worker_name=worker_name)
 
 
 @dataclass(frozen=True)
@@ -105,31 +133,19 @@ class WorkerConfig:
         With no `environ`, reads `os.environ` plus the `.env` file named by CAPE_ENV_FILE (or `./.env` if present);
         variables already in the environment win over the file.
         """
-        if environ is None:
-            environ = os.environ
-            if env_file is None:
-                env_file = environ.get("CAPE_ENV_FILE") or (".env" if Path(".env").is_file() else None)
-        env: dict[str, str] = {}
-        if env_file is not None:
-            if not Path(env_file).is_file():
-                raise ConfigError("CAPE_ENV_FILE", f"{env_file} is not a readable file; fix the path or unset it")
-            env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        env.update(environ)
-        get = lambda name, default="": (env.get(name) or default).strip()  # noqa: E731
+        env = _merged_env(environ, env_file)
+        get = _getter(env)
 
         token = _parse_token(get("CAPE_TOKEN"))
-        coordinator = _parse_http_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), required=True)
-        broker = _parse_http_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), required=True)
+        coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's")
+        broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's")
         endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), required=False) or None
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
         if bool(access_key) != bool(secret_key):
             missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
             raise ConfigError(missing, "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither "
                                        "(to use the instance role or ~/.aws)")
-        worker_name = get("CAPE_WORKER_NAME", _default_worker_name())
-        if not _NAME_RE.match(worker_name):
-            raise ConfigError("CAPE_WORKER_NAME", "use 1-63 letters, digits, '.', '_' or '-', starting with a "
-                                                  "letter or digit")
+        local = LocalConfig.from_env(env)
         log_level = get("CAPE_LOG_LEVEL", "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError("CAPE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -150,9 +166,9 @@ class WorkerConfig:
             coordinator=coordinator,
             broker=broker,
             bucket=parse_bucket(get("CAPE_BUCKET"), "CAPE_BUCKET") if get("CAPE_BUCKET") else None,
-            spool_dir=_parse_dir("CAPE_SPOOL_DIR", get("CAPE_SPOOL_DIR", DEFAULT_SPOOL_DIR)),
-            state_dir=_parse_dir("CAPE_STATE_DIR", get("CAPE_STATE_DIR", DEFAULT_STATE_DIR)),
-            worker_name=worker_name,
+            spool_dir=local.spool_dir,
+            state_dir=local.state_dir,
+            worker_name=local.worker_name,
             log_level=log_level,
             cloudwatch=cloudwatch_raw in _ON,
             log_group=log_group,
@@ -162,6 +178,51 @@ class WorkerConfig:
             aws_secret_access_key=secret_key,
             poll_interval=poll_interval,
         )
+
+
+def env_file_path(environ: Mapping[str, str]) -> Path | None:
+    """The `.env` file to read: the one CAPE_ENV_FILE names, which must be readable (a typo must not go unnoticed),
+    else `./.env` if there is one (it is optional)."""
+    named = (environ.get("CAPE_ENV_FILE") or "").strip()
+    if not named:
+        return Path(".env") if Path(".env").is_file() else None
+    return _readable_env_file(Path(named))
+
+
+def _readable_env_file(path: Path) -> Path:
+    """`path` if this user can read it; otherwise a ConfigError saying what is wrong with it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError("CAPE_ENV_FILE", f"{path} does not exist; fix the path or unset CAPE_ENV_FILE") from None
+    except OSError as exc:
+        raise ConfigError("CAPE_ENV_FILE", f"cannot read {path} ({exc.strerror}); fix the path or unset "
+                                           "CAPE_ENV_FILE") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError("CAPE_ENV_FILE", f"{path} is a directory; point CAPE_ENV_FILE at the .env file itself")
+    if not os.access(path, os.R_OK):
+        raise ConfigError("CAPE_ENV_FILE", f"cannot read {path} (permission denied); let this user read it, or "
+                                           "unset CAPE_ENV_FILE")
+    return path
+
+
+def _merged_env(environ: Mapping[str, str] | None, env_file: str | os.PathLike | None) -> dict[str, str]:
+    """`environ` over the variables of `env_file`; with no `environ`, `os.environ` over CAPE_ENV_FILE or ./.env."""
+    if environ is None:
+        environ = os.environ
+        if env_file is None:
+            env_file = env_file_path(environ)
+    env: dict[str, str] = {}
+    if env_file is not None:
+        path = _readable_env_file(Path(env_file))
+        env.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    env.update(environ)
+    return env
+
+
+def _getter(env: Mapping[str, str]) -> Callable[..., str]:
+    """`get(name, default="")`: the stripped value, the default when unset or empty."""
+    return lambda name, default="": (env.get(name) or default).strip()
 
 
 def parse_bucket(value: str, variable: str = "model_location") -> Bucket:
@@ -184,7 +245,7 @@ def parse_bucket(value: str, variable: str = "model_location") -> Bucket:
 def _parse_token(value: str) -> str:
     if not value:
         raise ConfigError("CAPE_TOKEN", "is not set; create an organization token (`cape-server admin create-org` "
-                                        "or `POST /v1/organizations/ORG/tokens`) and pass it as CAPE_TOKEN")
+                                        "or `cape orgs create-token ORG`) and pass it as CAPE_TOKEN")
     token_id, sep, secret = value.partition(",")
     if not sep or not _TOKEN_ID_RE.match(token_id) or not secret:
         raise ConfigError("CAPE_TOKEN", "is malformed: expected '<token_id>,<base64 secret>' as printed when the "
@@ -213,6 +274,14 @@ def _parse_http_url(variable: str, value: str, required: bool) -> str:
     if parsed.query or parsed.fragment or parsed.username:
         raise ConfigError(variable, "must not contain credentials, ?query or #fragment; give just the base URL")
     return value.rstrip("/")
+
+
+def _parse_base_url(variable: str, value: str, whose: str) -> str:
+    """A required server URL that the worker's clients append `/v1/...` to, so one ending in /v1 would double it."""
+    url = _parse_http_url(variable, value, required=True)
+    if urlparse(url).path.endswith("/v1"):
+        raise ConfigError(variable, f"give the {whose} base URL, without /v1: {url[:-len('/v1')]}")
+    return url
 
 
 def _parse_dir(variable: str, value: str) -> Path:

@@ -104,7 +104,7 @@ class CoordinatorClient:
                                          f"{method} {path}: {message}")
         if response.status_code == 401:
             raise CoordinatorAuthError(f"the coordinator at {self.base_url} refused CAPE_TOKEN ({message}); create "
-                                       "a new organization token and set CAPE_TOKEN")
+                                       "a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
         if response.status_code == 409 and job_id is not None:
             raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
         if response.status_code == 403 and path == "/v1/login":
