@@ -65,6 +65,11 @@ def test_job_runs_from_submission_to_results(cape_server):
                                json={"state": "completed", "metrics": METRICS}).status_code == 204
     late = worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running", "progress": 0.9})
     assert late.status_code == 409 and late.json()["error"]["status"] == "Completed"
+    # A seat that finishes its role just after the output seat completed the job is recorded completed.
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "completed"}).status_code == 204
+    parties = user["yorg"].get(f"/v1/jobs/{jid}").json()["parties"]
+    assert {seat: (p["state"], p["progress"]) for seat, p in parties.items()} == {
+        "x_owner": ("completed", 1.0), "y_owner": ("completed", 1.0), "helper": ("started", 0.0)}
 
     results = user["yorg"].get(f"/v1/jobs/{jid}/results").json()
     assert results == {"job": jid, "status": "Completed", "metrics": METRICS,
@@ -79,11 +84,17 @@ def test_job_runs_from_submission_to_results(cape_server):
 def test_error_report_ends_job_with_the_party_message(cape_server):
     world = build_job_world(cape_server)
     jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running", "progress": 0.3,
+                                                                       "message": "prepare"}).status_code == 204
     assert worker["yorg"].post(f"/v1/worker/jobs/{jid}/report",
                                json={"state": "error", "message": "column t has NaN at row 7"}).status_code == 204
     job = user["xorg"].get(f"/v1/jobs/{jid}").json()
     assert job["status"] == "Error"
     assert job["error"] == "y_owner (yorg): column t has NaN at row 7"
+    # The x-owner was working when the job ended: it shows stopped (at its last progress), not still running; the
+    # helper never started.
+    assert {seat: (p["state"], p["progress"]) for seat, p in job["parties"].items()} == {
+        "x_owner": ("stopped", 0.3), "y_owner": ("error", 0.0), "helper": ("pending", 0.0)}
 
 
 def test_job_not_served_until_all_keys_registered(cape_server):

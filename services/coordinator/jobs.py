@@ -162,6 +162,12 @@ def task_view(job: sqlite3.Row) -> dict[str, Any]:
             "model_location": task["model_location"], "timeout": job["timeout"]}
 
 
+def _shown_state(status: str, state: str) -> str:
+    """A seat that was working when its job ended in Error or Stopped is shown `stopped`: its worker was told to
+    stop, and its last report (`started`, `running`) would read as if it still worked. The stored state is kept."""
+    return "stopped" if status in ("Error", "Stopped") and state in ("started", "running") else state
+
+
 def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
     approvals = {get_org(conn, a["org_id"])["label"]: a["decision"]
                  for a in conn.execute("SELECT * FROM job_approvals WHERE job_id = ?", (job["id"],))}
@@ -169,7 +175,8 @@ def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": job["id"], "project": job["project_id"], "type": job["type"], "status": job["status"],
         "task": task_view(job),
-        "parties": {p["seat"]: {"organization": org_ref(get_org(conn, p["org_id"])), "state": p["state"],
+        "parties": {p["seat"]: {"organization": org_ref(get_org(conn, p["org_id"])),
+                                "state": _shown_state(job["status"], p["state"]),
                                 "progress": p["progress"], "message": p["message"]}
                     for p in parties(conn, job["id"])},
         "outputs_to": job["outputs_to"],

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.coordinator.schemas import Role
 
 JobStatus = Literal["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]
-PartyState = Literal["pending", "started", "running", "completed", "error"]
+PartyState = Literal["pending", "started", "running", "completed", "error", "stopped"]  # stopped: shown only
 Decision = Literal["pending", "approved", "rejected"]
 Seat = str  # x_owner, y_owner and the third seat (helper, or model_owner when the model owner holds no data)
 

@@ -129,6 +129,12 @@ def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, A
     if job["status"] not in ("Approved", "Started"):
         if job["status"] in FINAL_STATUSES and state in ("completed", "error") and current["state"] == state:
             return  # a retried final report that was already applied (its first answer got lost)
+        if job["status"] == "Completed" and state == "completed":
+            # Another seat finished its role just after the output seat completed the job: record it, so the job
+            # does not show that seat still running.
+            conn.execute("UPDATE job_parties SET state = 'completed', progress = 1.0, message = ?, updated_at = ? "
+                         "WHERE job_id = ? AND seat = ?", (body.get("message"), now_iso(), job_id, seat))
+            return
         raise Conflict(f"the job is {job['status']}; stop working on it", code="job_not_active",
                        extra={"status": job["status"]})
     if state == "completed" and seat == job["outputs_to"] and not body.get("metrics"):
