@@ -42,6 +42,15 @@ def test_malformed_bodies_name_the_field(world):
     assert error(admin.post("/v1/projects/demo/dataviews", json={
         "name": "d", "uri": "file:///d.csv", "schema": [{"name": "a", "type": "number"}] * 2}), 422) == \
         "field 'schema': column names must be unique"
+    # A uri no worker can read is refused when the dataview is added, not after a job using it was approved.
+    for uri in ("http://host/x.csv", "s3://bucket-only", "file://host/x.csv", "file://relative.csv", "ftp://h/x"):
+        assert error(admin.post("/v1/projects/demo/dataviews", json={
+            "name": "d", "uri": uri, "schema": [{"name": "a", "type": "number"}]}), 422) == (
+            "field 'uri': a worker reads s3://bucket/key, file:///absolute/path or a path on the owner's worker"), uri
+    for uri in ("s3://bucket/x.csv", "file:///srv/x.parquet", "file://localhost/srv/x.csv", "/srv/x.csv"):
+        created = admin.post("/v1/projects/demo/dataviews", json={
+            "name": f"ok-{len(uri)}", "uri": uri, "schema": [{"name": "a", "type": "number"}]})
+        assert created.status_code == 201, (uri, created.text)
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "x": {"dataview": "xs"}}), 422) == \
         "field 'x.columns': field required"
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "x": {"dataview": "xs", "columns": []}}),

@@ -59,6 +59,27 @@ def test_csv_columns_in_the_order_asked(tmp_path: Path, table) -> None:
     np.testing.assert_array_equal(load_y(str(path), "income"), table["income"])
 
 
+@pytest.mark.parametrize("one_way", [False, True], ids=["file", "stream"])
+def test_csv_header_names_match_with_their_spaces_trimmed(tmp_path: Path, one_way: bool) -> None:
+    # "age, income": the schema read from this header (as `cape dataviews add --schema-from-csv` does) says "income".
+    data = b"age, income ,tiny\n30, 1000.5 ,1\n40,2000,2\n"
+    source = OneWayStream(data) if one_way else (tmp_path / "x.csv")
+    if not one_way:
+        source.write_bytes(data)
+    x = load_x(source, ["income", "age"], name="x.csv")
+    np.testing.assert_array_equal(x, [[1000.5, 30.0], [2000.0, 40.0]])
+    # An exact name still wins over a trimmed one; a name that only trimming makes twice is refused, by name.
+    (tmp_path / "both.csv").write_bytes(b"a, a\n1,2\n")
+    np.testing.assert_array_equal(load_y(tmp_path / "both.csv", "a"), [1.0])
+    (tmp_path / "twice.csv").write_bytes(b" a,a \n1,2\n")
+    with pytest.raises(UnreadableDataError) as caught:
+        load_y(tmp_path / "twice.csv", "a", name="twice.csv")
+    assert str(caught.value) == "twice.csv: column 'a' is named 2 times in the header (with different spaces around it)"
+    with pytest.raises(MissingColumnError) as missing:
+        load_y(tmp_path / "x.csv" if not one_way else tmp_path / "both.csv", "debt", name="f.csv")
+    assert "no column 'debt'" in str(missing.value)
+
+
 def test_parquet_by_file_uri_and_by_magic_bytes(tmp_path: Path, table) -> None:
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table(table), path)

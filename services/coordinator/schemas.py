@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -16,6 +17,19 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _readable_uri(uri: str) -> str:
+    # What the owner's worker can read: refused here, not after every data owner has approved a job that uses it.
+    if "://" not in uri:
+        return uri  # a path on the owner's worker
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3" and parsed.netloc and parsed.path.strip("/"):
+        return uri
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
+        return uri
+    raise ValueError("a worker reads s3://bucket/key, file:///absolute/path or a path on the owner's worker")
+
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
 Name = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
@@ -59,7 +73,7 @@ class SchemaColumn(Body):
 
 class NewDataview(Body):
     name: Name
-    uri: Annotated[Text, StringConstraints(min_length=1, max_length=2000)]
+    uri: Annotated[Text, StringConstraints(min_length=1, max_length=2000), AfterValidator(_readable_uri)]
     schema_: list[SchemaColumn] = Field(alias="schema", min_length=1, max_length=10000)
     organization: Ref | None = None
 

@@ -49,6 +49,8 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
         message = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
     else:
         msg = str(first.get("msg", "is invalid"))
+        if first.get("type") == "value_error" and (first.get("ctx") or {}).get("error"):
+            msg = str(first["ctx"]["error"])  # our validators' own sentence, without pydantic's "Value error, "
         message = f"field '{field}': {msg[:1].lower() + msg[1:]}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

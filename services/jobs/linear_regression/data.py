@@ -270,16 +270,35 @@ def _csv_header(opened: _Opened) -> list[str]:
     return names
 
 
+def _csv_names(display: str, columns: list[str], header: list[str]) -> list[str]:
+    """The header's name of each asked-for column: the same name or, failing that, the one that is that name once
+    its surrounding spaces are trimmed. `age, income` is a common hand-written header, and a dataview's schema
+    read from such a header (`cape dataviews add --schema-from-csv`) names the column `income`."""
+    names = []
+    for column in columns:
+        trimmed = [name for name in header if name.strip() == column]
+        if column in header:
+            names.append(column)
+        elif len(trimmed) == 1:
+            names.append(trimmed[0])
+        elif trimmed:
+            raise UnreadableDataError(display, f"column {column!r} is named {len(trimmed)} times in the header "
+                                               "(with different spaces around it)")
+        else:
+            raise MissingColumnError(display, column, header)
+    return names
+
+
 def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
-    _require_columns(opened.name, columns, _csv_header(opened))
+    names = _csv_names(opened.name, columns, _csv_header(opened))
     if opened.rereadable:
         start = opened.stream.tell()
         try:
             table = pacsv.read_csv(
                 opened.stream,
                 convert_options=pacsv.ConvertOptions(
-                    include_columns=columns,
-                    column_types={c: pa.float64() for c in columns},
+                    include_columns=names,
+                    column_types={name: pa.float64() for name in names},
                     null_values=[""],
                     strings_can_be_null=True,
                 ),
@@ -287,11 +306,11 @@ def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
         except pa.ArrowInvalid:
             opened.stream.seek(start)  # a bad value or row: find it in a second, slower pass
         else:
-            return [_to_float(opened.name, c, table.column(c)) for c in columns]
-    return _read_csv_streaming(opened, columns)
+            return [_to_float(opened.name, c, table.column(name)) for c, name in zip(columns, names)]
+    return _read_csv_streaming(opened, columns, names)
 
 
-def _read_csv_streaming(opened: _Opened, columns: list[str]) -> list[Column]:
+def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -> list[Column]:
     """Read batch by batch as text, converting each batch, so the first bad row can be named exactly."""
     bad_rows: list[pacsv.InvalidRow] = []
 
@@ -305,8 +324,8 @@ def _read_csv_streaming(opened: _Opened, columns: list[str]) -> list[Column]:
             read_options=pacsv.ReadOptions(use_threads=False),
             parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
-                include_columns=columns,
-                column_types={c: pa.string() for c in columns},
+                include_columns=names,
+                column_types={name: pa.string() for name in names},
                 strings_can_be_null=False,
             ),
         )
@@ -321,8 +340,8 @@ def _read_csv_streaming(opened: _Opened, columns: list[str]) -> list[Column]:
             break
         except pa.ArrowInvalid as exc:
             raise _csv_error(opened.name, exc, bad_rows) from None
-        for j, column in enumerate(columns):
-            parts[j].extend(_to_float(opened.name, column, batch.column(column), offset))
+        for j, (column, name) in enumerate(zip(columns, names)):
+            parts[j].extend(_to_float(opened.name, column, batch.column(name), offset))
         offset += batch.num_rows
     return parts
 
