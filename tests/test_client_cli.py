@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from services.client import Cape, VerticallyPartitionedLinearRegression
+from services.client import BadArgument, Cape, Job, VerticallyPartitionedLinearRegression
+from tests.support.client import one_error_line
 
 
 @pytest.fixture
@@ -221,3 +230,81 @@ def test_watch_and_status_show_a_worker_error(cape_server, cape_script) -> None:
     status = cape_script("jobs", "status", job_id, env=env)
     assert status.exit_code == 0
     assert "not numeric at row 7" in status.stdout and "Error" in status.stdout
+
+
+def test_dataview_schema_from_a_local_parquet_file(shared_cape_server, cape_cli, orgs, unique_label,
+                                                   tmp_path: Path) -> None:
+    """A Parquet file gives a schema as a CSV does (CLI and SDK); what cannot be read says why, in each one's terms."""
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    project = unique_label("pq")
+    assert cape_cli("projects", "create", project, env=env).exit_code == 0
+    parquet = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"age": [30, 41], "height": [1.8, 1.7], "city": ["Oslo", "Rome"]}), parquet)
+    expected = [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
+                {"name": "city", "type": "string"}]
+
+    from_uri = cape_cli("dataviews", "add", project, "pq3", parquet.as_uri(), "--json", env=env)
+    assert from_uri.exit_code == 0, from_uri.stderr
+    assert json.loads(from_uri.stdout)["schema"] == expected
+    for option in ("--schema-from-file", "--schema-from-csv"):  # the older name keeps working
+        added = cape_cli("dataviews", "add", project, f"pq{option}", "s3://acme/x.parquet", option, str(parquet),
+                         "--json", env=env)
+        assert added.exit_code == 0, added.stderr
+        assert json.loads(added.stdout)["schema"] == expected
+
+    options = "--schema NAME:TYPE,... or --schema-from-file PATH, a local CSV or Parquet file"
+    absent = tmp_path / "absent.parquet"
+    missing = cape_cli("dataviews", "add", project, "gone", absent.as_uri(), env=env)
+    assert missing.exit_code == 1
+    assert one_error_line(missing.stderr) == (
+        f"error: give the schema of dataview 'gone' ({options}); {absent} does not exist on this machine")
+    remote = cape_cli("dataviews", "add", project, "remote", "s3://b/k.parquet", env=env)
+    assert remote.exit_code == 1
+    assert one_error_line(remote.stderr) == (
+        f"error: give the schema of dataview 'remote' ({options}); s3://b/k.parquet is not a local file")
+
+    sdk = Cape(endpoint=shared_cape_server.url, token=orgs["acme"]["user_token"]).get_project(project)
+    assert sdk.create_dataview("csv-kw", "s3://acme/x.parquet", schema_from_csv_path=str(parquet)).schema == expected
+    assert sdk.create_dataview("file-kw", "s3://acme/x.parquet", schema_from_file_path=parquet).schema == expected
+    with pytest.raises(BadArgument) as info:
+        sdk.create_dataview("sdk-remote", "s3://b/k.parquet")
+    assert str(info.value) == ("give the schema of dataview 'sdk-remote' (schema=... or schema_from_file_path=..., "
+                               "a local CSV or Parquet file); s3://b/k.parquet is not a local file")
+
+
+def test_ctrl_c_in_watch_stops_watching_not_the_job(shared_cape_server, cape_home: Path, orgs, unique_label) -> None:
+    """SIGINT after the first progress line: one line saying the job goes on, exit 130 (not click's Aborted!, 1)."""
+    job = _pending_job(shared_cape_server, orgs, unique_label)
+    env = {**os.environ, "CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    script = Path(sys.executable).with_name("cape")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an ignored SIGINT would be inherited
+    try:
+        proc = subprocess.Popen([str(script), "jobs", "watch", job.id, "--interval", "0.2", "--timeout", "60"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+        first = lines.get(timeout=30)
+        assert "NeedsApproval" in first, first
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.stderr.read() == (
+        f"stopped watching; job {job.id} goes on (cape jobs watch {job.id} to follow it again)\n")
+    assert job.get_status() == "NeedsApproval"
+
+
+def _pending_job(server, orgs: dict[str, dict], unique_label) -> Job:
+    """A job of a new project that waits for approval (no worker ever runs it)."""
+    acme, globex, initech = (orgs[n]["organization"]["label"] for n in ("acme", "globex", "initech"))
+    project = Cape(endpoint=server.url, token=orgs["acme"]["user_token"]).create_project(unique_label("watch"))
+    project.add_org(globex).add_org(initech)
+    x = project.create_dataview("x", "s3://acme/x.csv", schema="a")
+    Cape(endpoint=server.url, token=orgs["globex"]["user_token"]).get_project(project.id).create_dataview(
+        "y", "s3://globex/y.csv", schema="t")
+    return project.submit_job(VerticallyPartitionedLinearRegression(x, project.get_dataview("y"), initech))

@@ -1,14 +1,19 @@
 """Dataview schemas from `--schema` specs, CSV headers and Python values; column selection and job bodies."""
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from services.client.errors import BadArgument
 from services.client.http import ApiSession
 from services.client.models import DataView
-from services.client.schema import local_csv_path, normalise_schema, parse_schema_spec, schema_from_csv
+from services.client.schema import (
+    local_file_path, normalise_schema, parse_schema_spec, schema_from_csv, schema_from_file, schema_from_uri,
+)
 from services.client.tasks import VerticallyPartitionedLinearRegression
 
 
@@ -52,13 +57,57 @@ def test_schema_from_csv_errors_name_the_file(tmp_path: Path) -> None:
         schema_from_csv(empty)
 
 
-def test_local_csv_path(tmp_path: Path) -> None:
+def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
+    parquet = tmp_path / "x.parquet"
+    pq.write_table(pa.table({
+        "age": pa.array([30, 41], pa.int32()), "height": [1.8, 1.7], "city": ["Oslo", "Rome"],
+        "member": [True, False], "price": pa.array([Decimal("1.50"), Decimal("2.25")], pa.decimal128(5, 2)),
+    }), parquet)
+    expected = [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
+                {"name": "city", "type": "string"}, {"name": "member", "type": "integer"},
+                {"name": "price", "type": "number"}]
+    assert schema_from_file(parquet) == expected
+    assert schema_from_csv(parquet) == expected  # the older name reads Parquet too
+    disguised = tmp_path / "really-parquet.csv"  # the format comes from the first bytes, as for the workers
+    disguised.write_bytes(parquet.read_bytes())
+    assert schema_from_file(disguised) == expected
+
+
+def test_schema_from_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(BadArgument) as info:
+        schema_from_file(tmp_path / "missing.parquet")
+    assert str(info.value) == (
+        f"{tmp_path / 'missing.parquet'} does not exist; give the path of a local CSV or Parquet file")
+    binary = tmp_path / "x.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(BadArgument) as info:
+        schema_from_file(binary)
+    assert str(info.value) == f"{binary} is neither a UTF-8 text CSV file nor a Parquet file"
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 cut short")
+    with pytest.raises(BadArgument, match=f"^{broken} is not a readable Parquet file \\(.+\\)$"):
+        schema_from_file(broken)
+
+
+def test_schema_from_uri_says_why_it_cannot_read_one(tmp_path: Path) -> None:
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n1,x\n")
+    assert schema_from_uri(csv.as_uri(), "v", "OPTIONS") == [{"name": "a", "type": "integer"},
+                                                            {"name": "b", "type": "string"}]
+    with pytest.raises(BadArgument) as info:
+        schema_from_uri("s3://bucket/x.parquet", "v", "OPTIONS")
+    assert str(info.value) == "give the schema of dataview 'v' (OPTIONS); s3://bucket/x.parquet is not a local file"
+    with pytest.raises(BadArgument) as info:
+        schema_from_uri(f"file://{tmp_path}/absent.parquet", "v", "OPTIONS")
+    assert str(info.value) == (
+        f"give the schema of dataview 'v' (OPTIONS); {tmp_path / 'absent.parquet'} does not exist on this machine")
+
+
+def test_local_file_path(tmp_path: Path) -> None:
     csv = tmp_path / "data set.csv"
-    csv.write_text("a\n1\n")
-    assert local_csv_path(str(csv)) == csv
-    assert local_csv_path(f"file://{str(csv).replace(' ', '%20')}") == csv
-    assert local_csv_path("s3://bucket/x.csv") is None
-    assert local_csv_path(str(tmp_path / "absent.csv")) is None
+    assert local_file_path(str(csv)) == csv
+    assert local_file_path(f"file://{str(csv).replace(' ', '%20')}") == csv
+    assert local_file_path("s3://bucket/x.csv") is None
 
 
 def test_normalise_schema_shapes() -> None:

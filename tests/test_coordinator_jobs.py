@@ -91,6 +91,11 @@ def test_error_report_ends_job_with_the_party_message(cape_server):
     job = user["xorg"].get(f"/v1/jobs/{jid}").json()
     assert job["status"] == "Error"
     assert job["error"] == "y_owner (yorg): column t has NaN at row 7"
+    # Asking for the results says the job will have none, and why.
+    refused = user["yorg"].get(f"/v1/jobs/{jid}/results")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["message"] == ("the job ended in Error (y_owner (yorg): column t has NaN at row 7); "
+                                                  "it has no results")
     # The x-owner was working when the job ended: it shows stopped (at its last progress), not still running; the
     # helper never started.
     assert {seat: (p["state"], p["progress"]) for seat, p in job["parties"].items()} == {

@@ -84,6 +84,20 @@ def test_usage_mistakes_exit_2_with_one_line(args: list[str], expected: str) -> 
     assert one_error_line(result.stderr) == expected
 
 
+def test_a_column_named_twice_in_the_file_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    """Named twice in the file's header: exit 1 naming the file; named twice in --x: a usage mistake, exit 2."""
+    (tmp_path / "xdup.csv").write_text("age,b,age\n1,2,3\n2,5,1\n3,1,4\n4,4,4\n5,0,2\n")
+    (tmp_path / "y.csv").write_text("t\n1\n3\n2\n5\n4\n")
+    monkeypatch.chdir(tmp_path)
+    result = run("--x", "xdup.csv", "--y", "y.csv")
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == (
+        "error: xdup.csv: the file names 'age' more than once; give each column its own name")
+    result = run("--x", "xdup.csv:b,age,b", "--y", "y.csv")
+    assert result.exit_code == 2
+    assert one_error_line(result.stderr) == "error: x columns named more than once: b"
+
+
 def test_missing_file_and_column_exit_1(files: Path) -> None:
     result = run("--x", str(files / "nope.csv:a"), "--y", str(files / "labels.parquet"))
     assert result.exit_code == 1

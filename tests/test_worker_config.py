@@ -103,6 +103,22 @@ def test_server_url_with_the_api_version(overrides, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"AWS_ENDPOINT_URL": "127.0.0.1:45871"},
+     "AWS_ENDPOINT_URL: is not an http(s) URL: '127.0.0.1:45871'; use e.g. http://127.0.0.1:9000 or "
+     "https://s3.eu-west-1.amazonaws.com"),
+    ({"CAPE_COORDINATOR": "127.0.0.1:8000"},
+     "CAPE_COORDINATOR: is not an http(s) URL: '127.0.0.1:8000'; use e.g. https://cape.example.com"),
+    ({"CAPE_BROKER": "broker.example.com"},
+     "CAPE_BROKER: is not an http(s) URL: 'broker.example.com'; use e.g. https://cape.example.com"),
+])
+def test_url_without_a_scheme_gets_an_example_of_its_kind(overrides, message):
+    """AWS_ENDPOINT_URL is an S3 endpoint, not a Cape server: its example must look like one."""
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(**overrides))
+    assert str(err.value) == message
+
+
 def test_server_url_with_v1_elsewhere_in_its_path():
     config = WorkerConfig.from_env(env(CAPE_COORDINATOR="https://cape.example.com/v1x", CAPE_BROKER="http://b/v1/x"))
     assert (config.coordinator, config.broker) == ("https://cape.example.com/v1x", "http://b/v1/x")

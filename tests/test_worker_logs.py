@@ -2,17 +2,20 @@
 import io
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from services.worker import logs
 from services.worker.config import WorkerConfig
-from tests.support.aws import free_port
+from tests.support.aws import MOTO_KEYS, MotoAWS, free_port, start_moto_server
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -226,3 +229,147 @@ def test_a_stop_stuck_in_a_librarys_cleanup_still_ends_within_the_grace(tmp_path
     assert "uploader INFO cleaning up" in output
     assert (f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s (waiting on a request in "
             "flight); leaving now, the work resumes at the next start") in output
+
+
+class OwnMoto(MotoAWS):
+    """A moto_server process of the test's own on 127.0.0.1, which the test may stop (CloudWatch Logs going away)
+    and start again on the same port (empty, as a restarted service)."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(f"http://127.0.0.1:{free_port()}")
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = start_moto_server(int(self.url.rsplit(":", 1)[1]), log)
+
+    def stop(self) -> None:
+        """Gone at once, as when the network to CloudWatch is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_moto(tmp_path):
+    server = OwnMoto(tmp_path / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+class Program:
+    """A process that sets up logging as a worker's program does and logs in steps: each `step()` lets it log the
+    next group of messages and waits (bounded) until it has. Its stdout and stderr together are `output`."""
+
+    SCRIPT = textwrap.dedent("""
+        import logging, sys, time, warnings
+        from services.worker import logs
+        from services.worker.config import WorkerConfig
+        log = logs.setup("poller", WorkerConfig.from_env())
+        cloudwatch = logging.getLogger().handlers[-1]
+        for step in sys.stdin:
+            for message in step.split():
+                if message == "warn":
+                    warnings.warn("an unrelated warning")
+                elif message == "stale":  # a record from 30 days ago, as a machine whose clock is wrong makes
+                    record = log.makeRecord(log.name, logging.INFO, "", 0, message, (), None)
+                    record.created -= 30 * 86400
+                    log.handle(record)
+                    cloudwatch.flush()
+                else:
+                    log.info(message)
+                    cloudwatch.flush()  # one batch per message: each one is delivered, or dropped, on its own
+            print("DONE", flush=True)
+    """)
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def step(self, *messages: str, seconds: float = 30) -> None:
+        self.proc.stdin.write(" ".join(messages) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + seconds
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"the program ended early:\n{self.output}"
+            if line == "DONE\n":
+                return
+            self.output += line
+
+    def end(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=15) == 0
+        while (line := self.lines.get(timeout=5)) is not None:
+            self.output += line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+def test_cloudwatch_going_away_is_one_line_in_the_programs_format_not_raw_warnings(own_moto, tmp_path):
+    """CloudWatch Logs stops answering while a program runs: its log says so once, in its own format, instead of
+    watchtower's raw warnings for every failed batch; once CloudWatch is back it says that once too. Neither line
+    is sent to CloudWatch, and other warnings are shown as before."""
+    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/outage", **own_moto.env)}
+    program = Program(env, tmp_path)
+    try:
+        program.step("delivered")
+        own_moto.stop()
+        program.step("lost-1", "lost-2", "warn", "lost-3")
+        own_moto.start()
+        own_moto.client("logs").create_log_group(logGroupName="/cape/outage")
+        program.step("back")
+        program.end()
+    finally:
+        program.kill()
+    lines = [line.split(" ", 1)[1] for line in program.output.splitlines() if " poller " in line]
+    assert lines == [
+        "poller INFO delivered",
+        "poller INFO lost-1",
+        f'poller WARNING CloudWatch Logs cannot be reached (Could not connect to the endpoint URL: "{own_moto.url}/"):'
+        " each batch of records is tried 5 times and then dropped, so log group /cape/outage misses them (this log"
+        " has them) until delivery works again",
+        "poller INFO lost-2",
+        "poller INFO lost-3",
+        "poller INFO back",
+        "poller INFO CloudWatch Logs delivery works again; the 3 records dropped meanwhile are only in this log",
+    ]
+    assert "WatchtowerWarning" not in program.output and "warnings.warn" not in program.output
+    assert "UserWarning: an unrelated warning" in program.output
+    assert MOTO_KEYS["AWS_SECRET_ACCESS_KEY"] not in program.output and TOKEN.split(",")[1] not in program.output
+    groups = own_moto.client("logs")
+    events = groups.get_log_events(logGroupName="/cape/outage", logStreamName="org-a/poller", startFromHead=True)
+    assert [e["message"] for e in events["events"]] == ["poller INFO back"]
+
+
+def test_records_cloudwatch_rejects_for_their_time_are_said_once(moto, tmp_path):
+    """Records CloudWatch Logs rejects as too old (a wrong clock): one line naming the likely cause, no raw warning."""
+    env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/clock", **moto.env)}
+    program = Program(env, tmp_path)
+    try:
+        program.step("stale", "stale", "fresh")
+        program.end()
+    finally:
+        program.kill()
+    lines = [line.split(" ", 1)[1] for line in program.output.splitlines() if " poller " in line]
+    assert lines == [
+        "poller INFO stale",
+        "poller WARNING CloudWatch Logs rejected records of log group /cape/clock for their time (more than 14 days"
+        " old, over 2 hours ahead, or past the group's retention); check this machine's clock",
+        "poller INFO stale",
+        "poller INFO fresh",
+    ]
+    assert "WatchtowerWarning" not in program.output and "warnings.warn" not in program.output
+    assert moto.log_events("/cape/clock", "org-a/poller") == ["poller INFO fresh"]

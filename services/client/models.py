@@ -11,12 +11,14 @@ import numpy as np
 from services.client.errors import BadArgument, ResultsUnavailable
 from services.client.http import ApiSession
 from services.client.results import read_weights, weights_location
-from services.client.schema import local_csv_path, normalise_schema, schema_from_csv
+from services.client.schema import normalise_schema, schema_from_file, schema_from_uri
 
 if TYPE_CHECKING:
     from services.client.tasks import VerticallyPartitionedLinearRegression
 
 TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
+# How else to give a dataview's schema, in an error about a uri it cannot be read from.
+SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Parquet file"
 
 
 def seg(value: str) -> str:
@@ -248,20 +250,18 @@ class Project(Resource):
         schema: Any = None,
         schema_from_csv_path: str | None = None,
         organization: str | None = None,
+        schema_from_file_path: str | None = None,
     ) -> DataView:
-        """Register a dataview; the schema is given, read from a local CSV's header, or from ``uri`` if local."""
+        """Register a dataview; the schema is given, or read from a local CSV or Parquet file, or from ``uri`` if local.
+
+        ``schema_from_csv_path`` is the older name of ``schema_from_file_path`` (it reads Parquet too)."""
+        path = schema_from_file_path or schema_from_csv_path
         if schema is not None:
             columns = normalise_schema(schema)
-        elif schema_from_csv_path is not None:
-            columns = schema_from_csv(schema_from_csv_path)
+        elif path is not None:
+            columns = schema_from_file(path)
         else:
-            local = local_csv_path(uri)
-            if local is None:
-                raise BadArgument(
-                    f"give the schema of dataview {name!r} (schema=... or a local CSV to read the header from); "
-                    f"{uri} is not a local CSV file"
-                )
-            columns = schema_from_csv(local)
+            columns = schema_from_uri(uri, name, SDK_SCHEMA_OPTIONS)
         body: dict[str, Any] = {"name": name, "uri": uri, "schema": columns}
         if organization:
             body["organization"] = organization

@@ -1,17 +1,22 @@
-"""Dataview schemas: parsed from ``name:type,...``, taken from a local CSV header, or normalised from Python values."""
+"""Dataview schemas: from ``name:type,...``, from a local CSV or Parquet file, or normalised from Python values."""
 from __future__ import annotations
 
 import csv
 import itertools
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import unquote, urlparse
 
 from services.client.errors import BadArgument
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 TYPES = ("number", "integer", "string")
 # Rows read to guess a column's type from a CSV; the header alone names the columns.
 SAMPLE_ROWS = 200
+# A Parquet file's first bytes; services/jobs/linear_regression/data.py tells the formats apart by them too.
+PARQUET_MAGIC = b"PAR1"
 
 Schema = list[dict[str, str]]
 
@@ -30,40 +35,49 @@ def parse_schema_spec(spec: str) -> Schema:
     return schema
 
 
-def schema_from_csv(path: str | Path) -> Schema:
-    """Column names from the CSV header; types guessed from the first rows (integer, number, else string)."""
+def schema_from_file(path: str | Path) -> Schema:
+    """The columns of a local CSV (header; types guessed from the first rows) or Parquet file (its schema).
+
+    The format is told from the first bytes, as the workers tell it, so a file's extension may lie."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if not header:
-                raise BadArgument(f"{path} has no header line; the first line must name the columns")
-            samples = list(itertools.islice(reader, SAMPLE_ROWS))
+        with path.open("rb") as handle:
+            parquet = handle.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+        schema = _parquet_schema(path) if parquet else _csv_schema(path)
     except FileNotFoundError:
-        raise BadArgument(f"{path} does not exist; give the path of a local CSV file") from None
-    except UnicodeDecodeError:
-        raise BadArgument(f"{path} is not a UTF-8 text CSV file") from None
+        raise BadArgument(f"{path} does not exist; give the path of a local CSV or Parquet file") from None
     except OSError as exc:
         raise BadArgument(f"cannot read {path}: {exc.strerror}") from None
-    schema = []
-    for index, name in enumerate(header):
-        values = [row[index].strip() for row in samples if index < len(row) and row[index].strip()]
-        schema.append(_column(name.strip(), _guess_type(values)))
     _check_unique(schema)
     return schema
 
 
-def local_csv_path(uri: str) -> Path | None:
-    """The local file behind ``uri`` if it is a readable local CSV (plain path or file://), else None."""
+# The name the SDK and CLI had when only CSV was read.
+schema_from_csv = schema_from_file
+
+
+def schema_from_uri(uri: str, dataview: str, options: str) -> Schema:
+    """The schema of a dataview read from its own ``uri`` when that is a local file.
+
+    ``options`` says, in the caller's terms (SDK keywords or CLI options), how else to give the schema."""
+    path = local_file_path(uri)
+    if path is None:
+        reason = f"{uri} is not a local file"
+    elif not path.exists():
+        reason = f"{path} does not exist on this machine"
+    else:
+        return schema_from_file(path)
+    raise BadArgument(f"give the schema of dataview {dataview!r} ({options}); {reason}")
+
+
+def local_file_path(uri: str) -> Path | None:
+    """The local path ``uri`` names (a plain path or file://), whether or not it exists; None for s3:// and such."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:2] == ":"):
-        path = Path(uri)
-    else:
-        return None
-    return path if path.suffix.lower() == ".csv" and path.is_file() else None
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:2] == ":"):
+        return Path(uri)
+    return None
 
 
 def normalise_schema(schema: Any) -> Schema:
@@ -101,6 +115,46 @@ def _check_unique(schema: Schema) -> None:
         if column["name"] in seen:
             raise BadArgument(f"column {column['name']!r} appears twice in the schema")
         seen.add(column["name"])
+
+
+def _csv_schema(path: Path) -> Schema:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise BadArgument(f"{path} has no header line; the first line must name the columns")
+            samples = list(itertools.islice(reader, SAMPLE_ROWS))
+    except UnicodeDecodeError:
+        raise BadArgument(f"{path} is neither a UTF-8 text CSV file nor a Parquet file") from None
+    schema = []
+    for index, name in enumerate(header):
+        values = [row[index].strip() for row in samples if index < len(row) and row[index].strip()]
+        schema.append(_column(name.strip(), _guess_type(values)))
+    return schema
+
+
+def _parquet_schema(path: Path) -> Schema:
+    import pyarrow as pa  # here, not at the top: `import services.client` stays quick without Parquet
+    import pyarrow.parquet as pq
+
+    try:
+        fields = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadArgument(f"{path} is not a readable Parquet file ({reason})") from None
+    return [_column(field.name, _arrow_type(field.type)) for field in fields]
+
+
+def _arrow_type(kind: pa.DataType) -> str:
+    """The type name a CSV's guess would give; booleans are integers because the workers read them as 1 and 0."""
+    from pyarrow import types
+
+    if types.is_integer(kind) or types.is_boolean(kind):
+        return "integer"
+    if types.is_floating(kind) or types.is_decimal(kind):
+        return "number"
+    return "string"
 
 
 def _guess_type(values: list[str]) -> str:

@@ -10,6 +10,7 @@ import click
 
 from services.jobs.linear_regression import JobDataError, ProtocolError, simulate as simulate_job
 from services.jobs.linear_regression.data import local_path, read_columns
+from services.jobs.linear_regression.errors import shown_columns
 
 EXIT_DATA_ERROR = 1
 EXIT_USAGE = 2
@@ -76,12 +77,20 @@ def _resolve_columns(x_spec: str, y_spec: str) -> tuple[str, list[str], str, str
             x_columns = [c for c in x_columns if c != y_column]
         if not x_columns:
             raise JobDataError(f"{x_path}: no x columns left once the y column {y_column!r} is set aside")
+        repeated = _repeated(x_columns)
+        if repeated:  # the names came from the file: the data's mistake (exit 1), not the command line's
+            raise JobDataError(f"{x_path}: the file names {shown_columns(repeated)} more than once; "
+                               "give each column its own name")
     elif _same_file(x_path, y_path) and y_column in x_columns:
         raise click.UsageError(f"column {y_column!r} is both an x column and the y column")
-    repeated = sorted({c for c in x_columns if x_columns.count(c) > 1})
+    repeated = _repeated(x_columns)
     if repeated:
         raise click.UsageError(f"x columns named more than once: {', '.join(repeated)}")
     return x_path, x_columns, y_path, y_column
+
+
+def _repeated(columns: list[str]) -> list[str]:
+    return sorted({c for c in columns if columns.count(c) > 1})
 
 
 @click.group()

@@ -261,13 +261,20 @@ def stop(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3
     return find_job(conn, job_id)
 
 
+def _no_results(job: sqlite3.Row) -> str:
+    """Why a job has no results: not yet, or never (then with the reason it ended, which members may read)."""
+    if job["status"] in FINAL_STATUSES:
+        why = f" ({job['error']})" if job["error"] else ""
+        return f"the job ended in {job['status']}{why}; it has no results"
+    return f"the job is {job['status']}; results exist once it is Completed"
+
+
 def results(conn: sqlite3.Connection, principal: Principal, job_id: str) -> dict[str, Any]:
     require_person(principal)
     job = readable_job(conn, principal, job_id)
     if principal.role_in(job["model_owner_org_id"]) is None:
         raise Forbidden("only members of the model owner's organization can read a job's results")
     if job["status"] != "Completed":
-        raise Conflict(f"the job is {job['status']}; results exist once it is Completed", code="not_completed",
-                       extra={"status": job["status"]})
+        raise Conflict(_no_results(job), code="not_completed", extra={"status": job["status"]})
     return {"job": job["id"], "status": job["status"], "metrics": json.loads(job["metrics_json"] or "{}"),
             "model_location": job["result_location"]}

@@ -26,6 +26,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _LOG_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-/.#]{1,512}$")
+# What a fix looks like in an error message: a Cape server (coordinator, broker), an S3-compatible endpoint.
+_SERVER_EXAMPLE = "https://cape.example.com"
+_S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"", "0", "off", "false", "no"}
 
@@ -139,7 +142,8 @@ class WorkerConfig:
         token = _parse_token(get("CAPE_TOKEN"))
         coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's")
         broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's")
-        endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), required=False) or None
+        endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), required=False,
+                                   example=_S3_ENDPOINT_EXAMPLE) or None
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
         if bool(access_key) != bool(secret_key):
             missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
@@ -259,14 +263,15 @@ def _parse_token(value: str) -> str:
     return value
 
 
-def _parse_http_url(variable: str, value: str, required: bool) -> str:
+def _parse_http_url(variable: str, value: str, required: bool, example: str = _SERVER_EXAMPLE) -> str:
+    """`value` without a trailing slash; `example` is a URL of the kind `variable` wants, for the error message."""
     if not value:
         if required:
-            raise ConfigError(variable, "is not set; give the server's URL, e.g. https://cape.example.com")
+            raise ConfigError(variable, f"is not set; give the server's URL, e.g. {example}")
         return ""
     parsed = urlparse(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(variable, f"is not an http(s) URL: {value!r}; use e.g. https://cape.example.com")
+        raise ConfigError(variable, f"is not an http(s) URL: {value!r}; use e.g. {example}")
     try:
         parsed.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError:

@@ -4,6 +4,10 @@ CloudWatch being down or slow must never block or stop a program: the boto3 clie
 attempt, the handler's constructor is guarded, its flush waits are bounded, and SIGTERM becomes a normal exit so
 `logging.shutdown()` flushes the queued records (a default SIGTERM would lose them all). An exit whose unwinding
 is stuck in a library's wait leaves after `STOP_GRACE_SECONDS`, logs flushed.
+
+watchtower reports each failed delivery attempt as a raw `WatchtowerWarning` on stderr from its delivery thread;
+instead the program says once, in its own stdout format, that CloudWatch Logs stopped taking its records, and once
+that it takes them again. Those lines never go to CloudWatch itself.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Iterable
 
 from services.process_exit import exit_now
@@ -30,6 +35,9 @@ CLOUDWATCH_FLUSH_TIMEOUT = 3  # seconds flush()/close() wait per stream (watchto
 # inside supervisord's stopwaitsecs (7), so a stop never needs the SIGKILL.
 STOP_GRACE_SECONDS = 4.0
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower")
+WATCHTOWER_TRIES = 5  # watchtower sends a batch this many times in a row, without pause, then drops it
+# The delivery being made by this thread (watchtower sends each stream's batches from its own thread).
+_delivering = threading.local()
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -100,6 +108,12 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
             handler.addFilter(redactor)
             handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
             root.addHandler(handler)
+            try:
+                watch = _DeliveryWatch(handler, config.log_group, console)
+            except AttributeError:  # a watchtower without the internals it follows: its raw warnings stay
+                logger.debug("CloudWatch delivery is not followed: this watchtower has no _submit_batch/cwl_client")
+            else:
+                _report_watchtower_warnings(watch)
     _exit_normally_on_sigterm()
     return logger
 
@@ -125,6 +139,83 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | 
         return None
     handler.FLUSH_TIMEOUT = CLOUDWATCH_FLUSH_TIMEOUT  # bound flush()/close() so a slow endpoint cannot stall a stop
     return handler
+
+
+class _DeliveryWatch:
+    """Follows one watchtower handler's batches and says on `console` (only there: a line about CloudWatch must not
+    be sent to it) when CloudWatch Logs stops taking them, once until a batch is delivered again."""
+
+    def __init__(self, handler: logging.Handler, log_group: str, console: logging.Handler) -> None:
+        self.log_group = log_group
+        self.console = console
+        self.dropped = 0  # records dropped since the outage began; 0 while delivering (one stream: one thread)
+        self.rejections_said = False
+        self._submit = handler._submit_batch
+        handler._submit_batch = self._submit_batch  # watchtower's delivery thread calls it per batch
+        events = handler.cwl_client.meta.events
+        operation = f"{handler.cwl_client.meta.service_model.service_id.hyphenize()}.PutLogEvents"
+        events.register(f"after-call.{operation}", self._answered)
+        events.register(f"after-call-error.{operation}", self._not_answered)
+
+    def say(self, level: int, msg: str, *args: object) -> None:
+        """A line in the program's stdout format that does not pass the root logger (so not CloudWatch)."""
+        if logging.getLogger().isEnabledFor(level):
+            self.console.handle(logging.LogRecord("cape.cloudwatch", level, __file__, 0, msg, args, None))
+
+    def _submit_batch(self, batch: list, *args: object, **kwargs: object) -> None:
+        _delivering.watch, _delivering.delivered, _delivering.problem = self, False, "cannot be reached"
+        try:
+            self._submit(batch, *args, **kwargs)
+        finally:
+            _delivering.watch = None
+        if batch:
+            self._settle(len(batch), _delivering.delivered, _delivering.problem)
+
+    def _settle(self, records: int, delivered: bool, problem: str) -> None:
+        if delivered:
+            if self.dropped:
+                self.say(logging.INFO, "CloudWatch Logs delivery works again; the %d records dropped meanwhile are "
+                                       "only in this log", self.dropped)
+            self.dropped = 0
+            return
+        if not self.dropped:
+            self.say(logging.WARNING, "CloudWatch Logs %s: each batch of records is tried %d times and then dropped, "
+                                      "so log group %s misses them (this log has them) until delivery works again",
+                     problem, WATCHTOWER_TRIES, self.log_group)
+        self.dropped += records
+
+    def _answered(self, http_response, parsed, **_: object) -> None:
+        if http_response.status_code >= 300:
+            error = parsed.get("Error", {})
+            _delivering.problem = f"refuses the records ({error.get('Code')}: {error.get('Message')})"
+            return
+        _delivering.delivered = True
+        if "rejectedLogEventsInfo" in parsed and not self.rejections_said:  # the same cause every time: say it once
+            self.rejections_said = True
+            self.say(logging.WARNING, "CloudWatch Logs rejected records of log group %s for their time (more than 14 "
+                                      "days old, over 2 hours ahead, or past the group's retention); check this "
+                                      "machine's clock", self.log_group)
+
+    @staticmethod
+    def _not_answered(exception: Exception, **_: object) -> None:
+        _delivering.problem = f"cannot be reached ({exception})"
+
+
+def _report_watchtower_warnings(watch: _DeliveryWatch) -> None:
+    """Replace watchtower's raw warnings: a delivery's are summed up by its watch; the others (a stop that timed out
+    delivering) become lines of `watch`'s program. Every other warning is shown as before."""
+    import watchtower
+
+    previous = getattr(warnings.showwarning, "not_watchtower", warnings.showwarning)  # setup() may run again
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, watchtower.WatchtowerWarning):
+            previous(message, category, filename, lineno, file, line)
+        elif getattr(_delivering, "watch", None) is None:
+            watch.say(logging.WARNING, "CloudWatch Logs: %s", message)
+
+    show.not_watchtower = previous
+    warnings.showwarning = show
 
 
 def _leave_now() -> None:

@@ -86,13 +86,10 @@ class MotoAWS:
             return []
 
 
-@pytest.fixture(scope="session")
-def moto_server_url(tmp_path_factory) -> str:
-    """Start `moto_server` on a free loopback port for the session; stop it at the end."""
-    port = free_port()
+def start_moto_server(port: int, log) -> subprocess.Popen:
+    """A `moto_server` process on 127.0.0.1:`port`, writing to the open file `log`, once it answers (30 s at most)."""
     exe = Path(sys.executable).with_name("moto_server")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **MOTO_KEYS})
     url = f"http://127.0.0.1:{port}"
@@ -100,13 +97,23 @@ def moto_server_url(tmp_path_factory) -> str:
     while True:
         try:
             if requests.get(f"{url}/moto-api/", timeout=1).status_code == 200:
-                break
+                return proc
         except requests.ConnectionError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait(timeout=10)
             pytest.fail(f"moto_server did not start on {url} (see {log.name})")
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def moto_server_url(tmp_path_factory) -> str:
+    """Start `moto_server` on a free loopback port for the session; stop it at the end."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    proc = start_moto_server(port, log)
+    url = f"http://127.0.0.1:{port}"
     yield url
     proc.terminate()
     try:

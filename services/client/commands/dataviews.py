@@ -7,7 +7,10 @@ from services.client.commands.output import (
     CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
 )
 from services.client.models import DataView
-from services.client.schema import parse_schema_spec, schema_from_csv
+from services.client.schema import parse_schema_spec, schema_from_file, schema_from_uri
+
+# How else to give a dataview's schema, in an error about a URI it cannot be read from.
+CLI_SCHEMA_OPTIONS = "--schema NAME:TYPE,... or --schema-from-file PATH, a local CSV or Parquet file"
 
 
 @click.group()
@@ -19,20 +22,27 @@ def dataviews() -> None:
 @click.argument("project")
 @click.argument("name")
 @click.argument("uri")
-@click.option("--schema-from-csv", "csv_path", type=click.Path(dir_okay=False),
-              help="Read the columns from this local CSV's header (types guessed from its first rows).")
+@click.option("--schema-from-file", "--schema-from-csv", "schema_path", type=click.Path(dir_okay=False),
+              help="Read the columns from this local CSV's header (types guessed from its first rows) or "
+                   "Parquet file's schema.")
 @click.option("--schema", "spec", metavar="NAME:TYPE,...", help="Columns, types number|integer|string.")
 @click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
 @json_option
 @pass_cli
-def add(cli: CliContext, project: str, name: str, uri: str, csv_path: str | None, spec: str | None,
+def add(cli: CliContext, project: str, name: str, uri: str, schema_path: str | None, spec: str | None,
         organization: str | None, as_json: bool) -> None:
     """Register dataset URI (s3://, file://, path) as dataview NAME of PROJECT, owned by your organization.
 
-    Without --schema or --schema-from-csv, URI itself must be a local CSV file."""
-    if csv_path and spec:
-        raise click.UsageError("give --schema-from-csv or --schema, not both")
-    schema = schema_from_csv(csv_path) if csv_path else parse_schema_spec(spec) if spec else None
+    Without --schema or --schema-from-file (or its older name --schema-from-csv), URI itself must be a local CSV
+    or Parquet file."""
+    if schema_path and spec:
+        raise click.UsageError("give --schema-from-file or --schema, not both")
+    if spec:
+        schema = parse_schema_spec(spec)
+    elif schema_path:
+        schema = schema_from_file(schema_path)
+    else:  # read here, not by the SDK, so that a failure names the CLI's options
+        schema = schema_from_uri(uri, name, CLI_SCHEMA_OPTIONS)
     view = cli.cape().get_project(project).create_dataview(name, uri, schema=schema, organization=organization)
     _show(view, as_json, verb="Added")
 

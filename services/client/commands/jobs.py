@@ -16,6 +16,7 @@ from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLi
 # `cape jobs watch` exit codes besides 0 (Completed).
 EXIT_JOB_FAILED = 1
 EXIT_WATCH_TIMEOUT = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
 
 
 @click.group()
@@ -128,7 +129,9 @@ def stop(cli: CliContext, job_id: str) -> None:
               help="Seconds between polls.")
 @pass_cli
 def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None:
-    """Show progress per party until JOB ends: exit 0 if Completed, 1 if it ended otherwise, 3 on --timeout."""
+    """Show progress per party until JOB ends: exit 0 if Completed, 1 if it ended otherwise, 3 on --timeout.
+
+    Ctrl-C stops watching (exit 130), not the job."""
     job = cli.cape().get_job(job_id)
     started = time.monotonic()
     last: list[str] = []
@@ -139,7 +142,12 @@ def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None
             click.echo(f"[{time.monotonic() - started:6.1f}s] {line}")
             last[:] = [line]
 
-    final = job.wait(timeout=timeout, interval=interval, on_update=show)
+    try:
+        final = job.wait(timeout=timeout, interval=interval, on_update=show)
+    except KeyboardInterrupt:
+        # Not click's "Aborted!" and exit 1: that reads like the job failed, and exit 1 means just that here.
+        click.echo(f"stopped watching; job {job.id} goes on (cape jobs watch {job.id} to follow it again)", err=True)
+        click.get_current_context().exit(EXIT_INTERRUPTED)
     if final == "Completed":
         click.echo(f"Job {job.id} completed; the model owner reads the results with `cape jobs results {job.id}`.")
         return
