@@ -159,8 +159,8 @@ class Demo:
         self.cape("bank", "projects", "create", "demo", "--name", "Claims model")
         self.cape("bank", "projects", "add-org", "demo", "insurer")
         self.cape("bank", "projects", "set-helper", "demo", "helper")
-        self.cape("bank", "dataviews", "add", "demo", "features", x_csv.as_uri(), "--schema-from-csv", str(x_csv))
-        self.cape("insurer", "dataviews", "add", "demo", "target", y_csv.as_uri(), "--schema-from-csv", str(y_csv))
+        self.cape("bank", "dataviews", "add", "demo", "features", x_csv.as_uri(), "--schema-from-file", str(x_csv))
+        self.cape("insurer", "dataviews", "add", "demo", "target", y_csv.as_uri(), "--schema-from-file", str(y_csv))
 
         say("starting three workers: cape-worker run (supervisord: poller, messenger, runner, uploader)")
         for label in ORGS:

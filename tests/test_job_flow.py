@@ -171,7 +171,7 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
 
     # Dataviews: schema from the CSV header (x) and given on the command line (y).
     ok("bank", "dataviews", "add", "churn", "features", flow_data["x_csv"].as_uri(),
-       "--schema-from-csv", str(flow_data["x_csv"]))
+       "--schema-from-file", str(flow_data["x_csv"]))
     ok("shop", "dataviews", "add", "churn", "target", flow_data["y_csv"].as_uri(), "--schema", "spend:number")
     views = {v["name"]: v for v in json.loads(ok("shop", "dataviews", "list", "churn", "--json"))}
     assert [c["name"] for c in views["features"]["schema"]] == ["age", "income", "score"]

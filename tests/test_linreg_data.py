@@ -61,7 +61,7 @@ def test_csv_columns_in_the_order_asked(tmp_path: Path, table) -> None:
 
 @pytest.mark.parametrize("one_way", [False, True], ids=["file", "stream"])
 def test_csv_header_names_match_with_their_spaces_trimmed(tmp_path: Path, one_way: bool) -> None:
-    # "age, income": the schema read from this header (as `cape dataviews add --schema-from-csv` does) says "income".
+    # "age, income": the schema read from this header (as `cape dataviews add --schema-from-file` does) says "income".
     data = b"age, income ,tiny\n30, 1000.5 ,1\n40,2000,2\n"
     source = OneWayStream(data) if one_way else (tmp_path / "x.csv")
     if not one_way:
@@ -76,7 +76,7 @@ def test_csv_header_names_match_with_their_spaces_trimmed(tmp_path: Path, one_wa
         load_y(tmp_path / "twice.csv", "a", name="twice.csv")
     assert str(caught.value) == "twice.csv: column 'a' is named 2 times in the header (with different spaces around it)"
     with pytest.raises(MissingColumnError) as missing:
-        load_y(tmp_path / "x.csv" if not one_way else tmp_path / "both.csv", "debt", name="f.csv")
+        load_y(tmp_path / "both.csv", "debt", name="f.csv")
     assert "no column 'debt'" in str(missing.value)
 
 

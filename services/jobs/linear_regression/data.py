@@ -273,7 +273,7 @@ def _csv_header(opened: _Opened) -> list[str]:
 def _csv_names(display: str, columns: list[str], header: list[str]) -> list[str]:
     """The header's name of each asked-for column: the same name or, failing that, the one that is that name once
     its surrounding spaces are trimmed. `age, income` is a common hand-written header, and a dataview's schema
-    read from such a header (`cape dataviews add --schema-from-csv`) names the column `income`."""
+    read from such a header (`cape dataviews add --schema-from-file`) names the column `income`."""
     names = []
     for column in columns:
         trimmed = [name for name in header if name.strip() == column]
