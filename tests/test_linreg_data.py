@@ -80,6 +80,18 @@ def test_csv_header_names_match_with_their_spaces_trimmed(tmp_path: Path, one_wa
     assert "no column 'debt'" in str(missing.value)
 
 
+def test_a_column_named_twice_in_the_file_is_refused_not_guessed(tmp_path: Path) -> None:
+    (tmp_path / "dup.csv").write_bytes(b"age,age,y\n1,2,3\n4,5,6\n")
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0, 2.0]), pa.array([3.0, 4.0])], names=["a", "a"]),
+                   tmp_path / "dup.parquet")
+    for path, column in ((tmp_path / "dup.csv", "age"), (tmp_path / "dup.parquet", "a")):
+        with pytest.raises(UnreadableDataError) as caught:
+            load_x(path, [column], name=path.name)
+        assert str(caught.value) == (f"{path.name}: column {column!r} is named 2 times in the file; give each column "
+                                     "its own name")
+    np.testing.assert_array_equal(load_y(tmp_path / "dup.csv", "y"), [3.0, 6.0])  # the other columns still load
+
+
 def test_parquet_by_file_uri_and_by_magic_bytes(tmp_path: Path, table) -> None:
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table(table), path)

@@ -277,6 +277,8 @@ def _csv_names(display: str, columns: list[str], header: list[str]) -> list[str]
     names = []
     for column in columns:
         trimmed = [name for name in header if name.strip() == column]
+        if header.count(column) > 1:
+            raise _named_twice(display, column, header.count(column))
         if column in header:
             names.append(column)
         elif len(trimmed) == 1:
@@ -366,6 +368,14 @@ def _require_columns(display: str, columns: list[str], available: list[str]) -> 
     for column in columns:
         if column not in available:
             raise MissingColumnError(display, column, available)
+        if available.count(column) > 1:
+            raise _named_twice(display, column, available.count(column))
+
+
+def _named_twice(display: str, column: str, times: int) -> UnreadableDataError:
+    # Which of the same-named columns was meant cannot be known: reading the first would be a silent guess.
+    return UnreadableDataError(display, f"column {column!r} is named {times} times in the file; give each column "
+                                        "its own name")
 
 
 def _to_float(display: str, column: str, values: pa.ChunkedArray | pa.Array, offset: int = 0) -> Column:
