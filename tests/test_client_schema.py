@@ -12,7 +12,7 @@ from services.client.errors import BadArgument
 from services.client.http import ApiSession
 from services.client.models import DataView
 from services.client.schema import (
-    local_file_path, normalise_schema, parse_schema_spec, schema_from_csv, schema_from_file, schema_from_uri,
+    local_file_path, normalise_schema, parse_schema_spec, schema_from_file, schema_from_uri,
 )
 from services.client.tasks import VerticallyPartitionedLinearRegression
 
@@ -40,7 +40,7 @@ def test_bad_schema_specs(spec: str, message: str) -> None:
 def test_schema_from_csv_guesses_types(tmp_path: Path) -> None:
     csv = tmp_path / "x.csv"
     csv.write_text("id,height,city, weight \n1,1.5,Paris,70\n2,2e3,Rome,\n3,-4,Oslo,80\n")
-    assert schema_from_csv(csv) == [
+    assert schema_from_file(csv) == [
         {"name": "id", "type": "integer"},
         {"name": "height", "type": "number"},
         {"name": "city", "type": "string"},
@@ -50,11 +50,11 @@ def test_schema_from_csv_guesses_types(tmp_path: Path) -> None:
 
 def test_schema_from_csv_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(BadArgument, match=f"{tmp_path / 'missing.csv'} does not exist"):
-        schema_from_csv(tmp_path / "missing.csv")
+        schema_from_file(tmp_path / "missing.csv")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(BadArgument, match="has no header line"):
-        schema_from_csv(empty)
+        schema_from_file(empty)
 
 
 def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
@@ -67,7 +67,6 @@ def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
                 {"name": "city", "type": "string"}, {"name": "member", "type": "integer"},
                 {"name": "price", "type": "number"}]
     assert schema_from_file(parquet) == expected
-    assert schema_from_csv(parquet) == expected  # the older name reads Parquet too
     disguised = tmp_path / "really-parquet.csv"  # the format comes from the first bytes, as for the workers
     disguised.write_bytes(parquet.read_bytes())
     assert schema_from_file(disguised) == expected

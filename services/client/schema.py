@@ -52,10 +52,6 @@ def schema_from_file(path: str | Path) -> Schema:
     return schema
 
 
-# The name the SDK and CLI had when only CSV was read.
-schema_from_csv = schema_from_file
-
-
 def schema_from_uri(uri: str, dataview: str, options: str) -> Schema:
     """The schema of a dataview read from its own ``uri`` when that is a local file.
 

@@ -194,9 +194,15 @@ def cpu_seconds(pid: int) -> float | None:
     return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
 
 
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time counters since boot, all cores, in clock ticks: /proc/stat's first line (user, nice,
+    system, idle, iowait, irq, softirq, steal, ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (all cores; idle and iowait excluded)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    fields = _cpu_ticks()
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # up to steal; minus idle, iowait
 
 
@@ -211,7 +217,7 @@ def disk_counters() -> dict[str, float]:
         if fields[2] in disks:
             written += int(fields[9]) * 512  # sectors written: always 512 bytes here
             busy += int(fields[12]) / 1000  # ms doing I/O
-    iowait = int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[5]) / os.sysconf("SC_CLK_TCK")
+    iowait = _cpu_ticks()[4] / os.sysconf("SC_CLK_TCK")
     return {"written_bytes": written, "busy_seconds": busy, "iowait_seconds": iowait}
 
 
