@@ -26,7 +26,8 @@ RUN pip install --no-cache-dir . \
 USER 10001:10001
 VOLUME ["/var/lib/cape-worker/spool", "/var/lib/cape-worker/state"]
 
-# Unhealthy unless all four programs are RUNNING (supervisorctl status exits 0 even in BACKOFF).
+# Unhealthy unless all four programs are RUNNING (supervisorctl status exits 0 even in BACKOFF) and the
+# coordinator accepts CAPE_TOKEN.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["cape-worker", "health"]
 
 # docker stop sends SIGTERM: cape-worker forwards it to supervisord, which stops the group within 10 s.

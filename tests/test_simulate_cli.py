@@ -159,6 +159,27 @@ def test_default_columns_from_one_file(files: Path) -> None:
     assert json.loads(result.stdout)["names"] == ["intercept", "target", "income"]  # y = the first column
 
 
+def test_default_columns_of_a_header_with_spaces_after_its_commas(tmp_path: Path) -> None:
+    """`a, b, y` is a common hand-written header: the defaults take its names trimmed (as a dataview's schema
+    does), so y is set aside from x, not regressed on itself."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    y = 2 * a - b + rng.normal(0, 0.1, 50)
+    rows = "".join(f"{float(a[i])!r}, {float(b[i])!r}, {float(y[i])!r}\n" for i in range(50))
+    (tmp_path / "sp.csv").write_text("a, b, y\n" + rows)
+    result = run("--x", str(tmp_path / "sp.csv"), "--y", f"{tmp_path / 'sp.csv'}:y", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["names"] == ["intercept", "a", "b"]
+    assert doc["weights"][1:] == pytest.approx([2.0, -1.0], abs=0.1)
+    assert_matches_plaintext(doc)
+    (tmp_path / "twice.csv").write_text("a, a ,y\n1,2,3\n")
+    result = run("--x", str(tmp_path / "twice.csv"), "--y", f"{tmp_path / 'twice.csv'}:y")
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == (f"error: {tmp_path / 'twice.csv'}: the file names 'a' more than once; "
+                                             "give each column its own name")
+
+
 def test_text_output_names_the_weights(files: Path) -> None:
     result = run("--x", f"file://{files / 'features.csv'}:height", "--y", str(files / "labels.parquet"))
     assert result.exit_code == 0, result.stderr

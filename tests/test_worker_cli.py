@@ -1,12 +1,17 @@
 """`cape-worker check` against the real cape-server and a real moto server: all ok, then each bad setting gives
 its own line and a non-zero exit; `cape-worker run` refuses a bad configuration, or a second worker on the same
-state directory, before starting anything; `status` needs only local settings; `-h` is `--help`."""
+state directory (also when two start at once), before starting anything; `status` needs only local settings; a
+revoked token makes the worker unhealthy; `-h` is `--help`."""
+import json
+import signal
 import subprocess
+import time
 
 import psutil
 import pytest
 
 from tests.support.aws import free_port
+from tests.support.server import Api
 from tests.support.workers import worker_env
 
 
@@ -245,3 +250,61 @@ def test_run_starts_over_a_killed_workers_leftover_socket(start_worker, tmp_path
     second = start_worker(env)
     second.wait_running()
     assert "already running" not in second.output
+
+
+def test_two_runs_started_at_once_leave_one_worker(start_worker, tmp_path):
+    """Both can pass the live-supervisord check before either supervisord listens: the run dir's lock decides."""
+    env = worker_env(tmp_path, "w")
+    workers = [start_worker(env), start_worker(env)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and all(w.proc.poll() is None for w in workers):
+        time.sleep(0.05)
+    refused = [w for w in workers if w.proc.poll() is not None]
+    assert len(refused) == 1, [w.output[-1000:] for w in workers]
+    assert refused[0].proc.returncode == 2
+    state = tmp_path / "w" / "state"
+    assert f"cape-worker: a worker is already running with CAPE_STATE_DIR={state} (" in refused[0].output
+    running = next(w for w in workers if w is not refused[0])
+    running.wait_running()
+    assert running.proc.poll() is None
+
+
+def test_a_revoked_token_makes_the_worker_unhealthy(start_worker, shared_cape_server, tmp_path):
+    """All four programs keep running (the poller retries), so the health check reads the poller's record: a
+    refused token needs the operator. A new run starts without it (the token may be new)."""
+    org = shared_cape_server.create_org("revoked")
+    env = worker_env(tmp_path, "revoked", CAPE_TOKEN=org["organization_token"],
+                     CAPE_COORDINATOR=shared_cape_server.url)
+    worker = start_worker(env)
+    worker.wait_running()
+    wait_for(lambda: "logged in as organization revoked" in worker.output, worker)
+    assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0
+
+    token_id = org["organization_token"].split(",", 1)[0]
+    assert Api(shared_cape_server, org["user_token"]).delete(f"/v1/tokens/{token_id}").status_code == 204
+    wait_for(lambda: cape_worker("health", env=env, cwd=tmp_path).returncode == 1, worker)
+    result = cape_worker("health", env=env, cwd=tmp_path)
+    line = (f"the coordinator at {shared_cape_server.url} refused CAPE_TOKEN (the token was revoked; ask your "
+            "organization's admin for a new one); create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
+    assert result.stdout.startswith("unhealthy: the coordinator refuses CAPE_TOKEN (since 20"), result.stdout
+    assert result.stdout.rstrip().endswith(f"UTC): {line}"), result.stdout
+    status = cape_worker("status", env=env, cwd=tmp_path)
+    assert f"coordinator: the coordinator refuses CAPE_TOKEN (since " in status.stdout
+    assert json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)["login_refused"]["message"] \
+        == line
+    secret = org["organization_token"].split(",", 1)[1]
+    assert secret not in result.stdout + status.stdout + worker.output
+
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait_exit(timeout=10) == 0
+    again = start_worker({**env, "CAPE_COORDINATOR": "http://127.0.0.1:9"})  # unreachable: nothing refuses
+    again.wait_running()
+    result = cape_worker("health", env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout.split(":")[0]) == (0, "healthy"), result.stdout
+
+
+def wait_for(condition, worker, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, worker.output[-2000:]
+        time.sleep(0.2)

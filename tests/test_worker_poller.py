@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from services.worker import health
 from services.worker.config import WorkerConfig
 from services.worker.coordinator_client import CoordinatorAuthError, CoordinatorClient
 from services.worker.keys import WorkerKeys
@@ -13,7 +14,7 @@ import services.worker.poller as poller_mod
 from services.worker.poller import Backoff, Poller
 from services.worker.spool import Spool
 from tests.support.aws import free_port
-from tests.support.server import build_job_world
+from tests.support.server import build_job_world, worker_public_keys
 
 
 def make_poller(tmp_path, url, token):
@@ -129,6 +130,32 @@ def test_bad_token_is_an_auth_error_not_a_crash(cape_server, tmp_path, caplog, m
     assert "refused CAPE_TOKEN" in caplog.text and "ZHVtbXkt" not in caplog.text
 
 
+def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_server, world, tmp_path, caplog,
+                                                                         monkeypatch):
+    """A refused token needs the operator while all four programs still run: the poller records it (no secret in
+    the record) for `cape-worker health`, keeps its first time, and forgets it once a cycle succeeds."""
+    secret = "ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA=="
+    poller, _ = make_poller(tmp_path, cape_server.url, f"nosuchid,{secret}")
+    run_dir = poller.config.run_dir
+    run_dir.mkdir(parents=True)
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.run(max_cycles=1)
+    first = health.read_login_refused(run_dir)
+    assert first is not None and first["message"].startswith(
+        f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
+    assert "cape orgs create-token ORG" in first["message"]
+    assert secret not in (run_dir / health.LOGIN_REFUSED_NAME).read_text()
+    assert health.login_refused_line(first).startswith("the coordinator refuses CAPE_TOKEN (since 20")
+    poller.run(max_cycles=1)
+    assert health.read_login_refused(run_dir) == first  # still the first refusal's time
+
+    poller.client = CoordinatorClient(cape_server.url, world["orgs"]["xorg"]["organization_token"], timeout=5)
+    poller.run(max_cycles=1)
+    assert health.read_login_refused(run_dir) is None
+    assert "the coordinator accepts CAPE_TOKEN again" in caplog.text
+
+
 def test_backoff_doubles_and_caps():
     backoff = Backoff(0.5, cap=4)
     assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
@@ -172,6 +199,29 @@ def test_job_list_long_poll_answers_when_a_job_is_approved(cape_server, module_w
     started = time.monotonic()
     worker.get("/v1/worker/jobs", params={"wait": 20, "after": version - 1000})
     assert time.monotonic() - started < 1.0
+
+
+def test_job_list_long_poll_answers_when_the_last_worker_registers_its_keys(start_cape_server):
+    """An approved job is served only once all three workers registered keys: the last registration wakes the
+    others' long polls, so the job starts then, not at their next full cycle (up to CAPE_POLL_INTERVAL later)."""
+    world = build_job_world(start_cape_server(), register_keys=False)
+    worker = world["worker"]
+    for label in ("xorg", "yorg"):
+        assert worker[label].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    first = worker["xorg"].get("/v1/worker/jobs")
+    assert first.json() == []
+    answer: dict = {}
+    waiter = threading.Thread(target=lambda: answer.update(response=worker["xorg"].get(
+        "/v1/worker/jobs", params={"wait": 20, "after": int(first.headers["X-Cape-Jobs-Version"])}),
+        at=time.monotonic()))
+    waiter.start()
+    time.sleep(0.3)
+    assert worker["helper"].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    registered = time.monotonic()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert answer["at"] - registered < 1.0
+    assert [job["id"] for job in answer["response"].json()] == [world["job"]["id"]]
 
 
 def test_job_list_long_poll_rejects_a_bad_wait(module_world):

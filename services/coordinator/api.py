@@ -216,7 +216,8 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     @router.put("/worker/keys", status_code=204, tags=["worker"])
     def put_keys(body: WorkerKeys, p: Principal = Depends(worker)) -> Response:
-        with db.transaction() as conn:
+        # A job is served to its workers only once all three registered keys: the last one's makes it appear.
+        with job_change() as conn:
             workers.register_keys(conn, p.org_id or "", body.encryption_public_key, body.signing_public_key)
         return Response(status_code=204)
 

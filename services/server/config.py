@@ -16,7 +16,7 @@ class ServerConfig:
     coordinator_url: str | None = None  # where a broker running alone asks about job membership
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     message_ttl: float = DEFAULT_MESSAGE_TTL
-    job_sweep_seconds: float = 5.0  # how often the start timeout is applied in the background
+    job_sweep_seconds: float = 5.0  # how often the start timeout is applied, and ended jobs' messages dropped
 
     @property
     def runs_coordinator(self) -> bool:

@@ -1,7 +1,8 @@
 """`cape-worker`: run the appliance (`run`, the image's CMD), check its configuration and endpoints (`check`),
-show its programs and jobs (`status`), and answer Docker's HEALTHCHECK (`health`)."""
+show its programs, a refused token and its jobs (`status`), and answer Docker's HEALTHCHECK (`health`)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import click
 from dotenv import load_dotenv
@@ -27,6 +28,7 @@ PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 LIVE_PROBE_TIMEOUT = 2.0
+LOCK_NAME = "worker.lock"
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
 
 
@@ -89,9 +91,7 @@ def run() -> None:
     # worker's FATAL marker, and with its own raw error.
     live = _live_supervisord(config.run_dir)
     if live is not None:
-        click.echo(f"cape-worker: a worker is already running with CAPE_STATE_DIR={config.state_dir} (its "
-                   f"supervisord answers on {live}); stop it first", err=True)
-        sys.exit(2)
+        _already_running(config, f"its supervisord answers on {live}")
     try:
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -106,8 +106,10 @@ def run() -> None:
         click.echo(f"cape-worker: CAPE_STATE_DIR is too deep for supervisord's unix socket ({socket_path} is over "
                    f"{MAX_SOCKET_PATH} characters); use a shorter path", err=True)
         sys.exit(2)
+    lock = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
+    health_mod.clear_login_refused(config.run_dir)  # the token may have changed: the poller says anew
     env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable}
     # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
     # Its output (and the programs', via stdout_logfile=/dev/stdout) goes through a pipe this user owns: a
@@ -139,6 +141,7 @@ def run() -> None:
         signal.signal(signum, signal.SIG_IGN)
     relay.join(timeout=5)
     fatal = read_marker(config.run_dir)
+    os.close(lock)  # supervisord and its programs are gone: the next run may start
     # supervisord turns a program waiting in BACKOFF into FATAL while it stops: after a stop request that is a
     # clean stop, not a failure. The listener ignores FATAL after supervisord's STOPPING event; this also covers
     # a FATAL that raced the signal.
@@ -147,6 +150,25 @@ def run() -> None:
                    "See its log lines above; `cape-worker check` tests the configuration.", err=True)
         sys.exit(3)
     sys.exit(code)
+
+
+def _already_running(config: WorkerConfig, where: Path) -> NoReturn:
+    click.echo(f"cape-worker: a worker is already running with CAPE_STATE_DIR={config.state_dir} ({where}); "
+               "stop it first", err=True)
+    sys.exit(2)
+
+
+def _lock_run_dir(config: WorkerConfig) -> int:
+    """An exclusive lock on the run dir's `worker.lock`, or exit 2 if another `cape-worker run` holds it. The
+    kernel drops it when this process ends, however it ends; supervisord does not inherit it."""
+    path = config.run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        _already_running(config, f"another `cape-worker run` holds {path}")
+    return fd
 
 
 def _relay(read_fd: int, out_fd: int) -> None:
@@ -187,7 +209,7 @@ def check() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(as_json: bool) -> None:
-    """The four programs' states and the jobs in the spool."""
+    """The four programs' states, a token the coordinator refuses, and the jobs in the spool."""
     config = _config_or_exit(LocalConfig.from_env)  # only local state: works without CAPE_TOKEN or a coordinator
     try:
         programs = health_mod.program_states(config.run_dir)
@@ -196,15 +218,19 @@ def status(as_json: bool) -> None:
         problem = str(exc)
     else:
         problem = None
+    refused = health_mod.read_login_refused(config.run_dir)
     jobs = health_mod.spool_jobs(Spool(config.spool_dir)) if config.spool_dir.is_dir() else []
     if as_json:
-        click.echo(json.dumps({"programs": programs, "supervisor_error": problem, "jobs": jobs}, indent=2))
+        click.echo(json.dumps({"programs": programs, "supervisor_error": problem, "login_refused": refused,
+                               "jobs": jobs}, indent=2))
         return
     click.echo(f"worker {config.worker_name}")
     if problem:
         click.echo(f"programs: {problem}")
     for name in PROGRAMS:
         click.echo(f"  {name:<10} {programs.get(name, 'MISSING')}")
+    if refused is not None:
+        click.echo(f"coordinator: {health_mod.login_refused_line(refused)}")
     click.echo(f"jobs in {config.spool_dir}: {len(jobs)}")
     for job in jobs:
         click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"
@@ -214,7 +240,7 @@ def status(as_json: bool) -> None:
 
 @main.command()
 def health() -> None:
-    """Exit 0 only if all four programs are RUNNING (Docker HEALTHCHECK)."""
+    """Exit 0 only if all four programs are RUNNING and the coordinator accepts the token (Docker HEALTHCHECK)."""
     try:
         _load_dotenv()
     except ConfigError as exc:
@@ -229,6 +255,10 @@ def health() -> None:
     bad = {name: states.get(name, "MISSING") for name in PROGRAMS if states.get(name) != "RUNNING"}
     if bad:
         click.echo("unhealthy: " + ", ".join(f"{n} {s}" for n, s in bad.items()))
+        sys.exit(1)
+    refused = health_mod.read_login_refused(run_dir)
+    if refused is not None:
+        click.echo(f"unhealthy: {health_mod.login_refused_line(refused)}")
         sys.exit(1)
     click.echo("healthy: " + ", ".join(f"{n} RUNNING" for n in PROGRAMS))
 

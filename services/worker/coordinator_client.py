@@ -27,7 +27,8 @@ class CoordinatorAuthError(CoordinatorError):
 
 
 class JobEnded(CoordinatorError):
-    """A report was refused with 409 because the job is Stopped, Error or Completed."""
+    """A report was refused with 409 because the job is no longer Approved or Started (Stopped, Error, Completed,
+    Rejected)."""
 
     def __init__(self, job_id: str, status: str, message: str) -> None:
         super().__init__(message)

@@ -1,6 +1,7 @@
 """End-to-end benchmark of the appliance: one linear regression through three real workers and a real broker.
 
-`./scripts/bench --e2e [--n N] [--d D] [--quick] [--format parquet|csv] [--poll-interval S] [--jobs J] [--keep]`
+`./scripts/bench --e2e [--n N] [--d D] [--quick] [--format parquet|csv] [--poll-interval S] [--timeout S] [--jobs J]
+[--keep]`
 starts `cape-server` (coordinator + broker) on 127.0.0.1 with a temporary data dir, three organizations and their
 workers (`cape-worker run`: supervisord and its four programs, each worker with its own spool, state and file://
 bucket), writes the engine bench's data (`bench.make_data`, same seed) as files before any timing, submits the job,

@@ -1,8 +1,12 @@
-"""What the worker is doing: the four programs' supervisord states (XML-RPC over the unix socket) and the jobs
-in the spool. `supervisorctl status` exits 0 even with a program in BACKOFF, so the states are read directly."""
+"""What the worker is doing: the four programs' supervisord states (XML-RPC over the unix socket), whether the
+coordinator refuses the worker's token, and the jobs in the spool. `supervisorctl status` exits 0 even with a
+program in BACKOFF, so the states are read directly."""
 from __future__ import annotations
 
+import json
+import os
 import socket
+import time
 import xmlrpc.client
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,6 +18,9 @@ from services.worker.spool import Spool
 
 PROGRAMS = ("poller", "messenger", "runner", "uploader")
 SOCKET_NAME = "supervisor.sock"
+# Written by the poller while the coordinator refuses CAPE_TOKEN (revoked, deleted, a user token): all four
+# programs keep running, retrying, so only this record makes the HEALTHCHECK (and `docker ps`) show it.
+LOGIN_REFUSED_NAME = "login-refused"
 
 
 class SupervisorUnavailable(RuntimeError):
@@ -46,6 +53,44 @@ def program_states(run_dir: Path) -> dict[str, str]:
     return {info["name"]: info["statename"] for info in infos if info["name"] in PROGRAMS}
 
 
+def record_login_refused(run_dir: Path, message: str) -> None:
+    """Record that the coordinator refuses CAPE_TOKEN (`message` never holds the token); an existing record keeps
+    its `since`, so the health check can say how long it has lasted."""
+    path = run_dir / LOGIN_REFUSED_NAME
+    since = (read_login_refused(run_dir) or {}).get("since") or time.time()
+    temp = path.with_name(f".{LOGIN_REFUSED_NAME}.tmp")
+    temp.write_text(json.dumps({"since": since, "message": message}))
+    os.replace(temp, path)
+
+
+def clear_login_refused(run_dir: Path) -> bool:
+    """Forget the record (the coordinator accepted the token again, or a new run starts); True if there was one."""
+    try:
+        (run_dir / LOGIN_REFUSED_NAME).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_login_refused(run_dir: Path) -> dict[str, Any] | None:
+    """{"since": epoch seconds, "message": why} while the coordinator refuses CAPE_TOKEN, else None."""
+    try:
+        found = json.loads((run_dir / LOGIN_REFUSED_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # not ours (written whole by os.replace): still a refusal, reason unknown
+        return {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
+    if not isinstance(found, dict):
+        return {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
+    return {"since": float(found.get("since") or 0.0), "message": str(found.get("message") or "")}
+
+
+def login_refused_line(record: dict[str, Any]) -> str:
+    """One line for `health` and `status`: since when (UTC) and why."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"])) if record["since"] else "?"
+    return f"the coordinator refuses CAPE_TOKEN (since {since}): {record['message']}"
+
+
 def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
     """A summary of each job in the spool (no data values, no keys)."""
     pending_reports: dict[str, int] = {}
@@ -60,7 +105,7 @@ def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
             "id": job_id,
             "seat": spec.get("seat"),
             "status": (ended or {}).get("status") or spec.get("status"),
-            "runner": (done or {}).get("outcome") or ("running" if spool.claimed_job() == job_id else "waiting"),
+            "runner": (done or {}).get("outcome") or ("running" if spool.is_claimed(job_id) else "waiting"),
             "unsent_messages": spool.unsent_count(job_id),
             "pending_reports": pending_reports.get(job_id, 0),
             "result": "pending upload" if job_id in results else (

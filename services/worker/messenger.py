@@ -1,11 +1,12 @@
 """The messenger program: sealed messages out of the outbox to the broker, and in from the broker to the inbox.
 
 Two loops share one stop flag. The sender puts outbox files at the broker (streamed from disk), a few at a time per
-job (`PUTS_PER_JOB` threads, each with its own connection), and renames each to .sent only after the broker
-confirmed it; puts are idempotent, so a put repeated after a crash is harmless. The receiver long-polls the broker
-for every active job, downloads what is waiting (`GET_THREADS` at a time), verifies and opens each message
-(signature of the expected sender, addressed to this seat, this job, this name) straight from the download stream
-into a temporary inbox file, moves it into place durably, and only then acknowledges it (DELETE) at the broker.
+job (up to `PUTS_PER_JOB`, on a pool of `PUT_THREADS` threads, each with its own connection), and renames each to
+.sent only after the broker confirmed it; puts are idempotent, so a put repeated after a crash is harmless. The
+receiver long-polls the broker for every active job, downloads what is waiting (`GET_THREADS` at a time), verifies
+and opens each message (signature of the expected sender, addressed to this seat, this job, this name) straight
+from the download stream into a temporary inbox file, moves it into place durably, and only then acknowledges it
+(DELETE) at the broker.
 A message that fails verification is dropped, logged (without its content) and acknowledged, and noted in the
 spool so the runner can say why it is still waiting. A second copy of a name already received is verified too:
 the first is kept, and a copy that is not the same genuine message leaves the same trace.

@@ -3,7 +3,8 @@
 Logs in with CAPE_TOKEN, registers the worker's public keys, heartbeats (with the four programs' supervisord
 states, at least every HEARTBEAT_SECONDS and whenever they change), copies approved jobs where this
 organization holds a seat into the spool, sends the spool's status updates (in order, each removed only after the
-coordinator accepted it) and marks jobs the coordinator ended (Stopped, Error, Completed) so the runner drops them.
+coordinator accepted it) and marks jobs the coordinator ended (Stopped, Error, Completed, Rejected) so the runner
+drops them.
 An unreachable coordinator is retried with capped exponential backoff and logged, never a crash loop.
 
 Run as `python -m services.worker.poller`.
@@ -190,6 +191,7 @@ class Poller:
             except CoordinatorAuthError as exc:
                 delay = max(backoff.next_delay(), 10.0)
                 log.error("%s; retrying in %.0f s", exc, delay)
+                self._record_login_refused(str(exc))
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
@@ -200,9 +202,19 @@ class Poller:
                 if backoff.failures:
                     log.info("the coordinator at %s is reachable again", self.config.coordinator)
                 backoff.reset()
+                if health.clear_login_refused(self.config.run_dir):
+                    log.info("the coordinator accepts CAPE_TOKEN again")
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
+
+    def _record_login_refused(self, message: str) -> None:
+        """For `cape-worker health`: a refused token needs the operator, and every program still runs."""
+        try:
+            health.record_login_refused(self.config.run_dir, message)
+        except OSError as exc:  # the run dir is gone or read-only: the log line above still says it
+            log.warning("cannot record the refused token for the health check in %s: %s", self.config.run_dir,
+                        exc.strerror)
 
     def report_until(self, deadline: float) -> None:
         """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails

@@ -8,7 +8,7 @@ Files landing in place (renamed or linked) are also what wakes the other program
 Layout (one directory per job under each stage):
 
     jobs/<job>/spec.json              the coordinator's WorkerJob (poller)
-    jobs/<job>/ended.json             the coordinator ended the job: Stopped/Error/Completed (poller)
+    jobs/<job>/ended.json             the coordinator ended the job: Stopped/Error/Completed/Rejected (poller)
     jobs/<job>/done.json              this worker's runner finished its role (runner)
     claims/<job>.json                 a job the runner works on; survives the runner's restart
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); once the broker has it, renamed to .sent
@@ -262,7 +262,7 @@ class Spool:
         return [j for j in self._job_ids(skip=self._seen_ended) if self.ended(j) is None]
 
     def mark_ended(self, job_id: str, status: str, message: str | None = None) -> None:
-        """Record that the coordinator ended the job (Stopped, Error, Completed); the runner abandons it."""
+        """Record that the coordinator ended the job (Stopped, Error, Completed, Rejected); the runner abandons it."""
         atomic_write_json(self.job_dir(job_id) / "ended.json", {"status": status, "message": message})
 
     def ended(self, job_id: str) -> dict[str, Any] | None:
@@ -311,11 +311,6 @@ class Spool:
     def is_claimed(self, job_id: str) -> bool:
         """True while the runner works on `job_id`."""
         return (self.root / "claims" / f"{validate_job_id(job_id)}.json").exists()
-
-    def claimed_job(self) -> str | None:
-        """One claimed job (the first by id), or None; prefer `is_claimed` / `claimed_jobs`."""
-        claimed = self.claimed_jobs()
-        return claimed[0] if claimed else None
 
     def release_claim(self, job_id: str) -> None:
         """Drop the runner's claim on `job_id` (after `mark_done`)."""

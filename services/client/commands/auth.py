@@ -11,8 +11,10 @@ from services.client.sdk import Cape
 
 
 @click.command()
-@click.option("--coordinator", metavar="URL", help="Coordinator URL (default: CAPE_COORDINATOR, then the saved one).")
-@click.option("--token", metavar="TOKEN", help=f"Your user token (default: {TOKEN_ENV}; prompted if neither).")
+@click.option("--coordinator", metavar="URL",
+              help="Coordinator URL (default: CAPE_COORDINATOR, then the saved one, then http://127.0.0.1:8080).")
+@click.option("--token", metavar="TOKEN",
+              help=f"Your user token (default: {TOKEN_ENV}, then the saved one; prompted if none).")
 def login(coordinator: str | None, token: str | None) -> None:
     """Check a token with the coordinator and save both in the config file (mode 0600)."""
     config = load_config(coordinator, token)

@@ -25,7 +25,8 @@ def dataviews() -> None:
 @click.option("--schema-from-file", "--schema-from-csv", "schema_path", type=click.Path(dir_okay=False),
               help="Read the columns from this local CSV's header (types guessed from its first rows) or "
                    "Parquet file's schema.")
-@click.option("--schema", "spec", metavar="NAME:TYPE,...", help="Columns, types number|integer|string.")
+@click.option("--schema", "spec", metavar="NAME:TYPE,...",
+              help="Columns, types number|integer|string (a column without :TYPE is a number).")
 @click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
 @json_option
 @pass_cli

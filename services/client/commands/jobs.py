@@ -33,9 +33,11 @@ def jobs() -> None:
               help="The target: a dataview and its column (default: its only column).")
 @click.option("--model-owner", required=True, metavar="ORG", help="Organization that receives weights and metrics.")
 @click.option("--model-location", metavar="s3://BUCKET[/PREFIX]|file:///PATH",
-              help="Where the model owner's worker writes the weights (default: the worker's CAPE_BUCKET).")
+              help="Where the model owner's worker writes the weights; that worker's CAPE_BUCKET, when set, "
+                   "replaces it (without either, the job ends in Error).")
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
-              help="Seconds the three workers have to start after approval.")
+              help="Seconds the three workers have to start after approval; also the longest a worker waits "
+                   "for any one message of the job.")
 @json_option
 @pass_cli
 def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: str, model_owner: str,

@@ -34,7 +34,7 @@ def list_orgs(cli: CliContext, as_json: bool) -> None:
 @json_option
 @pass_cli
 def show(cli: CliContext, org: str, as_json: bool) -> None:
-    """Show an organization, with its users when you may see them."""
+    """Show an organization; to its members, also its users and its worker (keys, last heartbeat, programs)."""
     organization = cli.cape().get_organization(org)
     try:
         users = organization.list_users()

@@ -147,11 +147,12 @@ def _kind(display: str, head: bytes) -> str:
 
 
 def read_columns(source: Source, *, name: str | None = None) -> list[str]:
-    """Return the column names of a CSV (its header row) or Parquet file, in file order."""
+    """Return the column names of a CSV (its header row, each name trimmed of surrounding spaces, as a dataview's
+    schema names them and as the loader finds them) or Parquet file (exact), in file order."""
     with _open(source, name) as opened:
         if opened.kind == "parquet":
             return list(_parquet_file(opened).schema_arrow.names)
-        return _csv_header(opened)
+        return [column.strip() for column in _csv_header(opened)]
 
 
 def _populated_empty(shape: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,36 @@
+"""What `cape-worker status` says of the spool's jobs and of a refused token (pure: files only)."""
+from services.worker import health
+from services.worker.spool import Spool
+
+
+def test_every_claimed_job_shows_running(tmp_path):
+    """The runner works on several jobs at once: each claimed job is running, not only the first by id."""
+    spool = Spool(tmp_path / "spool")
+    for job_id, seat in (("job-a", "x_owner"), ("job-b", "helper"), ("job-c", "y_owner"), ("job-d", "x_owner")):
+        spool.put_job({"id": job_id, "seat": seat, "status": "Approved"})
+    spool.claim("job-a")
+    spool.claim("job-b")
+    spool.mark_done("job-d", "completed")
+    spool.mark_ended("job-d", "Completed")
+    jobs = {job["id"]: job for job in health.spool_jobs(spool)}
+    assert {job_id: job["runner"] for job_id, job in jobs.items()} == {
+        "job-a": "running", "job-b": "running", "job-c": "waiting", "job-d": "completed"}
+    assert (jobs["job-b"]["seat"], jobs["job-d"]["status"]) == ("helper", "Completed")
+
+
+def test_login_refused_record(tmp_path):
+    assert health.read_login_refused(tmp_path) is None
+    assert health.clear_login_refused(tmp_path) is False
+    health.record_login_refused(tmp_path, "the coordinator refused CAPE_TOKEN (revoked)")
+    record = health.read_login_refused(tmp_path)
+    health.record_login_refused(tmp_path, "the coordinator refused CAPE_TOKEN (unknown token)")
+    assert health.read_login_refused(tmp_path) == {"since": record["since"],
+                                                   "message": "the coordinator refused CAPE_TOKEN (unknown token)"}
+    assert health.login_refused_line({"since": 0.0, "message": "m"}) == \
+        "the coordinator refuses CAPE_TOKEN (since ?): m"
+    assert health.login_refused_line({"since": 86400.0, "message": "m"}) == \
+        "the coordinator refuses CAPE_TOKEN (since 1970-01-02 00:00:00 UTC): m"
+    (tmp_path / health.LOGIN_REFUSED_NAME).write_text("{not json")
+    assert health.read_login_refused(tmp_path) == {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
+    assert health.clear_login_refused(tmp_path) is True
+    assert health.read_login_refused(tmp_path) is None
