@@ -98,6 +98,48 @@ def test_orgs_commands(shared_cape_server, cape_cli, orgs) -> None:
     assert worker["kind"] == "organization" and worker["organization"]["label"] == acme
 
 
+def test_orgs_remove_user_and_set_role(shared_cape_server, cape_cli, orgs) -> None:
+    acme = orgs["acme"]["organization"]["label"]
+    admin_email = orgs["acme"]["user"]["email"]
+    email = f"analyst@{acme}.test"
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    added = json.loads(cape_cli("orgs", "add-user", acme, email, "--json", env=env).stdout)
+
+    promoted = cape_cli("orgs", "set-role", acme, email, "data_scientist", env=env)
+    assert (promoted.exit_code, promoted.stdout) == (0, f"{email} is now data_scientist in {acme}.\n")
+    as_json = cape_cli("orgs", "set-role", acme, added["user"]["id"], "operator", "--json", env=env)
+    assert json.loads(as_json.stdout) == {"id": added["user"]["id"], "email": email, "role": "operator"}
+
+    # Errors: one line each, with the server's message and status; a bad role is a usage error (exit 2).
+    member_env = {**env, "CAPE_TOKEN": added["token"]}
+    denied = cape_cli("orgs", "remove-user", acme, admin_email, env=member_env)
+    assert denied.exit_code == 1 and one_error_line(denied.stderr) == (
+        "error: to remove users you need the role admin in the organization (your role there is operator) (HTTP 403)")
+    last = cape_cli("orgs", "set-role", acme, admin_email, "user", env=env)
+    assert last.exit_code == 1 and one_error_line(last.stderr) == (
+        f"error: cannot make '{admin_email}' user: they are the last admin of organization '{acme}'; first make "
+        f"another member admin (`cape orgs set-role {acme} USER admin`) (HTTP 409)")
+    last = cape_cli("orgs", "remove-user", acme, admin_email, env=env)
+    assert last.exit_code == 1 and one_error_line(last.stderr) == (
+        f"error: cannot remove '{admin_email}': they are the last admin of organization '{acme}'; first make "
+        f"another member admin (`cape orgs set-role {acme} USER admin`) (HTTP 409)")
+    bad_role = cape_cli("orgs", "set-role", acme, email, "owner", env=env)
+    assert bad_role.exit_code == 2 and "'owner' is not one of" in bad_role.stderr
+
+    removed = cape_cli("orgs", "remove-user", acme, email, env=env)
+    assert (removed.exit_code, removed.stdout) == (0, f"Removed {email} from {acme}.\n")
+    shown = json.loads(cape_cli("orgs", "show", acme, "--json", env=env).stdout)
+    assert email not in {u["email"] for u in shown["users"]}
+    gone = cape_cli("orgs", "remove-user", acme, email, "--json", env=env)
+    assert gone.exit_code == 1 and one_error_line(gone.stderr) == (
+        f"error: '{email}' is not a member of organization '{acme}'; `cape orgs show {acme}` lists its users "
+        "(by email and id) (HTTP 404)")
+    again = cape_cli("orgs", "add-user", acme, email, "--json", env=env)
+    readded = json.loads(again.stdout)["user"]
+    removed = cape_cli("orgs", "remove-user", acme, readded["id"], "--json", env=env)
+    assert removed.exit_code == 0 and json.loads(removed.stdout) == {"organization": acme, "removed": readded["id"]}
+
+
 def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label, tmp_path: Path) -> None:
     acme, globex, initech = (orgs[n]["organization"]["label"] for n in ("acme", "globex", "initech"))
     env_a = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}

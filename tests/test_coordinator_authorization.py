@@ -84,6 +84,11 @@ class World:
     def project(self) -> str:
         return self.ok(self.admin["a"].post("/v1/projects", json={"label": unique("tmp")}))["label"]
 
+    def member(self) -> str:
+        """A fresh member of `a` (role user), by id: the target of a removal or role change."""
+        return self.ok(self.admin["a"].post("/v1/organizations/a/users",
+                                            json={"email": f"{unique('m')}@a.example", "role": "user"}))["user"]["id"]
+
     def org_token_id(self) -> str:
         return self.ok(self.admin["a"].post("/v1/organizations/a/tokens"))["id"]
 
@@ -102,6 +107,11 @@ ACTIONS: list[tuple[str, Action, dict[str, int]]] = [
     ("add org user", lambda api, w: api.post("/v1/organizations/a/users",
                                              json={"email": f"{unique('u')}@a.example", "role": "user"}),
      expect(201, 403, 403, 403, 403, 403, 403)),
+    ("remove org user", lambda api, w: api.delete(f"/v1/organizations/a/users/{w.member()}"),
+     expect(204, 403, 403, 403, 403, 403, 403)),
+    ("change org user's role", lambda api, w: api.put(f"/v1/organizations/a/users/{w.member()}",
+                                                      json={"role": "operator"}),
+     expect(200, 403, 403, 403, 403, 403, 403)),
     ("create org token", lambda api, w: api.post("/v1/organizations/a/tokens", json={"description": "w2"}),
      expect(201, 403, 403, 403, 403, 403, 403)),
     ("revoke org token", lambda api, w: api.delete(f"/v1/tokens/{w.org_token_id()}"),

@@ -67,6 +67,14 @@ class Organization(Resource):
         """Add a user (admin only); returns ``{"user", "token"}`` with the new user's token."""
         return self._session.post(f"/v1/organizations/{seg(self.id)}/users", {"email": email, "role": role})
 
+    def remove_user(self, email_or_id: str) -> None:
+        """End a user's membership of this organization (admin only); their other organizations keep them."""
+        self._session.delete(f"/v1/organizations/{seg(self.id)}/users/{seg(email_or_id)}")
+
+    def set_role(self, email_or_id: str, role: str) -> dict[str, Any]:
+        """Change a member's role (admin only); returns the member ``{"id", "email", "role"}``."""
+        return self._session.put(f"/v1/organizations/{seg(self.id)}/users/{seg(email_or_id)}", {"role": role})
+
     def create_token(self, description: str | None = None) -> dict[str, Any]:
         """A new organization token for this organization's worker (admin only): ``{"id", "token"}``."""
         body = {"description": description} if description else {}

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from services.coordinator import identity, jobs, projects, views, workers
+from services.coordinator import identity, jobs, memberships, projects, views, workers
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
@@ -17,6 +17,7 @@ from services.coordinator.permissions import MANAGE_USERS, require_member, requi
 from services.coordinator.schemas import (
     Heartbeat,
     HelperRef,
+    MemberRole,
     NewDataview,
     NewJob,
     NewProject,
@@ -88,6 +89,21 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             org_id = identity.find_organization(conn, org)["id"]
             require_member(p, org_id, "these users")
             return identity.list_members(conn, org_id)
+
+    @router.put("/organizations/{org}/users/{user}", tags=["identity"], response_model=views.Member)
+    def set_user_role(org: str, user: str, body: MemberRole, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            row = identity.find_organization(conn, org)
+            require_role(p, row["id"], MANAGE_USERS, "change users' roles")
+            return memberships.set_member_role(conn, row, user, body.role)
+
+    @router.delete("/organizations/{org}/users/{user}", status_code=204, tags=["identity"])
+    def remove_user(org: str, user: str, p: Principal = Depends(person)) -> Response:
+        with db.transaction() as conn:
+            row = identity.find_organization(conn, org)
+            require_role(p, row["id"], MANAGE_USERS, "remove users")
+            memberships.remove_member(conn, row, user)
+        return Response(status_code=204)
 
     @router.get("/organizations/{org}/worker", tags=["identity"], response_model=views.WorkerStatus)
     def get_worker_status(org: str, p: Principal = Depends(person)) -> dict[str, Any]:

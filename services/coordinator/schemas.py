@@ -47,6 +47,10 @@ class NewUser(Body):
     role: Role
 
 
+class MemberRole(Body):
+    role: Role
+
+
 class NewToken(Body):
     description: Annotated[Text, StringConstraints(max_length=500)] | None = None
 

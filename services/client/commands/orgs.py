@@ -1,4 +1,4 @@
-"""`cape orgs list|show|add-user|create-token`."""
+"""`cape orgs list|show|add-user|remove-user|set-role|create-token`."""
 from __future__ import annotations
 
 import click
@@ -72,6 +72,37 @@ def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) ->
         return
     click.echo(f"Added {email} to {org} as {role}. Their token (shown once, give it to them privately):")
     click.echo(created["token"])
+
+
+@orgs.command("remove-user")
+@click.argument("org")
+@click.argument("user")
+@json_option
+@pass_cli
+def remove_user(cli: CliContext, org: str, user: str, as_json: bool) -> None:
+    """Remove USER (email or id) from ORG (admin); their tokens then carry no role in ORG."""
+    organization = cli.cape().get_organization(org)
+    organization.remove_user(user)
+    if as_json:
+        print_json({"organization": organization.label, "removed": user})
+        return
+    click.echo(f"Removed {user} from {organization.label}.")
+
+
+@orgs.command("set-role")
+@click.argument("org")
+@click.argument("user")
+@click.argument("role", type=click.Choice(ROLES))
+@json_option
+@pass_cli
+def set_role(cli: CliContext, org: str, user: str, role: str, as_json: bool) -> None:
+    """Change the role of USER (email or id) in ORG (admin)."""
+    organization = cli.cape().get_organization(org)
+    member = organization.set_role(user, role)
+    if as_json:
+        print_json(member)
+        return
+    click.echo(f"{member['email']} is now {member['role']} in {organization.label}.")
 
 
 @orgs.command("create-token")
