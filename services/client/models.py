@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from services.client.tasks import VerticallyPartitionedLinearRegression
 
 TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
+# Roles that approve or reject a job for their organization's data (services/CONTRACTS.md).
+DECIDING_ROLES = frozenset({"admin", "operator"})
 # How else to give a dataview's schema, in an error about a uri it cannot be read from.
 SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Parquet file"
 
@@ -24,6 +27,26 @@ SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Pa
 def seg(value: str) -> str:
     """One URL path segment (labels and names may hold any character)."""
     return quote(str(value), safe="")
+
+
+def one_of(method: str, **refs: str | None) -> str:
+    """The one reference given among ``refs`` (a positional id-or-label, or pycape's ``id=`` / ``label=``)."""
+    given = [value for value in refs.values() if value is not None]
+    if len(given) != 1:
+        names = ", ".join(f"{name}=" for name in refs)
+        raise BadArgument(f"{method} takes exactly one of {names} (got {len(given)})")
+    return given[0]
+
+
+class OrgRef(dict):
+    """An organization as a project or job names it (``{"id", "label"}``); also ``o.id`` / ``o.label``, as
+    pycape's ``project.organizations`` entries are read."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"organization reference has no {key!r}; it has {', '.join(self)}") from None
 
 
 class Resource:
@@ -100,6 +123,11 @@ class DataView(Resource):
         return self.data.get("uri")
 
     @property
+    def location(self) -> str | None:
+        """pycape's name for ``uri`` (shown to the owner organization's members only)."""
+        return self.uri
+
+    @property
     def owner(self) -> dict[str, Any]:
         return self.data.get("owner") or {}
 
@@ -154,10 +182,28 @@ class Job(Resource):
         """The job's current status (``NeedsApproval``, ``Approved``, ``Started``, ``Completed``, ...)."""
         return self.refresh().status
 
-    def approve(self) -> Job:
-        """Approve as a data owner (admin or operator)."""
+    def approve(self, org_id: str | Organization | None = None) -> Job:
+        """Approve as a data owner (admin or operator).
+
+        The coordinator records the approval for every data-owner organization of the job in which you are an
+        admin or operator. pycape's ``approve(org_id=...)`` (an id or label) first checks that this organization
+        owns data of the job and that you may approve for it, so nothing is approved on its behalf otherwise."""
+        if org_id is not None:
+            self._check_can_decide(org_ref(org_id), "approve")
         self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/approve")
         return self
+
+    def _check_can_decide(self, ref: str, action: str) -> None:
+        owners = {p["organization"]["id"]: p["organization"]["label"]
+                  for seat, p in self.refresh().parties.items() if seat in ("x_owner", "y_owner")}
+        org_id = next((i for i, label in owners.items() if ref in (i, label)), None)
+        if org_id is None:
+            raise BadArgument(f"organization {ref!r} owns no data of job {self.id}; only its data owners "
+                              f"({', '.join(sorted(owners.values()))}) {action} it")
+        role = (self._session.post("/v1/login").get("roles") or {}).get(org_id)
+        if role not in DECIDING_ROLES:
+            raise BadArgument(f"you cannot {action} job {self.id} for {owners[org_id]}: that needs the role "
+                              f"admin or operator in {owners[org_id]} (yours: {role or 'none'})")
 
     def reject(self, reason: str | None = None) -> Job:
         """Reject as a data owner; the reason is shown to the project's members."""
@@ -223,12 +269,14 @@ class Project(Resource):
         return self.data.get("description")
 
     @property
-    def organizations(self) -> list[dict[str, Any]]:
-        return self.data.get("organizations") or []
+    def organizations(self) -> list[OrgRef]:
+        """Member organizations, ``{"id", "label"}`` each (also ``o.id``, ``o.label`` as in pycape)."""
+        return [OrgRef(o) for o in self.data.get("organizations") or []]
 
     @property
-    def helper(self) -> dict[str, Any] | None:
-        return self.data.get("helper")
+    def helper(self) -> OrgRef | None:
+        helper = self.data.get("helper")
+        return None if helper is None else OrgRef(helper)
 
     def refresh(self) -> Project:
         self.data = self._session.get(f"/v1/projects/{seg(self.id)}")
@@ -259,10 +307,20 @@ class Project(Resource):
         schema_from_csv_path: str | None = None,
         organization: str | None = None,
         schema_from_file_path: str | None = None,
+        *,
+        owner_id: str | None = None,
+        owner_label: str | None = None,
     ) -> DataView:
         """Register a dataview; the schema is given, or read from a local CSV or Parquet file, or from ``uri`` if local.
 
-        ``schema_from_csv_path`` is the older name of ``schema_from_file_path`` (it reads Parquet too)."""
+        ``schema_from_csv_path`` is the older name of ``schema_from_file_path`` (it reads Parquet too).
+        ``organization`` (label or id; needed only when you belong to several) may be given as pycape's
+        ``owner_id=`` or ``owner_label=``. ``schema`` also takes pycape's ``[{"name", "schema_type"}]`` and
+        ``df.dtypes``."""
+        owners = {o for o in (organization, owner_id, owner_label) if o is not None}
+        if len(owners) > 1:
+            raise BadArgument("give the dataview's organization once: organization=, owner_id= or owner_label=")
+        organization = owners.pop() if owners else None
         path = schema_from_file_path or schema_from_csv_path
         if schema is not None:
             columns = normalise_schema(schema)
@@ -279,8 +337,19 @@ class Project(Resource):
         """Dataviews of the project (``uri`` shown for your own organization's only)."""
         return [DataView(self._session, d) for d in self._session.get(f"/v1/projects/{seg(self.id)}/dataviews")]
 
-    def get_dataview(self, id_or_name: str) -> DataView:
-        """One dataview of this project by id or name."""
+    @property
+    def dataviews(self) -> list[DataView]:
+        """pycape's ``project.dataviews``: the project's dataviews, listed now (as ``list_dataviews()``)."""
+        return self.list_dataviews()
+
+    def get_dataview(self, id_or_name: str | None = None, *, id: str | None = None,
+                     name: str | None = None, uri: str | None = None) -> DataView:
+        """One dataview of this project by id or name; pycape's ``get_dataview(id=...)`` and
+        ``get_dataview(uri=...)`` (your own organization's dataviews only: others' uris are not shown) work too."""
+        ref = one_of("get_dataview", id_or_name=id_or_name, id=id, name=name, uri=uri)
+        if uri is not None:
+            return self._dataview_by_uri(uri)
+        id_or_name = ref
         views = self.list_dataviews()
         for view in views:
             if view.id == id_or_name:
@@ -292,9 +361,45 @@ class Project(Resource):
             raise BadArgument(f"several dataviews of project {self.label!r} are named {id_or_name!r}; use the id")
         raise BadArgument(f"project {self.label!r} has no dataview named {id_or_name!r}; see `cape dataviews list`")
 
-    def submit_job(self, job: VerticallyPartitionedLinearRegression) -> Job:
-        """Submit a job; it waits for every data owner's approval."""
-        return Job(self._session, self._session.post(f"/v1/projects/{seg(self.id)}/jobs", job.to_request()))
+    def _dataview_by_uri(self, uri: str) -> DataView:
+        found = [v for v in self.list_dataviews() if v.uri == uri]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise BadArgument(f"several dataviews of project {self.label!r} point to {uri}; use the id or name")
+        raise BadArgument(f"project {self.label!r} has no dataview of your organization at {uri} "
+                          "(only your own organization's dataviews show their uri); use the id or name")
+
+    def delete_dataview(self, id: str) -> None:
+        """Delete one of this project's dataviews by id (or name), as pycape's ``delete_dataview(id=...)``."""
+        self.get_dataview(id).delete()
+
+    def submit_job(self, job: VerticallyPartitionedLinearRegression | None = None, timeout: float | None = None,
+                   *, task: VerticallyPartitionedLinearRegression | None = None) -> Job:
+        """Submit a job; it waits for every data owner's approval.
+
+        ``timeout`` (seconds, as pycape's ``submit_job(job, timeout=60)``) overrides the job's own; ``task=`` is
+        pycape's other name for ``job``."""
+        if (job is None) == (task is None):
+            raise BadArgument("submit exactly one job: submit_job(VerticallyPartitionedLinearRegression(...))")
+        body = (job or task).to_request()  # type: ignore[union-attr]
+        if timeout is not None:
+            if timeout <= 0:
+                raise BadArgument("timeout must be a positive number of seconds")
+            body["timeout"] = math.ceil(timeout)
+        return Job(self._session, self._session.post(f"/v1/projects/{seg(self.id)}/jobs", body))
+
+    def get_job(self, id: str) -> Job:
+        """One job of this project, as pycape's ``project.get_job(id=...)``."""
+        job = Job(self._session, self._session.get(f"/v1/jobs/{seg(id)}"))
+        if job.data.get("project") != self.id:
+            raise BadArgument(f"job {id} is not a job of project {self.label!r}")
+        return job
+
+    @property
+    def jobs(self) -> list[Job]:
+        """pycape's ``project.jobs``: the project's jobs, listed now (as ``list_jobs()``)."""
+        return self.list_jobs()
 
     def list_jobs(self) -> list[Job]:
         """Jobs of the project, as the coordinator lists them."""

@@ -77,24 +77,56 @@ def local_file_path(uri: str) -> Path | None:
 
 
 def normalise_schema(schema: Any) -> Schema:
-    """Accept a schema as [{"name", "type"}], {name: type}, [name, ...] or a ``name:type,...`` string."""
+    """Accept a schema as [{"name", "type"}], {name: type}, [name, ...] or a ``name:type,...`` string.
+
+    pycape's forms work too: ``[{"name", "schema_type"}]``, and a pandas ``df.dtypes`` (or a {name: dtype} dict),
+    whose integer and boolean columns are integers, floating ones numbers and the others strings."""
     if isinstance(schema, str):
         return parse_schema_spec(schema)
-    if isinstance(schema, dict):
-        result = [_column(str(k), str(v)) for k, v in schema.items()]
+    if isinstance(schema, dict) or callable(getattr(schema, "items", None)):
+        result = [_column(str(k), _type_name(v)) for k, v in schema.items()]
     elif isinstance(schema, Iterable):
         result = []
         for item in schema:
             if isinstance(item, str):
                 result.append(_column(item, "number"))
             elif isinstance(item, dict) and "name" in item:
-                result.append(_column(str(item["name"]), str(item.get("type", "number"))))
+                result.append(_column(str(item["name"]), _entry_type(item)))
             else:
                 raise BadArgument(f"cannot read schema entry {item!r}; use {{'name': ..., 'type': ...}}")
     else:
         raise BadArgument("the schema must be a list of {'name', 'type'}, a {name: type} dict or a string")
     _check_unique(result)
     return result
+
+
+def _entry_type(item: dict[str, Any]) -> str:
+    """The type of a ``{"name", "type"}`` entry; pycape's ``schema_type`` key is the same thing."""
+    kinds = {str(item[key]) for key in ("type", "schema_type") if key in item}
+    if len(kinds) > 1:
+        raise BadArgument(f"column {item['name']!r} has both type and schema_type, and they differ; give one")
+    return kinds.pop() if kinds else "number"
+
+
+def _type_name(kind: Any) -> str:
+    """A schema type from a type name, or from a numpy/pandas dtype (or a Python type) as ``df.dtypes`` holds."""
+    if isinstance(kind, str):
+        return kind
+    code = getattr(kind, "kind", None)  # numpy dtypes and pandas extension dtypes
+    if not isinstance(code, str):
+        import numpy as np  # here, as pyarrow below: the string and dict forms need neither
+
+        try:
+            code = np.dtype(kind).kind
+        except TypeError:
+            return str(kind)
+    if code in "iub":
+        return "integer"
+    if code == "f":
+        return "number"
+    if code in "OUS":
+        return "string"
+    return str(kind)  # datetimes, complex numbers, ...: _column names the type it refuses
 
 
 def _column(name: str, kind: str) -> dict[str, str]:

@@ -1,11 +1,13 @@
 """``Cape``: the SDK's entry point, shaped like pycape's (``Cape().login()``, ``list_projects()``, ...)."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from services.client.config import load_config
+from services.client.errors import BadArgument
 from services.client.http import DEFAULT_TIMEOUT_S, ApiSession
-from services.client.models import DataView, Job, Organization, Project, seg
+from services.client.models import DataView, Job, Organization, Project, one_of, seg
 
 
 class Cape:
@@ -48,12 +50,32 @@ class Cape:
         """Projects one of your organizations is a member of."""
         return [Project(self._session, p) for p in self._session.get("/v1/projects")]
 
-    def get_project(self, id_or_label: str) -> Project:
-        return Project(self._session, self._session.get(f"/v1/projects/{seg(id_or_label)}"))
+    def get_project(self, id_or_label: str | None = None, *, id: str | None = None,
+                    label: str | None = None) -> Project:
+        """One project by id or label: ``get_project("churn")``, or pycape's ``get_project(id=...)`` /
+        ``get_project(label=...)``."""
+        ref = one_of("get_project", id_or_label=id_or_label, id=id, label=label)
+        return Project(self._session, self._session.get(f"/v1/projects/{seg(ref)}"))
 
-    def create_project(self, label: str, name: str | None = None, description: str | None = None,
-                       organization: str | None = None) -> Project:
-        """Create a project owned by your organization (``organization`` when you belong to several)."""
+    def delete_project(self, id_or_label: str | None = None, *, id: str | None = None,
+                       label: str | None = None) -> None:
+        """Delete a project (its owner organization), as pycape's ``delete_project(id=...)``."""
+        ref = one_of("delete_project", id_or_label=id_or_label, id=id, label=label)
+        self._session.delete(f"/v1/projects/{seg(ref)}")
+
+    def create_project(self, label: str | None = None, name: str | None = None, description: str | None = None,
+                       organization: str | None = None, *, owner: str | None = None) -> Project:
+        """Create a project owned by your organization (``organization`` when you belong to several).
+
+        pycape's ``create_project(name=..., owner=ORG, description=...)`` works too: ``owner`` is the
+        organization, and without ``label`` the label is made from the name ("My Project" -> "my-project")."""
+        if owner is not None and organization is not None and owner != organization:
+            raise BadArgument("give the owning organization once: organization=... or owner=..., not both")
+        organization = organization if organization is not None else owner
+        if label is None:
+            if not name:
+                raise BadArgument("name the project: create_project(label=...) or create_project(name=...)")
+            label = label_from_name(name)
         body: dict[str, Any] = {"label": label}
         for key, value in (("name", name), ("description", description), ("organization", organization)):
             if value is not None:
@@ -67,3 +89,11 @@ class Cape:
 
     def get_job(self, job_id: str) -> Job:
         return Job(self._session, self._session.get(f"/v1/jobs/{seg(job_id)}"))
+
+
+def label_from_name(name: str) -> str:
+    """A project label made from a name, as pycape's docs show them: "My Project" -> "my-project"."""
+    label = re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-._")[:64].rstrip("-._")
+    if not label:
+        raise BadArgument(f"cannot make a label from the name {name!r}; give label=... (letters, digits, . _ -)")
+    return label
