@@ -3,6 +3,7 @@ when `cape-server` (serve or admin) is given something it cannot use."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -150,7 +151,7 @@ def test_an_address_this_machine_lacks_points_at_host(tmp_path):
 
 @pytest.mark.parametrize("command, usage", [
     ([], "Usage: cape-server [OPTIONS] COMMAND [ARGS]..."),
-    (["admin", "create-user"], "Usage: cape-server admin create-user [OPTIONS] ORGANIZATION"),
+    (["admin", "create-user"], "Usage: cape-server admin create-user [OPTIONS] ORGANIZATION [EMAIL]"),
 ], ids=["top", "subcommand"])
 def test_dash_h_is_help(command, usage):
     result = run_cli(*command, "-h")
@@ -177,3 +178,27 @@ def test_create_user_rejects_what_is_not_an_email(tmp_path, email):
     assert result.returncode == 2
     assert error_line(result) == (f"Error: Invalid value for '--email': '{email}' is not an email address "
                                   "(like name@example.org)")
+
+
+def test_create_user_takes_the_email_as_cape_orgs_add_user_does(tmp_path):
+    """`cape orgs add-user ORG EMAIL` names the email after the organization; the admin command takes it there too."""
+    made = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--data-dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    result = run_cli("admin", "create-user", "acme", "ds@acme.example", "--role", "data_scientist", "--json",
+                     "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["user"]["email"] == "ds@acme.example"
+    same = run_cli("admin", "create-user", "acme", "op@acme.example", "--email", "op@acme.example", "--role",
+                   "operator", "--data-dir", str(tmp_path))
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.splitlines()[0] == "user op@acme.example is operator of acme"
+    two = run_cli("admin", "create-user", "acme", "x@acme.example", "--email", "y@acme.example", "--role", "user",
+                  "--data-dir", str(tmp_path))
+    assert (two.returncode, error_line(two)) == (
+        2, "Error: two emails given (x@acme.example and --email y@acme.example); give one")
+    none = run_cli("admin", "create-user", "acme", "--role", "user", "--data-dir", str(tmp_path))
+    assert (none.returncode, error_line(none)) == (
+        2, "Error: give the user's email: create-user ORGANIZATION EMAIL --role ROLE")
+    bad = run_cli("admin", "create-user", "acme", "notanemail", "--role", "user", "--data-dir", str(tmp_path))
+    assert (bad.returncode, error_line(bad)) == (
+        2, "Error: Invalid value for '[EMAIL]': 'notanemail' is not an email address (like name@example.org)")

@@ -54,6 +54,10 @@ def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(f"{value!r} is not an email address (like name@example.org)") from None
 
 
+def _optional_email(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return None if value is None else _email(ctx, param, value)
+
+
 def _listen_error(host: str, port: int, exc: OSError) -> click.ClickException:
     """Point at the option to change: a name that does not resolve, or an address this machine does not have, is
     the host's fault, not the port's."""
@@ -207,12 +211,22 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
 
 @admin.command("create-user")
 @click.argument("organization")
-@click.option("--email", required=True, callback=_email)
+@click.argument("email_argument", metavar="[EMAIL]", required=False, callback=_optional_email)
+@click.option("--email", callback=_optional_email, help="The user's email (or give it after ORGANIZATION).")
 @click.option("--role", required=True, type=click.Choice(list(identity.ROLES)))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
-def create_user(organization: str, email: str, role: str, as_json: bool, data_dir: Path) -> None:
-    """Add a user (by email) to an organization with a role; prints a user token for them."""
+def create_user(organization: str, email_argument: str | None, email: str | None, role: str, as_json: bool,
+                data_dir: Path) -> None:
+    """Add a user (by email) to an organization with a role; prints a user token for them.
+
+    The email comes after ORGANIZATION, as in `cape orgs add-user ORG EMAIL`, or as --email."""
+    if email_argument and email and email_argument != email:
+        raise click.UsageError(f"two emails given ({email_argument} and --email {email}); give one")
+    email = email_argument or email
+    if not email:
+        raise click.UsageError("give the user's email: create-user ORGANIZATION EMAIL --role ROLE")
+
     def action(conn: Any) -> dict[str, Any]:
         org = identity.find_organization(conn, organization)
         user, token = identity.add_user(conn, org["id"], email, role)
