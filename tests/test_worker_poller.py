@@ -229,7 +229,7 @@ def test_job_list_long_poll_rejects_a_bad_wait(module_world):
     assert response.status_code == 422
 
 
-def test_watcher_stores_an_approved_job_before_the_next_cycle(cape_server, module_world, tmp_path):
+def test_watcher_stores_an_approved_job_and_marks_a_stopped_one_before_the_next_cycle(cape_server, module_world, tmp_path):
     poller, _ = make_poller(tmp_path, cape_server.url, module_world["orgs"]["helper"]["organization_token"])
     poller.cycle()  # logs in and registers keys; the next cycle would be CAPE_POLL_INTERVAL away
     stop = threading.Event()
@@ -247,8 +247,16 @@ def test_watcher_stores_an_approved_job_before_the_next_cycle(cape_server, modul
             time.sleep(0.01)
         spec = poller.spool.read_job(job["id"])
         assert spec is not None and spec["seat"] == "helper" and spec["status"] == "Approved"
+        # Stopped: the job leaves the list, and the watcher marks it ended at once (the runner drops it then).
+        time.sleep(0.3)
+        assert module_world["user"]["xorg"].post(f"/v1/jobs/{job['id']}/stop").status_code == 200
+        deadline = time.monotonic() + 5
+        while poller.spool.ended(job["id"]) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert poller.spool.ended(job["id"]) == {"status": "Stopped", "message": None}
     finally:
         stop.set()
-        module_world["user"]["xorg"].post(f"/v1/jobs/{job['id']}/stop")  # wakes the watcher's poll
+        other = submit_job(module_world)
+        module_world["user"]["xorg"].post(f"/v1/jobs/{other['id']}/stop")  # wakes the watcher's poll
         watcher.join(timeout=10)
     assert not watcher.is_alive()

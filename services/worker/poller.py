@@ -26,6 +26,9 @@ from services.worker.keys import WorkerKeys
 from services.worker.spool import InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
+# Ends the job watcher marks at once. Not Completed: each seat finishes its own role and reports it, and a seat
+# whose job is marked ended drops its reports still queued; the cycle marks Completed jobs a poll interval later.
+INTERRUPTING_STATUSES = ("Stopped", "Error")
 HEARTBEAT_SECONDS = 15.0
 PRUNE_SECONDS = 60.0  # how often old finished jobs are looked for (a scan of the spool's jobs/ folder)
 MAX_BACKOFF_SECONDS = 30.0
@@ -69,6 +72,7 @@ class Poller:
         self.last_prune = 0.0
         self.last_programs: dict[str, str] | None = None
         self._store_lock = threading.Lock()  # the cycle and the job watcher both store jobs
+        self._ended_lock = threading.Lock()  # ... and both mark ended ones
 
     def start(self) -> None:
         """Log in and register keys (once per process start)."""
@@ -121,7 +125,8 @@ class Poller:
         return served
 
     def watch_jobs(self, client: CoordinatorClient, stop: threading.Event, wait: float = JOB_WATCH_SECONDS) -> None:
-        """Until `stop`, long-poll the job list and store jobs the moment they change (approved, mostly).
+        """Until `stop`, long-poll the job list: store jobs the moment they are approved, and mark those that left
+        it (stopped, Error) ended at once.
 
         `client` is this thread's own (HTTP sessions are not shared between threads). Failures only pause the
         watch: the cycle reports coordinator problems and still fetches the list every CAPE_POLL_INTERVAL.
@@ -136,27 +141,35 @@ class Poller:
                 stop.wait(backoff.next_delay())
                 continue
             backoff.reset()
-            self.store_jobs(specs)
+            served = self.store_jobs(specs)
             if version is None:  # a coordinator without long polls: the cycle's fetches are enough
                 return
+            try:  # a job stopped or ended in Error leaves the list: its seat stops now, not at the next cycle
+                self.notice_ended(served, client, INTERRUPTING_STATUSES)
+            except CoordinatorError:
+                pass  # the cycle reports coordinator problems, and looks again
 
-    def notice_ended(self, served: set[str]) -> None:
-        """For spooled jobs the coordinator no longer serves, look up their status and mark the ended ones."""
-        for job_id in self.spool.unended_job_ids():
-            if job_id in served:
-                continue
-            try:
-                job = self.client.job(job_id)
-            except CoordinatorUnreachable:
-                raise
-            except CoordinatorError as exc:
-                log.warning("job %s is no longer visible to this worker (%s); dropping it", job_id, exc)
-                self.spool.mark_ended(job_id, "Error", str(exc))
-                continue
-            status = job.get("status")
-            if status in ENDED_STATUSES:
-                self.spool.mark_ended(job_id, status, job.get("error"))
-                log.info("job %s ended at the coordinator: %s", job_id, status)
+    def notice_ended(self, served: set[str], client: CoordinatorClient | None = None,
+                     statuses: tuple[str, ...] = ENDED_STATUSES) -> None:
+        """For spooled jobs the coordinator no longer serves, look up their status and mark those ended in one of
+        `statuses`. Both the cycle and the job watcher call it, each with its own client."""
+        client = client or self.client
+        with self._ended_lock:  # one lookup and one log line per job, whichever thread comes first
+            for job_id in self.spool.unended_job_ids():
+                if job_id in served:
+                    continue
+                try:
+                    job = client.job(job_id)
+                except CoordinatorUnreachable:
+                    raise
+                except CoordinatorError as exc:
+                    log.warning("job %s is no longer visible to this worker (%s); dropping it", job_id, exc)
+                    self.spool.mark_ended(job_id, "Error", str(exc))
+                    continue
+                status = job.get("status")
+                if status in statuses:
+                    self.spool.mark_ended(job_id, status, job.get("error"))
+                    log.info("job %s ended at the coordinator: %s", job_id, status)
 
     def send_status(self) -> None:
         """Report queued status updates in order; stop at the first one the coordinator could not take now."""
