@@ -47,13 +47,14 @@ def test_projects_as_pycape_gets_creates_and_deletes_them(shared_cape_server, wo
     with pytest.raises(BadArgument, match="exactly one of"):
         c.get_project(id=project.id, label=project.label)
 
-    # pycape's project.organizations entries have .id and .label; ours stay dicts as well.
+    # pycape's project.organizations entries have .id, .label and .name; ours stay dicts as well.
     orgs = c.get_project(id=project.id).organizations
     assert [o.label for o in orgs] == [world["label"][n] for n in ("bank", "shop", "neutral")]
-    assert orgs[0] == {"id": world["orgs"]["bank"]["organization"]["id"], "label": world["label"]["bank"]}
-    assert orgs[0].id == orgs[0]["id"]
-    with pytest.raises(AttributeError, match="has no 'name'"):
-        orgs[0].name  # the entries have only id and label
+    bank_org = world["orgs"]["bank"]["organization"]
+    assert orgs[0] == {"id": bank_org["id"], "label": world["label"]["bank"], "name": bank_org["name"]}
+    assert (orgs[0].id, orgs[0].name) == (orgs[0]["id"], bank_org["name"])
+    with pytest.raises(AttributeError, match="has no 'email'; it has id, label, name"):
+        orgs[0].email
 
     bank_id = world["orgs"]["bank"]["organization"]["id"]
     name = f"My Project {project.label}"

@@ -39,8 +39,8 @@ def one_of(method: str, **refs: str | None) -> str:
 
 
 class OrgRef(dict):
-    """An organization as a project or job names it (``{"id", "label"}``); also ``o.id`` / ``o.label``, as
-    pycape's ``project.organizations`` entries are read."""
+    """An organization as a project or job names it (``{"id", "label"}``, and ``"name"`` among a project's
+    organizations); also ``o.id`` / ``o.label`` / ``o.name``, as pycape's ``project.organizations`` are read."""
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -270,7 +270,8 @@ class Project(Resource):
 
     @property
     def organizations(self) -> list[OrgRef]:
-        """Member organizations, ``{"id", "label"}`` each (also ``o.id``, ``o.label`` as in pycape)."""
+        """Member organizations, ``{"id", "label", "name"}`` each (also ``o.id``, ``o.label``, ``o.name`` as in
+        pycape)."""
         return [OrgRef(o) for o in self.data.get("organizations") or []]
 
     @property

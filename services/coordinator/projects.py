@@ -6,7 +6,7 @@ import sqlite3
 from typing import Any
 
 from services.coordinator.db import new_id, now_iso
-from services.coordinator.identity import Principal, find_organization, get_org, org_ref
+from services.coordinator.identity import Principal, find_organization, get_org, org_ref, org_view
 from services.coordinator.permissions import (
     MANAGE_DATAVIEWS,
     MANAGE_PROJECTS,
@@ -51,7 +51,8 @@ def project_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": row["id"], "label": row["label"], "name": row["name"], "description": row["description"],
         "owner": org_ref(get_org(conn, row["owner_org_id"])),
-        "organizations": [org_ref(get_org(conn, o)) for o in member_org_ids(conn, row["id"])],
+        # With names: pycape's examples name things after `o.name` of a project's organizations.
+        "organizations": [org_view(get_org(conn, o)) for o in member_org_ids(conn, row["id"])],
         "helper": org_ref(get_org(conn, row["helper_org_id"])) if row["helper_org_id"] else None,
         "created_at": row["created_at"],
     }

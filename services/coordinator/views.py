@@ -75,7 +75,7 @@ class Project(View):
     name: str | None
     description: str | None
     owner: OrgRef
-    organizations: list[OrgRef]
+    organizations: list[Organization]
     helper: OrgRef | None
     created_at: str
 
