@@ -152,8 +152,9 @@ def run() -> None:
     sys.exit(code)
 
 
-def _already_running(config: WorkerConfig, where: Path) -> NoReturn:
-    click.echo(f"cape-worker: a worker is already running with CAPE_STATE_DIR={config.state_dir} ({where}); "
+def _already_running(config: WorkerConfig, evidence: str) -> NoReturn:
+    """Refuse a second worker on one state dir (exit 2), saying how we know one runs."""
+    click.echo(f"cape-worker: a worker is already running with CAPE_STATE_DIR={config.state_dir} ({evidence}); "
                "stop it first", err=True)
     sys.exit(2)
 
