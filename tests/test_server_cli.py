@@ -61,6 +61,22 @@ def test_occupied_port_is_a_clear_error(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick another --port" in result.stderr
 
 
+def test_a_bind_error_leaves_no_data_dir_behind(tmp_path):
+    """A port or host mistake is fixed by running again: the data dir it named is not left half-made (a new one
+    is removed again; an existing one gets no database)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        (tmp_path / "existing").mkdir()
+        for data_dir in (tmp_path / "fresh", tmp_path / "existing"):
+            result = subprocess.run([*cape_server_command(), "serve", "--port", str(port), "--data-dir",
+                                     str(data_dir)], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+    assert list((tmp_path / "existing").iterdir()) == []  # no coordinator.sqlite3, no broker/
+
+
 def test_admin_bootstrap_makes_a_private_data_dir(tmp_path):
     data_dir = tmp_path / "fresh"
     result = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",

@@ -1,6 +1,7 @@
 """`cape-server`: run the coordinator and broker (`serve`), and bootstrap identities from the shell (`admin`)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -135,7 +136,19 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if only != "broker" and coordinator_url:
         raise click.UsageError("--coordinator-url is only for --only broker (otherwise the coordinator runs in this "
                                "same process)")
+    created = not data_dir.exists()
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
+    # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
+    # connections made in between wait in the backlog. Before the app makes its database: a port or host
+    # mistake leaves no data dir behind.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = listening_socket(host, port)
+    except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()  # ours, and still empty
+        raise _listen_error(host, port, exc) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
@@ -143,13 +156,6 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
                           job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
     app = create_app(config)
-    # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
-    # connections made in between wait in the backlog.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        sock = listening_socket(host, port)
-    except OSError as exc:
-        raise _listen_error(host, port, exc) from None
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
