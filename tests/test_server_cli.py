@@ -77,6 +77,23 @@ def test_a_bind_error_leaves_no_data_dir_behind(tmp_path):
     assert list((tmp_path / "existing").iterdir()) == []  # no coordinator.sqlite3, no broker/
 
 
+def test_data_dir_files_are_private_and_an_open_dir_is_named(tmp_path):
+    """Token hashes and queued messages: files the server makes are its user's alone, and a data dir made
+    beforehand with the usual mode 755 is kept (the operator's) but named in a warning."""
+    data_dir = tmp_path / "made-by-operator"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)
+    result = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",
+                             "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"cape-server: warning: --data-dir {data_dir} is open to other users (mode 755); it holds token hashes and "
+        f"queued messages: chmod 700 {data_dir}"]
+    assert (data_dir.stat().st_mode & 0o777) == 0o755
+    made = [p for p in data_dir.rglob("*")]
+    assert made and all((p.stat().st_mode & 0o077) == 0 for p in made), [(p, oct(p.stat().st_mode)) for p in made]
+
+
 def test_admin_bootstrap_makes_a_private_data_dir(tmp_path):
     data_dir = tmp_path / "fresh"
     result = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",

@@ -1,7 +1,8 @@
 """`cape-worker check` against the real cape-server and a real moto server: all ok, then each bad setting gives
 its own line and a non-zero exit; `cape-worker run` refuses a bad configuration, or a second worker on the same
 state directory (also when two start at once), before starting anything; `status` needs only local settings; a
-revoked token makes the worker unhealthy; `-h` is `--help`."""
+revoked token makes the worker unhealthy; a stopped worker's claims and failed jobs' reasons show; `-h` is
+`--help`."""
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from services.worker.spool import Spool
 from tests.support.aws import free_port
 from tests.support.server import Api
 from tests.support.workers import worker_env
@@ -198,6 +200,21 @@ def test_status_needs_no_token_or_coordinator(tmp_path):
     ]
     result = cape_worker("status", env={**env, "CAPE_TOKEN": "malformed"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr  # nor a valid one: status never reads it
+
+
+def test_status_of_a_stopped_worker_shows_claims_and_reasons(tmp_path):
+    env = worker_env(tmp_path, "w")
+    spool = Spool(tmp_path / "w" / "spool")
+    spool.put_job({"id": "job-a", "seat": "x_owner", "status": "Started"})
+    spool.claim("job-a")
+    spool.put_job({"id": "job-e", "seat": "helper", "status": "Started"})
+    spool.mark_done("job-e", "error", "no message 'x_owner.lr-v' arrived within 600 s")
+    lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
+    assert lines[-3:] == [
+        "  job-a  seat=x_owner  status=Started  runner=claimed  unsent_messages=0  pending_reports=0  result=-",
+        "  job-e  seat=helper  status=Started  runner=error  unsent_messages=0  pending_reports=0  result=-",
+        "    reason: no message 'x_owner.lr-v' arrived within 600 s",
+    ]
 
 
 @pytest.mark.parametrize("args, usage", [

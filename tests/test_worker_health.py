@@ -16,6 +16,24 @@ def test_every_claimed_job_shows_running(tmp_path):
     assert {job_id: job["runner"] for job_id, job in jobs.items()} == {
         "job-a": "running", "job-b": "running", "job-c": "waiting", "job-d": "completed"}
     assert (jobs["job-b"]["seat"], jobs["job-d"]["status"]) == ("helper", "Completed")
+    assert [job["reason"] for job in jobs.values()] == [None, None, None, None]
+
+
+def test_claimed_jobs_of_a_stopped_worker_and_reasons(tmp_path):
+    """With the runner not running, a claim is only a claim (it resumes at the next start); failed and ended jobs
+    say why, as the runner or the coordinator put it."""
+    spool = Spool(tmp_path / "spool")
+    for job_id in ("job-a", "job-e", "job-s"):
+        spool.put_job({"id": job_id, "seat": "x_owner", "status": "Approved"})
+    spool.claim("job-a")
+    spool.mark_done("job-e", "error", "dataview 'xs': no column 'age'; the file has 'Age'")
+    spool.mark_ended("job-s", "Stopped", "stopped by ds@bank.example")
+    jobs = {job["id"]: job for job in health.spool_jobs(spool, runner_running=False)}
+    assert {job_id: (job["runner"], job["reason"]) for job_id, job in jobs.items()} == {
+        "job-a": ("claimed", None),
+        "job-e": ("error", "dataview 'xs': no column 'age'; the file has 'Age'"),
+        "job-s": ("waiting", "stopped by ds@bank.example"),
+    }
 
 
 def test_login_refused_record(tmp_path):

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import re
 import socket
 import sys
@@ -38,14 +39,22 @@ def main() -> None:
 
 def check_data_dir(data_dir: Path) -> None:
     """Make `data_dir` (private: it holds token hashes and queued messages) and check this user can write in it,
-    so a bad one is a one-line error before anything starts rather than a traceback from mkdir or sqlite."""
+    so a bad one is a one-line error before anything starts rather than a traceback from mkdir or sqlite.
+
+    Files this process creates from here on are private to its user (umask 077). A directory made beforehand keeps
+    its mode (it is the operator's), with a warning when other users may read it."""
+    os.umask(0o077)
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".cape-server-probe-"):
             pass
+        mode = data_dir.stat().st_mode & 0o777
     except OSError as exc:
         raise click.ClickException(f"--data-dir {data_dir} cannot be used: {exc.strerror or exc} "
                                    "(give a directory this user can create and write)") from None
+    if mode & 0o077:
+        click.echo(f"cape-server: warning: --data-dir {data_dir} is open to other users (mode {mode:o}); it holds "
+                   f"token hashes and queued messages: chmod 700 {data_dir}", err=True)
 
 
 def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -220,7 +220,8 @@ def status(as_json: bool) -> None:
     else:
         problem = None
     refused = health_mod.read_login_refused(config.run_dir)
-    jobs = health_mod.spool_jobs(Spool(config.spool_dir)) if config.spool_dir.is_dir() else []
+    runner_running = programs.get("runner") == "RUNNING"
+    jobs = health_mod.spool_jobs(Spool(config.spool_dir), runner_running) if config.spool_dir.is_dir() else []
     if as_json:
         click.echo(json.dumps({"programs": programs, "supervisor_error": problem, "login_refused": refused,
                                "jobs": jobs}, indent=2))
@@ -237,6 +238,8 @@ def status(as_json: bool) -> None:
         click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"
                    f"  unsent_messages={job['unsent_messages']}  pending_reports={job['pending_reports']}"
                    f"  result={job['result']}")
+        if job["reason"]:
+            click.echo(f"    reason: {job['reason']}")
 
 
 @main.command()

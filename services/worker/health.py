@@ -91,8 +91,10 @@ def login_refused_line(record: dict[str, Any]) -> str:
     return f"the coordinator refuses CAPE_TOKEN (since {since}): {record['message']}"
 
 
-def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
-    """A summary of each job in the spool (no data values, no keys)."""
+def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:
+    """A summary of each job in the spool (no data values, no keys). A claimed job shows `running` only while the
+    runner program runs (`claimed` otherwise: it resumes when the worker runs again); a job that failed or was
+    ended carries the reason the runner or the coordinator gave."""
     pending_reports: dict[str, int] = {}
     for item in spool.pending_status():
         pending_reports[item.job_id] = pending_reports.get(item.job_id, 0) + 1
@@ -101,11 +103,13 @@ def spool_jobs(spool: Spool) -> list[dict[str, Any]]:
     for job_id in spool.job_ids():
         spec = spool.read_job(job_id) or {}
         ended, done = spool.ended(job_id), spool.done(job_id)
+        claimed = "running" if runner_running else "claimed"
         jobs.append({
             "id": job_id,
             "seat": spec.get("seat"),
             "status": (ended or {}).get("status") or spec.get("status"),
-            "runner": (done or {}).get("outcome") or ("running" if spool.is_claimed(job_id) else "waiting"),
+            "runner": (done or {}).get("outcome") or (claimed if spool.is_claimed(job_id) else "waiting"),
+            "reason": (done or {}).get("message") or (ended or {}).get("message"),
             "unsent_messages": spool.unsent_count(job_id),
             "pending_reports": pending_reports.get(job_id, 0),
             "result": "pending upload" if job_id in results else (
