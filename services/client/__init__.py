@@ -4,6 +4,7 @@ from services.client.errors import (
     BadArgument,
     CapeError,
     CoordinatorUnreachable,
+    NotAllowed,
     NotConfigured,
     ResultsUnavailable,
 )
@@ -12,6 +13,6 @@ from services.client.sdk import Cape
 from services.client.tasks import VerticallyPartitionedLinearRegression
 
 __all__ = [
-    "ApiError", "BadArgument", "Cape", "CapeError", "CoordinatorUnreachable", "DataView", "Job",
+    "ApiError", "BadArgument", "Cape", "CapeError", "CoordinatorUnreachable", "DataView", "Job", "NotAllowed",
     "NotConfigured", "Organization", "Project", "ResultsUnavailable", "VerticallyPartitionedLinearRegression",
 ]

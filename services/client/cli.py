@@ -9,22 +9,28 @@ from services.client.commands.auth import login, whoami
 from services.client.commands.dataviews import dataviews
 from services.client.commands.jobs import jobs
 from services.client.commands.orgs import orgs
+from services.client.commands.output import CliContext
 from services.client.commands.projects import projects
-from services.client.errors import CapeError
+from services.client.errors import ApiError, CapeError
 from services.client.simulate import simulate  # the engine's `cape simulate`, in its own module
 from services.process_exit import run_then_exit
 
 EXIT_ERROR = 1
+# A token exported for a worker (or an old one) silently wins over `cape login`: say so when it is refused.
+ENV_TOKEN_HINT = "(CAPE_TOKEN is set in the environment and overrides your saved login)"
 
 
 class CapeGroup(click.Group):
     """Turns the SDK's typed errors into one readable line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        cli = ctx.ensure_object(CliContext)  # made here so that the subcommands share it and we can read it below
         try:
             return super().invoke(ctx)
         except CapeError as exc:
-            click.echo(f"error: {exc}", err=True)
+            hint = (f" {ENV_TOKEN_HINT}" if isinstance(exc, ApiError) and exc.status in (401, 403)
+                    and cli.env_token_overrides_login else "")
+            click.echo(f"error: {exc}{hint}", err=True)
             ctx.exit(EXIT_ERROR)
 
 

@@ -5,12 +5,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
-from services.client.errors import CapeError
+from services.client.errors import BadArgument, CapeError
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
 TOKEN_ENV = "CAPE_TOKEN"
 COORDINATOR_ENV = "CAPE_COORDINATOR"
+# Paths under the coordinator's base URL: the client appends /v1/..., so a URL ending in one of them would double it.
+API_SUFFIXES = ("/broker/v1", "/broker", "/v1")
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,8 @@ class ClientConfig:
 
     coordinator: str
     token: str | None
+    # The token is CAPE_TOKEN's and the config file holds another: errors about it should say so.
+    env_token_overrides_login: bool = False
 
 
 def config_path() -> Path:
@@ -29,10 +34,32 @@ def config_path() -> Path:
 
 def load_config(endpoint: str | None = None, token: str | None = None) -> ClientConfig:
     """Resolve the configuration: explicit arguments, then CAPE_* variables, then the config file."""
-    stored = _read_file(config_path())
-    coordinator = endpoint or os.environ.get(COORDINATOR_ENV) or stored.get("coordinator") or DEFAULT_COORDINATOR
-    chosen_token = token or os.environ.get(TOKEN_ENV) or stored.get("token") or None
-    return ClientConfig(coordinator=coordinator.rstrip("/"), token=chosen_token)
+    path = config_path()
+    stored = _read_file(path)
+    sources = ((endpoint, None), (os.environ.get(COORDINATOR_ENV), COORDINATOR_ENV),
+               (stored.get("coordinator"), f"the config file {path}"), (DEFAULT_COORDINATOR, None))
+    coordinator, source = next((url, source) for url, source in sources if url)
+    check_base_url(coordinator, source)
+    env_token = os.environ.get(TOKEN_ENV)
+    chosen_token = token or env_token or stored.get("token") or None
+    overrides = not token and bool(env_token) and bool(stored.get("token")) and stored.get("token") != env_token
+    return ClientConfig(coordinator=coordinator.rstrip("/"), token=chosen_token, env_token_overrides_login=overrides)
+
+
+def check_base_url(url: str, source: str | None = None) -> None:
+    """Refuse an API path (``/v1``, ``/broker``, ``/broker/v1``) before any request: it would 404 as "no such
+    endpoint". ``source`` (a variable or file) prefixes the message when the URL came from there."""
+    try:
+        parsed = urlparse(url)
+    except ValueError:
+        return  # malformed: the request says so in its own words
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return  # likewise
+    suffix = next((s for s in API_SUFFIXES if parsed.path.rstrip("/").endswith(s)), None)
+    if suffix is not None:
+        base = url.rstrip("/")[:-len(suffix)]
+        prefix = f"{source}: " if source else ""
+        raise BadArgument(f"{prefix}give the coordinator's base URL, without {suffix}: {base}")
 
 
 def save_config(coordinator: str, token: str) -> Path:

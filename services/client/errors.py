@@ -28,5 +28,9 @@ class BadArgument(CapeError):
     """Something the caller passed cannot be turned into a request (bad column spec, schema, ...)."""
 
 
+class NotAllowed(CapeError):
+    """The caller's roles (from ``/v1/login``) do not allow an action: refused before asking the server to do it."""
+
+
 class ResultsUnavailable(CapeError):
     """The weights file named by the coordinator cannot be read."""

@@ -165,6 +165,10 @@ class DataView(Resource):
 class Job(Resource):
     """A job: its status, the parties' progress, approval, and (for the model owner) the results."""
 
+    def __init__(self, session: ApiSession, data: dict[str, Any]) -> None:
+        super().__init__(session, data)
+        self._model_location: str | None = None
+
     @property
     def status(self) -> str:
         return self.data.get("status", "")
@@ -215,12 +219,22 @@ class Job(Resource):
         self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/stop")
         return self
 
+    @property
+    def model_location(self) -> str | None:
+        """Where the model owner's worker wrote the weights, as its completion report said (its CAPE_BUCKET may
+        differ from the location submitted); known once ``get_results()`` or ``get_raw_results()`` has run."""
+        return self._model_location
+
     def get_raw_results(self) -> dict[str, Any]:
         """The coordinator's results object: ``{"job", "status", "metrics", "model_location"}``."""
-        return self._session.get(f"/v1/jobs/{seg(self.id)}/results")
+        raw = self._session.get(f"/v1/jobs/{seg(self.id)}/results")
+        self._model_location = raw.get("model_location")
+        return raw
 
     def get_results(self) -> tuple[np.ndarray, dict[str, Any]]:
-        """``(weights, metrics)``: weights (intercept first) from the model location, metrics from the coordinator."""
+        """``(weights, metrics)``: weights (intercept first) from the model location, metrics from the coordinator.
+
+        The location read is then ``job.model_location``."""
         raw = self.get_raw_results()
         location = raw.get("model_location")
         if not location:
@@ -376,11 +390,13 @@ class Project(Resource):
         self.get_dataview(id).delete()
 
     def submit_job(self, job: VerticallyPartitionedLinearRegression | None = None, timeout: float | None = None,
-                   *, task: VerticallyPartitionedLinearRegression | None = None) -> Job:
+                   *, task: VerticallyPartitionedLinearRegression | None = None,
+                   organization: str | Organization | None = None) -> Job:
         """Submit a job; it waits for every data owner's approval.
 
         ``timeout`` (seconds, as pycape's ``submit_job(job, timeout=60)``) overrides the job's own; ``task=`` is
-        pycape's other name for ``job``."""
+        pycape's other name for ``job``. ``organization`` (label or id) is the one you submit for, needed only
+        when you belong to several."""
         if (job is None) == (task is None):
             raise BadArgument("submit exactly one job: submit_job(VerticallyPartitionedLinearRegression(...))")
         body = (job or task).to_request()  # type: ignore[union-attr]
@@ -388,6 +404,8 @@ class Project(Resource):
             if timeout <= 0:
                 raise BadArgument("timeout must be a positive number of seconds")
             body["timeout"] = math.ceil(timeout)
+        if organization is not None:
+            body["organization"] = org_ref(organization)
         return Job(self._session, self._session.post(f"/v1/projects/{seg(self.id)}/jobs", body))
 
     def get_job(self, id: str) -> Job:

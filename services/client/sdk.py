@@ -17,6 +17,8 @@ class Cape:
                  timeout: float = DEFAULT_TIMEOUT_S) -> None:
         config = load_config(endpoint, token)
         self.endpoint = config.coordinator
+        # Whether the token is CAPE_TOKEN's in place of another saved by `cape login` (the CLI says so on 401/403).
+        self.env_token_overrides_login = config.env_token_overrides_login
         self._timeout = timeout
         self._session = ApiSession(config.coordinator, config.token, timeout)
         self.identity: dict[str, Any] | None = None
@@ -25,6 +27,7 @@ class Cape:
         """Check the token with the coordinator; returns who it belongs to (kind, user, organization, roles)."""
         if token is not None:
             self._session = ApiSession(self.endpoint, token, self._timeout)
+            self.env_token_overrides_login = False
         self.identity = self._session.post("/v1/login")
         return self.identity
 
@@ -84,11 +87,15 @@ class Cape:
 
     # Dataviews and jobs by id
 
-    def get_dataview(self, dataview_id: str) -> DataView:
-        return DataView(self._session, self._session.get(f"/v1/dataviews/{seg(dataview_id)}"))
+    def get_dataview(self, dataview_id: str | None = None, *, id: str | None = None) -> DataView:
+        """One dataview by id: ``get_dataview(ID)``, or pycape's ``get_dataview(id=ID)``."""
+        ref = one_of("get_dataview", dataview_id=dataview_id, id=id)
+        return DataView(self._session, self._session.get(f"/v1/dataviews/{seg(ref)}"))
 
-    def get_job(self, job_id: str) -> Job:
-        return Job(self._session, self._session.get(f"/v1/jobs/{seg(job_id)}"))
+    def get_job(self, job_id: str | None = None, *, id: str | None = None) -> Job:
+        """One job by id: ``get_job(ID)``, or pycape's ``get_job(id=ID)``."""
+        ref = one_of("get_job", job_id=job_id, id=id)
+        return Job(self._session, self._session.get(f"/v1/jobs/{seg(ref)}"))
 
 
 def label_from_name(name: str) -> str:

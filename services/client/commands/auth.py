@@ -7,6 +7,7 @@ import click
 
 from services.client.commands.output import CliContext, json_option, pass_cli, print_fields, print_json
 from services.client.config import TOKEN_ENV, load_config, save_config
+from services.client.errors import BadArgument
 from services.client.sdk import Cape
 
 
@@ -22,6 +23,10 @@ def login(coordinator: str | None, token: str | None) -> None:
     if not chosen:
         chosen = click.prompt("Token", hide_input=True).strip()
     identity = Cape(endpoint=config.coordinator, token=chosen).login()
+    if identity.get("kind") == "organization":
+        # Valid, but every command but the worker's endpoints would then answer 403: refuse it, saving nothing.
+        raise BadArgument("this is an organization token, for a worker's CAPE_TOKEN; log in with a user token "
+                          "(`cape-server admin create-user`, or `cape orgs add-user` by an admin)")
     path = save_config(config.coordinator, chosen)
     click.echo(f"Logged in to {config.coordinator} as {describe(identity)}; saved in {path}")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from services.client.commands.output import (
-    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+    CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
+from services.client.errors import ApiError
 from services.client.models import DataView
 from services.client.schema import parse_schema_spec, schema_from_file, schema_from_uri
 
@@ -30,6 +31,7 @@ def dataviews() -> None:
 @click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
 @json_option
 @pass_cli
+@org_option_errors
 def add(cli: CliContext, project: str, name: str, uri: str, schema_path: str | None, spec: str | None,
         organization: str | None, as_json: bool) -> None:
     """Register dataset URI (s3://, file://, path) as dataview NAME of PROJECT, owned by your organization.
@@ -68,21 +70,39 @@ def list_dataviews(cli: CliContext, project: str, as_json: bool) -> None:
 
 
 @dataviews.command("show")
-@click.argument("dataview_id")
+@click.argument("refs", nargs=-1, required=True, metavar="ID | PROJECT NAME")
 @json_option
 @pass_cli
-def show(cli: CliContext, dataview_id: str, as_json: bool) -> None:
-    """Show one dataview by id."""
-    _show(cli.cape().get_dataview(dataview_id), as_json)
+def show(cli: CliContext, refs: tuple[str, ...], as_json: bool) -> None:
+    """Show one dataview: by id, or by its project and name (as `add` names it)."""
+    _show(_find(cli, refs, "show"), as_json)
 
 
 @dataviews.command("delete")
-@click.argument("dataview_id")
+@click.argument("refs", nargs=-1, required=True, metavar="ID | PROJECT NAME")
 @pass_cli
-def delete(cli: CliContext, dataview_id: str) -> None:
-    """Delete a dataview of your organization."""
-    cli.cape().get_dataview(dataview_id).delete()
-    click.echo(f"Deleted dataview {dataview_id}.")
+def delete(cli: CliContext, refs: tuple[str, ...]) -> None:
+    """Delete a dataview of your organization: by id, or by its project and name."""
+    view = _find(cli, refs, "delete")
+    view.delete()
+    click.echo(f"Deleted dataview {view.name} ({view.id}).")
+
+
+def _find(cli: CliContext, refs: tuple[str, ...], command: str) -> DataView:
+    """The dataview named by ``ID`` or by ``PROJECT NAME``."""
+    if len(refs) == 2:
+        return cli.cape().get_project(refs[0]).get_dataview(refs[1])
+    if len(refs) != 1:
+        raise click.UsageError(f"give the dataview's id, or its project and name: cape dataviews {command} "
+                               "PROJECT NAME")
+    try:
+        return cli.cape().get_dataview(refs[0])
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        # Often a name given alone (as `add` takes them): say how to name it instead.
+        raise ApiError(exc.status, exc.code, f"no dataview with id {refs[0]!r}; give its id, or the project and "
+                                             f"name: cape dataviews {command} PROJECT NAME") from None
 
 
 def _show(view: DataView, as_json: bool, verb: str | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from services.client.commands.output import (
-    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+    CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
 from services.client.errors import BadArgument
 from services.client.models import Job
@@ -38,10 +38,12 @@ def jobs() -> None:
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
               help="Seconds the three workers have to start after approval; also the longest a worker waits "
                    "for any one message of the job.")
+@click.option("--org", "organization", help="Your organization to submit for, if you belong to several.")
 @json_option
 @pass_cli
+@org_option_errors
 def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: str, model_owner: str,
-           model_location: str | None, timeout: int, as_json: bool) -> None:
+           model_location: str | None, timeout: int, organization: str | None, as_json: bool) -> None:
     """Submit a job to PROJECT; it runs once every data owner has approved it."""
     found = cli.cape().get_project(project)
     x_name, x_columns = _split_spec(x_spec, "--x")
@@ -57,7 +59,7 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
         model_location=model_location,
         timeout=timeout,
     )
-    job = found.submit_job(task)
+    job = found.submit_job(task, organization=organization)
     if as_json:
         print_json(job.data)
         return
@@ -166,19 +168,22 @@ def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None
 @json_option
 @pass_cli
 def results(cli: CliContext, job_id: str, as_json: bool) -> None:
-    """Print JOB's weights (intercept first) and metrics; model owner only."""
+    """Print JOB's weights (intercept first), metrics and where the model is; model owner only.
+
+    The model location is where the model owner's worker wrote it, which its CAPE_BUCKET decides when set."""
     job = cli.cape().get_job(job_id)
     weights, metrics = job.get_results()
     names = ["intercept", *_x_columns(job)]
     if len(names) != len(weights):
         names = ["intercept", *(f"w{i}" for i in range(1, len(weights)))]
     if as_json:
-        print_json({"job": job.id, "weights": weights.tolist(), "names": names, "metrics": metrics})
+        print_json({"job": job.id, "weights": weights.tolist(), "names": names, "metrics": metrics,
+                    "model_location": job.model_location})
         return
     print_table([{"name": n, "weight": float(w)} for n, w in zip(names, weights)],
                 [("TERM", lambda r: r["name"]), ("WEIGHT", lambda r: repr(r["weight"]))], empty="No weights.")
     click.echo("")
-    print_fields([(name, value) for name, value in sorted(metrics.items())] or [("metrics", None)])
+    print_fields([*((name, value) for name, value in sorted(metrics.items())), ("model location", job.model_location)])
 
 
 def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:

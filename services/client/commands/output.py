@@ -1,12 +1,16 @@
 """How the CLI prints: aligned tables for people, ``--json`` for scripts, and the shared context."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Sequence
 
 import click
 
+from services.client.errors import ApiError
 from services.client.sdk import Cape
+
+ORG_FIELD = "field 'organization'"
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -21,6 +25,26 @@ class CliContext:
         if self._cape is None:
             self._cape = Cape()
         return self._cape
+
+    @property
+    def env_token_overrides_login(self) -> bool:
+        """Whether the client in use took CAPE_TOKEN over a different token saved by `cape login`."""
+        return self._cape is not None and self._cape.env_token_overrides_login
+
+
+def org_option_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """For commands with --org: the server names the body's field 'organization', which the user gives as --org."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ApiError as exc:
+            if ORG_FIELD not in exc.message:
+                raise
+            raise ApiError(exc.status, exc.code, exc.message.replace(ORG_FIELD, "--org")) from None
+
+    return run
 
 
 pass_cli = click.make_pass_decorator(CliContext, ensure=True)

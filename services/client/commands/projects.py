@@ -4,9 +4,14 @@ from __future__ import annotations
 import click
 
 from services.client.commands.output import (
-    CliContext, json_option, org_label, pass_cli, print_fields, print_json, print_table,
+    CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
+from services.client.errors import NotAllowed
 from services.client.models import Project
+from services.client.sdk import Cape
+
+# Roles of the owner organization that may delete a project (services/CONTRACTS.md, the roles table).
+MANAGE_PROJECTS = frozenset({"admin", "data_scientist"})
 
 
 @click.group()
@@ -21,6 +26,7 @@ def projects() -> None:
 @click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
 @json_option
 @pass_cli
+@org_option_errors
 def create(cli: CliContext, label: str, name: str | None, description: str | None, organization: str | None,
            as_json: bool) -> None:
     """Create a project owned by your organization."""
@@ -83,12 +89,27 @@ def set_helper(cli: CliContext, project: str, org: str | None, clear: bool, as_j
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_cli
 def delete(cli: CliContext, project: str, yes: bool) -> None:
-    """Delete PROJECT with its dataviews and jobs."""
-    found = cli.cape().get_project(project)
+    """Delete PROJECT with its dataviews and jobs (an admin or data_scientist of its owner organization)."""
+    cape = cli.cape()
+    found = cape.get_project(project)
     if not yes:
+        _check_can_delete(cape, found)  # not after the user has said yes; the server still decides
         click.confirm(f"Delete project {found.label} ({found.id})?", abort=True)
     found.delete()
     click.echo(f"Deleted project {found.label} ({found.id}).")
+
+
+def _check_can_delete(cape: Cape, project: Project) -> None:
+    """Refuse, in the server's words, what the caller's roles in the owner organization do not allow."""
+    owner = project.data.get("owner") or {}
+    owner_id = owner.get("id") if isinstance(owner, dict) else owner
+    if not owner_id:
+        return  # nothing to check against: let the server decide
+    role = (cape.login().get("roles") or {}).get(owner_id)
+    if role not in MANAGE_PROJECTS:
+        have = f"your role there is {role}" if role else "you are not a member of that organization"
+        raise NotAllowed(f"to delete a project (owner organization) you need the role "
+                         f"{' or '.join(sorted(MANAGE_PROJECTS))} in the organization ({have})")
 
 
 def _show(project: Project, as_json: bool, verb: str | None = None) -> None:
