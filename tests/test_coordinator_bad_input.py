@@ -148,8 +148,8 @@ def test_duplicates_are_409(world, cape_server):
 def test_active_jobs_block_deleting_their_project_and_dataviews(world):
     admin = world["user"]["xorg"]
     xs = world["job"]["task"]["x"]["dataview"]["id"]
-    assert error(admin.delete(f"/v1/dataviews/{xs}"), 409).startswith("dataview 'xs' is used by jobs")
-    assert error(admin.delete("/v1/projects/demo"), 409).startswith("project 'demo' has jobs that have not ended")
+    assert error(admin.delete(f"/v1/dataviews/{xs}"), 409).startswith("dataview 'xs' is used by 1 job that has not")
+    assert error(admin.delete("/v1/projects/demo"), 409).startswith("project 'demo' has 1 job that has not ended")
     assert admin.post(f"/v1/jobs/{world['job']['id']}/stop").status_code == 200
     assert admin.delete(f"/v1/dataviews/{xs}").status_code == 204
     assert admin.delete("/v1/projects/demo").status_code == 204

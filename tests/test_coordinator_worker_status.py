@@ -1,6 +1,9 @@
 """An organization's members see their worker's last heartbeat and its programs' states; nobody else does."""
 from __future__ import annotations
 
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
 from tests.support.server import Api, worker_public_keys
 
 
@@ -11,8 +14,8 @@ def test_members_see_their_workers_heartbeat_and_programs(cape_server):
 
     before = admin.get("/v1/organizations/acme/worker")
     assert before.status_code == 200
-    assert before.json() == {"registered": False, "keys_updated_at": None, "last_seen": None, "version": None,
-                             "programs": None}
+    assert before.json() == {"registered": False, "keys_updated_at": None, "last_seen": None,
+                             "seconds_since_seen": None, "online": False, "version": None, "programs": None}
 
     assert worker.put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
     programs = {"poller": "RUNNING", "messenger": "RUNNING", "runner": "BACKOFF", "uploader": "RUNNING"}
@@ -21,9 +24,30 @@ def test_members_see_their_workers_heartbeat_and_programs(cape_server):
     seen = admin.get("/v1/organizations/acme/worker").json()
     assert seen["registered"] is True and seen["version"] == "0.1.0" and seen["programs"] == programs
     assert seen["last_seen"] and seen["keys_updated_at"]
+    assert seen["online"] is True and 0 <= seen["seconds_since_seen"] < 5
 
     refused = Api(cape_server, other["user_token"]).get("/v1/organizations/acme/worker")
     assert refused.status_code == 403 and refused.json()["error"]["message"]
+
+
+def test_a_worker_silent_for_over_45_seconds_is_offline(cape_server):
+    acme = cape_server.create_org("acme")
+    admin, worker = Api(cape_server, acme["user_token"]), Api(cape_server, acme["organization_token"])
+    assert worker.post("/v1/worker/heartbeat", json={"version": "0.1.0"}).status_code == 204
+
+    def heard(seconds_ago: float) -> dict:
+        """The status once the last heartbeat is moved `seconds_ago` into the past (the server's clock is ours)."""
+        when = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat(timespec="milliseconds")
+        with sqlite3.connect(cape_server.data_dir / "coordinator.sqlite3", timeout=10) as conn:
+            conn.execute("UPDATE workers SET last_seen = ?", (when.replace("+00:00", "Z"),))
+        conn.close()
+        return admin.get("/v1/organizations/acme/worker").json()
+
+    late = heard(40)
+    assert late["online"] is True and 40 <= late["seconds_since_seen"] < 44
+    gone = heard(600)
+    assert gone["online"] is False and 600 <= gone["seconds_since_seen"] < 604
+    assert gone["registered"] is False and gone["version"] == "0.1.0"
 
 
 def test_cape_orgs_show_tells_whether_the_worker_is_alive(cape_server, cape_home):

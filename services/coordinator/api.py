@@ -9,12 +9,13 @@ from fastapi import APIRouter, Depends, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from services.coordinator import identity, jobs, memberships, projects, views, workers
+from services.coordinator import decisions, identity, jobs, memberships, projects, views, workers
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
 from services.coordinator.permissions import MANAGE_USERS, require_member, require_person, require_role, require_worker
 from services.coordinator.schemas import (
+    Approval,
     Heartbeat,
     HelperRef,
     MemberRole,
@@ -209,14 +210,15 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             return jobs.job_view(conn, jobs.readable_job(conn, p, job_id))
 
     @router.post("/jobs/{job_id}/approve", tags=["jobs"], response_model=views.Job)
-    def approve_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
+    def approve_job(job_id: str, body: Approval | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
-            return jobs.job_view(conn, jobs.approve(conn, p, job_id))
+            return jobs.job_view(conn, decisions.approve(conn, p, job_id, body.organization if body else None))
 
     @router.post("/jobs/{job_id}/reject", tags=["jobs"], response_model=views.Job)
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
-            return jobs.job_view(conn, jobs.reject(conn, p, job_id, body.reason if body else None))
+            row = decisions.reject(conn, p, job_id, body.organization if body else None, body.reason if body else None)
+            return jobs.job_view(conn, row)
 
     @router.post("/jobs/{job_id}/stop", tags=["jobs"], response_model=views.Job)
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:

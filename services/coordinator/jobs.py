@@ -1,4 +1,4 @@
-"""Jobs: submission with seats, approvals, rejection, stop, the start timeout, and the views people read."""
+"""Jobs: submission with seats, stop, the start timeout, and the views people read (decisions: decisions.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Any
 
 from services.coordinator.db import new_id, now_iso, parse_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref
-from services.coordinator.permissions import APPROVE_JOBS, STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
+from services.coordinator.permissions import STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
 from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
@@ -196,57 +196,7 @@ def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str) 
     return [expire_if_late(conn, r) for r in rows]
 
 
-# --- decisions -----------------------------------------------------------------------------------------------
-
-def _deciding_orgs(conn: sqlite3.Connection, principal: Principal, job: sqlite3.Row, action: str) -> list[str]:
-    """The job's data-owner organizations in which the caller may approve or reject."""
-    owners = data_owner_orgs(conn, job["id"])
-    mine = [o for o in owners if principal.role_in(o) in APPROVE_JOBS]
-    if not mine:
-        if any(principal.role_in(o) for o in owners):
-            raise Forbidden(f"to {action} a job you need the role admin or operator in a data-owner organization")
-        raise Forbidden(f"only the organizations whose data the job uses can {action} it")
-    return mine
-
-
-def approve(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:
-    job = readable_job(conn, principal, job_id)
-    mine = _deciding_orgs(conn, principal, job, "approve")
-    decisions = {a["org_id"]: a["decision"] for a in
-                 conn.execute("SELECT * FROM job_approvals WHERE job_id = ?", (job_id,))}
-    if all(decisions[o] == "approved" for o in mine):
-        return job  # approving again is a no-op
-    if job["status"] != "NeedsApproval":
-        raise Conflict(f"the job is {job['status']}; only a job that needs approval can be approved",
-                       code="wrong_status", extra={"status": job["status"]})
-    now = now_iso()
-    for org_id in mine:
-        conn.execute("UPDATE job_approvals SET decision = 'approved', decided_at = ? WHERE job_id = ? AND org_id = ?",
-                     (now, job_id, org_id))
-        decisions[org_id] = "approved"
-    if all(d == "approved" for d in decisions.values()):
-        log.info("job %s is now Approved", job_id)
-        conn.execute("UPDATE jobs SET status = 'Approved', approved_at = ?, updated_at = ? WHERE id = ?",
-                     (now, now, job_id))
-    else:
-        conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, job_id))
-    return find_job(conn, job_id)
-
-
-def reject(conn: sqlite3.Connection, principal: Principal, job_id: str, reason: str | None) -> sqlite3.Row:
-    job = readable_job(conn, principal, job_id)
-    mine = _deciding_orgs(conn, principal, job, "reject")
-    if job["status"] not in ("NeedsApproval", "Approved"):
-        raise Conflict(f"the job is {job['status']}; only a job that has not started can be rejected",
-                       code="wrong_status", extra={"status": job["status"]})
-    now = now_iso()
-    for org_id in mine:
-        conn.execute("UPDATE job_approvals SET decision = 'rejected', reason = ?, decided_at = ? "
-                     "WHERE job_id = ? AND org_id = ?", (reason, now, job_id, org_id))
-    labels = ", ".join(get_org(conn, o)["label"] for o in mine)
-    set_status(conn, job_id, "Rejected", f"rejected by {labels}" + (f": {reason}" if reason else ""))
-    return find_job(conn, job_id)
-
+# --- stopping and results ------------------------------------------------------------------------------------
 
 def stop(conn: sqlite3.Connection, principal: Principal, job_id: str) -> sqlite3.Row:
     job = readable_job(conn, principal, job_id)

@@ -5,6 +5,7 @@ import json
 import sqlite3
 from typing import Any
 
+from services.coordinator.blocking_jobs import active_jobs, blocked
 from services.coordinator.db import new_id, now_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref, org_view
 from services.coordinator.permissions import (
@@ -15,8 +16,6 @@ from services.coordinator.permissions import (
     require_role,
 )
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
-
-ACTIVE_STATUSES = ("Initialized", "NeedsApproval", "Approved", "Started")
 
 
 def find_project(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
@@ -96,17 +95,11 @@ def set_helper(conn: sqlite3.Connection, principal: Principal, ref: str, org: st
     return find_project(conn, project["id"])
 
 
-def _active_jobs(conn: sqlite3.Connection, where: str, arg: str) -> int:
-    marks = ",".join("?" * len(ACTIVE_STATUSES))
-    return conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where} AND status IN ({marks})",
-                        (arg, *ACTIVE_STATUSES)).fetchone()[0]
-
-
 def delete_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> None:
     project = _managed_project(conn, principal, ref, "delete a project")
-    if _active_jobs(conn, "project_id = ?", project["id"]):
-        raise Conflict(f"project '{project['label']}' has jobs that have not ended; stop them first",
-                       code="active_jobs")
+    blocking = active_jobs(conn, "project_id = ?", (project["id"],))
+    if blocking:
+        raise blocked(f"project '{project['label']}' has", blocking, "active_jobs")
     pid = project["id"]
     for table in ("job_parties", "job_approvals"):
         conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE project_id = ?)", (pid,))
@@ -189,11 +182,8 @@ def list_dataviews(conn: sqlite3.Connection, principal: Principal, ref: str) -> 
 def delete_dataview(conn: sqlite3.Connection, principal: Principal, dataview_id: str) -> None:
     row = readable_dataview(conn, principal, dataview_id)
     require_role(principal, row["owner_org_id"], MANAGE_DATAVIEWS, "delete a dataview (owner organization)")
-    marks = ",".join("?" * len(ACTIVE_STATUSES))
-    in_use = conn.execute(
-        f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks}) AND (json_extract(task_json, '$.x.dataview') = ? "
-        "OR json_extract(task_json, '$.y.dataview') = ?)", (*ACTIVE_STATUSES, dataview_id, dataview_id)).fetchone()[0]
+    in_use = active_jobs(conn, "json_extract(task_json, '$.x.dataview') = ? OR "
+                         "json_extract(task_json, '$.y.dataview') = ?", (dataview_id, dataview_id))
     if in_use:
-        raise Conflict(f"dataview '{row['name']}' is used by jobs that have not ended; stop them first",
-                       code="dataview_in_use")
+        raise blocked(f"dataview '{row['name']}' is used by", in_use, "dataview_in_use")
     conn.execute("DELETE FROM dataviews WHERE id = ?", (dataview_id,))

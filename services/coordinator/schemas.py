@@ -104,7 +104,12 @@ class NewJob(Body):
     organization: Ref | None = None
 
 
-class Rejection(Body):
+class Approval(Body):
+    # The data-owner organization decided for; needed only when the caller may decide for several of them.
+    organization: Ref | None = None
+
+
+class Rejection(Approval):
     reason: Annotated[Text, StringConstraints(max_length=2000)] | None = None
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.coordinator.schemas import Role
+from services.coordinator.workers import ONLINE_WITHIN_SECONDS
 
 JobStatus = Literal["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]
 PartyState = Literal["pending", "started", "running", "completed", "error", "stopped"]  # stopped: shown only
@@ -63,6 +64,10 @@ class WorkerStatus(View):
     registered: bool = Field(description="the worker registered its public keys")
     keys_updated_at: str | None
     last_seen: str | None = Field(description="the worker's last heartbeat")
+    seconds_since_seen: float | None = Field(description="seconds since the last heartbeat by the server's clock; "
+                                             "null if never seen")
+    online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s (workers "
+                         "beat at least every 15 s)")
     version: str | None
     programs: dict[str, Any] | None = Field(description="the worker's programs and their states, as it reported")
 

@@ -5,15 +5,20 @@ import base64
 import binascii
 import json
 import sqlite3
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from services.coordinator.db import now_iso
+from services.coordinator.db import now_iso, parse_iso
 from services.coordinator.identity import get_org, org_ref
 from services.coordinator.jobs import FINAL_STATUSES, expire_if_late, find_job, parties, seat_of, set_status
 from services.server.errors import Conflict, Forbidden, InvalidRequest
+
+# A worker heartbeats at least every 15 s (services/worker/poller.py HEARTBEAT_SECONDS): one silent for three
+# beats is shown offline. The coordinator's own constant, so it does not import the worker package.
+ONLINE_WITHIN_SECONDS = 45.0
 
 
 def _check_public_key(text: str, loader: Any, field: str, kind: str) -> None:
@@ -32,13 +37,23 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
                  "keys_updated_at = excluded.keys_updated_at", (org_id, encryption_key, signing_key, now_iso()))
 
 
+def liveness(last_seen: str | None) -> dict[str, Any]:
+    """`seconds_since_seen` by the server's clock (so a client need not trust its own) and `online`."""
+    if last_seen is None:
+        return {"seconds_since_seen": None, "online": False}
+    seconds = max(0.0, (datetime.now(UTC) - parse_iso(last_seen)).total_seconds())
+    return {"seconds_since_seen": round(seconds, 1), "online": seconds <= ONLINE_WITHIN_SECONDS}
+
+
 def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
-    """What an organization's members may see of their worker: keys registered, last heartbeat, program states."""
+    """What an organization's members may see of their worker: keys registered, last heartbeat and whether it is
+    recent, program states."""
     row = conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
     if row is None:
-        return {"registered": False, "keys_updated_at": None, "last_seen": None, "version": None, "programs": None}
+        return {"registered": False, "keys_updated_at": None, "last_seen": None, **liveness(None), "version": None,
+                "programs": None}
     return {"registered": row["encryption_public_key"] is not None, "keys_updated_at": row["keys_updated_at"],
-            "last_seen": row["last_seen"], "version": row["version"],
+            "last_seen": row["last_seen"], **liveness(row["last_seen"]), "version": row["version"],
             "programs": json.loads(row["programs"]) if row["programs"] else None}
 
 

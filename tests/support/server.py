@@ -64,7 +64,7 @@ class CapeServer:
 
     def start(self) -> None:
         """Start the server and wait (bounded) until it answers `/healthz`."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the server wants it
         log = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [*cape_server_command(), "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
