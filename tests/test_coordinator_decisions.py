@@ -2,22 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-import requests
 
-from tests.support.server import Api, CapeServer
-
-
-def ok(response: requests.Response) -> Any:
-    assert response.status_code < 300, response.text
-    return response.json() if response.content else None
-
-
-def refusal(response: requests.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
+from tests.support.server import Api, CapeServer, ok
+from tests.support.server import api_error as refusal
 
 
 class World:

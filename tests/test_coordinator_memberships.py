@@ -8,19 +8,10 @@ import requests
 
 from services.client import Cape
 from services.client.errors import ApiError
-from tests.support.server import Api, CapeServer
+from tests.support.server import Api, CapeServer, ok
+from tests.support.server import api_error as error
 
 ROLE_422 = "field 'role': input should be 'admin', 'operator', 'data_scientist' or 'user'"
-
-
-def ok(response: requests.Response) -> Any:
-    assert response.status_code < 300, response.text
-    return response.json() if response.content else None
-
-
-def error(response: requests.Response, status: int) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
 
 
 class Orgs:

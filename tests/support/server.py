@@ -209,6 +209,18 @@ def worker_public_keys() -> dict[str, str]:
             "signing_public_key": raw(Ed25519PrivateKey.generate())}
 
 
+def ok(response: requests.Response) -> Any:
+    """The JSON of a successful answer (None when it has no body); fails the test with the body otherwise."""
+    assert response.status_code < 300, response.text
+    return response.json() if response.content else None
+
+
+def api_error(response: requests.Response, status: int) -> dict[str, Any]:
+    """The `error` object ({"code", "message", ...}) of an answer that must have `status`."""
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
 def build_job_world(server: CapeServer, approve: bool = True, register_keys: bool = True,
                     timeout: int = 600) -> dict[str, Any]:
     """Three organizations `xorg` (x data), `yorg` (y data, model owner) and `helper`; project `demo` with helper;
@@ -221,10 +233,6 @@ def build_job_world(server: CapeServer, approve: bool = True, register_keys: boo
     orgs = {label: server.create_org(label) for label in ("xorg", "yorg", "helper")}
     user = {label: Api(server, o["user_token"]) for label, o in orgs.items()}
     worker = {label: Api(server, o["organization_token"]) for label, o in orgs.items()}
-
-    def ok(response: requests.Response) -> Any:
-        assert response.status_code < 300, response.text
-        return response.json() if response.content else None
 
     ok(user["xorg"].post("/v1/projects", json={"label": "demo", "name": "Demo"}))
     ok(user["xorg"].post("/v1/projects/demo/organizations", json={"organization": "yorg"}))
