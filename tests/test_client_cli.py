@@ -17,6 +17,7 @@ import pytest
 
 from services.client import BadArgument, Cape, Job, VerticallyPartitionedLinearRegression
 from tests.support.client import one_error_line
+from tests.support.server import build_job_world
 
 
 @pytest.fixture
@@ -256,8 +257,6 @@ def test_sdk_pycape_shape(shared_cape_server, orgs, unique_label, tmp_path: Path
 
 def test_watch_and_status_show_a_worker_error(cape_server, cape_script) -> None:
     """A party's error ends the job; `watch` exits 1 naming it and `status` shows the message."""
-    from tests.support.server import build_job_world
-
     world = build_job_world(cape_server)
     job_id = world["job"]["id"]
     assert world["worker"]["xorg"].post(f"/v1/worker/jobs/{job_id}/report", json={
@@ -350,3 +349,28 @@ def _pending_job(server, orgs: dict[str, dict], unique_label) -> Job:
     Cape(endpoint=server.url, token=orgs["globex"]["user_token"]).get_project(project.id).create_dataview(
         "y", "s3://globex/y.csv", schema="t")
     return project.submit_job(VerticallyPartitionedLinearRegression(x, project.get_dataview("y"), initech))
+
+
+def test_approve_names_the_organization_when_you_may_decide_for_both(start_cape_server, cape_cli) -> None:
+    """One person, operator in both data owners: an approval is for one organization, named with --org."""
+    world = build_job_world(start_cape_server(), approve=False)
+    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users",
+                                           json={"email": "ops@both.example", "role": "operator"})
+             for org in ("xorg", "yorg")}
+    assert [r.status_code for r in users.values()] == [201, 201]
+    env = {"CAPE_COORDINATOR": world["user"]["xorg"].server.url, "CAPE_TOKEN": users["yorg"].json()["token"]}
+    job = world["job"]["id"]
+
+    result = cape_cli("jobs", "approve", job, env=env)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == ("error: --org: you may approve for several data owners of this job (xorg, yorg); "
+                             "name the one you approve for (HTTP 422)\n")
+    result = cape_cli("jobs", "approve", job, "--org", "xorg", env=env)
+    assert (result.exit_code, result.stdout) == (0, f"Approved job {job}; it is now NeedsApproval (waiting for "
+                                                    "yorg).\n")
+    result = cape_cli("jobs", "approve", job, "--org", "yorg", env=env)
+    assert (result.exit_code, result.stdout) == (0, f"Approved job {job}; it is now Approved.\n")
+    assert cape_cli("jobs", "stop", job, env=env).exit_code == 0
+    result = cape_cli("jobs", "approve", job, "--org", "yorg", env=env)
+    assert (result.exit_code, result.stderr) == (
+        1, "error: the job already ended (Stopped); there is nothing to approve (HTTP 409)\n")

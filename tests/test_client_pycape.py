@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from services.client import BadArgument, Cape, VerticallyPartitionedLinearRegression
+from services.client.errors import ApiError
 from services.client.schema import normalise_schema
 from tests.support.server import Api, worker_public_keys
 
@@ -125,9 +126,10 @@ def test_job_as_pycape_submits_approves_per_org_and_gets_results(shared_cape_ser
 
     # As pycape's example: for o in project.organizations: job.approve(org_id=o.id), each with its own token.
     neutral = next(o for o in project.organizations if o.label == label["neutral"])
-    with pytest.raises(BadArgument, match="owns no data of job"):
+    with pytest.raises(ApiError, match=f"organization '{label['neutral']}' owns no data of this job"):
         job.approve(org_id=neutral.id)
-    with pytest.raises(BadArgument, match=f"needs the role admin or operator in {label['shop']}"):
+    with pytest.raises(ApiError, match=f"to approve this job for '{label['shop']}' you need the role admin or "
+                                       "operator there"):
         job.approve(org_id=label["shop"])  # bank's user has no role in shop: nothing is approved
     assert set(job.refresh().data["approvals"].values()) == {"pending"}
     for o in project.organizations[:2]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
+from services.client.commands.orgs import worker_line
 from tests.support.server import Api, worker_public_keys
 
 
@@ -48,6 +49,12 @@ def test_a_worker_silent_for_over_45_seconds_is_offline(cape_server):
     gone = heard(600)
     assert gone["online"] is False and 600 <= gone["seconds_since_seen"] < 604
     assert gone["registered"] is False and gone["version"] == "0.1.0"
+    assert worker_line(gone) == (f"worker: no keys registered; last heartbeat {gone['last_seen']} "
+                                 f"({gone['seconds_since_seen']:.0f} s ago): OFFLINE (it heartbeats every 15 s)")
+    assert worker_line({**late, "programs": {"poller": "RUNNING"}}) == (
+        f"worker: no keys registered; last heartbeat {late['last_seen']} ({late['seconds_since_seen']:.0f} s ago); "
+        "poller RUNNING")
+    assert worker_line({"registered": False, "last_seen": None}) == "worker: no keys registered; never heard from"
 
 
 def test_cape_orgs_show_tells_whether_the_worker_is_alive(cape_server, cape_home):

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from services.client.tasks import VerticallyPartitionedLinearRegression
 
 TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
-# Roles that approve or reject a job for their organization's data (services/CONTRACTS.md).
-DECIDING_ROLES = frozenset({"admin", "operator"})
 # How else to give a dataview's schema, in an error about a uri it cannot be read from.
 SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Parquet file"
 
@@ -187,32 +185,25 @@ class Job(Resource):
         return self.refresh().status
 
     def approve(self, org_id: str | Organization | None = None) -> Job:
-        """Approve as a data owner (admin or operator).
+        """Approve as a data owner (admin or operator) for one organization: ``org_id`` (pycape's keyword; an id,
+        label or Organization) names it, and may be left out when you may decide for only one data owner of the
+        job. The coordinator refuses an organization that owns no data of the job, or where you may not decide."""
+        body = {} if org_id is None else {"organization": org_ref(org_id)}
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/approve", body)
+        return self
 
-        The coordinator records the approval for every data-owner organization of the job in which you are an
-        admin or operator. pycape's ``approve(org_id=...)`` (an id or label) first checks that this organization
-        owns data of the job and that you may approve for it, so nothing is approved on its behalf otherwise."""
+    def reject(self, reason: str | None = None, org_id: str | Organization | None = None) -> Job:
+        """Reject as a data owner, for one organization as in ``approve``; the reason is shown to the project's
+        members."""
+        body: dict[str, Any] = {} if reason is None else {"reason": reason}
         if org_id is not None:
-            self._check_can_decide(org_ref(org_id), "approve")
-        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/approve")
+            body["organization"] = org_ref(org_id)
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/reject", body)
         return self
 
-    def _check_can_decide(self, ref: str, action: str) -> None:
-        owners = {p["organization"]["id"]: p["organization"]["label"]
-                  for seat, p in self.refresh().parties.items() if seat in ("x_owner", "y_owner")}
-        org_id = next((i for i, label in owners.items() if ref in (i, label)), None)
-        if org_id is None:
-            raise BadArgument(f"organization {ref!r} owns no data of job {self.id}; only its data owners "
-                              f"({', '.join(sorted(owners.values()))}) {action} it")
-        role = (self._session.post("/v1/login").get("roles") or {}).get(org_id)
-        if role not in DECIDING_ROLES:
-            raise BadArgument(f"you cannot {action} job {self.id} for {owners[org_id]}: that needs the role "
-                              f"admin or operator in {owners[org_id]} (yours: {role or 'none'})")
-
-    def reject(self, reason: str | None = None) -> Job:
-        """Reject as a data owner; the reason is shown to the project's members."""
-        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/reject", {"reason": reason} if reason else {})
-        return self
+    def pending_approvals(self) -> list[str]:
+        """Labels of the data owners that have not approved yet (from the last view of the job)."""
+        return [org for org, state in (self.data.get("approvals") or {}).items() if state == "pending"]
 
     def stop(self) -> Job:
         """Stop the job; the workers stop at their next report."""

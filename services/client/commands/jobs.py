@@ -97,22 +97,31 @@ def status(cli: CliContext, job_id: str, as_json: bool) -> None:
     _print_job(job)
 
 
+DECIDE_FOR = "The data owner you decide for, if you may decide for both (admin or operator in each)."
+
+
 @jobs.command("approve")
 @click.argument("job_id")
+@click.option("--org", "organization", help=DECIDE_FOR)
 @pass_cli
-def approve(cli: CliContext, job_id: str) -> None:
-    """Approve JOB for your organization's data."""
-    job = cli.cape().get_job(job_id).approve()
-    click.echo(f"Approved job {job.id}; it is now {job.status}.")
+@org_option_errors
+def approve(cli: CliContext, job_id: str, organization: str | None) -> None:
+    """Approve JOB for your organization's data (one organization per approval)."""
+    job = cli.cape().get_job(job_id).approve(organization)
+    waiting = job.pending_approvals()
+    waiting_for = f" (waiting for {', '.join(waiting)})" if waiting and job.status == "NeedsApproval" else ""
+    click.echo(f"Approved job {job.id}; it is now {job.status}{waiting_for}.")
 
 
 @jobs.command("reject")
 @click.argument("job_id")
 @click.option("--reason", help="Shown to the project's members.")
+@click.option("--org", "organization", help=DECIDE_FOR)
 @pass_cli
-def reject(cli: CliContext, job_id: str, reason: str | None) -> None:
+@org_option_errors
+def reject(cli: CliContext, job_id: str, reason: str | None, organization: str | None) -> None:
     """Reject JOB: it will not run."""
-    job = cli.cape().get_job(job_id).reject(reason)
+    job = cli.cape().get_job(job_id).reject(reason, organization)
     click.echo(f"Rejected job {job.id}; it is now {job.status}.")
 
 

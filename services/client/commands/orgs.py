@@ -1,6 +1,8 @@
 """`cape orgs list|show|add-user|remove-user|set-role|create-token`."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from services.client.commands.output import (
@@ -48,14 +50,26 @@ def show(cli: CliContext, org: str, as_json: bool) -> None:
         return
     print_fields([("id", organization.id), ("label", organization.label), ("name", organization.name)])
     if worker is not None:
-        programs = ", ".join(f"{name} {state}" for name, state in (worker.get("programs") or {}).items())
-        seen = worker.get("last_seen") or "never"
-        click.echo(f"worker: {'keys registered' if worker.get('registered') else 'no keys registered'}; "
-                   f"last heartbeat {seen}{'; ' + programs if programs else ''}")
+        click.echo(worker_line(worker))
     if users is not None:
         click.echo("")
         print_table(users, [("USER", lambda u: u.get("email")), ("ROLE", lambda u: u.get("role")),
                             ("ID", lambda u: u.get("id"))], empty="No users.")
+
+
+def worker_line(worker: dict[str, Any]) -> str:
+    """One line on the organization's worker: keys, last heartbeat (and how long ago, by the server's clock), and
+    its programs' states, which are only as recent as that heartbeat: an offline worker's are marked as such."""
+    keys = "keys registered" if worker.get("registered") else "no keys registered"
+    programs = ", ".join(f"{name} {state}" for name, state in (worker.get("programs") or {}).items())
+    if not worker.get("last_seen"):
+        return f"worker: {keys}; never heard from"
+    ago = worker.get("seconds_since_seen")
+    when = f"last heartbeat {worker['last_seen']}" + (f" ({ago:.0f} s ago)" if ago is not None else "")
+    if worker.get("online") is False:
+        return (f"worker: {keys}; {when}: OFFLINE (it heartbeats every 15 s)"
+                + (f"; last reported: {programs}" if programs else ""))
+    return f"worker: {keys}; {when}" + (f"; {programs}" if programs else "")
 
 
 @orgs.command("add-user")
