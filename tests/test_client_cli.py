@@ -374,3 +374,29 @@ def test_approve_names_the_organization_when_you_may_decide_for_both(start_cape_
     result = cape_cli("jobs", "approve", job, "--org", "yorg", env=env)
     assert (result.exit_code, result.stderr) == (
         1, "error: the job already ended (Stopped); there is nothing to approve (HTTP 409)\n")
+
+
+def test_dataview_mistakes_show_when_it_is_added(shared_cape_server, cape_cli, unique_label, tmp_path,
+                                                 monkeypatch) -> None:
+    """A relative path (read from the worker's own directory, not this one) and a schema naming a column the local
+    file lacks are refused at `add`, not as a job Error after every data owner approved."""
+    org = shared_cape_server.create_org(unique_label("dv"))
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": org["user_token"]}
+    project = unique_label("dvp")
+    assert cape_cli("projects", "create", project, env=env).exit_code == 0
+    (tmp_path / "y.csv").write_text("spend,visits\n1.5,3\n2.5,4\n")
+    monkeypatch.chdir(tmp_path)
+
+    relative = cape_cli("dataviews", "add", project, "rel", "y.csv", env=env)
+    assert (relative.exit_code, one_error_line(relative.stderr)) == (
+        1, "error: field 'uri': 'y.csv' is a relative path; a worker reads an absolute path on its own machine "
+           "(/data/x.csv), file:///absolute/path or s3://bucket/key (HTTP 422)")
+    uri = str(tmp_path / "y.csv")
+    typo = cape_cli("dataviews", "add", project, "typo", uri, "--schema", "spnd:number", env=env)
+    assert (typo.exit_code, one_error_line(typo.stderr)) == (
+        1, f"error: {uri} has no column 'spnd' (its columns: spend, visits); fix the schema, or leave it out to "
+           "read it from the file")
+    good = cape_cli("dataviews", "add", project, "good", uri, "--schema", "spend:number", "--json", env=env)
+    assert good.exit_code == 0, good.stderr
+    remote = cape_cli("dataviews", "add", project, "remote", "s3://b/y.csv", "--schema", "spnd:number", env=env)
+    assert remote.exit_code == 0, remote.stderr  # not on this machine: the worker checks when it runs

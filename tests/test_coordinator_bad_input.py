@@ -46,7 +46,13 @@ def test_malformed_bodies_name_the_field(world):
     for uri in ("http://host/x.csv", "s3://bucket-only", "file://host/x.csv", "file://relative.csv", "ftp://h/x"):
         assert error(admin.post("/v1/projects/demo/dataviews", json={
             "name": "d", "uri": uri, "schema": [{"name": "a", "type": "number"}]}), 422) == (
-            "field 'uri': a worker reads s3://bucket/key, file:///absolute/path or a path on the owner's worker"), uri
+            "field 'uri': a worker reads s3://bucket/key, file:///absolute/path or an absolute path on the owner's "
+            "worker"), uri
+    for uri in ("x.csv", "./data/y.csv", "~/x.csv"):  # the worker's programs run elsewhere than the CLI
+        assert error(admin.post("/v1/projects/demo/dataviews", json={
+            "name": "d", "uri": uri, "schema": [{"name": "a", "type": "number"}]}), 422) == (
+            f"field 'uri': {uri!r} is a relative path; a worker reads an absolute path on its own machine "
+            "(/data/x.csv), file:///absolute/path or s3://bucket/key"), uri
     for uri in ("s3://bucket/x.csv", "file:///srv/x.parquet", "file://localhost/srv/x.csv", "/srv/x.csv"):
         created = admin.post("/v1/projects/demo/dataviews", json={
             "name": f"ok-{len(uri)}", "uri": uri, "schema": [{"name": "a", "type": "number"}]})

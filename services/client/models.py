@@ -12,7 +12,7 @@ import numpy as np
 from services.client.errors import BadArgument, ResultsUnavailable
 from services.client.http import ApiSession
 from services.client.results import read_weights, weights_location
-from services.client.schema import normalise_schema, schema_from_file, schema_from_uri
+from services.client.schema import check_schema_against_uri, normalise_schema, schema_from_file, schema_from_uri
 
 if TYPE_CHECKING:
     from services.client.tasks import VerticallyPartitionedLinearRegression
@@ -330,8 +330,10 @@ class Project(Resource):
         path = schema_from_file_path or schema_from_csv_path
         if schema is not None:
             columns = normalise_schema(schema)
+            check_schema_against_uri(columns, uri)
         elif path is not None:
             columns = schema_from_file(path)
+            check_schema_against_uri(columns, uri)
         else:
             columns = schema_from_uri(uri, name, SDK_SCHEMA_OPTIONS)
         body: dict[str, Any] = {"name": name, "uri": uri, "schema": columns}

@@ -66,6 +66,19 @@ def schema_from_uri(uri: str, dataview: str, options: str) -> Schema:
     raise BadArgument(f"give the schema of dataview {dataview!r} ({options}); {reason}")
 
 
+def check_schema_against_uri(schema: Schema, uri: str) -> None:
+    """When ``uri`` is a file on this machine, refuse a schema naming columns it lacks: the owner's worker would
+    otherwise fail the job on them, after every data owner approved it."""
+    path = local_file_path(uri)
+    if path is None or not path.is_file():
+        return  # s3://, or a path on the worker's machine only: the worker checks when it runs
+    found = [column["name"] for column in schema_from_file(path)]
+    missing = [column["name"] for column in schema if column["name"] not in found]
+    if missing:
+        raise BadArgument(f"{path} has no column {', '.join(repr(m) for m in missing)} (its columns: "
+                          f"{', '.join(found)}); fix the schema, or leave it out to read it from the file")
+
+
 def local_file_path(uri: str) -> Path | None:
     """The local path ``uri`` names (a plain path or file://), whether or not it exists; None for s3:// and such."""
     parsed = urlparse(uri)

@@ -21,14 +21,20 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 def _readable_uri(uri: str) -> str:
     # What the owner's worker can read: refused here, not after every data owner has approved a job that uses it.
+    # A relative path would be read from whatever directory the worker's programs run in, not the one it was
+    # typed in: refused, so the mistake shows now rather than as "no such file" when the job runs.
     if "://" not in uri:
-        return uri  # a path on the owner's worker
+        if uri.startswith("/"):
+            return uri  # a path on the owner's worker
+        raise ValueError(f"{uri!r} is a relative path; a worker reads an absolute path on its own machine "
+                         "(/data/x.csv), file:///absolute/path or s3://bucket/key")
     parsed = urlparse(uri)
     if parsed.scheme == "s3" and parsed.netloc and parsed.path.strip("/"):
         return uri
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
         return uri
-    raise ValueError("a worker reads s3://bucket/key, file:///absolute/path or a path on the owner's worker")
+    raise ValueError("a worker reads s3://bucket/key, file:///absolute/path or an absolute path on the owner's "
+                     "worker")
 
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
