@@ -400,3 +400,26 @@ def test_dataview_mistakes_show_when_it_is_added(shared_cape_server, cape_cli, u
     assert good.exit_code == 0, good.stderr
     remote = cape_cli("dataviews", "add", project, "remote", "s3://b/y.csv", "--schema", "spnd:number", env=env)
     assert remote.exit_code == 0, remote.stderr  # not on this machine: the worker checks when it runs
+
+
+def test_watch_lines_say_what_a_job_waits_for() -> None:
+    """Whose approval is missing, and which seat's worker is silent, rather than a quiet wait until the timeout."""
+    from services.client.commands.jobs import _progress_line
+
+    def party(label: str, state: str, online: bool) -> dict:
+        return {"organization": {"id": label, "label": label}, "state": state, "progress": 0.0, "message": None,
+                "worker_online": online}
+
+    seats = {"x_owner": party("bank", "pending", True), "y_owner": party("shop", "pending", True),
+             "helper": party("neutral", "pending", False)}
+    waiting = Job(None, {"id": "j", "status": "NeedsApproval", "parties": seats,  # type: ignore[arg-type]
+                         "approvals": {"bank": "approved", "shop": "pending"}})
+    assert _progress_line(waiting) == (
+        "NeedsApproval x_owner=bank:pending 0%  y_owner=shop:pending 0%  helper=neutral:pending 0% [worker offline]"
+        "  (approval waits for shop)")
+    started = Job(None, {"id": "j", "status": "Started", "approvals": {},  # type: ignore[arg-type]
+                         "parties": {**seats, "x_owner": party("bank", "completed", False)}})
+    assert _progress_line(started).endswith("x_owner=bank:completed 0%  y_owner=shop:pending 0%  "
+                                            "helper=neutral:pending 0% [worker offline]")
+    ended = Job(None, {"id": "j", "status": "Stopped", "parties": seats, "approvals": {}})  # type: ignore[arg-type]
+    assert "offline" not in _progress_line(ended)

@@ -52,7 +52,12 @@ def test_job_runs_from_submission_to_results(cape_server):
     status = user["yorg"].get(f"/v1/jobs/{jid}").json()
     assert status["status"] == "Started"
     assert status["parties"]["x_owner"] == {"organization": status["parties"]["x_owner"]["organization"],
-                                            "state": "running", "progress": 0.5, "message": "round 3"}
+                                            "state": "running", "progress": 0.5, "message": "round 3",
+                                            "worker_online": False}  # reports are not heartbeats
+    assert worker["xorg"].post("/v1/worker/heartbeat", json={}).status_code == 204
+    parties = user["yorg"].get(f"/v1/jobs/{jid}").json()["parties"]
+    assert {seat: party["worker_online"] for seat, party in parties.items()} == {
+        "x_owner": True, "y_owner": False, "helper": False}
 
     # Results only once Completed; the output seat must send metrics.
     assert user["yorg"].get(f"/v1/jobs/{jid}/results").status_code == 409

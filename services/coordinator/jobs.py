@@ -9,6 +9,7 @@ from typing import Any
 
 from services.coordinator.db import new_id, now_iso, parse_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref
+from services.coordinator.liveness import worker_online
 from services.coordinator.permissions import STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
 from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -177,7 +178,8 @@ def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
         "task": task_view(job),
         "parties": {p["seat"]: {"organization": org_ref(get_org(conn, p["org_id"])),
                                 "state": _shown_state(job["status"], p["state"]),
-                                "progress": p["progress"], "message": p["message"]}
+                                "progress": p["progress"], "message": p["message"],
+                                "worker_online": worker_online(conn, p["org_id"])}
                     for p in parties(conn, job["id"])},
         "outputs_to": job["outputs_to"],
         "model_owner": org_ref(get_org(conn, job["model_owner_org_id"])),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.coordinator.schemas import Role
-from services.coordinator.workers import ONLINE_WITHIN_SECONDS
+from services.coordinator.liveness import ONLINE_WITHIN_SECONDS
 
 JobStatus = Literal["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]
 PartyState = Literal["pending", "started", "running", "completed", "error", "stopped"]  # stopped: shown only
@@ -131,6 +131,8 @@ class Party(View):
     state: PartyState
     progress: float
     message: str | None
+    worker_online: bool = Field(description="the seat's worker heartbeated within the last "
+                                            f"{ONLINE_WITHIN_SECONDS:g} s")
 
 
 class Submitter(View):

@@ -5,20 +5,16 @@ import base64
 import binascii
 import json
 import sqlite3
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from services.coordinator.db import now_iso, parse_iso
+from services.coordinator.db import now_iso
 from services.coordinator.identity import get_org, org_ref
 from services.coordinator.jobs import FINAL_STATUSES, expire_if_late, find_job, parties, seat_of, set_status
+from services.coordinator.liveness import liveness
 from services.server.errors import Conflict, Forbidden, InvalidRequest
-
-# A worker heartbeats at least every 15 s (services/worker/poller.py HEARTBEAT_SECONDS): one silent for three
-# beats is shown offline. The coordinator's own constant, so it does not import the worker package.
-ONLINE_WITHIN_SECONDS = 45.0
 
 
 def _check_public_key(text: str, loader: Any, field: str, kind: str) -> None:
@@ -35,14 +31,6 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
                  "VALUES (?, ?, ?, ?) ON CONFLICT(org_id) DO UPDATE SET encryption_public_key = excluded."
                  "encryption_public_key, signing_public_key = excluded.signing_public_key, "
                  "keys_updated_at = excluded.keys_updated_at", (org_id, encryption_key, signing_key, now_iso()))
-
-
-def liveness(last_seen: str | None) -> dict[str, Any]:
-    """`seconds_since_seen` by the server's clock (so a client need not trust its own) and `online`."""
-    if last_seen is None:
-        return {"seconds_since_seen": None, "online": False}
-    seconds = max(0.0, (datetime.now(UTC) - parse_iso(last_seen)).total_seconds())
-    return {"seconds_since_seen": round(seconds, 1), "online": seconds <= ONLINE_WITHIN_SECONDS}
 
 
 def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:

@@ -10,13 +10,14 @@ from services.client.commands.output import (
     CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
 from services.client.errors import BadArgument
-from services.client.models import Job
+from services.client.models import TERMINAL_STATUSES, Job
 from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression
 
 # `cape jobs watch` exit codes besides 0 (Completed).
 EXIT_JOB_FAILED = 1
 EXIT_WATCH_TIMEOUT = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
+BUSY_STATES = ("pending", "started", "running")  # a seat's worker still has its role to play
 
 
 @click.group()
@@ -226,13 +227,18 @@ def _side(job: dict[str, Any], side: str, key: str) -> str:
 
 def _progress_line(job: Job) -> str:
     parts = []
+    waiting = job.pending_approvals() if job.status == "NeedsApproval" else []
     for seat, party in job.parties.items():
         progress = party.get("progress")
         percent = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
         message = f" ({party['message']})" if party.get("message") else ""
         state = party.get("state") or "waiting"
-        parts.append(f"{seat}={org_label(party.get('organization'))}:{state}{percent}{message}")
-    return f"{job.status:<13} " + "  ".join(parts)
+        # A seat that still has work while its worker is silent is why a job waits: say so, not only at timeout.
+        offline = (" [worker offline]" if party.get("worker_online") is False and state in BUSY_STATES
+                   and job.status not in TERMINAL_STATUSES else "")
+        parts.append(f"{seat}={org_label(party.get('organization'))}:{state}{percent}{message}{offline}")
+    approvals = f"  (approval waits for {', '.join(waiting)})" if waiting else ""
+    return f"{job.status:<13} " + "  ".join(parts) + approvals
 
 
 def _print_job(job: Job) -> None:
