@@ -17,7 +17,7 @@ import pytest
 
 from services.client import BadArgument, Cape, Job, VerticallyPartitionedLinearRegression
 from tests.support.client import one_error_line
-from tests.support.server import build_job_world
+from tests.support.server import Api, build_job_world
 
 
 @pytest.fixture
@@ -423,3 +423,22 @@ def test_watch_lines_say_what_a_job_waits_for() -> None:
                                             "helper=neutral:pending 0% [worker offline]")
     ended = Job(None, {"id": "j", "status": "Stopped", "parties": seats, "approvals": {}})  # type: ignore[arg-type]
     assert "offline" not in _progress_line(ended)
+
+
+def test_an_admin_revokes_a_leaked_worker_token(shared_cape_server, cape_cli, unique_label) -> None:
+    org = shared_cape_server.create_org(unique_label("leak"))
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": org["user_token"]}
+    leaked = org["organization_token"]
+    worker = Api(shared_cape_server, leaked)
+    assert worker.get("/v1/worker/jobs").status_code == 200
+    result = cape_cli("orgs", "revoke-token", leaked, env=env)  # the whole token: only its id goes out
+    token_id, secret = leaked.split(",", 1)
+    assert (result.exit_code, result.stdout) == (0, f"Revoked token {token_id}; a worker using it is refused from "
+                                                    "now on (its health check says so).\n")
+    assert secret not in result.stdout + result.stderr
+    assert worker.get("/v1/worker/jobs").status_code == 401
+    other = shared_cape_server.create_org(unique_label("other"))
+    refused = cape_cli("orgs", "revoke-token", other["organization_token"].split(",")[0], env=env)
+    assert (refused.exit_code, one_error_line(refused.stderr)) == (
+        1, "error: you may revoke only your own user tokens and the organization tokens of organizations you "
+           "administer (HTTP 403)")

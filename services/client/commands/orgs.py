@@ -1,4 +1,4 @@
-"""`cape orgs list|show|add-user|remove-user|set-role|create-token`."""
+"""`cape orgs list|show|add-user|remove-user|set-role|create-token|revoke-token`."""
 from __future__ import annotations
 
 from typing import Any
@@ -132,3 +132,17 @@ def create_token(cli: CliContext, org: str, description: str | None, as_json: bo
         return
     click.echo(f"Organization token {created['id']} for {org}'s worker (shown once; set it as CAPE_TOKEN):")
     click.echo(created["token"])
+
+
+@orgs.command("revoke-token")
+@click.argument("token_id")
+@pass_cli
+def revoke_token(cli: CliContext, token_id: str) -> None:
+    """Revoke a token at once: an organization token of an organization you administer (a worker's CAPE_TOKEN,
+    say one that leaked), or your own user token. TOKEN_ID is the part before the comma; a whole token works too
+    (only its id is sent)."""
+    token_id = token_id.split(",", 1)[0].strip()
+    if not token_id:
+        raise click.BadParameter("give the token's id (the part before the comma)", param_hint="TOKEN_ID")
+    cli.cape().revoke_token(token_id)
+    click.echo(f"Revoked token {token_id}; a worker using it is refused from now on (its health check says so).")
