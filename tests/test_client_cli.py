@@ -437,6 +437,22 @@ def test_an_admin_revokes_a_leaked_worker_token(shared_cape_server, cape_cli, un
                                                     "now on (its health check says so).\n")
     assert secret not in result.stdout + result.stderr
     assert worker.get("/v1/worker/jobs").status_code == 401
+
+    # The admin finds which id to revoke: every worker token of the organization, secrets never shown.
+    label = org["organization"]["label"]
+    spare = cape_cli("orgs", "create-token", label, "--description", "spare host", "--json", env=env)
+    spare_id = json.loads(spare.stdout)["id"]
+    listed = json.loads(cape_cli("orgs", "tokens", label, "--json", env=env).stdout)
+    assert [(t["id"], t["description"], t["revoked_at"] is not None) for t in listed] == [
+        (token_id, "created with the organization", True), (spare_id, "spare host", False)]
+    table = cape_cli("orgs", "tokens", label, env=env).stdout.splitlines()
+    assert table[0].split() == ["ID", "DESCRIPTION", "CREATED", "REVOKED"]
+    assert table[2].startswith(f"{spare_id}  spare host") and table[2].endswith(" -")
+    assert secret not in "\n".join(table) and "secret" not in listed[0]
+    operator = Api(shared_cape_server, org["user_token"]).post(f"/v1/organizations/{label}/users", json={
+        "email": "op@leak.example", "role": "operator"}).json()["token"]
+    assert Api(shared_cape_server, operator).get(f"/v1/organizations/{label}/tokens").json()["error"]["message"] == (
+        "to see organization tokens you need the role admin in the organization (your role there is operator)")
     other = shared_cape_server.create_org(unique_label("other"))
     refused = cape_cli("orgs", "revoke-token", other["organization_token"].split(",")[0], env=env)
     assert (refused.exit_code, one_error_line(refused.stderr)) == (

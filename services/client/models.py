@@ -96,6 +96,11 @@ class Organization(Resource):
         """Change a member's role (admin only); returns the member ``{"id", "email", "role"}``."""
         return self._session.put(f"/v1/organizations/{seg(self.id)}/users/{seg(email_or_id)}", {"role": role})
 
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """This organization's worker tokens (admin only): ``{"id", "description", "created_at", "revoked_at"}``
+        each, oldest first; never their secrets."""
+        return self._session.get(f"/v1/organizations/{seg(self.id)}/tokens")
+
     def create_token(self, description: str | None = None) -> dict[str, Any]:
         """A new organization token for this organization's worker (admin only): ``{"id", "token"}``."""
         body = {"description": description} if description else {}

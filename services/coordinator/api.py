@@ -120,6 +120,14 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             require_role(p, org_id, MANAGE_USERS, "create organization tokens")
             return identity.issue_org_token(conn, org_id, body.description if body else None)
 
+    @router.get("/organizations/{org}/tokens", tags=["identity"], response_model=list[views.TokenInfo])
+    def list_org_tokens(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        # Which id to revoke when a worker's token leaked: ids, descriptions and dates only.
+        with db.transaction() as conn:
+            org_id = identity.find_organization(conn, org)["id"]
+            require_role(p, org_id, MANAGE_USERS, "see organization tokens")
+            return identity.list_org_tokens(conn, org_id)
+
     @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:

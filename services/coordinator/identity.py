@@ -124,6 +124,14 @@ def issue_org_token(conn: sqlite3.Connection, org_id: str, description: str | No
     return _store_token(conn, "organization", None, org_id, description)
 
 
+def list_org_tokens(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
+    """The organization's worker tokens, oldest first: ids and dates, never secrets (only hashes are stored)."""
+    return [{"id": r["id"], "description": r["description"], "created_at": r["created_at"],
+             "revoked_at": r["revoked_at"]}
+            for r in conn.execute("SELECT id, description, created_at, revoked_at FROM tokens WHERE kind = "
+                                  "'organization' AND org_id = ? ORDER BY created_at, id", (org_id,))]
+
+
 def find_token(conn: sqlite3.Connection, token_id: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
     if row is None:

@@ -60,6 +60,13 @@ class IssuedToken(View):
     token: str = Field(description="`<token_id>,<secret>`; the secret is shown only this once")
 
 
+class TokenInfo(View):
+    id: str
+    description: str | None
+    created_at: str
+    revoked_at: str | None = Field(description="null while the token works")
+
+
 class WorkerStatus(View):
     registered: bool = Field(description="the worker registered its public keys")
     keys_updated_at: str | None

@@ -1,4 +1,4 @@
-"""`cape orgs list|show|add-user|remove-user|set-role|create-token|revoke-token`."""
+"""`cape orgs list|show|add-user|remove-user|set-role|create-token|tokens|revoke-token`."""
 from __future__ import annotations
 
 from typing import Any
@@ -132,6 +132,21 @@ def create_token(cli: CliContext, org: str, description: str | None, as_json: bo
         return
     click.echo(f"Organization token {created['id']} for {org}'s worker (shown once; set it as CAPE_TOKEN):")
     click.echo(created["token"])
+
+
+@orgs.command("tokens")
+@click.argument("org")
+@json_option
+@pass_cli
+def tokens(cli: CliContext, org: str, as_json: bool) -> None:
+    """List ORG's worker tokens (admin): ids, descriptions, when made and revoked; never secrets."""
+    found = cli.cape().get_organization(org).list_tokens()
+    if as_json:
+        print_json(found)
+        return
+    print_table(found, [("ID", lambda t: t.get("id")), ("DESCRIPTION", lambda t: t.get("description") or "-"),
+                        ("CREATED", lambda t: t.get("created_at")), ("REVOKED", lambda t: t.get("revoked_at") or "-")],
+                empty="No organization tokens.")
 
 
 @orgs.command("revoke-token")
