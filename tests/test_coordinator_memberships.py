@@ -208,3 +208,22 @@ def test_sdk_remove_user_and_set_role(orgs: Orgs) -> None:
     with pytest.raises(ApiError) as bad:
         organization.set_role(orgs.created["x"]["user"]["email"], "owner")
     assert bad.value.status == 422 and bad.value.message == ROLE_422
+
+
+def test_adding_an_existing_user_hands_out_no_credential(shared_cape_server, unique_label) -> None:
+    """A user token carries its user's roles in every organization: an admin who adds someone else's user (known
+    by email) must not get a token for them, or they would get that user's other organizations too."""
+    victim_org = shared_cape_server.create_org(unique_label("victim"))
+    other = shared_cape_server.create_org(unique_label("other"))
+    victim_email = victim_org["user"]["email"]  # the victim organization's admin
+    added = Api(shared_cape_server, other["user_token"]).post(
+        f"/v1/organizations/{other['organization']['label']}/users", json={"email": victim_email, "role": "user"})
+    assert added.status_code == 201, added.text
+    assert added.json()["token"] is None and added.json()["user"]["email"] == victim_email
+    # The victim's own token now also carries the new membership; nothing else was issued.
+    roles = Api(shared_cape_server, victim_org["user_token"]).post("/v1/login").json()["roles"]
+    assert roles == {victim_org["organization"]["id"]: "admin", other["organization"]["id"]: "user"}
+    # The server's operator may still issue one (the user lost theirs, say).
+    third = shared_cape_server.create_org(unique_label("third"))
+    issued = shared_cape_server.create_user(third["organization"]["label"], victim_email, "user")
+    assert Api(shared_cape_server, issued["token"]).post("/v1/login").json()["user"]["email"] == victim_email

@@ -77,18 +77,27 @@ def user_view(row: sqlite3.Row | dict[str, Any], role: str | None = None) -> dic
     return view
 
 
-def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str) -> tuple[dict[str, Any], str]:
-    """Add a user (made if the email is new) to the organization with a role; returns (user, new user token)."""
+def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
+             token_for_existing: bool = False) -> tuple[dict[str, Any], str | None]:
+    """Add a user (made if the email is new) to the organization with a role; returns (user, token).
+
+    A new user gets a first token. A user who exists already keeps their own tokens and gets none: a user token
+    carries the user's roles in every organization, so handing one to this organization's admin would hand them
+    the user's other organizations too. Only the server's operator (`cape-server admin`, `token_for_existing`)
+    issues a token for an existing user."""
     if role not in ROLES:
         raise InvalidRequest(f"field 'role': must be one of {', '.join(ROLES)}")
     user = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
+    existing = user is not None
     if user is None:
         user = {"id": new_id(), "email": email, "created_at": now_iso()}
         conn.execute("INSERT INTO users (id, email, created_at) VALUES (:id, :email, :created_at)", user)
     elif conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND org_id = ?", (user["id"], org_id)).fetchone():
         raise Conflict(f"'{email}' is already a member of this organization", code="duplicate_member")
     conn.execute("INSERT INTO memberships (user_id, org_id, role) VALUES (?, ?, ?)", (user["id"], org_id, role))
-    token = issue_user_token(conn, user["id"], "first token")
+    if existing and not token_for_existing:
+        return user_view(user, role), None
+    token = issue_user_token(conn, user["id"], "first token" if not existing else "issued by the server's operator")
     return user_view(user, role), token["token"]
 
 

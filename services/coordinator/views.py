@@ -52,7 +52,8 @@ class Login(View):
 
 class NewMember(View):
     user: Member
-    token: str = Field(description="the new user's first token (`<token_id>,<secret>`); shown only this once")
+    token: str | None = Field(description="a new user's first token (`<token_id>,<secret>`), shown only this once; "
+                                          "null for a user who exists already (they keep using their own tokens)")
 
 
 class IssuedToken(View):

@@ -213,7 +213,7 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
 
     def action(conn: Any) -> dict[str, Any]:
         org = identity.create_organization(conn, label, name)
-        user, user_token = identity.add_user(conn, org["id"], admin_email, "admin")
+        user, user_token = identity.add_user(conn, org["id"], admin_email, "admin", token_for_existing=True)
         org_token = identity.issue_org_token(conn, org["id"], "created with the organization")
         return {"organization": identity.org_view(org), "user": user,
                 "organization_token": org_token["token"], "user_token": user_token}
@@ -244,7 +244,7 @@ def create_user(organization: str, email_argument: str | None, email: str | None
 
     def action(conn: Any) -> dict[str, Any]:
         org = identity.find_organization(conn, organization)
-        user, token = identity.add_user(conn, org["id"], email, role)
+        user, token = identity.add_user(conn, org["id"], email, role, token_for_existing=True)
         return {"user": user, "organization": identity.org_view(org), "token": token}
 
     result = _run(data_dir, action)

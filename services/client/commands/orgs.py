@@ -79,10 +79,13 @@ def worker_line(worker: dict[str, Any]) -> str:
 @json_option
 @pass_cli
 def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) -> None:
-    """Add a user to ORG (admin); prints the user's token once."""
+    """Add a user to ORG (admin); prints a new user's token once (a user who exists already keeps their own)."""
     created = cli.cape().get_organization(org).add_user(email, role)
     if as_json:
         print_json(created)
+        return
+    if created.get("token") is None:
+        click.echo(f"Added {email} to {org} as {role}. They already have a user token: it now works in {org} too.")
         return
     click.echo(f"Added {email} to {org} as {role}. Their token (shown once, give it to them privately):")
     click.echo(created["token"])
