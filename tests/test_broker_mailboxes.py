@@ -171,6 +171,32 @@ def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_s
     assert len(list(bodies.iterdir())) == 2
 
 
+def test_no_messages_for_a_job_not_yet_approved(start_cape_server):
+    """Seats exist from submission, and a job may wait for approval for ever: a worker cannot park bytes at the
+    broker for it (they would stay until the TTL). The broker alone learns the status from the coordinator."""
+    coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
+    broker = start_cape_server(extra_args=["--only", "broker", "--coordinator-url", coordinator.url], name="broker")
+    world = build_job_world(coordinator, approve=False)
+    jid = world["job"]["id"]
+    refused = Api(broker, world["orgs"]["helper"]["organization_token"]).put(_messages(jid, "junk", "x_owner"),
+                                                                             data=b"x" * 1000)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == {
+        "code": "job_not_approved", "status": "NeedsApproval",
+        "message": f"job {jid} is NeedsApproval: the broker takes its messages only once every data owner approved it"}
+
+
+def test_messages_wait_for_approval_in_one_server(cape_server):
+    """The same in one server; once both data owners approved, puts are taken."""
+    world = build_job_world(cape_server, approve=False)
+    jid, helper = world["job"]["id"], world["worker"]["helper"]
+    assert helper.put(_messages(jid, "junk", "x_owner"), data=b"x").status_code == 409
+    assert helper.get(_messages(jid)).json() == []
+    for org in ("xorg", "yorg"):
+        assert world["user"][org].post(f"/v1/jobs/{jid}/approve").status_code == 200
+    assert helper.put(_messages(jid, "m", "x_owner"), data=b"x").status_code == 201
+
+
 def test_broker_alone_asks_the_coordinator(start_cape_server):
     coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
     broker = start_cape_server(extra_args=["--only", "broker", "--coordinator-url", coordinator.url], name="broker")

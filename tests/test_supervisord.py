@@ -33,6 +33,10 @@ def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
     env = worker_env(tmp_path, "org-a")
     worker = start_worker(env)
     assert worker.wait_running() == {p: "RUNNING" for p in health.PROGRAMS}
+    # The spool holds job specs (dataview uris), received shares and results: this user's alone.
+    spool = Path(env["CAPE_SPOOL_DIR"])
+    for path in [spool, *spool.rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
     result = cape_worker("health", env=env)
     assert result.returncode == 0, result.stdout
     assert result.stdout.strip() == "healthy: poller RUNNING, messenger RUNNING, runner RUNNING, uploader RUNNING"

@@ -134,14 +134,17 @@ def test_replayed_messages_are_rejected_and_the_job_completes_from_the_genuine_o
         resume(tw.workers["yorg"], "messenger")
         assert tw.world.wait_ended(job_a)["status"] == "Completed"
 
-        # Job B is submitted; before anyone approves it, job A's message is put into job B's y-owner mailbox
-        # under its own name (another job) and under the names of two later messages (other slots).
+        # Job B is approved while the x-owner's messenger is stopped (the broker takes no message for a job not
+        # yet approved); then, before its genuine puts, job A's message is put into job B's y-owner mailbox under
+        # its own name (another job) and under the names of two later messages (other slots).
         job_b = tw.world.submit(approvers=())
-        for name in (X_ROWS, X_STATUS, KX):
-            assert xb.put(job_b, "y_owner", name, sealed_a) == 201
+        pause(tw.workers["xorg"], "messenger")  # its genuine puts wait until the forgeries are in place
         pause(tw.workers["yorg"], "messenger")  # until the x-owner's genuine put has met the forgery
         for label in ("xorg", "yorg"):
             assert tw.world.user[label].post(f"/v1/jobs/{job_b}/approve").status_code == 200
+        for name in (X_ROWS, X_STATUS, KX):
+            assert xb.put(job_b, "y_owner", name, sealed_a) == 201
+        resume(tw.workers["xorg"], "messenger")
         conflict = f"could not send {X_ROWS} to y_owner for job {job_b}: the broker holds other bytes under this name"
         wait_for(lambda: conflict in tw.workers["xorg"].output, "the x-owner's put to meet the forgery (409)")
         resume(tw.workers["yorg"], "messenger")

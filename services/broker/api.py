@@ -30,6 +30,7 @@ JobId = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 CHUNK = 1 << 20
+UNAPPROVED_STATUSES = ("NeedsApproval", "Rejected")
 
 
 async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
@@ -67,6 +68,11 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                           access: JobAccess = Depends(caller)) -> Response:
         if to_seat not in access.seats:
             raise InvalidRequest(f"field 'to_seat': this job's seats are {', '.join(access.seats)}")
+        if access.status in UNAPPROVED_STATUSES:
+            # Seats exist from submission, and such a job may wait for approval for ever: no worker has a reason
+            # to send anything yet, and what it stored would stay until the TTL.
+            raise Conflict(f"job {job} is {access.status}: the broker takes its messages only once every data owner "
+                           "approved it", code="job_not_approved", extra={"status": access.status})
         seat = access.seat
         if not _NAME.match(name):  # the route pattern guards too; names reach the index, never a path
             raise InvalidRequest("field 'name': must match [A-Za-z0-9._-]{1,200}")

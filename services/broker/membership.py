@@ -19,10 +19,11 @@ from services.server.errors import ApiError, Conflict, Forbidden, NotFound, Unau
 
 @dataclass(frozen=True)
 class JobAccess:
-    """The caller's seat in a job, and all the job's seats (the mailboxes it may write to)."""
+    """The caller's seat in a job, all the job's seats (the mailboxes it may write to), and the job's status."""
 
     seat: str
     seats: tuple[str, ...]
+    status: str = "Started"
 
 
 class JobMembership(Protocol):
@@ -50,12 +51,12 @@ class LocalMembership:
         with self.db.transaction() as conn:
             principal = identity.authenticate(conn, token)
             require_worker(principal)
-            find_job(conn, job_id)
+            job = find_job(conn, job_id)
             seat = seat_of(conn, job_id, principal.org_id or "")
             seats = tuple(p["seat"] for p in parties(conn, job_id))
         if seat is None:
             raise Forbidden("your organization has no seat in this job", code="no_seat")
-        return JobAccess(seat, seats)
+        return JobAccess(seat, seats, job["status"])
 
     async def close(self) -> None:
         return None
@@ -86,7 +87,7 @@ class RemoteMembership:
                               "try again shortly") from None
         if response.status_code == 200:
             job = response.json()
-            access = JobAccess(job["seat"], tuple(job["parties"]))
+            access = JobAccess(job["seat"], tuple(job["parties"]), job["status"])
             if len(self._cache) > 10_000:  # bound memory: drop everything, it refills on demand
                 self._cache.clear()
             self._cache[key] = (access, time.monotonic() + self.cache_seconds)

@@ -92,6 +92,9 @@ def run() -> None:
     live = _live_supervisord(config.run_dir)
     if live is not None:
         _already_running(config, f"its supervisord answers on {live}")
+    # Everything the worker and its programs write (job specs with dataview uris, inbox shares, results) is for
+    # this user alone; inherited by supervisord and the four programs.
+    os.umask(0o077)
     try:
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
