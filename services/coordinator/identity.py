@@ -155,16 +155,17 @@ def revoke_token(conn: sqlite3.Connection, token_id: str) -> None:
 
 
 def check_may_revoke(conn: sqlite3.Connection, principal: Principal, token_id: str) -> None:
-    """Own user tokens, and organization tokens of an organization the caller administers."""
-    row = find_token(conn, token_id)
+    """Own user tokens, and organization tokens of an organization the caller administers. Any other id, existing
+    or not, gets the same 404: the answer must not tell which ids exist."""
     if principal.kind != "user":
         raise Forbidden("organization tokens cannot revoke tokens; use an admin's user token")
-    if row["kind"] == "user" and row["user_id"] == principal.user_id:
+    row = conn.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+    if row is not None and row["kind"] == "user" and row["user_id"] == principal.user_id:
         return
-    if row["kind"] == "organization" and principal.role_in(row["org_id"]) == "admin":
+    if row is not None and row["kind"] == "organization" and principal.role_in(row["org_id"]) == "admin":
         return
-    raise Forbidden("you may revoke only your own user tokens and the organization tokens of organizations you "
-                    "administer")
+    raise NotFound(f"no token '{token_id}' that you may revoke (your own user tokens, and the organization tokens "
+                   "of organizations you administer)", code="token_not_found")
 
 
 def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
