@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 import subprocess
 import sys
@@ -183,6 +184,22 @@ def test_bad_data_ends_in_an_error_status_that_says_where(cape_server, tmp_path)
     # The dataview is named, not its uri: job errors are shown to every project member.
     assert last["message"] == "dataview 'target': column 't' row 42: the value is not a number"
     assert y.spool.done(job.id)["outcome"] == "error"
+
+
+def test_a_missing_column_is_reported_without_the_files_other_columns(cape_server, tmp_path, caplog):
+    """A job's error reaches every project member; the file's header is its owner's: the report names only the
+    missing column (and a name differing by case), the owner's own log the whole header."""
+    write_data(tmp_path / "data")
+    job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "data" / "x.csv").as_uri(),
+                       y_uri=(tmp_path / "data" / "y.csv").as_uri(), x_columns=("a", "B", "c"), y_column="t")
+    x = job.seats["x_owner"]
+    x.spool.put_job(x.spec)
+    caplog.set_level(logging.ERROR, logger="cape.runner")
+    assert Runner(x.spool, x.keys).run_job(job.id) == "error"
+    assert statuses(x.spool, job.id)[-1]["message"] == (
+        "dataview 'features': no column 'B' (the file has 3 columns: the data owner's worker log names them); did "
+        "you mean 'b'?")
+    assert "dataview 'features': no column 'B'; the file has 'a', 'b', 'c'" in caplog.text
 
 
 def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.jobs.linear_regression import JobDataError, LinearRegressionTask, ProtocolError, run_party
+from services.jobs.linear_regression.errors import MissingColumnError
 from services.mpc import ProtocolError as EngineProtocolError
 from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
 from services.worker.job_spec import JobSpec, JobSpecError
@@ -175,6 +176,9 @@ class Runner:
                 result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
                                    data_name=uri)
                 transport.flush()  # every message durable before the result or `completed` is written
+            except MissingColumnError as exc:  # the full header stays in this organization's own log
+                log.error("job %s: %s", job_id, _without_uri(str(exc), uri, spec))
+                raise JobFailed(_without_uri(exc.for_other_parties(), uri, spec)) from None
             except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
                 raise JobFailed(_without_uri(str(exc), uri, spec)) from None
         traffic = transport.traffic()

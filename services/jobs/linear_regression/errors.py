@@ -46,8 +46,17 @@ class MissingColumnError(JobDataError):
     """A requested column is not in the file."""
 
     def __init__(self, file: str, column: str, available: Sequence[str]) -> None:
-        self.file, self.column = file, column
-        super().__init__(f"{file}: no column {column!r}; the file has {shown_columns(list(available))}")
+        self.file, self.column, self.available = file, column, list(available)
+        super().__init__(f"{file}: no column {column!r}; the file has {shown_columns(self.available)}")
+
+    def for_other_parties(self) -> str:
+        """The message without the file's other column names: a job's error reaches every member of the project,
+        and a file's header is its owner's (a column name can say what the data is about). Only a name that differs
+        from the asked one by case is offered, the usual slip."""
+        alike = [name for name in self.available if name.lower() == self.column.lower()]
+        hint = f"; did you mean {shown_columns(alike)}?" if alike else ""
+        return (f"{self.file}: no column {self.column!r} (the file has {len(self.available)} columns: the data "
+                f"owner's worker log names them){hint}")
 
 
 class NonNumericError(JobDataError):
