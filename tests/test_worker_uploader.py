@@ -3,11 +3,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from services.client.results import read_weights, weights_location
 from services.worker.config import WorkerConfig, parse_bucket
 from services.worker.spool import Spool
-from services.worker.uploader import ModelStore, Uploader, weights_csv
+from services.worker.uploader import ModelStore, Uploader, UploadError, weights_csv
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 WEIGHTS = [1.5, -2.25, 1e-12, 3.141592653589793]
@@ -57,6 +58,20 @@ def test_upload_to_jobs_model_location_on_s3(tmp_path, moto, monkeypatch):
     for key, value in moto.env.items():
         monkeypatch.setenv(key, value)
     np.testing.assert_array_equal(read_weights(weights_location(status["model_location"], "job1")), WEIGHTS)
+
+
+def test_a_jobs_file_location_is_written_only_through_cape_bucket(tmp_path):
+    """The submitter picks model_location and the model owner does not approve it: a path on the worker's own
+    machine comes only from its operator's CAPE_BUCKET, never from a job."""
+    config = make_config(tmp_path)
+    target = tmp_path / "chosen-by-the-submitter"
+    spool = spool_with_result(config, model_location=target.as_uri())
+    with pytest.raises(UploadError) as refused:
+        Uploader(config, spool).upload("job1")
+    assert str(refused.value) == (
+        f"the job's model_location {target.as_uri()} is a path on this worker's machine, which only CAPE_BUCKET may "
+        "name: set CAPE_BUCKET=file:///dir (or s3://bucket) on the model owner's worker")
+    assert not target.exists()
 
 
 def test_cape_bucket_overrides_model_location(tmp_path, moto):

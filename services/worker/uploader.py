@@ -174,9 +174,16 @@ class Uploader:
             raise UploadError("the job has no model_location and CAPE_BUCKET is not set: set CAPE_BUCKET to "
                               "s3://bucket[/prefix] or file:///dir")
         try:
-            return parse_bucket(location, "the job's model_location")
+            bucket = parse_bucket(location, "the job's model_location")
         except ConfigError as exc:
             raise UploadError(f"{exc}; or set CAPE_BUCKET to override it") from None
+        if bucket.scheme == "file":
+            # The submitter chose this location, and the model owner never approved it: a path on this machine is
+            # written only where the worker's own operator said (CAPE_BUCKET).
+            raise UploadError(f"the job's model_location {location} is a path on this worker's machine, which only "
+                              "CAPE_BUCKET may name: set CAPE_BUCKET=file:///dir (or s3://bucket) on the model "
+                              "owner's worker")
+        return bucket
 
     def upload(self, job_id: str) -> str:
         """Store one job's weights and metrics; queue its completed status; return the weights URI."""
