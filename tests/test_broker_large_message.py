@@ -50,7 +50,7 @@ def test_300_mb_message_streams_through_with_flat_server_memory(cape_server):
     world = build_job_world(cape_server)
     jid, sender, receiver = world["job"]["id"], world["worker"]["xorg"], world["worker"]["yorg"]
     # Warm the code paths once so the baseline includes imports and buffers, not the big body.
-    sender.put(f"/broker/v1/jobs/{jid}/messages/y_owner/warm-up", data=b"x" * CHUNK)
+    sender.put(f"/broker/v1/jobs/{jid}/messages/y_owner/x_owner.warm-up", data=b"x" * CHUNK)
     receiver.get(f"/broker/v1/jobs/{jid}/messages/warm-up")
     baseline = psutil.Process(cape_server.pid).memory_info().rss
 
@@ -58,12 +58,12 @@ def test_300_mb_message_streams_through_with_flat_server_memory(cape_server):
     received = hashlib.sha256()
     started = time.monotonic()
     with PeakRss(cape_server.pid) as rss:
-        put = sender.put(f"/broker/v1/jobs/{jid}/messages/y_owner/big", data=body_chunks(sent), timeout=120)
+        put = sender.put(f"/broker/v1/jobs/{jid}/messages/y_owner/x_owner.big", data=body_chunks(sent), timeout=120)
         assert put.status_code == 201, put.text
         listed = {m["name"]: m for m in receiver.get(f"/broker/v1/jobs/{jid}/messages").json()}
-        assert listed["big"]["size"] == SIZE
+        assert listed["x_owner.big"]["size"] == SIZE
         size = 0
-        with receiver.get(f"/broker/v1/jobs/{jid}/messages/big", stream=True, timeout=120) as download:
+        with receiver.get(f"/broker/v1/jobs/{jid}/messages/x_owner.big", stream=True, timeout=120) as download:
             assert download.status_code == 200
             assert int(download.headers["content-length"]) == SIZE
             for chunk in download.iter_content(CHUNK):
@@ -73,5 +73,5 @@ def test_300_mb_message_streams_through_with_flat_server_memory(cape_server):
     assert size == SIZE and received.hexdigest() == sent.hexdigest()
     growth = rss.peak - baseline
     assert growth < RSS_GROWTH_LIMIT, f"server RSS grew by {growth / 2**20:.1f} MiB while relaying 300 MiB"
-    assert receiver.delete(f"/broker/v1/jobs/{jid}/messages/big").status_code == 204
+    assert receiver.delete(f"/broker/v1/jobs/{jid}/messages/x_owner.big").status_code == 204
     print(f"300 MiB relayed in {elapsed:.1f} s; server RSS growth {growth / 2**20:.1f} MiB")

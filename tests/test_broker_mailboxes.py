@@ -19,24 +19,24 @@ def test_put_list_get_ack_and_idempotent_puts(cape_server):
     world = build_job_world(cape_server)
     jid, worker = world["job"]["id"], world["worker"]
     body = b"\x00ciphertext\xff" * 1000
-    put = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body)
+    put = worker["xorg"].put(_messages(jid, "x_owner.r1.x-to-y", "y_owner"), data=body)
     assert put.status_code == 201, put.text
-    assert worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=body).status_code == 200
+    assert worker["xorg"].put(_messages(jid, "x_owner.r1.x-to-y", "y_owner"), data=body).status_code == 200
     for other_bytes in (b"other bytes", body[:-1] + b"\x00"):  # other size; same size, last byte differs
-        other = worker["xorg"].put(_messages(jid, "r1.x-to-y", "y_owner"), data=other_bytes)
+        other = worker["xorg"].put(_messages(jid, "x_owner.r1.x-to-y", "y_owner"), data=other_bytes)
         assert other.status_code == 409 and other.json()["error"]["code"] == "message_conflict"
 
     listed = worker["yorg"].get(_messages(jid)).json()
-    assert [(m["name"], m["from_seat"], m["size"]) for m in listed] == [("r1.x-to-y", "x_owner", len(body))]
+    assert [(m["name"], m["from_seat"], m["size"]) for m in listed] == [("x_owner.r1.x-to-y", "x_owner", len(body))]
     assert set(listed[0]) == {"name", "from_seat", "size", "created_at"}
     assert worker["helper"].get(_messages(jid)).json() == []  # mailboxes are per seat
-    assert worker["helper"].get(_messages(jid, "r1.x-to-y")).status_code == 404
+    assert worker["helper"].get(_messages(jid, "x_owner.r1.x-to-y")).status_code == 404
 
-    got = worker["yorg"].get(_messages(jid, "r1.x-to-y"))
+    got = worker["yorg"].get(_messages(jid, "x_owner.r1.x-to-y"))
     assert got.status_code == 200 and got.content == body
     assert got.headers["content-type"] == "application/octet-stream"
-    assert worker["yorg"].delete(_messages(jid, "r1.x-to-y")).status_code == 204
-    assert worker["yorg"].delete(_messages(jid, "r1.x-to-y")).status_code == 404
+    assert worker["yorg"].delete(_messages(jid, "x_owner.r1.x-to-y")).status_code == 204
+    assert worker["yorg"].delete(_messages(jid, "x_owner.r1.x-to-y")).status_code == 404
     assert worker["yorg"].get(_messages(jid)).json() == []
 
 
@@ -54,11 +54,11 @@ def test_long_poll_returns_within_100_ms_of_a_put(cape_server):
     poller.start()
     time.sleep(0.5)  # the poll is parked on the server by now
     assert "at" not in returned
-    put = worker["yorg"].put(_messages(jid, "share-0", "helper"), data=b"abc")
+    put = worker["yorg"].put(_messages(jid, "y_owner.share-0", "helper"), data=b"abc")
     put_done = time.monotonic()
     assert put.status_code == 201
     poller.join(timeout=20)
-    assert [m["name"] for m in returned["messages"]] == ["share-0"]
+    assert [m["name"] for m in returned["messages"]] == ["y_owner.share-0"]
     latency = returned["at"] - put_done
     assert latency < 0.1, f"long-poll returned {latency:.3f} s after the put"
     print(f"long-poll returned {latency * 1000:.1f} ms after the put's answer")
@@ -90,7 +90,7 @@ def test_access_is_limited_to_the_job_parties(cape_server):
         "type": "linear_regression", "x": {"dataview": "ox", "columns": ["a"]}, "y": {"dataview": "ys", "column": "t"},
         "model_owner": "yorg"}).json()["id"]
     assert out_user.post(f"/v1/jobs/{job2}/approve").ok and world["user"]["yorg"].post(f"/v1/jobs/{job2}/approve").ok
-    assert out_worker.put(_messages(job2, "m1", "y_owner"), data=b"x").status_code == 201
+    assert out_worker.put(_messages(job2, "x_owner.m1", "y_owner"), data=b"x").status_code == 201
     refused = out_worker.put(path, data=b"x")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "no_seat"
     assert out_worker.get(_messages(jid)).status_code == 403
@@ -108,16 +108,27 @@ def test_access_is_limited_to_the_job_parties(cape_server):
     assert world["worker"]["xorg"].put(_messages(jid, "m1", "model_owner"), data=b"x").status_code == 422
 
 
+def test_a_seat_cannot_take_another_seats_message_name(cape_server):
+    """Names are written once: the helper putting `x_owner.<name>` first would hold the x-owner's message back."""
+    world = build_job_world(cape_server)
+    jid = world["job"]["id"]
+    squat = world["worker"]["helper"].put(_messages(jid, "x_owner.lr-x-rows", "y_owner"), data=b"x")
+    assert squat.status_code == 422
+    assert squat.json()["error"]["message"] == (
+        "field 'name': a message from seat helper is named helper.<name> (receivers check the sender by it)")
+    assert world["worker"]["xorg"].put(_messages(jid, "x_owner.lr-x-rows", "y_owner"), data=b"x").status_code == 201
+
+
 def test_size_limit(start_cape_server):
     server = start_cape_server(extra_args=["--max-message-bytes", "1000"])
     world = build_job_world(server)
     api, jid = world["worker"]["xorg"], world["job"]["id"]
-    assert api.put(_messages(jid, "ok", "y_owner"), data=b"a" * 1000).status_code == 201
-    declared = api.put(_messages(jid, "big", "y_owner"), data=b"a" * 1001)
+    assert api.put(_messages(jid, "x_owner.ok", "y_owner"), data=b"a" * 1000).status_code == 201
+    declared = api.put(_messages(jid, "x_owner.big", "y_owner"), data=b"a" * 1001)
     assert declared.status_code == 413 and "1000" in declared.json()["error"]["message"]
-    streamed = api.put(_messages(jid, "big", "y_owner"), data=iter([b"a" * 600, b"b" * 600]))  # chunked
+    streamed = api.put(_messages(jid, "x_owner.big", "y_owner"), data=iter([b"a" * 600, b"b" * 600]))  # chunked
     assert streamed.status_code == 413
-    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(jid)).json()] == ["ok"]
+    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(jid)).json()] == ["x_owner.ok"]
     assert list((server.data_dir / "broker" / "incoming").iterdir()) == []
 
 
@@ -125,7 +136,7 @@ def test_messages_expire_after_ttl(start_cape_server):
     server = start_cape_server(extra_args=["--message-ttl", "1"])
     world = build_job_world(server)
     jid = world["job"]["id"]
-    assert world["worker"]["xorg"].put(_messages(jid, "old", "y_owner"), data=b"bytes").status_code == 201
+    assert world["worker"]["xorg"].put(_messages(jid, "x_owner.old", "y_owner"), data=b"bytes").status_code == 201
     assert len(world["worker"]["yorg"].get(_messages(jid)).json()) == 1
     bodies = server.data_dir / "broker" / "bodies"
     deadline = time.monotonic() + 10
@@ -133,7 +144,7 @@ def test_messages_expire_after_ttl(start_cape_server):
         time.sleep(0.1)
     assert list(bodies.iterdir()) == []
     assert world["worker"]["yorg"].get(_messages(jid)).json() == []
-    assert world["worker"]["yorg"].get(_messages(jid, "old")).status_code == 404
+    assert world["worker"]["yorg"].get(_messages(jid, "x_owner.old")).status_code == 404
 
 
 def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_server):
@@ -149,7 +160,7 @@ def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_s
         assert user[label].post(f"/v1/jobs/{running}/approve").status_code == 200
     xorg = world["worker"]["xorg"]
     for jid in (ending, running):
-        for name in ("r1.a", "r1.b"):
+        for name in ("x_owner.r1.a", "x_owner.r1.b"):
             assert xorg.put(_messages(jid, name, "y_owner"), data=b"sealed bytes").status_code == 201
     bodies = server.data_dir / "broker" / "bodies"
     assert len(list(bodies.iterdir())) == 4
@@ -160,11 +171,11 @@ def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_s
         time.sleep(0.1)
     assert len(list(bodies.iterdir())) == 2
     assert world["worker"]["yorg"].get(_messages(ending)).json() == []
-    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(running)).json()] == ["r1.a", "r1.b"]
+    assert [m["name"] for m in world["worker"]["yorg"].get(_messages(running)).json()] == ["x_owner.r1.a", "x_owner.r1.b"]
     assert f"job {ending} ended: dropped 2 message(s) still at the broker" in server.log_path.read_text()
 
     # A put to the ended job after the sweep (a late retry) is dropped by the next one.
-    assert xorg.put(_messages(ending, "r2.late", "y_owner"), data=b"late").status_code == 201
+    assert xorg.put(_messages(ending, "x_owner.r2.late", "y_owner"), data=b"late").status_code == 201
     deadline = time.monotonic() + 10
     while len(list(bodies.iterdir())) > 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -194,7 +205,7 @@ def test_messages_wait_for_approval_in_one_server(cape_server):
     assert helper.get(_messages(jid)).json() == []
     for org in ("xorg", "yorg"):
         assert world["user"][org].post(f"/v1/jobs/{jid}/approve").status_code == 200
-    assert helper.put(_messages(jid, "m", "x_owner"), data=b"x").status_code == 201
+    assert helper.put(_messages(jid, "helper.m", "x_owner"), data=b"x").status_code == 201
 
 
 def test_broker_alone_asks_the_coordinator(start_cape_server):
@@ -207,8 +218,8 @@ def test_broker_alone_asks_the_coordinator(start_cape_server):
 
     x = Api(broker, world["orgs"]["xorg"]["organization_token"])
     y = Api(broker, world["orgs"]["yorg"]["organization_token"])
-    assert x.put(_messages(jid, "m", "y_owner"), data=b"hello").status_code == 201
-    assert y.get(_messages(jid, "m")).content == b"hello"
+    assert x.put(_messages(jid, "x_owner.m", "y_owner"), data=b"hello").status_code == 201
+    assert y.get(_messages(jid, "x_owner.m")).content == b"hello"
     outsider = coordinator.create_org("outsider")
     assert Api(broker, outsider["organization_token"]).get(_messages(jid)).status_code == 403
     assert Api(broker, "bad,token").get(_messages(jid)).status_code == 401

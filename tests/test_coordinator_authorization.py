@@ -156,7 +156,7 @@ ACTIONS: list[tuple[str, Action, dict[str, int]]] = [
      expect(403, 403, 403, 403, 200, 403, 403)),
     ("worker report", lambda api, w: api.post(f"/v1/worker/jobs/{w.running_job}/report", json={"state": "started"}),
      expect(403, 403, 403, 403, 204, 403, 403)),
-    ("broker put", lambda api, w: api.put(f"/broker/v1/jobs/{w.running_job}/messages/y_owner/{unique('m')}",
+    ("broker put", lambda api, w: api.put(f"/broker/v1/jobs/{w.running_job}/messages/y_owner/x_owner.{unique('m')}",
                                           data=b"sealed"), expect(403, 403, 403, 403, 201, 403, 403)),
     ("broker list", lambda api, w: api.get(f"/broker/v1/jobs/{w.running_job}/messages"),
      expect(403, 403, 403, 403, 200, 403, 403)),

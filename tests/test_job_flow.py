@@ -113,9 +113,9 @@ def _run_seat(worker: ScriptedWorker, job_id: str, data: dict[str, np.ndarray], 
             continue
         # The data owners send their columns to the output seat; the rest is filler, as a helper's shares would be.
         payload = data[seat] if other == outputs_to and seat in data else np.arange(4, dtype=np.float64)
-        worker.send(job_id, other, f"r0.{seat}.{other}", _npy(payload))
+        worker.send(job_id, other, f"{seat}.r0.{other}", _npy(payload))
     all_sent.wait()
-    received = worker.receive(job_id, {f"r0.{other}.{seat}" for other in SEATS if other != seat})
+    received = worker.receive(job_id, {f"{other}.r0.{seat}" for other in SEATS if other != seat})
     assert {frm for frm, _ in received.values()} == set(SEATS) - {seat}
     if seat != outputs_to:
         # The output seat may have completed the job already: a 409 tells a worker to stop.

@@ -76,6 +76,10 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         seat = access.seat
         if not _NAME.match(name):  # the route pattern guards too; names reach the index, never a path
             raise InvalidRequest("field 'name': must match [A-Za-z0-9._-]{1,200}")
+        if not name.startswith(f"{seat}."):
+            # Names are written once: another seat taking a sender's name first would hold its message back.
+            raise InvalidRequest(f"field 'name': a message from seat {seat} is named {seat}.<name> (receivers "
+                                 "check the sender by it)")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_message_bytes:
             raise TooLarge(f"the message is {declared} bytes; this broker takes at most {max_message_bytes}",

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.broker_client import BrokerClient
-from services.worker.e2e_bench import SEATS, BenchError, Server, cpu_seconds, create_project, submit_job
+from services.worker.e2e_bench import (SEATS, BenchError, Server, approve_job, cpu_seconds, create_project,
+                                       submit_job)
 
 SETTLE_SECONDS = 0.5  # lets the server finish its startup work before the first CPU reading
 
@@ -34,6 +35,8 @@ def _job(server: Server) -> tuple[str, dict[str, str]]:
     user = {label: org["user_token"] for label, org in orgs.items()}
     create_project(server.url, user, "file:///data/x.csv", "file:///data/y.csv", ["x0"])
     job_id = submit_job(server.url, user, ["x0"], timeout=600)
+    for label in ("xorg", "yorg"):  # the broker takes messages only for an approved job
+        approve_job(server.url, user, job_id, label)
     return job_id, {label: org["organization_token"] for label, org in orgs.items()}
 
 

@@ -358,6 +358,11 @@ def submit_job(url: str, user: dict[str, str], columns: list[str], timeout: floa
     return str(job["id"])
 
 
+def approve_job(url: str, user: dict[str, str], job_id: str, label: str) -> None:
+    """Approve the job as the data owner `label` (xorg or yorg)."""
+    _call("POST", f"{url}/v1/jobs/{job_id}/approve", user[label])
+
+
 def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_timeout: float,
             jobs: int = 1) -> dict[str, Any]:
     """Run the job through real workers (then `jobs - 1` more through the same workers); returns the
@@ -377,7 +382,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
         wait_running(workers)
 
         job_id = submit_job(url, user, columns, job_timeout)
-        _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
+        approve_job(url, user, job_id, "xorg")
         pids = {label: w.program_pids() for label, w in workers.items()}
 
         def cpu_now() -> dict[str, Any]:
@@ -388,7 +393,7 @@ def run_e2e(base: Path, n: int, d: int, fmt: str, poll_interval: float, job_time
 
         with SpoolSampler(workers, job_id) as sampler:
             cpu_before, disk_before = cpu_now(), disk_counters()
-            _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["yorg"])
+            approve_job(url, user, job_id, "yorg")
             status = _wait_ended(url, user["yorg"], job_id, job_timeout + 60)
             # The coordinator's own times (same machine, same clock): exact to the millisecond, where a client's
             # polls would add their interval, or their load on the two cores if made often.
@@ -457,9 +462,9 @@ def _later_job(url: str, user: dict[str, str], columns: list[str], job_timeout: 
     machine's CPU seconds meanwhile, its disk figures). A long-running worker's imports and heaps are warm by
     then."""
     job_id = submit_job(url, user, columns, job_timeout)
-    _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["xorg"])
+    approve_job(url, user, job_id, "xorg")
     busy, disk_before = machine_busy_seconds(), disk_counters()
-    _call("POST", f"{url}/v1/jobs/{job_id}/approve", user["yorg"])
+    approve_job(url, user, job_id, "yorg")
     status = _wait_ended(url, user["yorg"], job_id, job_timeout + 60)
     busy, disk = machine_busy_seconds() - busy, disk_during(disk_before)
     if status["status"] != "Completed":
