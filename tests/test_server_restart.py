@@ -13,8 +13,8 @@ def test_restart_keeps_identities_projects_jobs_and_messages(cape_server, crash)
     spare = user["xorg"].post("/v1/tokens").json()
     assert user["xorg"].delete(f"/v1/tokens/{spare['id']}").status_code == 204
     assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
-    assert worker["xorg"].put(f"/broker/v1/jobs/{jid}/messages/y_owner/r1", data=b"sealed-1").status_code == 201
-    assert worker["helper"].put(f"/broker/v1/jobs/{jid}/messages/y_owner/r2", data=b"sealed-2").status_code == 201
+    assert worker["xorg"].put(f"/broker/v1/jobs/{jid}/messages/y_owner/x_owner.r1", data=b"sealed-1").status_code == 201
+    assert worker["helper"].put(f"/broker/v1/jobs/{jid}/messages/y_owner/helper.r2", data=b"sealed-2").status_code == 201
     before = {"project": user["xorg"].get("/v1/projects/demo").json(),
               "dataviews": user["xorg"].get("/v1/projects/demo/dataviews").json(),
               "job": user["yorg"].get(f"/v1/jobs/{jid}").json(),
@@ -33,8 +33,8 @@ def test_restart_keeps_identities_projects_jobs_and_messages(cape_server, crash)
     assert worker["helper"].get(f"/v1/worker/jobs/{jid}").json() == before["worker_job"]
     assert user["helper"].get("/v1/organizations").json() == before["organizations"]
     waiting = worker["yorg"].get(f"/broker/v1/jobs/{jid}/messages").json()
-    assert sorted(m["name"] for m in waiting) == ["r1", "r2"]
-    assert worker["yorg"].get(f"/broker/v1/jobs/{jid}/messages/r2").content == b"sealed-2"
+    assert sorted(m["name"] for m in waiting) == ["helper.r2", "x_owner.r1"]
+    assert worker["yorg"].get(f"/broker/v1/jobs/{jid}/messages/helper.r2").content == b"sealed-2"
     # The job carries on where it was: the other two start, and it moves to Started.
     for label in ("yorg", "helper"):
         assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
