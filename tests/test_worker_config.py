@@ -96,14 +96,7 @@ def test_dotenv_file_and_environment_wins(tmp_path):
      "CAPE_COORDINATOR: give the coordinator's base URL, without /v1: https://cape.example.com/api"),
     ({"CAPE_BROKER": "http://127.0.0.1:8000/broker/v1"},
      "CAPE_BROKER: give the broker's base URL, without /v1: http://127.0.0.1:8000/broker"),
-])
-def test_server_url_with_the_api_version(overrides, message):
-    with pytest.raises(ConfigError) as err:
-        WorkerConfig.from_env(env(**overrides))
-    assert str(err.value) == message
-
-
-@pytest.mark.parametrize("overrides, message", [
+    # Without a scheme: AWS_ENDPOINT_URL is an S3 endpoint, not a Cape server, so its example must look like one.
     ({"AWS_ENDPOINT_URL": "127.0.0.1:45871"},
      "AWS_ENDPOINT_URL: is not an http(s) URL: '127.0.0.1:45871'; use e.g. http://127.0.0.1:9000 or "
      "https://s3.eu-west-1.amazonaws.com"),
@@ -112,8 +105,7 @@ def test_server_url_with_the_api_version(overrides, message):
     ({"CAPE_BROKER": "broker.example.com"},
      "CAPE_BROKER: is not an http(s) URL: 'broker.example.com'; use e.g. https://cape.example.com"),
 ])
-def test_url_without_a_scheme_gets_an_example_of_its_kind(overrides, message):
-    """AWS_ENDPOINT_URL is an S3 endpoint, not a Cape server: its example must look like one."""
+def test_url_mistakes_name_the_variable_and_the_url_to_use(overrides, message):
     with pytest.raises(ConfigError) as err:
         WorkerConfig.from_env(env(**overrides))
     assert str(err.value) == message

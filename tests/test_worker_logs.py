@@ -313,8 +313,11 @@ class Program:
         while (line := self.lines.get(timeout=5)) is not None:
             self.output += line
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
+    def __enter__(self) -> "Program":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc.poll() is None:  # a failed step: do not leave the process behind
             self.proc.kill()
 
 
@@ -323,8 +326,7 @@ def test_cloudwatch_going_away_is_one_line_in_the_programs_format_not_raw_warnin
     watchtower's raw warnings for every failed batch; once CloudWatch is back it says that once too. Neither line
     is sent to CloudWatch, and other warnings are shown as before."""
     env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/outage", **own_moto.env)}
-    program = Program(env, tmp_path)
-    try:
+    with Program(env, tmp_path) as program:
         program.step("delivered")
         own_moto.stop()
         program.step("lost-1", "lost-2", "warn", "lost-3")
@@ -332,8 +334,6 @@ def test_cloudwatch_going_away_is_one_line_in_the_programs_format_not_raw_warnin
         own_moto.client("logs").create_log_group(logGroupName="/cape/outage")
         program.step("back")
         program.end()
-    finally:
-        program.kill()
     lines = [line.split(" ", 1)[1] for line in program.output.splitlines() if " poller " in line]
     assert lines == [
         "poller INFO delivered",
@@ -357,12 +357,9 @@ def test_cloudwatch_going_away_is_one_line_in_the_programs_format_not_raw_warnin
 def test_records_cloudwatch_rejects_for_their_time_are_said_once(moto, tmp_path):
     """Records CloudWatch Logs rejects as too old (a wrong clock): one line naming the likely cause, no raw warning."""
     env = {**os.environ, **config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/clock", **moto.env)}
-    program = Program(env, tmp_path)
-    try:
+    with Program(env, tmp_path) as program:
         program.step("stale", "stale", "fresh")
         program.end()
-    finally:
-        program.kill()
     lines = [line.split(" ", 1)[1] for line in program.output.splitlines() if " poller " in line]
     assert lines == [
         "poller INFO stale",

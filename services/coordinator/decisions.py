@@ -37,7 +37,7 @@ def _named_org(conn: sqlite3.Connection, principal: Principal, owners: list[str]
     return org["id"]
 
 
-def _my_orgs(conn: sqlite3.Connection, principal: Principal, owners: list[str], action: str) -> list[str]:
+def _my_orgs(principal: Principal, owners: list[str], action: str) -> list[str]:
     """The data owners (in seat order) the caller may decide for; 403 when none."""
     mine = [o for o in owners if principal.role_in(o) in APPROVE_JOBS]
     if not mine:
@@ -62,7 +62,7 @@ def _deciding_org(conn: sqlite3.Connection, principal: Principal, job: sqlite3.R
     if ref is not None:
         mine = [_named_org(conn, principal, owners, ref, action)]
     else:
-        mine = _my_orgs(conn, principal, owners, action)
+        mine = _my_orgs(principal, owners, action)
     if job["status"] in FINAL_STATUSES:
         raise Conflict(f"the job already ended ({job['status']}); there is nothing to {action}",
                        code="wrong_status", extra={"status": job["status"]})

@@ -78,9 +78,9 @@ def read_login_refused(run_dir: Path) -> dict[str, Any] | None:
         found = json.loads((run_dir / LOGIN_REFUSED_NAME).read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError:  # not ours (written whole by os.replace): still a refusal, reason unknown
-        return {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
-    if not isinstance(found, dict):
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):  # not ours (written whole by os.replace): still a refusal, reason unknown
         return {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
     return {"since": float(found.get("since") or 0.0), "message": str(found.get("message") or "")}
 
