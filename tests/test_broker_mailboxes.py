@@ -152,7 +152,7 @@ def test_an_ended_jobs_messages_are_dropped_and_a_running_jobs_stay(start_cape_s
     world = build_job_world(server)
     ending = world["job"]["id"]
     user = world["user"]
-    running = user["xorg"].post("/v1/projects/demo/jobs", json={
+    running = user["yorg"].post("/v1/projects/demo/jobs", json={
         "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
         "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": "s3://bucket/models"}
     ).json()["id"]

@@ -113,8 +113,12 @@ def test_job_as_pycape_submits_approves_per_org_and_gets_results(shared_cape_ser
     vlr = VerticallyPartitionedLinearRegression(
         x_train_dataview=dataviews[0]["x_1", "x_2"], y_train_dataview=dataviews[1]["y"],
         model_location=(tmp_path / "bucket").as_uri(), model_owner=orgs["shop"]["organization"]["id"])
-    job = project.submit_job(vlr, timeout=60)
+    with pytest.raises(ApiError, match=f"only the model owner '{orgs['shop']['organization']['id']}' chooses"):
+        project.submit_job(vlr)  # bank may not say where shop's model goes
+    job = shop.get_project(id=project.id).submit_job(vlr, timeout=60)
     assert job.data["task"]["timeout"] == 60
+    job = project.get_job(id=job.id)  # bank's view of it from here on
+    vlr.model_location = None
     other = project.submit_job(task=vlr)
     assert other.data["task"]["timeout"] == vlr.timeout
     other.stop()

@@ -188,3 +188,17 @@ def test_admin_cli_errors_are_one_line(cape_server):
     revoked = admin("revoke-token", token)
     assert revoked.returncode == 0 and token.split(",")[1] not in revoked.stdout
     assert Api(cape_server, token).post("/v1/login").status_code == 401
+
+
+def test_only_the_model_owner_chooses_the_model_location(world):
+    """The model owner approves nothing and its worker writes with its own credentials: another organization naming
+    the location could have the weights written to a bucket it reads."""
+    job = {**JOB, "model_location": "s3://somewhere/models"}
+    assert error(world["user"]["xorg"].post("/v1/projects/demo/jobs", json=job), 422) == (
+        "field 'model_location': only the model owner 'yorg' chooses where its model is written; leave it out (its "
+        "worker writes to its CAPE_BUCKET) or submit as a member of the model owner")
+    assert world["user"]["xorg"].post("/v1/projects/demo/jobs", json=JOB).status_code == 201
+    created = world["user"]["yorg"].post("/v1/projects/demo/jobs", json=job)
+    assert created.status_code == 201, created.text
+    assert world["user"]["yorg"].get(f"/v1/jobs/{created.json()['id']}").json()["task"]["model_location"] == \
+        "s3://somewhere/models"

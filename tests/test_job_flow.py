@@ -184,7 +184,7 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
         worker.register_keys()
 
     model_dir = tmp_path / "models"
-    job = json.loads(ok("bank", "jobs", "submit", "churn", "linear-regression",
+    job = json.loads(ok("shop", "jobs", "submit", "churn", "linear-regression",
                         "--x", "features:age,income,score", "--y", "target:spend",
                         "--model-owner", "shop", "--model-location", model_dir.as_uri(),
                         "--timeout", "60", "--json"))

@@ -202,6 +202,23 @@ def test_a_missing_column_is_reported_without_the_files_other_columns(cape_serve
     assert "dataview 'features': no column 'B'; the file has 'a', 'b', 'c'" in caplog.text
 
 
+def test_an_unforeseen_failure_is_reported_without_its_details(cape_server, tmp_path, caplog, monkeypatch):
+    """Every project member reads a job's error; an exception nobody foresaw may quote a path or a data value."""
+    job = approved_job(cape_server, tmp_path)
+    x = job.seats["x_owner"]
+    x.spool.put_job(x.spec)
+
+    def fails(self, job_id):
+        raise OSError(5, "Input/output error", "/secret/bank/x.csv row 7: 1234.5")
+
+    monkeypatch.setattr(Runner, "_run", fails)
+    caplog.set_level(logging.ERROR, logger="cape.runner")
+    assert Runner(x.spool, x.keys).run_job(job.id) == "error"
+    assert statuses(x.spool, job.id)[-1]["message"] == (
+        "the worker's runner failed unexpectedly (OSError); the details are in that worker's runner log")
+    assert "/secret/bank/x.csv row 7: 1234.5" in caplog.text  # its operator still finds what happened
+
+
 def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):
     job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "nope.csv").as_uri())
     x = job.seats["x_owner"]

@@ -14,7 +14,8 @@ class VerticallyPartitionedLinearRegression:
 
     ``x_train_dataview`` / ``y_train_dataview`` are ``DataView`` objects, optionally with columns selected
     (``dv[["a", "b"]]``, ``dv["target"]``): without a selection X takes every column of its schema and y the
-    only column of its schema.
+    only column of its schema. ``model_location`` may be set only by a member of the model owner (the coordinator
+    refuses it from anyone else); the model owner's worker's ``CAPE_BUCKET`` replaces it.
     """
 
     def __init__(

@@ -79,6 +79,12 @@ def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str,
         raise InvalidRequest(f"field 'model_owner': no organization '{body['model_owner']}'") from None
     if not is_member_org(conn, project["id"], model_owner):
         raise InvalidRequest("field 'model_owner': the model owner must be a member organization of the project")
+    if body.get("model_location") and org_id != model_owner:
+        # The model owner's worker writes with its own credentials and the model owner approves nothing: a location
+        # chosen by another organization could send its weights to a bucket that organization reads.
+        raise InvalidRequest(f"field 'model_location': only the model owner '{body['model_owner']}' chooses where its "
+                             "model is written; leave it out (its worker writes to its CAPE_BUCKET) or submit as a "
+                             "member of the model owner")
     if model_owner in (x_org, y_org):
         third_seat, third_org = "helper", project["helper_org_id"]
         outputs_to = "x_owner" if model_owner == x_org else "y_owner"

@@ -133,7 +133,10 @@ class Runner:
             outcome, message = "error", str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
             log.exception("job %s: unexpected failure", job_id)
-            outcome, message = "error", f"the worker's runner failed unexpectedly ({type(exc).__name__}: {exc})"
+            # Every project member reads the job's error and an unforeseen message may quote a path or a value:
+            # the details stay in this worker's log.
+            outcome, message = "error", (f"the worker's runner failed unexpectedly ({type(exc).__name__}); the "
+                                         "details are in that worker's runner log")
         if outcome == "error":
             log.error("job %s: error: %s", job_id, message)
             self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})

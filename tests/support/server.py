@@ -242,7 +242,7 @@ def build_job_world(server: CapeServer, approve: bool = True, register_keys: boo
                                                              {"name": "b", "type": "number"}]}))
     ok(user["yorg"].post("/v1/projects/demo/dataviews", json={
         "name": "ys", "uri": "file:///data/y.csv", "schema": [{"name": "t", "type": "number"}]}))
-    job = ok(user["xorg"].post("/v1/projects/demo/jobs", json={
+    job = ok(user["yorg"].post("/v1/projects/demo/jobs", json={
         "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
         "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": "s3://bucket/models",
         "timeout": timeout}))

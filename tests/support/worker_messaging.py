@@ -74,7 +74,7 @@ def approved_job(cape_server: Any, base: Path, *, x_uri: str = "file:///nonexist
     for seat, org in orgs.items():
         _call("PUT", f"{url}/v1/worker/keys", org["organization_token"], expect=(204,), json=keys[seat].public_keys())
 
-    job = _call("POST", f"{url}/v1/projects/{project['id']}/jobs", bank, json={
+    job = _call("POST", f"{url}/v1/projects/{project['id']}/jobs", orgs["y_owner"]["user_token"], json={
         "type": "linear_regression", "x": {"dataview": "features", "columns": list(x_columns)},
         "y": {"dataview": "target", "column": y_column}, "model_owner": "shop",
         "model_location": model_location, "timeout": timeout})

@@ -195,7 +195,7 @@ class JobWorld:
                approvers: tuple[str, ...] = ("xorg", "yorg")) -> str:
         """Submit a job on dataviews `x` (columns a, b, c) and `ys`; approve it as `approvers`; return its id."""
         ok = self._ok
-        job = ok(self.user["xorg"].post("/v1/projects/e2e/jobs", json={
+        job = ok(self.user["yorg"].post("/v1/projects/e2e/jobs", json={  # the model owner: it may name the location
             "type": "linear_regression", "x": {"dataview": x, "columns": ["a", "b", "c"]},
             "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": model_location,
             "timeout": timeout}))

@@ -36,7 +36,7 @@ def jobs() -> None:
 @click.option("--model-location", metavar="s3://BUCKET[/PREFIX]|file:///PATH",
               help="Where the model owner's worker writes the weights; that worker's CAPE_BUCKET, when set, "
                    "replaces it (without either, the job ends in Error). A file:// location is written only "
-                   "through CAPE_BUCKET, never from a job.")
+                   "through CAPE_BUCKET, never from a job. Only a member of the model owner may set it.")
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
               help="Seconds the three workers have to start after approval; also the longest a worker waits "
                    "for any one message of the job.")
