@@ -135,8 +135,13 @@ def test_orgs_remove_user_and_set_role(shared_cape_server, cape_cli, orgs) -> No
     assert gone.exit_code == 1 and one_error_line(gone.stderr) == (
         f"error: '{email}' is not a member of organization '{acme}'; `cape orgs show {acme}` lists its users "
         "(by email and id) (HTTP 404)")
-    again = cape_cli("orgs", "add-user", acme, email, "--json", env=env)
-    readded = json.loads(again.stdout)["user"]
+    again = cape_cli("orgs", "add-user", acme, email.upper(), env=env)  # the same account whatever the case
+    made = json.loads(cape_cli("whoami", "--json", env=member_env).stdout)
+    assert again.stdout.startswith(f"Added {email} to {acme} as user. This email already had an account (made ")
+    assert again.stdout.endswith(
+        f" by organization {acme}'s admin): its own tokens now work in {acme} too. Emails are not verified: if that "
+        f"is not the person you mean, `cape orgs remove-user {acme} {email}`.\n")
+    readded = made["user"]
     removed = cape_cli("orgs", "remove-user", acme, readded["id"], "--json", env=env)
     assert removed.exit_code == 0 and json.loads(removed.stdout) == {"organization": acme, "removed": readded["id"]}
 

@@ -212,3 +212,16 @@ def test_tokens_revoke_rules(cape_server):
     assert world.admin["a"].delete(f"/v1/tokens/{token_id}").status_code == 204
     revoked = world.worker["a"].get(f"/broker/v1/jobs/{world.running_job}/messages")
     assert revoked.status_code == 401 and revoked.json()["error"]["code"] == "revoked_token"
+
+
+def test_an_outsider_reaching_a_project_by_an_id_learns_no_label(cape_server):
+    """Project labels are guessable words, ids are not: a 403 names the project as the caller named it."""
+    world = World(cape_server)
+    outsider = world.admin["d"]
+    project_id = world.ok(world.admin["a"].get("/v1/projects/p"))["id"]
+    for path in (f"/v1/jobs/{world.completed_job}", f"/v1/dataviews/{world.xs['id']}", f"/v1/projects/{project_id}"):
+        refused = outsider.get(path)
+        assert refused.status_code == 403 and refused.json()["error"]["message"] == (
+            f"none of your organizations is a member of project '{project_id}'"), path
+    assert outsider.get("/v1/projects/p").json()["error"]["message"] == \
+        "none of your organizations is a member of project 'p'"

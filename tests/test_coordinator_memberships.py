@@ -220,6 +220,8 @@ def test_adding_an_existing_user_hands_out_no_credential(shared_cape_server, uni
         f"/v1/organizations/{other['organization']['label']}/users", json={"email": victim_email, "role": "user"})
     assert added.status_code == 201, added.text
     assert added.json()["token"] is None and added.json()["user"]["email"] == victim_email
+    assert added.json()["existing_account"] == {  # made with its organization, by the server's operator
+        "created_at": added.json()["existing_account"]["created_at"], "created_by_organization": None}
     # The victim's own token now also carries the new membership; nothing else was issued.
     roles = Api(shared_cape_server, victim_org["user_token"]).post("/v1/login").json()["roles"]
     assert roles == {victim_org["organization"]["id"]: "admin", other["organization"]["id"]: "user"}
@@ -227,3 +229,20 @@ def test_adding_an_existing_user_hands_out_no_credential(shared_cape_server, uni
     third = shared_cape_server.create_org(unique_label("third"))
     issued = shared_cape_server.create_user(third["organization"]["label"], victim_email, "user")
     assert Api(shared_cape_server, issued["token"]).post("/v1/login").json()["user"]["email"] == victim_email
+
+
+def test_an_email_is_one_account_whatever_its_case(orgs) -> None:
+    """Emails are not verified: an admin who made 'Ann@Y.example' must not get a second account beside
+    'ann@y.example', and whoever adds an existing account sees which organization made it (and holds its first
+    token), so a squatted email is noticed."""
+    _, made = orgs.add("x", f"Ann@{orgs.label['y']}.example", "user")
+    added = ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users",
+                                    json={"email": f"ann@{orgs.label['y']}.EXAMPLE", "role": "operator"}))
+    assert added["token"] is None and added["user"] == {**made, "role": "operator"}
+    assert added["existing_account"]["created_by_organization"] == orgs.label["x"]
+    assert orgs.members("y")[made["email"]] == "operator"
+    assert error(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users", json={
+        "email": made["email"].upper(), "role": "user"}), 409)["message"] == \
+        f"'{made['email']}' is already a member of this organization"
+    ok(orgs.admin["y"].delete(orgs.users_path("y", made["email"].lower())))  # found whatever the case
+    assert made["email"] not in orgs.members("y")

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import time
 from importlib.metadata import version
@@ -13,6 +14,8 @@ from importlib.metadata import version
 import pytest
 import requests
 
+from services.coordinator import identity
+from services.coordinator.db import Database
 from tests.support.server import cape_server_command
 
 DATA_DIR_ADVICE = "(give a directory this user can create and write)"
@@ -235,3 +238,41 @@ def test_create_user_takes_the_email_as_cape_orgs_add_user_does(tmp_path):
     bad = run_cli("admin", "create-user", "acme", "notanemail", "--role", "user", "--data-dir", str(tmp_path))
     assert (bad.returncode, error_line(bad)) == (
         2, "Error: Invalid value for '[EMAIL]': 'notanemail' is not an email address (like name@example.org)")
+
+
+def test_create_user_warns_when_the_email_already_had_an_account(tmp_path):
+    """The operator issues a token for an existing account: say so, since its earlier tokens (held by whoever made
+    it) still work; an email differing only in case is that same account."""
+    assert run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example",
+                   "--data-dir", str(tmp_path)).returncode == 0
+    assert run_cli("admin", "create-org", "beta", "--admin-email", "b@beta.example",
+                   "--data-dir", str(tmp_path)).returncode == 0
+    result = run_cli("admin", "create-user", "beta", "A@Acme.example", "--role", "user", "--json",
+                     "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["user"]["email"] == "a@acme.example" and "," in out["token"]
+    assert out["existing_account"]["created_by_organization"] is None
+    assert result.stderr.startswith("warning: A@Acme.example already had an account (made ")
+    assert result.stderr.rstrip().endswith(
+        "by the server's operator); the token printed is a new one for it and its earlier tokens still work. If "
+        "you meant another person, give another email.")
+    fresh = run_cli("admin", "create-user", "beta", "c@beta.example", "--role", "user", "--data-dir", str(tmp_path))
+    assert fresh.returncode == 0 and "warning" not in fresh.stderr
+
+
+def test_a_database_from_before_accounts_recorded_their_maker_opens(tmp_path):
+    """An earlier version's users table gains the column; two emails differing only in case do not stop the
+    server (a warning, lookups take the older account)."""
+    old = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    old.executescript("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);"
+                      "INSERT INTO users VALUES ('u1', 'ann@x.example', '2026-01-01T00:00:00.000Z');"
+                      "INSERT INTO users VALUES ('u2', 'Ann@x.example', '2026-02-01T00:00:00.000Z');")
+    old.close()
+    db = Database(tmp_path / "coordinator.sqlite3")
+    try:
+        with db.transaction() as conn:
+            assert identity.user_by_email(conn, "ANN@X.EXAMPLE")["id"] == "u1"
+            assert identity.user_by_email(conn, "ann@x.example")["created_by_org_id"] is None
+    finally:
+        db.close()

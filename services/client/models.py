@@ -85,8 +85,9 @@ class Organization(Resource):
         return self._session.get(f"/v1/organizations/{seg(self.id)}/users")
 
     def add_user(self, email: str, role: str) -> dict[str, Any]:
-        """Add a user (admin only); returns ``{"user", "token"}``: a new user's first token, or None for a user who
-        exists already (their own tokens now carry this role too)."""
+        """Add a user (admin only); returns ``{"user", "token", "existing_account"}``: a new user's first token, or
+        None for a user who exists already (their own tokens now carry this role too; ``existing_account`` then says
+        when and by which organization the account was made, since emails are not verified)."""
         return self._session.post(f"/v1/organizations/{seg(self.id)}/users", {"email": email, "role": role})
 
     def remove_user(self, email_or_id: str) -> None:

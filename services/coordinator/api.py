@@ -81,8 +81,8 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "add users")
-            user, token = identity.add_user(conn, org_id, body.email, body.role)
-            return {"user": user, "token": token}
+            user, token, existing = identity.add_user(conn, org_id, body.email, body.role)
+            return {"user": user, "token": token, "existing_account": existing}
 
     @router.get("/organizations/{org}/users", tags=["identity"], response_model=list[views.Member])
     def list_users(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The coordinator's embedded SQLite database: one connection behind a lock, WAL, schema on open."""
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import uuid
@@ -9,11 +10,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+log = logging.getLogger("cape.coordinator")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS organizations (
     id TEXT PRIMARY KEY, label TEXT NOT NULL UNIQUE, name TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
-    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL, created_by_org_id TEXT);
 CREATE TABLE IF NOT EXISTS memberships (
     user_id TEXT NOT NULL REFERENCES users(id), org_id TEXT NOT NULL REFERENCES organizations(id),
     role TEXT NOT NULL, PRIMARY KEY (user_id, org_id));
@@ -62,6 +65,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version up to SCHEMA."""
+    if "created_by_org_id" not in {row["name"] for row in conn.execute("PRAGMA table_info(users)")}:
+        conn.execute("ALTER TABLE users ADD COLUMN created_by_org_id TEXT")  # accounts from before: unknown maker
+    try:
+        # Emails are one account whatever their case: 'Ann@Bank.example' must not be a second 'ann@bank.example'.
+        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_email_nocase ON users(email COLLATE NOCASE)")
+    except sqlite3.IntegrityError:
+        log.warning("two accounts' emails differ only in case; lookups by email take the older one")
+
+
 class Database:
     """The coordinator's state in `<data_dir>/coordinator.sqlite3`.
 
@@ -79,6 +93,7 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        _upgrade(self._conn)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -78,27 +78,35 @@ def user_view(row: sqlite3.Row | dict[str, Any], role: str | None = None) -> dic
 
 
 def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
-             token_for_existing: bool = False) -> tuple[dict[str, Any], str | None]:
-    """Add a user (made if the email is new) to the organization with a role; returns (user, token).
+             token_for_existing: bool = False) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
+    """Add a user (made if the email is new) to the organization with a role; returns (user, token, existing).
 
     A new user gets a first token. A user who exists already keeps their own tokens and gets none: a user token
     carries the user's roles in every organization, so handing one to this organization's admin would hand them
     the user's other organizations too. Only the server's operator (`cape-server admin`, `token_for_existing`)
-    issues a token for an existing user."""
+    issues a token for an existing user. `existing` says, for an account that was there, when it was made and
+    by which organization's admin (None: by the server's operator): emails are not verified, so whoever made the
+    account holds its first token, and the one adding it must be able to see that it is not a new one."""
     if role not in ROLES:
         raise InvalidRequest(f"field 'role': must be one of {', '.join(ROLES)}")
-    user = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
-    existing = user is not None
+    user = user_by_email(conn, email)
+    existing = None
     if user is None:
-        user = {"id": new_id(), "email": email, "created_at": now_iso()}
-        conn.execute("INSERT INTO users (id, email, created_at) VALUES (:id, :email, :created_at)", user)
+        user = {"id": new_id(), "email": email, "created_at": now_iso(),
+                "created_by_org_id": None if token_for_existing else org_id}
+        conn.execute("INSERT INTO users (id, email, created_at, created_by_org_id) "
+                     "VALUES (:id, :email, :created_at, :created_by_org_id)", user)
     elif conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND org_id = ?", (user["id"], org_id)).fetchone():
-        raise Conflict(f"'{email}' is already a member of this organization", code="duplicate_member")
+        raise Conflict(f"'{user['email']}' is already a member of this organization", code="duplicate_member")
+    else:
+        maker = user["created_by_org_id"] and conn.execute(
+            "SELECT label FROM organizations WHERE id = ?", (user["created_by_org_id"],)).fetchone()
+        existing = {"created_at": user["created_at"], "created_by_organization": maker["label"] if maker else None}
     conn.execute("INSERT INTO memberships (user_id, org_id, role) VALUES (?, ?, ?)", (user["id"], org_id, role))
     if existing and not token_for_existing:
-        return user_view(user, role), None
+        return user_view(user, role), None, existing
     token = issue_user_token(conn, user["id"], "first token" if not existing else "issued by the server's operator")
-    return user_view(user, role), token["token"]
+    return user_view(user, role), token["token"], existing
 
 
 def list_members(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
@@ -107,11 +115,10 @@ def list_members(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
     return [user_view(r, r["role"]) for r in rows]
 
 
-def find_user(conn: sqlite3.Connection, email: str) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM users WHERE email = ?", (email,)).fetchone()
-    if row is None:
-        raise NotFound(f"no user '{email}'", code="user_not_found")
-    return row
+def user_by_email(conn: sqlite3.Connection, email: str) -> sqlite3.Row | None:
+    """The account of `email`, whatever the case of its letters."""
+    return conn.execute("SELECT * FROM users WHERE email = ? COLLATE NOCASE ORDER BY created_at LIMIT 1",
+                        (email,)).fetchone()
 
 
 # --- tokens -------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def readable_project(conn: sqlite3.Connection, principal: Principal, ref: str) -
     require_person(principal)
     project = find_project(conn, ref)
     if not any(principal.role_in(o) for o in member_org_ids(conn, project["id"])):
-        raise Forbidden(f"none of your organizations is a member of project '{project['label']}'")
+        # Named as the caller gave it: a caller reaching it through a job's or dataview's id learns no label.
+        raise Forbidden(f"none of your organizations is a member of project '{ref}'")
     return project
 
 

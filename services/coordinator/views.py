@@ -50,10 +50,20 @@ class Login(View):
     roles: dict[str, Role] = Field(description="organization id -> the user's role there")
 
 
+class ExistingAccount(View):
+    created_at: str
+    created_by_organization: str | None = Field(
+        description="label of the organization whose admin made the account (and got its first token); null when "
+                    "the server's operator made it")
+
+
 class NewMember(View):
     user: Member
     token: str | None = Field(description="a new user's first token (`<token_id>,<secret>`), shown only this once; "
                                           "null for a user who exists already (they keep using their own tokens)")
+    existing_account: ExistingAccount | None = Field(
+        description="set when the email already had an account (emails match whatever their case): who made it; "
+                    "emails are not verified, so check it is the person you mean")
 
 
 class IssuedToken(View):

@@ -186,6 +186,17 @@ def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
         click.echo("\n".join(lines))
 
 
+def _warn_if_existing(email: str, existing: dict[str, Any] | None) -> None:
+    """Emails are not verified: an account made earlier under this email is held by whoever got its first token."""
+    if existing is None:
+        return
+    maker = (f"by organization {existing['created_by_organization']}'s admin" if existing["created_by_organization"]
+             else "by the server's operator")
+    click.echo(f"warning: {email} already had an account (made {existing['created_at']} {maker}); the token "
+               "printed is a new one for it and its earlier tokens still work. If you meant another person, give "
+               "another email.", err=True)
+
+
 def _run(data_dir: Path, action: Any) -> Any:
     check_data_dir(data_dir)
     db = Database(data_dir / "coordinator.sqlite3")
@@ -213,12 +224,14 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
 
     def action(conn: Any) -> dict[str, Any]:
         org = identity.create_organization(conn, label, name)
-        user, user_token = identity.add_user(conn, org["id"], admin_email, "admin", token_for_existing=True)
+        user, user_token, existing = identity.add_user(conn, org["id"], admin_email, "admin",
+                                                       token_for_existing=True)
         org_token = identity.issue_org_token(conn, org["id"], "created with the organization")
         return {"organization": identity.org_view(org), "user": user,
-                "organization_token": org_token["token"], "user_token": user_token}
+                "organization_token": org_token["token"], "user_token": user_token, "existing_account": existing}
 
     result = _run(data_dir, action)
+    _warn_if_existing(admin_email, result["existing_account"])
     _emit(result, as_json, [f"organization {label} ({result['organization']['id']})",
                             f"organization token (for its worker's CAPE_TOKEN): {result['organization_token']}",
                             f"admin {admin_email} user token (for `cape login`): {result['user_token']}"])
@@ -244,10 +257,11 @@ def create_user(organization: str, email_argument: str | None, email: str | None
 
     def action(conn: Any) -> dict[str, Any]:
         org = identity.find_organization(conn, organization)
-        user, token = identity.add_user(conn, org["id"], email, role, token_for_existing=True)
-        return {"user": user, "organization": identity.org_view(org), "token": token}
+        user, token, existing = identity.add_user(conn, org["id"], email, role, token_for_existing=True)
+        return {"user": user, "organization": identity.org_view(org), "token": token, "existing_account": existing}
 
     result = _run(data_dir, action)
+    _warn_if_existing(email, result["existing_account"])
     _emit(result, as_json, [f"user {email} is {role} of {result['organization']['label']}",
                             f"user token: {result['token']}"])
 

@@ -85,7 +85,13 @@ def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) ->
         print_json(created)
         return
     if created.get("token") is None:
-        click.echo(f"Added {email} to {org} as {role}. They already have a user token: it now works in {org} too.")
+        existing = created.get("existing_account") or {}
+        maker = (f"by organization {existing['created_by_organization']}'s admin"
+                 if existing.get("created_by_organization") else "by the server's operator")
+        click.echo(f"Added {created['user']['email']} to {org} as {role}. This email already had an account (made "
+                   f"{existing.get('created_at', 'earlier')} {maker}): its own tokens now work in {org} too. Emails "
+                   f"are not verified: if that is not the person you mean, `cape orgs remove-user {org} "
+                   f"{created['user']['email']}`.")
         return
     click.echo(f"Added {email} to {org} as {role}. Their token (shown once, give it to them privately):")
     click.echo(created["token"])
