@@ -7,6 +7,7 @@ import time
 
 import requests
 
+from services.worker.broker_client import BrokerClient
 from tests.support.server import Api, build_job_world
 
 
@@ -265,3 +266,42 @@ def test_an_index_from_before_bodies_were_unhashed_still_opens_and_stores(tmp_pa
         assert list(store.incoming.iterdir()) == []  # the duplicate and the conflicting body were discarded
     finally:
         store.close()
+
+
+def test_a_seat_has_bounded_bytes_waiting_and_sends_again_once_they_are_taken(start_cape_server, tmp_path):
+    """One job's sender cannot fill the broker's disk: past --max-job-bytes waiting unacknowledged, a put is 507
+    (declared length checked up front, a chunked body at commit), and goes through once the recipient took some.
+    A worker's broker client retries a 507 with backoff, so it waits for the room."""
+    server = start_cape_server(extra_args=["--max-job-bytes", "1000"])
+    world = build_job_world(server)
+    jid, xorg, yorg = world["job"]["id"], world["worker"]["xorg"], world["worker"]["yorg"]
+    assert xorg.put(_messages(jid, "x_owner.a", "y_owner"), data=b"a" * 600).status_code == 201
+    full = xorg.put(_messages(jid, "x_owner.b", "y_owner"), data=b"b" * 600)
+    assert full.status_code == 507 and full.json()["error"] == {
+        "code": "job_quota_exceeded", "message": "seat x_owner has 5.59e-07 GiB waiting for its recipients in this "
+        "job and this broker holds at most 9.31e-07 GiB per seat and job; send again once they took some"}
+    chunked = xorg.put(_messages(jid, "x_owner.c", "y_owner"), data=iter([b"c" * 300, b"c" * 300]))
+    assert chunked.status_code == 507 and chunked.json()["error"]["code"] == "job_quota_exceeded"
+    assert list((server.data_dir / "broker" / "incoming").iterdir()) == []  # refused bodies leave nothing
+    assert world["worker"]["helper"].put(_messages(jid, "helper.h", "y_owner"), data=b"h" * 600).status_code == 201
+    assert xorg.put(_messages(jid, "x_owner.a", "y_owner"), data=b"a" * 600).status_code == 200  # a repeat is fine
+
+    (tmp_path / "b.sealed").write_bytes(b"b" * 600)
+    client = BrokerClient(f"{server.url}/broker", world["orgs"]["xorg"]["organization_token"], attempts=30,
+                          backoff_base=0.05, backoff_cap=0.2)
+    threading.Timer(0.5, lambda: yorg.delete(_messages(jid, "x_owner.a"))).start()
+    started = time.monotonic()
+    assert client.put(jid, "y_owner", "x_owner.b", tmp_path / "b.sealed") is True
+    assert 0.4 < time.monotonic() - started < 10
+    assert [m["name"] for m in yorg.get(_messages(jid)).json()] == ["helper.h", "x_owner.b"]
+
+
+def test_the_broker_keeps_its_disk_reserve(start_cape_server):
+    server = start_cape_server(extra_args=["--min-free-bytes", str(2**62)])
+    world = build_job_world(server)
+    refused = world["worker"]["xorg"].put(_messages(world["job"]["id"], "x_owner.a", "y_owner"), data=b"a")
+    assert refused.status_code == 507 and refused.json()["error"] == {
+        "code": "broker_disk_full",
+        "message": "the broker's disk is nearly full; try again later (its operator frees space or lowers "
+                   "--min-free-bytes)"}
+    assert "refused a message of 1 bytes" in server.log_path.read_text()

@@ -15,9 +15,12 @@ from starlette.requests import ClientDisconnect
 
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
+from services.broker.room import Room
 from services.broker.store import BodyTooLarge, Commit, MessageStore
 from services.coordinator.views import WaitingMessage
-from services.server.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable
+from services.server.errors import (
+    Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unavailable,
+)
 
 log = logging.getLogger("cape.broker")
 
@@ -48,7 +51,7 @@ def _storage_failed(exc: OSError) -> Unavailable:
 
 
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
-                  max_message_bytes: int) -> APIRouter:
+                  max_message_bytes: int, room: Room) -> APIRouter:
     """All `/broker/v1` endpoints over one store and one way of authorizing callers."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
 
@@ -81,9 +84,13 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             raise InvalidRequest(f"field 'name': a message from seat {seat} is named {seat}.<name> (receivers "
                                  "check the sender by it)")
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_message_bytes:
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size > max_message_bytes:
             raise TooLarge(f"the message is {declared} bytes; this broker takes at most {max_message_bytes}",
                            code="message_too_large")
+        room.check_disk(store.root, size)
+        if store.get(job, to_seat, name) is None:  # a repeated put (a restarted sender) is answered at commit
+            room.check_job(store.bytes_from(job, seat), size, seat)  # early; commit checks again: puts overlap
         try:
             pending = store.begin(max_message_bytes)
         except OSError as exc:
@@ -109,10 +116,14 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             pending.discard()
             raise
         try:
-            outcome = await asyncio.to_thread(store.commit, job, to_seat, name, seat, pending)
+            outcome = await asyncio.to_thread(store.commit, job, to_seat, name, seat, pending,
+                                              lambda waiting: room.check_job(waiting, pending.size, seat))
         except OSError as exc:
             pending.discard()
             raise _storage_failed(exc) from None
+        except InsufficientStorage:
+            pending.discard()
+            raise
         if outcome is Commit.CONFLICT:
             raise Conflict(f"message '{name}' already holds other bytes; a name is written once",
                            code="message_conflict")

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,9 +107,11 @@ class MessageStore:
     def begin(self, limit: int) -> PendingBody:
         return PendingBody(self.incoming / f"{uuid.uuid4().hex}.part", limit)
 
-    def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody) -> Commit:
+    def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody,
+               room: Callable[[int], None] = lambda waiting: None) -> Commit:
         """Store a received (finished) body under its name. A name already stored keeps its body; the new one is
-        discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict)."""
+        discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict).
+        `room` gets the bytes the sender has waiting in the job (concurrent puts counted) and raises to refuse."""
         with self._lock:
             existing = self.get(job_id, to_seat, name)
             if existing is not None:
@@ -118,6 +121,7 @@ class MessageStore:
                     same = False
                 body.discard()
                 return Commit.DUPLICATE if same else Commit.CONFLICT
+            room(self.bytes_from(job_id, from_seat))
             final = self.bodies / f"{uuid.uuid4().hex}.msg"
             os.replace(body.path, final)
             self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
@@ -134,6 +138,13 @@ class MessageStore:
             row = self._conn.execute("SELECT * FROM messages WHERE job_id = ? AND to_seat = ? AND name = ? "
                                      "AND created > ?", (job_id, to_seat, name, time.time() - self.ttl)).fetchone()
         return self._row(row) if row else None
+
+    def bytes_from(self, job_id: str, from_seat: str) -> int:
+        """The size of the unexpired messages a seat sent in a job that no recipient acknowledged yet."""
+        with self._lock:
+            row = self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE job_id = ? AND from_seat = ? "
+                                     "AND created > ?", (job_id, from_seat, time.time() - self.ttl)).fetchone()
+        return int(row[0])
 
     def waiting(self, job_id: str, to_seat: str) -> list[StoredMessage]:
         """Unexpired messages waiting in a mailbox, oldest first."""

@@ -15,6 +15,7 @@ from services.broker.api import broker_router
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobMembership, LocalMembership, RemoteMembership
 from services.broker.store import MessageStore
+from services.broker.room import Room
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
@@ -120,7 +121,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.include_router(coordinator_router(db, changes))
         parts.append("coordinator")
     if store is not None and membership is not None:
-        app.include_router(broker_router(store, membership, signals, config.max_message_bytes))
+        app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
+                                         Room(config.max_job_bytes, config.min_free_bytes)))
         parts.append("broker")
 
     @app.get("/healthz", tags=["server"], response_model=Health)

@@ -19,7 +19,9 @@ from pydantic import TypeAdapter, ValidationError
 from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email
-from services.server.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, ServerConfig
+from services.server.config import (
+    DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
+)
 from services.server.errors import ApiError
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -126,6 +128,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--coordinator-url", help="The coordinator a broker running alone checks job membership with.")
 @click.option("--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, show_default=True,
               type=click.IntRange(1), help="Largest message the broker stores.")
+@click.option("--max-job-bytes", default=DEFAULT_MAX_JOB_BYTES, show_default=True, type=click.IntRange(1),
+              help="Most bytes one seat of a job may have waiting at the broker for its recipients; more waits "
+                   "(the workers retry).")
+@click.option("--min-free-bytes", default=DEFAULT_MIN_FREE_BYTES, show_default=True, type=click.IntRange(0),
+              help="Free space the broker keeps on the data dir's disk; a message that would use it waits.")
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds after which undelivered messages expire.")
 @click.option("--job-sweep-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -134,8 +141,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
-          max_message_bytes: int, message_ttl: float, job_sweep_seconds: float, log_level: str,
-          access_log: bool) -> None:
+          max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, message_ttl: float,
+          job_sweep_seconds: float, log_level: str, access_log: bool) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
     from services.memory_reuse import keep_freed_memory
     from services.server.app import create_app
@@ -161,7 +168,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
-                          max_message_bytes=max_message_bytes, message_ttl=message_ttl,
+                          max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
+                          min_free_bytes=min_free_bytes, message_ttl=message_ttl,
                           job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
     app = create_app(config)

@@ -7,6 +7,8 @@ from typing import Literal
 
 DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024**3
 DEFAULT_MESSAGE_TTL = 7 * 24 * 3600.0
+DEFAULT_MAX_JOB_BYTES = 16 * 1024**3  # per sending seat and job; a job at n = 10^6, d = 32 keeps 0.26 GB waiting
+DEFAULT_MIN_FREE_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class ServerConfig:
     coordinator_url: str | None = None  # where a broker running alone asks about job membership
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     message_ttl: float = DEFAULT_MESSAGE_TTL
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     job_sweep_seconds: float = 5.0  # how often the start timeout is applied, and ended jobs' messages dropped
 
     @property

@@ -57,3 +57,8 @@ class InvalidRequest(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"
+
+
+class InsufficientStorage(ApiError):
+    status = 507
+    code = "insufficient_storage"

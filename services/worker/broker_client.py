@@ -156,11 +156,13 @@ class BrokerClient:
             try:
                 response = call()
             except requests.RequestException as exc:
-                last = f"cannot reach the broker at {self.base_url} ({type(exc).__name__})"
+                last = (f"cannot reach the broker at {self.base_url} ({type(exc).__name__}); check CAPE_BROKER and "
+                        "that the broker is running")
             else:
                 if response.status_code < 500:
                     return response
-                last = f"the broker answered {response.status_code}"
+                # A 507 (no room for the message yet) says why; a bare 5xx is the broker's own failure.
+                last = f"the broker answered {response.status_code} {_error_detail(response)}".rstrip()
                 response.close()
             if attempt == self.attempts or self.stop.is_set():
                 break
@@ -168,19 +170,24 @@ class BrokerClient:
             log.debug("%s failed (%s); retry %d in %.2f s", what, last, attempt, delay)
             if self.stop.wait(delay):
                 break
-        raise BrokerUnavailable(f"{what}: {last}; check CAPE_BROKER and that the broker is running")
+        raise BrokerUnavailable(f"{what}: {last}")
 
     @staticmethod
     def _raise_for(response: requests.Response, what: str) -> None:
         if response.status_code < 300:
             return
-        try:
-            detail = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            detail = response.reason or ""
+        detail = _error_detail(response)
         status = response.status_code
         hint = {401: "; check CAPE_TOKEN (an organization token)", 403: "; this organization has no seat in the job"}
         raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status)
+
+
+def _error_detail(response: requests.Response) -> str:
+    """The message of the broker's JSON error, else the HTTP reason phrase."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.reason or ""
 
 
 class _LargeBlocks(HTTPAdapter):

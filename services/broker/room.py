@@ -1,0 +1,43 @@
+"""Room for a message at the broker: what one seat of a job has waiting unacknowledged is bounded, and the disk
+under the data dir keeps a reserve (the coordinator's database lives there too).
+
+Both refusals are 507: a worker's broker client retries them with backoff, so a sender whose recipients are slow
+to take its messages waits for room instead of failing.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.server.errors import InsufficientStorage
+
+log = logging.getLogger("cape.broker")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.3g} GiB"
+
+
+@dataclass(frozen=True)
+class Room:
+    max_job_bytes: int  # per sending seat and job, waiting for its recipients
+    min_free_bytes: int  # kept free on the data dir's file system
+
+    def check_disk(self, root: Path, size: int) -> None:
+        """Refuse a body of `size` bytes (0 when not declared) that would eat into the disk's reserve."""
+        free = shutil.disk_usage(root).free
+        if free - size < self.min_free_bytes:
+            log.warning("refused a message of %d bytes: %d bytes free, %d kept in reserve", size, free,
+                        self.min_free_bytes)
+            raise InsufficientStorage("the broker's disk is nearly full; try again later (its operator frees space "
+                                      "or lowers --min-free-bytes)", code="broker_disk_full")
+
+    def check_job(self, waiting: int, size: int, seat: str) -> None:
+        """Refuse a body of `size` bytes when seat `seat` already has `waiting` bytes unacknowledged in the job."""
+        if waiting + size > self.max_job_bytes:
+            raise InsufficientStorage(
+                f"seat {seat} has {_gib(waiting)} waiting for its recipients in this job and this broker holds at "
+                f"most {_gib(self.max_job_bytes)} per seat and job; send again once they took some",
+                code="job_quota_exceeded")
