@@ -157,6 +157,9 @@ def test_a_restarted_runner_replays_its_role_and_sends_the_same_bytes(data_job, 
         second = Runner(y.spool, y.keys)
         assert second.runnable() == [job.id]  # the claim survives: the restarted runner resumes it
         assert second.run_job(job.id) == "completed"
+        # Its progress starts from 0 % again: the reports say why, to every project member watching.
+        started = [u.get("message") for u in statuses(y.spool, job.id) if u["state"] == "started"]
+        assert started == [None, "replaying its role after a restart"]
         sealed_after = _digests(outbox, "*/*.se*")
         for name, digest in sealed_before.items():  # not re-sealed: the broker sees one version of each name
             assert sealed_after.get(name, digest) == digest
@@ -208,7 +211,7 @@ def test_an_unforeseen_failure_is_reported_without_its_details(cape_server, tmp_
     x = job.seats["x_owner"]
     x.spool.put_job(x.spec)
 
-    def fails(self, job_id):
+    def fails(self, job_id, resumed):
         raise OSError(5, "Input/output error", "/secret/bank/x.csv row 7: 1234.5")
 
     monkeypatch.setattr(Runner, "_run", fails)

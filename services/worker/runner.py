@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the programs read their configuration only in main()
 log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored starts (a scan is one listing)
 PROGRESS_EVERY_SECONDS = 1.0
+RESUMED_NOTE = "replaying its role after a restart"
 MAX_PARALLEL_JOBS = 4
 STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
 _STOPPING = "the runner is stopping"
@@ -119,10 +120,11 @@ class Runner:
     # ---- one job --------------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
+        resumed = self.spool.is_claimed(job_id)  # claimed by a runner that did not finish it: a restart
         self.spool.claim(job_id)
         traffic: dict[str, int] | None = None
         try:
-            outcome, message, traffic = self._run(job_id)
+            outcome, message, traffic = self._run(job_id, resumed)
         except JobInterrupted as exc:
             if str(exc) == _STOPPING:
                 log.info("job %s: paused (the runner is stopping); it resumes on restart", job_id)
@@ -145,7 +147,7 @@ class Runner:
         self.spool.discard_messages(job_id)
         return outcome
 
-    def _run(self, job_id: str) -> tuple[str, str | None, dict[str, int]]:
+    def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
         """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""
         try:
             spec = JobSpec.parse(self.spool.read_job(job_id) or {})
@@ -160,7 +162,9 @@ class Runner:
                             "own; was the state directory (CAPE_STATE_DIR) replaced? The poller registers the "
                             "current keys; submit the job again")
         log.info("job %s: running seat %s (party %d)", job_id, spec.seat, spec.index)
-        self.spool.put_status(job_id, {"state": "started", "progress": 0.0})
+        # A resumed role starts again from 0 % and catches up: say why, so its progress going back is no surprise.
+        note = RESUMED_NOTE if resumed else None
+        self.spool.put_status(job_id, {"state": "started", "progress": 0.0, **({"message": note} if note else {})})
 
         task = LinearRegressionTask(tuple(spec.x_columns), spec.y_column, spec.outputs_to)
         uri: str | None = None
@@ -176,7 +180,7 @@ class Runner:
                              " x ".join(str(n) for n in data.shape), time.monotonic() - started)
                 seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
                                     spec.id, spec.index)
-                result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id),
+                result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id, note),
                                    data_name=uri)
                 transport.flush()  # every message durable before the result or `completed` is written
             except MissingColumnError as exc:  # the full header stays in this organization's own log
@@ -234,9 +238,10 @@ def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
 class _Progress:
     """The engine's progress callback: queue `running` updates for the poller, at most about once a second."""
 
-    def __init__(self, spool: Spool, job_id: str) -> None:
+    def __init__(self, spool: Spool, job_id: str, note: str | None = None) -> None:
         self.spool = spool
         self.job_id = job_id
+        self.note = note
         self.last_at = 0.0
         self.last_fraction = -1.0
 
@@ -252,8 +257,9 @@ class _Progress:
             return
         self.last_at, self.last_fraction = now, fraction
         update: dict[str, Any] = {"state": "running", "progress": fraction}
-        if phase:
-            update["message"] = str(phase)
+        message = ": ".join(str(part) for part in (self.note, phase) if part)
+        if message:
+            update["message"] = message
         self.spool.put_status(self.job_id, update)
 
 
