@@ -76,3 +76,27 @@ def test_cape_orgs_show_tells_whether_the_worker_is_alive(cape_server, cape_home
     as_json = subprocess.run([cape, "orgs", "show", "acme", "--json"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert json.loads(as_json.stdout)["worker"]["programs"] == {"poller": "RUNNING"}
+
+
+def test_other_keys_do_not_replace_a_live_workers_keys(cape_server):
+    """One organization, one worker: keys are replaced only once the registered worker has been silent 45 s; a
+    heartbeat naming other keys than the registered ones is refused and not counted as the worker being alive."""
+    worker = Api(cape_server, cape_server.create_org("duo")["organization_token"])
+    first, second = worker_public_keys(), worker_public_keys()
+    assert worker.put("/v1/worker/keys", json=first).status_code == 204
+    assert worker.put("/v1/worker/keys", json=second).status_code == 204  # never heard from: a new machine, say
+    assert worker.post("/v1/worker/heartbeat", json={"signing_public_key": second["signing_public_key"]}
+                       ).status_code == 204
+    assert worker.put("/v1/worker/keys", json=second).status_code == 204  # the same keys again: a restart
+    taken = worker.put("/v1/worker/keys", json=first)
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "worker_keys_in_use"
+    stale = worker.post("/v1/worker/heartbeat", json={"signing_public_key": first["signing_public_key"]})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "other_worker_keys"
+    assert stale.json()["error"]["message"].startswith("another worker of this organization registered other keys at ")
+
+    db = sqlite3.connect(cape_server.data_dir / "coordinator.sqlite3")
+    last_seen = (datetime.now(UTC) - timedelta(seconds=60)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    db.execute("UPDATE workers SET last_seen = ?", (last_seen,))
+    db.commit()
+    db.close()
+    assert worker.put("/v1/worker/keys", json=first).status_code == 204  # silent for 60 s: the seat is free

@@ -19,10 +19,14 @@ from services.coordinator.db import Database
 from tests.support.server import cape_server_command
 
 DATA_DIR_ADVICE = "(give a directory this user can create and write)"
+NO_DATABASE_ADVICE = ("is --data-dir (or CAPE_SERVER_DATA_DIR) the one `cape-server serve` uses? `admin create-org` "
+                      "makes a new one")
+NEW_DATABASE_NOTICE = "(if you meant a running server's, give the --data-dir its `cape-server serve` uses)"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cape_server_command(), *args], capture_output=True, text=True, timeout=60)
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cape_server_command(), *args], capture_output=True, text=True, timeout=60,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -91,7 +95,8 @@ def test_data_dir_files_are_private_and_an_open_dir_is_named(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         f"cape-server: warning: --data-dir {data_dir} is open to other users (mode 755); it holds token hashes and "
-        f"queued messages: chmod 700 {data_dir}"]
+        f"queued messages: chmod 700 {data_dir}",
+        f"cape-server: created a new database in {data_dir} {NEW_DATABASE_NOTICE}"]
     assert (data_dir.stat().st_mode & 0o777) == 0o755
     made = [p for p in data_dir.rglob("*")]
     assert made and all((p.stat().st_mode & 0o077) == 0 for p in made), [(p, oct(p.stat().st_mode)) for p in made]
@@ -276,3 +281,74 @@ def test_a_database_from_before_accounts_recorded_their_maker_opens(tmp_path):
             assert identity.user_by_email(conn, "ann@x.example")["created_by_org_id"] is None
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("given", ["option", "envvar"])
+@pytest.mark.parametrize("made", ["missing", "empty"])
+@pytest.mark.parametrize("command", [["create-user", "acme", "ds@acme.example", "--role", "user"],
+                                     ["create-org-token", "acme"], ["revoke-token", "t_0123456789"]],
+                         ids=["create-user", "create-org-token", "revoke-token"])
+def test_admin_refuses_a_data_dir_without_a_database(tmp_path, command, made, given):
+    """A mistyped --data-dir (or CAPE_SERVER_DATA_DIR): every admin command but create-org names the directory
+    and the fix, and leaves nothing there (it used to make an empty database and say `no organization 'acme'`)."""
+    data_dir = tmp_path / "typo"
+    if made == "empty":
+        data_dir.mkdir()
+    if given == "option":
+        result = run_cli("admin", *command, "--data-dir", str(data_dir))
+    else:
+        result = run_cli("admin", *command, env={"CAPE_SERVER_DATA_DIR": str(data_dir)})
+    assert result.returncode == 1
+    assert result.stderr == f"Error: no cape-server database in {data_dir}: {NO_DATABASE_ADVICE}\n"
+    assert result.stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == (["typo"] if made == "empty" else [])
+    if made == "empty":
+        assert list(data_dir.iterdir()) == []
+
+
+def test_create_org_says_when_it_makes_a_new_database(tmp_path):
+    """Bootstrapping a server is create-org on a new data dir; a typo'd one is noticed on stderr, not only later
+    when the running server refuses the printed tokens."""
+    data_dir = tmp_path / "fresh"
+    first = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--data-dir", str(data_dir))
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == f"cape-server: created a new database in {data_dir} {NEW_DATABASE_NOTICE}\n"
+    second = run_cli("admin", "create-org", "beta", "--admin-email", "b@beta.example", "--data-dir", str(data_dir))
+    assert (second.returncode, second.stderr) == (0, "")
+    more = run_cli("admin", "create-org-token", "acme", "--data-dir", str(data_dir))
+    assert (more.returncode, more.stderr) == (0, "")
+    assert more.stdout.startswith("organization token ")
+
+
+def test_create_org_token_json_names_the_token_as_create_org_does(cape_server):
+    """`create-org --json` gives `organization_token`; so does `create-org-token --json` (and still `token`), on the
+    database `serve` made, and the server takes it."""
+    made = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--json",
+                   "--data-dir", str(cape_server.data_dir))
+    assert (made.returncode, made.stderr) == (0, "")  # the server's database: no "created a new database"
+    assert "organization_token" in json.loads(made.stdout)
+    result = run_cli("admin", "create-org-token", "acme", "--description", "second worker", "--json",
+                     "--data-dir", str(cape_server.data_dir))
+    assert (result.returncode, result.stderr) == (0, "")
+    out = json.loads(result.stdout)
+    assert out["organization_token"] == out["token"] and out["organization_token"].startswith(f"{out['id']},")
+    login = requests.post(f"{cape_server.url}/v1/login", timeout=10,
+                          headers={"Authorization": f"Bearer {out['organization_token']}"})
+    assert login.status_code == 200, login.text
+    assert login.json()["kind"] == "organization" and login.json()["organization"]["label"] == "acme"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may look into any directory")
+def test_a_data_dir_this_user_cannot_look_into_is_a_one_line_error(tmp_path):
+    """Whether the database is there cannot be told (the dir can be listed but not entered): the data dir's own
+    error, not a traceback nor "no cape-server database". (Mode 0 is click's "not readable" usage error.)"""
+    data_dir = tmp_path / "closed"
+    made = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stderr
+    data_dir.chmod(0o600)
+    try:
+        result = run_cli("admin", "create-org-token", "acme", "--data-dir", str(data_dir))
+    finally:
+        data_dir.chmod(0o700)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: --data-dir {data_dir} cannot be used: Permission denied {DATA_DIR_ADVICE}\n"

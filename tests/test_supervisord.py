@@ -266,3 +266,22 @@ startsecs=0
         time.sleep(0.1)
     assert not psutil.pid_exists(orphan.pid), f"orphan {orphan.pid} is {orphan.status()}"  # a zombie until reaped
     assert worker.proc.poll() is None  # the worker itself goes on
+
+
+def test_programs_stop_when_supervisord_is_killed(start_worker, tmp_path):
+    """`kill -9` of supervisord and `cape-worker run` (outside Docker nothing else stops the programs): the four
+    programs notice their parent is gone and stop, so a new `cape-worker run` does not start a second set."""
+    worker = start_worker(worker_env(tmp_path, "org-killed"))
+    worker.wait_running()
+    programs = {name: worker.pid(name) for name in ("poller", "messenger", "runner", "uploader")}
+    supervisord = [p for p in psutil.Process(worker.proc.pid).children() if "supervisord" in " ".join(p.cmdline())]
+    assert len(supervisord) == 1
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    supervisord[0].kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                                              for pid in programs.values()):
+        time.sleep(0.1)
+    left = {name: pid for name, pid in programs.items()
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+    assert left == {}, f"still running after supervisord was killed: {left}\n{worker.output[-2000:]}"

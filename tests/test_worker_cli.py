@@ -1,8 +1,10 @@
 """`cape-worker check` against the real cape-server and a real moto server: all ok, then each bad setting gives
-its own line and a non-zero exit; `cape-worker run` refuses a bad configuration, or a second worker on the same
-state directory (also when two start at once), before starting anything; `status` needs only local settings; a
-revoked token makes the worker unhealthy; a stopped worker's claims and failed jobs' reasons show; `-h` is
-`--help`."""
+its own line and a non-zero exit; a misspelled variable is warned of by `check` and `run`; a secret pasted into the
+wrong variable is never echoed; `check` and `status` leave nothing others can read, and `check` no missing bucket
+directory made real; `cape-worker run` refuses a bad configuration, or a second worker on the same state directory
+(also when two start at once), before starting anything; `status` needs only local settings, and exits 1 without
+a worker; a revoked token makes the worker unhealthy; a stopped worker's claims and failed jobs' reasons show; `-h`
+is `--help`."""
 import json
 import signal
 import subprocess
@@ -45,7 +47,7 @@ def good_env(cape_server, acme, moto, tmp_path):
 def test_all_checks_ok(good_env, moto):
     code, lines, out = check(good_env)
     assert code == 0, out
-    assert list(lines) == ["configuration", "spool", "state", "coordinator", "broker", "bucket", "cloudwatch"]
+    assert list(lines) == ["configuration", "spool", "state", "keys", "coordinator", "broker", "bucket", "cloudwatch"]
     assert all(line.startswith("ok   ") for line in lines.values()), out
     assert "logged in as organization acme" in lines["coordinator"]
     assert "s3://acme-models/cape: wrote and deleted a test object" in lines["bucket"]
@@ -122,8 +124,25 @@ def test_check_with_a_user_token_fails_both_coordinator_and_broker(cape_server, 
     assert code == 1, out
     assert lines["coordinator"] == ("FAIL coordinator   CAPE_TOKEN is a user token; a worker needs an organization "
                                     "token (`cape orgs create-token ORG`, as an admin of ORG)"), out
-    assert lines["broker"] == (f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN; use an organization "
-                               "token"), out
+    assert lines["broker"] == ("FAIL broker        CAPE_TOKEN is a user token; a worker needs an organization "
+                               "token (`cape orgs create-token ORG`, as an admin of ORG)"), out
+
+
+def test_check_tells_a_revoked_or_unknown_token_from_a_user_token_at_the_broker(cape_server, tmp_path):
+    """As at the coordinator: the broker's 401 (unknown, revoked) says why and to make a new organization token."""
+    org = cape_server.create_org("revoked-at-broker")
+    token_id = org["organization_token"].split(",", 1)[0]
+    assert Api(cape_server, org["user_token"]).delete(f"/v1/tokens/{token_id}").status_code == 204
+    new_token = "; create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
+    for token, why in ((org["organization_token"], "the token was revoked; ask your organization's admin for a new "
+                                                   "one"),
+                       ("unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==", "the token is not valid; check it or ask "
+                                                                         "your organization's admin for a new one")):
+        code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=token, CAPE_COORDINATOR=cape_server.url))
+        assert code == 1, out
+        assert lines["broker"] == f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN ({why}){new_token}"
+        assert lines["coordinator"].endswith(f"refused CAPE_TOKEN ({why}){new_token}"), out
+        assert token.split(",")[1] not in out
 
 
 def test_token_hints_name_the_cli_commands(cape_server, tmp_path):
@@ -182,24 +201,42 @@ def test_env_file_fills_in_the_environment(tmp_path):
     env_file.write_text("CAPE_WORKER_NAME=from-file\n")
     env = {k: v for k, v in worker_env(tmp_path, "w", CAPE_ENV_FILE=str(env_file)).items() if k != "CAPE_WORKER_NAME"}
     result = cape_worker("status", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (1, "")  # no worker runs
     assert result.stdout.splitlines()[0] == "worker from-file"
 
 
-def test_status_needs_no_token_or_coordinator(tmp_path):
+def test_status_needs_no_token_or_coordinator_and_exits_1_without_a_worker(tmp_path):
     env = {k: v for k, v in worker_env(tmp_path, "w").items() if k not in ("CAPE_TOKEN", "CAPE_COORDINATOR")}
     result = cape_worker("status", env=env, cwd=tmp_path)
     sock = tmp_path / "w" / "state" / "run" / "supervisor.sock"
-    assert (result.returncode, result.stderr) == (0, "")
+    spool = tmp_path / "w" / "spool"
+    assert (result.returncode, result.stderr) == (1, "")
     assert result.stdout.splitlines() == [
         "worker w",
-        f"programs: no supervisord socket at {sock}; is the worker running (`cape-worker run`) with this "
-        "CAPE_STATE_DIR?",
+        f"no worker is running on this state dir: no supervisord socket at {sock}; is the worker running "
+        "(`cape-worker run`) with this CAPE_STATE_DIR?",
         "  poller     MISSING", "  messenger  MISSING", "  runner     MISSING", "  uploader   MISSING",
-        f"jobs in {tmp_path / 'w' / 'spool'}: 0",
+        f"jobs: {spool} does not exist (the worker makes it at start); is CAPE_SPOOL_DIR the worker's?",
     ]
+    assert not (tmp_path / "w").exists()  # status made nothing
     result = cape_worker("status", env={**env, "CAPE_TOKEN": "malformed"}, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr  # nor a valid one: status never reads it
+    assert result.returncode == 1, result.stderr  # nor a valid one: status never reads it
+    assert "Exit status: 0 if a worker is running on this CAPE_STATE_DIR" in \
+        " ".join(cape_worker("status", "--help", env=env, cwd=tmp_path).stdout.split())
+
+
+def test_status_json_says_what_the_text_says(tmp_path):
+    env = worker_env(tmp_path, "w")
+    Spool(tmp_path / "w" / "spool").put_job({"id": "job-a", "seat": "x_owner", "status": "Approved"})
+    result = cape_worker("status", "--json", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    status = json.loads(result.stdout)
+    assert status["worker"] == "w" and status["running"] is False
+    assert status["programs"] == {"poller": "MISSING", "messenger": "MISSING", "runner": "MISSING",
+                                  "uploader": "MISSING"}
+    assert status["supervisor_error"].startswith("no supervisord socket at ")
+    assert (status["spool_dir"], status["spool_exists"]) == (str(tmp_path / "w" / "spool"), True)
+    assert [job["id"] for job in status["jobs"]] == ["job-a"]
 
 
 def test_status_of_a_stopped_worker_shows_claims_and_reasons(tmp_path):
@@ -303,10 +340,10 @@ def test_a_revoked_token_makes_the_worker_unhealthy(start_worker, shared_cape_se
     result = cape_worker("health", env=env, cwd=tmp_path)
     line = (f"the coordinator at {shared_cape_server.url} refused CAPE_TOKEN (the token was revoked; ask your "
             "organization's admin for a new one); create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
-    assert result.stdout.startswith("unhealthy: the coordinator refuses CAPE_TOKEN (since 20"), result.stdout
+    assert result.stdout.startswith("unhealthy: the coordinator refuses this worker (since 20"), result.stdout
     assert result.stdout.rstrip().endswith(f"UTC): {line}"), result.stdout
     status = cape_worker("status", env=env, cwd=tmp_path)
-    assert f"coordinator: the coordinator refuses CAPE_TOKEN (since " in status.stdout
+    assert f"coordinator: the coordinator refuses this worker (since " in status.stdout
     assert json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)["login_refused"]["message"] \
         == line
     secret = org["organization_token"].split(",", 1)[1]
@@ -325,3 +362,90 @@ def wait_for(condition, worker, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, worker.output[-2000:]
         time.sleep(0.2)
+
+
+def test_misspelled_variables_are_warned_of_by_check_and_run(start_worker, tmp_path):
+    """From the environment or ./.env: each is named with the variable it most resembles; `run` says so before it
+    starts anything, and still starts (`status` also warns, on stderr)."""
+    (tmp_path / ".env").write_text("CAPE_BUKCET=file:///srv/models\n")
+    env = worker_env(tmp_path, "w", CAPE_CLOUDWACH="on", CAPE_POLL_INTERVALL="5")
+    warnings = [
+        "CAPE_BUKCET is not a variable the worker reads, so it is ignored; did you mean CAPE_BUCKET?",
+        "CAPE_CLOUDWACH is not a variable the worker reads, so it is ignored; did you mean CAPE_CLOUDWATCH?",
+        "CAPE_POLL_INTERVALL is not a variable the worker reads, so it is ignored; did you mean CAPE_POLL_INTERVAL?",
+    ]
+    result = cape_worker("check", env=env, cwd=tmp_path)
+    out = result.stdout.splitlines()
+    assert out[0].startswith("ok   configuration ") and out[1:4] == [f"WARN variables     {w}" for w in warnings]
+    worker = start_worker(env)  # its cwd is tmp_path, with the .env
+    worker.wait_running()
+    assert worker.output.splitlines()[:3] == [f"cape-worker: warning: {w}" for w in warnings], worker.output[:3000]
+    status = cape_worker("status", env=env, cwd=tmp_path)
+    assert status.returncode == 0 and "  poller     RUNNING" in status.stdout
+    assert status.stderr.splitlines() == [f"cape-worker: warning: {w}" for w in warnings]
+
+
+def test_a_secret_in_the_wrong_variable_is_never_echoed(tmp_path):
+    token = worker_env(tmp_path, "w")["CAPE_TOKEN"]
+    aws_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    for change, variable in (({"CAPE_COORDINATOR": token}, "CAPE_COORDINATOR"),
+                             ({"AWS_ENDPOINT_URL": aws_secret, "AWS_ACCESS_KEY_ID": "AKIAX",
+                               "AWS_SECRET_ACCESS_KEY": aws_secret}, "AWS_ENDPOINT_URL")):
+        env = worker_env(tmp_path, "w", **change)
+        message = f"{variable}: is not an http(s) URL: (the value looks like a secret; not shown); use e.g. "
+        code, lines, out = check(env)
+        assert code == 1 and lines["configuration"].startswith(f"FAIL configuration {message}"), out
+        run = cape_worker("run", env=env, cwd=tmp_path)
+        assert run.returncode == 2 and run.stderr.startswith(f"cape-worker: configuration error: {message}")
+        assert change[variable] not in out + run.stderr and token.split(",")[1] not in out + run.stderr
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_COORDINATOR="htps://cape.example.com"))
+    assert "is not an http(s) URL: 'htps://cape.example.com'; use e.g." in lines["configuration"], out  # a typo shows
+
+
+def modes(folder):
+    """{path: mode} of `folder` and everything under it."""
+    return {path: oct(path.stat().st_mode & 0o777) for path in [folder, *folder.rglob("*")]}
+
+
+def test_check_and_status_make_nothing_others_can_read(tmp_path):
+    """`run` makes its folders 0700 (umask 077): `check` makes none, `status` only the spool's stage folders, 0700
+    too, so whichever command comes first, no folder is world-readable (even under a umask of 022)."""
+    env = worker_env(tmp_path, "w", CAPE_BUCKET="")
+
+    def cape_worker_022(*args):
+        return subprocess.run(["cape-worker", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, umask=0o022)
+
+    lines = {line[5:].split(" ", 1)[0]: line for line in cape_worker_022("check").stdout.splitlines()}
+    spool, state = tmp_path / "w" / "spool", tmp_path / "w" / "state"
+    assert lines["spool"] == (f"ok   spool         {spool} does not exist yet; the worker will create it ({tmp_path} "
+                              "is writable)"), lines
+    assert lines["state"].startswith(f"ok   state         {state} does not exist yet;"), lines
+    assert lines["keys"] == ("ok   keys          encryption_key.pem, signing_key.pem not in "
+                             f"{state} yet; the worker makes them at its first start"), lines
+    assert not (tmp_path / "w").exists()
+    spool.mkdir(mode=0o700, parents=True)
+    assert cape_worker_022("status").returncode == 1
+    made = modes(spool)
+    assert len(made) == 9 and set(made.values()) == {"0o700"}, made  # the spool and its 8 stage folders
+
+
+def test_check_makes_no_missing_bucket_directory(tmp_path):
+    """A mistyped file:// bucket is not made real: the line says it does not exist and whether the worker could
+    make it; an existing one gets a test file written and removed."""
+    missing = tmp_path / "nonexistent" / "deep" / "dir"
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_BUCKET=missing.as_uri()))
+    assert lines["bucket"] == (f"ok   bucket        {missing} does not exist yet; the worker will create it "
+                               f"({tmp_path} is writable)"), out
+    assert not (tmp_path / "nonexistent").exists()
+    (tmp_path / "a-file").write_text("x")
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_BUCKET=(tmp_path / "a-file" / "models").as_uri()))
+    assert lines["bucket"] == (f"FAIL bucket        {tmp_path / 'a-file' / 'models'} does not exist and the worker "
+                               f"cannot create it ({tmp_path / 'a-file'} is not a writable directory); create it, "
+                               "or fix CAPE_BUCKET"), out
+    bucket = tmp_path / "models"
+    bucket.mkdir()
+    code, lines, out = check(worker_env(tmp_path, "w", CAPE_BUCKET=bucket.as_uri()))
+    assert lines["bucket"] == f"ok   bucket        {bucket.as_uri()}: exists and is writable: wrote and deleted a " \
+                              "test object", out
+    assert list(bucket.iterdir()) == []

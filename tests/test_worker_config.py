@@ -1,11 +1,16 @@
-"""WorkerConfig.from_env: valid settings, and each bad setting named in its error, never the token; the .env file
-CAPE_ENV_FILE names (it must be readable; ./.env is optional); LocalConfig, all `status` needs."""
+"""WorkerConfig.from_env: valid settings, and each bad setting named in its error, never the token nor a secret
+pasted into another variable; the .env file CAPE_ENV_FILE names (it must be readable; ./.env is optional);
+LocalConfig, all `status` needs; a warning for each CAPE_ variable the worker does not read."""
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from services.worker.config import Bucket, ConfigError, LocalConfig, WorkerConfig, env_file_path, parse_bucket
+from services.worker.config import (KNOWN_VARIABLES, NOT_SHOWN, OTHER_TOOLS_VARIABLES, Bucket, ConfigError,
+                                    LocalConfig, WorkerConfig, env_file_path, parse_bucket, unknown_variables)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -151,3 +156,71 @@ def test_default_env_file_is_optional(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("CAPE_LOG_LEVEL=DEBUG\n")
     assert env_file_path({}) == Path(".env")
     assert env_file_path({"CAPE_ENV_FILE": " "}) == Path(".env")  # blank: as if unset
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "7200", "nan", "2s"])
+def test_poll_interval_error_shows_the_value(value):
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(CAPE_POLL_INTERVAL=value))
+    assert str(err.value) == f"CAPE_POLL_INTERVAL: must be a number of seconds between 0.05 and 3600, not {value!r}"
+
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret access key
+
+
+@pytest.mark.parametrize("overrides, variable, hidden", [
+    ({"CAPE_COORDINATOR": TOKEN}, "CAPE_COORDINATOR", TOKEN),
+    ({"CAPE_BROKER": TOKEN.split(",")[1]}, "CAPE_BROKER", TOKEN.split(",")[1]),
+    ({"CAPE_COORDINATOR": "otherid,QUJDREVGR0hJSktMTU5PUFFSU1RVVg=="}, "CAPE_COORDINATOR",
+     "QUJDREVGR0hJSktMTU5PUFFSU1RVVg"),  # some other token: its shape gives it away
+    ({"AWS_ENDPOINT_URL": "my-aws-secret", "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "my-aws-secret"},
+     "AWS_ENDPOINT_URL", "my-aws-secret"),
+    ({"AWS_ENDPOINT_URL": AWS_SECRET}, "AWS_ENDPOINT_URL", AWS_SECRET),  # AWS_SECRET_ACCESS_KEY left unset
+    ({"AWS_ENDPOINT_URL": "session-value", "AWS_SESSION_TOKEN": "session-value"}, "AWS_ENDPOINT_URL",
+     "session-value"),
+    ({"CAPE_POLL_INTERVAL": TOKEN}, "CAPE_POLL_INTERVAL", TOKEN),
+    ({"CAPE_BROKER": f"cape.example.com/{TOKEN}"}, "CAPE_BROKER", TOKEN.split(",")[1]),  # holds the token
+])
+def test_a_secret_in_the_wrong_variable_is_not_shown(overrides, variable, hidden):
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(**overrides))
+    assert err.value.variable == variable
+    assert NOT_SHOWN in str(err.value) and hidden not in str(err.value), str(err.value)
+
+
+def test_a_secret_where_a_directory_goes_is_not_shown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / TOKEN).write_text("not a directory")
+    with pytest.raises(ConfigError) as err:
+        LocalConfig.from_env({"CAPE_STATE_DIR": TOKEN, "CAPE_TOKEN": TOKEN, "CAPE_WORKER_NAME": "w"})
+    assert str(err.value) == (f"CAPE_STATE_DIR: {NOT_SHOWN} exists and is not a directory; point it at a directory "
+                              "(a volume)")
+
+
+def test_misspelled_variables_from_env_and_dotenv_are_named_with_the_likely_one(tmp_path, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("CAPE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("CAPE_BUKCET=s3://models\nCAPE_TOKEN=x\n")
+    monkeypatch.setenv("CAPE_CLOUDWACH", "on")
+    monkeypatch.setenv("CAPE_POLL_INTERVALL", "5")
+    monkeypatch.setenv("CAPE_XYZZY", "1")
+    monkeypatch.setenv("CAPE_SERVER_DATA_DIR", "/srv/cape")  # cape-server's: the demo shares an environment
+    assert unknown_variables() == [
+        "CAPE_BUKCET is not a variable the worker reads, so it is ignored; did you mean CAPE_BUCKET?",
+        "CAPE_CLOUDWACH is not a variable the worker reads, so it is ignored; did you mean CAPE_CLOUDWATCH?",
+        "CAPE_POLL_INTERVALL is not a variable the worker reads, so it is ignored; did you mean CAPE_POLL_INTERVAL?",
+        "CAPE_XYZZY is not a variable the worker reads, so it is ignored; check its name against the worker's "
+        "variables in the README",
+    ]
+    assert unknown_variables(env()) == []
+
+
+def test_every_variable_the_worker_reads_is_known():
+    """The worker's code, its supervisord configuration, its image and the tests' worker environment name only known
+    variables (a new one must be added to KNOWN_VARIABLES, or every worker setting it would be warned)."""
+    sources = [*(ROOT / "services" / "worker").glob("*.py"), ROOT / "conf" / "supervisord.conf",
+               ROOT / "Dockerfile", ROOT / "tests" / "support" / "workers.py"]
+    named = {name for path in sources for name in re.findall(r"CAPE_[A-Z][A-Z0-9_]*[A-Z0-9]", path.read_text())}
+    assert {"CAPE_TOKEN", "CAPE_RUN_DIR", "CAPE_PYTHON", "CAPE_WORKER_CONF", "CAPE_ENV_FILE"} <= named
+    assert named - KNOWN_VARIABLES - OTHER_TOOLS_VARIABLES == set()

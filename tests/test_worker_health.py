@@ -36,6 +36,19 @@ def test_claimed_jobs_of_a_stopped_worker_and_reasons(tmp_path):
     }
 
 
+def test_a_result_shows_whether_its_upload_succeeded(tmp_path):
+    """A failed upload is not shown as uploaded (the job's error says why)."""
+    spool = Spool(tmp_path / "spool")
+    for job_id in ("job-u", "job-f", "job-p"):
+        spool.put_job({"id": job_id, "seat": "y_owner", "status": "Started"})
+        spool.put_result(job_id, {"job_id": job_id, "weights": [1.0]})
+    spool.ack_result("job-u")
+    spool.ack_result("job-f", failed=True)
+    jobs = {job["id"]: job["result"] for job in health.spool_jobs(spool)}
+    assert jobs == {"job-u": "uploaded", "job-f": "upload failed", "job-p": "pending upload"}
+    assert spool.uploaded("job-u") and not spool.uploaded("job-f") and spool.upload_failed("job-f")
+
+
 def test_login_refused_record(tmp_path):
     assert health.read_login_refused(tmp_path) is None
     assert health.clear_login_refused(tmp_path) is False
@@ -45,9 +58,9 @@ def test_login_refused_record(tmp_path):
     assert health.read_login_refused(tmp_path) == {"since": record["since"],
                                                    "message": "the coordinator refused CAPE_TOKEN (unknown token)"}
     assert health.login_refused_line({"since": 0.0, "message": "m"}) == \
-        "the coordinator refuses CAPE_TOKEN (since ?): m"
+        "the coordinator refuses this worker (since ?): m"
     assert health.login_refused_line({"since": 86400.0, "message": "m"}) == \
-        "the coordinator refuses CAPE_TOKEN (since 1970-01-02 00:00:00 UTC): m"
+        "the coordinator refuses this worker (since 1970-01-02 00:00:00 UTC): m"
     (tmp_path / health.LOGIN_REFUSED_NAME).write_text("{not json")
     assert health.read_login_refused(tmp_path) == {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
     assert health.clear_login_refused(tmp_path) is True

@@ -95,6 +95,89 @@ def test_cloudwatch_down_never_blocks_a_program():
     assert setup_seconds < 10 and emit_seconds < 2
 
 
+def test_cloudwatch_unreachable_at_start_says_why():
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=dead,
+                                              AWS_ACCESS_KEY_ID="AKIAX", AWS_SECRET_ACCESS_KEY="aws-secret-value"))
+    out = io.StringIO()
+    logs.setup("messenger", config, stream=out)
+    line = next(line for line in out.getvalue().splitlines() if "CloudWatch Logs unreachable" in line)
+    assert line.endswith(f' messenger WARNING CloudWatch Logs unreachable at start-up (group /cape/worker: '
+                         f'EndpointConnectionError: Could not connect to the endpoint URL: "{dead}/"); logging to '
+                         'stdout only'), line
+
+
+@pytest.fixture
+def refusing_cloudwatch():
+    """A CloudWatch Logs endpoint that refuses every request as AWS does a bad key: 400 UnrecognizedClientException."""
+    import http.server
+    import json
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server interface
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"__type": "UnrecognizedClientException",
+                               "message": "The security token included in the request is invalid."}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cloudwatch_refusing_at_start_gives_the_aws_error_never_the_credentials(refusing_cloudwatch):
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=refusing_cloudwatch,
+                                              AWS_ACCESS_KEY_ID="AKIAX", AWS_SECRET_ACCESS_KEY="aws-secret-value"))
+    out = io.StringIO()
+    logs.setup("poller", config, stream=out)
+    assert out.getvalue().splitlines()[0].endswith(
+        " poller WARNING CloudWatch Logs unreachable at start-up (group /cape/worker: UnrecognizedClientException: "
+        "The security token included in the request is invalid.); logging to stdout only"), out.getvalue()
+    assert "aws-secret-value" not in out.getvalue()
+
+
+def test_debug_level_keeps_the_libraries_debug_lines_out(tmp_path):
+    """CAPE_LOG_LEVEL=DEBUG is for the worker's own lines: watchdog's line per file event, urllib3's per connection
+    and botocore's per step would bury them (and go to CloudWatch too)."""
+    import boto3
+    import requests
+
+    from services.worker.spool import Spool
+
+    out = io.StringIO()
+    log = logs.setup("runner", WorkerConfig.from_env(config_env(CAPE_LOG_LEVEL="DEBUG")), stream=out)
+    spool = Spool(tmp_path / "spool")
+    try:
+        assert spool.watch("jobs")
+        seen = spool.changes.generation
+        spool.put_job({"id": "job-a", "seat": "x_owner", "status": "Approved"})
+        deadline = time.monotonic() + 10
+        while spool.changes.generation == seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spool.changes.generation != seen  # watchdog saw the file
+    finally:
+        spool.changes.close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{free_port()}/", timeout=2)
+    boto3.client("s3", region_name="us-east-1", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                 aws_access_key_id="a", aws_secret_access_key="b")
+    log.debug("own debug line")
+    text = out.getvalue()
+    assert "runner DEBUG own debug line" in text
+    for library_line in ("in-event", "Starting new HTTP connection", "Loading JSON file", "Event choose-service-name"):
+        assert library_line not in text, text
+
+
 def test_cloudwatch_accepting_but_silent_endpoint_does_not_block_emit():
     """An endpoint that accepts connections and never answers: emit() stays fast, close() is bounded."""
     import socket

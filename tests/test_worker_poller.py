@@ -1,6 +1,7 @@
 """The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -17,9 +18,16 @@ from tests.support.aws import free_port
 from tests.support.server import build_job_world, worker_public_keys
 
 
-def make_poller(tmp_path, url, token):
+def shared_keys_dir(tmp_path, token):
+    return tmp_path.parent / f"poller-keys-{token.split(',')[0]}"
+
+
+def make_poller(tmp_path, url, token, state_dir=None):
+    """A poller with its own spool. An organization runs one worker (the coordinator refuses other keys while its
+    worker is alive), so by default every poller of one token in this session shares its keys."""
+    state_dir = state_dir or shared_keys_dir(tmp_path, token)
     config = WorkerConfig.from_env({"CAPE_TOKEN": token, "CAPE_COORDINATOR": url, "CAPE_WORKER_NAME": "w",
-                                    "CAPE_SPOOL_DIR": str(tmp_path / "spool"), "CAPE_STATE_DIR": str(tmp_path / "st"),
+                                    "CAPE_SPOOL_DIR": str(tmp_path / "spool"), "CAPE_STATE_DIR": str(state_dir),
                                     "CAPE_POLL_INTERVAL": "0.05"})
     keys = WorkerKeys.load_or_create(config.state_dir)
     return Poller(config, CoordinatorClient(url, token, timeout=5), Spool(config.spool_dir), keys), keys
@@ -135,7 +143,8 @@ def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_se
     """A refused token needs the operator while all four programs still run: the poller records it (no secret in
     the record) for `cape-worker health`, keeps its first time, and forgets it once a cycle succeeds."""
     secret = "ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA=="
-    poller, _ = make_poller(tmp_path, cape_server.url, f"nosuchid,{secret}")
+    xorg = world["orgs"]["xorg"]["organization_token"]  # set below, as a new token: the same worker's keys
+    poller, _ = make_poller(tmp_path, cape_server.url, f"nosuchid,{secret}", shared_keys_dir(tmp_path, xorg))
     run_dir = poller.config.run_dir
     run_dir.mkdir(parents=True)
     monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
@@ -146,14 +155,14 @@ def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_se
         f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
     assert "cape orgs create-token ORG" in first["message"]
     assert secret not in (run_dir / health.LOGIN_REFUSED_NAME).read_text()
-    assert health.login_refused_line(first).startswith("the coordinator refuses CAPE_TOKEN (since 20")
+    assert health.login_refused_line(first).startswith("the coordinator refuses this worker (since 20")
     poller.run(max_cycles=1)
     assert health.read_login_refused(run_dir) == first  # still the first refusal's time
 
-    poller.client = CoordinatorClient(cape_server.url, world["orgs"]["xorg"]["organization_token"], timeout=5)
+    poller.client = CoordinatorClient(cape_server.url, xorg, timeout=5)
     poller.run(max_cycles=1)
     assert health.read_login_refused(run_dir) is None
-    assert "the coordinator accepts CAPE_TOKEN again" in caplog.text
+    assert "the coordinator accepts this worker again" in caplog.text
 
 
 def test_backoff_doubles_and_caps():
@@ -260,3 +269,74 @@ def test_watcher_stores_an_approved_job_and_marks_a_stopped_one_before_the_next_
         module_world["user"]["xorg"].post(f"/v1/jobs/{other['id']}/stop")  # wakes the watcher's poll
         watcher.join(timeout=10)
     assert not watcher.is_alive()
+
+
+def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(start_cape_server, tmp_path,
+                                                                               monkeypatch):
+    """A one-off `cape-worker run` with the production token must not replace the running worker's keys (each of
+    its jobs would then fail on a key mismatch): it is refused while that worker heartbeats, and says why in the
+    health record; once the first has been silent 45 s the second takes the seat, and the first's heartbeat is
+    then refused in turn."""
+    server = start_cape_server()
+    world = build_job_world(server, register_keys=False)
+    token = world["orgs"]["xorg"]["organization_token"]
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    first, first_keys = make_poller(tmp_path / "first", server.url, token, tmp_path / "first-state")
+    first.run(max_cycles=1)
+    second, second_keys = make_poller(tmp_path / "second", server.url, token, tmp_path / "second-state")
+    second.config.run_dir.mkdir(parents=True)
+    second.run(max_cycles=1)
+    refused = health.read_login_refused(second.config.run_dir)
+    assert refused is not None and refused["message"].startswith(
+        f"the coordinator at {server.url} refused this worker: another worker of this organization, with other keys, "
+        "was heard from ")
+    assert refused["message"].endswith("s ago; an organization runs one worker: stop the other one (this one "
+                                       "registers its keys once the other has been silent for 45 s)")
+    assert world["user"]["xorg"].get("/v1/organizations/xorg/worker").json()["online"] is True
+    db = sqlite3.connect(server.data_dir / "coordinator.sqlite3")
+    row = db.execute("SELECT signing_public_key FROM workers WHERE org_id = ?",
+                     (world["orgs"]["xorg"]["organization"]["id"],)).fetchone()
+    assert row[0] == first_keys.signing_public_b64
+
+    # The first worker goes silent (its machine died, say): the second may now take the seat.
+    db.execute("UPDATE workers SET last_seen = '2026-01-01T00:00:00.000Z'")
+    db.commit()
+    db.close()
+    second.run(max_cycles=1)
+    assert health.read_login_refused(second.config.run_dir) is None
+    first.last_heartbeat = 0.0  # it comes back and heartbeats: refused, not counted as alive
+    first.config.run_dir.mkdir(parents=True, exist_ok=True)
+    first.run(max_cycles=1)
+    assert "another worker of this organization registered other keys at 20" in \
+        health.read_login_refused(first.config.run_dir)["message"]
+    assert second_keys.signing_public_b64 != first_keys.signing_public_b64
+
+
+def test_heartbeats_keep_coming_when_the_poll_interval_is_long(cape_server, world, tmp_path, monkeypatch):
+    """CAPE_POLL_INTERVAL may be an hour; the worker must not look offline (heard from within 45 s) meanwhile."""
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.cycle()
+    monkeypatch.setattr(poller_mod, "HEARTBEAT_SECONDS", 0.2)
+    beats = []
+    real_heartbeat = poller.client.heartbeat
+    monkeypatch.setattr(poller.client, "heartbeat", lambda **kw: (beats.append(kw), real_heartbeat(**kw)))
+    poller.report_until(time.monotonic() + 1.0)
+    assert 3 <= len(beats) <= 6
+
+
+def test_a_spool_it_cannot_write_is_one_clear_line_and_a_retry(cape_server, world, tmp_path, caplog, monkeypatch):
+    """A read-only or broken CAPE_SPOOL_DIR: no traceback, no crash loop; the job is stored once it is fixed."""
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    jobs = poller.spool.root / "jobs"
+    jobs.rename(tmp_path / "jobs-aside")
+    jobs.write_text("not a folder")  # (tests run as root, for whom a read-only mode is no obstacle)
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.run(max_cycles=1)
+    assert f"cannot write the spool ({jobs}" in caplog.text
+    assert "make CAPE_SPOOL_DIR writable by this worker; retrying in" in caplog.text
+    assert "Traceback" not in caplog.text
+    jobs.unlink()
+    (tmp_path / "jobs-aside").rename(jobs)
+    poller.run(max_cycles=1)
+    assert poller.spool.read_job(world["job"]["id"]) is not None

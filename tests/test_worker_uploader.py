@@ -1,5 +1,6 @@
 """The uploader against a real moto S3 server and file:// buckets: layout, multipart, override, permissions."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -106,17 +107,23 @@ def test_large_file_goes_multipart(tmp_path, moto):
     assert head["ETag"].strip('"').endswith("-3")  # 3 parts of 8 MiB: a multipart upload
 
 
-def test_missing_bucket_ends_job_with_clear_error(tmp_path, moto):
+def test_missing_bucket_ends_job_with_clear_error(tmp_path, moto, caplog):
+    caplog.set_level(logging.ERROR, logger="cape.uploader")
     config = make_config(tmp_path, CAPE_BUCKET="s3://no-such-bucket", **moto.env)
     spool = spool_with_result(config)
     Uploader(config, spool).cycle()
     [status] = statuses(spool)
     assert status["state"] == "error"
-    assert "s3://no-such-bucket/job1/regression_weights.csv" in status["message"]
-    assert "does not exist" in status["message"] and "CAPE_BUCKET" in status["message"]
+    # Every project member reads the job's error: it names no bucket; the model owner's log says which.
+    assert status["message"] == ("uploading the model failed: the model owner's bucket does not exist (NoSuchBucket); "
+                                 "the model owner's uploader log has the details")
+    assert "s3://no-such-bucket/job1/regression_weights.csv does not exist: create it, or fix CAPE_BUCKET" in \
+        caplog.text
+    assert spool.upload_failed("job1") and not spool.uploaded("job1")
 
 
-def test_bucket_without_write_permission_gives_clear_error(tmp_path, moto):
+def test_bucket_without_write_permission_gives_clear_error(tmp_path, moto, caplog):
+    caplog.set_level(logging.ERROR, logger="cape.uploader")
     moto.make_bucket("readonly")
     keys = moto.read_only_keys("readonly")
     config = make_config(tmp_path, **{**moto.env, **keys})
@@ -126,9 +133,11 @@ def test_bucket_without_write_permission_gives_clear_error(tmp_path, moto):
     moto.enforce_iam(False)
     [status] = statuses(spool)
     assert status["state"] == "error"
-    assert "access denied writing s3://readonly/job1/regression_weights.csv" in status["message"]
-    assert "s3:PutObject" in status["message"]
-    assert keys["AWS_SECRET_ACCESS_KEY"] not in status["message"]
+    assert status["message"] == ("uploading the model failed: the model owner's bucket refused the model "
+                                 "(AccessDenied); the model owner's uploader log has the details")
+    assert "access denied writing s3://readonly/job1/regression_weights.csv" in caplog.text
+    assert "s3:PutObject" in caplog.text
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in status["message"] + caplog.text
     assert moto.keys("readonly") == []
 
 

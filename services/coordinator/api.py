@@ -250,7 +250,8 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     @router.post("/worker/heartbeat", status_code=204, tags=["worker"])
     def post_heartbeat(body: Heartbeat | None = None, p: Principal = Depends(worker)) -> Response:
         with db.transaction() as conn:
-            workers.heartbeat(conn, p.org_id or "", body.version if body else None, body.programs if body else None)
+            workers.heartbeat(conn, p.org_id or "", body.version if body else None, body.programs if body else None,
+                              body.signing_public_key if body else None)
         return Response(status_code=204)
 
     @router.get("/worker/jobs", tags=["worker"], response_model=list[views.WorkerJob])

@@ -126,6 +126,8 @@ class WorkerKeys(Body):
 
 class Heartbeat(Body):
     version: Annotated[Text, StringConstraints(max_length=200)] | None = None
+    # The sender's key (base64, as registered): a heartbeat from a worker whose keys were replaced is refused.
+    signing_public_key: Annotated[str, StringConstraints(max_length=200)] | None = None
     programs: dict[Annotated[Text, StringConstraints(max_length=100)], Any] | None = Field(default=None,
                                                                                           max_length=50)
 

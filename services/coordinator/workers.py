@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from services.coordinator.db import now_iso
 from services.coordinator.identity import get_org, org_ref
 from services.coordinator.jobs import FINAL_STATUSES, expire_if_late, find_job, parties, seat_of, set_status
-from services.coordinator.liveness import liveness
+from services.coordinator.liveness import ONLINE_WITHIN_SECONDS, liveness
 from services.server.errors import Conflict, Forbidden, InvalidRequest
 
 
@@ -24,9 +24,34 @@ def _check_public_key(text: str, loader: Any, field: str, kind: str) -> None:
         raise InvalidRequest(f"field '{field}': must be the base64 of a raw 32-byte {kind} public key") from None
 
 
+class KeysInUse(Conflict):
+    """Another worker of the organization, with other keys, is alive: one organization has one worker (one seat
+    per job), and replacing its keys would make each of its jobs fail on a key mismatch."""
+
+    code = "worker_keys_in_use"
+
+
+class OtherWorkerKeys(Conflict):
+    """A heartbeat from a worker whose keys are not the registered ones: another worker took the seat."""
+
+    code = "other_worker_keys"
+
+
 def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> None:
+    """Register the worker's public keys. Other keys than the registered ones replace them only once the worker
+    that registered them has been silent for ONLINE_WITHIN_SECONDS (a worker moved to a new machine, or whose
+    state directory was lost): a second worker started with the same token must not take the seat from under a
+    running one."""
     _check_public_key(encryption_key, X25519PublicKey.from_public_bytes, "encryption_public_key", "X25519")
     _check_public_key(signing_key, Ed25519PublicKey.from_public_bytes, "signing_public_key", "Ed25519")
+    row = _keys(conn, org_id)
+    if row is not None and (row["encryption_public_key"], row["signing_public_key"]) != (encryption_key, signing_key):
+        alive = liveness(row["last_seen"])
+        if alive["online"]:
+            raise KeysInUse(f"another worker of this organization, with other keys, was heard from "
+                            f"{alive['seconds_since_seen']:.0f} s ago; an organization runs one worker: stop the "
+                            f"other one (this one registers its keys once the other has been silent for "
+                            f"{ONLINE_WITHIN_SECONDS:.0f} s)")
     conn.execute("INSERT INTO workers (org_id, encryption_public_key, signing_public_key, keys_updated_at) "
                  "VALUES (?, ?, ?, ?) ON CONFLICT(org_id) DO UPDATE SET encryption_public_key = excluded."
                  "encryption_public_key, signing_public_key = excluded.signing_public_key, "
@@ -45,7 +70,15 @@ def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
             "programs": json.loads(row["programs"]) if row["programs"] else None}
 
 
-def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None) -> None:
+def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None,
+              signing_key: str | None = None) -> None:
+    """Record that the worker is alive; refused (and not recorded) for a worker whose keys are not the registered
+    ones, so a worker that lost its seat to another does not keep looking like the live one."""
+    row = _keys(conn, org_id)
+    if signing_key is not None and row is not None and row["signing_public_key"] != signing_key:
+        raise OtherWorkerKeys(f"another worker of this organization registered other keys at "
+                              f"{row['keys_updated_at']}; this worker no longer takes the organization's seats: stop "
+                              "one of the two (a worker registers its keys when it starts)")
     conn.execute("INSERT INTO workers (org_id, last_seen, version, programs) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT(org_id) DO UPDATE SET last_seen = excluded.last_seen, version = excluded.version, "
                  "programs = excluded.programs",

@@ -205,9 +205,34 @@ def _warn_if_existing(email: str, existing: dict[str, Any] | None) -> None:
                "another email.", err=True)
 
 
-def _run(data_dir: Path, action: Any) -> Any:
+def _no_database(database: Path) -> bool:
+    """Whether `database` is certainly not there. A data dir this user cannot look into is not taken for a typo:
+    check_data_dir then says what is wrong with it."""
+    try:
+        database.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _run(data_dir: Path, action: Any, *, create: bool = False) -> Any:
+    """Run `action(conn)` in one transaction on the data dir's coordinator database.
+
+    Only `create` (create-org: how a server is bootstrapped) makes a new database, and says so on stderr; every
+    other command refuses a data dir without one before making anything there, so a mistyped --data-dir is an
+    error rather than a new empty database whose tokens the running server refuses."""
+    database = ServerConfig(data_dir=data_dir).coordinator_db_path  # where `serve` keeps it
+    new = _no_database(database)
+    if new and not create:
+        raise click.ClickException(f"no cape-server database in {data_dir}: is --data-dir (or CAPE_SERVER_DATA_DIR) "
+                                   "the one `cape-server serve` uses? `admin create-org` makes a new one")
     check_data_dir(data_dir)
-    db = Database(data_dir / "coordinator.sqlite3")
+    db = Database(database)
+    if new:
+        click.echo(f"cape-server: created a new database in {data_dir} (if you meant a running server's, give the "
+                   "--data-dir its `cape-server serve` uses)", err=True)
     try:
         with db.transaction() as conn:
             return action(conn)
@@ -238,7 +263,7 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
         return {"organization": identity.org_view(org), "user": user,
                 "organization_token": org_token["token"], "user_token": user_token, "existing_account": existing}
 
-    result = _run(data_dir, action)
+    result = _run(data_dir, action, create=True)
     _warn_if_existing(admin_email, result["existing_account"])
     _emit(result, as_json, [f"organization {label} ({result['organization']['id']})",
                             f"organization token (for its worker's CAPE_TOKEN): {result['organization_token']}",
@@ -283,7 +308,9 @@ def create_org_token(organization: str, description: str | None, as_json: bool, 
     """Make another organization token (for a worker)."""
     def action(conn: Any) -> dict[str, Any]:
         org = identity.find_organization(conn, organization)
-        return identity.issue_org_token(conn, org["id"], description)
+        issued = identity.issue_org_token(conn, org["id"], description)
+        # `organization_token` as in create-org's JSON; `token` stays for scripts written against earlier versions.
+        return {**issued, "organization_token": issued["token"]}
 
     result = _run(data_dir, action)
     _emit(result, as_json, [f"organization token {result['id']}: {result['token']}"])

@@ -1,22 +1,34 @@
 """`cape-worker check`: validate the configuration, then reach every endpoint it names.
 
-One `CheckResult` per check: the configuration, the spool and state directories, the coordinator (login with
-CAPE_TOKEN), the broker, the bucket (write and delete a test object) and CloudWatch Logs when enabled. Each failure
-says what is wrong and how to fix it; no secret appears.
+One `CheckResult` per check: the configuration (and a warning per CAPE_ variable the worker does not read), the
+spool and state directories, the worker's key files, the coordinator (login with CAPE_TOKEN), the broker, the bucket
+(write and delete a test object) and CloudWatch Logs when enabled. The directory and key checks run what `run` and
+its programs run, so `check` passes only where they would; they create nothing, so a mistyped path is not made real.
+Each failure says what is wrong and how to fix it; no secret appears.
 """
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, NoReturn
 
 import requests
 
-from services.worker.config import ConfigError, WorkerConfig
+from services.worker import health, keys
+from services.worker.config import ConfigError, WorkerConfig, unknown_variables
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
+from services.worker.keys import KeyFileError, WorkerKeys
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
+KEY_FILES = (keys.ENCRYPTION_KEY_FILE, keys.SIGNING_KEY_FILE)
+# What the coordinator and the broker checks say of a token they refuse.
+USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
+              "an admin of ORG)")
+NEW_TOKEN = "create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -24,29 +36,35 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # not a failure, but likely a mistake (a misspelled variable)
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.name:<13} {self.detail}"
+        mark = "WARN" if self.warning else "ok  " if self.ok else "FAIL"
+        return f"{mark} {self.name:<13} {self.detail}"
 
 
 def run_checks(environ: Mapping[str, str]) -> list[CheckResult]:
-    """All checks in order; stops after the configuration if it is invalid."""
+    """All checks in order; stops after the configuration (and its warnings) if it is invalid."""
+    # A misspelled variable may be why the configuration is invalid (a required one unset): warn either way.
+    warnings = [CheckResult("variables", True, text, warning=True) for text in unknown_variables(environ)]
     try:
         config = WorkerConfig.from_env(environ)
     except ConfigError as exc:
-        return [CheckResult("configuration", False, str(exc))]
-    results = [CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}")]
-    results += [check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR"),
-                check_directory("state", config.state_dir, "CAPE_STATE_DIR"),
-                check_coordinator(config), check_broker(config), check_bucket(config)]
+        return [CheckResult("configuration", False, str(exc)), *warnings]
+    results = [CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}"),
+               *warnings]
+    results += [check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR"), check_state(config),
+                check_keys(config), check_coordinator(config), check_broker(config), check_bucket(config)]
     if config.cloudwatch:
         results.append(check_cloudwatch(config))
     return results
 
 
-def check_directory(name: str, path, variable: str) -> CheckResult:
+def check_directory(name: str, path: Path, variable: str) -> CheckResult:
+    """A directory writable by the worker (a probe written and removed), or a missing one it could create."""
+    if not path.is_dir():
+        return _missing_directory(name, path, variable)
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / f".cape-check-{secrets.token_hex(4)}.tmp"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -54,6 +72,55 @@ def check_directory(name: str, path, variable: str) -> CheckResult:
         return CheckResult(name, False, f"{path} is not writable ({exc.strerror}); point {variable} at a "
                                         "writable directory (a volume)")
     return CheckResult(name, True, f"{path} writable")
+
+
+def _missing_directory(name: str, path: Path, variable: str) -> CheckResult:
+    """Whether the worker could create the missing `path`: its nearest existing parent must be a writable
+    directory. Nothing is created: a mistyped path must not become real."""
+    parent = path.parent
+    while not os.path.exists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+        return CheckResult(name, True, f"{path} does not exist yet; the worker will create it ({parent} is "
+                                       "writable)")
+    return CheckResult(name, False, f"{path} does not exist and the worker cannot create it ({parent} is not a "
+                                    f"writable directory); create it, or fix {variable}")
+
+
+def check_state(config: WorkerConfig) -> CheckResult:
+    """The state directory, and room in it for supervisord's unix socket (which `run` needs)."""
+    result = check_directory("state", config.state_dir, "CAPE_STATE_DIR")
+    problem = health.socket_path_problem(config.run_dir)
+    if result.ok and problem:
+        return CheckResult("state", False, problem)
+    return result
+
+
+def check_keys(config: WorkerConfig) -> CheckResult:
+    """The key files load as each program loads them at start (keys.py: mode 0600, a private key of the right
+    kind). Missing ones are made at the first start; this check makes none."""
+    folder = config.state_dir
+    present = [name for name in KEY_FILES if (folder / name).exists()]
+    try:
+        if len(present) == len(KEY_FILES):
+            WorkerKeys.load_or_create(folder)  # with both files there, it only loads them
+        else:
+            for name in present:  # one of the two: load it as load_or_create does, without making the other
+                keys._load_or_create(folder / name, _make_no_key)
+    except KeyFileError as exc:
+        return CheckResult("keys", False, str(exc))
+    except OSError as exc:
+        return CheckResult("keys", False, f"cannot read the key files in {folder} ({exc.strerror}); let this user "
+                                          "read CAPE_STATE_DIR")
+    missing = [name for name in KEY_FILES if name not in present]
+    if missing:
+        return CheckResult("keys", True, f"{', '.join(missing)} not in {folder} yet; the worker makes "
+                                         f"{'it' if len(missing) == 1 else 'them'} at its first start")
+    return CheckResult("keys", True, f"{folder}: both key files load")
+
+
+def _make_no_key() -> NoReturn:
+    raise KeyFileError("a key file disappeared during the check; run `cape-worker check` again")
 
 
 def check_coordinator(config: WorkerConfig) -> CheckResult:
@@ -65,8 +132,7 @@ def check_coordinator(config: WorkerConfig) -> CheckResult:
     finally:
         client.close()
     if identity.get("kind") != "organization":
-        return CheckResult("coordinator", False, "CAPE_TOKEN is a user token; a worker needs an organization token "
-                                                 "(`cape orgs create-token ORG`, as an admin of ORG)")
+        return CheckResult("coordinator", False, USER_TOKEN)
     label = (identity.get("organization") or {}).get("label", "?")
     return CheckResult("coordinator", True, f"{config.coordinator}: logged in as organization {label}")
 
@@ -80,13 +146,13 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     except requests.RequestException as exc:
         return CheckResult("broker", False, f"cannot reach {config.broker} ({type(exc).__name__}); check "
                                             "CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
-    try:
-        code = response.json()["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        code = None
-    # 403 wrong_token_kind: a user token, which the broker refuses before it looks for the job.
-    if response.status_code == 401 or code == "wrong_token_kind":
-        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN; use an organization token")
+    code, message = _error_of(response)
+    # As the coordinator check: 401 is a token it does not accept (unknown, revoked), 403 wrong_token_kind a user
+    # token, which the broker refuses before it looks for the job.
+    if response.status_code == 401:
+        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN ({message}); {NEW_TOKEN}")
+    if code == "wrong_token_kind":
+        return CheckResult("broker", False, USER_TOKEN)
     # A Cape broker knows the route and refuses the job (job_not_found / no_seat); a generic "not_found" means
     # no broker route lives at this URL.
     if response.status_code == 200 or (response.status_code in (403, 404) and code not in (None, "not_found")):
@@ -95,21 +161,35 @@ def check_broker(config: WorkerConfig) -> CheckResult:
                                         "Cape broker; check CAPE_BROKER")
 
 
-def check_bucket(config: WorkerConfig) -> CheckResult:
-    if config.bucket is None:
-        return CheckResult("bucket", True, "CAPE_BUCKET not set: results go to each job's model_location")
-    store = ModelStore(config)
-    key = "/".join(p for p in (config.bucket.prefix, f".cape-worker-check-{secrets.token_hex(6)}") if p)
-    scratch = config.spool_dir / "tmp"
+def _error_of(response: requests.Response) -> tuple[str | None, str]:
+    """(code, message) of a Cape server's `{"error": {...}}` body; (None, the reason phrase) for any other body."""
     try:
-        store.put_bytes(config.bucket, key, b"cape-worker check\n", scratch)
-        store.delete(config.bucket, key)
+        error = response.json()["error"]
+        return error.get("code"), str(error.get("message", response.reason))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, response.reason or ""
+
+
+def check_bucket(config: WorkerConfig) -> CheckResult:
+    bucket = config.bucket
+    if bucket is None:
+        return CheckResult("bucket", True, "CAPE_BUCKET not set: results go to each job's model_location")
+    if bucket.scheme == "file" and not Path(bucket.name).is_dir():
+        return _missing_directory("bucket", Path(bucket.name), "CAPE_BUCKET")
+    store = ModelStore(config)
+    key = "/".join(p for p in (bucket.prefix, f".cape-worker-check-{secrets.token_hex(6)}") if p)
+    try:
+        # The S3 upload's scratch file: not in the spool, which this check does not create.
+        with tempfile.TemporaryDirectory(prefix="cape-worker-check-") as scratch:
+            store.put_bytes(bucket, key, b"cape-worker check\n", Path(scratch))
+        store.delete(bucket, key)
     except UploadError as exc:
         return CheckResult("bucket", False, str(exc))
     except Exception as exc:  # noqa: BLE001 -- e.g. s3:DeleteObject denied: report it, never a traceback
-        return CheckResult("bucket", False, f"cannot delete the test object in {config.bucket.uri} "
+        return CheckResult("bucket", False, f"cannot delete the test object in {bucket.uri} "
                                             f"({type(exc).__name__}); allow s3:DeleteObject or remove it by hand")
-    return CheckResult("bucket", True, f"{config.bucket.uri}: wrote and deleted a test object")
+    where = "exists and is writable: " if bucket.scheme == "file" else ""
+    return CheckResult("bucket", True, f"{bucket.uri}: {where}wrote and deleted a test object")
 
 
 def check_cloudwatch(config: WorkerConfig) -> CheckResult:

@@ -19,14 +19,13 @@ from dotenv import load_dotenv
 
 from services.worker import health as health_mod
 from services.worker import reaper
-from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path
+from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
 from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.spool import Spool
 
 T = TypeVar("T")
 PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 LIVE_PROBE_TIMEOUT = 2.0
 LOCK_NAME = "worker.lock"
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
@@ -50,13 +49,24 @@ def _load_dotenv() -> None:
 
 
 def _config_or_exit(load: Callable[[], T] = WorkerConfig.from_env) -> T:
-    """`load()` after the .env file joins the environment; a configuration error ends the command (exit 2)."""
+    """`load()` after the .env file joins the environment, warning first of each CAPE_ variable the worker does not
+    read (a misspelling loses its setting, and may be why `load()` fails); a configuration error ends the command
+    (exit 2)."""
     try:
         _load_dotenv()
+        for warning in unknown_variables(os.environ):
+            click.echo(f"cape-worker: warning: {warning}", err=True)
         return load()
     except ConfigError as exc:
         click.echo(f"cape-worker: configuration error: {exc}", err=True)
         sys.exit(2)
+
+
+def _for_this_user_only() -> None:
+    """Everything this command and its children create is for this user alone: what the worker writes (job specs
+    with dataview uris, inbox shares, results, keys) must not become readable by others, whichever command made
+    its folders first."""
+    os.umask(0o077)
 
 
 def _live_supervisord(run_dir: Path) -> Path | None:
@@ -92,9 +102,11 @@ def run() -> None:
     live = _live_supervisord(config.run_dir)
     if live is not None:
         _already_running(config, f"its supervisord answers on {live}")
-    # Everything the worker and its programs write (job specs with dataview uris, inbox shares, results) is for
-    # this user alone; inherited by supervisord and the four programs.
-    os.umask(0o077)
+    socket_problem = health_mod.socket_path_problem(config.run_dir)  # `check` fails on it too
+    if socket_problem:
+        click.echo(f"cape-worker: {socket_problem}", err=True)
+        sys.exit(2)
+    _for_this_user_only()  # inherited by supervisord and the four programs
     try:
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -103,11 +115,6 @@ def run() -> None:
     except OSError as exc:
         click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "
                    "CAPE_STATE_DIR writable volumes", err=True)
-        sys.exit(2)
-    socket_path = config.run_dir / health_mod.SOCKET_NAME
-    if len(str(socket_path)) > MAX_SOCKET_PATH:
-        click.echo(f"cape-worker: CAPE_STATE_DIR is too deep for supervisord's unix socket ({socket_path} is over "
-                   f"{MAX_SOCKET_PATH} characters); use a shorter path", err=True)
         sys.exit(2)
     lock = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     marker = marker_path(config.run_dir)
@@ -203,6 +210,7 @@ def check() -> None:
     except ConfigError as exc:
         click.echo(CheckResult("configuration", False, str(exc)).line())
         sys.exit(1)
+    _for_this_user_only()  # its probe and scratch files, and any folder a library makes
     ok = True
     for result in run_checks(os.environ):
         click.echo(result.line())
@@ -213,29 +221,46 @@ def check() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(as_json: bool) -> None:
-    """The four programs' states, a token the coordinator refuses, and the jobs in the spool."""
+    """The four programs' states, a token the coordinator refuses, and the jobs in the spool.
+
+    Exit status: 0 if a worker is running on this CAPE_STATE_DIR (whatever its programs' states; `cape-worker
+    health` judges those), 1 if no worker is running on it, 2 for a configuration error.
+    """
     config = _config_or_exit(LocalConfig.from_env)  # only local state: works without CAPE_TOKEN or a coordinator
+    _for_this_user_only()  # Spool() makes the spool's missing stage folders
     try:
-        programs = health_mod.program_states(config.run_dir)
+        states = health_mod.program_states(config.run_dir)
     except health_mod.SupervisorUnavailable as exc:
-        programs = {}
-        problem = str(exc)
+        states, problem = {}, str(exc)
     else:
         problem = None
+    programs = {name: states.get(name, "MISSING") for name in PROGRAMS}
     refused = health_mod.read_login_refused(config.run_dir)
-    runner_running = programs.get("runner") == "RUNNING"
-    jobs = health_mod.spool_jobs(Spool(config.spool_dir), runner_running) if config.spool_dir.is_dir() else []
+    spool_exists = config.spool_dir.is_dir()
+    jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
     if as_json:
-        click.echo(json.dumps({"programs": programs, "supervisor_error": problem, "login_refused": refused,
-                               "jobs": jobs}, indent=2))
-        return
+        click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
+                               "supervisor_error": problem, "login_refused": refused,
+                               "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
+                              indent=2))
+    else:
+        _print_status(config, programs, problem, refused, spool_exists, jobs)
+    sys.exit(0 if problem is None else 1)
+
+
+def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None, refused: dict | None,
+                  spool_exists: bool, jobs: list[dict]) -> None:
     click.echo(f"worker {config.worker_name}")
     if problem:
-        click.echo(f"programs: {problem}")
-    for name in PROGRAMS:
-        click.echo(f"  {name:<10} {programs.get(name, 'MISSING')}")
+        click.echo(f"no worker is running on this state dir: {problem}")
+    for name, state in programs.items():
+        click.echo(f"  {name:<10} {state}")
     if refused is not None:
         click.echo(f"coordinator: {health_mod.login_refused_line(refused)}")
+    if not spool_exists:
+        click.echo(f"jobs: {config.spool_dir} does not exist (the worker makes it at start); is CAPE_SPOOL_DIR the "
+                   "worker's?")
+        return
     click.echo(f"jobs in {config.spool_dir}: {len(jobs)}")
     for job in jobs:
         click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"

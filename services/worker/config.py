@@ -1,12 +1,14 @@
 """The worker's configuration, read once from the environment (and an optional `.env` file) and validated.
 
 Every problem is a `ConfigError` naming the variable and how to fix it. Secrets (the organization token, the AWS
-secret key) are kept out of `repr()` and out of every message.
+secret key) are kept out of `repr()` and out of every message, also when pasted into another variable. A CAPE_
+variable the worker does not read is a typo whose setting is lost: `unknown_variables` names each.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import os
 import re
 import socket
@@ -29,6 +31,21 @@ _LOG_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-/.#]{1,512}$")
 # What a fix looks like in an error message: a Cape server (coordinator, broker), an S3-compatible endpoint.
 _SERVER_EXAMPLE = "https://cape.example.com"
 _S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
+# Every CAPE_ variable the worker reads: these settings, the CLI's (CAPE_ENV_FILE, CAPE_WORKER_CONF) and the two
+# `cape-worker run` hands to supervisord and its programs (CAPE_RUN_DIR, CAPE_PYTHON). Any other is a typo.
+KNOWN_VARIABLES = frozenset({
+    "CAPE_TOKEN", "CAPE_COORDINATOR", "CAPE_BROKER", "CAPE_BUCKET", "CAPE_SPOOL_DIR", "CAPE_STATE_DIR",
+    "CAPE_WORKER_NAME", "CAPE_LOG_LEVEL", "CAPE_CLOUDWATCH", "CAPE_LOG_GROUP", "CAPE_POLL_INTERVAL",
+    "CAPE_ENV_FILE", "CAPE_WORKER_CONF", "CAPE_RUN_DIR", "CAPE_PYTHON",
+})
+# Read by another Cape tool that may share the worker's environment (the demo runs both): not a typo.
+OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR"})
+# Variables whose values are secrets: a value equal to one of them is never shown in a message.
+SECRET_VARIABLES = ("CAPE_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# A Cape token's shape, `<token_id>,<base64 secret>`, or a long base64 run (an AWS secret key is 40 characters): a
+# value like it is a secret in the wrong variable. No URL, path or number looks like either.
+_SECRET_SHAPE_RE = re.compile(r"[A-Za-z0-9_-]{1,128},[A-Za-z0-9+/_-]{8,}={0,2}|[A-Za-z0-9+/]{32,}={0,2}")
+NOT_SHOWN = "(the value looks like a secret; not shown)"
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"", "0", "off", "false", "no"}
 
@@ -78,8 +95,9 @@ class LocalConfig:
         if not _NAME_RE.match(worker_name):
             raise ConfigError("CAPE_WORKER_NAME", "use 1-63 letters, digits, '.', '_' or '-', starting with a "
                                                   "letter or digit")
-        return cls(spool_dir=_parse_dir("CAPE_SPOOL_DIR", get("CAPE_SPOOL_DIR", DEFAULT_SPOOL_DIR)),
-                   state_dir=_parse_dir("CAPE_STATE_DIR", get("CAPE_STATE_DIR", DEFAULT_STATE_DIR)),
+        show = _shower(get)
+        return cls(spool_dir=_parse_dir("CAPE_SPOOL_DIR", get("CAPE_SPOOL_DIR", DEFAULT_SPOOL_DIR), show),
+                   state_dir=_parse_dir("CAPE_STATE_DIR", get("CAPE_STATE_DIR", DEFAULT_STATE_DIR), show),
                    worker_name=worker_name)
 
 
@@ -138,11 +156,12 @@ class WorkerConfig:
         """
         env = _merged_env(environ, env_file)
         get = _getter(env)
+        show = _shower(get)
 
         token = _parse_token(get("CAPE_TOKEN"))
-        coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's")
-        broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's")
-        endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), required=False,
+        coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's", show)
+        broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's", show)
+        endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), show, required=False,
                                    example=_S3_ENDPOINT_EXAMPLE) or None
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
         if bool(access_key) != bool(secret_key):
@@ -159,12 +178,7 @@ class WorkerConfig:
         log_group = get("CAPE_LOG_GROUP", DEFAULT_LOG_GROUP)
         if not _LOG_GROUP_RE.match(log_group):
             raise ConfigError("CAPE_LOG_GROUP", "use letters, digits and _ - / . # only (for example /cape/worker)")
-        try:
-            poll_interval = float(get("CAPE_POLL_INTERVAL", "2"))
-        except ValueError:
-            poll_interval = -1.0
-        if not 0.05 <= poll_interval <= 3600:
-            raise ConfigError("CAPE_POLL_INTERVAL", "must be a number of seconds between 0.05 and 3600")
+        poll_interval = _parse_poll_interval(get("CAPE_POLL_INTERVAL", "2"), show)
         return cls(
             token=token,
             coordinator=coordinator,
@@ -182,6 +196,20 @@ class WorkerConfig:
             aws_secret_access_key=secret_key,
             poll_interval=poll_interval,
         )
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per CAPE_ variable the worker does not read (a typo: its setting is lost), with the known name it
+    most resembles; with no `environ`, `os.environ` over CAPE_ENV_FILE or ./.env, as `WorkerConfig`."""
+    names = sorted(name for name in _merged_env(environ, None) if name.startswith("CAPE_"))
+    return [_unknown_variable_warning(name) for name in names
+            if name not in KNOWN_VARIABLES | OTHER_TOOLS_VARIABLES]
+
+
+def _unknown_variable_warning(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES), n=1, cutoff=0.7)
+    hint = f"did you mean {close[0]}?" if close else "check its name against the worker's variables in the README"
+    return f"{name} is not a variable the worker reads, so it is ignored; {hint}"
 
 
 def env_file_path(environ: Mapping[str, str]) -> Path | None:
@@ -229,6 +257,20 @@ def _getter(env: Mapping[str, str]) -> Callable[..., str]:
     return lambda name, default="": (env.get(name) or default).strip()
 
 
+def _shower(get: Callable[..., str]) -> Callable[[str], str]:
+    """`show(value)`: `repr(value)` for an error message, or NOT_SHOWN for a secret pasted into the wrong variable
+    (the value of a secret variable, the secret half of CAPE_TOKEN, or anything shaped like a token or a key)."""
+    secrets = {get(name) for name in SECRET_VARIABLES} | {get("CAPE_TOKEN").partition(",")[2]}
+    secrets.discard("")
+
+    def show(value: str) -> str:
+        # Also a value that holds a secret (a URL with the token in its path): short secrets only when equal.
+        holds = any(secret == value or (len(secret) >= 8 and secret in value) for secret in secrets)
+        return NOT_SHOWN if holds or _SECRET_SHAPE_RE.fullmatch(value) else repr(value)
+
+    return show
+
+
 def parse_bucket(value: str, variable: str = "model_location") -> Bucket:
     """Parse `s3://bucket[/prefix]` or `file:///absolute/dir`; `variable` names the source in errors."""
     parsed = urlparse(value)
@@ -263,43 +305,57 @@ def _parse_token(value: str) -> str:
     return value
 
 
-def _parse_http_url(variable: str, value: str, required: bool, example: str = _SERVER_EXAMPLE) -> str:
-    """`value` without a trailing slash; `example` is a URL of the kind `variable` wants, for the error message."""
+def _parse_http_url(variable: str, value: str, show: Callable[[str], str], required: bool,
+                    example: str = _SERVER_EXAMPLE) -> str:
+    """`value` without a trailing slash; `example` is a URL of the kind `variable` wants, for the error message;
+    `show` quotes `value` in it (or hides a secret)."""
     if not value:
         if required:
             raise ConfigError(variable, f"is not set; give the server's URL, e.g. {example}")
         return ""
     parsed = urlparse(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(variable, f"is not an http(s) URL: {value!r}; use e.g. {example}")
+        raise ConfigError(variable, f"is not an http(s) URL: {show(value)}; use e.g. {example}")
     try:
         parsed.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError:
-        raise ConfigError(variable, f"has an invalid port: {value!r}") from None
+        raise ConfigError(variable, f"has an invalid port: {show(value)}") from None
     if parsed.query or parsed.fragment or parsed.username:
         raise ConfigError(variable, "must not contain credentials, ?query or #fragment; give just the base URL")
     return value.rstrip("/")
 
 
-def _parse_base_url(variable: str, value: str, whose: str) -> str:
+def _parse_base_url(variable: str, value: str, whose: str, show: Callable[[str], str]) -> str:
     """A required server URL that the worker's clients append `/v1/...` to, so one ending in /v1 would double it."""
-    url = _parse_http_url(variable, value, required=True)
+    url = _parse_http_url(variable, value, show, required=True)
     if urlparse(url).path.endswith("/v1"):
         raise ConfigError(variable, f"give the {whose} base URL, without /v1: {url[:-len('/v1')]}")
     return url
 
 
-def _parse_dir(variable: str, value: str) -> Path:
+def _parse_poll_interval(value: str, show: Callable[[str], str]) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.05 <= seconds <= 3600:  # also false for nan
+        raise ConfigError("CAPE_POLL_INTERVAL", f"must be a number of seconds between 0.05 and 3600, not "
+                                                f"{show(value)}")
+    return seconds
+
+
+def _parse_dir(variable: str, value: str, show: Callable[[str], str]) -> Path:
     path = Path(value)
     if not path.is_absolute():
         path = Path.cwd() / path
+    shown = path if show(value) != NOT_SHOWN else NOT_SHOWN
     try:
         is_other = path.exists() and not path.is_dir()
     except OSError as exc:
-        raise ConfigError(variable, f"cannot access {path} ({exc.strerror}); give this user access or choose "
+        raise ConfigError(variable, f"cannot access {shown} ({exc.strerror}); give this user access or choose "
                                     "another directory") from None
     if is_other:
-        raise ConfigError(variable, f"{path} exists and is not a directory; point it at a directory (a volume)")
+        raise ConfigError(variable, f"{shown} exists and is not a directory; point it at a directory (a volume)")
     return path
 
 

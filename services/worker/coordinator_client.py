@@ -26,6 +26,10 @@ class CoordinatorAuthError(CoordinatorError):
     """The coordinator refused CAPE_TOKEN (401/403)."""
 
 
+class SeatTaken(CoordinatorError):
+    """409: another worker of this organization, with other keys, holds its seat (two workers share a token)."""
+
+
 class JobEnded(CoordinatorError):
     """A report was refused with 409 because the job is no longer Approved or Started (Stopped, Error, Completed,
     Rejected)."""
@@ -58,9 +62,13 @@ class CoordinatorClient:
         self._request("PUT", "/v1/worker/keys", json={"encryption_public_key": encryption_public_key,
                                                       "signing_public_key": signing_public_key})
 
-    def heartbeat(self, version: str | None = None, programs: dict[str, str] | None = None) -> None:
-        """`POST /v1/worker/heartbeat`."""
+    def heartbeat(self, version: str | None = None, programs: dict[str, str] | None = None,
+                  signing_public_key: str | None = None) -> None:
+        """`POST /v1/worker/heartbeat`; with this worker's key, so it is refused (`SeatTaken`) once another worker
+        registered other keys for the organization."""
         body: dict[str, Any] = {}
+        if signing_public_key:
+            body["signing_public_key"] = signing_public_key
         if version:
             body["version"] = version
         if programs:
@@ -106,6 +114,8 @@ class CoordinatorClient:
         if response.status_code == 401:
             raise CoordinatorAuthError(f"the coordinator at {self.base_url} refused CAPE_TOKEN ({message}); create "
                                        "a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
+        if response.status_code == 409 and code in ("worker_keys_in_use", "other_worker_keys"):
+            raise SeatTaken(f"the coordinator at {self.base_url} refused this worker: {message}")
         if response.status_code == 409 and job_id is not None:
             raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
         if response.status_code == 403 and path == "/v1/login":

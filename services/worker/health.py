@@ -18,8 +18,10 @@ from services.worker.spool import Spool
 
 PROGRAMS = ("poller", "messenger", "runner", "uploader")
 SOCKET_NAME = "supervisor.sock"
-# Written by the poller while the coordinator refuses CAPE_TOKEN (revoked, deleted, a user token): all four
-# programs keep running, retrying, so only this record makes the HEALTHCHECK (and `docker ps`) show it.
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+# Written by the poller while the coordinator refuses this worker (CAPE_TOKEN revoked, deleted or a user token;
+# another worker of the organization holding its seat): all four programs keep running, retrying, so only this
+# record makes the HEALTHCHECK (and `docker ps`) show it.
 LOGIN_REFUSED_NAME = "login-refused"
 
 
@@ -32,6 +34,16 @@ def run_dir_from_env(environ: Mapping[str, str]) -> Path:
     if environ.get("CAPE_RUN_DIR"):
         return Path(environ["CAPE_RUN_DIR"])
     return Path(environ.get("CAPE_STATE_DIR") or DEFAULT_STATE_DIR) / "run"
+
+
+def socket_path_problem(run_dir: Path) -> str | None:
+    """Why supervisord could not bind its unix socket in `run_dir` (the path is too long), else None; `run` refuses
+    to start and `check` fails on it."""
+    sock = run_dir / SOCKET_NAME
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        return (f"CAPE_STATE_DIR is too deep for supervisord's unix socket ({sock} is over {MAX_SOCKET_PATH} "
+                "characters); use a shorter path")
+    return None
 
 
 def supervisor_proxy(run_dir: Path) -> xmlrpc.client.ServerProxy:
@@ -54,7 +66,7 @@ def program_states(run_dir: Path) -> dict[str, str]:
 
 
 def record_login_refused(run_dir: Path, message: str) -> None:
-    """Record that the coordinator refuses CAPE_TOKEN (`message` never holds the token); an existing record keeps
+    """Record that the coordinator refuses this worker (`message` never holds the token); an existing record keeps
     its `since`, so the health check can say how long it has lasted."""
     path = run_dir / LOGIN_REFUSED_NAME
     since = (read_login_refused(run_dir) or {}).get("since") or time.time()
@@ -73,7 +85,7 @@ def clear_login_refused(run_dir: Path) -> bool:
 
 
 def read_login_refused(run_dir: Path) -> dict[str, Any] | None:
-    """{"since": epoch seconds, "message": why} while the coordinator refuses CAPE_TOKEN, else None."""
+    """{"since": epoch seconds, "message": why} while the coordinator refuses this worker, else None."""
     try:
         found = json.loads((run_dir / LOGIN_REFUSED_NAME).read_text())
     except (FileNotFoundError, NotADirectoryError):
@@ -88,7 +100,7 @@ def read_login_refused(run_dir: Path) -> dict[str, Any] | None:
 def login_refused_line(record: dict[str, Any]) -> str:
     """One line for `health` and `status`: since when (UTC) and why."""
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"])) if record["since"] else "?"
-    return f"the coordinator refuses CAPE_TOKEN (since {since}): {record['message']}"
+    return f"the coordinator refuses this worker (since {since}): {record['message']}"
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:
@@ -113,6 +125,6 @@ def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]
             "unsent_messages": spool.unsent_count(job_id),
             "pending_reports": pending_reports.get(job_id, 0),
             "result": "pending upload" if job_id in results else (
-                "uploaded" if spool.uploaded(job_id) else "-"),
+                "uploaded" if spool.uploaded(job_id) else "upload failed" if spool.upload_failed(job_id) else "-"),
         })
     return jobs

@@ -34,7 +34,9 @@ CLOUDWATCH_FLUSH_TIMEOUT = 3  # seconds flush()/close() wait per stream (watchto
 # After SIGTERM, how long a program may take to unwind before it leaves regardless; with the flush above it stays
 # inside supervisord's stopwaitsecs (7), so a stop never needs the SIGKILL.
 STOP_GRACE_SECONDS = 4.0
-_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower")
+# Libraries whose DEBUG lines (watchdog: one per file event; botocore: every request) would bury the worker's own,
+# and go to CloudWatch too: kept at WARNING whatever CAPE_LOG_LEVEL says.
+_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower", "watchdog")
 WATCHTOWER_TRIES = 5  # watchtower sends a batch this many times in a row, without pause, then drops it
 # The delivery being made by this thread (watchtower sends each stream's batches from its own thread).
 _delivering = threading.local()
@@ -100,10 +102,11 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
     logger = logging.getLogger(f"cape.{program}")
 
     if config is not None and config.cloudwatch:
-        handler = cloudwatch_handler(config, program)
-        if handler is None:
-            logger.warning("CloudWatch Logs unreachable at start-up (group %s); logging to stdout only",
-                           config.log_group)
+        try:
+            handler = cloudwatch_handler(config, program)
+        except CloudWatchUnavailable as exc:
+            logger.warning("CloudWatch Logs unreachable at start-up (group %s: %s); logging to stdout only",
+                           config.log_group, exc)
         else:
             handler.addFilter(redactor)
             handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
@@ -118,8 +121,14 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
     return logger
 
 
-def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | None:
-    """A watchtower handler for stream `<worker>/<program>`, or None if CloudWatch cannot be reached now."""
+class CloudWatchUnavailable(RuntimeError):
+    """CloudWatch Logs cannot be used now; the message is the reason (the error's class and AWS code and message,
+    never a credential)."""
+
+
+def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler:
+    """A watchtower handler for stream `<worker>/<program>`; raises CloudWatchUnavailable if CloudWatch cannot be
+    reached now."""
     import boto3
     import watchtower
     from botocore.config import Config
@@ -135,10 +144,22 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler | 
                   boto3_client=client, send_interval=CLOUDWATCH_SEND_INTERVAL)
     try:
         handler = watchtower.CloudWatchLogHandler(create_log_group=True, **kwargs)
-    except (BotoCoreError, ClientError):
-        return None
+    except (BotoCoreError, ClientError) as exc:
+        raise CloudWatchUnavailable(_aws_error_reason(exc)) from None
     handler.FLUSH_TIMEOUT = CLOUDWATCH_FLUSH_TIMEOUT  # bound flush()/close() so a slow endpoint cannot stall a stop
     return handler
+
+
+def _aws_error_reason(exc: Exception) -> str:
+    """`ClientError AccessDeniedException: <AWS's message>`, or a botocore error's class and text (an endpoint, the
+    name of a missing credential): what AWS or botocore said, which never holds a credential's value."""
+    name = type(exc).__name__
+    error = (getattr(exc, "response", None) or {}).get("Error") or {}
+    if not error:
+        return f"{name}: {exc}"
+    code = error.get("Code", "?")
+    kind = name if name == code else f"{name} {code}"  # botocore names a modelled error's class after its code
+    return f"{kind}: {error.get('Message') or 'no message'}"
 
 
 class _DeliveryWatch:

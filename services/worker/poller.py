@@ -21,7 +21,7 @@ from typing import Any, Callable
 from services.worker import health, program
 from services.worker.config import WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
-                                                CoordinatorUnreachable, JobEnded)
+                                                CoordinatorUnreachable, JobEnded, SeatTaken)
 from services.worker.keys import WorkerKeys
 from services.worker.spool import InvalidName, Spool
 
@@ -80,7 +80,7 @@ class Poller:
         organization = (identity.get("organization") or {}).get("label", "?")
         if identity.get("kind") != "organization":
             raise CoordinatorAuthError("CAPE_TOKEN is a user token; a worker needs an organization token "
-                                       "(`POST /v1/organizations/ORG/tokens`)")
+                                       "(`cape orgs create-token ORG`)")
         self.client.register_keys(self.keys.encryption_public_b64, self.keys.signing_public_b64)
         self.registered = True
         log.info("logged in as organization %s (token id %s); public keys registered", organization,
@@ -104,7 +104,8 @@ class Poller:
         now = time.monotonic()
         programs = self.program_states()
         if now - self.last_heartbeat >= HEARTBEAT_SECONDS or programs != self.last_programs:
-            self.client.heartbeat(version=VERSION, programs=programs or None)
+            self.client.heartbeat(version=VERSION, programs=programs or None,
+                                  signing_public_key=self.keys.signing_public_b64)
             self.last_heartbeat, self.last_programs = now, programs
 
     def fetch_jobs(self) -> set[str]:
@@ -141,7 +142,13 @@ class Poller:
                 stop.wait(backoff.next_delay())
                 continue
             backoff.reset()
-            served = self.store_jobs(specs)
+            try:
+                served = self.store_jobs(specs)
+            except OSError as exc:
+                if exc.filename is None:
+                    raise
+                stop.wait(backoff.next_delay())  # the spool refused the write: the cycle logs it, and retries
+                continue
             if version is None:  # a coordinator without long polls: the cycle's fetches are enough
                 return
             try:  # a job stopped or ended in Error leaves the list: its seat stops now, not at the next cycle
@@ -201,22 +208,31 @@ class Poller:
             cycles += 1
             try:
                 self.cycle()
-            except CoordinatorAuthError as exc:
+            except (CoordinatorAuthError, SeatTaken) as exc:
+                # Both need the operator while every program still runs: the health check says so.
                 delay = max(backoff.next_delay(), 10.0)
                 log.error("%s; retrying in %.0f s", exc, delay)
                 self._record_login_refused(str(exc))
+                if isinstance(exc, SeatTaken):
+                    self.registered = False  # register again next time: the other worker may have stopped
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
                 log.error("%s; retrying in %.1f s", exc, delay)
+            except OSError as exc:
+                if exc.filename is None:  # not the spool's: a bug, for supervisord's restart and its traceback
+                    raise
+                delay = backoff.next_delay()
+                log.error("cannot write the spool (%s: %s); make CAPE_SPOOL_DIR writable by this worker; retrying in "
+                          "%.1f s", exc.filename, exc.strerror, delay)
             else:
                 if backoff.failures:
                     log.info("the coordinator at %s is reachable again", self.config.coordinator)
                 backoff.reset()
                 if health.clear_login_refused(self.config.run_dir):
-                    log.info("the coordinator accepts CAPE_TOKEN again")
+                    log.info("the coordinator accepts this worker again")
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
@@ -233,11 +249,16 @@ class Poller:
         """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails
         (the next cycle backs off)."""
         while (left := deadline - time.monotonic()) > 0:
+            # A CAPE_POLL_INTERVAL longer than HEARTBEAT_SECONDS must not make the worker look offline.
+            beat_in = self.last_heartbeat + HEARTBEAT_SECONDS - time.monotonic()
             seen = self.spool.changes.generation
-            if not self.spool.pending_status():
-                self.spool.changes.wait(seen, SPOOL_WATCH_SECONDS, at_most=left)  # a new status file wakes it
+            if beat_in > 0 and not self.spool.pending_status():
+                # A new status file wakes it.
+                self.spool.changes.wait(seen, SPOOL_WATCH_SECONDS, at_most=min(left, beat_in))
                 continue
             try:
+                if beat_in <= 0:
+                    self.heartbeat()
                 self.send_status()
             except CoordinatorError:
                 return

@@ -6,6 +6,10 @@ with exit code 2; supervisord's retries then make the worker exit non-zero, as a
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
 from typing import Callable
 
 from services.memory_reuse import keep_freed_memory
@@ -14,6 +18,7 @@ from services.worker.config import ConfigError, WorkerConfig
 from services.worker.keys import KeyFileError, WorkerKeys
 
 BAD_CONFIGURATION = 2
+ORPHAN_CHECK_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +47,31 @@ def load_keys(config: WorkerConfig) -> WorkerKeys:
         raise StartupFailed from None
 
 
+def stop_when_orphaned(check_every: float = ORPHAN_CHECK_SECONDS) -> threading.Thread | None:
+    """Under supervisord, SIGTERM this process once supervisord is gone (its parent changes).
+
+    supervisord stops its programs when it stops, but when it is killed (`kill -9`, OOM) they would run on
+    under init, and a new `cape-worker run` would start a second set on the same spool. SIGTERM takes the
+    program's normal way out (logs flushed, a running job paused)."""
+    if not os.environ.get("SUPERVISOR_ENABLED"):  # set by supervisord for its programs
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(check_every)
+        log.warning("supervisord (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="orphan-guard", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(program: str, body: Callable[[WorkerConfig], None]) -> int:
     """Configure `program`, then run `body(config)`; the process's exit code."""
     keep_freed_memory()
+    stop_when_orphaned()
     try:
         body(configure(program))
     except StartupFailed:

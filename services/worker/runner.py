@@ -159,8 +159,9 @@ class Runner:
         if (_raw(mine.encryption_key) != _raw(self.keys.encryption.public_key())
                 or _raw(mine.signing_key) != _raw(self.keys.signing.public_key())):
             raise JobFailed(f"the coordinator holds other public keys for the {spec.seat} worker than this worker's "
-                            "own; was the state directory (CAPE_STATE_DIR) replaced? The poller registers the "
-                            "current keys; submit the job again")
+                            "own: another worker started with this organization's token registered its keys, or "
+                            "CAPE_STATE_DIR was replaced; run one worker per organization, restart it (it "
+                            "registers its keys when it starts) and submit the job again")
         log.info("job %s: running seat %s (party %d)", job_id, spec.seat, spec.index)
         # A resumed role starts again from 0 % and catches up: say why, so its progress going back is no surprise.
         note = RESUMED_NOTE if resumed else None
@@ -195,7 +196,7 @@ class Runner:
             self.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
             return "completed", None, traffic
         weights = np.asarray(result.weights, dtype=np.float64)
-        if not self.spool.uploaded(job_id):
+        if not (self.spool.uploaded(job_id) or self.spool.upload_failed(job_id)):  # a replay: it was handed over
             self.spool.put_result(job_id, {
                 "job_id": job_id,
                 "x_columns": spec.x_columns,

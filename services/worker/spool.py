@@ -422,12 +422,12 @@ class Spool:
         """The result waiting for the uploader, or None."""
         return read_json(self.result_path(job_id))
 
-    def ack_result(self, job_id: str) -> None:
-        """The uploader has stored the result and queued its status: keep it as jobs/<job>/uploaded.json, out of
-        the folder the uploader scans."""
+    def ack_result(self, job_id: str, failed: bool = False) -> None:
+        """The uploader has stored the result (or failed for good) and queued its status: keep it as
+        jobs/<job>/uploaded.json (upload-failed.json), out of the folder the uploader scans."""
         path = self.result_path(job_id)
         if path.exists():
-            uploaded = self.job_dir(job_id) / "uploaded.json"
+            uploaded = self.job_dir(job_id) / ("upload-failed.json" if failed else "uploaded.json")
             uploaded.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, uploaded)
             fsync_dir(uploaded.parent)
@@ -438,6 +438,10 @@ class Spool:
         """True once the uploader stored the job's result (also as kept by older versions, under results/)."""
         return ((self.job_dir(job_id) / "uploaded.json").exists()
                 or self.result_path(job_id).with_name("uploaded.json").exists())
+
+    def upload_failed(self, job_id: str) -> bool:
+        """True once the uploader gave up on the job's result (the job's error says why)."""
+        return (self.job_dir(job_id) / "upload-failed.json").exists()
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def unsent_count(self, job_id: str) -> int:

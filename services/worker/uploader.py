@@ -37,7 +37,15 @@ log = logging.getLogger("cape.uploader")
 
 
 class UploadError(RuntimeError):
-    """Storing a result failed in a way retrying will not fix; the message says what to change."""
+    """Storing a result failed in a way retrying will not fix; the message says what to change.
+
+    `public` is what the job's error says: every project member reads it, and where the model owner keeps its
+    models (its bucket, a path on its machine) is for the model owner's eyes, so it names no location; the
+    worker's own log has the whole message."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 class UploadUnavailable(UploadError):
@@ -107,7 +115,8 @@ class ModelStore:
             self.s3.upload_file(str(path), bucket.name, key, Config=transfer)
         except NoCredentialsError:
             raise UploadError(f"no AWS credentials to write {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                              "(or give the host an instance role)") from None
+                              "(or give the host an instance role)",
+                              "the model owner's worker has no AWS credentials") from None
         except (S3UploadFailedError, ClientError) as exc:
             raise _upload_error(uri, exc) from None
         except EndpointConnectionError:
@@ -130,7 +139,8 @@ class ModelStore:
             atomic_write_bytes(target, data)
         except OSError as exc:
             raise UploadError(f"cannot write {target}: {exc.strerror}; make the directory of CAPE_BUCKET (or the "
-                              "job's model_location) writable by this worker") from None
+                              "job's model_location) writable by this worker",
+                              f"the model owner's worker cannot write to its bucket ({exc.strerror})") from None
         return target.as_uri()
 
 
@@ -142,16 +152,19 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
     if not code:
         match = re.search(r"\((\w+)\)", str(exc))
         code = match.group(1) if match else ""
-    if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
-                "SignatureDoesNotMatch"):
+    public = f"the model owner's bucket refused the model ({code or type(exc).__name__})"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return UploadError(f"AWS does not accept this worker's credentials writing {uri} ({code}): check "
+                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", public)
+    if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
         return UploadError(f"access denied writing {uri} ({code}): give this worker's AWS credentials "
-                           "s3:PutObject on the bucket, or set CAPE_BUCKET to a bucket they can write")
+                           "s3:PutObject on the bucket, or set CAPE_BUCKET to a bucket they can write", public)
     if code in ("NoSuchBucket", "404"):
         return UploadError(f"the bucket of {uri} does not exist: create it, or fix CAPE_BUCKET / the job's "
-                           "model_location")
+                           "model_location", f"the model owner's bucket does not exist ({code})")
     if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
         return UploadUnavailable(f"S3 is busy writing {uri} ({code}); will retry")
-    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__})")
+    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__})", public)
 
 
 class Uploader:
@@ -207,8 +220,9 @@ class Uploader:
     def fail(self, job_id: str, error: UploadError) -> None:
         """Report a permanent upload failure as the job's error and stop retrying it."""
         self.spool.put_status(job_id, {"state": "error", "progress": 1.0,
-                                       "message": f"uploading the model failed: {error}"}, source="uploader")
-        self.spool.ack_result(job_id)
+                                       "message": f"uploading the model failed: {error.public}; the model owner's "
+                                                  "uploader log has the details"}, source="uploader")
+        self.spool.ack_result(job_id, failed=True)
         log.error("job %s: %s", job_id, error)
 
     def cycle(self) -> bool:
