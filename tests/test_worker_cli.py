@@ -323,6 +323,18 @@ def test_two_runs_started_at_once_leave_one_worker(start_worker, tmp_path):
     assert running.proc.poll() is None
 
 
+def test_two_workers_cannot_share_a_spool(start_worker, tmp_path):
+    """Different state dirs, one CAPE_SPOOL_DIR: they would take each other's jobs and messages."""
+    first = start_worker(worker_env(tmp_path, "w1"))
+    first.wait_running()
+    second = start_worker(worker_env(tmp_path, "w2", CAPE_SPOOL_DIR=str(tmp_path / "w1" / "spool")))
+    assert second.wait_exit(20) == 2
+    spool = tmp_path / "w1" / "spool"
+    assert (f"cape-worker: a worker is already running with CAPE_SPOOL_DIR={spool} (another `cape-worker run` holds "
+            f"{spool / '.worker.lock'}); each worker needs its own spool") in second.output
+    assert first.proc.poll() is None
+
+
 def test_a_revoked_token_makes_the_worker_unhealthy(start_worker, shared_cape_server, tmp_path):
     """All four programs keep running (the poller retries), so the health check reads the poller's record: a
     refused token needs the operator. A new run starts without it (the token may be new)."""

@@ -116,7 +116,7 @@ def run() -> None:
         click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "
                    "CAPE_STATE_DIR writable volumes", err=True)
         sys.exit(2)
-    lock = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
+    locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
     health_mod.clear_login_refused(config.run_dir)  # the token may have changed: the poller says anew
@@ -151,7 +151,8 @@ def run() -> None:
         signal.signal(signum, signal.SIG_IGN)
     relay.join(timeout=5)
     fatal = read_marker(config.run_dir)
-    os.close(lock)  # supervisord and its programs are gone: the next run may start
+    for lock in locks:  # supervisord and its programs are gone: the next run may start
+        os.close(lock)
     # supervisord turns a program waiting in BACKOFF into FATAL while it stops: after a stop request that is a
     # clean stop, not a failure. The listener ignores FATAL after supervisord's STOPPING event; this also covers
     # a FATAL that raced the signal.
@@ -169,17 +170,24 @@ def _already_running(config: WorkerConfig, evidence: str) -> NoReturn:
     sys.exit(2)
 
 
-def _lock_run_dir(config: WorkerConfig) -> int:
-    """An exclusive lock on the run dir's `worker.lock`, or exit 2 if another `cape-worker run` holds it. The
-    kernel drops it when this process ends, however it ends; supervisord does not inherit it."""
-    path = config.run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        _already_running(config, f"another `cape-worker run` holds {path}")
-    return fd
+def _lock_run_dir(config: WorkerConfig) -> list[int]:
+    """Exclusive locks on the run dir's `worker.lock` and the spool's `.worker.lock`, or exit 2 if another
+    `cape-worker run` holds one (two workers on one spool would take each other's jobs and messages). The kernel
+    drops them when this process ends, however it ends; supervisord does not inherit them."""
+    fds = []
+    for path in (config.run_dir / LOCK_NAME, config.spool_dir / f".{LOCK_NAME}"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if path.parent == config.run_dir:
+                _already_running(config, f"another `cape-worker run` holds {path}")
+            click.echo(f"cape-worker: a worker is already running with CAPE_SPOOL_DIR={config.spool_dir} (another "
+                       f"`cape-worker run` holds {path}); each worker needs its own spool", err=True)
+            sys.exit(2)
+        fds.append(fd)
+    return fds
 
 
 def _relay(read_fd: int, out_fd: int) -> None:
