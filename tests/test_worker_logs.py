@@ -104,7 +104,7 @@ def test_cloudwatch_unreachable_at_start_says_why():
     line = next(line for line in out.getvalue().splitlines() if "CloudWatch Logs unreachable" in line)
     assert line.endswith(f' messenger WARNING CloudWatch Logs unreachable at start-up (group /cape/worker: '
                          f'EndpointConnectionError: Could not connect to the endpoint URL: "{dead}/"); logging to '
-                         'stdout only'), line
+                         'stdout only until it answers (tried again every 60 s)'), line
 
 
 @pytest.fixture
@@ -142,7 +142,8 @@ def test_cloudwatch_refusing_at_start_gives_the_aws_error_never_the_credentials(
     logs.setup("poller", config, stream=out)
     assert out.getvalue().splitlines()[0].endswith(
         " poller WARNING CloudWatch Logs unreachable at start-up (group /cape/worker: UnrecognizedClientException: "
-        "The security token included in the request is invalid.); logging to stdout only"), out.getvalue()
+        "The security token included in the request is invalid.); logging to stdout only until it answers (tried "
+        "again every 60 s)"), out.getvalue()
     assert "aws-secret-value" not in out.getvalue()
 
 
@@ -453,3 +454,28 @@ def test_records_cloudwatch_rejects_for_their_time_are_said_once(moto, tmp_path)
     ]
     assert "WatchtowerWarning" not in program.output and "warnings.warn" not in program.output
     assert moto.log_events("/cape/clock", "org-a/poller") == ["poller INFO fresh"]
+
+
+def test_cloudwatch_down_at_start_is_tried_again_until_it_answers(moto, relay, monkeypatch):
+    """The endpoint may come up after the worker (a network not up yet): the program's later records reach
+    CloudWatch without a restart."""
+    monkeypatch.setattr(logs, "CLOUDWATCH_RETRY_SECONDS", 0.3)
+    gate = relay(int(moto.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    gate.cut(True)
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/retry",
+                                              **{**moto.env, "AWS_ENDPOINT_URL": gate.url}))
+    out = io.StringIO()
+    log = logs.setup("poller", config, stream=out)
+    log.info("before")
+    assert "logging to stdout only until it answers (tried again every 0 s)" in out.getvalue()
+    gate.cut(False)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "CloudWatch Logs answers now" not in out.getvalue():
+        time.sleep(0.05)
+    assert "poller INFO CloudWatch Logs answers now: logging to group /cape/retry again (earlier records are only " \
+           "in stdout)" in out.getvalue()
+    log.info("after")
+    logging.getLogger().handlers[-1].close()  # flushes, as logging.shutdown() does at exit
+    assert moto.log_events("/cape/retry", "org-a/poller") == [
+        "poller INFO CloudWatch Logs answers now: logging to group /cape/retry again (earlier records are only in "
+        "stdout)", "poller INFO after"]

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import warnings
 from typing import Iterable
 
@@ -31,6 +32,7 @@ _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 REDACTED = "[REDACTED]"
 CLOUDWATCH_SEND_INTERVAL = 2  # seconds a record may wait in watchtower's queue before being sent
 CLOUDWATCH_FLUSH_TIMEOUT = 3  # seconds flush()/close() wait per stream (watchtower's default is 30)
+CLOUDWATCH_RETRY_SECONDS = 60.0  # while CloudWatch was unreachable at start, how often it is tried again
 # After SIGTERM, how long a program may take to unwind before it leaves regardless; with the flush above it stays
 # inside supervisord's stopwaitsecs (7), so a stop never needs the SIGKILL.
 STOP_GRACE_SECONDS = 4.0
@@ -80,6 +82,9 @@ class LineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " | ")
 
 
+_setups = types.SimpleNamespace(count=0)  # how many times setup() ran in this process
+
+
 def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logging.Logger:
     """Configure the root logger for `program` and return the program's logger.
 
@@ -87,6 +92,7 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
     Installs a SIGTERM handler that exits normally so queued records are flushed.
     """
     root = logging.getLogger()
+    _setups.count += 1  # a retry left by an earlier setup stops: these handlers replace its
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
@@ -103,22 +109,48 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
 
     if config is not None and config.cloudwatch:
         try:
-            handler = cloudwatch_handler(config, program)
+            _attach_cloudwatch(config, program, redactor, console)
         except CloudWatchUnavailable as exc:
-            logger.warning("CloudWatch Logs unreachable at start-up (group %s: %s); logging to stdout only",
-                           config.log_group, exc)
-        else:
-            handler.addFilter(redactor)
-            handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
-            root.addHandler(handler)
-            try:
-                watch = _DeliveryWatch(handler, config.log_group, console)
-            except AttributeError:  # a watchtower without the internals it follows: its raw warnings stay
-                logger.debug("CloudWatch delivery is not followed: this watchtower has no _submit_batch/cwl_client")
-            else:
-                _report_watchtower_warnings(watch)
+            logger.warning("CloudWatch Logs unreachable at start-up (group %s: %s); logging to stdout only until it "
+                           "answers (tried again every %.0f s)", config.log_group, exc, CLOUDWATCH_RETRY_SECONDS)
+            threading.Thread(target=_attach_cloudwatch_later, args=(config, program, redactor, console, logger,
+                                                                    _setups.count),
+                             name="cloudwatch-retry", daemon=True).start()
     _exit_normally_on_sigterm()
     return logger
+
+
+def _attach_cloudwatch(config: WorkerConfig, program: str, redactor: logging.Filter,
+                       console: logging.Handler) -> None:
+    """Send the root logger's records to CloudWatch too; raises CloudWatchUnavailable."""
+    handler = cloudwatch_handler(config, program)
+    handler.addFilter(redactor)
+    handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        watch = _DeliveryWatch(handler, config.log_group, console)
+    except AttributeError:  # a watchtower without the internals it follows: its raw warnings stay
+        logging.getLogger(f"cape.{program}").debug(
+            "CloudWatch delivery is not followed: this watchtower has no _submit_batch/cwl_client")
+    else:
+        _report_watchtower_warnings(watch)
+
+
+def _attach_cloudwatch_later(config: WorkerConfig, program: str, redactor: logging.Filter,
+                             console: logging.Handler, logger: logging.Logger, setup_count: int) -> None:
+    """CloudWatch was down when the program started (the network not up yet, an endpoint restarting): keep trying,
+    so a long-running worker does not log to stdout only for the rest of its life."""
+    while True:
+        time.sleep(CLOUDWATCH_RETRY_SECONDS)
+        if _setups.count != setup_count:
+            return
+        try:
+            _attach_cloudwatch(config, program, redactor, console)
+        except CloudWatchUnavailable:
+            continue
+        logger.info("CloudWatch Logs answers now: logging to group %s again (earlier records are only in stdout)",
+                    config.log_group)
+        return
 
 
 class CloudWatchUnavailable(RuntimeError):
