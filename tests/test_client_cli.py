@@ -451,9 +451,11 @@ def test_an_admin_revokes_a_leaked_worker_token(shared_cape_server, cape_cli, un
     listed = json.loads(cape_cli("orgs", "tokens", label, "--json", env=env).stdout)
     assert [(t["id"], t["description"], t["revoked_at"] is not None) for t in listed] == [
         (token_id, "created with the organization", True), (spare_id, "spare host", False)]
+    # The worker's token was used (so it is the one a worker holds); the spare never was.
+    assert listed[0]["last_used_at"].startswith("20") and listed[1]["last_used_at"] is None
     table = cape_cli("orgs", "tokens", label, env=env).stdout.splitlines()
-    assert table[0].split() == ["ID", "DESCRIPTION", "CREATED", "REVOKED"]
-    assert table[2].startswith(f"{spare_id}  spare host") and table[2].endswith(" -")
+    assert table[0].split() == ["ID", "DESCRIPTION", "CREATED", "LAST", "USED", "REVOKED"]
+    assert table[2].startswith(f"{spare_id}  spare host") and table[2].split()[-2:] == ["-", "-"]
     assert secret not in "\n".join(table) and "secret" not in listed[0]
     operator = Api(shared_cape_server, org["user_token"]).post(f"/v1/organizations/{label}/users", json={
         "email": "op@leak.example", "role": "operator"}).json()["token"]

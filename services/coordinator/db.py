@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS memberships (
     role TEXT NOT NULL, PRIMARY KEY (user_id, org_id));
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, user_id TEXT, org_id TEXT, secret_hash TEXT NOT NULL,
-    description TEXT, created_at TEXT NOT NULL, revoked_at TEXT);
+    description TEXT, created_at TEXT NOT NULL, revoked_at TEXT, last_used_at TEXT);
 CREATE TABLE IF NOT EXISTS workers (
     org_id TEXT PRIMARY KEY REFERENCES organizations(id), encryption_public_key TEXT,
     signing_public_key TEXT, keys_updated_at TEXT, last_seen TEXT, version TEXT, programs TEXT);
@@ -69,6 +69,8 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a database written by an earlier version up to SCHEMA."""
     if "created_by_org_id" not in {row["name"] for row in conn.execute("PRAGMA table_info(users)")}:
         conn.execute("ALTER TABLE users ADD COLUMN created_by_org_id TEXT")  # accounts from before: unknown maker
+    if "last_used_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(tokens)")}:
+        conn.execute("ALTER TABLE tokens ADD COLUMN last_used_at TEXT")
     try:
         # Emails are one account whatever their case: 'Ann@Bank.example' must not be a second 'ann@bank.example'.
         conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_email_nocase ON users(email COLLATE NOCASE)")

@@ -143,9 +143,9 @@ def issue_org_token(conn: sqlite3.Connection, org_id: str, description: str | No
 def list_org_tokens(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
     """The organization's worker tokens, oldest first: ids and dates, never secrets (only hashes are stored)."""
     return [{"id": r["id"], "description": r["description"], "created_at": r["created_at"],
-             "revoked_at": r["revoked_at"]}
-            for r in conn.execute("SELECT id, description, created_at, revoked_at FROM tokens WHERE kind = "
-                                  "'organization' AND org_id = ? ORDER BY created_at, id", (org_id,))]
+             "revoked_at": r["revoked_at"], "last_used_at": r["last_used_at"]}
+            for r in conn.execute("SELECT id, description, created_at, revoked_at, last_used_at FROM tokens WHERE "
+                                  "kind = 'organization' AND org_id = ? ORDER BY created_at, id", (org_id,))]
 
 
 def find_token(conn: sqlite3.Connection, token_id: str) -> sqlite3.Row:
@@ -187,12 +187,21 @@ def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
     if row["revoked_at"]:
         raise Unauthorized("the token was revoked; ask your organization's admin for a new one",
                            code="revoked_token")
+    _note_use(conn, row)
     if row["kind"] == "organization":
         return Principal(kind="organization", token_id=row["id"], org_id=row["org_id"])
     user = conn.execute("SELECT * FROM users WHERE id = ?", (row["user_id"],)).fetchone()
     roles = {r["org_id"]: r["role"] for r in
              conn.execute("SELECT org_id, role FROM memberships WHERE user_id = ?", (row["user_id"],))}
     return Principal(kind="user", token_id=row["id"], user_id=user["id"], email=user["email"], roles=roles)
+
+
+def _note_use(conn: sqlite3.Connection, token: sqlite3.Row) -> None:
+    """Record when the token was last used (to the minute: a worker's requests come many per second), so an admin
+    can tell which of the organization's tokens its worker holds before revoking one."""
+    now = now_iso()
+    if (token["last_used_at"] or "")[:16] != now[:16]:
+        conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, token["id"]))
 
 
 def login_view(conn: sqlite3.Connection, principal: Principal) -> dict[str, Any]:

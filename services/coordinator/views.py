@@ -76,6 +76,8 @@ class TokenInfo(View):
     description: str | None
     created_at: str
     revoked_at: str | None = Field(description="null while the token works")
+    last_used_at: str | None = Field(default=None, description="when a request last came with it (to the minute); "
+                                                           "null if never")
 
 
 class WorkerStatus(View):

@@ -148,13 +148,15 @@ def create_token(cli: CliContext, org: str, description: str | None, as_json: bo
 @json_option
 @pass_cli
 def tokens(cli: CliContext, org: str, as_json: bool) -> None:
-    """List ORG's worker tokens (admin): ids, descriptions, when made and revoked; never secrets."""
+    """List ORG's worker tokens (admin): ids, descriptions, when made, last used (to the minute) and revoked; never
+    secrets. The one its worker holds is the one used recently (the worker also logs its token's id)."""
     found = cli.cape().get_organization(org).list_tokens()
     if as_json:
         print_json(found)
         return
     print_table(found, [("ID", lambda t: t.get("id")), ("DESCRIPTION", lambda t: t.get("description") or "-"),
-                        ("CREATED", lambda t: t.get("created_at")), ("REVOKED", lambda t: t.get("revoked_at") or "-")],
+                        ("CREATED", lambda t: t.get("created_at")), ("LAST USED", lambda t: t.get("last_used_at") or "-"),
+                        ("REVOKED", lambda t: t.get("revoked_at") or "-")],
                 empty="No organization tokens.")
 
 
