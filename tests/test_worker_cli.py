@@ -461,3 +461,22 @@ def test_check_makes_no_missing_bucket_directory(tmp_path):
     assert lines["bucket"] == f"ok   bucket        {bucket.as_uri()}: exists and is writable: wrote and deleted a " \
                               "test object", out
     assert list(bucket.iterdir()) == []
+
+
+def test_status_says_when_the_coordinator_is_unreachable(start_worker, tmp_path):
+    """Every program stays RUNNING while the poller retries (and the worker is healthy: it catches up once the
+    coordinator answers), so only status says the coordinator is down, and since when."""
+    env = worker_env(tmp_path, "w")  # its CAPE_COORDINATOR, port 9 on loopback, never answers
+    worker = start_worker(env)
+    worker.wait_running()
+    deadline = time.monotonic() + 20
+    status = {}
+    while time.monotonic() < deadline and not status.get("coordinator_unreachable"):
+        status = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)
+        time.sleep(0.2)
+    assert status["coordinator_unreachable"]["message"].startswith(
+        "cannot reach the coordinator at http://127.0.0.1:9 (ConnectionError); check CAPE_COORDINATOR")
+    lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
+    assert any(line.startswith("coordinator: the coordinator is unreachable; the poller retries (since 20")
+               for line in lines), lines
+    assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0

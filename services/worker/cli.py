@@ -119,7 +119,8 @@ def run() -> None:
     locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
-    health_mod.clear_login_refused(config.run_dir)  # the token may have changed: the poller says anew
+    for record in (health_mod.LOGIN_REFUSED, health_mod.COORDINATOR_UNREACHABLE):
+        record.clear(config.run_dir)  # the token or the network may have changed: the poller says anew
     env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable}
     # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
     # Its output (and the programs', via stdout_logfile=/dev/stdout) goes through a pipe this user owns: a
@@ -243,28 +244,31 @@ def status(as_json: bool) -> None:
     else:
         problem = None
     programs = {name: states.get(name, "MISSING") for name in PROGRAMS}
-    refused = health_mod.read_login_refused(config.run_dir)
+    refused = health_mod.LOGIN_REFUSED.read(config.run_dir)
+    unreachable = health_mod.COORDINATOR_UNREACHABLE.read(config.run_dir) if problem is None else None
     spool_exists = config.spool_dir.is_dir()
     jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
     if as_json:
         click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
                                "supervisor_error": problem, "login_refused": refused,
+                               "coordinator_unreachable": unreachable,
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
-        _print_status(config, programs, problem, refused, spool_exists, jobs)
+        _print_status(config, programs, problem, [refused, unreachable], spool_exists, jobs)
     sys.exit(0 if problem is None else 1)
 
 
-def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None, refused: dict | None,
+def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None, notes: list[dict | None],
                   spool_exists: bool, jobs: list[dict]) -> None:
     click.echo(f"worker {config.worker_name}")
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
     for name, state in programs.items():
         click.echo(f"  {name:<10} {state}")
-    if refused is not None:
-        click.echo(f"coordinator: {health_mod.login_refused_line(refused)}")
+    for record, note in zip((health_mod.LOGIN_REFUSED, health_mod.COORDINATOR_UNREACHABLE), notes):
+        if note is not None:
+            click.echo(f"coordinator: {record.line(note)}")
     if not spool_exists:
         click.echo(f"jobs: {config.spool_dir} does not exist (the worker makes it at start); is CAPE_SPOOL_DIR the "
                    "worker's?")

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import xmlrpc.client
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,42 +66,55 @@ def program_states(run_dir: Path) -> dict[str, str]:
     return {info["name"]: info["statename"] for info in infos if info["name"] in PROGRAMS}
 
 
-def record_login_refused(run_dir: Path, message: str) -> None:
-    """Record that the coordinator refuses this worker (`message` never holds the token); an existing record keeps
-    its `since`, so the health check can say how long it has lasted."""
-    path = run_dir / LOGIN_REFUSED_NAME
-    since = (read_login_refused(run_dir) or {}).get("since") or time.time()
-    temp = path.with_name(f".{LOGIN_REFUSED_NAME}.tmp")
-    temp.write_text(json.dumps({"since": since, "message": message}))
-    os.replace(temp, path)
+@dataclass(frozen=True)
+class PollerRecord:
+    """A condition the poller records in the run dir for `health` and `status` while it lasts: since when (kept
+    from its first record) and why. `message` never holds the token."""
+
+    name: str
+    unreadable: str  # the message of a record that is not ours (written whole by os.replace): still the condition
+    headline: str
+
+    def record(self, run_dir: Path, message: str) -> None:
+        path = run_dir / self.name
+        since = (self.read(run_dir) or {}).get("since") or time.time()
+        temp = path.with_name(f".{self.name}.tmp")
+        temp.write_text(json.dumps({"since": since, "message": message}))
+        os.replace(temp, path)
+
+    def clear(self, run_dir: Path) -> bool:
+        """Forget the record (the condition ended, or a new run starts); True if there was one."""
+        try:
+            (run_dir / self.name).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read(self, run_dir: Path) -> dict[str, Any] | None:
+        """{"since": epoch seconds, "message": why} while the condition lasts, else None."""
+        try:
+            found = json.loads((run_dir / self.name).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
+            return {"since": 0.0, "message": self.unreadable}
+        return {"since": float(found.get("since") or 0.0), "message": str(found.get("message") or "")}
+
+    def line(self, record: dict[str, Any]) -> str:
+        """One line for `health` and `status`: since when (UTC) and why."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"])) if record["since"] else "?"
+        return f"{self.headline} (since {since}): {record['message']}"
 
 
-def clear_login_refused(run_dir: Path) -> bool:
-    """Forget the record (the coordinator accepted the token again, or a new run starts); True if there was one."""
-    try:
-        (run_dir / LOGIN_REFUSED_NAME).unlink()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def read_login_refused(run_dir: Path) -> dict[str, Any] | None:
-    """{"since": epoch seconds, "message": why} while the coordinator refuses this worker, else None."""
-    try:
-        found = json.loads((run_dir / LOGIN_REFUSED_NAME).read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except ValueError:
-        found = None
-    if not isinstance(found, dict):  # not ours (written whole by os.replace): still a refusal, reason unknown
-        return {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
-    return {"since": float(found.get("since") or 0.0), "message": str(found.get("message") or "")}
-
-
-def login_refused_line(record: dict[str, Any]) -> str:
-    """One line for `health` and `status`: since when (UTC) and why."""
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"])) if record["since"] else "?"
-    return f"the coordinator refuses this worker (since {since}): {record['message']}"
+LOGIN_REFUSED = PollerRecord(LOGIN_REFUSED_NAME, "the coordinator refused CAPE_TOKEN",
+                             "the coordinator refuses this worker")
+# Not a health failure (the worker catches up once it answers), but `status` says it: the programs stay RUNNING.
+COORDINATOR_UNREACHABLE = PollerRecord("coordinator-unreachable", "the coordinator did not answer",
+                                       "the coordinator is unreachable; the poller retries")
+record_login_refused, clear_login_refused = LOGIN_REFUSED.record, LOGIN_REFUSED.clear
+read_login_refused, login_refused_line = LOGIN_REFUSED.read, LOGIN_REFUSED.line
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:

@@ -212,12 +212,14 @@ class Poller:
                 # Both need the operator while every program still runs: the health check says so.
                 delay = max(backoff.next_delay(), 10.0)
                 log.error("%s; retrying in %.0f s", exc, delay)
-                self._record_login_refused(str(exc))
+                self._note(health.LOGIN_REFUSED, str(exc))
+                health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)  # it answered
                 if isinstance(exc, SeatTaken):
                     self.registered = False  # register again next time: the other worker may have stopped
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
+                self._note(health.COORDINATOR_UNREACHABLE, str(exc))
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
                 log.error("%s; retrying in %.1f s", exc, delay)
@@ -231,18 +233,19 @@ class Poller:
                 if backoff.failures:
                     log.info("the coordinator at %s is reachable again", self.config.coordinator)
                 backoff.reset()
-                if health.clear_login_refused(self.config.run_dir):
+                if health.LOGIN_REFUSED.clear(self.config.run_dir):
                     log.info("the coordinator accepts this worker again")
+                health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
 
-    def _record_login_refused(self, message: str) -> None:
-        """For `cape-worker health`: a refused token needs the operator, and every program still runs."""
+    def _note(self, record: health.PollerRecord, message: str) -> None:
+        """For `cape-worker health` and `status`: a condition every program's RUNNING state hides."""
         try:
-            health.record_login_refused(self.config.run_dir, message)
+            record.record(self.config.run_dir, message)
         except OSError as exc:  # the run dir is gone or read-only: the log line above still says it
-            log.warning("cannot record the refused token for the health check in %s: %s", self.config.run_dir,
+            log.warning("cannot record %s for the health check in %s: %s", record.name, self.config.run_dir,
                         exc.strerror)
 
     def report_until(self, deadline: float) -> None:
