@@ -95,8 +95,9 @@ def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool
             super().handle_exit(sig, frame)
 
     # httptools (C) parses requests; h11, uvicorn's pure-Python default, took twice the CPU to receive a message
-    # body (the broker bench).
-    Server(uvicorn.Config(app, http="httptools", log_level=log_level, access_log=access_log,
+    # body (the broker bench). uvloop runs the event loop: a 256 MB relay took 0.47 + 0.24 CPU-s with it, 0.59 +
+    # 0.32 with asyncio's own loop.
+    Server(uvicorn.Config(app, http="httptools", loop="uvloop", log_level=log_level, access_log=access_log,
                           timeout_graceful_shutdown=3, log_config=None)).run(sockets=[sock])
 
 
