@@ -272,7 +272,7 @@ def test_a_seat_has_bounded_bytes_waiting_and_sends_again_once_they_are_taken(st
     """One job's sender cannot fill the broker's disk: past --max-job-bytes waiting unacknowledged, a put is 507
     (declared length checked up front, a chunked body at commit), and goes through once the recipient took some.
     A worker's broker client retries a 507 with backoff, so it waits for the room."""
-    server = start_cape_server(extra_args=["--max-job-bytes", "1000"])
+    server = start_cape_server(extra_args=["--max-job-bytes", "1000", "--max-message-bytes", "1000"])
     world = build_job_world(server)
     jid, xorg, yorg = world["job"]["id"], world["worker"]["xorg"], world["worker"]["yorg"]
     assert xorg.put(_messages(jid, "x_owner.a", "y_owner"), data=b"a" * 600).status_code == 201

@@ -221,7 +221,8 @@ def test_adding_an_existing_user_hands_out_no_credential(shared_cape_server, uni
     assert added.status_code == 201, added.text
     assert added.json()["token"] is None and added.json()["user"]["email"] == victim_email
     assert added.json()["existing_account"] == {  # made with its organization, by the server's operator
-        "created_at": added.json()["existing_account"]["created_at"], "created_by_organization": None}
+        "created_at": added.json()["existing_account"]["created_at"], "made_by": "server_operator",
+        "created_by_organization": None}
     # The victim's own token now also carries the new membership; nothing else was issued.
     roles = Api(shared_cape_server, victim_org["user_token"]).post("/v1/login").json()["roles"]
     assert roles == {victim_org["organization"]["id"]: "admin", other["organization"]["id"]: "user"}
@@ -239,7 +240,8 @@ def test_an_email_is_one_account_whatever_its_case(orgs) -> None:
     added = ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users",
                                     json={"email": f"ann@{orgs.label['y']}.EXAMPLE", "role": "operator"}))
     assert added["token"] is None and added["user"] == {**made, "role": "operator"}
-    assert added["existing_account"]["created_by_organization"] == orgs.label["x"]
+    assert (added["existing_account"]["made_by"], added["existing_account"]["created_by_organization"]) == (
+        "organization", orgs.label["x"])
     assert orgs.members("y")[made["email"]] == "operator"
     assert error(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users", json={
         "email": made["email"].upper(), "role": "user"}), 409)["message"] == \

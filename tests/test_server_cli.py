@@ -257,7 +257,7 @@ def test_create_user_warns_when_the_email_already_had_an_account(tmp_path):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["user"]["email"] == "a@acme.example" and "," in out["token"]
-    assert out["existing_account"]["created_by_organization"] is None
+    assert out["existing_account"]["made_by"] == "server_operator"
     assert result.stderr.startswith("warning: A@Acme.example already had an account (made ")
     assert result.stderr.rstrip().endswith(
         "by the server's operator); the token printed is a new one for it and its earlier tokens still work. If "
@@ -279,6 +279,9 @@ def test_a_database_from_before_accounts_recorded_their_maker_opens(tmp_path):
         with db.transaction() as conn:
             assert identity.user_by_email(conn, "ANN@X.EXAMPLE")["id"] == "u1"
             assert identity.user_by_email(conn, "ann@x.example")["created_by_org_id"] is None
+            # Made before makers were recorded: not taken for the operator's (an admin may hold its first token).
+            assert identity.existing_account(conn, identity.user_by_email(conn, "ann@x.example"))["made_by"] == \
+                "unknown"
     finally:
         db.close()
 
@@ -352,3 +355,12 @@ def test_a_data_dir_this_user_cannot_look_into_is_a_one_line_error(tmp_path):
         data_dir.chmod(0o700)
     assert result.returncode == 1
     assert result.stderr == f"Error: --data-dir {data_dir} cannot be used: Permission denied {DATA_DIR_ADVICE}\n"
+
+
+def test_serve_refuses_a_job_quota_below_the_message_limit(tmp_path):
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--max-message-bytes", "2000",
+                     "--max-job-bytes", "1000")
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "Error: --max-job-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
+        "be stored")
+    assert not (tmp_path / "d").exists()

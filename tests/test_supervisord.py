@@ -3,6 +3,7 @@ supervisord: four programs RUNNING, a killed program respawned, a FATAL program 
 SIGTERM stops everything within 10 s (also while a program is in BACKOFF), the heartbeat carries the programs'
 states, a non-root worker whose stdout is a root-owned pipe still logs, and orphans are reaped (no init needed)."""
 import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -285,3 +286,30 @@ def test_programs_stop_when_supervisord_is_killed(start_worker, tmp_path):
     left = {name: pid for name, pid in programs.items()
             if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
     assert left == {}, f"still running after supervisord was killed: {left}\n{worker.output[-2000:]}"
+
+
+def test_a_new_run_waits_for_programs_still_holding_the_spool(start_worker, tmp_path, monkeypatch):
+    """Programs of a killed supervisord stop within seconds, but a run started at once must not start a second set
+    beside them: they hold the spool's programs lock (shared) for their lives, and a run waits for it (then gives
+    up, exit 2)."""
+    env = worker_env(tmp_path, "org-again")
+    spool = Path(env["CAPE_SPOOL_DIR"])
+    spool.mkdir(parents=True)
+    held = os.open(spool / ".programs.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_SH)  # as an orphaned program does
+    worker = start_worker(env)
+    time.sleep(2)
+    assert worker.proc.poll() is None and worker.states() == {}  # waiting: no supervisord yet
+    os.close(held)
+    worker.wait_running()
+
+    worker.stop()
+    held = os.open(spool / ".programs.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_SH)
+    try:
+        refused = start_worker(env)
+        assert refused.wait_exit(20) == 2
+        assert (f"cape-worker: programs of an earlier worker still run on CAPE_SPOOL_DIR={spool} (they hold "
+                f"{spool / '.programs.lock'}); stop them first") in refused.output
+    finally:
+        os.close(held)

@@ -3,6 +3,7 @@ pasted into another variable; the .env file CAPE_ENV_FILE names (it must be read
 LocalConfig, all `status` needs; a warning for each CAPE_ variable the worker does not read."""
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,23 @@ def test_a_secret_in_the_wrong_variable_is_not_shown(overrides, variable, hidden
         WorkerConfig.from_env(env(**overrides))
     assert err.value.variable == variable
     assert NOT_SHOWN in str(err.value) and hidden not in str(err.value), str(err.value)
+
+
+def test_long_paths_and_urls_are_still_shown():
+    """Only what looks like a key is hidden: a long path of letters, digits and slashes is the operator's to see."""
+    top = Path(f"/tmp/capeworkerpaths{os.getpid()}")  # no '-', '_' or '.': the characters of a key only
+    path = top / "home" / "operator" / "cape" / "worker" / "spool"
+    path.parent.mkdir(parents=True)
+    path.write_text("a file")
+    try:
+        with pytest.raises(ConfigError) as err:
+            LocalConfig.from_env({"CAPE_SPOOL_DIR": str(path), "CAPE_WORKER_NAME": "w"})
+    finally:
+        shutil.rmtree(top)
+    assert str(path) in str(err.value) and NOT_SHOWN not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        WorkerConfig.from_env(env(CAPE_COORDINATOR=f"https://cape.example.com/{TOKEN.split(',')[1]}/v1"))
+    assert str(err.value) == f"CAPE_COORDINATOR: give the coordinator's base URL, without /v1: {NOT_SHOWN}"
 
 
 def test_a_secret_where_a_directory_goes_is_not_shown(tmp_path, monkeypatch):

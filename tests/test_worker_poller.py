@@ -291,8 +291,21 @@ def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(
         f"the coordinator at {server.url} refused this worker: another worker of this organization, with other keys, "
         "was heard from ")
     assert refused["message"].endswith("s ago; an organization runs one worker: stop the other one (this one "
-                                       "registers its keys once the other has been silent for 45 s)")
+                                       "registers its keys once the other has been silent for 45 s; if the "
+                                       "other was this worker before its state directory was replaced, that is all "
+                                       "there is to do)")
     assert world["user"]["xorg"].get("/v1/organizations/xorg/worker").json()["online"] is True
+    # Refused, it takes no job either: its messenger would drop the messages sealed for the running worker.
+    for label in ("yorg", "helper"):
+        assert world["worker"][label].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    stop = threading.Event()
+    watcher = threading.Thread(target=second.watch_jobs, args=(CoordinatorClient(server.url, token, timeout=5), stop,
+                                                               0.5), daemon=True)
+    watcher.start()
+    first.cycle()
+    assert first.spool.read_job(world["job"]["id"]) is not None  # the job is served: the running worker has it
+    time.sleep(1.5)
+    assert second.spool.read_job(world["job"]["id"]) is None
     db = sqlite3.connect(server.data_dir / "coordinator.sqlite3")
     row = db.execute("SELECT signing_public_key FROM workers WHERE org_id = ?",
                      (world["orgs"]["xorg"]["organization"]["id"],)).fetchone()
@@ -304,6 +317,12 @@ def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(
     db.close()
     second.run(max_cycles=1)
     assert health.read_login_refused(second.config.run_dir) is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and second.spool.read_job(world["job"]["id"]) is None:
+        time.sleep(0.05)
+    stop.set()
+    watcher.join(timeout=5)
+    assert second.spool.read_job(world["job"]["id"]) is not None  # holding the seat now, it takes the jobs
     first.last_heartbeat = 0.0  # it comes back and heartbeats: refused, not counted as alive
     first.config.run_dir.mkdir(parents=True, exist_ok=True)
     first.run(max_cycles=1)

@@ -88,8 +88,8 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         if size > max_message_bytes:
             raise TooLarge(f"the message is {declared} bytes; this broker takes at most {max_message_bytes}",
                            code="message_too_large")
-        room.check_disk(store.root, size)
         if store.get(job, to_seat, name) is None:  # a repeated put (a restarted sender) is answered at commit
+            room.check_disk(store.root, size)
             room.check_job(store.bytes_from(job, seat), size, seat)  # early; commit checks again: puts overlap
         try:
             pending = store.begin(max_message_bytes)

@@ -93,15 +93,13 @@ def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
     existing = None
     if user is None:
         user = {"id": new_id(), "email": email, "created_at": now_iso(),
-                "created_by_org_id": None if token_for_existing else org_id}
+                "created_by_org_id": "" if token_for_existing else org_id}  # "": the operator; NULL: from before
         conn.execute("INSERT INTO users (id, email, created_at, created_by_org_id) "
                      "VALUES (:id, :email, :created_at, :created_by_org_id)", user)
     elif conn.execute("SELECT 1 FROM memberships WHERE user_id = ? AND org_id = ?", (user["id"], org_id)).fetchone():
         raise Conflict(f"'{user['email']}' is already a member of this organization", code="duplicate_member")
     else:
-        maker = user["created_by_org_id"] and conn.execute(
-            "SELECT label FROM organizations WHERE id = ?", (user["created_by_org_id"],)).fetchone()
-        existing = {"created_at": user["created_at"], "created_by_organization": maker["label"] if maker else None}
+        existing = existing_account(conn, user)
     conn.execute("INSERT INTO memberships (user_id, org_id, role) VALUES (?, ?, ?)", (user["id"], org_id, role))
     if existing and not token_for_existing:
         return user_view(user, role), None, existing
@@ -115,10 +113,20 @@ def list_members(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
     return [user_view(r, r["role"]) for r in rows]
 
 
+def existing_account(conn: sqlite3.Connection, user: sqlite3.Row) -> dict[str, Any]:
+    """Who made an account: `made_by` is `organization` (whose admin got its first token), `server_operator`, or
+    `unknown` (made before the coordinator recorded it)."""
+    maker_id = user["created_by_org_id"]
+    maker = conn.execute("SELECT label FROM organizations WHERE id = ?", (maker_id,)).fetchone() if maker_id else None
+    made_by = "organization" if maker else "server_operator" if maker_id == "" else "unknown"
+    return {"created_at": user["created_at"], "made_by": made_by,
+            "created_by_organization": maker["label"] if maker else None}
+
+
 def user_by_email(conn: sqlite3.Connection, email: str) -> sqlite3.Row | None:
     """The account of `email`, whatever the case of its letters."""
-    return conn.execute("SELECT * FROM users WHERE email = ? COLLATE NOCASE ORDER BY created_at LIMIT 1",
-                        (email,)).fetchone()
+    return conn.execute("SELECT * FROM users WHERE email = ? COLLATE NOCASE ORDER BY email = ? DESC, created_at "
+                        "LIMIT 1", (email, email)).fetchone()
 
 
 # --- tokens -------------------------------------------------------------------------------------------------

@@ -31,7 +31,11 @@ SET_ADMIN_HINT = "first make another member admin (`cape orgs set-role {org} USE
 def find_member(conn: sqlite3.Connection, org: sqlite3.Row, ref: str) -> sqlite3.Row:
     """A member of `org` by user id or email, with their role; MemberNotFound names the reference."""
     row = conn.execute("SELECT u.id, u.email, m.role FROM memberships m JOIN users u ON u.id = m.user_id "
-                       "WHERE m.org_id = ? AND (u.id = ? OR u.email = ? COLLATE NOCASE)", (org["id"], ref, ref)).fetchone()
+                       "WHERE m.org_id = ? AND (u.id = ? OR u.email = ? COLLATE NOCASE) "
+                       # The exact id or email first: a database from before emails matched whatever their case
+                       # may hold two accounts differing only in case.
+                       "ORDER BY u.id = ? DESC, u.email = ? DESC, u.created_at",
+                       (org["id"], ref, ref, ref, ref)).fetchone()
     if row is None:
         raise MemberNotFound(f"'{ref}' is not a member of organization '{org['label']}'; "
                              f"`cape orgs show {org['label']}` lists its users (by email and id)")

@@ -52,9 +52,11 @@ class Login(View):
 
 class ExistingAccount(View):
     created_at: str
+    made_by: Literal["organization", "server_operator", "unknown"] = Field(
+        description="who made the account: an organization's admin (who got its first token), the server's operator, "
+                    "or unknown (made before the coordinator recorded it)")
     created_by_organization: str | None = Field(
-        description="label of the organization whose admin made the account (and got its first token); null when "
-                    "the server's operator made it")
+        description="label of the organization whose admin made the account; null otherwise")
 
 
 class NewMember(View):

@@ -51,7 +51,8 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
             raise KeysInUse(f"another worker of this organization, with other keys, was heard from "
                             f"{alive['seconds_since_seen']:.0f} s ago; an organization runs one worker: stop the "
                             f"other one (this one registers its keys once the other has been silent for "
-                            f"{ONLINE_WITHIN_SECONDS:.0f} s)")
+                            f"{ONLINE_WITHIN_SECONDS:.0f} s; if the other was this worker before its state "
+                            "directory was replaced, that is all there is to do)")
     conn.execute("INSERT INTO workers (org_id, encryption_public_key, signing_public_key, keys_updated_at) "
                  "VALUES (?, ?, ?, ?) ON CONFLICT(org_id) DO UPDATE SET encryption_public_key = excluded."
                  "encryption_public_key, signing_public_key = excluded.signing_public_key, "

@@ -148,6 +148,9 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     from services.memory_reuse import keep_freed_memory
     from services.server.app import create_app
 
+    if max_job_bytes < max_message_bytes:
+        raise click.UsageError(f"--max-job-bytes ({max_job_bytes}) is below --max-message-bytes ({max_message_bytes}): "
+                               "a message between the two could never be stored")
     if only == "broker" and not coordinator_url:
         raise click.UsageError("--only broker needs --coordinator-url (the coordinator that knows the jobs)")
     if only != "broker" and coordinator_url:
@@ -199,8 +202,8 @@ def _warn_if_existing(email: str, existing: dict[str, Any] | None) -> None:
     """Emails are not verified: an account made earlier under this email is held by whoever got its first token."""
     if existing is None:
         return
-    maker = (f"by organization {existing['created_by_organization']}'s admin" if existing["created_by_organization"]
-             else "by the server's operator")
+    maker = {"organization": f"by organization {existing['created_by_organization']}'s admin",
+             "server_operator": "by the server's operator"}.get(existing["made_by"], "by an unrecorded maker")
     click.echo(f"warning: {email} already had an account (made {existing['created_at']} {maker}); the token "
                "printed is a new one for it and its earlier tokens still work. If you meant another person, give "
                "another email.", err=True)
@@ -231,16 +234,17 @@ def _run(data_dir: Path, action: Any, *, create: bool = False) -> Any:
                                    "the one `cape-server serve` uses? `admin create-org` makes a new one")
     check_data_dir(data_dir)
     db = Database(database)
-    if new:
-        click.echo(f"cape-server: created a new database in {data_dir} (if you meant a running server's, give the "
-                   "--data-dir its `cape-server serve` uses)", err=True)
     try:
         with db.transaction() as conn:
-            return action(conn)
+            result = action(conn)
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
     finally:
         db.close()
+    if new:
+        click.echo(f"cape-server: created a new database in {data_dir} (if you meant a running server's, give the "
+                   "--data-dir its `cape-server serve` uses)", err=True)
+    return result
 
 
 @admin.command("create-org")

@@ -21,6 +21,7 @@ from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
 from services.worker.fatal_listener import marker_path, read_marker
+from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
 
 T = TypeVar("T")
@@ -28,6 +29,7 @@ PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LIVE_PROBE_TIMEOUT = 2.0
 LOCK_NAME = "worker.lock"
+ORPHANS_STOP_SECONDS = 10.0  # a program notices within 1 s that supervisord is gone, then stops within 4 s
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
 
 
@@ -117,6 +119,7 @@ def run() -> None:
                    "CAPE_STATE_DIR writable volumes", err=True)
         sys.exit(2)
     locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
+    _wait_for_earlier_programs(config)
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
     for record in (health_mod.LOGIN_REFUSED, health_mod.COORDINATOR_UNREACHABLE):
@@ -146,6 +149,11 @@ def run() -> None:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     code = reaper.wait_reaping(proc)  # also reaps orphans re-parented to us (PID 1 without --init)
+    # A killed supervisord leaves its programs to us: the locks stay held until they stopped too, or a new run
+    # would start beside them.
+    if not reaper.reap_remaining(ORPHANS_STOP_SECONDS):
+        click.echo("cape-worker: programs of the killed supervisord are still running; stop them before the next "
+                   "run", err=True)
     # supervisord is gone: a repeated stop signal must not kill us while the interpreter shuts down (it resets
     # the handlers to the default then, and our exit status would become "killed by SIGTERM").
     for signum in FORWARDED_SIGNALS:
@@ -189,6 +197,27 @@ def _lock_run_dir(config: WorkerConfig) -> list[int]:
             sys.exit(2)
         fds.append(fd)
     return fds
+
+
+def _wait_for_earlier_programs(config: WorkerConfig) -> None:
+    """Programs of a worker whose supervisord was killed hold the spool's programs lock until they stopped (within
+    seconds); wait for them, or exit 2 if they do not stop."""
+    path = config.spool_dir / PROGRAMS_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + ORPHANS_STOP_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # closing the file drops the probe's lock: our own programs take theirs
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    click.echo(f"cape-worker: programs of an earlier worker still run on CAPE_SPOOL_DIR="
+                               f"{config.spool_dir} (they hold {path}); stop them first", err=True)
+                    sys.exit(2)
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
 
 
 def _relay(read_fd: int, out_fd: int) -> None:

@@ -43,8 +43,10 @@ OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR"})
 # Variables whose values are secrets: a value equal to one of them is never shown in a message.
 SECRET_VARIABLES = ("CAPE_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # A Cape token's shape, `<token_id>,<base64 secret>`, or a long base64 run (an AWS secret key is 40 characters): a
-# value like it is a secret in the wrong variable. No URL, path or number looks like either.
+# value like it is a secret in the wrong variable (a path or a URL has characters a key has not).
 _SECRET_SHAPE_RE = re.compile(r"[A-Za-z0-9_-]{1,128},[A-Za-z0-9+/_-]{8,}={0,2}|[A-Za-z0-9+/]{32,}={0,2}")
+# A key has upper- and lower-case letters and digits mixed; a path of letters and slashes does not look like one.
+_KEY_MIX = (re.compile(r"[A-Z]"), re.compile(r"[a-z]"), re.compile(r"[0-9]"))
 NOT_SHOWN = "(the value looks like a secret; not shown)"
 _ON = {"1", "on", "true", "yes"}
 _OFF = {"", "0", "off", "false", "no"}
@@ -266,7 +268,9 @@ def _shower(get: Callable[..., str]) -> Callable[[str], str]:
     def show(value: str) -> str:
         # Also a value that holds a secret (a URL with the token in its path): short secrets only when equal.
         holds = any(secret == value or (len(secret) >= 8 and secret in value) for secret in secrets)
-        return NOT_SHOWN if holds or _SECRET_SHAPE_RE.fullmatch(value) else repr(value)
+        shaped = (_SECRET_SHAPE_RE.fullmatch(value) and not value.startswith("/")
+                  and all(kind.search(value) for kind in _KEY_MIX))
+        return NOT_SHOWN if holds or shaped else repr(value)
 
     return show
 
@@ -329,7 +333,9 @@ def _parse_base_url(variable: str, value: str, whose: str, show: Callable[[str],
     """A required server URL that the worker's clients append `/v1/...` to, so one ending in /v1 would double it."""
     url = _parse_http_url(variable, value, show, required=True)
     if urlparse(url).path.endswith("/v1"):
-        raise ConfigError(variable, f"give the {whose} base URL, without /v1: {url[:-len('/v1')]}")
+        base = url[:-len("/v1")]
+        raise ConfigError(variable, f"give the {whose} base URL, without /v1: "
+                                    f"{NOT_SHOWN if show(base) == NOT_SHOWN else base}")
     return url
 
 

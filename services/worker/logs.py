@@ -121,8 +121,8 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
 
 
 def _attach_cloudwatch(config: WorkerConfig, program: str, redactor: logging.Filter,
-                       console: logging.Handler) -> None:
-    """Send the root logger's records to CloudWatch too; raises CloudWatchUnavailable."""
+                       console: logging.Handler) -> logging.Handler:
+    """Send the root logger's records to CloudWatch too (the handler); raises CloudWatchUnavailable."""
     handler = cloudwatch_handler(config, program)
     handler.addFilter(redactor)
     handler.setFormatter(logging.Formatter(f"{program} %(levelname)s %(message)s"))
@@ -134,6 +134,7 @@ def _attach_cloudwatch(config: WorkerConfig, program: str, redactor: logging.Fil
             "CloudWatch delivery is not followed: this watchtower has no _submit_batch/cwl_client")
     else:
         _report_watchtower_warnings(watch)
+    return handler
 
 
 def _attach_cloudwatch_later(config: WorkerConfig, program: str, redactor: logging.Filter,
@@ -145,9 +146,13 @@ def _attach_cloudwatch_later(config: WorkerConfig, program: str, redactor: loggi
         if _setups.count != setup_count:
             return
         try:
-            _attach_cloudwatch(config, program, redactor, console)
+            handler = _attach_cloudwatch(config, program, redactor, console)
         except CloudWatchUnavailable:
             continue
+        if _setups.count != setup_count:  # set up anew while this attempt waited on the network: not ours now
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            return
         logger.info("CloudWatch Logs answers now: logging to group %s again (earlier records are only in stdout)",
                     config.log_group)
         return

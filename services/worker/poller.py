@@ -68,6 +68,10 @@ class Poller:
         self.keys = keys
         self.program_states = program_states or (lambda: {})
         self.registered = False
+        # Set while the coordinator holds this worker's keys for the organization: only then are jobs stored. A
+        # second worker refused the seat must not take the jobs (its messenger would drop the messages sealed for
+        # the running worker, as any it cannot open).
+        self.seat_held = threading.Event()
         self.last_heartbeat = 0.0
         self.last_prune = 0.0
         self.last_programs: dict[str, str] | None = None
@@ -83,6 +87,7 @@ class Poller:
                                        "(`cape orgs create-token ORG`)")
         self.client.register_keys(self.keys.encryption_public_b64, self.keys.signing_public_b64)
         self.registered = True
+        self.seat_held.set()
         log.info("logged in as organization %s (token id %s); public keys registered", organization,
                  self.config.token_id)
 
@@ -135,6 +140,8 @@ class Poller:
         version: int | None = None
         backoff = Backoff(1.0)
         while not stop.is_set():
+            if not self.seat_held.wait(timeout=1.0):
+                continue  # not registered yet, or another worker holds the seat: the cycle says so
             try:
                 specs, version = client.wait_for_jobs(version, wait)
             except CoordinatorError:
@@ -215,6 +222,7 @@ class Poller:
                 self._note(health.LOGIN_REFUSED, str(exc))
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)  # it answered
                 if isinstance(exc, SeatTaken):
+                    self.seat_held.clear()
                     self.registered = False  # register again next time: the other worker may have stopped
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()

@@ -5,11 +5,13 @@ with exit code 2; supervisord's retries then make the worker exit non-zero, as a
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from services.memory_reuse import keep_freed_memory
@@ -19,6 +21,7 @@ from services.worker.keys import KeyFileError, WorkerKeys
 
 BAD_CONFIGURATION = 2
 ORPHAN_CHECK_SECONDS = 1.0
+PROGRAMS_LOCK_NAME = ".programs.lock"
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,27 @@ def stop_when_orphaned(check_every: float = ORPHAN_CHECK_SECONDS) -> threading.T
     return thread
 
 
+def hold_programs_lock(spool_dir: Path) -> int | None:
+    """Hold a shared lock on the spool's `.programs.lock` for the life of this process: `cape-worker run` waits
+    for it to be free, so it never starts a worker beside programs of one whose supervisord was killed (they stop
+    within seconds: `stop_when_orphaned`). None where the file cannot be opened (the lock is a safeguard only)."""
+    try:
+        fd = os.open(spool_dir / PROGRAMS_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.warning("cannot open %s: %s", spool_dir / PROGRAMS_LOCK_NAME, exc.strerror)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # shared: the four programs hold it at once; released by the kernel at exit
+    return fd
+
+
 def run(program: str, body: Callable[[WorkerConfig], None]) -> int:
     """Configure `program`, then run `body(config)`; the process's exit code."""
     keep_freed_memory()
     stop_when_orphaned()
     try:
-        body(configure(program))
+        config = configure(program)
+        hold_programs_lock(config.spool_dir)
+        body(config)
     except StartupFailed:
         return BAD_CONFIGURATION
     return 0

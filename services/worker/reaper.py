@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 import subprocess
+import time
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -36,3 +37,19 @@ def wait_reaping(proc: subprocess.Popen) -> int:
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode
+
+
+
+def reap_remaining(seconds: float) -> bool:
+    """For up to `seconds`, wait for the children still running: programs orphaned by a killed supervisord and
+    re-parented to us, which stop within seconds (services/worker/program.py). True once none is left."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)

@@ -86,8 +86,9 @@ def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) ->
         return
     if created.get("token") is None:
         existing = created.get("existing_account") or {}
-        maker = (f"by organization {existing['created_by_organization']}'s admin"
-                 if existing.get("created_by_organization") else "by the server's operator")
+        maker = {"organization": f"by organization {existing.get('created_by_organization')}'s admin",
+                 "server_operator": "by the server's operator"}.get(existing.get("made_by"),
+                                                                    "by a maker the coordinator did not record")
         click.echo(f"Added {created['user']['email']} to {org} as {role}. This email already had an account (made "
                    f"{existing.get('created_at', 'earlier')} {maker}): its own tokens now work in {org} too. Emails "
                    f"are not verified: if that is not the person you mean, `cape orgs remove-user {org} "
