@@ -1,6 +1,7 @@
 """Broker mailboxes against a real cape-server: idempotent puts, long-poll, download, acknowledge, expiry, access."""
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
@@ -305,3 +306,19 @@ def test_the_broker_keeps_its_disk_reserve(start_cape_server):
         "message": "the broker's disk is nearly full; try again later (its operator frees space or lowers "
                    "--min-free-bytes)"}
     assert "refused a message of 1 bytes" in server.log_path.read_text()
+
+
+def test_a_chunked_body_is_checked_against_the_disk_reserve_as_it_grows(start_cape_server, tmp_path):
+    """A body without a declared length passes the check at its start (as 0 bytes): it is checked again every
+    64 MiB, and refused once it would eat into the reserve."""
+    tmp_path.mkdir(exist_ok=True)
+    reserve = shutil.disk_usage(tmp_path).free - 24 * 1024**2  # room for 24 MiB more, not for 80
+    server = start_cape_server(extra_args=["--min-free-bytes", str(reserve)])
+    world = build_job_world(server)
+    piece = b"\x00" * (1 << 20)
+    refused = world["worker"]["xorg"].put(_messages(world["job"]["id"], "x_owner.big", "y_owner"),
+                                          data=(piece for _ in range(80)))
+    assert refused.status_code == 507 and refused.json()["error"]["code"] == "broker_disk_full"
+    assert list((server.data_dir / "broker" / "incoming").iterdir()) == []
+    small = world["worker"]["xorg"].put(_messages(world["job"]["id"], "x_owner.small", "y_owner"), data=piece)
+    assert small.status_code == 201

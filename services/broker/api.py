@@ -33,6 +33,7 @@ JobId = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 CHUNK = 1 << 20
+DISK_CHECK_BYTES = 64 << 20  # how often a growing body is checked against the disk's reserve (one statvfs)
 UNAPPROVED_STATUSES = ("NeedsApproval", "Rejected")
 
 
@@ -99,8 +100,12 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             # Each chunk (at most one socket read, 256 KiB) is written on the event loop: a page-cache write takes
             # well under a millisecond, and handing chunks to a thread cost more CPU than the writes (the broker
             # bench). Only the fsync, which waits for the disk, goes to a thread.
-            async for chunk in request.stream():
+            next_disk_check = size + DISK_CHECK_BYTES  # the declared size was checked: a body past it, or a
+            async for chunk in request.stream():  # chunked one, is checked as it grows
                 pending.write(chunk)
+                if pending.size >= next_disk_check:
+                    room.check_disk(store.root, 0)
+                    next_disk_check = pending.size + DISK_CHECK_BYTES
             await asyncio.to_thread(pending.finish)  # fsync: seconds on a busy disk
         except BodyTooLarge:
             pending.discard()
