@@ -359,3 +359,20 @@ def test_a_spool_it_cannot_write_is_one_clear_line_and_a_retry(cape_server, worl
     (tmp_path / "jobs-aside").rename(jobs)
     poller.run(max_cycles=1)
     assert poller.spool.read_job(world["job"]["id"]) is not None
+
+
+def test_a_job_naming_another_workers_keys_for_our_seat_is_not_taken(start_cape_server, tmp_path, monkeypatch):
+    """Cut off from the coordinator for over 45 s, a worker may lose its seat to another; back, its job watcher
+    must not store the jobs the other now runs (its runner would end them in Error on the key mismatch)."""
+    server = start_cape_server()
+    world = build_job_world(server, register_keys=False)
+    for label in ("yorg", "helper"):
+        assert world["worker"][label].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    token = world["orgs"]["xorg"]["organization_token"]
+    first, _ = make_poller(tmp_path / "first", server.url, token, tmp_path / "first-state")
+    first.start()  # registered, not heartbeating yet: the coordinator sees no live worker
+    other = worker_public_keys()
+    assert world["worker"]["xorg"].put("/v1/worker/keys", json=other).status_code == 204  # the seat is taken
+    assert first.store_jobs(first.client.jobs()) == {world["job"]["id"]}
+    assert first.spool.read_job(world["job"]["id"]) is None
+    assert not first.seat_held.is_set() and first.registered is False

@@ -118,17 +118,29 @@ class Poller:
         return self.store_jobs(self.client.jobs())
 
     def store_jobs(self, specs: list[dict[str, Any]]) -> set[str]:
-        """Store the listed jobs in the spool; returns their ids."""
+        """Store the listed jobs in the spool; returns their ids. A job naming other keys than this worker's for
+        its seat is not stored: another worker of the organization took the seat (while this one was cut off, say),
+        and running it here would end it in Error; this worker registers again (refused while the other is alive)."""
         served = set()
         with self._store_lock:
             for spec in specs:
                 try:
-                    if self.spool.put_job(spec):
+                    if not self._names_our_keys(spec):
+                        log.error("job %s names other keys for seat %s: another worker of this organization holds "
+                                  "its seat; no job is taken here until this worker holds it again", spec["id"],
+                                  spec.get("seat"))
+                        self.seat_held.clear()
+                        self.registered = False
+                    elif self.spool.put_job(spec):
                         log.info("job %s (%s) stored for seat %s", spec["id"], spec.get("status"), spec.get("seat"))
                     served.add(spec["id"])
-                except (InvalidName, KeyError, TypeError):
+                except (InvalidName, KeyError, TypeError, AttributeError):
                     log.error("ignoring a job from the coordinator with an invalid id or shape")
         return served
+
+    def _names_our_keys(self, spec: dict[str, Any]) -> bool:
+        party = (spec.get("parties") or {}).get(spec.get("seat")) or {}
+        return party.get("signing_public_key") in (None, self.keys.signing_public_b64)
 
     def watch_jobs(self, client: CoordinatorClient, stop: threading.Event, wait: float = JOB_WATCH_SECONDS) -> None:
         """Until `stop`, long-poll the job list: store jobs the moment they are approved, and mark those that left
