@@ -50,18 +50,18 @@ def test_a_result_shows_whether_its_upload_succeeded(tmp_path):
 
 
 def test_login_refused_record(tmp_path):
-    assert health.read_login_refused(tmp_path) is None
-    assert health.clear_login_refused(tmp_path) is False
-    health.record_login_refused(tmp_path, "the coordinator refused CAPE_TOKEN (revoked)")
-    record = health.read_login_refused(tmp_path)
-    health.record_login_refused(tmp_path, "the coordinator refused CAPE_TOKEN (unknown token)")
-    assert health.read_login_refused(tmp_path) == {"since": record["since"],
+    assert health.LOGIN_REFUSED.read(tmp_path) is None
+    assert health.LOGIN_REFUSED.clear(tmp_path) is False
+    health.LOGIN_REFUSED.record(tmp_path, "the coordinator refused CAPE_TOKEN (revoked)")
+    record = health.LOGIN_REFUSED.read(tmp_path)
+    health.LOGIN_REFUSED.record(tmp_path, "the coordinator refused CAPE_TOKEN (unknown token)")
+    assert health.LOGIN_REFUSED.read(tmp_path) == {"since": record["since"],
                                                    "message": "the coordinator refused CAPE_TOKEN (unknown token)"}
-    assert health.login_refused_line({"since": 0.0, "message": "m"}) == \
+    assert health.LOGIN_REFUSED.line({"since": 0.0, "message": "m"}) == \
         "the coordinator refuses this worker (since ?): m"
-    assert health.login_refused_line({"since": 86400.0, "message": "m"}) == \
+    assert health.LOGIN_REFUSED.line({"since": 86400.0, "message": "m"}) == \
         "the coordinator refuses this worker (since 1970-01-02 00:00:00 UTC): m"
     (tmp_path / health.LOGIN_REFUSED_NAME).write_text("{not json")
-    assert health.read_login_refused(tmp_path) == {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
-    assert health.clear_login_refused(tmp_path) is True
-    assert health.read_login_refused(tmp_path) is None
+    assert health.LOGIN_REFUSED.read(tmp_path) == {"since": 0.0, "message": "the coordinator refused CAPE_TOKEN"}
+    assert health.LOGIN_REFUSED.clear(tmp_path) is True
+    assert health.LOGIN_REFUSED.read(tmp_path) is None

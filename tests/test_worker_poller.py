@@ -150,18 +150,18 @@ def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_se
     monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
     caplog.set_level(logging.INFO, logger="cape.poller")
     poller.run(max_cycles=1)
-    first = health.read_login_refused(run_dir)
+    first = health.LOGIN_REFUSED.read(run_dir)
     assert first is not None and first["message"].startswith(
         f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
     assert "cape orgs create-token ORG" in first["message"]
     assert secret not in (run_dir / health.LOGIN_REFUSED_NAME).read_text()
-    assert health.login_refused_line(first).startswith("the coordinator refuses this worker (since 20")
+    assert health.LOGIN_REFUSED.line(first).startswith("the coordinator refuses this worker (since 20")
     poller.run(max_cycles=1)
-    assert health.read_login_refused(run_dir) == first  # still the first refusal's time
+    assert health.LOGIN_REFUSED.read(run_dir) == first  # still the first refusal's time
 
     poller.client = CoordinatorClient(cape_server.url, xorg, timeout=5)
     poller.run(max_cycles=1)
-    assert health.read_login_refused(run_dir) is None
+    assert health.LOGIN_REFUSED.read(run_dir) is None
     assert "the coordinator accepts this worker again" in caplog.text
 
 
@@ -286,7 +286,7 @@ def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(
     second, second_keys = make_poller(tmp_path / "second", server.url, token, tmp_path / "second-state")
     second.config.run_dir.mkdir(parents=True)
     second.run(max_cycles=1)
-    refused = health.read_login_refused(second.config.run_dir)
+    refused = health.LOGIN_REFUSED.read(second.config.run_dir)
     assert refused is not None and refused["message"].startswith(
         f"the coordinator at {server.url} refused this worker: another worker of this organization, with other keys, "
         "was heard from ")
@@ -316,7 +316,7 @@ def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(
     db.commit()
     db.close()
     second.run(max_cycles=1)
-    assert health.read_login_refused(second.config.run_dir) is None
+    assert health.LOGIN_REFUSED.read(second.config.run_dir) is None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and second.spool.read_job(world["job"]["id"]) is None:
         time.sleep(0.05)
@@ -327,7 +327,7 @@ def test_a_second_worker_of_an_organization_is_refused_while_the_first_is_alive(
     first.config.run_dir.mkdir(parents=True, exist_ok=True)
     first.run(max_cycles=1)
     assert "another worker of this organization registered other keys at 20" in \
-        health.read_login_refused(first.config.run_dir)["message"]
+        health.LOGIN_REFUSED.read(first.config.run_dir)["message"]
     assert second_keys.signing_public_b64 != first_keys.signing_public_b64
 
 

@@ -18,6 +18,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from services.worker.api_errors import error_of
 from services.worker.spool import validate_job_id, validate_message_name, validate_seat
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class BrokerClient:
                 if response.status_code < 500:
                     return response
                 # A 507 (no room for the message yet) says why; a bare 5xx is the broker's own failure.
-                last = f"the broker answered {response.status_code} {_error_detail(response)}".rstrip()
+                last = f"the broker answered {response.status_code} {error_of(response)[1]}".rstrip()
                 response.close()
             if attempt == self.attempts or self.stop.is_set():
                 break
@@ -176,18 +177,10 @@ class BrokerClient:
     def _raise_for(response: requests.Response, what: str) -> None:
         if response.status_code < 300:
             return
-        detail = _error_detail(response)
+        detail = error_of(response)[1]
         status = response.status_code
         hint = {401: "; check CAPE_TOKEN (an organization token)", 403: "; this organization has no seat in the job"}
         raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status)
-
-
-def _error_detail(response: requests.Response) -> str:
-    """The message of the broker's JSON error, else the HTTP reason phrase."""
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.reason or ""
 
 
 class _LargeBlocks(HTTPAdapter):

@@ -13,18 +13,19 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NoReturn
+from typing import Mapping
 
 import requests
 
 from services.worker import health, keys
+from services.worker.api_errors import error_of
 from services.worker.config import ConfigError, WorkerConfig, unknown_variables
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
-from services.worker.keys import KeyFileError, WorkerKeys
+from services.worker.keys import KeyFileError
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
-KEY_FILES = (keys.ENCRYPTION_KEY_FILE, keys.SIGNING_KEY_FILE)
+KEY_FILES = tuple(keys.KEY_KINDS)
 # What the coordinator and the broker checks say of a token they refuse.
 USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
               "an admin of ORG)")
@@ -97,16 +98,13 @@ def check_state(config: WorkerConfig) -> CheckResult:
 
 
 def check_keys(config: WorkerConfig) -> CheckResult:
-    """The key files load as each program loads them at start (keys.py: mode 0600, a private key of the right
-    kind). Missing ones are made at the first start; this check makes none."""
+    """The key files load as each program loads them at start (keys.py: mode 0600, a private key). Missing ones are
+    made at the first start; this check makes none."""
     folder = config.state_dir
     present = [name for name in KEY_FILES if (folder / name).exists()]
     try:
-        if len(present) == len(KEY_FILES):
-            WorkerKeys.load_or_create(folder)  # with both files there, it only loads them
-        else:
-            for name in present:  # one of the two: load it as load_or_create does, without making the other
-                keys._load_or_create(folder / name, _make_no_key)
+        for name in present:
+            keys.load_key_file(folder / name)
     except KeyFileError as exc:
         return CheckResult("keys", False, str(exc))
     except OSError as exc:
@@ -117,10 +115,6 @@ def check_keys(config: WorkerConfig) -> CheckResult:
         return CheckResult("keys", True, f"{', '.join(missing)} not in {folder} yet; the worker makes "
                                          f"{'it' if len(missing) == 1 else 'them'} at its first start")
     return CheckResult("keys", True, f"{folder}: both key files load")
-
-
-def _make_no_key() -> NoReturn:
-    raise KeyFileError("a key file disappeared during the check; run `cape-worker check` again")
 
 
 def check_coordinator(config: WorkerConfig) -> CheckResult:
@@ -146,7 +140,7 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     except requests.RequestException as exc:
         return CheckResult("broker", False, f"cannot reach {config.broker} ({type(exc).__name__}); check "
                                             "CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
-    code, message = _error_of(response)
+    code, message = error_of(response)
     # As the coordinator check: 401 is a token it does not accept (unknown, revoked), 403 wrong_token_kind a user
     # token, which the broker refuses before it looks for the job.
     if response.status_code == 401:
@@ -159,15 +153,6 @@ def check_broker(config: WorkerConfig) -> CheckResult:
         return CheckResult("broker", True, f"{config.broker} answers and accepts the token")
     return CheckResult("broker", False, f"{config.broker} answered {response.status_code} and does not look like a "
                                         "Cape broker; check CAPE_BROKER")
-
-
-def _error_of(response: requests.Response) -> tuple[str | None, str]:
-    """(code, message) of a Cape server's `{"error": {...}}` body; (None, the reason phrase) for any other body."""
-    try:
-        error = response.json()["error"]
-        return error.get("code"), str(error.get("message", response.reason))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None, response.reason or ""
 
 
 def check_bucket(config: WorkerConfig) -> CheckResult:

@@ -2,7 +2,6 @@
 show its programs, a refused token and its jobs (`status`), and answer Docker's HEALTHCHECK (`health`)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
 from services.worker.fatal_listener import marker_path, read_marker
+from services.worker.file_locks import lock_file
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
 
@@ -122,7 +122,7 @@ def run() -> None:
     _wait_for_earlier_programs(config)
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
-    for record in (health_mod.LOGIN_REFUSED, health_mod.COORDINATOR_UNREACHABLE):
+    for record in health_mod.POLLER_RECORDS:
         record.clear(config.run_dir)  # the token or the network may have changed: the poller says anew
     env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable}
     # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
@@ -185,11 +185,8 @@ def _lock_run_dir(config: WorkerConfig) -> list[int]:
     drops them when this process ends, however it ends; supervisord does not inherit them."""
     fds = []
     for path in (config.run_dir / LOCK_NAME, config.spool_dir / f".{LOCK_NAME}"):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = lock_file(path)
+        if fd is None:
             if path.parent == config.run_dir:
                 _already_running(config, f"another `cape-worker run` holds {path}")
             click.echo(f"cape-worker: a worker is already running with CAPE_SPOOL_DIR={config.spool_dir} (another "
@@ -203,21 +200,14 @@ def _wait_for_earlier_programs(config: WorkerConfig) -> None:
     """Programs of a worker whose supervisord was killed hold the spool's programs lock until they stopped (within
     seconds); wait for them, or exit 2 if they do not stop."""
     path = config.spool_dir / PROGRAMS_LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + ORPHANS_STOP_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return  # closing the file drops the probe's lock: our own programs take theirs
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    click.echo(f"cape-worker: programs of an earlier worker still run on CAPE_SPOOL_DIR="
-                               f"{config.spool_dir} (they hold {path}); stop them first", err=True)
-                    sys.exit(2)
-                time.sleep(0.1)
-    finally:
-        os.close(fd)
+    deadline = time.monotonic() + ORPHANS_STOP_SECONDS
+    while (probe := lock_file(path)) is None:
+        if time.monotonic() >= deadline:
+            click.echo(f"cape-worker: programs of an earlier worker still run on CAPE_SPOOL_DIR={config.spool_dir} "
+                       f"(they hold {path}); stop them first", err=True)
+            sys.exit(2)
+        time.sleep(0.1)
+    os.close(probe)  # drops the probe's lock: our own programs take theirs
 
 
 def _relay(read_fd: int, out_fd: int) -> None:
@@ -273,29 +263,31 @@ def status(as_json: bool) -> None:
     else:
         problem = None
     programs = {name: states.get(name, "MISSING") for name in PROGRAMS}
-    refused = health_mod.LOGIN_REFUSED.read(config.run_dir)
-    unreachable = health_mod.COORDINATOR_UNREACHABLE.read(config.run_dir) if problem is None else None
+    # Unreachable is the running poller's news only; a refusal stays true of a stopped worker's token.
+    notes = {record: record.read(config.run_dir) if problem is None or record is health_mod.LOGIN_REFUSED else None
+             for record in health_mod.POLLER_RECORDS}
     spool_exists = config.spool_dir.is_dir()
     jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
     if as_json:
         click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
-                               "supervisor_error": problem, "login_refused": refused,
-                               "coordinator_unreachable": unreachable,
+                               "supervisor_error": problem, "login_refused": notes[health_mod.LOGIN_REFUSED],
+                               "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
-        _print_status(config, programs, problem, [refused, unreachable], spool_exists, jobs)
+        _print_status(config, programs, problem, notes, spool_exists, jobs)
     sys.exit(0 if problem is None else 1)
 
 
-def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None, notes: list[dict | None],
+def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None,
+                  notes: dict[health_mod.PollerRecord, dict | None],
                   spool_exists: bool, jobs: list[dict]) -> None:
     click.echo(f"worker {config.worker_name}")
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
     for name, state in programs.items():
         click.echo(f"  {name:<10} {state}")
-    for record, note in zip((health_mod.LOGIN_REFUSED, health_mod.COORDINATOR_UNREACHABLE), notes):
+    for record, note in notes.items():
         if note is not None:
             click.echo(f"coordinator: {record.line(note)}")
     if not spool_exists:
@@ -329,9 +321,9 @@ def health() -> None:
     if bad:
         click.echo("unhealthy: " + ", ".join(f"{n} {s}" for n, s in bad.items()))
         sys.exit(1)
-    refused = health_mod.read_login_refused(run_dir)
+    refused = health_mod.LOGIN_REFUSED.read(run_dir)
     if refused is not None:
-        click.echo(f"unhealthy: {health_mod.login_refused_line(refused)}")
+        click.echo(f"unhealthy: {health_mod.LOGIN_REFUSED.line(refused)}")
         sys.exit(1)
     click.echo("healthy: " + ", ".join(f"{n} RUNNING" for n in PROGRAMS))
 

@@ -10,6 +10,7 @@ from typing import Any
 import requests
 
 from services.coordinator.job_changes import VERSION_HEADER
+from services.worker.api_errors import error_of
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -107,7 +108,9 @@ class CoordinatorClient:
                 "and the network") from None
         if response.status_code < 400:
             return response
-        code, message = _error_of(response)
+        code, message = error_of(response)
+        if code is None:
+            message = f"{message} (not a Cape coordinator response; check the URL)"
         if response.status_code >= 500:
             raise CoordinatorUnreachable(f"the coordinator at {self.base_url} answered {response.status_code} to "
                                          f"{method} {path}: {message}")
@@ -120,16 +123,7 @@ class CoordinatorClient:
             raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
         if response.status_code == 403 and path == "/v1/login":
             raise CoordinatorAuthError(f"the coordinator refused CAPE_TOKEN: {message}")
-        raise CoordinatorError(f"{method} {path} failed with {response.status_code} {code}: {message}")
-
-
-def _error_of(response: requests.Response) -> tuple[str, str]:
-    """(code, message) from the API's `{"error": {...}}` body, or a short description otherwise."""
-    try:
-        error = response.json().get("error") or {}
-        return str(error.get("code", "error")), str(error.get("message", response.reason))
-    except (ValueError, AttributeError):
-        return "error", f"{response.reason} (not a Cape coordinator response; check the URL)"
+        raise CoordinatorError(f"{method} {path} failed with {response.status_code} {code or 'error'}: {message}")
 
 
 def _status_in(message: str) -> str:

@@ -113,8 +113,7 @@ LOGIN_REFUSED = PollerRecord(LOGIN_REFUSED_NAME, "the coordinator refused CAPE_T
 # Not a health failure (the worker catches up once it answers), but `status` says it: the programs stay RUNNING.
 COORDINATOR_UNREACHABLE = PollerRecord("coordinator-unreachable", "the coordinator did not answer",
                                        "the coordinator is unreachable; the poller retries")
-record_login_refused, clear_login_refused = LOGIN_REFUSED.record, LOGIN_REFUSED.clear
-read_login_refused, login_refused_line = LOGIN_REFUSED.read, LOGIN_REFUSED.line
+POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNREACHABLE)
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:

@@ -19,6 +19,9 @@ from services.worker.spool import atomic_write_bytes
 
 ENCRYPTION_KEY_FILE = "encryption_key.pem"
 SIGNING_KEY_FILE = "signing_key.pem"
+# What each key file holds: the type it must load as, and its name in messages.
+KEY_KINDS = {ENCRYPTION_KEY_FILE: (x25519.X25519PrivateKey, "X25519"),
+             SIGNING_KEY_FILE: (ed25519.Ed25519PrivateKey, "Ed25519")}
 
 
 class KeyFileError(Exception):
@@ -63,15 +66,7 @@ class WorkerKeys:
         """Load the key pairs from `state_dir`, creating the directory and the keys on first start."""
         folder = Path(state_dir)
         _prepare_state_dir(folder)
-        encryption = _load_or_create(folder / ENCRYPTION_KEY_FILE, x25519.X25519PrivateKey.generate)
-        signing = _load_or_create(folder / SIGNING_KEY_FILE, ed25519.Ed25519PrivateKey.generate)
-        if not isinstance(encryption, x25519.X25519PrivateKey):
-            raise KeyFileError(f"{folder / ENCRYPTION_KEY_FILE} does not hold an X25519 key; move it away to make "
-                               "a new one")
-        if not isinstance(signing, ed25519.Ed25519PrivateKey):
-            raise KeyFileError(f"{folder / SIGNING_KEY_FILE} does not hold an Ed25519 key; move it away to make "
-                               "a new one")
-        return cls(encryption, signing)
+        return cls(_load_or_create(folder / ENCRYPTION_KEY_FILE), _load_or_create(folder / SIGNING_KEY_FILE))
 
     @property
     def encryption_public_b64(self) -> str:
@@ -103,17 +98,27 @@ def _prepare_state_dir(folder: Path) -> None:
         ) from exc
 
 
-def _load_or_create(path: Path, generate):  # type: ignore[no-untyped-def]
+def _load_or_create(path: Path):  # type: ignore[no-untyped-def]
     if not path.exists():
-        pem = generate().private_bytes(
+        pem = KEY_KINDS[path.name][0].generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         # First writer wins (link never replaces); everyone then loads the winner's file.
         atomic_write_bytes(path, pem, overwrite=False, mode=0o600)
+    return load_key_file(path)
+
+
+def load_key_file(path: Path):  # type: ignore[no-untyped-def]
+    """The private key in `path` (one of KEY_KINDS), which only its owner may read; KeyFileError says what is wrong
+    (`check` runs this on the files the programs will load)."""
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise KeyFileError(f"{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")
     try:
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except ValueError as exc:
         raise KeyFileError(f"{path} is not a readable private key; move it away to make a new one") from exc
+    kind, name = KEY_KINDS[path.name]
+    if not isinstance(key, kind):
+        raise KeyFileError(f"{path} does not hold an {name} key; move it away to make a new one")
+    return key

@@ -5,7 +5,6 @@ with exit code 2; supervisord's retries then make the worker exit non-zero, as a
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import Callable
 from services.memory_reuse import keep_freed_memory
 from services.worker import logs
 from services.worker.config import ConfigError, WorkerConfig
+from services.worker.file_locks import lock_file
 from services.worker.keys import KeyFileError, WorkerKeys
 
 BAD_CONFIGURATION = 2
@@ -75,13 +75,11 @@ def hold_programs_lock(spool_dir: Path) -> int | None:
     """Hold a shared lock on the spool's `.programs.lock` for the life of this process: `cape-worker run` waits
     for it to be free, so it never starts a worker beside programs of one whose supervisord was killed (they stop
     within seconds: `stop_when_orphaned`). None where the file cannot be opened (the lock is a safeguard only)."""
-    try:
-        fd = os.open(spool_dir / PROGRAMS_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:  # shared: the four programs hold it at once
+        return lock_file(spool_dir / PROGRAMS_LOCK_NAME, shared=True, wait=True)
     except OSError as exc:
         log.warning("cannot open %s: %s", spool_dir / PROGRAMS_LOCK_NAME, exc.strerror)
         return None
-    fcntl.flock(fd, fcntl.LOCK_SH)  # shared: the four programs hold it at once; released by the kernel at exit
-    return fd
 
 
 def run(program: str, body: Callable[[WorkerConfig], None]) -> int:

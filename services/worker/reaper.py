@@ -39,7 +39,6 @@ def wait_reaping(proc: subprocess.Popen) -> int:
             return proc.returncode
 
 
-
 def reap_remaining(seconds: float) -> bool:
     """For up to `seconds`, wait for the children still running: programs orphaned by a killed supervisord and
     re-parented to us, which stop within seconds (services/worker/program.py). True once none is left."""
