@@ -475,7 +475,7 @@ def test_status_says_when_the_coordinator_is_unreachable(start_worker, tmp_path)
         status = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)
         time.sleep(0.2)
     assert status["coordinator_unreachable"]["message"].startswith(
-        "cannot reach the coordinator at http://127.0.0.1:9 (ConnectionError); check CAPE_COORDINATOR")
+        "cannot reach the coordinator at http://127.0.0.1:9 (connection refused); check CAPE_COORDINATOR")
     lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
     assert any(line.startswith("coordinator: the coordinator is unreachable; the poller retries (since 20")
                for line in lines), lines

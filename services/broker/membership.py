@@ -10,6 +10,7 @@ from typing import Protocol
 import anyio
 import httpx
 
+from services.connection_errors import connection_problem
 from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.jobs import find_job, parties, seat_of
@@ -83,8 +84,8 @@ class RemoteMembership:
             response = await self._client.get(f"{self.base}/v1/worker/jobs/{job_id}",
                                               headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
-            raise Unavailable(f"the broker cannot reach its coordinator at {self.base} ({type(exc).__name__}); "
-                              "try again shortly") from None
+            raise Unavailable(f"the broker cannot reach its coordinator at {self.base} "
+                              f"({connection_problem(exc, self.base, 'SSL_CERT_FILE')}); try again shortly") from None
         if response.status_code == 200:
             job = response.json()
             access = JobAccess(job["seat"], tuple(job["parties"]), job["status"])

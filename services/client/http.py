@@ -6,6 +6,7 @@ from typing import Any
 import requests
 
 from services.client.errors import ApiError, BadArgument, CoordinatorUnreachable, NotConfigured
+from services.connection_errors import connection_problem
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -40,9 +41,8 @@ class ApiSession:
                 timeout=self._timeout,
             )
         except requests.exceptions.ConnectionError as exc:
-            reason = "connection refused" if "refused" in str(exc).lower() else "no connection"
             raise CoordinatorUnreachable(
-                f"cannot reach the coordinator at {self.endpoint} ({reason}); check the URL "
+                f"cannot reach the coordinator at {self.endpoint} ({connection_problem(exc, url)}); check the URL "
                 "(cape login --coordinator, CAPE_COORDINATOR) and that the server is running"
             ) from None
         except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,

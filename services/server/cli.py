@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import click
 from pydantic import TypeAdapter, ValidationError
 
+from services.connection_errors import is_loopback
 from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email
@@ -82,7 +84,38 @@ def _listen_error(host: str, port: int, exc: OSError) -> click.ClickException:
     return click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}{advice}")
 
 
-def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool) -> None:
+def check_tls_files(cert: Path | None, key: Path | None) -> None:
+    """Load the certificate chain and key as the server will, so a bad pair is one line naming the options before
+    anything starts (uvicorn's own error is a traceback, and an encrypted key would make OpenSSL prompt for a
+    passphrase on a terminal nobody watches)."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("give both --tls-cert and --tls-key (a certificate chain and its private key), or "
+                               "neither for plain HTTP")
+    if cert is None or key is None:
+        return
+
+    def no_passphrase() -> bytes:
+        raise click.ClickException(f"--tls-key {key} is encrypted; give the key unencrypted, in a file only this "
+                                   "user can read (openssl pkey -in KEY -out KEY.plain)")
+
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise click.ClickException(f"{option} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise click.ClickException(f"--tls-key {key} is not the private key of --tls-cert {cert}") from None
+        raise click.ClickException(f"--tls-cert {cert} and --tls-key {key} do not load as a PEM certificate chain "
+                                   f"and its private key ({exc.reason or exc})") from None
+    if key.stat().st_mode & 0o077:
+        click.echo(f"cape-server: warning: --tls-key {key} is open to other users; chmod 600 {key}", err=True)
+
+
+def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool,
+                 tls: tuple[Path, Path] | None = None) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -97,8 +130,9 @@ def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool
     # httptools (C) parses requests; h11, uvicorn's pure-Python default, took twice the CPU to receive a message
     # body (the broker bench). uvloop runs the event loop: a 256 MB relay took 0.47 + 0.24 CPU-s with it, 0.59 +
     # 0.32 with asyncio's own loop.
+    files = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
     Server(uvicorn.Config(app, http="httptools", loop="uvloop", log_level=log_level, access_log=access_log,
-                          timeout_graceful_shutdown=3, log_config=None)).run(sockets=[sock])
+                          timeout_graceful_shutdown=3, log_config=None, **files)).run(sockets=[sock])
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -141,9 +175,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--tls-cert", envvar="CAPE_SERVER_TLS_CERT", show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve HTTPS with this PEM certificate chain (the server's certificate first); with --tls-key.")
+@click.option("--tls-key", envvar="CAPE_SERVER_TLS_KEY", show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
           max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, message_ttl: float,
-          job_sweep_seconds: float, log_level: str, access_log: bool) -> None:
+          job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
+          tls_key: Path | None) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
     from services.memory_reuse import keep_freed_memory
     from services.server.app import create_app
@@ -156,6 +196,10 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if only != "broker" and coordinator_url:
         raise click.UsageError("--coordinator-url is only for --only broker (otherwise the coordinator runs in this "
                                "same process)")
+    check_tls_files(tls_cert, tls_key)
+    if tls_cert is None and not is_loopback(host):
+        click.echo(f"cape-server: warning: serving plain HTTP on {host}: tokens and job details cross the network "
+                   "unencrypted; give --tls-cert and --tls-key, or serve behind a TLS proxy", err=True)
     created = not data_dir.exists()
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
@@ -179,9 +223,10 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     app = create_app(config)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
-    click.echo(f"cape-server listening on http://{shown_host}:{bound_port}")
+    scheme = "https" if tls_cert else "http"
+    click.echo(f"cape-server listening on {scheme}://{shown_host}:{bound_port}")
     sys.stdout.flush()
-    _run_uvicorn(app, sock, log_level, access_log)
+    _run_uvicorn(app, sock, log_level, access_log, (tls_cert, tls_key) if tls_cert and tls_key else None)
 
 
 # --- admin --------------------------------------------------------------------------------------------------

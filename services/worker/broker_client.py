@@ -18,6 +18,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from services.connection_errors import connection_problem
 from services.worker.api_errors import error_of
 from services.worker.spool import validate_job_id, validate_message_name, validate_seat
 
@@ -157,8 +158,8 @@ class BrokerClient:
             try:
                 response = call()
             except requests.RequestException as exc:
-                last = (f"cannot reach the broker at {self.base_url} ({type(exc).__name__}); check CAPE_BROKER and "
-                        "that the broker is running")
+                last = (f"cannot reach the broker at {self.base_url} ({connection_problem(exc, self.base_url)}); "
+                        "check CAPE_BROKER and that the broker is running")
             else:
                 if response.status_code < 500:
                     return response

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import requests
 
+from services.connection_errors import connection_problem
 from services.worker import health, keys
 from services.worker.api_errors import error_of
 from services.worker.config import ConfigError, WorkerConfig, unknown_variables
@@ -52,6 +53,7 @@ def run_checks(environ: Mapping[str, str]) -> list[CheckResult]:
         config = WorkerConfig.from_env(environ)
     except ConfigError as exc:
         return [CheckResult("configuration", False, str(exc)), *warnings]
+    warnings += [CheckResult("transport", True, text, warning=True) for text in config.warnings()]
     results = [CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}"),
                *warnings]
     results += [check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR"), check_state(config),
@@ -138,8 +140,8 @@ def check_broker(config: WorkerConfig) -> CheckResult:
         response = requests.get(url, params={"wait": 0}, timeout=CHECK_TIMEOUT,
                                 headers={"Authorization": f"Bearer {config.token}"})
     except requests.RequestException as exc:
-        return CheckResult("broker", False, f"cannot reach {config.broker} ({type(exc).__name__}); check "
-                                            "CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
+        return CheckResult("broker", False, f"cannot reach {config.broker} ({connection_problem(exc, url)}); "
+                                            "check CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
     code, message = error_of(response)
     # As the coordinator check: 401 is a token it does not accept (unknown, revoked), 403 wrong_token_kind a user
     # token, which the broker refuses before it looks for the job.
@@ -151,6 +153,8 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     # no broker route lives at this URL.
     if response.status_code == 200 or (response.status_code in (403, 404) and code not in (None, "not_found")):
         return CheckResult("broker", True, f"{config.broker} answers and accepts the token")
+    if response.status_code >= 500 and code is not None:  # a Cape broker that cannot serve (its coordinator...)
+        return CheckResult("broker", False, f"{config.broker} answered {response.status_code}: {message}")
     return CheckResult("broker", False, f"{config.broker} answered {response.status_code} and does not look like a "
                                         "Cape broker; check CAPE_BROKER")
 

@@ -95,6 +95,8 @@ def main() -> None:
 def run() -> None:
     """Start supervisord in the foreground with the four programs (what the Docker image runs)."""
     config = _config_or_exit()
+    for warning in config.warnings():
+        click.echo(f"cape-worker: warning: {warning}", err=True)
     conf = supervisord_conf()
     if not conf.is_file():
         click.echo(f"cape-worker: {conf} not found; set CAPE_WORKER_CONF to the conf/ directory", err=True)

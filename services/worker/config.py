@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import socket
+import ssl
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
+
+from services.connection_errors import plain_http_to_another_host
 
 DEFAULT_SPOOL_DIR = "/var/lib/cape-worker/spool"
 DEFAULT_STATE_DIR = "/var/lib/cape-worker/state"
@@ -39,7 +42,10 @@ KNOWN_VARIABLES = frozenset({
     "CAPE_ENV_FILE", "CAPE_WORKER_CONF", "CAPE_RUN_DIR", "CAPE_PYTHON",
 })
 # Read by another Cape tool that may share the worker's environment (the demo runs both): not a typo.
-OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR"})
+OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR", "CAPE_SERVER_TLS_CERT", "CAPE_SERVER_TLS_KEY"})
+# requests, which the worker's clients use, trusts the CAs in this file (or directory) for https:// instead of its
+# own bundle: how a coordinator with a private CA's certificate is reached.
+CA_BUNDLE_VARIABLE = "REQUESTS_CA_BUNDLE"
 # Variables whose values are secrets: a value equal to one of them is never shown in a message.
 SECRET_VARIABLES = ("CAPE_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # A Cape token's shape, `<token_id>,<base64 secret>`, or a long base64 run (an AWS secret key is 40 characters): a
@@ -123,6 +129,13 @@ class WorkerConfig:
     aws_secret_access_key: str | None = field(default=None, repr=False)
     poll_interval: float = 2.0
 
+    def warnings(self) -> list[str]:
+        """Settings that work but expose something: a Cape server reached over plain HTTP across a network."""
+        return [f"{variable} is plain http:// to {urlparse(url).hostname}, not this machine: CAPE_TOKEN and job "
+                "details cross the network unencrypted (messages between workers stay end-to-end encrypted); "
+                "use https://" for variable, url in (("CAPE_COORDINATOR", self.coordinator), ("CAPE_BROKER", self.broker))
+                if plain_http_to_another_host(url)]
+
     @property
     def token_id(self) -> str:
         """The public half of the token (safe to log)."""
@@ -163,6 +176,7 @@ class WorkerConfig:
         token = _parse_token(get("CAPE_TOKEN"))
         coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's", show)
         broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's", show)
+        _check_ca_bundle(get(CA_BUNDLE_VARIABLE), show)
         endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), show, required=False,
                                    example=_S3_ENDPOINT_EXAMPLE) or None
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
@@ -337,6 +351,24 @@ def _parse_base_url(variable: str, value: str, whose: str, show: Callable[[str],
         raise ConfigError(variable, f"give the {whose} base URL, without /v1: "
                                     f"{NOT_SHOWN if show(base) == NOT_SHOWN else base}")
     return url
+
+
+def _check_ca_bundle(value: str, show: Callable[[str], str]) -> None:
+    """REQUESTS_CA_BUNDLE, when set, must load as CA certificates: requests would otherwise fail every call with an
+    OSError (a missing file) or a verification error that blames the server (a file without a certificate)."""
+    if not value:
+        return
+    path = Path(value)
+    try:
+        ssl.create_default_context(**({"capath": value} if path.is_dir() else {"cafile": value}))
+    except FileNotFoundError:
+        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which does not exist; give the PEM file of the "
+                                              "CA that signed the coordinator's certificate") from None
+    except ssl.SSLError:
+        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which holds no PEM certificate; give the PEM "
+                                              "file of the CA that signed the coordinator's certificate") from None
+    except OSError as exc:
+        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which cannot be read ({exc.strerror})") from None
 
 
 def _parse_poll_interval(value: str, show: Callable[[str], str]) -> float:

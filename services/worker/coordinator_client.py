@@ -9,6 +9,7 @@ from typing import Any
 
 import requests
 
+from services.connection_errors import connection_problem
 from services.coordinator.job_changes import VERSION_HEADER
 from services.worker.api_errors import error_of
 
@@ -104,8 +105,8 @@ class CoordinatorClient:
                                              timeout=timeout or self.timeout)
         except requests.RequestException as exc:
             raise CoordinatorUnreachable(
-                f"cannot reach the coordinator at {self.base_url} ({type(exc).__name__}); check CAPE_COORDINATOR "
-                "and the network") from None
+                f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); check "
+                "CAPE_COORDINATOR and the network") from None
         if response.status_code < 400:
             return response
         code, message = error_of(response)

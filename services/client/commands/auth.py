@@ -9,6 +9,7 @@ from services.client.commands.output import CliContext, json_option, pass_cli, p
 from services.client.config import TOKEN_ENV, load_config, save_config
 from services.client.errors import BadArgument
 from services.client.sdk import Cape
+from services.connection_errors import plain_http_to_another_host
 
 
 @click.command()
@@ -29,6 +30,9 @@ def login(coordinator: str | None, token: str | None) -> None:
                           "(`cape-server admin create-user`, or `cape orgs add-user` by an admin)")
     path = save_config(config.coordinator, chosen)
     click.echo(f"Logged in to {config.coordinator} as {describe(identity)}; saved in {path}")
+    if plain_http_to_another_host(config.coordinator):
+        click.echo(f"warning: {config.coordinator} is plain http:// to another machine: your token crosses the "
+                   "network unencrypted with every command; use its https:// URL", err=True)
 
 
 @click.command()
