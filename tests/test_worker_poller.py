@@ -210,6 +210,35 @@ def test_job_list_long_poll_answers_when_a_job_is_approved(cape_server, module_w
     assert time.monotonic() - started < 1.0
 
 
+def test_progress_reports_wake_no_job_list_long_poll_but_a_status_change_does(world):
+    """Every seat reports progress several times per job; waking every worker's long poll for each would make every
+    worker fetch its job list again for nothing (the list changes only with a job's status)."""
+    worker, job_id = world["worker"], world["job"]["id"]
+    report = f"/v1/worker/jobs/{job_id}/report"
+    assert worker["xorg"].post(report, json={"state": "started"}).status_code == 204
+    version = int(worker["helper"].get("/v1/worker/jobs").headers["X-Cape-Jobs-Version"])
+    answer: dict = {}
+    started = time.monotonic()
+    waiter = threading.Thread(target=lambda: answer.update(
+        response=worker["helper"].get("/v1/worker/jobs", params={"wait": 1.5, "after": version}),
+        at=time.monotonic()))
+    waiter.start()
+    time.sleep(0.2)
+    for progress in (0.1, 0.5, 0.9):
+        assert worker["xorg"].post(report, json={"state": "running", "progress": progress}).status_code == 204
+    waiter.join(timeout=10)
+    assert answer["at"] - started >= 1.4  # waited its full time
+    assert int(answer["response"].headers["X-Cape-Jobs-Version"]) == version
+    # The last seat starting moves the job to Started: a poll from the old version answers at once.
+    for label in ("yorg", "helper"):
+        assert worker[label].post(report, json={"state": "started"}).status_code == 204
+    assert world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["status"] == "Started"
+    started = time.monotonic()
+    moved = worker["helper"].get("/v1/worker/jobs", params={"wait": 20, "after": version})
+    assert time.monotonic() - started < 1.0
+    assert int(moved.headers["X-Cape-Jobs-Version"]) > version
+
+
 def test_job_list_long_poll_answers_when_the_last_worker_registers_its_keys(start_cape_server):
     """An approved job is served only once all three workers registered keys: the last registration wakes the
     others' long polls, so the job starts then, not at their next full cycle (up to CAPE_POLL_INTERVAL later)."""

@@ -280,8 +280,10 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
 
     @router.post("/worker/jobs/{job_id}/report", status_code=204, tags=["worker"])
     def worker_report(job_id: str, body: Report, p: Principal = Depends(worker)) -> Response:
-        with job_change() as conn:
-            workers.report(conn, p.org_id or "", job_id, body.model_dump(exclude_none=True))
+        with db.transaction() as conn:
+            changed = workers.report(conn, p.org_id or "", job_id, body.model_dump(exclude_none=True))
+        if changed:  # progress alone: no worker's job list changed, so none of their long polls is woken
+            changes.bump()
         return Response(status_code=204)
 
     return router

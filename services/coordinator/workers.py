@@ -158,20 +158,21 @@ def get_worker_job(conn: sqlite3.Connection, org_id: str, job_id: str) -> dict[s
     return worker_job_view(conn, job, seat)
 
 
-def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, Any]) -> None:
-    """Record a seat's state; move the job to Started, Completed or Error when the reports say so."""
+def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, Any]) -> bool:
+    """Record a seat's state; move the job to Started, Completed or Error when the reports say so. True when the
+    job's status changed (what the workers' job watches wait for; progress alone wakes none of them)."""
     job, seat = seated_job(conn, org_id, job_id)
     state = body["state"]
     current = conn.execute("SELECT state FROM job_parties WHERE job_id = ? AND seat = ?", (job_id, seat)).fetchone()
     if job["status"] not in ("Approved", "Started"):
         if job["status"] in FINAL_STATUSES and state in ("completed", "error") and current["state"] == state:
-            return  # a retried final report that was already applied (its first answer got lost)
+            return False  # a retried final report that was already applied (its first answer got lost)
         if job["status"] == "Completed" and state == "completed":
             # Another seat finished its role just after the output seat completed the job: record it, so the job
             # does not show that seat still running.
             conn.execute("UPDATE job_parties SET state = 'completed', progress = 1.0, message = ?, updated_at = ? "
                          "WHERE job_id = ? AND seat = ?", (body.get("message"), now_iso(), job_id, seat))
-            return
+            return False
         raise Conflict(f"the job is {job['status']}; stop working on it", code="job_not_active",
                        extra={"status": job["status"]})
     if state == "completed" and seat == job["outputs_to"] and not body.get("metrics"):
@@ -182,14 +183,17 @@ def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, A
     if state == "error":
         label = get_org(conn, org_id)["label"]
         set_status(conn, job_id, "Error", f"{seat} ({label}): {body.get('message') or 'the worker reported an error'}")
-    elif state == "completed" and seat == job["outputs_to"]:
+        return True
+    if state == "completed" and seat == job["outputs_to"]:
         task = json.loads(job["task_json"])
         location = body.get("model_location") or (
             f"{task['model_location'].rstrip('/')}/{job_id}/regression_weights.csv" if task["model_location"] else None)
         conn.execute("UPDATE jobs SET metrics_json = ?, result_location = ? WHERE id = ?",
                      (json.dumps(body["metrics"]), location, job_id))
         set_status(conn, job_id, "Completed")
-    elif job["status"] == "Approved" and all(p["state"] != "pending" for p in parties(conn, job_id)):
+        return True
+    if job["status"] == "Approved" and all(p["state"] != "pending" for p in parties(conn, job_id)):
         set_status(conn, job_id, "Started")
-    else:
-        conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now_iso(), job_id))
+        return True
+    conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now_iso(), job_id))
+    return False
