@@ -395,8 +395,8 @@ def test_dataview_mistakes_show_when_it_is_added(shared_cape_server, cape_cli, u
 
     relative = cape_cli("dataviews", "add", project, "rel", "y.csv", env=env)
     assert (relative.exit_code, one_error_line(relative.stderr)) == (
-        1, "error: field 'uri': 'y.csv' is a relative path; a worker reads an absolute path on its own machine "
-           "(/data/x.csv), file:///absolute/path or s3://bucket/key (HTTP 422)")
+        1, "error: field 'uri': 'y.csv' is a relative path; give the file's absolute path on the owner's worker "
+           "(starting with /), a file:///absolute/path or an s3://bucket/key uri (HTTP 422)")
     uri = str(tmp_path / "y.csv")
     typo = cape_cli("dataviews", "add", project, "typo", uri, "--schema", "spnd:number", env=env)
     assert (typo.exit_code, one_error_line(typo.stderr)) == (
@@ -439,8 +439,9 @@ def test_an_admin_revokes_a_leaked_worker_token(shared_cape_server, cape_cli, un
     assert worker.get("/v1/worker/jobs").status_code == 200
     result = cape_cli("orgs", "revoke-token", leaked, env=env)  # the whole token: only its id goes out
     token_id, secret = leaked.split(",", 1)
-    assert (result.exit_code, result.stdout) == (0, f"Revoked token {token_id}; a worker using it is refused from "
-                                                    "now on (its health check says so).\n")
+    assert (result.exit_code, result.stdout) == (0, f"Revoked token {token_id}; whoever uses it (a worker's "
+                                                    "CAPE_TOKEN, a person's login) is refused from now on.\n")
+    assert result.stderr == ""  # not the token this command used
     assert secret not in result.stdout + result.stderr
     assert worker.get("/v1/worker/jobs").status_code == 401
 

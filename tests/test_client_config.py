@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -74,9 +75,10 @@ def test_no_token_is_a_readable_cli_error(cape_cli) -> None:
 def test_a_corrupt_config_file_says_to_log_in_again(cape_home: Path, cape_cli) -> None:
     cape_home.parent.mkdir(parents=True)
     cape_home.write_text("{not json")
-    with pytest.raises(CapeError, match="not valid JSON; run `cape login` again"):
+    again = "run `cape login --coordinator URL --token TOKEN`, which replaces it (or delete it)"
+    with pytest.raises(CapeError, match=f"not valid JSON; {re.escape(again)}"):
         load_config()
     result = cape_cli("projects", "list")
     assert result.exit_code == 1
-    assert "run `cape login` again" in result.stderr
+    assert again in result.stderr
     assert "Traceback" not in result.stderr

@@ -51,8 +51,8 @@ def test_malformed_bodies_name_the_field(world):
     for uri in ("x.csv", "./data/y.csv", "~/x.csv"):  # the worker's programs run elsewhere than the CLI
         assert error(admin.post("/v1/projects/demo/dataviews", json={
             "name": "d", "uri": uri, "schema": [{"name": "a", "type": "number"}]}), 422) == (
-            f"field 'uri': {uri!r} is a relative path; a worker reads an absolute path on its own machine "
-            "(/data/x.csv), file:///absolute/path or s3://bucket/key"), uri
+            f"field 'uri': {uri!r} is a relative path; give the file's absolute path on the owner's worker "
+            "(starting with /), a file:///absolute/path or an s3://bucket/key uri"), uri
     for uri in ("s3://bucket/x.csv", "file:///srv/x.parquet", "file://localhost/srv/x.csv", "/srv/x.csv"):
         created = admin.post("/v1/projects/demo/dataviews", json={
             "name": f"ok-{len(uri)}", "uri": uri, "schema": [{"name": "a", "type": "number"}]})

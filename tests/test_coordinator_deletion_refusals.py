@@ -9,7 +9,8 @@ from tests.support.server import build_job_world
 
 JOB = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg"}
-REJECT = "reject a job waiting for approval (`cape jobs reject JOB`)"
+REJECT = ("stop a job waiting for approval (`cape jobs stop JOB`) or, as a data owner's admin or operator, reject it "
+          "(`cape jobs reject JOB`)")
 STOP = "stop an approved or started job (`cape jobs stop JOB`)"
 
 

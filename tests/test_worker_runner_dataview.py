@@ -48,6 +48,23 @@ def test_s3_missing_object_names_the_uri(bucket, tmp_path):
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
+def test_s3_without_credentials_says_which_variables_to_set(bucket, tmp_path, monkeypatch):
+    """No path hint: the path is fine, the credentials are missing (and botocore never asks the instance metadata
+    service, which is not on loopback)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = bucket.env["AWS_ENDPOINT_URL"]
+    with pytest.raises(MissingFileError) as caught:
+        load_dataview("s3://org-data/views/x.csv", y_column="t", spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                                                           region_name="us-east-1"))
+    assert str(caught.value) == ("s3://org-data/views/x.csv: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY")
+
+
 def test_s3_unreachable_endpoint_says_so(tmp_path):
     def client():
         return boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",

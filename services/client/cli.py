@@ -18,6 +18,7 @@ from services.process_exit import run_then_exit
 EXIT_ERROR = 1
 # A token exported for a worker (or an old one) silently wins over `cape login`: say so when it is refused.
 ENV_TOKEN_HINT = "(CAPE_TOKEN is set in the environment and overrides your saved login)"
+ENV_COORDINATOR_HINT = "(CAPE_COORDINATOR is set in the environment and overrides your saved login)"
 
 
 class CapeGroup(click.Group):
@@ -28,9 +29,11 @@ class CapeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CapeError as exc:
-            hint = (f" {ENV_TOKEN_HINT}" if isinstance(exc, ApiError) and exc.status in (401, 403)
-                    and cli.env_token_overrides_login else "")
-            click.echo(f"error: {exc}{hint}", err=True)
+            refused = isinstance(exc, ApiError) and exc.status in (401, 403)
+            hints = [hint for hint, applies in ((ENV_TOKEN_HINT, cli.env_token_overrides_login),
+                                                (ENV_COORDINATOR_HINT, cli.env_coordinator_overrides_login))
+                     if refused and applies]
+            click.echo(" ".join([f"error: {exc}", *hints]), err=True)
             ctx.exit(EXIT_ERROR)
 
 

@@ -24,6 +24,8 @@ class ClientConfig:
     token: str | None
     # The token is CAPE_TOKEN's and the config file holds another: errors about it should say so.
     env_token_overrides_login: bool = False
+    # Likewise the coordinator: CAPE_COORDINATOR names another than the saved login's.
+    env_coordinator_overrides_login: bool = False
 
 
 def config_path() -> Path:
@@ -32,18 +34,44 @@ def config_path() -> Path:
     return Path(base) / "cape" / "config.json"
 
 
-def load_config(endpoint: str | None = None, token: str | None = None) -> ClientConfig:
-    """Resolve the configuration: explicit arguments, then CAPE_* variables, then the config file."""
+def load_config(endpoint: str | None = None, token: str | None = None, replacing: bool = False) -> ClientConfig:
+    """Resolve the configuration: explicit arguments, then CAPE_* variables, then the config file.
+
+    The file is needed only for what the arguments and variables leave open: a broken one is an error then, and
+    never for `cape login` (`replacing`), which writes a new one."""
     path = config_path()
-    stored = _read_file(path)
-    sources = ((endpoint, None), (os.environ.get(COORDINATOR_ENV), COORDINATOR_ENV),
+    env_url, env_token = os.environ.get(COORDINATOR_ENV), os.environ.get(TOKEN_ENV)
+    try:
+        stored = _read_file(path)
+    except CapeError:
+        if not replacing and not ((endpoint or env_url) and (token or env_token)):
+            raise
+        stored = {}
+    sources = ((endpoint, None), (env_url, COORDINATOR_ENV),
                (stored.get("coordinator"), f"the config file {path}"), (DEFAULT_COORDINATOR, None))
     coordinator, source = next((url, source) for url, source in sources if url)
     check_base_url(coordinator, source)
-    env_token = os.environ.get(TOKEN_ENV)
-    chosen_token = token or env_token or stored.get("token") or None
-    overrides = not token and bool(env_token) and bool(stored.get("token")) and stored.get("token") != env_token
-    return ClientConfig(coordinator=coordinator.rstrip("/"), token=chosen_token, env_token_overrides_login=overrides)
+    token_sources = ((token, "the token given"), (env_token, TOKEN_ENV),
+                     (stored.get("token"), f"the config file {path}"))
+    chosen_token = next((clean_token(t, where) for t, where in token_sources if t and t.strip()), None)
+    saved_token, saved_url = stored.get("token"), stored.get("coordinator")
+    overrides = not token and bool(env_token) and bool(saved_token) and saved_token.strip() != env_token.strip()
+    url_overrides = (not endpoint and bool(env_url) and bool(saved_url)
+                     and saved_url.rstrip("/") != (env_url or "").rstrip("/"))
+    return ClientConfig(coordinator=coordinator.rstrip("/"), token=chosen_token, env_token_overrides_login=overrides,
+                        env_coordinator_overrides_login=url_overrides)
+
+
+def clean_token(token: str | None, source: str) -> str | None:
+    """The token without surrounding whitespace (a file's line break, a pasted space); one with whitespace, a
+    control or a non-ASCII character inside cannot go into an HTTP header and is refused, never echoed."""
+    if token is None or not token.strip():
+        return None
+    token = token.strip()
+    if not token.isascii() or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise BadArgument(f"{source}: the token holds a space, line break or other character a token never has; "
+                          "copy it again, on one line (it looks like <id>,<secret>)")
+    return token
 
 
 def check_base_url(url: str, source: str | None = None) -> None:
@@ -91,7 +119,9 @@ def _read_file(path: Path) -> dict[str, str]:
     try:
         data = json.loads(text)
     except ValueError:
-        raise CapeError(f"the config file {path} is not valid JSON; run `cape login` again") from None
+        raise CapeError(f"the config file {path} is not valid JSON; run `cape login --coordinator URL --token "
+                        "TOKEN`, which replaces it (or delete it)") from None
     if not isinstance(data, dict):
-        raise CapeError(f"the config file {path} is not a JSON object; run `cape login` again")
+        raise CapeError(f"the config file {path} is not a JSON object; run `cape login --coordinator URL --token "
+                        "TOKEN`, which replaces it (or delete it)")
     return {k: v for k, v in data.items() if isinstance(v, str)}

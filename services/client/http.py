@@ -25,6 +25,11 @@ class ApiSession:
         """Whether a token is set (the token itself is never exposed)."""
         return bool(self._token)
 
+    @property
+    def token_id(self) -> str | None:
+        """The token's public id (before the comma), or None without a token."""
+        return self._token.split(",", 1)[0] if self._token else None
+
     def request(self, method: str, path: str, json: Any = None) -> Any:
         """Send one request; return the JSON body (None for 204) or raise ``ApiError``."""
         if not self._token:
@@ -45,6 +50,10 @@ class ApiSession:
                 f"cannot reach the coordinator at {self.endpoint} ({connection_problem(exc, url)}); check the URL "
                 "(cape login --coordinator, CAPE_COORDINATOR) and that the server is running"
             ) from None
+        except requests.exceptions.InvalidHeader:
+            # requests quotes the header, so its message would hold the token: never shown.
+            raise BadArgument("the token holds a character an HTTP header cannot carry; copy it again, on one line "
+                              "(it looks like <id>,<secret>)") from None
         except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
                 requests.exceptions.InvalidURL):
             raise BadArgument(

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from services.client.errors import BadArgument, ResultsUnavailable
+from services.client.errors import ApiError, BadArgument, CapeError, CoordinatorUnreachable, ResultsUnavailable
 from services.client.http import ApiSession
 from services.client.results import read_weights, weights_location
 from services.client.schema import check_schema_against_uri, normalise_schema, schema_from_file, schema_from_uri
@@ -23,7 +23,9 @@ SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Pa
 
 
 def seg(value: str) -> str:
-    """One URL path segment (labels and names may hold any character)."""
+    """One URL path segment (labels and names may hold any character); an empty one would name the whole list."""
+    if not str(value).strip():
+        raise BadArgument("an empty name or id was given (an unset shell variable?); give a label or an id")
     return quote(str(value), safe="")
 
 
@@ -245,17 +247,32 @@ class Job(Resource):
         timeout: float,
         interval: float = 2.0,
         on_update: Callable[[Job], None] | None = None,
+        on_problem: Callable[[CapeError | None], None] | None = None,
     ) -> str:
         """Poll until the job ends or ``timeout`` seconds pass, calling ``on_update`` after each poll.
 
+        A coordinator that cannot be reached or answers 5xx (restarting, say) is polled again until the timeout,
+        as the job goes on meanwhile; ``on_problem`` gets each such error, and None once a poll works again.
         Returns the last status seen (a terminal one unless the timeout came first)."""
         deadline = time.monotonic() + timeout
+        failing = False
         while True:
-            self.refresh()
-            if on_update is not None:
-                on_update(self)
-            if self.status in TERMINAL_STATUSES:
-                return self.status
+            try:
+                self.refresh()
+            except (CoordinatorUnreachable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status < 500:
+                    raise
+                failing = True
+                if on_problem is not None:
+                    on_problem(exc)
+            else:
+                if failing and on_problem is not None:
+                    on_problem(None)
+                failing = False
+                if on_update is not None:
+                    on_update(self)
+                if self.status in TERMINAL_STATUSES:
+                    return self.status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self.status

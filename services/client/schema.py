@@ -160,7 +160,7 @@ def _check_unique(schema: Schema) -> None:
 
 def _csv_schema(path: Path) -> Schema:
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.client.config import load_config
+from services.client.config import clean_token, load_config
 from services.client.errors import BadArgument
 from services.client.http import DEFAULT_TIMEOUT_S, ApiSession
 from services.client.models import DataView, Job, Organization, Project, one_of, seg
@@ -19,14 +19,20 @@ class Cape:
         self.endpoint = config.coordinator
         # Whether the token is CAPE_TOKEN's in place of another saved by `cape login` (the CLI says so on 401/403).
         self.env_token_overrides_login = config.env_token_overrides_login
+        self.env_coordinator_overrides_login = config.env_coordinator_overrides_login
         self._timeout = timeout
         self._session = ApiSession(config.coordinator, config.token, timeout)
         self.identity: dict[str, Any] | None = None
 
+    @property
+    def token_id(self) -> str | None:
+        """The public part of the token in use (before the comma), or None without a token."""
+        return self._session.token_id
+
     def login(self, token: str | None = None) -> dict[str, Any]:
         """Check the token with the coordinator; returns who it belongs to (kind, user, organization, roles)."""
         if token is not None:
-            self._session = ApiSession(self.endpoint, token, self._timeout)
+            self._session = ApiSession(self.endpoint, clean_token(token, "the token given"), self._timeout)
             self.env_token_overrides_login = False
         self.identity = self._session.post("/v1/login")
         return self.identity

@@ -26,12 +26,16 @@ class VerticallyPartitionedLinearRegression:
         model_location: str | None = None,
         timeout: int = DEFAULT_JOB_TIMEOUT_S,
     ) -> None:
+        for name, value in (("x_train_dataview", x_train_dataview), ("y_train_dataview", y_train_dataview)):
+            if not isinstance(value, DataView):
+                raise BadArgument(f"{name} must be a DataView (project.get_dataview(\"name\"), with columns selected "
+                                  f"as dv[[\"a\", \"b\"]]), not {type(value).__name__} {value!r}")
         if model_owner is None:
             raise BadArgument("name the model owner organization (model_owner=...), who receives weights and metrics")
         if model_location is not None and not model_location.startswith(("s3://", "file://")):
             raise BadArgument(f"model_location must be s3://BUCKET[/PREFIX] or file:///PATH, not {model_location!r}")
-        if timeout <= 0:
-            raise BadArgument("timeout must be a positive number of seconds")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise BadArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.x_train_dataview = x_train_dataview
         self.y_train_dataview = y_train_dataview
         self.model_owner = model_owner
@@ -50,7 +54,7 @@ class VerticallyPartitionedLinearRegression:
         columns = dv.columns or dv.column_names
         if len(columns) != 1:
             raise BadArgument(
-                f"select exactly one y column of dataview {dv.name!r}: dv['target'] "
+                f"select exactly one y column of dataview {dv.name!r}, as dv[\"COLUMN\"] "
                 f"(it has {', '.join(columns) or 'no schema'})"
             )
         return columns[0]

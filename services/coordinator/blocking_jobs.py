@@ -21,14 +21,16 @@ def active_jobs(conn: sqlite3.Connection, where: str, args: tuple[str, ...]) -> 
 
 def blocked(subject: str, jobs: list[sqlite3.Row], code: str) -> Conflict:
     """409 `code`: '<subject> N jobs that have not ended: ID (Status), ... and N more; <what ends them>, then try
-    again'. Only data owners reject (jobs waiting for approval); the submitter or a party stops the others."""
+    again'. A job waiting for approval is stopped (by the submitter's or a party's admin, operator or data
+    scientist) or rejected (by a data owner's admin or operator); the others are stopped."""
     count = len(jobs)
     shown = ", ".join(f"{j['id']} ({j['status']})" for j in jobs[:SHOWN])
     if count > SHOWN:
         shown += f" and {count - SHOWN} more"
     steps = []
     if any(j["status"] == "NeedsApproval" for j in jobs):
-        steps.append("reject a job waiting for approval (`cape jobs reject JOB`)")
+        steps.append("stop a job waiting for approval (`cape jobs stop JOB`) or, as a data owner's admin or "
+                     "operator, reject it (`cape jobs reject JOB`)")
     if any(j["status"] != "NeedsApproval" for j in jobs):
         steps.append("stop an approved or started job (`cape jobs stop JOB`)")
     noun = "1 job that has" if count == 1 else f"{count} jobs that have"

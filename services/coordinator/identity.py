@@ -193,8 +193,10 @@ def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
         raise Unauthorized("the token is not valid; check it or ask your organization's admin for a new one",
                            code="bad_token")
     if row["revoked_at"]:
-        raise Unauthorized("the token was revoked; ask your organization's admin for a new one",
-                           code="revoked_token")
+        advice = ("ask your organization's admin for a new one" if row["kind"] == "organization" else
+                  "make another with a token of yours that still works (the SDK's `Cape().create_user_token()`), "
+                  "or ask the server's operator for one (`cape-server admin create-user-token EMAIL`)")
+        raise Unauthorized(f"the token was revoked; {advice}", code="revoked_token")
     _note_use(conn, row)
     if row["kind"] == "organization":
         return Principal(kind="organization", token_id=row["id"], org_id=row["org_id"])

@@ -26,8 +26,8 @@ def _readable_uri(uri: str) -> str:
     if "://" not in uri:
         if uri.startswith("/"):
             return uri  # a path on the owner's worker
-        raise ValueError(f"{uri!r} is a relative path; a worker reads an absolute path on its own machine "
-                         "(/data/x.csv), file:///absolute/path or s3://bucket/key")
+        raise ValueError(f"{uri!r} is a relative path; give the file's absolute path on the owner's worker "
+                         "(starting with /), a file:///absolute/path or an s3://bucket/key uri")
     parsed = urlparse(uri)
     if parsed.scheme == "s3" and parsed.netloc and parsed.path.strip("/"):
         return uri

@@ -349,6 +349,26 @@ def create_user(organization: str, email_argument: str | None, email: str | None
                             f"user token: {result['token']}"])
 
 
+@admin.command("create-user-token")
+@click.argument("email", callback=_email)
+@click.option("--description", help="What the token is for (e.g. a new laptop).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def create_user_token(email: str, description: str | None, as_json: bool, data_dir: Path) -> None:
+    """Make a new token for an existing user: one who revoked or lost theirs. Only the server's operator can: an
+    organization's admin never obtains a token for another person (it carries their roles everywhere)."""
+    def action(conn: Any) -> dict[str, Any]:
+        user = identity.user_by_email(conn, email)
+        if user is None:
+            raise click.ClickException(f"no user {email}; `admin create-user ORGANIZATION {email} --role ROLE` "
+                                       "makes one")
+        issued = identity.issue_user_token(conn, user["id"], description or "issued by the server's operator")
+        return {"user": identity.user_view(user), **issued}
+
+    result = _run(data_dir, action)
+    _emit(result, as_json, [f"user token for {result['user']['email']} ({result['id']}): {result['token']}"])
+
+
 @admin.command("create-org-token")
 @click.argument("organization")
 @click.option("--description", help="What the token is for (e.g. which worker).")

@@ -73,10 +73,11 @@ def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory) -> None:
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise MissingFileError(uri, "no such object in S3") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise MissingFileError(uri, "access denied by S3; check the worker's AWS credentials") from None
+            raise MissingFileError(uri, "access denied by S3; check the worker's AWS credentials", hint=None) from None
         raise MissingFileError(uri, f"S3 refused the download ({code or 'error'})") from None
     except NoCredentialsError:
-        raise MissingFileError(uri, "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+        raise MissingFileError(uri, "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                               hint=None) from None
     except BotoCoreError as exc:
         raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL and the "
                                     "network") from None

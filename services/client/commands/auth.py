@@ -1,12 +1,13 @@
 """`cape login` and `cape whoami`."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 
 from services.client.commands.output import CliContext, json_option, pass_cli, print_fields, print_json
-from services.client.config import TOKEN_ENV, load_config, save_config
+from services.client.config import TOKEN_ENV, clean_token, load_config, save_config
 from services.client.errors import BadArgument
 from services.client.sdk import Cape
 from services.connection_errors import plain_http_to_another_host
@@ -19,10 +20,15 @@ from services.connection_errors import plain_http_to_another_host
               help=f"Your user token (default: {TOKEN_ENV}, then the saved one; prompted if none).")
 def login(coordinator: str | None, token: str | None) -> None:
     """Check a token with the coordinator and save both in the config file (mode 0600)."""
-    config = load_config(coordinator, token)
-    chosen = token or config.token
+    config = load_config(coordinator, token, replacing=True)
+    chosen = config.token
     if not chosen:
-        chosen = click.prompt("Token", hide_input=True).strip()
+        # Piped in (`cape login < token.txt`): read the line; a prompt without a terminal only warns that it
+        # cannot hide the input.
+        typed = click.prompt("Token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()
+        chosen = clean_token(typed, "the token read") or ""
+        if not chosen:
+            raise BadArgument("no token given: pass --token TOKEN, set CAPE_TOKEN, or type it when asked")
     identity = Cape(endpoint=config.coordinator, token=chosen).login()
     if identity.get("kind") == "organization":
         # Valid, but every command but the worker's endpoints would then answer 403: refuse it, saving nothing.

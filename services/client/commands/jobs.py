@@ -9,7 +9,7 @@ import click
 from services.client.commands.output import (
     CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
-from services.client.errors import BadArgument
+from services.client.errors import BadArgument, CapeError, ResultsUnavailable
 from services.client.models import TERMINAL_STATUSES, Job
 from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression
 
@@ -109,9 +109,15 @@ DECIDE_FOR = "The data owner you decide for, if you may decide for both (admin o
 @org_option_errors
 def approve(cli: CliContext, job_id: str, organization: str | None) -> None:
     """Approve JOB for your organization's data (one organization per approval)."""
-    job = cli.cape().get_job(job_id).approve(organization)
+    job = cli.cape().get_job(job_id)
+    before = dict(job.data.get("approvals") or {})
+    job.approve(organization)
     waiting = job.pending_approvals()
     waiting_for = f" (waiting for {', '.join(waiting)})" if waiting and job.status == "NeedsApproval" else ""
+    if dict(job.data.get("approvals") or {}) == before:
+        click.echo(f"Job {job.id} was already approved for that organization; nothing changed. It is "
+                   f"{job.status}{waiting_for}.")
+        return
     click.echo(f"Approved job {job.id}; it is now {job.status}{waiting_for}.")
 
 
@@ -157,8 +163,19 @@ def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None
             click.echo(f"[{time.monotonic() - started:6.1f}s] {line}")
             last[:] = [line]
 
+    outage: list[str] = []
+
+    def problem(exc: CapeError | None) -> None:
+        # A coordinator restarting is no reason to stop watching (nor to exit 1, which means the job failed).
+        if exc is not None and not outage:
+            click.echo(f"[{time.monotonic() - started:6.1f}s] {exc}; still watching until --timeout", err=True)
+            outage.append(str(exc))
+        elif exc is None and outage:
+            click.echo(f"[{time.monotonic() - started:6.1f}s] the coordinator answers again", err=True)
+            outage.clear()
+
     try:
-        final = job.wait(timeout=timeout, interval=interval, on_update=show)
+        final = job.wait(timeout=timeout, interval=interval, on_update=show, on_problem=problem)
     except KeyboardInterrupt:
         # Not click's "Aborted!" and exit 1: that reads like the job failed, and exit 1 means just that here.
         click.echo(f"stopped watching; job {job.id} goes on (cape jobs watch {job.id} to follow it again)", err=True)
@@ -183,7 +200,20 @@ def results(cli: CliContext, job_id: str, as_json: bool) -> None:
 
     The model location is where the model owner's worker wrote it, which its CAPE_BUCKET decides when set."""
     job = cli.cape().get_job(job_id)
-    weights, metrics = job.get_results()
+    try:
+        weights, metrics = job.get_results()
+    except ResultsUnavailable as exc:
+        # The metrics and the location come from the coordinator: show them, and why the weights file could not
+        # be read here (the model owner's bucket is often on another machine, or needs credentials this one lacks).
+        raw = job.get_raw_results()
+        metrics = dict(raw.get("metrics") or {})
+        if as_json:
+            print_json({"job": job.id, "weights": None, "names": None, "metrics": metrics,
+                        "model_location": raw.get("model_location"), "weights_error": str(exc)})
+        else:
+            print_fields([*((name, value) for name, value in sorted(metrics.items())),
+                          ("model location", raw.get("model_location"))])
+        raise ResultsUnavailable(f"the weights were not read: {exc}") from None
     names = ["intercept", *_x_columns(job)]
     if len(names) != len(weights):
         names = ["intercept", *(f"w{i}" for i in range(1, len(weights)))]
@@ -226,6 +256,12 @@ def _side(job: dict[str, Any], side: str, key: str) -> str:
     return f"{name or '-'}: {columns or '-'}"
 
 
+def _submitter(job: dict[str, Any]) -> str:
+    by = job.get("submitted_by") or {}
+    org = by.get("organization")
+    return f"{by.get('email') or by.get('id') or '-'}" + (f" ({org_label(org)})" if org else "")
+
+
 def _progress_line(job: Job) -> str:
     parts = []
     waiting = job.pending_approvals() if job.status == "NeedsApproval" else []
@@ -252,7 +288,10 @@ def _print_job(job: Job) -> None:
         ("x", _side(data, "x", "columns")),
         ("y", _side(data, "y", "column")),
         ("model owner", _model_owner(data)),
+        ("model location", (data.get("task") or {}).get("model_location") or "-"),
         ("outputs to", data.get("outputs_to")),
+        ("timeout", f"{(data.get('task') or {}).get('timeout')} s (from approval to all three workers started)"),
+        ("submitted by", _submitter(data)),
         ("approvals", [f"{org}: {state}" for org, state in (data.get("approvals") or {}).items()]),
         ("created", data.get("created_at")),
         ("updated", data.get("updated_at")),
@@ -264,6 +303,7 @@ def _print_job(job: Job) -> None:
          ("STATE", lambda p: p.get("state")),
          ("PROGRESS", lambda p: f"{float(p['progress']) * 100:.0f}%"
           if isinstance(p.get("progress"), (int, float)) else None),
+         ("WORKER", lambda p: {True: "online", False: "offline"}.get(p.get("worker_online"), "-")),
          ("MESSAGE", lambda p: p.get("message"))],
         empty="No parties.",
     )

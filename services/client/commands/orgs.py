@@ -171,5 +171,11 @@ def revoke_token(cli: CliContext, token_id: str) -> None:
     token_id = token_id.split(",", 1)[0].strip()
     if not token_id:
         raise click.BadParameter("give the token's id (the part before the comma)", param_hint="TOKEN_ID")
-    cli.cape().revoke_token(token_id)
-    click.echo(f"Revoked token {token_id}; a worker using it is refused from now on (its health check says so).")
+    cape = cli.cape()
+    cape.revoke_token(token_id)
+    click.echo(f"Revoked token {token_id}; whoever uses it (a worker's CAPE_TOKEN, a person's login) is refused from "
+               "now on.")
+    if token_id == cape.token_id:
+        click.echo("warning: it was the token this command used: log in with another (`cape login --token ...`); "
+                   "the server's operator makes a new user token (`cape-server admin create-user-token EMAIL`)",
+                   err=True)

@@ -31,6 +31,11 @@ class CliContext:
         """Whether the client in use took CAPE_TOKEN over a different token saved by `cape login`."""
         return self._cape is not None and self._cape.env_token_overrides_login
 
+    @property
+    def env_coordinator_overrides_login(self) -> bool:
+        """Whether the client in use took CAPE_COORDINATOR over a different coordinator saved by `cape login`."""
+        return self._cape is not None and self._cape.env_coordinator_overrides_login
+
 
 def org_option_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """For commands with --org: the server names the body's field 'organization', which the user gives as --org."""

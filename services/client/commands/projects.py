@@ -6,7 +6,7 @@ import click
 from services.client.commands.output import (
     CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
-from services.client.errors import NotAllowed
+from services.client.errors import BadArgument, NotAllowed
 from services.client.models import Project
 from services.client.sdk import Cape
 
@@ -94,7 +94,14 @@ def delete(cli: CliContext, project: str, yes: bool) -> None:
     found = cape.get_project(project)
     if not yes:
         _check_can_delete(cape, found)  # not after the user has said yes; the server still decides
-        click.confirm(f"Delete project {found.label} ({found.id})?", abort=True)
+        try:
+            confirmed = click.confirm(f"Delete project {found.label} ({found.id})?")
+        except click.Abort:  # end of input: nobody answered (no terminal, say); click would print "Aborted!"
+            raise BadArgument(f"deleting project {found.label} needs confirmation and no answer came; answer y, "
+                              "or add --yes") from None
+        if not confirmed:
+            click.echo("Not deleted.", err=True)
+            click.get_current_context().exit(1)
     found.delete()
     click.echo(f"Deleted project {found.label} ({found.id}).")
 

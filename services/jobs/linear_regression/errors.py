@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from services.mpc.errors import ProtocolError
 
 _MAX_SHOWN_COLUMNS = 20
+PATH_HINT = "check the path (a local path, a file:// uri, or a dataview's uri)"
 
 
 def shown_columns(columns: Sequence[str]) -> str:
@@ -29,9 +30,9 @@ class JobDataError(ValueError):
 class MissingFileError(JobDataError):
     """The data file does not exist or cannot be read."""
 
-    def __init__(self, file: str, reason: str = "no such file") -> None:
+    def __init__(self, file: str, reason: str = "no such file", hint: str | None = PATH_HINT) -> None:
         self.file = file
-        super().__init__(f"{file}: {reason}; check the path (a local path, a file:// uri, or a dataview's uri)")
+        super().__init__(f"{file}: {reason}" + (f"; {hint}" if hint else ""))
 
 
 class UnreadableDataError(JobDataError):
