@@ -28,7 +28,13 @@ def world(cape_server):
 
 def test_malformed_bodies_name_the_field(world):
     admin = world["user"]["xorg"]
-    assert error(admin.post("/v1/projects", json={"label": "has space"}), 422).startswith("field 'label':")
+    # In words, not the regular expression behind them.
+    assert error(admin.post("/v1/projects", json={"label": "has space"}), 422) == (
+        "field 'label': a label starts with a letter or digit and holds only letters, digits, '.', '_' and '-' (at "
+        "most 64), not 'has space'")
+    org = world["orgs"]["xorg"]["organization"]["label"]
+    assert error(admin.post(f"/v1/organizations/{org}/users", json={"email": "nope", "role": "user"}), 422) == (
+        "field 'email': 'nope' is not an email address (like name@example.org)")
     assert error(admin.post("/v1/projects", json={"name": "no label"}), 422) == "field 'label': field required"
     assert error(admin.post("/v1/projects", json={"label": "ok", "colour": 1}), 422) == \
         "field 'colour': extra inputs are not permitted"

@@ -1,6 +1,7 @@
 """Request bodies of the coordinator API (pydantic): validation here turns into 422s naming the field."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
@@ -36,10 +37,28 @@ def _readable_uri(uri: str) -> str:
     raise ValueError("a worker reads s3://bucket/key, file:///absolute/path or an absolute path on the owner's "
                      "worker")
 
-Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
+
+
+def _label(value: str) -> str:
+    if not _LABEL.match(value):
+        raise ValueError("a label starts with a letter or digit and holds only letters, digits, '.', '_' and '-' "
+                         f"(at most 64), not {value[:80]!r}")
+    return value
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError(f"{value[:80]!r} is not an email address (like name@example.org)")
+    return value
+
+
+# Validators rather than patterns: a pattern's error quotes the regular expression to the user.
+Label = Annotated[str, AfterValidator(_label)]
 Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
 Name = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
-Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,190}$")]
+Email = Annotated[str, AfterValidator(_email)]
 Role = Literal["admin", "operator", "data_scientist", "user"]
 Column = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
 
