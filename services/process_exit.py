@@ -17,8 +17,9 @@ import sys
 from typing import NoReturn
 
 
-def exit_now(code: object) -> NoReturn:
-    """Flush logging handlers (watchtower's too) and stdout/stderr, then end the process with `code`.
+def exit_now(code: object, flush_logging: bool = True) -> NoReturn:
+    """Flush logging handlers (watchtower's too, unless not `flush_logging`) and stdout/stderr, then end the process
+    with `code`.
 
     `code` is as for SystemExit: None is 0, an int is the status, anything else is printed to stderr, status 1.
     """
@@ -29,7 +30,8 @@ def exit_now(code: object) -> NoReturn:
     else:
         print(code, file=sys.stderr)
         status = 1
-    logging.shutdown()
+    if flush_logging:
+        logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

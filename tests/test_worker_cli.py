@@ -53,6 +53,47 @@ def test_all_checks_ok(good_env, moto):
     assert "s3://acme-models/cape: wrote and deleted a test object" in lines["bucket"]
     assert moto.keys("acme-models") == []  # the test object is gone
     assert good_env["CAPE_TOKEN"].split(",")[1] not in out
+    # CloudWatch: what the programs do (group and stream made if missing, one event put), so it proves their rights.
+    assert lines["cloudwatch"].startswith("ok   cloudwatch    log group /cape/worker"), out
+    assert lines["cloudwatch"].endswith(": wrote a test event to stream acme/check"), out
+    assert moto.log_events("/cape/worker", "acme/check") == ["cape-worker check: this worker can write here"]
+
+
+def test_check_passes_the_minimal_cloudwatch_policy_and_names_a_missing_right(good_env, moto):
+    """The policy the check's own message recommends (no read permission) passes; one without PutLogEvents fails,
+    naming the call refused."""
+    iam = moto.client("iam")
+    iam.create_user(UserName="logger")
+    bucket = {"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+              "Resource": ["arn:aws:s3:::acme-models/*"]}
+    key = iam.create_access_key(UserName="logger")["AccessKey"]
+    env = {**good_env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    for actions, expected in ((["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"], "ok   "),
+                              (["logs:CreateLogGroup", "logs:CreateLogStream"], "FAIL ")):
+        policy = {"Version": "2012-10-17", "Statement": [bucket, {"Effect": "Allow", "Action": actions,
+                                                                  "Resource": "*"}]}
+        iam.put_user_policy(UserName="logger", PolicyName="worker", PolicyDocument=json.dumps(policy))
+        moto.enforce_iam(True)
+        try:
+            code, lines, out = check(env)
+        finally:
+            moto.enforce_iam(False)
+        assert lines["cloudwatch"].startswith(expected), out
+        assert lines["bucket"].startswith("ok   "), out
+    assert "CloudWatch Logs refused PutLogEvents" in lines["cloudwatch"] and "logs:PutLogEvents" in lines["cloudwatch"]
+    assert key["SecretAccessKey"] not in out
+
+
+def test_check_says_what_is_wrong_with_the_aws_settings_in_one_line(good_env, tmp_path):
+    """A profile that does not exist used to be a 45-line traceback from `check` (and every program's crash)."""
+    env = {k: v for k, v in good_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_PROFILE="no-such-profile", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    code, lines, out = check(env)
+    assert code == 1 and "Traceback" not in out, out
+    assert lines["cloudwatch"].startswith("FAIL cloudwatch    cannot use CloudWatch Logs (ProfileNotFound: The config "
+                                          "profile (no-such-profile) could not be found)"), out
+    assert "ProfileNotFound" in lines["bucket"], out
 
 
 @pytest.mark.parametrize("change, failing, words", [
@@ -94,6 +135,9 @@ def test_bucket_without_write_permission(good_env, moto):
     ({"CAPE_TOKEN": ""}, "CAPE_TOKEN: is not set"),
     ({"CAPE_COORDINATOR": "not a url"}, "CAPE_COORDINATOR: is not an http(s) URL"),
     ({"CAPE_BUCKET": "bucket-without-scheme"}, "CAPE_BUCKET: must start with s3://"),
+    ({"AWS_REGION": "eu west 1"}, "AWS_REGION: 'eu west 1' is not a region name (like eu-west-1)"),
+    ({"CAPE_LOG_GROUP": "aws/cape"}, "CAPE_LOG_GROUP: names starting with aws/ are reserved by AWS"),
+    ({"CAPE_LOG_GROUP": "/cape/" + "w" * 520}, "CAPE_LOG_GROUP: is 526 characters long; CloudWatch takes at most 512"),
 ])
 def test_bad_configuration(tmp_path, change, words):
     env = {**worker_env(tmp_path, "w"), **change}

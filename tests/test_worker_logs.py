@@ -16,6 +16,7 @@ import pytest
 from services.worker import logs
 from services.worker.config import WorkerConfig
 from tests.support.aws import MOTO_KEYS, MotoAWS, free_port, start_moto_server
+from tests.support.faults import answering_every_request
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -78,6 +79,46 @@ def test_records_reach_cloudwatch_one_stream_per_worker_and_program(moto):
     assert messages == ["uploader INFO uploaded weights", f"uploader INFO token {logs.REDACTED}"]
 
 
+def test_a_log_group_deleted_under_a_running_program_is_made_again(moto):
+    """watchtower makes a missing stream again but not a missing group: without this, every later batch was dropped
+    until the worker restarted."""
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/regrow", **moto.env))
+    out = io.StringIO()
+    log = logs.setup("runner", config, stream=out)
+    handler = logging.getLogger().handlers[-1]
+    log.info("before")
+    handler.flush()
+    assert moto.log_events("/cape/regrow", "org-a/runner") == ["runner INFO before"]
+    moto.client("logs").delete_log_group(logGroupName="/cape/regrow")
+    log.info("lost with the group")  # this batch finds no group: dropped (it is on stdout), the group made again
+    handler.flush()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "made it again" not in out.getvalue():
+        time.sleep(0.1)
+    log.info("after")
+    handler.close()
+    assert moto.log_events("/cape/regrow", "org-a/runner") == ["runner INFO after"]
+    assert "runner INFO CloudWatch Logs: log group /cape/regrow had been deleted; made it again" in out.getvalue()
+
+
+def test_aws_settings_that_cannot_make_a_client_leave_the_program_running(monkeypatch, tmp_path):
+    """A missing AWS_PROFILE failed in making the boto3 client, before the guarded part: every program crashed."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    import boto3
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # as in a program: the environment read afresh
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}"))
+    out = io.StringIO()
+    log = logs.setup("poller", config, stream=out)
+    log.info("still here")
+    assert ("CloudWatch Logs unreachable at start-up (group /cape/worker: ProfileNotFound: The config profile "
+            "(no-such-profile) could not be found)") in out.getvalue()
+    assert "poller INFO still here" in out.getvalue()
+
+
 def test_cloudwatch_down_never_blocks_a_program():
     dead = f"http://127.0.0.1:{free_port()}"
     config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=dead,
@@ -110,29 +151,12 @@ def test_cloudwatch_unreachable_at_start_says_why():
 @pytest.fixture
 def refusing_cloudwatch():
     """A CloudWatch Logs endpoint that refuses every request as AWS does a bad key: 400 UnrecognizedClientException."""
-    import http.server
     import json
-    import threading
 
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server interface
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps({"__type": "UnrecognizedClientException",
-                               "message": "The security token included in the request is invalid."}).encode()
-            self.send_response(400)
-            self.send_header("Content-Type", "application/x-amz-json-1.1")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:  # quiet
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    body = json.dumps({"__type": "UnrecognizedClientException",
+                       "message": "The security token included in the request is invalid."}).encode()
+    with answering_every_request(400, body, "application/x-amz-json-1.1") as url:
+        yield url
 
 
 def test_cloudwatch_refusing_at_start_gives_the_aws_error_never_the_credentials(refusing_cloudwatch):
@@ -281,6 +305,25 @@ def test_sigterm_delivers_the_last_records_to_a_slow_cloudwatch(slow_cloudwatch,
     assert moto.log_events("/cape/slow", "org-a/uploader") == [f"uploader INFO stored {i}" for i in range(3)]
 
 
+def stop_within_the_grace(script: str, cwd: Path) -> str:
+    """Run `script` (which prints READY once set up), SIGTERM it, check it exits 0 about STOP_GRACE_SECONDS
+    later (before supervisord's SIGKILL); returns its output."""
+    env = {**os.environ, **config_env()}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=cwd, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        stopping = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        elapsed = time.monotonic() - stopping
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert logs.STOP_GRACE_SECONDS - 0.5 < elapsed < logs.STOP_GRACE_SECONDS + 2, elapsed
+    return output
+
+
 def test_a_stop_stuck_in_a_librarys_cleanup_still_ends_within_the_grace(tmp_path):
     """SIGTERM unwinds the program; when that unwinding blocks (s3transfer waiting for a request in flight, an
     executor joining a stuck download), the program still leaves, exit 0, logs flushed, before supervisord's
@@ -297,22 +340,34 @@ def test_a_stop_stuck_in_a_librarys_cleanup_still_ends_within_the_grace(tmp_path
             log.info("cleaning up")
             threading.Event().wait()  # a library's cleanup that never returns
     """)
-    env = {**os.environ, **config_env()}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "READY"
-        stopping = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        elapsed = time.monotonic() - stopping
-        output = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert logs.STOP_GRACE_SECONDS - 0.5 < elapsed < logs.STOP_GRACE_SECONDS + 2, elapsed
+    output = stop_within_the_grace(script, tmp_path)
     assert "uploader INFO cleaning up" in output
     assert (f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s (waiting on a request in "
-            "flight); leaving now, the work resumes at the next start") in output
+            "flight or on CloudWatch Logs); leaving now, the work resumes at the next start") in output
+
+
+def test_a_stop_stuck_flushing_a_log_handler_still_ends_within_the_grace(tmp_path):
+    """CloudWatch Logs not taking the last batch holds logging.shutdown() in a handler's flush, with that handler's
+    lock held: the grace's own line must not wait for that lock (it did, past supervisord's SIGKILL)."""
+    script = textwrap.dedent("""
+        import logging, threading, time
+        from services.worker import logs
+        from services.worker.config import WorkerConfig
+        log = logs.setup("uploader", WorkerConfig.from_env())
+
+        class Stuck(logging.Handler):
+            def emit(self, record):
+                pass
+
+            def flush(self):
+                threading.Event().wait()
+
+        logging.getLogger().addHandler(Stuck())
+        print("READY", flush=True)
+        time.sleep(60)
+    """)
+    output = stop_within_the_grace(script, tmp_path)
+    assert f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s" in output
 
 
 class OwnMoto(MotoAWS):

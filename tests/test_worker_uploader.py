@@ -10,6 +10,7 @@ from services.client.results import read_weights, weights_location
 from services.worker.config import WorkerConfig, parse_bucket
 from services.worker.spool import Spool
 from services.worker.uploader import ModelStore, Uploader, UploadError, weights_csv
+from tests.support.faults import answering_every_request
 
 TOKEN = "tok123,c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 WEIGHTS = [1.5, -2.25, 1e-12, 3.141592653589793]
@@ -155,3 +156,41 @@ def test_no_location_anywhere_is_an_error(tmp_path):
     spool = spool_with_result(config)
     Uploader(config, spool).cycle()
     assert "CAPE_BUCKET is not set" in statuses(spool)[0]["message"]
+
+
+@pytest.fixture
+def bad_gateway():
+    """A proxy whose S3 is away: every request answered 502 with an HTML page, no S3 error code."""
+    with answering_every_request(502, b"<html><body>502 Bad Gateway</body></html>", "text/html") as url:
+        yield url
+
+
+def test_a_gateways_5xx_is_retried_and_the_finished_jobs_model_kept(tmp_path, bad_gateway, caplog):
+    """A 502 with no S3 error code (a proxy, a store starting up) passes: ending the job in Error would throw the
+    finished computation away."""
+    caplog.set_level(logging.WARNING, logger="cape.uploader")
+    config = make_config(tmp_path, AWS_ENDPOINT_URL=bad_gateway, AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
+    spool = spool_with_result(config, model_location="s3://models")
+    store = ModelStore(config, read_timeout=5, attempts=1)
+    assert Uploader(config, spool, store).cycle() is False
+    assert spool.pending_results() == ["job1"] and statuses(spool) == []
+    assert "S3 is busy or unavailable writing s3://models/job1/regression_weights.csv (502); will retry" in caplog.text
+
+
+def test_a_job_stopped_before_its_upload_is_not_published(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="cape.uploader")
+    config = make_config(tmp_path, CAPE_BUCKET=f"file://{tmp_path}/bucket")
+    spool = spool_with_result(config)
+    spool.mark_ended("job1", "Stopped", "stopped by someone@example.org")
+    assert Uploader(config, spool).cycle()
+    assert not (tmp_path / "bucket" / "job1").exists()
+    assert statuses(spool) == [] and spool.pending_results() == []
+    assert "job job1 ended at the coordinator (Stopped) before its model was uploaded; the model is not written" in \
+        caplog.text
+
+
+def test_temporary_credentials_carry_their_session_token(tmp_path):
+    config = make_config(tmp_path, AWS_ACCESS_KEY_ID="ASIAEXAMPLE", AWS_SECRET_ACCESS_KEY="secret/key",
+                         AWS_SESSION_TOKEN="session-token-value")
+    assert config.boto3_kwargs()["aws_session_token"] == "session-token-value"
+    assert "session-token-value" in config.secrets and "session-token-value" not in repr(config)

@@ -2,8 +2,10 @@
 
 One `CheckResult` per check: the configuration (and a warning per CAPE_ variable the worker does not read), the
 spool and state directories, the worker's key files, the coordinator (login with CAPE_TOKEN), the broker, the bucket
-(write and delete a test object) and CloudWatch Logs when enabled. The directory and key checks run what `run` and
-its programs run, so `check` passes only where they would; they create nothing, so a mistyped path is not made real.
+(write and delete a test object) and CloudWatch Logs when enabled (make the group and stream <worker>/check if
+missing, as the programs would, and put one event: exactly the permissions they need). The directory and key checks
+run what `run` and its programs run, so `check` passes only where they would; they create nothing, so a mistyped
+path is not made real.
 Each failure says what is wrong and how to fix it; no secret appears.
 """
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import requests
 
@@ -26,6 +29,9 @@ from services.worker.keys import KeyFileError
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
+# AWS's codes for credentials it does not accept (unknown key, wrong secret, expired session token).
+_BAD_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
+                    "InvalidClientTokenId", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 KEY_FILES = tuple(keys.KEY_KINDS)
 # What the coordinator and the broker checks say of a token they refuse.
 USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
@@ -47,20 +53,27 @@ class CheckResult:
 
 def run_checks(environ: Mapping[str, str]) -> list[CheckResult]:
     """All checks in order; stops after the configuration (and its warnings) if it is invalid."""
+    return list(iter_checks(environ))
+
+
+def iter_checks(environ: Mapping[str, str]) -> Iterator[CheckResult]:
+    """The checks one at a time, each as soon as it is done (one that waits on the network shows which)."""
     # A misspelled variable may be why the configuration is invalid (a required one unset): warn either way.
     warnings = [CheckResult("variables", True, text, warning=True) for text in unknown_variables(environ)]
     try:
         config = WorkerConfig.from_env(environ)
     except ConfigError as exc:
-        return [CheckResult("configuration", False, str(exc)), *warnings]
+        yield CheckResult("configuration", False, str(exc))
+        yield from warnings
+        return
     warnings += [CheckResult("transport", True, text, warning=True) for text in config.warnings()]
-    results = [CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}"),
-               *warnings]
-    results += [check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR"), check_state(config),
-                check_keys(config), check_coordinator(config), check_broker(config), check_bucket(config)]
+    yield CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}")
+    yield from warnings
+    yield check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR")
+    for check in (check_state, check_keys, check_coordinator, check_broker, check_bucket):
+        yield check(config)
     if config.cloudwatch:
-        results.append(check_cloudwatch(config))
-    return results
+        yield check_cloudwatch(config)
 
 
 def check_directory(name: str, path: Path, variable: str) -> CheckResult:
@@ -165,42 +178,70 @@ def check_bucket(config: WorkerConfig) -> CheckResult:
         return CheckResult("bucket", True, "CAPE_BUCKET not set: results go to each job's model_location")
     if bucket.scheme == "file" and not Path(bucket.name).is_dir():
         return _missing_directory("bucket", Path(bucket.name), "CAPE_BUCKET")
-    store = ModelStore(config)
+    store = ModelStore(config, read_timeout=CHECK_TIMEOUT, attempts=1)  # an answer in seconds, not minutes
     key = "/".join(p for p in (bucket.prefix, f".cape-worker-check-{secrets.token_hex(6)}") if p)
     try:
         # The S3 upload's scratch file: not in the spool, which this check does not create.
         with tempfile.TemporaryDirectory(prefix="cape-worker-check-") as scratch:
             store.put_bytes(bucket, key, b"cape-worker check\n", Path(scratch))
-        store.delete(bucket, key)
     except UploadError as exc:
         return CheckResult("bucket", False, str(exc))
-    except Exception as exc:  # noqa: BLE001 -- e.g. s3:DeleteObject denied: report it, never a traceback
-        return CheckResult("bucket", False, f"cannot delete the test object in {bucket.uri} "
-                                            f"({type(exc).__name__}); allow s3:DeleteObject or remove it by hand")
     where = "exists and is writable: " if bucket.scheme == "file" else ""
+    try:
+        store.delete(bucket, key)
+    except Exception as exc:  # noqa: BLE001 -- s3:DeleteObject denied, say: the worker never deletes, so not a failure
+        return CheckResult("bucket", True, f"{bucket.uri}: {where}wrote a test object, {key}, but could not delete "
+                                           f"it ({type(exc).__name__}; the worker needs only s3:PutObject): remove "
+                                           "it by hand")
     return CheckResult("bucket", True, f"{bucket.uri}: {where}wrote and deleted a test object")
 
 
 def check_cloudwatch(config: WorkerConfig) -> CheckResult:
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import (
+        BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError,
+    )
 
-    client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
-                          **config.boto3_kwargs())
+    # What the programs do, and only that (their minimal policy has no read permission): make the group and a
+    # stream if missing, and put one event, in stream <worker>/check.
+    stream = f"{config.worker_name}/check"
+    made = False
     try:
-        groups = client.describe_log_groups(logGroupNamePrefix=config.log_group, limit=5)["logGroups"]
+        client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
+                              **config.boto3_kwargs())
+        try:
+            client.create_log_group(logGroupName=config.log_group)
+            made = True
+        except client.exceptions.ResourceAlreadyExistsException:
+            pass
+        try:
+            client.create_log_stream(logGroupName=config.log_group, logStreamName=stream)
+        except client.exceptions.ResourceAlreadyExistsException:
+            pass
+        client.put_log_events(logGroupName=config.log_group, logStreamName=stream, logEvents=[
+            {"timestamp": int(time.time() * 1000), "message": "cape-worker check: this worker can write here"}])
     except NoCredentialsError:
         return CheckResult("cloudwatch", False, "no AWS credentials: set AWS_ACCESS_KEY_ID and "
                                                 "AWS_SECRET_ACCESS_KEY, or CAPE_CLOUDWATCH=off")
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "error")
-        return CheckResult("cloudwatch", False, f"CloudWatch Logs refused the request ({code}); allow "
-                                                "logs:CreateLogGroup, logs:CreateLogStream, logs:PutLogEvents, or "
-                                                "set CAPE_CLOUDWATCH=off")
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "error")
+        if code in _BAD_CREDENTIALS:
+            return CheckResult("cloudwatch", False, f"AWS does not accept this worker's credentials ({code}): check "
+                                                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, "
+                                                    "or set CAPE_CLOUDWATCH=off")
+        if code in ("AccessDeniedException", "AccessDenied", "403"):  # a bare 403: the body was not AWS JSON
+            return CheckResult("cloudwatch", False, f"CloudWatch Logs refused {exc.operation_name} ({code}); allow "
+                                                    "logs:CreateLogGroup, logs:CreateLogStream, logs:PutLogEvents, "
+                                                    "or set CAPE_CLOUDWATCH=off")
+        return CheckResult("cloudwatch", False, f"CloudWatch Logs answered {exc.operation_name} with {code} "
+                                                f"({error.get('Message') or 'no message'}); check AWS_REGION and "
+                                                "AWS_ENDPOINT_URL, or set CAPE_CLOUDWATCH=off")
     except BotoCoreError as exc:
-        return CheckResult("cloudwatch", False, f"cannot reach CloudWatch Logs ({type(exc).__name__}); check "
-                                                "AWS_REGION / AWS_ENDPOINT_URL, or set CAPE_CLOUDWATCH=off")
-    exists = any(g["logGroupName"] == config.log_group for g in groups)
-    return CheckResult("cloudwatch", True, f"log group {config.log_group} "
-                                           f"{'exists' if exists else 'will be created at start'}")
+        verb = "reach" if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)) else "use"
+        return CheckResult("cloudwatch", False, f"cannot {verb} CloudWatch Logs ({type(exc).__name__}: {exc}); check "
+                                                "AWS_REGION / AWS_ENDPOINT_URL / AWS_PROFILE, or set "
+                                                "CAPE_CLOUDWATCH=off")
+    return CheckResult("cloudwatch", True, f"log group {config.log_group}{' (made now)' if made else ''}: wrote a "
+                                           f"test event to stream {stream}")

@@ -233,7 +233,7 @@ def _relay(read_fd: int, out_fd: int) -> None:
 @main.command()
 def check() -> None:
     """Validate the configuration and reach each endpoint: one line per check, non-zero exit on failure."""
-    from services.worker.checks import CheckResult, run_checks  # boto3, numpy: not loaded for `health` (every 30 s)
+    from services.worker.checks import CheckResult, iter_checks  # boto3, numpy: not loaded for `health` (every 30 s)
 
     try:
         _load_dotenv()
@@ -242,7 +242,7 @@ def check() -> None:
         sys.exit(1)
     _for_this_user_only()  # its probe and scratch files, and any folder a library makes
     ok = True
-    for result in run_checks(os.environ):
+    for result in iter_checks(os.environ):  # each line as its check ends: a slow endpoint shows which it is
         click.echo(result.line())
         ok = ok and result.ok
     sys.exit(0 if ok else 1)

@@ -31,6 +31,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _LOG_GROUP_RE = re.compile(r"^[A-Za-z0-9_\-/.#]{1,512}$")
+# botocore's rule for a region name (botocore.utils.validate_region_name, which raises InvalidRegionError at client
+# creation, inside every program); S3-compatible stores' names like "auto" or "garage" pass it.
+_REGION_RE = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
 # What a fix looks like in an error message: a Cape server (coordinator, broker), an S3-compatible endpoint.
 _SERVER_EXAMPLE = "https://cape.example.com"
 _S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
@@ -127,6 +130,7 @@ class WorkerConfig:
     aws_endpoint_url: str | None = None
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)  # temporary credentials (assume-role, SSO)
     poll_interval: float = 2.0
 
     def warnings(self) -> list[str]:
@@ -144,7 +148,8 @@ class WorkerConfig:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in a log line."""
-        return tuple(s for s in (self.token, self.token.split(",", 1)[1], self.aws_secret_access_key) if s)
+        return tuple(s for s in (self.token, self.token.split(",", 1)[1], self.aws_secret_access_key,
+                                 self.aws_session_token) if s)
 
     @property
     def run_dir(self) -> Path:
@@ -159,6 +164,8 @@ class WorkerConfig:
         if self.aws_access_key_id and self.aws_secret_access_key:
             kwargs["aws_access_key_id"] = self.aws_access_key_id
             kwargs["aws_secret_access_key"] = self.aws_secret_access_key
+            if self.aws_session_token:
+                kwargs["aws_session_token"] = self.aws_session_token
         return kwargs
 
     @classmethod
@@ -192,8 +199,16 @@ class WorkerConfig:
         if cloudwatch_raw not in _ON | _OFF:
             raise ConfigError("CAPE_CLOUDWATCH", "must be 'on' or 'off'")
         log_group = get("CAPE_LOG_GROUP", DEFAULT_LOG_GROUP)
+        if len(log_group) > 512:
+            raise ConfigError("CAPE_LOG_GROUP", f"is {len(log_group)} characters long; CloudWatch takes at most 512")
         if not _LOG_GROUP_RE.match(log_group):
             raise ConfigError("CAPE_LOG_GROUP", "use letters, digits and _ - / . # only (for example /cape/worker)")
+        if log_group.startswith("aws/"):
+            raise ConfigError("CAPE_LOG_GROUP", "names starting with aws/ are reserved by AWS; use e.g. /cape/worker")
+        region = get("AWS_REGION", get("AWS_DEFAULT_REGION", DEFAULT_REGION))
+        if not _REGION_RE.match(region):
+            raise ConfigError("AWS_REGION" if get("AWS_REGION") else "AWS_DEFAULT_REGION",
+                              f"{show(region)} is not a region name (like eu-west-1)")
         poll_interval = _parse_poll_interval(get("CAPE_POLL_INTERVAL", "2"), show)
         return cls(
             token=token,
@@ -206,10 +221,11 @@ class WorkerConfig:
             log_level=log_level,
             cloudwatch=cloudwatch_raw in _ON,
             log_group=log_group,
-            aws_region=get("AWS_REGION", get("AWS_DEFAULT_REGION", DEFAULT_REGION)),
+            aws_region=region,
             aws_endpoint_url=endpoint,
             aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
+            aws_session_token=get("AWS_SESSION_TOKEN") or None,
             poll_interval=poll_interval,
         )
 

@@ -105,6 +105,7 @@ def setup(program: str, config: WorkerConfig | None = None, stream=None) -> logg
     console.setFormatter(LineFormatter(program))
     console.addFilter(redactor)
     root.addHandler(console)
+    _setups.console = console
     logger = logging.getLogger(f"cape.{program}")
 
     if config is not None and config.cloudwatch:
@@ -174,13 +175,15 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler:
     # A call may take as long as a stop waits for it: a slow but answering endpoint (a busy machine at shutdown,
     # when every program flushes at once) still gets the last records. The stop itself is bounded by the waits
     # (FLUSH_TIMEOUT), not by these timeouts; a dead endpoint fails at connect.
-    client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=CLOUDWATCH_FLUSH_TIMEOUT,
-                                                 retries={"max_attempts": 1, "mode": "standard"}),
-                          **_logs_kwargs(config))
-    kwargs = dict(log_group_name=config.log_group, log_stream_name=f"{config.worker_name}/{program}",
-                  boto3_client=client, send_interval=CLOUDWATCH_SEND_INTERVAL)
     try:
-        handler = watchtower.CloudWatchLogHandler(create_log_group=True, **kwargs)
+        # Inside the try: making the client resolves the credentials and region (a missing AWS_PROFILE, a
+        # credentials endpoint not up yet), which must not crash the program.
+        client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=CLOUDWATCH_FLUSH_TIMEOUT,
+                                                     retries={"max_attempts": 1, "mode": "standard"}),
+                              **_logs_kwargs(config))
+        handler = watchtower.CloudWatchLogHandler(
+            create_log_group=True, log_group_name=config.log_group, log_stream_name=f"{config.worker_name}/{program}",
+            boto3_client=client, send_interval=CLOUDWATCH_SEND_INTERVAL)
     except (BotoCoreError, ClientError) as exc:
         raise CloudWatchUnavailable(_aws_error_reason(exc)) from None
     handler.FLUSH_TIMEOUT = CLOUDWATCH_FLUSH_TIMEOUT  # bound flush()/close() so a slow endpoint cannot stall a stop
@@ -210,6 +213,7 @@ class _DeliveryWatch:
         self.rejections_said = False
         self._submit = handler._submit_batch
         handler._submit_batch = self._submit_batch  # watchtower's delivery thread calls it per batch
+        self.client = handler.cwl_client
         events = handler.cwl_client.meta.events
         operation = f"{handler.cwl_client.meta.service_model.service_id.hyphenize()}.PutLogEvents"
         events.register(f"after-call.{operation}", self._answered)
@@ -222,12 +226,29 @@ class _DeliveryWatch:
 
     def _submit_batch(self, batch: list, *args: object, **kwargs: object) -> None:
         _delivering.watch, _delivering.delivered, _delivering.problem = self, False, "cannot be reached"
+        _delivering.group_missing = False
         try:
             self._submit(batch, *args, **kwargs)
         finally:
             _delivering.watch = None
         if batch:
             self._settle(len(batch), _delivering.delivered, _delivering.problem)
+        if not _delivering.delivered and _delivering.group_missing:
+            self._make_group_again()
+
+    def _make_group_again(self) -> None:
+        """The log group was deleted under a running worker: watchtower makes only streams again, so without
+        this every later batch would be dropped until a restart."""
+        try:
+            self.client.create_log_group(logGroupName=self.log_group)
+        except self.client.exceptions.ResourceAlreadyExistsException:
+            return
+        except Exception as exc:  # noqa: BLE001 -- AWS refusing or unreachable: the outage line already stands
+            self.say(logging.WARNING, "CloudWatch Logs: log group %s does not exist and could not be made (%s); "
+                                      "make it, or allow logs:CreateLogGroup", self.log_group, _aws_error_reason(exc))
+            return
+        self.say(logging.INFO, "CloudWatch Logs: log group %s had been deleted; made it again, the next records go "
+                               "to it", self.log_group)
 
     def _settle(self, records: int, delivered: bool, problem: str) -> None:
         if delivered:
@@ -246,6 +267,8 @@ class _DeliveryWatch:
         if http_response.status_code >= 300:
             error = parsed.get("Error", {})
             _delivering.problem = f"refuses the records ({error.get('Code')}: {error.get('Message')})"
+            if error.get("Code") == "ResourceNotFoundException" and "group" in str(error.get("Message")).lower():
+                _delivering.group_missing = True
             return
         _delivering.delivered = True
         if "rejectedLogEventsInfo" in parsed and not self.rejections_said:  # the same cause every time: say it once
@@ -277,11 +300,22 @@ def _report_watchtower_warnings(watch: _DeliveryWatch) -> None:
 
 
 def _leave_now() -> None:
-    """The stop's unwinding is stuck in a library's cleanup (s3transfer waits for a request in flight, an
-    executor joins a blocked download): leave anyway, as a kill would, but with the logs flushed."""
-    logging.getLogger("cape.worker").warning("still stopping after %.0f s (waiting on a request in flight); "
-                                             "leaving now, the work resumes at the next start", STOP_GRACE_SECONDS)
-    exit_now(0)
+    """The stop's unwinding is stuck (s3transfer waits for a request in flight, an executor joins a blocked
+    download, CloudWatch Logs does not take the last records): leave anyway, as a kill would, with stdout flushed.
+
+    Not through `logging`: the stuck unwinding may be logging.shutdown() itself, which holds the CloudWatch
+    handler's lock while it flushes, and a record logged here would wait for that lock past supervisord's SIGKILL.
+    """
+    console = getattr(_setups, "console", None)
+    message = (f"still stopping after {STOP_GRACE_SECONDS:.0f} s (waiting on a request in flight or on CloudWatch "
+               "Logs); leaving now, the work resumes at the next start")
+    if console is not None:
+        record = logging.LogRecord("cape.worker", logging.WARNING, __file__, 0, message, None, None)
+        try:
+            console.stream.write(console.format(record) + "\n")
+        except (OSError, ValueError):
+            pass
+    exit_now(0, flush_logging=False)
 
 
 def _logs_kwargs(config: WorkerConfig) -> dict[str, str]:

@@ -74,8 +74,12 @@ def object_uri(bucket: Bucket, key: str) -> str:
 class ModelStore:
     """Writes objects to an s3:// bucket (boto3 managed transfer) or a file:// directory."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, read_timeout: float = 60, attempts: int = 3) -> None:
+        """`read_timeout` and `attempts` bound each S3 request (a check wants an answer in seconds, an upload can
+        wait)."""
         self.config = config
+        self.read_timeout = read_timeout
+        self.attempts = attempts
         self._s3 = None
 
     @property
@@ -84,8 +88,8 @@ class ModelStore:
             import boto3
             from botocore.config import Config
 
-            self._s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
-                                                        retries={"max_attempts": 3, "mode": "standard"}),
+            self._s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=self.read_timeout,
+                                                        retries={"max_attempts": self.attempts, "mode": "standard"}),
                                     **self.config.boto3_kwargs())
         return self._s3
 
@@ -112,6 +116,7 @@ class ModelStore:
         uri = object_uri(bucket, key)
         transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
         try:
+            # Making the client is inside: it resolves credentials and region (a missing AWS_PROFILE, say).
             self.s3.upload_file(str(path), bucket.name, key, Config=transfer)
         except NoCredentialsError:
             raise UploadError(f"no AWS credentials to write {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
@@ -123,7 +128,9 @@ class ModelStore:
             raise UploadUnavailable(f"cannot reach S3 to write {uri}; check AWS_ENDPOINT_URL, AWS_REGION and the "
                                     "network") from None
         except BotoCoreError as exc:
-            raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}") from None
+            # botocore's text names what is wrong (a profile, a credentials endpoint), never a secret's value.
+            raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}: {exc}; will retry "
+                                    "(fix the AWS settings and restart the worker if this persists)") from None
         return uri
 
     def delete(self, bucket: Bucket, key: str) -> None:
@@ -145,13 +152,16 @@ class ModelStore:
 
 
 def _upload_error(uri: str, exc: Exception) -> UploadError:
-    code = ""
+    code, status = "", 0
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code", "")
-    if not code:
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if not code:  # boto3's S3UploadFailedError keeps only the text: "An error occurred (502) when calling ..."
         match = re.search(r"\((\w+)\)", str(exc))
         code = match.group(1) if match else ""
+    if not status and code.isdigit():
+        status = int(code)
     public = f"the model owner's bucket refused the model ({code or type(exc).__name__})"
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return UploadError(f"AWS does not accept this worker's credentials writing {uri} ({code}): check "
@@ -162,9 +172,12 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
     if code in ("NoSuchBucket", "404"):
         return UploadError(f"the bucket of {uri} does not exist: create it, or fix CAPE_BUCKET / the job's "
                            "model_location", f"the model owner's bucket does not exist ({code})")
-    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
-        return UploadUnavailable(f"S3 is busy writing {uri} ({code}); will retry")
-    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__})", public)
+    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500 or status == 429:
+        # A proxy or a load balancer answering 502, a store starting up: the finished job's model must not be
+        # thrown away for what passes.
+        return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status}); will retry")
+    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__}); if AWS_ENDPOINT_URL is set, check "
+                       "it is an S3-compatible store", public)
 
 
 class Uploader:
@@ -198,11 +211,20 @@ class Uploader:
                               "owner's worker")
         return bucket
 
-    def upload(self, job_id: str) -> str:
-        """Store one job's weights and metrics; queue its completed status; return the weights URI."""
+    def upload(self, job_id: str) -> str | None:
+        """Store one job's weights and metrics; queue its completed status; return the weights URI (None for a job
+        that ended at the coordinator meanwhile, whose model is not written)."""
         result = self.spool.read_result(job_id)
         if result is None:
             raise UploadError(f"no result for job {job_id} in the spool")
+        ended = self.spool.ended(job_id)
+        if ended is not None:
+            # Stopped (or ended in Error) before its model was written: publishing it now would go against the
+            # decision that stopped it.
+            self.spool.ack_result(job_id, failed=True)
+            log.warning("job %s ended at the coordinator (%s) before its model was uploaded; the model is not "
+                        "written", job_id, ended.get("status"))
+            return None
         bucket = self.bucket_for(result, job_id)
         metrics = {k: float(v) for k, v in (result.get("metrics") or {}).items()}
         scratch = self.spool.root / "tmp"

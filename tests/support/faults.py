@@ -7,10 +7,13 @@ the client in between: the server did the work (stored the message, took the rep
 client never heard. `retarget(port)` points new connections at a restarted server; `cut(True)` makes the server
 unreachable through the relay (open connections dropped, new ones closed at once) until `cut(False)`.
 
-`relay` fixture: `relay(target_port)` -> a started `Relay`, closed at teardown.
+`relay` fixture: `relay(target_port)` -> a started `Relay`, closed at teardown. `answering_every_request(status,
+body, content_type)`: a server that answers everything the same way (an endpoint refusing, a proxy's 502).
 """
 from __future__ import annotations
 
+import contextlib
+import http.server
 import re
 import socket
 import threading
@@ -169,3 +172,30 @@ def relay() -> Iterator[Callable[[int], Relay]]:
     yield start
     for item in started:
         item.close()
+
+
+@contextlib.contextmanager
+def answering_every_request(status: int, body: bytes, content_type: str) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every request with `status` and `body` (after reading the request's
+    body): an endpoint that refuses, or a proxy whose backend is away. Yields its base URL."""
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = do_PUT = _answer
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
