@@ -524,3 +524,24 @@ def test_status_says_when_the_coordinator_is_unreachable(start_worker, tmp_path)
     assert any(line.startswith("coordinator: the coordinator is unreachable; the poller retries (since 20")
                for line in lines), lines
     assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0
+
+
+def test_check_answers_within_seconds_from_an_s3_endpoint_that_never_answers(tmp_path):
+    """Connections are taken (the backlog) but nothing is ever read: the uploader's own patience (60 s, three
+    attempts) made `check` silent for four minutes; its lines come as each check ends."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(50)
+    try:
+        env = worker_env(tmp_path, "w", CAPE_BUCKET="s3://models", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b",
+                         AWS_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}")
+        started = time.monotonic()
+        code, lines, out = check(env)
+        elapsed = time.monotonic() - started
+    finally:
+        hung.close()
+    assert code == 1 and elapsed < 30, (elapsed, out)
+    assert lines["bucket"].startswith("FAIL bucket        S3 failed while writing s3://models/.cape-worker-check-"), out
+    assert "ReadTimeoutError" in lines["bucket"], out

@@ -174,7 +174,8 @@ def test_a_gateways_5xx_is_retried_and_the_finished_jobs_model_kept(tmp_path, ba
     store = ModelStore(config, read_timeout=5, attempts=1)
     assert Uploader(config, spool, store).cycle() is False
     assert spool.pending_results() == ["job1"] and statuses(spool) == []
-    assert "S3 is busy or unavailable writing s3://models/job1/regression_weights.csv (502); will retry" in caplog.text
+    assert ("S3 is busy or unavailable writing s3://models/job1/regression_weights.csv (502); trying again later"
+            in caplog.text)
 
 
 def test_a_job_stopped_before_its_upload_is_not_published(tmp_path, caplog):

@@ -129,8 +129,8 @@ class ModelStore:
                                     "network") from None
         except BotoCoreError as exc:
             # botocore's text names what is wrong (a profile, a credentials endpoint), never a secret's value.
-            raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}: {exc}; will retry "
-                                    "(fix the AWS settings and restart the worker if this persists)") from None
+            raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}: {exc}; check "
+                                    "AWS_ENDPOINT_URL, AWS_REGION and the AWS credentials' settings") from None
         return uri
 
     def delete(self, bucket: Bucket, key: str) -> None:
@@ -175,7 +175,7 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
     if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500 or status == 429:
         # A proxy or a load balancer answering 502, a store starting up: the finished job's model must not be
         # thrown away for what passes.
-        return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status}); will retry")
+        return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})")
     return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__}); if AWS_ENDPOINT_URL is set, check "
                        "it is an S3-compatible store", public)
 
@@ -254,7 +254,7 @@ class Uploader:
             try:
                 self.upload(job_id)
             except UploadUnavailable as exc:
-                log.warning("job %s: %s", job_id, exc)
+                log.warning("job %s: %s; trying again later (the result stays in the spool)", job_id, exc)
                 healthy = False
             except UploadError as exc:
                 self.fail(job_id, exc)
