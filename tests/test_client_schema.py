@@ -62,10 +62,13 @@ def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
     pq.write_table(pa.table({
         "age": pa.array([30, 41], pa.int32()), "height": [1.8, 1.7], "city": ["Oslo", "Rome"],
         "member": [True, False], "price": pa.array([Decimal("1.50"), Decimal("2.25")], pa.decimal128(5, 2)),
+        # Numbers stored as text: the workers (and `cape simulate`) read them as numbers, so the schema says so.
+        "income": ["1200.5", " 2200 "], "rooms": pa.array(["3", None], pa.large_string()),
     }), parquet)
     expected = [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
                 {"name": "city", "type": "string"}, {"name": "member", "type": "integer"},
-                {"name": "price", "type": "number"}]
+                {"name": "price", "type": "number"}, {"name": "income", "type": "number"},
+                {"name": "rooms", "type": "integer"}]
     assert schema_from_file(parquet) == expected
     disguised = tmp_path / "really-parquet.csv"  # the format comes from the first bytes, as for the workers
     disguised.write_bytes(parquet.read_bytes())

@@ -184,7 +184,19 @@ def _parquet_schema(path: Path) -> Schema:
     except (pa.ArrowException, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadArgument(f"{path} is not a readable Parquet file ({reason})") from None
-    return [_column(field.name, _arrow_type(field.type)) for field in fields]
+    kinds = {field.name: _arrow_type(field.type) for field in fields}
+    # Text columns get the CSV's guess from their first rows: numbers stored as text are numbers to the workers,
+    # which read them as such (and so does `cape simulate`).
+    text = [field.name for field in fields if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+    if text:
+        try:
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=SAMPLE_ROWS, columns=text), None)
+        except (pa.ArrowException, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BadArgument(f"{path} is not a readable Parquet file ({reason})") from None
+        for name in text if batch is not None else ():
+            kinds[name] = _guess_type([v.strip() for v in batch.column(name).to_pylist() if v and v.strip()])
+    return [_column(field.name, kinds[field.name]) for field in fields]
 
 
 def _arrow_type(kind: pa.DataType) -> str:
