@@ -141,14 +141,18 @@ def test_a_revoked_own_token_says_how_to_get_another(cape_server, cape_cli) -> N
     org = cape_server.create_org("acme")
     token = org["user_token"]
     token_id = token.split(",", 1)[0]
+    made = cape_cli("tokens", "create", "--description", "spare", "--json", env=env_of(cape_server, token))
+    assert made.exit_code == 0, made.stderr
+    spare = json.loads(made.stdout)["token"]
     result = cape_cli("orgs", "revoke-token", token_id, env=env_of(cape_server, token))
     assert result.exit_code == 0, result.stderr
     assert result.stderr.startswith("warning: it was the token this command used: log in with another")
+    assert cape_cli("whoami", env=env_of(cape_server, spare)).exit_code == 0  # made before: carries on
     refused = cape_cli("projects", "list", env=env_of(cape_server, token))
     assert one_error_line(refused.stderr) == (
-        "error: the token was revoked; make another with a token of yours that still works (the SDK's "
-        "`Cape().create_user_token()`), or ask the server's operator for one (`cape-server admin create-user-token "
-        "EMAIL`) (HTTP 401)")
+        "error: the token was revoked; make another with a token of yours that still works (`cape tokens create`), "
+        "or ask the server's operator for one (`cape-server admin create-user-token EMAIL`) (HTTP 401)")
+    # Without another token of theirs, the server's operator makes one.
     issued = json.loads(cape_server.admin("create-user-token", "admin@acme.example", "--json"))
     assert issued["user"]["email"] == "admin@acme.example"
     assert cape_cli("projects", "list", env=env_of(cape_server, issued["token"])).exit_code == 0

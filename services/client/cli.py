@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from services.client.commands.auth import login, whoami
+from services.client.commands.auth import login, tokens, whoami
 from services.client.commands.dataviews import dataviews
 from services.client.commands.jobs import jobs
 from services.client.commands.orgs import orgs
@@ -46,7 +46,7 @@ def cape() -> None:
     """
 
 
-for command in (login, whoami, orgs, projects, dataviews, jobs, simulate):
+for command in (login, whoami, tokens, orgs, projects, dataviews, jobs, simulate):
     cape.add_command(command)
 
 

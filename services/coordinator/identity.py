@@ -194,8 +194,8 @@ def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
                            code="bad_token")
     if row["revoked_at"]:
         advice = ("ask your organization's admin for a new one" if row["kind"] == "organization" else
-                  "make another with a token of yours that still works (the SDK's `Cape().create_user_token()`), "
-                  "or ask the server's operator for one (`cape-server admin create-user-token EMAIL`)")
+                  "make another with a token of yours that still works (`cape tokens create`), or ask the "
+                  "server's operator for one (`cape-server admin create-user-token EMAIL`)")
         raise Unauthorized(f"the token was revoked; {advice}", code="revoked_token")
     _note_use(conn, row)
     if row["kind"] == "organization":

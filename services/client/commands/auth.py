@@ -1,4 +1,4 @@
-"""`cape login` and `cape whoami`."""
+"""`cape login`, `cape whoami` and `cape tokens` (your own user tokens)."""
 from __future__ import annotations
 
 import sys
@@ -69,3 +69,24 @@ def describe(identity: dict[str, Any]) -> str:
         return f"{org.get('label') or org.get('id', '?')} (organization token)"
     user = identity.get("user") or {}
     return f"{user.get('email') or user.get('id', '?')} (user token)"
+
+
+@click.group()
+def tokens() -> None:
+    """Your own user tokens (an organization's worker tokens are under `cape orgs`)."""
+
+
+@tokens.command("create")
+@click.option("--description", help="What the token is for (e.g. a new laptop).")
+@json_option
+@pass_cli
+def create_token(cli: CliContext, description: str | None, as_json: bool) -> None:
+    """Make another user token for yourself, with the roles of the one in use; it is shown once. Before revoking
+    the token you use (`cape orgs revoke-token ID`), make its successor here."""
+    issued = cli.cape().create_user_token(description)
+    if as_json:
+        print_json(issued)
+        return
+    click.echo(f"user token {issued['id']}: {issued['token']}")
+    click.echo("shown once: keep it (cape login --token ...); revoke it with `cape orgs revoke-token "
+               f"{issued['id']}`", err=True)

@@ -177,5 +177,5 @@ def revoke_token(cli: CliContext, token_id: str) -> None:
                "now on.")
     if token_id == cape.token_id:
         click.echo("warning: it was the token this command used: log in with another (`cape login --token ...`); "
-                   "the server's operator makes a new user token (`cape-server admin create-user-token EMAIL`)",
-                   err=True)
+                   "without one, the server's operator makes a new user token (`cape-server admin create-user-token "
+                   "EMAIL`)", err=True)
