@@ -30,6 +30,9 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
         return "it does not speak TLS on this port; use http:// for it, or its TLS port"
     if "refused" in lowered:
         return "connection refused"
+    if any(words in lowered for words in ("name or service not known", "nodename nor servname", "name resolution",
+                                          "nameresolutionerror", "no address associated")):
+        return "the host name does not resolve; check the URL"
     if urlparse(url).scheme == "http" and ("remotedisconnected" in lowered or "connection aborted" in lowered
                                             or "connection reset" in lowered):
         return ("the connection closed without an answer: the server restarting, or a TLS port, whose URL must "

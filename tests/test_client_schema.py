@@ -75,6 +75,13 @@ def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
     assert schema_from_file(disguised) == expected
 
 
+def test_schema_from_parquet_with_a_name_twice_says_so(tmp_path: Path) -> None:
+    parquet = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["1", "2"]), pa.array(["3", "4"])], names=["a", "a"]), parquet)
+    with pytest.raises(BadArgument, match="column 'a' appears twice in the schema"):
+        schema_from_file(parquet)
+
+
 def test_schema_from_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(BadArgument) as info:
         schema_from_file(tmp_path / "missing.parquet")

@@ -124,6 +124,15 @@ def test_the_cli_names_an_untrusted_certificate(tls, tls_server, cape_cli, monke
         "signed it); check the URL (cape login --coordinator, CAPE_COORDINATOR) and that the server is running")
 
 
+def test_the_cli_names_a_ca_bundle_that_is_not_there(cape_cli, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    result = cape_cli("projects", "list", env={"CAPE_COORDINATOR": "https://127.0.0.1:9", "CAPE_TOKEN": DUMMY_TOKEN})
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: REQUESTS_CA_BUNDLE names {str(tmp_path / 'missing.pem')!r}, which is not a file (or directory) of "
+        "CA certificates; give the PEM file of the CA that signed the coordinator's certificate")
+
+
 def test_a_broker_running_alone_reaches_its_coordinator_over_tls(tls, tls_server, tmp_path, monkeypatch):
     """The broker asks the coordinator about every caller; httpx trusts the CA in SSL_CERT_FILE."""
     org = tls_server.create_org("acme")
@@ -178,6 +187,18 @@ def test_serve_refuses_bad_tls_files_in_one_line(tls, tmp_path, args, message):
     assert not (tmp_path / "data").exists()  # refused before anything was made
 
 
+def test_a_name_that_does_not_resolve_is_said_so():
+    """As requests wraps it (urllib3's NameResolutionError around socket.gaierror); no lookup is made here."""
+    import socket
+
+    import urllib3
+
+    cause = socket.gaierror(-2, "Name or service not known")
+    wrapped = requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/v1/login", cause))
+    assert connection_problem(wrapped, "https://cape.example.invalid") == (
+        "the host name does not resolve; check the URL")
+
+
 def test_plain_http_to_another_machine_is_warned_of():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("cape.example.com") and not is_loopback("10.0.0.1")
@@ -207,3 +228,10 @@ def test_serve_warns_of_plain_http_on_an_address_other_machines_reach(tmp_path):
         "cape-server: warning: serving plain HTTP on 192.0.2.1: tokens and job details cross the network "
         "unencrypted; give --tls-cert and --tls-key, or serve behind a TLS proxy")
     assert "cannot listen on 192.0.2.1:0" in result.stderr
+    # A broker alone sends every worker's token to its coordinator: plain http:// to another machine is said too.
+    result = subprocess.run([*cape_server_command(), "serve", "--host", "192.0.2.1", "--port", "0", "--data-dir",
+                             str(tmp_path / "data"), "--only", "broker", "--coordinator-url",
+                             "http://cape.example.org"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert ("cape-server: warning: --coordinator-url http://cape.example.org is plain http:// to another machine: "
+            "the broker sends every worker's token there unencrypted; use its https:// URL") in result.stderr

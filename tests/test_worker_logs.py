@@ -101,6 +101,40 @@ def test_a_log_group_deleted_under_a_running_program_is_made_again(moto):
     assert "runner INFO CloudWatch Logs: log group /cape/regrow had been deleted; made it again" in out.getvalue()
 
 
+def test_a_log_group_that_cannot_be_made_again_is_said_once(moto):
+    """Without logs:CreateLogGroup any more, every batch after the deletion fails: one line says so, not one per
+    batch (and no CreateLogGroup call per batch)."""
+    import json
+
+    iam = moto.client("iam")
+    iam.create_user(UserName="logger")
+    key = iam.create_access_key(UserName="logger")["AccessKey"]
+
+    def allow(*actions: str) -> None:
+        iam.put_user_policy(UserName="logger", PolicyName="logs", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": "*"}]}))
+
+    allow("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents")
+    config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/gone", **{
+        **moto.env, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}))
+    moto.enforce_iam(True)
+    out = io.StringIO()
+    log = logs.setup("runner", config, stream=out)
+    handler = logging.getLogger().handlers[-1]
+    moto.enforce_iam(False)  # the test's own calls, as an administrator
+    allow("logs:CreateLogStream", "logs:PutLogEvents")
+    moto.client("logs").delete_log_group(logGroupName="/cape/gone")
+    moto.enforce_iam(True)
+    for batch in range(3):
+        log.info("batch %d", batch)
+        handler.flush()
+    handler.close()
+    said = [line for line in out.getvalue().splitlines() if "does not exist and could not be made" in line]
+    assert len(said) == 1, out.getvalue()
+    assert "make it, or allow logs:CreateLogGroup" in said[0]
+    assert key["SecretAccessKey"] not in out.getvalue()
+
+
 def test_aws_settings_that_cannot_make_a_client_leave_the_program_running(monkeypatch, tmp_path):
     """A missing AWS_PROFILE failed in making the boto3 client, before the guarded part: every program crashed."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -305,10 +339,26 @@ def test_sigterm_delivers_the_last_records_to_a_slow_cloudwatch(slow_cloudwatch,
     assert moto.log_events("/cape/slow", "org-a/uploader") == [f"uploader INFO stored {i}" for i in range(3)]
 
 
-def stop_within_the_grace(script: str, cwd: Path) -> str:
-    """Run `script` (which prints READY once set up), SIGTERM it, check it exits 0 about STOP_GRACE_SECONDS
-    later (before supervisord's SIGKILL); returns its output."""
-    env = {**os.environ, **config_env()}
+# A program whose stop unwinds into a library's cleanup that never returns (s3transfer waiting for a request in
+# flight, an executor joining a stuck download).
+STUCK_IN_CLEANUP = textwrap.dedent("""
+    import threading, time
+    from services.worker import logs
+    from services.worker.config import WorkerConfig
+    log = logs.setup("uploader", WorkerConfig.from_env())
+    try:
+        print("READY", flush=True)
+        time.sleep(60)
+    finally:
+        log.info("cleaning up")
+        threading.Event().wait()
+""")
+
+
+def stop_within_the_grace(script: str, cwd: Path, **extra: str) -> str:
+    """Run `script` (which prints READY once set up) with the variables `extra`, SIGTERM it, check it exits 0 about
+    STOP_GRACE_SECONDS later (before supervisord's SIGKILL); returns its output."""
+    env = {**os.environ, **config_env(**extra)}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, cwd=cwd, text=True)
     try:
         assert proc.stdout.readline().strip() == "READY"
@@ -320,7 +370,7 @@ def stop_within_the_grace(script: str, cwd: Path) -> str:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert logs.STOP_GRACE_SECONDS - 0.5 < elapsed < logs.STOP_GRACE_SECONDS + 2, elapsed
+    assert logs.STOP_GRACE_SECONDS - 0.5 < elapsed < logs.STOP_GRACE_SECONDS + logs.LEAVE_FLUSH_SECONDS + 1, elapsed
     return output
 
 
@@ -328,22 +378,17 @@ def test_a_stop_stuck_in_a_librarys_cleanup_still_ends_within_the_grace(tmp_path
     """SIGTERM unwinds the program; when that unwinding blocks (s3transfer waiting for a request in flight, an
     executor joining a stuck download), the program still leaves, exit 0, logs flushed, before supervisord's
     SIGKILL (stopwaitsecs 7)."""
-    script = textwrap.dedent("""
-        import threading, time
-        from services.worker import logs
-        from services.worker.config import WorkerConfig
-        log = logs.setup("uploader", WorkerConfig.from_env())
-        try:
-            print("READY", flush=True)
-            time.sleep(60)
-        finally:
-            log.info("cleaning up")
-            threading.Event().wait()  # a library's cleanup that never returns
-    """)
-    output = stop_within_the_grace(script, tmp_path)
+    output = stop_within_the_grace(STUCK_IN_CLEANUP, tmp_path)
     assert "uploader INFO cleaning up" in output
     assert (f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s (waiting on a request in "
             "flight or on CloudWatch Logs); leaving now, the work resumes at the next start") in output
+
+
+def test_a_stop_stuck_in_a_librarys_cleanup_still_gives_cloudwatch_the_last_records(moto, tmp_path):
+    stop_within_the_grace(STUCK_IN_CLEANUP, tmp_path, CAPE_CLOUDWATCH="on", CAPE_LOG_GROUP="/cape/last", **moto.env)
+    events = moto.log_events("/cape/last", "org-a/uploader")
+    assert events[0] == "uploader INFO cleaning up", events
+    assert events[1].startswith(f"uploader WARNING still stopping after {logs.STOP_GRACE_SECONDS:.0f} s"), events
 
 
 def test_a_stop_stuck_flushing_a_log_handler_still_ends_within_the_grace(tmp_path):

@@ -178,6 +178,18 @@ def test_a_gateways_5xx_is_retried_and_the_finished_jobs_model_kept(tmp_path, ba
             in caplog.text)
 
 
+def test_an_endpoint_that_will_never_store_ends_the_job(tmp_path):
+    """501 Not Implemented (a mistyped AWS_ENDPOINT_URL at a server that is no S3 store) will not pass: not retried
+    for ever, the job ends in Error saying so."""
+    with answering_every_request(501, b"<html>501 Not Implemented</html>", "text/html") as url:
+        config = make_config(tmp_path, AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
+        spool = spool_with_result(config, model_location="s3://models")
+        Uploader(config, spool, ModelStore(config, read_timeout=5, attempts=1)).cycle()
+    [status] = statuses(spool)
+    assert status["state"] == "error" and "(501)" in status["message"], status
+    assert spool.upload_failed("job1")
+
+
 def test_a_job_stopped_before_its_upload_is_not_published(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="cape.uploader")
     config = make_config(tmp_path, CAPE_BUCKET=f"file://{tmp_path}/bucket")
@@ -188,6 +200,12 @@ def test_a_job_stopped_before_its_upload_is_not_published(tmp_path, caplog):
     assert statuses(spool) == [] and spool.pending_results() == []
     assert "job job1 ended at the coordinator (Stopped) before its model was uploaded; the model is not written" in \
         caplog.text
+    # Completed at the coordinator: this uploader's own report got there before a restart cut it short; the upload
+    # is repeated, not called off.
+    spool.put_result("job2", {"job_id": "job2", "weights": WEIGHTS, "metrics": METRICS})
+    spool.mark_ended("job2", "Completed")
+    assert Uploader(config, spool).cycle()
+    assert (tmp_path / "bucket" / "job2" / "regression_weights.csv").exists() and spool.uploaded("job2")
 
 
 def test_temporary_credentials_carry_their_session_token(tmp_path):

@@ -1,6 +1,7 @@
 """The HTTP session to the coordinator: bearer auth, JSON, and errors turned into typed exceptions."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import requests
@@ -63,6 +64,14 @@ class ApiSession:
             raise CoordinatorUnreachable(
                 f"the coordinator at {self.endpoint} did not answer within {self._timeout:g} s"
             ) from None
+        except OSError as exc:  # after requests' own (they are OSErrors too): requests could not load its CAs
+            if "CA certificate bundle" not in str(exc):
+                raise
+            variable = next((v for v in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(v)),
+                            "REQUESTS_CA_BUNDLE")
+            raise BadArgument(f"{variable} names {os.environ.get(variable)!r}, which is not a file (or directory) "
+                              "of CA certificates; give the PEM file of the CA that signed the coordinator's "
+                              "certificate") from None
         if response.status_code >= 400:
             raise _api_error(response)
         if response.status_code == 204 or not response.content:

@@ -184,6 +184,7 @@ def _parquet_schema(path: Path) -> Schema:
     except (pa.ArrowException, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadArgument(f"{path} is not a readable Parquet file ({reason})") from None
+    _check_unique([_column(field.name, "string") for field in fields])  # before columns are looked up by name
     kinds = {field.name: _arrow_type(field.type) for field in fields}
     # Text columns get the CSV's guess from their first rows: numbers stored as text are numbers to the workers,
     # which read them as such (and so does `cape simulate`).

@@ -17,7 +17,7 @@ from typing import Any
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from services.connection_errors import is_loopback
+from services.connection_errors import is_loopback, plain_http_to_another_host
 from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email
@@ -200,6 +200,9 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if tls_cert is None and not is_loopback(host):
         click.echo(f"cape-server: warning: serving plain HTTP on {host}: tokens and job details cross the network "
                    "unencrypted; give --tls-cert and --tls-key, or serve behind a TLS proxy", err=True)
+    if coordinator_url and plain_http_to_another_host(coordinator_url):
+        click.echo(f"cape-server: warning: --coordinator-url {coordinator_url} is plain http:// to another machine: "
+                   "the broker sends every worker's token there unencrypted; use its https:// URL", err=True)
     created = not data_dir.exists()
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;

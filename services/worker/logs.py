@@ -3,7 +3,8 @@
 CloudWatch being down or slow must never block or stop a program: the boto3 client has short timeouts and one
 attempt, the handler's constructor is guarded, its flush waits are bounded, and SIGTERM becomes a normal exit so
 `logging.shutdown()` flushes the queued records (a default SIGTERM would lose them all). An exit whose unwinding
-is stuck in a library's wait leaves after `STOP_GRACE_SECONDS`, logs flushed.
+is stuck in a library's wait leaves after `STOP_GRACE_SECONDS`: stdout flushed, and CloudWatch given what it takes
+within `LEAVE_FLUSH_SECONDS` more (the stuck wait may be CloudWatch's own flush, holding its handler).
 
 watchtower reports each failed delivery attempt as a raw `WatchtowerWarning` on stderr from its delivery thread;
 instead the program says once, in its own stdout format, that CloudWatch Logs stopped taking its records, and once
@@ -36,6 +37,7 @@ CLOUDWATCH_RETRY_SECONDS = 60.0  # while CloudWatch was unreachable at start, ho
 # After SIGTERM, how long a program may take to unwind before it leaves regardless; with the flush above it stays
 # inside supervisord's stopwaitsecs (7), so a stop never needs the SIGKILL.
 STOP_GRACE_SECONDS = 4.0
+LEAVE_FLUSH_SECONDS = 1.5  # after the grace, how long the other handlers (CloudWatch) may take the last records
 # Libraries whose DEBUG lines (watchdog: one per file event; botocore: every request) would bury the worker's own,
 # and go to CloudWatch too: kept at WARNING whatever CAPE_LOG_LEVEL says.
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "watchtower", "watchdog")
@@ -210,6 +212,7 @@ class _DeliveryWatch:
         self.log_group = log_group
         self.console = console
         self.dropped = 0  # records dropped since the outage began; 0 while delivering (one stream: one thread)
+        self.group_remade = False  # the group was found missing and made (or tried) in this outage
         self.rejections_said = False
         self._submit = handler._submit_batch
         handler._submit_batch = self._submit_batch  # watchtower's delivery thread calls it per batch
@@ -233,7 +236,10 @@ class _DeliveryWatch:
             _delivering.watch = None
         if batch:
             self._settle(len(batch), _delivering.delivered, _delivering.problem)
-        if not _delivering.delivered and _delivering.group_missing:
+        if _delivering.delivered:
+            self.group_remade = False
+        elif _delivering.group_missing and not self.group_remade:  # once per outage: the next batches would only
+            self.group_remade = True                                 # repeat the call and its line
             self._make_group_again()
 
     def _make_group_again(self) -> None:
@@ -309,12 +315,25 @@ def _leave_now() -> None:
     console = getattr(_setups, "console", None)
     message = (f"still stopping after {STOP_GRACE_SECONDS:.0f} s (waiting on a request in flight or on CloudWatch "
                "Logs); leaving now, the work resumes at the next start")
+    record = logging.LogRecord("cape.worker", logging.WARNING, __file__, 0, message, None, None)
     if console is not None:
-        record = logging.LogRecord("cape.worker", logging.WARNING, __file__, 0, message, None, None)
         try:
             console.stream.write(console.format(record) + "\n")
         except (OSError, ValueError):
             pass
+
+    def deliver() -> None:  # CloudWatch: the line and the queued records, if its handler is free to take them
+        for handler in logging.getLogger().handlers:
+            if handler is not console:
+                try:
+                    handler.handle(record)
+                    handler.flush()
+                except Exception:  # noqa: BLE001 -- leaving regardless
+                    pass
+
+    last = threading.Thread(target=deliver, name="last-records", daemon=True)
+    last.start()
+    last.join(LEAVE_FLUSH_SECONDS)
     exit_now(0, flush_logging=False)
 
 

@@ -172,7 +172,8 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
     if code in ("NoSuchBucket", "404"):
         return UploadError(f"the bucket of {uri} does not exist: create it, or fix CAPE_BUCKET / the job's "
                            "model_location", f"the model owner's bucket does not exist ({code})")
-    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500 or status == 429:
+    transient = (status >= 500 and status not in (501, 505)) or status == 429  # 501/505: the server never will
+    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or transient:
         # A proxy or a load balancer answering 502, a store starting up: the finished job's model must not be
         # thrown away for what passes.
         return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})")
@@ -218,9 +219,10 @@ class Uploader:
         if result is None:
             raise UploadError(f"no result for job {job_id} in the spool")
         ended = self.spool.ended(job_id)
-        if ended is not None:
+        if ended is not None and ended.get("status") in ("Stopped", "Error", "Rejected"):
             # Stopped (or ended in Error) before its model was written: publishing it now would go against the
-            # decision that stopped it.
+            # decision that stopped it. (Completed: this uploader's own report got there before a restart; the
+            # upload below writes the same bytes again.)
             self.spool.ack_result(job_id, failed=True)
             log.warning("job %s ended at the coordinator (%s) before its model was uploaded; the model is not "
                         "written", job_id, ended.get("status"))
