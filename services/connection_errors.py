@@ -7,8 +7,14 @@ The trust store for https:// is the libraries' own: requests reads REQUESTS_CA_B
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 import ssl
+from pathlib import Path
 from urllib.parse import urlparse
+
+# `openssl rehash` names: a directory of CAs is searched by these only (the subject's hash, a dot, a number).
+_HASHED_NAME = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
 
 
 def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUESTS_CA_BUNDLE") -> str:
@@ -24,8 +30,20 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
         if "mismatch" in reason.lower():
             return (f"its TLS certificate is not valid for this host name ({reason}); use the name or address the "
                     "certificate was issued for")
-        return (f"its TLS certificate is not trusted here ({reason}); set {ca_variable} to the PEM file of the "
-                "CA that signed it")
+        if "expired" in reason.lower():
+            return f"its TLS certificate has expired ({reason}); the server's operator must renew it"
+        if "not yet valid" in reason.lower():
+            return (f"its TLS certificate is not valid yet ({reason}); check this machine's clock and the "
+                    "server's certificate")
+        trusted = os.environ.get(ca_variable)
+        fix = (f"{ca_variable} ({trusted}) does not hold the CA that signed it" if trusted else
+               f"set {ca_variable} to the PEM file of the CA that signed it")
+        return (f"its TLS certificate is not trusted here ({reason}); {fix}, or the server does not send its "
+                "intermediate certificates")
+    if "no_certificate_or_crl_found" in lowered or "no certificate or crl found" in lowered:
+        return f"{ca_variable} ({os.environ.get(ca_variable)}) holds no CA certificate; give the CA's PEM file"
+    if "ca certificate bundle" in lowered:  # requests: its CA file went missing after the start's check
+        return f"{ca_variable} ({os.environ.get(ca_variable)}) cannot be read; give the CA's PEM file"
     if "wrong version number" in lowered or "record layer failure" in lowered or "packet length too long" in lowered:
         return "it does not speak TLS on this port; use http:// for it, or its TLS port"
     if "refused" in lowered:
@@ -33,13 +51,37 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
     if any(words in lowered for words in ("name or service not known", "nodename nor servname", "name resolution",
                                           "nameresolutionerror", "no address associated")):
         return "the host name does not resolve; check the URL"
-    if urlparse(url).scheme == "http" and ("remotedisconnected" in lowered or "connection aborted" in lowered
-                                            or "connection reset" in lowered):
+    if urlparse(url).scheme == "http" and any(words in lowered for words in (
+            "remotedisconnected", "connection aborted", "connection reset", "server disconnected",
+            "remoteprotocolerror")):
         return ("the connection closed without an answer: the server restarting, or a TLS port, whose URL must "
                 "start with https://")
     if "timed out" in lowered or "timeout" in type(exc).__name__.lower():
         return "no answer in time"
     return type(exc).__name__
+
+
+def ca_file_problem(value: str) -> str | None:
+    """What is wrong with `value` as a CA variable's (REQUESTS_CA_BUNDLE, SSL_CERT_FILE), or None if it loads as
+    the libraries will load it: exactly the value (they do not strip it), a PEM file, or a directory searched by
+    `openssl rehash` names."""
+    if value != value.strip():
+        return f"{value!r} has spaces around it, which the HTTP library would keep; remove them"
+    path = Path(value)
+    if path.is_dir():
+        if not any(_HASHED_NAME.match(entry.name) for entry in path.iterdir()):
+            return (f"{value!r} is a directory without `openssl rehash` names, so no CA in it is found; run "
+                    f"`openssl rehash {value}`, or give the CA's PEM file")
+        return None
+    try:
+        ssl.create_default_context(cafile=value)
+    except FileNotFoundError:
+        return f"{value!r} does not exist; give the PEM file of the CA that signed the server's certificate"
+    except ssl.SSLError:
+        return f"{value!r} holds no PEM certificate; give the PEM file of the CA that signed the server's certificate"
+    except OSError as exc:
+        return f"{value!r} cannot be read ({exc.strerror})"
+    return None
 
 
 def is_loopback(host: str | None) -> bool:

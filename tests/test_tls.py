@@ -3,7 +3,10 @@ three workers that trust that CA with REQUESTS_CA_BUNDLE, a broker running alone
 over TLS (SSL_CERT_FILE), and what the worker, the CLI and the server say when TLS is set up wrong: an untrusted
 certificate, a certificate for another name, http:// to a TLS port, a missing CA file, a key that is not the
 certificate's, plain HTTP to another machine."""
+import json
+import os
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -66,9 +69,11 @@ def test_worker_check_says_what_is_wrong_with_tls(tls, tls_server, tmp_path):
     assert lines["coordinator"].startswith(f"ok   coordinator   {tls_server.url}: logged in as organization acme"), out
     assert lines["broker"].startswith("ok   broker"), out
 
-    untrusted = "its TLS certificate is not trusted here (self-signed certificate in certificate chain); set " \
-                "REQUESTS_CA_BUNDLE to the PEM file of the CA that signed it"
-    code, lines, out = check({**env, "REQUESTS_CA_BUNDLE": str(other_ca(tmp_path / "other"))})
+    wrong_ca = other_ca(tmp_path / "other")
+    untrusted = ("its TLS certificate is not trusted here (self-signed certificate in certificate chain); "
+                 f"REQUESTS_CA_BUNDLE ({wrong_ca}) does not hold the CA that signed it, or the server does not send "
+                 "its intermediate certificates")
+    code, lines, out = check({**env, "REQUESTS_CA_BUNDLE": str(wrong_ca)})
     assert code == 1
     assert lines["coordinator"] == (f"FAIL coordinator   cannot reach the coordinator at {tls_server.url} "
                                     f"({untrusted}); check CAPE_COORDINATOR and the network"), out
@@ -81,47 +86,93 @@ def test_worker_check_says_what_is_wrong_with_tls(tls, tls_server, tmp_path):
     assert ("the connection closed without an answer: the server restarting, or a TLS port, whose URL must start "
             "with https://" in lines["coordinator"]), out
 
-    for value, problem in ((str(tmp_path / "missing.pem"), "which does not exist"),
-                           (str(tls.key), "which holds no PEM certificate")):
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "ca.pem").write_bytes(tls.ca.read_bytes())  # not `openssl rehash`ed: no CA is found
+    give = "give the PEM file of the CA that signed the server's certificate"
+    for value, problem in ((str(tmp_path / "missing.pem"), f"{str(tmp_path / 'missing.pem')!r} does not exist; {give}"),
+                           (str(tls.key), f"{str(tls.key)!r} holds no PEM certificate; {give}"),
+                           (f"{tls.ca} ", f"{str(tls.ca) + ' '!r} has spaces around it, which the HTTP library would "
+                                          "keep; remove them"),
+                           (str(tmp_path / "bare"), f"{str(tmp_path / 'bare')!r} is a directory without `openssl "
+                                                    f"rehash` names, so no CA in it is found; run `openssl rehash "
+                                                    f"{tmp_path / 'bare'}`, or give the CA's PEM file")):
         code, lines, out = check({**env, "REQUESTS_CA_BUNDLE": value})
         assert code == 1
-        assert lines["configuration"] == (f"FAIL configuration REQUESTS_CA_BUNDLE: names {value!r}, {problem}; give "
-                                          "the PEM file of the CA that signed the coordinator's certificate"), out
+        assert lines["configuration"] == f"FAIL configuration REQUESTS_CA_BUNDLE: {problem}", out
         result = subprocess.run(["cape-worker", "run"], env={**env, "REQUESTS_CA_BUNDLE": value},
                                 capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2 and f"REQUESTS_CA_BUNDLE: names {value!r}, {problem}" in result.stderr
+        assert result.returncode == 2 and f"REQUESTS_CA_BUNDLE: {problem}" in result.stderr
 
 
-def test_a_certificate_for_another_name_is_named_as_such(tmp_path):
-    wrong = make_tls(tmp_path / "wrong", wrong_name=True)
-    # Started by hand: CapeServer's own health check could not verify the name either.
+def what_a_client_hears(files, tmp_path) -> tuple[str, str]:
+    """Serve with `files` (started by hand: CapeServer's own health check could not verify them either), get
+    /healthz trusting their CA; returns (connection_problem's words for the refusal, the server's stderr)."""
     proc = subprocess.Popen([*cape_server_command(), "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir",
-                             str(tmp_path / "data"), "--tls-cert", str(wrong.cert), "--tls-key", str(wrong.key)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             str(tmp_path / "data"), "--tls-cert", str(files.cert), "--tls-key", str(files.key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("cape-server listening on https://127.0.0.1:"), line
         url = line.split()[-1]
         with pytest.raises(requests.ConnectionError) as caught:
-            requests.get(f"{url}/healthz", verify=str(wrong.ca), timeout=5)
-        assert connection_problem(caught.value, url) == (
-            "its TLS certificate is not valid for this host name (IP address mismatch, certificate is not valid for "
-            "'127.0.0.1'); use the name or address the certificate was issued for")
+            requests.get(f"{url}/healthz", verify=str(files.ca), timeout=5)
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        _, err = proc.communicate(timeout=10)
+    return connection_problem(caught.value, url), err
+
+
+def test_a_certificate_for_another_name_is_named_as_such(tmp_path):
+    heard, _ = what_a_client_hears(make_tls(tmp_path / "wrong", wrong_name=True), tmp_path)
+    assert heard == ("its TLS certificate is not valid for this host name (IP address mismatch, certificate is not "
+                     "valid for '127.0.0.1'); use the name or address the certificate was issued for")
+
+
+def test_an_expired_certificate_is_said_by_the_server_at_start_and_by_its_clients(tmp_path):
+    old = make_tls(tmp_path / "old", expired=True)
+    heard, err = what_a_client_hears(old, tmp_path)
+    assert heard == "its TLS certificate has expired (certificate has expired); the server's operator must renew it"
+    assert f"cape-server: warning: --tls-cert {old.cert} expired on " in err
 
 
 def test_the_cli_names_an_untrusted_certificate(tls, tls_server, cape_cli, monkeypatch, tmp_path):
     org = tls_server.create_org("acme")
     assert cape_cli("login", "--coordinator", tls_server.url, "--token", org["user_token"]).exit_code == 0
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_ca(tmp_path / "other")))
+    wrong_ca = other_ca(tmp_path / "other")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(wrong_ca))
     result = cape_cli("whoami")
     assert result.exit_code != 0
     assert result.stderr.strip() == (
         f"error: cannot reach the coordinator at {tls_server.url} (its TLS certificate is not trusted here "
-        "(self-signed certificate in certificate chain); set REQUESTS_CA_BUNDLE to the PEM file of the CA that "
-        "signed it); check the URL (cape login --coordinator, CAPE_COORDINATOR) and that the server is running")
+        f"(self-signed certificate in certificate chain); REQUESTS_CA_BUNDLE ({wrong_ca}) does not hold the CA that "
+        "signed it, or the server does not send its intermediate certificates); check the URL (cape login "
+        "--coordinator, CAPE_COORDINATOR) and that the server is running")
+    # A file that holds no certificate at all is said so, not as an SSLError.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls.key))
+    result = cape_cli("whoami")
+    assert f"(REQUESTS_CA_BUNDLE ({tls.key}) holds no CA certificate; give the CA's PEM file)" in result.stderr
+
+
+def test_a_worker_that_cannot_trust_the_coordinator_is_unhealthy(tls_server, start_worker, tmp_path, monkeypatch):
+    """Retrying will not fix a certificate: unlike a coordinator that is down, the health check fails, with why."""
+    org = tls_server.create_org("acme")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    env = worker_env(tmp_path, "acme", CAPE_TOKEN=org["organization_token"], CAPE_COORDINATOR=tls_server.url)
+    worker = start_worker(env)
+    worker.wait_running()
+    deadline = time.monotonic() + 30
+    health = None
+    while time.monotonic() < deadline:
+        health = subprocess.run(["cape-worker", "health"], env=env, capture_output=True, text=True, timeout=30)
+        if health.returncode == 1:
+            break
+        time.sleep(0.3)
+    assert health.returncode == 1, health.stdout
+    assert health.stdout.startswith("unhealthy: this worker cannot trust the coordinator's TLS (since "), health.stdout
+    assert "its TLS certificate is not trusted here (self-signed certificate in certificate chain)" in health.stdout
+    status = json.loads(subprocess.run(["cape-worker", "status", "--json"], env=env, capture_output=True, text=True,
+                                       timeout=30).stdout)
+    assert "set REQUESTS_CA_BUNDLE" in status["coordinator_untrusted"]["message"]
 
 
 def test_the_cli_names_a_ca_bundle_that_is_not_there(cape_cli, monkeypatch, tmp_path) -> None:
@@ -151,20 +202,35 @@ def test_a_broker_running_alone_reaches_its_coordinator_over_tls(tls, tls_server
         assert lines["broker"] == (
             f"FAIL broker        {untrusting.broker_url} answered 503: the broker cannot reach its coordinator at "
             f"{tls_server.url} (its TLS certificate is not trusted here (self-signed certificate in certificate "
-            "chain); set SSL_CERT_FILE to the PEM file of the CA that signed it); try again shortly"), out
+            "chain); set SSL_CERT_FILE to the PEM file of the CA that signed it, or the server does not send its "
+            "intermediate certificates); try again shortly"), out
+        check({**env, "CAPE_BROKER": untrusting.broker_url})
+        log = untrusting.log_path.read_text()  # the broker's operator hears it, at start and once while it lasts
+        assert (f"cape-server: warning: the coordinator at {tls_server.url} does not answer now (its TLS "
+                "certificate is not trusted here") in log
+        assert log.count(f"cannot reach the coordinator at {tls_server.url} (its TLS certificate") == 1, log
     finally:
         broker.stop()
         untrusting.stop()
+    refused = subprocess.run([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "x"),
+                              "--only", "broker", "--coordinator-url", tls_server.url],
+                             env={**os.environ, "SSL_CERT_FILE": str(tmp_path / "missing.pem")},
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"SSL_CERT_FILE: {str(tmp_path / 'missing.pem')!r} does not exist" in refused.stderr
 
 
 @pytest.mark.parametrize("args, message", [
     (["--tls-cert", "{cert}"], "give both --tls-cert and --tls-key"),
     (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert {missing} cannot be read: No such file or "
                                                           "directory"),
-    (["--tls-cert", "{cert}", "--tls-key", "{other_key}"], "--tls-key {other_key} is not the private key of "
-                                                           "--tls-cert {cert}"),
-    (["--tls-cert", "{key}", "--tls-key", "{key}"], "--tls-cert {key} and --tls-key {key} do not load as a PEM "
-                                                    "certificate chain and its private key"),
+    (["--tls-cert", "{cert}", "--tls-key", "{other_key}"], "--tls-key {other_key} is not the private key of the "
+                                                           "first certificate in --tls-cert {cert} (the server's own "
+                                                           "certificate comes first, then its intermediates)"),
+    (["--tls-cert", "{ca_first}", "--tls-key", "{key}"], "--tls-key {key} is not the private key of the first "
+                                                         "certificate in --tls-cert {ca_first}"),
+    (["--tls-cert", "{key}", "--tls-key", "{key}"], "--tls-cert {key} holds no PEM certificate"),
+    (["--tls-cert", "{cert}", "--tls-key", "{cert}"], "--tls-key {cert} is not a PEM private key"),
     (["--tls-cert", "{cert}", "--tls-key", "{encrypted}"], "--tls-key {encrypted} is encrypted; give the key "
                                                            "unencrypted"),
 ])
@@ -176,8 +242,10 @@ def test_serve_refuses_bad_tls_files_in_one_line(tls, tmp_path, args, message):
     encrypted = tmp_path / "encrypted.key"
     encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.BestAvailableEncryption(b"passphrase")))
+    ca_first = tmp_path / "ca-first.pem"  # the chain in the wrong order
+    ca_first.write_bytes(tls.ca.read_bytes() + tls.cert.read_bytes())
     paths = {"cert": tls.cert, "key": tls.key, "other_key": other.key, "missing": tmp_path / "missing.pem",
-             "encrypted": encrypted}
+             "encrypted": encrypted, "ca_first": ca_first}
     result = subprocess.run([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
                              *[a.format(**paths) for a in args]], capture_output=True, text=True, timeout=30,
                             stdin=subprocess.DEVNULL)
@@ -213,7 +281,7 @@ def test_plain_http_to_another_machine_is_warned_of():
     secure = WorkerConfig.from_env({"CAPE_TOKEN": DUMMY_TOKEN, "CAPE_COORDINATOR": "https://cape.example.com",
                                     "CAPE_BROKER": "http://127.0.0.1:8080/broker", "CAPE_WORKER_NAME": "w"})
     assert secure.warnings() == []
-    with pytest.raises(ConfigError, match="REQUESTS_CA_BUNDLE: names '/nonexistent/ca.pem', which does not exist"):
+    with pytest.raises(ConfigError, match="REQUESTS_CA_BUNDLE: '/nonexistent/ca.pem' does not exist"):
         WorkerConfig.from_env({"CAPE_TOKEN": DUMMY_TOKEN, "CAPE_COORDINATOR": "https://cape.example.com",
                                "REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"})
 

@@ -3,6 +3,7 @@ in one process, or by asking the coordinator's worker endpoint when the broker r
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,8 @@ from services.coordinator.db import Database
 from services.coordinator.jobs import find_job, parties, seat_of
 from services.coordinator.permissions import require_worker
 from services.server.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized, Unavailable
+
+log = logging.getLogger("cape.broker")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class RemoteMembership:
         self.cache_seconds = cache_seconds
         self._cache: dict[tuple[str, str], tuple[JobAccess, float]] = {}
         self._client = httpx.AsyncClient(timeout=timeout)
+        self._failing = False  # the coordinator could not be reached: said once in this server's log, until it can
 
     async def access(self, token: str | None, job_id: str) -> JobAccess:
         if not token:
@@ -84,8 +88,16 @@ class RemoteMembership:
             response = await self._client.get(f"{self.base}/v1/worker/jobs/{job_id}",
                                               headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
-            raise Unavailable(f"the broker cannot reach its coordinator at {self.base} "
-                              f"({connection_problem(exc, self.base, 'SSL_CERT_FILE')}); try again shortly") from None
+            reason = connection_problem(exc, self.base, "SSL_CERT_FILE")
+            if not self._failing:
+                log.warning("cannot reach the coordinator at %s (%s); workers get 503 until it answers", self.base,
+                            reason)
+                self._failing = True
+            raise Unavailable(f"the broker cannot reach its coordinator at {self.base} ({reason}); try again "
+                              "shortly") from None
+        if self._failing:
+            log.info("the coordinator at %s answers again", self.base)
+            self._failing = False
         if response.status_code == 200:
             job = response.json()
             access = JobAccess(job["seat"], tuple(job["parties"]), job["status"])

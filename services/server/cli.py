@@ -11,13 +11,14 @@ import socket
 import ssl
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from services.connection_errors import is_loopback, plain_http_to_another_host
+from services.connection_errors import ca_file_problem, connection_problem, is_loopback, plain_http_to_another_host
 from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email
@@ -98,20 +99,58 @@ def check_tls_files(cert: Path | None, key: Path | None) -> None:
         raise click.ClickException(f"--tls-key {key} is encrypted; give the key unencrypted, in a file only this "
                                    "user can read (openssl pkey -in KEY -out KEY.plain)")
 
+    from cryptography import x509
+
+    contents = {}
     for option, path in (("--tls-cert", cert), ("--tls-key", key)):
         try:
-            path.open("rb").close()
+            contents[option] = path.read_bytes()
         except OSError as exc:
             raise click.ClickException(f"{option} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(contents["--tls-cert"])[0]
+    except ValueError:
+        raise click.ClickException(f"--tls-cert {cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise click.ClickException(f"--tls-key {key} is not the private key of --tls-cert {cert}") from None
-        raise click.ClickException(f"--tls-cert {cert} and --tls-key {key} do not load as a PEM certificate chain "
-                                   f"and its private key ({exc.reason or exc})") from None
+            raise click.ClickException(f"--tls-key {key} is not the private key of the first certificate in "
+                                       f"--tls-cert {cert} (the server's own certificate comes first, then its "
+                                       "intermediates)") from None
+        raise click.ClickException(f"--tls-key {key} is not a PEM private key, or does not load with --tls-cert "
+                                   f"{cert} ({exc.reason or exc})") from None
+    now = datetime.now(timezone.utc)
+    if leaf.not_valid_after_utc < now:
+        click.echo(f"cape-server: warning: --tls-cert {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}; every "
+                   "client will refuse it until it is renewed", err=True)
+    elif leaf.not_valid_before_utc > now:
+        click.echo(f"cape-server: warning: --tls-cert {cert} is not valid before "
+                   f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; clients refuse it until then", err=True)
     if key.stat().st_mode & 0o077:
         click.echo(f"cape-server: warning: --tls-key {key} is open to other users; chmod 600 {key}", err=True)
+
+
+def check_coordinator_url(url: str) -> None:
+    """A broker running alone asks `url` about every caller: its CA settings must load (httpx would fail at start
+    with a traceback), and the operator should hear now, not from other organizations' workers, when the
+    coordinator cannot be reached or trusted (a warning: it may simply start later)."""
+    import httpx
+
+    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):  # httpx's, as requests' REQUESTS_CA_BUNDLE
+        problem = ca_file_problem(os.environ[variable]) if os.environ.get(variable) else None
+        if problem:
+            raise click.ClickException(f"{variable}: {problem}")
+    if plain_http_to_another_host(url):
+        click.echo(f"cape-server: warning: --coordinator-url {url} is plain http:// to another machine: the broker "
+                   "sends every worker's token there unencrypted; use its https:// URL", err=True)
+    try:
+        httpx.get(f"{url.rstrip('/')}/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        reason = (f"it answered {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError)
+                  else connection_problem(exc, url, "SSL_CERT_FILE"))
+        click.echo(f"cape-server: warning: the coordinator at {url} does not answer now ({reason}); the broker "
+                   "starts, and refuses workers (503) until it does", err=True)
 
 
 def _run_uvicorn(app: Any, sock: socket.socket, log_level: str, access_log: bool,
@@ -200,9 +239,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if tls_cert is None and not is_loopback(host):
         click.echo(f"cape-server: warning: serving plain HTTP on {host}: tokens and job details cross the network "
                    "unencrypted; give --tls-cert and --tls-key, or serve behind a TLS proxy", err=True)
-    if coordinator_url and plain_http_to_another_host(coordinator_url):
-        click.echo(f"cape-server: warning: --coordinator-url {coordinator_url} is plain http:// to another machine: "
-                   "the broker sends every worker's token there unencrypted; use its https:// URL", err=True)
+    if coordinator_url:
+        check_coordinator_url(coordinator_url)
     created = not data_dir.exists()
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;

@@ -157,7 +157,7 @@ class BrokerClient:
         for attempt in range(1, self.attempts + 1):
             try:
                 response = call()
-            except requests.RequestException as exc:
+            except (requests.RequestException, OSError) as exc:  # OSError: requests could not load its CA file
                 last = (f"cannot reach the broker at {self.base_url} ({connection_problem(exc, self.base_url)}); "
                         "check CAPE_BROKER and that the broker is running")
             else:

@@ -152,7 +152,7 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     try:
         response = requests.get(url, params={"wait": 0}, timeout=CHECK_TIMEOUT,
                                 headers={"Authorization": f"Bearer {config.token}"})
-    except requests.RequestException as exc:
+    except (requests.RequestException, OSError) as exc:  # OSError: requests could not load REQUESTS_CA_BUNDLE
         return CheckResult("broker", False, f"cannot reach {config.broker} ({connection_problem(exc, url)}); "
                                             "check CAPE_BROKER (default: CAPE_COORDINATOR + /broker) and the network")
     code, message = error_of(response)

@@ -266,13 +266,14 @@ def status(as_json: bool) -> None:
         problem = None
     programs = {name: states.get(name, "MISSING") for name in PROGRAMS}
     # Unreachable is the running poller's news only; a refusal stays true of a stopped worker's token.
-    notes = {record: record.read(config.run_dir) if problem is None or record is health_mod.LOGIN_REFUSED else None
+    notes = {record: record.read(config.run_dir) if problem is None or record in health_mod.HEALTH_RECORDS else None
              for record in health_mod.POLLER_RECORDS}
     spool_exists = config.spool_dir.is_dir()
     jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
     if as_json:
         click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
                                "supervisor_error": problem, "login_refused": notes[health_mod.LOGIN_REFUSED],
+                               "coordinator_untrusted": notes[health_mod.COORDINATOR_UNTRUSTED],
                                "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
@@ -307,7 +308,8 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
 
 @main.command()
 def health() -> None:
-    """Exit 0 only if all four programs are RUNNING and the coordinator accepts the token (Docker HEALTHCHECK)."""
+    """Exit 0 only if all four programs are RUNNING, the coordinator accepts the token and its TLS is trusted
+    (Docker HEALTHCHECK)."""
     try:
         _load_dotenv()
     except ConfigError as exc:
@@ -323,10 +325,11 @@ def health() -> None:
     if bad:
         click.echo("unhealthy: " + ", ".join(f"{n} {s}" for n, s in bad.items()))
         sys.exit(1)
-    refused = health_mod.LOGIN_REFUSED.read(run_dir)
-    if refused is not None:
-        click.echo(f"unhealthy: {health_mod.LOGIN_REFUSED.line(refused)}")
-        sys.exit(1)
+    for record in health_mod.HEALTH_RECORDS:
+        note = record.read(run_dir)
+        if note is not None:
+            click.echo(f"unhealthy: {record.line(note)}")
+            sys.exit(1)
     click.echo("healthy: " + ", ".join(f"{n} RUNNING" for n in PROGRAMS))
 
 

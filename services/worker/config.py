@@ -12,7 +12,6 @@ import difflib
 import os
 import re
 import socket
-import ssl
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-from services.connection_errors import plain_http_to_another_host
+from services.connection_errors import ca_file_problem, plain_http_to_another_host
 
 DEFAULT_SPOOL_DIR = "/var/lib/cape-worker/spool"
 DEFAULT_STATE_DIR = "/var/lib/cape-worker/state"
@@ -183,7 +182,7 @@ class WorkerConfig:
         token = _parse_token(get("CAPE_TOKEN"))
         coordinator = _parse_base_url("CAPE_COORDINATOR", get("CAPE_COORDINATOR"), "coordinator's", show)
         broker = _parse_base_url("CAPE_BROKER", get("CAPE_BROKER", coordinator + "/broker"), "broker's", show)
-        _check_ca_bundle(get(CA_BUNDLE_VARIABLE), show)
+        _check_ca_bundle(env.get(CA_BUNDLE_VARIABLE, ""))
         endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), show, required=False,
                                    example=_S3_ENDPOINT_EXAMPLE) or None
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
@@ -369,22 +368,12 @@ def _parse_base_url(variable: str, value: str, whose: str, show: Callable[[str],
     return url
 
 
-def _check_ca_bundle(value: str, show: Callable[[str], str]) -> None:
-    """REQUESTS_CA_BUNDLE, when set, must load as CA certificates: requests would otherwise fail every call with an
-    OSError (a missing file) or a verification error that blames the server (a file without a certificate)."""
-    if not value:
-        return
-    path = Path(value)
-    try:
-        ssl.create_default_context(**({"capath": value} if path.is_dir() else {"cafile": value}))
-    except FileNotFoundError:
-        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which does not exist; give the PEM file of the "
-                                              "CA that signed the coordinator's certificate") from None
-    except ssl.SSLError:
-        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which holds no PEM certificate; give the PEM "
-                                              "file of the CA that signed the coordinator's certificate") from None
-    except OSError as exc:
-        raise ConfigError(CA_BUNDLE_VARIABLE, f"names {show(value)}, which cannot be read ({exc.strerror})") from None
+def _check_ca_bundle(value: str) -> None:
+    """REQUESTS_CA_BUNDLE, when set, must load as requests will load it (the raw value: requests does not strip
+    it), or every call fails with an OSError, or a verification error that blames the server."""
+    problem = ca_file_problem(value) if value else None
+    if problem:
+        raise ConfigError(CA_BUNDLE_VARIABLE, problem)
 
 
 def _parse_poll_interval(value: str, show: Callable[[str], str]) -> float:

@@ -24,6 +24,11 @@ class CoordinatorUnreachable(CoordinatorError):
     """The coordinator could not be reached or answered 5xx: retry with backoff."""
 
 
+class CoordinatorUntrusted(CoordinatorUnreachable):
+    """TLS failed: the coordinator's certificate is not trusted here (or not its name's, or expired), or it does not
+    speak TLS, or the CA file cannot be read. Retrying will not fix it: it needs the operator."""
+
+
 class CoordinatorAuthError(CoordinatorError):
     """The coordinator refused CAPE_TOKEN (401/403)."""
 
@@ -103,10 +108,19 @@ class CoordinatorClient:
         try:
             response = self._session.request(method, url, json=json, params=params,
                                              timeout=timeout or self.timeout)
+        except requests.exceptions.SSLError as exc:
+            raise CoordinatorUntrusted(
+                f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); check "
+                "CAPE_COORDINATOR and the network") from None
         except requests.RequestException as exc:
             raise CoordinatorUnreachable(
                 f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); check "
                 "CAPE_COORDINATOR and the network") from None
+        except OSError as exc:  # requests' own are OSErrors too, caught above: this is its CA file going missing
+            if "CA certificate bundle" not in str(exc):
+                raise
+            raise CoordinatorUntrusted(f"cannot load the CA certificates to reach {self.base_url} ({exc}); check "
+                                       "REQUESTS_CA_BUNDLE") from None
         if response.status_code < 400:
             return response
         code, message = error_of(response)

@@ -113,7 +113,12 @@ LOGIN_REFUSED = PollerRecord(LOGIN_REFUSED_NAME, "the coordinator refused CAPE_T
 # Not a health failure (the worker catches up once it answers), but `status` says it: the programs stay RUNNING.
 COORDINATOR_UNREACHABLE = PollerRecord("coordinator-unreachable", "the coordinator did not answer",
                                        "the coordinator is unreachable; the poller retries")
-POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNREACHABLE)
+# A health failure too: a TLS setup that cannot work (an untrusted or expired certificate) needs the operator.
+COORDINATOR_UNTRUSTED = PollerRecord("coordinator-untrusted", "the coordinator's TLS failed",
+                                     "this worker cannot trust the coordinator's TLS")
+POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_UNREACHABLE)
+# What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).
+HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED)
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:

@@ -286,7 +286,7 @@ class Messenger:
     # ---- loops ----------------------------------------------------------------------------------------------
     def sender_loop(self) -> None:
         """Send outbox files until stopped; back off while the broker is unreachable."""
-        self._loop("sending", lambda: self.send_pending() > 0, idle=IDLE_SECONDS)
+        self._loop("sending", lambda: self.send_pending() > 0 or None, idle=IDLE_SECONDS)  # None: nothing to send
 
     def receiver_loop(self) -> None:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
@@ -298,7 +298,7 @@ class Messenger:
             jobs = self.receiving_jobs()
             if not jobs:
                 self.spool.changes.wait(seen, NO_JOBS_SECONDS)  # a new job's spec wakes it
-                return False
+                return None
             if len(jobs) == 1:
                 return self.receive(jobs[0], self.long_poll) > 0
             # Several jobs: a long poll of one would hold up the others' messages, so look at each in turn,
@@ -311,6 +311,8 @@ class Messenger:
         self._loop("receiving", once, idle=0.0)
 
     def _loop(self, what: str, once, idle: float) -> None:  # type: ignore[no-untyped-def]
+        """Run `once` until stopped: it returns True (it moved messages), False (it asked the broker, nothing to
+        move) or None (it had nothing to ask: no evidence the broker is back after a failure)."""
         failures = 0
         while not self.stop.is_set():
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the idle wait
@@ -332,7 +334,7 @@ class Messenger:
                 log.exception("%s: unexpected %s; retrying", what, type(exc).__name__)
                 self.stop.wait(min(MAX_BACKOFF_SECONDS, 1.0 * failures))
                 continue
-            if failures:
+            if failures and busy is not None:
                 log.info("%s: the broker is reachable again", what)
                 failures = 0
             if not busy and idle:

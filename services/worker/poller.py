@@ -21,7 +21,7 @@ from typing import Any, Callable
 from services.worker import health, program
 from services.worker.config import WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
-                                                CoordinatorUnreachable, JobEnded, SeatTaken)
+                                                CoordinatorUnreachable, CoordinatorUntrusted, JobEnded, SeatTaken)
 from services.worker.keys import WorkerKeys
 from services.worker.spool import InvalidName, Spool
 
@@ -236,6 +236,10 @@ class Poller:
                 if isinstance(exc, SeatTaken):
                     self.seat_held.clear()
                     self.registered = False  # register again next time: the other worker may have stopped
+            except CoordinatorUntrusted as exc:
+                delay = max(backoff.next_delay(), 10.0)  # a certificate or CA file needs the operator, not retries
+                log.error("%s; retrying in %.0f s", exc, delay)
+                self._note(health.COORDINATOR_UNTRUSTED, str(exc))
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
@@ -255,6 +259,7 @@ class Poller:
                 backoff.reset()
                 if health.LOGIN_REFUSED.clear(self.config.run_dir):
                     log.info("the coordinator accepts this worker again")
+                health.COORDINATOR_UNTRUSTED.clear(self.config.run_dir)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue

@@ -2,7 +2,8 @@
 
 `make_tls(folder)` writes `ca.pem`, `server.pem` (the chain: server certificate, then the CA) and `server.key`
 (mode 0600), and returns their paths; `wrong_name=True` issues the server certificate for `elsewhere.example`
-only. `other_ca(folder)` writes a CA certificate that signed nothing we serve.
+only, `expired=True` one whose validity ended yesterday. `other_ca(folder)` writes a CA certificate that signed
+nothing we serve.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_tls(folder: Path, wrong_name: bool = False) -> TlsFiles:
+def make_tls(folder: Path, wrong_name: bool = False, expired: bool = False) -> TlsFiles:
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca("cape test CA")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -59,7 +60,8 @@ def make_tls(folder: Path, wrong_name: bool = False) -> TlsFiles:
                                       x509.IPAddress(ipaddress.ip_address("::1"))])
     cert = (x509.CertificateBuilder().subject_name(_name("cape-server test")).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(now - datetime.timedelta(days=3 if expired else 0, minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=-1 if expired else 1))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
