@@ -61,13 +61,16 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
     return type(exc).__name__
 
 
-def ca_file_problem(value: str) -> str | None:
-    """What is wrong with `value` as a CA variable's (REQUESTS_CA_BUNDLE, SSL_CERT_FILE), or None if it loads as
-    the libraries will load it: exactly the value (they do not strip it), a PEM file, or a directory searched by
-    `openssl rehash` names."""
+def ca_file_problem(value: str, directory: bool | None = None) -> str | None:
+    """What is wrong with `value` as a CA variable's (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, SSL_CERT_DIR), or None if
+    it loads as the libraries will load it: exactly the value (they do not strip it), a PEM file, or a directory
+    searched by `openssl rehash` names. `directory`: True if it must be one, False if it must not, None if either."""
     if value != value.strip():
         return f"{value!r} has spaces around it, which the HTTP library would keep; remove them"
     path = Path(value)
+    if directory is not None and path.exists() and path.is_dir() != directory:
+        return f"{value!r} is {'not ' if directory else ''}a directory; give " + (
+            "a directory of CA certificates" if directory else "the CA's PEM file")
     if path.is_dir():
         if not any(_HASHED_NAME.match(entry.name) for entry in path.iterdir()):
             return (f"{value!r} is a directory without `openssl rehash` names, so no CA in it is found; run "

@@ -212,12 +212,14 @@ def test_a_broker_running_alone_reaches_its_coordinator_over_tls(tls, tls_server
     finally:
         broker.stop()
         untrusting.stop()
-    refused = subprocess.run([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "x"),
-                              "--only", "broker", "--coordinator-url", tls_server.url],
-                             env={**os.environ, "SSL_CERT_FILE": str(tmp_path / "missing.pem")},
-                             capture_output=True, text=True, timeout=30)
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert f"SSL_CERT_FILE: {str(tmp_path / 'missing.pem')!r} does not exist" in refused.stderr
+    for value, problem in ((str(tmp_path / "missing.pem"), "does not exist"),
+                           (str(tmp_path), "is a directory; give the CA's PEM file")):
+        refused = subprocess.run([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "x"),
+                                  "--only", "broker", "--coordinator-url", tls_server.url],
+                                 env={**os.environ, "SSL_CERT_FILE": value}, capture_output=True, text=True,
+                                 timeout=30)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert f"SSL_CERT_FILE: {value!r} {problem}" in refused.stderr
 
 
 @pytest.mark.parametrize("args, message", [

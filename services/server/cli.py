@@ -137,8 +137,8 @@ def check_coordinator_url(url: str) -> None:
     coordinator cannot be reached or trusted (a warning: it may simply start later)."""
     import httpx
 
-    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):  # httpx's, as requests' REQUESTS_CA_BUNDLE
-        problem = ca_file_problem(os.environ[variable]) if os.environ.get(variable) else None
+    for variable, directory in (("SSL_CERT_FILE", False), ("SSL_CERT_DIR", True)):  # httpx's
+        problem = ca_file_problem(os.environ[variable], directory) if os.environ.get(variable) else None
         if problem:
             raise click.ClickException(f"{variable}: {problem}")
     if plain_http_to_another_host(url):
