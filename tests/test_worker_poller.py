@@ -405,3 +405,24 @@ def test_a_job_naming_another_workers_keys_for_our_seat_is_not_taken(start_cape_
     assert first.store_jobs(first.client.jobs()) == {world["job"]["id"]}
     assert first.spool.read_job(world["job"]["id"]) is None
     assert not first.seat_held.is_set() and first.registered is False
+
+
+def test_a_seats_completed_report_still_reaches_a_job_completed_meanwhile(cape_server, world, tmp_path):
+    """During an outage the output seat completed the job; this seat's own queued "completed" is still taken (its
+    progress reports are not), so the job does not show this seat pending for ever."""
+    job_id, worker = world["job"]["id"], world["worker"]
+    report = f"/v1/worker/jobs/{job_id}/report"
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(report, json={"state": "started"}).status_code == 204
+    assert worker["yorg"].post(report, json={"state": "completed", "metrics": {"mse_result": 1.0,
+                                                                               "r_squared_result": 0.5}}
+                               ).status_code == 204
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.spool.put_job({**world["job"], "seat": "x_owner"})
+    poller.spool.put_status(job_id, {"state": "running", "progress": 0.5})
+    poller.spool.put_status(job_id, {"state": "completed", "progress": 1.0})
+    poller.spool.mark_ended(job_id, "Completed")
+    poller.send_status()
+    assert poller.spool.pending_status() == []
+    party = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]["x_owner"]
+    assert (party["state"], party["progress"]) == ("completed", 1.0)

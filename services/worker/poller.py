@@ -200,10 +200,13 @@ class Poller:
     def send_status(self) -> None:
         """Report queued status updates in order; stop at the first one the coordinator could not take now."""
         for item in self.spool.pending_status():
-            if self.spool.ended(item.job_id) is not None:
-                self.spool.ack_status(item)  # the coordinator would refuse it (409): nothing left to tell
-                continue
             update = item.read()
+            ended = self.spool.ended(item.job_id)
+            # The coordinator would refuse it (409): nothing left to tell. Except this seat's own "completed" for a
+            # job the output seat completed meanwhile (an outage, say): taken, so the seat does not show pending.
+            if ended is not None and not (ended.get("status") == "Completed" and update.get("state") == "completed"):
+                self.spool.ack_status(item)
+                continue
             try:
                 self.client.report(item.job_id, update)
             except JobEnded as exc:
