@@ -84,6 +84,16 @@ def test_usage_mistakes_exit_2_with_one_line(args: list[str], expected: str) -> 
     assert one_error_line(result.stderr) == expected
 
 
+def test_a_column_without_a_name_in_the_file_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    """Its weight would have printed with a blank name."""
+    (tmp_path / "x.csv").write_text(",b,t\n1,2,1\n2,5,3\n3,1,2\n4,4,5\n5,0,4\n")
+    monkeypatch.chdir(tmp_path)
+    result = run("--x", "x.csv", "--y", "x.csv:t")
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == ("error: x.csv: the header leaves column 1 without a name; name every "
+                                             "column, or give the x columns (--x FILE:COL,...)")
+
+
 def test_a_column_named_twice_in_the_file_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
     """Named twice in the file's header: exit 1 naming the file; named twice in --x: a usage mistake, exit 2."""
     (tmp_path / "xdup.csv").write_text("age,b,age\n1,2,3\n2,5,1\n3,1,4\n4,4,4\n5,0,2\n")

@@ -266,3 +266,41 @@ def test_with_several_active_jobs_the_receiver_pauses_between_rounds_that_found_
     assert {job for job, _ in broker.lists} == {"job1", "job2"}
     assert all(wait == 0.0 for _, wait in broker.lists)
     assert 4 <= len(broker.lists) <= 2 * (rounds + 2)
+
+
+@pytest.mark.parametrize("after_the_failure, said_again", [(0, False), (1, True)])
+def test_the_broker_is_said_reachable_again_only_after_a_pass_that_reached_it(tmp_path, monkeypatch, caplog,
+                                                                               after_the_failure, said_again):
+    """A pass with nothing to send asks the broker nothing: it is no evidence the broker is back (the line came
+    between two failures)."""
+    import logging
+    import threading
+
+    from services.worker.broker_client import BrokerClient, BrokerUnavailable
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+
+    caplog.set_level(logging.INFO, logger="cape.messenger")
+    stop = threading.Event()
+    broker = BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
+    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop)
+    passes: list[int] = []
+
+    def send_pending() -> int:  # unit test: the first pass fails, the next ones send `after_the_failure` messages
+        passes.append(1)
+        if len(passes) == 1:
+            raise BrokerUnavailable("cannot reach the broker (test)")
+        return after_the_failure
+
+    monkeypatch.setattr(messenger, "send_pending", send_pending)
+    loop = threading.Thread(target=messenger.sender_loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 10
+    while len(passes) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    messenger.spool.changes.wake()
+    loop.join(timeout=5)
+    assert len(passes) >= 3
+    assert ("sending: the broker is reachable again" in caplog.text) is said_again, caplog.text

@@ -77,6 +77,10 @@ def _resolve_columns(x_spec: str, y_spec: str) -> tuple[str, list[str], str, str
             x_columns = [c for c in x_columns if c != y_column]
         if not x_columns:
             raise JobDataError(f"{x_path}: no x columns left once the y column {y_column!r} is set aside")
+        unnamed = [i + 1 for i, c in enumerate(read_columns(x_path)) if not c.strip() and c in x_columns]
+        if unnamed:  # its weight would print without a name
+            raise JobDataError(f"{x_path}: the header leaves column {unnamed[0]} without a name; name every column, "
+                               "or give the x columns (--x FILE:COL,...)")
         repeated = _repeated(x_columns)
         if repeated:  # the names came from the file: the data's mistake (exit 1), not the command line's
             raise JobDataError(f"{x_path}: the file names {shown_columns(repeated)} more than once; "
