@@ -42,7 +42,7 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
                 "intermediate certificates")
     if "no_certificate_or_crl_found" in lowered or "no certificate or crl found" in lowered:
         return f"{ca_variable} ({os.environ.get(ca_variable)}) holds no CA certificate; give the CA's PEM file"
-    if "ca certificate bundle" in lowered:  # requests: its CA file went missing after the start's check
+    if any(unloadable_ca_file(part) for part in chain):  # its CA file went missing after the start's check
         return f"{ca_variable} ({os.environ.get(ca_variable)}) cannot be read; give the CA's PEM file"
     if "wrong version number" in lowered or "record layer failure" in lowered or "packet length too long" in lowered:
         return "it does not speak TLS on this port; use http:// for it, or its TLS port"
@@ -59,6 +59,11 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
     if "timed out" in lowered or "timeout" in type(exc).__name__.lower():
         return "no answer in time"
     return type(exc).__name__
+
+
+def unloadable_ca_file(exc: BaseException) -> bool:
+    """requests' OSError (not a RequestException) for a REQUESTS_CA_BUNDLE it cannot load."""
+    return isinstance(exc, OSError) and "CA certificate bundle" in str(exc)
 
 
 def ca_file_problem(value: str, directory: bool | None = None) -> str | None:

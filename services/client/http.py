@@ -7,7 +7,7 @@ from typing import Any
 import requests
 
 from services.client.errors import ApiError, BadArgument, CoordinatorUnreachable, NotConfigured
-from services.connection_errors import connection_problem
+from services.connection_errors import connection_problem, unloadable_ca_file
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -65,7 +65,7 @@ class ApiSession:
                 f"the coordinator at {self.endpoint} did not answer within {self._timeout:g} s"
             ) from None
         except OSError as exc:  # after requests' own (they are OSErrors too): requests could not load its CAs
-            if "CA certificate bundle" not in str(exc):
+            if not unloadable_ca_file(exc):
                 raise
             variable = next((v for v in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(v)),
                             "REQUESTS_CA_BUNDLE")

@@ -26,6 +26,7 @@ from services.worker.api_errors import error_of
 from services.worker.config import ConfigError, WorkerConfig, unknown_variables
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
+from services.worker.logs import make_unless_there
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
@@ -206,19 +207,11 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
     # What the programs do, and only that (their minimal policy has no read permission): make the group and a
     # stream if missing, and put one event, in stream <worker>/check.
     stream = f"{config.worker_name}/check"
-    made = False
     try:
         client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
                               **config.boto3_kwargs())
-        try:
-            client.create_log_group(logGroupName=config.log_group)
-            made = True
-        except client.exceptions.ResourceAlreadyExistsException:
-            pass
-        try:
-            client.create_log_stream(logGroupName=config.log_group, logStreamName=stream)
-        except client.exceptions.ResourceAlreadyExistsException:
-            pass
+        made = make_unless_there(client.create_log_group, logGroupName=config.log_group)
+        make_unless_there(client.create_log_stream, logGroupName=config.log_group, logStreamName=stream)
         client.put_log_events(logGroupName=config.log_group, logStreamName=stream, logEvents=[
             {"timestamp": int(time.time() * 1000), "message": "cape-worker check: this worker can write here"}])
     except NoCredentialsError:

@@ -9,7 +9,7 @@ from typing import Any
 
 import requests
 
-from services.connection_errors import connection_problem
+from services.connection_errors import connection_problem, unloadable_ca_file
 from services.coordinator.job_changes import VERSION_HEADER
 from services.worker.api_errors import error_of
 
@@ -108,16 +108,12 @@ class CoordinatorClient:
         try:
             response = self._session.request(method, url, json=json, params=params,
                                              timeout=timeout or self.timeout)
-        except requests.exceptions.SSLError as exc:
-            raise CoordinatorUntrusted(
-                f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); check "
-                "CAPE_COORDINATOR and the network") from None
         except requests.RequestException as exc:
-            raise CoordinatorUnreachable(
-                f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); check "
-                "CAPE_COORDINATOR and the network") from None
+            kind = CoordinatorUntrusted if isinstance(exc, requests.exceptions.SSLError) else CoordinatorUnreachable
+            raise kind(f"cannot reach the coordinator at {self.base_url} ({connection_problem(exc, self.base_url)}); "
+                       "check CAPE_COORDINATOR and the network") from None
         except OSError as exc:  # requests' own are OSErrors too, caught above: this is its CA file going missing
-            if "CA certificate bundle" not in str(exc):
+            if not unloadable_ca_file(exc):
                 raise
             raise CoordinatorUntrusted(f"cannot load the CA certificates to reach {self.base_url} ({exc}); check "
                                        "REQUESTS_CA_BUNDLE") from None

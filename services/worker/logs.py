@@ -192,6 +192,15 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler:
     return handler
 
 
+def make_unless_there(create, **names: str) -> bool:  # type: ignore[no-untyped-def]
+    """Call a CloudWatch Logs `create_log_group`/`create_log_stream`; False if it was there already."""
+    try:
+        create(**names)
+    except create.__self__.exceptions.ResourceAlreadyExistsException:
+        return False
+    return True
+
+
 def _aws_error_reason(exc: Exception) -> str:
     """`ClientError AccessDeniedException: <AWS's message>`, or a botocore error's class and text (an endpoint, the
     name of a missing credential): what AWS or botocore said, which never holds a credential's value."""
@@ -246,9 +255,8 @@ class _DeliveryWatch:
         """The log group was deleted under a running worker: watchtower makes only streams again, so without
         this every later batch would be dropped until a restart."""
         try:
-            self.client.create_log_group(logGroupName=self.log_group)
-        except self.client.exceptions.ResourceAlreadyExistsException:
-            return
+            if not make_unless_there(self.client.create_log_group, logGroupName=self.log_group):
+                return
         except Exception as exc:  # noqa: BLE001 -- AWS refusing or unreachable: the outage line already stands
             self.say(logging.WARNING, "CloudWatch Logs: log group %s does not exist and could not be made (%s); "
                                       "make it, or allow logs:CreateLogGroup", self.log_group, _aws_error_reason(exc))
