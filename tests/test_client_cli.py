@@ -206,7 +206,8 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
     assert watch.exit_code == 1
     assert watch.stderr.startswith(f"error: job {submitted['id']} ended Rejected")
 
-    second = json.loads(cape_cli("jobs", "submit", project, "linear-regression", "--x", "people:age",
+    assert listed.splitlines()[1].split()[1] == "linear_regression"  # the API's name: submit takes it too
+    second = json.loads(cape_cli("jobs", "submit", project, "linear_regression", "--x", "people:age",
                                  "--y", "labels:churned", "--model-owner", acme, "--json", env=env_a).stdout)
     timeout = cape_cli("jobs", "watch", second["id"], "--interval", "0.1", "--timeout", "0.3", env=env_a)
     assert timeout.exit_code == 3 and "still NeedsApproval after 0.3 s" in timeout.stderr

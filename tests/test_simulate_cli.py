@@ -169,6 +169,14 @@ def test_default_columns_from_one_file(files: Path) -> None:
     assert json.loads(result.stdout)["names"] == ["intercept", "target", "income"]  # y = the first column
 
 
+def test_the_job_type_as_the_api_spells_it(files: Path) -> None:
+    """`cape jobs list` shows `linear_regression`; a user copying it gets the same command."""
+    result = CliRunner().invoke(simulate, ["linear_regression", "--x", str(files / "both.csv"),
+                                           "--y", f"{files / 'both.csv'}:target", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["names"] == ["intercept", "height", "income"]
+
+
 def test_default_columns_of_a_header_with_spaces_after_its_commas(tmp_path: Path) -> None:
     """`a, b, y` is a common hand-written header: the defaults take its names trimmed (as a dataview's schema
     does), so y is set aside from x, not regressed on itself."""

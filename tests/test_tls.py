@@ -235,6 +235,8 @@ def test_a_broker_running_alone_reaches_its_coordinator_over_tls(tls, tls_server
     (["--tls-cert", "{cert}", "--tls-key", "{cert}"], "--tls-key {cert} is not a PEM private key"),
     (["--tls-cert", "{cert}", "--tls-key", "{encrypted}"], "--tls-key {encrypted} is encrypted; give the key "
                                                            "unencrypted"),
+    (["--tls-cert", "", "--tls-key", "{key}"], "Invalid value for '--tls-cert' (env var: 'CAPE_SERVER_TLS_CERT'): "
+                                               "is empty; give the PEM file's path"),  # not "--tls-cert . cannot ..."
 ])
 def test_serve_refuses_bad_tls_files_in_one_line(tls, tmp_path, args, message):
     from cryptography.hazmat.primitives import serialization

@@ -107,3 +107,32 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
         for label in JobWorld.LABELS:
             assert not (tmp_path / label / "spool" / "jobs" / job_id).exists()
             assert job_id not in workers[label].output
+
+
+def test_a_store_that_is_away_keeps_the_job_started_with_the_reason_then_it_completes(
+        cape_server, moto, start_worker, cape_cli, relay, tmp_path):
+    """The model owner's S3 goes away after the computation: the job stays Started (the model is kept), its seat says
+    why in `cape jobs status` without naming the bucket, and the job completes once the store is back."""
+    world = JobWorld(cape_server, tmp_path, n=200)
+    bucket = moto.make_bucket("yorg-models")
+    store = relay(int(moto.url.rsplit(":", 1)[1]))
+    store.cut(True)
+    for label in JobWorld.LABELS:
+        extra = {"CAPE_BUCKET": f"s3://{bucket}", **moto.env, "AWS_ENDPOINT_URL": store.url} \
+            if label == "yorg" else {}
+        start_worker(worker_env(tmp_path, label, CAPE_TOKEN=world.token(label), CAPE_COORDINATOR=cape_server.url,
+                                **extra)).wait_running()
+    job_id = submit(world)
+    env = {"CAPE_TOKEN": world.orgs["xorg"]["user_token"], "CAPE_COORDINATOR": cape_server.url}
+    reason = "uploading the model: the model owner's worker cannot reach its bucket"
+    deadline = time.monotonic() + 60
+    while reason not in (shown := cape_cli("jobs", "status", job_id, env=env).stdout):
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.5)
+    assert "Started" in shown and "trying again (the model is kept until it is stored)" in shown, shown
+    assert bucket not in shown
+    store.cut(False)
+    job = world.wait_ended(job_id, timeout=90)
+    assert job["status"] == "Completed", job
+    assert moto.keys(bucket) == [f"{job_id}/metrics.json", f"{job_id}/regression_weights.csv"]
+    assert all(not party.get("message") for party in job["parties"].values()), job  # the reason is gone

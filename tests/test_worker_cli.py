@@ -424,18 +424,19 @@ def test_misspelled_variables_are_warned_of_by_check_and_run(start_worker, tmp_p
     """From the environment or ./.env: each is named with the variable it most resembles; `run` says so before it
     starts anything, and still starts (`status` also warns, on stderr)."""
     (tmp_path / ".env").write_text("CAPE_BUKCET=file:///srv/models\n")
-    env = worker_env(tmp_path, "w", CAPE_CLOUDWACH="on", CAPE_POLL_INTERVALL="5")
+    env = worker_env(tmp_path, "w", CAPE_CLOUDWACH="on", CAPE_POLL_INTERVALL="5", AWS_REGION_NAME="eu-west-1")
     warnings = [
         "CAPE_BUKCET is not a variable the worker reads, so it is ignored; did you mean CAPE_BUCKET?",
         "CAPE_CLOUDWACH is not a variable the worker reads, so it is ignored; did you mean CAPE_CLOUDWATCH?",
         "CAPE_POLL_INTERVALL is not a variable the worker reads, so it is ignored; did you mean CAPE_POLL_INTERVAL?",
+        "AWS_REGION_NAME is not a variable boto3 reads, so it is ignored; did you mean AWS_REGION?",
     ]
     result = cape_worker("check", env=env, cwd=tmp_path)
     out = result.stdout.splitlines()
-    assert out[0].startswith("ok   configuration ") and out[1:4] == [f"WARN variables     {w}" for w in warnings]
+    assert out[0].startswith("ok   configuration ") and out[1:5] == [f"WARN variables     {w}" for w in warnings]
     worker = start_worker(env)  # its cwd is tmp_path, with the .env
     worker.wait_running()
-    assert worker.output.splitlines()[:3] == [f"cape-worker: warning: {w}" for w in warnings], worker.output[:3000]
+    assert worker.output.splitlines()[:4] == [f"cape-worker: warning: {w}" for w in warnings], worker.output[:3000]
     status = cape_worker("status", env=env, cwd=tmp_path)
     assert status.returncode == 0 and "  poller     RUNNING" in status.stdout
     assert status.stderr.splitlines() == [f"cape-worker: warning: {w}" for w in warnings]

@@ -234,6 +234,26 @@ def test_misspelled_variables_from_env_and_dotenv_are_named_with_the_likely_one(
     assert unknown_variables(env()) == []
 
 
+def test_misspelled_aws_variables_are_named_and_real_ones_left_alone():
+    """botocore reads dozens of AWS_ variables and other AWS tools more: only a name botocore does not read that is
+    close to one the README gives is warned of, and never its value."""
+    table = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    readme_names = set(re.findall(r"AWS_[A-Z0-9_]*[A-Z0-9]", "\n".join(table)))  # the variables table's
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"} <= readme_names
+    others = {"AWS_DEFAULT_OUTPUT", "AWS_PAGER", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "AWS_WEB_IDENTITY_TOKEN_FILE",
+              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_SECURITY_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_ACCOUNT_ID",
+              "AWS_ENDPOINT_URL_STS", "AWS_STS_REGIONAL_ENDPOINTS", "AWS_LAMBDA_FUNCTION_NAME"}
+    assert unknown_variables({name: "x" for name in readme_names | others}) == []
+    typos = {"AWS_SECRET_KEY": "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY": "AWS_ACCESS_KEY_ID",
+             "AWS_SESION_TOKEN": "AWS_SESSION_TOKEN", "AWS_REGION_NAME": "AWS_REGION",
+             "AWS_S3_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGIONS": "AWS_DEFAULT_REGION"}
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    warnings = unknown_variables({name: secret for name in typos})
+    assert warnings == [f"{name} is not a variable boto3 reads, so it is ignored; did you mean {typos[name]}?"
+                        for name in sorted(typos)]
+    assert not any(secret in w for w in warnings)
+
+
 def test_every_variable_the_worker_reads_is_known():
     """The worker's code, its supervisord configuration, its image and the tests' worker environment name only known
     variables (a new one must be added to KNOWN_VARIABLES, or every worker setting it would be warned)."""

@@ -147,8 +147,13 @@ def test_unreachable_s3_is_retried_not_failed(tmp_path):
     config = make_config(tmp_path, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="a",
                          AWS_SECRET_ACCESS_KEY="b")
     spool = spool_with_result(config, model_location="s3://models")
-    assert Uploader(config, spool).cycle() is False
-    assert spool.pending_results() == ["job1"] and statuses(spool) == []
+    uploader = Uploader(config, spool)
+    assert uploader.cycle() is False and uploader.cycle() is False
+    assert spool.pending_results() == ["job1"]
+    # Project members see why the job does not complete, once per reason, and not where the model owner's bucket is.
+    assert statuses(spool) == [{"state": "running", "progress": 0.99, "message": (
+        "uploading the model: the model owner's worker cannot reach its bucket's store; trying again (the model is "
+        "kept until it is stored)")}]
 
 
 def test_no_location_anywhere_is_an_error(tmp_path):
@@ -173,7 +178,10 @@ def test_a_gateways_5xx_is_retried_and_the_finished_jobs_model_kept(tmp_path, ba
     spool = spool_with_result(config, model_location="s3://models")
     store = ModelStore(config, read_timeout=5, attempts=1)
     assert Uploader(config, spool, store).cycle() is False
-    assert spool.pending_results() == ["job1"] and statuses(spool) == []
+    assert spool.pending_results() == ["job1"]
+    [status] = statuses(spool)
+    assert status["state"] == "running" and "models" not in status["message"]
+    assert status["message"].startswith("uploading the model: the model owner's bucket is busy or unavailable (502)")
     assert ("S3 is busy or unavailable writing s3://models/job1/regression_weights.csv (502); trying again later"
             in caplog.text)
 

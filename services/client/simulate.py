@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from services.client.tasks import dashes_for_underscores
 from services.jobs.linear_regression import JobDataError, ProtocolError, simulate as simulate_job
 from services.jobs.linear_regression.data import local_path, read_columns
 from services.jobs.linear_regression.errors import shown_columns
@@ -97,7 +98,7 @@ def _repeated(columns: list[str]) -> list[str]:
     return sorted({c for c in columns if columns.count(c) > 1})
 
 
-@click.group()
+@click.group(context_settings={"token_normalize_func": dashes_for_underscores})
 def simulate() -> None:
     """Run a job's three parties on this machine, on local files, with the real protocol."""
 

@@ -9,6 +9,12 @@ from services.client.models import DataView, Organization, org_ref
 DEFAULT_JOB_TIMEOUT_S = 600
 
 
+def dashes_for_underscores(token: str) -> str:
+    """click's `token_normalize_func` for job-type words: the CLI says `linear-regression`, the API (and so
+    `cape jobs list`) `linear_regression`; a user copying either gets the same command."""
+    return token.replace("_", "-")
+
+
 class VerticallyPartitionedLinearRegression:
     """Linear regression of y (one organization's column) on X (another's columns), by 3-party MPC.
 

@@ -73,6 +73,14 @@ def _optional_email(ctx: click.Context, param: click.Parameter, value: str | Non
     return None if value is None else _email(ctx, param, value)
 
 
+def _tls_file(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    # An empty value would become Path("."), and its error would name the current directory.
+    if value == "":
+        raise click.BadParameter("is empty; give the PEM file's path, or leave out both --tls-cert and --tls-key "
+                                 "for plain HTTP")
+    return None if value is None else Path(value)
+
+
 def _listen_error(host: str, port: int, exc: OSError) -> click.ClickException:
     """Point at the option to change: a name that does not resolve, or an address this machine does not have, is
     the host's fault, not the port's."""
@@ -214,11 +222,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
-@click.option("--tls-cert", envvar="CAPE_SERVER_TLS_CERT", show_envvar=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--tls-cert", envvar="CAPE_SERVER_TLS_CERT", show_envvar=True, type=click.Path(dir_okay=False),
+              callback=_tls_file,
               help="Serve HTTPS with this PEM certificate chain (the server's certificate first); with --tls-key.")
-@click.option("--tls-key", envvar="CAPE_SERVER_TLS_KEY", show_envvar=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The certificate's PEM private key, unencrypted.")
+@click.option("--tls-key", envvar="CAPE_SERVER_TLS_KEY", show_envvar=True, type=click.Path(dir_okay=False),
+              callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
           max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, message_ttl: float,
           job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,

@@ -2,13 +2,15 @@
 
 Every problem is a `ConfigError` naming the variable and how to fix it. Secrets (the organization token, the AWS
 secret key) are kept out of `repr()` and out of every message, also when pasted into another variable. A CAPE_
-variable the worker does not read is a typo whose setting is lost: `unknown_variables` names each.
+variable the worker does not read is a typo whose setting is lost: `unknown_variables` names each, and an AWS_ one
+botocore does not read whose name is close to one the worker's documentation gives.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import difflib
+import functools
 import os
 import re
 import socket
@@ -45,6 +47,14 @@ KNOWN_VARIABLES = frozenset({
 })
 # Read by another Cape tool that may share the worker's environment (the demo runs both): not a typo.
 OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR", "CAPE_SERVER_TLS_CERT", "CAPE_SERVER_TLS_KEY"})
+# The AWS variables the README gives for the worker. An AWS_ name close to one of them that botocore does not read
+# is a typo whose setting is lost (AWS_SECRET_KEY, AWS_REGION_NAME); names further off are left alone, as the AWS
+# CLI and other SDKs that may share the environment read many more (AWS_DEFAULT_OUTPUT scores 0.72).
+DOCUMENTED_AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_CA_BUNDLE")
+_AWS_TYPO_CUTOFF = 0.78
+# botocore reads AWS_ENDPOINT_URL_<SERVICE> for any service; a service's name is not checked here.
+_AWS_SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"
 # requests, which the worker's clients use, trusts the CAs in this file (or directory) for https:// instead of its
 # own bundle: how a coordinator with a private CA's certificate is reached.
 CA_BUNDLE_VARIABLE = "REQUESTS_CA_BUNDLE"
@@ -231,10 +241,36 @@ class WorkerConfig:
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """One warning per CAPE_ variable the worker does not read (a typo: its setting is lost), with the known name it
-    most resembles; with no `environ`, `os.environ` over CAPE_ENV_FILE or ./.env, as `WorkerConfig`."""
-    names = sorted(name for name in _merged_env(environ, None) if name.startswith("CAPE_"))
-    return [_unknown_variable_warning(name) for name in names
-            if name not in KNOWN_VARIABLES | OTHER_TOOLS_VARIABLES]
+    most resembles, and per AWS_ variable botocore does not read that is close to one the README gives; with no
+    `environ`, `os.environ` over CAPE_ENV_FILE or ./.env, as `WorkerConfig`."""
+    names = sorted(_merged_env(environ, None))
+    warnings = [_unknown_variable_warning(name) for name in names
+                if name.startswith("CAPE_") and name not in KNOWN_VARIABLES | OTHER_TOOLS_VARIABLES]
+    for name in names:
+        if (name.startswith("AWS_") and not name.startswith(_AWS_SERVICE_ENDPOINT_PREFIX)
+                and name not in _botocore_variables() and name not in DOCUMENTED_AWS_VARIABLES):
+            close = difflib.get_close_matches(name, DOCUMENTED_AWS_VARIABLES, n=1, cutoff=_AWS_TYPO_CUTOFF)
+            if close:
+                warnings.append(f"{name} is not a variable boto3 reads, so it is ignored; did you mean {close[0]}?")
+    return warnings
+
+
+@functools.cache
+def _botocore_variables() -> frozenset[str]:
+    """The environment variables botocore reads: its session settings and the environment credential provider's
+    (AWS_REGION and AWS_ENDPOINT_URL are read elsewhere, and by the worker itself)."""
+    from botocore.configprovider import BOTOCORE_DEFAUT_SESSION_VARIABLES  # botocore's own spelling
+    from botocore.credentials import EnvProvider
+
+    names: set[str] = set()
+    for _config_name, env, *_rest in BOTOCORE_DEFAUT_SESSION_VARIABLES.values():
+        names.update([env] if isinstance(env, str) else env or ())
+    for value in vars(EnvProvider).values():
+        if isinstance(value, str) and value.startswith("AWS_"):
+            names.add(value)
+        elif isinstance(value, list):
+            names.update(v for v in value if isinstance(v, str))
+    return frozenset(names)
 
 
 def _unknown_variable_warning(name: str) -> str:

@@ -126,11 +126,12 @@ class ModelStore:
             raise _upload_error(uri, exc) from None
         except EndpointConnectionError:
             raise UploadUnavailable(f"cannot reach S3 to write {uri}; check AWS_ENDPOINT_URL, AWS_REGION and the "
-                                    "network") from None
+                                    "network", "the model owner's worker cannot reach its bucket's store") from None
         except BotoCoreError as exc:
             # botocore's text names what is wrong (a profile, a credentials endpoint), never a secret's value.
             raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}: {exc}; check "
-                                    "AWS_ENDPOINT_URL, AWS_REGION and the AWS credentials' settings") from None
+                                    "AWS_ENDPOINT_URL, AWS_REGION and the AWS credentials' settings",
+                                    f"the model owner's worker cannot reach its bucket ({type(exc).__name__})") from None
         return uri
 
     def delete(self, bucket: Bucket, key: str) -> None:
@@ -176,7 +177,8 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
     if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or transient:
         # A proxy or a load balancer answering 502, a store starting up: the finished job's model must not be
         # thrown away for what passes.
-        return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})")
+        return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})",
+                                 f"the model owner's bucket is busy or unavailable ({code or status})")
     return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__}); if AWS_ENDPOINT_URL is set, check "
                        "it is an S3-compatible store", public)
 
@@ -188,6 +190,8 @@ class Uploader:
         self.config = config
         self.spool = spool
         self.store = store or ModelStore(config)
+        self._waiting_said: dict[str, str] = {}  # job -> the reason its seat shows for waiting to upload
+
 
     def bucket_for(self, result: dict[str, Any], job_id: str) -> Bucket:
         """CAPE_BUCKET if set, else the job's model_location; an error if neither is usable."""
@@ -249,17 +253,30 @@ class Uploader:
         self.spool.ack_result(job_id, failed=True)
         log.error("job %s: %s", job_id, error)
 
+    def _say_waiting(self, job_id: str, error: UploadUnavailable) -> None:
+        """Show project members why the job is not completing (it stays Started while the store is away), once per
+        reason: the output seat's "uploading the model" would otherwise look like a hang."""
+        if self._waiting_said.get(job_id) == error.public:
+            return
+        self.spool.put_status(job_id, {"state": "running", "progress": 0.99,
+                                       "message": f"uploading the model: {error.public}; trying again (the model is "
+                                                  "kept until it is stored)"}, source="uploader")
+        self._waiting_said[job_id] = error.public
+
     def cycle(self) -> bool:
         """Upload every pending result; returns False if a store was unreachable (retry later)."""
         healthy = True
         for job_id in self.spool.pending_results():
             try:
                 self.upload(job_id)
+                self._waiting_said.pop(job_id, None)
             except UploadUnavailable as exc:
                 log.warning("job %s: %s; trying again later (the result stays in the spool)", job_id, exc)
+                self._say_waiting(job_id, exc)
                 healthy = False
             except UploadError as exc:
                 self.fail(job_id, exc)
+                self._waiting_said.pop(job_id, None)
         return healthy
 
     def run(self) -> None:

@@ -11,7 +11,7 @@ from services.client.commands.output import (
 )
 from services.client.errors import BadArgument, CapeError, ResultsUnavailable
 from services.client.models import TERMINAL_STATUSES, Job
-from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression
+from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression, dashes_for_underscores
 
 # `cape jobs watch` exit codes besides 0 (Completed).
 EXIT_JOB_FAILED = 1
@@ -25,7 +25,7 @@ def jobs() -> None:
     """Jobs: submit, approve or reject, follow, and read the results."""
 
 
-@jobs.command("submit")
+@jobs.command("submit", context_settings={"token_normalize_func": dashes_for_underscores})
 @click.argument("project")
 @click.argument("job_type", metavar="TYPE", type=click.Choice(["linear-regression"]))
 @click.option("--x", "x_spec", required=True, metavar="DATAVIEW[:COL,...]",
