@@ -36,6 +36,11 @@ def test_malformed_bodies_name_the_field(world):
     assert error(admin.post(f"/v1/organizations/{org}/users", json={"email": "nope", "role": "user"}), 422) == (
         "field 'email': 'nope' is not an email address (like name@example.org)")
     assert error(admin.post("/v1/projects", json={"name": "no label"}), 422) == "field 'label': field required"
+    # Names are shown in tables: one line, no terminal escapes; a length in characters, not pydantic's "items".
+    assert error(admin.post("/v1/projects", json={"label": "p", "name": "Evil\nCorp\x1b[31m"}), 422) == (
+        "field 'name': must be one line of text, without control characters (line breaks, tabs, escapes)")
+    assert error(admin.post("/v1/projects", json={"label": "p", "name": "x" * 201}), 422) == \
+        "field 'name': must be at most 200 characters"
     assert error(admin.post("/v1/projects", json={"label": "ok", "colour": 1}), 422) == \
         "field 'colour': extra inputs are not permitted"
     assert error(admin.post("/v1/projects", data="{not json", headers={"Content-Type": "application/json"}),
@@ -130,7 +135,7 @@ def test_unknown_ids_are_404(world):
     assert error(admin.get("/v1/jobs/0123"), 404) == "no job '0123'"
     assert error(admin.get("/v1/dataviews/0123"), 404) == "no dataview '0123'"
     assert error(admin.get("/v1/organizations/nope"), 404) == \
-        "no organization 'nope'; `cape orgs list` (`GET /v1/organizations`) lists them"
+        "no organization 'nope'; `cape orgs list` (or, on the server, `cape-server admin list-orgs`) lists them"
     assert error(admin.post("/v1/projects/demo/organizations", json={"organization": "nope"}), 404).startswith(
         "no organization 'nope'")
     assert error(world["worker"]["xorg"].get("/v1/worker/jobs/0123"), 404) == "no job '0123'"
@@ -188,6 +193,13 @@ def test_admin_cli_errors_are_one_line(cape_server):
     assert bad.returncode == 2 and "Invalid value for LABEL" in bad.stderr
     missing = admin("create-user", "nope", "--email", "x@y.z", "--role", "user")
     assert missing.returncode == 1 and "no organization 'nope'" in missing.stderr
+    for name, problem in (("Evil\nCorp", "must be one line of text, without control characters (line breaks, tabs, "
+                                        "escapes)"), ("x" * 201, "must be at most 200 characters")):
+        refused = admin("create-org", "evil", "--name", name, "--admin-email", "x@evil.example")
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == \
+            f"Error: Invalid value for '--name': the name {problem}"  # as the API's rule: nothing stored
+    long = admin("create-org-token", "acme", "--description", "d" * 501)
+    assert long.returncode == 2 and "the description must be at most 500 characters" in long.stderr
     role = admin("create-user", "acme", "--email", "x@y.z", "--role", "boss")
     assert role.returncode == 2 and "'boss' is not one of" in role.stderr
     token = cape_server.create_org("beta")["organization_token"]

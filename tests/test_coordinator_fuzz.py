@@ -38,7 +38,8 @@ def test_openapi_document_describes_both_parts(fuzz_server, api_schema):
     paths = api_schema.raw_schema["paths"]
     assert "/v1/projects/{project}/jobs" in paths and "/v1/worker/jobs/{job_id}/report" in paths
     assert "/broker/v1/jobs/{job}/messages/{to_seat}/{name}" in paths
-    assert api_schema.raw_schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    schemes = api_schema.raw_schema["components"]["securitySchemes"]
+    assert schemes["CapeToken"]["scheme"] == schemes["WorkerToken"]["scheme"] == "bearer"
 
 
 def test_openapi_document_names_the_shape_of_every_answer(api_schema):

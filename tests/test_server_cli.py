@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -364,3 +365,132 @@ def test_serve_refuses_a_job_quota_below_the_message_limit(tmp_path):
         "Error: --max-job-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
         "be stored")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_naming_the_first(cape_server):
+    """It would sweep the first one's uploads in transit at start and never wake its long polls."""
+    for only in ([], ["--only", "broker", "--coordinator-url", cape_server.url]):
+        result = run_cli("serve", "--port", "0", "--data-dir", str(cape_server.data_dir), *only)
+        part = "broker" if only else "coordinator"
+        assert result.returncode == 1 and "listening" not in result.stdout
+        assert error_line(result) == (
+            f"Error: another cape-server (pid {cape_server.pid}) serves the {part} from --data-dir "
+            f"{cape_server.data_dir}; stop it first, or give this one its own --data-dir (two servers on one data "
+            "dir lose each other's messages in transit)")
+    assert requests.get(f"{cape_server.url}/healthz", timeout=10).status_code == 200
+    cape_server.restart(crash=True)  # the kernel drops a killed server's lock: its successor starts
+    assert requests.get(f"{cape_server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_serve_says_when_it_makes_a_new_empty_database(start_cape_server):
+    """A mistyped --data-dir would otherwise be a second, empty server whose every token is refused."""
+    server = start_cape_server()
+    notice = f"cape-server: no database in {server.data_dir} yet: a new, empty one is made (no organizations"
+    assert server.log_path.read_text().count(notice) == 1
+    server.restart()
+    assert server.log_path.read_text().count(notice) == 1  # the log is appended to: not said again
+
+
+def test_a_backup_taken_while_the_server_runs_restores_what_it_held(cape_server, tmp_path):
+    """Copying coordinator.sqlite3 itself misses what is still in its write-ahead log; `admin backup` does not."""
+    kept = cape_server.create_org("kept")
+    copy = tmp_path / "backups" / "coordinator.sqlite3"
+    copy.parent.mkdir()
+    result = run_cli("admin", "backup", str(copy), "--data-dir", str(cape_server.data_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f"to {copy}: 1 organizations, 1 users, 0 jobs")
+    assert copy.stat().st_mode & 0o777 == 0o600  # token hashes
+    later = cape_server.create_org("later")
+    again = run_cli("admin", "backup", str(copy), "--data-dir", str(cape_server.data_dir))
+    assert again.returncode == 1 and error_line(again) == f"Error: {copy} exists; give a new file (a backup never " \
+                                                           "overwrites)"
+    nowhere = run_cli("admin", "backup", str(tmp_path / "missing" / "b.sqlite3"), "--data-dir",
+                      str(cape_server.data_dir))
+    assert error_line(nowhere) == f"Error: {tmp_path / 'missing'} is not a directory; make it first, or give another path"
+    cape_server.stop()
+
+    restored = tmp_path / "restored"
+    restored.mkdir(mode=0o700)
+    (restored / "coordinator.sqlite3").write_bytes(copy.read_bytes())
+    os.chmod(restored / "coordinator.sqlite3", 0o600)
+    cape_server.data_dir = restored
+    cape_server.start()
+    login = [requests.post(f"{cape_server.url}/v1/login", timeout=10,
+                           headers={"Authorization": f"Bearer {org['user_token']}"}).status_code for org in (kept, later)]
+    assert login == [200, 401]  # what the backup held, and not what came after it
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["admin", "create-org-token", "acme"]])
+def test_a_database_file_that_is_no_database_is_one_line(tmp_path, command):
+    """A bad restore, or another file put in its place: named, with what to do, not sqlite3's traceback."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "coordinator.sqlite3").write_bytes(os.urandom(5000))
+    result = run_cli(*command, "--data-dir", str(data_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "listening" not in result.stdout
+    assert error_line(result) == (f"Error: {data_dir / 'coordinator.sqlite3'} is not an SQLite database (a bad "
+                                  "restore, or another file put in its place?); put back the copy `cape-server admin "
+                                  "backup` made")
+
+
+def test_a_broker_index_that_is_no_database_is_one_line(tmp_path):
+    index = tmp_path / "data" / "broker" / "index.sqlite3"
+    index.parent.mkdir(parents=True, mode=0o700)
+    index.write_bytes(os.urandom(5000))
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--only", "broker",
+                     "--coordinator-url", "http://127.0.0.1:9")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert error_line(result) == (f"Error: {index} is not an SQLite database (a bad restore, or another file put in "
+                                  f"its place?); remove it and {index.parent / 'bodies'} to start the broker empty "
+                                  "(the jobs whose messages it held end at their timeout)")
+
+
+def test_the_operator_lists_organizations_users_and_tokens_and_revokes_a_users_tokens(cape_server):
+    """With shell access only: what is there, and a lost laptop's tokens revoked without knowing their ids."""
+    acme = cape_server.create_org("acme")
+    cape_server.create_org("beta", admin_email="ds@acme.example")
+    data = ["--data-dir", str(cape_server.data_dir)]
+    orgs = json.loads(run_cli("admin", "list-orgs", "--json", *data).stdout)
+    assert [o["label"] for o in orgs] == ["acme", "beta"]
+    users = json.loads(run_cli("admin", "list-users", "beta", "--json", *data).stdout)
+    assert [(u["email"], u["roles"]) for u in users] == [("ds@acme.example", {"beta": "admin"})]
+    table = run_cli("admin", "list-users", *data).stdout.splitlines()
+    assert table[0].split() == ["EMAIL", "ROLES", "ID"] and len(table) == 3
+    tokens = json.loads(run_cli("admin", "list-tokens", "--org", "acme", "--json", *data).stdout)
+    assert [t["id"] for t in tokens] == [acme["organization_token"].split(",")[0]]
+    assert acme["organization_token"].split(",")[1] not in run_cli("admin", "list-tokens", "--org", "acme",
+                                                                    *data).stdout
+
+    user_token = acme["user_token"]
+    revoked = run_cli("admin", "revoke-user-tokens", "admin@acme.example", *data)
+    assert revoked.returncode == 0 and revoked.stdout.strip() == (
+        f"revoked 1 token(s) of admin@acme.example: {user_token.split(',')[0]}")
+    assert requests.post(f"{cape_server.url}/v1/login", headers={"Authorization": f"Bearer {user_token}"},
+                         timeout=10).status_code == 401
+    [listed] = json.loads(run_cli("admin", "list-tokens", "--user", "admin@acme.example", "--json", *data).stdout)
+    assert listed["revoked_at"] is not None
+    assert error_line(run_cli("admin", "list-tokens", *data)) == "Error: give --org ORGANIZATION or --user EMAIL"
+    assert error_line(run_cli("admin", "revoke-user-tokens", "nobody@acme.example", *data)) == (
+        "Error: no user nobody@acme.example; `cape-server admin list-users` lists them")
+    assert run_cli("--version").stdout.strip() == f"cape-server, version {version('cape-workers')}"
+
+
+def test_openapi_describes_the_error_body_the_server_answers(cape_server):
+    """A client generated from /openapi.json must know `{"error": {"code", "message"}}`, not FastAPI's
+    `{"detail": [...]}`, and which token each part takes."""
+    document = requests.get(f"{cape_server.url}/openapi.json", timeout=10).json()
+    text = json.dumps(document)
+    assert "HTTPValidationError" not in text
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert refs <= set(schemas), refs - set(schemas)
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status in ("4XX", "5XX"):
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, status)
+    assert set(schemas["ErrorDetail"]["required"]) == {"code", "message"}
+    refused = requests.post(f"{cape_server.url}/v1/projects", json={"label": 5},
+                            headers={"Authorization": "Bearer x,y"}, timeout=10)
+    assert set(refused.json()) == {"error"} and set(refused.json()["error"]) == {"code", "message"}
+    assert set(document["components"]["securitySchemes"]) == {"CapeToken", "WorkerToken"}

@@ -27,7 +27,8 @@ log = logging.getLogger("cape.broker")
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 _NAME = re.compile(NAME_PATTERN)
 
-bearer = HTTPBearer(auto_error=False, description="an organization token (`<token_id>,<secret>`)")
+bearer = HTTPBearer(auto_error=False, scheme_name="WorkerToken",
+                    description="a worker's organization token (`<token_id>,<secret>`)")
 MessageName = Path(pattern=NAME_PATTERN, description="`[A-Za-z0-9._-]{1,200}`")
 JobId = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 

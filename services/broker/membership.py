@@ -58,6 +58,7 @@ class LocalMembership:
             job = find_job(conn, job_id)
             seat = seat_of(conn, job_id, principal.org_id or "")
             seats = tuple(p["seat"] for p in parties(conn, job_id))
+        identity.note_use(self.db, principal)
         if seat is None:
             raise Forbidden("your organization has no seat in this job", code="no_seat")
         return JobAccess(seat, seats, job["status"])

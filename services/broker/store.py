@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.sqlite_files import unusable
+
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     job_id TEXT NOT NULL, to_seat TEXT NOT NULL, name TEXT NOT NULL, from_seat TEXT NOT NULL,
@@ -96,13 +98,28 @@ class MessageStore:
             leftover.unlink(missing_ok=True)
         self.ttl = ttl_seconds
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.root / "index.sqlite3"), check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(INDEX_SCHEMA)
-        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
-        if "sha256" in columns:  # an index written before bodies stopped being hashed
-            self._conn.execute("ALTER TABLE messages DROP COLUMN sha256")
+        index = self.root / "index.sqlite3"
+        try:
+            self._conn = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(INDEX_SCHEMA)
+            columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
+            if "sha256" in columns:  # an index written before bodies stopped being hashed
+                self._conn.execute("ALTER TABLE messages DROP COLUMN sha256")
+        except sqlite3.Error as exc:
+            raise unusable(index, exc, f"remove it and {self.bodies} to start the broker empty (the jobs whose "
+                                       "messages it held end at their timeout)") from None
+        self.orphans_removed = self._remove_orphan_bodies()
+
+    def _remove_orphan_bodies(self) -> int:
+        """Delete body files no index row names (a crash between storing a body and indexing it): nothing would
+        ever read or expire them."""
+        named = {row[0] for row in self._conn.execute("SELECT file FROM messages")}
+        orphans = [f for f in self.bodies.iterdir() if f.name not in named]
+        for orphan in orphans:
+            orphan.unlink(missing_ok=True)
+        return len(orphans)
 
     def begin(self, limit: int) -> PendingBody:
         return PendingBody(self.incoming / f"{uuid.uuid4().hex}.part", limit)
@@ -113,6 +130,9 @@ class MessageStore:
         discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict).
         `room` gets the bytes the sender has waiting in the job (concurrent puts counted) and raises to refuse."""
         with self._lock:
+            # An expired message not yet swept still holds its name's row: drop it, so the name is free again.
+            self._delete_where("job_id = ? AND to_seat = ? AND name = ? AND created <= ?",
+                               (job_id, to_seat, name, time.time() - self.ttl))
             existing = self.get(job_id, to_seat, name)
             if existing is not None:
                 try:
@@ -124,9 +144,13 @@ class MessageStore:
             room(self.bytes_from(job_id, from_seat))
             final = self.bodies / f"{uuid.uuid4().hex}.msg"
             os.replace(body.path, final)
-            self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (job_id, to_seat, name, from_seat, body.size, final.name, time.time()))
+            try:
+                self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   (job_id, to_seat, name, from_seat, body.size, final.name, time.time()))
+            except BaseException:
+                final.unlink(missing_ok=True)  # never indexed: nothing would read or expire it
+                raise
             return Commit.CREATED
 
     def _row(self, row: sqlite3.Row) -> StoredMessage:

@@ -5,11 +5,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from services.coordinator import decisions, identity, jobs, memberships, projects, views, workers
+from services.coordinator.audit import RefusedTokens, record
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
@@ -29,14 +30,22 @@ from services.coordinator.schemas import (
     Report,
     WorkerKeys,
 )
+from services.server.errors import Unauthorized
 
 MAX_JSON_BODY = 1 << 20
-bearer = HTTPBearer(auto_error=False, description="`<token_id>,<secret>` as issued by the coordinator")
+bearer = HTTPBearer(auto_error=False, scheme_name="CapeToken",
+                    description="`<token_id>,<secret>` as issued by the coordinator: a person's user token, or a "
+                                "worker's organization token for /v1/worker/... (each endpoint says which it takes "
+                                "by its tag: `worker` endpoints take organization tokens, the others user tokens, "
+                                "`/v1/login` either)")
 
 
-def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRouter:
-    """All `/v1` endpoints, bound to one database; `changes` is bumped whenever a job's status may have changed."""
+def coordinator_router(db: Database, changes: JobChanges | None = None,
+                       refused: RefusedTokens | None = None) -> APIRouter:
+    """All `/v1` endpoints, bound to one database; `changes` is bumped whenever a job's status may have changed,
+    `refused` counts requests refused for their token."""
     changes = changes or JobChanges()
+    refused = refused or RefusedTokens()
 
     @contextmanager
     def job_change() -> Iterator[Any]:
@@ -47,9 +56,15 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     # JSON bodies here are small; a 1 MiB cap answers 413 before a big body is parsed into memory.
     router = APIRouter(prefix="/v1", max_body_size=MAX_JSON_BODY)
 
-    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-        with db.transaction() as conn:
-            return identity.authenticate(conn, credentials.credentials if credentials else None)
+    def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        try:
+            with db.transaction() as conn:
+                found = identity.authenticate(conn, credentials.credentials if credentials else None)
+        except Unauthorized:
+            refused.note(request.client.host if request.client else "unknown")
+            raise
+        identity.note_use(db, found)
+        return found
 
     def person(p: Principal = Depends(principal)) -> Principal:
         require_person(p)
@@ -82,7 +97,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "add users")
             user, token, existing = identity.add_user(conn, org_id, body.email, body.role)
-            return {"user": user, "token": token, "existing_account": existing}
+        record(p, "added %s to organization %s as %s%s", body.email, org, body.role,
+               " (an existing account)" if existing else "")
+        return {"user": user, "token": token, "existing_account": existing}
 
     @router.get("/organizations/{org}/users", tags=["identity"], response_model=list[views.Member])
     def list_users(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
@@ -96,7 +113,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
         with db.transaction() as conn:
             row = identity.find_organization(conn, org)
             require_role(p, row["id"], MANAGE_USERS, "change users' roles")
-            return memberships.set_member_role(conn, row, user, body.role)
+            member = memberships.set_member_role(conn, row, user, body.role)
+        record(p, "made user %s %s in organization %s", user, body.role, org)
+        return member
 
     @router.delete("/organizations/{org}/users/{user}", status_code=204, tags=["identity"])
     def remove_user(org: str, user: str, p: Principal = Depends(person)) -> Response:
@@ -104,6 +123,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
             row = identity.find_organization(conn, org)
             require_role(p, row["id"], MANAGE_USERS, "remove users")
             memberships.remove_member(conn, row, user)
+        record(p, "removed user %s from organization %s", user, org)
         return Response(status_code=204)
 
     @router.get("/organizations/{org}/worker", tags=["identity"], response_model=views.WorkerStatus)
@@ -118,7 +138,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "create organization tokens")
-            return identity.issue_org_token(conn, org_id, body.description if body else None)
+            issued = identity.issue_org_token(conn, org_id, body.description if body else None)
+        record(p, "issued organization token %s for organization %s", issued["id"], org)
+        return issued
 
     @router.get("/organizations/{org}/tokens", tags=["identity"], response_model=list[views.TokenInfo])
     def list_org_tokens(org: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
@@ -131,13 +153,16 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:
-            return identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
+            issued = identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
+        record(p, "issued themselves user token %s", issued["id"])
+        return issued
 
     @router.delete("/tokens/{token_id}", status_code=204, tags=["identity"])
     def revoke_token(token_id: str, p: Principal = Depends(principal)) -> Response:
         with db.transaction() as conn:
             identity.check_may_revoke(conn, p, token_id)
             identity.revoke_token(conn, token_id)
+        record(p, "revoked token %s", token_id)
         return Response(status_code=204)
 
     # --- projects ----------------------------------------------------------------------------------------------
@@ -172,6 +197,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     def delete_project(project: str, p: Principal = Depends(person)) -> Response:
         with db.transaction() as conn:
             projects.delete_project(conn, p, project)
+        record(p, "deleted project %s", project)
         return Response(status_code=204)
 
     # --- dataviews ---------------------------------------------------------------------------------------------
@@ -197,6 +223,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     def delete_dataview(dataview_id: str, p: Principal = Depends(person)) -> Response:
         with db.transaction() as conn:
             projects.delete_dataview(conn, p, dataview_id)
+        record(p, "deleted dataview %s", dataview_id)
         return Response(status_code=204)
 
     # --- jobs --------------------------------------------------------------------------------------------------
@@ -244,7 +271,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None) -> APIRo
     def put_keys(body: WorkerKeys, p: Principal = Depends(worker)) -> Response:
         # A job is served to its workers only once all three registered keys: the last one's makes it appear.
         with job_change() as conn:
-            workers.register_keys(conn, p.org_id or "", body.encryption_public_key, body.signing_public_key)
+            change = workers.register_keys(conn, p.org_id or "", body.encryption_public_key, body.signing_public_key)
+        if change:
+            record(p, "%s its public keys", change)
         return Response(status_code=204)
 
     @router.post("/worker/heartbeat", status_code=204, tags=["worker"])

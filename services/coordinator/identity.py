@@ -5,9 +5,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from services.coordinator.db import new_id, now_iso
+from services.coordinator.db import Database, new_id, now_iso
 from services.coordinator.tokens import issue_token, secret_matches, split_token
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
+from services.server.storage_trouble import is_storage_refusal
 
 ROLES = ("admin", "operator", "data_scientist", "user")
 
@@ -22,6 +23,7 @@ class Principal:
     email: str | None = None
     org_id: str | None = None
     roles: dict[str, str] = field(default_factory=dict)
+    last_used_at: str | None = field(default=None, compare=False)  # as stored before this request
 
     def role_in(self, org_id: str) -> str | None:
         return self.roles.get(org_id)
@@ -52,7 +54,8 @@ def find_organization(conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM organizations WHERE id = ? OR label = ? ORDER BY id = ? DESC LIMIT 1",
                        (ref, ref, ref)).fetchone()
     if row is None:
-        raise NotFound(f"no organization '{ref}'; `cape orgs list` (`GET /v1/organizations`) lists them",
+        raise NotFound(f"no organization '{ref}'; `cape orgs list` (or, on the server, `cape-server admin list-orgs`) "
+                       "lists them",
                        code="organization_not_found")
     return row
 
@@ -150,10 +153,40 @@ def issue_org_token(conn: sqlite3.Connection, org_id: str, description: str | No
 
 def list_org_tokens(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:
     """The organization's worker tokens, oldest first: ids and dates, never secrets (only hashes are stored)."""
-    return [{"id": r["id"], "description": r["description"], "created_at": r["created_at"],
+    return [{k: v for k, v in token.items() if k != "kind"} for token in list_tokens(conn, org_id=org_id)]
+
+
+def list_users(conn: sqlite3.Connection, org_id: str | None = None) -> list[dict[str, Any]]:
+    """Every account (or an organization's members), by email, with its roles by organization label."""
+    where, params = ("WHERE u.id IN (SELECT user_id FROM memberships WHERE org_id = ?)", (org_id,)) if org_id \
+        else ("", ())
+    users: dict[str, dict[str, Any]] = {}
+    for r in conn.execute("SELECT u.id, u.email, u.created_at, o.label, m.role FROM users u LEFT JOIN memberships m "
+                          f"ON m.user_id = u.id LEFT JOIN organizations o ON o.id = m.org_id {where} "  # noqa: S608
+                          "ORDER BY u.email, o.label", params):
+        user = users.setdefault(r["id"], {"id": r["id"], "email": r["email"], "created_at": r["created_at"],
+                                          "roles": {}})
+        if r["label"] is not None:
+            user["roles"][r["label"]] = r["role"]
+    return list(users.values())
+
+
+def list_tokens(conn: sqlite3.Connection, *, org_id: str | None = None, user_id: str | None = None
+                ) -> list[dict[str, Any]]:
+    """An organization's worker tokens or a user's tokens, oldest first: ids and dates, never secrets."""
+    column, value = ("org_id", org_id) if org_id is not None else ("user_id", user_id)
+    return [{"id": r["id"], "kind": r["kind"], "description": r["description"], "created_at": r["created_at"],
              "revoked_at": r["revoked_at"], "last_used_at": r["last_used_at"]}
-            for r in conn.execute("SELECT id, description, created_at, revoked_at, last_used_at FROM tokens WHERE "
-                                  "kind = 'organization' AND org_id = ? ORDER BY created_at, id", (org_id,))]
+            for r in conn.execute(f"SELECT * FROM tokens WHERE {column} = ? ORDER BY created_at, id",  # noqa: S608
+                                  (value,))]
+
+
+def revoke_user_tokens(conn: sqlite3.Connection, user_id: str) -> list[str]:
+    """Revoke every token of a user still valid (a stolen laptop); returns their ids."""
+    ids = [r["id"] for r in conn.execute("SELECT id FROM tokens WHERE user_id = ? AND revoked_at IS NULL "
+                                         "ORDER BY created_at, id", (user_id,))]
+    conn.execute("UPDATE tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL", (now_iso(), user_id))
+    return ids
 
 
 def find_token(conn: sqlite3.Connection, token_id: str) -> sqlite3.Row:
@@ -197,21 +230,31 @@ def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
                   "make another with a token of yours that still works (`cape tokens create`), or ask the "
                   "server's operator for one (`cape-server admin create-user-token EMAIL`)")
         raise Unauthorized(f"the token was revoked; {advice}", code="revoked_token")
-    _note_use(conn, row)
     if row["kind"] == "organization":
-        return Principal(kind="organization", token_id=row["id"], org_id=row["org_id"])
+        return Principal(kind="organization", token_id=row["id"], org_id=row["org_id"],
+                         last_used_at=row["last_used_at"])
     user = conn.execute("SELECT * FROM users WHERE id = ?", (row["user_id"],)).fetchone()
     roles = {r["org_id"]: r["role"] for r in
              conn.execute("SELECT org_id, role FROM memberships WHERE user_id = ?", (row["user_id"],))}
-    return Principal(kind="user", token_id=row["id"], user_id=user["id"], email=user["email"], roles=roles)
+    return Principal(kind="user", token_id=row["id"], user_id=user["id"], email=user["email"], roles=roles,
+                     last_used_at=row["last_used_at"])
 
 
-def _note_use(conn: sqlite3.Connection, token: sqlite3.Row) -> None:
+def note_use(db: Database, principal: Principal) -> None:
     """Record when the token was last used (to the minute: a worker's requests come many per second), so an admin
-    can tell which of the organization's tokens its worker holds before revoking one."""
+    can tell which of the organization's tokens its worker holds before revoking one.
+
+    In its own transaction, after the request's authentication, and best effort: on a full or read-only disk the
+    request goes on (a read still answers) rather than failing for its bookkeeping."""
     now = now_iso()
-    if (token["last_used_at"] or "")[:16] != now[:16]:
-        conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, token["id"]))
+    if (principal.last_used_at or "")[:16] == now[:16]:
+        return
+    try:
+        with db.transaction() as conn:
+            conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, principal.token_id))
+    except sqlite3.OperationalError as exc:
+        if not is_storage_refusal(exc):
+            raise
 
 
 def login_view(conn: sqlite3.Connection, principal: Principal) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
@@ -18,6 +19,13 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _one_line(text: str) -> str:
+    # A name is shown in tables and logs: a line break or a terminal escape would break them or worse.
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError("must be one line of text, without control characters (line breaks, tabs, escapes)")
+    return text
 
 
 def _readable_uri(uri: str) -> str:
@@ -57,7 +65,7 @@ def _email(value: str) -> str:
 # Validators rather than patterns: a pattern's error quotes the regular expression to the user.
 Label = Annotated[str, AfterValidator(_label)]
 Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
-Name = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+Name = Annotated[Text, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
 Email = Annotated[str, AfterValidator(_email)]
 Role = Literal["admin", "operator", "data_scientist", "user"]
 Column = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
@@ -76,8 +84,11 @@ class MemberRole(Body):
     role: Role
 
 
+TokenDescription = Annotated[Text, StringConstraints(max_length=500)]
+
+
 class NewToken(Body):
-    description: Annotated[Text, StringConstraints(max_length=500)] | None = None
+    description: TokenDescription | None = None
 
 
 class NewProject(Body):

@@ -238,7 +238,20 @@ class WaitingMessage(View):
     created_at: str
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a job-state conflict also carries the job's "status"
+    code: str = Field(description="snake_case, stable: what scripts test")
+    message: str = Field(description="one sentence for people, saying what to do")
+
+
+class ErrorBody(View):
+    """Every error answer: `{"error": {"code", "message"}}`, with the HTTP status."""
+
+    error: ErrorDetail
+
+
 class Health(View):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
     parts: list[Literal["coordinator", "broker"]]
     version: str
+    problem: str | None = Field(default=None, description="what is wrong, when degraded (503)")

@@ -37,8 +37,8 @@ class OtherWorkerKeys(Conflict):
     code = "other_worker_keys"
 
 
-def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> None:
-    """Register the worker's public keys. Other keys than the registered ones replace them only once the worker
+def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> str | None:
+    """Register the worker's public keys; returns "registered" (the first), "replaced" or None (the same again). Other keys than the registered ones replace them only once the worker
     that registered them has been silent for ONLINE_WITHIN_SECONDS (a worker moved to a new machine, or whose
     state directory was lost): a second worker started with the same token must not take the seat from under a
     running one."""
@@ -57,6 +57,10 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
                  "VALUES (?, ?, ?, ?) ON CONFLICT(org_id) DO UPDATE SET encryption_public_key = excluded."
                  "encryption_public_key, signing_public_key = excluded.signing_public_key, "
                  "keys_updated_at = excluded.keys_updated_at", (org_id, encryption_key, signing_key, now_iso()))
+    if row is None or row["encryption_public_key"] is None:  # a heartbeat may have come first
+        return "registered"
+    return "replaced" if (row["encryption_public_key"], row["signing_public_key"]) != (encryption_key, signing_key) \
+        else None
 
 
 def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:

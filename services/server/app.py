@@ -10,6 +10,8 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 
 from services.broker.api import broker_router
 from services.broker.mailboxes import MailboxSignals
@@ -17,13 +19,15 @@ from services.broker.membership import JobMembership, LocalMembership, RemoteMem
 from services.broker.store import MessageStore
 from services.broker.room import Room
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
+from services.coordinator.audit import RefusedTokens
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
-from services.coordinator.views import Health
+from services.coordinator.views import ErrorBody, Health
 from services.coordinator.jobs import ended_jobs, expire_late_jobs
 from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
 from services.server.error_handlers import install_error_handlers
+from services.server.errors import NotFound
 
 log = logging.getLogger("cape.server")
 
@@ -74,6 +78,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     signals = MailboxSignals()
     changes = JobChanges()
+    refused = RefusedTokens()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +90,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         app.state.begin_shutdown = begin_shutdown
         log.info("cape-server %s: %s, data in %s", server_version, " + ".join(parts), config.data_dir)
+        if store is not None and store.orphans_removed:
+            log.warning("removed %d message file(s) that no index entry named (left by a crash)",
+                        store.orphans_removed)
         tasks = []
         if db is not None:
             def sweep_jobs() -> None:
@@ -92,12 +100,18 @@ def create_app(config: ServerConfig) -> FastAPI:
                     expired = expire_late_jobs(conn)
                 if expired:
                     changes.bump()
+                refused.flush()
                 if store is not None:
                     _purge_ended_jobs(db, store)
             tasks.append(asyncio.create_task(_every(config.job_sweep_seconds, "job timeout sweep", sweep_jobs)))
         if store is not None:
             interval = min(60.0, max(0.5, config.message_ttl / 4))
-            tasks.append(asyncio.create_task(_every(interval, "message expiry", store.expire)))
+            def expire_messages() -> None:
+                expired = store.expire()
+                if expired:  # undelivered: a worker that was away too long; its job will say what it missed
+                    log.info("%d undelivered message(s) expired (--message-ttl %g s)", expired, config.message_ttl)
+
+            tasks.append(asyncio.create_task(_every(interval, "message expiry", expire_messages)))
         try:
             yield
         finally:
@@ -114,19 +128,68 @@ def create_app(config: ServerConfig) -> FastAPI:
     server_version = _version()  # read once: a metadata lookup searches sys.path, and would cost each health check
     app = FastAPI(title="Cape server", version=server_version, lifespan=lifespan, openapi_url="/openapi.json",
                   description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
-    install_error_handlers(app)
     app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
+    install_error_handlers(app)  # after: its middleware is the outermost of ours
     parts = []
     if db is not None:
-        app.include_router(coordinator_router(db, changes))
+        app.include_router(coordinator_router(db, changes, refused))
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
                                          Room(config.max_job_bytes, config.min_free_bytes)))
         parts.append("broker")
 
-    @app.get("/healthz", tags=["server"], response_model=Health)
-    async def healthz() -> dict[str, Any]:  # no I/O: served on the event loop, no thread hand-off
-        return {"status": "ok", "parts": parts, "version": server_version}
+    _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)
+    app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
+
+    @app.get("/healthz", tags=["server"], response_model=Health, responses={503: {"model": Health}})
+    async def healthz() -> Any:  # no I/O: served on the event loop, no thread hand-off
+        problem = app.state.storage_trouble.problem()
+        if problem is None:
+            return {"status": "ok", "parts": parts, "version": server_version}
+        return JSONResponse({"status": "degraded", "parts": parts, "version": server_version, "problem": problem},
+                            status_code=503)  # a monitor watching the status code sees it
 
     return app
+
+
+def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_broker: bool) -> None:
+    """A part this server does not run answers every path under it with a 404 that says so, not "no such
+    endpoint": a worker whose CAPE_BROKER defaulted to a coordinator running alone is told what to set."""
+    methods = ["GET", "PUT", "POST", "DELETE", "PATCH"]
+    missing = []
+    if not runs_coordinator:
+        missing.append(("/v1", "coordinator_not_here", "this cape-server runs the broker only (--only broker); point "
+                                                       "CAPE_COORDINATOR at the coordinator's URL"))
+    if not runs_broker:
+        missing.append(("/broker", "broker_not_here", "this cape-server runs the coordinator only (--only "
+                                                      "coordinator); set CAPE_BROKER to the broker's URL"))
+    for prefix, code, message in missing:
+        def refuse(path: str, code: str = code, message: str = message) -> None:
+            raise NotFound(message, code=code)
+
+        app.add_api_route(f"{prefix}/{{path:path}}", refuse, methods=methods, include_in_schema=False)
+
+
+def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's description, with the error body every endpoint really answers (`{"error": {"code", "message"}}`,
+    services/server/error_handlers.py) in place of its `{"detail": [...]}` for 422, and declared for 4XX/5XX."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(body.pop("$defs", {}))
+    schemas["ErrorBody"] = body
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": "a field of the request is invalid (the message names it)", **error}
+            responses.setdefault("4XX", {"description": "refused: see the error's code and message", **error})
+            responses.setdefault("5XX", {"description": "the server could not answer now", **error})
+    app.openapi_schema = document
+    return document

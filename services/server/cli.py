@@ -13,7 +13,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 from pydantic import TypeAdapter, ValidationError
@@ -21,10 +21,14 @@ from pydantic import TypeAdapter, ValidationError
 from services.connection_errors import ca_file_problem, connection_problem, is_loopback, plain_http_to_another_host
 from services.coordinator import identity
 from services.coordinator.db import Database
-from services.coordinator.schemas import Email
+from services.coordinator.schemas import Email, Name, TokenDescription
+from services.file_locks import lock_file
+from services.sqlite_files import DatabaseUnusable
+from services.tables import print_table
 from services.server.config import (
     DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
 )
+from services.server.error_handlers import problem_of
 from services.server.errors import ApiError
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -38,6 +42,7 @@ _EMAIL = TypeAdapter(Email)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})  # as the `cape` CLI
+@click.version_option(package_name="cape-workers", prog_name="cape-server")
 def main() -> None:
     """Cape's reference coordinator and broker."""
 
@@ -67,6 +72,22 @@ def _email(ctx: click.Context, param: click.Parameter, value: str) -> str:
         return _EMAIL.validate_python(value)
     except ValidationError:
         raise click.BadParameter(f"{value!r} is not an email address (like name@example.org)") from None
+
+
+def _checked(field_type: Any, what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback holding an option to the API's own rule for the field, so the admin commands cannot store
+    what the API would refuse (a name with a line break breaks every table that shows it)."""
+    adapter = TypeAdapter(field_type)
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            raise click.BadParameter(f"{what} {problem_of(exc.errors()[0])}") from None
+
+    return check
 
 
 def _optional_email(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -250,6 +271,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if coordinator_url:
         check_coordinator_url(coordinator_url)
     created = not data_dir.exists()
+    new_database = only != "broker" and _no_database(ServerConfig(data_dir=data_dir).coordinator_db_path)
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
     # connections made in between wait in the backlog. Before the app makes its database: a port or host
@@ -262,20 +284,57 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
             with contextlib.suppress(OSError):
                 data_dir.rmdir()  # ours, and still empty
         raise _listen_error(host, port, exc) from None
+    held = lock_data_dir(data_dir, only)  # held until the process ends
+    if new_database:
+        click.echo(f"cape-server: no database in {data_dir} yet: a new, empty one is made (no organizations; "
+                   "`cape-server admin create-org` makes the first). If you meant an existing server's, stop and "
+                   "give its --data-dir", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if log_level != "debug":  # a broker alone asks its coordinator about callers: one line per request otherwise
+        for library in ("httpx", "httpcore"):
+            logging.getLogger(library).setLevel(logging.WARNING)
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
                           min_free_bytes=min_free_bytes, message_ttl=message_ttl,
                           job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except DatabaseUnusable as exc:
+        raise click.ClickException(str(exc)) from None
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if family == socket.AF_INET6 else host
     scheme = "https" if tls_cert else "http"
     click.echo(f"cape-server listening on {scheme}://{shown_host}:{bound_port}")
     sys.stdout.flush()
     _run_uvicorn(app, sock, log_level, access_log, (tls_cert, tls_key) if tls_cert and tls_key else None)
+    for fd in held:
+        os.close(fd)
+
+
+def lock_data_dir(data_dir: Path, only: str | None) -> list[int]:
+    """Hold `<part>.lock` in the data dir for each part served, or exit naming the server that holds one.
+
+    Two servers on one part's data would each sweep the other's unfinished uploads at start and never wake each
+    other's long polls; a coordinator and a broker running alone may share a data dir (their files differ)."""
+    held = []
+    for part in ("coordinator", "broker"):
+        if only not in (None, part):
+            continue
+        path = data_dir / f"{part}.lock"
+        fd = lock_file(path)
+        if fd is None:
+            other = ""
+            with contextlib.suppress(OSError, ValueError):
+                other = f" (pid {int(path.read_text().strip())})"
+            raise click.ClickException(f"another cape-server{other} serves the {part} from --data-dir {data_dir}; "
+                                       "stop it first, or give this one its own --data-dir (two servers on one "
+                                       "data dir lose each other's messages in transit)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        held.append(fd)
+    return held
 
 
 # --- admin --------------------------------------------------------------------------------------------------
@@ -327,7 +386,10 @@ def _run(data_dir: Path, action: Any, *, create: bool = False) -> Any:
         raise click.ClickException(f"no cape-server database in {data_dir}: is --data-dir (or CAPE_SERVER_DATA_DIR) "
                                    "the one `cape-server serve` uses? `admin create-org` makes a new one")
     check_data_dir(data_dir)
-    db = Database(database)
+    try:
+        db = Database(database)
+    except DatabaseUnusable as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         with db.transaction() as conn:
             result = action(conn)
@@ -343,7 +405,7 @@ def _run(data_dir: Path, action: Any, *, create: bool = False) -> Any:
 
 @admin.command("create-org")
 @click.argument("label")
-@click.option("--name", help="Display name (defaults to the label).")
+@click.option("--name", callback=_checked(Name, "the name"), help="Display name (defaults to the label).")
 @click.option("--admin-email", required=True, callback=_email, help="Email of the organization's first admin.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
@@ -400,7 +462,8 @@ def create_user(organization: str, email_argument: str | None, email: str | None
 
 @admin.command("create-user-token")
 @click.argument("email", callback=_email)
-@click.option("--description", help="What the token is for (e.g. a new laptop).")
+@click.option("--description", callback=_checked(TokenDescription, "the description"),
+              help="What the token is for (e.g. a new laptop).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
 def create_user_token(email: str, description: str | None, as_json: bool, data_dir: Path) -> None:
@@ -420,7 +483,8 @@ def create_user_token(email: str, description: str | None, as_json: bool, data_d
 
 @admin.command("create-org-token")
 @click.argument("organization")
-@click.option("--description", help="What the token is for (e.g. which worker).")
+@click.option("--description", callback=_checked(TokenDescription, "the description"),
+              help="What the token is for (e.g. which worker).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @data_dir_option
 def create_org_token(organization: str, description: str | None, as_json: bool, data_dir: Path) -> None:
@@ -443,3 +507,110 @@ def revoke_token(token_id: str, data_dir: Path) -> None:
     token_id = token_id.split(",", 1)[0]  # accept a whole token too, but never echo its secret
     _run(data_dir, lambda conn: identity.revoke_token(conn, token_id))
     click.echo(f"revoked token {token_id}")
+
+
+@admin.command("backup")
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@data_dir_option
+def backup(destination: Path, data_dir: Path) -> None:
+    """Copy the coordinator's database to DESTINATION (a new file), consistent while the server runs.
+
+    It holds the organizations, users, token hashes, projects, dataviews and jobs; copying coordinator.sqlite3
+    itself would miss what is still in its write-ahead log. To restore: stop the server, put the copy in place as
+    <data-dir>/coordinator.sqlite3 (and remove coordinator.sqlite3-wal and -shm beside it), start it. Queued
+    broker messages are not in it: they live only until their job ends."""
+    import sqlite3
+
+    source = ServerConfig(data_dir=data_dir).coordinator_db_path
+    if _no_database(source):
+        raise click.ClickException(f"no cape-server database in {data_dir}: is --data-dir (or CAPE_SERVER_DATA_DIR) "
+                                   "the one `cape-server serve` uses?")
+    if destination.exists():
+        raise click.ClickException(f"{destination} exists; give a new file (a backup never overwrites)")
+    if not destination.parent.is_dir():
+        raise click.ClickException(f"{destination.parent} is not a directory; make it first, or give another path")
+    os.umask(0o077)  # token hashes: private to this user, as in the data dir
+    partial = destination.with_name(f".{destination.name}.partial")
+    try:
+        with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(partial)) as dst:
+            src.backup(dst)  # SQLite's online backup: the WAL's committed pages included
+            counts = {table: dst.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
+                      for table in ("organizations", "users", "jobs")}
+        os.replace(partial, destination)
+    except (OSError, sqlite3.Error) as exc:
+        partial.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot back up {source} to {destination}: {exc}") from None
+    click.echo(f"backed up {source} to {destination}: {counts['organizations']} organizations, {counts['users']} "
+               f"users, {counts['jobs']} jobs")
+
+
+@admin.command("list-orgs")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def list_orgs(as_json: bool, data_dir: Path) -> None:
+    """List every organization."""
+    found = _run(data_dir, identity.list_organizations)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    print_table(found, [("LABEL", lambda o: o["label"]), ("NAME", lambda o: o["name"]), ("ID", lambda o: o["id"])],
+                "no organizations yet: `cape-server admin create-org` makes the first")
+
+
+@admin.command("list-users")
+@click.argument("organization", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def list_users(organization: str | None, as_json: bool, data_dir: Path) -> None:
+    """List every user (or ORGANIZATION's members) with their roles."""
+    def action(conn: Any) -> list[dict[str, Any]]:
+        org_id = identity.find_organization(conn, organization)["id"] if organization else None
+        return identity.list_users(conn, org_id)
+
+    found = _run(data_dir, action)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    print_table(found, [("EMAIL", lambda u: u["email"]), ("ROLES", lambda u: [f"{o}: {r}" for o, r in
+                                                                              u["roles"].items()]),
+                        ("ID", lambda u: u["id"])], "no users")
+
+
+@admin.command("list-tokens")
+@click.option("--org", "organization", help="An organization's worker tokens.")
+@click.option("--user", "email", callback=_optional_email, help="A user's tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@data_dir_option
+def list_tokens(organization: str | None, email: str | None, as_json: bool, data_dir: Path) -> None:
+    """List an organization's worker tokens (--org) or a user's tokens (--user): ids and dates, never secrets."""
+    if (organization is None) == (email is None):
+        raise click.UsageError("give --org ORGANIZATION or --user EMAIL")
+
+    def action(conn: Any) -> list[dict[str, Any]]:
+        if organization is not None:
+            return identity.list_tokens(conn, org_id=identity.find_organization(conn, organization)["id"])
+        return identity.list_tokens(conn, user_id=_user_id(conn, email or ""))
+
+    found = _run(data_dir, action)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    print_table(found, [("ID", lambda t: t["id"]), ("DESCRIPTION", lambda t: t["description"]),
+                        ("CREATED", lambda t: t["created_at"]), ("LAST USED", lambda t: t["last_used_at"]),
+                        ("REVOKED", lambda t: t["revoked_at"])], "no tokens")
+
+
+@admin.command("revoke-user-tokens")
+@click.argument("email", callback=_email)
+@data_dir_option
+def revoke_user_tokens(email: str, data_dir: Path) -> None:
+    """Revoke every token of a user (a lost or stolen laptop); `admin create-user-token` makes a new one."""
+    revoked = _run(data_dir, lambda conn: identity.revoke_user_tokens(conn, _user_id(conn, email)))
+    click.echo(f"revoked {len(revoked)} token(s) of {email}" + (f": {', '.join(revoked)}" if revoked else ""))
+
+
+def _user_id(conn: Any, email: str) -> str:
+    user = identity.user_by_email(conn, email)
+    if user is None:
+        raise click.ClickException(f"no user {email}; `cape-server admin list-users` lists them")
+    return user["id"]

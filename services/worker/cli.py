@@ -20,7 +20,7 @@ from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
 from services.worker.fatal_listener import marker_path, read_marker
-from services.worker.file_locks import lock_file
+from services.file_locks import lock_file
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
 

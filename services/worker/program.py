@@ -16,7 +16,7 @@ from typing import Callable
 from services.memory_reuse import keep_freed_memory
 from services.worker import logs
 from services.worker.config import ConfigError, WorkerConfig
-from services.worker.file_locks import lock_file
+from services.file_locks import lock_file
 from services.worker.keys import KeyFileError, WorkerKeys
 
 BAD_CONFIGURATION = 2

@@ -9,6 +9,7 @@ import click
 
 from services.client.errors import ApiError
 from services.client.sdk import Cape
+from services.tables import cell_text, print_table  # noqa: F401 - print_table: the commands' import of it
 
 ORG_FIELD = "field 'organization'"
 
@@ -59,40 +60,17 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=_jsonable))
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Callable[[dict[str, Any]], Any]]],
-                empty: str) -> None:
-    """Left-aligned columns with a header; ``empty`` when there is no row."""
-    if not rows:
-        click.echo(empty)
-        return
-    header = [title for title, _ in columns]
-    cells = [[_text(get(row)) for _, get in columns] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    for line in [header, *cells]:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-
-
 def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
     """``key: value`` lines, keys aligned."""
     width = max(len(k) for k, _ in pairs)
     for key, value in pairs:
-        click.echo(f"{key + ':':<{width + 1}} {_text(value)}")
+        click.echo(f"{key + ':':<{width + 1}} {cell_text(value)}")
 
 
 def org_label(ref: dict[str, Any] | None) -> str:
     if not ref:
         return "-"
     return ref.get("label") or ref.get("id") or "-"
-
-
-def _text(value: Any) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_text(v) for v in value) or "-"
-    return str(value)
 
 
 def _jsonable(value: Any) -> Any:

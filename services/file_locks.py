@@ -1,4 +1,4 @@
-"""Advisory file locks (flock) that say which processes work on a worker's state and spool directories."""
+"""Advisory file locks (flock) that say which processes work on a directory: a worker's state and spool, a server's data dir."""
 from __future__ import annotations
 
 import fcntl

@@ -1,0 +1,34 @@
+"""Opening the server's SQLite files: one that cannot be opened, or is no database, is said in one line naming
+the file and what to do, not as sqlite3's traceback (a file left by `sudo cape-server admin ...`, a bad restore)."""
+from __future__ import annotations
+
+import os
+import pwd
+import sqlite3
+from pathlib import Path
+
+
+class DatabaseUnusable(Exception):
+    """An SQLite file of the data dir cannot be used; the message names it and the fix."""
+
+
+def unusable(path: Path, exc: sqlite3.Error, remedy: str) -> DatabaseUnusable:
+    """The error for `exc` raised while opening `path`; `remedy` says what to do about a file that is no database."""
+    if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+        return DatabaseUnusable(f"{path} is not an SQLite database (a bad restore, or another file put in its "
+                                f"place?); {remedy}")
+    try:
+        info = path.stat()
+    except OSError:
+        return DatabaseUnusable(f"{path} cannot be opened ({exc}); check the data dir's permissions")
+    me = _user(os.geteuid())
+    return DatabaseUnusable(f"{path} cannot be opened by user {me} ({exc}): it is owned by {_user(info.st_uid)}, "
+                            f"mode {info.st_mode & 0o777:o}; run the server as its owner, or chown the data dir to "
+                            f"{me}")
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

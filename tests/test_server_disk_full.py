@@ -1,0 +1,64 @@
+"""cape-server on a disk that refuses writes: reads still answer, writes get a typed 507 in words, the log says so
+once (no traceback per request), /healthz reports it, and all is well again once the disk takes writes.
+
+The refusal is the kernel's own: the server's file size limit (RLIMIT_FSIZE, set on the running process) makes
+every write to a regular file past its first byte fail with EFBIG, as a full disk fails them with ENOSPC."""
+from __future__ import annotations
+
+import json
+import queue
+import resource
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.support.server import cape_server_command
+
+pytestmark = pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux prlimit")
+
+
+def test_a_disk_that_refuses_writes_is_said_once_and_reads_still_answer(tmp_path):
+    data_dir = tmp_path / "data"
+    made = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",
+                           "--json", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["user_token"]
+    # stderr through a pipe: the size limit applies to regular files, and the log must still get out.
+    server = subprocess.Popen([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(data_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    log: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in server.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [log.append(line) for line in server.stderr], daemon=True).start()
+    try:
+        url = lines.get(timeout=30).split()[-1]
+        headers = {"Authorization": f"Bearer {token}"}
+        _, hard = resource.prlimit(server.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (1, hard))  # the soft limit: a user may raise it again
+
+        # The token's first use cannot be recorded: the read answers all the same.
+        listed = requests.get(f"{url}/v1/organizations", headers=headers, timeout=10)
+        assert listed.status_code == 200 and [o["label"] for o in listed.json()] == ["acme"]
+        for label in ("p1", "p2", "p3"):
+            refused = requests.post(f"{url}/v1/projects", headers=headers, json={"label": label}, timeout=10)
+            assert refused.status_code == 507, refused.text
+            assert refused.json() == {"error": {"code": "server_disk_full", "message": (
+                "the server's disk is full or read-only, so it cannot record this; try again later (its operator "
+                "must free space)")}}
+        health = requests.get(f"{url}/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "refused a write" in health.json()["problem"]
+        time.sleep(0.2)  # the log lines of the last request
+        text = "".join(log)
+        assert text.count("the data dir's disk refuses writes") == 1, text
+        assert "Traceback" not in text and "Exception in ASGI application" not in text, text
+
+        resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        made = requests.post(f"{url}/v1/projects", headers=headers, json={"label": "p4"}, timeout=10)
+        assert made.status_code == 201, made.text
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
