@@ -370,3 +370,83 @@ def test_a_body_no_index_entry_names_is_removed_at_start(tmp_path):
         assert sorted(again.bodies.iterdir()) == [message.file] and message.file.read_bytes() == b"kept"
     finally:
         again.close()
+
+
+def _second_job(world) -> str:
+    """Another approved job of the world's project (same seats)."""
+    job = world["user"]["yorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()
+    for label in ("xorg", "yorg"):
+        assert world["user"][label].post(f"/v1/jobs/{job['id']}/approve").status_code == 200
+    return job["id"]
+
+
+def test_one_long_poll_covers_several_jobs_and_wakes_on_a_put_to_any(cape_server):
+    """A worker with several active jobs waits on one request (it polled each job in turn, ~18 lists a second)."""
+    world = build_job_world(cape_server)
+    first, second = world["job"]["id"], _second_job(world)
+    x, y = world["worker"]["xorg"], world["worker"]["yorg"]
+    outsider = cape_server.create_org("outsider")
+    listing = y.get("/broker/v1/messages", params={"job": [first, second], "wait": 0}).json()
+    assert listing == {"jobs": {first: [], second: []}, "refused": {}}
+
+    results: dict[str, object] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        results["answer"] = y.get("/broker/v1/messages", params={"job": [first, second], "wait": 10}).json()
+        results["seconds"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    time.sleep(0.5)
+    assert x.put(_messages(second, "x_owner.m", "y_owner"), data=b"sealed").status_code == 201
+    waiter.join(timeout=15)
+    answer = results["answer"]
+    assert answer["jobs"][first] == [] and [m["name"] for m in answer["jobs"][second]] == ["x_owner.m"]
+    assert results["seconds"] < 0.5 + 0.5  # within 0.5 s of the put (it came 0.5 s after the poll began)
+
+    # A job this organization has no seat in is refused alone; a bad token refuses the whole request.
+    foreign = Api(cape_server, outsider["organization_token"]).get(
+        "/broker/v1/messages", params={"job": [first], "wait": 0}).json()
+    assert foreign["jobs"] == {} and foreign["refused"][first]["code"] == "no_seat"
+    assert Api(cape_server, "bad,token").get("/broker/v1/messages", params={"job": [first]}).status_code == 401
+    too_many = y.get("/broker/v1/messages", params={"job": [f"j{i}" for i in range(51)]})
+    assert too_many.status_code == 422 and "job" in too_many.json()["error"]["message"]
+
+    client = BrokerClient(f"{cape_server.url}/broker", world["orgs"]["yorg"]["organization_token"])
+    jobs, refused = client.wait_for_jobs_messages([first, second], 0)
+    assert refused == {} and [m["name"] for m in jobs[second]] == ["x_owner.m"] and jobs[first] == []
+
+
+def test_mailbox_events_last_only_while_a_poll_waits():
+    """A server that saw many jobs kept one event per mailbox ever polled (about 2 KB a job, for ever)."""
+    import asyncio
+
+    from services.broker.mailboxes import MailboxSignals
+
+    async def scenario() -> tuple[int, int, bool]:
+        signals = MailboxSignals()
+
+        async def poll(key: tuple[str, str], seconds: float) -> bool:
+            with signals.watching([key]) as [event]:
+                try:
+                    await asyncio.wait_for(event.wait(), seconds)
+                    return True
+                except TimeoutError:
+                    return False
+
+        first = asyncio.ensure_future(poll(("job1", "y_owner"), 5))
+        second = asyncio.ensure_future(poll(("job1", "y_owner"), 0.05))  # the same mailbox, giving up first
+        other = asyncio.ensure_future(poll(("job2", "x_owner"), 0.05))
+        await asyncio.sleep(0.01)
+        while_waiting = signals.watched()
+        await asyncio.sleep(0.1)
+        signals.notify("job1", "y_owner")
+        woken = await first
+        await asyncio.gather(second, other)
+        return while_waiting, signals.watched(), woken
+
+    while_waiting, after, woken = asyncio.run(scenario())
+    assert (while_waiting, after, woken) == (2, 0, True)

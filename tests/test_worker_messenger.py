@@ -1,6 +1,7 @@
 """The messenger against a real cape-server: sealed messages move between workers' spools through the broker."""
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -233,39 +234,89 @@ def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(t
     assert messenger.receiving_jobs() == [] and messenger._specs == {}  # nothing kept of a job no longer active
 
 
-def test_with_several_active_jobs_the_receiver_pauses_between_rounds_that_found_nothing(tmp_path, monkeypatch):
+def _run_receiver(messenger, seconds: float) -> None:
+    import threading
+
+    loop = threading.Thread(target=messenger.receiver_loop, daemon=True)
+    loop.start()
+    time.sleep(seconds)
+    messenger.stop.set()
+    loop.join(timeout=5)
+    assert not loop.is_alive()
+
+
+def test_with_several_active_jobs_the_receiver_long_polls_them_together(cape_server, tmp_path, monkeypatch):
+    """Against the real broker: one long poll covers both jobs (each job in turn made ~18 lists a second)."""
     import threading
     from types import SimpleNamespace
 
-    from services.worker import messenger as messenger_module
     from services.worker.broker_client import BrokerClient
     from services.worker.keys import WorkerKeys
     from services.worker.messenger import Messenger
     from services.worker.spool import Spool
+    from tests.support.server import build_job_world
 
-    class EmptyBroker(BrokerClient):  # a broker with nothing waiting, answering at once (unit test: no server)
+    world = build_job_world(cape_server)
+    second = world["user"]["yorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()["id"]
+    for label in ("xorg", "yorg"):
+        assert world["user"][label].post(f"/v1/jobs/{second}/approve").status_code == 200
+
+    class CountingBroker(BrokerClient):
+        calls: list[str] = []
+
+        def wait_for_messages(self, job_id, wait):
+            self.calls.append("one job")
+            return super().wait_for_messages(job_id, wait)
+
+        def wait_for_jobs_messages(self, job_ids, wait):
+            self.calls.append("several jobs")
+            return super().wait_for_jobs_messages(job_ids, wait)
+
+    stop = threading.Event()
+    broker = CountingBroker(f"{cape_server.url}/broker", world["orgs"]["yorg"]["organization_token"], stop=stop)
+    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop,
+                          long_poll=1.0)
+    jobs = [SimpleNamespace(id=world["job"]["id"]), SimpleNamespace(id=second)]
+    monkeypatch.setattr(messenger, "receiving_jobs", lambda: jobs)
+    _run_receiver(messenger, 2.5)
+    assert "one job" not in broker.calls and 2 <= broker.calls.count("several jobs") <= 4, broker.calls
+
+
+def test_a_broker_that_lists_one_job_at_a_time_is_polled_in_rounds_with_pauses(tmp_path, monkeypatch, caplog):
+    """An older cape-server (no `GET /messages?job=...`): each job in turn, pausing between rounds that found
+    nothing, said once."""
+    import threading
+    from types import SimpleNamespace
+
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient, BrokerError
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+
+    class OlderBroker(BrokerClient):  # a broker with nothing waiting, answering at once (unit test: no server)
         lists: list[tuple[str, float]] = []
 
         def wait_for_messages(self, job_id, wait):
             self.lists.append((job_id, wait))
             return []
 
+        def wait_for_jobs_messages(self, job_ids, wait):
+            raise BrokerError("list messages of 2 jobs: the broker answered 404 no such endpoint", 404)
+
     stop = threading.Event()
-    broker = EmptyBroker("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
+    broker = OlderBroker("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
     messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop)
     monkeypatch.setattr(messenger, "receiving_jobs", lambda: [SimpleNamespace(id="job1"), SimpleNamespace(id="job2")])
-    loop = threading.Thread(target=messenger.receiver_loop, daemon=True)
-    loop.start()
-    time.sleep(0.5)
-    stop.set()
-    loop.join(timeout=5)
-    assert not loop.is_alive()
+    with caplog.at_level(logging.WARNING, logger="cape.messenger"):
+        _run_receiver(messenger, 0.5)
     rounds = 0.5 / messenger_module.MULTI_JOB_POLL_SECONDS
-    # Both jobs are looked at in every round, without a long poll that would hold up the other job's messages,
-    # and not in a tight loop of requests (which made thousands of lists in half a second).
     assert {job for job, _ in broker.lists} == {"job1", "job2"}
     assert all(wait == 0.0 for _, wait in broker.lists)
-    assert 4 <= len(broker.lists) <= 2 * (rounds + 2)
+    assert 4 <= len(broker.lists) <= 2 * (rounds + 2)  # not a tight loop (thousands of lists in half a second)
+    assert caplog.text.count("cannot list several jobs' messages at once") == 1
 
 
 @pytest.mark.parametrize("after_the_failure, said_again", [(0, False), (1, True)])

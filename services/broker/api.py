@@ -17,9 +17,9 @@ from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
 from services.broker.room import Room
 from services.broker.store import BodyTooLarge, Commit, MessageStore
-from services.coordinator.views import WaitingMessage
+from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
-    Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unavailable,
+    ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable,
 )
 
 log = logging.getLogger("cape.broker")
@@ -30,7 +30,10 @@ _NAME = re.compile(NAME_PATTERN)
 bearer = HTTPBearer(auto_error=False, scheme_name="WorkerToken",
                     description="a worker's organization token (`<token_id>,<secret>`)")
 MessageName = Path(pattern=NAME_PATTERN, description="`[A-Za-z0-9._-]{1,200}`")
-JobId = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+JobId = Path(pattern=JOB_ID_PATTERN)
+MAX_JOBS_PER_LIST = 50  # a worker runs a few jobs at a time; more in one request is not a worker's
 
 
 CHUNK = 1 << 20
@@ -143,15 +146,48 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                             seat: str = Depends(caller_seat)) -> list[dict[str, Any]]:
         deadline = time.monotonic() + wait
         while True:
-            event = signals.event(job, seat)
-            waiting = store.waiting(job, seat)
-            remaining = deadline - time.monotonic()
-            if waiting or remaining <= 0 or signals.closing:
-                return [m.view() for m in waiting]
+            with signals.watching([(job, seat)]) as [event]:
+                waiting = store.waiting(job, seat)
+                remaining = deadline - time.monotonic()
+                if waiting or remaining <= 0 or signals.closing:
+                    return [m.view() for m in waiting]
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
+
+    @router.get("/messages", response_model=JobsWaiting)
+    async def list_jobs_messages(job: list[str] = Query(min_length=1, max_length=MAX_JOBS_PER_LIST),
+                                 wait: float = Query(0, ge=0, le=60),
+                                 credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+                                 ) -> dict[str, Any]:
+        """Several jobs' mailboxes at once, long-polled together: a worker with several active jobs waits on one
+        request instead of polling each job in turn."""
+        token = credentials.credentials if credentials else None
+        seats: dict[str, str] = {}
+        refused: dict[str, dict[str, Any]] = {}
+        for job_id in dict.fromkeys(job):
+            if not _JOB_ID.match(job_id):
+                raise InvalidRequest("field 'job': a job id is 1 to 64 letters, digits, '_' or '-'")
             try:
-                await asyncio.wait_for(event.wait(), timeout=remaining)
-            except TimeoutError:
-                pass
+                seats[job_id] = (await membership.access(token, job_id)).seat
+            except Unauthorized:
+                raise
+            except ApiError as exc:  # this job only: ended, or not this organization's
+                refused[job_id] = exc.body()["error"]
+        deadline = time.monotonic() + wait
+        while True:
+            with signals.watching(list(seats.items())) as events:
+                waiting = {job_id: [m.view() for m in store.waiting(job_id, seat)] for job_id, seat in seats.items()}
+                remaining = deadline - time.monotonic()
+                if not seats or any(waiting.values()) or remaining <= 0 or signals.closing:
+                    return {"jobs": waiting, "refused": refused}
+                waits = [asyncio.ensure_future(event.wait()) for event in events]
+                try:
+                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pending in waits:
+                        pending.cancel()
 
     @router.get("/jobs/{job}/messages/{name}", response_class=StreamingResponse,
                 responses={200: {"description": "the sealed message's bytes, as put",

@@ -238,6 +238,13 @@ class WaitingMessage(View):
     created_at: str
 
 
+class JobsWaiting(View):
+    """`GET /broker/v1/messages?job=...`: what waits in each job the caller may read, and the jobs it may not."""
+
+    jobs: dict[str, list[WaitingMessage]]
+    refused: dict[str, dict[str, Any]] = Field(description="job id -> the error its own listing would answer")
+
+
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")  # a job-state conflict also carries the job's "status"
     code: str = Field(description="snake_case, stable: what scripts test")

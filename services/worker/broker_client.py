@@ -121,6 +121,23 @@ class BrokerClient:
             raise BrokerError("the broker's message listing is not a list")
         return listing
 
+    def wait_for_jobs_messages(self, job_ids: list[str], wait: float
+                               ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """Several jobs' listings in one long poll of up to `wait` seconds: (messages by job, the jobs the broker
+        refused with their error). A broker without this endpoint answers 404 (`BrokerError.status`)."""
+        url = f"{self.base_url}/v1/messages"
+        wait = max(0.0, min(60.0, wait))
+        params = [("job", validate_job_id(job_id)) for job_id in job_ids] + [("wait", f"{wait:g}")]
+        response = self._retrying(
+            f"list messages of {len(job_ids)} jobs",
+            lambda: self._session.get(url, params=params, timeout=(CONNECT_TIMEOUT, wait + READ_TIMEOUT)),
+        )
+        self._raise_for(response, f"list messages of {len(job_ids)} jobs")
+        listing = response.json()
+        if not isinstance(listing, dict) or not isinstance(listing.get("jobs"), dict):
+            raise BrokerError("the broker's message listing is not an object of jobs")
+        return listing["jobs"], listing.get("refused") or {}
+
     @contextlib.contextmanager
     def stream(self, job_id: str, name: str) -> Iterator[MessageStream]:
         """Open message `name` for reading straight from the HTTP response (no copy on disk).

@@ -38,7 +38,8 @@ log = logging.getLogger("cape.messenger")
 LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01  # without a spool watch, how often the sender looks at the outbox and its finished puts
 NO_JOBS_SECONDS = 0.2  # with no active job and no spool watch, the receiver looks for one again after this long
-MULTI_JOB_POLL_SECONDS = 0.05  # with several active jobs, the pause between rounds of lists that found nothing
+MULTI_JOB_POLL_SECONDS = 0.05  # a broker that lists one job at a time: the pause between rounds that found nothing
+MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
@@ -71,6 +72,8 @@ class Messenger:
         self._put_threads: list[threading.Thread] = []
         self._gets: ThreadPoolExecutor | None = None
         self._specs: dict[str, JobSpec | None] = {}
+        self._lists_many = True  # until a broker without `GET /messages?job=...` says 404
+        self._refusals_said: set[tuple[str, str]] = set()
         self._sender: threading.Thread | None = None
         self.sent = 0
         self.received = 0
@@ -190,7 +193,34 @@ class Messenger:
     def receive(self, spec: JobSpec, wait: float) -> int:
         """Take in every message waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time; returns
         how many were placed. A failure of one is raised once the others are done (the loop backs off)."""
-        entries = self.broker.wait_for_messages(spec.id, wait)
+        return self._take(spec, self.broker.wait_for_messages(spec.id, wait))
+
+    def receive_many(self, specs: list[JobSpec], wait: float) -> int | None:
+        """`receive` for several jobs in one long poll of the broker; None if the broker cannot list several jobs
+        at once (an older cape-server), so the caller polls each job in turn."""
+        try:
+            listing, refused = self.broker.wait_for_jobs_messages([spec.id for spec in specs], wait)
+        except BrokerError as exc:
+            if exc.status in (404, 405) and not isinstance(exc, BrokerUnavailable):
+                log.warning("receiving: the broker cannot list several jobs' messages at once (%s); asking each job "
+                            "in turn", exc)
+                return None
+            raise
+        self._refusals_said = {said for said in self._refusals_said if said[0] in refused}
+        for job_id, error in refused.items():
+            said = (job_id, str(error.get("code")))
+            if said not in self._refusals_said:  # the poller ends the job here soon: say it once meanwhile
+                self._refusals_said.add(said)
+                log.error("receiving: the broker refuses job %s: %s", job_id, error.get("message"))
+        placed = 0
+        for spec in specs:
+            entries = listing.get(spec.id) or []
+            if entries and not self.stop.is_set():
+                placed += self._take(spec, entries)
+        return placed
+
+    def _take(self, spec: JobSpec, entries: list[dict[str, Any]]) -> int:
+        """Download and place the listed messages of one job; returns how many were placed."""
         if self._gets is None:
             self._gets = ThreadPoolExecutor(GET_THREADS, thread_name_prefix="messenger-get")
         futures = [self._gets.submit(self._accept_unless_stopped, spec, entry) for entry in entries]
@@ -301,7 +331,12 @@ class Messenger:
                 return None
             if len(jobs) == 1:
                 return self.receive(jobs[0], self.long_poll) > 0
-            # Several jobs: a long poll of one would hold up the others' messages, so look at each in turn,
+            if self._lists_many:
+                placed = self.receive_many(jobs[:MAX_JOBS_PER_LIST], self.long_poll)
+                if placed is not None:
+                    return placed > 0
+                self._lists_many = False
+            # An older broker: a long poll of one job would hold up the others' messages, so look at each in turn,
             # pausing briefly when none had anything (not a tight loop of requests to the broker).
             if sum(self.receive(spec, 0.0) for spec in jobs if not self.stop.is_set()):
                 return True
