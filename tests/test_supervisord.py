@@ -313,3 +313,23 @@ def test_a_new_run_waits_for_programs_still_holding_the_spool(start_worker, tmp_
                 f"{spool / '.programs.lock'}); stop them first") in refused.output
     finally:
         os.close(held)
+
+
+def test_a_programs_scratch_files_left_by_a_kill_go_when_it_starts_again(start_worker, tmp_path):
+    """A runner killed while reading an s3:// dataview left part of the organization's data in tmp/ until the
+    messenger happened to restart (and then only if over an hour old)."""
+    env = worker_env(tmp_path, "org-a")
+    scratch = Path(env["CAPE_SPOOL_DIR"]) / "tmp"
+    scratch.mkdir(parents=True, mode=0o700)
+    leftovers = [scratch / ".scratch-0123456789abcdef.csv.tmp", scratch / ".upload-4242-1.tmp"]
+    recent = scratch / ".spec.json.tmp"  # another writer's, recent: may be in use, stays
+    for path in [*leftovers, recent]:
+        path.write_bytes(b"age,income\n41,52000\n")
+    worker = start_worker(env)
+    worker.wait_running()
+    deadline = time.monotonic() + 10
+    while any(path.exists() for path in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(path.exists() for path in leftovers)
+    assert recent.exists()
+    assert "runner INFO removed 1 partial dataview download(s) left by an earlier runner" in worker.output

@@ -32,6 +32,7 @@ def test_defaults_and_derived_values():
     assert config.aws_region == "us-east-1"
     assert config.token_id == "tok123"
     assert str(config.spool_dir) == "/tmp/spool"
+    assert config.poll_interval == 10.0  # the job watch's long poll does the urgent part; 2 s made 36 requests/min
 
 
 def test_token_never_in_repr():

@@ -280,6 +280,18 @@ def test_rejections_outlive_the_jobs_messages(tmp_path):
     assert spool.rejections(JOB)["y_owner.r2"]["reason"] == "signature does not verify"  # the audit trail stays
 
 
+def test_a_jobs_rejections_are_recorded_up_to_a_bound(tmp_path):
+    """A peer or a broker listing junk names cannot fill the spool volume: each is logged, the first are kept."""
+    from services.worker.spool import REJECTIONS_KEPT
+
+    spool = Spool(tmp_path)
+    kept = [spool.record_rejection(JOB, f"x_owner.junk-{i}", "x_owner", "not a sealed message")
+            for i in range(REJECTIONS_KEPT + 20)]
+    assert kept == [True] * REJECTIONS_KEPT + [False] * 20
+    assert len(spool.rejections(JOB)) == REJECTIONS_KEPT
+    assert spool.record_rejection(JOB, "x_owner.junk-0", "x_owner", "again")  # one already kept is updated
+
+
 def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_path):
     spool = Spool(tmp_path)
     for k in range(5):  # finished, oldest first
@@ -305,7 +317,21 @@ def test_only_the_most_recently_finished_jobs_stay_and_nothing_in_use_goes(tmp_p
 
     assert sorted(spool.prune_finished(keep=2)) == ["old0", "old1", "old2"]
     assert sorted(spool.job_ids()) == ["claimed", "old3", "old4", "running", "sending"]
-    assert spool.rejections("old0")  # the audit trail stays
+    assert spool.rejections("old0") == {} and not (tmp_path / "rejected" / "old0").exists()  # with its record
     assert os.listdir(tmp_path / "outbox") == ["sending"] and os.listdir(tmp_path / "results") == []
     assert other.prune_finished(keep=2) == []  # the other program agrees, and forgets what it remembered of them
     assert other.active_job_ids() == ["running"] and not {"old0", "old1", "old2"} & other._seen_done
+
+
+def test_a_programs_scratch_files_are_removed_by_prefix_only(tmp_path):
+    spool = Spool(tmp_path)
+    scratch = spool.temp_file(".csv")
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    scratch.write_bytes(b"data")
+    other = tmp_path / "tmp" / ".upload-1-2.tmp"
+    other.write_bytes(b"model")
+    not_temp = tmp_path / "tmp" / ".scratch-notes"  # no .tmp suffix: not ours to remove
+    not_temp.write_bytes(b"x")
+    assert spool.remove_scratch(".scratch-") == 1
+    assert not scratch.exists() and other.exists() and not_temp.exists()
+    assert Spool(tmp_path / "fresh").remove_scratch(".scratch-") == 0

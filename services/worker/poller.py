@@ -23,7 +23,7 @@ from services.worker.config import WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorUnreachable, CoordinatorUntrusted, JobEnded, SeatTaken)
 from services.worker.keys import WorkerKeys
-from services.worker.spool import InvalidName, Spool
+from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
 # Ends the job watcher marks at once. Not Completed: each seat finishes its own role and reports it, and a seat
@@ -102,7 +102,9 @@ class Poller:
         if time.monotonic() - self.last_prune >= PRUNE_SECONDS:
             self.last_prune = time.monotonic()
             for job_id in self.spool.prune_finished():
-                log.info("job %s: finished long ago; its record left the spool (the coordinator keeps it)", job_id)
+                log.info("job %s: its record left the spool, beyond the %d most recently finished jobs it keeps (the "
+                         "coordinator keeps every job)", job_id, FINISHED_JOBS_KEPT)
+            self.spool.sweep_temp()  # torn temporaries of writers killed over an hour ago, whichever program
 
     def heartbeat(self) -> None:
         """Tell the coordinator this worker is alive, with its programs' states, when due or when they changed."""

@@ -29,7 +29,7 @@ from services.worker.dataview import S3ClientFactory, default_s3_client, load_da
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
-from services.worker.spool import Spool
+from services.worker.spool import SCRATCH_PREFIX, Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
 
 if TYPE_CHECKING:  # the programs read their configuration only in main()
@@ -280,6 +280,8 @@ def main() -> int:
         keys = program.load_keys(config)
         stop = threading.Event()
         spool = Spool(config.spool_dir)
+        if removed := spool.remove_scratch(SCRATCH_PREFIX):  # a dataview download cut off by a kill: our data
+            log.info("removed %d partial dataview download(s) left by an earlier runner", removed)
         runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):

@@ -16,7 +16,7 @@ Layout (one directory per job under each stage):
                                       or removed once the runner is done with the job
     inbox/<job>/<name>.msg            verified plaintext of a received message (messenger)
     rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error;
-                                      kept after the job ends as an audit trail
+                                      at most REJECTIONS_KEPT per job, kept as long as the job's record
     status/<job>/<seq>.json           status updates for the poller to report, in order
     results/<job>/result.json         the output seat's weights and metrics, for the uploader; once stored, moved
                                       to jobs/<job>/uploaded.json
@@ -25,7 +25,8 @@ The folders the programs scan often (outbox, status, results) hold only work in 
 removed once it is empty and the job no longer needs it, so a scan costs the same after thousands of jobs. Under
 jobs/, the FINISHED_JOBS_KEPT most recently finished jobs stay (`cape-worker status` lists them; the coordinator
 keeps every job's history), and each Spool remembers the jobs it saw done or ended and does not read their
-markers again. rejected/ is kept whole: it is the audit trail of tampering.
+markers again. A job's rejected/ records go with its record: the messenger's log (and CloudWatch) keeps every
+rejection, and a peer or a broker listing junk names cannot fill the volume.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
+SCRATCH_PREFIX = ".scratch-"  # the runner's scratch files under tmp/ (an s3:// dataview being read)
+REJECTIONS_KEPT = 100  # dropped messages recorded per job (each is also logged); more are only logged
 FINISHED_JOBS_KEPT = 100  # finished jobs whose records stay in jobs/ (for `cape-worker status`); older ones go
 
 
@@ -362,10 +365,15 @@ class Spool:
         """Where the verified plaintext of received message `name` lives until the job ends."""
         return self.root / "inbox" / validate_job_id(job_id) / f"{validate_message_name(name)}.msg"
 
-    def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> None:
-        """Note that a received message was dropped (reason without secrets), for the runner's error message."""
-        path = self.root / "rejected" / validate_job_id(job_id) / f"{validate_message_name(name)}.json"
+    def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> bool:
+        """Note that a received message was dropped (reason without secrets), for the runner's error message; the
+        first REJECTIONS_KEPT of a job only (False for one not recorded)."""
+        folder = self.root / "rejected" / validate_job_id(job_id)
+        path = folder / f"{validate_message_name(name)}.json"
+        if not path.exists() and folder.is_dir() and sum(1 for _ in folder.iterdir()) >= REJECTIONS_KEPT:
+            return False
         atomic_write_json(path, {"from_seat": from_seat, "reason": reason, "at": time.time()})
+        return True
 
     def rejections(self, job_id: str) -> dict[str, dict[str, Any]]:
         """Dropped messages of a job by name: {"from_seat", "reason", "at"}."""
@@ -502,6 +510,7 @@ class Spool:
         removed = [job_id for _, job_id in finished[:max(0, len(finished) - keep)]]
         for job_id in removed:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            shutil.rmtree(self.root / "rejected" / job_id, ignore_errors=True)
             self._seen_done.discard(job_id)
             self._seen_ended.discard(job_id)
         return removed
@@ -520,9 +529,21 @@ class Spool:
                             removed += 1
         return removed
 
+    def remove_scratch(self, prefix: str) -> int:
+        """Remove tmp/ files named `prefix...` (a program's scratch files, left by its kill -9: a download of the
+        organization's data, say); call only from the program that makes them, at its start. Returns the count."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in (self.root / "tmp").iterdir():
+                if entry.name.startswith(prefix) and is_temp_name(entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                        removed += 1
+        return removed
+
     def temp_file(self, suffix: str = "") -> Path:
         """A fresh path under tmp/ for a program's scratch file (e.g. a download in progress)."""
-        return self.root / "tmp" / f".scratch-{secrets.token_hex(8)}{suffix}{_TEMP_SUFFIX}"
+        return self.root / "tmp" / f"{SCRATCH_PREFIX}{secrets.token_hex(8)}{suffix}{_TEMP_SUFFIX}"
 
 
 def _subdirs(folder: Path, pattern: re.Pattern[str]) -> list[str]:

@@ -34,6 +34,7 @@ MAX_BACKOFF_SECONDS = 30.0
 SPOOL_WATCH_SECONDS = 0.02  # without a spool watch, how soon a result the runner wrote is uploaded (one listing)
 
 log = logging.getLogger("cape.uploader")
+UPLOAD_SCRATCH_PREFIX = ".upload-"  # the uploader's scratch files under the spool's tmp/
 
 
 class UploadError(RuntimeError):
@@ -97,7 +98,7 @@ class ModelStore:
         """Store `data` at `key`; returns the object's URI."""
         if bucket.scheme == "file":
             return self._put_file_bytes(bucket, key, data)
-        scratch = scratch_dir / f".upload-{os.getpid()}-{time.time_ns()}.tmp"
+        scratch = scratch_dir / f"{UPLOAD_SCRATCH_PREFIX}{os.getpid()}-{time.time_ns()}.tmp"
         scratch.parent.mkdir(parents=True, exist_ok=True)
         try:
             scratch.write_bytes(data)
@@ -302,6 +303,7 @@ def _upload(config: WorkerConfig) -> None:
     target = config.bucket.uri if config.bucket else "each job's model_location"
     log.info("uploading results to %s", target)
     spool = Spool(config.spool_dir)
+    spool.remove_scratch(UPLOAD_SCRATCH_PREFIX)  # an upload's copy left by a kill; the result itself stays queued
     with spool.watching("results"):
         Uploader(config, spool).run()
 
