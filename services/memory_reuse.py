@@ -5,13 +5,15 @@ many times per job. glibc returns such blocks to the kernel as soon as they are 
 the heap top is trimmed past 128 KB), so every next block faults its pages in again and the kernel zeroes them.
 On a VM that is most of what moving 256 MB costs: the e2e bench measured the runner, messenger and broker using
 10 to 25% less CPU with the thresholds below (./scripts/bench --e2e). The cost is that up to `TRIM_THRESHOLD`
-of freed memory stays resident; it is reused by the next block.
+of freed memory stays resident; it is reused by the next block, and `release_freed_memory` hands it back once a
+program has been idle a while after its last job.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,25 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value: blocks below it come from the reusable heap
 TRIM_THRESHOLD = 512 << 20
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory freed since the last job back to the kernel: Arrow's unused pool memory (reading a dataview),
+    then glibc's (`malloc_trim`). For a program idle after a job: otherwise it keeps its largest job's peak for as
+    long as it idles. False where there is no glibc."""
+    arrow = sys.modules.get("pyarrow")  # only if the program read a dataview with it
+    if arrow is not None:
+        arrow.default_memory_pool().release_unused()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        trim = None
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def keep_freed_memory() -> bool:

@@ -31,3 +31,25 @@ print(min(faults_for_a_round() for _ in range(5)))
         assert out.returncode == 0, out.stderr
         faults[mode] = int(out.stdout)
     assert faults["tuned"] < 64 < faults["default"], faults
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_memory_kept_for_reuse_goes_back_once_released() -> None:
+    """A runner idle after a large job held its peak (hundreds of MB) for as long as it idled."""
+    script = """
+import os
+import numpy as np
+from services.memory_reuse import keep_freed_memory, release_freed_memory
+def rss_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20
+keep_freed_memory()
+blocks = [np.ones(1 << 20) for _ in range(40)]  # a job's 320 MB, in 8 MB blocks
+del blocks
+held = rss_mb()
+assert release_freed_memory() is True
+print(held, rss_mb())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    held, released = map(int, out.stdout.split())
+    assert held - released > 250, (held, released)

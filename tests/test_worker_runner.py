@@ -326,3 +326,31 @@ def test_a_run_loop_ended_by_sigterm_still_waits_for_its_job_threads(tmp_path, m
         runner.run()
     assert finished == ["job1"]
     assert time.monotonic() - started < 2
+
+
+def test_an_idle_runner_hands_back_its_last_jobs_memory_once(tmp_path, monkeypatch):
+    """After IDLE_RELEASE_SECONDS with no job (not between back-to-back jobs), once per idle spell."""
+    import threading
+
+    from services.worker import runner as runner_module
+    from services.worker.keys import WorkerKeys
+    from services.worker.runner import Runner
+    from services.worker.spool import Spool
+
+    released = []
+    monkeypatch.setattr(runner_module, "release_freed_memory", lambda: released.append(time.monotonic()))
+    monkeypatch.setattr(runner_module, "IDLE_RELEASE_SECONDS", 0.2)
+    runner = Runner(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"))
+    runner.start_due()
+    assert released == []  # never ran a job: nothing to give back
+    finished = threading.Thread(target=lambda: None)
+    finished.start()
+    finished.join()
+    runner._threads["job1"] = finished  # a job thread that ended
+    ended_at = time.monotonic()
+    runner.start_due()
+    assert released == []  # not at once: the next job may follow
+    time.sleep(0.25)
+    runner.start_due()
+    runner.start_due()
+    assert len(released) == 1 and released[0] - ended_at >= 0.2

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.jobs.linear_regression import JobDataError, LinearRegressionTask, ProtocolError, run_party
+from services.memory_reuse import release_freed_memory
 from services.jobs.linear_regression.errors import MissingColumnError
 from services.mpc import ProtocolError as EngineProtocolError
 from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
@@ -40,6 +41,9 @@ SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored s
 PROGRESS_EVERY_SECONDS = 1.0
 RESUMED_NOTE = "replaying its role after a restart"
 MAX_PARALLEL_JOBS = 4
+# Idle this long after a job, the runner gives back the memory it kept for reuse (its largest job's peak, for the
+# days an appliance may idle); a job that follows sooner finds its heap warm.
+IDLE_RELEASE_SECONDS = 60.0
 STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
 _STOPPING = "the runner is stopping"
 
@@ -65,6 +69,7 @@ class Runner:
         self.s3_client = s3_client
         self.max_parallel = max_parallel
         self._threads: dict[str, threading.Thread] = {}
+        self._idle_since: float | None = None  # when the last job thread ended, until memory is released
 
     # ---- scheduling -----------------------------------------------------------------------------------------
     def runnable(self) -> list[str]:
@@ -88,10 +93,16 @@ class Runner:
         return claimed + sorted(active - set(claimed), key=order)
 
     def start_due(self) -> None:
-        """Start a thread for each runnable job not yet running, up to `max_parallel`."""
+        """Start a thread for each runnable job not yet running, up to `max_parallel`; once no job has run for
+        IDLE_RELEASE_SECONDS, hand the memory the last ones freed back to the system."""
         for job_id, thread in list(self._threads.items()):
             if not thread.is_alive():
                 del self._threads[job_id]
+                self._idle_since = time.monotonic()
+        if (not self._threads and self._idle_since is not None
+                and time.monotonic() - self._idle_since >= IDLE_RELEASE_SECONDS):
+            self._idle_since = None  # once per idle spell: back-to-back jobs keep their warm heap
+            release_freed_memory()
         for job_id in self.runnable():
             if len(self._threads) >= self.max_parallel:
                 break
