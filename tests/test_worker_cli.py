@@ -6,6 +6,7 @@ directory made real; `cape-worker run` refuses a bad configuration, or a second 
 a worker; a revoked token makes the worker unhealthy; a stopped worker's claims and failed jobs' reasons show; `-h`
 is `--help`."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -291,11 +292,41 @@ def test_status_of_a_stopped_worker_shows_claims_and_reasons(tmp_path):
     spool.put_job({"id": "job-e", "seat": "helper", "status": "Started"})
     spool.mark_done("job-e", "error", "no message 'x_owner.lr-v' arrived within 600 s")
     lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
-    assert lines[-3:] == [
-        "  job-a  seat=x_owner  status=Started  runner=claimed  unsent_messages=0  pending_reports=0  result=-",
-        "  job-e  seat=helper  status=Started  runner=error  unsent_messages=0  pending_reports=0  result=-",
+    assert lines[-4:] == [
+        f"jobs in {tmp_path / 'w' / 'spool'}: 2 (2 in progress, 0 finished)",
+        "  job-a  seat=x_owner  status=Started  runner=claimed  unsent_messages=0  pending_reports=0  result=-"
+        "  approved=-",
+        "  job-e  seat=helper  status=Started  runner=error  unsent_messages=0  pending_reports=0  result=-"
+        "  approved=-",
         "    reason: no message 'x_owner.lr-v' arrived within 600 s",
     ]
+
+
+def test_status_lists_what_is_in_progress_first_then_the_most_recently_finished(tmp_path):
+    """With a hundred finished jobs kept, the running one was the last of a hundred undated lines."""
+    env = worker_env(tmp_path, "w")
+    spool = Spool(tmp_path / "w" / "spool")
+    for k in range(15):
+        job = f"old-{k:02d}"
+        spool.put_job({"id": job, "seat": "x_owner", "status": "Started", "approved_at": f"2026-01-{k + 1:02d}"})
+        spool.mark_done(job, "completed")
+        spool.mark_ended(job, "Completed")
+        os.utime(spool.job_dir(job) / "ended.json", (1.7e9 + k * 3600, 1.7e9 + k * 3600))
+    spool.put_job({"id": "now", "seat": "x_owner", "status": "Started", "approved_at": "2026-11-26T10:00:00.000Z"})
+    spool.claim("now")
+    lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("jobs in "))
+    assert lines[start].endswith(": 16 (1 in progress, 15 finished)")
+    assert lines[start + 1].startswith("  now  seat=x_owner  status=Started  runner=claimed")
+    assert lines[start + 1].endswith("approved=2026-11-26T10:00:00.000Z")
+    listed = [line.split()[0] for line in lines[start + 2:start + 12]]
+    assert listed == [f"old-{k:02d}" for k in range(14, 4, -1)]  # the ten most recently ended, newest first
+    assert lines[start + 2].endswith("ended=2023-11-15T12:13:20.000Z")
+    assert lines[start + 12] == "  ... and 5 earlier finished job(s) (--all lists them)"
+    every = cape_worker("status", "--all", env=env, cwd=tmp_path).stdout
+    assert "old-00" in every and "--all lists them" not in every
+    status = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert len(status["jobs"]) == 16 and status["jobs"][0]["id"] == "now" and status["jobs"][0]["active"] is True
 
 
 @pytest.mark.parametrize("args, usage", [

@@ -29,6 +29,7 @@ PROGRAMS = health_mod.PROGRAMS
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LIVE_PROBE_TIMEOUT = 2.0
 LOCK_NAME = "worker.lock"
+FINISHED_SHOWN = 10  # `status` lists the jobs in progress, then this many finished ones (--all: every one kept)
 ORPHANS_STOP_SECONDS = 10.0  # a program notices within 1 s that supervisord is gone, then stops within 4 s
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
 
@@ -249,8 +250,11 @@ def check() -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every job in the spool).")
+@click.option("--last", type=click.IntRange(min=0), default=FINISHED_SHOWN, show_default=True,
+              help="Finished jobs to list after those in progress, most recent first.")
+@click.option("--all", "show_all", is_flag=True, help="List every finished job the spool keeps.")
+def status(as_json: bool, last: int, show_all: bool) -> None:
     """The four programs' states, a token the coordinator refuses, and the jobs in the spool.
 
     Exit status: 0 if a worker is running on this CAPE_STATE_DIR (whatever its programs' states; `cape-worker
@@ -278,13 +282,13 @@ def status(as_json: bool) -> None:
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
-        _print_status(config, programs, problem, notes, spool_exists, jobs)
+        _print_status(config, programs, problem, notes, spool_exists, jobs, None if show_all else last)
     sys.exit(0 if problem is None else 1)
 
 
 def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None,
                   notes: dict[health_mod.PollerRecord, dict | None],
-                  spool_exists: bool, jobs: list[dict]) -> None:
+                  spool_exists: bool, jobs: list[dict], last: int | None) -> None:
     click.echo(f"worker {config.worker_name}")
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
@@ -297,13 +301,19 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
         click.echo(f"jobs: {config.spool_dir} does not exist (the worker makes it at start); is CAPE_SPOOL_DIR the "
                    "worker's?")
         return
-    click.echo(f"jobs in {config.spool_dir}: {len(jobs)}")
-    for job in jobs:
+    active = [job for job in jobs if job["active"]]
+    finished = [job for job in jobs if not job["active"]]
+    click.echo(f"jobs in {config.spool_dir}: {len(jobs)} ({len(active)} in progress, {len(finished)} finished)")
+    shown = finished if last is None else finished[:last]
+    for job in [*active, *shown]:
+        when = f"  ended={job['ended_at']}" if job["ended_at"] else f"  approved={job['approved_at'] or '-'}"
         click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"
                    f"  unsent_messages={job['unsent_messages']}  pending_reports={job['pending_reports']}"
-                   f"  result={job['result']}")
+                   f"  result={job['result']}{when}")
         if job["reason"]:
             click.echo(f"    reason: {job['reason']}")
+    if len(shown) < len(finished):
+        click.echo(f"  ... and {len(finished) - len(shown)} earlier finished job(s) (--all lists them)")
 
 
 @main.command()

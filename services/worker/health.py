@@ -9,6 +9,7 @@ import socket
 import time
 import xmlrpc.client
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -134,7 +135,7 @@ def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]
         spec = spool.read_job(job_id) or {}
         ended, done = spool.ended(job_id), spool.done(job_id)
         claimed = "running" if runner_running else "claimed"
-        jobs.append({
+        job = {
             "id": job_id,
             "seat": spec.get("seat"),
             "status": (ended or {}).get("status") or spec.get("status"),
@@ -144,5 +145,23 @@ def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]
             "pending_reports": pending_reports.get(job_id, 0),
             "result": "pending upload" if job_id in results else (
                 "uploaded" if spool.uploaded(job_id) else "upload failed" if spool.upload_failed(job_id) else "-"),
-        })
-    return jobs
+            "approved_at": spec.get("approved_at"),
+            "ended_at": _modified_at(spool.job_dir(job_id) / "ended.json") if ended else None,
+        }
+        # Finished: nothing of it left to do here (what `prune_finished` waits for before it may drop the record).
+        job["active"] = not (ended and done) or bool(job["unsent_messages"] or job["pending_reports"]
+                                                      or job_id in results)
+        jobs.append(job)
+    # What is in progress (or stuck) first, oldest approval first; then the finished, most recent first.
+    active = sorted((j for j in jobs if j["active"]), key=lambda j: j["approved_at"] or "")
+    finished = sorted((j for j in jobs if not j["active"]), key=lambda j: j["ended_at"] or "", reverse=True)
+    return active + finished
+
+
+def _modified_at(path: Path) -> str | None:
+    """A file's modification time as the coordinator writes times (ISO 8601, UTC, milliseconds)."""
+    try:
+        stamp = path.stat().st_mtime
+    except OSError:
+        return None
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
