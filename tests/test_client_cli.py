@@ -209,6 +209,11 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
     assert listed.splitlines()[1].split()[1] == "linear_regression"  # the API's name: submit takes it too
     second = json.loads(cape_cli("jobs", "submit", project, "linear_regression", "--x", "people:age",
                                  "--y", "labels:churned", "--model-owner", acme, "--json", env=env_a).stdout)
+    only = cape_cli("jobs", "list", project, "--status", "Rejected", "--json", env=env_a)
+    assert [job["id"] for job in json.loads(only.stdout)] == [submitted["id"]]
+    latest = cape_cli("jobs", "list", project, "--limit", "1", env=env_a)
+    assert latest.stdout.splitlines()[1].split()[0] == second["id"] and len(latest.stdout.splitlines()) == 2
+    assert latest.stderr.strip() == "(the 1 most recent; --limit 0 lists every job)"
     timeout = cape_cli("jobs", "watch", second["id"], "--interval", "0.1", "--timeout", "0.3", env=env_a)
     assert timeout.exit_code == 3 and "still NeedsApproval after 0.3 s" in timeout.stderr
     stopped = cape_cli("jobs", "stop", second["id"], env=env_a)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import pytest
+
 from tests.support.server import Api, build_job_world, worker_public_keys
 
 METRICS = {"mse_result": 0.25, "r_squared_result": 0.93}
@@ -196,3 +198,36 @@ def test_a_database_from_before_the_status_index_gets_it_and_still_serves_worker
     served = Api(server, world["orgs"]["xorg"]["organization_token"]).get("/v1/worker/jobs")
     assert served.status_code == 200 and [job["id"] for job in served.json()] == [world["job"]["id"]]
     assert served.json()[0]["seat"] == "x_owner"
+
+
+def test_a_projects_jobs_can_be_listed_by_status_and_most_recent(cape_server):
+    """A busy project has thousands of jobs: the list takes a status filter and a limit (the most recent)."""
+    from services.client import Cape
+    from services.client.errors import BadArgument
+
+    world = build_job_world(cape_server, approve=False)
+    user = world["user"]["yorg"]
+    ids = [world["job"]["id"]]
+    for _ in range(4):
+        ids.append(user.post("/v1/projects/demo/jobs", json={
+            "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+            "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()["id"])
+    assert user.post(f"/v1/jobs/{ids[1]}/stop").status_code == 200
+    assert user.post(f"/v1/jobs/{ids[3]}/stop").status_code == 200
+
+    def listed(**params) -> list[str]:
+        answer = user.get("/v1/projects/demo/jobs", params=params)
+        assert answer.status_code == 200, answer.text
+        return [job["id"] for job in answer.json()]
+
+    assert listed() == ids  # as before: every job, in the order submitted
+    assert listed(limit=2) == ids[3:]  # the most recent, still oldest first
+    assert listed(status="Stopped") == [ids[1], ids[3]]
+    assert listed(status=["Stopped", "NeedsApproval"], limit=3) == ids[2:]
+    assert user.get("/v1/projects/demo/jobs", params={"status": "Done"}).status_code == 422
+    assert user.get("/v1/projects/demo/jobs", params={"limit": 0}).status_code == 422
+
+    project = Cape(endpoint=cape_server.url, token=world["orgs"]["yorg"]["user_token"]).get_project("demo")
+    assert [job.id for job in project.list_jobs(status="NeedsApproval", limit=2)] == [ids[2], ids[4]]
+    with pytest.raises(BadArgument, match="^limit must be a positive whole number of jobs, not 0$"):
+        project.list_jobs(limit=0)

@@ -31,7 +31,7 @@ class ApiSession:
         """The token's public id (before the comma), or None without a token."""
         return self._token.split(",", 1)[0] if self._token else None
 
-    def request(self, method: str, path: str, json: Any = None) -> Any:
+    def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the JSON body (None for 204) or raise ``ApiError``."""
         if not self._token:
             raise NotConfigured(
@@ -43,6 +43,7 @@ class ApiSession:
                 method,
                 url,
                 json=json,
+                params=params,
                 headers={"Authorization": f"Bearer {self._token}"},
                 timeout=self._timeout,
             )
@@ -84,8 +85,8 @@ class ApiSession:
                 f"the server at {self.endpoint} did not answer with JSON; is it a Cape coordinator?",
             ) from None
 
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self.request("GET", path, params=params)
 
     def post(self, path: str, json: Any = None) -> Any:
         return self.request("POST", path, json=json if json is not None else {})

@@ -437,9 +437,18 @@ class Project(Resource):
         """pycape's ``project.jobs``: the project's jobs, listed now (as ``list_jobs()``)."""
         return self.list_jobs()
 
-    def list_jobs(self) -> list[Job]:
-        """Jobs of the project, as the coordinator lists them."""
-        return [Job(self._session, j) for j in self._session.get(f"/v1/projects/{seg(self.id)}/jobs")]
+    def list_jobs(self, status: str | list[str] | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs of the project in the order they were submitted: only those with `status` (one or several), only
+        the `limit` most recent, when given."""
+        params: dict[str, Any] = {}
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise BadArgument(f"limit must be a positive whole number of jobs, not {limit!r}")
+        if status is not None:
+            params["status"] = [status] if isinstance(status, str) else list(status)
+        if limit is not None:
+            params["limit"] = limit
+        return [Job(self._session, j) for j in self._session.get(f"/v1/projects/{seg(self.id)}/jobs",
+                                                                 params=params or None)]
 
     def __repr__(self) -> str:
         return f"Project(id={self.id!r}, label={self.label!r})"

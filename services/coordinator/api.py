@@ -235,9 +235,11 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
             return jobs.job_view(conn, jobs.find_job(conn, job_id))
 
     @router.get("/projects/{project}/jobs", tags=["jobs"], response_model=list[views.Job])
-    def list_jobs(project: str, p: Principal = Depends(person)) -> list[dict[str, Any]]:
+    def list_jobs(project: str, status: list[views.JobStatus] | None = Query(None),
+                  limit: int | None = Query(None, ge=1, le=10_000, description="only the most recent this many"),
+                  p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
-            return [jobs.job_view(conn, r) for r in jobs.list_jobs(conn, p, project)]
+            return [jobs.job_view(conn, r) for r in jobs.list_jobs(conn, p, project, status, limit)]
 
     @router.get("/jobs/{job_id}", tags=["jobs"], response_model=views.Job)
     def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS job_approvals (
     PRIMARY KEY (job_id, org_id));
 CREATE INDEX IF NOT EXISTS job_parties_org ON job_parties(org_id);
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_id);
+CREATE INDEX IF NOT EXISTS jobs_project_created ON jobs(project_id, created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 """
 

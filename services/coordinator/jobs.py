@@ -198,10 +198,20 @@ def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str) -> list[sqlite3.Row]:
+def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str, statuses: list[str] | None = None,
+              limit: int | None = None) -> list[sqlite3.Row]:
+    """A project's jobs in the order they were submitted: those in `statuses` (all by default), the most recent
+    `limit` (all by default), so a project of thousands of jobs can be followed without listing them all."""
     project = readable_project(conn, principal, project_ref)
-    rows = list(conn.execute("SELECT * FROM jobs WHERE project_id = ? ORDER BY created_at", (project["id"],)))
-    return [expire_if_late(conn, r) for r in rows]
+    where, params = "project_id = ?", [project["id"]]
+    if statuses:
+        where += f" AND status IN ({', '.join('?' for _ in statuses)})"
+        params += statuses
+    rows = list(conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY created_at DESC, rowid DESC "  # noqa: S608
+                             f"LIMIT {int(limit) if limit else -1}", params))
+    rows.reverse()
+    listed = [expire_if_late(conn, r) for r in rows]
+    return [r for r in listed if not statuses or r["status"] in statuses]  # one just expired has left the filter
 
 
 # --- stopping and results ------------------------------------------------------------------------------------

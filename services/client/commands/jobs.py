@@ -13,6 +13,7 @@ from services.client.errors import BadArgument, CapeError, ResultsUnavailable
 from services.client.models import TERMINAL_STATUSES, Job
 from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression, dashes_for_underscores
 
+LIST_LIMIT = 100  # `cape jobs list` shows the most recent this many (a busy project has thousands)
 # `cape jobs watch` exit codes besides 0 (Completed).
 EXIT_JOB_FAILED = 1
 EXIT_WATCH_TIMEOUT = 3
@@ -70,14 +71,21 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
 
 @jobs.command("list")
 @click.argument("project")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS",
+              type=click.Choice(["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]),
+              help="Only jobs with this status (repeat for several).")
+@click.option("--limit", type=click.IntRange(min=0), default=LIST_LIMIT, show_default=True,
+              help="Only the most recent this many (0: every job).")
 @json_option
 @pass_cli
-def list_jobs(cli: CliContext, project: str, as_json: bool) -> None:
-    """List the jobs of PROJECT."""
-    found = cli.cape().get_project(project).list_jobs()
+def list_jobs(cli: CliContext, project: str, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List the jobs of PROJECT, oldest first."""
+    found = cli.cape().get_project(project).list_jobs(status=list(statuses) or None, limit=limit or None)
     if as_json:
         print_json([j.data for j in found])
         return
+    if limit and len(found) == limit:
+        click.echo(f"(the {limit} most recent; --limit 0 lists every job)", err=True)
     print_table(
         [j.data for j in found],
         [("ID", lambda j: j.get("id")), ("TYPE", lambda j: j.get("type")), ("STATUS", lambda j: j.get("status")),
