@@ -7,6 +7,8 @@ import pwd
 import sqlite3
 from pathlib import Path
 
+from services.server.storage_trouble import is_storage_refusal
+
 
 class DatabaseUnusable(Exception):
     """An SQLite file of the data dir cannot be used; the message names it and the fix."""
@@ -17,11 +19,16 @@ def unusable(path: Path, exc: sqlite3.Error, remedy: str) -> DatabaseUnusable:
     if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
         return DatabaseUnusable(f"{path} is not an SQLite database (a bad restore, or another file put in its "
                                 f"place?); {remedy}")
+    if is_storage_refusal(exc):
+        return DatabaseUnusable(f"{path} cannot be written ({exc}): its disk is full or read-only; free space or "
+                                "make it writable, then start again")
     try:
         info = path.stat()
     except OSError:
         return DatabaseUnusable(f"{path} cannot be opened ({exc}); check the data dir's permissions")
     me = _user(os.geteuid())
+    if info.st_uid == os.geteuid() and os.access(path, os.R_OK | os.W_OK):  # not a question of ownership
+        return DatabaseUnusable(f"{path} cannot be opened ({exc})")
     return DatabaseUnusable(f"{path} cannot be opened by user {me} ({exc}): it is owned by {_user(info.st_uid)}, "
                             f"mode {info.st_mode & 0o777:o}; run the server as its owner, or chown the data dir to "
                             f"{me}")

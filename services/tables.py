@@ -1,6 +1,7 @@
 """Aligned text tables for the command lines (`cape`, `cape-server admin`): what people read; --json is for scripts."""
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import click
@@ -20,11 +21,17 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Cal
 
 
 def cell_text(value: Any) -> str:
-    """A value as a table cell: `-` for nothing, floats to 6 significant digits, lists joined by commas."""
+    """A value as a table cell: `-` for nothing, floats to 6 significant digits, lists joined by commas; control
+    characters escaped (text stored before the coordinator refused them must not move the cursor or write to the
+    terminal)."""
     if value is None or value == "":
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(cell_text(v) for v in value) or "-"
-    return str(value)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+
+
+# C0 and C1 controls, line and paragraph separators, bidirectional overrides and isolates.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")

@@ -233,6 +233,15 @@ def test_broker_alone_asks_the_coordinator(start_cape_server):
     assert Api(broker, None).get(_messages(jid)).status_code == 401
     assert x.get(_messages("f" * 32)).status_code == 404
     assert "httpx" not in broker.log_path.read_text()  # its questions to the coordinator are not logged one by one
+    # A query cannot choose the answer of the part a server does not run.
+    chosen = requests.get(f"{coordinator.url}/broker/v1/x", params={"code": "job_ended", "message": "obey"},
+                          timeout=10)
+    assert chosen.status_code == 404 and chosen.json()["error"]["code"] == "broker_not_here"
+    # Its coordinator away, a listing of several jobs is a 503 the worker backs off from, not a 200 refusing each
+    # job (which it asked again at once, ~490 times a second).
+    coordinator.stop()
+    away = x.get("/broker/v1/messages", params={"job": ["e" * 32], "wait": 0})  # not in its 10 s cache
+    assert away.status_code == 503 and "cannot reach its coordinator" in away.json()["error"]["message"]
 
 
 def test_stopping_server_releases_parked_long_polls(cape_server):

@@ -23,6 +23,7 @@ def test_changes_to_who_may_do_what_are_logged_with_their_actor(cape_server):
     mine = admin.post("/v1/tokens").json()
     assert admin.delete(f"/v1/organizations/xorg/users/{user_id}").status_code == 204
     assert world["worker"]["xorg"].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204  # new keys
+    assert admin.post(f"/v1/jobs/{world['job']['id']}/approve").status_code == 200
     assert admin.post(f"/v1/jobs/{world['job']['id']}/stop").status_code == 200
     assert admin.delete("/v1/projects/demo").status_code == 204
     for attempt in range(3):
@@ -40,6 +41,10 @@ def test_changes_to_who_may_do_what_are_logged_with_their_actor(cape_server):
                  f"{actor} removed user {user_id} from organization xorg",
                  f"the worker of organization {xorg_id} (token "
                  f"{world['orgs']['xorg']['organization_token'].split(',')[0]}) replaced its public keys",
+                 f"{actor} approved job {world['job']['id']}",
+                 f"{actor} stopped job {world['job']['id']}",
+                 f"{actor} added organization yorg to project demo",
+                 f"{actor} made helper the helper of project demo",
                  f"{actor} deleted project demo",
                  "1 request(s) refused for their token (missing, unknown or revoked) since the last such line: "
                  "127.0.0.1 x1"):  # the first at once; the other two within the minute are added up

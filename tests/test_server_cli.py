@@ -494,3 +494,20 @@ def test_openapi_describes_the_error_body_the_server_answers(cape_server):
                             headers={"Authorization": "Bearer x,y"}, timeout=10)
     assert set(refused.json()) == {"error"} and set(refused.json()["error"]) == {"code", "message"}
     assert set(document["components"]["securitySchemes"]) == {"CapeToken", "WorkerToken"}
+
+
+def test_a_database_on_a_disk_that_refuses_writes_is_said_as_such(tmp_path):
+    """Not "run the server as its owner, or chown": the owner is this user already."""
+    import resource
+
+    def no_file_writes() -> None:  # the kernel refuses every write to a regular file, as a full disk does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    data_dir = tmp_path / "data"
+    result = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",
+                             "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60,
+                            preexec_fn=no_file_writes)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert error_line(result).startswith(f"Error: {data_dir / 'coordinator.sqlite3'} cannot be written (")
+    assert error_line(result).endswith("): its disk is full or read-only; free space or make it writable, then "
+                                       "start again")

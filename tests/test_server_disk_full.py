@@ -5,7 +5,6 @@ The refusal is the kernel's own: the server's file size limit (RLIMIT_FSIZE, set
 every write to a regular file past its first byte fail with EFBIG, as a full disk fails them with ENOSPC."""
 from __future__ import annotations
 
-import json
 import queue
 import resource
 import subprocess
@@ -15,17 +14,17 @@ import time
 import pytest
 import requests
 
-from tests.support.server import cape_server_command
+from tests.support.server import build_job_world, cape_server_command
 
 pytestmark = pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux prlimit")
 
 
-def test_a_disk_that_refuses_writes_is_said_once_and_reads_still_answer(tmp_path):
-    data_dir = tmp_path / "data"
-    made = subprocess.run([*cape_server_command(), "admin", "create-org", "acme", "--admin-email", "a@acme.example",
-                           "--json", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    token = json.loads(made.stdout)["user_token"]
+def test_a_disk_that_refuses_writes_is_said_once_and_reads_still_answer(start_cape_server):
+    first = start_cape_server()
+    world = build_job_world(first)  # an approved job whose workers may use the broker
+    first.stop()
+    data_dir = first.data_dir
+    token = world["orgs"]["xorg"]["user_token"]
     # stderr through a pipe: the size limit applies to regular files, and the log must still get out.
     server = subprocess.Popen([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(data_dir)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -41,13 +40,18 @@ def test_a_disk_that_refuses_writes_is_said_once_and_reads_still_answer(tmp_path
 
         # The token's first use cannot be recorded: the read answers all the same.
         listed = requests.get(f"{url}/v1/organizations", headers=headers, timeout=10)
-        assert listed.status_code == 200 and [o["label"] for o in listed.json()] == ["acme"]
+        assert listed.status_code == 200 and [o["label"] for o in listed.json()] == ["helper", "xorg", "yorg"]
         for label in ("p1", "p2", "p3"):
             refused = requests.post(f"{url}/v1/projects", headers=headers, json={"label": label}, timeout=10)
             assert refused.status_code == 507, refused.text
             assert refused.json() == {"error": {"code": "server_disk_full", "message": (
                 "the server's disk is full or read-only, so it cannot record this; try again later (its operator "
                 "must free space)")}}
+        # The broker's message bodies live in the same data dir: the same answer, and the same single log line.
+        broker_put = requests.put(f"{url}/broker/v1/jobs/{world['job']['id']}/messages/y_owner/x_owner.m1",
+                                  data=b"sealed", timeout=10,
+                                  headers={"Authorization": f"Bearer {world['orgs']['xorg']['organization_token']}"})
+        assert broker_put.status_code == 507 and broker_put.json()["error"]["code"] == "server_disk_full"
         health = requests.get(f"{url}/healthz", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "degraded"
         assert "refused a write" in health.json()["problem"]

@@ -287,16 +287,10 @@ def test_with_several_active_jobs_the_receiver_long_polls_them_together(cape_ser
 def test_a_broker_that_lists_one_job_at_a_time_is_polled_in_rounds_with_pauses(tmp_path, monkeypatch, caplog):
     """An older cape-server (no `GET /messages?job=...`): each job in turn, pausing between rounds that found
     nothing, said once."""
-    import threading
-    from types import SimpleNamespace
-
     from services.worker import messenger as messenger_module
     from services.worker.broker_client import BrokerClient, BrokerError
-    from services.worker.keys import WorkerKeys
-    from services.worker.messenger import Messenger
-    from services.worker.spool import Spool
 
-    class OlderBroker(BrokerClient):  # a broker with nothing waiting, answering at once (unit test: no server)
+    class OlderBroker(BrokerClient):
         lists: list[tuple[str, float]] = []
 
         def wait_for_messages(self, job_id, wait):
@@ -306,10 +300,7 @@ def test_a_broker_that_lists_one_job_at_a_time_is_polled_in_rounds_with_pauses(t
         def wait_for_jobs_messages(self, job_ids, wait):
             raise BrokerError("list messages of 2 jobs: the broker answered 404 no such endpoint", 404)
 
-    stop = threading.Event()
-    broker = OlderBroker("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
-    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop)
-    monkeypatch.setattr(messenger, "receiving_jobs", lambda: [SimpleNamespace(id="job1"), SimpleNamespace(id="job2")])
+    messenger, broker = _fake_broker_messenger(tmp_path, monkeypatch, OlderBroker, long_poll=1.0)
     with caplog.at_level(logging.WARNING, logger="cape.messenger"):
         _run_receiver(messenger, 0.5)
     rounds = 0.5 / messenger_module.MULTI_JOB_POLL_SECONDS
@@ -317,6 +308,89 @@ def test_a_broker_that_lists_one_job_at_a_time_is_polled_in_rounds_with_pauses(t
     assert all(wait == 0.0 for _, wait in broker.lists)
     assert 4 <= len(broker.lists) <= 2 * (rounds + 2)  # not a tight loop (thousands of lists in half a second)
     assert caplog.text.count("cannot list several jobs' messages at once") == 1
+
+
+def _fake_broker_messenger(tmp_path, monkeypatch, broker_class, jobs=("job1", "job2"), long_poll=0.2):
+    """A Messenger over a broker class answering at once (unit test: no server), with `jobs` active."""
+    import threading
+    from types import SimpleNamespace
+
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+
+    stop = threading.Event()
+    broker = broker_class("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
+    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop,
+                          long_poll=long_poll)
+    monkeypatch.setattr(messenger, "receiving_jobs", lambda: [SimpleNamespace(id=job) for job in jobs])
+    return messenger, broker
+
+
+def test_jobs_the_broker_refuses_all_are_not_asked_again_at_once(tmp_path, monkeypatch, caplog):
+    """Every job refused (unknown to the broker, not this seat's): a pause as long as a long poll, not ~490
+    requests a second; each refusal said once."""
+    from services.worker.broker_client import BrokerClient
+
+    class RefusingBroker(BrokerClient):
+        calls = 0
+
+        def wait_for_jobs_messages(self, job_ids, wait):
+            RefusingBroker.calls += 1
+            return {}, {job: {"code": "job_not_found", "message": f"no job '{job}'"} for job in job_ids}
+
+    messenger, broker = _fake_broker_messenger(tmp_path, monkeypatch, RefusingBroker)
+    with caplog.at_level(logging.WARNING, logger="cape.messenger"):
+        _run_receiver(messenger, 1.0)
+    assert 3 <= RefusingBroker.calls <= 7  # one per 0.2 s long poll's worth
+    assert caplog.text.count("the broker refuses job job1 (job_not_found): no job 'job1'") == 1
+
+
+@pytest.mark.parametrize("code, falls_back", [(None, True), ("not_found", True), ("broker_not_here", False)])
+def test_only_a_broker_without_the_route_is_polled_job_by_job_and_asked_again_later(tmp_path, monkeypatch, code,
+                                                                                    falls_back):
+    """A 404 that is a Cape error (CAPE_BROKER at a coordinator running alone) is reported and retried, not taken
+    for an older broker; an older broker is asked again after MULTI_LIST_RETRY_SECONDS."""
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient, BrokerError
+
+    class NoRouteBroker(BrokerClient):
+        multi = 0
+        single = 0
+
+        def wait_for_jobs_messages(self, job_ids, wait):
+            NoRouteBroker.multi += 1
+            raise BrokerError("list messages of 2 jobs: the broker answered 404", 404, code)
+
+        def wait_for_messages(self, job_id, wait):
+            NoRouteBroker.single += 1
+            return []
+
+    monkeypatch.setattr(messenger_module, "MULTI_LIST_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(messenger_module, "MAX_BACKOFF_SECONDS", 0.2)
+    messenger, _ = _fake_broker_messenger(tmp_path, monkeypatch, NoRouteBroker)
+    _run_receiver(messenger, 1.0)
+    if falls_back:
+        assert NoRouteBroker.single >= 4 and 2 <= NoRouteBroker.multi <= 5  # asked again every 0.3 s
+    else:
+        assert NoRouteBroker.single == 0 and NoRouteBroker.multi >= 2
+
+
+def test_receiving_jobs_puts_the_runners_jobs_first(tmp_path):
+    """The multi-job listing covers the first 50: a running job's spec, rewritten when it started, came last."""
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+    from tests.support.worker_messaging import worker_job
+
+    spool = Spool(tmp_path / "spool")
+    keys = {seat: WorkerKeys.load_or_create(tmp_path / seat) for seat in ("x_owner", "y_owner", "helper")}
+    for job_id, approved in (("b-job", "2026-01-02"), ("a-job", "2026-01-03"), ("c-job", "2026-01-01")):
+        spool.put_job(worker_job(keys, "x_owner", job_id, approved))
+    spool.claim("a-job")
+    messenger = Messenger(spool, keys["x_owner"], BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"))
+    assert [spec.id for spec in messenger.receiving_jobs()] == ["a-job", "c-job", "b-job"]
 
 
 @pytest.mark.parametrize("after_the_failure, said_again", [(0, False), (1, True)])

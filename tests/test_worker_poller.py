@@ -426,3 +426,20 @@ def test_a_seats_completed_report_still_reaches_a_job_completed_meanwhile(cape_s
     assert poller.spool.pending_status() == []
     party = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]["x_owner"]
     assert (party["state"], party["progress"]) == ("completed", 1.0)
+
+
+def test_retries_after_an_outage_start_at_seconds_whatever_the_poll_interval(tmp_path, monkeypatch, caplog):
+    """At the 10 s default interval the first retry came 10 s after a failure, then 20 and 30, without heartbeats:
+    a coordinator restart could show the worker offline."""
+    from services.worker import poller as poller_module
+
+    config = WorkerConfig.from_env({"CAPE_TOKEN": "tok,c2VjcmV0LXNlY3JldA==", "CAPE_WORKER_NAME": "w",
+                                    "CAPE_COORDINATOR": f"http://127.0.0.1:{free_port()}",
+                                    "CAPE_SPOOL_DIR": str(tmp_path / "spool"), "CAPE_STATE_DIR": str(tmp_path / "st")})
+    assert config.poll_interval == 10.0
+    poller = Poller(config, CoordinatorClient(config.coordinator, config.token, timeout=2), Spool(config.spool_dir),
+                    WorkerKeys.load_or_create(config.state_dir))
+    delays: list[float] = []
+    monkeypatch.setattr(poller_module.time, "sleep", delays.append)
+    poller.run(max_cycles=3)
+    assert delays == [2.0, 4.0, 8.0]

@@ -14,19 +14,14 @@ from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import Spool, atomic_writer
 from services.worker.spool_transport import JobInterrupted, SpoolTransport, wire_name
+from tests.support.worker_messaging import worker_job as support_worker_job
 
 JOB = "feedfacefeedfacefeedfacefeedface"
 SEATS = ("x_owner", "y_owner", "helper")
 
 
 def worker_job(keys: dict[str, WorkerKeys], seat: str) -> dict:
-    return {
-        "id": JOB, "type": "linear_regression", "status": "Approved", "seat": seat, "outputs_to": "y_owner",
-        "timeout": 5, "approved_at": "2026-01-01T00:00:00Z",
-        "task": {"x": {"columns": ["a"], "dataview": {"id": "d1", "name": "x", "uri": None}},
-                 "y": {"column": "t", "dataview": {"id": "d2", "name": "y", "uri": None}}, "model_location": None},
-        "parties": {s: {"organization": {"id": s, "label": f"org-{s}"}, **keys[s].public_keys()} for s in SEATS},
-    }
+    return support_worker_job({s: keys[s] for s in SEATS}, seat, JOB)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
     ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable,
 )
+from services.server.storage_trouble import StorageTrouble, is_storage_refusal
 
 log = logging.getLogger("cape.broker")
 
@@ -49,16 +50,19 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
         file.close()
 
 
-def _storage_failed(exc: OSError) -> Unavailable:
-    log.error("cannot store a message: %s", exc.strerror or type(exc).__name__)
-    return Unavailable("the broker could not store the message (its disk refused); try again later",
-                       code="storage_failed")
-
-
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
-                  max_message_bytes: int, room: Room) -> APIRouter:
-    """All `/broker/v1` endpoints over one store and one way of authorizing callers."""
+                  max_message_bytes: int, room: Room, storage: StorageTrouble | None = None) -> APIRouter:
+    """All `/broker/v1` endpoints over one store and one way of authorizing callers; `storage` notes a disk that
+    refuses writes (for /healthz)."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
+    storage = storage or StorageTrouble()
+
+    def _storage_failed(exc: OSError) -> ApiError:
+        if is_storage_refusal(exc):  # full, read-only: said once a minute, 507 as for the coordinator's writes
+            return storage.refused(exc, "storing a message")
+        log.error("cannot store a message: %s", exc.strerror or type(exc).__name__)
+        return Unavailable("the broker could not store the message (its disk refused); try again later",
+                           code="storage_failed")
 
     async def caller(job: str = JobId, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JobAccess:
         return await membership.access(credentials.credentials if credentials else None, job)
@@ -171,10 +175,10 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                 raise InvalidRequest("field 'job': a job id is 1 to 64 letters, digits, '_' or '-'")
             try:
                 seats[job_id] = (await membership.access(token, job_id)).seat
-            except Unauthorized:
-                raise
-            except ApiError as exc:  # this job only: ended, or not this organization's
-                refused[job_id] = exc.body()["error"]
+            except ApiError as exc:
+                if isinstance(exc, Unauthorized) or exc.status >= 500:
+                    raise  # the token, or the coordinator a broker alone asks: every job would say the same
+                refused[job_id] = exc.body()["error"]  # this job only: unknown, or not this organization's
         deadline = time.monotonic() + wait
         while True:
             with signals.watching(list(seats.items())) as events:

@@ -186,12 +186,16 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
     @router.post("/projects/{project}/organizations", tags=["projects"], response_model=views.Project)
     def add_project_organization(project: str, body: OrganizationRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return projects.project_view(conn, projects.add_organization(conn, p, project, body.organization))
+            view = projects.project_view(conn, projects.add_organization(conn, p, project, body.organization))
+        record(p, "added organization %s to project %s", body.organization, project)
+        return view
 
     @router.put("/projects/{project}/helper", tags=["projects"], response_model=views.Project)
     def set_project_helper(project: str, body: HelperRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return projects.project_view(conn, projects.set_helper(conn, p, project, body.organization))
+            view = projects.project_view(conn, projects.set_helper(conn, p, project, body.organization))
+        record(p, "made %s the helper of project %s", body.organization or "no organization", project)
+        return view
 
     @router.delete("/projects/{project}", status_code=204, tags=["projects"])
     def delete_project(project: str, p: Principal = Depends(person)) -> Response:
@@ -248,19 +252,26 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/jobs/{job_id}/approve", tags=["jobs"], response_model=views.Job)
     def approve_job(job_id: str, body: Approval | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
+        organization = body.organization if body else None
         with job_change() as conn:
-            return jobs.job_view(conn, decisions.approve(conn, p, job_id, body.organization if body else None))
+            view = jobs.job_view(conn, decisions.approve(conn, p, job_id, organization))
+        record(p, "approved job %s%s", job_id, f" for organization {organization}" if organization else "")
+        return view
 
     @router.post("/jobs/{job_id}/reject", tags=["jobs"], response_model=views.Job)
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
+        organization = body.organization if body else None
         with job_change() as conn:
-            row = decisions.reject(conn, p, job_id, body.organization if body else None, body.reason if body else None)
-            return jobs.job_view(conn, row)
+            view = jobs.job_view(conn, decisions.reject(conn, p, job_id, organization, body.reason if body else None))
+        record(p, "rejected job %s%s", job_id, f" for organization {organization}" if organization else "")
+        return view
 
     @router.post("/jobs/{job_id}/stop", tags=["jobs"], response_model=views.Job)
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change() as conn:
-            return jobs.job_view(conn, jobs.stop(conn, p, job_id))
+            view = jobs.job_view(conn, jobs.stop(conn, p, job_id))
+        record(p, "stopped job %s", job_id)
+        return view
 
     @router.get("/jobs/{job_id}/results", tags=["jobs"], response_model=views.JobResults)
     def job_results(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:

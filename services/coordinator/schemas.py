@@ -21,9 +21,15 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+# Shown in tables and logs: a line break, a terminal escape or a bidirectional override would break them or worse
+# (fake rows, a terminal title or clipboard set, text shown reversed). Other format characters (joiners) stay:
+# scripts and emoji need them.
+_NOT_IN_ONE_LINE = {"Cc", "Zl", "Zp"}
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _one_line(text: str) -> str:
-    # A name is shown in tables and logs: a line break or a terminal escape would break them or worse.
-    if any(unicodedata.category(c) == "Cc" for c in text):
+    if any(unicodedata.category(c) in _NOT_IN_ONE_LINE or c in _BIDI_CONTROLS for c in text):
         raise ValueError("must be one line of text, without control characters (line breaks, tabs, escapes)")
     return text
 
@@ -84,7 +90,7 @@ class MemberRole(Body):
     role: Role
 
 
-TokenDescription = Annotated[Text, StringConstraints(max_length=500)]
+TokenDescription = Annotated[Text, StringConstraints(max_length=500), AfterValidator(_one_line)]
 
 
 class NewToken(Body):

@@ -28,6 +28,7 @@ from services.server.body_limit import DeclaredBodyLimit
 from services.server.config import ServerConfig
 from services.server.error_handlers import install_error_handlers
 from services.server.errors import NotFound
+from services.server.storage_trouble import StorageTrouble
 
 log = logging.getLogger("cape.server")
 
@@ -129,14 +130,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Cape server", version=server_version, lifespan=lifespan, openapi_url="/openapi.json",
                   description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
     app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
-    install_error_handlers(app)  # after: its middleware is the outermost of ours
+    storage = StorageTrouble()
+    install_error_handlers(app, storage)  # after: its middleware is the outermost of ours
     parts = []
     if db is not None:
         app.include_router(coordinator_router(db, changes, refused))
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
-                                         Room(config.max_job_bytes, config.min_free_bytes)))
+                                         Room(config.max_job_bytes, config.min_free_bytes), storage))
         parts.append("broker")
 
     _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)
@@ -156,7 +158,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_broker: bool) -> None:
     """A part this server does not run answers every path under it with a 404 that says so, not "no such
     endpoint": a worker whose CAPE_BROKER defaulted to a coordinator running alone is told what to set."""
-    methods = ["GET", "PUT", "POST", "DELETE", "PATCH"]
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
     missing = []
     if not runs_coordinator:
         missing.append(("/v1", "coordinator_not_here", "this cape-server runs the broker only (--only broker); point "
@@ -165,10 +167,17 @@ def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_brok
         missing.append(("/broker", "broker_not_here", "this cape-server runs the coordinator only (--only "
                                                       "coordinator); set CAPE_BROKER to the broker's URL"))
     for prefix, code, message in missing:
-        def refuse(path: str, code: str = code, message: str = message) -> None:
-            raise NotFound(message, code=code)
+        app.add_api_route(f"{prefix}/{{path:path}}", _refusing(code, message), methods=methods,
+                          include_in_schema=False)
 
-        app.add_api_route(f"{prefix}/{{path:path}}", refuse, methods=methods, include_in_schema=False)
+
+def _refusing(code: str, message: str) -> Callable[[str], None]:
+    """A route answering NotFound(message, code) whatever the request (its only parameter is the path: a default
+    argument would be a query parameter the caller could set)."""
+    def refuse(path: str) -> None:
+        raise NotFound(message, code=code)
+
+    return refuse
 
 
 def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:

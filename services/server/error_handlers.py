@@ -69,8 +69,9 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     return message
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the JSON error handlers: typed errors, validation (422 naming the field), HTTP errors, 500."""
+def install_error_handlers(app: FastAPI, storage: StorageTrouble | None = None) -> None:
+    """Register the JSON error handlers: typed errors, validation (422 naming the field), HTTP errors, 500 (507
+    for a disk that refuses writes, noted in `storage`)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -90,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": {"code": code, "message": message}}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    storage = StorageTrouble()
+    storage = storage or StorageTrouble()
     app.state.storage_trouble = storage
 
     def unexpected(method: str, path: str, exc: Exception) -> JSONResponse:

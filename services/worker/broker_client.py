@@ -31,9 +31,10 @@ UPLOAD_BLOCK_BYTES = 1 << 20
 class BrokerError(RuntimeError):
     """The broker refused a request for a reason retrying will not fix (401, 403, 404, 413, ...)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code  # the Cape server's error code; None from anything else (an older server's route, a proxy)
 
 
 class BrokerUnavailable(BrokerError):
@@ -195,10 +196,10 @@ class BrokerClient:
     def _raise_for(response: requests.Response, what: str) -> None:
         if response.status_code < 300:
             return
-        detail = error_of(response)[1]
+        code, detail = error_of(response)
         status = response.status_code
         hint = {401: "; check CAPE_TOKEN (an organization token)", 403: "; this organization has no seat in the job"}
-        raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status)
+        raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status, code)
 
 
 class _LargeBlocks(HTTPAdapter):

@@ -16,11 +16,12 @@ from typing import Callable, NoReturn, TypeVar
 import click
 from dotenv import load_dotenv
 
+from services.file_locks import lock_file
+from services.tables import cell_text
 from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
 from services.worker.fatal_listener import marker_path, read_marker
-from services.file_locks import lock_file
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
 
@@ -310,8 +311,8 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
         click.echo(f"  {job['id']}  seat={job['seat']}  status={job['status']}  runner={job['runner']}"
                    f"  unsent_messages={job['unsent_messages']}  pending_reports={job['pending_reports']}"
                    f"  result={job['result']}{when}")
-        if job["reason"]:
-            click.echo(f"    reason: {job['reason']}")
+        if job["reason"]:  # the coordinator's words, which may quote another organization's
+            click.echo(f"    reason: {cell_text(job['reason'])}")
     if len(shown) < len(finished):
         click.echo(f"  ... and {len(finished) - len(shown)} earlier finished job(s) (--all lists them)")
 

@@ -29,6 +29,9 @@ DEFAULT_STATE_DIR = "/var/lib/cape-worker/state"
 DEFAULT_LOG_GROUP = "/cape/worker"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_POLL_INTERVAL = 10.0
+# The first retry after the coordinator or the model store failed (doubling from there): not the poll interval,
+# which may be long, while a short outage should cost seconds (and the heartbeats the coordinator awaits).
+RETRY_BASE_SECONDS = 2.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

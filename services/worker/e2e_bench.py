@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 import requests
 
+from services.worker.config import DEFAULT_POLL_INTERVAL
+
 BIN = Path(sys.executable).parent
 SEATS = {"xorg": "x_owner", "yorg": "y_owner", "helper": "helper"}
 START_TIMEOUT = 60.0
@@ -606,8 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--d", type=int, default=32, help="x columns (default 32)")
     parser.add_argument("--quick", action="store_true", help="n = 1e4 (a smoke run)")
     parser.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="data files (default parquet)")
-    parser.add_argument("--poll-interval", type=float, default=2.0,
-                        help="the workers' CAPE_POLL_INTERVAL (default 2, the worker's own default)")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
+                        help=f"the workers' CAPE_POLL_INTERVAL (default {DEFAULT_POLL_INTERVAL:g}, the worker's own)")
     parser.add_argument("--timeout", type=float, default=600.0, help="the job's timeout in seconds")
     parser.add_argument("--jobs", type=int, default=1,
                         help="jobs run one after another through the same workers (default 1); the first is the "

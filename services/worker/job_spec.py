@@ -39,6 +39,7 @@ class JobSpec:
     timeout: float
     parties: dict[str, Party]
     task: dict[str, Any]
+    approved_at: str | None = None  # the coordinator's time: the order in which the runner takes jobs
 
     @property
     def index(self) -> int:
@@ -107,4 +108,6 @@ class JobSpec:
             timeout = float(raw.get("timeout") or 600)
         except (TypeError, ValueError):
             raise JobSpecError("timeout must be a number of seconds") from None
-        return cls(job_id, str(raw.get("type", "linear_regression")), seat, outputs_to, timeout, parties, task)
+        approved_at = raw.get("approved_at")
+        return cls(job_id, str(raw.get("type", "linear_regression")), seat, outputs_to, timeout, parties, task,
+                   approved_at if isinstance(approved_at, str) else None)

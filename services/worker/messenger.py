@@ -39,7 +39,8 @@ LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01  # without a spool watch, how often the sender looks at the outbox and its finished puts
 NO_JOBS_SECONDS = 0.2  # with no active job and no spool watch, the receiver looks for one again after this long
 MULTI_JOB_POLL_SECONDS = 0.05  # a broker that lists one job at a time: the pause between rounds that found nothing
-MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs
+MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs: those the runner runs come first
+MULTI_LIST_RETRY_SECONDS = 300.0  # a broker that could not list several jobs at once is asked again after this
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
@@ -72,7 +73,7 @@ class Messenger:
         self._put_threads: list[threading.Thread] = []
         self._gets: ThreadPoolExecutor | None = None
         self._specs: dict[str, JobSpec | None] = {}
-        self._lists_many = True  # until a broker without `GET /messages?job=...` says 404
+        self._per_job_until = 0.0  # a broker without `GET /messages?job=...` is polled job by job until then
         self._refusals_said: set[tuple[str, str]] = set()
         self._sender: threading.Thread | None = None
         self.sent = 0
@@ -188,7 +189,10 @@ class Messenger:
             spec = self._specs[job_id]
             if spec is not None:
                 jobs.append(spec)
-        return jobs
+        # As the runner takes them: its claimed jobs first, then by approval. A multi-job listing covers the first
+        # MAX_JOBS_PER_LIST; a job's spec is rewritten when it starts, so spool order would put a running job last.
+        claimed = set(self.spool.claimed_jobs())
+        return sorted(jobs, key=lambda spec: (spec.id not in claimed, spec.approved_at or "", spec.id))
 
     def receive(self, spec: JobSpec, wait: float) -> int:
         """Take in every message waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time; returns
@@ -201,17 +205,24 @@ class Messenger:
         try:
             listing, refused = self.broker.wait_for_jobs_messages([spec.id for spec in specs], wait)
         except BrokerError as exc:
-            if exc.status in (404, 405) and not isinstance(exc, BrokerUnavailable):
+            # The route missing (an older cape-server: a generic 404 or 405), not a Cape error such as
+            # broker_not_here (a CAPE_BROKER to fix, which the loop reports and retries).
+            if not isinstance(exc, BrokerUnavailable) and (exc.status == 405 or (exc.status == 404 and exc.code in
+                                                                                  (None, "not_found"))):
                 log.warning("receiving: the broker cannot list several jobs' messages at once (%s); asking each job "
-                            "in turn", exc)
+                            "in turn, and trying again in %.0f s", exc, MULTI_LIST_RETRY_SECONDS)
                 return None
             raise
         self._refusals_said = {said for said in self._refusals_said if said[0] in refused}
         for job_id, error in refused.items():
             said = (job_id, str(error.get("code")))
-            if said not in self._refusals_said:  # the poller ends the job here soon: say it once meanwhile
+            if said not in self._refusals_said:  # a job unknown to the broker or not this seat's: said once
                 self._refusals_said.add(said)
-                log.error("receiving: the broker refuses job %s: %s", job_id, error.get("message"))
+                log.warning("receiving: the broker refuses job %s (%s): %s", job_id, error.get("code"),
+                            error.get("message"))
+        if len(refused) == len(specs):
+            self.stop.wait(wait)  # nothing the broker would wait on: pause as a long poll would, until the poller
+            return 0              # ends these jobs
         placed = 0
         for spec in specs:
             entries = listing.get(spec.id) or []
@@ -331,11 +342,11 @@ class Messenger:
                 return None
             if len(jobs) == 1:
                 return self.receive(jobs[0], self.long_poll) > 0
-            if self._lists_many:
+            if time.monotonic() >= self._per_job_until:
                 placed = self.receive_many(jobs[:MAX_JOBS_PER_LIST], self.long_poll)
                 if placed is not None:
                     return placed > 0
-                self._lists_many = False
+                self._per_job_until = time.monotonic() + MULTI_LIST_RETRY_SECONDS
             # An older broker: a long poll of one job would hold up the others' messages, so look at each in turn,
             # pausing briefly when none had anything (not a tight loop of requests to the broker).
             if sum(self.receive(spec, 0.0) for spec in jobs if not self.stop.is_set()):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from services.worker import health, program
-from services.worker.config import WorkerConfig
+from services.worker.config import RETRY_BASE_SECONDS, WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorUnreachable, CoordinatorUntrusted, JobEnded, SeatTaken)
 from services.worker.keys import WorkerKeys
@@ -226,7 +226,7 @@ class Poller:
 
     def run(self, max_cycles: int | None = None) -> None:
         """Cycle every `poll_interval` seconds, backing off while the coordinator is unreachable."""
-        backoff = Backoff(self.config.poll_interval)
+        backoff = Backoff(min(self.config.poll_interval, RETRY_BASE_SECONDS))
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
             cycles += 1

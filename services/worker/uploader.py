@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from services.worker import program
-from services.worker.config import Bucket, ConfigError, WorkerConfig, parse_bucket
+from services.worker.config import RETRY_BASE_SECONDS, Bucket, ConfigError, WorkerConfig, parse_bucket
 from services.worker.spool import Spool, atomic_write_bytes
 
 WEIGHTS_FILE = "regression_weights.csv"
@@ -290,7 +290,7 @@ class Uploader:
                 delay = SPOOL_WATCH_SECONDS
                 self.spool.changes.wait(seen, delay)  # the runner's next result wakes it
             else:
-                delay = min(MAX_BACKOFF_SECONDS, max(delay, self.config.poll_interval) * 2)
+                delay = min(MAX_BACKOFF_SECONDS, max(delay, min(self.config.poll_interval, RETRY_BASE_SECONDS)) * 2)
                 time.sleep(delay)  # a store that failed is not retried sooner for a new result
 
 

@@ -47,6 +47,19 @@ class ApprovedJob:
     seats: dict[str, Seat]
 
 
+def worker_job(keys: dict[str, WorkerKeys], seat: str, job_id: str, approved_at: str = "2026-01-01T00:00:00Z"
+               ) -> dict[str, Any]:
+    """A WorkerJob as the coordinator serves it to `seat`, for three workers with `keys` by seat (x_owner, y_owner,
+    helper), without a coordinator."""
+    return {
+        "id": job_id, "type": "linear_regression", "status": "Approved", "seat": seat, "outputs_to": "y_owner",
+        "timeout": 5, "approved_at": approved_at,
+        "task": {"x": {"columns": ["a"], "dataview": {"id": "d1", "name": "x", "uri": None}},
+                 "y": {"column": "t", "dataview": {"id": "d2", "name": "y", "uri": None}}, "model_location": None},
+        "parties": {s: {"organization": {"id": s, "label": f"org-{s}"}, **k.public_keys()} for s, k in keys.items()},
+    }
+
+
 def _call(method: str, url: str, token: str, expect: tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
     response = requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT,
                                 **kwargs)

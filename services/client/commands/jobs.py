@@ -9,6 +9,7 @@ import click
 from services.client.commands.output import (
     CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
+from services.tables import cell_text
 from services.client.errors import BadArgument, CapeError, ResultsUnavailable
 from services.client.models import TERMINAL_STATUSES, Job
 from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression, dashes_for_underscores
@@ -81,11 +82,11 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
 def list_jobs(cli: CliContext, project: str, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
     """List the jobs of PROJECT, oldest first."""
     found = cli.cape().get_project(project).list_jobs(status=list(statuses) or None, limit=limit or None)
+    if limit and len(found) == limit:  # on stderr: said to scripts reading --json too, without touching stdout
+        click.echo(f"(the {limit} most recent; --limit 0 lists every job)", err=True)
     if as_json:
         print_json([j.data for j in found])
         return
-    if limit and len(found) == limit:
-        click.echo(f"(the {limit} most recent; --limit 0 lists every job)", err=True)
     print_table(
         [j.data for j in found],
         [("ID", lambda j: j.get("id")), ("TYPE", lambda j: j.get("type")), ("STATUS", lambda j: j.get("status")),
@@ -193,7 +194,7 @@ def watch(cli: CliContext, job_id: str, timeout: float, interval: float) -> None
         return
     if final in ("Error", "Rejected", "Stopped"):
         reason = job.data.get("error")
-        click.echo(f"error: job {job.id} ended {final}" + (f": {reason}" if reason else ""), err=True)
+        click.echo(f"error: job {job.id} ended {final}" + (f": {cell_text(reason)}" if reason else ""), err=True)
         click.get_current_context().exit(EXIT_JOB_FAILED)
     click.echo(f"error: job {job.id} is still {final} after {timeout:g} s; watch again or raise --timeout", err=True)
     click.get_current_context().exit(EXIT_WATCH_TIMEOUT)
@@ -276,7 +277,7 @@ def _progress_line(job: Job) -> str:
     for seat, party in job.parties.items():
         progress = party.get("progress")
         percent = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
-        message = f" ({party['message']})" if party.get("message") else ""
+        message = f" ({cell_text(party['message'])})" if party.get("message") else ""  # another org's worker's text
         state = party.get("state") or "waiting"
         # A seat that still has work while its worker is silent is why a job waits: say so, not only at timeout.
         offline = (" [worker offline]" if party.get("worker_online") is False and state in BUSY_STATES
