@@ -70,3 +70,11 @@ def test_refusals_are_added_up_and_said_once_a_minute(monkeypatch, caplog):
         refused.flush()
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == ["10.0.0.5 x1", "10.0.0.5 x2, 10.0.0.9 x1"]
     assert caplog.records[1].getMessage().startswith("3 request(s) refused for their token")
+
+
+def test_the_brokers_refusals_are_counted_too(cape_server):
+    """A worker left with a revoked token knocks at the broker about once a second."""
+    refused = Api(cape_server, "nope,x").get("/broker/v1/jobs/feedface/messages")
+    assert refused.status_code == 401
+    assert ("WARNING cape.audit: 1 request(s) refused for their token (missing, unknown or revoked) since the last "
+            "such line: 127.0.0.1 x1") in cape_server.log_path.read_text()

@@ -17,6 +17,7 @@ from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
 from services.broker.room import Room
 from services.broker.store import BodyTooLarge, Commit, MessageStore
+from services.coordinator.audit import RefusedTokens
 from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
     ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable,
@@ -51,11 +52,20 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
 
 
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
-                  max_message_bytes: int, room: Room, storage: StorageTrouble | None = None) -> APIRouter:
+                  max_message_bytes: int, room: Room, storage: StorageTrouble | None = None,
+                  refused: RefusedTokens | None = None) -> APIRouter:
     """All `/broker/v1` endpoints over one store and one way of authorizing callers; `storage` notes a disk that
-    refuses writes (for /healthz)."""
+    refuses writes (for /healthz), `refused` counts callers refused for their token (for the audit log)."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
     storage = storage or StorageTrouble()
+    refused = refused or RefusedTokens()
+
+    async def access(request: Request, token: str | None, job_id: str) -> JobAccess:
+        try:
+            return await membership.access(token, job_id)
+        except Unauthorized:
+            refused.note(request.client.host if request.client else "unknown")
+            raise
 
     def _storage_failed(exc: OSError) -> ApiError:
         if is_storage_refusal(exc):  # full, read-only: said once a minute, 507 as for the coordinator's writes
@@ -64,8 +74,9 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         return Unavailable("the broker could not store the message (its disk refused); try again later",
                            code="storage_failed")
 
-    async def caller(job: str = JobId, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JobAccess:
-        return await membership.access(credentials.credentials if credentials else None, job)
+    async def caller(request: Request, job: str = JobId,
+                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JobAccess:
+        return await access(request, credentials.credentials if credentials else None, job)
 
     async def caller_seat(access: JobAccess = Depends(caller)) -> str:
         return access.seat
@@ -161,7 +172,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                     pass
 
     @router.get("/messages", response_model=JobsWaiting)
-    async def list_jobs_messages(job: list[str] = Query(min_length=1, max_length=MAX_JOBS_PER_LIST),
+    async def list_jobs_messages(request: Request, job: list[str] = Query(min_length=1, max_length=MAX_JOBS_PER_LIST),
                                  wait: float = Query(0, ge=0, le=60),
                                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
                                  ) -> dict[str, Any]:
@@ -174,7 +185,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             if not _JOB_ID.match(job_id):
                 raise InvalidRequest("field 'job': a job id is 1 to 64 letters, digits, '_' or '-'")
             try:
-                seats[job_id] = (await membership.access(token, job_id)).seat
+                seats[job_id] = (await access(request, token, job_id)).seat
             except ApiError as exc:
                 if isinstance(exc, Unauthorized) or exc.status >= 500:
                     raise  # the token, or the coordinator a broker alone asks: every job would say the same

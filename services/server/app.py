@@ -108,6 +108,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if store is not None:
             interval = min(60.0, max(0.5, config.message_ttl / 4))
             def expire_messages() -> None:
+                refused.flush()  # for a broker running alone, which has no job sweep
                 expired = store.expire()
                 if expired:  # undelivered: a worker that was away too long; its job will say what it missed
                     log.info("%d undelivered message(s) expired (--message-ttl %g s)", expired, config.message_ttl)
@@ -138,7 +139,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
-                                         Room(config.max_job_bytes, config.min_free_bytes), storage))
+                                         Room(config.max_job_bytes, config.min_free_bytes), storage, refused))
         parts.append("broker")
 
     _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)
