@@ -41,6 +41,11 @@ def test_login_verifies_then_saves_url_and_token_0600(shared_cape_server, cape_s
     identity = json.loads(whoami.stdout)
     assert identity["kind"] == "user"
     assert orgs["acme"]["organization"]["id"] in identity["roles"]
+    # Scripts read the roles by label too, without a second request to learn the ids' labels.
+    acme = orgs["acme"]["organization"]
+    assert {"organization": {"id": acme["id"], "label": acme["label"]}, "role": "admin"} in identity["memberships"]
+    text = cape_script("whoami").stdout
+    assert f"{acme['label']}: admin" in text and acme["id"] not in text
 
 
 def test_login_with_a_bad_token_saves_nothing(shared_cape_server, cape_cli, cape_home: Path, orgs) -> None:

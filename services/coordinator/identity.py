@@ -261,5 +261,8 @@ def login_view(conn: sqlite3.Connection, principal: Principal) -> dict[str, Any]
     if principal.kind == "organization":
         return {"kind": "organization", "user": None,
                 "organization": org_view(get_org(conn, principal.org_id or "")), "roles": {}}
+    memberships = [{"organization": org_ref(get_org(conn, org_id)), "role": role}
+                   for org_id, role in principal.roles.items()]
     return {"kind": "user", "user": {"id": principal.user_id, "email": principal.email}, "organization": None,
-            "roles": dict(principal.roles)}
+            "roles": dict(principal.roles),
+            "memberships": sorted(memberships, key=lambda m: m["organization"]["label"])}

@@ -43,11 +43,18 @@ class Member(UserRef):
     role: Role
 
 
+class Membership(View):
+    organization: OrgRef
+    role: Role
+
+
 class Login(View):
     kind: Literal["user", "organization"] = Field(description="a person's token or a worker's organization token")
     user: UserRef | None
     organization: Organization | None = Field(description="the organization of an organization token")
     roles: dict[str, Role] = Field(description="organization id -> the user's role there")
+    memberships: list[Membership] = Field(default_factory=list,
+                                          description="the same roles with each organization's label, by label")
 
 
 class ExistingAccount(View):

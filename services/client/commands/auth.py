@@ -51,13 +51,17 @@ def whoami(cli: CliContext, as_json: bool) -> None:
     if as_json:
         print_json(identity)
         return
-    roles = identity.get("roles") or {}
-    labels = {o.id: o.label for o in cape.list_organizations()} if roles and identity.get("kind") == "user" else {}
+    if "memberships" in identity:
+        roles = [f"{m['organization']['label']}: {m['role']}" for m in identity["memberships"]]
+    else:  # a coordinator from before memberships were labelled: ask for the labels
+        by_id = identity.get("roles") or {}
+        labels = {o.id: o.label for o in cape.list_organizations()} if by_id and identity.get("kind") == "user" else {}
+        roles = [f"{labels.get(org, org)}: {role}" for org, role in by_id.items()]
     print_fields([
         ("coordinator", cape.endpoint),
         ("kind", identity.get("kind")),
         ("identity", describe(identity)),
-        ("roles", [f"{labels.get(org, org)}: {role}" for org, role in roles.items()]),
+        ("roles", roles),
     ])
 
 
