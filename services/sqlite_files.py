@@ -21,7 +21,7 @@ def unusable(path: Path, exc: sqlite3.Error, remedy: str) -> DatabaseUnusable:
                                 f"place?); {remedy}")
     if is_storage_refusal(exc):
         return DatabaseUnusable(f"{path} cannot be written ({exc}): its disk is full or read-only; free space or "
-                                "make it writable, then start again")
+                                "make it writable, then try again")
     try:
         info = path.stat()
     except OSError:

@@ -78,3 +78,17 @@ def test_the_brokers_refusals_are_counted_too(cape_server):
     assert refused.status_code == 401
     assert ("WARNING cape.audit: 1 request(s) refused for their token (missing, unknown or revoked) since the last "
             "such line: 127.0.0.1 x1") in cape_server.log_path.read_text()
+
+
+def test_audit_lines_stay_at_a_quiet_log_level_and_counts_are_said_at_stop(start_cape_server):
+    server = start_cape_server(extra_args=["--log-level", "warning"])
+    org = server.create_org("quiet")
+    token = Api(server, org["user_token"]).post("/v1/tokens").json()
+    for attempt in range(3):
+        assert Api(server, f"nope{attempt},x").post("/v1/login").status_code == 401
+    server.stop()
+    log = server.log_path.read_text()
+    assert f"INFO cape.audit: admin@quiet.example (token {org['user_token'].split(',')[0]}) issued themselves " \
+           f"user token {token['id']}" in log
+    # The first refusal at once, the two after it when the server stopped (they were lost with the process).
+    assert "since the last such line: 127.0.0.1 x1" in log and "since the last such line: 127.0.0.1 x2" in log

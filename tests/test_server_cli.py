@@ -377,6 +377,9 @@ def test_a_second_server_on_the_same_data_dir_is_refused_naming_the_first(cape_s
             f"Error: another cape-server (pid {cape_server.pid}) serves the {part} from --data-dir "
             f"{cape_server.data_dir}; stop it first, or give this one its own --data-dir (two servers on one data "
             "dir lose each other's messages in transit)")
+    port = cape_server.url.rsplit(":", 1)[1]  # the same command started twice: told of the server, not the port
+    again = run_cli("serve", "--port", port, "--data-dir", str(cape_server.data_dir))
+    assert error_line(again).startswith(f"Error: another cape-server (pid {cape_server.pid}) serves the coordinator")
     assert requests.get(f"{cape_server.url}/healthz", timeout=10).status_code == 200
     cape_server.restart(crash=True)  # the kernel drops a killed server's lock: its successor starts
     assert requests.get(f"{cape_server.url}/healthz", timeout=10).status_code == 200
@@ -510,4 +513,4 @@ def test_a_database_on_a_disk_that_refuses_writes_is_said_as_such(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert error_line(result).startswith(f"Error: {data_dir / 'coordinator.sqlite3'} cannot be written (")
     assert error_line(result).endswith("): its disk is full or read-only; free space or make it writable, then "
-                                       "start again")
+                                       "try again")

@@ -314,19 +314,23 @@ def test_status_lists_what_is_in_progress_first_then_the_most_recently_finished(
         os.utime(spool.job_dir(job) / "ended.json", (1.7e9 + k * 3600, 1.7e9 + k * 3600))
     spool.put_job({"id": "now", "seat": "x_owner", "status": "Started", "approved_at": "2026-11-26T10:00:00.000Z"})
     spool.claim("now")
+    spool.put_job({"id": "stopped", "seat": "x_owner", "status": "Started"})  # ended while the worker was down:
+    spool.mark_ended("stopped", "Stopped", "stopped by its submitter")     # not in progress, though not closed
+    os.utime(spool.job_dir("stopped") / "ended.json", (1.6e9, 1.6e9))
     lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("jobs in "))
-    assert lines[start].endswith(": 16 (1 in progress, 15 finished)")
+    assert lines[start].endswith(": 17 (1 in progress, 16 finished)")
     assert lines[start + 1].startswith("  now  seat=x_owner  status=Started  runner=claimed")
     assert lines[start + 1].endswith("approved=2026-11-26T10:00:00.000Z")
     listed = [line.split()[0] for line in lines[start + 2:start + 12]]
     assert listed == [f"old-{k:02d}" for k in range(14, 4, -1)]  # the ten most recently ended, newest first
     assert lines[start + 2].endswith("ended=2023-11-15T12:13:20.000Z")
-    assert lines[start + 12] == "  ... and 5 earlier finished job(s) (--all lists them)"
+    assert lines[start + 12] == "  ... and 6 earlier finished job(s) (--all lists them)"
     every = cape_worker("status", "--all", env=env, cwd=tmp_path).stdout
     assert "old-00" in every and "--all lists them" not in every
     status = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)
-    assert len(status["jobs"]) == 16 and status["jobs"][0]["id"] == "now" and status["jobs"][0]["active"] is True
+    assert len(status["jobs"]) == 17 and status["jobs"][0]["id"] == "now" and status["jobs"][0]["active"] is True
+    assert [job["active"] for job in status["jobs"] if job["id"] == "stopped"] == [False]
 
 
 @pytest.mark.parametrize("args, usage", [

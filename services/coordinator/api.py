@@ -240,7 +240,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.get("/projects/{project}/jobs", tags=["jobs"], response_model=list[views.Job])
     def list_jobs(project: str, status: list[views.JobStatus] | None = Query(None),
-                  limit: int | None = Query(None, ge=1, le=10_000, description="only the most recent this many"),
+                  limit: int | None = Query(None, ge=1, le=100_000, description="only the most recent this many"),
                   p: Principal = Depends(person)) -> list[dict[str, Any]]:
         with db.transaction() as conn:
             return [jobs.job_view(conn, r) for r in jobs.list_jobs(conn, p, project, status, limit)]

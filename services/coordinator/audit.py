@@ -42,10 +42,11 @@ class RefusedTokens:
             self._counts[client] += 1
         self.flush()
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Say the refusals counted since the last line, if a minute has passed (or `final`: the server stops)."""
         with self._lock:
             now = time.monotonic()
-            if not self._counts or now - self._said_at < REFUSALS_SAID_EVERY_SECONDS:
+            if not self._counts or (now - self._said_at < REFUSALS_SAID_EVERY_SECONDS and not final):
                 return
             counts, self._counts, self._said_at = self._counts, Counter(), now
         log.warning("%d request(s) refused for their token (missing, unknown or revoked) since the last such line: "

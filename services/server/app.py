@@ -117,6 +117,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
+            refused.flush(final=True)  # counts not yet said would be lost with the process
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

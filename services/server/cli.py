@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import sys
 import tempfile
@@ -23,13 +24,14 @@ from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email, Name, TokenDescription
 from services.file_locks import lock_file
-from services.sqlite_files import DatabaseUnusable
-from services.tables import print_table
 from services.server.config import (
     DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
 )
 from services.server.error_handlers import problem_of
 from services.server.errors import ApiError
+from services.server.storage_trouble import is_storage_refusal
+from services.sqlite_files import DatabaseUnusable
+from services.tables import print_table
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -273,6 +275,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     created = not data_dir.exists()
     new_database = only != "broker" and _no_database(ServerConfig(data_dir=data_dir).coordinator_db_path)
     check_data_dir(data_dir)  # before binding: no "listening" line for a server that cannot start
+    # Before binding: the same command started twice is told of the other server, not of its port.
+    held = lock_data_dir(data_dir, only)  # held until the process ends
     # Bind and listen ourselves so `--port 0` can report the real port before uvicorn starts serving;
     # connections made in between wait in the backlog. Before the app makes its database: a port or host
     # mistake leaves no data dir behind.
@@ -280,11 +284,12 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     try:
         sock = listening_socket(host, port)
     except OSError as exc:
-        if created:
-            with contextlib.suppress(OSError):
-                data_dir.rmdir()  # ours, and still empty
+        with contextlib.suppress(OSError):
+            for part in ("coordinator", "broker"):  # ours to remove: we hold them
+                (data_dir / f"{part}.lock").unlink(missing_ok=True)
+            if created:
+                data_dir.rmdir()  # ours, and nothing else in it
         raise _listen_error(host, port, exc) from None
-    held = lock_data_dir(data_dir, only)  # held until the process ends
     if new_database:
         click.echo(f"cape-server: no database in {data_dir} yet: a new, empty one is made (no organizations; "
                    "`cape-server admin create-org` makes the first). If you meant an existing server's, stop and "
@@ -294,6 +299,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if log_level != "debug":  # a broker alone asks its coordinator about callers: one line per request otherwise
         for library in ("httpx", "httpcore"):
             logging.getLogger(library).setLevel(logging.WARNING)
+    logging.getLogger("cape.audit").setLevel(logging.INFO)  # "who did this?" is kept at any --log-level
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
                           min_free_bytes=min_free_bytes, message_ttl=message_ttl,
@@ -395,6 +401,11 @@ def _run(data_dir: Path, action: Any, *, create: bool = False) -> Any:
             result = action(conn)
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
+    except sqlite3.OperationalError as exc:
+        if not is_storage_refusal(exc):
+            raise
+        raise click.ClickException(f"{database} cannot be written ({exc}): its disk is full or read-only; nothing "
+                                   "was changed. Free space or make it writable, then run the command again") from None
     finally:
         db.close()
     if new:
@@ -519,8 +530,6 @@ def backup(destination: Path, data_dir: Path) -> None:
     itself would miss what is still in its write-ahead log. To restore: stop the server, put the copy in place as
     <data-dir>/coordinator.sqlite3 (and remove coordinator.sqlite3-wal and -shm beside it), start it. Queued
     broker messages are not in it: they live only until their job ends."""
-    import sqlite3
-
     source = ServerConfig(data_dir=data_dir).coordinator_db_path
     if _no_database(source):
         raise click.ClickException(f"no cape-server database in {data_dir}: is --data-dir (or CAPE_SERVER_DATA_DIR) "

@@ -148,9 +148,9 @@ def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]
             "approved_at": spec.get("approved_at"),
             "ended_at": _modified_at(spool.job_dir(job_id) / "ended.json") if ended else None,
         }
-        # Finished: nothing of it left to do here (what `prune_finished` waits for before it may drop the record).
-        job["active"] = not (ended and done) or bool(job["unsent_messages"] or job["pending_reports"]
-                                                      or job_id in results)
+        # In progress: the coordinator has not ended it, or something of it still waits here (a message to send,
+        # a report, a result to upload). One it ended is no longer, even before the runner closes it.
+        job["active"] = not ended or bool(job["unsent_messages"] or job["pending_reports"] or job_id in results)
         jobs.append(job)
     # What is in progress (or stuck) first, oldest approval first; then the finished, most recent first.
     active = sorted((j for j in jobs if j["active"]), key=lambda j: j["approved_at"] or "")

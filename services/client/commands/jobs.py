@@ -75,14 +75,17 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
               type=click.Choice(["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]),
               help="Only jobs with this status (repeat for several).")
-@click.option("--limit", type=click.IntRange(min=0), default=LIST_LIMIT, show_default=True,
-              help="Only the most recent this many (0: every job).")
+@click.option("--limit", type=click.IntRange(min=0, max=10_000), default=LIST_LIMIT, show_default=True,
+              help="Only the most recent this many, up to 10000 (0: every job).")
 @json_option
 @pass_cli
 def list_jobs(cli: CliContext, project: str, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
     """List the jobs of PROJECT, oldest first."""
-    found = cli.cape().get_project(project).list_jobs(status=list(statuses) or None, limit=limit or None)
-    if limit and len(found) == limit:  # on stderr: said to scripts reading --json too, without touching stdout
+    # One more than shown: the note below is true only if some job was left out.
+    found = cli.cape().get_project(project).list_jobs(status=list(statuses) or None,
+                                                       limit=limit + 1 if limit else None)
+    if limit and len(found) > limit:  # on stderr: said to scripts reading --json too, without touching stdout
+        found = found[1:]
         click.echo(f"(the {limit} most recent; --limit 0 lists every job)", err=True)
     if as_json:
         print_json([j.data for j in found])
