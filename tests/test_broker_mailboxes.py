@@ -321,6 +321,11 @@ def test_the_broker_keeps_its_disk_reserve(start_cape_server):
         "message": "the broker's disk is nearly full; try again later (its operator frees space or lowers "
                    "--min-free-bytes)"}
     assert "refused a message of 1 bytes" in server.log_path.read_text()
+    # A monitor sees it before any worker is refused.
+    health = requests.get(f"{server.url}/healthz", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert health.json()["problem"].endswith(f"below the {2**62} the server needs; the broker refuses new messages "
+                                             "(--min-free-bytes)")
 
 
 def test_a_chunked_body_is_checked_against_the_disk_reserve_as_it_grows(start_cape_server, tmp_path):
@@ -459,3 +464,22 @@ def test_mailbox_events_last_only_while_a_poll_waits():
 
     while_waiting, after, woken = asyncio.run(scenario())
     assert (while_waiting, after, woken) == (2, 0, True)
+
+
+def test_a_broker_alone_says_its_coordinator_reports_a_problem(start_cape_server, tmp_path):
+    """A degraded coordinator answers: the broker starts and works with it, and its operator is told why."""
+    import subprocess
+
+    from tests.support.server import cape_server_command
+
+    troubled = start_cape_server(extra_args=["--min-free-bytes", str(2**62)], name="troubled")
+    broker = subprocess.Popen([*cape_server_command(), "serve", "--port", "0", "--data-dir", str(tmp_path / "b"),
+                               "--only", "broker", "--coordinator-url", troubled.url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert broker.stdout.readline().startswith("cape-server listening on ")
+    finally:
+        broker.terminate()
+        _, err = broker.communicate(timeout=15)
+    assert f"cape-server: warning: the coordinator at {troubled.url} reports a problem: the data dir's disk has" in err
+    assert "does not answer now" not in err

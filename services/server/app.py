@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,6 +33,7 @@ from services.server.errors import NotFound
 from services.server.storage_trouble import StorageTrouble
 
 log = logging.getLogger("cape.server")
+HEALTHY_FREE_BYTES = 16 << 20  # SQLite's WAL and an index page or two: below it, writes are about to fail
 
 
 def _version() -> str:
@@ -146,15 +149,31 @@ def create_app(config: ServerConfig) -> FastAPI:
     _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
 
+    # Below this much free space the server cannot work on: the broker's reserve, and room for SQLite to grow.
+    least_free = max(config.min_free_bytes if store is not None else 0, HEALTHY_FREE_BYTES)
+
     @app.get("/healthz", tags=["server"], response_model=Health, responses={503: {"model": Health}})
-    async def healthz() -> Any:  # no I/O: served on the event loop, no thread hand-off
-        problem = app.state.storage_trouble.problem()
+    async def healthz() -> Any:  # no thread hand-off: a statvfs is all the I/O
+        problem = app.state.storage_trouble.problem() or _low_space(config.data_dir, least_free, store is not None)
         if problem is None:
             return {"status": "ok", "parts": parts, "version": server_version}
         return JSONResponse({"status": "degraded", "parts": parts, "version": server_version, "problem": problem},
                             status_code=503)  # a monitor watching the status code sees it
 
     return app
+
+
+def _low_space(data_dir: Path, least_free: int, runs_broker: bool) -> str | None:
+    """A sentence when the data dir's disk has less than `least_free` bytes free (a full disk that no request wrote
+    to yet), else None."""
+    try:
+        free = shutil.disk_usage(data_dir).free
+    except OSError as exc:
+        return f"the data dir cannot be examined ({exc.strerror or exc})"
+    if free >= least_free:
+        return None
+    refusing = "; the broker refuses new messages (--min-free-bytes)" if runs_broker else ""
+    return f"the data dir's disk has {free} bytes free, below the {least_free} the server needs{refusing}"
 
 
 def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_broker: bool) -> None:

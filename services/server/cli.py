@@ -162,6 +162,15 @@ def check_tls_files(cert: Path | None, key: Path | None) -> None:
         click.echo(f"cape-server: warning: --tls-key {key} is open to other users; chmod 600 {key}", err=True)
 
 
+def _degraded_problem(response: Any) -> str | None:
+    """The `problem` of a cape-server /healthz that answered 503 `degraded` (up, with trouble), else None."""
+    try:
+        body = response.json() if response.status_code == 503 else None
+    except ValueError:
+        return None
+    return str(body.get("problem")) if isinstance(body, dict) and body.get("status") == "degraded" else None
+
+
 def check_coordinator_url(url: str) -> None:
     """A broker running alone asks `url` about every caller: its CA settings must load (httpx would fail at start
     with a traceback), and the operator should hear now, not from other organizations' workers, when the
@@ -176,7 +185,12 @@ def check_coordinator_url(url: str) -> None:
         click.echo(f"cape-server: warning: --coordinator-url {url} is plain http:// to another machine: the broker "
                    "sends every worker's token there unencrypted; use its https:// URL", err=True)
     try:
-        httpx.get(f"{url.rstrip('/')}/healthz", timeout=5).raise_for_status()
+        health = httpx.get(f"{url.rstrip('/')}/healthz", timeout=5)
+        degraded = _degraded_problem(health)
+        if degraded:  # it answers: the broker works with it, but its operator should know
+            click.echo(f"cape-server: warning: the coordinator at {url} reports a problem: {degraded}", err=True)
+            return
+        health.raise_for_status()
     except httpx.HTTPError as exc:
         reason = (f"it answered {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError)
                   else connection_problem(exc, url, "SSL_CERT_FILE"))

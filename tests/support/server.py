@@ -88,7 +88,7 @@ class CapeServer:
             raise RuntimeError(f"cape-server did not start within {START_TIMEOUT} s; see {self.log_path}")
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/healthz", timeout=2).status_code in (200, 503):  # up (503: degraded)
                     return
             except requests.ConnectionError:
                 pass
