@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,7 @@ def release_freed_memory() -> bool:
     arrow = sys.modules.get("pyarrow")  # only if the program read a dataview with it
     if arrow is not None:
         arrow.default_memory_pool().release_unused()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        trim = None
+    trim = _glibc_function("malloc_trim")
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
@@ -42,15 +39,21 @@ def release_freed_memory() -> bool:
     return True
 
 
+def _glibc_function(name: str) -> Any:
+    """glibc's function `name`, or None where the C library has none (musl has neither mallopt nor malloc_trim)."""
+    library = ctypes.util.find_library("c")
+    if not library:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc thresholds (once per process, before the work starts); False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:  # not glibc: nothing to tune
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

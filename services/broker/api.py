@@ -74,6 +74,23 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         return Unavailable("the broker could not store the message (its disk refused); try again later",
                            code="storage_failed")
 
+    async def waiting_in(seats: dict[str, str], wait: float) -> dict[str, list[dict[str, Any]]]:
+        """The messages waiting in each job's mailbox of `seats` (job -> seat), long-polling up to `wait` seconds
+        until one of them has any."""
+        deadline = time.monotonic() + wait
+        while True:
+            with signals.watching(list(seats.items())) as events:  # before looking: an arrival meanwhile sets one
+                waiting = {job_id: [m.view() for m in store.waiting(job_id, seat)] for job_id, seat in seats.items()}
+                remaining = deadline - time.monotonic()
+                if not seats or any(waiting.values()) or remaining <= 0 or signals.closing:
+                    return waiting
+                waits = [asyncio.ensure_future(event.wait()) for event in events]
+                try:
+                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for pending in waits:
+                        pending.cancel()
+
     async def caller(request: Request, job: str = JobId,
                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JobAccess:
         return await access(request, credentials.credentials if credentials else None, job)
@@ -159,17 +176,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
     @router.get("/jobs/{job}/messages", response_model=list[WaitingMessage])
     async def list_messages(job: str = JobId, wait: float = Query(0, ge=0, le=60),
                             seat: str = Depends(caller_seat)) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + wait
-        while True:
-            with signals.watching([(job, seat)]) as [event]:
-                waiting = store.waiting(job, seat)
-                remaining = deadline - time.monotonic()
-                if waiting or remaining <= 0 or signals.closing:
-                    return [m.view() for m in waiting]
-                try:
-                    await asyncio.wait_for(event.wait(), timeout=remaining)
-                except TimeoutError:
-                    pass
+        return (await waiting_in({job: seat}, wait))[job]
 
     @router.get("/messages", response_model=JobsWaiting)
     async def list_jobs_messages(request: Request, job: list[str] = Query(min_length=1, max_length=MAX_JOBS_PER_LIST),
@@ -190,19 +197,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                 if isinstance(exc, Unauthorized) or exc.status >= 500:
                     raise  # the token, or the coordinator a broker alone asks: every job would say the same
                 refused[job_id] = exc.body()["error"]  # this job only: unknown, or not this organization's
-        deadline = time.monotonic() + wait
-        while True:
-            with signals.watching(list(seats.items())) as events:
-                waiting = {job_id: [m.view() for m in store.waiting(job_id, seat)] for job_id, seat in seats.items()}
-                remaining = deadline - time.monotonic()
-                if not seats or any(waiting.values()) or remaining <= 0 or signals.closing:
-                    return {"jobs": waiting, "refused": refused}
-                waits = [asyncio.ensure_future(event.wait()) for event in events]
-                try:
-                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for pending in waits:
-                        pending.cancel()
+        return {"jobs": await waiting_in(seats, wait), "refused": refused}
 
     @router.get("/jobs/{job}/messages/{name}", response_class=StreamingResponse,
                 responses={200: {"description": "the sealed message's bytes, as put",

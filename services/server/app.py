@@ -154,7 +154,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/healthz", tags=["server"], response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> Any:  # no thread hand-off: a statvfs is all the I/O
-        problem = app.state.storage_trouble.problem() or _low_space(config.data_dir, least_free, store is not None)
+        problem = storage.problem() or _low_space(config.data_dir, least_free, store is not None)
         if problem is None:
             return {"status": "ok", "parts": parts, "version": server_version}
         return JSONResponse({"status": "degraded", "parts": parts, "version": server_version, "problem": problem},

@@ -92,7 +92,6 @@ def install_error_handlers(app: FastAPI, storage: StorageTrouble | None = None) 
                             headers=getattr(exc, "headers", None))
 
     storage = storage or StorageTrouble()
-    app.state.storage_trouble = storage
 
     def unexpected(method: str, path: str, exc: Exception) -> JSONResponse:
         if is_storage_refusal(exc):  # a full disk is no bug: one line a minute, and 507 in words

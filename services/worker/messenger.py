@@ -189,6 +189,8 @@ class Messenger:
             spec = self._specs[job_id]
             if spec is not None:
                 jobs.append(spec)
+        if len(jobs) < 2:  # the usual case, once per received batch: no order to find
+            return jobs
         # As the runner takes them: its claimed jobs first, then by approval. A multi-job listing covers the first
         # MAX_JOBS_PER_LIST; a job's spec is rewritten when it starts, so spool order would put a running job last.
         claimed = set(self.spool.claimed_jobs())
