@@ -514,3 +514,19 @@ def test_a_database_on_a_disk_that_refuses_writes_is_said_as_such(tmp_path):
     assert error_line(result).startswith(f"Error: {data_dir / 'coordinator.sqlite3'} cannot be written (")
     assert error_line(result).endswith("): its disk is full or read-only; free space or make it writable, then "
                                        "try again")
+
+
+def test_a_bind_error_leaves_the_lock_of_a_part_another_server_serves(start_cape_server):
+    """A broker alone that cannot bind removes its own lock file only, not the one a coordinator alone holds in the
+    same data dir (a third server would then have started beside that coordinator)."""
+    coordinator = start_cape_server(extra_args=["--only", "coordinator"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = run_cli("serve", "--port", str(taken.getsockname()[1]), "--data-dir", str(coordinator.data_dir),
+                         "--only", "broker", "--coordinator-url", coordinator.url)
+    assert result.returncode == 1 and "cannot listen on" in result.stderr
+    assert (coordinator.data_dir / "coordinator.lock").exists()
+    assert not (coordinator.data_dir / "broker.lock").exists()
+    second = run_cli("serve", "--port", "0", "--data-dir", str(coordinator.data_dir), "--only", "coordinator")
+    assert error_line(second).startswith(f"Error: another cape-server (pid {coordinator.pid}) serves the coordinator")

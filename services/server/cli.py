@@ -299,8 +299,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
         sock = listening_socket(host, port)
     except OSError as exc:
         with contextlib.suppress(OSError):
-            for part in ("coordinator", "broker"):  # ours to remove: we hold them
-                (data_dir / f"{part}.lock").unlink(missing_ok=True)
+            for path in held.values():  # ours to remove: we hold them (another part's server may hold the other)
+                path.unlink(missing_ok=True)
             if created:
                 data_dir.rmdir()  # ours, and nothing else in it
         raise _listen_error(host, port, exc) from None
@@ -333,12 +333,12 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
         os.close(fd)
 
 
-def lock_data_dir(data_dir: Path, only: str | None) -> list[int]:
+def lock_data_dir(data_dir: Path, only: str | None) -> dict[int, Path]:
     """Hold `<part>.lock` in the data dir for each part served, or exit naming the server that holds one.
 
     Two servers on one part's data would each sweep the other's unfinished uploads at start and never wake each
     other's long polls; a coordinator and a broker running alone may share a data dir (their files differ)."""
-    held = []
+    held: dict[int, Path] = {}  # descriptor -> its lock file
     for part in ("coordinator", "broker"):
         if only not in (None, part):
             continue
@@ -353,7 +353,7 @@ def lock_data_dir(data_dir: Path, only: str | None) -> list[int]:
                                        "data dir lose each other's messages in transit)")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        held.append(fd)
+        held[fd] = path
     return held
 
 
