@@ -102,3 +102,59 @@ def test_malformed_coordinator_url_is_one_line(cape_cli, url: str) -> None:
     assert one_error_line(result.stderr) == (
         f"error: the coordinator URL {url!r} is not valid; give it as http(s)://HOST[:PORT]"
     )
+
+
+def test_a_token_given_as_the_coordinator_url_is_never_shown(cape_cli) -> None:
+    """CAPE_COORDINATOR and CAPE_TOKEN swapped (they sit side by side in a .env): the error said the whole token."""
+    token = "0123456789abcdef0123456789abcdef,XNKf0QmHBqVhW0N2VTB51ztGpByecVacVja6D2RcpmU="
+    swapped = {"CAPE_COORDINATOR": token, "CAPE_TOKEN": "http://127.0.0.1:9"}
+    for result in (cape_cli("login", "--coordinator", token, "--token", "http://127.0.0.1:9"),
+                   cape_cli("projects", "list", env=swapped)):
+        assert result.exit_code == 1
+        assert one_error_line(result.stderr) == (
+            "error: the coordinator URL looks like a token (<id>,<secret>), so it is not shown: were --coordinator "
+            "and --token (or CAPE_COORDINATOR and CAPE_TOKEN) swapped? Give the URL as http(s)://HOST[:PORT]")
+        assert "XNKf0Qm" not in result.stdout + result.stderr
+
+
+def test_login_that_cannot_save_its_file_is_one_line(shared_cape_server, cape_cli, two_orgs, cape_home,
+                                                     monkeypatch) -> None:
+    """XDG_CONFIG_HOME a file, not a directory: a NotADirectoryError traceback before."""
+    not_a_dir = cape_home.parent.parent.parent / "not-a-dir"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(not_a_dir))
+    result = cape_cli("login", "--coordinator", shared_cape_server.url, "--token", two_orgs["alpha"]["user_token"])
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == (
+        f"error: cannot save the login in {not_a_dir}/cape/config.json: Not a directory; set XDG_CONFIG_HOME to a "
+        "directory you can write, or give CAPE_COORDINATOR and CAPE_TOKEN to each command instead")
+
+
+def test_a_url_of_another_service_or_with_a_password_is_said_so(cape_cli) -> None:
+    """Another HTTP service at the URL answered "Unsupported method ('POST') (HTTP 501)"; with user:pw@ in the URL,
+    requests sent Basic auth in place of the token."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # its lines would land in the CLI's captured stderr
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = cape_cli("login", "--coordinator", url, "--token", "tid,c2VjcmV0")
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == (
+        f"error: Unsupported method ('POST'); the server at {url} did not answer as a Cape coordinator does: is the "
+        "URL the coordinator's base URL? (HTTP 501)")
+    with_password = cape_cli("login", "--coordinator", "http://me:hunter2@127.0.0.1:9", "--token", "tid,c2VjcmV0")
+    assert with_password.exit_code == 1
+    assert one_error_line(with_password.stderr) == (
+        "error: the coordinator URL holds a user name or password (user:password@); the token is the credential: "
+        "give http(s)://HOST[:PORT]")

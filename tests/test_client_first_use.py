@@ -88,7 +88,8 @@ def test_a_user_of_several_organizations_names_one_with_org(shared_cape_server, 
     email = orgs["acme"]["user"]["email"]
     shared_cape_server.create_user(globex, email, "data_scientist")
     env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
-    several = "error: --org: you belong to several organizations; name the one you act for (HTTP 422)"
+    several = (f"error: --org: you belong to several organizations; name the one you act for: "
+               f"{' or '.join(sorted([acme, globex]))} (HTTP 422)")
     project = unique_label("multi")
 
     unnamed = cape_cli("projects", "create", project, env=env)
@@ -114,6 +115,20 @@ def test_a_user_of_several_organizations_names_one_with_org(shared_cape_server, 
     task = VerticallyPartitionedLinearRegression(sdk.get_dataview("x"), sdk.get_dataview("y"), acme)
     assert sdk.submit_job(task, organization=acme).status == "NeedsApproval"
     assert len(sdk.list_jobs()) == 2
+
+
+def test_a_user_who_may_act_for_only_one_of_their_organizations_needs_no_org(shared_cape_server, cape_cli, orgs,
+                                                                           unique_label) -> None:
+    """A data scientist of one organization and a plain user of another creates projects for the first, unasked."""
+    acme, globex = (orgs[n]["organization"]["label"] for n in ("acme", "globex"))
+    email = f"{unique_label('two-hats')}@example.com"
+    token = shared_cape_server.create_user(acme, email, "data_scientist")["token"]
+    shared_cape_server.create_user(globex, email, "user")
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": token}
+    project = unique_label("one-able")
+    created = cape_cli("projects", "create", project, "--json", env=env)
+    assert created.exit_code == 0, created.stderr
+    assert json.loads(created.stdout)["owner"]["label"] == acme
 
 
 def test_dataviews_show_and_delete_take_an_id_or_project_and_name(shared_cape_server, cape_cli, orgs,

@@ -171,19 +171,20 @@ def test_results_show_metrics_and_location_when_the_weights_file_is_elsewhere(ca
         assert worker[label].post(report, json={"state": "started"}).status_code == 204
     location = f"file:///elsewhere/models/{job_id}/regression_weights.csv"
     assert worker["yorg"].post(report, json={"state": "completed", "model_location": location,
-                                             "metrics": {"mse_result": 0.25, "r_squared_result": 0.9}}
+                                             "metrics": {"mse_result": 0.25, "r_squared_result": 0.9999996}}
                                ).status_code == 204
     env = env_of(cape_server, world["orgs"]["yorg"]["user_token"])
     result = cape_cli("jobs", "results", job_id, env=env)
     assert result.exit_code == 1
     assert "mse_result" in result.stdout and "0.25" in result.stdout and location in result.stdout
+    assert "r_squared_result: 0.9999996\n" in result.stdout  # in full: six digits showed it as 1
     assert one_error_line(result.stderr) == (
         f"error: the weights were not read: no weights file at {location}; is this the machine (or volume) the "
         "model owner's worker writes to?")
     as_json = cape_cli("jobs", "results", job_id, "--json", env=env)
     assert as_json.exit_code == 1
     shown = json.loads(as_json.stdout)
-    assert shown["weights"] is None and shown["metrics"] == {"mse_result": 0.25, "r_squared_result": 0.9}
+    assert shown["weights"] is None and shown["metrics"] == {"mse_result": 0.25, "r_squared_result": 0.9999996}
     assert shown["model_location"] == location and shown["weights_error"].startswith("no weights file at")
 
 
@@ -191,6 +192,11 @@ def test_approving_twice_says_nothing_changed_and_status_shows_what_an_approver_
     world = build_job_world(cape_server, approve=False)
     job_id = world["job"]["id"]
     env = env_of(cape_server, world["orgs"]["xorg"]["user_token"])
+    second = world["user"]["yorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg"}).json()["id"]
+    assert ("model location: not given: the model owner's worker writes to its CAPE_BUCKET\n"
+            in cape_cli("jobs", "status", second, env=env).stdout)  # "-" read as "no model"
     first = cape_cli("jobs", "approve", job_id, env=env)
     assert first.stdout.startswith(f"Approved job {job_id}; it is now NeedsApproval (waiting for yorg)")
     again = cape_cli("jobs", "approve", job_id, env=env)
@@ -227,3 +233,45 @@ def test_sdk_arguments_of_the_wrong_type_are_named(shared_cape_server, acme) -> 
                                "schema": [{"name": "a", "type": "number"}, {"name": "b", "type": "number"}]})
         VerticallyPartitionedLinearRegression(x_train_dataview=y, y_train_dataview=wide,
                                               model_owner="acme").to_request()
+
+
+def test_sdk_calls_with_arguments_of_the_wrong_type_raise_bad_argument(shared_cape_server, acme,
+                                                                       unique_label) -> None:
+    """Each was a plain AttributeError or TypeError, which `except CapeError` in a user's script does not catch."""
+    cape = Cape(endpoint=shared_cape_server.url, token=acme["user_token"])
+    project = cape.create_project(unique_label("types"))
+    view = DataView(None, {"id": "d", "name": "target", "schema": [{"name": "t", "type": "number"}]})  # type: ignore
+    with pytest.raises(BadArgument, match="^token must be a string, not int$"):
+        Cape(endpoint=shared_cape_server.url, token=123)  # type: ignore[arg-type]
+    with pytest.raises(BadArgument, match="submit_job takes a VerticallyPartitionedLinearRegression"):
+        project.submit_job({"x": 1})  # type: ignore[arg-type]
+    with pytest.raises(BadArgument, match=r"select columns of dataview 'target' by name: .* not int 5"):
+        view[5]  # type: ignore[index]
+    with pytest.raises(BadArgument, match="status must be a job status"):
+        project.list_jobs(status=5)  # type: ignore[arg-type]
+    with pytest.raises(BadArgument, match="timeout and interval must be positive numbers of seconds"):
+        cape.get_job  # the job itself is not needed: wait's check comes first
+        from services.client.models import Job
+        Job(None, {"id": "j", "status": "Started"}).wait(timeout="10")  # type: ignore[arg-type]
+
+
+def test_cli_submit_says_what_to_type_and_refuses_empty_column_names(shared_cape_server, acme, cape_cli,
+                                                                     unique_label) -> None:
+    env, project = env_of(shared_cape_server, acme["user_token"]), unique_label("cli")
+    assert cape_cli("projects", "create", project, env=env).exit_code == 0
+    for name, schema in (("wide", "a,b"), ("target", "t")):
+        assert cape_cli("dataviews", "add", project, name, f"s3://b/{name}.csv", "--schema", schema,
+                        env=env).exit_code == 0
+    submit = ("jobs", "submit", project, "linear-regression", "--model-owner", acme["organization"]["label"])
+    y_wide = cape_cli(*submit, "--x", "wide", "--y", "wide", env=env)
+    assert one_error_line(y_wide.stderr) == "error: --y takes one column: dataview 'wide' has a, b; give --y wide:COLUMN"
+    for x in ("wide:a,,b", "wide:"):
+        empty = cape_cli(*submit, "--x", x, "--y", "target", env=env)
+        assert one_error_line(empty.stderr) == (
+            f"error: --x '{x}' has an empty column name; give DATAVIEW:COL1,COL2 (or DATAVIEW alone for its schema's "
+            "columns)")
+    schema = cape_cli("dataviews", "add", project, "gap", "s3://b/g.csv", "--schema", "a:number,,b", env=env)
+    assert one_error_line(schema.stderr) == (
+        "error: the schema 'a:number,,b' has an empty entry (two commas in a row); give it as name:type,... "
+        "(types: number, integer, string)")
+    assert [r.exit_code for r in (y_wide, schema)] == [1, 1]

@@ -161,9 +161,20 @@ def test_linear_regression_request_body() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"model_owner": None}, "name the model owner"),
-    ({"model_owner": "o", "model_location": "http://x"}, "model_location must be s3://"),
+    ({"model_owner": "o", "model_location": "http://x"},
+     r"^model_location 'http://x': give s3://BUCKET\[/PREFIX\] or file:///ABSOLUTE/PATH$"),
+    ({"model_owner": "o", "model_location": "s3://"}, "model_location 's3://': s3:// needs a bucket"),
+    ({"model_owner": "o", "model_location": "file://relative/dir"}, "file:// needs an absolute path"),
+    ({"model_owner": "o", "model_location": "s3://b/my models"}, "without spaces"),
     ({"model_owner": "o", "timeout": 0}, "timeout must be a positive"),
+    ({"model_owner": "o", "timeout": float("nan")}, "timeout must be a positive"),
 ])
 def test_linear_regression_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(BadArgument, match=message):
         VerticallyPartitionedLinearRegression(_view("x", ["a"]), _view("y", ["t"]), **kwargs)
+
+
+def test_a_timeout_below_a_second_is_rounded_up_not_down_to_zero() -> None:
+    """0.5 became int(0.5) = 0, which the coordinator refuses (submit_job(timeout=0.5) already rounded up)."""
+    task = VerticallyPartitionedLinearRegression(_view("x", ["a"]), _view("y", ["t"]), "o", timeout=0.5)
+    assert task.to_request()["timeout"] == 1

@@ -75,8 +75,13 @@ def test_malformed_bodies_name_the_field(world):
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "timeout": 0}), 422).startswith("field 'timeout':")
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "type": "logistic"}), 422).startswith(
         "field 'type':")
-    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "http://x"}), 422).startswith(
-        "field 'model_location':")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "http://x"}), 422) == (
+        "field 'model_location': give s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "s3://"}), 422) == (
+        "field 'model_location': s3:// needs a bucket: give s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH")
+    assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "file://models"}), 422) == (
+        "field 'model_location': file:// needs an absolute path (three slashes, file:///dir): give "
+        "s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH")
     worker = world["worker"]["xorg"]
     assert error(worker.put("/v1/worker/keys", json={"encryption_public_key": "not base64!",
                                                      "signing_public_key": "AAAA"}), 422).startswith(

@@ -135,6 +135,21 @@ def test_start_timeout_ends_job_naming_missing_seats(cape_server):
     assert refused.status_code == 409 and refused.json()["error"]["status"] == "Error"
 
 
+def test_start_timeout_names_only_the_seat_without_a_worker_when_one_never_registered(cape_server):
+    """The job goes to no worker until all three registered keys: the ready ones were not 'missing'."""
+    world = build_job_world(cape_server, timeout=1, register_keys=False)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    for label in ("xorg", "yorg"):
+        worker[label].put("/v1/worker/keys", json=worker_public_keys())
+    time.sleep(1.2)
+    job = user["xorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "Error"
+    assert job["error"] == (
+        "not all parties started within 1 s of approval: no worker of helper (helper) has registered its keys, and "
+        "the job goes to the workers only once all three have; start that organization's worker (cape-worker run), "
+        "then submit the job again")
+
+
 def test_start_timeout_is_applied_by_the_background_sweep(start_cape_server):
     server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2"])
     world = build_job_world(server, timeout=1)

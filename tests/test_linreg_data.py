@@ -145,6 +145,9 @@ def test_non_numeric_names_file_column_and_first_bad_row(tmp_path: Path, one_way
     ("text", "error", "message"),
     [
         (b"a,b\n1,2\n3,\n", NonNumericError, "x.csv: column 'b' row 2: the value is empty"),
+        # An empty line is a row (pyarrow skipped it, shifting every later row against the other owner's file).
+        (b"a,b\n1,2\n\n3,4\n", NonNumericError, "x.csv: column 'a' row 2: the value is empty"),
+        (b"a,b\n1,2\n3,4\n\n", NonNumericError, "x.csv: column 'a' row 3: the value is empty"),
         (b"a,b\n1,2\n3,nan\n", NonFiniteError,
          "x.csv: column 'b' row 2: the value is NaN (not a number); every value must be a finite number"),
         (b"a,b\n1,2\n-inf,4\n5,inf\n", NonFiniteError,
@@ -167,6 +170,35 @@ def test_bad_csv_messages(tmp_path: Path, text: bytes, error: type, message: str
         load_x(path, columns, name="x.csv")
     assert str(caught.value) == message
     assert isinstance(caught.value, JobDataError)
+
+
+def test_an_empty_line_in_a_one_column_file_is_a_missing_value_not_a_skipped_row(tmp_path: Path) -> None:
+    """pandas writes a one-column frame's NaN as an empty line; both the fast and the streaming reader see it."""
+    path = tmp_path / "y.csv"
+    path.write_bytes(b"y\n2\n4\n\n8\n")
+    with pytest.raises(NonNumericError, match=r"^y.csv: column 'y' row 3: the value is empty$"):
+        load_y(path, "y", name="y.csv")
+    path.write_bytes(b"y\n2\nabc\n\n8\n")  # a bad value first: the streaming pass counts the empty line too
+    with pytest.raises(NonNumericError, match=r"^y.csv: column 'y' row 2: the value is not a number$"):
+        load_y(path, "y", name="y.csv")
+    path.write_bytes(b"y\n2\n\nabc\n")
+    with pytest.raises(NonNumericError, match=r"^y.csv: column 'y' row 2: the value is empty$"):
+        load_y(path, "y", name="y.csv")
+
+
+def test_a_file_that_is_not_utf8_text_says_so_without_a_traceback(tmp_path: Path, capfd) -> None:
+    """pyarrow decodes an invalid row before calling the row handler: its UnicodeDecodeError was printed as an
+    "Exception ignored" traceback (in a worker's log too), then a message about column counts."""
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"a\n" + bytes(range(256)) * 4)
+    with pytest.raises(UnreadableDataError, match=r"^x.csv: not UTF-8 text; save the CSV file as UTF-8 \(or give a "
+                                                  r"Parquet file\)$"):
+        load_x(path, ["a"], name="x.csv")
+    path.write_bytes(b"a,b\n1,caf\xe9\n2,x\n")  # the right number of fields, one not UTF-8
+    with pytest.raises(UnreadableDataError, match=r"^x.csv: not UTF-8 text"):
+        load_x(path, ["a", "b"], name="x.csv")
+    assert "Traceback" not in capfd.readouterr().err
+    np.testing.assert_array_equal(load_x(path, ["a"], name="x.csv"), [[1.0], [2.0]])  # an unused column may be
 
 
 def test_bad_parquet_values(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ def test_vector_sent_ahead_gives_the_same_shares_and_messages() -> None:
         def step(party: Party):
             if party.index == 1 and ahead:
                 send_masked_vector(party, "p", matrix_owner=0, vector_owner=1, n=n, vector=y)
-                party.receive(0, "hello")  # only now does the vector owner wait for the matrix owner
+                party.receive(0, "hello", (1,))  # only now does the vector owner wait for the matrix owner
             if party.index == 0:
                 party.send(1, "hello", np.zeros(1, dtype=np.uint64))
             blocks = [b[s:s + block_rows] for s in range(0, n, block_rows)] if party.index == 0 else None
@@ -247,6 +247,19 @@ def test_private_product_rejects_blocks_that_do_not_fit() -> None:
     network = InMemoryNetwork(timeout=0.5)
     with pytest.raises(ProtocolError, match="block 0 has shape"):
         run_three(step, network=network)
+
+
+def test_a_share_of_another_shape_is_refused_not_broadcast() -> None:
+    """A peer sending (N, 1) where a (d,) share is expected would make the opened value N x d; it is refused."""
+    def step(party: Party):
+        if party.index == 0:  # a faulty party 0: its masked share under the right name, in the wrong shape
+            party.claim("open")
+            party.send(1, "open/0", ring_values((1000, 1)))
+            return None
+        return reveal_additive(party, "open", ring_values((8,)), 1)
+
+    with pytest.raises(ProtocolError, match=r"party 0 sent 'open/0' as uint64 \(1000, 1\), expected uint64 \(8,\)"):
+        run_three(step, network=InMemoryNetwork(timeout=2.0))
 
 
 def test_additive_opening_gives_the_sum_to_the_target_only() -> None:

@@ -138,7 +138,7 @@ class _ReplayTransport:
     def send(self, to: int, name: str, array: np.ndarray) -> None:
         assert np.array_equal(self.outgoing.pop((to, name)), array)
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
+    def receive(self, frm: int, name: str, expected: object = None) -> np.ndarray:
         return self.incoming.pop((frm, name))
 
 

@@ -173,6 +173,11 @@ def test_check_with_a_user_token_fails_both_coordinator_and_broker(cape_server, 
                                "token (`cape orgs create-token ORG`, as an admin of ORG)"), out
 
 
+BAD_TOKEN = ("the token is not valid; check it (it looks like <id>,<secret>). A person's new token comes from `cape "
+             "tokens create` with a token that works, or from the server's operator (`cape-server admin "
+             "create-user-token EMAIL`); a worker's from its organization's admin")
+
+
 def test_check_tells_a_revoked_or_unknown_token_from_a_user_token_at_the_broker(cape_server, tmp_path):
     """As at the coordinator: the broker's 401 (unknown, revoked) says why and to make a new organization token."""
     org = cape_server.create_org("revoked-at-broker")
@@ -181,8 +186,7 @@ def test_check_tells_a_revoked_or_unknown_token_from_a_user_token_at_the_broker(
     new_token = "; create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
     for token, why in ((org["organization_token"], "the token was revoked; ask your organization's admin for a new "
                                                    "one"),
-                       ("unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==", "the token is not valid; check it or ask "
-                                                                         "your organization's admin for a new one")):
+                       ("unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==", BAD_TOKEN)):
         code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=token, CAPE_COORDINATOR=cape_server.url))
         assert code == 1, out
         assert lines["broker"] == f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN ({why}){new_token}"

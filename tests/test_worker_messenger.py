@@ -217,6 +217,58 @@ def test_many_messages_of_one_job_are_all_confirmed_once(job, tmp_path):
     assert sum(log.count(f"sent x_owner.{name} to y_owner") for name in arrays) == len(arrays)
 
 
+def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(job, tmp_path, monkeypatch, caplog):
+    """Inbox files stay until their job ends, so a peer could fill the spool volume: below the reserve a message
+    stays at the broker (said once, looked at again after a pause, not in a tight loop) and is taken once there is
+    room. The reserve is set above the volume's free space here, then lowered, instead of filling a disk."""
+    import threading
+
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient
+
+    monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.5)
+    block = np.arange(100_000, dtype=np.uint64)
+    sender = start_messenger(job, "x_owner", tmp_path)
+    try:
+        with transport(job, "x_owner") as x_sender:
+            x_sender.send(1, "block", block)
+        spool = job.seats["x_owner"].spool
+        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
+                 "the x_owner's message to be confirmed by the broker")
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.wait(timeout=10)
+
+    class CountingBroker(BrokerClient):
+        lists = 0
+
+        def wait_for_messages(self, job_id, wait):
+            CountingBroker.lists += 1
+            return super().wait_for_messages(job_id, wait)
+
+    y = job.seats["y_owner"]
+    stop = threading.Event()
+    messenger = Messenger(y.spool, y.keys, CountingBroker(job.broker_url, y.token, stop=stop), stop, long_poll=1.0,
+                          reserve_bytes=y.spool.free_bytes() + 10 * 1024**3)
+    inbox = y.spool.inbox_path(job.id, "x_owner.block")
+    with caplog.at_level(logging.INFO, logger="cape.messenger"):
+        _run_receiver(messenger, 1.6)
+        assert not inbox.exists() and 2 <= CountingBroker.lists <= 5, CountingBroker.lists
+        held = [r.getMessage() for r in caplog.records if "waits at the broker" in r.getMessage()]
+        assert len(held) == 1 and held[0].startswith(f"job {job.id}: message x_owner.block (")
+        assert "the spool volume (CAPE_SPOOL_DIR) has" in held[0]
+        listed = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
+                              headers={"Authorization": f"Bearer {y.token}"}).json()
+        assert [m["name"] for m in listed] == ["x_owner.block"]  # not acknowledged: nothing lost
+
+        messenger.reserve_bytes = 0
+        messenger.stop.clear()
+        _run_receiver(messenger, 1.0)
+    assert inbox.exists()
+    np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "block"), block)
+    assert f"job {job.id}: the spool volume has room again; taking its messages" in caplog.text
+
+
 def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(tmp_path, caplog):
     from services.worker.broker_client import BrokerClient
     from services.worker.keys import WorkerKeys
@@ -232,6 +284,28 @@ def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(t
     assert [r.getMessage().startswith("job bad1: cannot receive its messages") for r in caplog.records] == [True]
     spool.mark_ended("bad1", "Stopped")
     assert messenger.receiving_jobs() == [] and messenger._specs == {}  # nothing kept of a job no longer active
+
+
+def test_a_malformed_job_description_does_not_stop_receiving_for_the_others(tmp_path, caplog):
+    """A party entry that is not an object raised AttributeError out of every pass: no job got its messages."""
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+    from tests.support.worker_messaging import worker_job
+
+    keys = {s: WorkerKeys.load_or_create(tmp_path / s) for s in ("x_owner", "y_owner", "helper")}
+    spool = Spool(tmp_path / "spool")
+    messenger = Messenger(spool, keys["x_owner"], BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"))
+    bad = worker_job(keys, "x_owner", "a" * 32)
+    bad["parties"]["helper"] = "neutral"
+    spool.put_job(bad)
+    spool.put_job(worker_job(keys, "x_owner", "b" * 32))
+    with caplog.at_level("ERROR", logger="services.worker.messenger"):
+        assert [spec.id for spec in messenger.receiving_jobs()] == ["b" * 32]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"job {'a' * 32}: cannot receive its messages: parties.helper must be an object with the seat's "
+        "organization and keys"]
 
 
 def _run_receiver(messenger, seconds: float) -> None:

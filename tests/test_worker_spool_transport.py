@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from services.mpc import TransportTimeout
+from services.mpc import ProtocolError, TransportTimeout
+from services.mpc.transport import Expected
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
@@ -62,6 +63,26 @@ def test_arrays_roundtrip_with_dtype_and_shape(world):
         np.testing.assert_array_equal(got, array)
         assert got.dtype == array.dtype and got.shape == array.shape
     assert x.messages_sent == len(arrays) and y.messages_received == len(arrays)
+
+
+def test_a_message_of_another_shape_is_refused_before_its_data_is_read(world, monkeypatch):
+    """A peer's (N, 1) where a (d,) share is expected: refused from the header, the data never allocated."""
+    keys, spools, specs = world
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
+    x.send(1, "share", np.zeros((50_000, 1), dtype=np.uint64))
+    x.send(1, "count", np.array([7.0]))
+    x.flush()
+    deliver(world, "x_owner", "y_owner")
+    reads = []
+    real_read_array = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: reads.append(1) or real_read_array(*a, **k))
+    with pytest.raises(ProtocolError, match=r"party 0 sent 'share' as uint64 \(50000, 1\), expected uint64 \(32,\)"):
+        y.receive(0, "share", Expected((32,), np.dtype(np.uint64)))
+    assert reads == []
+    with pytest.raises(ProtocolError, match=r"'count' as float64 \(1,\), expected int64 \(1,\)"):
+        y.receive(0, "count", Expected((1,), np.dtype(np.int64)))
+    np.testing.assert_array_equal(y.receive(0, "count", Expected((1,), np.dtype(np.float64))), [7.0])
 
 
 def test_a_large_received_array_is_read_only_and_its_inbox_file_leaves_the_page_cache(world, monkeypatch):
@@ -133,6 +154,16 @@ def test_receive_times_out_naming_the_sender(world):
     assert time.monotonic() - started < 2
 
 
+def test_a_timeout_on_a_spool_short_of_room_says_how_much_is_free(world, monkeypatch):
+    """The messenger leaves messages at the broker below its reserve: the runner's timeout says the free space."""
+    keys, spools, specs = world
+    monkeypatch.setattr(spools["y_owner"], "free_bytes", lambda: 300 * 1024**2)
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.1)
+    with pytest.raises(TransportTimeout, match=r"the spool volume has only 300 MiB free, and the messenger leaves "
+                                                r"messages at the broker rather than go below 256 MiB"):
+        y.receive(2, "r9")
+
+
 def test_receive_stops_when_interrupted(world):
     keys, spools, specs = world
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=30,
@@ -158,6 +189,25 @@ def test_a_bad_worker_job_names_the_field(world):
         JobSpec.parse(raw)
     with pytest.raises(JobSpecError, match="job id"):
         JobSpec.parse({**worker_job(keys, "x_owner"), "id": "../../etc"})
+
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"parties": ["x_owner"]}, "parties must be an object"),
+    ({"parties": {"x_owner": "org"}}, "parties.x_owner must be an object"),
+    ({"task": {"x": "a", "y": {}}}, "task must have x and y, each an object"),
+    ({"timeout": "nan"}, "timeout must be a number of seconds from 1 to 604800"),
+    ({"timeout": float("inf")}, "timeout must be"),
+    ({"timeout": -5}, "timeout must be"),
+    ({"timeout": "soon"}, "timeout must be"),
+])
+def test_a_malformed_worker_job_is_a_job_spec_error_not_a_crash(world, change, message):
+    """From a buggy coordinator: each a JobSpecError (a NaN timeout made every wait of the job unbounded)."""
+    keys, _, _ = world
+    with pytest.raises(JobSpecError, match=message):
+        JobSpec.parse({**worker_job(keys, "x_owner"), **change})
+    with pytest.raises(JobSpecError, match="not a JSON object"):
+        JobSpec.parse(["a list"])  # type: ignore[arg-type]
 
 
 def test_background_writes_keep_send_order_and_flush_makes_them_durable(world):

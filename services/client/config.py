@@ -39,6 +39,9 @@ def load_config(endpoint: str | None = None, token: str | None = None, replacing
 
     The file is needed only for what the arguments and variables leave open: a broken one is an error then, and
     never for `cape login` (`replacing`), which writes a new one."""
+    for name, value in (("endpoint", endpoint), ("token", token)):
+        if value is not None and not isinstance(value, str):
+            raise BadArgument(f"{name} must be a string, not {type(value).__name__}")
     path = config_path()
     env_url, env_token = os.environ.get(COORDINATOR_ENV), os.environ.get(TOKEN_ENV)
     try:
@@ -83,16 +86,30 @@ def check_base_url(url: str, source: str | None = None) -> None:
         return  # malformed: the request says so in its own words
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         return  # likewise
+    prefix = f"{source}: " if source else ""
+    if "@" in parsed.netloc:  # requests would send these as Basic auth in place of the token: never echoed
+        raise BadArgument(f"{prefix}the coordinator URL holds a user name or password (user:password@); the token is "
+                          "the credential: give http(s)://HOST[:PORT]")
     suffix = next((s for s in API_SUFFIXES if parsed.path.rstrip("/").endswith(s)), None)
     if suffix is not None:
         base = url.rstrip("/")[:-len(suffix)]
-        prefix = f"{source}: " if source else ""
         raise BadArgument(f"{prefix}give the coordinator's base URL, without {suffix}: {base}")
 
 
 def save_config(coordinator: str, token: str) -> Path:
-    """Write the file atomically; it is created with mode 0600 (never readable by others, not even briefly)."""
+    """Write the file atomically; it is created with mode 0600 (never readable by others, not even briefly).
+    BadArgument naming the file if it cannot be written."""
     path = config_path()
+    try:
+        _write_config(path, coordinator, token)
+    except OSError as exc:
+        raise BadArgument(f"cannot save the login in {path}: {exc.strerror or exc}; set XDG_CONFIG_HOME to a "
+                          "directory you can write, or give CAPE_COORDINATOR and CAPE_TOKEN to each command "
+                          "instead") from None
+    return path
+
+
+def _write_config(path: Path, coordinator: str, token: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -106,7 +123,6 @@ def save_config(coordinator: str, token: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def _read_file(path: Path) -> dict[str, str]:

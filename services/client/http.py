@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import requests
@@ -10,6 +11,8 @@ from services.client.errors import ApiError, BadArgument, CoordinatorUnreachable
 from services.connection_errors import connection_problem, unloadable_ca_file
 
 DEFAULT_TIMEOUT_S = 30.0
+# A token (<id>,<secret>) given where the URL goes, e.g. CAPE_COORDINATOR and CAPE_TOKEN swapped: never echoed.
+_TOKEN_LIKE = re.compile(r"[^\s:/]+,\S+")
 
 
 class ApiSession:
@@ -58,9 +61,7 @@ class ApiSession:
                               "(it looks like <id>,<secret>)") from None
         except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
                 requests.exceptions.InvalidURL):
-            raise BadArgument(
-                f"the coordinator URL {self.endpoint!r} is not valid; give it as http(s)://HOST[:PORT]"
-            ) from None
+            raise BadArgument(invalid_url_message(self.endpoint)) from None
         except requests.exceptions.Timeout:
             raise CoordinatorUnreachable(
                 f"the coordinator at {self.endpoint} did not answer within {self._timeout:g} s"
@@ -74,7 +75,7 @@ class ApiSession:
                               "of CA certificates; give the PEM file of the CA that signed the coordinator's "
                               "certificate") from None
         if response.status_code >= 400:
-            raise _api_error(response)
+            raise _api_error(response, self.endpoint)
         if response.status_code == 204 or not response.content:
             return None
         try:
@@ -98,7 +99,15 @@ class ApiSession:
         return self.request("DELETE", path)
 
 
-def _api_error(response: requests.Response) -> ApiError:
+def invalid_url_message(url: str) -> str:
+    """Why `url` is no coordinator URL, without repeating it when it looks like a token."""
+    if _TOKEN_LIKE.fullmatch(url.strip()):
+        return ("the coordinator URL looks like a token (<id>,<secret>), so it is not shown: were --coordinator and "
+                "--token (or CAPE_COORDINATOR and CAPE_TOKEN) swapped? Give the URL as http(s)://HOST[:PORT]")
+    return f"the coordinator URL {url!r} is not valid; give it as http(s)://HOST[:PORT]"
+
+
+def _api_error(response: requests.Response, endpoint: str) -> ApiError:
     """Build an ``ApiError`` from the contract's error body, tolerating other shapes."""
     status = response.status_code
     try:
@@ -118,4 +127,6 @@ def _api_error(response: requests.Response) -> ApiError:
         else:
             message = str(detail)
         return ApiError(status, "error", message)
-    return ApiError(status, "error", response.reason or "request failed")
+    # Not Cape's error body: another service (or a proxy) answered at this URL.
+    return ApiError(status, "error", f"{response.reason or 'request failed'}; the server at {endpoint} did not "
+                                     "answer as a Cape coordinator does: is the URL the coordinator's base URL?")

@@ -22,6 +22,11 @@ TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
 SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Parquet file"
 
 
+def _positive_seconds(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
 def seg(value: str) -> str:
     """One URL path segment (labels and names may hold any character); an empty one would name the whole list."""
     if not str(value).strip():
@@ -147,6 +152,9 @@ class DataView(Resource):
         return [c["name"] for c in self.schema]
 
     def __getitem__(self, columns: str | Sequence[str]) -> DataView:
+        if not isinstance(columns, (str, list, tuple)) or not all(isinstance(c, str) for c in columns):
+            raise BadArgument(f"select columns of dataview {self.name!r} by name: dv[\"COLUMN\"] or "
+                              f"dv[[\"A\", \"B\"]], not {type(columns).__name__} {columns!r}")
         selected = [columns] if isinstance(columns, str) else list(columns)
         if not selected:
             raise BadArgument(f"select at least one column of dataview {self.name!r}")
@@ -254,6 +262,9 @@ class Job(Resource):
         A coordinator that cannot be reached or answers 5xx (restarting, say) is polled again until the timeout,
         as the job goes on meanwhile; ``on_problem`` gets each such error, and None once a poll works again.
         Returns the last status seen (a terminal one unless the timeout came first)."""
+        if not _positive_seconds(timeout) or not _positive_seconds(interval):
+            raise BadArgument(f"timeout and interval must be positive numbers of seconds, not {timeout!r} and "
+                              f"{interval!r}")
         deadline = time.monotonic() + timeout
         failing = False
         while True:
@@ -416,10 +427,16 @@ class Project(Resource):
         when you belong to several."""
         if (job is None) == (task is None):
             raise BadArgument("submit exactly one job: submit_job(VerticallyPartitionedLinearRegression(...))")
-        body = (job or task).to_request()  # type: ignore[union-attr]
+        from services.client.tasks import VerticallyPartitionedLinearRegression  # it imports this module
+
+        chosen = job or task
+        if not isinstance(chosen, VerticallyPartitionedLinearRegression):
+            raise BadArgument("submit_job takes a VerticallyPartitionedLinearRegression(...), not "
+                              f"{type(chosen).__name__}")
+        body = chosen.to_request()
         if timeout is not None:
-            if timeout <= 0:
-                raise BadArgument("timeout must be a positive number of seconds")
+            if not _positive_seconds(timeout):
+                raise BadArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
             body["timeout"] = math.ceil(timeout)
         if organization is not None:
             body["organization"] = org_ref(organization)
@@ -444,7 +461,11 @@ class Project(Resource):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise BadArgument(f"limit must be a positive whole number of jobs, not {limit!r}")
         if status is not None:
-            params["status"] = [status] if isinstance(status, str) else list(status)
+            statuses = [status] if isinstance(status, str) else status
+            if not isinstance(statuses, (list, tuple, set)) or not all(isinstance(s, str) for s in statuses):
+                raise BadArgument(f"status must be a job status (e.g. \"Completed\") or a list of them, not "
+                                  f"{status!r}")
+            params["status"] = list(statuses)
         if limit is not None:
             params["limit"] = limit
         return [Job(self._session, j) for j in self._session.get(f"/v1/projects/{seg(self.id)}/jobs",

@@ -24,9 +24,15 @@ Schema = list[dict[str, str]]
 def parse_schema_spec(spec: str) -> Schema:
     """``"a:number,b:integer,c"`` -> schema; a column without a type is a number."""
     schema: Schema = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
+    items = [part.strip() for part in spec.split(",")]
+    if not any(items):
+        items = []  # said below: the schema is empty
+    elif items[-1] == "":
+        items.pop()  # a trailing comma
+    for item in items:
+        if not item:  # a missing name (an unset shell variable?) would be a column silently left out
+            raise BadArgument(f"the schema {spec!r} has an empty entry (two commas in a row); give it as "
+                              "name:type,... (types: number, integer, string)")
         name, _, kind = item.partition(":")
         schema.append(_column(name.strip(), kind.strip() or "number"))
     if not schema:

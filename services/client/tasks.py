@@ -1,9 +1,11 @@
 """Job types a project can submit (pycape's names)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from services.client.errors import BadArgument
+from services.model_location import MODEL_LOCATION_FORMS, model_location_problem
 from services.client.models import DataView, Organization, org_ref
 
 DEFAULT_JOB_TIMEOUT_S = 600
@@ -38,15 +40,19 @@ class VerticallyPartitionedLinearRegression:
                                   f"as dv[[\"a\", \"b\"]]), not {type(value).__name__} {value!r}")
         if model_owner is None:
             raise BadArgument("name the model owner organization (model_owner=...), who receives weights and metrics")
-        if model_location is not None and not model_location.startswith(("s3://", "file://")):
-            raise BadArgument(f"model_location must be s3://BUCKET[/PREFIX] or file:///PATH, not {model_location!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if model_location is not None:
+            problem = (model_location_problem(model_location) if isinstance(model_location, str)
+                       else f"give {MODEL_LOCATION_FORMS}")
+            if problem:
+                raise BadArgument(f"model_location {model_location!r}: {problem}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
+                or timeout <= 0):
             raise BadArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.x_train_dataview = x_train_dataview
         self.y_train_dataview = y_train_dataview
         self.model_owner = model_owner
         self.model_location = model_location
-        self.timeout = int(timeout)
+        self.timeout = math.ceil(timeout)  # whole seconds; 0.5 is 1, not the 0 the coordinator refuses
 
     def x_columns(self) -> list[str]:
         dv = self.x_train_dataview

@@ -223,7 +223,9 @@ def authenticate(conn: sqlite3.Connection, token_text: str | None) -> Principal:
     parts = split_token(token_text)
     row = conn.execute("SELECT * FROM tokens WHERE id = ?", (parts[0],)).fetchone() if parts else None
     if parts is None or row is None or not secret_matches(parts[1], row["secret_hash"]):
-        raise Unauthorized("the token is not valid; check it or ask your organization's admin for a new one",
+        raise Unauthorized("the token is not valid; check it (it looks like <id>,<secret>). A person's new token "
+                           "comes from `cape tokens create` with a token that works, or from the server's operator "
+                           "(`cape-server admin create-user-token EMAIL`); a worker's from its organization's admin",
                            code="bad_token")
     if row["revoked_at"]:
         advice = ("ask your organization's admin for a new one" if row["kind"] == "organization" else

@@ -130,11 +130,28 @@ def expire_if_late(conn: sqlite3.Connection, job: sqlite3.Row, now: datetime | N
     now = now or datetime.now(UTC)
     if now < parse_iso(job["approved_at"]) + timedelta(seconds=job["timeout"]):
         return job
-    missing = [f"{p['seat']} ({get_org(conn, p['org_id'])['label']})" for p in parties(conn, job["id"])
-               if p["state"] == "pending"]
-    set_status(conn, job["id"], "Error",
-               f"not all parties started within {job['timeout']} s of approval; missing: {', '.join(missing)}")
+    seats = parties(conn, job["id"])
+    keyless = [_seat_label(conn, p) for p in seats if not has_worker_keys(conn, p["org_id"])]
+    if keyless:  # the job went to no worker: the others were ready and waiting, not missing
+        set_status(conn, job["id"], "Error",
+                   f"not all parties started within {job['timeout']} s of approval: no worker of "
+                   f"{' or '.join(keyless)} has registered its keys, and the job goes to the workers only once all "
+                   "three have; start that organization's worker (cape-worker run), then submit the job again")
+    else:
+        missing = [_seat_label(conn, p) for p in seats if p["state"] == "pending"]
+        set_status(conn, job["id"], "Error",
+                   f"not all parties started within {job['timeout']} s of approval; missing: {', '.join(missing)}")
     return find_job(conn, job["id"])
+
+
+def _seat_label(conn: sqlite3.Connection, party: sqlite3.Row) -> str:
+    return f"{party['seat']} ({get_org(conn, party['org_id'])['label']})"
+
+
+def has_worker_keys(conn: sqlite3.Connection, org_id: str) -> bool:
+    """Whether a worker of the organization registered its public keys (jobs go to workers only once all have)."""
+    return conn.execute("SELECT 1 FROM workers WHERE org_id = ? AND encryption_public_key IS NOT NULL",
+                        (org_id,)).fetchone() is not None
 
 
 def expire_late_jobs(conn: sqlite3.Connection) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from services.coordinator.identity import Principal, find_organization
+from services.coordinator.identity import Principal, find_organization, get_org
 from services.server.errors import Forbidden, InvalidRequest
 
 MANAGE_USERS = frozenset({"admin"})
@@ -55,6 +55,11 @@ def acting_organization(conn: sqlite3.Connection, principal: Principal, ref: str
     elif not principal.roles:
         raise Forbidden("you are not a member of any organization")
     else:
-        raise InvalidRequest("field 'organization': you belong to several organizations; name the one you act for")
+        able = sorted(org for org, role in principal.roles.items() if role in allowed)
+        if len(able) != 1:  # only one may do it: the one meant
+            labels = sorted(get_org(conn, org)["label"] for org in (able or principal.roles))
+            raise InvalidRequest("field 'organization': you belong to several organizations; name the one you act "
+                                 f"for: {' or '.join(labels)}")
+        org_id = able[0]
     require_role(principal, org_id, allowed, action)
     return org_id

@@ -8,6 +8,8 @@ from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from services.model_location import model_location_problem
+
 
 def _encodable(text: str) -> str:
     # JSON may smuggle lone surrogates in; they cannot be stored or echoed back as UTF-8.
@@ -32,6 +34,13 @@ def _one_line(text: str) -> str:
     if any(unicodedata.category(c) in _NOT_IN_ONE_LINE or c in _BIDI_CONTROLS for c in text):
         raise ValueError("must be one line of text, without control characters (line breaks, tabs, escapes)")
     return text
+
+
+def _model_location(uri: str) -> str:
+    problem = model_location_problem(uri)
+    if problem:
+        raise ValueError(problem)
+    return uri
 
 
 def _readable_uri(uri: str) -> str:
@@ -141,7 +150,7 @@ class NewJob(Body):
     x: XSpec
     y: YSpec
     model_owner: Ref
-    model_location: Annotated[Text, StringConstraints(pattern=r"^(s3|file)://\S+$", max_length=2000)] | None = None
+    model_location: Annotated[Text, StringConstraints(max_length=2000), AfterValidator(_model_location)] | None = None
     timeout: int = Field(default=600, ge=1, le=7 * 24 * 3600)
     organization: Ref | None = None
 

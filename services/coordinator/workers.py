@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from services.coordinator.db import now_iso
 from services.coordinator.identity import get_org, org_ref
-from services.coordinator.jobs import FINAL_STATUSES, expire_if_late, find_job, parties, seat_of, set_status
+from services.coordinator.jobs import (FINAL_STATUSES, expire_if_late, find_job, has_worker_keys, parties, seat_of,
+                                       set_status)
 from services.coordinator.liveness import ONLINE_WITHIN_SECONDS, liveness
 from services.server.errors import Conflict, Forbidden, InvalidRequest
 
@@ -98,7 +99,7 @@ def _keys(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row | None:
 def missing_keys(conn: sqlite3.Connection, job_id: str) -> list[str]:
     """Seats (with organization labels) whose worker has not registered its public keys yet."""
     return [f"{p['seat']} ({get_org(conn, p['org_id'])['label']})" for p in parties(conn, job_id)
-            if _keys(conn, p["org_id"]) is None]
+            if not has_worker_keys(conn, p["org_id"])]
 
 
 def seated_job(conn: sqlite3.Connection, org_id: str, job_id: str) -> tuple[sqlite3.Row, str]:

@@ -22,5 +22,5 @@ def reveal_additive(party: Party, name: str, share: np.ndarray, to: int) -> np.n
         return None
     for other in range(3):
         if other != to:
-            masked = masked + party.receive(other, f"{name}/{other}")
+            masked = masked + party.receive(other, f"{name}/{other}", masked.shape)
     return masked

@@ -7,7 +7,8 @@ import numpy as np
 
 from services.mpc.errors import ProtocolError
 from services.mpc.prf import PartyRandomness, PartySeeds
-from services.mpc.transport import Transport
+from services.mpc.ring import RING_DTYPE
+from services.mpc.transport import Expected, Transport
 
 PARTIES = 3
 
@@ -51,6 +52,9 @@ class Party:
         """Send an array to party `to`."""
         self.transport.send(to, name, np.ascontiguousarray(array))
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
-        """Receive an array from party `frm`."""
-        return self.transport.receive(frm, name)
+    def receive(self, frm: int, name: str, shape: tuple[int, ...], dtype: np.dtype | type = RING_DTYPE) -> np.ndarray:
+        """Receive an array from party `frm`; ProtocolError unless it has this shape and dtype (both are public)."""
+        expected = Expected(tuple(int(n) for n in shape), np.dtype(dtype))
+        array = self.transport.receive(frm, name, expected)
+        expected.check(frm, name, array.shape, array.dtype)
+        return array

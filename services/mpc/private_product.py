@@ -101,19 +101,14 @@ def private_matvec(party: Party, name: str, *, matrix_owner: int, vector_owner: 
                                vector=vector)
         y = as_ring(vector)
         for k, (start, stop) in enumerate(block_bounds(n, block_rows)):
-            masked = party.receive(matrix_owner, f"{name}/M-S/{k}")
-            if masked.shape != (stop - start, m) or masked.dtype != RING_DTYPE:
-                raise ProtocolError(f"party {matrix_owner} sent block {k} of {name!r} with shape {masked.shape}, "
-                                    f"expected {(stop - start, m)} ring elements; are all workers on one version?")
+            masked = party.receive(matrix_owner, f"{name}/M-S/{k}", (stop - start, m))
             share += vec_mat(y[start:stop], masked)
         return share
     party.claim(name)
     if i == matrix_owner:
         if blocks is None:
             raise ValueError("the matrix owner must provide the matrix blocks")
-        y_minus_r = party.receive(vector_owner, f"{name}/y-r")
-        if y_minus_r.shape != (n,):
-            raise ProtocolError(f"party {vector_owner} sent a vector of {y_minus_r.shape} entries, expected {n}")
+        y_minus_r = party.receive(vector_owner, f"{name}/y-r", (n,))
         prf = party.randomness.shared_with(helper)
         bounds = list(block_bounds(n, block_rows))
 

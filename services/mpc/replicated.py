@@ -52,9 +52,9 @@ def share_input(party: Party, name: str, owner: int, value: np.ndarray | None,
         return ReplicatedShare(x_o, x_o1)
     if i == (o + 1) % 3:
         x_o1 = party.randomness.prev.array(f"{name}/x1", shape)
-        return ReplicatedShare(x_o1, party.receive(o, f"{name}/x2"))
+        return ReplicatedShare(x_o1, party.receive(o, f"{name}/x2", tuple(shape)))
     x_o = party.randomness.next.array(f"{name}/x0", shape)
-    return ReplicatedShare(party.receive(o, f"{name}/x2"), x_o)
+    return ReplicatedShare(party.receive(o, f"{name}/x2", tuple(shape)), x_o)
 
 
 def reveal_to(party: Party, name: str, share: ReplicatedShare, to: int) -> np.ndarray | None:
@@ -64,7 +64,7 @@ def reveal_to(party: Party, name: str, share: ReplicatedShare, to: int) -> np.nd
     """
     party.claim(name)
     if party.index == to:
-        return share.first + share.second + party.receive((to + 1) % 3, name)
+        return share.first + share.second + party.receive((to + 1) % 3, name, share.first.shape)
     if party.index == (to + 1) % 3:
         party.send(to, name, share.second)
     return None
@@ -104,7 +104,7 @@ def mul_public(x: ReplicatedShare, constant: np.ndarray | int) -> ReplicatedShar
 def _reshare(party: Party, name: str, additive: np.ndarray) -> ReplicatedShare:
     """Turn a 3-out-of-3 additive share z_i into replicated (z_i, z_{i+1}): send z_i to party i-1."""
     party.send(party.prev, name, additive)
-    return ReplicatedShare(additive, party.receive(party.next, name))
+    return ReplicatedShare(additive, party.receive(party.next, name, additive.shape))
 
 
 def mul(party: Party, name: str, x: ReplicatedShare, y: ReplicatedShare) -> ReplicatedShare:

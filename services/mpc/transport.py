@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -21,6 +22,21 @@ class TransportTimeout(ProtocolError):
     """A message did not arrive within the transport's bound."""
 
 
+@dataclass(frozen=True)
+class Expected:
+    """The shape and dtype a received message must have: a peer's array of any other is refused before use (the
+    engine would broadcast a wrong shape silently, e.g. an (N, 1) array added to a (d,) share is N x d)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def check(self, frm: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """ProtocolError unless `shape` and `dtype` are the expected ones."""
+        if tuple(shape) != self.shape or np.dtype(dtype) != self.dtype:
+            raise ProtocolError(f"party {frm} sent {name!r} as {np.dtype(dtype)} {tuple(shape)}, expected "
+                                f"{self.dtype} {self.shape}; are all workers running the same version?")
+
+
 @runtime_checkable
 class Transport(Protocol):
     """Party `party`'s end of the network. Message names are unique within a run and deterministic."""
@@ -30,8 +46,11 @@ class Transport(Protocol):
     def send(self, to: int, name: str, array: np.ndarray) -> None:
         """Send `array` to party `to` under `name`. The caller must not modify the array afterwards."""
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
-        """Block until the message `name` from party `frm` arrives and return it; TransportTimeout after the bound."""
+    def receive(self, frm: int, name: str, expected: Expected | None = None) -> np.ndarray:
+        """Block until the message `name` from party `frm` arrives and return it; TransportTimeout after the bound.
+
+        `expected`: a transport that reads messages from storage may refuse one of another shape or dtype before
+        reading its data (ProtocolError); `Party.receive` checks the array it returns in any case."""
 
 
 class InMemoryNetwork:
@@ -108,6 +127,6 @@ class InMemoryTransport:
         """Deliver `array` to party `to`'s mailbox under `name`."""
         self.network._send(self.party, to, name, array)
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
+    def receive(self, frm: int, name: str, expected: Expected | None = None) -> np.ndarray:
         """Wait (up to the network's timeout) for `name` from party `frm`."""
         return self.network._receive(self.party, frm, name)

@@ -29,6 +29,6 @@ def truncate(party: Party, name: str, x: ReplicatedShare, bits: int) -> Replicat
         return ReplicatedShare(r, x1)
     if i == 1:
         t1 = -arithmetic_shift(-x.second, bits)
-        return ReplicatedShare(party.receive(0, name), t1)
+        return ReplicatedShare(party.receive(0, name, t1.shape), t1)
     t1 = -arithmetic_shift(-x.first, bits)
     return ReplicatedShare(t1, party.randomness.next.array(name, t1.shape))

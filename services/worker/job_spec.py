@@ -1,6 +1,7 @@
 """A job as this worker sees it: the coordinator's WorkerJob (CONTRACTS.md), validated, with party numbers."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from services.worker.spool import InvalidName, validate_job_id, validate_seat
 
 # Party numbers of the engine: 0 = x_owner, 1 = y_owner, 2 = the third seat (model_owner or helper).
 SEAT_INDEX = {"x_owner": 0, "y_owner": 1, "model_owner": 2, "helper": 2}
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600  # the coordinator's bound on a job's timeout (CONTRACTS.md)
 
 
 class JobSpecError(ValueError):
@@ -68,7 +70,8 @@ class JobSpec:
         part = {"x_owner": "x", "y_owner": "y"}.get(self.seat)
         if part is None:
             return None
-        uri = (self.task.get(part) or {}).get("dataview", {}).get("uri")
+        dataview = self.task[part].get("dataview")
+        uri = dataview.get("uri") if isinstance(dataview, dict) else None
         if not uri:
             raise JobSpecError(
                 f"the job gives no uri for this organization's {part} dataview (task.{part}.dataview.uri)")
@@ -77,6 +80,8 @@ class JobSpec:
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "JobSpec":
         """Validate a WorkerJob dict; raises `JobSpecError` naming the bad field."""
+        if not isinstance(raw, dict):
+            raise JobSpecError("bad job description: not a JSON object")
         try:
             job_id = validate_job_id(raw.get("id"))  # type: ignore[arg-type]
             seat = validate_seat(raw.get("seat"))  # type: ignore[arg-type]
@@ -84,9 +89,14 @@ class JobSpec:
         except InvalidName as exc:
             raise JobSpecError(f"bad job description: {exc}") from None
         parties: dict[str, Party] = {}
-        for party_seat, info in (raw.get("parties") or {}).items():
+        listed = raw.get("parties") or {}
+        if not isinstance(listed, dict):
+            raise JobSpecError("parties must be an object of seats")
+        for party_seat, info in listed.items():
             if party_seat not in SEAT_INDEX:
                 raise JobSpecError(f"unknown seat {party_seat!r} in parties")
+            if not isinstance(info, dict) or not isinstance(info.get("organization") or {}, dict):
+                raise JobSpecError(f"parties.{party_seat} must be an object with the seat's organization and keys")
             try:
                 parties[party_seat] = Party(
                     seat=party_seat,
@@ -102,12 +112,14 @@ class JobSpec:
         if seat not in parties or outputs_to not in parties:
             raise JobSpecError("seat and outputs_to must name seats listed in parties")
         task = raw.get("task")
-        if not isinstance(task, dict) or "x" not in task or "y" not in task:
-            raise JobSpecError("task must have x and y")
+        if not isinstance(task, dict) or not isinstance(task.get("x"), dict) or not isinstance(task.get("y"), dict):
+            raise JobSpecError("task must have x and y, each an object")
         try:
             timeout = float(raw.get("timeout") or 600)
         except (TypeError, ValueError):
-            raise JobSpecError("timeout must be a number of seconds") from None
+            timeout = math.nan
+        if not 1 <= timeout <= MAX_TIMEOUT_SECONDS:  # NaN too: a wait bounded by it would never end
+            raise JobSpecError(f"timeout must be a number of seconds from 1 to {MAX_TIMEOUT_SECONDS}")
         approved_at = raw.get("approved_at")
         return cls(job_id, str(raw.get("type", "linear_regression")), seat, outputs_to, timeout, parties, task,
                    approved_at if isinstance(approved_at, str) else None)

@@ -8,7 +8,9 @@ and opens each message (signature of the expected sender, addressed to this seat
 from the download stream into a temporary inbox file, moves it into place durably, and only then acknowledges it
 (DELETE) at the broker.
 A message that fails verification is dropped, logged (without its content) and acknowledged, and noted in the
-spool so the runner can say why it is still waiting. A second copy of a name already received is verified too:
+spool so the runner can say why it is still waiting. A message that would leave less than `spool.RESERVE_BYTES`
+free on the spool volume waits at the broker until there is room (inbox files stay until their job ends, and a
+peer, buggy or not, could otherwise fill the volume the other programs and jobs write to). A second copy of a name already received is verified too:
 the first is kept, and a copy that is not the same genuine message leaves the same trace.
 
 Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
@@ -29,7 +31,7 @@ from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerEr
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
-from services.worker.spool import InvalidName, OutboxItem, Spool, atomic_writer, validate_message_name
+from services.worker.spool import RESERVE_BYTES, InvalidName, OutboxItem, Spool, atomic_writer, validate_message_name
 
 if TYPE_CHECKING:  # the programs read their configuration only in main()
     from services.worker.config import WorkerConfig
@@ -47,6 +49,7 @@ PUT_THREADS = 6
 # Concurrent downloads: one message's inbox fsync and acknowledgement overlap the next's transfer. One at a time,
 # the receiver fell behind the sender (the e2e bench: 0.4 s from broker to inbox per 8 MiB block, with the CPU idle).
 GET_THREADS = 3
+ROOM_RETRY_SECONDS = 5.0  # a message held for room is looked at again after this long (not a tight loop)
 
 
 class Messenger:
@@ -59,12 +62,16 @@ class Messenger:
         broker: BrokerClient,
         stop: threading.Event | None = None,
         long_poll: float = LONG_POLL_SECONDS,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         self.spool = spool
         self.keys = keys
         self.broker = broker
         self.stop = stop or broker.stop
         self.long_poll = long_poll
+        self.reserve_bytes = reserve_bytes
+        self._short_of_room: set[str] = set()  # jobs with a message held at the broker for room, said once each
+        self._held = 0  # messages held for room in the current receiver pass
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
         self._lock = threading.Lock()
         self._in_flight: dict[str, OutboxItem] = {}  # outbox path -> item, queued or being put (sender loop only)
@@ -183,8 +190,9 @@ class Messenger:
             if job_id not in self._specs:
                 try:
                     self._specs[job_id] = JobSpec.parse(self.spool.read_job(job_id) or {})
-                except JobSpecError as exc:
-                    log.error("job %s: cannot receive its messages: %s", job_id, exc)
+                except Exception as exc:  # noqa: BLE001 - one job's bad description must not stop the others'
+                    why = exc if isinstance(exc, JobSpecError) else f"unexpected {type(exc).__name__}"
+                    log.error("job %s: cannot receive its messages: %s", job_id, why)
                     self._specs[job_id] = None
             spec = self._specs[job_id]
             if spec is not None:
@@ -265,6 +273,8 @@ class Messenger:
         if inbox.exists():
             self._second_copy(spec, name, str(from_seat), inbox)
             return False
+        if not self._room_for(spec, name, entry.get("size")):
+            return False
         try:
             # Decrypted straight from the download into the inbox's temporary file; it appears only if it verified.
             with self.broker.stream(spec.id, name) as source, atomic_writer(inbox, overwrite=False) as out:
@@ -282,6 +292,27 @@ class Messenger:
             self.received += 1
         log.info("received %s from %s for job %s", name, from_seat, spec.id)
         return True
+
+    def _room_for(self, spec: JobSpec, name: str, size: Any) -> bool:
+        """Whether the spool volume keeps `reserve_bytes` free after this message; if not, say so once per job
+        (the message stays at the broker, and the receiver looks again in `ROOM_RETRY_SECONDS`)."""
+        free = self.spool.free_bytes()
+        if free - (size if isinstance(size, int) and size > 0 else 0) >= self.reserve_bytes:
+            with self._lock:
+                if spec.id in self._short_of_room:
+                    self._short_of_room.discard(spec.id)
+                    log.info("job %s: the spool volume has room again; taking its messages", spec.id)
+            return True
+        with self._lock:
+            self._held += 1
+            first = spec.id not in self._short_of_room
+            self._short_of_room.add(spec.id)
+        if first:
+            log.warning("job %s: message %s (%s bytes) waits at the broker: the spool volume (CAPE_SPOOL_DIR) has "
+                        "%d bytes free and the messenger keeps %d free for the worker's other files; it is taken "
+                        "once jobs end and their messages are removed, or the volume grows", spec.id, name, size,
+                        free, self.reserve_bytes)
+        return False
 
     def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path) -> None:
         """Another message under a name already received: keep the first; drop this one, leaving a trace unless
@@ -334,7 +365,14 @@ class Messenger:
     def receiver_loop(self) -> None:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
 
-        def once() -> bool:
+        def once() -> bool | None:
+            self._held = 0
+            busy = receive_once()
+            if self._held:  # messages wait at the broker for room: their listing would return at once
+                self.stop.wait(ROOM_RETRY_SECONDS)
+            return busy
+
+        def receive_once() -> bool | None:
             if self._sender is not None and not self._sender.is_alive():
                 raise SystemExit("the sender loop stopped")  # let supervisord restart the whole program
             seen = self.spool.changes.generation

@@ -197,6 +197,10 @@ class StatusItem:
         return json.loads(self.path.read_bytes())
 
 
+# Kept free on the spool volume by the messenger, which leaves a message at the broker rather than go below it.
+RESERVE_BYTES = 256 * 1024**2
+
+
 class Spool:
     """The spool directory of one worker (see the module docstring for the layout)."""
 
@@ -209,6 +213,10 @@ class Spool:
         self._seen_ended: set[str] = set()
         # What this program's waits sleep on: a short poll until `watch` starts reporting hand-offs.
         self.changes = SpoolWatch(ignore=is_temp_name)
+
+    def free_bytes(self) -> int:
+        """Free bytes on the spool's volume."""
+        return shutil.disk_usage(self.root).free
 
     def watch(self, *stages: str) -> bool:
         """Have `changes` wake waiters when a file lands under these stage folders (e.g. "outbox"), so idle

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,10 @@ import numpy as np
 from services.worker.job_spec import JobSpec
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
-from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
+from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer
 
 from services.mpc import ProtocolError, TransportTimeout
+from services.mpc.transport import Expected
 
 log = logging.getLogger(__name__)
 # Without a spool watch, a wait ends at most 10 ms after the file appears (an open() is cheap).
@@ -38,6 +40,7 @@ _POLL_MIN, _POLL_MAX = 0.002, 0.01
 WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
 DROP_CACHE_BYTES = 1 << 20  # inbox files from this size on leave the page cache once read
 _SEALER_IDLE_SECONDS = 5.0
+_LOW_ROOM_BYTES = 1024**3  # a timeout with less than this above the messenger's reserve names the free space
 
 
 class SpoolTransportTimeout(TransportTimeout):
@@ -73,8 +76,11 @@ def _npy_pieces(array: np.ndarray) -> list[bytes | memoryview]:
     return [header.getvalue(), memoryview(array.reshape(-1).view(np.uint8))]
 
 
-def _read_inbox_array(path: Path) -> np.ndarray:
+def _read_inbox_array(path: Path, check: Callable[[tuple[int, ...], np.dtype], None] | None = None) -> np.ndarray:
     """An inbox message's array, read into memory; a large one is read-only and its file leaves the page cache.
+
+    `check(shape, dtype)` sees the header first and may refuse the message before its data is read: a peer's
+    array of another shape could otherwise make the runner allocate up to the broker's message limit.
 
     Inbox files stay until the job ends only for a replay after a crash, which reads them again from disk. Left
     cached, every block the messenger writes needs fresh pages; dropped once read, a block's pages are free for the
@@ -84,6 +90,12 @@ def _read_inbox_array(path: Path) -> np.ndarray:
     The engine never writes to a received array; a large one is read-only so a write would raise, not go unnoticed.
     """
     with open(path, "rb") as handle:
+        if check is not None:
+            version = np.lib.format.read_magic(handle)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(handle))
+            check(shape, dtype)
+            handle.seek(0)
         array = np.lib.format.read_array(handle, allow_pickle=False)
         if os.fstat(handle.fileno()).st_size < DROP_CACHE_BYTES:
             return array
@@ -244,8 +256,8 @@ class SpoolTransport:
         self.bytes_sent += size
         self.messages_sent += 1
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
-        """Wait for message `name` from party `frm` and return its array."""
+    def receive(self, frm: int, name: str, expected: Expected | None = None) -> np.ndarray:
+        """Wait for message `name` from party `frm` and return its array (refused unread if not `expected`)."""
         from_seat = self.spec.seat_of(frm)
         wire = wire_name(from_seat, name)
         path = self.spool.inbox_path(self.spec.id, wire)
@@ -254,7 +266,7 @@ class SpoolTransport:
         while True:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
-                array = _read_inbox_array(path)
+                array = _read_inbox_array(path, None if expected is None else partial(expected.check, frm, name))
                 self.messages_received += 1
                 return array
             except FileNotFoundError:
@@ -276,4 +288,8 @@ class SpoolTransport:
         if rejected:
             text += (f"; {len(rejected)} message(s) claiming to come from {from_seat} were rejected "
                      f"({rejected[-1].get('reason')})")
+        free = self.spool.free_bytes()
+        if free < RESERVE_BYTES + _LOW_ROOM_BYTES:
+            text += (f"; the spool volume has only {free // 1024**2} MiB free, and the messenger leaves messages at "
+                     f"the broker rather than go below {RESERVE_BYTES // 1024**2} MiB (see its log)")
         return text

@@ -56,6 +56,11 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
         raise click.UsageError("--y takes one column: DATAVIEW:COLUMN")
     x_view = found.get_dataview(x_name)
     y_view = found.get_dataview(y_name)
+    if not y_columns and len(y_view.column_names) != 1:
+        raise BadArgument(f"--y takes one column: dataview {y_name!r} has "
+                          f"{', '.join(y_view.column_names) or 'no schema'}; give --y {y_name}:COLUMN")
+    if not x_columns and not x_view.column_names:
+        raise BadArgument(f"dataview {x_name!r} has no schema; name the x columns: --x {x_name}:COL1,COL2")
     task = VerticallyPartitionedLinearRegression(
         x_view[x_columns] if x_columns else x_view,
         y_view[y_columns] if y_columns else y_view,
@@ -223,8 +228,7 @@ def results(cli: CliContext, job_id: str, as_json: bool) -> None:
             print_json({"job": job.id, "weights": None, "names": None, "metrics": metrics,
                         "model_location": raw.get("model_location"), "weights_error": str(exc)})
         else:
-            print_fields([*((name, value) for name, value in sorted(metrics.items())),
-                          ("model location", raw.get("model_location"))])
+            print_fields([*_metric_fields(metrics), ("model location", raw.get("model_location"))])
         raise ResultsUnavailable(f"the weights were not read: {exc}") from None
     names = ["intercept", *_x_columns(job)]
     if len(names) != len(weights):
@@ -236,15 +240,23 @@ def results(cli: CliContext, job_id: str, as_json: bool) -> None:
     print_table([{"name": n, "weight": float(w)} for n, w in zip(names, weights)],
                 [("TERM", lambda r: r["name"]), ("WEIGHT", lambda r: repr(r["weight"]))], empty="No weights.")
     click.echo("")
-    print_fields([*((name, value) for name, value in sorted(metrics.items())), ("model location", job.model_location)])
+    print_fields([*_metric_fields(metrics), ("model location", job.model_location)])
+
+
+def _metric_fields(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Metrics in full, as the weights are (six digits showed an r^2 of 0.9999996 as 1)."""
+    return [(name, repr(value) if isinstance(value, float) else value) for name, value in sorted(metrics.items())]
 
 
 def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:
     """``name:a,b`` -> ("name", ["a", "b"]); ``name`` -> ("name", [])."""
-    name, _, columns = spec.partition(":")
-    selected = [c.strip() for c in columns.split(",") if c.strip()]
+    name, colon, columns = spec.partition(":")
     if not name.strip():
         raise BadArgument(f"{option} needs a dataview name or id before the columns: DATAVIEW[:COL,...]")
+    selected = [c.strip() for c in columns.split(",")] if colon else []
+    if any(not c for c in selected):  # a missing name (an unset shell variable?) would be a column left out
+        raise BadArgument(f"{option} {spec!r} has an empty column name; give DATAVIEW:COL1,COL2 (or DATAVIEW alone "
+                          "for its schema's columns)")
     return name.strip(), selected
 
 
@@ -300,7 +312,8 @@ def _print_job(job: Job) -> None:
         ("x", _side(data, "x", "columns")),
         ("y", _side(data, "y", "column")),
         ("model owner", _model_owner(data)),
-        ("model location", (data.get("task") or {}).get("model_location") or "-"),
+        ("model location", (data.get("task") or {}).get("model_location")
+         or "not given: the model owner's worker writes to its CAPE_BUCKET"),
         ("outputs to", data.get("outputs_to")),
         ("timeout", f"{(data.get('task') or {}).get('timeout')} s (from approval to all three workers started)"),
         ("submitted by", _submitter(data)),

@@ -11,6 +11,8 @@ import io
 import mmap
 import re
 import os
+import sys
+import weakref
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -292,6 +294,11 @@ def _csv_names(display: str, columns: list[str], header: list[str]) -> list[str]
     return names
 
 
+# An empty line is a row: in a one-column file it is how a missing value is written (pandas writes NaN so), and
+# skipping it (pyarrow's default) shifts every later row, pairing x and y rows wrongly without an error.
+_PARSE = pacsv.ParseOptions(ignore_empty_lines=False)
+
+
 def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
     names = _csv_names(opened.name, columns, _csv_header(opened))
     if opened.rereadable:
@@ -299,6 +306,7 @@ def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
         try:
             table = pacsv.read_csv(
                 opened.stream,
+                parse_options=_PARSE,
                 convert_options=pacsv.ConvertOptions(
                     include_columns=names,
                     column_types={name: pa.float64() for name in names},
@@ -313,6 +321,38 @@ def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
     return _read_csv_streaming(opened, columns, names)
 
 
+# pyarrow decodes an invalid row's text before it calls the handler; a row that is not UTF-8 fails there, inside
+# pyarrow, which reports it through sys.unraisablehook (a traceback on stderr, or in a worker's log) and takes the row
+# as an error. The hook below keeps such failures of our handlers for the error message instead.
+_UNDECODABLE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handler -> its list of failures
+
+
+class _RowDecodeFailures:
+    """The unraisable hook: a UnicodeDecodeError of one of our handlers is kept for it; the rest go on to the hook
+    that was there before."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: "sys.UnraisableHookArgs") -> None:
+        try:
+            failures = _UNDECODABLE_ROWS.get(unraisable.object)
+        except TypeError:  # not weakly referable: not one of ours
+            failures = None
+        if failures is not None and isinstance(unraisable.exc_value, UnicodeDecodeError):
+            failures.append(unraisable.exc_value)
+            return
+        self.previous(unraisable)  # type: ignore[operator]
+
+
+def _keep_row_decode_failures(handler: object) -> list[UnicodeDecodeError]:
+    """The list that will hold `handler`'s row decode failures (the hook installed if it is not already)."""
+    if not isinstance(sys.unraisablehook, _RowDecodeFailures):
+        sys.unraisablehook = _RowDecodeFailures(sys.unraisablehook)
+    _UNDECODABLE_ROWS[handler] = failures = []
+    return failures
+
+
 def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -> list[Column]:
     """Read batch by batch as text, converting each batch, so the first bad row can be named exactly."""
     bad_rows: list[pacsv.InvalidRow] = []
@@ -321,11 +361,13 @@ def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -
         bad_rows.append(row)
         return "error"
 
+    undecodable = _keep_row_decode_failures(on_invalid_row)
+
     try:
         reader = pacsv.open_csv(
             opened.stream,
             read_options=pacsv.ReadOptions(use_threads=False),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
                 include_columns=names,
                 column_types={name: pa.string() for name in names},
@@ -333,7 +375,7 @@ def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -
             ),
         )
     except pa.ArrowInvalid as exc:
-        raise _csv_error(opened.name, exc, bad_rows) from None
+        raise _csv_error(opened.name, exc, bad_rows, undecodable) from None
     parts: list[Column] = [[] for _ in columns]
     offset = 0
     while True:
@@ -342,15 +384,18 @@ def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -
         except StopIteration:
             break
         except pa.ArrowInvalid as exc:
-            raise _csv_error(opened.name, exc, bad_rows) from None
+            raise _csv_error(opened.name, exc, bad_rows, undecodable) from None
         for j, (column, name) in enumerate(zip(columns, names)):
             parts[j].extend(_to_float(opened.name, column, batch.column(name), offset))
         offset += batch.num_rows
     return parts
 
 
-def _csv_error(display: str, exc: Exception, bad_rows: list[pacsv.InvalidRow]) -> UnreadableDataError:
+def _csv_error(display: str, exc: Exception, bad_rows: list[pacsv.InvalidRow],
+               undecodable: list[UnicodeDecodeError]) -> UnreadableDataError:
     """Describe a malformed CSV without echoing the row's contents (they are data)."""
+    if undecodable or "invalid UTF8" in str(exc):
+        return UnreadableDataError(display, "not UTF-8 text; save the CSV file as UTF-8 (or give a Parquet file)")
     if bad_rows:
         row = bad_rows[0]
         where = f"row {row.number - 1}" if row.number else "a row"

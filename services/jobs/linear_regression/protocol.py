@@ -195,7 +195,7 @@ def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Cl
         ss_tot, fy = _receive_meta(party)
         v = decode(v_ring, M_FRAC_BITS + fy)
         clock.done(0.9, "reveal")
-        ybar = float(party.receive(Y_OWNER, "lr/ybar")[0])
+        ybar = float(party.receive(Y_OWNER, "lr/ybar", (1,), np.float64)[0])
         slopes = plan.k[1:] @ v
         weights = np.concatenate([[ybar - plan.mu @ slopes], slopes])
         clock.done(1.0, "weights")
@@ -515,7 +515,7 @@ def _announce_rows(party: Party, n: int, to: tuple[int, ...]) -> None:
 
 
 def _receive_int(party: Party, frm: int, name: str) -> int:
-    return int(party.receive(frm, name)[0])
+    return int(party.receive(frm, name, (1,), np.int64)[0])
 
 
 def _check_rows(x_rows: int, y_rows: int) -> None:
@@ -539,5 +539,5 @@ def _check_status(party: Party, frm: int, name: str) -> None:
 
 
 def _receive_meta(party: Party) -> tuple[float, int]:
-    meta = party.receive(Y_OWNER, "lr/y-meta")
+    meta = party.receive(Y_OWNER, "lr/y-meta", (2,), np.float64)
     return float(meta[0]), int(meta[1])

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from services.mpc.prf import simulated_seeds
-from services.mpc.transport import InMemoryNetwork, TransportTimeout
+from services.mpc.transport import Expected, InMemoryNetwork, TransportTimeout
 
 from .data import Source, load_x, load_y, source_name
 from .errors import JobDataError, ProtocolError
@@ -230,14 +230,14 @@ class _CancellableTransport:
             raise PartyCancelled(f"party {self.party} stopped: another party failed")
         self._inner.send(to, name, array)
 
-    def receive(self, frm: int, name: str) -> np.ndarray:
+    def receive(self, frm: int, name: str, expected: Expected | None = None) -> np.ndarray:
         """Wait for `name` from `frm`; PartyCancelled if another party fails, TransportTimeout after the bound."""
         deadline = time.monotonic() + self._bound
         while True:
             if self._cancelled.is_set():
                 raise PartyCancelled(f"party {self.party} stopped: another party failed")
             try:
-                return self._inner.receive(frm, name)
+                return self._inner.receive(frm, name, expected)
             except TransportTimeout:
                 if time.monotonic() > deadline:
                     raise TransportTimeout(
