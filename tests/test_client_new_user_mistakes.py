@@ -275,3 +275,45 @@ def test_cli_submit_says_what_to_type_and_refuses_empty_column_names(shared_cape
         "error: the schema 'a:number,,b' has an empty entry (two commas in a row); give it as name:type,... "
         "(types: number, integer, string)")
     assert [r.exit_code for r in (y_wide, schema)] == [1, 1]
+
+
+def test_a_user_lists_their_own_tokens_to_find_the_one_to_revoke(shared_cape_server, acme, cape_cli) -> None:
+    """The description given to `tokens create` could never be read back: a lost laptop's token id was lost too."""
+    env = env_of(shared_cape_server, acme["user_token"])
+    made = json.loads(cape_cli("tokens", "create", "--description", "old laptop", "--json", env=env).stdout)
+    listed = cape_cli("tokens", "list", env=env)
+    assert listed.exit_code == 0, listed.stderr
+    in_use = acme["user_token"].split(",")[0]
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert set(rows) == {in_use, made["id"]}
+    assert "(this one)" in rows[in_use] and "old laptop" in rows[made["id"]] and "(this one)" not in rows[made["id"]]
+    as_json = json.loads(cape_cli("tokens", "list", "--json", env=env).stdout)
+    assert [t["id"] for t in as_json] == [in_use, made["id"]] and all("token" not in t for t in as_json)
+    assert made["token"].split(",")[1] not in listed.stdout + json.dumps(as_json)
+    assert cape_cli("orgs", "revoke-token", made["id"], env=env).exit_code == 0
+    assert Cape(endpoint=shared_cape_server.url, token=acme["user_token"]).list_user_tokens()[1]["revoked_at"]
+    worker = cape_cli("tokens", "list", env=env_of(shared_cape_server, acme["organization_token"]))
+    assert worker.exit_code == 1 and "organization tokens may use only the worker endpoints" in worker.stderr
+
+
+def test_stopping_or_rejecting_twice_changes_nothing_and_exits_0(cape_server, cape_cli) -> None:
+    """Approving twice said "nothing changed" (exit 0), stopping or rejecting twice was a 409 (exit 1): a script that
+    stops a job to be sure failed when it had stopped already. The three take --json (the job's view)."""
+    world = build_job_world(cape_server, approve=False)
+    job_id = world["job"]["id"]
+    env = env_of(cape_server, world["orgs"]["xorg"]["user_token"])
+    first = cape_cli("jobs", "reject", job_id, "--reason", "not now", env=env)
+    assert (first.exit_code, first.stdout) == (0, f"Rejected job {job_id}; it is now Rejected.\n")
+    again = cape_cli("jobs", "reject", job_id, env=env)
+    assert (again.exit_code, again.stdout) == (0, f"Job {job_id} was already Rejected; nothing changed.\n")
+    assert json.loads(cape_cli("jobs", "reject", job_id, "--json", env=env).stdout)["status"] == "Rejected"
+
+    job_id = world["user"]["yorg"].post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg"}).json()["id"]
+    stopped = cape_cli("jobs", "stop", job_id, "--json", env=env)
+    assert stopped.exit_code == 0 and json.loads(stopped.stdout)["status"] == "Stopped"
+    again = cape_cli("jobs", "stop", job_id, env=env)
+    assert (again.exit_code, again.stdout) == (0, f"Job {job_id} was already Stopped; nothing changed.\n")
+    approved = cape_cli("jobs", "approve", job_id, "--json", env=env)
+    assert approved.exit_code == 1 and "already ended (Stopped)" in approved.stderr  # no approving an ended job

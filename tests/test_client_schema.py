@@ -91,7 +91,14 @@ def test_schema_from_file_errors_name_the_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage\n")
     with pytest.raises(BadArgument) as info:
         schema_from_file(binary)
-    assert str(info.value) == f"{binary} is neither a UTF-8 text CSV file nor a Parquet file"
+    assert str(info.value) == f"{binary} is neither a UTF-8 text CSV file nor a Parquet file (its header is not UTF-8)"
+    latin1 = tmp_path / "notes.csv"  # a value that is not UTF-8, in a column a job would not use (the workers read it)
+    latin1.write_bytes(b"x,note\n1,caf\xe9\n2,ok\n")
+    assert schema_from_file(latin1) == [{"name": "x", "type": "integer"}, {"name": "note", "type": "string"}]
+    text = tmp_path / "text.parquet"
+    text.write_text("hello\n")
+    with pytest.raises(BadArgument, match=f"^{text}: the name says Parquet, but the file does not start as Parquet"):
+        schema_from_file(text)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 cut short")
     with pytest.raises(BadArgument, match=f"^{broken} is not a readable Parquet file \\(.+\\)$"):

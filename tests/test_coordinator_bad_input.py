@@ -75,6 +75,11 @@ def test_malformed_bodies_name_the_field(world):
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "timeout": 0}), 422).startswith("field 'timeout':")
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "type": "logistic"}), 422).startswith(
         "field 'type':")
+    for name in ("a:b", "a,b"):
+        refused = admin.post("/v1/projects/demo/dataviews", json={"name": name, "uri": "s3://b/k.csv",
+                                                                  "schema": [{"name": "c", "type": "number"}]})
+        assert error(refused, 422) == ("field 'name': a dataview name cannot hold ':' or ',' (the CLI selects "
+                                       "columns as NAME:COL1,COL2)")
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "http://x"}), 422) == (
         "field 'model_location': give s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH")
     assert error(admin.post("/v1/projects/demo/jobs", json={**JOB, "model_location": "s3://"}), 422) == (

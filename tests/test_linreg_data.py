@@ -201,6 +201,23 @@ def test_a_file_that_is_not_utf8_text_says_so_without_a_traceback(tmp_path: Path
     np.testing.assert_array_equal(load_x(path, ["a"], name="x.csv"), [[1.0], [2.0]])  # an unused column may be
 
 
+def test_a_text_file_named_parquet_and_a_semicolon_header_are_said_so(tmp_path: Path) -> None:
+    text = tmp_path / "x.parquet"
+    text.write_text("hello\n1\n")
+    with pytest.raises(UnreadableDataError, match=r"^x.parquet: the name says Parquet, but the file does not start "
+                                                  r"as Parquet files do \(PAR1\); give a Parquet file, or a CSV file$"):
+        load_x(text, ["hello"], name="x.parquet")
+    semicolons = tmp_path / "x.csv"
+    semicolons.write_text("a;b\n1;2\n")
+    hint = " (the header is one column holding ';': only ',' separates columns; export the file with commas)"
+    with pytest.raises(MissingColumnError) as caught:
+        load_x(semicolons, ["a"], name="x.csv")
+    assert str(caught.value) == "x.csv: no column 'a'; the file has 'a;b'" + hint
+    with pytest.raises(NonNumericError) as caught:
+        load_x(semicolons, ["a;b"], name="x.csv")
+    assert str(caught.value) == "x.csv: column 'a;b' row 1: the value is not a number" + hint
+
+
 def test_bad_parquet_values(tmp_path: Path) -> None:
     path = tmp_path / "y.parquet"
     pq.write_table(pa.table({"y": pa.array([1.0, None, 3.0]), "s": ["1", "2", "x"], "when": pa.array([1, 2, 3], pa.timestamp("s"))}), path)

@@ -49,6 +49,9 @@ def schema_from_file(path: str | Path) -> Schema:
     try:
         with path.open("rb") as handle:
             parquet = handle.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+        if not parquet and path.suffix.lower() in (".parquet", ".pq"):  # the workers refuse it alike
+            raise BadArgument(f"{path}: the name says Parquet, but the file does not start as Parquet files do "
+                              "(PAR1); give a Parquet file, or a CSV file")
         schema = _parquet_schema(path) if parquet else _csv_schema(path)
     except FileNotFoundError:
         raise BadArgument(f"{path} does not exist; give the path of a local CSV or Parquet file") from None
@@ -165,20 +168,25 @@ def _check_unique(schema: Schema) -> None:
 
 
 def _csv_schema(path: Path) -> Schema:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if not header:
-                raise BadArgument(f"{path} has no header line; the first line must name the columns")
-            samples = list(itertools.islice(reader, SAMPLE_ROWS))
-    except UnicodeDecodeError:
-        raise BadArgument(f"{path} is neither a UTF-8 text CSV file nor a Parquet file") from None
+    # -sig: Excel's "CSV UTF-8" starts with a BOM. A value that is not UTF-8 (in a column no job may use; the
+    # workers read only the columns a job names) is a string; the names must be text.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise BadArgument(f"{path} has no header line; the first line must name the columns")
+        samples = list(itertools.islice(reader, SAMPLE_ROWS))
+    if any(_undecodable(name) for name in header):
+        raise BadArgument(f"{path} is neither a UTF-8 text CSV file nor a Parquet file (its header is not UTF-8)")
     schema = []
     for index, name in enumerate(header):
         values = [row[index].strip() for row in samples if index < len(row) and row[index].strip()]
         schema.append(_column(name.strip(), _guess_type(values)))
     return schema
+
+
+def _undecodable(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)  # surrogateescape's stand-ins for bytes that are not UTF-8
 
 
 def _parquet_schema(path: Path) -> Schema:

@@ -50,6 +50,11 @@ class Cape:
         """A new token for the calling user: ``{"id", "token"}``."""
         return self._session.post("/v1/tokens", {"description": description} if description else {})
 
+    def list_user_tokens(self) -> list[dict[str, Any]]:
+        """The calling user's own tokens, oldest first: ``{"id", "description", "created_at", "revoked_at",
+        "last_used_at"}``, never a secret."""
+        return self._session.get("/v1/tokens")
+
     def revoke_token(self, token_id: str) -> None:
         self._session.delete(f"/v1/tokens/{seg(token_id)}")
 

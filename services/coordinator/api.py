@@ -150,6 +150,12 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
             require_role(p, org_id, MANAGE_USERS, "see organization tokens")
             return identity.list_org_tokens(conn, org_id)
 
+    @router.get("/tokens", tags=["identity"], response_model=list[views.TokenInfo])
+    def list_user_tokens(p: Principal = Depends(person)) -> list[dict[str, Any]]:
+        # A person's own tokens: which id to revoke for a lost laptop, by the description given at `tokens create`.
+        with db.transaction() as conn:
+            return identity.list_user_tokens(conn, p.user_id or "")
+
     @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
         with db.transaction() as conn:

@@ -156,6 +156,11 @@ def list_org_tokens(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any
     return [{k: v for k, v in token.items() if k != "kind"} for token in list_tokens(conn, org_id=org_id)]
 
 
+def list_user_tokens(conn: sqlite3.Connection, user_id: str) -> list[dict[str, Any]]:
+    """A person's own tokens, oldest first, as `list_org_tokens`."""
+    return [{k: v for k, v in token.items() if k != "kind"} for token in list_tokens(conn, user_id=user_id)]
+
+
 def list_users(conn: sqlite3.Connection, org_id: str | None = None) -> list[dict[str, Any]]:
     """Every account (or an organization's members), by email, with its roles by organization label."""
     where, params = ("WHERE u.id IN (SELECT user_id FROM memberships WHERE org_id = ?)", (org_id,)) if org_id \

@@ -54,7 +54,9 @@ def _check_columns(dataview: sqlite3.Row, columns: list[str], field: str) -> Non
                                  f"(it has: {', '.join(schema) or 'none'})")
         if schema[column] not in NUMERIC_TYPES:
             raise InvalidRequest(f"field '{field}': column '{column}' of dataview '{dataview['name']}' is "
-                                 f"{schema[column]}, not numeric")
+                                 f"{schema[column]}, not numeric (its schema says so: a type guessed from a file is "
+                                 "string when one of its first rows is not a number; its owner fixes the file and "
+                                 "adds the dataview again)")
 
 
 def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str, body: dict[str, Any]) -> str:

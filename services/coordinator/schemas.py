@@ -126,8 +126,15 @@ class SchemaColumn(Body):
     type: Literal["number", "integer", "string"]
 
 
+def _selectable(name: str) -> str:
+    # `cape jobs submit --x NAME:COL,...` splits at the first ':' and at ','; a name holding one could not be chosen.
+    if ":" in name or "," in name:
+        raise ValueError("a dataview name cannot hold ':' or ',' (the CLI selects columns as NAME:COL1,COL2)")
+    return name
+
+
 class NewDataview(Body):
-    name: Name
+    name: Annotated[Name, AfterValidator(_selectable)]
     uri: Annotated[Text, StringConstraints(min_length=1, max_length=2000), AfterValidator(_readable_uri)]
     schema_: list[SchemaColumn] = Field(alias="schema", min_length=1, max_length=10000)
     organization: Ref | None = None

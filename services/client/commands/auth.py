@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from services.client.commands.output import CliContext, json_option, pass_cli, print_fields, print_json
+from services.client.commands.output import CliContext, json_option, pass_cli, print_fields, print_json, print_tokens
 from services.client.config import TOKEN_ENV, clean_token, load_config, save_config
 from services.client.errors import BadArgument
 from services.client.sdk import Cape
@@ -78,6 +78,20 @@ def describe(identity: dict[str, Any]) -> str:
 @click.group()
 def tokens() -> None:
     """Your own user tokens (an organization's worker tokens are under `cape orgs`)."""
+
+
+@tokens.command("list")
+@json_option
+@pass_cli
+def list_tokens(cli: CliContext, as_json: bool) -> None:
+    """List your own user tokens: ids, descriptions, when made, last used (to the minute) and revoked; never
+    secrets. The one this command uses is marked; revoke another with `cape orgs revoke-token ID`."""
+    cape = cli.cape()
+    found = cape.list_user_tokens()
+    if as_json:
+        print_json(found)
+        return
+    print_tokens(found, empty="No user tokens.", in_use=cape.token_id)
 
 
 @tokens.command("create")

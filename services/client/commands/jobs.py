@@ -122,13 +122,17 @@ DECIDE_FOR = "The data owner you decide for, if you may decide for both (admin o
 @jobs.command("approve")
 @click.argument("job_id")
 @click.option("--org", "organization", help=DECIDE_FOR)
+@json_option
 @pass_cli
 @org_option_errors
-def approve(cli: CliContext, job_id: str, organization: str | None) -> None:
+def approve(cli: CliContext, job_id: str, organization: str | None, as_json: bool) -> None:
     """Approve JOB for your organization's data (one organization per approval)."""
     job = cli.cape().get_job(job_id)
     before = dict(job.data.get("approvals") or {})
     job.approve(organization)
+    if as_json:
+        print_json(job.data)
+        return
     waiting = job.pending_approvals()
     waiting_for = f" (waiting for {', '.join(waiting)})" if waiting and job.status == "NeedsApproval" else ""
     if dict(job.data.get("approvals") or {}) == before:
@@ -142,21 +146,40 @@ def approve(cli: CliContext, job_id: str, organization: str | None) -> None:
 @click.argument("job_id")
 @click.option("--reason", help="Shown to the project's members.")
 @click.option("--org", "organization", help=DECIDE_FOR)
+@json_option
 @pass_cli
 @org_option_errors
-def reject(cli: CliContext, job_id: str, reason: str | None, organization: str | None) -> None:
-    """Reject JOB: it will not run."""
-    job = cli.cape().get_job(job_id).reject(reason, organization)
-    click.echo(f"Rejected job {job.id}; it is now {job.status}.")
+def reject(cli: CliContext, job_id: str, reason: str | None, organization: str | None, as_json: bool) -> None:
+    """Reject JOB: it will not run. Rejecting a job already Rejected changes nothing (exit 0)."""
+    job = cli.cape().get_job(job_id)
+    unchanged = job.status == "Rejected"
+    if not unchanged:
+        job.reject(reason, organization)
+    _decided(job, "rejected", unchanged, as_json)
 
 
 @jobs.command("stop")
 @click.argument("job_id")
+@json_option
 @pass_cli
-def stop(cli: CliContext, job_id: str) -> None:
-    """Stop JOB; the workers abandon it."""
-    job = cli.cape().get_job(job_id).stop()
-    click.echo(f"Stopped job {job.id}; it is now {job.status}.")
+def stop(cli: CliContext, job_id: str, as_json: bool) -> None:
+    """Stop JOB; the workers abandon it. Stopping a job already Stopped changes nothing (exit 0)."""
+    job = cli.cape().get_job(job_id)
+    unchanged = job.status == "Stopped"
+    if not unchanged:
+        job.stop()
+    _decided(job, "stopped", unchanged, as_json)
+
+
+def _decided(job: Job, verb: str, unchanged: bool, as_json: bool) -> None:
+    """What a reject or stop says; a job that was in that state before is said to be unchanged (a script that
+    stops a job "to be sure" must not fail because it had stopped already)."""
+    if as_json:
+        print_json(job.data)
+    elif unchanged:
+        click.echo(f"Job {job.id} was already {job.status}; nothing changed.")
+    else:
+        click.echo(f"{verb.capitalize()} job {job.id}; it is now {job.status}.")
 
 
 @jobs.command("watch")

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from services.client.commands.output import (
-    CliContext, json_option, pass_cli, print_fields, print_json, print_table,
+    CliContext, json_option, pass_cli, print_fields, print_json, print_table, print_tokens,
 )
 from services.client.errors import ApiError
 
@@ -155,10 +155,7 @@ def tokens(cli: CliContext, org: str, as_json: bool) -> None:
     if as_json:
         print_json(found)
         return
-    print_table(found, [("ID", lambda t: t.get("id")), ("DESCRIPTION", lambda t: t.get("description") or "-"),
-                        ("CREATED", lambda t: t.get("created_at")), ("LAST USED", lambda t: t.get("last_used_at") or "-"),
-                        ("REVOKED", lambda t: t.get("revoked_at") or "-")],
-                empty="No organization tokens.")
+    print_tokens(found, empty="No organization tokens.")
 
 
 @orgs.command("revoke-token")

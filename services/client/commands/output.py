@@ -60,6 +60,15 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=_jsonable))
 
 
+def print_tokens(found: list[dict[str, Any]], empty: str, in_use: str | None = None) -> None:
+    """A table of tokens: ids, descriptions and dates (never a secret); `in_use` marks the token of this command."""
+    print_table(found, [("ID", lambda t: t.get("id") + (" (this one)" if t.get("id") == in_use else "")),
+                        ("DESCRIPTION", lambda t: t.get("description") or "-"),
+                        ("CREATED", lambda t: t.get("created_at")), ("LAST USED", lambda t: t.get("last_used_at") or "-"),
+                        ("REVOKED", lambda t: t.get("revoked_at") or "-")],
+                empty=empty)
+
+
 def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
     """``key: value`` lines, keys aligned."""
     width = max(len(k) for k, _ in pairs)

@@ -145,7 +145,12 @@ def _read_head(stream: BinaryIO) -> bytes:
 def _kind(display: str, head: bytes) -> str:
     if not head:
         raise UnreadableDataError(display, "the file is empty; expected a CSV file with a header row, or Parquet")
-    return "parquet" if head[:4] == _PARQUET_MAGIC else "csv"
+    if head[:4] == _PARQUET_MAGIC:
+        return "parquet"
+    if display.lower().endswith((".parquet", ".pq")):  # read as CSV, it would fail in words about rows and columns
+        raise UnreadableDataError(display, "the name says Parquet, but the file does not start as Parquet files do "
+                                           "(PAR1); give a Parquet file, or a CSV file")
+    return "csv"
 
 
 def read_columns(source: Source, *, name: str | None = None) -> list[str]:

@@ -43,12 +43,20 @@ class UnreadableDataError(JobDataError):
         super().__init__(f"{file}: {reason}")
 
 
+def separator_hint(header: Sequence[str]) -> str:
+    """A hint for a header read as one column holding ';' (a spreadsheet's export in some locales), else ''."""
+    if len(header) == 1 and ";" in header[0]:
+        return " (the header is one column holding ';': only ',' separates columns; export the file with commas)"
+    return ""
+
+
 class MissingColumnError(JobDataError):
     """A requested column is not in the file."""
 
     def __init__(self, file: str, column: str, available: Sequence[str]) -> None:
         self.file, self.column, self.available = file, column, list(available)
-        super().__init__(f"{file}: no column {column!r}; the file has {shown_columns(self.available)}")
+        super().__init__(f"{file}: no column {column!r}; the file has {shown_columns(self.available)}"
+                         f"{separator_hint(self.available)}")
 
     def for_other_parties(self) -> str:
         """The message without the file's other column names: a job's error reaches every member of the project,
@@ -67,7 +75,7 @@ class NonNumericError(JobDataError):
         self.file, self.column, self.row = file, column, row
         # The cell's text is not quoted: job errors travel to the coordinator and the logs, where no data value may go.
         what = "the value is empty" if value is None or value.strip() == "" else "the value is not a number"
-        super().__init__(f"{file}: column {column!r} row {row}: {what}")
+        super().__init__(f"{file}: column {column!r} row {row}: {what}{separator_hint([column])}")
 
 
 class NonFiniteError(JobDataError):
