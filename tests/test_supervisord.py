@@ -288,6 +288,17 @@ def test_programs_stop_when_supervisord_is_killed(start_worker, tmp_path):
     assert left == {}, f"still running after supervisord was killed: {left}\n{worker.output[-2000:]}"
 
 
+def test_a_killed_supervisord_is_said_and_run_exits_137(start_worker, tmp_path):
+    """An OOM kill of supervisord: `run` exited 247 without a word, and the log simply stopped."""
+    worker = start_worker(worker_env(tmp_path, "org-oom"))
+    worker.wait_running()
+    supervisord = [p for p in psutil.Process(worker.proc.pid).children() if "supervisord" in " ".join(p.cmdline())]
+    supervisord[0].kill()
+    assert worker.wait_exit(30) == 137
+    assert ("cape-worker: supervisord was killed by signal SIGKILL (out of memory?); its programs stopped, and work "
+            "already handed over resumes at the next start") in worker.output
+
+
 def test_a_new_run_waits_for_programs_still_holding_the_spool(start_worker, tmp_path, monkeypatch):
     """Programs of a killed supervisord stop within seconds, but a run started at once must not start a second set
     beside them: they hold the spool's programs lock (shared) for their lives, and a run waits for it (then gives

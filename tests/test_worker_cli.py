@@ -7,6 +7,7 @@ a worker; a revoked token makes the worker unhealthy; a stopped worker's claims 
 is `--help`."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -514,8 +515,8 @@ def test_check_and_status_make_nothing_others_can_read(tmp_path):
 
     lines = {line[5:].split(" ", 1)[0]: line for line in cape_worker_022("check").stdout.splitlines()}
     spool, state = tmp_path / "w" / "spool", tmp_path / "w" / "state"
-    assert lines["spool"] == (f"ok   spool         {spool} does not exist yet; the worker will create it ({tmp_path} "
-                              "is writable)"), lines
+    assert re.fullmatch(rf"ok   spool         {re.escape(str(spool))} does not exist yet; the worker will create it "
+                        rf"\({re.escape(str(tmp_path))} is writable\), \d+ MiB free", lines["spool"]), lines
     assert lines["state"].startswith(f"ok   state         {state} does not exist yet;"), lines
     assert lines["keys"] == ("ok   keys          encryption_key.pem, signing_key.pem not in "
                              f"{state} yet; the worker makes them at its first start"), lines
@@ -585,3 +586,59 @@ def test_check_answers_within_seconds_from_an_s3_endpoint_that_never_answers(tmp
     assert code == 1 and elapsed < 30, (elapsed, out)
     assert lines["bucket"].startswith("FAIL bucket        S3 failed while writing s3://models/.cape-worker-check-"), out
     assert "ReadTimeoutError" in lines["bucket"], out
+
+
+def test_check_fails_a_spool_volume_with_less_room_than_the_messenger_keeps(tmp_path, monkeypatch):
+    """Below 256 MiB free the messenger takes no message in: `check` passed while every job stalled. Unit test: the
+    volume's free space is simulated."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from services.worker import checks
+    from services.worker.config import WorkerConfig
+
+    config = WorkerConfig.from_env(worker_env(tmp_path, "w"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(4 * 1024**2, 0, 4 * 1024**2))
+    result = checks.check_spool(config)
+    assert not result.ok and result.detail == (
+        f"{config.spool_dir}'s volume has 4 MiB free; the messenger keeps 256 MiB free (messages wait at the broker "
+        "below it) and a job needs room for its messages: give CAPE_SPOOL_DIR a volume with at least 512 MiB free "
+        "(at n = 10^6 rows and d = 32 columns, the y-owner's worker keeps 0.26 GB of messages)")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(8 * 1024**3, 0, 2 * 1024**3))
+    assert checks.check_spool(config).ok and checks.check_spool(config).detail.endswith(", 2048 MiB free")
+
+
+def test_check_says_when_another_worker_of_the_organization_holds_its_seat(shared_cape_server, tmp_path):
+    """Every line was ok while the coordinator refused this worker's keys (`health`: unhealthy)."""
+    from services.worker.keys import WorkerKeys
+
+    org = shared_cape_server.create_org("seat-held")
+    token = org["organization_token"]
+    env = worker_env(tmp_path, "second", CAPE_TOKEN=token, CAPE_COORDINATOR=shared_cape_server.url)
+    code, lines, out = check(env)
+    assert code == 0 and lines["coordinator"].endswith("logged in as organization seat-held"), out  # nobody yet
+    first = WorkerKeys.load_or_create(tmp_path / "first-state")
+    worker = Api(shared_cape_server, token)
+    assert worker.put("/v1/worker/keys", json=first.public_keys()).status_code == 204
+    assert worker.post("/v1/worker/heartbeat", json={"signing_public_key": first.signing_public_b64}
+                       ).status_code == 204
+    assert worker.get("/v1/worker/keys").json()["online"] is True
+    code, lines, out = check(env)
+    assert code == 1, out
+    assert re.fullmatch(r"FAIL coordinator   \S+: logged in as organization seat-held, but another worker of it, with "
+                        r"other keys, was heard from \d+ s ago: the coordinator would refuse this one; an organization "
+                        r"runs one worker \(stop the other, or give this one the other's CAPE_STATE_DIR\)",
+                        lines["coordinator"]), out
+    code, lines, out = check({**env, "CAPE_STATE_DIR": str(tmp_path / "first-state")})  # the holder itself
+    assert code == 0 and lines["coordinator"].endswith("logged in as organization seat-held"), out
+
+
+def test_check_never_prints_a_token_pasted_into_a_url_variable(tmp_path):
+    """The broker's line repeated CAPE_BROKER verbatim (a token pasted into CAPE_COORDINATOR, say)."""
+    port = free_port()
+    token = "0123456789abcdef0123456789abcdef,XNKf0QmHBqVhW0N2VTB51ztGpByecVacVja6D2RcpmU="
+    env = worker_env(tmp_path, "w", CAPE_TOKEN=token, CAPE_COORDINATOR=f"http://127.0.0.1:{port}/{token}")
+    code, lines, out = check(env)
+    assert code == 1 and "broker" in lines, out
+    assert "XNKf0QmHBqVhW0N2VTB51ztGpByecVacVja6D2RcpmU" not in out and "[REDACTED]" in lines["broker"], out

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from services.worker.config import (KNOWN_VARIABLES, NOT_SHOWN, OTHER_TOOLS_VARIABLES, Bucket, ConfigError,
-                                    LocalConfig, WorkerConfig, env_file_path, parse_bucket, unknown_variables)
+                                    LocalConfig, WorkerConfig, env_file_path, exposed_env_file, parse_bucket,
+                                    unknown_variables)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_buckets():
                                        AWS_ENDPOINT_URL="http://127.0.0.1:5000/"))
     assert config.bucket == Bucket("s3", "models", "p")
     assert config.cloudwatch is True
-    assert config.boto3_kwargs()["endpoint_url"] == "http://127.0.0.1:5000"
+    assert config.boto3_kwargs("s3")["endpoint_url"] == "http://127.0.0.1:5000"
 
 
 def test_dotenv_file_and_environment_wins(tmp_path):
@@ -255,6 +256,28 @@ def test_misspelled_aws_variables_are_named_and_real_ones_left_alone():
     assert not any(secret in w for w in warnings)
 
 
+def test_each_service_endpoint_wins_over_aws_endpoint_url_and_a_near_miss_is_warned_of():
+    """botocore's rule: AWS_ENDPOINT_URL_<SERVICE> over AWS_ENDPOINT_URL (the worker's explicit endpoint_url overrode
+    both). CloudWatch Logs' is AWS_ENDPOINT_URL_CLOUDWATCH_LOGS: the README named AWS_ENDPOINT_URL_LOGS, which
+    botocore ignores."""
+    config = WorkerConfig.from_env(env(AWS_ENDPOINT_URL="http://127.0.0.1:5000",
+                                       AWS_ENDPOINT_URL_S3="http://127.0.0.1:9000/"))
+    assert config.boto3_kwargs("s3")["endpoint_url"] == "http://127.0.0.1:9000"
+    assert config.boto3_kwargs("logs")["endpoint_url"] == "http://127.0.0.1:5000"
+    assert (config.endpoint_variable("s3"), config.endpoint_variable("logs")) == ("AWS_ENDPOINT_URL_S3",
+                                                                                  "AWS_ENDPOINT_URL")
+    logs_only = WorkerConfig.from_env(env(AWS_ENDPOINT_URL_CLOUDWATCH_LOGS="https://logs.example"))
+    assert logs_only.boto3_kwargs("logs")["endpoint_url"] == "https://logs.example"
+    assert "endpoint_url" not in logs_only.boto3_kwargs("s3")
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"):
+        with pytest.raises(ConfigError, match=f"^{variable}: is not an http\\(s\\) URL: 'notaurl'"):
+            WorkerConfig.from_env(env(**{variable: "notaurl"}))  # botocore raised ValueError in every program
+    assert unknown_variables({"AWS_ENDPOINT_URL_LOGS": "x", "AWS_ENDPOINT_URL_STS": "x",
+                              "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": "x"}) == [
+        "AWS_ENDPOINT_URL_LOGS is not a variable boto3 reads for the worker's S3 or CloudWatch Logs, so it is ignored; "
+        "did you mean AWS_ENDPOINT_URL_CLOUDWATCH_LOGS?"]
+
+
 def test_every_variable_the_worker_reads_is_known():
     """The worker's code, its supervisord configuration, its image and the tests' worker environment name only known
     variables (a new one must be added to KNOWN_VARIABLES, or every worker setting it would be warned)."""
@@ -263,3 +286,18 @@ def test_every_variable_the_worker_reads_is_known():
     named = {name for path in sources for name in re.findall(r"CAPE_[A-Z][A-Z0-9_]*[A-Z0-9]", path.read_text())}
     assert {"CAPE_TOKEN", "CAPE_RUN_DIR", "CAPE_PYTHON", "CAPE_WORKER_CONF", "CAPE_ENV_FILE"} <= named
     assert named - KNOWN_VARIABLES - OTHER_TOOLS_VARIABLES == set()
+
+
+def test_a_dotenv_file_with_the_token_that_others_can_read_is_warned_of(tmp_path):
+    """README's recipe left the organization token readable by every local user (mode 644) without a word, while
+    the worker refuses key files like that."""
+    dotenv = tmp_path / "worker.env"
+    dotenv.write_text(f"CAPE_TOKEN={TOKEN}\nCAPE_COORDINATOR=http://127.0.0.1:1\n")
+    dotenv.chmod(0o644)
+    assert exposed_env_file({"CAPE_ENV_FILE": str(dotenv)}) == [
+        f"{dotenv} holds CAPE_TOKEN and other users can read it (mode 644); run chmod 600 {dotenv}"]
+    dotenv.chmod(0o600)
+    assert exposed_env_file({"CAPE_ENV_FILE": str(dotenv)}) == []
+    dotenv.write_text("CAPE_COORDINATOR=http://127.0.0.1:1\n")
+    dotenv.chmod(0o644)
+    assert exposed_env_file({"CAPE_ENV_FILE": str(dotenv)}) == []  # no secret in it

@@ -223,6 +223,7 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
     room. The reserve is set above the volume's free space here, then lowered, instead of filling a disk."""
     import threading
 
+    from services.worker import health
     from services.worker import messenger as messenger_module
     from services.worker.broker_client import BrokerClient
 
@@ -248,15 +249,19 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
 
     y = job.seats["y_owner"]
     stop = threading.Event()
+    run_dir = tmp_path / "y-run"
+    run_dir.mkdir()
     messenger = Messenger(y.spool, y.keys, CountingBroker(job.broker_url, y.token, stop=stop), stop, long_poll=1.0,
-                          reserve_bytes=y.spool.free_bytes() + 10 * 1024**3)
+                          reserve_bytes=y.spool.free_bytes() + 10 * 1024**3, run_dir=run_dir)
     inbox = y.spool.inbox_path(job.id, "x_owner.block")
     with caplog.at_level(logging.INFO, logger="cape.messenger"):
         _run_receiver(messenger, 1.6)
         assert not inbox.exists() and 2 <= CountingBroker.lists <= 5, CountingBroker.lists
         held = [r.getMessage() for r in caplog.records if "waits at the broker" in r.getMessage()]
-        assert len(held) == 1 and held[0].startswith(f"job {job.id}: message x_owner.block (")
-        assert "the spool volume (CAPE_SPOOL_DIR) has" in held[0]
+        assert len(held) == 1 and held[0].startswith(f"message x_owner.block (1 MiB) of job {job.id} waits at the "
+                                                     "broker: the spool volume (CAPE_SPOOL_DIR) has ")
+        assert " MiB free and the messenger keeps " in held[0]
+        assert health.SPOOL_SHORT_OF_ROOM.read(run_dir)["message"] == held[0]  # `health` fails, `status` says it
         listed = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
                               headers={"Authorization": f"Bearer {y.token}"}).json()
         assert [m["name"] for m in listed] == ["x_owner.block"]  # not acknowledged: nothing lost
@@ -267,6 +272,7 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
     assert inbox.exists()
     np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "block"), block)
     assert f"job {job.id}: the spool volume has room again; taking its messages" in caplog.text
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
 
 
 def test_receiving_jobs_keeps_only_the_active_specs_and_reports_a_bad_one_once(tmp_path, caplog):

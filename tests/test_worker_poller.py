@@ -165,6 +165,28 @@ def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_se
     assert "the coordinator accepts this worker again" in caplog.text
 
 
+def test_a_coordinator_url_without_a_coordinator_is_recorded_for_the_health_check(cape_server, world, tmp_path,
+                                                                                  caplog, monkeypatch):
+    """CAPE_COORDINATOR one path off (404 on /v1/login): the worker showed healthy and `status` said nothing while it
+    retried for ever; and after a refusal cleared, "reachable again" was said of a coordinator that had answered."""
+    xorg = world["orgs"]["xorg"]["organization_token"]
+    poller, _ = make_poller(tmp_path, f"{cape_server.url}/cape", xorg, shared_keys_dir(tmp_path, xorg))
+    run_dir = poller.config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)  # the keys dir is shared by the module's pollers
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.run(max_cycles=1)
+    record = health.COORDINATOR_MISADDRESSED.read(run_dir)
+    assert record is not None and record["message"] == (
+        f"the server at {cape_server.url}/cape has no POST /v1/login (no such endpoint; see /openapi.json); check "
+        "CAPE_COORDINATOR: the coordinator's base URL, without /v1")
+    assert health.COORDINATOR_MISADDRESSED in health.HEALTH_RECORDS
+    poller.client = CoordinatorClient(cape_server.url, xorg, timeout=5)
+    poller.run(max_cycles=1)
+    assert health.COORDINATOR_MISADDRESSED.read(run_dir) is None
+    assert "reachable again" not in caplog.text  # it answered all along
+
+
 def test_backoff_doubles_and_caps():
     backoff = Backoff(0.5, cap=4)
     assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]

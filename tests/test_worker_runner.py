@@ -222,6 +222,40 @@ def test_an_unforeseen_failure_is_reported_without_its_details(cape_server, tmp_
     assert "/secret/bank/x.csv row 7: 1234.5" in caplog.text  # its operator still finds what happened
 
 
+def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_second(tmp_path, caplog,
+                                                                                       monkeypatch):
+    """A full spool volume: the claim raised out of the job thread, which the scan started again every second (600
+    traceback lines in 20 s). Unit test: the volume's refusal is simulated."""
+    import errno
+
+    from services.worker import runner as runner_module
+    from tests.support.worker_messaging import worker_job
+
+    monkeypatch.setattr(runner_module, "CLAIM_RETRY_SECONDS", 0.01)
+    keys = WorkerKeys.load_or_create(tmp_path / "state")
+    spool = Spool(tmp_path / "spool")
+    job_id = "c" * 32
+    spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
+    real_claim = Spool.claim
+    monkeypatch.setattr(Spool, "claim", lambda self, j: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left "
+                                                                                                     "on device")))
+    runner = Runner(spool, keys)
+    caplog.set_level(logging.INFO, logger="cape.runner")
+    assert [runner.run_job(job_id) for _ in range(3)] == ["waiting"] * 3
+    refusals = [r.getMessage() for r in caplog.records if "cannot claim" in r.getMessage()]
+    assert refusals == [f"job {job_id}: cannot claim it in the spool (No space left on device); make "
+                        "CAPE_SPOOL_DIR's volume writable, with free space; trying again every 0 s"]
+    assert "Traceback" not in caplog.text and not spool.is_claimed(job_id)
+    monkeypatch.setattr(Spool, "claim", real_claim)
+    monkeypatch.setattr(Runner, "_run", lambda self, j, resumed: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    assert runner.run_job(job_id) == "error"
+    assert f"job {job_id}: claimed; the spool takes writes again" in caplog.text
+    assert statuses(spool, job_id)[-1]["message"] == (
+        "the worker's spool volume refused a write (full or read-only); its operator frees space on CAPE_SPOOL_DIR's "
+        "volume, then the job is submitted again")
+
+
 def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):
     job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "nope.csv").as_uri())
     x = job.seats["x_owner"]

@@ -219,5 +219,5 @@ def test_a_job_stopped_before_its_upload_is_not_published(tmp_path, caplog):
 def test_temporary_credentials_carry_their_session_token(tmp_path):
     config = make_config(tmp_path, AWS_ACCESS_KEY_ID="ASIAEXAMPLE", AWS_SECRET_ACCESS_KEY="secret/key",
                          AWS_SESSION_TOKEN="session-token-value")
-    assert config.boto3_kwargs()["aws_session_token"] == "session-token-value"
+    assert config.boto3_kwargs("s3")["aws_session_token"] == "session-token-value"
     assert "session-token-value" in config.secrets and "session-token-value" not in repr(config)

@@ -286,6 +286,12 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     # --- worker endpoints --------------------------------------------------------------------------------------
 
+    @router.get("/worker/keys", tags=["worker"], response_model=views.RegisteredKeys)
+    def get_keys(p: Principal = Depends(worker)) -> dict[str, Any]:
+        # `cape-worker check`: would this worker's keys be refused (another worker of the organization heard from)?
+        with db.transaction() as conn:
+            return workers.registered_keys_view(conn, p.org_id or "")
+
     @router.put("/worker/keys", status_code=204, tags=["worker"])
     def put_keys(body: WorkerKeys, p: Principal = Depends(worker)) -> Response:
         # A job is served to its workers only once all three registered keys: the last one's makes it appear.

@@ -89,6 +89,17 @@ class TokenInfo(View):
                                                            "null if never")
 
 
+class RegisteredKeys(View):
+    registered: bool = Field(description="a worker of the organization registered public keys")
+    encryption_public_key: str | None
+    signing_public_key: str | None
+    keys_updated_at: str | None
+    last_seen: str | None = Field(description="the last heartbeat of the worker holding these keys")
+    seconds_since_seen: float | None
+    online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s: other keys "
+                         "are refused meanwhile")
+
+
 class WorkerStatus(View):
     registered: bool = Field(description="the worker registered its public keys")
     keys_updated_at: str | None

@@ -64,6 +64,17 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
         else None
 
 
+def registered_keys_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
+    """What a worker of the organization may see before it registers (`cape-worker check`): the public keys the
+    coordinator holds for it and whether the worker that registered them is heard from."""
+    row = conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
+    keys = (row["encryption_public_key"], row["signing_public_key"]) if row is not None else (None, None)
+    return {"registered": keys[0] is not None, "encryption_public_key": keys[0], "signing_public_key": keys[1],
+            "keys_updated_at": row["keys_updated_at"] if row is not None else None,
+            "last_seen": row["last_seen"] if row is not None else None,
+            **liveness(row["last_seen"] if row is not None else None)}
+
+
 def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
     """What an organization's members may see of their worker: keys registered, last heartbeat and whether it is
     recent, program states."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,21 +24,24 @@ import requests
 from services.connection_errors import connection_problem
 from services.worker import health, keys
 from services.worker.api_errors import error_of
-from services.worker.config import ConfigError, WorkerConfig, unknown_variables
+from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
 from services.worker.logs import make_unless_there
+from services.worker.spool import RESERVE_BYTES
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
 # AWS's codes for credentials it does not accept (unknown key, wrong secret, expired session token).
 _BAD_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
                     "InvalidClientTokenId", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-KEY_FILES = tuple(keys.KEY_KINDS)
 # What the coordinator and the broker checks say of a token they refuse.
 USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
               "an admin of ORG)")
 NEW_TOKEN = "create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
+
+
+SPOOL_LEAST_FREE_BYTES = RESERVE_BYTES + 256 * 1024**2  # below it `check` fails: the messenger's reserve and a job
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def run_checks(environ: Mapping[str, str]) -> list[CheckResult]:
 def iter_checks(environ: Mapping[str, str]) -> Iterator[CheckResult]:
     """The checks one at a time, each as soon as it is done (one that waits on the network shows which)."""
     # A misspelled variable may be why the configuration is invalid (a required one unset): warn either way.
-    warnings = [CheckResult("variables", True, text, warning=True) for text in unknown_variables(environ)]
+    warnings = [CheckResult("variables", True, text, warning=True) for text in setting_warnings(environ)]
     try:
         config = WorkerConfig.from_env(environ)
     except ConfigError as exc:
@@ -70,11 +74,31 @@ def iter_checks(environ: Mapping[str, str]) -> Iterator[CheckResult]:
     warnings += [CheckResult("transport", True, text, warning=True) for text in config.warnings()]
     yield CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}")
     yield from warnings
-    yield check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR")
+    yield check_spool(config)
     for check in (check_state, check_keys, check_coordinator, check_broker, check_bucket):
         yield check(config)
     if config.cloudwatch:
         yield check_cloudwatch(config)
+
+
+def check_spool(config: WorkerConfig) -> CheckResult:
+    """The spool is writable, on a volume with more free than the messenger keeps (below it, messages wait at the
+    broker and no job can go on)."""
+    result = check_directory("spool", config.spool_dir, "CAPE_SPOOL_DIR")
+    if not result.ok:
+        return result
+    existing = config.spool_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < SPOOL_LEAST_FREE_BYTES:
+        return CheckResult("spool", False, f"{config.spool_dir}'s volume has {free // 1024**2} MiB free; the "
+                                           f"messenger keeps {RESERVE_BYTES // 1024**2} MiB free (messages wait at "
+                                           "the broker below it) and a job needs room for its messages: give "
+                                           f"CAPE_SPOOL_DIR a volume with at least {SPOOL_LEAST_FREE_BYTES // 1024**2} "
+                                           "MiB free (at n = 10^6 rows and d = 32 columns, the y-owner's worker "
+                                           "keeps 0.26 GB of messages)")
+    return CheckResult("spool", True, f"{result.detail}, {free // 1024**2} MiB free")
 
 
 def check_directory(name: str, path: Path, variable: str) -> CheckResult:
@@ -117,16 +141,13 @@ def check_keys(config: WorkerConfig) -> CheckResult:
     """The key files load as each program loads them at start (keys.py: mode 0600, a private key). Missing ones are
     made at the first start; this check makes none."""
     folder = config.state_dir
-    present = [name for name in KEY_FILES if (folder / name).exists()]
     try:
-        for name in present:
-            keys.load_key_file(folder / name)
+        missing = keys.check_key_files(folder)
     except KeyFileError as exc:
         return CheckResult("keys", False, str(exc))
     except OSError as exc:
         return CheckResult("keys", False, f"cannot read the key files in {folder} ({exc.strerror}); let this user "
                                           "read CAPE_STATE_DIR")
-    missing = [name for name in KEY_FILES if name not in present]
     if missing:
         return CheckResult("keys", True, f"{', '.join(missing)} not in {folder} yet; the worker makes "
                                          f"{'it' if len(missing) == 1 else 'them'} at its first start")
@@ -134,17 +155,41 @@ def check_keys(config: WorkerConfig) -> CheckResult:
 
 
 def check_coordinator(config: WorkerConfig) -> CheckResult:
+    """Log in; then whether the coordinator would take this worker's keys (another worker of the organization, with
+    other keys and heard from, holds its seat: `run` would be refused, and `health` fail)."""
     client = CoordinatorClient(config.coordinator, config.token, timeout=CHECK_TIMEOUT)
     try:
         identity = client.login()
+        if identity.get("kind") != "organization":
+            return CheckResult("coordinator", False, USER_TOKEN)
+        registered = client.registered_keys()
     except CoordinatorError as exc:
         return CheckResult("coordinator", False, str(exc))
     finally:
         client.close()
-    if identity.get("kind") != "organization":
-        return CheckResult("coordinator", False, USER_TOKEN)
     label = (identity.get("organization") or {}).get("label", "?")
-    return CheckResult("coordinator", True, f"{config.coordinator}: logged in as organization {label}")
+    logged_in = f"{config.coordinator}: logged in as organization {label}"
+    if not registered or not registered.get("registered") or _local_public_keys(config) == (
+            registered.get("encryption_public_key"), registered.get("signing_public_key")):
+        return CheckResult("coordinator", True, logged_in)
+    if registered.get("online"):
+        return CheckResult("coordinator", False, f"{logged_in}, but another worker of it, with other keys, was heard "
+                                                 f"from {registered.get('seconds_since_seen') or 0:.0f} s ago: the "
+                                                 "coordinator would refuse this one; an organization runs one worker "
+                                                 "(stop the other, or give this one the other's CAPE_STATE_DIR)")
+    return CheckResult("coordinator", True, f"{logged_in}; it holds the keys of another worker of {label}, last heard "
+                                            f"from at {registered.get('last_seen') or 'no time'}: this one replaces "
+                                            "them at its start")
+
+
+def _local_public_keys(config: WorkerConfig) -> tuple[str, str] | None:
+    """This worker's public keys, if both key files are there and load (the keys check says why not)."""
+    try:
+        private = [keys.load_key_file(config.state_dir / name) for name in (keys.ENCRYPTION_KEY_FILE,
+                                                                            keys.SIGNING_KEY_FILE)]
+    except (KeyFileError, OSError):
+        return None
+    return keys.b64_raw_public(private[0].public_key()), keys.b64_raw_public(private[1].public_key())
 
 
 def check_broker(config: WorkerConfig) -> CheckResult:
@@ -209,7 +254,7 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
     stream = f"{config.worker_name}/check"
     try:
         client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
-                              **config.boto3_kwargs())
+                              **config.boto3_kwargs("logs"))
         made = make_unless_there(client.create_log_group, logGroupName=config.log_group)
         make_unless_there(client.create_log_stream, logGroupName=config.log_group, logStreamName=stream)
         client.put_log_events(logGroupName=config.log_group, logStreamName=stream, logEvents=[
@@ -230,11 +275,11 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
                                                     "or set CAPE_CLOUDWATCH=off")
         return CheckResult("cloudwatch", False, f"CloudWatch Logs answered {exc.operation_name} with {code} "
                                                 f"({error.get('Message') or 'no message'}); check AWS_REGION and "
-                                                "AWS_ENDPOINT_URL, or set CAPE_CLOUDWATCH=off")
+                                                f"{config.endpoint_variable('logs')}, or set CAPE_CLOUDWATCH=off")
     except BotoCoreError as exc:
         verb = "reach" if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)) else "use"
         return CheckResult("cloudwatch", False, f"cannot {verb} CloudWatch Logs ({type(exc).__name__}: {exc}); check "
-                                                "AWS_REGION / AWS_ENDPOINT_URL / AWS_PROFILE, or set "
+                                                f"AWS_REGION / {config.endpoint_variable('logs')} / AWS_PROFILE, or set "
                                                 "CAPE_CLOUDWATCH=off")
     return CheckResult("cloudwatch", True, f"log group {config.log_group}{' (made now)' if made else ''}: wrote a "
                                            f"test event to stream {stream}")

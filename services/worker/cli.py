@@ -20,7 +20,8 @@ from services.file_locks import lock_file
 from services.tables import cell_text
 from services.worker import health as health_mod
 from services.worker import reaper
-from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, unknown_variables
+from services.worker.keys import KeyFileError, check_key_files
+from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
@@ -58,7 +59,7 @@ def _config_or_exit(load: Callable[[], T] = WorkerConfig.from_env) -> T:
     (exit 2)."""
     try:
         _load_dotenv()
-        for warning in unknown_variables(os.environ):
+        for warning in setting_warnings(os.environ):
             click.echo(f"cape-worker: warning: {warning}", err=True)
         return load()
     except ConfigError as exc:
@@ -111,6 +112,12 @@ def run() -> None:
     socket_problem = health_mod.socket_path_problem(config.run_dir)  # `check` fails on it too
     if socket_problem:
         click.echo(f"cape-worker: {socket_problem}", err=True)
+        sys.exit(2)
+    try:  # as each program loads them: a bad one would make all four fail, restart and end FATAL
+        check_key_files(config.state_dir)
+    except (KeyFileError, OSError) as exc:
+        click.echo(f"cape-worker: {exc if isinstance(exc, KeyFileError) else exc.strerror}; see `cape-worker check`",
+                   err=True)
         sys.exit(2)
     _for_this_user_only()  # inherited by supervisord and the four programs
     try:
@@ -173,6 +180,11 @@ def run() -> None:
         click.echo(f"cape-worker: program {fatal.get('program', '?')} kept failing (FATAL); the worker stopped. "
                    "See its log lines above; `cape-worker check` tests the configuration.", err=True)
         sys.exit(3)
+    if code < 0:  # killed: by the kernel's OOM killer, most often, which leaves no line of its own
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        click.echo(f"cape-worker: supervisord was killed by signal {name}{' (out of memory?)' if -code == 9 else ''};"
+                   " its programs stopped, and work already handed over resumes at the next start", err=True)
+        sys.exit(128 - code)  # the shell's convention: 137 for SIGKILL
     sys.exit(code)
 
 
@@ -236,6 +248,8 @@ def _relay(read_fd: int, out_fd: int) -> None:
 def check() -> None:
     """Validate the configuration and reach each endpoint: one line per check, non-zero exit on failure."""
     from services.worker.checks import CheckResult, iter_checks  # boto3, numpy: not loaded for `health` (every 30 s)
+    from services.worker.config import SECRET_VARIABLES
+    from services.worker.logs import redact
 
     try:
         _load_dotenv()
@@ -244,8 +258,10 @@ def check() -> None:
         sys.exit(1)
     _for_this_user_only()  # its probe and scratch files, and any folder a library makes
     ok = True
+    secrets = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    secrets += [secret.split(",", 1)[-1] for secret in secrets if "," in secret]  # a token's secret half alone
     for result in iter_checks(os.environ):  # each line as its check ends: a slow endpoint shows which it is
-        click.echo(result.line())
+        click.echo(redact(result.line(), secrets))  # a secret pasted into a URL variable is in the broker's lines
         ok = ok and result.ok
     sys.exit(0 if ok else 1)
 
@@ -280,6 +296,8 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
                                "supervisor_error": problem, "login_refused": notes[health_mod.LOGIN_REFUSED],
                                "coordinator_untrusted": notes[health_mod.COORDINATOR_UNTRUSTED],
                                "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
+                               "coordinator_misaddressed": notes[health_mod.COORDINATOR_MISADDRESSED],
+                               "spool_short_of_room": notes[health_mod.SPOOL_SHORT_OF_ROOM],
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
@@ -297,7 +315,7 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
         click.echo(f"  {name:<10} {state}")
     for record, note in notes.items():
         if note is not None:
-            click.echo(f"coordinator: {record.line(note)}")
+            click.echo(f"{record.topic}: {record.line(note)}")
     if not spool_exists:
         click.echo(f"jobs: {config.spool_dir} does not exist (the worker makes it at start); is CAPE_SPOOL_DIR the "
                    "worker's?")
@@ -319,8 +337,8 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
 
 @main.command()
 def health() -> None:
-    """Exit 0 only if all four programs are RUNNING, the coordinator accepts the token and its TLS is trusted
-    (Docker HEALTHCHECK)."""
+    """Exit 0 only if all four programs are RUNNING, CAPE_COORDINATOR leads to a coordinator that accepts the token
+    and whose TLS is trusted, and the spool volume has room (Docker HEALTHCHECK)."""
     try:
         _load_dotenv()
     except ConfigError as exc:

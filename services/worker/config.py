@@ -57,8 +57,10 @@ OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR", "CAPE_SERVER_TLS_CERT
 DOCUMENTED_AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_CA_BUNDLE")
 _AWS_TYPO_CUTOFF = 0.78
-# botocore reads AWS_ENDPOINT_URL_<SERVICE> for any service; a service's name is not checked here.
+# botocore reads AWS_ENDPOINT_URL_<SERVICE ID> for any service. The worker reads the two it uses itself, each in
+# place of AWS_ENDPOINT_URL for its service (botocore's rule; an explicit endpoint_url would override both).
 _AWS_SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"
+SERVICE_ENDPOINT_VARIABLES = {"s3": "AWS_ENDPOINT_URL_S3", "logs": "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"}
 # requests, which the worker's clients use, trusts the CAs in this file (or directory) for https:// instead of its
 # own bundle: how a coordinator with a private CA's certificate is reached.
 CA_BUNDLE_VARIABLE = "REQUESTS_CA_BUNDLE"
@@ -141,6 +143,7 @@ class WorkerConfig:
     log_group: str = DEFAULT_LOG_GROUP
     aws_region: str = DEFAULT_REGION
     aws_endpoint_url: str | None = None
+    aws_service_endpoints: dict[str, str] = field(default_factory=dict)  # "s3"/"logs" -> its own endpoint
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
     aws_session_token: str | None = field(default=None, repr=False)  # temporary credentials (assume-role, SSO)
@@ -171,17 +174,23 @@ class WorkerConfig:
         """Where supervisord's socket and the FATAL marker live."""
         return self.state_dir / "run"
 
-    def boto3_kwargs(self) -> dict[str, str]:
-        """Keyword arguments for `boto3.client(...)` (region, endpoint, explicit keys when given)."""
+    def boto3_kwargs(self, service: str) -> dict[str, str]:
+        """Keyword arguments for `boto3.client(service, ...)` ("s3" or "logs"): region, the service's endpoint
+        (its own variable, else AWS_ENDPOINT_URL), explicit keys when given."""
         kwargs = {"region_name": self.aws_region}
-        if self.aws_endpoint_url:
-            kwargs["endpoint_url"] = self.aws_endpoint_url
+        endpoint = self.aws_service_endpoints.get(service) or self.aws_endpoint_url
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
         if self.aws_access_key_id and self.aws_secret_access_key:
             kwargs["aws_access_key_id"] = self.aws_access_key_id
             kwargs["aws_secret_access_key"] = self.aws_secret_access_key
             if self.aws_session_token:
                 kwargs["aws_session_token"] = self.aws_session_token
         return kwargs
+
+    def endpoint_variable(self, service: str) -> str:
+        """The variable that sets `service`'s endpoint, for messages ("check AWS_ENDPOINT_URL_S3")."""
+        return SERVICE_ENDPOINT_VARIABLES[service] if service in self.aws_service_endpoints else "AWS_ENDPOINT_URL"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = None
@@ -201,6 +210,9 @@ class WorkerConfig:
         _check_ca_bundle(env.get(CA_BUNDLE_VARIABLE, ""))
         endpoint = _parse_http_url("AWS_ENDPOINT_URL", get("AWS_ENDPOINT_URL"), show, required=False,
                                    example=_S3_ENDPOINT_EXAMPLE) or None
+        service_endpoints = {service: url for service, variable in SERVICE_ENDPOINT_VARIABLES.items()
+                             if (url := _parse_http_url(variable, get(variable), show, required=False,
+                                                        example=_S3_ENDPOINT_EXAMPLE))}
         access_key, secret_key = get("AWS_ACCESS_KEY_ID") or None, get("AWS_SECRET_ACCESS_KEY") or None
         if bool(access_key) != bool(secret_key):
             missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
@@ -238,6 +250,7 @@ class WorkerConfig:
             log_group=log_group,
             aws_region=region,
             aws_endpoint_url=endpoint,
+            aws_service_endpoints=service_endpoints,
             aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
             aws_session_token=get("AWS_SESSION_TOKEN") or None,
@@ -253,12 +266,38 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     warnings = [_unknown_variable_warning(name) for name in names
                 if name.startswith("CAPE_") and name not in KNOWN_VARIABLES | OTHER_TOOLS_VARIABLES]
     for name in names:
-        if (name.startswith("AWS_") and not name.startswith(_AWS_SERVICE_ENDPOINT_PREFIX)
-                and name not in _botocore_variables() and name not in DOCUMENTED_AWS_VARIABLES):
+        if name.startswith(_AWS_SERVICE_ENDPOINT_PREFIX):
+            warnings += _service_endpoint_warning(name)
+        elif (name.startswith("AWS_") and name not in _botocore_variables()
+              and name not in DOCUMENTED_AWS_VARIABLES):
             close = difflib.get_close_matches(name, DOCUMENTED_AWS_VARIABLES, n=1, cutoff=_AWS_TYPO_CUTOFF)
             if close:
                 warnings.append(f"{name} is not a variable boto3 reads, so it is ignored; did you mean {close[0]}?")
     return warnings
+
+
+def _service_endpoint_warning(name: str) -> list[str]:
+    """AWS_ENDPOINT_URL_LOGS and the like: close to one the worker reads, and not another service's (botocore names
+    the variable after a service's id, CLOUDWATCH_LOGS, not its client name, logs, so that one is said too)."""
+    suffix = name[len(_AWS_SERVICE_ENDPOINT_PREFIX):]
+    if name in SERVICE_ENDPOINT_VARIABLES.values() or (suffix != "LOGS"
+                                                        and suffix.lower().replace("_", "-") in _aws_service_names()):
+        return []
+
+    def likeness(variable: str) -> float:  # by the service part: LOGS is in CLOUDWATCH_LOGS, CLOUDWATCHLOGS near it
+        used = variable[len(_AWS_SERVICE_ENDPOINT_PREFIX):]
+        return 1.0 if suffix in used else difflib.SequenceMatcher(None, suffix, used).ratio()
+
+    closest = max(SERVICE_ENDPOINT_VARIABLES.values(), key=likeness)
+    return [f"{name} is not a variable boto3 reads for the worker's S3 or CloudWatch Logs, so it is ignored; did "
+            f"you mean {closest}?"] if likeness(closest) >= _AWS_TYPO_CUTOFF else []
+
+
+@functools.cache
+def _aws_service_names() -> frozenset[str]:
+    import botocore.session
+
+    return frozenset(botocore.session.get_session().get_available_services())
 
 
 @functools.cache
@@ -283,6 +322,27 @@ def _unknown_variable_warning(name: str) -> str:
     close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES), n=1, cutoff=0.7)
     hint = f"did you mean {close[0]}?" if close else "check its name against the worker's variables in the README"
     return f"{name} is not a variable the worker reads, so it is ignored; {hint}"
+
+
+def setting_warnings(environ: Mapping[str, str]) -> list[str]:
+    """What `check` and `run` warn of in the settings: misspelled variables, and a `.env` file holding a secret that
+    other users can read (the worker refuses key files such as that)."""
+    return unknown_variables(environ) + exposed_env_file(environ)
+
+
+def exposed_env_file(environ: Mapping[str, str]) -> list[str]:
+    """A warning if the `.env` file in use defines CAPE_TOKEN or an AWS secret and is readable by other users."""
+    try:
+        path = env_file_path(environ)
+        if path is None:
+            return []
+        mode = stat.S_IMODE(path.stat().st_mode)
+        held = [name for name in SECRET_VARIABLES if dotenv_values(path).get(name)]
+    except (ConfigError, OSError):
+        return []  # the configuration's own check says what is wrong with the file
+    if not held or not mode & 0o077:
+        return []
+    return [f"{path} holds {' and '.join(held)} and other users can read it (mode {mode:o}); run chmod 600 {path}"]
 
 
 def env_file_path(environ: Mapping[str, str]) -> Path | None:

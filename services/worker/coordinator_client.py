@@ -29,6 +29,14 @@ class CoordinatorUntrusted(CoordinatorUnreachable):
     speak TLS, or the CA file cannot be read. Retrying will not fix it: it needs the operator."""
 
 
+class CoordinatorMisaddressed(CoordinatorError):
+    """The server at CAPE_COORDINATOR answered, but has no login: not a Cape coordinator, or not its base URL."""
+
+
+class CoordinatorNoRoute(CoordinatorError):
+    """404/405 without a Cape error of its own: the coordinator has no such route (an older version)."""
+
+
 class CoordinatorAuthError(CoordinatorError):
     """The coordinator refused CAPE_TOKEN (401/403)."""
 
@@ -63,6 +71,14 @@ class CoordinatorClient:
     def login(self) -> dict[str, Any]:
         """`POST /v1/login`; returns the identity (`kind`, `organization`, ...)."""
         return self._request("POST", "/v1/login").json()
+
+    def registered_keys(self) -> dict[str, Any] | None:
+        """`GET /v1/worker/keys`: the keys the coordinator holds for this organization and whether their worker is
+        heard from; None from an older coordinator without the route."""
+        try:
+            return self._request("GET", "/v1/worker/keys").json()
+        except CoordinatorNoRoute:
+            return None
 
     def register_keys(self, encryption_public_key: str, signing_public_key: str) -> None:
         """`PUT /v1/worker/keys` with base64 raw public keys."""
@@ -132,9 +148,14 @@ class CoordinatorClient:
             raise SeatTaken(f"the coordinator at {self.base_url} refused this worker: {message}")
         if response.status_code == 409 and job_id is not None:
             raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
+        if response.status_code in (404, 405) and path == "/v1/login":
+            raise CoordinatorMisaddressed(f"the server at {self.base_url} has no {method} {path} ({message}); check "
+                                          "CAPE_COORDINATOR: the coordinator's base URL, without /v1")
         if response.status_code == 403 and path == "/v1/login":
             raise CoordinatorAuthError(f"the coordinator refused CAPE_TOKEN: {message}")
-        raise CoordinatorError(f"{method} {path} failed with {response.status_code} {code or 'error'}: {message}")
+        kind = CoordinatorNoRoute if response.status_code in (404, 405) and code in (None, "not_found") else \
+            CoordinatorError
+        raise kind(f"{method} {path} failed with {response.status_code} {code or 'error'}: {message}")
 
 
 def _status_in(message: str) -> str:

@@ -79,5 +79,5 @@ def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory) -> None:
         raise MissingFileError(uri, "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                                hint=None) from None
     except BotoCoreError as exc:
-        raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL and the "
-                                    "network") from None
+        raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL (or "
+                                    "AWS_ENDPOINT_URL_S3) and the network") from None

@@ -69,12 +69,13 @@ def program_states(run_dir: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class PollerRecord:
-    """A condition the poller records in the run dir for `health` and `status` while it lasts: since when (kept
-    from its first record) and why. `message` never holds the token."""
+    """A condition a program (the poller, mostly) records in the run dir for `health` and `status` while it lasts:
+    since when (kept from its first record) and why. `message` never holds the token."""
 
     name: str
     unreadable: str  # the message of a record that is not ours (written whole by os.replace): still the condition
     headline: str
+    topic: str = "coordinator"  # what `status` says it is about
 
     def record(self, run_dir: Path, message: str) -> None:
         path = run_dir / self.name
@@ -117,9 +118,17 @@ COORDINATOR_UNREACHABLE = PollerRecord("coordinator-unreachable", "the coordinat
 # A health failure too: a TLS setup that cannot work (an untrusted or expired certificate) needs the operator.
 COORDINATOR_UNTRUSTED = PollerRecord("coordinator-untrusted", "the coordinator's TLS failed",
                                      "this worker cannot trust the coordinator's TLS")
-POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_UNREACHABLE)
+# A health failure: the server at CAPE_COORDINATOR answers, but is no Cape coordinator (or not at its base URL).
+COORDINATOR_MISADDRESSED = PollerRecord("coordinator-misaddressed", "CAPE_COORDINATOR leads to no Cape coordinator",
+                                        "CAPE_COORDINATOR does not lead to a Cape coordinator")
+# Written by the messenger: messages wait at the broker rather than take the spool volume below its reserve, so the
+# worker's jobs cannot go on until the operator makes room.
+SPOOL_SHORT_OF_ROOM = PollerRecord("spool-short-of-room", "the spool volume is short of room",
+                                   "the spool volume is short of room; messages wait at the broker", topic="spool")
+POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, COORDINATOR_UNREACHABLE,
+                  SPOOL_SHORT_OF_ROOM)
 # What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).
-HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED)
+HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, SPOOL_SHORT_OF_ROOM)
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:

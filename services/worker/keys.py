@@ -108,6 +108,15 @@ def _load_or_create(path: Path):  # type: ignore[no-untyped-def]
     return load_key_file(path)
 
 
+def check_key_files(state_dir: Path) -> list[str]:
+    """Load the key files present in `state_dir` as the programs will (KeyFileError, or OSError if unreadable);
+    returns the names of those still missing, which the first start makes."""
+    present = [name for name in KEY_KINDS if (state_dir / name).exists()]
+    for name in present:
+        load_key_file(state_dir / name)
+    return [name for name in KEY_KINDS if name not in present]
+
+
 def load_key_file(path: Path):  # type: ignore[no-untyped-def]
     """The private key in `path` (one of KEY_KINDS), which only its owner may read; KeyFileError says what is wrong
     (`check` runs this on the files the programs will load)."""

@@ -346,7 +346,7 @@ def _leave_now() -> None:
 
 
 def _logs_kwargs(config: WorkerConfig) -> dict[str, str]:
-    return config.boto3_kwargs()
+    return config.boto3_kwargs("logs")
 
 
 def _exit_normally_on_sigterm() -> None:

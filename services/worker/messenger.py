@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.worker import health
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
@@ -63,6 +64,7 @@ class Messenger:
         stop: threading.Event | None = None,
         long_poll: float = LONG_POLL_SECONDS,
         reserve_bytes: int = RESERVE_BYTES,
+        run_dir: Path | None = None,
     ) -> None:
         self.spool = spool
         self.keys = keys
@@ -70,6 +72,7 @@ class Messenger:
         self.stop = stop or broker.stop
         self.long_poll = long_poll
         self.reserve_bytes = reserve_bytes
+        self.run_dir = run_dir  # where the short-of-room record goes for `health` and `status` (None: nowhere)
         self._short_of_room: set[str] = set()  # jobs with a message held at the broker for room, said once each
         self._held = 0  # messages held for room in the current receiver pass
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
@@ -302,17 +305,33 @@ class Messenger:
                 if spec.id in self._short_of_room:
                     self._short_of_room.discard(spec.id)
                     log.info("job %s: the spool volume has room again; taking its messages", spec.id)
+                    if not self._short_of_room:
+                        self._record_room(None)
             return True
         with self._lock:
             self._held += 1
             first = spec.id not in self._short_of_room
             self._short_of_room.add(spec.id)
         if first:
-            log.warning("job %s: message %s (%s bytes) waits at the broker: the spool volume (CAPE_SPOOL_DIR) has "
-                        "%d bytes free and the messenger keeps %d free for the worker's other files; it is taken "
-                        "once jobs end and their messages are removed, or the volume grows", spec.id, name, size,
-                        free, self.reserve_bytes)
+            why = (f"message {name} ({_mib(size)}) of job {spec.id} waits at the broker: the spool volume "
+                   f"(CAPE_SPOOL_DIR) has {_mib(free)} free and the messenger keeps {_mib(self.reserve_bytes)} free "
+                   "for the worker's other files; it is taken once jobs end and their messages are removed, or the "
+                   "volume grows")
+            log.warning("%s", why)
+            self._record_room(why)
         return False
+
+    def _record_room(self, why: str | None) -> None:
+        """Record (or clear, with None) the spool's shortage for `cape-worker health` and `status`."""
+        if self.run_dir is None:
+            return
+        try:
+            if why is None:
+                health.SPOOL_SHORT_OF_ROOM.clear(self.run_dir)
+            else:
+                health.SPOOL_SHORT_OF_ROOM.record(self.run_dir, why)
+        except OSError as exc:  # the run dir is gone or read-only: the log line says it
+            log.warning("cannot record the spool's shortage of room in %s: %s", self.run_dir, exc.strerror)
 
     def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path) -> None:
         """Another message under a name already received: keep the first; drop this one, leaving a trace unless
@@ -428,6 +447,7 @@ class Messenger:
 
     def run(self) -> None:
         """Run both loops until the stop flag is set (the receiver in this thread)."""
+        self._record_room(None)  # a record of an earlier run: said again if still true
         self._sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
         self._sender.start()
         try:
@@ -438,6 +458,10 @@ class Messenger:
             self._sender.join(timeout=2.0)
             if self._gets is not None:
                 self._gets.shutdown(wait=False, cancel_futures=True)
+
+
+def _mib(size: Any) -> str:
+    return f"{size / 1024**2:.0f} MiB" if isinstance(size, int) else "unknown size"
 
 
 class _HashingSink:
@@ -469,7 +493,7 @@ def main() -> int:
         log.info("relaying messages through %s", config.broker)
         with spool.watching("outbox", "jobs"):
             try:
-                Messenger(spool, keys, broker, stop).run()
+                Messenger(spool, keys, broker, stop, run_dir=config.run_dir).run()
             finally:
                 stop.set()
                 broker.close()

@@ -21,7 +21,8 @@ from typing import Any, Callable
 from services.worker import health, program
 from services.worker.config import RETRY_BASE_SECONDS, WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
-                                                CoordinatorUnreachable, CoordinatorUntrusted, JobEnded, SeatTaken)
+                                                CoordinatorMisaddressed, CoordinatorUnreachable, CoordinatorUntrusted,
+                                                JobEnded, SeatTaken)
 from services.worker.keys import WorkerKeys
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
@@ -227,6 +228,7 @@ class Poller:
     def run(self, max_cycles: int | None = None) -> None:
         """Cycle every `poll_interval` seconds, backing off while the coordinator is unreachable."""
         backoff = Backoff(min(self.config.poll_interval, RETRY_BASE_SECONDS))
+        unreachable = False  # since the last cycle that reached the coordinator
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
             cycles += 1
@@ -249,6 +251,11 @@ class Poller:
                 delay = backoff.next_delay()
                 log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
                 self._note(health.COORDINATOR_UNREACHABLE, str(exc))
+                unreachable = True
+            except CoordinatorMisaddressed as exc:
+                delay = max(backoff.next_delay(), 10.0)  # a URL to fix: the operator, not retries
+                log.error("%s; retrying in %.0f s", exc, delay)
+                self._note(health.COORDINATOR_MISADDRESSED, str(exc))
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
                 log.error("%s; retrying in %.1f s", exc, delay)
@@ -259,12 +266,14 @@ class Poller:
                 log.error("cannot write the spool (%s: %s); make CAPE_SPOOL_DIR writable by this worker; retrying in "
                           "%.1f s", exc.filename, exc.strerror, delay)
             else:
-                if backoff.failures:
+                if unreachable:  # not after a refusal: the coordinator answered all along
                     log.info("the coordinator at %s is reachable again", self.config.coordinator)
+                unreachable = False
                 backoff.reset()
                 if health.LOGIN_REFUSED.clear(self.config.run_dir):
                     log.info("the coordinator accepts this worker again")
                 health.COORDINATOR_UNTRUSTED.clear(self.config.run_dir)
+                health.COORDINATOR_MISADDRESSED.clear(self.config.run_dir)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue

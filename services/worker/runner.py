@@ -15,6 +15,7 @@ restart) and waits up to `STOP_JOIN_SECONDS` for their threads to leave cleanly.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ MAX_PARALLEL_JOBS = 4
 # days an appliance may idle); a job that follows sooner finds its heap warm.
 IDLE_RELEASE_SECONDS = 60.0
 STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
+CLAIM_RETRY_SECONDS = 10.0  # a job the spool refused to claim (a full or read-only volume) is tried again after this
 _STOPPING = "the runner is stopping"
 
 
@@ -70,6 +72,7 @@ class Runner:
         self.max_parallel = max_parallel
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
+        self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
 
     # ---- scheduling -----------------------------------------------------------------------------------------
     def runnable(self) -> list[str]:
@@ -132,7 +135,18 @@ class Runner:
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         resumed = self.spool.is_claimed(job_id)  # claimed by a runner that did not finish it: a restart
-        self.spool.claim(job_id)
+        try:
+            self.spool.claim(job_id)
+        except OSError as exc:  # the job has not started: nothing to report but the reason, once
+            if job_id not in self._claim_refused:
+                self._claim_refused.add(job_id)
+                log.error("job %s: cannot claim it in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
+                          "free space; trying again every %.0f s", job_id, exc.strerror or exc, CLAIM_RETRY_SECONDS)
+            self.stop.wait(CLAIM_RETRY_SECONDS)  # this thread stays alive meanwhile, so the scan does not restart it
+            return "waiting"
+        if job_id in self._claim_refused:
+            self._claim_refused.discard(job_id)
+            log.info("job %s: claimed; the spool takes writes again", job_id)
         traffic: dict[str, int] | None = None
         try:
             outcome, message, traffic = self._run(job_id, resumed)
@@ -145,17 +159,20 @@ class Runner:
         except JobFailed as exc:
             outcome, message = "error", str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
-            log.exception("job %s: unexpected failure", job_id)
-            # Every project member reads the job's error and an unforeseen message may quote a path or a value:
-            # the details stay in this worker's log.
-            outcome, message = "error", (f"the worker's runner failed unexpectedly ({type(exc).__name__}); the "
-                                         "details are in that worker's runner log")
-        if outcome == "error":
-            log.error("job %s: error: %s", job_id, message)
-            self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
-        self.spool.mark_done(job_id, outcome, message, traffic)
-        self.spool.release_claim(job_id)
-        self.spool.discard_messages(job_id)
+            outcome, message = "error", _unexpected_failure(job_id, exc)
+        try:
+            if outcome == "error":
+                log.error("job %s: error: %s", job_id, message)
+                self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
+            self.spool.mark_done(job_id, outcome, message, traffic)
+            self.spool.release_claim(job_id)
+            self.spool.discard_messages(job_id)
+        except OSError as exc:  # still claimed: replayed once the spool takes writes again, not in a tight loop
+            log.error("job %s: cannot record its end in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
+                      "free space; the job is taken up again in %.0f s", job_id, exc.strerror or exc,
+                      CLAIM_RETRY_SECONDS)
+            self.stop.wait(CLAIM_RETRY_SECONDS)
+            return "waiting"
         return outcome
 
     def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
@@ -281,6 +298,18 @@ def _raw(key: Any) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def _unexpected_failure(job_id: str, exc: Exception) -> str:
+    """The job's error for a failure no step foresaw. Every project member reads it and an unforeseen message may
+    quote a path or a value, so the details stay in this worker's log; a disk that refused a write is said."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        log.error("job %s: the spool refused a write: %s", job_id, exc.strerror)
+        return ("the worker's spool volume refused a write (full or read-only); its operator frees space on "
+                "CAPE_SPOOL_DIR's volume, then the job is submitted again")
+    log.exception("job %s: unexpected failure", job_id, exc_info=exc)
+    return (f"the worker's runner failed unexpectedly ({type(exc).__name__}); the details are in that worker's "
+            "runner log")
+
+
 def main() -> int:
     """Entry point of the supervisord program `runner`."""
     from services.worker import program
@@ -293,7 +322,7 @@ def main() -> int:
         spool = Spool(config.spool_dir)
         if removed := spool.remove_scratch(SCRATCH_PREFIX):  # a dataview download cut off by a kill: our data
             log.info("removed %d partial dataview download(s) left by an earlier runner", removed)
-        runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs()))
+        runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs("s3")))
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

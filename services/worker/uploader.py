@@ -6,7 +6,8 @@ Layout (pycape's, read back by `Job.get_results()` with `np.loadtxt(..., delimit
     <bucket>[/<prefix>]/<job_id>/metrics.json             {"mse_result": ..., "r_squared_result": ...}
 
 CAPE_BUCKET (s3://bucket[/prefix] or file:///dir) overrides the job's model_location. S3 uploads go through boto3's
-managed transfer (multipart above `MULTIPART_THRESHOLD`); AWS_ENDPOINT_URL points it at an S3-compatible store.
+managed transfer (multipart above `MULTIPART_THRESHOLD`); AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) points it at an
+S3-compatible store.
 
 Run as `python -m services.worker.uploader`.
 """
@@ -91,7 +92,7 @@ class ModelStore:
 
             self._s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=self.read_timeout,
                                                         retries={"max_attempts": self.attempts, "mode": "standard"}),
-                                    **self.config.boto3_kwargs())
+                                    **self.config.boto3_kwargs("s3"))
         return self._s3
 
     def put_bytes(self, bucket: Bucket, key: str, data: bytes, scratch_dir: Path) -> str:
@@ -124,14 +125,16 @@ class ModelStore:
                               "(or give the host an instance role)",
                               "the model owner's worker has no AWS credentials") from None
         except (S3UploadFailedError, ClientError) as exc:
-            raise _upload_error(uri, exc) from None
+            raise _upload_error(uri, exc, self.config.endpoint_variable("s3")) from None
         except EndpointConnectionError:
-            raise UploadUnavailable(f"cannot reach S3 to write {uri}; check AWS_ENDPOINT_URL, AWS_REGION and the "
-                                    "network", "the model owner's worker cannot reach its bucket's store") from None
+            raise UploadUnavailable(f"cannot reach S3 to write {uri}; check {self.config.endpoint_variable('s3')}, "
+                                    "AWS_REGION and the network",
+                                    "the model owner's worker cannot reach its bucket's store") from None
         except BotoCoreError as exc:
             # botocore's text names what is wrong (a profile, a credentials endpoint), never a secret's value.
             raise UploadUnavailable(f"S3 failed while writing {uri}: {type(exc).__name__}: {exc}; check "
-                                    "AWS_ENDPOINT_URL, AWS_REGION and the AWS credentials' settings",
+                                    f"{self.config.endpoint_variable('s3')}, AWS_REGION and the AWS credentials' "
+                                    "settings",
                                     f"the model owner's worker cannot reach its bucket ({type(exc).__name__})") from None
         return uri
 
@@ -153,7 +156,7 @@ class ModelStore:
         return target.as_uri()
 
 
-def _upload_error(uri: str, exc: Exception) -> UploadError:
+def _upload_error(uri: str, exc: Exception, endpoint_variable: str) -> UploadError:
     code, status = "", 0
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -180,8 +183,8 @@ def _upload_error(uri: str, exc: Exception) -> UploadError:
         # thrown away for what passes.
         return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})",
                                  f"the model owner's bucket is busy or unavailable ({code or status})")
-    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__}); if AWS_ENDPOINT_URL is set, check "
-                       "it is an S3-compatible store", public)
+    return UploadError(f"S3 refused to store {uri} ({code or type(exc).__name__}); if {endpoint_variable} is set, "
+                       "check it is an S3-compatible store", public)
 
 
 class Uploader:
