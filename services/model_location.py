@@ -1,22 +1,31 @@
-"""What a job's model location may be, checked alike by the CLI/SDK (before a request) and the coordinator."""
+"""Where a model may be written: `s3://BUCKET[/PREFIX]` or `file:///ABSOLUTE/DIR`. One rule for the CLI and SDK
+(before a request), the coordinator (at submission) and the worker (CAPE_BUCKET, and a job's location at upload),
+so a location refused at upload is refused at submission already, not after the whole computation."""
 from __future__ import annotations
 
+import re
 from urllib.parse import urlparse
 
 MODEL_LOCATION_FORMS = "s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH"
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def model_location_problem(uri: str) -> str | None:
-    """None for s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH (no spaces); else what is wrong, in a few words."""
+    """None for a location a worker writes to; else what is wrong, in a few words."""
     if not uri or any(c.isspace() for c in uri):
         return f"give {MODEL_LOCATION_FORMS}, without spaces"
     parsed = urlparse(uri)
-    if parsed.scheme == "s3" and parsed.netloc:
-        return None
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            return f"file:// needs an absolute path (three slashes, file:///dir): give {MODEL_LOCATION_FORMS}"
         return None
     if parsed.scheme == "s3":
-        return f"s3:// needs a bucket: give {MODEL_LOCATION_FORMS}"
-    if parsed.scheme == "file":
-        return f"file:// needs an absolute path (three slashes, file:///dir): give {MODEL_LOCATION_FORMS}"
+        if not parsed.netloc:
+            return f"s3:// needs a bucket: give {MODEL_LOCATION_FORMS}"
+        if not _S3_BUCKET.fullmatch(parsed.netloc):
+            return "not a valid S3 bucket name (3 to 63 lower-case letters, digits, '.' and '-'); use " \
+                   "s3://bucket-name[/prefix]"
+        if parsed.query or parsed.fragment:
+            return "remove the ?query or #fragment; use s3://bucket-name[/prefix]"
+        return None
     return f"give {MODEL_LOCATION_FORMS}"

@@ -140,15 +140,25 @@ def test_a_url_of_another_service_or_with_a_password_is_said_so(cape_cli) -> Non
         def log_message(self, *args) -> None:  # its lines would land in the CLI's captured stderr
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = cape_cli("login", "--coordinator", url, "--token", "tid,c2VjcmV0")
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    class Proxy(Quiet):  # a proxy whose coordinator is away: HTML, not Cape's error body
+        def do_POST(self) -> None:
+            self.send_error(502)
+
+    results = []
+    for handler in (Quiet, Proxy):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            results.append((url, cape_cli("login", "--coordinator", url, "--token", "tid,c2VjcmV0")))
+        finally:
+            server.shutdown()
+            thread.join(timeout=5)
+    (url, result), (proxy_url, proxied) = results
+    assert one_error_line(proxied.stderr) == (
+        f"error: Bad Gateway; the coordinator at {proxy_url} (or a proxy in front of it) is unavailable; try again "
+        "shortly (HTTP 502)")
     assert result.exit_code == 1
     assert one_error_line(result.stderr) == (
         f"error: Unsupported method ('POST'); the server at {url} did not answer as a Cape coordinator does: is the "

@@ -249,7 +249,7 @@ def test_sdk_calls_with_arguments_of_the_wrong_type_raise_bad_argument(shared_ca
         view[5]  # type: ignore[index]
     with pytest.raises(BadArgument, match="status must be a job status"):
         project.list_jobs(status=5)  # type: ignore[arg-type]
-    with pytest.raises(BadArgument, match="timeout and interval must be positive numbers of seconds"):
+    with pytest.raises(BadArgument, match=r"timeout must be a number of seconds \(0: look once\)"):
         cape.get_job  # the job itself is not needed: wait's check comes first
         from services.client.models import Job
         Job(None, {"id": "j", "status": "Started"}).wait(timeout="10")  # type: ignore[arg-type]
@@ -302,6 +302,7 @@ def test_stopping_or_rejecting_twice_changes_nothing_and_exits_0(cape_server, ca
     world = build_job_world(cape_server, approve=False)
     job_id = world["job"]["id"]
     env = env_of(cape_server, world["orgs"]["xorg"]["user_token"])
+    assert cape_cli("jobs", "watch", job_id, "--timeout", "0", env=env).exit_code == 3  # looked once: not ended
     first = cape_cli("jobs", "reject", job_id, "--reason", "not now", env=env)
     assert (first.exit_code, first.stdout) == (0, f"Rejected job {job_id}; it is now Rejected.\n")
     again = cape_cli("jobs", "reject", job_id, env=env)

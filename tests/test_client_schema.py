@@ -173,6 +173,9 @@ def test_linear_regression_request_body() -> None:
     ({"model_owner": "o", "model_location": "s3://"}, "model_location 's3://': s3:// needs a bucket"),
     ({"model_owner": "o", "model_location": "file://relative/dir"}, "file:// needs an absolute path"),
     ({"model_owner": "o", "model_location": "s3://b/my models"}, "without spaces"),
+    # As the model owner's worker refuses them at upload (it would after the whole computation):
+    ({"model_owner": "o", "model_location": "s3://My_Models"}, "not a valid S3 bucket name"),
+    ({"model_owner": "o", "model_location": "s3://models?versionId=3"}, "remove the \\?query or #fragment"),
     ({"model_owner": "o", "timeout": 0}, "timeout must be a positive"),
     ({"model_owner": "o", "timeout": float("nan")}, "timeout must be a positive"),
 ])

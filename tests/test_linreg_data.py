@@ -147,7 +147,6 @@ def test_non_numeric_names_file_column_and_first_bad_row(tmp_path: Path, one_way
         (b"a,b\n1,2\n3,\n", NonNumericError, "x.csv: column 'b' row 2: the value is empty"),
         # An empty line is a row (pyarrow skipped it, shifting every later row against the other owner's file).
         (b"a,b\n1,2\n\n3,4\n", NonNumericError, "x.csv: column 'a' row 2: the value is empty"),
-        (b"a,b\n1,2\n3,4\n\n", NonNumericError, "x.csv: column 'a' row 3: the value is empty"),
         (b"a,b\n1,2\n3,nan\n", NonFiniteError,
          "x.csv: column 'b' row 2: the value is NaN (not a number); every value must be a finite number"),
         (b"a,b\n1,2\n-inf,4\n5,inf\n", NonFiniteError,
@@ -170,6 +169,20 @@ def test_bad_csv_messages(tmp_path: Path, text: bytes, error: type, message: str
         load_x(path, columns, name="x.csv")
     assert str(caught.value) == message
     assert isinstance(caught.value, JobDataError)
+
+
+@pytest.mark.parametrize("ending", [b"\n\n", b"\n\n\n", b"\r\n\r\n", b""])
+def test_blank_lines_at_the_end_of_a_file_are_no_rows(tmp_path: Path, ending: bytes) -> None:
+    """An editor's or `echo >>`'s trailing blank lines: no rows, in a one-column file or several (a missing last value
+    then shows as a row count differing from the other owner's file)."""
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"a,b\n1,2\n3,4" + ending)
+    np.testing.assert_array_equal(load_x(path, ["a", "b"], name="x.csv"), [[1.0, 2.0], [3.0, 4.0]])
+    path.write_bytes(b"y\n2\n4" + ending)
+    np.testing.assert_array_equal(load_y(path, "y", name="y.csv"), [2.0, 4.0])
+    path.write_bytes(b"a,b\n1,2\nx,4" + ending)  # the slower pass that names a bad row reads it the same way
+    with pytest.raises(NonNumericError, match=r"^x.csv: column 'a' row 2: the value is not a number$"):
+        load_x(path, ["a", "b"], name="x.csv")
 
 
 def test_an_empty_line_in_a_one_column_file_is_a_missing_value_not_a_skipped_row(tmp_path: Path) -> None:

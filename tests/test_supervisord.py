@@ -87,28 +87,29 @@ def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
 
 
 def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):
-    env = worker_env(tmp_path, "org-a")
-    corrupt_keys(tmp_path, "org-a")
-    worker = start_worker(env)
+    worker = start_worker(worker_env(tmp_path, "org-a"))
+    corrupt_keys_under(worker, tmp_path, "org-a")
     code = worker.wait_exit(timeout=60)
     assert code not in (None, 0), worker.output[-2000:]
     assert "kept failing (FATAL)" in worker.output
     assert "not a readable private key" in worker.output
 
 
-def corrupt_keys(tmp_path, name):
-    """A state directory whose key file is not a key: every program that loads the keys fails at start."""
-    state = tmp_path / name / "state"
-    state.mkdir(parents=True, mode=0o700)
-    (state / ENCRYPTION_KEY_FILE).write_text("not a key")
-    os.chmod(state / ENCRYPTION_KEY_FILE, 0o600)
+def corrupt_keys_under(worker, tmp_path, name):
+    """Once the worker runs, its key file becomes no key and its programs are killed: each that loads the keys then
+    fails at every restart. (`run` refuses such a file before it starts anything.)"""
+    worker.wait_running()
+    key = tmp_path / name / "state" / ENCRYPTION_KEY_FILE
+    key.write_text("not a key")
+    os.chmod(key, 0o600)
+    for program in ("poller", "messenger", "runner", "uploader"):
+        os.kill(worker.pid(program), signal.SIGKILL)
 
 
 def test_sigterm_while_a_program_is_in_backoff_is_a_clean_stop(start_worker, tmp_path):
     """supervisord turns a program waiting in BACKOFF into FATAL while it stops: that is no failure, exit 0."""
-    env = worker_env(tmp_path, "org-b")
-    corrupt_keys(tmp_path, "org-b")
-    worker = start_worker(env)
+    worker = start_worker(worker_env(tmp_path, "org-b"))
+    corrupt_keys_under(worker, tmp_path, "org-b")
     # Catch a program entering its second BACKOFF (supervisord then waits 2 s before the next retry), so it is
     # surely still in BACKOFF when the stop begins; the listener is up by then to see the FATAL the stop causes.
     deadline = time.monotonic() + 30

@@ -136,7 +136,7 @@ def test_bucket_without_write_permission(good_env, moto):
 @pytest.mark.parametrize("change, words", [
     ({"CAPE_TOKEN": ""}, "CAPE_TOKEN: is not set"),
     ({"CAPE_COORDINATOR": "not a url"}, "CAPE_COORDINATOR: is not an http(s) URL"),
-    ({"CAPE_BUCKET": "bucket-without-scheme"}, "CAPE_BUCKET: must start with s3://"),
+    ({"CAPE_BUCKET": "bucket-without-scheme"}, "CAPE_BUCKET: give s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH"),
     ({"AWS_REGION": "eu west 1"}, "AWS_REGION: 'eu west 1' is not a region name (like eu-west-1)"),
     ({"CAPE_LOG_GROUP": "aws/cape"}, "CAPE_LOG_GROUP: names starting with aws/ are reserved by AWS"),
     ({"CAPE_LOG_GROUP": "/cape/" + "w" * 520}, "CAPE_LOG_GROUP: is 526 characters long; CloudWatch takes at most 512"),

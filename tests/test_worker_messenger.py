@@ -271,7 +271,62 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
         _run_receiver(messenger, 1.0)
     assert inbox.exists()
     np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "block"), block)
-    assert f"job {job.id}: the spool volume has room again; taking its messages" in caplog.text
+    assert f"the spool volume has room again; taking the messages of job(s) {job.id}" in caplog.text
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
+
+
+def test_a_job_description_the_spool_cannot_read_for_a_moment_is_read_again(tmp_path, monkeypatch, caplog):
+    """An OSError (too many open files, say) was taken as a bad description: the job got no message for good."""
+    import errno
+
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+    from tests.support.worker_messaging import worker_job
+
+    keys = {s: WorkerKeys.load_or_create(tmp_path / s) for s in ("x_owner", "y_owner", "helper")}
+    spool = Spool(tmp_path / "spool")
+    messenger = Messenger(spool, keys["y_owner"], BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"))
+    spool.put_job(worker_job(keys, "y_owner", "e" * 32))
+    real_read = Spool.read_job
+    failures = iter([OSError(errno.EMFILE, "Too many open files")] * 2)
+
+    def flaky(self, job_id):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_read(self, job_id)
+
+    monkeypatch.setattr(Spool, "read_job", flaky)
+    with caplog.at_level("WARNING", logger="cape.messenger"):
+        assert messenger.receiving_jobs() == [] and messenger.receiving_jobs() == []
+        assert [spec.id for spec in messenger.receiving_jobs()] == ["e" * 32]
+    assert caplog.text.count("cannot read its description from the spool (Too many open files)") == 1
+
+
+def test_the_short_of_room_record_goes_when_the_held_job_ends(tmp_path):
+    """A job held for room that then ended (its messages removed, room back) is never asked again: its record kept
+    `health` failing until the messenger restarted."""
+    from services.worker import health
+    from services.worker.broker_client import BrokerClient
+    from services.worker.keys import WorkerKeys
+    from services.worker.messenger import Messenger
+    from services.worker.spool import Spool
+    from tests.support.worker_messaging import worker_job
+
+    keys = {s: WorkerKeys.load_or_create(tmp_path / s) for s in ("x_owner", "y_owner", "helper")}
+    spool, run_dir = Spool(tmp_path / "spool"), tmp_path / "run"
+    run_dir.mkdir()
+    messenger = Messenger(spool, keys["y_owner"], BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"),
+                          reserve_bytes=spool.free_bytes() + 10 * 1024**3, run_dir=run_dir)
+    job = worker_job(keys, "y_owner", "d" * 32)
+    spool.put_job(job)
+    spec = messenger.receiving_jobs()[0]
+    assert messenger._room_for(spec, "x_owner.m", 1024) is False
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is not None
+    spool.mark_ended(spec.id, "Error")
+    assert messenger.receiving_jobs() == []
     assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
 
 

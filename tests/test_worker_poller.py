@@ -187,6 +187,19 @@ def test_a_coordinator_url_without_a_coordinator_is_recorded_for_the_health_chec
     assert "reachable again" not in caplog.text  # it answered all along
 
 
+def test_registered_keys_from_a_coordinator_without_the_route_is_none(cape_server, world, monkeypatch):
+    """An older cape-server has /v1/worker/keys for PUT only: its 405 (method_not_allowed) is "no such route", not a
+    failure of `cape-worker check`. Simulated here by asking the route with a method it does not take."""
+    from services.worker.coordinator_client import CoordinatorNoRoute
+
+    client = CoordinatorClient(cape_server.url, world["orgs"]["xorg"]["organization_token"], timeout=5)
+    with pytest.raises(CoordinatorNoRoute, match="405 method_not_allowed"):
+        client._request("DELETE", "/v1/worker/keys")
+    real = client._request
+    monkeypatch.setattr(client, "_request", lambda method, path, **kwargs: real("DELETE", path, **kwargs))
+    assert client.registered_keys() is None
+
+
 def test_backoff_doubles_and_caps():
     backoff = Backoff(0.5, cap=4)
     assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]

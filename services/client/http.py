@@ -127,6 +127,10 @@ def _api_error(response: requests.Response, endpoint: str) -> ApiError:
         else:
             message = str(detail)
         return ApiError(status, "error", message)
-    # Not Cape's error body: another service (or a proxy) answered at this URL.
-    return ApiError(status, "error", f"{response.reason or 'request failed'}; the server at {endpoint} did not "
-                                     "answer as a Cape coordinator does: is the URL the coordinator's base URL?")
+    # Not Cape's error body: a proxy in front of a coordinator that is away, or another service at this URL.
+    reason = response.reason or "request failed"
+    if status >= 500 and status != 501:
+        return ApiError(status, "error", f"{reason}; the coordinator at {endpoint} (or a proxy in front of it) is "
+                                         "unavailable; try again shortly")
+    return ApiError(status, "error", f"{reason}; the server at {endpoint} did not answer as a Cape coordinator "
+                                     "does: is the URL the coordinator's base URL?")

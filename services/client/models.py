@@ -262,9 +262,9 @@ class Job(Resource):
         A coordinator that cannot be reached or answers 5xx (restarting, say) is polled again until the timeout,
         as the job goes on meanwhile; ``on_problem`` gets each such error, and None once a poll works again.
         Returns the last status seen (a terminal one unless the timeout came first)."""
-        if not _positive_seconds(timeout) or not _positive_seconds(interval):
-            raise BadArgument(f"timeout and interval must be positive numbers of seconds, not {timeout!r} and "
-                              f"{interval!r}")
+        if not (_positive_seconds(timeout) or timeout == 0) or not _positive_seconds(interval):  # 0: look once
+            raise BadArgument(f"timeout must be a number of seconds (0: look once) and interval a positive one, not "
+                              f"{timeout!r} and {interval!r}")
         deadline = time.monotonic() + timeout
         failing = False
         while True:

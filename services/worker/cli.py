@@ -162,7 +162,8 @@ def run() -> None:
     code = reaper.wait_reaping(proc)  # also reaps orphans re-parented to us (PID 1 without --init)
     # A killed supervisord leaves its programs to us: the locks stay held until they stopped too, or a new run
     # would start beside them.
-    if not reaper.reap_remaining(ORPHANS_STOP_SECONDS):
+    orphans_stopped = reaper.reap_remaining(ORPHANS_STOP_SECONDS)
+    if not orphans_stopped:
         click.echo("cape-worker: programs of the killed supervisord are still running; stop them before the next "
                    "run", err=True)
     # supervisord is gone: a repeated stop signal must not kill us while the interpreter shuts down (it resets
@@ -182,8 +183,9 @@ def run() -> None:
         sys.exit(3)
     if code < 0:  # killed: by the kernel's OOM killer, most often, which leaves no line of its own
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        stopped = "its programs stopped, and" if orphans_stopped else "once its programs stopped (above),"
         click.echo(f"cape-worker: supervisord was killed by signal {name}{' (out of memory?)' if -code == 9 else ''};"
-                   " its programs stopped, and work already handed over resumes at the next start", err=True)
+                   f" {stopped} work already handed over resumes at the next start", err=True)
         sys.exit(128 - code)  # the shell's convention: 137 for SIGKILL
     sys.exit(code)
 

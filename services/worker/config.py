@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from dotenv import dotenv_values
 
 from services.connection_errors import ca_file_problem, plain_http_to_another_host
+from services.model_location import model_location_problem
 
 DEFAULT_SPOOL_DIR = "/var/lib/cape-worker/spool"
 DEFAULT_STATE_DIR = "/var/lib/cape-worker/state"
@@ -407,20 +408,15 @@ def _shower(get: Callable[..., str]) -> Callable[[str], str]:
 
 
 def parse_bucket(value: str, variable: str = "model_location") -> Bucket:
-    """Parse `s3://bucket[/prefix]` or `file:///absolute/dir`; `variable` names the source in errors."""
+    """Parse `s3://bucket[/prefix]` or `file:///absolute/dir` (services/model_location.py's rule, which the CLI and
+    the coordinator apply too); `variable` names the source in errors."""
+    problem = model_location_problem(value)
+    if problem:
+        raise ConfigError(variable, problem)
     parsed = urlparse(value)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise ConfigError(variable, "a file:// location needs an absolute path, e.g. file:///srv/models")
         return Bucket("file", os.path.normpath(parsed.path))
-    if parsed.scheme == "s3":
-        name = parsed.netloc
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name or ""):
-            raise ConfigError(variable, "not a valid S3 bucket name; use s3://bucket-name[/prefix]")
-        if parsed.query or parsed.fragment:
-            raise ConfigError(variable, "remove the ?query or #fragment; use s3://bucket-name[/prefix]")
-        return Bucket("s3", name, parsed.path.strip("/"))
-    raise ConfigError(variable, "must start with s3:// (an S3 bucket) or file:// (a local directory)")
+    return Bucket("s3", parsed.netloc, parsed.path.strip("/"))
 
 
 def _parse_token(value: str) -> str:

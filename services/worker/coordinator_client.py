@@ -34,7 +34,7 @@ class CoordinatorMisaddressed(CoordinatorError):
 
 
 class CoordinatorNoRoute(CoordinatorError):
-    """404/405 without a Cape error of its own: the coordinator has no such route (an older version)."""
+    """A 405, or a 404 without a Cape error of its own: the coordinator has no such route (an older version)."""
 
 
 class CoordinatorAuthError(CoordinatorError):
@@ -153,8 +153,10 @@ class CoordinatorClient:
                                           "CAPE_COORDINATOR: the coordinator's base URL, without /v1")
         if response.status_code == 403 and path == "/v1/login":
             raise CoordinatorAuthError(f"the coordinator refused CAPE_TOKEN: {message}")
-        kind = CoordinatorNoRoute if response.status_code in (404, 405) and code in (None, "not_found") else \
-            CoordinatorError
+        # An older coordinator: no such path (a generic 404), or the path for another method only (405, e.g. GET
+        # /v1/worker/keys before it could be read).
+        no_route = response.status_code == 405 or (response.status_code == 404 and code in (None, "not_found"))
+        kind = CoordinatorNoRoute if no_route else CoordinatorError
         raise kind(f"{method} {path} failed with {response.status_code} {code or 'error'}: {message}")
 
 

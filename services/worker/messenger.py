@@ -83,6 +83,7 @@ class Messenger:
         self._put_threads: list[threading.Thread] = []
         self._gets: ThreadPoolExecutor | None = None
         self._specs: dict[str, JobSpec | None] = {}
+        self._unreadable_said: set[str] = set()  # jobs whose description the spool could not read, said once
         self._per_job_until = 0.0  # a broker without `GET /messages?job=...` is polled job by job until then
         self._refusals_said: set[tuple[str, str]] = set()
         self._sender: threading.Thread | None = None
@@ -186,13 +187,28 @@ class Messenger:
         """Jobs whose messages this worker still needs: a spec, not ended, the runner not done."""
         jobs = []
         active = self.spool.active_job_ids()
+        with self._lock:
+            ended = self._short_of_room - set(active)
+            self._short_of_room -= ended
+            over = bool(ended) and not self._short_of_room
+        if over:  # the jobs held for room ended (their messages removed): nothing waits for room now
+            self._record_room(None)
         # Parsed specs of the active jobs only (a long-running messenger sees thousands of jobs); None for a spec
         # that cannot be parsed, so its error is logged once.
         self._specs = {job_id: self._specs[job_id] for job_id in active if job_id in self._specs}
         for job_id in active:
             if job_id not in self._specs:
                 try:
-                    self._specs[job_id] = JobSpec.parse(self.spool.read_job(job_id) or {})
+                    raw = self.spool.read_job(job_id) or {}
+                except OSError as exc:  # the spool's trouble (too many open files, a permission): next pass again
+                    if job_id not in self._unreadable_said:
+                        self._unreadable_said.add(job_id)
+                        log.warning("job %s: cannot read its description from the spool (%s); trying again each "
+                                    "pass", job_id, exc.strerror or exc)
+                    continue
+                self._unreadable_said.discard(job_id)
+                try:
+                    self._specs[job_id] = JobSpec.parse(raw)
                 except Exception as exc:  # noqa: BLE001 - one job's bad description must not stop the others'
                     why = exc if isinstance(exc, JobSpecError) else f"unexpected {type(exc).__name__}"
                     log.error("job %s: cannot receive its messages: %s", job_id, why)
@@ -301,12 +317,11 @@ class Messenger:
         (the message stays at the broker, and the receiver looks again in `ROOM_RETRY_SECONDS`)."""
         free = self.spool.free_bytes()
         if free - (size if isinstance(size, int) and size > 0 else 0) >= self.reserve_bytes:
-            with self._lock:
-                if spec.id in self._short_of_room:
-                    self._short_of_room.discard(spec.id)
-                    log.info("job %s: the spool volume has room again; taking its messages", spec.id)
-                    if not self._short_of_room:
-                        self._record_room(None)
+            with self._lock:  # the shortage is the volume's: over for every job once one message fits
+                held, self._short_of_room = self._short_of_room, set()
+            if held:
+                log.info("the spool volume has room again; taking the messages of job(s) %s", ", ".join(sorted(held)))
+                self._record_room(None)
             return True
         with self._lock:
             self._held += 1

@@ -98,6 +98,46 @@ class _PrefixedStream(io.RawIOBase):
         return len(data)
 
 
+class _WithoutTrailingBlankLines(io.RawIOBase):
+    """A read-only stream: `inner` with the run of line breaks at its very end cut to one. A blank line at the end
+    of a CSV file (an editor's, `echo >>`) is no row; one before other rows is (a missing value, in a one-column
+    file), which the loader reports."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self._held = b""  # line breaks read at the end of the data so far: emitted once more data follows
+        self._out = memoryview(b"")  # read and not yet handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while not self._out:
+            chunk = self._inner.read(self._CHUNK)
+            if not chunk:
+                self._out = memoryview(_first_line_break(self._held))
+                self._held = b""
+                break
+            data = self._held + chunk if self._held else chunk
+            body = data.rstrip(b"\r\n")
+            self._held = data[len(body):]
+            self._out = memoryview(body)
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
+def _first_line_break(breaks: bytes) -> bytes:
+    return breaks[:2] if breaks.startswith(b"\r\n") else breaks[:1]
+
+
+def _csv_stream(opened: _Opened) -> BinaryIO:
+    return io.BufferedReader(_WithoutTrailingBlankLines(opened.stream))  # type: ignore[arg-type]
+
+
 @contextmanager
 def _open(source: Source, name: str | None) -> Iterator[_Opened]:
     """Open `source` and detect its format from its first bytes."""
@@ -299,8 +339,10 @@ def _csv_names(display: str, columns: list[str], header: list[str]) -> list[str]
     return names
 
 
-# An empty line is a row: in a one-column file it is how a missing value is written (pandas writes NaN so), and
-# skipping it (pyarrow's default) shifts every later row, pairing x and y rows wrongly without an error.
+# An empty line before other rows is a row: in a one-column file it is how a missing value is written (pandas writes
+# NaN so), and skipping it (pyarrow's default) shifts every later row, pairing x and y rows wrongly without an error.
+# Blank lines at the very end are no rows (`_WithoutTrailingBlankLines`): a missing last value then shows as a row
+# count that differs from the other owner's.
 _PARSE = pacsv.ParseOptions(ignore_empty_lines=False)
 
 
@@ -310,7 +352,7 @@ def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
         start = opened.stream.tell()
         try:
             table = pacsv.read_csv(
-                opened.stream,
+                _csv_stream(opened),
                 parse_options=_PARSE,
                 convert_options=pacsv.ConvertOptions(
                     include_columns=names,
@@ -370,7 +412,7 @@ def _read_csv_streaming(opened: _Opened, columns: list[str], names: list[str]) -
 
     try:
         reader = pacsv.open_csv(
-            opened.stream,
+            _csv_stream(opened),
             read_options=pacsv.ReadOptions(use_threads=False),
             parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
             convert_options=pacsv.ConvertOptions(
