@@ -39,8 +39,6 @@ _BAD_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", 
 USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
               "an admin of ORG)")
 NEW_TOKEN = "create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
-
-
 SPOOL_LEAST_FREE_BYTES = RESERVE_BYTES + 256 * 1024**2  # below it `check` fails: the messenger's reserve and a job
 
 

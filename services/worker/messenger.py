@@ -8,10 +8,10 @@ and opens each message (signature of the expected sender, addressed to this seat
 from the download stream into a temporary inbox file, moves it into place durably, and only then acknowledges it
 (DELETE) at the broker.
 A message that fails verification is dropped, logged (without its content) and acknowledged, and noted in the
-spool so the runner can say why it is still waiting. A message that would leave less than `spool.RESERVE_BYTES`
-free on the spool volume waits at the broker until there is room (inbox files stay until their job ends, and a
-peer, buggy or not, could otherwise fill the volume the other programs and jobs write to). A second copy of a name already received is verified too:
-the first is kept, and a copy that is not the same genuine message leaves the same trace.
+spool so the runner can say why it is still waiting. A second copy of a name already received is verified too:
+the first is kept, and a copy that is not the same genuine message leaves the same trace. A message that would
+leave less than `spool.RESERVE_BYTES` free on the spool volume waits at the broker until there is room (inbox files
+stay until their job ends, and a peer, buggy or not, could otherwise fill the volume every program writes to).
 
 Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
 """
@@ -187,32 +187,13 @@ class Messenger:
         """Jobs whose messages this worker still needs: a spec, not ended, the runner not done."""
         jobs = []
         active = self.spool.active_job_ids()
-        with self._lock:
-            ended = self._short_of_room - set(active)
-            self._short_of_room -= ended
-            over = bool(ended) and not self._short_of_room
-        if over:  # the jobs held for room ended (their messages removed): nothing waits for room now
-            self._record_room(None)
+        self._forget_ended_shortage(set(active))
         # Parsed specs of the active jobs only (a long-running messenger sees thousands of jobs); None for a spec
         # that cannot be parsed, so its error is logged once.
         self._specs = {job_id: self._specs[job_id] for job_id in active if job_id in self._specs}
         for job_id in active:
-            if job_id not in self._specs:
-                try:
-                    raw = self.spool.read_job(job_id) or {}
-                except OSError as exc:  # the spool's trouble (too many open files, a permission): next pass again
-                    if job_id not in self._unreadable_said:
-                        self._unreadable_said.add(job_id)
-                        log.warning("job %s: cannot read its description from the spool (%s); trying again each "
-                                    "pass", job_id, exc.strerror or exc)
-                    continue
-                self._unreadable_said.discard(job_id)
-                try:
-                    self._specs[job_id] = JobSpec.parse(raw)
-                except Exception as exc:  # noqa: BLE001 - one job's bad description must not stop the others'
-                    why = exc if isinstance(exc, JobSpecError) else f"unexpected {type(exc).__name__}"
-                    log.error("job %s: cannot receive its messages: %s", job_id, why)
-                    self._specs[job_id] = None
+            if job_id not in self._specs and not self._load_spec(job_id):
+                continue
             spec = self._specs[job_id]
             if spec is not None:
                 jobs.append(spec)
@@ -222,6 +203,36 @@ class Messenger:
         # MAX_JOBS_PER_LIST; a job's spec is rewritten when it starts, so spool order would put a running job last.
         claimed = set(self.spool.claimed_jobs())
         return sorted(jobs, key=lambda spec: (spec.id not in claimed, spec.approved_at or "", spec.id))
+
+    def _load_spec(self, job_id: str) -> bool:
+        """Parse `job_id`'s spec into `_specs` (None if it is bad, said once); False if the spool could not read it
+        now (too many open files, a permission being fixed): the next pass tries again."""
+        try:
+            raw = self.spool.read_job(job_id) or {}
+        except OSError as exc:
+            if job_id not in self._unreadable_said:
+                self._unreadable_said.add(job_id)
+                log.warning("job %s: cannot read its description from the spool (%s); trying again each pass",
+                            job_id, exc.strerror or exc)
+            return False
+        self._unreadable_said.discard(job_id)
+        try:
+            self._specs[job_id] = JobSpec.parse(raw)
+        except Exception as exc:  # noqa: BLE001 - one job's bad description must not stop the others'
+            why = exc if isinstance(exc, JobSpecError) else f"unexpected {type(exc).__name__}"
+            log.error("job %s: cannot receive its messages: %s", job_id, why)
+            self._specs[job_id] = None
+        return True
+
+    def _forget_ended_shortage(self, active: set[str]) -> None:
+        """Jobs held for room that ended (their messages removed) wait for nothing: without any left, the record
+        goes."""
+        with self._lock:
+            ended = self._short_of_room - active
+            self._short_of_room -= ended
+            over = bool(ended) and not self._short_of_room
+        if over:
+            self._record_room(None)
 
     def receive(self, spec: JobSpec, wait: float) -> int:
         """Take in every message waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time; returns

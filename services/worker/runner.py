@@ -135,18 +135,8 @@ class Runner:
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         resumed = self.spool.is_claimed(job_id)  # claimed by a runner that did not finish it: a restart
-        try:
-            self.spool.claim(job_id)
-        except OSError as exc:  # the job has not started: nothing to report but the reason, once
-            if job_id not in self._claim_refused:
-                self._claim_refused.add(job_id)
-                log.error("job %s: cannot claim it in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
-                          "free space; trying again every %.0f s", job_id, exc.strerror or exc, CLAIM_RETRY_SECONDS)
-            self.stop.wait(CLAIM_RETRY_SECONDS)  # this thread stays alive meanwhile, so the scan does not restart it
+        if not self._claim(job_id):
             return "waiting"
-        if job_id in self._claim_refused:
-            self._claim_refused.discard(job_id)
-            log.info("job %s: claimed; the spool takes writes again", job_id)
         traffic: dict[str, int] | None = None
         try:
             outcome, message, traffic = self._run(job_id, resumed)
@@ -160,6 +150,28 @@ class Runner:
             outcome, message = "error", str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
             outcome, message = "error", _unexpected_failure(job_id, exc)
+        return outcome if self._record_end(job_id, outcome, message, traffic) else "waiting"
+
+    def _claim(self, job_id: str) -> bool:
+        """Claim the job in the spool; False (said once, after a pause) if the spool refuses the write. The thread
+        stays alive through the pause, so the scan does not start the job again at once."""
+        try:
+            self.spool.claim(job_id)
+        except OSError as exc:  # the job has not started: nothing to report but the reason
+            if job_id not in self._claim_refused:
+                self._claim_refused.add(job_id)
+                log.error("job %s: cannot claim it in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
+                          "free space; trying again every %.0f s", job_id, exc.strerror or exc, CLAIM_RETRY_SECONDS)
+            self.stop.wait(CLAIM_RETRY_SECONDS)
+            return False
+        if job_id in self._claim_refused:
+            self._claim_refused.discard(job_id)
+            log.info("job %s: claimed; the spool takes writes again", job_id)
+        return True
+
+    def _record_end(self, job_id: str, outcome: str, message: str | None, traffic: dict[str, int] | None) -> bool:
+        """Report an error, mark the job done, release it; False (after a pause) if the spool refuses the writes:
+        still claimed, the job is replayed once the spool takes writes again, not in a tight loop."""
         try:
             if outcome == "error":
                 log.error("job %s: error: %s", job_id, message)
@@ -167,13 +179,13 @@ class Runner:
             self.spool.mark_done(job_id, outcome, message, traffic)
             self.spool.release_claim(job_id)
             self.spool.discard_messages(job_id)
-        except OSError as exc:  # still claimed: replayed once the spool takes writes again, not in a tight loop
+        except OSError as exc:
             log.error("job %s: cannot record its end in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
                       "free space; the job is taken up again in %.0f s", job_id, exc.strerror or exc,
                       CLAIM_RETRY_SECONDS)
             self.stop.wait(CLAIM_RETRY_SECONDS)
-            return "waiting"
-        return outcome
+            return False
+        return True
 
     def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
         """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""
