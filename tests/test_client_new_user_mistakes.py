@@ -270,6 +270,8 @@ def test_cli_submit_says_what_to_type_and_refuses_empty_column_names(shared_cape
         assert one_error_line(empty.stderr) == (
             f"error: --x '{x}' has an empty column name; give DATAVIEW:COL1,COL2 (or DATAVIEW alone for its schema's "
             "columns)")
+    from services.client.commands.jobs import _split_spec
+    assert _split_spec('wide:"a,b", c', "--x") == ("wide", ["a,b", "c"])  # a column whose name holds a comma
     schema = cape_cli("dataviews", "add", project, "gap", "s3://b/g.csv", "--schema", "a:number,,b", env=env)
     assert one_error_line(schema.stderr) == (
         "error: the schema 'a:number,,b' has an empty entry (two commas in a row); give it as name:type,... "

@@ -188,3 +188,14 @@ def test_a_timeout_below_a_second_is_rounded_up_not_down_to_zero() -> None:
     """0.5 became int(0.5) = 0, which the coordinator refuses (submit_job(timeout=0.5) already rounded up)."""
     task = VerticallyPartitionedLinearRegression(_view("x", ["a"]), _view("y", ["t"]), "o", timeout=0.5)
     assert task.to_request()["timeout"] == 1
+
+
+def test_a_numeric_column_guessed_string_is_noted_with_its_row(tmp_path: Path) -> None:
+    """The type came out `string` without a word, and a job using the column was refused at submission."""
+    path = tmp_path / "y.csv"
+    path.write_text("spend,note\n1.5,a\n2,b\n\n3.25,c\nabc,d\n")
+    notes: list[str] = []
+    assert schema_from_file(path, notes) == [{"name": "spend", "type": "string"}, {"name": "note", "type": "string"}]
+    assert notes == ["column 'spend' is registered as string: row 5 is not a number (the value is not shown), so no "
+                     "job can use it as x or y; fix the file and add the dataview again, or give the column's type "
+                     "yourself"]  # 'note' holds no numbers: text, as meant

@@ -41,10 +41,11 @@ def parse_schema_spec(spec: str) -> Schema:
     return schema
 
 
-def schema_from_file(path: str | Path) -> Schema:
+def schema_from_file(path: str | Path, notes: list[str] | None = None) -> Schema:
     """The columns of a local CSV (header; types guessed from the first rows) or Parquet file (its schema).
 
-    The format is told from the first bytes, as the workers tell it, so a file's extension may lie."""
+    The format is told from the first bytes, as the workers tell it, so a file's extension may lie. `notes` gets a
+    line for each CSV column guessed `string` although it holds numbers: no job could use it as x or y."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -52,7 +53,7 @@ def schema_from_file(path: str | Path) -> Schema:
         if not parquet and path.suffix.lower() in (".parquet", ".pq"):  # the workers refuse it alike
             raise BadArgument(f"{path}: the name says Parquet, but the file does not start as Parquet files do "
                               "(PAR1); give a Parquet file, or a CSV file")
-        schema = _parquet_schema(path) if parquet else _csv_schema(path)
+        schema = _parquet_schema(path) if parquet else _csv_schema(path, notes)
     except FileNotFoundError:
         raise BadArgument(f"{path} does not exist; give the path of a local CSV or Parquet file") from None
     except OSError as exc:
@@ -61,7 +62,7 @@ def schema_from_file(path: str | Path) -> Schema:
     return schema
 
 
-def schema_from_uri(uri: str, dataview: str, options: str) -> Schema:
+def schema_from_uri(uri: str, dataview: str, options: str, notes: list[str] | None = None) -> Schema:
     """The schema of a dataview read from its own ``uri`` when that is a local file.
 
     ``options`` says, in the caller's terms (SDK keywords or CLI options), how else to give the schema."""
@@ -71,7 +72,7 @@ def schema_from_uri(uri: str, dataview: str, options: str) -> Schema:
     elif not path.exists():
         reason = f"{path} does not exist on this machine"
     else:
-        return schema_from_file(path)
+        return schema_from_file(path, notes)
     raise BadArgument(f"give the schema of dataview {dataview!r} ({options}); {reason}")
 
 
@@ -167,7 +168,7 @@ def _check_unique(schema: Schema) -> None:
         seen.add(column["name"])
 
 
-def _csv_schema(path: Path) -> Schema:
+def _csv_schema(path: Path, notes: list[str] | None = None) -> Schema:
     # -sig: Excel's "CSV UTF-8" starts with a BOM. A value that is not UTF-8 (in a column no job may use; the
     # workers read only the columns a job names) is a string; the names must be text.
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
@@ -180,8 +181,16 @@ def _csv_schema(path: Path) -> Schema:
         raise BadArgument(f"{path} is neither a UTF-8 text CSV file nor a Parquet file (its header is not UTF-8)")
     schema = []
     for index, name in enumerate(header):
-        values = [row[index].strip() for row in samples if index < len(row) and row[index].strip()]
-        schema.append(_column(name.strip(), _guess_type(values)))
+        cells = [(number, row[index].strip()) for number, row in enumerate(samples, 1)
+                 if index < len(row) and row[index].strip()]
+        kind = _guess_type([value for _, value in cells])
+        schema.append(_column(name.strip(), kind))
+        numbers = [_parses(float, value) for _, value in cells]
+        if kind == "string" and notes is not None and any(numbers):  # numbers, and one that is not: a typo?
+            row = cells[numbers.index(False)][0]
+            notes.append(f"column {name.strip()!r} is registered as string: row {row} is not a number (the value is "
+                         "not shown), so no job can use it as x or y; fix the file and add the dataview again, or "
+                         "give the column's type yourself")
     return schema
 
 

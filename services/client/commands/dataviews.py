@@ -40,14 +40,17 @@ def add(cli: CliContext, project: str, name: str, uri: str, schema_path: str | N
     or Parquet file."""
     if schema_path and spec:
         raise click.UsageError("give --schema-from-file or --schema, not both")
+    notes: list[str] = []
     if spec:
         schema = parse_schema_spec(spec)
     elif schema_path:
-        schema = schema_from_file(schema_path)
+        schema = schema_from_file(schema_path, notes)
     else:  # read here, not by the SDK, so that a failure names the CLI's options
-        schema = schema_from_uri(uri, name, CLI_SCHEMA_OPTIONS)
+        schema = schema_from_uri(uri, name, CLI_SCHEMA_OPTIONS, notes)
     view = cli.cape().get_project(project).create_dataview(name, uri, schema=schema, organization=organization)
     _show(view, as_json, verb="Added")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
 
 
 @dataviews.command("list")

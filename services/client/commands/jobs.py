@@ -1,6 +1,7 @@
 """`cape jobs submit|list|status|approve|reject|stop|watch|results`."""
 from __future__ import annotations
 
+import csv
 import time
 from typing import Any
 
@@ -31,7 +32,8 @@ def jobs() -> None:
 @click.argument("project")
 @click.argument("job_type", metavar="TYPE", type=click.Choice(["linear-regression"]))
 @click.option("--x", "x_spec", required=True, metavar="DATAVIEW[:COL,...]",
-              help="The features: a dataview (name or id) and its columns (default: all).")
+              help="The features: a dataview (name or id) and its columns (default: all); quote a column whose "
+                   "name holds a comma: 'features:\"a,b\",c'.")
 @click.option("--y", "y_spec", required=True, metavar="DATAVIEW[:COL]",
               help="The target: a dataview and its column (default: its only column).")
 @click.option("--model-owner", required=True, metavar="ORG", help="Organization that receives weights and metrics.")
@@ -272,11 +274,17 @@ def _metric_fields(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:
-    """``name:a,b`` -> ("name", ["a", "b"]); ``name`` -> ("name", [])."""
+    """``name:a,b`` -> ("name", ["a", "b"]); ``name`` -> ("name", []). A column whose name holds a comma is quoted,
+    as in a CSV header: ``name:"a,b",c``."""
     name, colon, columns = spec.partition(":")
     if not name.strip():
         raise BadArgument(f"{option} needs a dataview name or id before the columns: DATAVIEW[:COL,...]")
-    selected = [c.strip() for c in columns.split(",")] if colon else []
+    try:
+        selected = [c.strip() for c in next(csv.reader([columns], skipinitialspace=True), None) or [""]] if colon \
+            else []
+    except csv.Error as exc:
+        raise BadArgument(f"{option} {spec!r}: {exc}; quote a column whose name holds a comma: DATAVIEW:\"A,B\",C") \
+            from None
     if any(not c for c in selected):  # a missing name (an unset shell variable?) would be a column left out
         raise BadArgument(f"{option} {spec!r} has an empty column name; give DATAVIEW:COL1,COL2 (or DATAVIEW alone "
                           "for its schema's columns)")
