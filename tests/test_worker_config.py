@@ -273,9 +273,9 @@ def test_each_service_endpoint_wins_over_aws_endpoint_url_and_a_near_miss_is_war
         with pytest.raises(ConfigError, match=f"^{variable}: is not an http\\(s\\) URL: 'notaurl'"):
             WorkerConfig.from_env(env(**{variable: "notaurl"}))  # botocore raised ValueError in every program
     assert unknown_variables({"AWS_ENDPOINT_URL_LOGS": "x", "AWS_ENDPOINT_URL_STS": "x",
-                              "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": "x"}) == [
-        "AWS_ENDPOINT_URL_LOGS is not a variable boto3 reads for the worker's S3 or CloudWatch Logs, so it is ignored; "
-        "did you mean AWS_ENDPOINT_URL_CLOUDWATCH_LOGS?"]
+                              "AWS_ENDPOINT_URL_CLOUDWATCH": "x", "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": "x"}) == [
+        f"{name} is not a variable boto3 reads for the worker's S3 or CloudWatch Logs, so it is ignored; did you mean "
+        "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS?" for name in ("AWS_ENDPOINT_URL_CLOUDWATCH", "AWS_ENDPOINT_URL_LOGS")]
 
 
 def test_every_variable_the_worker_reads_is_known():

@@ -355,7 +355,7 @@ class Project(Resource):
         """Register a dataview; the schema is given, or read from a local CSV or Parquet file, or from ``uri`` if local.
 
         ``schema_from_csv_path`` is the older name of ``schema_from_file_path`` (it reads Parquet too).
-        ``organization`` (label or id; needed only when you belong to several) may be given as pycape's
+        ``organization`` (label or id; needed only when more than one of yours may) may be given as pycape's
         ``owner_id=`` or ``owner_label=``. ``schema`` also takes pycape's ``[{"name", "schema_type"}]`` and
         ``df.dtypes``."""
         owners = {o for o in (organization, owner_id, owner_label) if o is not None}
@@ -424,7 +424,7 @@ class Project(Resource):
 
         ``timeout`` (seconds, as pycape's ``submit_job(job, timeout=60)``) overrides the job's own; ``task=`` is
         pycape's other name for ``job``. ``organization`` (label or id) is the one you submit for, needed only
-        when you belong to several."""
+        when more than one of yours may."""
         if (job is None) == (task is None):
             raise BadArgument("submit exactly one job: submit_job(VerticallyPartitionedLinearRegression(...))")
         from services.client.tasks import VerticallyPartitionedLinearRegression  # it imports this module

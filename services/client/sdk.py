@@ -79,7 +79,7 @@ class Cape:
 
     def create_project(self, label: str | None = None, name: str | None = None, description: str | None = None,
                        organization: str | None = None, *, owner: str | None = None) -> Project:
-        """Create a project owned by your organization (``organization`` when you belong to several).
+        """Create a project owned by your organization (``organization`` when more than one of yours may).
 
         pycape's ``create_project(name=..., owner=ORG, description=...)`` works too: ``owner`` is the
         organization, and without ``label`` the label is made from the name ("My Project" -> "my-project")."""

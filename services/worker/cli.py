@@ -274,7 +274,9 @@ def check() -> None:
               help="Finished jobs to list after those in progress, most recent first.")
 @click.option("--all", "show_all", is_flag=True, help="List every finished job the spool keeps.")
 def status(as_json: bool, last: int, show_all: bool) -> None:
-    """The four programs' states, a token the coordinator refuses, and the jobs in the spool.
+    """The four programs' states, what keeps the worker unhealthy or waiting (a token or seat the coordinator
+    refuses, its TLS, a wrong CAPE_COORDINATOR, an unreachable coordinator, a spool short of room), and the jobs in
+    the spool.
 
     Exit status: 0 if a worker is running on this CAPE_STATE_DIR (whatever its programs' states; `cape-worker
     health` judges those), 1 if no worker is running on it, 2 for a configuration error.

@@ -278,10 +278,12 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def _service_endpoint_warning(name: str) -> list[str]:
-    """AWS_ENDPOINT_URL_LOGS and the like: close to one the worker reads, and not another service's (botocore names
-    the variable after a service's id, CLOUDWATCH_LOGS, not its client name, logs, so that one is said too)."""
+    """AWS_ENDPOINT_URL_LOGS and the like: close to one the worker reads, and not another service's. botocore names
+    the variable after a service's id, CLOUDWATCH_LOGS, not its client name, logs; and the worker uses no CloudWatch
+    but its Logs: those two are said although they name services."""
     suffix = name[len(_AWS_SERVICE_ENDPOINT_PREFIX):]
-    if name in SERVICE_ENDPOINT_VARIABLES.values() or (suffix != "LOGS"
+    slips = ("LOGS", "CLOUDWATCH")
+    if name in SERVICE_ENDPOINT_VARIABLES.values() or (suffix not in slips
                                                         and suffix.lower().replace("_", "-") in _aws_service_names()):
         return []
 

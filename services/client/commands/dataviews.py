@@ -28,7 +28,7 @@ def dataviews() -> None:
                    "Parquet file's schema.")
 @click.option("--schema", "spec", metavar="NAME:TYPE,...",
               help="Columns, types number|integer|string (a column without :TYPE is a number).")
-@click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
+@click.option("--org", "organization", help="Your organization to own it, if more than one of yours may.")
 @json_option
 @pass_cli
 @org_option_errors

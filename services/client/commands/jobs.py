@@ -44,7 +44,7 @@ def jobs() -> None:
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
               help="Seconds the three workers have to start after approval; also the longest a worker waits "
                    "for any one message of the job.")
-@click.option("--org", "organization", help="Your organization to submit for, if you belong to several.")
+@click.option("--org", "organization", help="Your organization to submit for, if more than one of yours may.")
 @json_option
 @pass_cli
 @org_option_errors
@@ -280,7 +280,7 @@ def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:
     if not name.strip():
         raise BadArgument(f"{option} needs a dataview name or id before the columns: DATAVIEW[:COL,...]")
     try:
-        selected = [c.strip() for c in next(csv.reader([columns], skipinitialspace=True), None) or [""]] if colon \
+        selected = [c.strip() for c in next(csv.reader([columns], skipinitialspace=True, strict=True), None) or [""]] if colon \
             else []
     except csv.Error as exc:
         raise BadArgument(f"{option} {spec!r}: {exc}; quote a column whose name holds a comma: DATAVIEW:\"A,B\",C") \

@@ -23,7 +23,7 @@ def projects() -> None:
 @click.argument("label")
 @click.option("--name", help="A display name.")
 @click.option("--description")
-@click.option("--org", "organization", help="Your organization to own it, if you belong to several.")
+@click.option("--org", "organization", help="Your organization to own it, if more than one of yours may.")
 @json_option
 @pass_cli
 @org_option_errors
