@@ -238,16 +238,28 @@ def test_debug_level_keeps_the_libraries_debug_lines_out(tmp_path):
 
 
 def test_cloudwatch_accepting_but_silent_endpoint_does_not_block_emit():
-    """An endpoint that accepts connections and never answers: emit() stays fast, close() is bounded."""
+    """An endpoint that accepts connections and never answers: emit() stays fast, close() is bounded, and the start
+    makes one attempt (botocore's max_attempts counts retries: 1 made two, holding each program's start 6 s)."""
     import socket
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(50)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
         config = WorkerConfig.from_env(config_env(CAPE_CLOUDWATCH="on", AWS_ENDPOINT_URL=url,
                                                   AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b"))
         log = logs.setup("poller", config, stream=io.StringIO())
+        assert len(accepted) == 1, accepted
         started = time.monotonic()
         for i in range(100):
             log.info("event %d", i)
@@ -258,6 +270,8 @@ def test_cloudwatch_accepting_but_silent_endpoint_does_not_block_emit():
         assert time.monotonic() - started < 15
     finally:
         server.close()
+        for connection in accepted:
+            connection.close()
 
 
 def log_then_sigterm(program: str, lines: list[str], env: dict[str, str], cwd) -> float:

@@ -251,7 +251,9 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
     # stream if missing, and put one event, in stream <worker>/check.
     stream = f"{config.worker_name}/check"
     try:
-        client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
+        # total_max_attempts: botocore's max_attempts counts retries only (1 made two tries of 3 s each).
+        client = boto3.client("logs", config=Config(connect_timeout=2, read_timeout=3,
+                                                    retries={"total_max_attempts": 1}),
                               **config.boto3_kwargs("logs"))
         made = make_unless_there(client.create_log_group, logGroupName=config.log_group)
         make_unless_there(client.create_log_stream, logGroupName=config.log_group, logStreamName=stream)

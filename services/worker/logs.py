@@ -181,7 +181,8 @@ def cloudwatch_handler(config: WorkerConfig, program: str) -> logging.Handler:
         # Inside the try: making the client resolves the credentials and region (a missing AWS_PROFILE, a
         # credentials endpoint not up yet), which must not crash the program.
         client = boto3.client("logs", config=Config(connect_timeout=1, read_timeout=CLOUDWATCH_FLUSH_TIMEOUT,
-                                                     retries={"max_attempts": 1, "mode": "standard"}),
+                                                     retries={"total_max_attempts": 1, "mode": "standard"}),
+                              # total_max_attempts: max_attempts counts retries (1 held each start 6 s, not 3)
                               **_logs_kwargs(config))
         handler = watchtower.CloudWatchLogHandler(
             create_log_group=True, log_group_name=config.log_group, log_stream_name=f"{config.worker_name}/{program}",

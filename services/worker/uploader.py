@@ -91,7 +91,8 @@ class ModelStore:
             from botocore.config import Config
 
             self._s3 = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=self.read_timeout,
-                                                        retries={"max_attempts": self.attempts, "mode": "standard"}),
+                                                        retries={"total_max_attempts": self.attempts,
+                                                                 "mode": "standard"}),
                                     **self.config.boto3_kwargs("s3"))
         return self._s3
 
