@@ -28,9 +28,13 @@ def cell_text(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(cell_text(v) for v in value) or "-"
+    if isinstance(value, (list, tuple)):  # an item holding a comma is quoted, as the CLI takes it back
+        return ", ".join(_quoted(cell_text(v)) if "," in str(v) else cell_text(v) for v in value) or "-"
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
 
 
 # C0 and C1 controls, line and paragraph separators, bidirectional overrides and isolates.

@@ -272,7 +272,7 @@ def test_cli_submit_says_what_to_type_and_refuses_empty_column_names(shared_cape
             "columns)")
     from services.client.commands.jobs import _split_spec
     assert _split_spec('wide:"a,b", c', "--x") == ("wide", ["a,b", "c"])  # a column whose name holds a comma
-    with pytest.raises(BadArgument, match="quote a column whose name holds a comma"):
+    with pytest.raises(BadArgument, match="quote a name that holds a comma"):
         _split_spec('wide:"a,b', "--x")  # an unclosed quote
     schema = cape_cli("dataviews", "add", project, "gap", "s3://b/g.csv", "--schema", "a:number,,b", env=env)
     assert one_error_line(schema.stderr) == (

@@ -199,3 +199,17 @@ def test_a_numeric_column_guessed_string_is_noted_with_its_row(tmp_path: Path) -
     assert notes == ["column 'spend' is registered as string: row 5 is not a number (the value is not shown), so no "
                      "job can use it as x or y; fix the file and add the dataview again, or give the column's type "
                      "yourself"]  # 'note' holds no numbers: text, as meant
+
+
+def test_a_name_holding_a_comma_is_quoted_in_every_column_list_the_cli_takes_and_prints() -> None:
+    """Only `jobs submit --x` took quotes; `--schema` and `cape simulate --x` split at every comma, and listings
+    printed such a name as two."""
+    from services.client.simulate import split_spec
+    from services.tables import cell_text
+
+    assert parse_schema_spec('a:number, "b,c:integer"') == [{"name": "a", "type": "number"},
+                                                            {"name": "b,c", "type": "integer"}]
+    assert split_spec('x.csv:a,"b,c"') == ("x.csv", ["a", "b,c"])
+    assert cell_text(["a", "b,c", 'say "hi", then']) == 'a, "b,c", "say ""hi"", then"'
+    with pytest.raises(BadArgument, match="quote a name that holds a comma"):
+        parse_schema_spec('a,"b')

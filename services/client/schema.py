@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import unquote, urlparse
 
+from services.client.columns import split_columns
 from services.client.errors import BadArgument
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ Schema = list[dict[str, str]]
 def parse_schema_spec(spec: str) -> Schema:
     """``"a:number,b:integer,c"`` -> schema; a column without a type is a number."""
     schema: Schema = []
-    items = [part.strip() for part in spec.split(",")]
+    items = split_columns(spec, f"the schema {spec!r}")  # an entry whose name holds a comma is quoted whole
     if not any(items):
         items = []  # said below: the schema is empty
     elif items[-1] == "":

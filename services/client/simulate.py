@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from services.client.columns import split_columns
 from services.client.tasks import dashes_for_underscores
 from services.jobs.linear_regression import JobDataError, ProtocolError, simulate as simulate_job
 from services.jobs.linear_regression.data import local_path, read_columns
@@ -39,7 +40,7 @@ def split_spec(spec: str) -> tuple[str, list[str]]:
     path, sep, cols = spec.rpartition(":")
     if not sep or not path or "/" in cols:
         return spec, []
-    columns = [c.strip() for c in cols.split(",")]
+    columns = split_columns(cols, repr(spec))
     if any(not c for c in columns):
         raise click.UsageError(f"{spec!r}: empty column name; write PATH:COL1,COL2")
     return path, columns
@@ -106,7 +107,8 @@ def simulate() -> None:
 @simulate.command("linear-regression", cls=_OneLineUsage)
 @click.option("--x", "x_spec", required=True, metavar="PATH[:COL,...]",
               help="x data (CSV with a header row, or Parquet; a path or file:// uri) and its columns, in order. "
-                   "Without columns: every column of the file except the y column (when x and y are one file).")
+                   "Without columns: every column of the file except the y column (when x and y are one file); "
+                   "quote a column whose name holds a comma: 'x.csv:\"a,b\",c'.")
 @click.option("--y", "y_spec", required=True, metavar="PATH[:COL]",
               help="y data and its column. Without a column: the file's first column.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -27,7 +27,8 @@ def dataviews() -> None:
               help="Read the columns from this local CSV's header (types guessed from its first rows) or "
                    "Parquet file's schema.")
 @click.option("--schema", "spec", metavar="NAME:TYPE,...",
-              help="Columns, types number|integer|string (a column without :TYPE is a number).")
+              help="Columns, types number|integer|string (a column without :TYPE is a number); quote an entry "
+                   "whose name holds a comma: '\"a,b:number\",c'.")
 @click.option("--org", "organization", help="Your organization to own it, if more than one of yours may.")
 @json_option
 @pass_cli

@@ -1,12 +1,12 @@
 """`cape jobs submit|list|status|approve|reject|stop|watch|results`."""
 from __future__ import annotations
 
-import csv
 import time
 from typing import Any
 
 import click
 
+from services.client.columns import split_columns
 from services.client.commands.output import (
     CliContext, json_option, org_label, org_option_errors, pass_cli, print_fields, print_json, print_table,
 )
@@ -279,12 +279,7 @@ def _split_spec(spec: str, option: str) -> tuple[str, list[str]]:
     name, colon, columns = spec.partition(":")
     if not name.strip():
         raise BadArgument(f"{option} needs a dataview name or id before the columns: DATAVIEW[:COL,...]")
-    try:
-        selected = [c.strip() for c in next(csv.reader([columns], skipinitialspace=True, strict=True), None) or [""]] if colon \
-            else []
-    except csv.Error as exc:
-        raise BadArgument(f"{option} {spec!r}: {exc}; quote a column whose name holds a comma: DATAVIEW:\"A,B\",C") \
-            from None
+    selected = split_columns(columns, f"{option} {spec!r}") if colon else []
     if any(not c for c in selected):  # a missing name (an unset shell variable?) would be a column left out
         raise BadArgument(f"{option} {spec!r} has an empty column name; give DATAVIEW:COL1,COL2 (or DATAVIEW alone "
                           "for its schema's columns)")
