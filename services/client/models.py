@@ -22,7 +22,8 @@ TERMINAL_STATUSES = frozenset({"Completed", "Rejected", "Stopped", "Error"})
 SDK_SCHEMA_OPTIONS = "schema=... or schema_from_file_path=..., a local CSV or Parquet file"
 
 
-def _positive_seconds(value: Any) -> bool:
+def positive_seconds(value: Any) -> bool:
+    """A number of seconds above 0 (not a bool, NaN or infinity)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and value > 0)
 
@@ -262,7 +263,7 @@ class Job(Resource):
         A coordinator that cannot be reached or answers 5xx (restarting, say) is polled again until the timeout,
         as the job goes on meanwhile; ``on_problem`` gets each such error, and None once a poll works again.
         Returns the last status seen (a terminal one unless the timeout came first)."""
-        if not (_positive_seconds(timeout) or timeout == 0) or not _positive_seconds(interval):  # 0: look once
+        if not (positive_seconds(timeout) or timeout == 0) or not positive_seconds(interval):  # 0: look once
             raise BadArgument(f"timeout must be a number of seconds (0: look once) and interval a positive one, not "
                               f"{timeout!r} and {interval!r}")
         deadline = time.monotonic() + timeout
@@ -435,7 +436,7 @@ class Project(Resource):
                               f"{type(chosen).__name__}")
         body = chosen.to_request()
         if timeout is not None:
-            if not _positive_seconds(timeout):
+            if not positive_seconds(timeout):
                 raise BadArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
             body["timeout"] = math.ceil(timeout)
         if organization is not None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from services.client.errors import BadArgument
 from services.model_location import MODEL_LOCATION_FORMS, model_location_problem
-from services.client.models import DataView, Organization, org_ref
+from services.client.models import DataView, Organization, org_ref, positive_seconds
 
 DEFAULT_JOB_TIMEOUT_S = 600
 
@@ -45,8 +45,7 @@ class VerticallyPartitionedLinearRegression:
                        else f"give {MODEL_LOCATION_FORMS}")
             if problem:
                 raise BadArgument(f"model_location {model_location!r}: {problem}")
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
-                or timeout <= 0):
+        if not positive_seconds(timeout):
             raise BadArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.x_train_dataview = x_train_dataview
         self.y_train_dataview = y_train_dataview

@@ -150,10 +150,15 @@ def _seat_label(conn: sqlite3.Connection, party: sqlite3.Row) -> str:
     return f"{party['seat']} ({get_org(conn, party['org_id'])['label']})"
 
 
+def registered_worker(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row | None:
+    """The organization's worker row once it registered its public keys, else None."""
+    return conn.execute("SELECT * FROM workers WHERE org_id = ? AND encryption_public_key IS NOT NULL",
+                        (org_id,)).fetchone()
+
+
 def has_worker_keys(conn: sqlite3.Connection, org_id: str) -> bool:
     """Whether a worker of the organization registered its public keys (jobs go to workers only once all have)."""
-    return conn.execute("SELECT 1 FROM workers WHERE org_id = ? AND encryption_public_key IS NOT NULL",
-                        (org_id,)).fetchone() is not None
+    return registered_worker(conn, org_id) is not None
 
 
 def expire_late_jobs(conn: sqlite3.Connection) -> int:

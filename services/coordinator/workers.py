@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from services.coordinator.db import now_iso
 from services.coordinator.identity import get_org, org_ref
-from services.coordinator.jobs import (FINAL_STATUSES, expire_if_late, find_job, has_worker_keys, parties, seat_of,
-                                       set_status)
+from services.coordinator.jobs import (FINAL_STATUSES, expire_if_late, find_job, has_worker_keys, parties,
+                                       registered_worker, seat_of, set_status)
 from services.coordinator.liveness import ONLINE_WITHIN_SECONDS, liveness
 from services.server.errors import Conflict, Forbidden, InvalidRequest
 
@@ -39,13 +39,13 @@ class OtherWorkerKeys(Conflict):
 
 
 def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> str | None:
-    """Register the worker's public keys; returns "registered" (the first), "replaced" or None (the same again). Other keys than the registered ones replace them only once the worker
-    that registered them has been silent for ONLINE_WITHIN_SECONDS (a worker moved to a new machine, or whose
-    state directory was lost): a second worker started with the same token must not take the seat from under a
-    running one."""
+    """Register the worker's public keys; returns "registered" (the first), "replaced" or None (the same again).
+    Other keys than the registered ones replace them only once the worker that registered them has been silent for
+    ONLINE_WITHIN_SECONDS (a worker moved to a new machine, or whose state directory was lost): a second worker
+    started with the same token must not take the seat from under a running one."""
     _check_public_key(encryption_key, X25519PublicKey.from_public_bytes, "encryption_public_key", "X25519")
     _check_public_key(signing_key, Ed25519PublicKey.from_public_bytes, "signing_public_key", "Ed25519")
-    row = _keys(conn, org_id)
+    row = registered_worker(conn, org_id)
     if row is not None and (row["encryption_public_key"], row["signing_public_key"]) != (encryption_key, signing_key):
         alive = liveness(row["last_seen"])
         if alive["online"]:
@@ -67,31 +67,35 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
 def registered_keys_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
     """What a worker of the organization may see before it registers (`cape-worker check`): the public keys the
     coordinator holds for it and whether the worker that registered them is heard from."""
-    row = conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
-    keys = (row["encryption_public_key"], row["signing_public_key"]) if row is not None else (None, None)
-    return {"registered": keys[0] is not None, "encryption_public_key": keys[0], "signing_public_key": keys[1],
-            "keys_updated_at": row["keys_updated_at"] if row is not None else None,
-            "last_seen": row["last_seen"] if row is not None else None,
-            **liveness(row["last_seen"] if row is not None else None)}
+    row = _worker_row(conn, org_id)
+    return {**_heard_from(row), "encryption_public_key": row["encryption_public_key"] if row else None,
+            "signing_public_key": row["signing_public_key"] if row else None}
 
 
 def status_view(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
     """What an organization's members may see of their worker: keys registered, last heartbeat and whether it is
     recent, program states."""
-    row = conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
-    if row is None:
-        return {"registered": False, "keys_updated_at": None, "last_seen": None, **liveness(None), "version": None,
-                "programs": None}
-    return {"registered": row["encryption_public_key"] is not None, "keys_updated_at": row["keys_updated_at"],
-            "last_seen": row["last_seen"], **liveness(row["last_seen"]), "version": row["version"],
-            "programs": json.loads(row["programs"]) if row["programs"] else None}
+    row = _worker_row(conn, org_id)
+    return {**_heard_from(row), "version": row["version"] if row else None,
+            "programs": json.loads(row["programs"]) if row and row["programs"] else None}
+
+
+def _worker_row(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM workers WHERE org_id = ?", (org_id,)).fetchone()
+
+
+def _heard_from(row: sqlite3.Row | None) -> dict[str, Any]:
+    """Whether the organization's worker registered keys, when, and when it was last heard from (None: never)."""
+    return {"registered": row is not None and row["encryption_public_key"] is not None,
+            "keys_updated_at": row["keys_updated_at"] if row else None, "last_seen": row["last_seen"] if row else None,
+            **liveness(row["last_seen"] if row else None)}
 
 
 def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None,
               signing_key: str | None = None) -> None:
     """Record that the worker is alive; refused (and not recorded) for a worker whose keys are not the registered
     ones, so a worker that lost its seat to another does not keep looking like the live one."""
-    row = _keys(conn, org_id)
+    row = registered_worker(conn, org_id)
     if signing_key is not None and row is not None and row["signing_public_key"] != signing_key:
         raise OtherWorkerKeys(f"another worker of this organization registered other keys at "
                               f"{row['keys_updated_at']}; this worker no longer takes the organization's seats: stop "
@@ -100,11 +104,6 @@ def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, progra
                  "ON CONFLICT(org_id) DO UPDATE SET last_seen = excluded.last_seen, version = excluded.version, "
                  "programs = excluded.programs",
                  (org_id, now_iso(), version, json.dumps(programs) if programs is not None else None))
-
-
-def _keys(conn: sqlite3.Connection, org_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM workers WHERE org_id = ? AND encryption_public_key IS NOT NULL",
-                        (org_id,)).fetchone()
 
 
 def missing_keys(conn: sqlite3.Connection, job_id: str) -> list[str]:
@@ -135,7 +134,7 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
 
     party_view = {}
     for name, party in seats.items():
-        keys = _keys(conn, party["org_id"])
+        keys = registered_worker(conn, party["org_id"])
         party_view[name] = {"organization": org_ref(get_org(conn, party["org_id"])),
                             "encryption_public_key": keys["encryption_public_key"] if keys else None,
                             "signing_public_key": keys["signing_public_key"] if keys else None}

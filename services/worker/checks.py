@@ -28,7 +28,7 @@ from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
 from services.worker.logs import make_unless_there
-from services.worker.spool import RESERVE_BYTES
+from services.worker.spool import RESERVE_BYTES, mib
 from services.worker.uploader import ModelStore, UploadError
 
 CHECK_TIMEOUT = 5.0
@@ -90,13 +90,12 @@ def check_spool(config: WorkerConfig) -> CheckResult:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < SPOOL_LEAST_FREE_BYTES:
-        return CheckResult("spool", False, f"{config.spool_dir}'s volume has {free // 1024**2} MiB free; the "
-                                           f"messenger keeps {RESERVE_BYTES // 1024**2} MiB free (messages wait at "
-                                           "the broker below it) and a job needs room for its messages: give "
-                                           f"CAPE_SPOOL_DIR a volume with at least {SPOOL_LEAST_FREE_BYTES // 1024**2} "
-                                           "MiB free (at n = 10^6 rows and d = 32 columns, the y-owner's worker "
-                                           "keeps 0.26 GB of messages)")
-    return CheckResult("spool", True, f"{result.detail}, {free // 1024**2} MiB free")
+        return CheckResult("spool", False, f"{config.spool_dir}'s volume has {mib(free)} free; the messenger keeps "
+                                           f"{mib(RESERVE_BYTES)} free (messages wait at the broker below it) and a "
+                                           "job needs room for its messages: give CAPE_SPOOL_DIR a volume with at "
+                                           f"least {mib(SPOOL_LEAST_FREE_BYTES)} free (at n = 10^6 rows and d = 32 "
+                                           "columns, the y-owner's worker keeps 0.26 GB of messages)")
+    return CheckResult("spool", True, f"{result.detail}, {mib(free)} free")
 
 
 def check_directory(name: str, path: Path, variable: str) -> CheckResult:
@@ -279,7 +278,7 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
     except BotoCoreError as exc:
         verb = "reach" if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)) else "use"
         return CheckResult("cloudwatch", False, f"cannot {verb} CloudWatch Logs ({type(exc).__name__}: {exc}); check "
-                                                f"AWS_REGION / {config.endpoint_variable('logs')} / AWS_PROFILE, or set "
-                                                "CAPE_CLOUDWATCH=off")
+                                                f"AWS_REGION / {config.endpoint_variable('logs')} / AWS_PROFILE, or "
+                                                "set CAPE_CLOUDWATCH=off")
     return CheckResult("cloudwatch", True, f"log group {config.log_group}{' (made now)' if made else ''}: wrote a "
                                            f"test event to stream {stream}")

@@ -32,7 +32,8 @@ from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerEr
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
-from services.worker.spool import RESERVE_BYTES, InvalidName, OutboxItem, Spool, atomic_writer, validate_message_name
+from services.worker.spool import (RESERVE_BYTES, InvalidName, OutboxItem, Spool, atomic_writer, mib,
+                                   validate_message_name)
 
 if TYPE_CHECKING:  # the programs read their configuration only in main()
     from services.worker.config import WorkerConfig
@@ -339,8 +340,9 @@ class Messenger:
             first = spec.id not in self._short_of_room
             self._short_of_room.add(spec.id)
         if first:
-            why = (f"message {name} ({_mib(size)}) of job {spec.id} waits at the broker: the spool volume "
-                   f"(CAPE_SPOOL_DIR) has {_mib(free)} free and the messenger keeps {_mib(self.reserve_bytes)} free "
+            why = (f"message {name} ({mib(size) if isinstance(size, int) else 'unknown size'}) of job {spec.id} "
+                   f"waits at the broker: the spool volume (CAPE_SPOOL_DIR) has {mib(free)} free and the messenger "
+                   f"keeps {mib(self.reserve_bytes)} free "
                    "for the worker's other files; it is taken once jobs end and their messages are removed, or the "
                    "volume grows")
             log.warning("%s", why)
@@ -484,10 +486,6 @@ class Messenger:
             self._sender.join(timeout=2.0)
             if self._gets is not None:
                 self._gets.shutdown(wait=False, cancel_futures=True)
-
-
-def _mib(size: Any) -> str:
-    return f"{size / 1024**2:.0f} MiB" if isinstance(size, int) else "unknown size"
 
 
 class _HashingSink:

@@ -201,6 +201,11 @@ class StatusItem:
 RESERVE_BYTES = 256 * 1024**2
 
 
+def mib(size: int) -> str:
+    """A size as messages about the spool's room say it."""
+    return f"{size / 1024**2:.0f} MiB"
+
+
 class Spool:
     """The spool directory of one worker (see the module docstring for the layout)."""
 

@@ -29,7 +29,7 @@ import numpy as np
 from services.worker.job_spec import JobSpec
 from services.worker.keys import WorkerKeys
 from services.worker.sealing import MessageAddress, SealedMessage
-from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer
+from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer, mib
 
 from services.mpc import ProtocolError, TransportTimeout
 from services.mpc.transport import Expected
@@ -290,6 +290,6 @@ class SpoolTransport:
                      f"({rejected[-1].get('reason')})")
         free = self.spool.free_bytes()
         if free < RESERVE_BYTES + _LOW_ROOM_BYTES:
-            text += (f"; the spool volume has only {free // 1024**2} MiB free, and the messenger leaves messages at "
-                     f"the broker rather than go below {RESERVE_BYTES // 1024**2} MiB (see its log)")
+            text += (f"; the spool volume has only {mib(free)} free, and the messenger leaves messages at the broker "
+                     f"rather than go below {mib(RESERVE_BYTES)} (see its log)")
         return text

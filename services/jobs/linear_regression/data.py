@@ -486,7 +486,7 @@ def _to_float(display: str, column: str, values: pa.ChunkedArray | pa.Array, off
     else:
         try:
             converted = pc.cast(values, pa.float64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a type with no cast to float64 (dates, say)
             raise UnreadableDataError(
                 display, f"column {column!r} holds {values.type} values, not numbers"
             ) from None
