@@ -51,13 +51,16 @@ def connection_problem(exc: BaseException, url: str, ca_variable: str = "REQUEST
     if any(words in lowered for words in ("name or service not known", "nodename nor servname", "name resolution",
                                           "nameresolutionerror", "no address associated")):
         return "the host name does not resolve; check the URL"
+    # Before the closed-connection words: urllib3 wraps a send that timed out in "Connection aborted".
+    if any(isinstance(part, TimeoutError) for part in chain) or "timed out" in lowered:
+        return "no progress in time: a slow or stalled link, or a server that stopped answering"
     if urlparse(url).scheme == "http" and any(words in lowered for words in (
             "remotedisconnected", "connection aborted", "connection reset", "server disconnected",
             "remoteprotocolerror")):
         return ("the connection closed without an answer: the server restarting, or a TLS port, whose URL must "
                 "start with https://")
-    if "timed out" in lowered or "timeout" in type(exc).__name__.lower():
-        return "no answer in time"
+    if "timeout" in type(exc).__name__.lower():
+        return "no progress in time: a slow or stalled link, or a server that stopped answering"
     return type(exc).__name__
 
 

@@ -134,6 +134,36 @@ def test_size_limit(start_cape_server):
     assert list((server.data_dir / "broker" / "incoming").iterdir()) == []
 
 
+def test_a_body_from_which_nothing_arrives_is_given_up_with_its_partial_file(start_cape_server):
+    """A sender whose network dropped the flow (a NAT, a pulled cable) never closes it: its partial body stayed in
+    incoming/ until a restart. After --body-idle-seconds without a byte it is dropped and answered 408."""
+    import re
+    import socket
+
+    server = start_cape_server(extra_args=["--body-idle-seconds", "1"])
+    world = build_job_world(server)
+    host, port = re.match(r"http://([^:]+):(\d+)", server.url).groups()
+    incoming = server.data_dir / "broker" / "incoming"
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"PUT {_messages(world['job']['id'], 'x_owner.r1', 'y_owner')} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {world['orgs']['xorg']['organization_token']}\r\n"
+                     "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n".encode()
+                     + b"\0" * 100_000)
+        deadline = time.monotonic() + 5
+        while not list(incoming.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(incoming.iterdir()), "the partial body was not being written"
+        started = time.monotonic()
+        answer = conn.recv(65536).decode()  # then silence: nothing more is sent
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"code":"body_timeout"' in answer.replace(" ", "") and "send it again" in answer
+    assert 0.5 < waited < 5
+    assert list(incoming.iterdir()) == []
+    assert world["worker"]["yorg"].get(_messages(world["job"]["id"])).json() == []
+    assert "gave up message x_owner.r1 of job" in server.log_path.read_text()
+
+
 def test_messages_expire_after_ttl(start_cape_server):
     server = start_cape_server(extra_args=["--message-ttl", "1"])
     world = build_job_world(server)

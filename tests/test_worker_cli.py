@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+from services.worker import health
 from services.worker.spool import Spool
 from tests.support.aws import free_port
 from tests.support.server import Api
@@ -564,6 +565,16 @@ def test_status_says_when_the_coordinator_is_unreachable(start_worker, tmp_path)
     lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
     assert any(line.startswith("coordinator: the coordinator is unreachable; the poller retries (since 20")
                for line in lines), lines
+    assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0
+    # The messenger's record of a broker it cannot reach (tests/test_worker_messenger.py writes it for real) is
+    # said the same way, and is no health failure either.
+    health.BROKER_UNREACHABLE.record(health.run_dir_from_env(env), "list messages of job j1: the broker answered "
+                                                                   "502 Bad Gateway")
+    status = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert status["broker_unreachable"]["message"] == "list messages of job j1: the broker answered 502 Bad Gateway"
+    lines = cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
+    assert any(line.startswith("broker: the broker is unreachable or failing; messages wait and the messenger "
+                               "retries (since 20") and line.endswith("502 Bad Gateway") for line in lines), lines
     assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0
 
 

@@ -17,15 +17,25 @@ from services.worker.job_spec import JobSpec
 from services.worker.messenger import Messenger
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool_transport import SpoolTransport, SpoolTransportTimeout
+from tests.support.fault_proxy import FaultProxy
 from tests.support.worker_messaging import approved_job, program_env, wait_for
 
 WAIT = 30.0  # bound on every wait in these tests
 
 
-def start_messenger(job, seat, base: Path) -> subprocess.Popen:
+def start_messenger(job, seat, base: Path, broker: str | None = None) -> subprocess.Popen:
+    """`seat`'s messenger program; `broker` in place of the job's broker URL (a proxy in front of it)."""
     log = open(base / f"{seat}.messenger.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "services.worker.messenger"], env=program_env(job, seat, base),
+    env = program_env(job, seat, base) | ({"CAPE_BROKER": broker} if broker else {})
+    return subprocess.Popen([sys.executable, "-m", "services.worker.messenger"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=10)
 
 
 def transport(job, seat, timeout=WAIT) -> SpoolTransport:
@@ -85,6 +95,76 @@ def test_messages_travel_sealed_through_the_broker(job, cape_server, tmp_path):
     log = (tmp_path / "y_owner.messenger.log").read_text()
     assert "received x_owner.round1.share from x_owner" in log
     assert job.seats["y_owner"].token.split(",")[1] not in log
+
+
+def test_a_download_a_proxy_cuts_short_is_fetched_again_not_dropped(job, tmp_path):
+    """A proxy that drops a body's Content-Length, then the connection halfway: the short body is a cut connection
+    (downloaded again), not a truncated forgery (dropped and acknowledged at the broker: the message lost)."""
+    array = np.arange(300_000, dtype=np.uint64) * np.uint64(0x0101010101010101)
+    y = job.seats["y_owner"]
+    with FaultProxy(job.url) as proxy:
+        proxy.cut_downloads = 1
+        started = [start_messenger(job, "x_owner", tmp_path),
+                   start_messenger(job, "y_owner", tmp_path, broker=f"{proxy.url}/broker")]
+        try:
+            with transport(job, "x_owner") as sender:
+                sender.send(1, "block", array)
+            np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "block"), array)
+        finally:
+            stop_all(started)
+    assert y.spool.rejections(job.id) == {}
+    assert proxy.count("GET", r"/messages/x_owner\.block$", 200) == 2  # the cut one, then the whole one
+    log = (tmp_path / "y_owner.messenger.log").read_text()
+    assert "ended after 1200" in log and "of its 2400" in log and "downloaded again later" in log
+    assert "dropped message" not in log
+
+
+def test_a_proxys_own_404_for_a_download_is_an_error_backed_off_from(job, tmp_path):
+    """Only the broker's `message_not_found` means a listed message is gone: a proxy's 404 page re-listed it
+    hundreds of times a second, silently. Now it is said, backed off from, and the message comes once it passes."""
+    array = np.arange(1000, dtype=np.uint64)
+    with FaultProxy(job.url) as proxy:
+        proxy.own_404_downloads = True
+        started = [start_messenger(job, "x_owner", tmp_path),
+                   start_messenger(job, "y_owner", tmp_path, broker=f"{proxy.url}/broker")]
+        try:
+            with transport(job, "x_owner") as sender:
+                sender.send(1, "small", array)
+            wait_for(lambda: proxy.count("GET", r"/messages/x_owner\.small$", 404) >= 1, "the proxy's first 404")
+            time.sleep(3.0)
+            refused = proxy.count("GET", r"/messages/x_owner\.small$", 404)
+            assert refused <= 6, f"{refused} downloads in 3 s: not backed off"
+            proxy.own_404_downloads = False
+            np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "small"), array)
+        finally:
+            stop_all(started)
+    log = (tmp_path / "y_owner.messenger.log").read_text()
+    assert "download message x_owner.small: the broker answered 404" in log
+    assert job.seats["y_owner"].spool.rejections(job.id) == {}
+
+
+def test_a_stalled_download_holds_up_no_other_message(job, tmp_path):
+    """One download paused on the way (a proxy, a lossy link) delayed every other message, of every job, until it
+    resumed or timed out (a minute): the receiver waited for all of a listing's downloads before listing again."""
+    big, small = np.arange(200_000, dtype=np.uint64), np.arange(10, dtype=np.uint64)
+    with FaultProxy(job.url) as proxy:
+        proxy.stall_downloads, proxy.stall_seconds = 1, 8.0
+        started = [start_messenger(job, "x_owner", tmp_path), start_messenger(job, "helper", tmp_path),
+                   start_messenger(job, "y_owner", tmp_path, broker=f"{proxy.url}/broker")]
+        try:
+            with transport(job, "x_owner") as sender:
+                sender.send(1, "big", big)
+            wait_for(lambda: proxy.count("GET", r"/messages/x_owner\.big$") == 1, "the stalled download")
+            sent = time.monotonic()
+            with transport(job, "helper") as sender:
+                sender.send(1, "small", small)
+            np.testing.assert_array_equal(transport(job, "y_owner").receive(2, "small"), small)
+            assert time.monotonic() - sent < 5.0  # not behind the 8 s stall
+            assert not job.seats["y_owner"].spool.inbox_path(job.id, "x_owner.big").exists()
+            np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "big"), big)
+        finally:
+            stop_all(started)
+    assert proxy.count("GET", r"/messages/x_owner\.big$") == 1  # the stalled one finished: not fetched twice
 
 
 def test_forged_and_misaddressed_messages_are_dropped(job, tmp_path):
@@ -564,3 +644,56 @@ def test_the_broker_is_said_reachable_again_only_after_a_pass_that_reached_it(tm
     loop.join(timeout=5)
     assert len(passes) >= 3
     assert ("sending: the broker is reachable again" in caplog.text) is said_again, caplog.text
+
+
+def test_an_unavailable_broker_is_said_now_and_then_and_recorded_for_status(tmp_path, monkeypatch, caplog):
+    """One warning when the broker becomes unavailable and one per STILL_FAILING_SAID_EVERY_SECONDS after (one per
+    retry made an outage of hours hundreds of lines); `cape-worker status` reads the record while it lasts."""
+    import threading
+
+    from services.worker import health
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient, BrokerUnavailable
+    from services.worker.keys import WorkerKeys
+    from services.worker.spool import Spool
+
+    monkeypatch.setattr(messenger_module, "MAX_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr(messenger_module, "STILL_FAILING_SAID_EVERY_SECONDS", 0.6)
+    caplog.set_level(logging.INFO, logger="cape.messenger")
+    stop = threading.Event()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    broker = BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0", stop=stop)
+    messenger = Messenger(Spool(tmp_path / "spool"), WorkerKeys.load_or_create(tmp_path / "state"), broker, stop,
+                          run_dir=run_dir)
+    failing_until = time.monotonic() + 1.5
+    tries: list[float] = []
+    records: list[dict | None] = []
+
+    def send_pending() -> int:  # unit test: the broker fails for 1.5 s, then takes a message
+        tries.append(time.monotonic())
+        records.append(health.BROKER_UNREACHABLE.read(run_dir))
+        if time.monotonic() < failing_until:
+            raise BrokerUnavailable("put message x_owner.r1 for y_owner: cannot reach the broker (test)")
+        return 1
+
+    monkeypatch.setattr(messenger, "send_pending", send_pending)
+    loop = threading.Thread(target=messenger.sender_loop, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 10
+    while not caplog.text.count("reachable again") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    messenger.spool.changes.wake()
+    loop.join(timeout=5)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(tries) >= 15 and 2 <= len(said) <= 4, (len(tries), said)
+    assert said[0].startswith("sending: put message x_owner.r1 for y_owner: cannot reach the broker (test); retrying")
+    assert "(failing for 1 s, " in said[-1] or "(failing for 0 s, " in said[-1]
+    during = [record for at, record in zip(tries, records) if at < failing_until][1:]  # the first try comes first
+    assert during and all(record is not None and record["message"] == "put message x_owner.r1 for y_owner: cannot "
+                          "reach the broker (test)" for record in during), during
+    assert records[-1] is None  # cleared once a put went through
+    assert "sending: the broker is reachable again (after 2 s)" in caplog.text or \
+        "sending: the broker is reachable again (after 1 s)" in caplog.text
+    assert health.BROKER_UNREACHABLE.read(run_dir) is None

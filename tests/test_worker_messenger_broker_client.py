@@ -1,12 +1,17 @@
 """The broker client's retries: connection errors and 5xx are retried with backoff, then reported clearly."""
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
+import re
+import socket
 import threading
 import time
 
 import pytest
 
+from services.worker import broker_client
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerUnavailable
 from services.worker.spool import InvalidName
 from tests.support.aws import free_port
@@ -124,3 +129,118 @@ def test_a_download_cut_off_midway_is_unavailable_not_a_short_message():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _one_connection_server(serve) -> tuple[str, threading.Thread]:  # type: ignore[no-untyped-def]
+    """A raw socket server on 127.0.0.1 that hands its first connection to `serve(conn)`; its broker URL."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # small: the sender blocks when it pauses
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def run() -> None:
+        with srv:
+            srv.settimeout(30)
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(30)
+                serve(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/broker", thread
+
+
+def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+def test_a_body_is_sent_under_the_read_timeout_not_the_connect_timeout(tmp_path, monkeypatch):
+    """urllib3 sends a body under the connect timeout: with a receiver pausing longer than it, every attempt broke
+    and started again from the first byte (a link under ~200 KiB/s never delivered a large message)."""
+    monkeypatch.setattr(broker_client, "CONNECT_TIMEOUT", 0.5)
+    body = os.urandom(1 << 20) * 24  # more than the socket buffers hold
+    (tmp_path / "m.sealed").write_bytes(body)
+    received: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        head, rest = _read_head(conn)
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+        time.sleep(2.0)  # four times the connect timeout without reading
+        got = len(rest)
+        while got < length and (chunk := conn.recv(1 << 20)):
+            got += len(chunk)
+        received.append(got)
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    url, thread = _one_connection_server(serve)
+    client = BrokerClient(url, TOKEN, attempts=1)
+    started = time.monotonic()
+    assert client.put("job1", "y_owner", "x_owner.r1", tmp_path / "m.sealed") is True
+    assert time.monotonic() - started >= 2.0
+    thread.join(timeout=10)
+    assert received == [len(body)]
+
+
+def test_a_send_that_stalls_is_said_as_a_stalled_link_not_a_tls_port(tmp_path, monkeypatch):
+    monkeypatch.setattr(broker_client, "READ_TIMEOUT", 0.5)
+    (tmp_path / "m.sealed").write_bytes(b"\0" * (24 << 20))
+    release = threading.Event()
+    url, thread = _one_connection_server(lambda conn: (_read_head(conn), release.wait(10)))
+    client = BrokerClient(url, TOKEN, attempts=1)
+    try:
+        with pytest.raises(BrokerUnavailable, match="no progress in time: a slow or stalled link") as info:
+            client.put("job1", "y_owner", "x_owner.r1", tmp_path / "m.sealed")
+        assert "TLS" not in str(info.value)
+    finally:
+        release.set()
+        thread.join(timeout=10)
+
+
+def test_a_download_that_trickles_is_given_up_at_its_deadline(monkeypatch):
+    """Each socket read waits at most the read timeout, so a body trickling a few bytes at a time never ended (and
+    held the messages listed with it); the download now has a deadline from its size."""
+    monkeypatch.setattr(broker_client, "MIN_DOWNLOAD_SECONDS", 1.0)
+    monkeypatch.setattr(broker_client, "MIN_DOWNLOAD_BYTES_PER_SECOND", 1e6)
+    done = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+                     + b"\0" * 1000)
+        with contextlib.suppress(OSError):
+            while not done.wait(0.1):
+                conn.sendall(b"\0" * 10)
+
+    url, thread = _one_connection_server(serve)
+    client = BrokerClient(url, TOKEN, attempts=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"too slow \(its 100000 bytes did not all arrive within 1 s\); "
+                                                    "it is downloaded again later"):
+            with client.stream("job1", "x_owner.r1", 100_000) as source:
+                source.readinto(bytearray(1 << 20))
+        assert time.monotonic() - started < 5
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
+def test_a_body_without_its_length_that_ends_short_is_a_cut_not_a_message():
+    """The listed size tells a proxy's close-delimited body cut halfway from a whole message."""
+
+    def serve(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + b"\0" * 30_000)
+
+    url, thread = _one_connection_server(serve)
+    client = BrokerClient(url, TOKEN, attempts=1)
+    with pytest.raises(BrokerUnavailable, match="ended after 30000 of its 100000 bytes"):
+        with client.stream("job1", "x_owner.r1", 100_000) as source:
+            while source.read(16384):
+                pass
+    thread.join(timeout=10)

@@ -20,8 +20,10 @@ from services.broker.store import BodyTooLarge, Commit, MessageStore
 from services.coordinator.audit import RefusedTokens
 from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
-    ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable,
+    ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, RequestTimeout, TooLarge, Unauthorized,
+    Unavailable,
 )
+from services.server.config import DEFAULT_BODY_IDLE_SECONDS
 from services.server.storage_trouble import StorageTrouble, is_storage_refusal
 
 log = logging.getLogger("cape.broker")
@@ -43,6 +45,18 @@ DISK_CHECK_BYTES = 64 << 20  # how often a growing body is checked against the d
 UNAPPROVED_STATUSES = ("NeedsApproval", "Rejected")
 
 
+async def _arriving(chunks: AsyncIterator[bytes], idle_seconds: float) -> AsyncIterator[bytes]:
+    """`chunks` (a request body), raising `TimeoutError` when none arrives for `idle_seconds`."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(idle_seconds):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
 async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
     try:
         while chunk := file.read(CHUNK):
@@ -53,9 +67,11 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
 
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
                   max_message_bytes: int, room: Room, storage: StorageTrouble | None = None,
-                  refused: RefusedTokens | None = None) -> APIRouter:
+                  refused: RefusedTokens | None = None, body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
+                  ) -> APIRouter:
     """All `/broker/v1` endpoints over one store and one way of authorizing callers; `storage` notes a disk that
-    refuses writes (for /healthz), `refused` counts callers refused for their token (for the audit log)."""
+    refuses writes (for /healthz), `refused` counts callers refused for their token (for the audit log); a body
+    from which nothing arrives for `body_idle_seconds` is given up."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
     storage = storage or StorageTrouble()
     refused = refused or RefusedTokens()
@@ -137,7 +153,7 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             # well under a millisecond, and handing chunks to a thread cost more CPU than the writes (the broker
             # bench). Only the fsync, which waits for the disk, goes to a thread.
             next_disk_check = size + DISK_CHECK_BYTES  # the declared size was checked: a body past it, or a
-            async for chunk in request.stream():  # chunked one, is checked as it grows
+            async for chunk in _arriving(request.stream(), body_idle_seconds):  # chunked one, is checked as it grows
                 pending.write(chunk)
                 if pending.size >= next_disk_check:
                     room.check_disk(store.root, 0)
@@ -150,6 +166,12 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
         except ClientDisconnect:
             pending.discard()
             return Response(status_code=400)  # nobody is left to read it
+        except TimeoutError:
+            pending.discard()
+            log.warning("gave up message %s of job %s from seat %s after %s bytes: nothing arrived for %g s",
+                        name, job, seat, pending.size, body_idle_seconds)
+            raise RequestTimeout(f"nothing of the message arrived for {body_idle_seconds:g} s; send it again",
+                                 code="body_timeout") from None
         except OSError as exc:
             pending.discard()
             raise _storage_failed(exc) from None

@@ -143,7 +143,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
-                                         Room(config.max_job_bytes, config.min_free_bytes), storage, refused))
+                                         Room(config.max_job_bytes, config.min_free_bytes), storage, refused,
+                                         config.body_idle_seconds))
         parts.append("broker")
 
     _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)

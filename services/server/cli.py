@@ -25,7 +25,8 @@ from services.coordinator.db import Database
 from services.coordinator.schemas import Email, Name, TokenDescription
 from services.file_locks import lock_file
 from services.server.config import (
-    DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
+    DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
+    DEFAULT_MIN_FREE_BYTES, ServerConfig,
 )
 from services.server.error_handlers import problem_of
 from services.server.errors import ApiError
@@ -252,6 +253,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
                    "(the workers retry).")
 @click.option("--min-free-bytes", default=DEFAULT_MIN_FREE_BYTES, show_default=True, type=click.IntRange(0),
               help="Free space the broker keeps on the data dir's disk; a message that would use it waits.")
+@click.option("--body-idle-seconds", default=DEFAULT_BODY_IDLE_SECONDS, show_default=True,
+              type=click.FloatRange(min=0.1),
+              help="Seconds without a byte after which the broker gives up a message being sent (and its partial "
+                   "file).")
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds after which undelivered messages expire.")
 @click.option("--job-sweep-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -265,8 +270,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--tls-key", envvar="CAPE_SERVER_TLS_KEY", show_envvar=True, type=click.Path(dir_okay=False),
               callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
-          max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, message_ttl: float,
-          job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
+          max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, body_idle_seconds: float,
+          message_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
           tls_key: Path | None) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
     from services.memory_reuse import keep_freed_memory
@@ -316,8 +321,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     logging.getLogger("cape.audit").setLevel(logging.INFO)  # "who did this?" is kept at any --log-level
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
-                          min_free_bytes=min_free_bytes, message_ttl=message_ttl,
-                          job_sweep_seconds=job_sweep_seconds)
+                          min_free_bytes=min_free_bytes, body_idle_seconds=body_idle_seconds,
+                          message_ttl=message_ttl, job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
     try:
         app = create_app(config)

@@ -9,6 +9,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024**3
 DEFAULT_MESSAGE_TTL = 7 * 24 * 3600.0
 DEFAULT_MAX_JOB_BYTES = 16 * 1024**3  # per sending seat and job; a job at n = 10^6, d = 32 keeps 0.26 GB waiting
 DEFAULT_MIN_FREE_BYTES = 1024**3
+# A message body from which no byte arrives for this long is given up: a sender whose network dropped the flow
+# (a NAT, a pulled cable) never closes it, and its partial file would stay until a restart.
+DEFAULT_BODY_IDLE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class ServerConfig:
     message_ttl: float = DEFAULT_MESSAGE_TTL
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
     job_sweep_seconds: float = 5.0  # how often the start timeout is applied, and ended jobs' messages dropped
 
     @property

@@ -44,6 +44,11 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+
+
 class TooLarge(ApiError):
     status = 413
     code = "too_large"

@@ -78,7 +78,7 @@ def run(base: Path, messages: int, mib: int, puts: int) -> dict[str, Any]:
             nonlocal received
             buffer = bytearray(1 << 20)
             for entry in receiver.wait_for_messages(job_id, 0):
-                with receiver.stream(job_id, entry["name"]) as body:
+                with receiver.stream(job_id, entry["name"], entry["size"]) as body:
                     while count := body.readinto(buffer):
                         received += count
                 receiver.delete(job_id, entry["name"])

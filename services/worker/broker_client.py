@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import requests
 import urllib3
+import urllib3.connection
 from requests.adapters import HTTPAdapter
 
 from services.connection_errors import connection_problem
@@ -24,8 +26,12 @@ from services.worker.spool import validate_job_id, validate_message_name, valida
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 60.0
+READ_TIMEOUT = 60.0  # also bounds the sending of each UPLOAD_BLOCK_BYTES of a body (`_SendTimeoutConnection`)
 UPLOAD_BLOCK_BYTES = 1 << 20
+# A download slower than this on average is given up (and tried again later), so a trickling connection cannot hold
+# a message, and the messages listed with it, for hours; the floor leaves small messages a slow start.
+MIN_DOWNLOAD_BYTES_PER_SECOND = 32 * 1024
+MIN_DOWNLOAD_SECONDS = 120.0
 
 
 class BrokerError(RuntimeError):
@@ -140,11 +146,13 @@ class BrokerClient:
         return listing["jobs"], listing.get("refused") or {}
 
     @contextlib.contextmanager
-    def stream(self, job_id: str, name: str) -> Iterator[MessageStream]:
+    def stream(self, job_id: str, name: str, size: int | None = None) -> Iterator[MessageStream]:
         """Open message `name` for reading straight from the HTTP response (no copy on disk).
 
         A connection that breaks while reading raises `BrokerUnavailable` from `read`, never a short read, so a
-        cut-off download is retried later rather than taken for a truncated (forged) message.
+        cut-off download is retried later rather than taken for a truncated (forged) message. `size` is the
+        message's size as the broker listed it: a body that ends before it (a proxy that dropped the length and
+        then the connection) is such a cut too, as is one that ends before its Content-Length.
         """
         url = self._url(job_id, "messages", validate_message_name(name))
 
@@ -155,15 +163,20 @@ class BrokerClient:
         with response:
             self._raise_for(response, f"download message {name}")
             response.raw.decode_content = True
-            yield MessageStream(response.raw, f"download message {name}", self.base_url)
+            expected = size if isinstance(size, int) and size >= 0 else _content_length(response)
+            stream = MessageStream(response.raw, f"download message {name}", self.base_url, expected)
+            try:
+                yield stream
+            finally:
+                stream.close()
 
     def delete(self, job_id: str, name: str) -> None:
         """Acknowledge message `name` (already gone counts as done)."""
         url = self._url(job_id, "messages", validate_message_name(name))
         response = self._retrying(f"delete message {name}",
                                   lambda: self._session.delete(url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)))
-        if response.status_code == 404:
-            return
+        if response.status_code == 404 and error_of(response)[0] == "message_not_found":
+            return  # the broker's own word (a proxy's 404 is not): the message is gone
         self._raise_for(response, f"delete message {name}")
 
     # ---- plumbing -------------------------------------------------------------------------------------------
@@ -202,38 +215,125 @@ class BrokerClient:
         raise BrokerError(f"{what}: the broker answered {status} {detail}{hint.get(status, '')}", status, code)
 
 
+def _content_length(response: requests.Response) -> int | None:
+    try:
+        length = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+class _SendTimeout:
+    """urllib3 sends a request body under the *connect* timeout (the read timeout is set only once the body is
+    out), and `sendall` takes it as a deadline for a whole block: 1 MiB had to leave within 5 s, so a link slower
+    than ~200 KiB/s, or one pause of 5 s, restarted a large message from its first byte for ever. Each block of the
+    body may take READ_TIMEOUT; connecting stays bounded by CONNECT_TIMEOUT."""
+
+    sock: Any
+
+    def send(self, data: Any) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(READ_TIMEOUT)
+        super().send(data)  # type: ignore[misc]
+
+
+class _SendTimeoutConnection(_SendTimeout, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _SendTimeoutHTTPSConnection(_SendTimeout, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _SendTimeoutConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _SendTimeoutHTTPSConnection
+
+
+_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class _LargeBlocks(HTTPAdapter):
     """Send file bodies in 1 MiB reads and writes (urllib3's default, 16 KiB, costs 16x the calls for a large
-    message)."""
+    message), each under the read timeout (`_SendTimeout`)."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, blocksize=UPLOAD_BLOCK_BYTES, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:  # HTTP(S)_PROXY: the same send timeout
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.ProxyManager):  # not SOCKS, whose pools have their own connections
+            manager.pool_classes_by_scheme = _POOLS
+        return manager
 
 
 class MessageStream:
-    """A message body being downloaded, read like a file; transport failures become `BrokerUnavailable`."""
+    """A message body being downloaded, read like a file; transport failures become `BrokerUnavailable`.
 
-    def __init__(self, raw: urllib3.response.BaseHTTPResponse, what: str, base_url: str) -> None:
+    So do a body that ends before `expected` bytes, and a download slower on average than
+    MIN_DOWNLOAD_BYTES_PER_SECOND (after MIN_DOWNLOAD_SECONDS): each socket read waits at most READ_TIMEOUT, but a
+    connection that trickles a few bytes a minute would otherwise hold the message (and those listed with it) for
+    hours. A read blocks until its buffer is full, so the deadline is kept by a timer that shuts the socket."""
+
+    def __init__(self, raw: urllib3.response.BaseHTTPResponse, what: str, base_url: str,
+                 expected: int | None = None) -> None:
         self._raw = raw
         self._what = what
         self._base_url = base_url
+        self._expected = expected
+        self._allowed = MIN_DOWNLOAD_SECONDS + (expected or 0) / MIN_DOWNLOAD_BYTES_PER_SECOND
+        self._too_slow = False
+        self._timer = threading.Timer(self._allowed, self._give_up)
+        self._timer.daemon = True
+        self._timer.start()
         self.bytes_read = 0
 
     def read(self, size: int = -1) -> bytes:
         """Up to `size` bytes (fewer only at the end of the body, or as a stream may return them)."""
         data = self._guarded(lambda: self._raw.read(None if size < 0 else size))
-        self.bytes_read += len(data)
+        self._count(len(data), size != 0)
         return data
 
     def readinto(self, buffer: memoryview | bytearray) -> int:
         """Read into `buffer` (no new bytes object per read); 0 only at the end of the body."""
         count = self._guarded(lambda: self._raw.readinto(buffer))
-        self.bytes_read += count
+        self._count(count, len(buffer) > 0)
         return count
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+    def _give_up(self) -> None:
+        self._too_slow = True
+        sock = getattr(self._raw.connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the read blocked on it
+
+    def _slow(self) -> BrokerUnavailable:
+        size = f"its {self._expected} bytes" if self._expected is not None else "the body"
+        return BrokerUnavailable(f"{self._what}: the download from the broker at {self._base_url} is too slow "
+                                 f"({size} did not all arrive within {self._allowed:.0f} s); it is downloaded again "
+                                 "later")
+
+    def _count(self, count: int, asked: bool) -> None:
+        self.bytes_read += count
+        if self._too_slow:
+            raise self._slow()
+        if asked and not count and self._expected is not None and self.bytes_read < self._expected:
+            raise BrokerUnavailable(f"{self._what}: the body from the broker at {self._base_url} ended after "
+                                    f"{self.bytes_read} of its {self._expected} bytes (a connection cut on the way); "
+                                    "it is downloaded again later")
 
     def _guarded(self, call):  # type: ignore[no-untyped-def]
         try:
             return call()
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            if self._too_slow:
+                raise self._slow() from None
             raise BrokerUnavailable(f"{self._what}: the connection to the broker at {self._base_url} broke "
                                     f"({type(exc).__name__}); it is downloaded again later") from None

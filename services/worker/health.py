@@ -125,8 +125,13 @@ COORDINATOR_MISADDRESSED = PollerRecord("coordinator-misaddressed", "CAPE_COORDI
 # worker's jobs cannot go on until the operator makes room.
 SPOOL_SHORT_OF_ROOM = PollerRecord("spool-short-of-room", "the spool volume is short of room",
                                    "the spool volume is short of room; messages wait at the broker", topic="spool")
+# Written by the messenger while the broker cannot be reached or keeps failing: like an unreachable coordinator, not
+# a health failure (messages wait in the outbox and at the broker, and move once it answers).
+BROKER_UNREACHABLE = PollerRecord("broker-unreachable", "the broker did not answer",
+                                  "the broker is unreachable or failing; messages wait and the messenger retries",
+                                  topic="broker")
 POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, COORDINATOR_UNREACHABLE,
-                  SPOOL_SHORT_OF_ROOM)
+                  SPOOL_SHORT_OF_ROOM, BROKER_UNREACHABLE)
 # What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).
 HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, SPOOL_SHORT_OF_ROOM)
 

@@ -23,7 +23,8 @@ import queue
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +47,15 @@ MULTI_JOB_POLL_SECONDS = 0.05  # a broker that lists one job at a time: the paus
 MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs: those the runner runs come first
 MULTI_LIST_RETRY_SECONDS = 300.0  # a broker that could not list several jobs at once is asked again after this
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
+STILL_FAILING_SAID_EVERY_SECONDS = 60.0  # an unavailable broker is said again this often while it lasts
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
 # Concurrent downloads: one message's inbox fsync and acknowledgement overlap the next's transfer. One at a time,
 # the receiver fell behind the sender (the e2e bench: 0.4 s from broker to inbox per 8 MiB block, with the CPU idle).
 GET_THREADS = 3
+TAKE_WAIT_SECONDS = 1.0  # how long a receiver pass waits for its downloads before it lists again (skipping them)
 ROOM_RETRY_SECONDS = 5.0  # a message held for room is looked at again after this long (not a tight loop)
+VANISHED_RETRY_SECONDS = 1.0  # a pass whose listed messages were all gone when fetched pauses this long
 
 
 class Messenger:
@@ -76,6 +80,7 @@ class Messenger:
         self.run_dir = run_dir  # where the short-of-room record goes for `health` and `status` (None: nowhere)
         self._short_of_room: set[str] = set()  # jobs with a message held at the broker for room, said once each
         self._held = 0  # messages held for room in the current receiver pass
+        self._vanished = 0  # listed messages the broker no longer had when fetched, in the current receiver pass
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
         self._lock = threading.Lock()
         self._in_flight: dict[str, OutboxItem] = {}  # outbox path -> item, queued or being put (sender loop only)
@@ -83,6 +88,7 @@ class Messenger:
         self._done_queue: queue.Queue[tuple[OutboxItem, bool | Exception]] = queue.Queue()
         self._put_threads: list[threading.Thread] = []
         self._gets: ThreadPoolExecutor | None = None
+        self._downloads: dict[tuple[str, str], Future[bool]] = {}  # (job, name) -> download (receiver loop only)
         self._specs: dict[str, JobSpec | None] = {}
         self._unreadable_said: set[str] = set()  # jobs whose description the spool could not read, said once
         self._per_job_until = 0.0  # a broker without `GET /messages?job=...` is polled job by job until then
@@ -189,6 +195,8 @@ class Messenger:
         jobs = []
         active = self.spool.active_job_ids()
         self._forget_ended_shortage(set(active))
+        # Downloads of a job no longer active are not collected by `_take`: forget them once done.
+        self._downloads = {key: f for key, f in self._downloads.items() if key[0] in active or not f.done()}
         # Parsed specs of the active jobs only (a long-running messenger sees thousands of jobs); None for a spec
         # that cannot be parsed, so its error is logged once.
         self._specs = {job_id: self._specs[job_id] for job_id in active if job_id in self._specs}
@@ -233,11 +241,11 @@ class Messenger:
             self._short_of_room -= ended
             over = bool(ended) and not self._short_of_room
         if over:
-            self._record_room(None)
+            self._record(health.SPOOL_SHORT_OF_ROOM, None)
 
     def receive(self, spec: JobSpec, wait: float) -> int:
-        """Take in every message waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time; returns
-        how many were placed. A failure of one is raised once the others are done (the loop backs off)."""
+        """Take in the messages waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time (`_take`);
+        returns how many were placed. A failure of one is raised once collected (the loop backs off)."""
         return self._take(spec, self.broker.wait_for_messages(spec.id, wait))
 
     def receive_many(self, specs: list[JobSpec], wait: float) -> int | None:
@@ -272,15 +280,27 @@ class Messenger:
         return placed
 
     def _take(self, spec: JobSpec, entries: list[dict[str, Any]]) -> int:
-        """Download and place the listed messages of one job; returns how many were placed."""
+        """Start downloading the listed messages of one job that are not being downloaded already, then wait for
+        the job's downloads up to `TAKE_WAIT_SECONDS`; returns how many were placed meanwhile. One that stalls or
+        trickles holds up neither the others nor the next listing (which skips it): joining every download of a
+        listing made one stalled connection hold every job's messages for a minute. A failure is raised once
+        collected (the loop backs off)."""
         if self._gets is None:
             self._gets = ThreadPoolExecutor(GET_THREADS, thread_name_prefix="messenger-get")
-        futures = [self._gets.submit(self._accept_unless_stopped, spec, entry) for entry in entries]
+        for entry in entries:
+            key = (spec.id, str(entry.get("name")))
+            if key not in self._downloads:
+                self._downloads[key] = self._gets.submit(self._accept_unless_stopped, spec, entry)
+        mine = {key: future for key, future in self._downloads.items() if key[0] == spec.id}
+        wait_for_futures(mine.values(), timeout=TAKE_WAIT_SECONDS)
         placed, failure = 0, None
-        for future in futures:
+        for key, future in mine.items():
+            if not future.done():
+                continue
+            del self._downloads[key]
             try:
                 placed += future.result()
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other downloads ended
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others were collected
                 failure = failure or exc
         if failure is not None:
             raise failure
@@ -300,24 +320,24 @@ class Messenger:
         if problem:
             self._reject(spec, name, str(from_seat), problem)
             return False
+        size = entry.get("size")
         inbox = self.spool.inbox_path(spec.id, name)
         if inbox.exists():
-            self._second_copy(spec, name, str(from_seat), inbox)
+            self._second_copy(spec, name, str(from_seat), inbox, size)
             return False
-        if not self._room_for(spec, name, entry.get("size")):
+        if not self._room_for(spec, name, size):
             return False
         try:
             # Decrypted straight from the download into the inbox's temporary file; it appears only if it verified.
-            with self.broker.stream(spec.id, name) as source, atomic_writer(inbox, overwrite=False) as out:
+            with self.broker.stream(spec.id, name, size) as source, atomic_writer(inbox, overwrite=False) as out:
                 SealedMessage.open(source, out, self._address(spec, name, from_seat), self.keys.encryption,
                                    spec.parties[str(from_seat)].signing_key)
         except MessageRejected as exc:
             self._reject(spec, name, str(from_seat), str(exc))
             return False
         except BrokerError as exc:
-            if exc.status != 404 or isinstance(exc, BrokerUnavailable):
-                raise
-            return False  # expired or acknowledged meanwhile
+            self._unless_gone(exc)
+            return False
         self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
         with self._lock:
             self.received += 1
@@ -333,7 +353,7 @@ class Messenger:
                 held, self._short_of_room = self._short_of_room, set()
             if held:
                 log.info("the spool volume has room again; taking the messages of job(s) %s", ", ".join(sorted(held)))
-                self._record_room(None)
+                self._record(health.SPOOL_SHORT_OF_ROOM, None)
             return True
         with self._lock:
             self._held += 1
@@ -346,27 +366,28 @@ class Messenger:
                    "for the worker's other files; it is taken once jobs end and their messages are removed, or the "
                    "volume grows")
             log.warning("%s", why)
-            self._record_room(why)
+            self._record(health.SPOOL_SHORT_OF_ROOM, why)
         return False
 
-    def _record_room(self, why: str | None) -> None:
-        """Record (or clear, with None) the spool's shortage for `cape-worker health` and `status`."""
+    def _record(self, record: health.PollerRecord, why: str | None) -> None:
+        """Record (or clear, with None) a condition for `cape-worker health` and `status` (the spool short of room,
+        the broker unreachable)."""
         if self.run_dir is None:
             return
         try:
             if why is None:
-                health.SPOOL_SHORT_OF_ROOM.clear(self.run_dir)
+                record.clear(self.run_dir)
             else:
-                health.SPOOL_SHORT_OF_ROOM.record(self.run_dir, why)
+                record.record(self.run_dir, why)
         except OSError as exc:  # the run dir is gone or read-only: the log line says it
-            log.warning("cannot record the spool's shortage of room in %s: %s", self.run_dir, exc.strerror)
+            log.warning("cannot record that %s in %s: %s", record.headline.split(";")[0], self.run_dir, exc.strerror)
 
-    def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path) -> None:
+    def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path, size: Any) -> None:
         """Another message under a name already received: keep the first; drop this one, leaving a trace unless
         it is the same genuine message (a redelivery after a crash before the acknowledgement)."""
         digest = hashlib.sha256()
         try:
-            with self.broker.stream(spec.id, name) as source:
+            with self.broker.stream(spec.id, name, size) as source:
                 SealedMessage.open(source, _HashingSink(digest), self._address(spec, name, from_seat),
                                    self.keys.encryption, spec.parties[from_seat].signing_key)
         except MessageRejected as exc:
@@ -374,8 +395,7 @@ class Messenger:
                                                 f"({exc}); the first is kept")
             return
         except BrokerError as exc:
-            if exc.status != 404 or isinstance(exc, BrokerUnavailable):
-                raise
+            self._unless_gone(exc)
             return
         if digest.digest() != _file_sha256(inbox):
             self._reject(spec, name, from_seat, "a second, different message under a name already received; "
@@ -384,6 +404,15 @@ class Messenger:
         log.info("job %s: dropped a second copy of %s from %s (the same message as the one received)", spec.id,
                  name, from_seat)
         self.broker.delete(spec.id, name)
+
+    def _unless_gone(self, exc: BrokerError) -> None:
+        """Re-raise `exc` unless it says the listed message is no longer there (it expired or was acknowledged
+        meanwhile). Only the broker's own code says that: a proxy's or another server's 404 is an error to report
+        and back off from, not a message gone (taking it so re-listed the message hundreds of times a second)."""
+        if exc.status != 404 or exc.code != "message_not_found" or isinstance(exc, BrokerUnavailable):
+            raise exc
+        with self._lock:
+            self._vanished += 1
 
     @staticmethod
     def _address(spec: JobSpec, name: str, from_seat: Any) -> MessageAddress:
@@ -413,10 +442,12 @@ class Messenger:
         """Receive messages for the active jobs until stopped; back off while the broker is unreachable."""
 
         def once() -> bool | None:
-            self._held = 0
+            self._held = self._vanished = 0
             busy = receive_once()
             if self._held:  # messages wait at the broker for room: their listing would return at once
                 self.stop.wait(ROOM_RETRY_SECONDS)
+            elif self._vanished and not busy:  # listed, then gone when fetched: a stale listing would come back
+                self.stop.wait(VANISHED_RETRY_SECONDS)  # at once
             return busy
 
         def receive_once() -> bool | None:
@@ -445,8 +476,12 @@ class Messenger:
 
     def _loop(self, what: str, once, idle: float) -> None:  # type: ignore[no-untyped-def]
         """Run `once` until stopped: it returns True (it moved messages), False (it asked the broker, nothing to
-        move) or None (it had nothing to ask: no evidence the broker is back after a failure)."""
+        move) or None (it had nothing to ask: no evidence the broker is back after a failure).
+
+        An unavailable broker is said when it starts, then at most once per `STILL_FAILING_SAID_EVERY_SECONDS`
+        (an outage of hours is a few lines, not one per retry), and recorded for `cape-worker status`."""
         failures = 0
+        failing_since = said_at = 0.0
         while not self.stop.is_set():
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the idle wait
             try:
@@ -454,7 +489,16 @@ class Messenger:
             except BrokerUnavailable as exc:
                 failures += 1
                 delay = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (failures - 1))
-                log.warning("%s: %s; retrying in %.1f s", what, exc, delay)
+                now = time.monotonic()
+                if failures == 1:
+                    failing_since = now
+                if failures == 1 or now - said_at >= STILL_FAILING_SAID_EVERY_SECONDS:
+                    said_at = now
+                    since = "" if failures == 1 else f" (failing for {now - failing_since:.0f} s, {failures} tries)"
+                    log.warning("%s: %s; retrying in %.1f s%s", what, exc, delay, since)
+                    self._record(health.BROKER_UNREACHABLE, str(exc))
+                else:
+                    log.debug("%s: %s; retrying in %.1f s", what, exc, delay)
                 self.stop.wait(delay)
                 continue
             except BrokerError as exc:
@@ -468,14 +512,16 @@ class Messenger:
                 self.stop.wait(min(MAX_BACKOFF_SECONDS, 1.0 * failures))
                 continue
             if failures and busy is not None:
-                log.info("%s: the broker is reachable again", what)
+                log.info("%s: the broker is reachable again (after %.0f s)", what, time.monotonic() - failing_since)
+                self._record(health.BROKER_UNREACHABLE, None)
                 failures = 0
             if not busy and idle:
                 self.spool.changes.wait(seen, idle)
 
     def run(self) -> None:
         """Run both loops until the stop flag is set (the receiver in this thread)."""
-        self._record_room(None)  # a record of an earlier run: said again if still true
+        for record in (health.SPOOL_SHORT_OF_ROOM, health.BROKER_UNREACHABLE):
+            self._record(record, None)  # a record of an earlier run: said again if still true
         self._sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
         self._sender.start()
         try:
