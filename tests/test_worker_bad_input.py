@@ -77,10 +77,11 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
                          r"without an answer: the server restarting, or a TLS port, whose URL must start with "
                          r"https://\); check CAPE_BROKER and that the broker is running; retrying in ([0-9.]+) s")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(warning.findall(helper.output)) < 2:
+    while time.monotonic() < deadline and not warning.findall(helper.output):
         time.sleep(0.1)
-    delays = [float(d) for d in warning.findall(helper.output)]
-    assert len(delays) >= 2 and delays[1] >= delays[0], helper.output[-3000:]  # reported, and backing off
+    assert warning.findall(helper.output), helper.output[-3000:]
+    time.sleep(3.0)  # several retries: said once (then once a minute), not once per retry
+    assert len(warning.findall(helper.output)) == 1, helper.output[-3000:]
     broker.cut(False)
 
     env = {"CAPE_TOKEN": world.orgs["yorg"]["user_token"], "CAPE_COORDINATOR": cape_server.url}
@@ -96,7 +97,7 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
     assert all("yorg-readonly" not in world.job(job_id)["error"] for job_id in cases)
     assert "access denied writing s3://yorg-readonly/" in workers["yorg"].output and "s3:PutObject" in \
         workers["yorg"].output
-    assert "messenger INFO receiving: the broker is reachable again" in helper.output
+    assert re.search(r"messenger INFO receiving: the broker is reachable again \(after \d+ s\)", helper.output)
     assert helper.pid("messenger") == messenger_pid  # the same process all along: no crash loop
 
     # The unapproved jobs kept their status and no party ever took them up.

@@ -566,6 +566,14 @@ def test_status_says_when_the_coordinator_is_unreachable(start_worker, tmp_path)
     assert any(line.startswith("coordinator: the coordinator is unreachable; the poller retries (since 20")
                for line in lines), lines
     assert cape_worker("health", env=env, cwd=tmp_path).returncode == 0
+    # An hour on, a coordinator that moved, say: the worker is unhealthy, or it would idle for weeks unnoticed.
+    run_dir = health.run_dir_from_env(env)
+    record = json.loads((run_dir / health.COORDINATOR_UNREACHABLE.name).read_text())
+    (run_dir / health.COORDINATOR_UNREACHABLE.name).write_text(json.dumps({**record, "since": time.time() - 3700}))
+    unhealthy = cape_worker("health", env=env, cwd=tmp_path)
+    assert unhealthy.returncode == 1 and unhealthy.stdout.startswith(
+        "unhealthy for over 60 min: the coordinator is unreachable; the poller retries (since 20"), unhealthy.stdout
+    health.COORDINATOR_UNREACHABLE.clear(run_dir)
     # The messenger's record of a broker it cannot reach (tests/test_worker_messenger.py writes it for real) is
     # said the same way, and is no health failure either.
     health.BROKER_UNREACHABLE.record(health.run_dir_from_env(env), "list messages of job j1: the broker answered "

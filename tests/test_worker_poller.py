@@ -476,5 +476,93 @@ def test_retries_after_an_outage_start_at_seconds_whatever_the_poll_interval(tmp
                     WorkerKeys.load_or_create(config.state_dir))
     delays: list[float] = []
     monkeypatch.setattr(poller_module.time, "sleep", delays.append)
+    monkeypatch.setattr(poller_module, "UNHEALTHY_AFTER_SECONDS", 0.0)  # as if these three tries took an hour
+    config.run_dir.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="cape.poller")
     poller.run(max_cycles=3)
     assert delays == [2.0, 4.0, 8.0]
+    # Said once, not once per try (an outage of hours was thousands of lines), and once past the health bound.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"cannot reach the coordinator at {config.coordinator} "), \
+        warnings
+    assert warnings[0].endswith("check CAPE_COORDINATOR and the network; retrying in 2.0 s")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"the coordinator at {config.coordinator} has been unreachable for over 0 min: `cape-worker "
+                      "health` now fails; if it moved, set CAPE_COORDINATOR to its new URL"]
+
+
+def test_a_worker_whose_keys_the_coordinator_lost_registers_them_again(start_cape_server, tmp_path, caplog,
+                                                                       monkeypatch):
+    """The coordinator's data restored from a backup taken before the worker first started: keys are registered
+    once per start, so every job failed for want of them ("start that organization's worker") while the worker
+    looked healthy. The heartbeat is refused with keys_not_registered, and the worker registers them again."""
+    server = start_cape_server()
+    world = build_job_world(server, register_keys=False)
+    for label in ("yorg", "helper"):
+        assert world["worker"][label].put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    token = world["orgs"]["xorg"]["organization_token"]
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    poller, keys = make_poller(tmp_path, server.url, token, tmp_path / "state")
+    poller.run(max_cycles=1)
+    assert world["user"]["xorg"].get("/v1/organizations/xorg/worker").json()["registered"] is True
+
+    db = sqlite3.connect(server.data_dir / "coordinator.sqlite3")  # what a restore of the older backup leaves
+    db.execute("DELETE FROM workers")
+    db.commit()
+    db.close()
+    refused = world["worker"]["xorg"].post("/v1/worker/heartbeat", json={"signing_public_key": keys.signing_public_b64})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "keys_not_registered"
+    assert world["worker"]["xorg"].post("/v1/worker/heartbeat", json={}).status_code == 204  # keyless: counted
+
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.last_heartbeat = 0.0  # the next heartbeat is due
+    poller.run(max_cycles=1)
+    assert "the coordinator holds no keys for this worker" in caplog.text
+    status = world["user"]["xorg"].get("/v1/organizations/xorg/worker").json()
+    assert status["registered"] is True and status["online"] is True
+    poller.cycle()
+    assert poller.spool.read_job(world["job"]["id"]) is not None  # the job is served to it again
+
+
+def test_a_final_report_the_coordinator_lost_is_sent_again(start_cape_server, tmp_path, caplog, monkeypatch):
+    """The coordinator's data restored from a backup taken while the job was Started, after which it completed:
+    every seat had reported its end, nobody reported again, and the job stayed Started for ever. A served job whose
+    seat the coordinator shows unfinished gets the seat's kept final report again."""
+    server = start_cape_server()
+    world = build_job_world(server)
+    job_id = world["job"]["id"]
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    pollers = {label: make_poller(tmp_path / label, server.url, world["orgs"][label]["organization_token"])[0]
+               for label in ("xorg", "yorg")}
+    pollers["xorg"].cycle()
+    pollers["xorg"].spool.put_status(job_id, {"state": "started", "progress": 0.0})
+    pollers["xorg"].spool.put_status(job_id, {"state": "completed", "progress": 1.0})
+    pollers["xorg"].cycle()
+    assert pollers["xorg"].spool.reported(job_id) == {"state": "completed", "progress": 1.0}
+    assert world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]["x_owner"]["state"] == "completed"
+
+    db = sqlite3.connect(server.data_dir / "coordinator.sqlite3")  # what the older backup held
+    db.execute("UPDATE job_parties SET state = 'running', progress = 0.5 WHERE job_id = ?", (job_id,))
+    db.commit()
+    db.close()
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    pollers["xorg"].cycle()
+    assert f"job {job_id}: the coordinator shows this seat running although it reported completed" in caplog.text
+    assert world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]["x_owner"]["state"] == "completed"
+    pollers["xorg"].cycle()  # said once: the coordinator has it now
+    assert caplog.text.count("reporting it again") == 1
+
+    # The output seat's kept report carries the metrics: sent again, it completes the job.
+    metrics = {"mse_result": 0.5, "r_squared_result": 0.9}
+    pollers["yorg"].cycle()
+    pollers["yorg"].spool.put_status(job_id, {"state": "completed", "progress": 1.0, "metrics": metrics},
+                                     source="uploader")
+    pollers["yorg"].send_status()  # taken (the job Completed), then lost by the restore
+    db = sqlite3.connect(server.data_dir / "coordinator.sqlite3")
+    db.execute("UPDATE job_parties SET state = 'running' WHERE job_id = ? AND seat = 'y_owner'", (job_id,))
+    db.execute("UPDATE jobs SET status = 'Started', metrics_json = NULL WHERE id = ?", (job_id,))
+    db.commit()
+    db.close()
+    pollers["yorg"].cycle()
+    assert world["user"]["yorg"].get(f"/v1/jobs/{job_id}").json()["status"] == "Completed"
+    assert world["user"]["yorg"].get(f"/v1/jobs/{job_id}/results").json()["metrics"] == metrics

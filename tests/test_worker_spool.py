@@ -124,6 +124,21 @@ def test_status_queue_keeps_order_across_writers(tmp_path):
     assert [i.read()["state"] for i in spool.pending_status()] == ["running", "completed"]
 
 
+def test_the_status_queue_keeps_its_order_when_the_clock_steps_back(tmp_path, monkeypatch):
+    """Updates were named by wall-clock time: a step back (NTP after an outage, a resumed VM) put a later
+    "completed" before an earlier "running", and the coordinator showed the seat running again."""
+    from services.worker import spool as spool_module
+
+    spool = Spool(tmp_path)
+    spool.put_status(JOB, {"state": "running", "progress": 0.5})
+    now = spool_module.time.time_ns()
+    monkeypatch.setattr(spool_module.time, "time_ns", lambda: now - 3600 * 10**9)  # an hour back
+    spool.put_status(JOB, {"state": "completed", "progress": 1.0})
+    spool.put_status(JOB, {"state": "completed", "progress": 1.0}, source="uploader")
+    assert [(i.read()["state"], i.path.name.split("-")[1]) for i in spool.pending_status()] == [
+        ("running", "runner"), ("completed", "runner"), ("completed", "uploader")]
+
+
 def test_outbox_is_marked_sent_and_remembered(tmp_path):
     spool = Spool(tmp_path)
     path = spool.outbox_path(JOB, "y_owner", "x_owner.r1")

@@ -240,6 +240,8 @@ class WorkerJob(View):
     type: Literal["linear_regression"]
     status: JobStatus
     seat: Seat = Field(description="the calling worker's seat")
+    seat_state: PartyState = Field(description="the calling worker's seat's state as last reported (a final report "
+                                               "missing from it is sent again)")
     outputs_to: Seat
     timeout: int
     approved_at: str | None

@@ -38,6 +38,13 @@ class OtherWorkerKeys(Conflict):
     code = "other_worker_keys"
 
 
+class KeysNotRegistered(Conflict):
+    """A heartbeat with keys from a worker of an organization that has none registered (the coordinator's database
+    restored from a backup older than the worker's start): the worker registers them again."""
+
+    code = "keys_not_registered"
+
+
 def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, signing_key: str) -> str | None:
     """Register the worker's public keys; returns "registered" (the first), "replaced" or None (the same again).
     Other keys than the registered ones replace them only once the worker that registered them has been silent for
@@ -96,7 +103,10 @@ def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, progra
     """Record that the worker is alive; refused (and not recorded) for a worker whose keys are not the registered
     ones, so a worker that lost its seat to another does not keep looking like the live one."""
     row = registered_worker(conn, org_id)
-    if signing_key is not None and row is not None and row["signing_public_key"] != signing_key:
+    if signing_key is not None and row is None:
+        raise KeysNotRegistered("this organization has no worker keys registered (the coordinator's data may have "
+                                "been restored from a backup); register them again (PUT /v1/worker/keys)")
+    if signing_key is not None and row["signing_public_key"] != signing_key:
         raise OtherWorkerKeys(f"another worker of this organization registered other keys at "
                               f"{row['keys_updated_at']}; this worker no longer takes the organization's seats: stop "
                               "one of the two (a worker registers its keys when it starts)")
@@ -140,6 +150,7 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
                             "signing_public_key": keys["signing_public_key"] if keys else None}
     return {
         "id": job["id"], "type": job["type"], "status": job["status"], "seat": seat,
+        "seat_state": seats[seat]["state"],
         "outputs_to": job["outputs_to"], "timeout": job["timeout"], "approved_at": job["approved_at"],
         "task": {"x": {"columns": task["x"]["columns"], "dataview": dataview("x", "x_owner")},
                  "y": {"column": task["y"]["column"], "dataview": dataview("y", "y_owner")},

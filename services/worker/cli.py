@@ -23,6 +23,7 @@ from services.worker import reaper
 from services.worker.keys import KeyFileError, check_key_files
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.fatal_listener import marker_path, read_marker
+from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
 
@@ -363,6 +364,11 @@ def health() -> None:
         note = record.read(run_dir)
         if note is not None:
             click.echo(f"unhealthy: {record.line(note)}")
+            sys.exit(1)
+    for record in health_mod.LASTING_HEALTH_RECORDS:
+        note = record.read(run_dir)
+        if note is not None and time.time() - note["since"] >= UNHEALTHY_AFTER_SECONDS:
+            click.echo(f"unhealthy for over {UNHEALTHY_AFTER_SECONDS / 60:.0f} min: {record.line(note)}")
             sys.exit(1)
     click.echo("healthy: " + ", ".join(f"{n} RUNNING" for n in PROGRAMS))
 

@@ -45,6 +45,11 @@ class SeatTaken(CoordinatorError):
     """409: another worker of this organization, with other keys, holds its seat (two workers share a token)."""
 
 
+class KeysNotRegistered(CoordinatorError):
+    """409 to a heartbeat: the coordinator holds no keys for this organization (its data restored from a backup
+    older than this worker's start, say): register them again."""
+
+
 class JobEnded(CoordinatorError):
     """A report was refused with 409 because the job is no longer Approved or Started (Stopped, Error, Completed,
     Rejected)."""
@@ -146,6 +151,8 @@ class CoordinatorClient:
                                        "a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
         if response.status_code == 409 and code in ("worker_keys_in_use", "other_worker_keys"):
             raise SeatTaken(f"the coordinator at {self.base_url} refused this worker: {message}")
+        if response.status_code == 409 and code == "keys_not_registered":
+            raise KeysNotRegistered(f"the coordinator at {self.base_url} holds no keys for this worker: {message}")
         if response.status_code == 409 and job_id is not None:
             raise JobEnded(job_id, _status_in(message), f"job {job_id} is over at the coordinator: {message}")
         if response.status_code in (404, 405) and path == "/v1/login":

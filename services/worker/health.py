@@ -134,6 +134,8 @@ POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED
                   SPOOL_SHORT_OF_ROOM, BROKER_UNREACHABLE)
 # What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).
 HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, SPOOL_SHORT_OF_ROOM)
+# ... and these once they have lasted `outage_log.UNHEALTHY_AFTER_SECONDS`: a coordinator that moved, say.
+LASTING_HEALTH_RECORDS = (COORDINATOR_UNREACHABLE, BROKER_UNREACHABLE)
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from services.worker import health
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
+from services.worker.outage_log import SAID_EVERY_SECONDS, OutageLog
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
 from services.worker.spool import (RESERVE_BYTES, InvalidName, OutboxItem, Spool, atomic_writer, mib,
                                    validate_message_name)
@@ -47,7 +48,7 @@ MULTI_JOB_POLL_SECONDS = 0.05  # a broker that lists one job at a time: the paus
 MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs: those the runner runs come first
 MULTI_LIST_RETRY_SECONDS = 300.0  # a broker that could not list several jobs at once is asked again after this
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
-STILL_FAILING_SAID_EVERY_SECONDS = 60.0  # an unavailable broker is said again this often while it lasts
+STILL_FAILING_SAID_EVERY_SECONDS = SAID_EVERY_SECONDS  # an unavailable broker is said again this often
 PUTS_PER_JOB = 3  # concurrent puts of one job's messages: overlaps one message's latency with the next's transfer
 PUT_THREADS = 6
 # Concurrent downloads: one message's inbox fsync and acknowledgement overlap the next's transfer. One at a time,
@@ -481,7 +482,7 @@ class Messenger:
         An unavailable broker is said when it starts, then at most once per `STILL_FAILING_SAID_EVERY_SECONDS`
         (an outage of hours is a few lines, not one per retry), and recorded for `cape-worker status`."""
         failures = 0
-        failing_since = said_at = 0.0
+        outage = OutageLog(log, STILL_FAILING_SAID_EVERY_SECONDS)
         while not self.stop.is_set():
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the idle wait
             try:
@@ -489,16 +490,8 @@ class Messenger:
             except BrokerUnavailable as exc:
                 failures += 1
                 delay = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (failures - 1))
-                now = time.monotonic()
-                if failures == 1:
-                    failing_since = now
-                if failures == 1 or now - said_at >= STILL_FAILING_SAID_EVERY_SECONDS:
-                    said_at = now
-                    since = "" if failures == 1 else f" (failing for {now - failing_since:.0f} s, {failures} tries)"
-                    log.warning("%s: %s; retrying in %.1f s%s", what, exc, delay, since)
+                if outage.failed(f"{what}: {exc}; retrying in {delay:.1f} s"):
                     self._record(health.BROKER_UNREACHABLE, str(exc))
-                else:
-                    log.debug("%s: %s; retrying in %.1f s", what, exc, delay)
                 self.stop.wait(delay)
                 continue
             except BrokerError as exc:
@@ -512,8 +505,10 @@ class Messenger:
                 self.stop.wait(min(MAX_BACKOFF_SECONDS, 1.0 * failures))
                 continue
             if failures and busy is not None:
-                log.info("%s: the broker is reachable again (after %.0f s)", what, time.monotonic() - failing_since)
-                self._record(health.BROKER_UNREACHABLE, None)
+                lasted = outage.recovered()
+                if lasted is not None:
+                    log.info("%s: the broker is reachable again (after %.0f s)", what, lasted)
+                    self._record(health.BROKER_UNREACHABLE, None)
                 failures = 0
             if not busy and idle:
                 self.spool.changes.wait(seen, idle)

@@ -22,14 +22,16 @@ from services.worker import health, program
 from services.worker.config import RETRY_BASE_SECONDS, WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorMisaddressed, CoordinatorUnreachable, CoordinatorUntrusted,
-                                                JobEnded, SeatTaken)
+                                                JobEnded, KeysNotRegistered, SeatTaken)
 from services.worker.keys import WorkerKeys
+from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
 # Ends the job watcher marks at once. Not Completed: each seat finishes its own role and reports it, and a seat
 # whose job is marked ended drops its reports still queued; the cycle marks Completed jobs a poll interval later.
 INTERRUPTING_STATUSES = ("Stopped", "Error")
+FINAL_SEAT_STATES = ("completed", "error")
 HEARTBEAT_SECONDS = 15.0
 PRUNE_SECONDS = 60.0  # how often old finished jobs are looked for (a scan of the spool's jobs/ folder)
 MAX_BACKOFF_SECONDS = 30.0
@@ -112,13 +114,44 @@ class Poller:
         now = time.monotonic()
         programs = self.program_states()
         if now - self.last_heartbeat >= HEARTBEAT_SECONDS or programs != self.last_programs:
-            self.client.heartbeat(version=VERSION, programs=programs or None,
-                                  signing_public_key=self.keys.signing_public_b64)
+            try:
+                self.client.heartbeat(version=VERSION, programs=programs or None,
+                                      signing_public_key=self.keys.signing_public_b64)
+            except KeysNotRegistered:
+                # Registered once per start: without this, every job failed for want of keys while the worker
+                # looked healthy, until it was restarted.
+                log.warning("the coordinator holds no keys for this worker (its data restored from a backup older "
+                            "than this worker's start?); registering them again")
+                self.registered = False
+                self.start()
+                self.client.heartbeat(version=VERSION, programs=programs or None,
+                                      signing_public_key=self.keys.signing_public_b64)
             self.last_heartbeat, self.last_programs = now, programs
 
     def fetch_jobs(self) -> set[str]:
         """Store every approved/started job of ours in the spool; returns the ids served."""
-        return self.store_jobs(self.client.jobs())
+        specs = self.client.jobs()
+        served = self.store_jobs(specs)
+        self.report_again_if_lost(specs)
+        return served
+
+    def report_again_if_lost(self, specs: list[dict[str, Any]]) -> None:
+        """Queue again the final report of a served job whose seat the coordinator shows unfinished: its data was
+        restored from a backup taken before the report, and the job would stay Started for ever (nobody reports a
+        finished role twice)."""
+        for spec in specs:
+            job_id, state = spec.get("id"), spec.get("seat_state")
+            if state is None or state in FINAL_SEAT_STATES or not isinstance(job_id, str):
+                continue  # an older coordinator (no seat_state), or nothing lost
+            try:
+                reported = self.spool.reported(job_id)
+                if reported is None or self.spool.has_pending_status(job_id):
+                    continue
+                self.spool.put_status(job_id, reported, source="poller")
+            except InvalidName:
+                continue
+            log.warning("job %s: the coordinator shows this seat %s although it reported %s (its data restored from "
+                        "an older backup?); reporting it again", job_id, state, reported.get("state"))
 
     def store_jobs(self, specs: list[dict[str, Any]]) -> set[str]:
         """Store the listed jobs in the spool; returns their ids. A job naming other keys than this worker's for
@@ -223,12 +256,15 @@ class Poller:
             else:
                 log.info("reported job %s: %s %.0f%%", item.job_id, update.get("state"),
                          100 * float(update.get("progress") or 0))
+                if update.get("state") in FINAL_SEAT_STATES:
+                    self.spool.note_reported(item.job_id, update)
             self.spool.ack_status(item)
 
     def run(self, max_cycles: int | None = None) -> None:
         """Cycle every `poll_interval` seconds, backing off while the coordinator is unreachable."""
         backoff = Backoff(min(self.config.poll_interval, RETRY_BASE_SECONDS))
-        unreachable = False  # since the last cycle that reached the coordinator
+        outage = OutageLog(log)  # since the last cycle that reached the coordinator
+        said_unhealthy = False
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
             cycles += 1
@@ -249,9 +285,13 @@ class Poller:
                 self._note(health.COORDINATOR_UNTRUSTED, str(exc))
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
-                log.warning("%s; retrying in %.1f s (attempt %d)", exc, delay, backoff.failures)
+                outage.failed(f"{exc}; retrying in {delay:.1f} s")
                 self._note(health.COORDINATOR_UNREACHABLE, str(exc))
-                unreachable = True
+                if outage.lasting >= UNHEALTHY_AFTER_SECONDS and not said_unhealthy:
+                    said_unhealthy = True
+                    log.error("the coordinator at %s has been unreachable for over %.0f min: `cape-worker health` now "
+                              "fails; if it moved, set CAPE_COORDINATOR to its new URL", self.config.coordinator,
+                              UNHEALTHY_AFTER_SECONDS / 60)
             except CoordinatorMisaddressed as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a URL to fix: the operator, not retries
                 log.error("%s; retrying in %.0f s", exc, delay)
@@ -266,9 +306,10 @@ class Poller:
                 log.error("cannot write the spool (%s: %s); make CAPE_SPOOL_DIR writable by this worker; retrying in "
                           "%.1f s", exc.filename, exc.strerror, delay)
             else:
-                if unreachable:  # not after a refusal: the coordinator answered all along
-                    log.info("the coordinator at %s is reachable again", self.config.coordinator)
-                unreachable = False
+                lasted = outage.recovered()  # None after a refusal: the coordinator answered all along
+                if lasted is not None:
+                    log.info("the coordinator at %s is reachable again (after %.0f s)", self.config.coordinator, lasted)
+                said_unhealthy = False
                 backoff.reset()
                 if health.LOGIN_REFUSED.clear(self.config.run_dir):
                     log.info("the coordinator accepts this worker again")

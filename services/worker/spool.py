@@ -10,6 +10,7 @@ Layout (one directory per job under each stage):
     jobs/<job>/spec.json              the coordinator's WorkerJob (poller)
     jobs/<job>/ended.json             the coordinator ended the job: Stopped/Error/Completed/Rejected (poller)
     jobs/<job>/done.json              this worker's runner finished its role (runner)
+    jobs/<job>/reported.json          the seat's final report as the coordinator took it (poller)
     claims/<job>.json                 a job the runner works on; survives the runner's restart
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); once the broker has it, renamed to .sent
                                       and emptied (the name alone keeps a replaying runner from sealing it again),
@@ -407,10 +408,32 @@ class Spool:
         """Queue a status update ({"state", "progress", ...}) for the poller; later updates sort later."""
         if not re.fullmatch(r"[a-z]{1,16}", source):
             raise InvalidName("status source must be a short lower-case program name")
-        name = f"{time.time_ns():020d}-{source}-{secrets.token_hex(4)}.json"
-        path = self.root / "status" / validate_job_id(job_id) / name
+        folder = self.root / "status" / validate_job_id(job_id)
+        # After the wall clock stepped back (NTP, a resumed VM), an update still sorts after those queued before it.
+        try:
+            queued = [int(entry.name[:20]) for entry in folder.iterdir() if _STATUS_NAME.fullmatch(entry.name)]
+        except FileNotFoundError:
+            queued = []
+        stamp = max([time.time_ns(), *(number + 1 for number in queued)])
+        path = folder / f"{stamp:020d}-{source}-{secrets.token_hex(4)}.json"
         atomic_write_json(path, update)
         return path
+
+    def note_reported(self, job_id: str, update: dict[str, Any]) -> None:
+        """Keep the seat's final report (completed or error) once the coordinator took it."""
+        atomic_write_json(self.job_dir(job_id) / "reported.json", update)
+
+    def reported(self, job_id: str) -> dict[str, Any] | None:
+        """The seat's final report as the coordinator took it, or None."""
+        return read_json(self.job_dir(job_id) / "reported.json")
+
+    def has_pending_status(self, job_id: str) -> bool:
+        """Whether a status update of the job waits to be reported."""
+        folder = self.root / "status" / validate_job_id(job_id)
+        try:
+            return any(_STATUS_NAME.fullmatch(entry.name) for entry in folder.iterdir())
+        except FileNotFoundError:
+            return False
 
     def pending_status(self) -> list[StatusItem]:
         """Queued status updates of all jobs, in the order they were written."""

@@ -1,0 +1,49 @@
+"""How a program says that a service it needs (the coordinator, the broker) keeps failing: the first failure at
+once, then at most once per `every` seconds while it lasts, with how long and how many tries, and how long it lasted
+once it is over. One line per retry made an outage of hours hundreds of lines per worker, the first and most
+telling one buried among them (and an alarm on the count of warnings firing all along)."""
+from __future__ import annotations
+
+import logging
+import time
+
+SAID_EVERY_SECONDS = 60.0
+# A service away this long makes `cape-worker health` fail: a brief outage is no reason for an orchestrator to
+# act, but a coordinator that moved (a new URL) leaves a worker idle for weeks while it looks healthy.
+UNHEALTHY_AFTER_SECONDS = 3600.0
+
+
+class OutageLog:
+    """The log lines of one outage after another of a service, in `log`."""
+
+    def __init__(self, log: logging.Logger, every: float = SAID_EVERY_SECONDS) -> None:
+        self.log = log
+        self.every = every
+        self.failures = 0
+        self._since = self._said_at = 0.0
+
+    def failed(self, message: str) -> bool:
+        """Note one failed try; returns True if it was said (the first, or the first for `every` seconds)."""
+        now = time.monotonic()
+        self.failures += 1
+        if self.failures == 1:
+            self._since = now
+        if self.failures > 1 and now - self._said_at < self.every:
+            self.log.debug("%s", message)
+            return False
+        self._said_at = now
+        lasting = "" if self.failures == 1 else f" (failing for {now - self._since:.0f} s, {self.failures} tries)"
+        self.log.warning("%s%s", message, lasting)
+        return True
+
+    @property
+    def lasting(self) -> float:
+        """Seconds since the current outage began (0 when there is none)."""
+        return time.monotonic() - self._since if self.failures else 0.0
+
+    def recovered(self) -> float | None:
+        """End the outage; how long it lasted in seconds (None if there was none)."""
+        if not self.failures:
+            return None
+        self.failures = 0
+        return time.monotonic() - self._since
