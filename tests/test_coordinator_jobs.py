@@ -162,6 +162,27 @@ def test_start_timeout_is_applied_by_the_background_sweep(start_cape_server):
     assert status == "Error"
 
 
+def test_a_job_not_approved_by_every_data_owner_in_time_ends_in_error(start_cape_server):
+    """Jobs waited for approval for ever: an approval given weeks before the last one still counted (for data that
+    may have changed since), and a forgotten job held its dataview and project. --approval-ttl (30 days by
+    default) bounds the wait."""
+    server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2", "--approval-ttl", "1"])
+    world = build_job_world(server, approve=False)
+    jid, user = world["job"]["id"], world["user"]
+    assert user["xorg"].post(f"/v1/jobs/{jid}/approve").json()["status"] == "NeedsApproval"
+    time.sleep(1.6)
+    conn = sqlite3.connect(server.data_dir / "coordinator.sqlite3")  # the sweep's doing, not an API read's
+    status = conn.execute("SELECT status FROM jobs WHERE id = ?", (jid,)).fetchone()[0]
+    conn.close()
+    assert status == "Error"
+    job = user["yorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["error"] == ("not approved within 1 s of its submission (no approval from yorg); submit it again if "
+                            "it is still wanted")
+    late = user["yorg"].post(f"/v1/jobs/{jid}/approve")
+    assert late.status_code == 409 and late.json()["error"]["status"] == "Error"
+    assert user["xorg"].delete("/v1/dataviews/" + job["task"]["x"]["dataview"]["id"]).status_code == 204  # not held
+
+
 def test_reject_and_stop(cape_server):
     world = build_job_world(cape_server, approve=False)
     jid, user = world["job"]["id"], world["user"]

@@ -161,11 +161,32 @@ def has_worker_keys(conn: sqlite3.Connection, org_id: str) -> bool:
     return registered_worker(conn, org_id) is not None
 
 
-def expire_late_jobs(conn: sqlite3.Connection) -> int:
-    """The periodic sweep: apply the start timeout to every Approved job; returns how many ended."""
+def expire_late_jobs(conn: sqlite3.Connection, approval_ttl: float | None = None) -> int:
+    """The periodic sweep: apply the start timeout to every Approved job, and the approval deadline (`approval_ttl`
+    seconds after submission; None: none) to every job still waiting for approval; returns how many ended."""
     ended = 0
     for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'Approved'")):
         ended += expire_if_late(conn, job)["status"] == "Error"
+    if approval_ttl is not None:
+        ended += expire_unapproved(conn, approval_ttl)
+    return ended
+
+
+def expire_unapproved(conn: sqlite3.Connection, approval_ttl: float, now: datetime | None = None) -> int:
+    """Jobs still waiting for approval `approval_ttl` seconds after submission end in Error naming who did not
+    approve: an approval given weeks before the last one would otherwise still count, for data that may have changed
+    since, and a forgotten job would hold its dataview and project (they cannot be deleted while it waits)."""
+    now = now or datetime.now(UTC)
+    ended = 0
+    for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'NeedsApproval'")):
+        if now < parse_iso(job["created_at"]) + timedelta(seconds=approval_ttl):
+            continue
+        waiting = [get_org(conn, row["org_id"])["label"] for row in conn.execute(
+            "SELECT org_id FROM job_approvals WHERE job_id = ? AND decision = 'pending'", (job["id"],))]
+        within = f"{approval_ttl / 86400:g} days" if approval_ttl >= 86400 else f"{approval_ttl:g} s"
+        set_status(conn, job["id"], "Error", f"not approved within {within} of its submission (no approval from "
+                                             f"{', '.join(waiting)}); submit it again if it is still wanted")
+        ended += 1
     return ended
 
 

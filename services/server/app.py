@@ -101,7 +101,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if db is not None:
             def sweep_jobs() -> None:
                 with db.transaction() as conn:
-                    expired = expire_late_jobs(conn)
+                    expired = expire_late_jobs(conn, config.approval_ttl)
                 if expired:
                     changes.bump()
                 refused.flush()

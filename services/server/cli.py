@@ -25,7 +25,7 @@ from services.coordinator.db import Database
 from services.coordinator.schemas import Email, Name, TokenDescription
 from services.file_locks import lock_file
 from services.server.config import (
-    DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
+    DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
     DEFAULT_MIN_FREE_BYTES, ServerConfig,
 )
 from services.server.error_handlers import problem_of
@@ -259,6 +259,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
                    "file).")
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds after which undelivered messages expire.")
+@click.option("--approval-ttl", default=DEFAULT_APPROVAL_TTL, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds after its submission by which every data owner must have approved a job, or it ends in "
+                   "Error (an early approval would otherwise count for ever); 0: no deadline.")
 @click.option("--job-sweep-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
               help="How often jobs that did not start in time are ended, and ended jobs' messages dropped.")
 @click.option("--log-level", default="info", show_default=True,
@@ -271,7 +274,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
               callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
           max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, body_idle_seconds: float,
-          message_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
+          message_ttl: float, approval_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
           tls_key: Path | None) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
     from services.memory_reuse import keep_freed_memory
@@ -322,7 +325,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
                           min_free_bytes=min_free_bytes, body_idle_seconds=body_idle_seconds,
-                          message_ttl=message_ttl, job_sweep_seconds=job_sweep_seconds)
+                          message_ttl=message_ttl, approval_ttl=approval_ttl or None,
+                          job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory
     try:
         app = create_app(config)

@@ -12,6 +12,7 @@ DEFAULT_MIN_FREE_BYTES = 1024**3
 # A message body from which no byte arrives for this long is given up: a sender whose network dropped the flow
 # (a NAT, a pulled cable) never closes it, and its partial file would stay until a restart.
 DEFAULT_BODY_IDLE_SECONDS = 120.0
+DEFAULT_APPROVAL_TTL = 30 * 24 * 3600.0  # a job not approved by every data owner within it ends in Error
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ServerConfig:
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
+    approval_ttl: float | None = DEFAULT_APPROVAL_TTL  # None: jobs wait for approval for ever
     job_sweep_seconds: float = 5.0  # how often the start timeout is applied, and ended jobs' messages dropped
 
     @property
