@@ -88,6 +88,18 @@ def test_job_runs_from_submission_to_results(cape_server):
     assert worker["xorg"].get("/v1/worker/jobs").json() == []  # ended jobs leave the worker list
 
 
+def test_a_seat_that_completed_is_not_shown_running_again(cape_server):
+    """A late `running` (queued before `completed`, sent after: a worker's clock stepped back during an outage)
+    showed a finished seat running again."""
+    world = build_job_world(cape_server)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    report = f"/v1/worker/jobs/{jid}/report"
+    assert worker["xorg"].post(report, json={"state": "completed", "progress": 1.0}).status_code == 204
+    assert worker["xorg"].post(report, json={"state": "running", "progress": 0.5}).status_code == 204
+    party = user["xorg"].get(f"/v1/jobs/{jid}").json()["parties"]["x_owner"]
+    assert (party["state"], party["progress"]) == ("completed", 1.0)
+
+
 def test_error_report_ends_job_with_the_party_message(cape_server):
     world = build_job_world(cape_server)
     jid, worker, user = world["job"]["id"], world["worker"], world["user"]

@@ -201,6 +201,8 @@ def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, A
             return False
         raise Conflict(f"the job is {job['status']}; stop working on it", code="job_not_active",
                        extra={"status": job["status"]})
+    if current["state"] == "completed" and state in ("started", "running"):
+        return False  # an update older than the seat's end, arriving late (a worker's clock stepped back): kept out
     if state == "completed" and seat == job["outputs_to"] and not body.get("metrics"):
         raise InvalidRequest("field 'metrics': the output seat's completed report must carry the metrics")
     progress = 1.0 if state == "completed" else body.get("progress") or 0.0
