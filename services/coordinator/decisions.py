@@ -10,20 +10,17 @@ import sqlite3
 
 from services.coordinator.db import now_iso
 from services.coordinator.identity import Principal, find_organization, get_org
-from services.coordinator.jobs import FINAL_STATUSES, data_owner_orgs, find_job, readable_job, set_status
+from services.coordinator.jobs import (FINAL_STATUSES, data_owner_orgs, find_job, org_labels, readable_job,
+                                       set_status)
 from services.coordinator.permissions import APPROVE_JOBS
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 log = logging.getLogger("cape.coordinator")
 
 
-def _labels(conn: sqlite3.Connection, org_ids: list[str]) -> str:
-    return ", ".join(get_org(conn, o)["label"] for o in org_ids)
-
-
 def _named_org(conn: sqlite3.Connection, principal: Principal, owners: list[str], ref: str, action: str) -> str:
     """The data owner the body names: 422 if it owns no data of the job, 403 if the caller may not decide for it."""
-    listed = f"the data owners of this job are {_labels(conn, owners)}"
+    listed = f"the data owners of this job are {org_labels(conn, owners)}"
     try:
         org = find_organization(conn, ref)
     except NotFound:
@@ -50,7 +47,7 @@ def _my_orgs(principal: Principal, owners: list[str], action: str) -> list[str]:
 def _only_org(conn: sqlite3.Connection, mine: list[str], action: str) -> str:
     if len(mine) > 1:
         raise InvalidRequest(f"field 'organization': you may {action} for several data owners of this job "
-                             f"({_labels(conn, mine)}); name the one you {action} for")
+                             f"({org_labels(conn, mine)}); name the one you {action} for")
     return mine[0]
 
 

@@ -172,6 +172,11 @@ def expire_late_jobs(conn: sqlite3.Connection, approval_ttl: float | None = None
     return ended
 
 
+def org_labels(conn: sqlite3.Connection, org_ids: list[str]) -> str:
+    """The organizations' labels, as messages list them."""
+    return ", ".join(get_org(conn, o)["label"] for o in org_ids)
+
+
 def expire_unapproved(conn: sqlite3.Connection, approval_ttl: float, now: datetime | None = None) -> int:
     """Jobs still waiting for approval `approval_ttl` seconds after submission end in Error naming who did not
     approve: an approval given weeks before the last one would otherwise still count, for data that may have changed
@@ -181,11 +186,11 @@ def expire_unapproved(conn: sqlite3.Connection, approval_ttl: float, now: dateti
     for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'NeedsApproval'")):
         if now < parse_iso(job["created_at"]) + timedelta(seconds=approval_ttl):
             continue
-        waiting = [get_org(conn, row["org_id"])["label"] for row in conn.execute(
+        waiting = [row["org_id"] for row in conn.execute(
             "SELECT org_id FROM job_approvals WHERE job_id = ? AND decision = 'pending'", (job["id"],))]
         within = f"{approval_ttl / 86400:g} days" if approval_ttl >= 86400 else f"{approval_ttl:g} s"
         set_status(conn, job["id"], "Error", f"not approved within {within} of its submission (no approval from "
-                                             f"{', '.join(waiting)}); submit it again if it is still wanted")
+                                             f"{org_labels(conn, waiting)}); submit it again if it is still wanted")
         ended += 1
     return ended
 

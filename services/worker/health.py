@@ -4,6 +4,7 @@ program in BACKOFF, so the states are read directly."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -83,6 +84,19 @@ class PollerRecord:
         temp = path.with_name(f".{self.name}.tmp")
         temp.write_text(json.dumps({"since": since, "message": message}))
         os.replace(temp, path)
+
+    def note(self, run_dir: Path | None, message: str | None, log: logging.Logger) -> None:
+        """Record `message` (or clear the record, with None) for a running program: a run dir it cannot write (gone,
+        read-only) is said in `log`, beside the program's own line about the condition."""
+        if run_dir is None:
+            return
+        try:
+            if message is None:
+                self.clear(run_dir)
+            else:
+                self.record(run_dir, message)
+        except OSError as exc:
+            log.warning("cannot record %s for the health check in %s: %s", self.name, run_dir, exc.strerror)
 
     def clear(self, run_dir: Path) -> bool:
         """Forget the record (the condition ended, or a new run starts); True if there was one."""

@@ -242,7 +242,7 @@ class Messenger:
             self._short_of_room -= ended
             over = bool(ended) and not self._short_of_room
         if over:
-            self._record(health.SPOOL_SHORT_OF_ROOM, None)
+            health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
 
     def receive(self, spec: JobSpec, wait: float) -> int:
         """Take in the messages waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time (`_take`);
@@ -354,7 +354,7 @@ class Messenger:
                 held, self._short_of_room = self._short_of_room, set()
             if held:
                 log.info("the spool volume has room again; taking the messages of job(s) %s", ", ".join(sorted(held)))
-                self._record(health.SPOOL_SHORT_OF_ROOM, None)
+                health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
             return True
         with self._lock:
             self._held += 1
@@ -367,21 +367,8 @@ class Messenger:
                    "for the worker's other files; it is taken once jobs end and their messages are removed, or the "
                    "volume grows")
             log.warning("%s", why)
-            self._record(health.SPOOL_SHORT_OF_ROOM, why)
+            health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, why, log)
         return False
-
-    def _record(self, record: health.PollerRecord, why: str | None) -> None:
-        """Record (or clear, with None) a condition for `cape-worker health` and `status` (the spool short of room,
-        the broker unreachable)."""
-        if self.run_dir is None:
-            return
-        try:
-            if why is None:
-                record.clear(self.run_dir)
-            else:
-                record.record(self.run_dir, why)
-        except OSError as exc:  # the run dir is gone or read-only: the log line says it
-            log.warning("cannot record that %s in %s: %s", record.headline.split(";")[0], self.run_dir, exc.strerror)
 
     def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path, size: Any) -> None:
         """Another message under a name already received: keep the first; drop this one, leaving a trace unless
@@ -491,7 +478,7 @@ class Messenger:
                 failures += 1
                 delay = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (failures - 1))
                 if outage.failed(f"{what}: {exc}; retrying in {delay:.1f} s"):
-                    self._record(health.BROKER_UNREACHABLE, str(exc))
+                    health.BROKER_UNREACHABLE.note(self.run_dir, str(exc), log)
                 self.stop.wait(delay)
                 continue
             except BrokerError as exc:
@@ -508,7 +495,7 @@ class Messenger:
                 lasted = outage.recovered()
                 if lasted is not None:
                     log.info("%s: the broker is reachable again (after %.0f s)", what, lasted)
-                    self._record(health.BROKER_UNREACHABLE, None)
+                    health.BROKER_UNREACHABLE.note(self.run_dir, None, log)
                 failures = 0
             if not busy and idle:
                 self.spool.changes.wait(seen, idle)
@@ -516,7 +503,7 @@ class Messenger:
     def run(self) -> None:
         """Run both loops until the stop flag is set (the receiver in this thread)."""
         for record in (health.SPOOL_SHORT_OF_ROOM, health.BROKER_UNREACHABLE):
-            self._record(record, None)  # a record of an earlier run: said again if still true
+            record.note(self.run_dir, None, log)  # a record of an earlier run: said again if still true
         self._sender = threading.Thread(target=self.sender_loop, name="messenger-sender", daemon=True)
         self._sender.start()
         try:

@@ -274,7 +274,7 @@ class Poller:
                 # Both need the operator while every program still runs: the health check says so.
                 delay = max(backoff.next_delay(), 10.0)
                 log.error("%s; retrying in %.0f s", exc, delay)
-                self._note(health.LOGIN_REFUSED, str(exc))
+                health.LOGIN_REFUSED.note(self.config.run_dir, str(exc), log)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)  # it answered
                 if isinstance(exc, SeatTaken):
                     self.seat_held.clear()
@@ -282,11 +282,11 @@ class Poller:
             except CoordinatorUntrusted as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a certificate or CA file needs the operator, not retries
                 log.error("%s; retrying in %.0f s", exc, delay)
-                self._note(health.COORDINATOR_UNTRUSTED, str(exc))
+                health.COORDINATOR_UNTRUSTED.note(self.config.run_dir, str(exc), log)
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
                 outage.failed(f"{exc}; retrying in {delay:.1f} s")
-                self._note(health.COORDINATOR_UNREACHABLE, str(exc))
+                health.COORDINATOR_UNREACHABLE.note(self.config.run_dir, str(exc), log)
                 if outage.lasting >= UNHEALTHY_AFTER_SECONDS and not said_unhealthy:
                     said_unhealthy = True
                     log.error("the coordinator at %s has been unreachable for over %.0f min: `cape-worker health` now "
@@ -295,7 +295,7 @@ class Poller:
             except CoordinatorMisaddressed as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a URL to fix: the operator, not retries
                 log.error("%s; retrying in %.0f s", exc, delay)
-                self._note(health.COORDINATOR_MISADDRESSED, str(exc))
+                health.COORDINATOR_MISADDRESSED.note(self.config.run_dir, str(exc), log)
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
                 log.error("%s; retrying in %.1f s", exc, delay)
@@ -319,14 +319,6 @@ class Poller:
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
-
-    def _note(self, record: health.PollerRecord, message: str) -> None:
-        """For `cape-worker health` and `status`: a condition every program's RUNNING state hides."""
-        try:
-            record.record(self.config.run_dir, message)
-        except OSError as exc:  # the run dir is gone or read-only: the log line above still says it
-            log.warning("cannot record %s for the health check in %s: %s", record.name, self.config.run_dir,
-                        exc.strerror)
 
     def report_until(self, deadline: float) -> None:
         """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails

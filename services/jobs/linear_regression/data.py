@@ -484,9 +484,10 @@ def _to_float(display: str, column: str, values: pa.ChunkedArray | pa.Array, off
             row = _first_unparsable(values)
             raise NonNumericError(display, column, offset + row + 1, values[row].as_py()) from None
     else:
+        # A type with no cast to float64 (dates, say) is named; the cast's own message can quote a value.
         try:
             converted = pc.cast(values, pa.float64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a type with no cast to float64 (dates, say)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise UnreadableDataError(
                 display, f"column {column!r} holds {values.type} values, not numbers"
             ) from None
