@@ -542,6 +542,47 @@ def _fake_broker_messenger(tmp_path, monkeypatch, broker_class, jobs=("job1", "j
     return messenger, broker
 
 
+def test_stalled_downloads_of_several_jobs_hold_a_pass_up_once_not_once_per_job(tmp_path, monkeypatch):
+    """A pass over several jobs waits for their downloads together, up to TAKE_WAIT_SECONDS: a wait per job made a
+    pass with stalled downloads in three jobs last three seconds before the next listing."""
+    import threading
+
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient
+
+    jobs = ("job1", "job2", "job3")
+
+    class ListingBroker(BrokerClient):
+        def wait_for_jobs_messages(self, job_ids, wait):
+            return {job: [{"name": "x_owner.m", "size": 10, "from_seat": "x_owner"}] for job in job_ids}, {}
+
+    messenger, _ = _fake_broker_messenger(tmp_path, monkeypatch, ListingBroker, jobs=jobs)
+    released = threading.Event()
+    started: list[str] = []
+
+    def stalled(spec, entry):
+        started.append(spec.id)
+        return released.wait(10)  # a download that trickles until the test lets it finish
+
+    monkeypatch.setattr(messenger, "_accept", stalled)
+    monkeypatch.setattr(messenger_module, "TAKE_WAIT_SECONDS", 0.5)
+    specs = messenger.receiving_jobs()
+    try:
+        began = time.monotonic()
+        assert messenger.receive_many(specs, 0.0) == 0
+        took = time.monotonic() - began
+        assert 0.45 <= took < 0.9, took  # one wait for the three jobs (it was 1.5 s, 0.5 s per job)
+        assert sorted(started) == list(jobs)
+        began = time.monotonic()
+        assert messenger.receive_many(specs, 0.0) == 0  # the next pass skips them, waits once again
+        assert time.monotonic() - began < 0.9 and len(started) == 3  # not downloaded twice
+        released.set()
+        assert messenger.receive_many(specs, 0.0) == 3  # collected once they finish
+    finally:
+        released.set()
+        messenger.stop.set()
+
+
 def test_jobs_the_broker_refuses_all_are_not_asked_again_at_once(tmp_path, monkeypatch, caplog):
     """Every job refused (unknown to the broker, not this seat's): a pause as long as a long poll, not ~490
     requests a second; each refusal said once."""

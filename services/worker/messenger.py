@@ -247,7 +247,7 @@ class Messenger:
     def receive(self, spec: JobSpec, wait: float) -> int:
         """Take in the messages waiting for this worker in `spec`'s job, up to `GET_THREADS` at a time (`_take`);
         returns how many were placed. A failure of one is raised once collected (the loop backs off)."""
-        return self._take(spec, self.broker.wait_for_messages(spec.id, wait))
+        return self._take([(spec, self.broker.wait_for_messages(spec.id, wait))])
 
     def receive_many(self, specs: list[JobSpec], wait: float) -> int | None:
         """`receive` for several jobs in one long poll of the broker; None if the broker cannot list several jobs
@@ -273,26 +273,24 @@ class Messenger:
         if len(refused) == len(specs):
             self.stop.wait(wait)  # nothing the broker would wait on: pause as a long poll would, until the poller
             return 0              # ends these jobs
-        placed = 0
-        for spec in specs:
-            entries = listing.get(spec.id) or []
-            if entries and not self.stop.is_set():
-                placed += self._take(spec, entries)
-        return placed
+        return self._take([(spec, listing[spec.id]) for spec in specs if listing.get(spec.id)])
 
-    def _take(self, spec: JobSpec, entries: list[dict[str, Any]]) -> int:
-        """Start downloading the listed messages of one job that are not being downloaded already, then wait for
-        the job's downloads up to `TAKE_WAIT_SECONDS`; returns how many were placed meanwhile. One that stalls or
-        trickles holds up neither the others nor the next listing (which skips it): joining every download of a
-        listing made one stalled connection hold every job's messages for a minute. A failure is raised once
+    def _take(self, listing: list[tuple[JobSpec, list[dict[str, Any]]]]) -> int:
+        """Start downloading the listed messages that are not being downloaded already, then wait for the listed
+        jobs' downloads, together, up to `TAKE_WAIT_SECONDS`; returns how many were placed meanwhile. One that
+        stalls or trickles holds up neither the others nor the next listing (which skips it): joining every
+        download of a listing made one stalled connection hold every job's messages for a minute, and a wait per
+        job made a pass over several jobs with stalled downloads last a second per job. A failure is raised once
         collected (the loop backs off)."""
         if self._gets is None:
             self._gets = ThreadPoolExecutor(GET_THREADS, thread_name_prefix="messenger-get")
-        for entry in entries:
-            key = (spec.id, str(entry.get("name")))
-            if key not in self._downloads:
-                self._downloads[key] = self._gets.submit(self._accept_unless_stopped, spec, entry)
-        mine = {key: future for key, future in self._downloads.items() if key[0] == spec.id}
+        for spec, entries in listing:
+            for entry in entries:
+                key = (spec.id, str(entry.get("name")))
+                if key not in self._downloads and not self.stop.is_set():
+                    self._downloads[key] = self._gets.submit(self._accept_unless_stopped, spec, entry)
+        listed = {spec.id for spec, _ in listing}
+        mine = {key: future for key, future in self._downloads.items() if key[0] in listed}
         wait_for_futures(mine.values(), timeout=TAKE_WAIT_SECONDS)
         placed, failure = 0, None
         for key, future in mine.items():
