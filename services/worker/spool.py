@@ -408,14 +408,9 @@ class Spool:
         """Queue a status update ({"state", "progress", ...}) for the poller; later updates sort later."""
         if not re.fullmatch(r"[a-z]{1,16}", source):
             raise InvalidName("status source must be a short lower-case program name")
-        folder = self.root / "status" / validate_job_id(job_id)
         # After the wall clock stepped back (NTP, a resumed VM), an update still sorts after those queued before it.
-        try:
-            queued = [int(entry.name[:20]) for entry in folder.iterdir() if _STATUS_NAME.fullmatch(entry.name)]
-        except FileNotFoundError:
-            queued = []
-        stamp = max([time.time_ns(), *(number + 1 for number in queued)])
-        path = folder / f"{stamp:020d}-{source}-{secrets.token_hex(4)}.json"
+        stamp = max([time.time_ns(), *(int(name[:20]) + 1 for name in self._queued_status(job_id))])
+        path = self.root / "status" / job_id / f"{stamp:020d}-{source}-{secrets.token_hex(4)}.json"
         atomic_write_json(path, update)
         return path
 
@@ -429,11 +424,15 @@ class Spool:
 
     def has_pending_status(self, job_id: str) -> bool:
         """Whether a status update of the job waits to be reported."""
-        folder = self.root / "status" / validate_job_id(job_id)
+        return bool(self._queued_status(job_id))
+
+    def _queued_status(self, job_id: str) -> list[str]:
+        """The names of the job's queued status updates."""
         try:
-            return any(_STATUS_NAME.fullmatch(entry.name) for entry in folder.iterdir())
+            return [entry.name for entry in (self.root / "status" / validate_job_id(job_id)).iterdir()
+                    if _STATUS_NAME.fullmatch(entry.name)]
         except FileNotFoundError:
-            return False
+            return []
 
     def pending_status(self) -> list[StatusItem]:
         """Queued status updates of all jobs, in the order they were written."""
