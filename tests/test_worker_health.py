@@ -3,20 +3,23 @@ from services.worker import health
 from services.worker.spool import Spool
 
 
-def test_every_claimed_job_shows_running(tmp_path):
-    """The runner works on several jobs at once: each claimed job is running, not only the first by id."""
+def test_every_claimed_job_shows_running_or_queued_for_a_slot(tmp_path):
+    """The runner works on several jobs at once: each claimed job holding a slot is running, not only the first by
+    id; one taken but waiting for a slot is queued."""
     spool = Spool(tmp_path / "spool")
-    for job_id, seat in (("job-a", "x_owner"), ("job-b", "helper"), ("job-c", "y_owner"), ("job-d", "x_owner")):
+    for job_id, seat in (("job-a", "x_owner"), ("job-b", "helper"), ("job-c", "y_owner"), ("job-d", "x_owner"),
+                         ("job-q", "x_owner")):
         spool.put_job({"id": job_id, "seat": seat, "status": "Approved"})
-    spool.claim("job-a")
-    spool.claim("job-b")
+    spool.claim("job-a", working=True)
+    spool.claim("job-b", working=True)
+    spool.claim("job-q")
     spool.mark_done("job-d", "completed")
     spool.mark_ended("job-d", "Completed")
     jobs = {job["id"]: job for job in health.spool_jobs(spool)}
     assert {job_id: job["runner"] for job_id, job in jobs.items()} == {
-        "job-a": "running", "job-b": "running", "job-c": "waiting", "job-d": "completed"}
+        "job-a": "running", "job-b": "running", "job-c": "waiting", "job-d": "completed", "job-q": "queued"}
     assert (jobs["job-b"]["seat"], jobs["job-d"]["status"]) == ("helper", "Completed")
-    assert [job["reason"] for job in jobs.values()] == [None, None, None, None]
+    assert [job["reason"] for job in jobs.values()] == [None] * 5
 
 
 def test_claimed_jobs_of_a_stopped_worker_and_reasons(tmp_path):

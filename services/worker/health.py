@@ -153,9 +153,9 @@ LASTING_HEALTH_RECORDS = (COORDINATOR_UNREACHABLE, BROKER_UNREACHABLE)
 
 
 def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]]:
-    """A summary of each job in the spool (no data values, no keys). A claimed job shows `running` only while the
-    runner program runs (`claimed` otherwise: it resumes when the worker runs again); a job that failed or was
-    ended carries the reason the runner or the coordinator gave."""
+    """A summary of each job in the spool (no data values, no keys). A claimed job shows `running` (or `queued`,
+    for one of the runner's job slots) only while the runner program runs (`claimed` otherwise: it resumes when the
+    worker runs again); a job that failed or was ended carries the reason the runner or the coordinator gave."""
     pending_reports: dict[str, int] = {}
     for item in spool.pending_status():
         pending_reports[item.job_id] = pending_reports.get(item.job_id, 0) + 1
@@ -164,7 +164,7 @@ def spool_jobs(spool: Spool, runner_running: bool = True) -> list[dict[str, Any]
     for job_id in spool.job_ids():
         spec = spool.read_job(job_id) or {}
         ended, done = spool.ended(job_id), spool.done(job_id)
-        claimed = "running" if runner_running else "claimed"
+        claimed = ("running" if spool.is_working(job_id) else "queued") if runner_running else "claimed"
         job = {
             "id": job_id,
             "seat": spec.get("seat"),

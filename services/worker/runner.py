@@ -8,7 +8,9 @@ Status updates go to the spool for the poller; the output seat's weights and met
 uploader, which reports completion once the model is stored. Bad data or a failed protocol becomes an error status
 with a readable message. A job the coordinator ended (the poller marks it) is abandoned.
 
-Jobs run in parallel threads: two workers must never wait on each other for different jobs.
+Jobs run in parallel threads: two workers must never wait on each other for different jobs. A job takes its seat
+(claims it and reports `started`) at once, then waits for one of `MAX_PARALLEL_JOBS` slots before it loads its
+data (`job_slots`: a job whose partner is not running holds no slot another job needs).
 
 Run as `python -m services.worker.runner`. SIGTERM pauses the running jobs (their claims stay, so they resume on
 restart) and waits up to `STOP_JOIN_SECONDS` for their threads to leave cleanly.
@@ -28,6 +30,7 @@ from services.memory_reuse import release_freed_memory
 from services.jobs.linear_regression.errors import MissingColumnError
 from services.mpc import ProtocolError as EngineProtocolError
 from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
+from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
@@ -41,7 +44,10 @@ log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored starts (a scan is one listing)
 PROGRESS_EVERY_SECONDS = 1.0
 RESUMED_NOTE = "replaying its role after a restart"
-MAX_PARALLEL_JOBS = 4
+MAX_PARALLEL_JOBS = 4  # jobs loading their data or computing at once (job_slots.py)
+MAX_JOB_THREADS = 64  # jobs taken at once, most of them waiting for a slot (a waiting thread costs little)
+SLOT_POLL_SECONDS = 1.0  # a job waiting for a slot looks again after this without a spool change
+QUEUED_SAID_AFTER_SECONDS = 1.0  # a wait for the other workers shorter than this is not reported
 # Idle this long after a job, the runner gives back the memory it kept for reuse (its largest job's peak, for the
 # days an appliance may idle); a job that follows sooner finds its heap warm.
 IDLE_RELEASE_SECONDS = 60.0
@@ -69,7 +75,7 @@ class Runner:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.s3_client = s3_client
-        self.max_parallel = max_parallel
+        self.slots = JobSlots(max_parallel)
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
         self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
@@ -96,7 +102,7 @@ class Runner:
         return claimed + sorted(active - set(claimed), key=order)
 
     def start_due(self) -> None:
-        """Start a thread for each runnable job not yet running, up to `max_parallel`; once no job has run for
+        """Start a thread for each runnable job not yet running, up to `MAX_JOB_THREADS`; once no job has run for
         IDLE_RELEASE_SECONDS, hand the memory the last ones freed back to the system."""
         for job_id, thread in list(self._threads.items()):
             if not thread.is_alive():
@@ -107,7 +113,7 @@ class Runner:
             self._idle_since = None  # once per idle spell: back-to-back jobs keep their warm heap
             release_freed_memory()
         for job_id in self.runnable():
-            if len(self._threads) >= self.max_parallel:
+            if len(self._threads) >= MAX_JOB_THREADS:
                 break
             if job_id not in self._threads:
                 thread = threading.Thread(target=self.run_job, args=(job_id,), name=f"job-{job_id[:8]}", daemon=True)
@@ -134,7 +140,8 @@ class Runner:
     # ---- one job --------------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
-        resumed = self.spool.is_claimed(job_id)  # claimed by a runner that did not finish it: a restart
+        # Worked on by a runner that did not finish it (a restart): its role is replayed.
+        resumed = self.spool.is_claimed(job_id) and self.spool.is_working(job_id)
         if not self._claim(job_id):
             return "waiting"
         traffic: dict[str, int] | None = None
@@ -207,6 +214,46 @@ class Runner:
         note = RESUMED_NOTE if resumed else None
         self.spool.put_status(job_id, {"state": "started", "progress": 0.0, **({"message": note} if note else {})})
 
+        self._wait_for_a_slot(spec, note)
+        try:
+            return self._run_role(spec, note)
+        finally:
+            self.slots.leave(job_id)
+            self.spool.changes.wake()  # a job waiting for the slot looks now
+
+    def _wait_for_a_slot(self, spec: JobSpec, note: str | None) -> None:
+        """Wait until the job may load its data (`JobSlots`), saying at the coordinator why it waits when it does
+        for more than a moment; raise JobInterrupted if the runner stops or the coordinator ends the job meanwhile."""
+        said: str | None = None
+        since = time.monotonic()
+        try:
+            while True:
+                if reason := self._interrupted(spec.id):
+                    raise JobInterrupted(reason)
+                seen = self.spool.changes.generation
+                current = self.spool.read_job(spec.id) or {}
+                waiting = self.slots.take(spec.id, current.get("status") == "Started",
+                                          str(current.get("approved_at") or ""))
+                if waiting is None:
+                    break
+                if waiting.message != said and (waiting.all_busy or
+                                                 time.monotonic() - since >= QUEUED_SAID_AFTER_SECONDS):
+                    said = waiting.message
+                    log.info("job %s: %s", spec.id, said)
+                    self.spool.put_status(spec.id, {"state": "started", "progress": 0.0,
+                                                    "message": ": ".join(filter(None, (note, said)))})
+                self.spool.changes.wait(seen, SLOT_POLL_SECONDS)
+            self.spool.claim(spec.id, working=True)
+            if said:  # its seat no longer says queued
+                self.spool.put_status(spec.id, {"state": "started", "progress": 0.0,
+                                                **({"message": note} if note else {})})
+        except BaseException:
+            self.slots.leave(spec.id)
+            raise
+
+    def _run_role(self, spec: JobSpec, note: str | None) -> tuple[str, str | None, dict[str, int]]:
+        """Load the data and run the role, holding a slot; as `_run`."""
+        job_id = spec.id
         task = LinearRegressionTask(tuple(spec.x_columns), spec.y_column, spec.outputs_to)
         uri: str | None = None
         # Closed (queued sends written) before run_job marks the job done and releases the claim, whatever happens:

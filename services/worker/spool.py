@@ -315,10 +315,16 @@ class Spool:
                 if self.done(j) is None and self.ended(j) is None]
 
     # ---- the runner's claims ---------------------------------------------------------------------------------
-    def claim(self, job_id: str) -> None:
-        """Durably record that the runner works on `job_id` (a restarted runner resumes it)."""
+    def claim(self, job_id: str, working: bool = False) -> None:
+        """Durably record that the runner took `job_id` (a restarted runner resumes it), and whether it holds one of
+        its job slots (`working`: it loads the job's data or computes) or waits for one."""
         path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
-        atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time()})
+        atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time(), "working": working})
+
+    def is_working(self, job_id: str) -> bool:
+        """True while a claimed job holds one of the runner's job slots (False: it is queued for one)."""
+        record = read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json")
+        return bool(record and record.get("working", True))  # a claim of an earlier version: it was working
 
     def claimed_jobs(self) -> list[str]:
         """The jobs the runner had claimed and not released (resumed first after a restart)."""

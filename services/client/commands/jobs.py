@@ -42,8 +42,8 @@ def jobs() -> None:
                    "replaces it (without either, the job ends in Error). A file:// location is written only "
                    "through CAPE_BUCKET, never from a job. Only a member of the model owner may set it.")
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
-              help="Seconds the three workers have to start after approval; also the longest a worker waits "
-                   "for any one message of the job.")
+              help="Seconds the three workers have to take the job after approval (a worker takes it at once, "
+                   "even when it runs other jobs); also the longest a worker waits for any one message of the job.")
 @click.option("--org", "organization", help="Your organization to submit for, if more than one of yours may.")
 @json_option
 @pass_cli

@@ -1,0 +1,66 @@
+"""Which of the runner's jobs may load their data and compute now.
+
+A job thread takes its seat at once (its `started` report tells the coordinator this worker is there), then waits
+here for one of `size` slots before it loads its data. Slots bound the memory and CPU of jobs at once; the last
+free slot goes only to a job whose three workers have all taken their seats (Started at the coordinator). So jobs
+waiting for a partner that is not running hold at most `size - 1` slots, and jobs among running workers always
+get through: when every slot went to jobs whose partner was down, a job between three healthy workers waited for
+those to time out (and ended in Error, naming the healthy worker as missing). Among the jobs that may take a slot,
+the oldest approval goes first, as at every worker.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a job waits for a slot, as its seat's message at the coordinator says it."""
+
+    message: str
+    all_busy: bool  # every slot is taken (else: the last one is kept for a job all three workers took)
+
+
+class JobSlots:
+    """`size` slots shared by the runner's job threads."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a runner needs at least one job slot")
+        self.size = size
+        self._lock = threading.Lock()
+        self._working: set[str] = set()
+        self._waiting: dict[str, tuple[bool, str, str]] = {}  # job -> (not all seats taken, approved_at, job)
+
+    @property
+    def working(self) -> int:
+        with self._lock:
+            return len(self._working)
+
+    def take(self, job_id: str, all_seats_taken: bool, approved_at: str) -> Waiting | None:
+        """Take a slot for the job if it may have one now (None), else say why it waits; call again on a change."""
+        with self._lock:
+            if job_id in self._working:
+                return None
+            self._waiting[job_id] = (not all_seats_taken, approved_at, job_id)
+            free = self.size - len(self._working)
+            eligible = sorted(key for key in self._waiting.values() if free >= 2 or (free == 1 and not key[0]))
+            if eligible and eligible[0][2] == job_id:
+                del self._waiting[job_id]
+                self._working.add(job_id)
+                return None
+            if free <= 0:
+                return Waiting(f"queued at its worker: all {self.size} of the worker's job slots are taken by jobs "
+                               "loading their data or computing", all_busy=True)
+            if all_seats_taken:
+                return Waiting("queued at its worker behind an older job", all_busy=True)
+            return Waiting(f"queued at its worker: {len(self._working)} of its {self.size} job slots are taken and "
+                           "the last is kept for a job whose three workers have all taken it; waiting for the "
+                           "other workers", all_busy=False)
+
+    def leave(self, job_id: str) -> None:
+        """The job no longer waits or works here (it ended, was stopped or paused)."""
+        with self._lock:
+            self._waiting.pop(job_id, None)
+            self._working.discard(job_id)
