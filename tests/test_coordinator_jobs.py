@@ -162,6 +162,34 @@ def test_start_timeout_names_only_the_seat_without_a_worker_when_one_never_regis
         "then submit the job again")
 
 
+def test_a_seats_own_error_arriving_after_a_partners_relay_of_it_becomes_the_jobs_error(cape_server):
+    """Workers report in their own order: a partner told to stop by the y-owner ("the y_owner stopped the job ...
+    (see its error)") could report first, and the y-owner's own error was then refused: the job blamed the
+    partner, pointing at an error shown nowhere."""
+    world = build_job_world(cape_server)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
+    relay = "the y_owner stopped the job: its y column is constant (see its error)"
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "error", "message": relay}).status_code == 204
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["error"] == f"x_owner (xorg): {relay}"
+    own = "dataview 'ys': column 't' is constant (all its values are equal); a regression needs a target that varies"
+    late = worker["yorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "error", "message": own})
+    assert late.status_code == 204, late.text
+    job = user["xorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "Error" and job["error"] == f"y_owner (yorg): {own}"
+    assert (job["parties"]["y_owner"]["state"], job["parties"]["y_owner"]["message"]) == ("error", own)
+    assert job["parties"]["x_owner"]["message"] == relay
+    # Another error from a seat that did not stop the job is kept on its seat only; other reports stay refused.
+    other = worker["helper"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "error", "message": "cut off"})
+    assert other.status_code == 204
+    job = user["xorg"].get(f"/v1/jobs/{jid}").json()
+    assert job["error"] == f"y_owner (yorg): {own}" and job["parties"]["helper"]["message"] == "cut off"
+    refused = worker["helper"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running", "progress": 0.5})
+    assert refused.status_code == 409 and refused.json()["error"]["status"] == "Error"
+
+
 def test_start_timeout_is_applied_by_the_background_sweep(start_cape_server):
     server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2"])
     world = build_job_world(server, timeout=1)

@@ -16,7 +16,8 @@ def test_members_see_their_workers_heartbeat_and_programs(cape_server):
     before = admin.get("/v1/organizations/acme/worker")
     assert before.status_code == 200
     assert before.json() == {"registered": False, "keys_updated_at": None, "last_seen": None,
-                             "seconds_since_seen": None, "online": False, "version": None, "programs": None}
+                             "seconds_since_seen": None, "online": False, "stopped_at": None, "version": None,
+                             "programs": None}
 
     assert worker.put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
     programs = {"poller": "RUNNING", "messenger": "RUNNING", "runner": "BACKOFF", "uploader": "RUNNING"}
@@ -29,6 +30,27 @@ def test_members_see_their_workers_heartbeat_and_programs(cape_server):
 
     refused = Api(cape_server, other["user_token"]).get("/v1/organizations/acme/worker")
     assert refused.status_code == 403 and refused.json()["error"]["message"]
+
+
+def test_a_worker_that_says_it_stops_is_offline_at_once_until_it_beats_again(cape_server):
+    """A stopped worker looked online for 45 s, hiding why the jobs waiting for it did not start."""
+    acme = cape_server.create_org("acme")
+    admin, worker = Api(cape_server, acme["user_token"]), Api(cape_server, acme["organization_token"])
+    keys = worker_public_keys()
+    assert worker.put("/v1/worker/keys", json=keys).status_code == 204
+    assert worker.post("/v1/worker/heartbeat", json={"version": "0.1.0"}).status_code == 204
+    assert admin.get("/v1/organizations/acme/worker").json()["online"] is True
+    said = worker.post("/v1/worker/heartbeat", json={"version": "0.1.0", "signing_public_key":
+                                                     keys["signing_public_key"], "stopping": True})
+    assert said.status_code == 204
+    stopped = admin.get("/v1/organizations/acme/worker").json()
+    assert stopped["online"] is False and stopped["stopped_at"] and stopped["seconds_since_seen"] < 5
+    assert worker_line(stopped) == f"worker: keys registered; STOPPED at {stopped['stopped_at']} (it said so as it stopped)"
+    # Its keys no longer hold the seat against a worker started elsewhere (a move to a new machine).
+    assert worker.put("/v1/worker/keys", json=worker_public_keys()).status_code == 204
+    assert worker.post("/v1/worker/heartbeat", json={"version": "0.1.0"}).status_code == 204
+    back = admin.get("/v1/organizations/acme/worker").json()
+    assert back["online"] is True and back["stopped_at"] is None
 
 
 def test_a_worker_silent_for_over_45_seconds_is_offline(cape_server):

@@ -44,6 +44,25 @@ def test_serve_announces_its_address_and_serves_openapi(cape_server):
     assert document["info"]["title"] == "Cape server" and document["info"]["version"] == health["version"]
 
 
+def test_a_kept_alive_connection_is_still_open_after_a_workers_gap_between_requests(cape_server):
+    """uvicorn closed idle connections after 5 s, the gap a worker leaves between its job list and its heartbeat:
+    a request sent as the server closed the connection failed as "coordinator unreachable"."""
+    import http.client
+
+    host, port = cape_server.url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() and connection.sock is not None
+        socket_used = connection.sock.getsockname()
+        time.sleep(6.0)
+        connection.request("GET", "/healthz")  # on the same socket: a closed one answers nothing
+        response = connection.getresponse()
+        assert response.status == 200 and connection.sock.getsockname() == socket_used
+    finally:
+        connection.close()
+
+
 def test_only_coordinator_has_no_broker(start_cape_server):
     server = start_cape_server(extra_args=["--only", "coordinator"])
     assert requests.get(f"{server.url}/healthz", timeout=10).json()["parts"] == ["coordinator"]

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     description TEXT, created_at TEXT NOT NULL, revoked_at TEXT, last_used_at TEXT);
 CREATE TABLE IF NOT EXISTS workers (
     org_id TEXT PRIMARY KEY REFERENCES organizations(id), encryption_public_key TEXT,
-    signing_public_key TEXT, keys_updated_at TEXT, last_seen TEXT, version TEXT, programs TEXT);
+    signing_public_key TEXT, keys_updated_at TEXT, last_seen TEXT, version TEXT, programs TEXT, stopped_at TEXT);
 CREATE TABLE IF NOT EXISTS projects (
     id TEXT PRIMARY KEY, label TEXT NOT NULL UNIQUE, name TEXT NOT NULL, description TEXT NOT NULL,
     owner_org_id TEXT NOT NULL, helper_org_id TEXT, created_at TEXT NOT NULL);
@@ -51,6 +51,11 @@ CREATE INDEX IF NOT EXISTS job_parties_org ON job_parties(org_id);
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_id);
 CREATE INDEX IF NOT EXISTS jobs_project_created ON jobs(project_id, created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE INDEX IF NOT EXISTS jobs_project_status ON jobs(project_id, status, created_at);
+CREATE INDEX IF NOT EXISTS project_organizations_org ON project_organizations(org_id, project_id);
+CREATE INDEX IF NOT EXISTS memberships_org ON memberships(org_id);
+CREATE INDEX IF NOT EXISTS tokens_user ON tokens(user_id, created_at);
+CREATE INDEX IF NOT EXISTS tokens_org ON tokens(org_id, created_at);
 """
 
 
@@ -74,6 +79,8 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE users ADD COLUMN created_by_org_id TEXT")  # accounts from before: unknown maker
     if "last_used_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(tokens)")}:
         conn.execute("ALTER TABLE tokens ADD COLUMN last_used_at TEXT")
+    if "stopped_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(workers)")}:
+        conn.execute("ALTER TABLE workers ADD COLUMN stopped_at TEXT")
     try:
         # Emails are one account whatever their case: 'Ann@Bank.example' must not be a second 'ann@bank.example'.
         conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS users_email_nocase ON users(email COLLATE NOCASE)")
@@ -85,16 +92,20 @@ class Database:
     """The coordinator's state in `<data_dir>/coordinator.sqlite3`.
 
     One connection shared by all threads behind a lock: the coordinator's load is small, and a single writer
-    keeps every read-check-write sequence (approvals, status transitions) atomic without retry loops.
+    keeps every read-check-write sequence (approvals, status transitions) atomic without retry loops. Long reads
+    (`reading`: the views of a listing) go through a connection of their own per thread, on a snapshot that WAL
+    keeps while the writer goes on: building 5,000 job views under the lock held every worker's request for it.
     """
 
     def __init__(self, path: Path):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()  # not the writer's: a reader never waits for it
         try:
-            self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._conn.row_factory = sqlite3.Row
+            self._conn = self._connect()
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
@@ -102,6 +113,28 @@ class Database:
             _upgrade(self._conn)
         except sqlite3.Error as exc:
             raise unusable(path, exc, "put back the copy `cape-server admin backup` made") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """Yield this thread's read connection inside one read transaction (a consistent snapshot), not holding
+        the writer's lock. For reads only: a write through it fails."""
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._readers.conn = conn
+            with self._readers_lock:
+                self._reader_conns.append(conn)
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")  # nothing to keep: it only read
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -116,5 +149,7 @@ class Database:
             self._conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            for conn in self._reader_conns:
+                conn.close()
             self._conn.close()

@@ -30,9 +30,16 @@ def find_job(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
 
 def parties(conn: sqlite3.Connection, job_id: str) -> list[sqlite3.Row]:
     """The job's three seats in protocol order (x_owner, y_owner, third seat)."""
-    rows = list(conn.execute("SELECT * FROM job_parties WHERE job_id = ?", (job_id,)))
-    order = {"x_owner": 0, "y_owner": 1}
-    return sorted(rows, key=lambda r: order.get(r["seat"], 2))
+    return sorted(conn.execute("SELECT * FROM job_parties WHERE job_id = ?", (job_id,)), key=_seat_order)
+
+
+def _seat_order(party: sqlite3.Row) -> int:
+    return {"x_owner": 0, "y_owner": 1}.get(party["seat"], 2)
+
+
+def seat_orgs(conn: sqlite3.Connection, job_id: str) -> list[str]:
+    """The organizations holding the job's seats (none if it no longer exists)."""
+    return [row["org_id"] for row in conn.execute("SELECT org_id FROM job_parties WHERE job_id = ?", (job_id,))]
 
 
 def seat_of(conn: sqlite3.Connection, job_id: str, org_id: str) -> str | None:
@@ -226,26 +233,74 @@ def _shown_state(status: str, state: str) -> str:
 
 
 def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
-    approvals = {get_org(conn, a["org_id"])["label"]: a["decision"]
-                 for a in conn.execute("SELECT * FROM job_approvals WHERE job_id = ?", (job["id"],))}
-    submitter = conn.execute("SELECT id, email FROM users WHERE id = ?", (job["submitted_by_user_id"],)).fetchone()
-    return {
-        "id": job["id"], "project": job["project_id"], "type": job["type"], "status": job["status"],
-        "task": task_view(job),
-        "parties": {p["seat"]: {"organization": org_ref(get_org(conn, p["org_id"])),
-                                "state": _shown_state(job["status"], p["state"]),
-                                "progress": p["progress"], "message": p["message"],
-                                "worker_online": worker_online(conn, p["org_id"])}
-                    for p in parties(conn, job["id"])},
-        "outputs_to": job["outputs_to"],
-        "model_owner": org_ref(get_org(conn, job["model_owner_org_id"])),
-        "approvals": approvals,
-        "submitted_by": {"id": submitter["id"] if submitter else job["submitted_by_user_id"],
-                         "email": submitter["email"] if submitter else None,
-                         "organization": org_ref(get_org(conn, job["submitted_by_org_id"]))},
-        "created_at": job["created_at"], "updated_at": job["updated_at"], "approved_at": job["approved_at"],
-        "error": job["error"],
-    }
+    return job_views(conn, [job])[0]
+
+
+_IN_CHUNK = 500  # ids per `IN (...)`: well under SQLite's limit on bound parameters
+
+
+def _rows_by_id(conn: sqlite3.Connection, table: str, column: str, ids: list[str]) -> dict[str, list[sqlite3.Row]]:
+    """The rows of `table` whose `column` is one of `ids`, by that id, in a query per 500 ids."""
+    found: dict[str, list[sqlite3.Row]] = {some_id: [] for some_id in ids}
+    for at in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[at:at + _IN_CHUNK]
+        for row in conn.execute(f"SELECT * FROM {table} WHERE {column} IN ({', '.join('?' * len(chunk))})",  # noqa: S608
+                                chunk):
+            found[row[column]].append(row)
+    return found
+
+
+def find_jobs(conn: sqlite3.Connection, job_ids: list[str]) -> list[sqlite3.Row]:
+    """The jobs of `job_ids` still there, in that order."""
+    found = _rows_by_id(conn, "jobs", "id", job_ids)
+    return [found[job_id][0] for job_id in job_ids if found[job_id]]
+
+
+def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[str, Any]]:
+    """The views of `jobs`, in a few queries whatever their number: a view per job took about 15 queries (0.2 ms),
+    so listing a project of 5,000 jobs held the database, and every worker's request behind it, for over a second."""
+    ids = [job["id"] for job in jobs]
+    approvals, seats = _rows_by_id(conn, "job_approvals", "job_id", ids), _rows_by_id(conn, "job_parties", "job_id", ids)
+    orgs: dict[str, sqlite3.Row] = {}
+    online: dict[str, bool] = {}
+    users: dict[str, sqlite3.Row | None] = {}
+
+    def org(org_id: str) -> sqlite3.Row:
+        if org_id not in orgs:
+            orgs[org_id] = get_org(conn, org_id)
+        return orgs[org_id]
+
+    def is_online(org_id: str) -> bool:
+        if org_id not in online:
+            online[org_id] = worker_online(conn, org_id)
+        return online[org_id]
+
+    def user(user_id: str) -> sqlite3.Row | None:
+        if user_id not in users:
+            users[user_id] = conn.execute("SELECT id, email FROM users WHERE id = ?", (user_id,)).fetchone()
+        return users[user_id]
+
+    views = []
+    for job in jobs:
+        submitter = user(job["submitted_by_user_id"])
+        views.append({
+            "id": job["id"], "project": job["project_id"], "type": job["type"], "status": job["status"],
+            "task": task_view(job),
+            "parties": {p["seat"]: {"organization": org_ref(org(p["org_id"])),
+                                    "state": _shown_state(job["status"], p["state"]),
+                                    "progress": p["progress"], "message": p["message"],
+                                    "worker_online": is_online(p["org_id"])}
+                        for p in sorted(seats[job["id"]], key=_seat_order)},
+            "outputs_to": job["outputs_to"],
+            "model_owner": org_ref(org(job["model_owner_org_id"])),
+            "approvals": {org(a["org_id"])["label"]: a["decision"] for a in approvals[job["id"]]},
+            "submitted_by": {"id": submitter["id"] if submitter else job["submitted_by_user_id"],
+                             "email": submitter["email"] if submitter else None,
+                             "organization": org_ref(org(job["submitted_by_org_id"]))},
+            "created_at": job["created_at"], "updated_at": job["updated_at"], "approved_at": job["approved_at"],
+            "error": job["error"],
+        })
+    return views
 
 
 def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str, statuses: list[str] | None = None,

@@ -96,8 +96,10 @@ class RegisteredKeys(View):
     keys_updated_at: str | None
     last_seen: str | None = Field(description="the last heartbeat of the worker holding these keys")
     seconds_since_seen: float | None
-    online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s: other keys "
-                         "are refused meanwhile")
+    online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s and the "
+                         "worker did not say it stopped: other keys are refused meanwhile")
+    stopped_at: str | None = Field(default=None, description="when the worker said it was stopping (null: it did "
+                                   "not, or it heartbeated since)")
 
 
 class WorkerStatus(View):
@@ -107,7 +109,9 @@ class WorkerStatus(View):
     seconds_since_seen: float | None = Field(description="seconds since the last heartbeat by the server's clock; "
                                              "null if never seen")
     online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s (workers "
-                         "beat at least every 15 s)")
+                         "beat at least every 15 s) and the worker did not say it stopped")
+    stopped_at: str | None = Field(default=None, description="when the worker said it was stopping (`docker stop`); "
+                                   "null if it did not, or heartbeated since")
     version: str | None
     programs: dict[str, Any] | None = Field(description="the worker's programs and their states, as it reported")
 

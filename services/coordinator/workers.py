@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import sqlite3
 from typing import Any
 
@@ -54,7 +55,7 @@ def register_keys(conn: sqlite3.Connection, org_id: str, encryption_key: str, si
     _check_public_key(signing_key, Ed25519PublicKey.from_public_bytes, "signing_public_key", "Ed25519")
     row = registered_worker(conn, org_id)
     if row is not None and (row["encryption_public_key"], row["signing_public_key"]) != (encryption_key, signing_key):
-        alive = liveness(row["last_seen"])
+        alive = liveness(row)
         if alive["online"]:
             raise KeysInUse(f"another worker of this organization, with other keys, was heard from "
                             f"{alive['seconds_since_seen']:.0f} s ago; an organization runs one worker: stop the "
@@ -95,13 +96,14 @@ def _heard_from(row: sqlite3.Row | None) -> dict[str, Any]:
     """Whether the organization's worker registered keys, when, and when it was last heard from (None: never)."""
     return {"registered": row is not None and row["encryption_public_key"] is not None,
             "keys_updated_at": row["keys_updated_at"] if row else None, "last_seen": row["last_seen"] if row else None,
-            **liveness(row["last_seen"] if row else None)}
+            **liveness(row)}
 
 
 def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, programs: dict[str, Any] | None,
-              signing_key: str | None = None) -> None:
-    """Record that the worker is alive; refused (and not recorded) for a worker whose keys are not the registered
-    ones, so a worker that lost its seat to another does not keep looking like the live one."""
+              signing_key: str | None = None, stopping: bool = False) -> None:
+    """Record that the worker is alive (or, `stopping`, that it is not: a stopped worker looked online for 45 s,
+    hiding why its jobs waited); refused (and not recorded) for a worker whose keys are not the registered ones, so
+    a worker that lost its seat to another does not keep looking like the live one."""
     row = registered_worker(conn, org_id)
     if signing_key is not None and row is None:
         raise KeysNotRegistered("this organization has no worker keys registered (the coordinator's data may have "
@@ -110,10 +112,12 @@ def heartbeat(conn: sqlite3.Connection, org_id: str, version: str | None, progra
         raise OtherWorkerKeys(f"another worker of this organization registered other keys at "
                               f"{row['keys_updated_at']}; this worker no longer takes the organization's seats: stop "
                               "one of the two (a worker registers its keys when it starts)")
-    conn.execute("INSERT INTO workers (org_id, last_seen, version, programs) VALUES (?, ?, ?, ?) "
+    now = now_iso()
+    conn.execute("INSERT INTO workers (org_id, last_seen, version, programs, stopped_at) VALUES (?, ?, ?, ?, ?) "
                  "ON CONFLICT(org_id) DO UPDATE SET last_seen = excluded.last_seen, version = excluded.version, "
-                 "programs = excluded.programs",
-                 (org_id, now_iso(), version, json.dumps(programs) if programs is not None else None))
+                 "programs = excluded.programs, stopped_at = excluded.stopped_at",
+                 (org_id, now, version, json.dumps(programs) if programs is not None else None,
+                  now if stopping else None))
 
 
 def missing_keys(conn: sqlite3.Connection, job_id: str) -> list[str]:
@@ -184,6 +188,19 @@ def get_worker_job(conn: sqlite3.Connection, org_id: str, job_id: str) -> dict[s
     return worker_job_view(conn, job, seat)
 
 
+def _late_error(conn: sqlite3.Connection, job: sqlite3.Row, seat: str, org_id: str, message: str | None) -> None:
+    """A seat's own error arriving after a partner's report of it ended the job: a partner told to stop by this
+    seat says "the <seat> stopped the job ... (see its error)", and its report can come first (the workers report
+    in their own order). The seat keeps its error, and the job's error becomes it, in place of the partner's."""
+    conn.execute("UPDATE job_parties SET state = 'error', message = ?, updated_at = ? WHERE job_id = ? AND seat = ?",
+                 (message, now_iso(), job["id"], seat))
+    # The relayed wording is the protocol's (services/jobs/linear_regression/protocol.py, _check_status).
+    if message and re.match(rf"[a-z_]+ \([^)]*\): the {re.escape(seat)} stopped the job\b", job["error"] or ""):
+        label = get_org(conn, org_id)["label"]
+        conn.execute("UPDATE jobs SET error = ?, updated_at = ? WHERE id = ?",
+                     (f"{seat} ({label}): {message}", now_iso(), job["id"]))
+
+
 def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, Any]) -> bool:
     """Record a seat's state; move the job to Started, Completed or Error when the reports say so. True when the
     job's status changed (what the workers' job watches wait for; progress alone wakes none of them)."""
@@ -198,6 +215,9 @@ def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, A
             # does not show that seat still running.
             conn.execute("UPDATE job_parties SET state = 'completed', progress = 1.0, message = ?, updated_at = ? "
                          "WHERE job_id = ? AND seat = ?", (body.get("message"), now_iso(), job_id, seat))
+            return False
+        if job["status"] == "Error" and state == "error" and current["state"] not in ("completed", "error"):
+            _late_error(conn, job, seat, org_id, body.get("message"))
             return False
         raise Conflict(f"the job is {job['status']}; stop working on it", code="job_not_active",
                        extra={"status": job["status"]})

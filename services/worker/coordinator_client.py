@@ -91,17 +91,18 @@ class CoordinatorClient:
                                                       "signing_public_key": signing_public_key})
 
     def heartbeat(self, version: str | None = None, programs: dict[str, str] | None = None,
-                  signing_public_key: str | None = None) -> None:
+                  signing_public_key: str | None = None, stopping: bool = False,
+                  timeout: float | None = None) -> None:
         """`POST /v1/worker/heartbeat`; with this worker's key, so it is refused (`SeatTaken`) once another worker
-        registered other keys for the organization."""
-        body: dict[str, Any] = {}
+        registered other keys for the organization; `stopping`: the worker is going away (shown offline at once)."""
+        body: dict[str, Any] = {"stopping": True} if stopping else {}
         if signing_public_key:
             body["signing_public_key"] = signing_public_key
         if version:
             body["version"] = version
         if programs:
             body["programs"] = programs
-        self._request("POST", "/v1/worker/heartbeat", json=body)
+        self._request("POST", "/v1/worker/heartbeat", json=body, timeout=timeout)
 
     def jobs(self) -> list[dict[str, Any]]:
         """`GET /v1/worker/jobs`: approved or started jobs where this organization holds a seat."""

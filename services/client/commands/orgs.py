@@ -66,6 +66,9 @@ def worker_line(worker: dict[str, Any]) -> str:
         return f"worker: {keys}; never heard from"
     ago = worker.get("seconds_since_seen")
     when = f"last heartbeat {worker['last_seen']}" + (f" ({ago:.0f} s ago)" if ago is not None else "")
+    if worker.get("stopped_at"):
+        return (f"worker: {keys}; STOPPED at {worker['stopped_at']} (it said so as it stopped)"
+                + (f"; last reported: {programs}" if programs else ""))
     if worker.get("online") is False:
         return (f"worker: {keys}; {when}: OFFLINE (it heartbeats every 15 s)"
                 + (f"; last reported: {programs}" if programs else ""))
