@@ -225,6 +225,13 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
     assert timeout.exit_code == 3 and "still NeedsApproval after 0.3 s" in timeout.stderr
     stopped = cape_cli("jobs", "stop", second["id"], env=env_a)
     assert stopped.exit_code == 0 and "Stopped" in stopped.stdout
+    # Which of several jobs is which, and why one ended, without a `jobs status` per id.
+    table = cape_cli("jobs", "list", project, env=env_a).stdout.splitlines()
+    assert "DATA (X / Y)" in table[0] and table[0].rstrip().endswith("ERROR")
+    row = next(line for line in table if line.startswith(second["id"]))
+    assert "people / labels" in row
+    error = json.loads(cape_cli("jobs", "status", second["id"], "--json", env=env_a).stdout)["error"]
+    assert (error is None and row.rstrip().endswith("-")) or (error[:20] in row and len(row) < 260), (error, row)
     status = cape_cli("jobs", "status", second["id"], env=env_g).stdout
     assert "status:" in status and "Stopped" in status and "SEAT" in status
     early = cape_cli("jobs", "results", second["id"], env=env_a)

@@ -100,9 +100,26 @@ def list_jobs(cli: CliContext, project: str, statuses: tuple[str, ...], limit: i
     print_table(
         [j.data for j in found],
         [("ID", lambda j: j.get("id")), ("TYPE", lambda j: j.get("type")), ("STATUS", lambda j: j.get("status")),
-         ("MODEL OWNER", lambda j: _model_owner(j)), ("CREATED", lambda j: j.get("created_at"))],
+         ("MODEL OWNER", lambda j: _model_owner(j)), ("CREATED", lambda j: j.get("created_at")),
+         ("DATA (X / Y)", _dataviews), ("ERROR", lambda j: _shortened(j.get("error")))],
         empty="No jobs.",
     )
+
+
+LISTED_ERROR_CHARS = 60  # `cape jobs status JOB` shows the whole message
+
+
+def _dataviews(job: dict[str, Any]) -> str:
+    """The job's x and y dataviews by name: which of several jobs at once is which."""
+    task = job.get("task") or {}
+    names = [((task.get(part) or {}).get("dataview") or {}).get("name") or "?" for part in ("x", "y")]
+    return " / ".join(names)
+
+
+def _shortened(text: str | None) -> str | None:
+    if not text or len(text) <= LISTED_ERROR_CHARS:
+        return text
+    return text[:LISTED_ERROR_CHARS - 3].rstrip() + "..."
 
 
 @jobs.command("status")
