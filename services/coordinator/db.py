@@ -51,6 +51,7 @@ CREATE INDEX IF NOT EXISTS job_parties_org ON job_parties(org_id);
 CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project_id);
 CREATE INDEX IF NOT EXISTS jobs_project_created ON jobs(project_id, created_at);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_project_status ON jobs(project_id, status, created_at);
 CREATE INDEX IF NOT EXISTS project_organizations_org ON project_organizations(org_id, project_id);
 CREATE INDEX IF NOT EXISTS memberships_org ON memberships(org_id);

@@ -190,7 +190,10 @@ def expire_unapproved(conn: sqlite3.Connection, approval_ttl: float, now: dateti
     since, and a forgotten job would hold its dataview and project (they cannot be deleted while it waits)."""
     now = now or datetime.now(UTC)
     ended = 0
-    for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'NeedsApproval'")):
+    # Only those past the deadline, through the (status, ...) index: the sweep runs every few seconds, and reading
+    # every job still waiting for approval (up to 30 days' worth) each time grew with them.
+    cutoff = (now - timedelta(seconds=approval_ttl)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'NeedsApproval' AND created_at <= ?", (cutoff,))):
         if now < parse_iso(job["created_at"]) + timedelta(seconds=approval_ttl):
             continue
         waiting = [row["org_id"] for row in conn.execute(
