@@ -70,3 +70,37 @@ def test_a_projects_job_listing_shows_each_job_as_its_own_view_does(cape_server)
     assert {job["status"] for job in listed} == {"Approved", "NeedsApproval", "Stopped", "Rejected"}
     assert user["helper"].get("/v1/projects/demo/jobs", params={"limit": 3}).json() == listed[-3:]
     assert [p["label"] for p in user["helper"].get("/v1/projects").json()] == ["demo"]
+
+
+def test_read_connections_are_reused_and_bounded_however_many_threads_read(tmp_path):
+    """One read connection per thread leaked two files whenever the server's thread pool ended an idle thread."""
+    import os
+
+    db = Database(tmp_path / "coordinator.sqlite3")
+    try:
+        def open_files() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        before = open_files()
+        together = threading.Barrier(10)
+
+        def read() -> None:
+            with db.reading() as conn:
+                conn.execute("SELECT count(*) FROM jobs").fetchone()
+                together.wait(timeout=10)  # ten readers at once, each in a thread that then ends
+
+        def round_of_readers() -> None:
+            threads = [threading.Thread(target=read) for _ in range(10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+
+        round_of_readers()
+        settled = open_files()
+        for _ in range(4):
+            round_of_readers()
+        # The kept idle connections stay open (each holds the database, its -wal and -shm); nothing more per round.
+        assert open_files() == settled and settled - before <= 4 * 3 + 2, (before, settled, open_files())
+    finally:
+        db.close()

@@ -14,38 +14,53 @@ from tests.support.workers import JobWorld, worker_env
 
 
 def test_the_last_slot_goes_only_to_a_job_all_three_workers_took():
-    slots = JobSlots(3)
-    assert slots.take("a", False, "2026-01-01T00:00:01Z") is None
-    assert slots.take("b", False, "2026-01-01T00:00:02Z") is None
-    waiting = slots.take("c", False, "2026-01-01T00:00:03Z")  # its partners have not all taken it
+    started: set[str] = set()
+    slots = JobSlots(3, started.__contains__)
+    assert slots.take("a", "2026-01-01T00:00:01Z") is None
+    assert slots.take("b", "2026-01-01T00:00:02Z") is None
+    waiting = slots.take("c", "2026-01-01T00:00:03Z")  # its partners have not all taken it
     assert waiting is not None and not waiting.all_busy and "waiting for the other workers" in waiting.message
-    assert slots.take("d", True, "2026-01-01T00:00:04Z") is None  # all three took it: the last slot is its
-    full = slots.take("c", True, "2026-01-01T00:00:03Z")
+    started.add("d")
+    assert slots.take("d", "2026-01-01T00:00:04Z") is None  # all three took it: the last slot is its
+    started.add("c")
+    full = slots.take("c", "2026-01-01T00:00:03Z")
     assert full is not None and full.all_busy and "all 3 of the worker's job slots are taken" in full.message
     slots.leave("a")
-    assert slots.take("c", True, "2026-01-01T00:00:03Z") is None
+    assert slots.take("c", "2026-01-01T00:00:03Z") is None
     assert slots.working == 3
 
 
-def test_a_free_slot_goes_to_the_oldest_approval_that_may_take_it():
-    slots = JobSlots(2)
-    assert slots.take("a", True, "2026-01-01T00:00:01Z") is None
-    assert slots.take("a", True, "2026-01-01T00:00:01Z") is None  # asking again while working changes nothing
-    assert slots.take("young", True, "2026-01-01T00:00:09Z") is None
-    assert slots.take("old", True, "2026-01-01T00:00:02Z") is not None  # full
-    assert slots.take("older", False, "2026-01-01T00:00:01Z") is not None
+def test_a_free_slot_goes_to_the_oldest_approval_that_may_take_it_as_it_is_now():
+    started = {"a", "young", "old"}
+    slots = JobSlots(2, started.__contains__)
+    assert slots.take("a", "2026-01-01T00:00:01Z") is None
+    assert slots.take("a", "2026-01-01T00:00:01Z") is None  # asking again while working changes nothing
+    assert slots.take("young", "2026-01-01T00:00:09Z") is None
+    assert slots.take("old", "2026-01-01T00:00:02Z") is not None  # full
+    assert slots.take("older", "2026-01-01T00:00:01Z") is not None
     slots.leave("young")
     # One slot free: "older" (not all seats taken) may not have it; "young2" must let "old" go first.
-    assert slots.take("young2", True, "2026-01-01T00:00:08Z").message.endswith("behind an older job")
-    assert slots.take("older", False, "2026-01-01T00:00:01Z") is not None
-    assert slots.take("old", True, "2026-01-01T00:00:02Z") is None
-    slots.leave("old")  # a job that left while waiting is not waited for
-    slots.leave("young2")
-    assert slots.take("older", False, "2026-01-01T00:00:01Z") is not None  # 1 free: kept for a job all took
-    slots.leave("a")
-    assert slots.take("older", False, "2026-01-01T00:00:01Z") is None
+    started.add("young2")
+    assert slots.take("young2", "2026-01-01T00:00:08Z").message.endswith("behind an older job")
+    assert slots.take("older", "2026-01-01T00:00:01Z") is not None
+    # "older" became Started since its own last look: it goes first although "old" asks now.
+    started.add("older")
+    assert slots.take("old", "2026-01-01T00:00:02Z").message.endswith("behind an older job")
+    assert slots.take("older", "2026-01-01T00:00:01Z") is None
+    slots.leave("older")
+    slots.leave("young2")  # a job that left while waiting is not waited for
+    assert slots.take("old", "2026-01-01T00:00:02Z") is None
     with pytest.raises(ValueError):
-        JobSlots(0)
+        JobSlots(0, started.__contains__)
+
+
+def test_a_job_that_held_a_slot_before_a_restart_goes_first_and_may_have_the_last_slot():
+    """Its partners, mid-protocol, wait for it: a job that was only queued must not take its slot."""
+    slots = JobSlots(2, lambda job: False)
+    assert slots.take("other", "2026-01-01T00:00:01Z") is None
+    assert slots.take("queued", "2026-01-01T00:00:02Z") is not None  # the last slot: not for it
+    assert slots.take("resumed", "2026-01-01T00:00:09Z", resumed=True) is None
+    assert slots.take("queued", "2026-01-01T00:00:02Z").all_busy
 
 
 def test_jobs_waiting_for_a_worker_that_is_down_leave_a_job_between_running_workers_its_slot(

@@ -642,11 +642,13 @@ def test_receiving_jobs_puts_the_runners_jobs_first(tmp_path):
 
     spool = Spool(tmp_path / "spool")
     keys = {seat: WorkerKeys.load_or_create(tmp_path / seat) for seat in ("x_owner", "y_owner", "helper")}
-    for job_id, approved in (("b-job", "2026-01-02"), ("a-job", "2026-01-03"), ("c-job", "2026-01-01")):
+    for job_id, approved in (("b-job", "2026-01-02"), ("a-job", "2026-01-03"), ("c-job", "2026-01-01"),
+                             ("q-job", "2026-01-01")):
         spool.put_job(worker_job(keys, "x_owner", job_id, approved))
-    spool.claim("a-job")
+    spool.claim("a-job", working=True)
+    spool.claim("q-job")  # taken, queued for a slot: after the one working, before those not taken
     messenger = Messenger(spool, keys["x_owner"], BrokerClient("http://127.0.0.1:9/broker", "tokenid,c2VjcmV0"))
-    assert [spec.id for spec in messenger.receiving_jobs()] == ["a-job", "c-job", "b-job"]
+    assert [spec.id for spec in messenger.receiving_jobs()] == ["a-job", "q-job", "c-job", "b-job"]
 
 
 @pytest.mark.parametrize("after_the_failure, said_again", [(0, False), (1, True)])

@@ -497,6 +497,30 @@ def test_a_seats_completed_report_still_reaches_a_job_completed_meanwhile(cape_s
     assert (party["state"], party["progress"]) == ("completed", 1.0)
 
 
+def test_a_seats_own_error_still_reaches_a_job_a_partners_relay_of_it_ended(cape_server, world, tmp_path):
+    """A partner told to stop by this seat ("the y_owner stopped the job ... (see its error)") reported first and its
+    job watch marked the job ended here at once: this seat's own queued error was dropped, and the job pointed at
+    an error shown nowhere."""
+    job_id, worker = world["job"]["id"], world["worker"]
+    report = f"/v1/worker/jobs/{job_id}/report"
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(report, json={"state": "started"}).status_code == 204
+    relay = "the y_owner stopped the job: its y column is constant (see its error)"
+    assert worker["xorg"].post(report, json={"state": "error", "message": relay}).status_code == 204
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
+    poller.spool.put_job({**world["job"], "seat": "y_owner"})
+    own = "dataview 'ys': column 't' is constant (all its values are equal); a regression needs a target that varies"
+    poller.spool.put_status(job_id, {"state": "running", "progress": 0.1})
+    poller.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": own})
+    poller.notice_ended({job_id} - {job_id}, poller.client)  # what the job watch does once the job left the list
+    assert (poller.spool.ended(job_id) or {}).get("status") == "Error"
+    poller.send_status()
+    assert poller.spool.pending_status() == []
+    job = world["user"]["yorg"].get(f"/v1/jobs/{job_id}").json()
+    assert job["error"] == f"y_owner (yorg): {own}"
+    assert (job["parties"]["y_owner"]["state"], job["parties"]["y_owner"]["message"]) == ("error", own)
+
+
 def test_retries_after_an_outage_start_at_seconds_whatever_the_poll_interval(tmp_path, monkeypatch, caplog):
     """At the 10 s default interval the first retry came 10 s after a failure, then 20 and 30, without heartbeats:
     a coordinator restart could show the worker offline."""
@@ -625,3 +649,34 @@ def test_a_stopping_worker_says_so_and_its_seats_show_it_offline_at_once(start_c
     started = time.monotonic()
     unreachable.say_stopping()
     assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize("error, longest", [("unreachable", 4.0), ("refused", 30.0)])
+def test_the_job_watch_looks_again_soon_after_an_outage_but_not_after_a_refusal(tmp_path, error, longest):
+    """The watch's short cap (the cycle covers longer outages) made a worker with a revoked token ask every 2-4 s
+    for ever; a refusal keeps the long backoff."""
+    import threading
+
+    from services.worker.coordinator_client import CoordinatorAuthError, CoordinatorUnreachable
+
+    poller, _ = make_poller(tmp_path, "http://127.0.0.1:9", "tok,c2VjcmV0LXNlY3JldA==", state_dir=tmp_path / "st")
+    poller.seat_held.set()
+    raised = CoordinatorUnreachable("down") if error == "unreachable" else CoordinatorAuthError("revoked")
+
+    class Failing:
+        def wait_for_jobs(self, version, wait):
+            raise raised
+
+    class Recording(threading.Event):
+        delays: list[float] = []
+
+        def wait(self, timeout=None):
+            self.delays.append(timeout)
+            if len(self.delays) >= 8:
+                self.set()
+            return self.is_set()
+
+    stop = Recording()
+    poller.watch_jobs(Failing(), stop, wait=0.1)  # type: ignore[arg-type]
+    assert len(stop.delays) == 8 and max(stop.delays) <= longest
+    assert max(stop.delays) > longest / 2, stop.delays  # it does reach the cap: 30 s for a refusal, not 4

@@ -237,8 +237,8 @@ def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_
     job_id = "c" * 32
     spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
     real_claim = Spool.claim
-    monkeypatch.setattr(Spool, "claim", lambda self, j: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left "
-                                                                                                     "on device")))
+    refuse = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Spool, "claim", lambda self, j, working=False: (_ for _ in ()).throw(refuse))
     runner = Runner(spool, keys)
     caplog.set_level(logging.INFO, logger="cape.runner")
     assert [runner.run_job(job_id) for _ in range(3)] == ["waiting"] * 3

@@ -263,7 +263,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
         with db.transaction() as conn:  # it may end jobs past their start timeout: a write
             ids = [row["id"] for row in jobs.list_jobs(conn, p, project, status, limit)]
         with db.reading() as conn:
-            return listing(jobs.job_views(conn, jobs.find_jobs(conn, ids)))
+            views = jobs.job_views(conn, jobs.find_jobs(conn, ids))
+        # A later snapshot than the one the ids came from: a job that moved on since has left the filter.
+        return listing([view for view in views if not status or view["status"] in status])
 
     @router.get("/jobs/{job_id}", tags=["jobs"], response_model=views.Job)
     def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 import uuid
@@ -60,6 +61,9 @@ CREATE INDEX IF NOT EXISTS tokens_org ON tokens(org_id, created_at);
 """
 
 
+READERS_KEPT = 4  # idle read connections kept for the next listing
+
+
 def now_iso() -> str:
     """The current time as an ISO 8601 UTC string (what every timestamp of the API looks like)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -94,7 +98,7 @@ class Database:
 
     One connection shared by all threads behind a lock: the coordinator's load is small, and a single writer
     keeps every read-check-write sequence (approvals, status transitions) atomic without retry loops. Long reads
-    (`reading`: the views of a listing) go through a connection of their own per thread, on a snapshot that WAL
+    (`reading`: the views of a listing) go through read-only connections of their own, on a snapshot that WAL
     keeps while the writer goes on: building 5,000 job views under the lock held every worker's request for it.
     """
 
@@ -102,9 +106,9 @@ class Database:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        self._readers = threading.local()
-        self._reader_conns: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()  # not the writer's: a reader never waits for it
+        # Idle read connections, at most READERS_KEPT: one per thread leaked a connection (2 files) whenever the
+        # server's thread pool ended an idle thread.
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue(maxsize=READERS_KEPT)
         try:
             self._conn = self._connect()
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -122,20 +126,26 @@ class Database:
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        """Yield this thread's read connection inside one read transaction (a consistent snapshot), not holding
-        the writer's lock. For reads only: a write through it fails."""
-        conn = getattr(self._readers, "conn", None)
-        if conn is None:
+        """Yield a read-only connection inside one read transaction (a consistent snapshot), not holding the
+        writer's lock. For reads only: a write through it fails."""
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
             conn = self._connect()
             conn.execute("PRAGMA query_only=ON")
-            self._readers.conn = conn
-            with self._readers_lock:
-                self._reader_conns.append(conn)
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
-            conn.execute("ROLLBACK")  # nothing to keep: it only read
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("ROLLBACK")  # nothing to keep: it only read
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            self._readers.put_nowait(conn)
+        except queue.Full:
+            conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -150,7 +160,10 @@ class Database:
             self._conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock, self._readers_lock:
-            for conn in self._reader_conns:
-                conn.close()
+        with self._lock:
+            while True:
+                try:
+                    self._readers.get_nowait().close()
+                except queue.Empty:
+                    break
             self._conn.close()

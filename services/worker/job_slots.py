@@ -2,15 +2,19 @@
 
 A job thread takes its seat at once (its `started` report tells the coordinator this worker is there), then waits
 here for one of `size` slots before it loads its data. Slots bound the memory and CPU of jobs at once; the last
-free slot goes only to a job whose three workers have all taken their seats (Started at the coordinator). So jobs
-waiting for a partner that is not running hold at most `size - 1` slots, and jobs among running workers always
-get through: when every slot went to jobs whose partner was down, a job between three healthy workers waited for
-those to time out (and ended in Error, naming the healthy worker as missing). Among the jobs that may take a slot,
-the oldest approval goes first, as at every worker.
+free slot goes only to a job whose three workers have all taken their seats (Started at the coordinator), or to
+one that held a slot before the runner restarted. So jobs waiting for a partner that is not running hold at most
+`size - 1` slots and do not hold up jobs among running workers: when every slot went to jobs whose partner was
+down, a job between three healthy workers waited for those to time out (and ended in Error, naming the healthy
+worker as missing). Among the jobs that may take a slot, resumed ones go first, then the oldest approval, as at
+every worker. Each worker decides alone: two workers that each have one slot left, and saw two jobs between them
+start in different orders, can give it to different jobs, which then wait for another slot to free (or for the
+message timeout to end one).
 """
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -23,37 +27,44 @@ class Waiting:
 
 
 class JobSlots:
-    """`size` slots shared by the runner's job threads."""
+    """`size` slots shared by the runner's job threads; `all_seats_taken(job)` reads whether the coordinator shows
+    the job Started (asked of every waiting job at each decision: a flag remembered from a job's own last look
+    could hand the slot to a younger job)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, all_seats_taken: Callable[[str], bool]) -> None:
         if size < 1:
             raise ValueError("a runner needs at least one job slot")
         self.size = size
+        self._all_seats_taken = all_seats_taken
         self._lock = threading.Lock()
         self._working: set[str] = set()
-        self._waiting: dict[str, tuple[bool, str, str]] = {}  # job -> (not all seats taken, approved_at, job)
+        self._waiting: dict[str, tuple[bool, str]] = {}  # job -> (resumed, approved_at)
 
     @property
     def working(self) -> int:
         with self._lock:
             return len(self._working)
 
-    def take(self, job_id: str, all_seats_taken: bool, approved_at: str) -> Waiting | None:
-        """Take a slot for the job if it may have one now (None), else say why it waits; call again on a change."""
+    def take(self, job_id: str, approved_at: str, resumed: bool = False) -> Waiting | None:
+        """Take a slot for the job if it may have one now (None), else say why it waits; call again on a change.
+        A `resumed` job (it held a slot before the runner restarted: its partners wait for it) goes first and may
+        have the last slot."""
         with self._lock:
             if job_id in self._working:
                 return None
-            self._waiting[job_id] = (not all_seats_taken, approved_at, job_id)
+            self._waiting[job_id] = (resumed, approved_at)
             free = self.size - len(self._working)
-            eligible = sorted(key for key in self._waiting.values() if free >= 2 or (free == 1 and not key[0]))
-            if eligible and eligible[0][2] == job_id:
+            order = sorted((not again, not self._all_seats_taken(job), approved, job)
+                           for job, (again, approved) in self._waiting.items())
+            eligible = [key for key in order if free >= 2 or (free == 1 and not (key[0] and key[1]))]
+            if eligible and eligible[0][3] == job_id:
                 del self._waiting[job_id]
                 self._working.add(job_id)
                 return None
             if free <= 0:
                 return Waiting(f"queued at its worker: all {self.size} of the worker's job slots are taken by jobs "
                                "loading their data or computing", all_busy=True)
-            if all_seats_taken:
+            if eligible:
                 return Waiting("queued at its worker behind an older job", all_busy=True)
             return Waiting(f"queued at its worker: {len(self._working)} of its {self.size} job slots are taken and "
                            "the last is kept for a job whose three workers have all taken it; waiting for the "

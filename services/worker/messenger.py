@@ -45,7 +45,7 @@ LONG_POLL_SECONDS = 1.0
 IDLE_SECONDS = 0.01  # without a spool watch, how often the sender looks at the outbox and its finished puts
 NO_JOBS_SECONDS = 0.2  # with no active job and no spool watch, the receiver looks for one again after this long
 MULTI_JOB_POLL_SECONDS = 0.05  # a broker that lists one job at a time: the pause between rounds that found nothing
-MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs: those the runner runs come first
+MAX_JOBS_PER_LIST = 50  # the broker's limit for one listing of several jobs: those the runner works on first
 MULTI_LIST_RETRY_SECONDS = 300.0  # a broker that could not list several jobs at once is asked again after this
 MAX_BACKOFF_SECONDS = 10.0  # short enough to catch up quickly after a broker restart
 STILL_FAILING_SAID_EVERY_SECONDS = SAID_EVERY_SECONDS  # an unavailable broker is said again this often
@@ -209,10 +209,14 @@ class Messenger:
                 jobs.append(spec)
         if len(jobs) < 2:  # the usual case, once per received batch: no order to find
             return jobs
-        # As the runner takes them: its claimed jobs first, then by approval. A multi-job listing covers the first
-        # MAX_JOBS_PER_LIST; a job's spec is rewritten when it starts, so spool order would put a running job last.
+        # As the runner takes them: the jobs holding its slots first (loading or computing), then the others it
+        # claimed (queued for a slot), then by approval. A multi-job listing covers the first MAX_JOBS_PER_LIST; a
+        # job's spec is rewritten when it starts, so spool order would put a running job last, and dozens of
+        # queued jobs (waiting for a worker that is down) must not push a running one out of the listing.
         claimed = set(self.spool.claimed_jobs())
-        return sorted(jobs, key=lambda spec: (spec.id not in claimed, spec.approved_at or "", spec.id))
+        working = {job_id for job_id in claimed if self.spool.is_working(job_id)}
+        return sorted(jobs, key=lambda spec: (spec.id not in working, spec.id not in claimed, spec.approved_at or "",
+                                              spec.id))
 
     def _load_spec(self, job_id: str) -> bool:
         """Parse `job_id`'s spec into `_specs` (None if it is bad, said once); False if the spool could not read it

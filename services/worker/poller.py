@@ -203,16 +203,22 @@ class Poller:
         watch: the cycle reports coordinator problems and still fetches the list every CAPE_POLL_INTERVAL.
         """
         version: int | None = None
-        backoff = Backoff(1.0, cap=WATCH_BACKOFF_CAP_SECONDS)
+        backoff, refused = Backoff(1.0, cap=WATCH_BACKOFF_CAP_SECONDS), Backoff(1.0)
         while not stop.is_set():
             if not self.seat_held.wait(timeout=1.0):
                 continue  # not registered yet, or another worker holds the seat: the cycle says so
             try:
                 specs, version = client.wait_for_jobs(version, wait)
-            except CoordinatorError:
+            except CoordinatorError as exc:
                 version = None
-                stop.wait(backoff.next_delay())
+                # An outage (or an untrusted certificate, which the operator fixes) is looked at again within a
+                # few seconds; a refusal (a revoked token) only as often as before the cap, up to 30 s: asking
+                # again soon changes nothing, and the cycle reports both.
+                untrusted = isinstance(exc, CoordinatorUntrusted)
+                stop.wait(backoff.next_delay() if isinstance(exc, CoordinatorUnreachable) and not untrusted
+                          else refused.next_delay())
                 continue
+            refused.reset()
             backoff.reset()
             try:
                 served = self.store_jobs(specs)
@@ -256,8 +262,11 @@ class Poller:
             update = item.read()
             ended = self.spool.ended(item.job_id)
             # The coordinator would refuse it (409): nothing left to tell. Except this seat's own "completed" for a
-            # job the output seat completed meanwhile (an outage, say): taken, so the seat does not show pending.
-            if ended is not None and not (ended.get("status") == "Completed" and update.get("state") == "completed"):
+            # job the output seat completed meanwhile (an outage, say): taken, so the seat does not show pending;
+            # and its own "error" for a job in Error: a partner's report that this seat stopped the job ("... see
+            # its error") may have come first, and this seat's error then becomes the job's.
+            if ended is not None and (ended.get("status"), update.get("state")) not in (("Completed", "completed"),
+                                                                                        ("Error", "error")):
                 self.spool.ack_status(item)
                 continue
             try:

@@ -75,7 +75,7 @@ class Runner:
         self.keys = keys
         self.stop = stop or threading.Event()
         self.s3_client = s3_client
-        self.slots = JobSlots(max_parallel)
+        self.slots = JobSlots(max_parallel, self._all_seats_taken)
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
         self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
@@ -142,7 +142,7 @@ class Runner:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         # Worked on by a runner that did not finish it (a restart): its role is replayed.
         resumed = self.spool.is_claimed(job_id) and self.spool.is_working(job_id)
-        if not self._claim(job_id):
+        if not self._claim(job_id, working=resumed):
             return "waiting"
         traffic: dict[str, int] | None = None
         try:
@@ -159,11 +159,11 @@ class Runner:
             outcome, message = "error", _unexpected_failure(job_id, exc)
         return outcome if self._record_end(job_id, outcome, message, traffic) else "waiting"
 
-    def _claim(self, job_id: str) -> bool:
+    def _claim(self, job_id: str, working: bool = False) -> bool:
         """Claim the job in the spool; False (said once, after a pause) if the spool refuses the write. The thread
         stays alive through the pause, so the scan does not start the job again at once."""
         try:
-            self.spool.claim(job_id)
+            self.spool.claim(job_id, working)  # a resumed job keeps its mark until it holds a slot again
         except OSError as exc:  # the job has not started: nothing to report but the reason
             if job_id not in self._claim_refused:
                 self._claim_refused.add(job_id)
@@ -214,14 +214,18 @@ class Runner:
         note = RESUMED_NOTE if resumed else None
         self.spool.put_status(job_id, {"state": "started", "progress": 0.0, **({"message": note} if note else {})})
 
-        self._wait_for_a_slot(spec, note)
+        self._wait_for_a_slot(spec, note, resumed)
         try:
             return self._run_role(spec, note)
         finally:
             self.slots.leave(job_id)
             self.spool.changes.wake()  # a job waiting for the slot looks now
 
-    def _wait_for_a_slot(self, spec: JobSpec, note: str | None) -> None:
+    def _all_seats_taken(self, job_id: str) -> bool:
+        """Whether the coordinator showed the job Started (its three workers took it) when the poller last looked."""
+        return (self.spool.read_job(job_id) or {}).get("status") == "Started"
+
+    def _wait_for_a_slot(self, spec: JobSpec, note: str | None, resumed: bool) -> None:
         """Wait until the job may load its data (`JobSlots`), saying at the coordinator why it waits when it does
         for more than a moment; raise JobInterrupted if the runner stops or the coordinator ends the job meanwhile."""
         said: str | None = None
@@ -231,9 +235,7 @@ class Runner:
                 if reason := self._interrupted(spec.id):
                     raise JobInterrupted(reason)
                 seen = self.spool.changes.generation
-                current = self.spool.read_job(spec.id) or {}
-                waiting = self.slots.take(spec.id, current.get("status") == "Started",
-                                          str(current.get("approved_at") or ""))
+                waiting = self.slots.take(spec.id, spec.approved_at or "", resumed)
                 if waiting is None:
                     break
                 if waiting.message != said and (waiting.all_busy or
