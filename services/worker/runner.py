@@ -47,6 +47,7 @@ RESUMED_NOTE = "replaying its role after a restart"
 MAX_PARALLEL_JOBS = 4  # jobs loading their data or computing at once (job_slots.py)
 MAX_JOB_THREADS = 64  # jobs taken at once, most of them waiting for a slot (a waiting thread costs little)
 SLOT_POLL_SECONDS = 1.0  # a job waiting for a slot looks again after this without a spool change
+STARTED_RECHECK_SECONDS = 0.2  # how stale a waiting job's "Started" may be when slots are handed out
 QUEUED_SAID_AFTER_SECONDS = 1.0  # a wait for the other workers shorter than this is not reported
 # Idle this long after a job, the runner gives back the memory it kept for reuse (its largest job's peak, for the
 # days an appliance may idle); a job that follows sooner finds its heap warm.
@@ -76,6 +77,7 @@ class Runner:
         self.stop = stop or threading.Event()
         self.s3_client = s3_client
         self.slots = JobSlots(max_parallel, self._all_seats_taken)
+        self._started_seen: dict[str, tuple[float, bool]] = {}  # job -> (when read, Started), for the slots
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
         self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
@@ -107,6 +109,7 @@ class Runner:
         for job_id, thread in list(self._threads.items()):
             if not thread.is_alive():
                 del self._threads[job_id]
+                self._started_seen.pop(job_id, None)
                 self._idle_since = time.monotonic()
         if (not self._threads and self._idle_since is not None
                 and time.monotonic() - self._idle_since >= IDLE_RELEASE_SECONDS):
@@ -222,8 +225,15 @@ class Runner:
             self.spool.changes.wake()  # a job waiting for the slot looks now
 
     def _all_seats_taken(self, job_id: str) -> bool:
-        """Whether the coordinator showed the job Started (its three workers took it) when the poller last looked."""
-        return (self.spool.read_job(job_id) or {}).get("status") == "Started"
+        """Whether the coordinator showed the job Started (its three workers took it) when the poller last looked.
+        Asked of every waiting job at each decision, and decisions follow every spool change: a job's spec is read
+        again at most every `STARTED_RECHECK_SECONDS` (dozens of queued jobs made thousands of reads a job)."""
+        now = time.monotonic()
+        known = self._started_seen.get(job_id)
+        if known is None or (not known[1] and now - known[0] >= STARTED_RECHECK_SECONDS):
+            known = (now, (self.spool.read_job(job_id) or {}).get("status") == "Started")
+            self._started_seen[job_id] = known
+        return known[1]
 
     def _wait_for_a_slot(self, spec: JobSpec, note: str | None, resumed: bool) -> None:
         """Wait until the job may load its data (`JobSlots`), saying at the coordinator why it waits when it does
