@@ -204,7 +204,7 @@ def test_approving_twice_says_nothing_changed_and_status_shows_what_an_approver_
                             "NeedsApproval (waiting for yorg).\n")
     status = cape_cli("jobs", "status", job_id, env=env).stdout
     assert "s3://bucket/models" in status  # the model location the submitter asked for
-    assert "600 s (from approval to all three workers started)" in status
+    assert "600 s (for the three workers to take the job after approval, and for each message between them)" in status
     assert "admin@yorg.example (yorg)" in status
     assert "WORKER" in status and "offline" in status  # no worker heartbeats here
 

@@ -388,3 +388,30 @@ def test_an_idle_runner_hands_back_its_last_jobs_memory_once(tmp_path, monkeypat
     runner.start_due()
     runner.start_due()
     assert len(released) == 1 and released[0] - ended_at >= 0.2
+
+
+def test_a_dataview_download_says_its_progress_and_retries_on_the_seat_and_stops_with_the_job(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """A slow store looked like a hung one: the seat said "started 0%" for minutes, the log nothing."""
+    from services.worker import runner as runner_module
+    from services.worker.spool_transport import JobInterrupted
+
+    monkeypatch.setattr(runner_module, "LOAD_SAID_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(runner_module, "LOAD_LOGGED_EVERY_SECONDS", 0.0)
+    spool = Spool(tmp_path / "spool")
+    job_id = "d" * 32
+    ended: list[str] = []
+    watch = runner_module._LoadWatch(spool, job_id, lambda: ended[0] if ended else None)
+    caplog.set_level(logging.INFO, logger="cape.runner")
+    watch.received(64 * 2**20, 256 * 2**20)
+    watch.retrying("the data store is busy or unavailable (SlowDown)", 4.2)
+    updates = [item.read() for item in spool.pending_status()]
+    assert updates == [
+        {"state": "running", "progress": 0.0, "message": "loading its data: 64 of 256 MiB"},
+        {"state": "running", "progress": 0.0,
+         "message": "loading its data: the data store is busy or unavailable (SlowDown); trying again"}]
+    assert f"job {job_id}: loading its data: 64 of 256 MiB" in caplog.text
+    assert "trying again in 4 s" in caplog.text
+    ended.append("the coordinator ended the job (Stopped)")
+    with pytest.raises(JobInterrupted, match="Stopped"):
+        watch.received(65 * 2**20, 256 * 2**20)

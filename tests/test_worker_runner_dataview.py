@@ -9,7 +9,9 @@ import pytest
 from botocore.config import Config
 
 from services.jobs.linear_regression import JobDataError, MissingFileError
-from services.worker.dataview import default_s3_client, load_dataview
+from services.worker import dataview
+from services.worker.dataview import DownloadWatch, default_s3_client, load_dataview
+from services.worker.spool_transport import JobInterrupted
 from services.worker.spool import Spool
 
 X = np.array([[1.0, 2.5], [3.0, -4.0], [5.5, 6.0]])
@@ -65,14 +67,101 @@ def test_s3_without_credentials_says_which_variables_to_set(bucket, tmp_path, mo
                                  "AWS_SECRET_ACCESS_KEY")
 
 
-def test_s3_unreachable_endpoint_says_so(tmp_path):
+class Watch(DownloadWatch):
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.seen: list[tuple[int, int | None]] = []
+        self.retries: list[str] = []
+        self.stop_after = stop_after
+
+    def received(self, done, total):
+        self.seen.append((done, total))
+        if self.stop_after is not None and done >= self.stop_after:
+            raise JobInterrupted("the coordinator ended the job (Stopped)")
+
+    def retrying(self, reason, delay):
+        self.retries.append(reason)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(dataview, "RETRY_FIRST_SECONDS", 0.1)
+    monkeypatch.setattr(dataview, "LOAD_RETRY_SECONDS", 1.5)
+
+
+def test_s3_unreachable_endpoint_is_tried_again_then_said(tmp_path, quick_retries):
+    """A job cannot resume: a store away for a moment (or a dead endpoint) was an Error at once, to be submitted
+    and approved again."""
     def client():
         return boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
                             aws_access_key_id="k", aws_secret_access_key="s",
                             config=Config(connect_timeout=1, retries={"max_attempts": 1}))
 
-    with pytest.raises(MissingFileError, match="cannot reach S3"):
-        load_dataview("s3://org-data/x.csv", y_column="t", spool=Spool(tmp_path / "spool"), s3_client=client)
+    watch = Watch()
+    with pytest.raises(MissingFileError) as caught:
+        load_dataview("s3://org-data/x.csv", y_column="t", spool=Spool(tmp_path / "spool"), s3_client=client,
+                      watch=watch)
+    assert str(caught.value) == ("s3://org-data/x.csv: the connection to the data store failed "
+                                 "(EndpointConnectionError), for over 0.025 minutes; check the store, "
+                                 "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network, then submit the job again")
+    assert len(watch.retries) >= 2 and set(watch.retries) == {
+        "the connection to the data store failed (EndpointConnectionError)"}
+
+
+def test_a_throttling_store_or_a_file_replaced_midway_is_read_again(bucket, tmp_path, quick_retries):
+    """503 SlowDown on 3 tries of one part failed the job in 6 s; an object replaced while read was "the runner
+    failed unexpectedly"."""
+    from botocore.exceptions import ClientError
+    from s3transfer.exceptions import S3DownloadFailedError
+
+    real = bucket.client("s3")
+    failures = [ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"},
+                             "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"),
+                S3DownloadFailedError("Contents of stored object did not match expected ETag")]
+
+    class Flaky:
+        def head_object(self, **kwargs):
+            return real.head_object(**kwargs)
+
+        def download_fileobj(self, *args, **kwargs):
+            if failures:
+                raise failures.pop(0)
+            return real.download_fileobj(*args, **kwargs)
+
+    watch = Watch()
+    got = load_dataview("s3://org-data/views/x.csv", x_columns=["a", "b"], spool=Spool(tmp_path / "spool"),
+                        s3_client=Flaky, watch=watch)
+    np.testing.assert_array_equal(got, X)
+    assert watch.retries == ["the data store is busy or unavailable (SlowDown)",
+                             "the file changed while it was read (a new version written to the same key); reading "
+                             "it again"]
+    size = real.head_object(Bucket="org-data", Key="views/x.csv")["ContentLength"]
+    assert watch.seen[0] == (0, size) and watch.seen[-1] == (size, size)
+
+
+def test_a_store_that_stops_sending_is_said_as_such(tmp_path, quick_retries):
+    from botocore.exceptions import ReadTimeoutError
+    from s3transfer.exceptions import RetriesExceededError
+
+    class Stalled:
+        def head_object(self, **kwargs):
+            return {"ContentLength": 10}
+
+        def download_fileobj(self, *args, **kwargs):
+            raise RetriesExceededError(ReadTimeoutError(endpoint_url="http://127.0.0.1:9"))
+
+    with pytest.raises(MissingFileError, match=r"the data store stopped sending data \(nothing for 30 s\), for over"):
+        load_dataview("s3://org-data/x.csv", y_column="t", spool=Spool(tmp_path / "spool"), s3_client=Stalled)
+
+
+def test_a_download_stops_when_the_job_is_ended_and_leaves_no_scratch(bucket, tmp_path):
+    """A stopped job's download went on for 44 s, then its data was parsed, before the runner abandoned it."""
+    s3 = bucket.client("s3")
+    s3.put_object(Bucket="org-data", Key="views/big.csv", Body=b"a,b\n" + b"1.0,2.0\n" * 2_000_000)
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(JobInterrupted, match="Stopped"):
+        load_dataview("s3://org-data/views/big.csv", y_column="b", spool=spool,
+                      s3_client=lambda: bucket.client("s3"), watch=Watch(stop_after=1))
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
 
 
 def test_local_path_and_file_uri(tmp_path):

@@ -1,12 +1,17 @@
 """Loading this organization's dataview for a job: s3:// (boto3), file:// or a local path, CSV or Parquet.
 
 An s3:// object is streamed to a private scratch file in the spool (boto3's managed, multipart download, with the
-standard AWS variables and `AWS_ENDPOINT_URL`), read with the job package's loaders, and removed.
+standard AWS variables and `AWS_ENDPOINT_URL`), read with the job package's loaders, and removed. A store that is
+busy, throttling, unreachable or stops sending is tried again for up to `LOAD_RETRY_SECONDS` (a job cannot resume:
+it would be submitted and approved again), each wait said through `DownloadWatch.retrying`; the bytes received are
+said through `DownloadWatch.received`, which may also stop the download (the job was stopped meanwhile).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,16 +20,48 @@ from urllib.parse import urlparse
 import numpy as np
 
 from services.jobs.linear_regression import MissingFileError, load_x, load_y
+from services.worker.s3_errors import code_and_status, is_transient
 from services.worker.spool import Spool
 
 S3ClientFactory = Callable[[], Any]
+LOAD_RETRY_SECONDS = 300.0  # how long a busy or unreachable store is tried again before the job ends in Error
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 30.0
+# Each S3 request: an answer or a byte within READ_TIMEOUT_SECONDS (botocore's 60 s, times s3transfer's 5 tries per
+# part, left a store that stopped sending silent for 5 to 9 minutes), a few attempts by botocore itself.
+CONNECT_TIMEOUT_SECONDS = 10
+READ_TIMEOUT_SECONDS = 30
+REQUEST_ATTEMPTS = 5
+
+
+def s3_client_config() -> Any:
+    """The botocore Config of the clients that download dataviews."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+                  retries={"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"})
 
 
 def default_s3_client() -> Any:
     """A boto3 S3 client from the standard AWS variables (AWS_ENDPOINT_URL included, read by boto3 itself)."""
     import boto3
 
-    return boto3.client("s3")
+    return boto3.client("s3", config=s3_client_config())
+
+
+class DownloadWatch:
+    """What the download tells its caller; the defaults say nothing and never stop it."""
+
+    def received(self, done: int, total: int | None) -> None:
+        """`done` bytes of `total` have arrived (called often: throttle what it does). Raise to stop the
+        download (the exception propagates out of `load_dataview`)."""
+
+    def retrying(self, reason: str, delay: float) -> None:
+        """The store failed for now (`reason`, no bucket or key in it); the download starts again in `delay` s."""
+
+
+class _TransientFailure(Exception):
+    """The store may take the download later; the message says why, for a data owner."""
 
 
 def load_dataview(
@@ -34,6 +71,7 @@ def load_dataview(
     y_column: str | None = None,
     spool: Spool,
     s3_client: S3ClientFactory = default_s3_client,
+    watch: DownloadWatch | None = None,
 ) -> np.ndarray:
     """Load the x columns (give `x_columns`) or the y column (give `y_column`) of the dataview at `uri`.
 
@@ -49,7 +87,7 @@ def load_dataview(
         return load(uri)
     scratch = spool.temp_file(Path(urlparse(uri).path).suffix)
     try:
-        _download_s3(uri, scratch, s3_client)
+        _download_s3(uri, scratch, s3_client, watch or DownloadWatch())
         with open(scratch, "rb") as handle:
             return load(handle)
     finally:
@@ -57,27 +95,82 @@ def load_dataview(
             os.unlink(scratch)
 
 
-def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
+def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory, watch: DownloadWatch) -> None:
+    """Download `uri` to `dest`, trying a failing store again (with backoff) until `LOAD_RETRY_SECONDS` passed."""
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     if not bucket or not key:
         raise MissingFileError(uri, "an s3:// dataview uri must be s3://bucket/key")
+    client = s3_client()
+    deadline = time.monotonic() + LOAD_RETRY_SECONDS
+    delay = RETRY_FIRST_SECONDS
+    while True:
+        try:
+            _download_once(uri, bucket, key, dest, client, watch)
+            return
+        except _TransientFailure as failure:
+            if time.monotonic() + delay > deadline:
+                raise MissingFileError(uri, f"{failure}, for over {LOAD_RETRY_SECONDS / 60:g} minutes; check the "
+                                            "store, AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and the network, then "
+                                            "submit the job again", hint=None) from None
+            wait = random.uniform(0.5, 1.0) * delay
+            watch.retrying(str(failure), wait)
+            time.sleep(wait)
+            delay = min(RETRY_MAX_SECONDS, delay * 2)
+
+
+def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, watch: DownloadWatch) -> None:
+    """One managed download of the whole object into `dest` (truncated first); a failure waiting may fix is raised
+    as `_TransientFailure`, one it will not as `MissingFileError`."""
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
+                                     NoCredentialsError, ReadTimeoutError)
+    from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+
+    total: int | None = None
+    done = 0
+
+    def received(amount: int) -> None:
+        nonlocal done
+        done += amount
+        watch.received(done, total)
+
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # organization data: private scratch file
     try:
         with os.fdopen(fd, "wb") as out:
-            s3_client().download_fileobj(bucket, key, out)
+            total = int(client.head_object(Bucket=bucket, Key=key).get("ContentLength") or 0) or None
+            watch.received(0, total)
+            client.download_fileobj(bucket, key, out, Callback=received)
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code, status = code_and_status(exc)
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise MissingFileError(uri, "no such object in S3") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise MissingFileError(uri, "access denied by S3; check the worker's AWS credentials", hint=None) from None
-        raise MissingFileError(uri, f"S3 refused the download ({code or 'error'})") from None
+        if code in ("412", "PreconditionFailed"):
+            raise _TransientFailure("the file changed while it was read (a new version written to the same key); "
+                                    "reading it again") from None
+        if is_transient(code, status):
+            raise _TransientFailure(f"the data store is busy or unavailable ({code or status})") from None
+        raise MissingFileError(uri, f"S3 refused the download ({code or 'error'})", hint=None) from None
+    except S3DownloadFailedError:  # s3transfer's: the object's ETag changed between its parts
+        raise _TransientFailure("the file changed while it was read (a new version written to the same key); "
+                                "reading it again") from None
+    except RetriesExceededError as exc:  # s3transfer's, after its own tries of a part
+        raise _TransientFailure(_lost_link(exc.last_exception)) from None
     except NoCredentialsError:
         raise MissingFileError(uri, "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                                hint=None) from None
+    except (BotoConnectionError, ReadTimeoutError) as exc:
+        raise _TransientFailure(_lost_link(exc)) from None
     except BotoCoreError as exc:
         raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL (or "
-                                    "AWS_ENDPOINT_URL_S3) and the network") from None
+                                    "AWS_ENDPOINT_URL_S3) and the network", hint=None) from None
+
+
+def _lost_link(exc: BaseException | None) -> str:
+    """Why the store's answers stopped, in a data owner's words."""
+    from botocore.exceptions import ReadTimeoutError
+
+    if isinstance(exc, ReadTimeoutError) or "timed out" in str(exc).lower():
+        return f"the data store stopped sending data (nothing for {READ_TIMEOUT_SECONDS} s)"
+    return f"the connection to the data store failed ({type(exc).__name__ if exc else 'no answer'})"

@@ -21,6 +21,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +30,8 @@ from services.jobs.linear_regression import JobDataError, LinearRegressionTask, 
 from services.memory_reuse import release_freed_memory
 from services.jobs.linear_regression.errors import MissingColumnError
 from services.mpc import ProtocolError as EngineProtocolError
-from services.worker.dataview import S3ClientFactory, default_s3_client, load_dataview
+from services.worker.dataview import (DownloadWatch, S3ClientFactory, default_s3_client, load_dataview,
+                                      s3_client_config)
 from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keys import WorkerKeys
@@ -47,6 +49,8 @@ RESUMED_NOTE = "replaying its role after a restart"
 MAX_PARALLEL_JOBS = 4  # jobs loading their data or computing at once (job_slots.py)
 MAX_JOB_THREADS = 64  # jobs taken at once, most of them waiting for a slot (a waiting thread costs little)
 SLOT_POLL_SECONDS = 1.0  # a job waiting for a slot looks again after this without a spool change
+LOAD_SAID_EVERY_SECONDS = 5.0  # a dataview download's progress on the seat
+LOAD_LOGGED_EVERY_SECONDS = 30.0  # ... and in the runner's log
 STARTED_RECHECK_SECONDS = 0.2  # how stale a waiting job's "Started" may be when slots are handed out
 QUEUED_SAID_AFTER_SECONDS = 1.0  # a wait for the other workers shorter than this is not reported
 # Idle this long after a job, the runner gives back the memory it kept for reuse (its largest job's peak, for the
@@ -310,9 +314,11 @@ class Runner:
     def _load(self, spec: JobSpec, uri: str | None) -> np.ndarray | None:
         if uri is None:
             return None
+        watch = _LoadWatch(self.spool, spec.id, lambda: self._interrupted(spec.id))
         if spec.seat == "x_owner":
-            return load_dataview(uri, x_columns=spec.x_columns, spool=self.spool, s3_client=self.s3_client)
-        return load_dataview(uri, y_column=spec.y_column, spool=self.spool, s3_client=self.s3_client)
+            return load_dataview(uri, x_columns=spec.x_columns, spool=self.spool, s3_client=self.s3_client,
+                                 watch=watch)
+        return load_dataview(uri, y_column=spec.y_column, spool=self.spool, s3_client=self.s3_client, watch=watch)
 
     def _interrupted(self, job_id: str) -> str | None:
         if self.stop.is_set():
@@ -333,6 +339,37 @@ def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
     part = {"x_owner": "x", "y_owner": "y"}.get(spec.seat, "")
     name = ((spec.task.get(part) or {}).get("dataview") or {}).get("name") or part
     return message.replace(uri, f"dataview {name!r}")
+
+
+class _LoadWatch(DownloadWatch):
+    """A dataview download's progress and retries, on the seat (every `LOAD_SAID_EVERY_SECONDS`) and in the log
+    (every `LOAD_LOGGED_EVERY_SECONDS`): a slow store looked like a hung one for minutes. Stops the download once
+    the runner stops or the coordinator ends the job (it went on for 44 s after a stop)."""
+
+    def __init__(self, spool: Spool, job_id: str, interrupted: Callable[[], str | None]) -> None:
+        self.spool = spool
+        self.job_id = job_id
+        self.interrupted = interrupted
+        self.said_at = self.logged_at = time.monotonic()
+
+    def received(self, done: int, total: int | None) -> None:
+        if reason := self.interrupted():
+            raise JobInterrupted(reason)
+        now = time.monotonic()
+        if now - self.said_at < LOAD_SAID_EVERY_SECONDS:
+            return
+        self.said_at = now
+        of = f" of {total / 2**20:.0f}" if total else ""
+        text = f"loading its data: {done / 2**20:.0f}{of} MiB"
+        self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0, "message": text})
+        if now - self.logged_at >= LOAD_LOGGED_EVERY_SECONDS:
+            self.logged_at = now
+            log.info("job %s: %s", self.job_id, text)
+
+    def retrying(self, reason: str, delay: float) -> None:
+        log.warning("job %s: loading its data: %s; trying again in %.0f s", self.job_id, reason, delay)
+        self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0,
+                                            "message": f"loading its data: {reason}; trying again"})
 
 
 class _Progress:
@@ -393,7 +430,8 @@ def main() -> int:
         spool = Spool(config.spool_dir)
         if removed := spool.remove_scratch(SCRATCH_PREFIX):  # a dataview download cut off by a kill: our data
             log.info("removed %d partial dataview download(s) left by an earlier runner", removed)
-        runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", **config.boto3_kwargs("s3")))
+        runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", config=s3_client_config(),
+                                                                           **config.boto3_kwargs("s3")))
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

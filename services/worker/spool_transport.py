@@ -283,7 +283,8 @@ class SpoolTransport:
     def _timeout_message(self, from_seat: str, wire: str) -> str:
         party = self.spec.parties[from_seat]
         text = (f"no message {wire!r} from the {from_seat} worker (organization {party.organization}) within "
-                f"{self.timeout:g} s; check that worker is running and reaches the broker")
+                f"{self.timeout:g} s; check that worker is running and reaches the broker (one still loading a "
+                "large dataview from a slow store is late too: its seat says so; give such jobs a longer timeout)")
         rejected = [r for r in self.spool.rejections(self.spec.id).values() if r.get("from_seat") == from_seat]
         if rejected:
             text += (f"; {len(rejected)} message(s) claiming to come from {from_seat} were rejected "

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from services.worker import program
 from services.worker.config import RETRY_BASE_SECONDS, Bucket, ConfigError, WorkerConfig, parse_bucket
+from services.worker.s3_errors import code_and_status, is_transient
 from services.worker.spool import Spool, atomic_write_bytes
 
 WEIGHTS_FILE = "regression_weights.csv"
@@ -158,16 +158,7 @@ class ModelStore:
 
 
 def _upload_error(uri: str, exc: Exception, endpoint_variable: str) -> UploadError:
-    code, status = "", 0
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code", "")
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    if not code:  # boto3's S3UploadFailedError keeps only the text: "An error occurred (502) when calling ..."
-        match = re.search(r"\((\w+)\)", str(exc))
-        code = match.group(1) if match else ""
-    if not status and code.isdigit():
-        status = int(code)
+    code, status = code_and_status(exc)
     public = f"the model owner's bucket refused the model ({code or type(exc).__name__})"
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return UploadError(f"AWS does not accept this worker's credentials writing {uri} ({code}): check "
@@ -178,8 +169,7 @@ def _upload_error(uri: str, exc: Exception, endpoint_variable: str) -> UploadErr
     if code in ("NoSuchBucket", "404"):
         return UploadError(f"the bucket of {uri} does not exist: create it, or fix CAPE_BUCKET / the job's "
                            "model_location", f"the model owner's bucket does not exist ({code})")
-    transient = (status >= 500 and status not in (501, 505)) or status == 429  # 501/505: the server never will
-    if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or transient:
+    if is_transient(code, status):
         # A proxy or a load balancer answering 502, a store starting up: the finished job's model must not be
         # thrown away for what passes.
         return UploadUnavailable(f"S3 is busy or unavailable writing {uri} ({code or status})",

@@ -358,7 +358,8 @@ def _print_job(job: Job) -> None:
         ("model location", (data.get("task") or {}).get("model_location")
          or "not given: the model owner's worker writes to its CAPE_BUCKET"),
         ("outputs to", data.get("outputs_to")),
-        ("timeout", f"{(data.get('task') or {}).get('timeout')} s (from approval to all three workers started)"),
+        ("timeout", f"{(data.get('task') or {}).get('timeout')} s (for the three workers to take the job after "
+                    "approval, and for each message between them)"),
         ("submitted by", _submitter(data)),
         ("approvals", [f"{org}: {state}" for org, state in (data.get("approvals") or {}).items()]),
         ("created", data.get("created_at")),
