@@ -32,6 +32,7 @@ RETRY_MAX_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 30
 REQUEST_ATTEMPTS = 5
+PART_ATTEMPTS = 2  # s3transfer's tries of a part whose body stops coming (its default is 5)
 
 
 def s3_client_config() -> Any:
@@ -139,7 +140,7 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
         with os.fdopen(fd, "wb") as out:
             total = int(client.head_object(Bucket=bucket, Key=key).get("ContentLength") or 0) or None
             watch.received(0, total)
-            client.download_fileobj(bucket, key, out, Callback=received)
+            client.download_fileobj(bucket, key, out, Callback=received, Config=_transfer_config())
     except ClientError as exc:
         code, status = code_and_status(exc)
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
@@ -165,6 +166,14 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
     except BotoCoreError as exc:
         raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL (or "
                                     "AWS_ENDPOINT_URL_S3) and the network", hint=None) from None
+
+
+def _transfer_config() -> Any:
+    """s3transfer's settings: a part that stops is tried twice (not 5 times) before the store's silence is said on
+    the seat and the whole download is tried again."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(num_download_attempts=PART_ATTEMPTS)
 
 
 def _lost_link(exc: BaseException | None) -> str:
