@@ -171,3 +171,28 @@ def test_local_path_and_file_uri(tmp_path):
     np.testing.assert_array_equal(load_dataview((tmp_path / "y.csv").as_uri(), y_column="t", spool=spool), [1, 2, 3])
     with pytest.raises(JobDataError, match="no column 'z'"):
         load_dataview(str(tmp_path / "y.csv"), y_column="z", spool=spool)
+
+
+def test_an_s3_key_with_a_hash_or_a_question_mark_is_read(bucket, tmp_path):
+    """A URL parser took them for a fragment and a query: such a dataview was registered, then "no such object"."""
+    bucket.client("s3").upload_file(str(tmp_path / "x.csv"), "org-data", "views/q?v=1#draft x.csv")
+    got = load_dataview("s3://org-data/views/q?v=1#draft x.csv", x_columns=["a", "b"], spool=Spool(tmp_path / "spool"),
+                        s3_client=lambda: bucket.client("s3"))
+    np.testing.assert_array_equal(got, X)
+
+
+def test_a_dataview_the_spool_cannot_hold_is_refused_before_the_download(bucket, tmp_path, monkeypatch):
+    """A download ran 40 s, then the spool volume was full."""
+    from services.worker.spool import RESERVE_BYTES
+
+    size = bucket.client("s3").head_object(Bucket="org-data", Key="views/x.csv")["ContentLength"]
+    monkeypatch.setattr(Spool, "free_bytes", lambda self: RESERVE_BYTES + size - 1)
+    watch = Watch()
+    with pytest.raises(MissingFileError) as caught:
+        load_dataview("s3://org-data/views/x.csv", y_column="a", spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    assert str(caught.value) == (
+        "s3://org-data/views/x.csv: the worker's spool volume has 256 MiB free, too little for a copy of the dataview "
+        "(0 MiB) beside the 256 MiB kept for the job's messages; its operator gives CAPE_SPOOL_DIR's volume more room")
+    assert watch.seen == [] and watch.retries == []
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []

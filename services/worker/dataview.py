@@ -15,13 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from services.jobs.linear_regression import MissingFileError, load_x, load_y
 from services.worker.s3_errors import code_and_status, is_transient
-from services.worker.spool import Spool
+from services.worker.spool import RESERVE_BYTES, Spool, mib
 
 S3ClientFactory = Callable[[], Any]
 LOAD_RETRY_SECONDS = 300.0  # how long a busy or unreachable store is tried again before the job ends in Error
@@ -86,9 +85,10 @@ def load_dataview(
 
     if not uri.startswith("s3://"):
         return load(uri)
-    scratch = spool.temp_file(Path(urlparse(uri).path).suffix)
+    bucket, key = _bucket_and_key(uri)
+    scratch = spool.temp_file(Path(key).suffix)
     try:
-        _download_s3(uri, scratch, s3_client, watch or DownloadWatch())
+        _download_s3(uri, bucket, key, scratch, s3_client, watch or DownloadWatch(), spool)
         with open(scratch, "rb") as handle:
             return load(handle)
     finally:
@@ -96,18 +96,24 @@ def load_dataview(
             os.unlink(scratch)
 
 
-def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory, watch: DownloadWatch) -> None:
-    """Download `uri` to `dest`, trying a failing store again (with backoff) until `LOAD_RETRY_SECONDS` passed."""
-    parsed = urlparse(uri)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` split by hand: a key may hold `#` or `?`, which a URL parser takes for a fragment or a
+    query (such a dataview was registered, then "no such object")."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not bucket or not key:
         raise MissingFileError(uri, "an s3:// dataview uri must be s3://bucket/key")
+    return bucket, key
+
+
+def _download_s3(uri: str, bucket: str, key: str, dest: Path, s3_client: S3ClientFactory, watch: DownloadWatch,
+                 spool: Spool) -> None:
+    """Download `uri` to `dest`, trying a failing store again (with backoff) until `LOAD_RETRY_SECONDS` passed."""
     client = s3_client()
     deadline = time.monotonic() + LOAD_RETRY_SECONDS
     delay = RETRY_FIRST_SECONDS
     while True:
         try:
-            _download_once(uri, bucket, key, dest, client, watch)
+            _download_once(uri, bucket, key, dest, client, watch, spool)
             return
         except _TransientFailure as failure:
             if time.monotonic() + delay > deadline:
@@ -120,7 +126,8 @@ def _download_s3(uri: str, dest: Path, s3_client: S3ClientFactory, watch: Downlo
             delay = min(RETRY_MAX_SECONDS, delay * 2)
 
 
-def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, watch: DownloadWatch) -> None:
+def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, watch: DownloadWatch,
+                   spool: Spool) -> None:
     """One managed download of the whole object into `dest` (truncated first); a failure waiting may fix is raised
     as `_TransientFailure`, one it will not as `MissingFileError`."""
     from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
@@ -139,6 +146,7 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
     try:
         with os.fdopen(fd, "wb") as out:
             total = int(client.head_object(Bucket=bucket, Key=key).get("ContentLength") or 0) or None
+            _check_room(uri, spool, total)
             watch.received(0, total)
             client.download_fileobj(bucket, key, out, Callback=received, Config=_transfer_config())
     except ClientError as exc:
@@ -166,6 +174,16 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
     except BotoCoreError as exc:
         raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL (or "
                                     "AWS_ENDPOINT_URL_S3) and the network", hint=None) from None
+
+
+def _check_room(uri: str, spool: Spool, size: int | None) -> None:
+    """Refuse at once a copy the spool volume cannot hold beside the room its messages need (a download ran 40 s
+    before the volume was full)."""
+    free = spool.free_bytes()
+    if size is not None and free - size < RESERVE_BYTES:
+        raise MissingFileError(uri, f"the worker's spool volume has {mib(free)} free, too little for a copy of the "
+                                    f"dataview ({mib(size)}) beside the {mib(RESERVE_BYTES)} kept for the job's "
+                                    "messages; its operator gives CAPE_SPOOL_DIR's volume more room", hint=None)
 
 
 def _transfer_config() -> Any:
