@@ -275,3 +275,25 @@ def test_a_large_x_lands_in_a_populated_writable_array() -> None:
     assert x.shape == (300_000, 32) and x.dtype == np.float64 and x.flags.f_contiguous and x.flags.writeable
     x[:] = 1.5
     assert float(x.sum()) == 1.5 * 300_000 * 32
+
+
+@pytest.mark.parametrize("compress, kind", [("gzip", "gzip"), ("bz2", "bzip2"), ("lzma", "xz")])
+def test_a_compressed_csv_is_said_to_be_compressed(tmp_path, compress, kind):
+    """Read as CSV, a gzip'd file failed with "Row #2: Expected 6 columns, got 5", after all of it was read."""
+    import bz2
+    import gzip
+    import lzma
+
+    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compress]
+    path = tmp_path / "x.csv.gz"
+    path.write_bytes(module.compress(b"a,b\n1,2\n3,4\n"))
+    with pytest.raises(UnreadableDataError) as caught:
+        load_x(path, ["a", "b"])
+    assert str(caught.value).endswith(f"the file is {kind}-compressed; give it uncompressed (CSV or Parquet, whose "
+                                      "own compression is read)")
+
+
+def test_a_csv_whose_first_column_starts_like_a_bzip2_file_is_read(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("BZh9,b\n1,2\n3,4\n")
+    np.testing.assert_array_equal(load_x(path, ["BZh9", "b"]), [[1.0, 2.0], [3.0, 4.0]])

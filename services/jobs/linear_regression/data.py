@@ -38,6 +38,10 @@ Source = Union[str, os.PathLike, BinaryIO]
 Column = list[np.ndarray]  # a column's values as arrow gave them: one float64 array per chunk, in row order
 
 _PARQUET_MAGIC = b"PAR1"
+# Compressed files by their first bytes (none can start a text header: bzip2's is "BZh", a digit, then "1AY&SY").
+_COMPRESSED = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+               (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"), (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+               (re.compile(rb"PK\x03\x04"), "zip"))
 # The header must lie within this many bytes: a bound on what a bad file can make us buffer.
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -187,6 +191,10 @@ def _kind(display: str, head: bytes) -> str:
         raise UnreadableDataError(display, "the file is empty; expected a CSV file with a header row, or Parquet")
     if head[:4] == _PARQUET_MAGIC:
         return "parquet"
+    for magic, kind in _COMPRESSED:  # read as CSV, it failed in words about a row's column count
+        if magic.match(head):
+            raise UnreadableDataError(display, f"the file is {kind}-compressed; give it uncompressed (CSV or "
+                                               "Parquet, whose own compression is read)")
     if display.lower().endswith((".parquet", ".pq")):  # read as CSV, it would fail in words about rows and columns
         raise UnreadableDataError(display, "the name says Parquet, but the file does not start as Parquet files do "
                                            "(PAR1); give a Parquet file, or a CSV file")
