@@ -214,9 +214,8 @@ class Poller:
                 # An outage (or an untrusted certificate, which the operator fixes) is looked at again within a
                 # few seconds; a refusal (a revoked token) only as often as before the cap, up to 30 s: asking
                 # again soon changes nothing, and the cycle reports both.
-                untrusted = isinstance(exc, CoordinatorUntrusted)
-                stop.wait(backoff.next_delay() if isinstance(exc, CoordinatorUnreachable) and not untrusted
-                          else refused.next_delay())
+                outage = isinstance(exc, CoordinatorUnreachable) and not isinstance(exc, CoordinatorUntrusted)
+                stop.wait((backoff if outage else refused).next_delay())
                 continue
             refused.reset()
             backoff.reset()

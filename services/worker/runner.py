@@ -148,7 +148,7 @@ class Runner:
     def run_job(self, job_id: str) -> str:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         # Worked on by a runner that did not finish it (a restart): its role is replayed.
-        resumed = self.spool.is_claimed(job_id) and self.spool.is_working(job_id)
+        resumed = self.spool.is_working(job_id)  # False without a claim
         if not self._claim(job_id, working=resumed):
             return "waiting"
         traffic: dict[str, int] | None = None
