@@ -57,6 +57,26 @@ def test_schema_from_csv_errors_name_the_file(tmp_path: Path) -> None:
         schema_from_file(empty)
 
 
+def test_schema_from_a_compressed_csv_is_read_through_its_decompression(tmp_path: Path) -> None:
+    import gzip
+    import zipfile
+
+    packed = tmp_path / "people.csv.gz"
+    packed.write_bytes(gzip.compress(b"age, height,city\n30,1.8,Oslo\n41,1.7,Rome\n"))
+    assert schema_from_file(packed) == [{"name": "age", "type": "integer"}, {"name": "height", "type": "number"},
+                                        {"name": "city", "type": "string"}]
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(packed.read_bytes()[:20])
+    with pytest.raises(BadArgument, match=f"^{cut}: the gzip-compressed file is damaged or cut short \\("):
+        schema_from_file(cut)
+    archive = tmp_path / "people.zip"
+    with zipfile.ZipFile(archive, "w") as opened:
+        opened.writestr("people.csv", "age\n30\n")
+    with pytest.raises(BadArgument) as info:
+        schema_from_file(archive)
+    assert str(info.value) == f"{archive}: the file is a zip archive; give the CSV or Parquet file inside it"
+
+
 def test_schema_from_parquet_names_and_types(tmp_path: Path) -> None:
     parquet = tmp_path / "x.parquet"
     pq.write_table(pa.table({

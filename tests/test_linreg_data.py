@@ -277,23 +277,119 @@ def test_a_large_x_lands_in_a_populated_writable_array() -> None:
     assert float(x.sum()) == 1.5 * 300_000 * 32
 
 
-@pytest.mark.parametrize("compress, kind", [("gzip", "gzip"), ("bz2", "bzip2"), ("lzma", "xz")])
-def test_a_compressed_csv_is_said_to_be_compressed(tmp_path, compress, kind):
-    """Read as CSV, a gzip'd file failed with "Row #2: Expected 6 columns, got 5", after all of it was read."""
+def _compress(compression: str, data: bytes) -> bytes:
     import bz2
     import gzip
     import lzma
 
-    module = {"gzip": gzip, "bz2": bz2, "lzma": lzma}[compress]
+    if compression == "zstd":
+        return pa.Codec("zstd").compress(data, asbytes=True)
+    return {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[compression](data)
+
+
+COMPRESSIONS = ["gzip", "bzip2", "zstd", "xz"]
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("one_way", [False, True])
+def test_a_compressed_csv_is_read_through_its_decompression(tmp_path, compression, one_way):
+    """Read as CSV, a gzip'd file failed with "Row #2: Expected 6 columns, got 5", after all of it was read."""
+    rows = 50_000  # past the first 64 KiB read for the header, and past arrow's first block
+    text = "a, b\n" + "".join(f"{i},{i * 0.5}\n" for i in range(rows)) + "\n\n"  # trailing blank lines: no rows
+    data = _compress(compression, text.encode())
     path = tmp_path / "x.csv.gz"
-    path.write_bytes(module.compress(b"a,b\n1,2\n3,4\n"))
+    path.write_bytes(data)
+
+    def source():
+        return OneWayStream(data) if one_way else path
+
+    x = load_x(source(), ["a", "b"], name="x.csv.gz")
+    assert x.shape == (rows, 2)
+    np.testing.assert_array_equal(x[:, 0], np.arange(rows))
+    np.testing.assert_array_equal(x[:, 1], np.arange(rows) * 0.5)
+    np.testing.assert_array_equal(load_y(source(), "b", name="x.csv.gz"), np.arange(rows) * 0.5)
+    assert read_columns(source(), name="x.csv.gz") == ["a", "b"]
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("one_way", [False, True])
+def test_a_bad_value_in_a_compressed_csv_names_its_row(tmp_path, compression, one_way):
+    lines = [f"{i},{i}" for i in range(30_000)]
+    lines[25_000] = "1,many"
+    data = _compress(compression, ("a,b\n" + "\n".join(lines) + "\n").encode())
+    path = tmp_path / "x.csv.gz"
+    path.write_bytes(data)
+    with pytest.raises(NonNumericError) as caught:
+        load_x(OneWayStream(data) if one_way else path, ["a", "b"], name="x.csv.gz")
+    assert "row 25001" in str(caught.value) and "many" not in str(caught.value)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_cut_compressed_csv_is_an_error_not_fewer_rows(tmp_path, compression):
+    data = _compress(compression, ("a,b\n" + "".join(f"{i},{i}\n" for i in range(40_000))).encode())
+    path = tmp_path / "x.csv.gz"
+    path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(UnreadableDataError) as caught:
-        load_x(path, ["a", "b"])
-    assert str(caught.value).endswith(f"the file is {kind}-compressed; give it uncompressed (CSV or Parquet, whose "
-                                      "own compression is read)")
+        load_x(path, ["a", "b"], name="x.csv.gz")
+    assert str(caught.value).startswith(f"x.csv.gz: the {compression}-compressed file is damaged or cut short (")
+
+
+def test_a_damaged_gzip_csv_is_an_error(tmp_path):
+    data = bytearray(_compress("gzip", ("a,b\n" + "".join(f"{i},{i}\n" for i in range(40_000))).encode()))
+    data[len(data) // 2] ^= 0xFF
+    path = tmp_path / "x.csv.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnreadableDataError) as caught:
+        load_y(path, "a", name="x.csv.gz")
+    assert "the gzip-compressed file is damaged or cut short" in str(caught.value)
+
+
+def test_a_compressed_parquet_file_is_refused(tmp_path, table):
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(table), buffer)
+    path = tmp_path / "x.parquet.gz"
+    path.write_bytes(_compress("gzip", buffer.getvalue()))
+    with pytest.raises(UnreadableDataError) as caught:
+        load_y(path, "a", name="x.parquet.gz")
+    assert str(caught.value) == ("x.parquet.gz: the file is a gzip-compressed Parquet file; give the Parquet file "
+                                 "itself (it compresses its columns inside)")
+
+
+def test_a_zip_archive_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "x.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.csv", "a,b\n1,2\n")
+    with pytest.raises(UnreadableDataError) as caught:
+        load_x(path, ["a", "b"], name="x.zip")
+    assert str(caught.value) == "x.zip: the file is a zip archive; give the CSV or Parquet file inside it"
 
 
 def test_a_csv_whose_first_column_starts_like_a_bzip2_file_is_read(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("BZh9,b\n1,2\n3,4\n")
     np.testing.assert_array_equal(load_x(path, ["BZh9", "b"]), [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_check_ends_says_what_the_first_bytes_and_footer_show_as_the_loaders_say_it(tmp_path, table):
+    from services.jobs.linear_regression.data import check_ends
+
+    def ends(data: bytes) -> tuple[bytes, object]:
+        return data[:65536], lambda n: data[-n:] if n else b""
+
+    csv = write_csv(tmp_path / "x.csv", table).read_bytes()
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(table), buffer)
+    for data in (csv, buffer.getvalue()):
+        check_ends("x", ["income", "age"], *ends(data))  # both there: quiet
+        with pytest.raises(MissingColumnError) as early:
+            check_ends("x", ["age", "weight"], *ends(data))
+        with pytest.raises(MissingColumnError) as late:
+            load_x(io.BytesIO(data), ["age", "weight"], name="x")
+        assert str(early.value) == str(late.value)
+    check_ends("x", ["b"], b"a, b\n1,", lambda n: b"")  # a trimmed name, as the loaders match it
+    check_ends("x", ["nope"], b"a,b,c", lambda n: b"")  # the header goes on past the bytes read: the loaders tell
+    check_ends("x", ["nope"], _compress("gzip", b"a,b\n1,2\n"), lambda n: b"")  # inside the compression: likewise
+    with pytest.raises(UnreadableDataError, match="^x: the file is empty"):
+        check_ends("x", ["a"], b"", lambda n: b"")

@@ -1,6 +1,8 @@
 """The runner's dataview loading: s3:// through a real moto server (boto3 over HTTP), file:// and local paths."""
 from __future__ import annotations
 
+import io
+
 import boto3
 import numpy as np
 import pyarrow as pa
@@ -122,6 +124,9 @@ def test_a_throttling_store_or_a_file_replaced_midway_is_read_again(bucket, tmp_
         def head_object(self, **kwargs):
             return real.head_object(**kwargs)
 
+        def get_object(self, **kwargs):
+            return real.get_object(**kwargs)
+
         def download_fileobj(self, *args, **kwargs):
             if failures:
                 raise failures.pop(0)
@@ -146,6 +151,9 @@ def test_a_store_that_stops_sending_is_said_as_such(tmp_path, quick_retries):
         def head_object(self, **kwargs):
             return {"ContentLength": 10}
 
+        def get_object(self, **kwargs):  # the first bytes come; the download stalls
+            return {"Body": io.BytesIO(b"t\n1\n2\n3\n4\n")}
+
         def download_fileobj(self, *args, **kwargs):
             raise RetriesExceededError(ReadTimeoutError(endpoint_url="http://127.0.0.1:9"))
 
@@ -162,6 +170,53 @@ def test_a_download_stops_when_the_job_is_ended_and_leaves_no_scratch(bucket, tm
         load_dataview("s3://org-data/views/big.csv", y_column="b", spool=spool,
                       s3_client=lambda: bucket.client("s3"), watch=Watch(stop_after=1))
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_missing_column_is_said_before_the_object_is_fetched_whole(bucket, tmp_path, fmt):
+    """A column missing from a 600 MiB file was said after its download."""
+    rows = 1_000_000
+    local = tmp_path / f"big.{fmt}"
+    if fmt == "csv":
+        local.write_bytes(b"a, b\n" + b"1.0,2.0\n" * rows)
+    else:
+        pq.write_table(pa.table({"a": np.ones(rows), "b": np.arange(rows, dtype=float)}), local)
+    bucket.client("s3").upload_file(str(local), "org-data", f"views/big.{fmt}")
+    watch = Watch()
+    with pytest.raises(JobDataError) as caught:
+        load_dataview(f"s3://org-data/views/big.{fmt}", x_columns=["b", "c"], spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    with pytest.raises(JobDataError) as local_error:  # the loaders' own words, as when the file is read whole
+        load_dataview(str(local), x_columns=["b", "c"], spool=Spool(tmp_path / "spool"))
+    assert str(caught.value) == str(local_error.value).replace(str(local), f"s3://org-data/views/big.{fmt}")
+    assert "no column 'c'" in str(caught.value)
+    assert watch.seen == []  # the download never began
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+    got = load_dataview(f"s3://org-data/views/big.{fmt}", y_column="b", spool=Spool(tmp_path / "spool"),
+                        s3_client=lambda: bucket.client("s3"))
+    assert got.shape == (rows,) and got[-1] == (rows - 1 if fmt == "parquet" else 2.0)
+
+
+def test_a_cut_parquet_object_is_said_before_it_is_fetched_whole(bucket, tmp_path):
+    whole = (tmp_path / "x.parquet").read_bytes()
+    bucket.client("s3").put_object(Bucket="org-data", Key="views/cut.parquet", Body=whole[: len(whole) // 2])
+    watch = Watch()
+    with pytest.raises(JobDataError) as caught:
+        load_dataview("s3://org-data/views/cut.parquet", y_column="t", spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    assert str(caught.value) == ("s3://org-data/views/cut.parquet: not a readable Parquet file (it does not end as "
+                                 "Parquet files do: cut short?)")
+    assert watch.seen == []
+
+
+def test_a_gzip_compressed_csv_object_is_read(bucket, tmp_path):
+    import gzip
+
+    bucket.client("s3").put_object(Bucket="org-data", Key="views/x.csv.gz",
+                                   Body=gzip.compress((tmp_path / "x.csv").read_bytes()))
+    got = load_dataview("s3://org-data/views/x.csv.gz", x_columns=["b", "a"], spool=Spool(tmp_path / "spool"),
+                        s3_client=lambda: bucket.client("s3"))
+    np.testing.assert_array_equal(got, X[:, ::-1])
 
 
 def test_local_path_and_file_uri(tmp_path):

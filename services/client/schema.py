@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -43,7 +44,8 @@ def parse_schema_spec(spec: str) -> Schema:
 
 
 def schema_from_file(path: str | Path, notes: list[str] | None = None) -> Schema:
-    """The columns of a local CSV (header; types guessed from the first rows) or Parquet file (its schema).
+    """The columns of a local CSV (header; types guessed from the first rows; plain, or compressed whole with gzip,
+    bzip2, zstd or xz) or Parquet file (its schema).
 
     The format is told from the first bytes, as the workers tell it, so a file's extension may lie. `notes` gets a
     line for each CSV column guessed `string` although it holds numbers: no job could use it as x or y."""
@@ -170,14 +172,22 @@ def _check_unique(schema: Schema) -> None:
 
 
 def _csv_schema(path: Path, notes: list[str] | None = None) -> Schema:
+    from services.jobs.linear_regression import JobDataError
+    from services.jobs.linear_regression.data import decompressed  # a gzip'd CSV, say, read as the workers read it
+
     # -sig: Excel's "CSV UTF-8" starts with a BOM. A value that is not UTF-8 (in a column no job may use; the
     # workers read only the columns a job names) is a string; the names must be text.
-    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise BadArgument(f"{path} has no header line; the first line must name the columns")
-        samples = list(itertools.islice(reader, SAMPLE_ROWS))
+    with path.open("rb") as raw:
+        try:
+            handle = io.TextIOWrapper(decompressed(raw, name=str(path)), encoding="utf-8-sig",
+                                      errors="surrogateescape", newline="")
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise BadArgument(f"{path} has no header line; the first line must name the columns")
+            samples = list(itertools.islice(reader, SAMPLE_ROWS))
+        except JobDataError as exc:
+            raise BadArgument(str(exc)) from None
     if any(_undecodable(name) for name in header):
         raise BadArgument(f"{path} is neither a UTF-8 text CSV file nor a Parquet file (its header is not UTF-8)")
     schema = []

@@ -1,7 +1,8 @@
 """Loading this organization's dataview for a job: s3:// (boto3), file:// or a local path, CSV or Parquet.
 
 An s3:// object is streamed to a private scratch file in the spool (boto3's managed, multipart download, with the
-standard AWS variables and `AWS_ENDPOINT_URL`), read with the job package's loaders, and removed. A store that is
+standard AWS variables and `AWS_ENDPOINT_URL`), read with the job package's loaders, and removed. Its first bytes
+and (Parquet) footer are read first, so a file without the job's columns fails before it is fetched whole. A store that is
 busy, throttling, unreachable or stops sending is tried again for up to `LOAD_RETRY_SECONDS` (a job cannot resume:
 it would be submitted and approved again), each wait said through `DownloadWatch.retrying`; the bytes received are
 said through `DownloadWatch.received`, which may also stop the download (the job was stopped meanwhile).
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from services.jobs.linear_regression import MissingFileError, load_x, load_y
+from services.jobs.linear_regression.data import check_ends
 from services.worker.s3_errors import code_and_status, is_transient
 from services.worker.spool import RESERVE_BYTES, Spool, mib
 
@@ -32,6 +34,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 30
 REQUEST_ATTEMPTS = 5
 PART_ATTEMPTS = 2  # s3transfer's tries of a part whose body stops coming (its default is 5)
+HEAD_BYTES = 65536  # read before the download: the CSV header or the format must show in it
 
 
 def s3_client_config() -> Any:
@@ -86,9 +89,10 @@ def load_dataview(
     if not uri.startswith("s3://"):
         return load(uri)
     bucket, key = _bucket_and_key(uri)
+    columns = x_columns if x_columns is not None else [y_column or ""]
     scratch = spool.temp_file(Path(key).suffix)
     try:
-        _download_s3(uri, bucket, key, scratch, s3_client, watch or DownloadWatch(), spool)
+        _download_s3(uri, bucket, key, columns, scratch, s3_client, watch or DownloadWatch(), spool)
         with open(scratch, "rb") as handle:
             return load(handle)
     finally:
@@ -105,15 +109,15 @@ def _bucket_and_key(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _download_s3(uri: str, bucket: str, key: str, dest: Path, s3_client: S3ClientFactory, watch: DownloadWatch,
-                 spool: Spool) -> None:
+def _download_s3(uri: str, bucket: str, key: str, columns: list[str], dest: Path, s3_client: S3ClientFactory,
+                 watch: DownloadWatch, spool: Spool) -> None:
     """Download `uri` to `dest`, trying a failing store again (with backoff) until `LOAD_RETRY_SECONDS` passed."""
     client = s3_client()
     deadline = time.monotonic() + LOAD_RETRY_SECONDS
     delay = RETRY_FIRST_SECONDS
     while True:
         try:
-            _download_once(uri, bucket, key, dest, client, watch, spool)
+            _download_once(uri, bucket, key, columns, dest, client, watch, spool)
             return
         except _TransientFailure as failure:
             if time.monotonic() + delay > deadline:
@@ -126,12 +130,13 @@ def _download_s3(uri: str, bucket: str, key: str, dest: Path, s3_client: S3Clien
             delay = min(RETRY_MAX_SECONDS, delay * 2)
 
 
-def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, watch: DownloadWatch,
-                   spool: Spool) -> None:
-    """One managed download of the whole object into `dest` (truncated first); a failure waiting may fix is raised
-    as `_TransientFailure`, one it will not as `MissingFileError`."""
+def _download_once(uri: str, bucket: str, key: str, columns: list[str], dest: Path, client: Any,
+                   watch: DownloadWatch, spool: Spool) -> None:
+    """One managed download of the whole object into `dest` (truncated first), once its ends show it may hold
+    `columns`; a failure waiting may fix is raised as `_TransientFailure`, one it will not as `MissingFileError`."""
     from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
-                                     NoCredentialsError, ReadTimeoutError)
+                                     IncompleteReadError, NoCredentialsError, ReadTimeoutError,
+                                     ResponseStreamingError)
     from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
     total: int | None = None
@@ -146,6 +151,7 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
     try:
         with os.fdopen(fd, "wb") as out:
             total = int(client.head_object(Bucket=bucket, Key=key).get("ContentLength") or 0) or None
+            _check_ends(uri, bucket, key, columns, total, client)
             _check_room(uri, spool, total)
             watch.received(0, total)
             client.download_fileobj(bucket, key, out, Callback=received, Config=_transfer_config())
@@ -169,11 +175,23 @@ def _download_once(uri: str, bucket: str, key: str, dest: Path, client: Any, wat
     except NoCredentialsError:
         raise MissingFileError(uri, "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
                                hint=None) from None
-    except (BotoConnectionError, ReadTimeoutError) as exc:
+    except (BotoConnectionError, ReadTimeoutError, ResponseStreamingError, IncompleteReadError) as exc:
         raise _TransientFailure(_lost_link(exc)) from None
     except BotoCoreError as exc:
         raise MissingFileError(uri, f"cannot reach S3 ({type(exc).__name__}); check AWS_ENDPOINT_URL (or "
                                     "AWS_ENDPOINT_URL_S3) and the network", hint=None) from None
+
+
+def _check_ends(uri: str, bucket: str, key: str, columns: list[str], size: int | None, client: Any) -> None:
+    """The loaders' checks of what the object's first 64 KiB and (Parquet) footer show, before it is fetched whole:
+    a column missing from a 600 MiB file was said after its download."""
+    def read(first: int, last: int) -> bytes:
+        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}")["Body"].read()
+
+    if not size:
+        check_ends(uri, columns, b"", lambda n: b"")
+        return
+    check_ends(uri, columns, read(0, min(size, HEAD_BYTES) - 1), lambda n: read(max(0, size - n), size - 1))
 
 
 def _check_room(uri: str, spool: Spool, size: int | None) -> None:

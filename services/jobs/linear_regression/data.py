@@ -1,13 +1,15 @@
 """Loading a data owner's columns from CSV or Parquet into float64 arrays.
 
 Sources: a local path, a `file://` uri, or an open binary file object (the appliance passes an S3 stream).
-The format is taken from the file's first bytes (Parquet starts with `PAR1`), so a file's extension may lie.
+The format is taken from the file's first bytes (Parquet starts with `PAR1`), so a file's extension may lie; a CSV
+file compressed whole with gzip, bzip2, zstd or xz is read through its decompression (a zip archive is not).
 Reading uses pyarrow (multi-threaded, ~1 s per 10^6 rows × 8 columns); when a value does not parse, a slower
 second pass over the text finds the first bad row so the message can name it. Rows count from 1, header not counted.
 """
 from __future__ import annotations
 
 import io
+import lzma
 import mmap
 import re
 import os
@@ -15,7 +17,7 @@ import sys
 import weakref
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Union
@@ -42,6 +44,7 @@ _PARQUET_MAGIC = b"PAR1"
 _COMPRESSED = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
                (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"), (re.compile(rb"\xfd7zXZ\x00"), "xz"),
                (re.compile(rb"PK\x03\x04"), "zip"))
+_ARROW_CODECS = {"gzip": "gzip", "bzip2": "bz2", "zstd": "zstd"}  # xz: arrow has no codec, the standard library has
 # The header must lie within this many bytes: a bound on what a bad file can make us buffer.
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -53,8 +56,8 @@ class _Opened:
     name: str
     kind: str  # "csv" or "parquet"
     stream: BinaryIO
-    rereadable: bool  # whether the stream can be rewound for a diagnostic second pass
-    head: bytes  # the first bytes, through the first newline (the CSV header) when there is one
+    head: bytes  # the first bytes (decompressed), through the first newline (the CSV header) when there is one
+    restart: Callable[[], BinaryIO] | None  # a fresh stream from the start, for a diagnostic second pass, if it can
 
 
 def source_name(source: Source, name: str | None = None) -> str:
@@ -144,35 +147,83 @@ def _csv_stream(opened: _Opened) -> BinaryIO:
 
 @contextmanager
 def _open(source: Source, name: str | None) -> Iterator[_Opened]:
-    """Open `source` and detect its format from its first bytes."""
+    """Open `source` and detect its format (and compression) from its first bytes."""
     display = source_name(source, name)
-    if isinstance(source, (str, os.PathLike)):
-        path = local_path(source)
-        try:
-            handle = open(path, "rb")
-        except FileNotFoundError:
-            raise MissingFileError(display) from None
-        except IsADirectoryError:
-            raise MissingFileError(display, "is a directory, not a file") from None
-        except PermissionError:
-            raise MissingFileError(display, "permission denied") from None
-        except OSError as exc:
-            raise MissingFileError(display, exc.strerror or "cannot be opened") from None
-        with handle:
-            head = _read_head(handle)
-            handle.seek(0)
-            yield _Opened(display, _kind(display, head), handle, rereadable=True, head=head)
+    if not isinstance(source, (str, os.PathLike)):
+        yield _opened(display, source)
         return
-    stream: BinaryIO = source
-    seekable = bool(getattr(stream, "seekable", lambda: False)())
+    path = local_path(source)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise MissingFileError(display) from None
+    except IsADirectoryError:
+        raise MissingFileError(display, "is a directory, not a file") from None
+    except PermissionError:
+        raise MissingFileError(display, "permission denied") from None
+    except OSError as exc:
+        raise MissingFileError(display, exc.strerror or "cannot be opened") from None
+    with handle:
+        yield _opened(display, handle)
+
+
+def _opened(display: str, raw: BinaryIO) -> _Opened:
+    """`raw` with its format found: a stream of its (decompressed) bytes from the start, and how to start again."""
+    seekable = bool(getattr(raw, "seekable", lambda: False)())
+    start = raw.tell() if seekable else 0
+    head = _read_head(raw)
+    compression = _compression(display, head)
+
+    def from_start() -> BinaryIO:
+        raw.seek(start)
+        return raw if compression is None else _decompressed(raw, compression, display)
+
+    restart = from_start if seekable else None
     if seekable:
-        start = stream.tell()
-        head = _read_head(stream)
-        stream.seek(start)
+        stream = from_start()
     else:
+        stream = io.BufferedReader(_PrefixedStream(head, raw))  # type: ignore[arg-type]
+        if compression is not None:
+            stream = _decompressed(stream, compression, display)
+    if compression is not None:
         head = _read_head(stream)
         stream = io.BufferedReader(_PrefixedStream(head, stream))  # type: ignore[arg-type]
-    yield _Opened(display, _kind(display, head), stream, rereadable=seekable, head=head)
+    return _Opened(display, _kind(display, head, compression), stream, head, restart)
+
+
+def decompressed(raw: io.BufferedReader, *, name: str) -> BinaryIO:
+    """`raw`'s bytes from where it stands, decompressed if they are a gzip, bzip2, zstd or xz file (as the loaders
+    read them); a zip archive is refused. A damaged or cut file raises `UnreadableDataError` as it is read."""
+    compression = _compression(name, raw.peek(16)[:16])
+    return raw if compression is None else _decompressed(raw, compression, name)
+
+
+def _decompressed(raw: BinaryIO, compression: str, display: str) -> BinaryIO:
+    return io.BufferedReader(_Decompressing(raw, compression, display))  # type: ignore[arg-type]
+
+
+class _Decompressing(io.RawIOBase):
+    """`raw`'s bytes decompressed: gzip, bzip2 and zstd by arrow, xz by the standard library. A damaged or cut
+    file is an `UnreadableDataError` (read on, it would be fewer rows or garbage)."""
+
+    def __init__(self, raw: BinaryIO, compression: str, display: str) -> None:
+        unclosed = _PrefixedStream(b"", raw)  # arrow closes the file it reads when its stream goes; `raw` is not ours
+        self._inner = (lzma.LZMAFile(unclosed) if compression == "xz"
+                       else pa.CompressedInputStream(unclosed, _ARROW_CODECS[compression]))
+        self._compression = compression
+        self._display = display
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        try:
+            data = self._inner.read(len(buffer))
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise UnreadableDataError(self._display, f"the {self._compression}-compressed file is damaged or cut "
+                                                     f"short ({_arrow_reason(exc)})") from None
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _read_head(stream: BinaryIO) -> bytes:
@@ -186,15 +237,24 @@ def _read_head(stream: BinaryIO) -> bytes:
     return head
 
 
-def _kind(display: str, head: bytes) -> str:
+def _compression(display: str, head: bytes) -> str | None:
+    """The compression of a file that starts with `head` (None: not compressed)."""
+    for magic, compression in _COMPRESSED:
+        if magic.match(head):
+            if compression == "zip":  # an archive of files, not one file's bytes
+                raise UnreadableDataError(display, "the file is a zip archive; give the CSV or Parquet file inside it")
+            return compression
+    return None
+
+
+def _kind(display: str, head: bytes, compression: str | None = None) -> str:
     if not head:
         raise UnreadableDataError(display, "the file is empty; expected a CSV file with a header row, or Parquet")
     if head[:4] == _PARQUET_MAGIC:
+        if compression is not None:  # Parquet needs to seek to its end: it would be decompressed whole into memory
+            raise UnreadableDataError(display, f"the file is a {compression}-compressed Parquet file; give the "
+                                               "Parquet file itself (it compresses its columns inside)")
         return "parquet"
-    for magic, kind in _COMPRESSED:  # read as CSV, it failed in words about a row's column count
-        if magic.match(head):
-            raise UnreadableDataError(display, f"the file is {kind}-compressed; give it uncompressed (CSV or "
-                                               "Parquet, whose own compression is read)")
     if display.lower().endswith((".parquet", ".pq")):  # read as CSV, it would fail in words about rows and columns
         raise UnreadableDataError(display, "the name says Parquet, but the file does not start as Parquet files do "
                                            "(PAR1); give a Parquet file, or a CSV file")
@@ -207,7 +267,29 @@ def read_columns(source: Source, *, name: str | None = None) -> list[str]:
     with _open(source, name) as opened:
         if opened.kind == "parquet":
             return list(_parquet_file(opened).schema_arrow.names)
-        return [column.strip() for column in _csv_header(opened)]
+        return [column.strip() for column in _csv_header(opened.name, opened.head)]
+
+
+def check_ends(name: str, columns: Sequence[str], head: bytes, read_tail: Callable[[int], bytes]) -> None:
+    """Raise the loaders' own error when a file's first bytes (`head`) and, for Parquet, its footer (`read_tail(n)`:
+    the file's last n bytes, or all of a shorter file) already show it unusable for `columns`: empty, an archive, a compressed Parquet file, a
+    header or schema without one of them. Quiet when only more of the file can tell (a CSV header longer than
+    `head`, a compressed CSV): the loaders check again. A large remote file need not be fetched whole to fail."""
+    if _compression(name, head) is not None:
+        return
+    if _kind(name, head) == "csv":
+        if b"\n" in head:
+            _csv_names(name, list(columns), _csv_header(name, head))
+        return
+    end = read_tail(8)
+    if len(end) < 8 or end[4:] != _PARQUET_MAGIC:
+        raise UnreadableDataError(name, "not a readable Parquet file (it does not end as Parquet files do: cut short?)")
+    footer = read_tail(int.from_bytes(end[:4], "little") + 8)
+    try:  # the footer behind the magic: where a Parquet reader looks for it (offsets past it are not followed)
+        available = pq.ParquetFile(pa.BufferReader(_PARQUET_MAGIC + footer)).schema_arrow.names
+    except (pa.ArrowException, OSError) as exc:
+        raise UnreadableDataError(name, f"not a readable Parquet file ({_arrow_reason(exc)})") from None
+    _require_columns(name, list(columns), list(available))
 
 
 def _populated_empty(shape: tuple[int, int]) -> np.ndarray:
@@ -287,7 +369,7 @@ def _finite_columns(opened: _Opened, columns: list[str]) -> Iterator[Column]:
 
 def _parquet_file(opened: _Opened) -> pq.ParquetFile:
     stream = opened.stream
-    if not opened.rereadable:
+    if opened.restart is None:
         # Parquet keeps its schema at the end of the file: a one-way stream must be held whole.
         stream = pa.BufferReader(stream.read())  # type: ignore[assignment]
     try:
@@ -312,17 +394,17 @@ def _read_parquet(opened: _Opened, columns: list[str]) -> Iterator[Column]:
 # --- CSV -----------------------------------------------------------------------------------------------------
 
 
-def _csv_header(opened: _Opened) -> list[str]:
-    """Parse the header row from the bytes already read."""
-    first_line = opened.head.split(b"\n", 1)[0]
+def _csv_header(display: str, head: bytes) -> list[str]:
+    """Parse the header row from the file's first bytes (`head`, through the first newline)."""
+    first_line = head.split(b"\n", 1)[0]
     try:
         table = pacsv.read_csv(io.BytesIO(first_line + b"\n"), read_options=pacsv.ReadOptions(use_threads=False))
         names = list(table.column_names)
     except pa.ArrowException as exc:
-        raise UnreadableDataError(opened.name, f"cannot read the CSV header row ({_arrow_reason(exc)})") from None
+        raise UnreadableDataError(display, f"cannot read the CSV header row ({_arrow_reason(exc)})") from None
     except UnicodeDecodeError:
         # Arrow's message would quote the offending bytes: data, which may not travel into a job's error.
-        raise UnreadableDataError(opened.name, "not a CSV file with a UTF-8 header row, nor a Parquet file") from None
+        raise UnreadableDataError(display, "not a CSV file with a UTF-8 header row, nor a Parquet file") from None
     return names
 
 
@@ -355,9 +437,8 @@ _PARSE = pacsv.ParseOptions(ignore_empty_lines=False)
 
 
 def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
-    names = _csv_names(opened.name, columns, _csv_header(opened))
-    if opened.rereadable:
-        start = opened.stream.tell()
+    names = _csv_names(opened.name, columns, _csv_header(opened.name, opened.head))
+    if opened.restart is not None:
         try:
             table = pacsv.read_csv(
                 _csv_stream(opened),
@@ -370,7 +451,7 @@ def _read_csv(opened: _Opened, columns: list[str]) -> list[Column]:
                 ),
             )
         except pa.ArrowInvalid:
-            opened.stream.seek(start)  # a bad value or row: find it in a second, slower pass
+            opened.stream = opened.restart()  # a bad value or row: find it in a second, slower pass
         else:
             return [_to_float(opened.name, c, table.column(name)) for c, name in zip(columns, names)]
     return _read_csv_streaming(opened, columns, names)
