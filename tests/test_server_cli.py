@@ -549,3 +549,44 @@ def test_a_bind_error_leaves_the_lock_of_a_part_another_server_serves(start_cape
     assert not (coordinator.data_dir / "broker.lock").exists()
     second = run_cli("serve", "--port", "0", "--data-dir", str(coordinator.data_dir), "--only", "coordinator")
     assert error_line(second).startswith(f"Error: another cape-server (pid {coordinator.pid}) serves the coordinator")
+
+
+def test_admin_changes_are_recorded_in_the_data_dirs_admin_audit_log(tmp_path):
+    """The API's changes are `cape.audit` lines in the server's log; the admin commands' went unrecorded."""
+    import getpass
+
+    data = ["--data-dir", str(tmp_path)]
+    made = json.loads(run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--json", *data).stdout)
+    user = json.loads(run_cli("admin", "create-user", "acme", "ds@acme.example", "--role", "data_scientist", "--json",
+                              *data).stdout)
+    org_token = json.loads(run_cli("admin", "create-org-token", "acme", "--json", *data).stdout)
+    again = json.loads(run_cli("admin", "create-user-token", "ds@acme.example", "--json", *data).stdout)
+    assert run_cli("admin", "revoke-token", org_token["token"], *data).returncode == 0  # a whole token, secret too
+    assert run_cli("admin", "revoke-user-tokens", "ds@acme.example", *data).returncode == 0
+    assert run_cli("admin", "backup", str(tmp_path / "copy.sqlite3"), *data).returncode == 0
+    assert run_cli("admin", "create-org-token", "nope", *data).returncode != 0  # refused: no line
+    run_cli("admin", "list-users", *data)  # reads: no line
+
+    log = tmp_path / "admin-audit.log"
+    assert log.stat().st_mode & 0o777 == 0o600
+    lines = log.read_text().splitlines()
+    who = rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ {re.escape(getpass.getuser())} \(uid {os.getuid()}\): "
+    ids = {name: token.split(",")[0] for name, token in [
+        ("org", made["organization_token"]), ("admin", made["user_token"]), ("ds", user["token"]),
+        ("org2", org_token["token"]), ("ds2", again["token"])]}
+    expected = [
+        f"created organization acme ({made['organization']['id']}) with admin a@acme.example (user "
+        f"{made['user']['id']}, token {ids['admin']}) and organization token {ids['org']}",
+        f"made ds@acme.example (user {user['user']['id']}, token {ids['ds']}) data_scientist of organization acme",
+        f"issued organization token {ids['org2']} to organization acme",
+        f"issued user token {ids['ds2']} to ds@acme.example",
+        f"revoked token {ids['org2']}",
+        f"revoked 2 token(s) of ds@acme.example: {ids['ds']}, {ids['ds2']}",
+        f"backed up the database (token hashes included) to {(tmp_path / 'copy.sqlite3').resolve()}",
+    ]
+    assert len(lines) == len(expected)
+    for line, action in zip(lines, expected):
+        assert re.fullmatch(who + re.escape(action), line), line
+    text = log.read_text()
+    for token in (made["organization_token"], made["user_token"], user["token"], org_token["token"], again["token"]):
+        assert token.split(",")[1] not in text

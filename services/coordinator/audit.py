@@ -1,8 +1,8 @@
 """What an operator needs to answer "who did this?": one `cape.audit` log line per change to who may do what
 (members and roles, tokens issued and revoked, a worker's keys, projects' organizations and helper, job approvals,
 rejections and stops, deletions), and requests to the coordinator or the broker refused for their token, counted
-per client address and said at most once a minute. Ids, labels and emails only: never a token's secret. (`cape-server admin` commands act on the
-database directly, by the operator's own hand; what they print is their record.)"""
+per client address and said at most once a minute. Ids, labels and emails only: never a token's secret.
+(`cape-server admin` commands act on the database directly: services/server/admin_audit.py records them.)"""
 from __future__ import annotations
 
 import logging

@@ -24,6 +24,7 @@ from services.coordinator import identity
 from services.coordinator.db import Database
 from services.coordinator.schemas import Email, Name, TokenDescription
 from services.file_locks import lock_file
+from services.server import admin_audit
 from services.server.config import (
     DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
     DEFAULT_MIN_FREE_BYTES, ServerConfig,
@@ -466,6 +467,9 @@ def create_org(label: str, name: str | None, admin_email: str, as_json: bool, da
                 "organization_token": org_token["token"], "user_token": user_token, "existing_account": existing}
 
     result = _run(data_dir, action, create=True)
+    admin_audit.record(data_dir, f"created organization {label} ({result['organization']['id']}) with admin "
+                                 f"{admin_email} (user {result['user']['id']}, token {_token_id(result['user_token'])})"
+                                 f" and organization token {_token_id(result['organization_token'])}")
     _warn_if_existing(admin_email, result["existing_account"])
     _emit(result, as_json, [f"organization {label} ({result['organization']['id']})",
                             f"organization token (for its worker's CAPE_TOKEN): {result['organization_token']}",
@@ -496,6 +500,9 @@ def create_user(organization: str, email_argument: str | None, email: str | None
         return {"user": user, "organization": identity.org_view(org), "token": token, "existing_account": existing}
 
     result = _run(data_dir, action)
+    made = f", token {_token_id(result['token'])}" if result["token"] else ""
+    admin_audit.record(data_dir, f"made {email} (user {result['user']['id']}{made}) {role} of organization "
+                                 f"{result['organization']['label']}")
     _warn_if_existing(email, result["existing_account"])
     _emit(result, as_json, [f"user {email} is {role} of {result['organization']['label']}",
                             f"user token: {result['token']}"])
@@ -519,6 +526,7 @@ def create_user_token(email: str, description: str | None, as_json: bool, data_d
         return {"user": identity.user_view(user), **issued}
 
     result = _run(data_dir, action)
+    admin_audit.record(data_dir, f"issued user token {result['id']} to {result['user']['email']}")
     _emit(result, as_json, [f"user token for {result['user']['email']} ({result['id']}): {result['token']}"])
 
 
@@ -537,6 +545,7 @@ def create_org_token(organization: str, description: str | None, as_json: bool, 
         return {**issued, "organization_token": issued["token"]}
 
     result = _run(data_dir, action)
+    admin_audit.record(data_dir, f"issued organization token {result['id']} to organization {organization}")
     _emit(result, as_json, [f"organization token {result['id']}: {result['token']}"])
 
 
@@ -547,6 +556,7 @@ def revoke_token(token_id: str, data_dir: Path) -> None:
     """Revoke a token by its id (the part before the comma)."""
     token_id = token_id.split(",", 1)[0]  # accept a whole token too, but never echo its secret
     _run(data_dir, lambda conn: identity.revoke_token(conn, token_id))
+    admin_audit.record(data_dir, f"revoked token {token_id}")
     click.echo(f"revoked token {token_id}")
 
 
@@ -579,6 +589,7 @@ def backup(destination: Path, data_dir: Path) -> None:
     except (OSError, sqlite3.Error) as exc:
         partial.unlink(missing_ok=True)
         raise click.ClickException(f"cannot back up {source} to {destination}: {exc}") from None
+    admin_audit.record(data_dir, f"backed up the database (token hashes included) to {destination.resolve()}")
     click.echo(f"backed up {source} to {destination}: {counts['organizations']} organizations, {counts['users']} "
                f"users, {counts['jobs']} jobs")
 
@@ -645,7 +656,14 @@ def list_tokens(organization: str | None, email: str | None, as_json: bool, data
 def revoke_user_tokens(email: str, data_dir: Path) -> None:
     """Revoke every token of a user (a lost or stolen laptop); `admin create-user-token` makes a new one."""
     revoked = _run(data_dir, lambda conn: identity.revoke_user_tokens(conn, _user_id(conn, email)))
+    admin_audit.record(data_dir, f"revoked {len(revoked)} token(s) of {email}" +
+                       (f": {', '.join(revoked)}" if revoked else ""))
     click.echo(f"revoked {len(revoked)} token(s) of {email}" + (f": {', '.join(revoked)}" if revoked else ""))
+
+
+def _token_id(token: str) -> str:
+    """A token's id: the part before its secret."""
+    return token.split(",", 1)[0]
 
 
 def _user_id(conn: Any, email: str) -> str:
