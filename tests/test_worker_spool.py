@@ -168,6 +168,28 @@ def test_a_message_sent_after_the_runner_finished_leaves_nothing_in_the_outbox(t
     assert os.listdir(tmp_path / "outbox") == []
 
 
+def test_a_folder_another_program_removes_while_it_is_listed_is_an_empty_listing(tmp_path, monkeypatch):
+    """A runner ending a job while the messenger emptied and removed the job's outbox logged "cannot record its
+    end in the spool (No such file or directory)", wrongly blaming the volume, and took the job up again."""
+    import shutil
+    from pathlib import Path
+
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
+    spool.put_status(JOB, {"state": "running", "progress": 0.5})
+    spool.record_rejection(JOB, "x_owner.r2", "x_owner", "its signature does not verify")
+    listed = Path.iterdir
+
+    def removed_as_it_is_listed(self):
+        if self.parent.name in ("outbox", "status", "rejected") or self.parent.parent.name == "outbox":
+            shutil.rmtree(self, ignore_errors=True)  # the other program's `_remove_empty`, at the worst moment
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", removed_as_it_is_listed)
+    spool.discard_messages(JOB)
+    assert spool.pending_outbox() == [] and spool.pending_status() == [] and spool.rejections(JOB) == {}
+
+
 def test_a_job_ended_by_the_coordinator_has_its_unsent_messages_discarded(tmp_path):
     spool = Spool(tmp_path)
     atomic_write_bytes(spool.outbox_path(JOB, "helper", "x_owner.r1"), b"sealed bytes")

@@ -356,7 +356,7 @@ class Spool:
         jobs = [validate_job_id(job_id)] if job_id else _subdirs(self.root / "outbox", JOB_ID_PATTERN)
         for job in jobs:
             for seat in _subdirs(self.root / "outbox" / job, SEAT_PATTERN):
-                for entry in (self.root / "outbox" / job / seat).iterdir():
+                for entry in _entries(self.root / "outbox" / job / seat):
                     name = entry.name.removesuffix(".sealed")
                     if entry.name.endswith(".sealed") and MESSAGE_NAME_PATTERN.fullmatch(name):
                         with contextlib.suppress(FileNotFoundError):
@@ -397,11 +397,8 @@ class Spool:
 
     def rejections(self, job_id: str) -> dict[str, dict[str, Any]]:
         """Dropped messages of a job by name: {"from_seat", "reason", "at"}."""
-        folder = self.root / "rejected" / validate_job_id(job_id)
-        if not folder.is_dir():
-            return {}
         found = {}
-        for entry in folder.iterdir():
+        for entry in _entries(self.root / "rejected" / validate_job_id(job_id)):
             name = entry.name.removesuffix(".json")
             if entry.name.endswith(".json") and MESSAGE_NAME_PATTERN.fullmatch(name):
                 record = read_json(entry)
@@ -444,7 +441,7 @@ class Spool:
         """Queued status updates of all jobs, in the order they were written."""
         items = []
         for job in _subdirs(self.root / "status", JOB_ID_PATTERN):
-            for entry in (self.root / "status" / job).iterdir():
+            for entry in _entries(self.root / "status" / job):
                 if _STATUS_NAME.fullmatch(entry.name):
                     items.append(StatusItem(job, entry))
         return sorted(items, key=lambda item: item.path.name)
@@ -588,6 +585,14 @@ class Spool:
 
 
 def _subdirs(folder: Path, pattern: re.Pattern[str]) -> list[str]:
-    if not folder.is_dir():
+    return sorted(e.name for e in _entries(folder) if pattern.fullmatch(e.name) and e.is_dir())
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What `folder` holds; nothing once it is gone. Another program removes the folders it empties (`_remove_empty`)
+    at any moment, also between a check that one is there and its listing: a runner ending a job while the
+    messenger emptied the job's outbox logged that it could not record the job's end."""
+    try:
+        return list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(e.name for e in folder.iterdir() if pattern.fullmatch(e.name) and e.is_dir())
