@@ -218,7 +218,7 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
     assert [job["id"] for job in json.loads(only.stdout)] == [submitted["id"]]
     latest = cape_cli("jobs", "list", project, "--limit", "1", env=env_a)
     assert latest.stdout.splitlines()[1].split()[0] == second["id"] and len(latest.stdout.splitlines()) == 2
-    assert latest.stderr.strip() == "(the 1 most recent; --limit 0 lists every job)"
+    assert latest.stderr.strip() == "(the 1 most recent; there are more: raise --limit, or --limit 0 for every job)"
     every = cape_cli("jobs", "list", project, "--limit", "2", "--json", env=env_a)
     assert len(json.loads(every.stdout)) == 2 and every.stderr == ""  # nothing left out: no note
     timeout = cape_cli("jobs", "watch", second["id"], "--interval", "0.1", "--timeout", "0.3", env=env_a)

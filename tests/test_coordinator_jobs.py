@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.support.server import Api, build_job_world, worker_public_keys
+from tests.support.server import Api, build_job_world, newest_first, worker_public_keys
 
 METRICS = {"mse_result": 0.25, "r_squared_result": 0.93}
 
@@ -277,17 +277,16 @@ def test_a_database_from_before_the_status_index_gets_it_and_still_serves_worker
 
 
 def test_a_projects_jobs_can_be_listed_by_status_and_most_recent(cape_server):
-    """A busy project has thousands of jobs: the list takes a status filter and a limit (the most recent)."""
+    """A busy project has thousands of jobs: the list takes a status filter and a limit (a page, newest first)."""
     from services.client import Cape
     from services.client.errors import BadArgument
 
     world = build_job_world(cape_server, approve=False)
     user = world["user"]["yorg"]
-    ids = [world["job"]["id"]]
-    for _ in range(4):
-        ids.append(user.post("/v1/projects/demo/jobs", json={
-            "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
-            "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json()["id"])
+    submitted = [world["job"]] + [user.post("/v1/projects/demo/jobs", json={
+        "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}).json() for _ in range(4)]
+    ids = [job["id"] for job in reversed(newest_first(submitted))]  # oldest first (the id orders one millisecond's)
     assert user.post(f"/v1/jobs/{ids[1]}/stop").status_code == 200
     assert user.post(f"/v1/jobs/{ids[3]}/stop").status_code == 200
 
@@ -296,14 +295,15 @@ def test_a_projects_jobs_can_be_listed_by_status_and_most_recent(cape_server):
         assert answer.status_code == 200, answer.text
         return [job["id"] for job in answer.json()]
 
-    assert listed() == ids  # as before: every job, in the order submitted
-    assert listed(limit=2) == ids[3:]  # the most recent, still oldest first
-    assert listed(status="Stopped") == [ids[1], ids[3]]
-    assert listed(status=["Stopped", "NeedsApproval"], limit=3) == ids[2:]
+    assert listed() == ids[::-1]  # every job (fewer than a page), newest first
+    assert listed(limit=2) == [ids[4], ids[3]]
+    assert listed(status="Stopped") == [ids[3], ids[1]]
+    assert listed(status=["Stopped", "NeedsApproval"], limit=3) == [ids[4], ids[3], ids[2]]
     assert user.get("/v1/projects/demo/jobs", params={"status": "Done"}).status_code == 422
     assert user.get("/v1/projects/demo/jobs", params={"limit": 0}).status_code == 422
 
     project = Cape(endpoint=cape_server.url, token=world["orgs"]["yorg"]["user_token"]).get_project("demo")
+    # The SDK's list keeps its order: the most recent `limit`, oldest first.
     assert [job.id for job in project.list_jobs(status="NeedsApproval", limit=2)] == [ids[2], ids[4]]
     with pytest.raises(BadArgument, match="^limit must be a positive whole number of jobs, not 0$"):
         project.list_jobs(limit=0)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from services.coordinator.db import Database
-from tests.support.server import build_job_world
+from tests.support.server import build_job_world, newest_first
 
 JOB = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
        "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}
@@ -65,10 +65,10 @@ def test_a_projects_job_listing_shows_each_job_as_its_own_view_does(cape_server)
     listing = user["helper"].get("/v1/projects/demo/jobs")
     assert listing.status_code == 200 and listing.headers["content-type"] == "application/json"
     listed = listing.json()
-    assert [job["id"] for job in listed] == ids
-    assert listed == [user["helper"].get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    own_views = newest_first([user["helper"].get(f"/v1/jobs/{job_id}").json() for job_id in ids])
+    assert listed == own_views and {job["id"] for job in listed} == set(ids)
     assert {job["status"] for job in listed} == {"Approved", "NeedsApproval", "Stopped", "Rejected"}
-    assert user["helper"].get("/v1/projects/demo/jobs", params={"limit": 3}).json() == listed[-3:]
+    assert user["helper"].get("/v1/projects/demo/jobs", params={"limit": 3}).json() == listed[:3]
     assert [p["label"] for p in user["helper"].get("/v1/projects").json()] == ["demo"]
 
 

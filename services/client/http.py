@@ -11,6 +11,7 @@ from services.client.errors import ApiError, BadArgument, CoordinatorUnreachable
 from services.connection_errors import connection_problem, unloadable_ca_file
 
 DEFAULT_TIMEOUT_S = 30.0
+NEXT_CURSOR_HEADER = "X-Cape-Next-Cursor"  # the coordinator's paged listings (services/CONTRACTS.md)
 # A token (<id>,<secret>) given where the URL goes, e.g. CAPE_COORDINATOR and CAPE_TOKEN swapped: never echoed.
 _TOKEN_LIKE = re.compile(r"[^\s:/]+,\S+")
 
@@ -36,6 +37,14 @@ class ApiSession:
 
     def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the JSON body (None for 204) or raise ``ApiError``."""
+        return self._decoded(self._send(method, path, json, params))
+
+    def get_page(self, path: str, params: dict[str, Any]) -> tuple[Any, str | None]:
+        """One page of a paged listing: its JSON body and the cursor of the next page (None on the last)."""
+        response = self._send("GET", path, None, params)
+        return self._decoded(response), response.headers.get(NEXT_CURSOR_HEADER) or None
+
+    def _send(self, method: str, path: str, json: Any, params: dict[str, Any] | None) -> requests.Response:
         if not self._token:
             raise NotConfigured(
                 "no token: run `cape login --coordinator URL --token TOKEN` or set CAPE_TOKEN"
@@ -76,6 +85,9 @@ class ApiSession:
                               "certificate") from None
         if response.status_code >= 400:
             raise _api_error(response, self.endpoint)
+        return response
+
+    def _decoded(self, response: requests.Response) -> Any:
         if response.status_code == 204 or not response.content:
             return None
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from services.client.errors import ApiError, BadArgument, CapeError, CoordinatorUnreachable, ResultsUnavailable
 from services.client.http import ApiSession
+from services.client.pages import DEFAULT_PAGE, PAGE_MAX, follow, whole_number
 from services.client.results import read_weights, weights_location
 from services.client.schema import check_schema_against_uri, normalise_schema, schema_from_file, schema_from_uri
 
@@ -452,25 +454,19 @@ class Project(Resource):
 
     @property
     def jobs(self) -> list[Job]:
-        """pycape's ``project.jobs``: the project's jobs, listed now (as ``list_jobs()``)."""
+        """pycape's ``project.jobs``: every job of the project, listed now (as ``list_jobs()``); ``iter_jobs()``
+        reads a busy project's a page at a time."""
         return self.list_jobs()
+
+    def iter_jobs(self, status: str | list[str] | None = None, page_size: int = DEFAULT_PAGE) -> Iterator[Job]:
+        """The project's jobs newest first, only those with `status` (one or several) when given, asking the
+        coordinator for `page_size` (1 to 1000) at a time as the iteration goes on."""
+        return iter_jobs(self._session, f"/v1/projects/{seg(self.id)}/jobs", status, page_size)
 
     def list_jobs(self, status: str | list[str] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs of the project in the order they were submitted: only those with `status` (one or several), only
         the `limit` most recent, when given."""
-        params: dict[str, Any] = {}
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise BadArgument(f"limit must be a positive whole number of jobs, not {limit!r}")
-        if status is not None:
-            statuses = [status] if isinstance(status, str) else status
-            if not isinstance(statuses, (list, tuple, set)) or not all(isinstance(s, str) for s in statuses):
-                raise BadArgument(f"status must be a job status (e.g. \"Completed\") or a list of them, not "
-                                  f"{status!r}")
-            params["status"] = list(statuses)
-        if limit is not None:
-            params["limit"] = limit
-        return [Job(self._session, j) for j in self._session.get(f"/v1/projects/{seg(self.id)}/jobs",
-                                                                 params=params or None)]
+        return recent_jobs(self._session, f"/v1/projects/{seg(self.id)}/jobs", status, limit)
 
     def __repr__(self) -> str:
         return f"Project(id={self.id!r}, label={self.label!r})"
@@ -482,3 +478,26 @@ def org_ref(organization: str | Organization | dict[str, Any]) -> str:
     if isinstance(organization, dict):
         return organization.get("label") or organization["id"]
     return str(organization)
+
+
+def job_filter(status: str | list[str] | None) -> dict[str, Any]:
+    """The query parameters of a job listing's `status` argument: one status or several."""
+    if status is None:
+        return {}
+    statuses = [status] if isinstance(status, str) else status
+    if not isinstance(statuses, (list, tuple, set)) or not all(isinstance(s, str) for s in statuses):
+        raise BadArgument(f"status must be a job status (e.g. \"Completed\") or a list of them, not {status!r}")
+    return {"status": list(statuses)}
+
+
+def iter_jobs(session: ApiSession, path: str, status: str | list[str] | None, page_size: int) -> Iterator[Job]:
+    """The jobs of a job listing, newest first, a page at a time."""
+    return (Job(session, j) for j in follow(session, path, job_filter(status), page_size=page_size))
+
+
+def recent_jobs(session: ApiSession, path: str, status: str | list[str] | None, limit: int | None) -> list[Job]:
+    """The `limit` most recent jobs of a job listing (all when None), oldest first."""
+    if limit is not None:
+        whole_number(limit, "limit", "jobs")
+    found = follow(session, path, job_filter(status), limit, min(limit or PAGE_MAX, PAGE_MAX))
+    return [Job(session, j) for j in found][::-1]

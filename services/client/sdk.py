@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from services.client.config import clean_token, load_config
 from services.client.errors import BadArgument
 from services.client.http import DEFAULT_TIMEOUT_S, ApiSession
-from services.client.models import DataView, Job, Organization, Project, one_of, seg
+from services.client.models import DataView, Job, Organization, Project, iter_jobs, one_of, recent_jobs, seg
+from services.client.pages import DEFAULT_PAGE, PAGE_MAX, follow
 
 
 class Cape:
@@ -61,8 +63,13 @@ class Cape:
     # Projects
 
     def list_projects(self) -> list[Project]:
-        """Projects one of your organizations is a member of."""
-        return [Project(self._session, p) for p in self._session.get("/v1/projects")]
+        """Projects one of your organizations is a member of, oldest first."""
+        return list(self.iter_projects(page_size=PAGE_MAX))[::-1]
+
+    def iter_projects(self, page_size: int = DEFAULT_PAGE) -> Iterator[Project]:
+        """The same newest first, asking the coordinator for `page_size` (1 to 1000) at a time as the iteration
+        goes on."""
+        return (Project(self._session, p) for p in follow(self._session, "/v1/projects", page_size=page_size))
 
     def get_project(self, id_or_label: str | None = None, *, id: str | None = None,
                     label: str | None = None) -> Project:
@@ -102,6 +109,16 @@ class Cape:
         """One dataview by id: ``get_dataview(ID)``, or pycape's ``get_dataview(id=ID)``."""
         ref = one_of("get_dataview", dataview_id=dataview_id, id=id)
         return DataView(self._session, self._session.get(f"/v1/dataviews/{seg(ref)}"))
+
+    def iter_jobs(self, status: str | list[str] | None = None, page_size: int = DEFAULT_PAGE) -> Iterator[Job]:
+        """Your jobs across projects (those of every project one of your organizations is a member of), newest
+        first, only those with `status` (one or several) when given, `page_size` (1 to 1000) at a time."""
+        return iter_jobs(self._session, "/v1/jobs", status, page_size)
+
+    def list_jobs(self, status: str | list[str] | None = None, limit: int | None = None) -> list[Job]:
+        """Your jobs across projects in the order they were submitted: only those with `status`, only the `limit`
+        most recent, when given (as ``project.list_jobs``)."""
+        return recent_jobs(self._session, "/v1/jobs", status, limit)
 
     def get_job(self, job_id: str | None = None, *, id: str | None = None) -> Job:
         """One job by id: ``get_job(ID)``, or pycape's ``get_job(id=ID)``."""

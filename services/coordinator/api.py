@@ -15,6 +15,7 @@ from services.coordinator.audit import RefusedTokens, record
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
+from services.coordinator.paging import DEFAULT_LIMIT, MAX_LIMIT, NEXT_CURSOR_HEADER, PageRequest
 from services.coordinator.permissions import MANAGE_USERS, require_member, require_person, require_role, require_worker
 from services.coordinator.schemas import (
     Approval,
@@ -41,12 +42,23 @@ bearer = HTTPBearer(auto_error=False, scheme_name="CapeToken",
                                 "`/v1/login` either)")
 
 
-def listing(items: list[dict[str, Any]]) -> JSONResponse:
+def listing(items: list[dict[str, Any]], next_cursor: str | None = None) -> JSONResponse:
     """A long list's answer, encoded here (in the request's worker thread). FastAPI checks and encodes what an
     endpoint returns against its response_model on the event loop: 0.6 s for 5,000 jobs, during which no other
     request (every worker's heartbeat and long poll) was served. The views are built by our own code in the
-    model's shape; the model still documents the answer."""
-    return JSONResponse(items)
+    model's shape; the model still documents the answer. A page that has a next one names it in a header."""
+    return JSONResponse(items, headers={NEXT_CURSOR_HEADER: next_cursor} if next_cursor else None)
+
+
+def page_request(limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT,
+                                    description=f"at most this many, newest first (1 to {MAX_LIMIT})"),
+                 cursor: str | None = Query(None, description=f"where the page starts: the {NEXT_CURSOR_HEADER} "
+                                                              "header of the previous page")) -> PageRequest:
+    return PageRequest(limit, cursor)
+
+
+PAGED = {200: {"description": "a page, newest first", "headers": {NEXT_CURSOR_HEADER: {
+    "description": "the `cursor` of the next page; absent on the last page", "schema": {"type": "string"}}}}}
 
 
 def coordinator_router(db: Database, changes: JobChanges | None = None,
@@ -190,11 +202,12 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
             row = projects.create_project(conn, p, body.label, body.name, body.description, body.organization)
             return projects.project_view(conn, row)
 
-    @router.get("/projects", tags=["projects"], response_model=list[views.Project])
-    def list_projects(p: Principal = Depends(person)) -> JSONResponse:
+    @router.get("/projects", tags=["projects"], response_model=list[views.Project], responses=PAGED)
+    def list_projects(page: PageRequest = Depends(page_request), p: Principal = Depends(person)) -> JSONResponse:
         with db.reading() as conn:
-            listed = [projects.project_view(conn, r) for r in projects.list_projects(conn, p)]
-        return listing(listed)
+            found = projects.list_projects(conn, p, page)
+            listed = [projects.project_view(conn, r) for r in found.rows]
+        return listing(listed, found.next_cursor)
 
     @router.get("/projects/{project}", tags=["projects"], response_model=views.Project)
     def get_project(project: str, p: Principal = Depends(person)) -> dict[str, Any]:
@@ -256,16 +269,24 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
             job_id = jobs.submit_job(conn, p, project, body.model_dump())
             return jobs.job_view(conn, jobs.find_job(conn, job_id))
 
-    @router.get("/projects/{project}/jobs", tags=["jobs"], response_model=list[views.Job])
-    def list_jobs(project: str, status: list[views.JobStatus] | None = Query(None),
-                  limit: int | None = Query(None, ge=1, le=100_000, description="only the most recent this many"),
-                  p: Principal = Depends(person)) -> JSONResponse:
+    def job_page(p: Principal, project: str | None, status: list[str] | None, page: PageRequest) -> JSONResponse:
         with db.transaction() as conn:  # it may end jobs past their start timeout: a write
-            ids = [row["id"] for row in jobs.list_jobs(conn, p, project, status, limit)]
+            found = jobs.list_jobs(conn, p, project, status, page)
         with db.reading() as conn:
-            views = jobs.job_views(conn, jobs.find_jobs(conn, ids))
+            views = jobs.job_views(conn, jobs.find_jobs(conn, [row["id"] for row in found.rows]))
         # A later snapshot than the one the ids came from: a job that moved on since has left the filter.
-        return listing([view for view in views if not status or view["status"] in status])
+        return listing([view for view in views if not status or view["status"] in status], found.next_cursor)
+
+    @router.get("/projects/{project}/jobs", tags=["jobs"], response_model=list[views.Job], responses=PAGED)
+    def list_jobs(project: str, status: list[views.JobStatus] | None = Query(None),
+                  page: PageRequest = Depends(page_request), p: Principal = Depends(person)) -> JSONResponse:
+        return job_page(p, project, status, page)
+
+    @router.get("/jobs", tags=["jobs"], response_model=list[views.Job], responses=PAGED)
+    def list_my_jobs(status: list[views.JobStatus] | None = Query(None), page: PageRequest = Depends(page_request),
+                     p: Principal = Depends(person)) -> JSONResponse:
+        """The jobs of every project one of the caller's organizations is a member of."""
+        return job_page(p, None, status, page)
 
     @router.get("/jobs/{job_id}", tags=["jobs"], response_model=views.Job)
     def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:

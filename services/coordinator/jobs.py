@@ -10,8 +10,15 @@ from typing import Any
 from services.coordinator.db import new_id, now_iso, parse_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref
 from services.coordinator.liveness import worker_online
+from services.coordinator.paging import Page, PageRequest, newest_first
 from services.coordinator.permissions import STOP_JOBS, SUBMIT_JOBS, acting_organization, require_person
-from services.coordinator.projects import find_project_dataview, is_member_org, readable_project
+from services.coordinator.projects import (
+    find_project,
+    find_project_dataview,
+    is_member_org,
+    readable_project,
+    readable_projects,
+)
 from services.server.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 log = logging.getLogger("cape.coordinator")
@@ -267,6 +274,12 @@ def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[st
     orgs: dict[str, sqlite3.Row] = {}
     online: dict[str, bool] = {}
     users: dict[str, sqlite3.Row | None] = {}
+    project_labels: dict[str, str] = {}
+
+    def project_label(project_id: str) -> str:
+        if project_id not in project_labels:
+            project_labels[project_id] = find_project(conn, project_id)["label"]
+        return project_labels[project_id]
 
     def org(org_id: str) -> sqlite3.Row:
         if org_id not in orgs:
@@ -287,7 +300,8 @@ def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[st
     for job in jobs:
         submitter = user(job["submitted_by_user_id"])
         views.append({
-            "id": job["id"], "project": job["project_id"], "type": job["type"], "status": job["status"],
+            "id": job["id"], "project": job["project_id"], "project_label": project_label(job["project_id"]),
+            "type": job["type"], "status": job["status"],
             "task": task_view(job),
             "parties": {p["seat"]: {"organization": org_ref(org(p["org_id"])),
                                     "state": _shown_state(job["status"], p["state"]),
@@ -306,20 +320,23 @@ def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[st
     return views
 
 
-def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str, statuses: list[str] | None = None,
-              limit: int | None = None) -> list[sqlite3.Row]:
-    """A project's jobs in the order they were submitted: those in `statuses` (all by default), the most recent
-    `limit` (all by default), so a project of thousands of jobs can be followed without listing them all."""
-    project = readable_project(conn, principal, project_ref)
-    where, params = "project_id = ?", [project["id"]]
+def list_jobs(conn: sqlite3.Connection, principal: Principal, project_ref: str | None, statuses: list[str] | None,
+              request: PageRequest) -> Page:
+    """A page of jobs, newest first: a project's, or (`project_ref` None) those of every project the caller's
+    organizations are members of, the projects `readable_project` lets them read; only those in `statuses` when
+    given. A job of the page that is past its start timeout is ended here (a write)."""
+    if project_ref is not None:
+        where, params = "project_id = ?", [readable_project(conn, principal, project_ref)["id"]]
+    else:
+        where, params = readable_projects(principal, "project_id")
     if statuses:
         where += f" AND status IN ({', '.join('?' for _ in statuses)})"
         params += statuses
-    rows = list(conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY created_at DESC, rowid DESC "  # noqa: S608
-                             f"LIMIT {int(limit) if limit else -1}", params))
-    rows.reverse()
-    listed = [expire_if_late(conn, r) for r in rows]
-    return [r for r in listed if not statuses or r["status"] in statuses]  # one just expired has left the filter
+    # Keys first, through the (project_id[, status], created_at, id) indexes alone; whole rows for the page only.
+    keys = newest_first(conn, "jobs", f"SELECT id, created_at FROM jobs WHERE {where}", params, request)  # noqa: S608
+    listed = [expire_if_late(conn, r) for r in find_jobs(conn, [key["id"] for key in keys.rows])]
+    # One that just expired has left the filter; the cursor stays the page's last key, so no job is skipped.
+    return Page([r for r in listed if not statuses or r["status"] in statuses], keys.next_cursor)
 
 
 # --- stopping and results ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 from services.coordinator.blocking_jobs import active_jobs, blocked
 from services.coordinator.db import new_id, now_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref, org_view
+from services.coordinator.paging import Page, PageRequest, newest_first
 from services.coordinator.permissions import (
     MANAGE_DATAVIEWS,
     MANAGE_PROJECTS,
@@ -110,15 +111,19 @@ def delete_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> 
     conn.execute("DELETE FROM projects WHERE id = ?", (pid,))
 
 
-def list_projects(conn: sqlite3.Connection, principal: Principal) -> list[sqlite3.Row]:
+def readable_projects(principal: Principal, column: str = "id") -> tuple[str, list[str]]:
+    """A condition on `column` (a project id) that holds for the projects `readable_project` lets the caller read:
+    those one of their organizations is a member of."""
     require_person(principal)
-    org_ids = list(principal.roles)
-    if not org_ids:
-        return []
-    marks = ",".join("?" * len(org_ids))
-    return list(conn.execute(
-        f"SELECT * FROM projects WHERE id IN (SELECT project_id FROM project_organizations WHERE org_id IN ({marks}))"
-        " ORDER BY created_at, label", org_ids))
+    marks = ", ".join("?" * len(principal.roles))
+    return (f"{column} IN (SELECT project_id FROM project_organizations WHERE org_id IN ({marks}))",
+            list(principal.roles))
+
+
+def list_projects(conn: sqlite3.Connection, principal: Principal, request: PageRequest) -> Page:
+    """A page of the caller's projects, newest first."""
+    where, params = readable_projects(principal)
+    return newest_first(conn, "projects", f"SELECT * FROM projects WHERE {where}", params, request)  # noqa: S608
 
 
 # --- dataviews ----------------------------------------------------------------------------------------------

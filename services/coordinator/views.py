@@ -188,6 +188,7 @@ class Submitter(View):
 class Job(View):
     id: str
     project: str = Field(description="the project's id")
+    project_label: str
     type: Literal["linear_regression"]
     status: JobStatus
     task: Task

@@ -215,10 +215,24 @@ def ok(response: requests.Response) -> Any:
     return response.json() if response.content else None
 
 
+def newest_first(views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Views in the listings' order: newest first by (created_at, id); the id orders those of one millisecond."""
+    return sorted(views, key=lambda view: (view["created_at"], view["id"]), reverse=True)
+
+
 def api_error(response: requests.Response, status: int) -> dict[str, Any]:
     """The `error` object ({"code", "message", ...}) of an answer that must have `status`."""
     assert response.status_code == status, response.text
     return response.json()["error"]
+
+
+def add_dataviews(user: dict[str, Api], project: str) -> None:
+    """xorg's dataview `xs` (a, b) and yorg's `ys` (t) in `project`."""
+    ok(user["xorg"].post(f"/v1/projects/{project}/dataviews", json={
+        "name": "xs", "uri": "file:///data/x.csv", "schema": [{"name": "a", "type": "number"},
+                                                             {"name": "b", "type": "number"}]}))
+    ok(user["yorg"].post(f"/v1/projects/{project}/dataviews", json={
+        "name": "ys", "uri": "file:///data/y.csv", "schema": [{"name": "t", "type": "number"}]}))
 
 
 def build_job_world(server: CapeServer, approve: bool = True, register_keys: bool = True,
@@ -237,11 +251,7 @@ def build_job_world(server: CapeServer, approve: bool = True, register_keys: boo
     ok(user["xorg"].post("/v1/projects", json={"label": "demo", "name": "Demo"}))
     ok(user["xorg"].post("/v1/projects/demo/organizations", json={"organization": "yorg"}))
     project = ok(user["xorg"].put("/v1/projects/demo/helper", json={"organization": "helper"}))
-    ok(user["xorg"].post("/v1/projects/demo/dataviews", json={
-        "name": "xs", "uri": "file:///data/x.csv", "schema": [{"name": "a", "type": "number"},
-                                                             {"name": "b", "type": "number"}]}))
-    ok(user["yorg"].post("/v1/projects/demo/dataviews", json={
-        "name": "ys", "uri": "file:///data/y.csv", "schema": [{"name": "t", "type": "number"}]}))
+    add_dataviews(user, "demo")
     job = ok(user["yorg"].post("/v1/projects/demo/jobs", json={
         "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
         "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "model_location": "s3://bucket/models",
@@ -253,3 +263,23 @@ def build_job_world(server: CapeServer, approve: bool = True, register_keys: boo
         ok(user["xorg"].post(f"/v1/jobs/{job['id']}/approve"))
         job = ok(user["yorg"].post(f"/v1/jobs/{job['id']}/approve"))
     return {"orgs": orgs, "project": project, "job": job, "user": user, "worker": worker}
+
+
+SIMPLE_JOB = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
+              "y": {"dataview": "ys", "column": "t"}, "model_owner": "yorg", "timeout": 600}
+
+
+def submit_jobs(api: Api, project: str, count: int) -> list[dict[str, Any]]:
+    """`count` jobs of a `build_job_world` project (xs, ys; yorg the model owner), submitted one after the other."""
+    return [ok(api.post(f"/v1/projects/{project}/jobs", json=SIMPLE_JOB)) for _ in range(count)]
+
+
+def add_side_project(server: CapeServer, world: dict[str, Any]) -> None:
+    """To a `build_job_world`: project `side` of xorg, yorg and its own helper `aside` (the world's helper is no
+    member), with dataviews `xs` and `ys` as in `demo`."""
+    user = world["user"]
+    server.create_org("aside")
+    ok(user["xorg"].post("/v1/projects", json={"label": "side"}))
+    ok(user["xorg"].post("/v1/projects/side/organizations", json={"organization": "yorg"}))
+    ok(user["xorg"].put("/v1/projects/side/helper", json={"organization": "aside"}))
+    add_dataviews(user, "side")

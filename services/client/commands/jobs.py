@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from itertools import islice
 from typing import Any
 
 import click
@@ -13,9 +14,10 @@ from services.client.commands.output import (
 from services.tables import cell_text
 from services.client.errors import BadArgument, CapeError, ResultsUnavailable
 from services.client.models import TERMINAL_STATUSES, Job
+from services.client.pages import PAGE_MAX
 from services.client.tasks import DEFAULT_JOB_TIMEOUT_S, VerticallyPartitionedLinearRegression, dashes_for_underscores
 
-LIST_LIMIT = 100  # `cape jobs list` shows the most recent this many (a busy project has thousands)
+LIST_LIMIT = 50  # `cape jobs list` shows the most recent this many (a busy project has thousands)
 # `cape jobs watch` exit codes besides 0 (Completed).
 EXIT_JOB_FAILED = 1
 EXIT_WATCH_TIMEOUT = 3
@@ -78,30 +80,37 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
 
 
 @jobs.command("list")
-@click.argument("project")
+@click.argument("project", required=False)
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
               type=click.Choice(["NeedsApproval", "Approved", "Started", "Completed", "Error", "Stopped", "Rejected"]),
               help="Only jobs with this status (repeat for several).")
-@click.option("--limit", type=click.IntRange(min=0, max=10_000), default=LIST_LIMIT, show_default=True,
-              help="Only the most recent this many, up to 10000 (0: every job).")
+@click.option("--limit", type=click.IntRange(min=0), default=LIST_LIMIT, show_default=True,
+              help="Only the most recent this many (0: every job).")
 @json_option
 @pass_cli
-def list_jobs(cli: CliContext, project: str, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """List the jobs of PROJECT, oldest first."""
+def list_jobs(cli: CliContext, project: str | None, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List the jobs of PROJECT, oldest first; without PROJECT, your jobs in every project of your organizations,
+    newest first."""
     # One more than shown: the note below is true only if some job was left out.
-    found = cli.cape().get_project(project).list_jobs(status=list(statuses) or None,
-                                                       limit=limit + 1 if limit else None)
-    if limit and len(found) > limit:  # on stderr: said to scripts reading --json too, without touching stdout
-        found = found[1:]
-        click.echo(f"(the {limit} most recent; --limit 0 lists every job)", err=True)
+    wanted, status = limit + 1 if limit else None, list(statuses) or None
+    if project is None:
+        found = list(islice(cli.cape().iter_jobs(status, page_size=min(wanted or PAGE_MAX, PAGE_MAX)), wanted))
+        shown = found[:limit] if limit else found
+    else:
+        found = cli.cape().get_project(project).list_jobs(status=status, limit=wanted)
+        shown = found[-limit:] if limit else found
+    if len(shown) < len(found):  # on stderr: said to scripts reading --json too, without touching stdout
+        click.echo(f"(the {limit} most recent; there are more: raise --limit, or --limit 0 for every job)", err=True)
     if as_json:
-        print_json([j.data for j in found])
+        print_json([j.data for j in shown])
         return
+    where = [] if project is not None else [("PROJECT", lambda j: j.get("project_label") or j.get("project"))]
     print_table(
-        [j.data for j in found],
-        [("ID", lambda j: j.get("id")), ("TYPE", lambda j: j.get("type")), ("STATUS", lambda j: j.get("status")),
-         ("MODEL OWNER", lambda j: _model_owner(j)), ("CREATED", lambda j: j.get("created_at")),
-         ("DATA (X / Y)", _dataviews), ("ERROR", lambda j: _shortened(j.get("error")))],
+        [j.data for j in shown],
+        [("ID", lambda j: j.get("id")), *where, ("TYPE", lambda j: j.get("type")),
+         ("STATUS", lambda j: j.get("status")), ("MODEL OWNER", lambda j: _model_owner(j)),
+         ("CREATED", lambda j: j.get("created_at")), ("DATA (X / Y)", _dataviews),
+         ("ERROR", lambda j: _shortened(j.get("error")))],
         empty="No jobs.",
     )
 
