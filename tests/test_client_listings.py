@@ -47,20 +47,21 @@ def test_jobs_list_without_a_project_shows_your_recent_jobs_across_projects(cape
     listed = cape_cli("jobs", "list", "--limit", "4", env=env)
     assert listed.exit_code == 0, listed.stderr
     assert listed.stdout.splitlines()[0].split()[:4] == ["ID", "PROJECT", "TYPE", "STATUS"]
-    assert [row[:2] for row in rows(listed.stdout)] == [
-        [job["id"], label.get(job["project"], "side")] for job in newest[:4]]
+    assert [row[:2] for row in rows(listed.stdout)] == [  # the most recent, oldest first, as with a project
+        [job["id"], label.get(job["project"], "side")] for job in newest[:4][::-1]]
     assert listed.stderr.strip() == f"(the 4 most recent; {MORE}"
 
     every = cape_cli("jobs", "list", "--limit", "0", "--json", env=env)
-    assert ids(json.loads(every.stdout)) == ids(newest) and every.stderr == ""
+    assert ids(json.loads(every.stdout)) == ids(newest[::-1]) and every.stderr == ""
     default = cape_cli("jobs", "list", env=env)
-    assert [row[0] for row in rows(default.stdout)] == ids(newest) and default.stderr == ""  # fewer than 50
+    assert [row[0] for row in rows(default.stdout)] == ids(newest[::-1]) and default.stderr == ""  # fewer than 50
     exactly = cape_cli("jobs", "list", "--limit", str(len(newest)), env=env)
     assert len(rows(exactly.stdout)) == len(newest) and exactly.stderr == ""  # nothing left out: no note
 
     # helper takes part in demo only: side's jobs are not listed for it.
     helper = cape_cli("jobs", "list", "--json", env=env_of(cape_server, world, "helper"))
-    assert ids(json.loads(helper.stdout)) == [job["id"] for job in newest if job["project"] == world["project"]["id"]]
+    assert ids(json.loads(helper.stdout)) == [job["id"] for job in newest[::-1]
+                                              if job["project"] == world["project"]["id"]]
     stopped = ok(world["user"]["xorg"].post(f"/v1/jobs/{newest[2]['id']}/stop"))
     only = cape_cli("jobs", "list", "--status", "Stopped", "--json", env=env)
     assert ids(json.loads(only.stdout)) == [stopped["id"]]

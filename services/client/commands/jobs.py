@@ -89,13 +89,13 @@ def submit(cli: CliContext, project: str, job_type: str, x_spec: str, y_spec: st
 @json_option
 @pass_cli
 def list_jobs(cli: CliContext, project: str | None, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """List the jobs of PROJECT, oldest first; without PROJECT, your jobs in every project of your organizations,
-    newest first."""
+    """List the most recent jobs of PROJECT, or without PROJECT your jobs in every project of your organizations;
+    oldest first, so the newest is nearest the prompt."""
     # One more than shown: the note below is true only if some job was left out.
     wanted, status = limit + 1 if limit else None, list(statuses) or None
     if project is None:
         found = list(islice(cli.cape().iter_jobs(status, page_size=min(wanted or PAGE_MAX, PAGE_MAX)), wanted))
-        shown = found[:limit] if limit else found
+        shown = (found[:limit] if limit else found)[::-1]
     else:
         found = cli.cape().get_project(project).list_jobs(status=status, limit=wanted)
         shown = found[-limit:] if limit else found
