@@ -15,6 +15,7 @@ import pytest
 
 from services.client import Cape, VerticallyPartitionedLinearRegression
 from services.client.errors import BadArgument
+from services.worker.partner_wait import LIMIT_TIMEOUTS
 from services.client.models import DataView
 from tests.support.client import one_error_line
 from tests.support.server import build_job_world, cape_server_command, ok
@@ -204,7 +205,8 @@ def test_approving_twice_says_nothing_changed_and_status_shows_what_an_approver_
                             "NeedsApproval (waiting for yorg).\n")
     status = cape_cli("jobs", "status", job_id, env=env).stdout
     assert "s3://bucket/models" in status  # the model location the submitter asked for
-    assert "600 s (for the three workers to take the job after approval, and for each message between them)" in status
+    assert ("600 s (for the three workers to take the job after approval, and for each message between them: longer "
+            f"while its sender says it is still preparing, up to {LIMIT_TIMEOUTS} times)") in status
     assert "admin@yorg.example (yorg)" in status
     assert "WORKER" in status and "offline" in status  # no worker heartbeats here
 

@@ -1,10 +1,12 @@
 """The messenger against a real cape-server: sealed messages move between workers' spools through the broker."""
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from services.worker.job_spec import JobSpec
+from services.worker.keepalive import KeepAlives
 from services.worker.messenger import Messenger
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool_transport import SpoolTransport, SpoolTransportTimeout
@@ -207,6 +210,54 @@ def test_forged_and_misaddressed_messages_are_dropped(job, tmp_path):
         proc.wait(timeout=10)
     log = (tmp_path / "y_owner.messenger.log").read_text()
     assert log.count("dropped message") == 2
+
+
+def test_keep_alives_are_verified_like_any_message_and_only_genuine_ones_prolong_a_wait(job, tmp_path):
+    """The x-owner's runner, still preparing, seals keep-alives that reach the y-owner's inbox through the broker;
+    keep-alives the helper's worker did not make (another key), altered on the way, or replayed under another name
+    are dropped, logged and recorded like any message, and a wait for the helper ends at the job's timeout."""
+    helper, x, y = job.seats["helper"], job.seats["x_owner"], job.seats["y_owner"]
+    y_key = JobSpec.parse(helper.spec).parties["y_owner"].encryption_key
+    put = lambda name, body: requests.put(  # noqa: E731 - what a misbehaving helper worker (or broker) can do
+        f"{job.broker_url}/v1/jobs/{job.id}/messages/y_owner/{name}", data=body, timeout=10,
+        headers={"Authorization": f"Bearer {helper.token}"}).status_code
+
+    def sealed(name: str, signer=None) -> bytes:
+        return SealedMessage.seal_bytes(b'{"phase": "queued"}', MessageAddress(job.id, "helper", "y_owner", name),
+                                        y_key, signer or helper.keys.signing)
+
+    assert put("helper.preparing.1", sealed("helper.preparing.1", ed25519.Ed25519PrivateKey.generate())) == 201
+    altered = bytearray(sealed("helper.preparing.2"))
+    altered[-5] ^= 1
+    assert put("helper.preparing.2", bytes(altered)) == 201
+    assert put("helper.preparing.3", sealed("helper.preparing.9")) == 201  # genuine, replayed under another name
+    assert put("x_owner.preparing.4", sealed("x_owner.preparing.4")) == 422  # the broker: not the helper's name
+
+    stop = threading.Event()
+    keepalives = KeepAlives(x.spool, x.keys, stop)
+    started = [start_messenger(job, "x_owner", tmp_path), start_messenger(job, "y_owner", tmp_path)]
+    try:
+        keepalives.begin(JobSpec.parse(x.spec), "loading its data: 3 of 9 MiB")
+        wait_for(lambda: y.spool.inbox_path(job.id, "x_owner.preparing.1").exists(), "the x-owner's keep-alive")
+        wait_for(lambda: len(y.spool.rejections(job.id)) == 3, "three rejections")
+        began = time.monotonic()
+        with pytest.raises(SpoolTransportTimeout, match=r"within 2 s; check that worker is running .* nothing came "
+                                                        r"from it\); 3 message\(s\) claiming to come from helper "
+                                                        r"were rejected"):
+            transport(job, "y_owner", timeout=2.0).receive(2, "r1")
+        assert time.monotonic() - began < 3.0
+    finally:
+        stop.set()
+        stop_all(started)
+    assert json.loads(y.spool.inbox_path(job.id, "x_owner.preparing.1").read_bytes()) == {
+        "phase": "loading its data: 3 of 9 MiB"}
+    rejections = y.spool.rejections(job.id)
+    assert set(rejections) == {"helper.preparing.1", "helper.preparing.2", "helper.preparing.3"}
+    assert "signature does not verify" in rejections["helper.preparing.1"]["reason"]
+    assert "fails authentication" in rejections["helper.preparing.2"]["reason"]
+    assert "signature does not verify" in rejections["helper.preparing.3"]["reason"]
+    assert not any(name.startswith("helper.") for name in y.spool.inbox_names(job.id))
+    assert (tmp_path / "y_owner.messenger.log").read_text().count("dropped message helper.preparing.") == 3
 
 
 def test_sigterm_stops_the_messenger_within_two_seconds(job, tmp_path):

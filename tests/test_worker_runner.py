@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import subprocess
@@ -415,3 +416,40 @@ def test_a_dataview_download_says_its_progress_and_retries_on_the_seat_and_stops
     ended.append("the coordinator ended the job (Stopped)")
     with pytest.raises(JobInterrupted, match="Stopped"):
         watch.received(65 * 2**20, 256 * 2**20)
+
+
+def test_a_job_queued_for_a_slot_tells_its_partners_it_is_still_preparing_until_it_leaves(tmp_path):
+    """Its partners, already computing, would otherwise give it up after the job's timeout (keepalive.py)."""
+    from services.worker.job_spec import JobSpec
+    from services.worker.keepalive import interval_for
+    from services.worker.sealing import MessageAddress, SealedMessage
+    from tests.support.worker_messaging import worker_job
+
+    keys = {seat: WorkerKeys.load_or_create(tmp_path / seat / "state") for seat in SEATS}
+    job_id = "a" * 32
+    spool = Spool(tmp_path / "x_owner" / "spool")
+    spool.put_job(worker_job(keys, "x_owner", job_id))  # its timeout is 5 s: a keep-alive every 1.25 s
+    runner = Runner(spool, keys["x_owner"], max_parallel=1)
+    assert runner.slots.take("other", "2025-01-01T00:00:00Z", resumed=True) is None  # its one slot is busy
+    thread = threading.Thread(target=runner.run_job, args=(job_id,))
+    thread.start()
+    try:
+        wait_for(lambda: runner.keepalives.sent >= 2, "two keep-alives", timeout=10)
+    finally:
+        runner.stop.set()
+        spool.changes.wake()
+        thread.join(timeout=10)
+    sent = runner.keepalives.sent
+    time.sleep(2 * interval_for(5))
+    assert runner.keepalives.sent == sent  # the job left (paused by the stop): no more
+    for seat in ("y_owner", "helper"):
+        items = [item for item in spool.pending_outbox() if item.to_seat == seat]
+        # and maybe the next one, being written as the job left
+        assert [item.name for item in items][:sent] == [f"x_owner.preparing.{n}" for n in range(1, sent + 1)]
+        assert len(items) <= sent + 1
+        with open(items[0].path, "rb") as sealed:
+            plain = SealedMessage.open_bytes(sealed.read(), MessageAddress(job_id, "x_owner", seat, items[0].name),
+                                             keys[seat].encryption, JobSpec.parse(worker_job(keys, seat, job_id))
+                                             .parties["x_owner"].signing_key)
+        assert json.loads(plain) == {"phase": "queued at its worker: all 1 of the worker's job slots are taken by "
+                                              "jobs loading their data or computing"}

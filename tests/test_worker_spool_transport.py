@@ -1,6 +1,9 @@
 """The spool transport: arrays sealed into the outbox once, read back from the inbox, bounded waits."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -11,10 +14,13 @@ import pytest
 from services.mpc import ProtocolError, TransportTimeout
 from services.mpc.transport import Expected
 from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keepalive import KeepAlives, interval_for, is_keepalive_name, keepalive_name
 from services.worker.keys import WorkerKeys
+from services.worker.partner_wait import LIMIT_TIMEOUTS
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import Spool, atomic_writer
 from services.worker.spool_transport import JobInterrupted, SpoolTransport, wire_name
+from tests.support.worker_messaging import wait_for
 from tests.support.worker_messaging import worker_job as support_worker_job
 
 JOB = "feedfacefeedfacefeedfacefeedface"
@@ -288,3 +294,176 @@ def test_kill_9_while_writing_in_the_background_then_replay_gives_every_message_
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"])
     for i in range(40):
         assert y.receive(0, f"block{i}")[0] == i
+
+
+# ---- keep-alives: a partner still preparing keeps a wait going (keepalive.py, partner_wait.py) -------------------
+
+T = 0.8  # the job's timeout in these tests: keep-alives every 0.2 s
+
+
+@contextlib.contextmanager
+def delivering(world):
+    """Both ways between every two seats, every 10 ms, as the messengers and the broker do."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(0.01):
+            for frm in SEATS:
+                for to in SEATS:
+                    if frm != to:
+                        deliver(world, frm, to)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def preparing_x(world, stop: threading.Event) -> tuple[KeepAlives, JobSpec]:
+    keys, spools, specs = world
+    return KeepAlives(spools["x_owner"], keys["x_owner"], stop), dataclasses.replace(specs["x_owner"], timeout=T)
+
+
+def assert_keepalives_numbered(names, first: int, count: int) -> None:
+    """`names` hold the keep-alives numbered `first` to `first + count - 1`, and maybe the next one, which was being
+    written as they ended (not counted: not every partner may have it)."""
+    numbers = sorted(int(name.rsplit(".", 1)[1]) for name in names if is_keepalive_name(name))
+    assert numbers in (list(range(first, first + count)), list(range(first, first + count + 1))), numbers
+
+
+def test_a_partner_still_preparing_keeps_the_wait_going_past_the_timeout_and_says_why(world):
+    keys, spools, specs = world
+    stop = threading.Event()
+    keepalives, x_spec = preparing_x(world, stop)
+    said = []
+    x = SpoolTransport(spools["x_owner"], x_spec, keys["x_owner"], sending=lambda: keepalives.end(JOB))
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=T,
+                       partner_preparing=lambda *args: said.append(args))
+    try:
+        with delivering(world):
+            keepalives.begin(x_spec, "queued at its worker: all 4 of the worker's job slots are taken")
+            threading.Timer(1.5 * T, keepalives.phase, (JOB, "loading its data: 12 of 40 MiB")).start()
+            late = threading.Timer(3 * T, lambda: (x.send(1, "late", np.ones(3)), x.flush()))
+            late.start()
+            started = time.monotonic()
+            np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
+            waited = time.monotonic() - started
+            late.join()
+            sent = keepalives.sent
+            time.sleep(3 * interval_for(T))
+    finally:
+        stop.set()
+    assert waited >= 2.5 * T
+    assert [seat for seat, _, _ in said] == ["x_owner"] * len(said) and 2 <= len(said) <= 4, said
+    assert said[0][1] == "queued at its worker: all 4 of the worker's job slots are taken"
+    assert said[-1][1] == "loading its data: 12 of 40 MiB" and said[-1][2] >= 2 * T
+    # From its first message on, the late seat sends no keep-alive; each went to both partners, sealed.
+    assert keepalives.sent == sent >= 8
+    for to in ("y_owner", "helper"):
+        assert_keepalives_numbered(spools["x_owner"].outbox_names(JOB, to), 1, sent)
+    assert json.loads(spools["helper"].inbox_path(JOB, "x_owner.preparing.1").read_bytes()) == {
+        "phase": "queued at its worker: all 4 of the worker's job slots are taken"}
+
+
+def y_waits_while_x_prepares(world, phase: str, silent_after: float | None = None) -> tuple[str, float]:
+    """The y-owner waits for the x-owner's `r1`, which never comes, while the x-owner says it is `phase` (until
+    `silent_after` seconds); the timeout's message and how long the wait lasted."""
+    keys, spools, specs = world
+    stop = threading.Event()
+    keepalives, x_spec = preparing_x(world, stop)
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=T)
+    try:
+        with delivering(world):
+            keepalives.begin(x_spec, phase)
+            if silent_after is not None:
+                threading.Timer(silent_after, keepalives.end, (JOB,)).start()
+            started = time.monotonic()
+            with pytest.raises(TransportTimeout) as caught:
+                y.receive(0, "r1")
+            return str(caught.value), time.monotonic() - started
+    finally:
+        stop.set()
+
+
+def test_a_partner_whose_keep_alives_stop_is_given_up_within_two_timeouts(world):
+    # its runner is gone after 1.5 timeouts (kill -9, a machine down)
+    message, waited = y_waits_while_x_prepares(world, "loading its data: 1 of 300 MiB", silent_after=1.5 * T)
+    assert 2 * T <= waited < 1.5 * T + 2 * T + 1.0
+    assert message == ("no message 'x_owner.r1' from the x_owner worker (organization org-x_owner): it said it was "
+                       "still preparing (loading its data: 1 of 300 MiB), then nothing came from it for "
+                       f"{T:g} s; check that worker is running and reaches the broker")
+
+
+def test_a_partner_that_keeps_preparing_for_ever_is_given_up_at_the_limit(world):
+    message, waited = y_waits_while_x_prepares(world, "queued at its worker behind an older job")
+    assert LIMIT_TIMEOUTS * T <= waited < LIMIT_TIMEOUTS * T + 1.0
+    assert message.startswith(
+        f"no message 'x_owner.r1' from the x_owner worker (organization org-x_owner) within {LIMIT_TIMEOUTS * T:g} "
+        f"s, {LIMIT_TIMEOUTS} times the job's timeout and the longest a wait lasts, although it kept saying it was "
+        "still preparing (queued at its worker behind an older job); give such jobs a longer timeout"), message
+
+
+def test_keep_alives_from_before_a_wait_or_from_another_seat_do_not_prolong_it(world):
+    keys, spools, specs = world
+    stop = threading.Event()
+    keepalives, x_spec = preparing_x(world, stop)
+    helper_keepalives = KeepAlives(spools["helper"], keys["helper"], stop)
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=T)
+    try:
+        keepalives.begin(x_spec, "queued")
+        with delivering(world):
+            wait_for(lambda: spools["y_owner"].inbox_names(JOB), "a keep-alive from x_owner")
+        keepalives.end(JOB)
+        deliver(world, "x_owner", "y_owner")
+        helper_keepalives.begin(dataclasses.replace(specs["helper"], timeout=T), "queued")
+        with delivering(world):
+            started = time.monotonic()
+            with pytest.raises(TransportTimeout, match=rf"within {T:g} s; check that worker is running and reaches "
+                                                        r"the broker \(a worker still queued for a job slot or "
+                                                        r"loading its data says so to its partners, which then wait "
+                                                        r"longer: nothing came from it\)$"):
+                y.receive(0, "r1")
+            waited = time.monotonic() - started
+    finally:
+        stop.set()
+    assert T <= waited < T + 1.0
+    assert any(name.startswith("helper.preparing.") for name in spools["y_owner"].inbox_names(JOB))
+
+
+def test_keep_alive_numbers_go_on_after_a_restart_and_a_replay_does_not_stop_them(world):
+    """A restarted runner never reuses a keep-alive's name (the broker writes a name once), and it keeps telling its
+    partners while it replays the messages it had sent before (they wait for its next one)."""
+    keys, spools, specs = world
+    stop = threading.Event()
+    keepalives, x_spec = preparing_x(world, stop)
+    try:
+        keepalives.begin(x_spec, "loading its data")
+        wait_for(lambda: keepalives.sent >= 2, "two keep-alives")
+        sent = SpoolTransport(spools["x_owner"], x_spec, keys["x_owner"], sending=lambda: keepalives.end(JOB))
+        sent.send(1, "r1", np.ones(2))
+        sent.close()
+        first = set(spools["x_owner"].outbox_names(JOB, "y_owner"))
+        restarted, _ = preparing_x(world, stop)  # the runner's restart
+        restarted.begin(x_spec, "replaying its role after a restart: loading its data")
+        replay = SpoolTransport(spools["x_owner"], x_spec, keys["x_owner"], sending=lambda: restarted.end(JOB))
+        replay.send(1, "r1", np.ones(2))  # written before: not sealed again, and no end to the keep-alives
+        wait_for(lambda: restarted.sent >= 2, "keep-alives after the restart")
+        replay.send(1, "r2", np.ones(2))  # its first new message
+        replay.close()
+        count = restarted.sent
+        time.sleep(3 * interval_for(T))
+    finally:
+        stop.set()
+    assert restarted.sent == count
+    assert_keepalives_numbered(set(spools["x_owner"].outbox_names(JOB, "y_owner")) - first,
+                               max(int(name.rsplit(".", 1)[1]) for name in first if is_keepalive_name(name)) + 1,
+                               count)
+
+
+def test_an_engine_message_never_takes_a_keep_alives_name():
+    assert wire_name("x_owner", "preparing.3") != "x_owner.preparing.3"
+    assert not is_keepalive_name(wire_name("x_owner", "preparing.3"))
+    assert is_keepalive_name(keepalive_name("helper", 12)) and not is_keepalive_name("helper.preparing.x")

@@ -9,7 +9,9 @@ from the download stream into a temporary inbox file, moves it into place durabl
 (DELETE) at the broker.
 A message that fails verification is dropped, logged (without its content) and acknowledged, and noted in the
 spool so the runner can say why it is still waiting. A second copy of a name already received is verified too:
-the first is kept, and a copy that is not the same genuine message leaves the same trace. A message that would
+the first is kept, and a copy that is not the same genuine message leaves the same trace. A late runner's
+keep-alives (keepalive.py) are messages like any other here, sent, verified, placed and rejected the same way; only
+their passage is logged at DEBUG (one a minute per partner while a seat prepares). A message that would
 leave less than `spool.RESERVE_BYTES` free on the spool volume waits at the broker until there is room (inbox files
 stay until their job ends, and a peer, buggy or not, could otherwise fill the volume every program writes to).
 
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from services.worker import health
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
 from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keepalive import is_keepalive_name
 from services.worker.keys import WorkerKeys
 from services.worker.outage_log import SAID_EVERY_SECONDS, OutageLog
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
@@ -178,8 +181,8 @@ class Messenger:
         with self._lock:
             self._retry_at.pop(str(item.path), None)
             self.sent += 1
-        log.info("sent %s to %s for job %s (%s)", item.name, item.to_seat, item.job_id,
-                 "stored" if new else "already stored")
+        log.log(_level(item.name), "sent %s to %s for job %s (%s)", item.name, item.to_seat, item.job_id,
+                "stored" if new else "already stored")
         return True
 
     def _later(self, item: OutboxItem, why: str) -> None:
@@ -344,7 +347,7 @@ class Messenger:
         self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
         with self._lock:
             self.received += 1
-        log.info("received %s from %s for job %s", name, from_seat, spec.id)
+        log.log(_level(name), "received %s from %s for job %s", name, from_seat, spec.id)
         return True
 
     def _room_for(self, spec: JobSpec, name: str, size: Any) -> bool:
@@ -516,6 +519,11 @@ class Messenger:
             self._sender.join(timeout=2.0)
             if self._gets is not None:
                 self._gets.shutdown(wait=False, cancel_futures=True)
+
+
+def _level(name: str) -> int:
+    """How a message's passage is logged: a keep-alive (one a minute per partner of a late seat) at DEBUG."""
+    return logging.DEBUG if is_keepalive_name(name) else logging.INFO
 
 
 class _HashingSink:

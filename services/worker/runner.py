@@ -10,7 +10,9 @@ with a readable message. A job the coordinator ended (the poller marks it) is ab
 
 Jobs run in parallel threads: two workers must never wait on each other for different jobs. A job takes its seat
 (claims it and reports `started`) at once, then waits for one of `MAX_PARALLEL_JOBS` slots before it loads its
-data (`job_slots`: a job whose partner is not running holds no slot another job needs).
+data (`job_slots`: a job whose partner is not running holds no slot another job needs). From taking its seat until
+its first protocol message goes out, its partners get keep-alives saying it is still preparing and what it does
+(`keepalive`), so they wait for it beyond the job's timeout; its own waits say why they last when a partner is late.
 
 Run as `python -m services.worker.runner`. SIGTERM pauses the running jobs (their claims stay, so they resume on
 restart) and waits up to `STOP_JOIN_SECONDS` for their threads to leave cleanly.
@@ -22,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +37,7 @@ from services.worker.dataview import (DownloadWatch, S3ClientFactory, default_s3
                                       s3_client_config)
 from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
+from services.worker.keepalive import KeepAlives
 from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
 from services.worker.spool import SCRATCH_PREFIX, Spool
@@ -46,6 +50,9 @@ log = logging.getLogger("cape.runner")
 SCAN_SECONDS = 0.05  # without a spool watch, how soon a job the poller stored starts (a scan is one listing)
 PROGRESS_EVERY_SECONDS = 1.0
 RESUMED_NOTE = "replaying its role after a restart"
+TAKING_A_SLOT = "taking one of its worker's job slots"  # the phases its keep-alives say before it holds a slot
+LOADING = "loading its data"  # ... while it loads its data, before the download (if any) says how far it is
+STARTING = "starting its seat of the protocol"  # ... once its data is loaded
 MAX_PARALLEL_JOBS = 4  # jobs loading their data or computing at once (job_slots.py)
 MAX_JOB_THREADS = 64  # jobs taken at once, most of them waiting for a slot (a waiting thread costs little)
 SLOT_POLL_SECONDS = 1.0  # a job waiting for a slot looks again after this without a spool change
@@ -81,6 +88,7 @@ class Runner:
         self.stop = stop or threading.Event()
         self.s3_client = s3_client
         self.slots = JobSlots(max_parallel, self._all_seats_taken)
+        self.keepalives = KeepAlives(spool, keys, self.stop)
         self._started_seen: dict[str, tuple[float, bool]] = {}  # job -> (when read, Started), for the slots
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
@@ -221,12 +229,16 @@ class Runner:
         note = RESUMED_NOTE if resumed else None
         self.spool.put_status(job_id, {"state": "started", "progress": 0.0, **({"message": note} if note else {})})
 
-        self._wait_for_a_slot(spec, note, resumed)
+        self.keepalives.begin(spec, _phase(note, TAKING_A_SLOT))
         try:
-            return self._run_role(spec, note)
+            self._wait_for_a_slot(spec, note, resumed)
+            try:
+                return self._run_role(spec, note)
+            finally:
+                self.slots.leave(job_id)
+                self.spool.changes.wake()  # a job waiting for the slot looks now
         finally:
-            self.slots.leave(job_id)
-            self.spool.changes.wake()  # a job waiting for the slot looks now
+            self.keepalives.end(job_id)
 
     def _all_seats_taken(self, job_id: str) -> bool:
         """Whether the coordinator showed the job Started (its three workers took it) when the poller last looked.
@@ -252,6 +264,7 @@ class Runner:
                 waiting = self.slots.take(spec.id, spec.approved_at or "", resumed)
                 if waiting is None:
                     break
+                self.keepalives.phase(spec.id, _phase(note, waiting.message))
                 if waiting.message != said and (waiting.all_busy or
                                                  time.monotonic() - since >= QUEUED_SAID_AFTER_SECONDS):
                     said = waiting.message
@@ -272,20 +285,24 @@ class Runner:
         job_id = spec.id
         task = LinearRegressionTask(tuple(spec.x_columns), spec.y_column, spec.outputs_to)
         uri: str | None = None
+        progress = _Progress(self.spool, job_id, note)
         # Closed (queued sends written) before run_job marks the job done and releases the claim, whatever happens:
         # a party that stops the job sends its status message first.
-        with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id)) as transport:
+        with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id),
+                            sending=lambda: self.keepalives.end(job_id),
+                            partner_preparing=partial(self._partner_preparing, spec, progress)) as transport:
             try:
                 uri = spec.data_uri()
                 started = time.monotonic()
-                data = self._load(spec, uri)
+                self.keepalives.phase(job_id, _phase(note, LOADING))
+                data = self._load(spec, uri, note)
                 if data is not None:  # the shape is public to the job's parties; the values are never logged
                     log.info("job %s: loaded its data (%s) in %.2f s", job_id,
                              " x ".join(str(n) for n in data.shape), time.monotonic() - started)
+                self.keepalives.phase(job_id, _phase(note, STARTING))
                 seeds = party_seeds(self.keys.encryption, {p.index: p.encryption_key for p in spec.parties.values()},
                                     spec.id, spec.index)
-                result = run_party(spec.index, task, data, transport, seeds, _Progress(self.spool, job_id, note),
-                                   data_name=uri)
+                result = run_party(spec.index, task, data, transport, seeds, progress, data_name=uri)
                 transport.flush()  # every message durable before the result or `completed` is written
             except MissingColumnError as exc:  # the full header stays in this organization's own log
                 log.error("job %s: %s", job_id, _without_uri(str(exc), uri, spec))
@@ -311,10 +328,18 @@ class Runner:
         self.spool.put_status(job_id, {"state": "running", "progress": 0.99, "message": "uploading the model"})
         return "completed", None, traffic
 
-    def _load(self, spec: JobSpec, uri: str | None) -> np.ndarray | None:
+    def _partner_preparing(self, spec: JobSpec, progress: _Progress, seat: str, phase: str | None,
+                           waited: float) -> None:
+        """A wait for `seat`'s message goes on past the job's timeout: that worker said it is still preparing."""
+        text = f"waiting for the {seat} worker, still preparing" + (f" ({phase})" if phase else "")
+        log.info("job %s: %s; waited %.0f s so far", spec.id, text, waited)
+        progress.say(text)
+
+    def _load(self, spec: JobSpec, uri: str | None, note: str | None = None) -> np.ndarray | None:
         if uri is None:
             return None
-        watch = _LoadWatch(self.spool, spec.id, lambda: self._interrupted(spec.id))
+        watch = _LoadWatch(self.spool, spec.id, lambda: self._interrupted(spec.id),
+                           lambda text: self.keepalives.phase(spec.id, _phase(note, text)))
         if spec.seat == "x_owner":
             return load_dataview(uri, x_columns=spec.x_columns, spool=self.spool, s3_client=self.s3_client,
                                  watch=watch)
@@ -327,6 +352,11 @@ class Runner:
         if ended is not None:
             return f"the coordinator ended the job ({ended.get('status')})"
         return None
+
+
+def _phase(note: str | None, text: str) -> str:
+    """A seat's phase as its keep-alives say it: what it does, after the resumed note if any."""
+    return ": ".join(filter(None, (note, text)))
 
 
 def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
@@ -344,12 +374,15 @@ def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
 class _LoadWatch(DownloadWatch):
     """A dataview download's progress and retries, on the seat (every `LOAD_SAID_EVERY_SECONDS`) and in the log
     (every `LOAD_LOGGED_EVERY_SECONDS`): a slow store looked like a hung one for minutes. Stops the download once
-    the runner stops or the coordinator ends the job (it went on for 44 s after a stop)."""
+    the runner stops or the coordinator ends the job (it went on for 44 s after a stop). What it says on the seat
+    goes to `said` too (the job's keep-alives)."""
 
-    def __init__(self, spool: Spool, job_id: str, interrupted: Callable[[], str | None]) -> None:
+    def __init__(self, spool: Spool, job_id: str, interrupted: Callable[[], str | None],
+                 said: Callable[[str], None] = lambda text: None) -> None:
         self.spool = spool
         self.job_id = job_id
         self.interrupted = interrupted
+        self.said = said
         self.said_at = self.logged_at = time.monotonic()
 
     def received(self, done: int, total: int | None) -> None:
@@ -360,7 +393,8 @@ class _LoadWatch(DownloadWatch):
             return
         self.said_at = now
         of = f" of {total / 2**20:.0f}" if total else ""
-        text = f"loading its data: {done / 2**20:.0f}{of} MiB"
+        text = f"{LOADING}: {done / 2**20:.0f}{of} MiB"
+        self.said(text)
         self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0, "message": text})
         if now - self.logged_at >= LOAD_LOGGED_EVERY_SECONDS:
             self.logged_at = now
@@ -368,8 +402,9 @@ class _LoadWatch(DownloadWatch):
 
     def retrying(self, reason: str, delay: float) -> None:
         log.warning("job %s: loading its data: %s; trying again in %.0f s", self.job_id, reason, delay)
-        self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0,
-                                            "message": f"loading its data: {reason}; trying again"})
+        text = f"{LOADING}: {reason}; trying again"
+        self.said(text)
+        self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0, "message": text})
 
 
 class _Progress:
@@ -398,6 +433,11 @@ class _Progress:
         if message:
             update["message"] = message
         self.spool.put_status(self.job_id, update)
+
+    def say(self, text: str) -> None:
+        """Put why the seat waits on it, at the progress it reached."""
+        self.spool.put_status(self.job_id, {"state": "running", "progress": max(0.0, self.last_fraction),
+                                            "message": _phase(self.note, text)})
 
 
 def _raw(key: Any) -> bytes:

@@ -14,8 +14,10 @@ Layout (one directory per job under each stage):
     claims/<job>.json                 a job the runner works on; survives the runner's restart
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); once the broker has it, renamed to .sent
                                       and emptied (the name alone keeps a replaying runner from sealing it again),
-                                      or removed once the runner is done with the job
-    inbox/<job>/<name>.msg            verified plaintext of a received message (messenger)
+                                      or removed once the runner is done with the job; the runner's keep-alives
+                                      (`<seat>.preparing.<n>`, keepalive.py) too
+    inbox/<job>/<name>.msg            verified plaintext of a received message (messenger): an engine message's
+                                      .npy, or a partner's keep-alive (JSON)
     rejected/<job>/<name>.json        why a received message was dropped (messenger), for the runner's error;
                                       at most REJECTIONS_KEPT per job, kept as long as the job's record
     status/<job>/<seq>.json           status updates for the poller to report, in order
@@ -350,6 +352,17 @@ class Spool:
         path = self.outbox_path(job_id, to_seat, name)
         return path.exists() or path.with_suffix(".sent").exists()
 
+    def outbox_names(self, job_id: str, to_seat: str) -> list[str]:
+        """Names of the messages written for `to_seat` in the job (pending or sent), in no order."""
+        folder = self.root / "outbox" / validate_job_id(job_id) / validate_seat(to_seat)
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        names = (entry.removesuffix(".sealed").removesuffix(".sent") for entry in entries
+                 if entry.endswith((".sealed", ".sent")))
+        return [name for name in names if MESSAGE_NAME_PATTERN.fullmatch(name)]
+
     def pending_outbox(self, job_id: str | None = None) -> list[OutboxItem]:
         """Sealed messages not yet acknowledged by the broker, oldest first."""
         items = []
@@ -384,6 +397,15 @@ class Spool:
     def inbox_path(self, job_id: str, name: str) -> Path:
         """Where the verified plaintext of received message `name` lives until the job ends."""
         return self.root / "inbox" / validate_job_id(job_id) / f"{validate_message_name(name)}.msg"
+
+    def inbox_names(self, job_id: str) -> list[str]:
+        """Names of the messages received in the job so far, in no order."""
+        try:
+            entries = os.listdir(self.root / "inbox" / validate_job_id(job_id))
+        except FileNotFoundError:
+            return []
+        return [entry.removesuffix(".msg") for entry in entries
+                if entry.endswith(".msg") and MESSAGE_NAME_PATTERN.fullmatch(entry.removesuffix(".msg"))]
 
     def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> bool:
         """Note that a received message was dropped (reason without secrets), for the runner's error message; the

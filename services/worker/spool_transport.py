@@ -2,8 +2,10 @@
 
 `send` writes the array as .npy (header + raw bytes, streamed through the sealer) into a sealed outbox file; the
 first write of a name wins, so a replaying runner never produces a second, different ciphertext for a message.
-`receive` waits, bounded by the job's timeout, for the inbox file the messenger placed after verifying and opening
-the sealed message; inbox files stay until the job ends, so a replay reads them again.
+`receive` waits for the inbox file the messenger placed after verifying and opening the sealed message; inbox files
+stay until the job ends, so a replay reads them again. A wait lasts the job's timeout, longer while the sender's
+keep-alives say it is still preparing (keepalive.py, partner_wait.py). The first message this transport seals (not
+one a replay finds written) is when its own seat stops sending keep-alives (`sending`).
 
 Sealing and fsync run on one background thread per transport, in send order, so the engine computes the next
 block meanwhile; at most `write_ahead` sends wait (the engine must not modify a sent array, per the Transport
@@ -27,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from services.worker.job_spec import JobSpec
+from services.worker.keepalive import PartnerKeepAlives, is_keepalive_name
 from services.worker.keys import WorkerKeys
+from services.worker.partner_wait import LIMIT_TIMEOUTS, PartnerWait
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer, mib
 
@@ -55,10 +59,11 @@ def wire_name(from_seat: str, engine_name: str) -> str:
     """The broker/inbox name of an engine message: the sender's seat, a dot, the engine's name.
 
     An engine name outside the broker's character set (e.g. `lr/x-rows`) becomes a readable form plus a digest of
-    the original (`x_owner.lr-x-rows.h<20 hex>`), the same at both ends and distinct for distinct names.
+    the original (`x_owner.lr-x-rows.h<20 hex>`), the same at both ends and distinct for distinct names; so does
+    one that would read as a keep-alive's name (`preparing.3`), which are the runner's own.
     """
     candidate = f"{from_seat}.{engine_name}"
-    if MESSAGE_NAME_PATTERN.fullmatch(candidate):
+    if MESSAGE_NAME_PATTERN.fullmatch(candidate) and not is_keepalive_name(candidate):
         return candidate
     readable = re.sub(r"[^A-Za-z0-9_-]+", "-", engine_name).strip("-")[:80]
     digest = hashlib.sha256(engine_name.encode()).hexdigest()[:20]
@@ -190,10 +195,15 @@ class SpoolTransport:
         timeout: float | None = None,
         interrupted: Callable[[], str | None] = lambda: None,
         write_ahead: int = WRITE_AHEAD,
+        sending: Callable[[], None] = lambda: None,
+        partner_preparing: Callable[[str, str | None, float], None] = lambda seat, phase, waited: None,
     ) -> None:
         """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None.
 
         `write_ahead` > 0 seals on a background thread with that many sends queued at most; 0 seals in `send`.
+        `sending()` is called once, before the first message is sealed. `partner_preparing(seat, phase, waited)`
+        is called each time a wait for `seat` goes on past its deadline because the seat is still preparing
+        (`phase`, as it said it, or None), `waited` seconds into the wait.
         """
         self.spool = spool
         self.spec = spec
@@ -201,6 +211,8 @@ class SpoolTransport:
         self.party = spec.index
         self.timeout = spec.timeout if timeout is None else timeout
         self.interrupted = interrupted
+        self.sending: Callable[[], None] | None = sending
+        self.partner_preparing = partner_preparing
         self.bytes_sent = 0
         self.messages_sent = 0
         self.messages_received = 0
@@ -217,6 +229,9 @@ class SpoolTransport:
         wire = wire_name(self.spec.seat, name)
         if self.spool.outbox_has(self.spec.id, to_seat, wire):
             return  # written before a restart: the same run produces the same array, keep the first ciphertext
+        if self.sending is not None:
+            self.sending, sending = None, self.sending
+            sending()
         if self._sealer is None:
             self._seal(to_seat, wire, array)
         else:
@@ -261,7 +276,8 @@ class SpoolTransport:
         from_seat = self.spec.seat_of(frm)
         wire = wire_name(from_seat, name)
         path = self.spool.inbox_path(self.spec.id, wire)
-        deadline = time.monotonic() + self.timeout
+        wait = PartnerWait(self.timeout, time.monotonic())
+        partner: PartnerKeepAlives | None = None
         delay = _POLL_MIN
         while True:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
@@ -271,20 +287,37 @@ class SpoolTransport:
                 return array
             except FileNotFoundError:
                 pass
+            if partner is None:  # a wait after all: keep-alives already received are not news of this one
+                partner = PartnerKeepAlives(self.spool, self.spec.id, from_seat)
             reason = self.interrupted()
             if reason:
                 raise JobInterrupted(reason)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SpoolTransportTimeout(self._timeout_message(from_seat, wire))
-            self.spool.changes.wait(seen, delay, at_most=left)  # the messenger's inbox file (or an end) wakes it
+            now = time.monotonic()
+            if wait.left(now) <= 0:
+                fresh = bool(partner.fresh())
+                if not wait.extend(now, fresh):
+                    raise SpoolTransportTimeout(self._timeout_message(from_seat, wire, partner, limit=fresh))
+                self.partner_preparing(from_seat, partner.phase, now - wait.started)
+            # the messenger's inbox file (or an end) wakes it
+            self.spool.changes.wait(seen, delay, at_most=max(0.0, wait.left(time.monotonic())))
             delay = min(_POLL_MAX, delay * 2)
 
-    def _timeout_message(self, from_seat: str, wire: str) -> str:
+    def _timeout_message(self, from_seat: str, wire: str, partner: PartnerKeepAlives, limit: bool) -> str:
         party = self.spec.parties[from_seat]
-        text = (f"no message {wire!r} from the {from_seat} worker (organization {party.organization}) within "
-                f"{self.timeout:g} s; check that worker is running and reaches the broker (one still loading a "
-                "large dataview from a slow store is late too: its seat says so; give such jobs a longer timeout)")
+        said = f" ({partner.phase})" if partner.phase else ""
+        worker = f"the {from_seat} worker (organization {party.organization})"
+        if limit:
+            text = (f"no message {wire!r} from {worker} within {LIMIT_TIMEOUTS * self.timeout:g} s, "
+                    f"{LIMIT_TIMEOUTS} times the job's timeout and the longest a wait lasts, although it kept saying "
+                    f"it was still preparing{said}; give such jobs a longer timeout, or see at that worker why it "
+                    "is slow (its seat says what it does)")
+        elif partner.heard:
+            text = (f"no message {wire!r} from {worker}: it said it was still preparing{said}, then nothing came "
+                    f"from it for {self.timeout:g} s; check that worker is running and reaches the broker")
+        else:
+            text = (f"no message {wire!r} from {worker} within {self.timeout:g} s; check that worker is running "
+                    "and reaches the broker (a worker still queued for a job slot or loading its data says so to "
+                    "its partners, which then wait longer: nothing came from it)")
         rejected = [r for r in self.spool.rejections(self.spec.id).values() if r.get("from_seat") == from_seat]
         if rejected:
             text += (f"; {len(rejected)} message(s) claiming to come from {from_seat} were rejected "

@@ -45,7 +45,9 @@ def jobs() -> None:
                    "through CAPE_BUCKET, never from a job. Only a member of the model owner may set it.")
 @click.option("--timeout", type=click.IntRange(min=1), default=DEFAULT_JOB_TIMEOUT_S, show_default=True,
               help="Seconds the three workers have to take the job after approval (a worker takes it at once, "
-                   "even when it runs other jobs); also the longest a worker waits for any one message of the job.")
+                   "even when it runs other jobs); also how long a worker waits for any one message of the job, "
+                   "longer while the sender says it is still preparing (queued, loading its data), up to 5 times "
+                   "as long.")
 @click.option("--org", "organization", help="Your organization to submit for, if more than one of yours may.")
 @json_option
 @pass_cli
@@ -367,8 +369,10 @@ def _print_job(job: Job) -> None:
         ("model location", (data.get("task") or {}).get("model_location")
          or "not given: the model owner's worker writes to its CAPE_BUCKET"),
         ("outputs to", data.get("outputs_to")),
+        # 5: the workers' LIMIT_TIMEOUTS (services/worker/partner_wait.py; the client does not import the worker)
         ("timeout", f"{(data.get('task') or {}).get('timeout')} s (for the three workers to take the job after "
-                    "approval, and for each message between them)"),
+                    "approval, and for each message between them: longer while its sender says it is still "
+                    "preparing, up to 5 times)"),
         ("submitted by", _submitter(data)),
         ("approvals", [f"{org}: {state}" for org, state in (data.get("approvals") or {}).items()]),
         ("created", data.get("created_at")),
