@@ -4,7 +4,7 @@ so a location refused at upload is refused at submission already, not after the 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 MODEL_LOCATION_FORMS = "s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH"
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -27,5 +27,10 @@ def model_location_problem(uri: str) -> str | None:
                    "s3://bucket-name[/prefix]"
         if parsed.query or parsed.fragment:
             return "remove the ?query or #fragment; use s3://bucket-name[/prefix]"
+        # A path-tidying hop (a proxy) turns `a/../b` into `b`, or `../other-bucket` into another bucket, so the
+        # object would not be where the job's record says.
+        prefix = unquote(parsed.path).strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            return "the prefix may not hold '.', '..' or empty ('//') segments; use s3://bucket-name[/prefix]"
         return None
     return f"give {MODEL_LOCATION_FORMS}"

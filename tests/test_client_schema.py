@@ -196,6 +196,10 @@ def test_linear_regression_request_body() -> None:
     # As the model owner's worker refuses them at upload (it would after the whole computation):
     ({"model_owner": "o", "model_location": "s3://My_Models"}, "not a valid S3 bucket name"),
     ({"model_owner": "o", "model_location": "s3://models?versionId=3"}, "remove the \\?query or #fragment"),
+    # A path-tidying proxy put `s3://models/../other-bucket`'s object in bucket other-bucket:
+    ({"model_owner": "o", "model_location": "s3://models/../other-bucket"}, "may not hold '.', '..' or empty"),
+    ({"model_owner": "o", "model_location": "s3://models/a/%2E%2E/b"}, "may not hold '.', '..' or empty"),
+    ({"model_owner": "o", "model_location": "s3://models/a//b"}, "may not hold '.', '..' or empty"),
     ({"model_owner": "o", "timeout": 0}, "timeout must be a positive"),
     ({"model_owner": "o", "timeout": float("nan")}, "timeout must be a positive"),
 ])

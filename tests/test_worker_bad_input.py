@@ -1,6 +1,7 @@
 """Bad input through three real workers (cape-server, supervisord, a real moto S3): a dataview that is missing,
-unreadable or bad, and a model owner's bucket without write permission, each end their job in Error with a
-message that says what and where, shown by `cape jobs status`; a job not approved by every data owner (still
+unreadable or bad ends its job in Error with a message that says what and where, shown by `cape jobs status`; a model
+owner's bucket without write permission keeps the job Started with the reason, until its operator grants it and the
+model is stored; a job not approved by every data owner (still
 NeedsApproval, or Rejected) never reaches any worker. The helper's broker is unreachable for a while as the jobs
 start: its messenger reports it, backs off and catches up, without a crash loop."""
 import re
@@ -67,9 +68,9 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
         submit(world, x="corrupt"): ["dataview 'corrupt'", "not a readable Parquet file"],
         submit(world, x="text"): ["dataview 'text'", "column 'b' row 7", "not a number"],
         submit(world, y="ynan"): ["dataview 'ynan'", "column 't' row 12", "finite number"],
-        # Every project member reads it: no bucket named (the model owner's log below names it).
-        submit(world): ["uploading the model failed: the model owner's bucket refused the model (AccessDenied)"],
     }
+    # The finished model is kept while its operator fixes the bucket (it ended the job in Error, the computation lost).
+    refused = submit(world)
     helper = workers["helper"]
     messenger_pid = helper.pid("messenger")
     # The relay closes each new connection at once, as a server going down does.
@@ -92,11 +93,21 @@ def test_bad_dataviews_and_a_read_only_bucket_end_in_error_and_unapproved_jobs_n
         assert job["status"] == "Error", job
         assert all(word in job["error"] for word in words), job
         assert "Error" in shown.stdout and all(word in shown.stdout for word in words), shown.stdout
-    moto.enforce_iam(False)
-    assert moto.keys("yorg-readonly") == []
-    assert all("yorg-readonly" not in world.job(job_id)["error"] for job_id in cases)
+    # Every project member reads it: no bucket named (the model owner's log names it).
+    reason = "uploading the model: the model owner's bucket refused the model (AccessDenied); the model is kept"
+    deadline = time.monotonic() + 60
+    while reason not in (shown := cape_cli("jobs", "status", refused, env=env).stdout):
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.5)
+    assert "Started" in shown and "yorg-readonly" not in shown, shown
     assert "access denied writing s3://yorg-readonly/" in workers["yorg"].output and "s3:PutObject" in \
         workers["yorg"].output
+    moto.enforce_iam(False)  # its operator grants the write, then restarts the uploader, which tries at once
+    assert moto.keys("yorg-readonly") == []
+    workers["yorg"].supervisor().stopProcess("worker:uploader")
+    workers["yorg"].supervisor().startProcess("worker:uploader")
+    assert world.wait_ended(refused)["status"] == "Completed"
+    assert moto.keys("yorg-readonly") == [f"{refused}/metrics.json", f"{refused}/regression_weights.csv"]
     assert re.search(r"messenger INFO receiving: the broker is reachable again \(after \d+ s\)", helper.output)
     assert helper.pid("messenger") == messenger_pid  # the same process all along: no crash loop
 

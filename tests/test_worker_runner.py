@@ -190,6 +190,29 @@ def test_bad_data_ends_in_an_error_status_that_says_where(cape_server, tmp_path)
     assert y.spool.done(job.id)["outcome"] == "error"
 
 
+def test_a_model_this_worker_could_not_store_is_said_before_the_data_is_loaded(cape_server, tmp_path, caplog):
+    """Found by the uploader after the whole computation (at 10^6 x 32: the 256 MB masked matrix moved for nothing)."""
+    from services.worker.config import WorkerConfig
+    from services.worker.uploader import model_bucket
+
+    write_data(tmp_path / "data")
+    job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "data" / "x.csv").as_uri(),
+                       y_uri=(tmp_path / "missing.csv").as_uri(), x_columns=("a", "b", "c"), y_column="t")
+    y = job.seats["y_owner"]  # the output seat; the job names no model location and the worker has no CAPE_BUCKET
+    y.spool.put_job(y.spec)
+    config = WorkerConfig.from_env({"CAPE_TOKEN": "tok123,c2VjcmV0", "CAPE_COORDINATOR": "http://127.0.0.1:1",
+                                    "CAPE_SPOOL_DIR": str(tmp_path / "s"), "CAPE_STATE_DIR": str(tmp_path / "st")})
+    caplog.set_level(logging.ERROR, logger="cape.runner")
+    runner = Runner(y.spool, y.keys, model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")))
+    assert runner.run_job(job.id) == "error"
+    # Its dataview (a missing file) was never read: the model's destination was the first thing looked at.
+    assert statuses(y.spool, job.id)[-1]["message"] == (
+        "the model owner's worker could not store the model: the job names no model location and the model "
+        "owner's worker has no CAPE_BUCKET; its operator sets CAPE_BUCKET, or the job is submitted again with a "
+        "model location s3://bucket[/prefix]")
+    assert "set CAPE_BUCKET to s3://bucket[/prefix] or file:///dir on the model owner's worker" in caplog.text
+
+
 def test_a_missing_column_is_reported_without_the_files_other_columns(cape_server, tmp_path, caplog):
     """A job's error reaches every project member; the file's header is its owner's: the report names only the
     missing column (and a name differing by case), the owner's own log the whole header."""

@@ -218,7 +218,9 @@ def check_broker(config: WorkerConfig) -> CheckResult:
 def check_bucket(config: WorkerConfig) -> CheckResult:
     bucket = config.bucket
     if bucket is None:
-        return CheckResult("bucket", True, "CAPE_BUCKET not set: results go to each job's model_location")
+        return CheckResult("bucket", True, "CAPE_BUCKET not set: models go to each job's model_location (s3:// "
+                                           "only); a job whose model this worker stores and that names none ends "
+                                           "in Error before its data is loaded")
     if bucket.scheme == "file" and not Path(bucket.name).is_dir():
         return _missing_directory("bucket", Path(bucket.name), "CAPE_BUCKET")
     store = ModelStore(config, read_timeout=CHECK_TIMEOUT, attempts=1)  # an answer in seconds, not minutes

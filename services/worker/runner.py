@@ -42,6 +42,7 @@ from services.worker.keys import WorkerKeys
 from services.worker.seeds import party_seeds
 from services.worker.spool import SCRATCH_PREFIX, Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
+from services.worker.uploader import UploadError, model_bucket
 
 if TYPE_CHECKING:  # the programs read their configuration only in main()
     from services.worker.config import WorkerConfig
@@ -82,8 +83,12 @@ class Runner:
         stop: threading.Event | None = None,
         s3_client: S3ClientFactory = default_s3_client,
         max_parallel: int = MAX_PARALLEL_JOBS,
+        model_bucket: Callable[[JobSpec], object] | None = None,
     ) -> None:
+        """`model_bucket(spec)` raises the uploader's `UploadError` when this worker could not store the model of a
+        job whose output seat it holds: said before the job's data is loaded, not after the whole computation."""
         self.spool = spool
+        self.model_bucket = model_bucket
         self.keys = keys
         self.stop = stop or threading.Event()
         self.s3_client = s3_client
@@ -224,6 +229,14 @@ class Runner:
                             "own: another worker started with this organization's token registered its keys, or "
                             "CAPE_STATE_DIR was replaced; run one worker per organization, restart it (it "
                             "registers its keys when it starts) and submit the job again")
+        if spec.seat == spec.outputs_to and self.model_bucket is not None:
+            try:
+                self.model_bucket(spec)
+            except UploadError as exc:
+                log.error("job %s: %s", job_id, exc)
+                raise JobFailed(f"the model owner's worker could not store the model: {exc.public}; its "
+                                "operator sets CAPE_BUCKET, or the job is submitted again with a model location "
+                                "s3://bucket[/prefix]") from None
         log.info("job %s: running seat %s (party %d)", job_id, spec.seat, spec.index)
         # A resumed role starts again from 0 % and catches up: say why, so its progress going back is no surprise.
         note = RESUMED_NOTE if resumed else None
@@ -471,7 +484,8 @@ def main() -> int:
         if removed := spool.remove_scratch(SCRATCH_PREFIX):  # a dataview download cut off by a kill: our data
             log.info("removed %d partial dataview download(s) left by an earlier runner", removed)
         runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", config=s3_client_config(),
-                                                                           **config.boto3_kwargs("s3")))
+                                                                           **config.boto3_kwargs("s3")),
+                        model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")))
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

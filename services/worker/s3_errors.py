@@ -11,12 +11,15 @@ TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTi
 def code_and_status(exc: BaseException) -> tuple[str, int]:
     """The error code and HTTP status of a botocore/boto3 error ("" and 0 when it carries none)."""
     code, status = "", 0
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    if not code:  # boto3's S3UploadFailedError keeps only the text: "An error occurred (502) when calling ..."
-        match = re.search(r"\((\w+)\)", str(exc))
+    # boto3's S3UploadFailedError is raised while handling the ClientError that has the answer's code and status.
+    for error in (exc, exc.__cause__, exc.__context__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            break
+    if not code:  # only the text is left: "... An error occurred (502) when calling ..." (a path may hold "(x)")
+        match = re.search(r"An error occurred \(([\w.]+)\)", str(exc))
         code = match.group(1) if match else ""
     if not status and code.isdigit():
         status = int(code)

@@ -113,6 +113,7 @@ def program_env(job: ApprovedJob, seat: str, base: Path) -> dict[str, str]:
         "CAPE_SPOOL_DIR": str(job.seats[seat].spool.root),
         "CAPE_STATE_DIR": str(base / seat / "state"),
         "CAPE_WORKER_NAME": seat.replace("_", "-"),
+        "CAPE_BUCKET": (base / seat / "models").as_uri(),  # where its models go, as an operator sets it
         "PYTHONUNBUFFERED": "1",
     })
     return env
