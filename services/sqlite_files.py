@@ -14,6 +14,22 @@ class DatabaseUnusable(Exception):
     """An SQLite file of the data dir cannot be used; the message names it and the fix."""
 
 
+def refuse_newer_schema(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Refuse a database whose schema a newer cape-server wrote (`PRAGMA user_version` above `version`, the schema
+    this one writes; `mark_schema` sets it). A server taken back to an older version wrote to tables it no longer
+    knew: it said ok, and every broker message was a 500 until the jobs ended at their timeout."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > version:
+        raise DatabaseUnusable(f"{path} was written by a newer cape-server (schema {found}; this one knows up to "
+                               f"{version}): run that version, or put back the backup taken before the upgrade "
+                               "(`cape-server admin backup`, with a copy of the data dir's broker/ folder)")
+
+
+def mark_schema(conn: sqlite3.Connection, version: int) -> None:
+    """Record that the database now has schema `version` (after any upgrade of it)."""
+    conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
 def unusable(path: Path, exc: sqlite3.Error, remedy: str) -> DatabaseUnusable:
     """The error for `exc` raised while opening `path`; `remedy` says what to do about a file that is no database."""
     if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):

@@ -114,3 +114,24 @@ def test_the_sdk_follows_the_pages_as_the_iteration_goes(cape_server, two_projec
             cape.iter_jobs(page_size=bad)  # type: ignore[arg-type]  # said at the call, not at the first item
     with pytest.raises(BadArgument, match="^limit must be a positive whole number of jobs, not 0$"):
         cape.list_jobs(limit=0)
+
+
+def test_an_older_coordinator_that_ignores_the_filter_and_paging_still_gives_the_right_jobs(
+        cape_server, two_projects, monkeypatch):
+    """An older coordinator ignores `status`, `limit` and `cursor` and answers every job at once, oldest first:
+    `cape jobs list --status Started` listed Rejected and NeedsApproval jobs (a script stopping every Started job
+    would stop them). Simulated against the real server by not sending what an older one ignores."""
+    world = two_projects
+    get_page = ApiSession.get_page
+
+    def older(self: ApiSession, path: str, params: dict[str, Any]) -> tuple[Any, str | None]:
+        page, _ = get_page(self, path, {"limit": 1000})
+        return page[::-1], None  # everything, oldest first, no next page
+
+    stopped = ok(world["user"]["xorg"].post(f"/v1/jobs/{world['jobs'][1]['id']}/stop"))
+    monkeypatch.setattr(ApiSession, "get_page", older)
+    cape = Cape(endpoint=cape_server.url, token=world["orgs"]["xorg"]["user_token"])
+    newest = newest_first(world["jobs"])
+    assert [job.id for job in cape.list_jobs(status="Stopped")] == [stopped["id"]]
+    assert [job.id for job in cape.list_jobs(limit=2)] == ids(newest[:2][::-1])
+    assert [job.id for job in cape.iter_jobs()] == ids(newest)

@@ -467,6 +467,37 @@ def test_a_broker_index_that_is_no_database_is_one_line(tmp_path):
                                   "(the jobs whose messages it held end at their timeout)")
 
 
+def test_a_data_dir_a_newer_server_wrote_is_refused_in_one_line(tmp_path):
+    """A server taken back to an older version wrote to tables it no longer knew: it said ok, and every broker
+    message was a 500 (2,366 tracebacks in 2 minutes) until the jobs ended at their timeout."""
+    from services.broker.store import INDEX_SCHEMA_VERSION
+    from services.coordinator.db import SCHEMA_VERSION
+
+    data_dir = tmp_path / "data"
+    made = run_cli("admin", "create-org", "acme", "--admin-email", "a@acme.example", "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stderr
+    database = data_dir / "coordinator.sqlite3"
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # stamped by the one that wrote it
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")  # as a newer server would leave it
+    for command in (["admin", "list-orgs"], ["serve", "--port", "0"]):
+        result = run_cli(*command, "--data-dir", str(data_dir))
+        assert result.returncode == 1 and "Traceback" not in result.stderr and "listening" not in result.stdout
+        assert error_line(result) == (
+            f"Error: {database} was written by a newer cape-server (schema {SCHEMA_VERSION + 1}; this one knows up to "
+            f"{SCHEMA_VERSION}): run that version, or put back the backup taken before the upgrade (`cape-server "
+            "admin backup`, with a copy of the data dir's broker/ folder)")
+
+    index = tmp_path / "broker-only" / "broker" / "index.sqlite3"
+    index.parent.mkdir(parents=True, mode=0o700)
+    with sqlite3.connect(index) as conn:
+        conn.execute(f"PRAGMA user_version = {INDEX_SCHEMA_VERSION + 1}")
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "broker-only"), "--only", "broker",
+                     "--coordinator-url", "http://127.0.0.1:9")
+    assert result.returncode == 1 and error_line(result).startswith(
+        f"Error: {index} was written by a newer cape-server (schema {INDEX_SCHEMA_VERSION + 1};")
+
+
 def test_the_operator_lists_organizations_users_and_tokens_and_revokes_a_users_tokens(cape_server):
     """With shell access only: what is there, and a lost laptop's tokens revoked without knowing their ids."""
     acme = cape_server.create_org("acme")

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -379,6 +380,20 @@ def test_run_refuses_while_a_worker_runs_on_the_same_state_dir(start_worker, tmp
     first.wait_running(timeout=5)
 
 
+def test_run_makes_a_spool_others_could_read_private(start_worker, tmp_path):
+    """An older worker made its spool 755 (job specs with dataview uris, shares, models readable by any local
+    user); nothing said so, nor changed it."""
+    env = worker_env(tmp_path, "w")
+    spool = tmp_path / "w" / "spool"
+    spool.mkdir(parents=True)
+    spool.chmod(0o755)
+    worker = start_worker(env)
+    worker.wait_running()
+    assert spool.stat().st_mode & 0o777 == 0o700
+    assert f"cape-worker: {spool} was open to other users (mode 755); it is this user's alone now (700)" in \
+        worker.output
+
+
 def test_run_starts_over_a_killed_workers_leftover_socket(start_worker, tmp_path):
     env = worker_env(tmp_path, "w")
     first = start_worker(env)
@@ -661,3 +676,12 @@ def test_check_never_prints_a_token_pasted_into_a_url_variable(tmp_path):
     code, lines, out = check(env)
     assert code == 1 and "broker" in lines, out
     assert "XNKf0QmHBqVhW0N2VTB51ztGpByecVacVja6D2RcpmU" not in out and "[REDACTED]" in lines["broker"], out
+
+
+def test_version_says_which_version_the_worker_is():
+    """`cape --version` and `cape-server --version` said it; an operator upgrading could not tell a worker's."""
+    from importlib.metadata import version
+
+    command = os.path.join(os.path.dirname(sys.executable), "cape-worker")  # the venv's, as worker_env's PATH has
+    result = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"cape-worker, version {version('cape-workers')}"

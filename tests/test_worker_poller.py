@@ -680,3 +680,31 @@ def test_the_job_watch_looks_again_soon_after_an_outage_but_not_after_a_refusal(
     poller.watch_jobs(Failing(), stop, wait=0.1)  # type: ignore[arg-type]
     assert len(stop.delays) == 8 and max(stop.delays) <= longest
     assert max(stop.delays) > longest / 2, stop.delays  # it does reach the cap: 30 s for a refusal, not 4
+
+
+def test_a_coordinator_older_than_the_heartbeats_key_check_still_gets_heartbeats_and_reports(
+        cape_server, world, tmp_path, caplog, monkeypatch):
+    """An older cape-server refuses a heartbeat field it does not know (422): the whole cycle failed with it, so no
+    status report ever left the worker, and its jobs ended in Error or stayed Started while it computed them.
+    Simulated here against the real server by adding a field it does not know wherever the key check goes."""
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    real = poller.client._request
+
+    def older(method, path, **kwargs):
+        body = kwargs.get("json")
+        if path == "/v1/worker/heartbeat" and body and "signing_public_key" in body:
+            kwargs["json"] = {**body, "field_of_a_newer_worker": 1}
+        return real(method, path, **kwargs)
+
+    monkeypatch.setattr(poller.client, "_request", older)
+    caplog.set_level(logging.WARNING, logger="cape.poller")
+    job_id = world["job"]["id"]
+    poller.cycle()
+    poller.spool.put_status(job_id, {"state": "started", "progress": 0.0})
+    poller.last_heartbeat = 0.0  # the next heartbeat is due
+    poller.cycle()
+    assert poller.older_coordinator
+    assert caplog.text.count("the coordinator is older than this worker") == 1
+    assert poller.spool.pending_status() == []  # the report went through
+    seat = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]
+    assert seat["x_owner"]["state"] == "started" and seat["x_owner"]["worker_online"]

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.sqlite_files import unusable
+from services.sqlite_files import mark_schema, refuse_newer_schema, unusable
 
+INDEX_SCHEMA_VERSION = 1  # in `PRAGMA user_version`: one more with each change of the index's schema
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     job_id TEXT NOT NULL, to_seat TEXT NOT NULL, name TEXT NOT NULL, from_seat TEXT NOT NULL,
@@ -103,10 +104,12 @@ class MessageStore:
             self._conn = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
+            refuse_newer_schema(self._conn, index, INDEX_SCHEMA_VERSION)
             self._conn.executescript(INDEX_SCHEMA)
             columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
             if "sha256" in columns:  # an index written before bodies stopped being hashed
                 self._conn.execute("ALTER TABLE messages DROP COLUMN sha256")
+            mark_schema(self._conn, INDEX_SCHEMA_VERSION)
         except sqlite3.Error as exc:
             raise unusable(index, exc, f"remove it and {self.bodies} to start the broker empty (the jobs whose "
                                        "messages it held end at their timeout)") from None

@@ -5,6 +5,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
 
@@ -492,12 +493,21 @@ def job_filter(status: str | list[str] | None) -> dict[str, Any]:
 
 def iter_jobs(session: ApiSession, path: str, status: str | list[str] | None, page_size: int) -> Iterator[Job]:
     """The jobs of a job listing, newest first, a page at a time."""
-    return (Job(session, j) for j in follow(session, path, job_filter(status), page_size=page_size))
+    return (Job(session, j) for j in _listed(session, path, status, page_size))
 
 
 def recent_jobs(session: ApiSession, path: str, status: str | list[str] | None, limit: int | None) -> list[Job]:
     """The `limit` most recent jobs of a job listing (all when None), oldest first."""
     if limit is not None:
         whole_number(limit, "limit", "jobs")
-    found = follow(session, path, job_filter(status), limit, min(limit or PAGE_MAX, PAGE_MAX))
+    found = islice(_listed(session, path, status, min(limit or PAGE_MAX, PAGE_MAX)), limit)
     return [Job(session, j) for j in found][::-1]
+
+
+def _listed(session: ApiSession, path: str, status: str | list[str] | None, page_size: int) -> Iterator[dict]:
+    """A job listing's items with `status`, newest first. Filtered here too: an older coordinator ignores the
+    filter (and answers every job at once), and a script stopping every Started job would stop the others."""
+    params = job_filter(status)
+    wanted = set(params.get("status", ()))
+    items = follow(session, path, params, page_size=page_size)
+    return (item for item in items if item.get("status") in wanted) if wanted else items

@@ -33,6 +33,8 @@ def follow(session: ApiSession, path: str, params: dict[str, Any] | None = None,
             size = page_size if left is None else min(page_size, left)
             page, cursor = session.get_page(path, {**(params or {}), "limit": size,
                                                    **({"cursor": cursor} if cursor else {})})
+            # An older coordinator answers everything at once, oldest first: put it in this listing's order.
+            page = sorted(page, key=lambda item: (item.get("created_at") or "", item.get("id") or ""), reverse=True)
             for item in page[:left]:
                 yield item
             left = None if left is None else left - min(len(page), left)

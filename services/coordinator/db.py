@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.sqlite_files import unusable
+from services.sqlite_files import mark_schema, refuse_newer_schema, unusable
 
 log = logging.getLogger("cape.coordinator")
 
@@ -63,6 +63,9 @@ CREATE INDEX IF NOT EXISTS tokens_org ON tokens(org_id, created_at);
 
 
 READERS_KEPT = 4  # idle read connections kept for the next listing
+# The schema's version in `PRAGMA user_version`: one more whenever SCHEMA or `_upgrade` changes, so an older server
+# refuses a database a newer one upgraded (services/sqlite_files.py).
+SCHEMA_VERSION = 1
 
 
 def now_iso() -> str:
@@ -118,8 +121,10 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
+            refuse_newer_schema(self._conn, path, SCHEMA_VERSION)
             self._conn.executescript(SCHEMA)
             _upgrade(self._conn)
+            mark_schema(self._conn, SCHEMA_VERSION)
         except sqlite3.Error as exc:
             raise unusable(path, exc, "put back the copy `cape-server admin backup` made") from None
 

@@ -75,6 +75,22 @@ def _for_this_user_only() -> None:
     os.umask(0o077)
 
 
+def _make_private(folder: Path) -> None:
+    """A spool or state folder others may read (made by an older worker, before the umask above, or by hand) is
+    made this user's alone: it holds job specs with dataview uris, shares, models and keys."""
+    mode = folder.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return
+    try:
+        folder.chmod(0o700)
+    except OSError as exc:
+        click.echo(f"cape-worker: warning: {folder} is open to other users (mode {mode:o}) and cannot be made "
+                   f"private ({exc.strerror}); chmod 700 it as its owner", err=True)
+        return
+    click.echo(f"cape-worker: {folder} was open to other users (mode {mode:o}); it is this user's alone now (700)",
+               err=True)
+
+
 def _live_supervisord(run_dir: Path) -> Path | None:
     """The socket of a supervisord that accepts connections in `run_dir`, or None. A socket file left by a worker
     that was killed refuses connections (supervisord replaces it), so only a live one counts."""
@@ -91,6 +107,7 @@ def _live_supervisord(run_dir: Path) -> Path | None:
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="cape-workers", prog_name="cape-worker")  # as cape and cape-server
 def main() -> None:
     """The cape worker appliance: one per organization."""
 
@@ -125,6 +142,8 @@ def run() -> None:
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (config.spool_dir, config.state_dir):
+            _make_private(folder)
         Spool(config.spool_dir)
     except OSError as exc:
         click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "

@@ -37,6 +37,10 @@ class CoordinatorNoRoute(CoordinatorError):
     """A 405, or a 404 without a Cape error of its own: the coordinator has no such route (an older version)."""
 
 
+class RequestRefused(CoordinatorError):
+    """422: the coordinator refused a request's body, e.g. an older coordinator a field it does not know."""
+
+
 class CoordinatorAuthError(CoordinatorError):
     """The coordinator refused CAPE_TOKEN (401/403)."""
 
@@ -164,7 +168,7 @@ class CoordinatorClient:
         # An older coordinator: no such path (a generic 404), or the path for another method only (405, e.g. GET
         # /v1/worker/keys before it could be read).
         no_route = response.status_code == 405 or (response.status_code == 404 and code in (None, "not_found"))
-        kind = CoordinatorNoRoute if no_route else CoordinatorError
+        kind = CoordinatorNoRoute if no_route else RequestRefused if response.status_code == 422 else CoordinatorError
         raise kind(f"{method} {path} failed with {response.status_code} {code or 'error'}: {message}")
 
 

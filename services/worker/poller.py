@@ -23,7 +23,7 @@ from services.worker import health, program
 from services.worker.config import RETRY_BASE_SECONDS, WorkerConfig
 from services.worker.coordinator_client import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                                                 CoordinatorMisaddressed, CoordinatorUnreachable, CoordinatorUntrusted,
-                                                JobEnded, KeysNotRegistered, SeatTaken)
+                                                JobEnded, KeysNotRegistered, RequestRefused, SeatTaken)
 from services.worker.keys import WorkerKeys
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
@@ -81,6 +81,7 @@ class Poller:
         # the running worker, as any it cannot open).
         self.seat_held = threading.Event()
         self.last_heartbeat = 0.0
+        self.older_coordinator = False  # it refused the heartbeat's key check: heartbeats go without it
         self.last_prune = 0.0
         self.last_programs: dict[str, str] | None = None
         self._store_lock = threading.Lock()  # the cycle and the job watcher both store jobs
@@ -120,8 +121,7 @@ class Poller:
         programs = self.program_states()
         if now - self.last_heartbeat >= HEARTBEAT_SECONDS or programs != self.last_programs:
             try:
-                self.client.heartbeat(version=VERSION, programs=programs or None,
-                                      signing_public_key=self.keys.signing_public_b64)
+                self._heartbeat(programs)
             except KeysNotRegistered:
                 # Registered once per start: without this, every job failed for want of keys while the worker
                 # looked healthy, until it was restarted.
@@ -129,9 +129,24 @@ class Poller:
                             "than this worker's start?); registering them again")
                 self.registered = False
                 self.start()
+                self._heartbeat(programs)
+            self.last_heartbeat, self.last_programs = now, programs
+
+    def _heartbeat(self, programs: dict[str, str]) -> None:
+        """One heartbeat, with this worker's key for the coordinator to check; without it to a coordinator older
+        than the key check, which refuses the field (422): every heartbeat failed, and with it the cycle's status
+        reports, so jobs ended in Error or stayed Started while the worker computed them."""
+        if not self.older_coordinator:
+            try:
                 self.client.heartbeat(version=VERSION, programs=programs or None,
                                       signing_public_key=self.keys.signing_public_b64)
-            self.last_heartbeat, self.last_programs = now, programs
+                return
+            except RequestRefused as exc:
+                self.older_coordinator = True
+                log.warning("the coordinator is older than this worker (it refused the heartbeat's key check: %s); "
+                            "heartbeats go without it, and the coordinator does not notice a second worker of this "
+                            "organization; upgrade cape-server (a server first, then its workers)", exc)
+        self.client.heartbeat(version=VERSION, programs=programs or None)
 
     def say_stopping(self) -> None:
         """Tell the coordinator this worker stops (best effort, within `STOPPING_SAID_WITHIN_SECONDS`), so its
