@@ -203,6 +203,11 @@ def test_jobs_results_show_where_the_worker_wrote_the_model(cape_server, cape_cl
     np.testing.assert_array_equal(found, [0.5, -1.25, 3.0])
     assert job.model_location == weights.as_uri()
     assert job.data["task"]["model_location"] == "s3://bucket/models"
+    # `cape jobs status` says where the model went to the model owner's members; to the others, that it is not theirs.
+    assert f"model location: stored at {weights.as_uri()}\n" in cape_cli("jobs", "status", job_id, env=env).stdout
+    others = {**env, "CAPE_TOKEN": world["orgs"]["xorg"]["user_token"]}
+    assert "model location: the model owner's to know (shown to its members)\n" in cape_cli(
+        "jobs", "status", job_id, env=others).stdout
 
 
 def test_projects_delete_refuses_before_asking_when_the_role_does_not_allow_it(shared_cape_server, cape_cli, orgs,

@@ -1,6 +1,7 @@
 """Bad input gets a typed JSON error naming what is wrong, never a 500."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -230,3 +231,12 @@ def test_only_the_model_owner_chooses_the_model_location(world):
     assert created.status_code == 201, created.text
     assert world["user"]["yorg"].get(f"/v1/jobs/{created.json()['id']}").json()["task"]["model_location"] == \
         "s3://somewhere/models"
+    # Where the model owner keeps its models is for its eyes (job errors never name it): other members see no
+    # location, in the job, in a listing, and in the answer to their approval.
+    job_id = created.json()["id"]
+    for seen in (world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json(),
+                 next(j for j in world["user"]["xorg"].get("/v1/projects/demo/jobs").json() if j["id"] == job_id),
+                 world["user"]["xorg"].post(f"/v1/jobs/{job_id}/approve").json()):
+        assert (seen["task"]["model_location"], seen["task"]["model_location_shown"]) == (None, False)
+        assert seen.get("model_stored_at") is None and "somewhere" not in json.dumps(seen)
+    assert world["user"]["yorg"].get(f"/v1/jobs/{job_id}").json()["task"]["model_location_shown"] is True

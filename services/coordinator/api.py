@@ -267,13 +267,13 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
     def submit_job(project: str, body: NewJob, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
             job_id = jobs.submit_job(conn, p, project, body.model_dump())
-            return jobs.job_view(conn, jobs.find_job(conn, job_id))
+            return jobs.job_view(conn, jobs.find_job(conn, job_id), p)
 
     def job_page(p: Principal, project: str | None, status: list[str] | None, page: PageRequest) -> JSONResponse:
         with db.transaction() as conn:  # it may end jobs past their start timeout: a write
             found = jobs.list_jobs(conn, p, project, status, page)
         with db.reading() as conn:
-            views = jobs.job_views(conn, jobs.find_jobs(conn, [row["id"] for row in found.rows]))
+            views = jobs.job_views(conn, jobs.find_jobs(conn, [row["id"] for row in found.rows]), p)
         # A later snapshot than the one the ids came from: a job that moved on since has left the filter.
         return listing([view for view in views if not status or view["status"] in status], found.next_cursor)
 
@@ -291,13 +291,13 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
     @router.get("/jobs/{job_id}", tags=["jobs"], response_model=views.Job)
     def get_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:
-            return jobs.job_view(conn, jobs.readable_job(conn, p, job_id))
+            return jobs.job_view(conn, jobs.readable_job(conn, p, job_id), p)
 
     @router.post("/jobs/{job_id}/approve", tags=["jobs"], response_model=views.Job)
     def approve_job(job_id: str, body: Approval | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         organization = body.organization if body else None
         with job_change(job_id) as conn:
-            view = jobs.job_view(conn, decisions.approve(conn, p, job_id, organization))
+            view = jobs.job_view(conn, decisions.approve(conn, p, job_id, organization), p)
         record(p, "approved job %s%s", job_id, f" for organization {organization}" if organization else "")
         return view
 
@@ -305,14 +305,15 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
     def reject_job(job_id: str, body: Rejection | None = None, p: Principal = Depends(person)) -> dict[str, Any]:
         organization = body.organization if body else None
         with job_change(job_id) as conn:
-            view = jobs.job_view(conn, decisions.reject(conn, p, job_id, organization, body.reason if body else None))
+            view = jobs.job_view(conn, decisions.reject(conn, p, job_id, organization, body.reason if body else None),
+                                 p)
         record(p, "rejected job %s%s", job_id, f" for organization {organization}" if organization else "")
         return view
 
     @router.post("/jobs/{job_id}/stop", tags=["jobs"], response_model=views.Job)
     def stop_job(job_id: str, p: Principal = Depends(person)) -> dict[str, Any]:
         with job_change(job_id) as conn:
-            view = jobs.job_view(conn, jobs.stop(conn, p, job_id))
+            view = jobs.job_view(conn, jobs.stop(conn, p, job_id), p)
         record(p, "stopped job %s", job_id)
         return view
 

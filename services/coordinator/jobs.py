@@ -233,7 +233,7 @@ def task_view(job: sqlite3.Row) -> dict[str, Any]:
                   "columns": task["x"]["columns"]},
             "y": {"dataview": {"id": task["y"]["dataview"], "name": task["y"]["dataview_name"]},
                   "column": task["y"]["column"]},
-            "model_location": task["model_location"], "timeout": job["timeout"]}
+            "model_location": task["model_location"], "model_location_shown": True, "timeout": job["timeout"]}
 
 
 def _shown_state(status: str, state: str) -> str:
@@ -242,8 +242,8 @@ def _shown_state(status: str, state: str) -> str:
     return "stopped" if status in ("Error", "Stopped") and state in ("started", "running") else state
 
 
-def job_view(conn: sqlite3.Connection, job: sqlite3.Row) -> dict[str, Any]:
-    return job_views(conn, [job])[0]
+def job_view(conn: sqlite3.Connection, job: sqlite3.Row, viewer: Principal | None = None) -> dict[str, Any]:
+    return job_views(conn, [job], viewer)[0]
 
 
 _IN_CHUNK = 500  # ids per `IN (...)`: well under SQLite's limit on bound parameters
@@ -266,9 +266,12 @@ def find_jobs(conn: sqlite3.Connection, job_ids: list[str]) -> list[sqlite3.Row]
     return [found[job_id][0] for job_id in job_ids if found[job_id]]
 
 
-def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[str, Any]]:
-    """The views of `jobs`, in a few queries whatever their number: a view per job took about 15 queries (0.2 ms),
-    so listing a project of 5,000 jobs held the database, and every worker's request behind it, for over a second."""
+def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row], viewer: Principal | None = None
+              ) -> list[dict[str, Any]]:
+    """The views of `jobs` as `viewer` may see them (None: all of it), in a few queries whatever their number: a view
+    per job took about 15 queries (0.2 ms), so listing a project of 5,000 jobs held the database, and every
+    worker's request behind it, for over a second. Where the model goes (asked and actual) is shown only to the
+    model owner's members: job errors never name it, and the job view did, to every project member."""
     ids = [job["id"] for job in jobs]
     approvals, seats = _rows_by_id(conn, "job_approvals", "job_id", ids), _rows_by_id(conn, "job_parties", "job_id", ids)
     orgs: dict[str, sqlite3.Row] = {}
@@ -317,6 +320,11 @@ def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row]) -> list[dict[st
             "created_at": job["created_at"], "updated_at": job["updated_at"], "approved_at": job["approved_at"],
             "error": job["error"],
         })
+        if viewer is not None and job["model_owner_org_id"] not in viewer.roles:
+            views[-1]["task"].update(model_location=None, model_location_shown=False)
+            views[-1]["model_stored_at"] = None
+        else:
+            views[-1]["model_stored_at"] = job["result_location"]
     return views
 
 

@@ -166,7 +166,11 @@ class TaskY(View):
 class Task(View):
     x: TaskX
     y: TaskY
-    model_location: str | None
+    model_location: str | None = Field(description="where the job asks the model owner's worker to write the model "
+                                                   "(null: its CAPE_BUCKET, or not shown)")
+    model_location_shown: bool = Field(True, description="false for a caller outside the model owner: where its "
+                                                         "models go is its own business, as a dataview's uri is "
+                                                         "its owner's")
     timeout: int = Field(description="seconds the workers have to start the job once approved")
 
 
@@ -201,6 +205,9 @@ class Job(View):
     updated_at: str
     approved_at: str | None
     error: str | None
+    model_stored_at: str | None = Field(None, description="where the model owner's worker wrote the weights (its "
+                                                          "CAPE_BUCKET decides when set), once the job completed; "
+                                                          "shown to the model owner's members only")
 
 
 class JobResults(View):

@@ -356,6 +356,18 @@ def _progress_line(job: Job) -> str:
     return f"{job.status:<13} " + "  ".join(parts) + approvals
 
 
+def _model_location(data: dict[str, Any]) -> str:
+    """Where the model goes, as the caller may know it: the model owner's members see where it was stored."""
+    task = data.get("task") or {}
+    if task.get("model_location_shown") is False:
+        return "the model owner's to know (shown to its members)"
+    if data.get("model_stored_at"):
+        return f"stored at {data['model_stored_at']}"
+    if task.get("model_location"):
+        return f"{task['model_location']} (the model owner's CAPE_BUCKET replaces it when set)"
+    return "not given: the model owner's worker writes to its CAPE_BUCKET"
+
+
 def _print_job(job: Job) -> None:
     data = job.data
     print_fields([
@@ -366,8 +378,7 @@ def _print_job(job: Job) -> None:
         ("x", _side(data, "x", "columns")),
         ("y", _side(data, "y", "column")),
         ("model owner", _model_owner(data)),
-        ("model location", (data.get("task") or {}).get("model_location")
-         or "not given: the model owner's worker writes to its CAPE_BUCKET"),
+        ("model location", _model_location(data)),
         ("outputs to", data.get("outputs_to")),
         # 5: the workers' LIMIT_TIMEOUTS (services/worker/partner_wait.py; the client does not import the worker)
         ("timeout", f"{(data.get('task') or {}).get('timeout')} s (for the three workers to take the job after "
