@@ -168,3 +168,17 @@ def test_a_url_of_another_service_or_with_a_password_is_said_so(cape_cli) -> Non
     assert one_error_line(with_password.stderr) == (
         "error: the coordinator URL holds a user name or password (user:password@); the token is the credential: "
         "give http(s)://HOST[:PORT]")
+
+
+def test_a_route_the_coordinator_lacks_says_it_is_older_than_this_cape(shared_cape_server, two_orgs) -> None:
+    """An older coordinator answered a newer cape's `cape tokens list` with "no such endpoint; see /openapi.json"."""
+    cape = Cape(endpoint=shared_cape_server.url, token=two_orgs["alpha"]["user_token"])
+    for method, path in (("GET", "/v1/a-route-of-a-newer-version"), ("DELETE", "/v1/projects")):
+        with pytest.raises(ApiError) as caught:
+            cape._session.request(method, path)
+        assert str(caught.value.message) == (
+            f"the coordinator at {shared_cape_server.url} has no {method} {path}: it is older than this cape; "
+            "upgrade cape-server, or use the cape of its version")
+    with pytest.raises(ApiError) as unknown_job:  # a 404 of the coordinator's own: as it said it
+        cape.get_job("0" * 32)
+    assert "older" not in str(unknown_job.value)

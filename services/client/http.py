@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 
@@ -128,8 +129,14 @@ def _api_error(response: requests.Response, endpoint: str) -> ApiError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         error = body["error"]
-        return ApiError(status, str(error.get("code", "error")), str(error.get("message", "")).strip()
-                        or response.reason or "request failed")
+        code = str(error.get("code", "error"))
+        no_route = status == 404 and str(error.get("message", "")).startswith("no such endpoint")  # not a job's 404
+        if no_route or (status, code) == (405, "method_not_allowed"):
+            # A route this cape knows and the coordinator does not: "no such endpoint" said nothing to do.
+            return ApiError(status, code, f"the coordinator at {endpoint} has no {response.request.method} "
+                                          f"{urlparse(response.request.path_url).path}: it is older than this cape; "
+                                          "upgrade cape-server, or use the cape of its version")
+        return ApiError(status, code, str(error.get("message", "")).strip() or response.reason or "request failed")
     if isinstance(body, dict) and "detail" in body:
         # A framework-default body (e.g. FastAPI validation): name the fields if we can.
         detail = body["detail"]
