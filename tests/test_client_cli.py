@@ -402,6 +402,37 @@ def test_approve_names_the_organization_when_you_may_decide_for_both(start_cape_
         1, "error: the job already ended (Stopped); there is nothing to approve (HTTP 409)\n")
 
 
+def test_an_older_coordinator_deciding_for_every_organization_is_said(start_cape_server, monkeypatch) -> None:
+    """An older coordinator ignores the organization's name and approves for every data owner the caller may decide
+    for: `cape jobs approve JOB --org xorg` said it approved, and the job ran on yorg's data nobody approved for it.
+    Simulated against the real server by deciding for both organizations, as such a coordinator does."""
+    from services.client.errors import CapeError
+    from services.client.http import ApiSession
+
+    world = build_job_world(start_cape_server(), approve=False)
+    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users",
+                                           json={"email": "ops@both.example", "role": "operator"})
+             for org in ("xorg", "yorg")}
+    post = ApiSession.post
+
+    def older(self, path, json=None):
+        if path.endswith("/approve"):
+            for org in ("yorg", "xorg"):
+                answer = post(self, path, {"organization": org})
+            return answer
+        return post(self, path, json)
+
+    monkeypatch.setattr(ApiSession, "post", older)
+    cape = Cape(endpoint=world["user"]["xorg"].server.url, token=users["xorg"].json()["token"])
+    job = cape.get_job(world["job"]["id"])
+    with pytest.raises(CapeError) as caught:
+        job.approve(org_id="xorg")
+    assert str(caught.value) == (
+        f"the coordinator at {world['user']['xorg'].server.url} decided (approve) for yorg too, not only for xorg: "
+        "it is older than this cape and does not take the organization's name; stop the job (`cape jobs stop`) if "
+        "that was not meant, and upgrade cape-server")
+
+
 def test_dataview_mistakes_show_when_it_is_added(shared_cape_server, cape_cli, unique_label, tmp_path,
                                                  monkeypatch) -> None:
     """A relative path (read from the worker's own directory, not this one) and a schema naming a column the local

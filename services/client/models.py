@@ -210,8 +210,7 @@ class Job(Resource):
         label or Organization) names it, and may be left out when you may decide for only one data owner of the
         job. The coordinator refuses an organization that owns no data of the job, or where you may not decide."""
         body = {} if org_id is None else {"organization": org_ref(org_id)}
-        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/approve", body)
-        return self
+        return self._decide("approve", body, org_id)
 
     def reject(self, reason: str | None = None, org_id: str | Organization | None = None) -> Job:
         """Reject as a data owner, for one organization as in ``approve``; the reason is shown to the project's
@@ -219,7 +218,23 @@ class Job(Resource):
         body: dict[str, Any] = {} if reason is None else {"reason": reason}
         if org_id is not None:
             body["organization"] = org_ref(org_id)
-        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/reject", body)
+        return self._decide("reject", body, org_id)
+
+    def _decide(self, action: str, body: dict[str, Any], org_id: str | Organization | None) -> Job:
+        """POST the decision; for one named organization, check that no other's changed with it: an older
+        coordinator ignores the name and decides for every data owner the caller may decide for."""
+        before = self._session.get(f"/v1/jobs/{seg(self.id)}").get("approvals") or {} if org_id is not None else {}
+        self.data = self._session.post(f"/v1/jobs/{seg(self.id)}/{action}", body)
+        labels = {(party.get("organization") or {}).get("id"): (party.get("organization") or {}).get("label")
+                  for party in (self.data.get("parties") or {}).values()}
+        named = labels.get(org_ref(org_id), org_ref(org_id)) if org_id is not None else None
+        others = sorted(org for org, state in (self.data.get("approvals") or {}).items()
+                        if named is not None and org != named and before.get(org, state) != state)
+        if others:
+            raise CapeError(f"the coordinator at {self._session.endpoint} decided ({action}) for {', '.join(others)} "
+                            f"too, not only for {named}: it is older than this cape and does not take the "
+                            "organization's name; stop the job (`cape jobs stop`) if that was not meant, and "
+                            "upgrade cape-server")
         return self
 
     def pending_approvals(self) -> list[str]:
