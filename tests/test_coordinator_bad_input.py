@@ -240,3 +240,7 @@ def test_only_the_model_owner_chooses_the_model_location(world):
         assert (seen["task"]["model_location"], seen["task"]["model_location_shown"]) == (None, False)
         assert seen.get("model_stored_at") is None and "somewhere" not in json.dumps(seen)
     assert world["user"]["yorg"].get(f"/v1/jobs/{job_id}").json()["task"]["model_location_shown"] is True
+    # ... and the other seats' workers, whose operators read their spools, are not told either.
+    worker_views = {org: world["worker"][org].get(f"/v1/worker/jobs/{job_id}").json() for org in ("xorg", "yorg")}
+    assert worker_views["xorg"]["task"]["model_location"] is None
+    assert worker_views["yorg"]["task"]["model_location"] == "s3://somewhere/models"

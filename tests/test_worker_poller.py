@@ -706,5 +706,14 @@ def test_a_coordinator_older_than_the_heartbeats_key_check_still_gets_heartbeats
     assert poller.older_coordinator
     assert caplog.text.count("the coordinator is older than this worker") == 1
     assert poller.spool.pending_status() == []  # the report went through
+    # An hour on, the key check is tried again (the coordinator may have been upgraded); still refused, not said again.
+    monkeypatch.setattr(poller_mod, "OLDER_COORDINATOR_RECHECK_SECONDS", 0.0)
+    poller.last_heartbeat = 0.0
+    poller.cycle()
+    assert poller.older_coordinator and caplog.text.count("the coordinator is older than this worker") == 1
+    monkeypatch.setattr(poller.client, "_request", real)  # upgraded: the check is back
+    poller.last_heartbeat = 0.0
+    poller.cycle()
+    assert not poller.older_coordinator
     seat = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]
     assert seat["x_owner"]["state"] == "started" and seat["x_owner"]["worker_online"]

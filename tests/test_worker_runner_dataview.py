@@ -209,6 +209,18 @@ def test_a_cut_parquet_object_is_said_before_it_is_fetched_whole(bucket, tmp_pat
     assert watch.seen == []
 
 
+def test_a_parquet_footer_too_large_to_check_first_is_left_to_the_loader(bucket, tmp_path):
+    """A damaged footer length (here 1 GiB) made the early check fetch that much into memory before the download."""
+    whole = (tmp_path / "x.parquet").read_bytes()
+    bucket.client("s3").put_object(Bucket="org-data", Key="views/odd.parquet",
+                                   Body=whole[:-8] + (2**30).to_bytes(4, "little") + b"PAR1")
+    watch = Watch()
+    with pytest.raises(JobDataError, match="not a readable Parquet file"):
+        load_dataview("s3://org-data/views/odd.parquet", y_column="t", spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    assert watch.seen  # downloaded (a few KB), then refused by the loader
+
+
 def test_a_gzip_compressed_csv_object_is_read(bucket, tmp_path):
     import gzip
 

@@ -158,7 +158,8 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
         "outputs_to": job["outputs_to"], "timeout": job["timeout"], "approved_at": job["approved_at"],
         "task": {"x": {"columns": task["x"]["columns"], "dataview": dataview("x", "x_owner")},
                  "y": {"column": task["y"]["column"], "dataview": dataview("y", "y_owner")},
-                 "model_location": task["model_location"]},
+                 # Where the model owner keeps its models: for its own worker, which writes there, alone.
+                 "model_location": task["model_location"] if seat == job["outputs_to"] else None},
         "parties": party_view,
     }
 

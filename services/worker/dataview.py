@@ -35,6 +35,7 @@ READ_TIMEOUT_SECONDS = 30
 REQUEST_ATTEMPTS = 5
 PART_ATTEMPTS = 2  # s3transfer's tries of a part whose body stops coming (its default is 5)
 HEAD_BYTES = 65536  # read before the download: the CSV header or the format must show in it
+FOOTER_MAX_BYTES = 16 * 1024 * 1024  # a Parquet footer read before the download: larger ones are left to the loader
 
 
 def s3_client_config() -> Any:
@@ -61,6 +62,10 @@ class DownloadWatch:
 
     def retrying(self, reason: str, delay: float) -> None:
         """The store failed for now (`reason`, no bucket or key in it); the download starts again in `delay` s."""
+
+
+class _TooLargeToCheck(Exception):
+    """The part of the object the early check needs is too large to fetch on its own."""
 
 
 class _TransientFailure(Exception):
@@ -186,12 +191,22 @@ def _check_ends(uri: str, bucket: str, key: str, columns: list[str], size: int |
     """The loaders' checks of what the object's first 64 KiB and (Parquet) footer show, before it is fetched whole:
     a column missing from a 600 MiB file was said after its download."""
     def read(first: int, last: int) -> bytes:
-        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}")["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}")["Body"]
+        try:  # at most what was asked: a store that ignores Range sends the whole object
+            return body.read(last - first + 1)
+        finally:
+            body.close()
+
+    def tail(n: int) -> bytes:
+        if n > FOOTER_MAX_BYTES:  # a damaged footer's length, or a schema of thousands of columns: the loader tells
+            raise _TooLargeToCheck
+        return read(max(0, size - n), size - 1)
 
     if not size:
         check_ends(uri, columns, b"", lambda n: b"")
         return
-    check_ends(uri, columns, read(0, min(size, HEAD_BYTES) - 1), lambda n: read(max(0, size - n), size - 1))
+    with contextlib.suppress(_TooLargeToCheck):
+        check_ends(uri, columns, read(0, min(size, HEAD_BYTES) - 1), tail)
 
 
 def _check_room(uri: str, spool: Spool, size: int | None) -> None:

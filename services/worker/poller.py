@@ -34,6 +34,7 @@ ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
 INTERRUPTING_STATUSES = ("Stopped", "Error")
 FINAL_SEAT_STATES = ("completed", "error")
 HEARTBEAT_SECONDS = 15.0
+OLDER_COORDINATOR_RECHECK_SECONDS = 3600.0  # how long heartbeats go without the key check an older server refused
 PRUNE_SECONDS = 60.0  # how often old finished jobs are looked for (a scan of the spool's jobs/ folder)
 MAX_BACKOFF_SECONDS = 30.0
 # Status files from the runner and uploader are local: they are reported this soon after they appear, while
@@ -82,6 +83,7 @@ class Poller:
         self.seat_held = threading.Event()
         self.last_heartbeat = 0.0
         self.older_coordinator = False  # it refused the heartbeat's key check: heartbeats go without it
+        self.older_since = 0.0  # when it last refused it (monotonic; 0: never)
         self.last_prune = 0.0
         self.last_programs: dict[str, str] | None = None
         self._store_lock = threading.Lock()  # the cycle and the job watcher both store jobs
@@ -136,16 +138,23 @@ class Poller:
         """One heartbeat, with this worker's key for the coordinator to check; without it to a coordinator older
         than the key check, which refuses the field (422): every heartbeat failed, and with it the cycle's status
         reports, so jobs ended in Error or stayed Started while the worker computed them."""
+        if self.older_coordinator and time.monotonic() - self.older_since >= OLDER_COORDINATOR_RECHECK_SECONDS:
+            self.older_coordinator = False  # it may have been upgraded meanwhile: the key check comes back
         if not self.older_coordinator:
             try:
                 self.client.heartbeat(version=VERSION, programs=programs or None,
                                       signing_public_key=self.keys.signing_public_b64)
                 return
             except RequestRefused as exc:
-                self.older_coordinator = True
-                log.warning("the coordinator is older than this worker (it refused the heartbeat's key check: %s); "
-                            "heartbeats go without it, and the coordinator does not notice a second worker of this "
-                            "organization; upgrade cape-server (a server first, then its workers)", exc)
+                said = self.older_since > 0
+                self.older_coordinator, self.older_since = True, time.monotonic()
+                if said:
+                    log.debug("the coordinator still refuses the heartbeat's key check: %s", exc)
+                else:
+                        log.warning("the coordinator is older than this worker (it refused the heartbeat's key check: "
+                                "%s); heartbeats go without it (tried again every hour), and the coordinator does "
+                                "not notice a second worker of this organization; upgrade cape-server (a server "
+                                "first, then its workers)", exc)
         self.client.heartbeat(version=VERSION, programs=programs or None)
 
     def say_stopping(self) -> None:
