@@ -237,8 +237,17 @@ def test_reject_and_stop(cape_server):
         "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]}, "y": {"dataview": "ys", "column": "t"},
         "model_owner": "xorg"}).json()
     assert second["outputs_to"] == "x_owner" and second["task"]["timeout"] == 600
+    for label in ("xorg", "yorg"):
+        assert user[label].post(f"/v1/jobs/{second['id']}/approve").status_code == 200
+    for label in ("xorg", "yorg", "helper"):
+        assert world["worker"][label].post(f"/v1/worker/jobs/{second['id']}/report", json={
+            "state": "running", "progress": 0.99, "message": "uploading the model: its bucket is away; trying again"}
+            ).status_code == 204
     stopped = user["helper"].post(f"/v1/jobs/{second['id']}/stop").json()  # a party's org may stop it
     assert stopped["status"] == "Stopped"
+    # A seat working when the job ended shows stopped, and what it said then as such (not as if it still tried).
+    assert {(seat["state"], seat["message"]) for seat in stopped["parties"].values()} == {
+        ("stopped", "when the job ended: uploading the model: its bucket is away; trying again")}
     report = world["worker"]["helper"].post(f"/v1/worker/jobs/{second['id']}/report", json={"state": "started"})
     assert report.status_code == 409 and report.json()["error"]["status"] == "Stopped"
 

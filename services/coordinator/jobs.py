@@ -242,6 +242,15 @@ def _shown_state(status: str, state: str) -> str:
     return "stopped" if status in ("Error", "Stopped") and state in ("started", "running") else state
 
 
+def _shown_message(status: str, seat: sqlite3.Row) -> str | None:
+    """What a seat last said; for one shown `stopped`, as what it said when the job ended ("uploading the model:
+    ... trying again" read as if it still tried after the stop)."""
+    message = seat["message"]
+    if message and _shown_state(status, seat["state"]) != seat["state"]:
+        return f"when the job ended: {message}"
+    return message
+
+
 def job_view(conn: sqlite3.Connection, job: sqlite3.Row, viewer: Principal | None = None) -> dict[str, Any]:
     return job_views(conn, [job], viewer)[0]
 
@@ -308,7 +317,7 @@ def job_views(conn: sqlite3.Connection, jobs: list[sqlite3.Row], viewer: Princip
             "task": task_view(job),
             "parties": {p["seat"]: {"organization": org_ref(org(p["org_id"])),
                                     "state": _shown_state(job["status"], p["state"]),
-                                    "progress": p["progress"], "message": p["message"],
+                                    "progress": p["progress"], "message": _shown_message(job["status"], p),
                                     "worker_online": is_online(p["org_id"])}
                         for p in sorted(seats[job["id"]], key=_seat_order)},
             "outputs_to": job["outputs_to"],
