@@ -221,7 +221,7 @@ def test_a_parquet_footer_too_large_to_check_first_is_left_to_the_loader(bucket,
     assert watch.seen  # downloaded (a few KB), then refused by the loader
 
 
-def test_a_gzip_compressed_csv_object_is_read(bucket, tmp_path):
+def test_a_gzip_compressed_csv_object_is_read_and_its_header_checked_first(bucket, tmp_path):
     import gzip
 
     bucket.client("s3").put_object(Bucket="org-data", Key="views/x.csv.gz",
@@ -229,6 +229,11 @@ def test_a_gzip_compressed_csv_object_is_read(bucket, tmp_path):
     got = load_dataview("s3://org-data/views/x.csv.gz", x_columns=["b", "a"], spool=Spool(tmp_path / "spool"),
                         s3_client=lambda: bucket.client("s3"))
     np.testing.assert_array_equal(got, X[:, ::-1])
+    watch = Watch()
+    with pytest.raises(JobDataError, match="no column 'c'"):
+        load_dataview("s3://org-data/views/x.csv.gz", x_columns=["a", "c"], spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    assert watch.seen == []  # said from its first bytes, before the download
 
 
 def test_local_path_and_file_uri(tmp_path):

@@ -15,6 +15,7 @@ import re
 import os
 import sys
 import weakref
+import zlib
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -272,12 +273,16 @@ def read_columns(source: Source, *, name: str | None = None) -> list[str]:
 
 def check_ends(name: str, columns: Sequence[str], head: bytes, read_tail: Callable[[int], bytes]) -> None:
     """Raise the loaders' own error when a file's first bytes (`head`) and, for Parquet, its footer (`read_tail(n)`:
-    the file's last n bytes, or all of a shorter file) already show it unusable for `columns`: empty, an archive, a compressed Parquet file, a
-    header or schema without one of them. Quiet when only more of the file can tell (a CSV header longer than
-    `head`, a compressed CSV): the loaders check again. A large remote file need not be fetched whole to fail."""
-    if _compression(name, head) is not None:
-        return
-    if _kind(name, head) == "csv":
+    the file's last n bytes, or all of a shorter file) already show it unusable for `columns`: empty, an archive, a
+    compressed Parquet file, a header or schema without one of them. Quiet when only more of the file can tell (a CSV
+    header longer than `head`, or one inside a bzip2 block or a zstd frame): the loaders check again. A large remote
+    file need not be fetched whole to fail."""
+    compression = _compression(name, head)
+    if compression is not None:
+        head = _start_of(compression, head)
+        if not head:
+            return
+    if _kind(name, head, compression) == "csv":
         if b"\n" in head:
             _csv_names(name, list(columns), _csv_header(name, head))
         return
@@ -290,6 +295,19 @@ def check_ends(name: str, columns: Sequence[str], head: bytes, read_tail: Callab
     except (pa.ArrowException, OSError) as exc:
         raise UnreadableDataError(name, f"not a readable Parquet file ({_arrow_reason(exc)})") from None
     _require_columns(name, list(columns), list(available))
+
+
+def _start_of(compression: str, head: bytes) -> bytes:
+    """What the first bytes of a compressed file decompress to, as far as they go (b"" when that cannot be told
+    from them: bzip2 decodes whole blocks of up to 900 kB, arrow zstd whole frames; or a damaged start, which the
+    loader reports)."""
+    decoders = {"gzip": lambda: zlib.decompressobj(wbits=31), "xz": lzma.LZMADecompressor}
+    if compression not in decoders:
+        return b""
+    try:
+        return decoders[compression]().decompress(head, _MAX_HEADER_BYTES)
+    except (zlib.error, lzma.LZMAError, EOFError):
+        return b""
 
 
 def _populated_empty(shape: tuple[int, int]) -> np.ndarray:
