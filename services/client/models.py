@@ -230,6 +230,10 @@ class Job(Resource):
         named = labels.get(org_ref(org_id), org_ref(org_id)) if org_id is not None else None
         others = sorted(org for org, state in (self.data.get("approvals") or {}).items()
                         if named is not None and org != named and before.get(org, state) != state)
+        if others:  # the caller's own decisions only: another organization may simply have decided meanwhile
+            mine = {(m.get("organization") or {}).get("label") for m in
+                    self._session.post("/v1/login").get("memberships") or [] if m.get("role") in ("admin", "operator")}
+            others = [org for org in others if org in mine]
         if others:
             raise CapeError(f"the coordinator at {self._session.endpoint} decided ({action}) for {', '.join(others)} "
                             f"too, not only for {named}: it is older than this cape and does not take the "
