@@ -406,18 +406,21 @@ class _LoadWatch(DownloadWatch):
             return
         self.said_at = now
         of = f" of {total / 2**20:.0f}" if total else ""
-        text = f"{LOADING}: {done / 2**20:.0f}{of} MiB"
-        self.said(text)
-        self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0, "message": text})
+        text = self._say(f"{done / 2**20:.0f}{of} MiB")
         if now - self.logged_at >= LOAD_LOGGED_EVERY_SECONDS:
             self.logged_at = now
             log.info("job %s: %s", self.job_id, text)
 
     def retrying(self, reason: str, delay: float) -> None:
         log.warning("job %s: loading its data: %s; trying again in %.0f s", self.job_id, reason, delay)
-        text = f"{LOADING}: {reason}; trying again"
+        self._say(f"{reason}; trying again")
+
+    def _say(self, how_far: str) -> str:
+        """`loading its data: <how_far>` on the seat and in the keep-alives; returns that text."""
+        text = f"{LOADING}: {how_far}"
         self.said(text)
         self.spool.put_status(self.job_id, {"state": "running", "progress": 0.0, "message": text})
+        return text
 
 
 class _Progress:

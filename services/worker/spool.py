@@ -354,13 +354,9 @@ class Spool:
 
     def outbox_names(self, job_id: str, to_seat: str) -> list[str]:
         """Names of the messages written for `to_seat` in the job (pending or sent), in no order."""
-        folder = self.root / "outbox" / validate_job_id(job_id) / validate_seat(to_seat)
-        try:
-            entries = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        names = (entry.removesuffix(".sealed").removesuffix(".sent") for entry in entries
-                 if entry.endswith((".sealed", ".sent")))
+        entries = _entries(self.root / "outbox" / validate_job_id(job_id) / validate_seat(to_seat))
+        names = (entry.name.removesuffix(".sealed").removesuffix(".sent") for entry in entries
+                 if entry.name.endswith((".sealed", ".sent")))
         return [name for name in names if MESSAGE_NAME_PATTERN.fullmatch(name)]
 
     def pending_outbox(self, job_id: str | None = None) -> list[OutboxItem]:
@@ -400,12 +396,9 @@ class Spool:
 
     def inbox_names(self, job_id: str) -> list[str]:
         """Names of the messages received in the job so far, in no order."""
-        try:
-            entries = os.listdir(self.root / "inbox" / validate_job_id(job_id))
-        except FileNotFoundError:
-            return []
-        return [entry.removesuffix(".msg") for entry in entries
-                if entry.endswith(".msg") and MESSAGE_NAME_PATTERN.fullmatch(entry.removesuffix(".msg"))]
+        names = (entry.name.removesuffix(".msg") for entry in _entries(self.root / "inbox" / validate_job_id(job_id))
+                 if entry.name.endswith(".msg"))
+        return [name for name in names if MESSAGE_NAME_PATTERN.fullmatch(name)]
 
     def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> bool:
         """Note that a received message was dropped (reason without secrets), for the runner's error message; the
