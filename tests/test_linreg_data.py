@@ -373,7 +373,7 @@ def test_a_csv_whose_first_column_starts_like_a_bzip2_file_is_read(tmp_path):
 
 
 def test_check_ends_says_what_the_first_bytes_and_footer_show_as_the_loaders_say_it(tmp_path, table):
-    from services.jobs.linear_regression.data import check_ends
+    from services.jobs.linear_regression.data import check_ends, head_size
 
     def ends(data: bytes) -> tuple[bytes, object]:
         return data[:65536], lambda n: data[-n:] if n else b""
@@ -390,15 +390,19 @@ def test_check_ends_says_what_the_first_bytes_and_footer_show_as_the_loaders_say
         assert str(early.value) == str(late.value)
     check_ends("x", ["b"], b"a, b\n1,", lambda n: b"")  # a trimmed name, as the loaders match it
     check_ends("x", ["nope"], b"a,b,c", lambda n: b"")  # the header goes on past the bytes read: the loaders tell
-    for compression in COMPRESSIONS:  # gzip and xz decode from their first bytes; bzip2 blocks, zstd frames do not
-        packed = _compress(compression, b"a,b\n" + b"1,2\n" * 100_000)
-        if compression in ("bzip2", "zstd"):
-            check_ends("x", ["nope"], packed[:65536], lambda n: b"")
-            continue
+    # Rows that compress to far more than 64 KiB: each decoder must give the header from a cut start.
+    rows = b"a,b\n" + b"".join(b"%d,%d\n" % (i, (i * 7919) % 100_003) for i in range(400_000))
+    for compression in COMPRESSIONS:
+        packed = _compress(compression, rows)
+        assert len(packed) > 300_000
+        head = packed[:head_size(packed[:65536], 65536)]
+        assert len(head) == (65536 if compression != "bzip2" else 913_096)  # bzip2: its first block, level 9
         with pytest.raises(MissingColumnError) as early:
-            check_ends("x", ["nope"], packed[:65536], lambda n: b"")
+            check_ends("x", ["nope"], head, lambda n: b"")
         with pytest.raises(MissingColumnError) as late:
             load_y(io.BytesIO(packed), "nope", name="x")
         assert str(early.value) == str(late.value)
+        check_ends("x", ["a", "b"], head, lambda n: b"")
+    check_ends("x", ["nope"], _compress("bzip2", rows)[:65536], lambda n: b"")  # a block cut short: the loader tells
     with pytest.raises(UnreadableDataError, match="^x: the file is empty"):
         check_ends("x", ["a"], b"", lambda n: b"")

@@ -1,6 +1,8 @@
 """The runner's dataview loading: s3:// through a real moto server (boto3 over HTTP), file:// and local paths."""
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 
 import boto3
@@ -195,6 +197,21 @@ def test_a_missing_column_is_said_before_the_object_is_fetched_whole(bucket, tmp
     got = load_dataview(f"s3://org-data/views/big.{fmt}", y_column="b", spool=Spool(tmp_path / "spool"),
                         s3_client=lambda: bucket.client("s3"))
     assert got.shape == (rows,) and got[-1] == (rows - 1 if fmt == "parquet" else 2.0)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bzip2", "zstd"])
+def test_a_missing_column_of_a_compressed_csv_is_said_before_it_is_fetched_whole(bucket, tmp_path, compression):
+    """A bzip2 or zstd CSV's header was checked only once the whole object was downloaded."""
+    rows = b"a,b\n" + b"".join(b"%d,%d\n" % (i, (i * 7919) % 100_003) for i in range(1_000_000))
+    packed = {"gzip": gzip.compress, "bzip2": bz2.compress,
+              "zstd": lambda data: pa.Codec("zstd").compress(data, asbytes=True)}[compression](rows)
+    assert len(packed) > 2 << 20  # well past the first block and the first bytes read
+    bucket.client("s3").put_object(Bucket="org-data", Key="views/big.csv.z", Body=packed)
+    watch = Watch()
+    with pytest.raises(JobDataError, match=r"^s3://org-data/views/big.csv.z: .*no column 'c'"):
+        load_dataview("s3://org-data/views/big.csv.z", x_columns=["b", "c"], spool=Spool(tmp_path / "spool"),
+                      s3_client=lambda: bucket.client("s3"), watch=watch)
+    assert watch.seen == []  # the download never began
 
 
 def test_a_cut_parquet_object_is_said_before_it_is_fetched_whole(bucket, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from services.jobs.linear_regression import MissingFileError, load_x, load_y
-from services.jobs.linear_regression.data import check_ends
+from services.jobs.linear_regression.data import check_ends, head_size
 from services.worker.s3_errors import code_and_status, is_transient
 from services.worker.spool import RESERVE_BYTES, Spool, mib
 
@@ -188,8 +188,8 @@ def _download_once(uri: str, bucket: str, key: str, columns: list[str], dest: Pa
 
 
 def _check_ends(uri: str, bucket: str, key: str, columns: list[str], size: int | None, client: Any) -> None:
-    """The loaders' checks of what the object's first 64 KiB and (Parquet) footer show, before it is fetched whole:
-    a column missing from a 600 MiB file was said after its download."""
+    """The loaders' checks of what the object's first 64 KiB (a bzip2 file's first block) and (Parquet) footer show,
+    before it is fetched whole: a column missing from a 600 MiB file was said after its download."""
     def read(first: int, last: int) -> bytes:
         body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}")["Body"]
         try:  # at most what was asked: a store that ignores Range sends the whole object
@@ -206,7 +206,11 @@ def _check_ends(uri: str, bucket: str, key: str, columns: list[str], size: int |
         check_ends(uri, columns, b"", lambda n: b"")
         return
     with contextlib.suppress(_TooLargeToCheck):
-        check_ends(uri, columns, read(0, min(size, HEAD_BYTES) - 1), tail)
+        head = read(0, min(size, HEAD_BYTES) - 1)
+        wanted = min(size, head_size(head, HEAD_BYTES))
+        if wanted > len(head):  # a bzip2 file's first block, under 1 MiB (again from 0: a store may ignore Range)
+            head = read(0, wanted - 1)
+        check_ends(uri, columns, head, tail)
 
 
 def _check_room(uri: str, spool: Spool, size: int | None) -> None:

@@ -275,8 +275,8 @@ def check_ends(name: str, columns: Sequence[str], head: bytes, read_tail: Callab
     """Raise the loaders' own error when a file's first bytes (`head`) and, for Parquet, its footer (`read_tail(n)`:
     the file's last n bytes, or all of a shorter file) already show it unusable for `columns`: empty, an archive, a
     compressed Parquet file, a header or schema without one of them. Quiet when only more of the file can tell (a CSV
-    header longer than `head`, or one inside a bzip2 block or a zstd frame): the loaders check again. A large remote
-    file need not be fetched whole to fail."""
+    header longer than `head`, or a bzip2 block longer than `head`: see `head_size`): the loaders check again. A
+    large remote file need not be fetched whole to fail."""
     compression = _compression(name, head)
     if compression is not None:
         head = _start_of(compression, head)
@@ -299,15 +299,37 @@ def check_ends(name: str, columns: Sequence[str], head: bytes, read_tail: Callab
 
 def _start_of(compression: str, head: bytes) -> bytes:
     """What the first bytes of a compressed file decompress to, as far as they go (b"" when that cannot be told
-    from them: bzip2 decodes whole blocks of up to 900 kB, arrow zstd whole frames; or a damaged start, which the
-    loader reports)."""
+    from them: a bzip2 block cut short, or a damaged start, which the loader reports)."""
     decoders = {"gzip": lambda: zlib.decompressobj(wbits=31), "xz": lzma.LZMADecompressor}
     if compression not in decoders:
-        return b""
+        return _arrow_start_of(compression, head)
     try:
         return decoders[compression]().decompress(head, _MAX_HEADER_BYTES)
     except (zlib.error, lzma.LZMAError, EOFError):
         return b""
+
+
+def _arrow_start_of(compression: str, head: bytes) -> bytes:
+    """As `_start_of`, through arrow's decoder: zstd gives what a cut frame holds so far, bzip2 each whole block."""
+    stream = pa.CompressedInputStream(pa.BufferReader(head), _ARROW_CODECS[compression])
+    start = b""
+    try:  # in small reads: a read past what the cut stream holds raises, losing what it had decoded
+        while b"\n" not in start and len(start) < _MAX_HEADER_BYTES:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            start += chunk
+    except (pa.ArrowException, OSError):
+        pass
+    return start
+
+
+def head_size(first: bytes, default: int) -> int:
+    """How many of a file's first bytes `check_ends` needs to see a CSV header, from its first bytes: `default`,
+    or for bzip2 its whole first block (up to the level's 100 kB units, a little more when the data does not
+    compress): bzip2 decodes no part of a block before its end."""
+    level = re.match(rb"BZh([1-9])1AY&SY", first)
+    return max(default, int(level[1]) * 101_000 + 4096) if level else default
 
 
 def _populated_empty(shape: tuple[int, int]) -> np.ndarray:
