@@ -360,7 +360,7 @@ def test_watcher_stores_an_approved_job_and_marks_a_stopped_one_before_the_next_
         deadline = time.monotonic() + 5
         while poller.spool.ended(job["id"]) is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert poller.spool.ended(job["id"]) == {"status": "Stopped", "message": None}
+        assert poller.spool.ended(job["id"]) == {"status": "Stopped", "message": "stopped by admin@xorg.example"}
     finally:
         stop.set()
         other = submit_job(module_world)
@@ -717,3 +717,21 @@ def test_a_coordinator_older_than_the_heartbeats_key_check_still_gets_heartbeats
     assert not poller.older_coordinator
     seat = world["user"]["xorg"].get(f"/v1/jobs/{job_id}").json()["parties"]
     assert seat["x_owner"]["state"] == "started" and seat["x_owner"]["worker_online"]
+
+
+def test_a_job_a_partner_ended_in_error_is_logged_with_its_reason(cape_server, world, tmp_path, caplog):
+    """The worker view of a job carried no error: a partner's log said only "ended at the coordinator: Error", and
+    `cape-worker status` no reason, so its operator could not tell from the worker which seat failed or why."""
+    job_id, worker = world["job"]["id"], world["worker"]
+    report = f"/v1/worker/jobs/{job_id}/report"
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(report, json={"state": "started"}).status_code == 204
+    why = "dataview 'xs': no such file; check the path (a local path, a file:// uri, or a dataview's uri)"
+    assert worker["xorg"].post(report, json={"state": "error", "message": why}).status_code == 204
+    assert worker["yorg"].get(f"/v1/worker/jobs/{job_id}").json()["error"] == f"x_owner (xorg): {why}"
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
+    poller.spool.put_job({**world["job"], "seat": "y_owner"})
+    with caplog.at_level(logging.INFO, logger="cape.poller"):
+        poller.notice_ended(set(), poller.client)
+    assert poller.spool.ended(job_id) == {"status": "Error", "message": f"x_owner (xorg): {why}"}
+    assert f"job {job_id} ended at the coordinator: Error (x_owner (xorg): {why})" in caplog.messages

@@ -156,6 +156,7 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
         "id": job["id"], "type": job["type"], "status": job["status"], "seat": seat,
         "seat_state": seats[seat]["state"],
         "outputs_to": job["outputs_to"], "timeout": job["timeout"], "approved_at": job["approved_at"],
+        "error": job["error"],
         "task": {"x": {"columns": task["x"]["columns"], "dataview": dataview("x", "x_owner")},
                  "y": {"column": task["y"]["column"], "dataview": dataview("y", "y_owner")},
                  # Where the model owner keeps its models: for its own worker, which writes there, alone.

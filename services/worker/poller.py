@@ -276,8 +276,11 @@ class Poller:
                     continue
                 status = job.get("status")
                 if status in statuses:
-                    self.spool.mark_ended(job_id, status, job.get("error"))
-                    log.info("job %s ended at the coordinator: %s", job_id, status)
+                    # The job's error says which seat failed and why: without it a partner's log showed only
+                    # "Error" and its operator had to ask the coordinator (`cape jobs status`) what happened.
+                    reason = job.get("error")
+                    self.spool.mark_ended(job_id, status, reason)
+                    log.info("job %s ended at the coordinator: %s%s", job_id, status, f" ({reason})" if reason else "")
 
     def send_status(self) -> None:
         """Report queued status updates in order; stop at the first one the coordinator could not take now."""
