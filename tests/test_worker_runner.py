@@ -226,7 +226,9 @@ def test_a_missing_column_is_reported_without_the_files_other_columns(cape_serve
     assert statuses(x.spool, job.id)[-1]["message"] == (
         "dataview 'features': no column 'B' (the file has 3 columns: the data owner's worker log names them); did "
         "you mean 'b'?")
-    assert "dataview 'features': no column 'B'; the file has 'a', 'b', 'c'" in caplog.text
+    x_uri = (tmp_path / "data" / "x.csv").as_uri()  # its own log: one line, with where the file is
+    assert [r.getMessage() for r in caplog.records] == [
+        f"job {job.id}: error: dataview 'features' ({x_uri}): no column 'B'; the file has 'a', 'b', 'c'"]
 
 
 def test_an_unforeseen_failure_is_reported_without_its_details(cape_server, tmp_path, caplog, monkeypatch):
@@ -280,13 +282,18 @@ def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_
         "volume, then the job is submitted again")
 
 
-def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path):
+def test_a_missing_dataview_file_is_an_error_not_a_hang(cape_server, tmp_path, caplog):
+    """The job's error names the dataview, not its file; this worker's own log names the file too: its operator
+    looked there first and found only "dataview 'features': no such file"."""
     job = approved_job(cape_server, tmp_path, x_uri=(tmp_path / "nope.csv").as_uri())
     x = job.seats["x_owner"]
     x.spool.put_job(x.spec)
+    caplog.set_level(logging.ERROR, logger="cape.runner")
     assert Runner(x.spool, x.keys).run_job(job.id) == "error"
     message = statuses(x.spool, job.id)[-1]["message"]
     assert "dataview 'features'" in message and "no such file" in message and "nope.csv" not in message
+    own = message.replace("dataview 'features'", f"dataview 'features' ({(tmp_path / 'nope.csv').as_uri()})")
+    assert caplog.messages == [f"job {job.id}: error: {own}"]
 
 
 def test_a_job_the_coordinator_ended_is_abandoned(data_job):

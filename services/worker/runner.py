@@ -70,7 +70,12 @@ _STOPPING = "the runner is stopping"
 
 
 class JobFailed(Exception):
-    """The job cannot finish at this worker; the message is what the coordinator shows."""
+    """The job cannot finish at this worker; the message is what the coordinator shows, `own` (if given) what this
+    worker's own log says instead: with what only its organization may see (its dataview's location, a header)."""
+
+    def __init__(self, message: str, own: str | None = None) -> None:
+        super().__init__(message)
+        self.own = own
 
 
 class Runner:
@@ -165,6 +170,7 @@ class Runner:
         if not self._claim(job_id, working=resumed):
             return "waiting"
         traffic: dict[str, int] | None = None
+        logged: str | None = None
         try:
             outcome, message, traffic = self._run(job_id, resumed)
         except JobInterrupted as exc:
@@ -174,10 +180,10 @@ class Runner:
             outcome, message = "abandoned", str(exc)
             log.info("job %s: abandoned: %s", job_id, exc)
         except JobFailed as exc:
-            outcome, message = "error", str(exc)
+            outcome, message, logged = "error", str(exc), exc.own
         except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
             outcome, message = "error", _unexpected_failure(job_id, exc)
-        return outcome if self._record_end(job_id, outcome, message, traffic) else "waiting"
+        return outcome if self._record_end(job_id, outcome, message, traffic, logged) else "waiting"
 
     def _claim(self, job_id: str, working: bool = False) -> bool:
         """Claim the job in the spool; False (said once, after a pause) if the spool refuses the write. The thread
@@ -196,12 +202,14 @@ class Runner:
             log.info("job %s: claimed; the spool takes writes again", job_id)
         return True
 
-    def _record_end(self, job_id: str, outcome: str, message: str | None, traffic: dict[str, int] | None) -> bool:
-        """Report an error, mark the job done, release it; False (after a pause) if the spool refuses the writes:
-        still claimed, the job is replayed once the spool takes writes again, not in a tight loop."""
+    def _record_end(self, job_id: str, outcome: str, message: str | None, traffic: dict[str, int] | None,
+                    logged: str | None = None) -> bool:
+        """Report an error (`logged` in this worker's log, if given, else the report), mark the job done, release
+        it; False (after a pause) if the spool refuses the writes: still claimed, the job is replayed once the spool
+        takes writes again, not in a tight loop."""
         try:
             if outcome == "error":
-                log.error("job %s: error: %s", job_id, message)
+                log.error("job %s: error: %s", job_id, logged or message)
                 self.spool.put_status(job_id, {"state": "error", "progress": 0.0, "message": message})
             self.spool.mark_done(job_id, outcome, message, traffic)
             self.spool.release_claim(job_id)
@@ -318,10 +326,10 @@ class Runner:
                 result = run_party(spec.index, task, data, transport, seeds, progress, data_name=uri)
                 transport.flush()  # every message durable before the result or `completed` is written
             except MissingColumnError as exc:  # the full header stays in this organization's own log
-                log.error("job %s: %s", job_id, _without_uri(str(exc), uri, spec))
-                raise JobFailed(_without_uri(exc.for_other_parties(), uri, spec)) from None
+                raise JobFailed(_without_uri(exc.for_other_parties(), uri, spec),
+                                own=_with_uri(str(exc), uri, spec)) from None
             except (JobDataError, ProtocolError, EngineProtocolError, JobSpecError) as exc:
-                raise JobFailed(_without_uri(str(exc), uri, spec)) from None
+                raise JobFailed(_without_uri(str(exc), uri, spec), own=_with_uri(str(exc), uri, spec)) from None
         traffic = transport.traffic()
         log.info("job %s: role finished (%d messages sent, %d bytes; %d received)", job_id, traffic["messages_sent"],
                  traffic["bytes_sent"], traffic["messages_received"])
@@ -382,6 +390,15 @@ def _without_uri(message: str, uri: str | None, spec: JobSpec) -> str:
     part = {"x_owner": "x", "y_owner": "y"}.get(spec.seat, "")
     name = ((spec.task.get(part) or {}).get("dataview") or {}).get("name") or part
     return message.replace(uri, f"dataview {name!r}")
+
+
+def _with_uri(message: str, uri: str | None, spec: JobSpec) -> str | None:
+    """The message for this organization's own log: the dataview named, and where it is (its operator's next look
+    is at that file; "dataview 'features': no such file" left them to find its uri at the coordinator). None if the
+    message does not quote the uri."""
+    if not uri or uri not in message:
+        return None
+    return message.replace(uri, f"{_without_uri(uri, uri, spec)} ({uri})")
 
 
 class _LoadWatch(DownloadWatch):
