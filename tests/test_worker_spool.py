@@ -153,6 +153,28 @@ def test_outbox_is_marked_sent_and_remembered(tmp_path):
     assert os.listdir(tmp_path / "outbox") == []  # nothing of the finished job is left to scan
 
 
+def test_a_message_marked_sent_while_the_runner_finishes_its_job_is_no_failure(tmp_path, monkeypatch):
+    """The runner ended the job (done, its sent messages removed) between the messenger's check and its rename:
+    mark_sent raised FileNotFoundError, logged by the messenger as an unexpected failure with a traceback."""
+    import services.worker.spool as spool_module
+
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
+    spool.put_job({"id": JOB, "seat": "x_owner"})
+    [item] = spool.pending_outbox()
+    real_fsync_dir = spool_module.fsync_dir
+
+    def runner_ends_the_job_meanwhile(folder):
+        real_fsync_dir(folder)
+        monkeypatch.setattr(spool_module, "fsync_dir", real_fsync_dir)  # once: the runner's end fsyncs too
+        spool.mark_done(JOB, "completed")
+        spool.discard_messages(JOB)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", runner_ends_the_job_meanwhile)
+    spool.mark_sent(item)
+    assert os.listdir(tmp_path / "outbox") == []
+
+
 def test_a_message_sent_after_the_runner_finished_leaves_nothing_in_the_outbox(tmp_path):
     spool = Spool(tmp_path)
     for name in ("x_owner.r1", "x_owner.r2"):

@@ -380,9 +380,15 @@ class Spool:
             self.discard_outbox_item(item)
             return
         sent = item.path.with_suffix(".sent")
-        os.replace(item.path, sent)
-        fsync_dir(item.path.parent)
-        os.truncate(sent, 0)
+        try:
+            os.replace(item.path, sent)
+            fsync_dir(item.path.parent)
+            os.truncate(sent, 0)
+        except FileNotFoundError:
+            # The runner finished the job since the check above and removed its sent messages (discard_messages):
+            # nothing is left to keep. Raised, this was an ERROR with a traceback for a message sent as it should be.
+            if self.done(item.job_id) is None:
+                raise
 
     def discard_outbox_item(self, item: OutboxItem) -> None:
         """Remove a sealed message nobody needs any more (sent after the runner finished, or its job ended)."""
