@@ -1,5 +1,6 @@
 """The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
 import logging
+import re
 import os
 import sqlite3
 import threading
@@ -136,6 +137,39 @@ def test_bad_token_is_an_auth_error_not_a_crash(cape_server, tmp_path, caplog, m
     poller.run(max_cycles=2)
     assert delays == [10.0, 10.0]  # a refused token is retried slowly, never a crash loop
     assert "refused CAPE_TOKEN" in caplog.text and "ZHVtbXkt" not in caplog.text
+
+
+def test_a_refused_token_is_said_at_once_then_once_a_minute_not_at_every_retry(cape_server, tmp_path, caplog,
+                                                                             monkeypatch):
+    """A revoked token logged the same ERROR every 10 s while it lasted (360 lines an hour, the alarm on errors
+    firing all along), where an unreachable coordinator is said once a minute."""
+    from services.worker import outage_log
+
+    poller, _ = make_poller(tmp_path, cape_server.url, "nosuchid,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==")
+    poller.config.run_dir.mkdir(parents=True)
+    clock = [1000.0]
+    monkeypatch.setattr(outage_log.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    cycles = [0]
+    real_cycle = poller.cycle
+
+    def cycle() -> None:  # 9 refusals of the token, then another reason
+        cycles[0] += 1
+        if cycles[0] > 9:
+            raise CoordinatorAuthError("CAPE_TOKEN is a user token; a worker needs an organization token")
+        real_cycle()
+
+    monkeypatch.setattr(poller, "cycle", cycle)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.run(max_cycles=11)  # 100 s of retries, 10 s apart
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 3, said  # the first, once more when a minute passed, and the new reason at once
+    assert said[0].startswith(f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
+    assert said[0].endswith("; retrying in 10 s")
+    first = said[0].removesuffix("; retrying in 10 s")
+    assert re.fullmatch(re.escape(first) + r"; retrying in \d+ s \(failing for (6\d|7\d) s, \d tries\)", said[1])
+    assert re.fullmatch(r"CAPE_TOKEN is a user token; a worker needs an organization token; retrying in \d+ s "
+                        r"\(failing for \d+ s, 10 tries\)", said[2])
 
 
 def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_server, world, tmp_path, caplog,

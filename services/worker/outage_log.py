@@ -16,24 +16,28 @@ UNHEALTHY_AFTER_SECONDS = 3600.0
 class OutageLog:
     """The log lines of one outage after another of a service, in `log`."""
 
-    def __init__(self, log: logging.Logger, every: float = SAID_EVERY_SECONDS) -> None:
+    def __init__(self, log: logging.Logger, every: float = SAID_EVERY_SECONDS, level: int = logging.WARNING) -> None:
         self.log = log
         self.every = every
+        self.level = level
         self.failures = 0
         self._since = self._said_at = 0.0
+        self._reason: str | None = None
 
-    def failed(self, message: str) -> bool:
-        """Note one failed try; returns True if it was said (the first, or the first for `every` seconds)."""
+    def failed(self, message: str, reason: str | None = None) -> bool:
+        """Note one failed try; returns True if it was said (the first, the first for `every` seconds, or the first
+        with another `reason`: the failure's cause without the retry's delay, when it can change during an outage)."""
         now = time.monotonic()
         self.failures += 1
         if self.failures == 1:
             self._since = now
-        if self.failures > 1 and now - self._said_at < self.every:
+        new_reason, self._reason = reason != self._reason, reason
+        if self.failures > 1 and not new_reason and now - self._said_at < self.every:
             self.log.debug("%s", message)
             return False
         self._said_at = now
         lasting = "" if self.failures == 1 else f" (failing for {now - self._since:.0f} s, {self.failures} tries)"
-        self.log.warning("%s%s", message, lasting)
+        self.log.log(self.level, "%s%s", message, lasting)
         return True
 
     @property
@@ -46,4 +50,5 @@ class OutageLog:
         if not self.failures:
             return None
         self.failures = 0
+        self._reason = None
         return time.monotonic() - self._since

@@ -316,6 +316,9 @@ class Poller:
         """Cycle every `poll_interval` seconds, backing off while the coordinator is unreachable."""
         backoff = Backoff(min(self.config.poll_interval, RETRY_BASE_SECONDS))
         outage = OutageLog(log)  # since the last cycle that reached the coordinator
+        # Refusals that need the operator (a token, a certificate, a URL): said at once and when the reason changes,
+        # else once a minute; one ERROR per retry was 360 identical lines an hour for a revoked token.
+        refused = OutageLog(log, level=logging.ERROR)
         said_unhealthy = False
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
@@ -325,7 +328,7 @@ class Poller:
             except (CoordinatorAuthError, SeatTaken) as exc:
                 # Both need the operator while every program still runs: the health check says so.
                 delay = max(backoff.next_delay(), 10.0)
-                log.error("%s; retrying in %.0f s", exc, delay)
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
                 health.LOGIN_REFUSED.note(self.config.run_dir, str(exc), log)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)  # it answered
                 if isinstance(exc, SeatTaken):
@@ -333,7 +336,7 @@ class Poller:
                     self.registered = False  # register again next time: the other worker may have stopped
             except CoordinatorUntrusted as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a certificate or CA file needs the operator, not retries
-                log.error("%s; retrying in %.0f s", exc, delay)
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
                 health.COORDINATOR_UNTRUSTED.note(self.config.run_dir, str(exc), log)
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
@@ -346,7 +349,7 @@ class Poller:
                               UNHEALTHY_AFTER_SECONDS / 60)
             except CoordinatorMisaddressed as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a URL to fix: the operator, not retries
-                log.error("%s; retrying in %.0f s", exc, delay)
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
                 health.COORDINATOR_MISADDRESSED.note(self.config.run_dir, str(exc), log)
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
@@ -359,6 +362,7 @@ class Poller:
                           "%.1f s", exc.filename, exc.strerror, delay)
             else:
                 lasted = outage.recovered()  # None after a refusal: the coordinator answered all along
+                refused.recovered()
                 if lasted is not None:
                     log.info("the coordinator at %s is reachable again (after %.0f s)", self.config.coordinator, lasted)
                 said_unhealthy = False
