@@ -121,6 +121,32 @@ def test_error_report_ends_job_with_the_party_message(cape_server):
         "x_owner": ("stopped", 0.3), "y_owner": ("error", 0.0), "helper": ("pending", 0.0)}
 
 
+def test_a_seats_wait_that_ended_names_the_workers_the_coordinator_shows_offline(cape_server):
+    """x waited for y, y for the helper whose worker had stopped: x's timeout came first, and the job's error blamed
+    the healthy y-owner alone (no worker log named the helper)."""
+    world = build_job_world(cape_server)
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
+        assert worker[label].post("/v1/worker/heartbeat", json={"version": "0.1.0"}).status_code == 204
+    assert worker["helper"].post("/v1/worker/heartbeat", json={"stopping": True}).status_code == 204
+    waited = ("no message 'y_owner.lr-c-y-r.0' from the y_owner worker (organization yorg) within 15 s; check that "
+              "worker is running and reaches the broker")
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "error", "message": waited}).status_code == 204
+    assert user["yorg"].get(f"/v1/jobs/{jid}").json()["error"] == (
+        f"x_owner (xorg): {waited}; the coordinator shows offline the helper worker (organization helper: it said "
+        "it was stopping)")
+
+
+def test_an_error_other_than_a_wait_is_the_seats_own_words_alone(cape_server):
+    world = build_job_world(cape_server)  # no worker ever heartbeated: all offline, and it is not the point
+    jid, worker, user = world["job"]["id"], world["worker"], world["user"]
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report",
+                               json={"state": "error", "message": "dataview 'xs': no such file"}).status_code == 204
+    assert user["yorg"].get(f"/v1/jobs/{jid}").json()["error"] == "x_owner (xorg): dataview 'xs': no such file"
+
+
 def test_job_not_served_until_all_keys_registered(cape_server):
     world = build_job_world(cape_server, register_keys=False)
     jid, worker = world["job"]["id"], world["worker"]

@@ -23,7 +23,20 @@ def liveness(row: sqlite3.Row | None) -> dict[str, Any]:
             "stopped_at": stopped_at}
 
 
+def worker_liveness(conn: sqlite3.Connection, org_id: str) -> dict[str, Any]:
+    """`liveness` of the organization's worker."""
+    return liveness(conn.execute("SELECT last_seen, stopped_at FROM workers WHERE org_id = ?", (org_id,)).fetchone())
+
+
 def worker_online(conn: sqlite3.Connection, org_id: str) -> bool:
     """Whether the organization's worker heartbeated within ONLINE_WITHIN_SECONDS and has not said it stopped."""
-    return bool(liveness(conn.execute("SELECT last_seen, stopped_at FROM workers WHERE org_id = ?",
-                                      (org_id,)).fetchone())["online"])
+    return bool(worker_liveness(conn, org_id)["online"])
+
+
+def offline_in_words(state: dict[str, Any]) -> str:
+    """Why a `liveness` that is not online is offline, in a few words."""
+    if state["stopped_at"]:
+        return "it said it was stopping"
+    if state["seconds_since_seen"] is None:
+        return "never heard from"
+    return f"not heard from for {state['seconds_since_seen']:.0f} s"

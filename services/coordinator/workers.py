@@ -15,7 +15,7 @@ from services.coordinator.db import now_iso
 from services.coordinator.identity import get_org, org_ref
 from services.coordinator.jobs import (FINAL_STATUSES, expire_if_late, find_job, has_worker_keys, parties,
                                        registered_worker, seat_of, set_status)
-from services.coordinator.liveness import ONLINE_WITHIN_SECONDS, liveness
+from services.coordinator.liveness import ONLINE_WITHIN_SECONDS, liveness, offline_in_words, worker_liveness
 from services.server.errors import Conflict, Forbidden, InvalidRequest
 
 
@@ -203,6 +203,21 @@ def _late_error(conn: sqlite3.Connection, job: sqlite3.Row, seat: str, org_id: s
                      (f"{seat} ({label}): {message}", now_iso(), job["id"]))
 
 
+def _offline_partners(conn: sqlite3.Connection, job_id: str, seat: str, message: str) -> str:
+    """For a seat's timeout waiting for a partner: the other seats' workers the coordinator shows offline. The
+    partner named may itself have waited for one of them: x waited for y, y for the helper whose worker had
+    stopped, and the job's error blamed y alone."""
+    if not message.startswith("no message "):  # the runner's words for a wait that ended (spool_transport.py)
+        return ""
+    offline = []
+    for party in parties(conn, job_id):
+        state = worker_liveness(conn, party["org_id"])
+        if party["seat"] != seat and not state["online"]:
+            offline.append(f"the {party['seat']} worker (organization {get_org(conn, party['org_id'])['label']}: "
+                           f"{offline_in_words(state)})")
+    return f"; the coordinator shows offline {' and '.join(offline)}" if offline else ""
+
+
 def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, Any]) -> bool:
     """Record a seat's state; move the job to Started, Completed or Error when the reports say so. True when the
     job's status changed (what the workers' job watches wait for; progress alone wakes none of them)."""
@@ -232,7 +247,8 @@ def report(conn: sqlite3.Connection, org_id: str, job_id: str, body: dict[str, A
                  "WHERE job_id = ? AND seat = ?", (state, progress, body.get("message"), now_iso(), job_id, seat))
     if state == "error":
         label = get_org(conn, org_id)["label"]
-        set_status(conn, job_id, "Error", f"{seat} ({label}): {body.get('message') or 'the worker reported an error'}")
+        message = body.get("message") or "the worker reported an error"
+        set_status(conn, job_id, "Error", f"{seat} ({label}): {message}{_offline_partners(conn, job_id, seat, message)}")
         return True
     if state == "completed" and seat == job["outputs_to"]:
         task = json.loads(job["task_json"])
