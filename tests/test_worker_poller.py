@@ -769,3 +769,17 @@ def test_a_job_a_partner_ended_in_error_is_logged_with_its_reason(cape_server, w
         poller.notice_ended(set(), poller.client)
     assert poller.spool.ended(job_id) == {"status": "Error", "message": f"x_owner (xorg): {why}"}
     assert f"job {job_id} ended at the coordinator: Error (x_owner (xorg): {why})" in caplog.messages
+
+
+def test_a_job_is_said_stored_when_new_or_its_status_moves_not_at_each_change_of_its_view(tmp_path, caplog):
+    """Each report of its seat changes the job's view: 'stored for seat' two or three times per job read like the
+    job being taken again."""
+    poller, _ = make_poller(tmp_path, f"http://127.0.0.1:{free_port()}", "tok,c2VjcmV0LXNlY3JldA==")
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    job = {"id": "0123456789abcdef0123456789abcdef", "seat": "x_owner", "status": "Approved", "seat_state": "pending"}
+    for change in ({}, {"seat_state": "started"}, {"status": "Started"}, {"seat_state": "running"}, {}):
+        job = {**job, **change}
+        assert poller.store_jobs([job]) == {job["id"]}
+        assert poller.spool.read_job(job["id"]) == job
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"job {job['id']} (Approved) stored for seat x_owner", f"job {job['id']} (Started) stored for seat x_owner"]

@@ -208,8 +208,14 @@ class Poller:
                                   spec.get("seat"))
                         self.seat_held.clear()
                         self.registered = False
-                    elif self.spool.put_job(spec):
-                        log.info("job %s (%s) stored for seat %s", spec["id"], spec.get("status"), spec.get("seat"))
+                    else:
+                        previous = self.spool.read_job(spec["id"])
+                        if self.spool.put_job(spec):
+                            # Said when the job is new or its status moved: its seat's state changes the view too,
+                            # and one line per such change read like the job being taken again.
+                            stored = previous is None or previous.get("status") != spec.get("status")
+                            log.log(logging.INFO if stored else logging.DEBUG, "job %s (%s) stored for seat %s",
+                                    spec["id"], spec.get("status"), spec.get("seat"))
                     served.add(spec["id"])
                 except (InvalidName, KeyError, TypeError, AttributeError):
                     log.error("ignoring a job from the coordinator with an invalid id or shape")
