@@ -41,6 +41,18 @@ def test_a_limit_of_one_timeout_is_the_wait_without_keep_alives():
     assert not wait.extend(5.0, alive=True)
 
 
+def test_a_waiter_that_did_not_run_gives_its_partner_a_timeout_from_when_it_runs_again():
+    """Suspended 30 s just before its deadline: what the partner sent meanwhile is still on its way in."""
+    wait = PartnerWait(10.0, started=100.0)
+    wait.resumed(139.5, stalled=30.0)
+    assert wait.left(139.5) == 10.0
+    assert wait.limit == 100.0 + LIMIT_TIMEOUTS * 10.0 + 30.0  # the time lost is not the partner's
+    assert not wait.extend(149.5, alive=False)  # silent for a whole timeout once running again: given up
+    near_limit = PartnerWait(10.0, started=0.0, limit_timeouts=1)
+    near_limit.resumed(30.0, stalled=25.0)
+    assert near_limit.deadline == near_limit.limit == 35.0  # never past the moved limit
+
+
 @pytest.mark.parametrize("timeout, limit", [(0.0, 5), (-1.0, 5), (5.0, 0)])
 def test_a_wait_needs_a_positive_timeout_and_limit(timeout, limit):
     with pytest.raises(ValueError):

@@ -160,6 +160,58 @@ def test_receive_times_out_naming_the_sender(world):
     assert time.monotonic() - started < 2
 
 
+class SuspendedClock:
+    """`time.monotonic()` of a machine that may be suspended: `suspend(s)` makes s seconds pass at once."""
+
+    def __init__(self) -> None:
+        self.lost = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.lost
+
+    def suspend(self, seconds: float) -> None:
+        self.lost += seconds
+
+
+def test_a_worker_resumed_after_its_timeout_waits_for_what_its_messenger_brings_in(world, monkeypatch):
+    """A machine suspended past the wait's deadline: the partner's message, sent meanwhile, is at the broker until
+    the messenger (suspended too) brings it in, a moment after the runner looks again. It gave up on resuming, and
+    blamed the partner."""
+    from services.worker import spool_transport
+
+    keys, spools, specs = world
+    clock = SuspendedClock()
+    monkeypatch.setattr(spool_transport, "time", clock)
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=2.0)
+    suspend = threading.Timer(0.3, clock.suspend, args=(30.0,))
+    messenger = threading.Timer(0.8, lambda: (x.send(1, "late", np.ones(3)), x.flush(),
+                                              deliver(world, "x_owner", "y_owner")))
+    suspend.start()
+    messenger.start()
+    try:
+        np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
+    finally:
+        suspend.join()
+        messenger.join()
+
+
+def test_a_partner_silent_after_a_resume_is_given_up_a_timeout_later(world, monkeypatch):
+    from services.worker import spool_transport
+
+    keys, spools, specs = world
+    clock = SuspendedClock()
+    monkeypatch.setattr(spool_transport, "time", clock)
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.5)
+    suspend = threading.Timer(0.2, clock.suspend, args=(30.0,))
+    suspend.start()
+    started = time.monotonic()
+    with pytest.raises(TransportTimeout, match=r"no message 'helper.r9' from the helper worker"):
+        y.receive(2, "r9")
+    suspend.join()
+    assert time.monotonic() - started >= 0.2 + 0.5
+
+
 def test_a_timeout_on_a_spool_short_of_room_says_how_much_is_free(world, monkeypatch):
     """The messenger leaves messages at the broker below its reserve: the runner's timeout says the free space."""
     keys, spools, specs = world

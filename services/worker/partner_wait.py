@@ -7,10 +7,16 @@ timeouts from its last word. A partner that is alive but never sends the message
 wait lasts more than `LIMIT_TIMEOUTS` times the timeout. That limit is also how long two workers that each gave
 their last job slot to a different job, each job waiting for its seat queued at the other worker, wait before one of
 the jobs fails and frees its slot (job_slots.py).
+
+Time the waiter itself did not run (its machine suspended, its process stopped: `time.monotonic()` moves on all the
+same) is not the partner's silence: what the partner sent meanwhile waits at the broker until this worker's
+messenger, which did not run either, brings it in. Such a wait starts afresh when it runs again (`resumed`).
 """
 from __future__ import annotations
 
 LIMIT_TIMEOUTS = 5  # the longest wait for one message, in job timeouts (50 minutes at the default 600 s)
+# A gap this long between two looks of a waiter that sleeps at most a second between them: it did not run meanwhile.
+STALLED_SECONDS = 5.0
 
 
 class PartnerWait:
@@ -37,3 +43,9 @@ class PartnerWait:
         self.deadline = min(max(self.deadline, now) + self.timeout, self.limit)
         self.extensions += 1
         return True
+
+    def resumed(self, now: float, stalled: float) -> None:
+        """The waiter did not run for `stalled` seconds up to `now` (suspended, stopped): the partner gets one timeout
+        from now, and the limit moves on by the time lost, so its messages sent meanwhile can still come in."""
+        self.limit += stalled
+        self.deadline = min(max(self.deadline, now + self.timeout), self.limit)

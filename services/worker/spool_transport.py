@@ -31,7 +31,7 @@ import numpy as np
 from services.worker.job_spec import JobSpec
 from services.worker.keepalive import PartnerKeepAlives, is_keepalive_name
 from services.worker.keys import WorkerKeys
-from services.worker.partner_wait import LIMIT_TIMEOUTS, PartnerWait
+from services.worker.partner_wait import LIMIT_TIMEOUTS, STALLED_SECONDS, PartnerWait
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer, mib
 
@@ -279,6 +279,7 @@ class SpoolTransport:
         wait = PartnerWait(self.timeout, time.monotonic())
         partner: PartnerKeepAlives | None = None
         delay = _POLL_MIN
+        looked = wait.started
         while True:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
@@ -293,6 +294,11 @@ class SpoolTransport:
             if reason:
                 raise JobInterrupted(reason)
             now = time.monotonic()
+            if now - looked >= STALLED_SECONDS:  # this worker was suspended: what came meanwhile is still on its way
+                wait.resumed(now, now - looked)
+                log.info("job %s: did not run for %.0f s (its machine suspended?); waiting for the %s worker afresh",
+                         self.spec.id, now - looked, from_seat)
+            looked = now
             if wait.left(now) <= 0:
                 fresh = bool(partner.fresh())
                 if not wait.extend(now, fresh):
