@@ -79,6 +79,29 @@ def test_a_worker_silent_for_over_45_seconds_is_offline(cape_server):
     assert worker_line({"registered": False, "last_seen": None}) == "worker: no keys registered; never heard from"
 
 
+def test_a_heartbeat_from_before_the_servers_clock_was_set_back_is_no_proof_of_life(cape_server):
+    """The server's clock set back an hour (NTP, a resumed VM) after a worker's last heartbeat: that heartbeat
+    looked "0 s ago", so a worker gone since showed online, and held its seat against a replacement, for an hour."""
+    acme = cape_server.create_org("acme")
+    admin, worker = Api(cape_server, acme["user_token"]), Api(cape_server, acme["organization_token"])
+    first, second = worker_public_keys(), worker_public_keys()
+    assert worker.put("/v1/worker/keys", json=first).status_code == 204
+    assert worker.post("/v1/worker/heartbeat", json={"version": "0.1.0"}).status_code == 204
+    ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    with sqlite3.connect(cape_server.data_dir / "coordinator.sqlite3", timeout=10) as conn:
+        conn.execute("UPDATE workers SET last_seen = ?", (ahead,))
+    conn.close()
+
+    stale = admin.get("/v1/organizations/acme/worker").json()
+    assert stale["online"] is False and stale["seconds_since_seen"] is None and stale["last_seen"] == ahead
+    assert worker_line(stale) == f"worker: keys registered; last heartbeat {ahead}: OFFLINE (it heartbeats every 15 s)"
+    assert worker.put("/v1/worker/keys", json=second).status_code == 204  # its replacement takes the seat
+    assert worker.post("/v1/worker/heartbeat", json={"signing_public_key": second["signing_public_key"]}
+                       ).status_code == 204
+    again = admin.get("/v1/organizations/acme/worker").json()
+    assert again["online"] is True and 0 <= again["seconds_since_seen"] < 5
+
+
 def test_cape_orgs_show_tells_whether_the_worker_is_alive(cape_server, cape_home):
     import json
     import os

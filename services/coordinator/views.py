@@ -107,7 +107,8 @@ class WorkerStatus(View):
     keys_updated_at: str | None
     last_seen: str | None = Field(description="the worker's last heartbeat")
     seconds_since_seen: float | None = Field(description="seconds since the last heartbeat by the server's clock; "
-                                             "null if never seen")
+                                             "null if never seen, or if that clock was set back since (the "
+                                             "worker shows offline until its next heartbeat)")
     online: bool = Field(description=f"a heartbeat came within the last {ONLINE_WITHIN_SECONDS:g} s (workers "
                          "beat at least every 15 s) and the worker did not say it stopped")
     stopped_at: str | None = Field(default=None, description="when the worker said it was stopping (`docker stop`); "
