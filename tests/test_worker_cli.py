@@ -88,6 +88,25 @@ def test_check_passes_the_minimal_cloudwatch_policy_and_names_a_missing_right(go
     assert key["SecretAccessKey"] not in out
 
 
+def test_check_fails_when_cloudwatch_drops_its_event_for_this_machines_clock(good_env, moto, monkeypatch):
+    """A clock over 2 hours ahead: CloudWatch Logs answers 200 and drops the event, as it drops every record the
+    programs send; `check` said "wrote a test event"."""
+    import types
+
+    from services.worker import checks
+    from services.worker.config import WorkerConfig
+
+    ahead = time.time() + 3 * 3600
+    monkeypatch.setattr(checks, "time", types.SimpleNamespace(time=lambda: ahead, gmtime=time.gmtime,
+                                                               strftime=time.strftime))
+    result = checks.check_cloudwatch(WorkerConfig.from_env(good_env))
+    assert not result.ok, result
+    said = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ahead))
+    assert result.detail == (f"CloudWatch Logs dropped the test event for its time (this machine's clock says "
+                              f"{said}: over 2 hours ahead of AWS's, or 14 days behind); set the clock right (NTP), "
+                              "or set CAPE_CLOUDWATCH=off")
+
+
 def test_check_says_what_is_wrong_with_the_aws_settings_in_one_line(good_env, tmp_path):
     """A profile that does not exist used to be a 45-line traceback from `check` (and every program's crash)."""
     env = {k: v for k, v in good_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}

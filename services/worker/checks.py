@@ -258,7 +258,7 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
                               **config.boto3_kwargs("logs"))
         made = make_unless_there(client.create_log_group, logGroupName=config.log_group)
         make_unless_there(client.create_log_stream, logGroupName=config.log_group, logStreamName=stream)
-        client.put_log_events(logGroupName=config.log_group, logStreamName=stream, logEvents=[
+        put = client.put_log_events(logGroupName=config.log_group, logStreamName=stream, logEvents=[
             {"timestamp": int(time.time() * 1000), "message": "cape-worker check: this worker can write here"}])
     except NoCredentialsError:
         return CheckResult("cloudwatch", False, "no AWS credentials: set AWS_ACCESS_KEY_ID and "
@@ -282,5 +282,14 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
         return CheckResult("cloudwatch", False, f"cannot {verb} CloudWatch Logs ({type(exc).__name__}: {exc}); check "
                                                 f"AWS_REGION / {config.endpoint_variable('logs')} / AWS_PROFILE, or "
                                                 "set CAPE_CLOUDWATCH=off")
+    if put.get("rejectedLogEventsInfo"):
+        # Taken with a 200 and dropped: the programs' records would be too (they warn once, on stdout only).
+        return CheckResult("cloudwatch", False, f"CloudWatch Logs dropped the test event for its time (this machine's "
+                                                f"clock says {_utc_now()}: over 2 hours ahead of AWS's, or 14 days "
+                                                "behind); set the clock right (NTP), or set CAPE_CLOUDWATCH=off")
     return CheckResult("cloudwatch", True, f"log group {config.log_group}{' (made now)' if made else ''}: wrote a "
                                            f"test event to stream {stream}")
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time()))
