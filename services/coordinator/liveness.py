@@ -46,6 +46,6 @@ def offline_in_words(state: dict[str, Any]) -> str:
     """Why a `liveness` that is not online is offline, in a few words."""
     if state["stopped_at"]:
         return "it said it was stopping"
-    if state["seconds_since_seen"] is None:
-        return "never heard from"
+    if state["seconds_since_seen"] is None:  # never seen, or seen before the server's clock went back
+        return "no recent heartbeat"
     return f"not heard from for {state['seconds_since_seen']:.0f} s"
