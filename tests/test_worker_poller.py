@@ -1,7 +1,9 @@
 """The poller against the real cape-server: login, keys, jobs into the spool, reports, ended jobs, backoff."""
+import errno
 import logging
 import re
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -489,6 +491,32 @@ def test_a_spool_it_cannot_write_is_one_clear_line_and_a_retry(cape_server, worl
     assert "Traceback" not in caplog.text
     jobs.unlink()
     (tmp_path / "jobs-aside").rename(jobs)
+    poller.run(max_cycles=1)
+    assert poller.spool.read_job(world["job"]["id"]) is not None
+
+
+def test_a_full_spool_volume_is_one_clear_line_and_a_retry_not_a_crash(cape_server, world, tmp_path, caplog,
+                                                                       monkeypatch):
+    """A full disk refuses a write or an fsync without naming a file: the poller took that for a bug of its own and
+    ended, and supervisord's restarts of it ended FATAL, stopping the whole worker (seen on a full tmpfs spool)."""
+    poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    spool_root = str(poller.spool.root)
+    real_fsync = os.fsync
+
+    def full_disk_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(spool_root):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as the kernel says it: no file name
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    poller.run(max_cycles=1)
+    assert re.search(rf"cannot write the spool \({re.escape(spool_root)}/jobs/\w+/spec\.json: No space left on "
+                     r"device\); make CAPE_SPOOL_DIR writable", caplog.text), caplog.text
+    assert "Traceback" not in caplog.text
+    assert poller.spool.read_job(world["job"]["id"]) is None
+    monkeypatch.setattr(os, "fsync", real_fsync)  # space is freed
     poller.run(max_cycles=1)
     assert poller.spool.read_job(world["job"]["id"]) is not None
 

@@ -144,9 +144,13 @@ def atomic_writer(final: Path, *, overwrite: bool = True, mode: int = 0o644) -> 
                 pass
             os.unlink(temp)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write or fsync the disk refused (full, read-only) names no file: name the one it was for, so the
+            # programs tell the spool's refusals (said, and retried) from their own bugs (which end the program).
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
         raise
 
 
