@@ -1,4 +1,5 @@
 """The uploader against a real moto S3 server and file:// buckets: layout, multipart, override, permissions."""
+import errno
 import json
 import logging
 import os
@@ -340,3 +341,39 @@ def test_temporary_credentials_carry_their_session_token(tmp_path):
                          AWS_SESSION_TOKEN="session-token-value")
     assert config.boto3_kwargs("s3")["aws_session_token"] == "session-token-value"
     assert "session-token-value" in config.secrets and "session-token-value" not in repr(config)
+
+
+def test_a_full_spool_volume_keeps_the_model_and_the_uploader_running(tmp_path, caplog, monkeypatch):
+    """A full spool volume (here, a file:// bucket on it too) refuses the status the uploader queues: raised, it
+    ended the uploader, whose restarts by supervisord ended FATAL and stopped the whole worker (seen on a full
+    tmpfs). The result stays, is said once, and goes out once the volume has room again."""
+    config = make_config(tmp_path, CAPE_BUCKET=f"file://{tmp_path}/bucket")
+    spool = spool_with_result(config)
+    full = [str(tmp_path)]  # what the full volume holds: the spool and the bucket, then the spool alone
+    real_fsync = os.fsync
+
+    def full_disk_fsync(fd):
+        if any(os.readlink(f"/proc/self/fd/{fd}").startswith(prefix) for prefix in full):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as the kernel says it: no file name
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    caplog.set_level(logging.INFO, logger="cape.uploader")
+    uploader = Uploader(config, spool)
+    assert uploader.cycle() is False
+    uploader._refused_until.clear()  # (the bucket's own refusal waits a minute: not this test's subject)
+    assert uploader.cycle() is False
+    assert caplog.text.count("job job1: cannot write the spool (") == 1, caplog.text
+    assert "No space left on device); the model is kept and tried again: free space on CAPE_SPOOL_DIR's volume" \
+        in caplog.text
+    full[:] = [str(config.spool_dir)]  # a bucket elsewhere takes the model; the status still cannot be queued
+    uploader._refused_until.clear()
+    assert uploader.cycle() is False
+    assert spool.read_result("job1") is not None and statuses(spool) == []
+    full.clear()  # space is freed
+    assert uploader.cycle() is True
+    assert spool.read_result("job1") is None
+    assert [s["state"] for s in statuses(spool)] == ["completed"]
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "bucket/job1/regression_weights.csv", delimiter=","),
+                                  WEIGHTS)
+    assert "job job1: the spool takes writes again" in caplog.text

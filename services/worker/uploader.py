@@ -233,6 +233,7 @@ class Uploader:
         self._waiting_said: dict[str, str] = {}  # job -> the reason its seat shows for waiting to upload
         self._refused_until: dict[str, float] = {}  # job -> when (time.monotonic()) its refused model is tried again
         self._outage = OutageLog(log)
+        self._spool_said: set[str] = set()  # jobs whose result the spool's volume held up, said once each
 
     def bucket_for(self, result: dict[str, Any], job_id: str) -> Bucket:
         """CAPE_BUCKET if set, else the job's model_location; an error if neither is usable."""
@@ -317,33 +318,55 @@ class Uploader:
         self._say_waiting(job_id, said)
 
     def cycle(self) -> bool:
-        """Upload every pending result due; returns False if a store was unreachable (retry later)."""
+        """Upload every pending result due; returns False if a store was unreachable, or the spool's volume refused
+        a write (retry later)."""
         healthy = True
         away: dict[str, UploadUnavailable] = {}  # stores that failed in this cycle: their other results wait
         now = time.monotonic()
         for job_id in self.spool.pending_results():
             if self._refused_until.get(job_id, 0.0) > now:
                 continue
-            if away and (waiting := away.get(self._bucket_uri(job_id))) is not None:
-                self._say_waiting(job_id, f"{waiting.public}; trying again (the model is kept until it is stored)")
-                continue
             try:
-                self.upload(job_id)
-                if (lasted := self._outage.recovered()) is not None:
-                    log.info("the model store takes models again, after %.0f s", lasted)
-            except UploadUnavailable as exc:
-                if exc.bucket:
-                    away[exc.bucket] = exc
-                self._outage.failed(f"job {job_id}: {exc}; trying again later (the result stays in the spool)")
-                self._say_waiting(job_id, f"{exc.public}; trying again (the model is kept until it is stored)")
+                healthy = self._cycle_one(job_id, away) and healthy
+            except OSError as exc:
+                self._spool_refused(job_id, exc)
                 healthy = False
-                continue
-            except UploadError as exc:
-                self._refused(job_id, exc)
-                continue
-            self._waiting_said.pop(job_id, None)
-            self._refused_until.pop(job_id, None)
         return healthy
+
+    def _cycle_one(self, job_id: str, away: dict[str, UploadUnavailable]) -> bool:
+        """Upload one job's result, or say why it waits; False if its store was unreachable."""
+        if away and (waiting := away.get(self._bucket_uri(job_id))) is not None:
+            self._say_waiting(job_id, f"{waiting.public}; trying again (the model is kept until it is stored)")
+            return True
+        try:
+            self.upload(job_id)
+            if (lasted := self._outage.recovered()) is not None:
+                log.info("the model store takes models again, after %.0f s", lasted)
+        except UploadUnavailable as exc:
+            if exc.bucket:
+                away[exc.bucket] = exc
+            self._outage.failed(f"job {job_id}: {exc}; trying again later (the result stays in the spool)")
+            self._say_waiting(job_id, f"{exc.public}; trying again (the model is kept until it is stored)")
+            return False
+        except UploadError as exc:
+            self._refused(job_id, exc)
+            return True
+        self._waiting_said.pop(job_id, None)
+        self._refused_until.pop(job_id, None)
+        if job_id in self._spool_said:
+            self._spool_said.discard(job_id)
+            log.info("job %s: the spool takes writes again", job_id)
+        return True
+
+    def _spool_refused(self, job_id: str, exc: OSError) -> None:
+        """The spool's volume refused a write (full or read-only: a status to queue, an S3 upload's copy): the
+        result stays and is tried again after the backoff, said once per job. Raised, it ended the uploader, and
+        supervisord's restarts of it ended FATAL, stopping the whole worker."""
+        if job_id not in self._spool_said:
+            self._spool_said.add(job_id)
+            log.error("job %s: cannot write the spool (%s: %s); the model is kept and tried again: free space on "
+                      "CAPE_SPOOL_DIR's volume, or make it writable", job_id, exc.filename or self.spool.root,
+                      exc.strerror or exc)
 
     def _bucket_uri(self, job_id: str) -> str:
         """The store a pending result goes to ("" if that cannot be told now: its upload says why)."""
