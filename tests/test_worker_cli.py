@@ -5,9 +5,11 @@ directory made real; `cape-worker run` refuses a bad configuration, or a second 
 (also when two start at once), before starting anything; `status` needs only local settings, and exits 1 without
 a worker; a revoked token makes the worker unhealthy; a stopped worker's claims and failed jobs' reasons show; `-h`
 is `--help`."""
+import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -171,6 +173,30 @@ def test_bad_configuration(tmp_path, change, words):
     assert run.returncode == 2
     assert f"cape-worker: configuration error: {words}" in run.stderr
     assert not (tmp_path / "w" / "state" / "run").exists()  # nothing was started
+
+
+def test_run_says_a_state_volume_without_room_for_the_keys_in_one_line(tmp_path):
+    """The keys are made by `run` before supervisord starts: on a full CAPE_STATE_DIR volume the four programs
+    each failed making them, with a traceback, until FATAL (and the FATAL listener, whose marker lives there too,
+    failed as well, leaving the worker running with no program). The refusal is the kernel's own: a file size limit
+    fails every write past its first byte (EFBIG), as a full disk fails it (ENOSPC)."""
+    env = worker_env(tmp_path, "w")
+    state = tmp_path / "w" / "state"
+
+    def no_room() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.Popen(["cape-worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=no_room, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # without the fix: supervisord and its programs, still running
+    assert proc.returncode == 2, out + err
+    assert err.endswith(f"cape-worker: cannot make the worker's keys in {state}: File too large; free space on "
+                        "CAPE_STATE_DIR's volume, or make it writable\n"), err
+    assert "Traceback" not in out + err and not (state / "run" / "supervisord.pid").exists()
 
 
 def test_run_refuses_a_state_dir_too_deep_for_the_socket(tmp_path):

@@ -20,7 +20,7 @@ from services.file_locks import lock_file
 from services.tables import cell_text
 from services.worker import health as health_mod
 from services.worker import reaper
-from services.worker.keys import KeyFileError, check_key_files
+from services.worker.keys import KeyFileError, WorkerKeys, check_key_files
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.fatal_listener import marker_path, read_marker
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
@@ -148,6 +148,13 @@ def run() -> None:
     except OSError as exc:
         click.echo(f"cape-worker: cannot prepare {exc.filename}: {exc.strerror}; make CAPE_SPOOL_DIR and "
                    "CAPE_STATE_DIR writable volumes", err=True)
+        sys.exit(2)
+    try:  # made here once, not by the four programs: a state volume with no room for them crash-looped all four
+        WorkerKeys.load_or_create(config.state_dir)
+    except (KeyFileError, OSError) as exc:
+        reason = exc if isinstance(exc, KeyFileError) else exc.strerror or exc
+        click.echo(f"cape-worker: cannot make the worker's keys in {config.state_dir}: {reason}; free space on "
+                   "CAPE_STATE_DIR's volume, or make it writable", err=True)
         sys.exit(2)
     locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     _wait_for_earlier_programs(config)
