@@ -226,6 +226,22 @@ def test_fatal_listener_ignores_fatal_once_supervisord_is_stopping(tmp_path, mon
     assert read_marker(tmp_path) is None and signals == []
 
 
+def test_fatal_listener_stops_the_worker_when_its_marker_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """A full CAPE_STATE_DIR volume (the run dir is in it): the listener's marker write failed, the listener
+    crashed, and supervisord ran on with three programs FATAL and no exit (seen on a full tmpfs state dir)."""
+    from services.worker.fatal_listener import FatalListener
+
+    signals = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: signals.append((pid, signum)))
+    run_dir = tmp_path / "not-a-folder"
+    run_dir.write_text("")  # the marker's folder refuses the write, as a full volume does
+    listener = FatalListener(run_dir, supervisord_pid=4242)
+    fatal = ({"eventname": "PROCESS_STATE_FATAL"}, "processname:poller groupname:worker from_state:BACKOFF")
+    assert listener.handle(*fatal) == "poller"
+    assert signals == [(4242, signal.SIGTERM)]
+    assert f"fatal_listener: cannot record the failure in {run_dir} (" in capsys.readouterr().err
+
+
 def test_repeated_stop_signals_still_end_in_a_clean_exit(start_worker, tmp_path):
     """`docker stop` then an impatient second one (or Ctrl-C pressed twice): still exit 0, never 'killed'."""
     env = worker_env(tmp_path, "org-twice")

@@ -68,8 +68,12 @@ class FatalListener:
             return None
         marker = marker_path(self.run_dir)
         tmp = marker.with_name(f".{FATAL_MARKER}.tmp")
-        tmp.write_text(json.dumps({"program": program, "group": fields.get("groupname", "?"), "at": time.time()}))
-        os.replace(tmp, marker)
+        try:
+            tmp.write_text(json.dumps({"program": program, "group": fields.get("groupname", "?"), "at": time.time()}))
+            os.replace(tmp, marker)
+        except OSError as exc:  # a full state volume: the worker must stop all the same, not run on with a dead program
+            print(f"fatal_listener: cannot record the failure in {self.run_dir} ({exc.strerror or exc}); free space "
+                  "on CAPE_STATE_DIR's volume", file=sys.stderr, flush=True)
         print(f"fatal_listener: program {program} keeps failing (FATAL); stopping the worker", file=sys.stderr,
               flush=True)
         os.kill(self.supervisord_pid, signal.SIGTERM)
