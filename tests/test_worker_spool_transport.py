@@ -519,3 +519,35 @@ def test_an_engine_message_never_takes_a_keep_alives_name():
     assert wire_name("x_owner", "preparing.3") != "x_owner.preparing.3"
     assert not is_keepalive_name(wire_name("x_owner", "preparing.3"))
     assert is_keepalive_name(keepalive_name("helper", 12)) and not is_keepalive_name("helper.preparing.x")
+
+
+def test_a_keep_alive_that_reached_one_partner_before_the_spool_filled_is_not_sealed_again_for_it(world, monkeypatch):
+    """A full spool refused a keep-alive's write for the second partner after the first one's was written and
+    sent: the next try sealed the first one's again, with other bytes under the same name (the broker refused it,
+    and the messenger retried it for the rest of the job; or, once fetched, the partner recorded a forged second
+    copy). Seen on a full tmpfs spool: 'the broker holds other bytes under this name; retrying'."""
+    import errno
+
+    from services.worker import keepalive as keepalive_mod
+
+    keys, spools, specs = world
+    keepalives, x_spec = preparing_x(world, threading.Event())
+    first_seat, second_seat = [seat for seat in x_spec.parties if seat != "x_owner"]
+    real_writer = keepalive_mod.atomic_writer
+    full = [True]
+
+    def writer(final, **kwargs):
+        if full[0] and final.parent.name == second_seat:
+            raise OSError(errno.ENOSPC, "No space left on device", str(final))
+        return real_writer(final, **kwargs)
+
+    monkeypatch.setattr(keepalive_mod, "atomic_writer", writer)
+    preparing = keepalive_mod._Preparing(x_spec, "loading its data", 0.0)
+    keepalives._send(preparing)
+    assert [(i.to_seat, i.name) for i in spools["x_owner"].pending_outbox()] == [(first_seat, "x_owner.preparing.1")]
+    assert deliver(world, "x_owner", first_seat) == 1  # the messenger sent it (renamed .sent)
+    full[0] = False  # space is freed
+    keepalives._send(preparing)
+    assert [(i.to_seat, i.name) for i in spools["x_owner"].pending_outbox()] == [(second_seat, "x_owner.preparing.1")]
+    assert keepalives.sent == 1 and preparing.number == 2
+

@@ -182,7 +182,10 @@ class KeepAlives:
             for to_seat, party in spec.parties.items():
                 if preparing.ended:
                     return  # meanwhile: not counted, as not every partner has it
-                if to_seat == spec.seat:
+                # A partner this number reached before the spool refused another's (full, read-only) keeps it:
+                # sealed again, its other bytes under the same name would be refused by the broker, or taken for
+                # a forgery by the partner once it has the first.
+                if to_seat == spec.seat or self.spool.outbox_has(spec.id, to_seat, name):
                     continue
                 address = MessageAddress(spec.id, spec.seat, to_seat, name)
                 with atomic_writer(self.spool.outbox_path(spec.id, to_seat, name), overwrite=False) as out:
