@@ -521,6 +521,35 @@ def test_a_full_spool_volume_is_one_clear_line_and_a_retry_not_a_crash(cape_serv
     assert poller.spool.read_job(world["job"]["id"]) is not None
 
 
+def test_the_job_watch_outlives_a_spool_that_cannot_record_a_jobs_end(tmp_path, monkeypatch):
+    """A full spool refused the ended.json of a job that left the list: the OSError ended the job-watch thread
+    (a traceback, and no more immediate pick-up of approved jobs for the poller's life: seen on a full tmpfs)."""
+    poller, _ = make_poller(tmp_path, "http://127.0.0.1:9", "tok,c2VjcmV0LXNlY3JldA==", state_dir=tmp_path / "st")
+    poller.seat_held.set()
+    ended_json = poller.spool.job_dir("j1") / "ended.json"
+
+    class Listing:
+        def wait_for_jobs(self, version, wait):
+            return [], 1
+
+    class Recording(threading.Event):
+        def wait(self, timeout=None):  # the backoff's pauses, without the wait
+            return self.is_set()
+
+    stop, calls = Recording(), []
+
+    def notice_ended(served, client=None, statuses=()):
+        calls.append(served)
+        if len(calls) == 3:
+            stop.set()
+            return
+        raise OSError(errno.ENOSPC, "No space left on device", str(ended_json))
+
+    monkeypatch.setattr(poller, "notice_ended", notice_ended)
+    poller.watch_jobs(Listing(), stop, wait=0.1)  # type: ignore[arg-type]
+    assert len(calls) == 3
+
+
 def test_a_job_naming_another_workers_keys_for_our_seat_is_not_taken(start_cape_server, tmp_path, monkeypatch):
     """Cut off from the coordinator for over 45 s, a worker may lose its seat to another; back, its job watcher
     must not store the jobs the other now runs (its runner would end them in Error on the key mismatch)."""

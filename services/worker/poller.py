@@ -262,6 +262,10 @@ class Poller:
                 self.notice_ended(served, client, INTERRUPTING_STATUSES)
             except CoordinatorError:
                 pass  # the cycle reports coordinator problems, and looks again
+            except OSError as exc:  # a job's end the spool could not record: raised, it ended this thread for good
+                if exc.filename is None:
+                    raise
+                stop.wait(backoff.next_delay())  # the cycle logs it, and retries
 
     def notice_ended(self, served: set[str], client: CoordinatorClient | None = None,
                      statuses: tuple[str, ...] = ENDED_STATUSES) -> None:
