@@ -406,6 +406,68 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
     assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
 
 
+def test_a_spool_that_refuses_the_inbox_file_leaves_the_message_at_the_broker_and_says_so(job, tmp_path, monkeypatch,
+                                                                                        caplog):
+    """A spool volume that refuses the inbox file (full, read-only, immutable; seen with `chattr +i` on inbox/): the
+    receiver logged 'unexpected PermissionError' with a traceback at every retry, `health` stayed healthy, and the
+    job's error blamed the sender's worker for a message the broker held all along. Now: one line, the health
+    record, the message kept at the broker, and taken once the spool takes writes again."""
+    import errno
+
+    from services.worker import health
+    from services.worker import messenger as messenger_module
+    from services.worker import spool as spool_module
+    from services.worker.broker_client import BrokerClient
+
+    monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.3)
+    block = np.arange(1000, dtype=np.uint64)
+    sender = start_messenger(job, "x_owner", tmp_path)
+    try:
+        with transport(job, "x_owner") as x_sender:
+            x_sender.send(1, "block", block)
+        spool = job.seats["x_owner"].spool
+        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
+                 "the x_owner's message to be confirmed by the broker")
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.wait(timeout=10)
+
+    y = job.seats["y_owner"]
+    run_dir = tmp_path / "y-run"
+    run_dir.mkdir()
+    inbox = y.spool.inbox_path(job.id, "x_owner.block")
+    real_writer = spool_module.atomic_writer
+
+    def refusing_writer(final, **kwargs):
+        if final == inbox:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(final))
+        return real_writer(final, **kwargs)
+
+    monkeypatch.setattr(messenger_module, "atomic_writer", refusing_writer)
+    stop = threading.Event()
+    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
+                          run_dir=run_dir)
+    with caplog.at_level(logging.INFO, logger="cape.messenger"):
+        _run_receiver(messenger, 1.5)
+        assert not inbox.exists()
+        assert "Traceback" not in caplog.text and "unexpected" not in caplog.text, caplog.text
+        said = [r.getMessage() for r in caplog.records if "the spool cannot write it" in r.getMessage()]
+        assert said == [f"message x_owner.block of job {job.id} waits at the broker: the spool cannot write it "
+                        f"({inbox}: Operation not permitted); free space on CAPE_SPOOL_DIR's volume, or make it "
+                        "writable"], caplog.text
+        assert health.SPOOL_SHORT_OF_ROOM.read(run_dir)["message"] == said[0]  # `health` fails, `status` says it
+        listed = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
+                              headers={"Authorization": f"Bearer {y.token}"}).json()
+        assert [m["name"] for m in listed] == ["x_owner.block"]  # not acknowledged: nothing lost
+
+        monkeypatch.setattr(messenger_module, "atomic_writer", real_writer)  # the operator made it writable
+        messenger.stop.clear()
+        _run_receiver(messenger, 1.0)
+    np.testing.assert_array_equal(transport(job, "y_owner").receive(0, "block"), block)
+    assert "the spool takes messages again" in caplog.text
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
+
+
 def test_a_job_description_the_spool_cannot_read_for_a_moment_is_read_again(tmp_path, monkeypatch, caplog):
     """An OSError (too many open files, say) was taken as a bad description: the job got no message for good."""
     import errno

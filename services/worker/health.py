@@ -135,10 +135,11 @@ COORDINATOR_UNTRUSTED = PollerRecord("coordinator-untrusted", "the coordinator's
 # A health failure: the server at CAPE_COORDINATOR answers, but is no Cape coordinator (or not at its base URL).
 COORDINATOR_MISADDRESSED = PollerRecord("coordinator-misaddressed", "CAPE_COORDINATOR leads to no Cape coordinator",
                                         "CAPE_COORDINATOR does not lead to a Cape coordinator")
-# Written by the messenger: messages wait at the broker rather than take the spool volume below its reserve, so the
-# worker's jobs cannot go on until the operator makes room.
+# Written by the messenger: messages wait at the broker rather than take the spool volume below its reserve, or
+# because the spool refused their inbox file, so the worker's jobs cannot go on until the operator makes room.
 SPOOL_SHORT_OF_ROOM = PollerRecord("spool-short-of-room", "the spool volume is short of room",
-                                   "the spool volume is short of room; messages wait at the broker", topic="spool")
+                                   "the spool volume is short of room or refuses writes; messages wait at the broker",
+                                   topic="spool")
 # Written by the messenger while the broker cannot be reached or keeps failing: like an unreachable coordinator, not
 # a health failure (messages wait in the outbox and at the broker, and move once it answers).
 BROKER_UNREACHABLE = PollerRecord("broker-unreachable", "the broker did not answer",

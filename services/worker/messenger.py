@@ -83,6 +83,7 @@ class Messenger:
         self.reserve_bytes = reserve_bytes
         self.run_dir = run_dir  # where the short-of-room record goes for `health` and `status` (None: nowhere)
         self._short_of_room: set[str] = set()  # jobs with a message held at the broker for room, said once each
+        self._inbox_refusal = False  # whether the spool refused an inbox file since one was last placed (said once)
         self._held = 0  # messages held for room in the current receiver pass
         self._vanished = 0  # listed messages the broker no longer had when fetched, in the current receiver pass
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
@@ -344,6 +345,15 @@ class Messenger:
         except BrokerError as exc:
             self._unless_gone(exc)
             return False
+        except OSError as exc:
+            if not str(exc.filename or "").startswith(str(self.spool.root)):
+                raise
+            self._inbox_refused(spec, name, exc)
+            return False
+        if self._inbox_refusal:
+            self._inbox_refusal = False
+            log.info("the spool takes messages again")
+            health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
         self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
         with self._lock:
             self.received += 1
@@ -374,6 +384,19 @@ class Messenger:
             log.warning("%s", why)
             health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, why, log)
         return False
+
+    def _inbox_refused(self, spec: JobSpec, name: str, exc: OSError) -> None:
+        """The spool refused the inbox file (full, read-only): the message waits at the broker, said once in the log
+        and for `health` and `status` until one is placed again. Raised, it was a traceback at every retry, and the
+        job's error blamed the sender's worker for a message the broker held all along."""
+        with self._lock:
+            self._held += 1  # the receiver looks again in ROOM_RETRY_SECONDS, as for a message held for room
+            first, self._inbox_refusal = not self._inbox_refusal, True
+        if first:
+            why = (f"message {name} of job {spec.id} waits at the broker: the spool cannot write it ({exc.filename}: "
+                   f"{exc.strerror or exc}); free space on CAPE_SPOOL_DIR's volume, or make it writable")
+            log.error("%s", why)
+            health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, why, log)
 
     def _second_copy(self, spec: JobSpec, name: str, from_seat: str, inbox: Path, size: Any) -> None:
         """Another message under a name already received: keep the first; drop this one, leaving a trace unless
