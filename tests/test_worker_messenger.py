@@ -468,6 +468,46 @@ def test_a_spool_that_refuses_the_inbox_file_leaves_the_message_at_the_broker_an
     assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
 
 
+def test_a_message_whose_inbox_the_runner_removes_as_it_finishes_is_no_refusal(job, tmp_path, monkeypatch, caplog):
+    """The runner's end of a job removes its inbox folder; a message written into it at that moment failed with
+    FileNotFoundError: an ERROR with a traceback in a good run, and now it would read as a spool refusing writes."""
+    import errno
+
+    from services.worker import health
+    from services.worker import messenger as messenger_module
+    from services.worker.broker_client import BrokerClient
+
+    sender = start_messenger(job, "x_owner", tmp_path)
+    try:
+        with transport(job, "x_owner") as x_sender:
+            x_sender.send(1, "block", np.arange(10, dtype=np.uint64))
+        spool = job.seats["x_owner"].spool
+        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
+                 "the x_owner's message to be confirmed by the broker")
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.wait(timeout=10)
+
+    y = job.seats["y_owner"]
+    run_dir = tmp_path / "y-run"
+    run_dir.mkdir()
+    inbox = y.spool.inbox_path(job.id, "x_owner.block")
+
+    def finished_under_the_write(final, **kwargs):
+        y.spool.mark_done(job.id, "completed")
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(final))
+
+    monkeypatch.setattr(messenger_module, "atomic_writer", finished_under_the_write)
+    stop = threading.Event()
+    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
+                          run_dir=run_dir)
+    with caplog.at_level(logging.INFO, logger="cape.messenger"):
+        _run_receiver(messenger, 1.0)
+    assert not inbox.exists()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [], caplog.text
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None
+
+
 def test_a_job_description_the_spool_cannot_read_for_a_moment_is_read_again(tmp_path, monkeypatch, caplog):
     """An OSError (too many open files, say) was taken as a bad description: the job got no message for good."""
     import errno

@@ -348,6 +348,10 @@ class Messenger:
         except OSError as exc:
             if not str(exc.filename or "").startswith(str(self.spool.root)):
                 raise
+            if isinstance(exc, FileNotFoundError) and self.spool.done(spec.id) is not None:
+                # The runner finished the job and removed its inbox under the write: nothing is waited for.
+                log.debug("job %s: %s came as the job finished; not kept", spec.id, name)
+                return False
             self._inbox_refused(spec, name, exc)
             return False
         if self._inbox_refusal:
