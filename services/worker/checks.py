@@ -24,6 +24,7 @@ import requests
 from services.connection_errors import connection_problem
 from services.worker import health, keys
 from services.worker.api_errors import error_of
+from services.worker.disk_advice import FULL_ERRNOS, disk_advice
 from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
@@ -107,6 +108,8 @@ def check_directory(name: str, path: Path, variable: str) -> CheckResult:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
+        if exc.errno in FULL_ERRNOS:
+            return CheckResult(name, False, f"{path} takes no new file ({exc.strerror}); {disk_advice(exc, variable)}")
         return CheckResult(name, False, f"{path} is not writable ({exc.strerror}); point {variable} at a "
                                         "writable directory (a volume)")
     return CheckResult(name, True, f"{path} writable")

@@ -25,6 +25,7 @@ from services.worker.coordinator_client import (CoordinatorAuthError, Coordinato
                                                 CoordinatorMisaddressed, CoordinatorUnreachable, CoordinatorUntrusted,
                                                 JobEnded, KeysNotRegistered, RequestRefused, SeatTaken)
 from services.worker.keys import WorkerKeys
+from services.worker.disk_advice import disk_advice
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
@@ -368,8 +369,8 @@ class Poller:
                 if exc.filename is None:  # not the spool's: a bug, for supervisord's restart and its traceback
                     raise
                 delay = backoff.next_delay()
-                log.error("cannot write the spool (%s: %s); make CAPE_SPOOL_DIR writable by this worker; retrying in "
-                          "%.1f s", exc.filename, exc.strerror, delay)
+                log.error("cannot write the spool (%s: %s); %s; retrying in %.1f s", exc.filename, exc.strerror,
+                          disk_advice(exc, "CAPE_SPOOL_DIR"), delay)
             else:
                 lasted = outage.recovered()  # None after a refusal: the coordinator answered all along
                 refused.recovered()

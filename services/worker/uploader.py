@@ -29,6 +29,7 @@ import numpy as np
 
 from services.worker import program
 from services.worker.config import RETRY_BASE_SECONDS, Bucket, ConfigError, WorkerConfig, parse_bucket
+from services.worker.disk_advice import disk_advice
 from services.worker.outage_log import OutageLog
 from services.worker.s3_errors import code_and_status, is_transient
 from services.worker.spool import Spool, atomic_write_bytes
@@ -46,6 +47,7 @@ UPLOAD_ATTEMPTS = 2
 SPOOL_WATCH_SECONDS = 0.02  # without a spool watch, how soon a result the runner wrote is uploaded (one listing)
 
 log = logging.getLogger("cape.uploader")
+_BUCKET_DIRECTORY = "the directory of CAPE_BUCKET (or the job's model_location)"
 UPLOAD_SCRATCH_PREFIX = ".upload-"  # the uploader's scratch files under the spool's tmp/
 
 
@@ -168,8 +170,8 @@ class ModelStore:
         try:
             atomic_write_bytes(target, data)
         except OSError as exc:
-            raise UploadError(f"cannot write {target}: {exc.strerror}; make the directory of CAPE_BUCKET (or the "
-                              "job's model_location) writable by this worker",
+            raise UploadError(f"cannot write {target}: {exc.strerror}; "
+                              f"{disk_advice(exc, _BUCKET_DIRECTORY)}",
                               f"the model owner's worker cannot write to its bucket ({exc.strerror})") from None
         return target.as_uri()
 
