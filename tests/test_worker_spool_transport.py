@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import threading
 import time
 
@@ -158,6 +159,29 @@ def test_receive_times_out_naming_the_sender(world):
                                                 r"org-helper\) within 0.2 s"):
         y.receive(2, "r9")
     assert time.monotonic() - started < 2
+
+
+def test_a_wait_that_ends_quotes_what_this_workers_own_messenger_reports(world, tmp_path):
+    """A broker away (a paused VM) longer than the timeout ended the job blaming the partner, which had sent all
+    along: the waiting worker's own messenger had recorded the broker unreachable, and the error did not say so."""
+    from services.worker import health
+
+    keys, spools, specs = world
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert health.messenger_trouble(run_dir) is None and health.messenger_trouble(None) is None
+    health.BROKER_UNREACHABLE.record(run_dir, f"cannot reach the broker at http://127.0.0.1:9 (see {tmp_path})")
+    health.SPOOL_SHORT_OF_ROOM.record(run_dir, f"message m of job j waits at the broker: {tmp_path}/spool is full")
+    trouble = health.messenger_trouble(run_dir)
+    assert re.fullmatch(r"the broker is unreachable or failing; messages wait and the messenger retries \(since "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\); the spool volume is short of room or refuses writes; "
+                        r"messages wait at the broker \(since [^)]+\)", trouble), trouble
+    assert str(tmp_path) not in trouble  # the records' own messages can name local paths: not for the job's error
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.2,
+                       own_trouble=lambda: health.messenger_trouble(run_dir))
+    with pytest.raises(TransportTimeout) as caught:
+        y.receive(2, "r9")
+    assert f"; meanwhile this worker's own messenger reports: {trouble}" in str(caught.value)
 
 
 class SuspendedClock:

@@ -145,6 +145,21 @@ SPOOL_SHORT_OF_ROOM = PollerRecord("spool-short-of-room", "the spool volume is s
 BROKER_UNREACHABLE = PollerRecord("broker-unreachable", "the broker did not answer",
                                   "the broker is unreachable or failing; messages wait and the messenger retries",
                                   topic="broker")
+
+
+def messenger_trouble(run_dir: Path | None) -> str | None:
+    """What this worker's messenger records against its own link to the broker and its spool, in headlines only
+    (the records' messages can name local paths; this goes into job errors every project member reads)."""
+    if run_dir is None:
+        return None
+    said = []
+    for record in (BROKER_UNREACHABLE, SPOOL_SHORT_OF_ROOM):
+        found = record.read(run_dir)
+        if found is not None:
+            said.append(record.line({**found, "message": ""}).removesuffix(": "))
+    return "; ".join(said) or None
+
+
 POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, COORDINATOR_UNREACHABLE,
                   SPOOL_SHORT_OF_ROOM, BROKER_UNREACHABLE)
 # What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).

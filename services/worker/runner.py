@@ -33,6 +33,7 @@ from services.jobs.linear_regression import JobDataError, LinearRegressionTask, 
 from services.memory_reuse import release_freed_memory
 from services.jobs.linear_regression.errors import MissingColumnError
 from services.mpc import ProtocolError as EngineProtocolError
+from services.worker import health
 from services.worker.dataview import (DownloadWatch, S3ClientFactory, default_s3_client, load_dataview,
                                       s3_client_config)
 from services.worker.job_slots import JobSlots
@@ -45,6 +46,8 @@ from services.worker.spool_transport import JobInterrupted, SpoolTransport
 from services.worker.uploader import UploadError, model_bucket
 
 if TYPE_CHECKING:  # the programs read their configuration only in main()
+    from pathlib import Path
+
     from services.worker.config import WorkerConfig
 
 log = logging.getLogger("cape.runner")
@@ -89,10 +92,13 @@ class Runner:
         s3_client: S3ClientFactory = default_s3_client,
         max_parallel: int = MAX_PARALLEL_JOBS,
         model_bucket: Callable[[JobSpec], object] | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         """`model_bucket(spec)` raises the uploader's `UploadError` when this worker could not store the model of a
-        job whose output seat it holds: said before the job's data is loaded, not after the whole computation."""
+        job whose output seat it holds: said before the job's data is loaded, not after the whole computation.
+        `run_dir` holds the messenger's records of its own troubles, which a wait that ends quotes."""
         self.spool = spool
+        self.run_dir = run_dir
         self.model_bucket = model_bucket
         self.keys = keys
         self.stop = stop or threading.Event()
@@ -311,7 +317,8 @@ class Runner:
         # a party that stops the job sends its status message first.
         with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id),
                             sending=lambda: self.keepalives.end(job_id),
-                            partner_preparing=partial(self._partner_preparing, spec, progress)) as transport:
+                            partner_preparing=partial(self._partner_preparing, spec, progress),
+                            own_trouble=lambda: health.messenger_trouble(self.run_dir)) as transport:
             try:
                 uri = spec.data_uri()
                 started = time.monotonic()
@@ -505,7 +512,8 @@ def main() -> int:
             log.info("removed %d partial dataview download(s) left by an earlier runner", removed)
         runner = Runner(spool, keys, stop, s3_client=lambda: boto3.client("s3", config=s3_client_config(),
                                                                            **config.boto3_kwargs("s3")),
-                        model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")))
+                        model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")),
+                        run_dir=config.run_dir)
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

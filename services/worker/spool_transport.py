@@ -197,13 +197,15 @@ class SpoolTransport:
         write_ahead: int = WRITE_AHEAD,
         sending: Callable[[], None] = lambda: None,
         partner_preparing: Callable[[str, str | None, float], None] = lambda seat, phase, waited: None,
+        own_trouble: Callable[[], str | None] = lambda: None,
     ) -> None:
         """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None.
 
         `write_ahead` > 0 seals on a background thread with that many sends queued at most; 0 seals in `send`.
         `sending()` is called once, before the first message is sealed. `partner_preparing(seat, phase, waited)`
         is called each time a wait for `seat` goes on past its deadline because the seat is still preparing
-        (`phase`, as it said it, or None), `waited` seconds into the wait.
+        (`phase`, as it said it, or None), `waited` seconds into the wait. `own_trouble()` says what this worker's
+        own messenger reports against its link to the broker or its spool (None: nothing), for a wait that ends.
         """
         self.spool = spool
         self.spec = spec
@@ -213,6 +215,7 @@ class SpoolTransport:
         self.interrupted = interrupted
         self.sending: Callable[[], None] | None = sending
         self.partner_preparing = partner_preparing
+        self.own_trouble = own_trouble
         self.bytes_sent = 0
         self.messages_sent = 0
         self.messages_received = 0
@@ -328,6 +331,9 @@ class SpoolTransport:
         if rejected:
             text += (f"; {len(rejected)} message(s) claiming to come from {from_seat} were rejected "
                      f"({rejected[-1].get('reason')})")
+        trouble = self.own_trouble()
+        if trouble:  # the partner may have sent all along: a broker away or a full spool stops it on this side
+            text += f"; meanwhile this worker's own messenger reports: {trouble}"
         free = self.spool.free_bytes()
         if free < RESERVE_BYTES + _LOW_ROOM_BYTES:
             text += (f"; the spool volume has only {mib(free)} free, and the messenger leaves messages at the broker "
