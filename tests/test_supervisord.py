@@ -7,12 +7,14 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -84,6 +86,17 @@ def test_worker_lifecycle_running_respawn_and_sigterm(start_worker, tmp_path):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     result = cape_worker("health", env=worker.env)
     assert result.returncode == 1 and result.stdout.startswith("unhealthy: ")
+
+
+def test_supervisords_own_lines_are_stamped_in_utc_as_the_programs_lines_are(start_worker, tmp_path):
+    """Under a host's local zone (here UTC+14) supervisord's lines read 14 hours off the programs' lines."""
+    env = {**worker_env(tmp_path, "org-a"), "TZ": "Pacific/Kiritimati"}
+    worker = start_worker(env)
+    worker.wait_running()
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ INFO success: ", worker.output, re.MULTILINE)
+    assert stamps, worker.output
+    said = datetime.strptime(stamps[0], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - said).total_seconds()) < 120, (stamps[0], worker.output)
 
 
 def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):

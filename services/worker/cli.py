@@ -162,7 +162,8 @@ def run() -> None:
     marker.unlink(missing_ok=True)
     for record in health_mod.POLLER_RECORDS:
         record.clear(config.run_dir)  # the token or the network may have changed: the poller says anew
-    env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable}
+    # TZ=UTC: supervisord stamps its own lines in local time, without a zone, between the programs' UTC lines.
+    env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable, "TZ": "UTC"}
     # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
     # Its output (and the programs', via stdout_logfile=/dev/stdout) goes through a pipe this user owns: a
     # non-root user cannot reopen a stdout pipe created by root (Docker's), and a pipe has no file offset for
