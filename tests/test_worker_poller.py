@@ -500,6 +500,7 @@ def test_a_full_spool_volume_is_one_clear_line_and_a_retry_not_a_crash(cape_serv
     """A full disk refuses a write or an fsync without naming a file: the poller took that for a bug of its own and
     ended, and supervisord's restarts of it ended FATAL, stopping the whole worker (seen on a full tmpfs spool)."""
     poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["xorg"]["organization_token"])
+    poller.config.run_dir.mkdir(parents=True, exist_ok=True)  # the state dir is shared by this token's pollers
     spool_root = str(poller.spool.root)
     real_fsync = os.fsync
 
@@ -516,9 +517,16 @@ def test_a_full_spool_volume_is_one_clear_line_and_a_retry_not_a_crash(cape_serv
                      r"device\); free space on the volume of CAPE_SPOOL_DIR; retrying in", caplog.text), caplog.text
     assert "Traceback" not in caplog.text
     assert poller.spool.read_job(world["job"]["id"]) is None
+    # `health` fails and `status` says it: the seats at the coordinator cannot show it (statuses go through the spool).
+    refused = health.SPOOL_REFUSES_WRITES.read(poller.config.run_dir)
+    assert re.fullmatch(rf"cannot write {re.escape(spool_root)}/jobs/\w+/spec\.json \(No space left on device\); "
+                        "free space on the volume of CAPE_SPOOL_DIR", refused["message"]), refused
+    assert health.SPOOL_REFUSES_WRITES in health.HEALTH_RECORDS
     monkeypatch.setattr(os, "fsync", real_fsync)  # space is freed
     poller.run(max_cycles=1)
     assert poller.spool.read_job(world["job"]["id"]) is not None
+    assert health.SPOOL_REFUSES_WRITES.read(poller.config.run_dir) is None
+    assert "the spool takes writes again" in caplog.text
 
 
 def test_the_job_watch_outlives_a_spool_that_cannot_record_a_jobs_end(tmp_path, monkeypatch):

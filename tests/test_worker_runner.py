@@ -265,13 +265,20 @@ def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_
     real_claim = Spool.claim
     refuse = OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Spool, "claim", lambda self, j, working=False: (_ for _ in ()).throw(refuse))
-    runner = Runner(spool, keys)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runner = Runner(spool, keys, run_dir=run_dir)
     caplog.set_level(logging.INFO, logger="cape.runner")
     assert [runner.run_job(job_id) for _ in range(3)] == ["waiting"] * 3
     refusals = [r.getMessage() for r in caplog.records if "cannot claim" in r.getMessage()]
     assert refusals == [f"job {job_id}: cannot claim it in the spool (No space left on device); make "
                         "CAPE_SPOOL_DIR's volume writable, with free space; trying again every 0 s"]
     assert "Traceback" not in caplog.text and not spool.is_claimed(job_id)
+    # For `health` and `status`, until the poller sees a write go through.
+    from services.worker import health
+
+    assert health.SPOOL_REFUSES_WRITES.read(run_dir)["message"] == ("the runner cannot write the spool (No space "
+                                                                     "left on device)")
     monkeypatch.setattr(Spool, "claim", real_claim)
     monkeypatch.setattr(Runner, "_run", lambda self, j, resumed: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))

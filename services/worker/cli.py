@@ -330,6 +330,7 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
                                "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
                                "coordinator_misaddressed": notes[health_mod.COORDINATOR_MISADDRESSED],
                                "spool_short_of_room": notes[health_mod.SPOOL_SHORT_OF_ROOM],
+                               "spool_refuses_writes": notes[health_mod.SPOOL_REFUSES_WRITES],
                                "broker_unreachable": notes[health_mod.BROKER_UNREACHABLE],
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))

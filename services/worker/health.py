@@ -140,6 +140,12 @@ COORDINATOR_MISADDRESSED = PollerRecord("coordinator-misaddressed", "CAPE_COORDI
 SPOOL_SHORT_OF_ROOM = PollerRecord("spool-short-of-room", "the spool volume is short of room",
                                    "the spool volume is short of room or refuses writes; messages wait at the broker",
                                    topic="spool")
+# Written by the poller and the runner when the spool refuses a write of theirs (full, read-only), cleared by the
+# poller once a write goes through: statuses go through the spool too, so the seats showed nothing of it at the
+# coordinator, and `health` said healthy while no job could go on.
+SPOOL_REFUSES_WRITES = PollerRecord("spool-refuses-writes", "the spool refused a write",
+                                    "the spool volume refuses writes (full or read-only); jobs cannot go on",
+                                    topic="spool")
 # Written by the messenger while the broker cannot be reached or keeps failing: like an unreachable coordinator, not
 # a health failure (messages wait in the outbox and at the broker, and move once it answers).
 BROKER_UNREACHABLE = PollerRecord("broker-unreachable", "the broker did not answer",
@@ -161,9 +167,10 @@ def messenger_trouble(run_dir: Path | None) -> str | None:
 
 
 POLLER_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, COORDINATOR_UNREACHABLE,
-                  SPOOL_SHORT_OF_ROOM, BROKER_UNREACHABLE)
+                  SPOOL_SHORT_OF_ROOM, SPOOL_REFUSES_WRITES, BROKER_UNREACHABLE)
 # What makes `health` fail (and stays true of a stopped worker's settings, unlike an unreachable coordinator).
-HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, SPOOL_SHORT_OF_ROOM)
+HEALTH_RECORDS = (LOGIN_REFUSED, COORDINATOR_UNTRUSTED, COORDINATOR_MISADDRESSED, SPOOL_SHORT_OF_ROOM,
+                  SPOOL_REFUSES_WRITES)
 # ... and these once they have lasted `outage_log.UNHEALTHY_AFTER_SECONDS`: a coordinator that moved, say.
 LASTING_HEALTH_RECORDS = (COORDINATOR_UNREACHABLE, BROKER_UNREACHABLE)
 

@@ -371,6 +371,8 @@ class Poller:
                 delay = backoff.next_delay()
                 log.error("cannot write the spool (%s: %s); %s; retrying in %.1f s", exc.filename, exc.strerror,
                           disk_advice(exc, "CAPE_SPOOL_DIR"), delay)
+                health.SPOOL_REFUSES_WRITES.note(self.config.run_dir, f"cannot write {exc.filename} ({exc.strerror}); "
+                                                 f"{disk_advice(exc, 'CAPE_SPOOL_DIR')}", log)
             else:
                 lasted = outage.recovered()  # None after a refusal: the coordinator answered all along
                 refused.recovered()
@@ -383,9 +385,17 @@ class Poller:
                 health.COORDINATOR_UNTRUSTED.clear(self.config.run_dir)
                 health.COORDINATOR_MISADDRESSED.clear(self.config.run_dir)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)
+                self._look_at_spool_refusal()
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
+
+    def _look_at_spool_refusal(self) -> None:
+        """After a program recorded the spool refusing its writes: clear the record once a write goes through."""
+        if health.SPOOL_REFUSES_WRITES.read(self.config.run_dir) is None or self.spool.write_refused() is not None:
+            return
+        if health.SPOOL_REFUSES_WRITES.clear(self.config.run_dir):
+            log.info("the spool takes writes again")
 
     def report_until(self, deadline: float) -> None:
         """Until `deadline`, send status files as soon as they appear; return early if the coordinator fails

@@ -201,6 +201,7 @@ class Runner:
                 self._claim_refused.add(job_id)
                 log.error("job %s: cannot claim it in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
                           "free space; trying again every %.0f s", job_id, exc.strerror or exc, CLAIM_RETRY_SECONDS)
+            self._spool_refused(exc)
             self.stop.wait(CLAIM_RETRY_SECONDS)
             return False
         if job_id in self._claim_refused:
@@ -224,9 +225,15 @@ class Runner:
             log.error("job %s: cannot record its end in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
                       "free space; the job is taken up again in %.0f s", job_id, exc.strerror or exc,
                       CLAIM_RETRY_SECONDS)
+            self._spool_refused(exc)
             self.stop.wait(CLAIM_RETRY_SECONDS)
             return False
         return True
+
+    def _spool_refused(self, exc: OSError) -> None:
+        """Record for `health` and `status` that the spool refuses the runner's writes (the poller clears it)."""
+        health.SPOOL_REFUSES_WRITES.note(self.run_dir, f"the runner cannot write {exc.filename or 'the spool'} "
+                                                       f"({exc.strerror or exc})", log)
 
     def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
         """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""

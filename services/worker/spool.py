@@ -230,6 +230,17 @@ class Spool:
         """Free bytes on the spool's volume."""
         return shutil.disk_usage(self.root).free
 
+    def write_refused(self) -> OSError | None:
+        """Why the spool refuses a small durable write now (full, read-only), or None once one goes through: the
+        poller's look, after a program found the spool refusing, whether the operator fixed it."""
+        probe = self.root / "tmp" / "write-probe"
+        try:
+            atomic_write_bytes(probe, b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return exc
+        return None
+
     def watch(self, *stages: str) -> bool:
         """Have `changes` wake waiters when a file lands under these stage folders (e.g. "outbox"), so idle
         loops can sleep instead of polling; False if the system refused (the short polls go on)."""
