@@ -221,9 +221,7 @@ def test_check_with_a_user_token_fails_both_coordinator_and_broker(cape_server, 
                                "token (`cape orgs create-token ORG`, as an admin of ORG)"), out
 
 
-BAD_TOKEN = ("the token is not valid; check it (it looks like <id>,<secret>). A person's new token comes from `cape "
-             "tokens create` with a token that works, or from the server's operator (`cape-server admin "
-             "create-user-token EMAIL`); a worker's from its organization's admin")
+NEW_TOKEN = "; its organization's admin creates a new one (`cape orgs create-token ORG`); set CAPE_TOKEN to it"
 
 
 def test_check_tells_a_revoked_or_unknown_token_from_a_user_token_at_the_broker(cape_server, tmp_path):
@@ -231,14 +229,16 @@ def test_check_tells_a_revoked_or_unknown_token_from_a_user_token_at_the_broker(
     org = cape_server.create_org("revoked-at-broker")
     token_id = org["organization_token"].split(",", 1)[0]
     assert Api(cape_server, org["user_token"]).delete(f"/v1/tokens/{token_id}").status_code == 204
-    new_token = "; create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
-    for token, why in ((org["organization_token"], "the token was revoked; ask your organization's admin for a new "
-                                                   "one"),
-                       ("unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==", BAD_TOKEN)):
+    # In a worker operator's words, naming the token by its id (not secret): the servers' own messages are for
+    # people and their tokens too (`cape tokens create`, `cape-server admin ...`).
+    for token, why in ((org["organization_token"], f"token {token_id} was revoked"),
+                       ("unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA==", "token unknown1 is not one it knows (check "
+                                                                         "CAPE_TOKEN: it looks like <id>,<secret>)")):
         code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=token, CAPE_COORDINATOR=cape_server.url))
         assert code == 1, out
-        assert lines["broker"] == f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN ({why}){new_token}"
-        assert lines["coordinator"].endswith(f"refused CAPE_TOKEN ({why}){new_token}"), out
+        assert lines["broker"] == f"FAIL broker        {cape_server.url}/broker refused CAPE_TOKEN: {why}{NEW_TOKEN}"
+        assert lines["coordinator"] == (f"FAIL coordinator   the coordinator at {cape_server.url} refused CAPE_TOKEN: "
+                                        f"{why}{NEW_TOKEN}"), out
         assert token.split(",")[1] not in out
 
 
@@ -251,8 +251,7 @@ def test_token_hints_name_the_cli_commands(cape_server, tmp_path):
     unknown = "unknown1,ZHVtbXktc2VjcmV0LWR1bW15LXNlY3JldA=="
     code, lines, out = check(worker_env(tmp_path, "w", CAPE_TOKEN=unknown, CAPE_COORDINATOR=cape_server.url))
     assert code == 1
-    assert lines["coordinator"].endswith("; create a new organization token (`cape orgs create-token ORG`) and set "
-                                         "CAPE_TOKEN"), out
+    assert lines["coordinator"].endswith(NEW_TOKEN), out
 
 
 @pytest.mark.parametrize("variable, suffix, base", [
@@ -495,8 +494,7 @@ def test_a_revoked_token_makes_the_worker_unhealthy(start_worker, shared_cape_se
     assert Api(shared_cape_server, org["user_token"]).delete(f"/v1/tokens/{token_id}").status_code == 204
     wait_for(lambda: cape_worker("health", env=env, cwd=tmp_path).returncode == 1, worker)
     result = cape_worker("health", env=env, cwd=tmp_path)
-    line = (f"the coordinator at {shared_cape_server.url} refused CAPE_TOKEN (the token was revoked; ask your "
-            "organization's admin for a new one); create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
+    line = f"the coordinator at {shared_cape_server.url} refused CAPE_TOKEN: token {token_id} was revoked{NEW_TOKEN}"
     assert result.stdout.startswith("unhealthy: the coordinator refuses this worker (since 20"), result.stdout
     assert result.stdout.rstrip().endswith(f"UTC): {line}"), result.stdout
     status = cape_worker("status", env=env, cwd=tmp_path)

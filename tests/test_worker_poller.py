@@ -166,7 +166,7 @@ def test_a_refused_token_is_said_at_once_then_once_a_minute_not_at_every_retry(c
     poller.run(max_cycles=11)  # 100 s of retries, 10 s apart
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(said) == 3, said  # the first, once more when a minute passed, and the new reason at once
-    assert said[0].startswith(f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
+    assert said[0].startswith(f"the coordinator at {cape_server.url} refused CAPE_TOKEN: token nosuchid is not one")
     assert said[0].endswith("; retrying in 10 s")
     first = said[0].removesuffix("; retrying in 10 s")
     assert re.fullmatch(re.escape(first) + r"; retrying in \d+ s \(failing for (6\d|7\d) s, \d tries\)", said[1])
@@ -188,7 +188,7 @@ def test_a_refused_token_is_recorded_for_the_health_check_until_accepted(cape_se
     poller.run(max_cycles=1)
     first = health.LOGIN_REFUSED.read(run_dir)
     assert first is not None and first["message"].startswith(
-        f"the coordinator at {cape_server.url} refused CAPE_TOKEN (")
+        f"the coordinator at {cape_server.url} refused CAPE_TOKEN: token nosuchid is not one it knows")
     assert "cape orgs create-token ORG" in first["message"]
     assert secret not in (run_dir / health.LOGIN_REFUSED_NAME).read_text()
     assert health.LOGIN_REFUSED.line(first).startswith("the coordinator refuses this worker (since 20")

@@ -23,7 +23,7 @@ import requests
 
 from services.connection_errors import connection_problem
 from services.worker import health, keys
-from services.worker.api_errors import error_of
+from services.worker.api_errors import error_of, token_refusal
 from services.worker.disk_advice import FULL_ERRNOS, disk_advice
 from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
@@ -39,7 +39,6 @@ _BAD_CREDENTIALS = ("UnrecognizedClientException", "InvalidSignatureException", 
 # What the coordinator and the broker checks say of a token they refuse.
 USER_TOKEN = ("CAPE_TOKEN is a user token; a worker needs an organization token (`cape orgs create-token ORG`, as "
               "an admin of ORG)")
-NEW_TOKEN = "create a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN"
 SPOOL_LEAST_FREE_BYTES = RESERVE_BYTES + 256 * 1024**2  # below it `check` fails: the messenger's reserve and a job
 
 
@@ -205,7 +204,8 @@ def check_broker(config: WorkerConfig) -> CheckResult:
     # As the coordinator check: 401 is a token it does not accept (unknown, revoked), 403 wrong_token_kind a user
     # token, which the broker refuses before it looks for the job.
     if response.status_code == 401:
-        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN ({message}); {NEW_TOKEN}")
+        return CheckResult("broker", False, f"{config.broker} refused CAPE_TOKEN: "
+                                            f"{token_refusal(code, message, config.token)}")
     if code == "wrong_token_kind":
         return CheckResult("broker", False, USER_TOKEN)
     # A Cape broker knows the route and refuses the job (job_not_found / no_seat); a generic "not_found" means

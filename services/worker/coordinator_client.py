@@ -11,7 +11,7 @@ import requests
 
 from services.connection_errors import connection_problem, unloadable_ca_file
 from services.coordinator.job_changes import VERSION_HEADER
-from services.worker.api_errors import error_of
+from services.worker.api_errors import error_of, token_refusal
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -70,6 +70,7 @@ class CoordinatorClient:
     def __init__(self, base_url: str, token: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self._token = token  # its id (not its secret) names it in a refusal
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {token}"
         self._session.headers["User-Agent"] = "cape-worker"
@@ -152,8 +153,8 @@ class CoordinatorClient:
             raise CoordinatorUnreachable(f"the coordinator at {self.base_url} answered {response.status_code} to "
                                          f"{method} {path}: {message}")
         if response.status_code == 401:
-            raise CoordinatorAuthError(f"the coordinator at {self.base_url} refused CAPE_TOKEN ({message}); create "
-                                       "a new organization token (`cape orgs create-token ORG`) and set CAPE_TOKEN")
+            raise CoordinatorAuthError(f"the coordinator at {self.base_url} refused CAPE_TOKEN: "
+                                       f"{token_refusal(code, message, self._token)}")
         if response.status_code == 409 and code in ("worker_keys_in_use", "other_worker_keys"):
             raise SeatTaken(f"the coordinator at {self.base_url} refused this worker: {message}")
         if response.status_code == 409 and code == "keys_not_registered":
