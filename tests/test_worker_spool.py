@@ -306,6 +306,21 @@ def test_a_result_uploaded_by_an_older_version_still_counts_as_uploaded(tmp_path
     assert spool.uploaded(JOB) and spool.pending_results() == []
 
 
+def test_records_of_stored_models_an_older_version_kept_leave_the_uploaders_folder(tmp_path):
+    """An older version kept results/<job>/uploaded.json: the uploader listed those folders at every change."""
+    spool = Spool(tmp_path)
+    kept, pruned, pending = "a" * 32, "b" * 32, "c" * 32
+    spool.put_job({"id": kept, "seat": "y_owner"})
+    for job in (kept, pruned):
+        atomic_write_bytes(tmp_path / "results" / job / "uploaded.json", b'{"stored": 1}')
+    spool.put_result(pending, {"weights": [1.0]})
+    assert spool.move_old_upload_records() == 2
+    assert sorted(os.listdir(tmp_path / "results")) == [pending]  # a result still waiting stays
+    assert (tmp_path / "jobs" / kept / "uploaded.json").read_bytes() == b'{"stored": 1}'
+    assert spool.uploaded(kept) and not spool.uploaded(pruned) and spool.pending_results() == [pending]
+    assert spool.move_old_upload_records() == 0
+
+
 def test_scans_do_not_read_the_markers_of_finished_jobs_again(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
     for job in ("done1", "ended2", "live3"):

@@ -516,6 +516,24 @@ class Spool:
             fsync_dir(path.parent)
         self._remove_empty(path.parent, self.root / "results")
 
+    def move_old_upload_records(self) -> int:
+        """Move the records of stored results an older version kept as results/<job>/uploaded.json to where they
+        are kept now (jobs/<job>/, or gone with a job no longer kept), out of the folder the uploader scans at
+        every change; returns how many moved."""
+        moved = 0
+        for job_id in _subdirs(self.root / "results", JOB_ID_PATTERN):
+            old = self.result_path(job_id).with_name("uploaded.json")
+            if self.result_path(job_id).exists() or not old.is_file():
+                continue
+            if self.job_dir(job_id).is_dir():
+                os.replace(old, self.job_dir(job_id) / "uploaded.json")
+                fsync_dir(self.job_dir(job_id))
+            else:  # its job's records were pruned: nothing refers to it
+                old.unlink()
+            self._remove_empty(old.parent, self.root / "results")
+            moved += 1
+        return moved
+
     def uploaded(self, job_id: str) -> bool:
         """True once the uploader stored the job's result (also as kept by older versions, under results/)."""
         return ((self.job_dir(job_id) / "uploaded.json").exists()

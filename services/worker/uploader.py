@@ -401,6 +401,9 @@ def _upload(config: WorkerConfig) -> None:
     log.info("uploading results to %s", target)
     spool = Spool(config.spool_dir)
     spool.remove_scratch(UPLOAD_SCRATCH_PREFIX)  # an upload's copy left by a kill; the result itself stays queued
+    if moved := spool.move_old_upload_records():
+        log.info("moved %d record(s) of stored models kept by an older version out of %s", moved,
+                 spool.root / "results")
     with spool.watching("results"):
         Uploader(config, spool).run()
 
