@@ -848,3 +848,39 @@ def test_a_job_is_said_stored_when_new_or_its_status_moves_not_at_each_change_of
         assert poller.spool.read_job(job["id"]) == job
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
         f"job {job['id']} (Approved) stored for seat x_owner", f"job {job['id']} (Started) stored for seat x_owner"]
+
+
+def test_a_seat_held_by_another_worker_is_said_once_a_minute_though_its_heartbeat_age_changes(
+        start_cape_server, tmp_path, caplog, monkeypatch):
+    """The coordinator's refusal of a second worker says how long ago the first was heard from, a number that
+    changes at every retry: taken for a new reason each time, it was one ERROR per retry for as long as two workers
+    shared a token (the repetition the refusal log was made to end)."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.worker import outage_log
+
+    server = start_cape_server()
+    world = build_job_world(server, register_keys=False)
+    token = world["orgs"]["xorg"]["organization_token"]
+    first, _ = make_poller(tmp_path / "first", server.url, token, tmp_path / "first-state")
+    monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
+    first.run(max_cycles=1)  # registers its keys and heartbeats: it holds the seat
+    second, _ = make_poller(tmp_path / "second", server.url, token, tmp_path / "second-state")
+    second.config.run_dir.mkdir(parents=True)
+    clock, silent = [1000.0], [0]
+    monkeypatch.setattr(outage_log.time, "monotonic", lambda: clock[0])
+
+    def sleep(seconds: float) -> None:  # the first worker heartbeats meanwhile, seen a few seconds before each try
+        clock[0] += seconds
+        silent[0] = (silent[0] + 7) % 40
+        seen = (datetime.now(UTC) - timedelta(seconds=silent[0])).isoformat(timespec="milliseconds")
+        with sqlite3.connect(server.data_dir / "coordinator.sqlite3", timeout=10) as conn:
+            conn.execute("UPDATE workers SET last_seen = ?", (seen.replace("+00:00", "Z"),))
+        conn.close()
+
+    monkeypatch.setattr(poller_mod.time, "sleep", sleep)
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    second.run(max_cycles=5)  # 40 s of retries, 10 s apart
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "refused this worker" in
+            r.getMessage()]
+    assert len(said) == 1, said

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,13 @@ JOB_WATCH_SECONDS = 25.0  # one long poll of the job list; below the coordinator
 VERSION = "0.1.0"
 
 log = logging.getLogger("cape.poller")
+
+
+def refusal_reason(exc: Exception) -> str:
+    """A refusal's cause for `OutageLog`, without the numbers in it: the coordinator's refusal of a second worker
+    says how many seconds ago the first was heard from, which changed at every retry, so each retry was taken for a
+    new reason and said at ERROR (one line per retry for as long as two workers shared a token)."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", str(exc))
 
 
 @dataclass
@@ -339,7 +347,7 @@ class Poller:
             except (CoordinatorAuthError, SeatTaken) as exc:
                 # Both need the operator while every program still runs: the health check says so.
                 delay = max(backoff.next_delay(), 10.0)
-                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=refusal_reason(exc))
                 health.LOGIN_REFUSED.note(self.config.run_dir, str(exc), log)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)  # it answered
                 if isinstance(exc, SeatTaken):
@@ -347,7 +355,7 @@ class Poller:
                     self.registered = False  # register again next time: the other worker may have stopped
             except CoordinatorUntrusted as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a certificate or CA file needs the operator, not retries
-                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=refusal_reason(exc))
                 health.COORDINATOR_UNTRUSTED.note(self.config.run_dir, str(exc), log)
             except CoordinatorUnreachable as exc:
                 delay = backoff.next_delay()
@@ -360,7 +368,7 @@ class Poller:
                               UNHEALTHY_AFTER_SECONDS / 60)
             except CoordinatorMisaddressed as exc:
                 delay = max(backoff.next_delay(), 10.0)  # a URL to fix: the operator, not retries
-                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=str(exc))
+                refused.failed(f"{exc}; retrying in {delay:.0f} s", reason=refusal_reason(exc))
                 health.COORDINATOR_MISADDRESSED.note(self.config.run_dir, str(exc), log)
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
