@@ -374,3 +374,17 @@ def test_a_programs_scratch_files_left_by_a_kill_go_when_it_starts_again(start_w
     assert not any(path.exists() for path in leftovers)
     assert recent.exists()
     assert "runner INFO removed 1 partial dataview download(s) left by an earlier runner" in worker.output
+
+
+def test_a_fatal_program_ends_the_worker_non_zero_even_when_its_marker_cannot_be_written(start_worker, tmp_path):
+    """A full CAPE_STATE_DIR volume refused the FATAL marker: the listener stopped supervisord all the same, but
+    `run` found no marker and exited 0, as after a `docker stop`, so a restart policy of on-failure (or an
+    orchestrator that takes 0 for a job done) left the worker down, and no line said why it stopped."""
+    worker = start_worker(worker_env(tmp_path, "org-nomark"))
+    worker.wait_running()
+    (tmp_path / "org-nomark" / "state" / "run" / ".fatal.tmp").mkdir()  # the marker's write fails, as on a full disk
+    corrupt_keys_under(worker, tmp_path, "org-nomark")
+    code = worker.wait_exit(timeout=60)
+    assert code not in (None, 0), worker.output[-2000:]
+    assert "fatal_listener: cannot record the failure" in worker.output
+    assert "kept failing (FATAL)" in worker.output

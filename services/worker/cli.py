@@ -22,7 +22,7 @@ from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.keys import KeyFileError, WorkerKeys, check_key_files
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
-from services.worker.fatal_listener import marker_path, read_marker
+from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.spool import Spool
@@ -163,7 +163,12 @@ def run() -> None:
     for record in health_mod.POLLER_RECORDS:
         record.clear(config.run_dir)  # the token or the network may have changed: the poller says anew
     # TZ=UTC: supervisord stamps its own lines in local time, without a zone, between the programs' UTC lines.
-    env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable, "TZ": "UTC"}
+    env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable, "TZ": "UTC",
+           "CAPE_RUN_PID": str(os.getpid())}
+    # The FATAL listener's word when it could not write its marker (a full state volume): set before supervisord
+    # starts, as the signal's default action would end this process.
+    unrecorded_fatal: list[float] = []
+    signal.signal(UNRECORDED_FATAL_SIGNAL, lambda _signum, _frame: unrecorded_fatal.append(time.time()))
     # supervisord is our child, not exec'd: its exit status is 0 even after a FATAL, so we read the marker.
     # Its output (and the programs', via stdout_logfile=/dev/stdout) goes through a pipe this user owns: a
     # non-root user cannot reopen a stdout pipe created by root (Docker's), and a pipe has no file offset for
@@ -200,6 +205,9 @@ def run() -> None:
         signal.signal(signum, signal.SIG_IGN)
     relay.join(timeout=5)
     fatal = read_marker(config.run_dir)
+    if fatal is None and unrecorded_fatal:
+        fatal = {"program": "? (see the fatal_listener lines above: its marker could not be written)",
+                 "at": unrecorded_fatal[0]}
     for lock in locks:  # supervisord and its programs are gone: the next run may start
         os.close(lock)
     # supervisord turns a program waiting in BACKOFF into FATAL while it stops: after a stop request that is a

@@ -2,7 +2,9 @@
 
 supervisord itself exits 0 after SIGTERM, so the listener leaves a marker file (`$CAPE_RUN_DIR/fatal`) naming the
 program; `cape-worker run` sees it after supervisord has stopped and exits non-zero, so Docker's restart policy
-takes over. stdout is the event protocol's channel: diagnostics go to stderr.
+takes over. Where the marker cannot be written (a full state volume), the listener sends SIGUSR1 to `cape-worker
+run` (`$CAPE_RUN_PID`) instead, before it stops supervisord. stdout is the event protocol's channel: diagnostics go
+to stderr.
 
 Once supervisord is shutting down (`docker stop`), a FATAL is not a failure: supervisord itself turns a program
 waiting in BACKOFF into FATAL while it stops everything, so FATAL events after SUPERVISOR_STATE_CHANGE_STOPPING
@@ -13,6 +15,7 @@ Run as `python -m services.worker.fatal_listener` (an `[eventlistener]` with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +28,9 @@ from supervisor import childutils
 
 FATAL_MARKER = "fatal"
 FATAL_EVENT = "PROCESS_STATE_FATAL"
+# Sent to `cape-worker run` when the marker cannot be written: without either, supervisord's stop looked like a
+# `docker stop` to it, and the worker exited 0 after a FATAL.
+UNRECORDED_FATAL_SIGNAL = signal.SIGUSR1
 STOPPING_EVENT = "SUPERVISOR_STATE_CHANGE_STOPPING"
 
 
@@ -51,6 +57,7 @@ class FatalListener:
     run_dir: Path
     supervisord_pid: int
     stopping: bool = False
+    run_pid: int | None = None  # `cape-worker run`, told of a FATAL its marker could not record
 
     def handle(self, headers: dict[str, str], payload: str) -> str | None:
         """Act on one event; returns the FATAL program's name when it stopped the worker, else None."""
@@ -74,6 +81,9 @@ class FatalListener:
         except OSError as exc:  # a full state volume: the worker must stop all the same, not run on with a dead program
             print(f"fatal_listener: cannot record the failure in {self.run_dir} ({exc.strerror or exc}); free space "
                   "on CAPE_STATE_DIR's volume", file=sys.stderr, flush=True)
+            if self.run_pid:
+                with contextlib.suppress(OSError):
+                    os.kill(self.run_pid, UNRECORDED_FATAL_SIGNAL)
         print(f"fatal_listener: program {program} keeps failing (FATAL); stopping the worker", file=sys.stderr,
               flush=True)
         os.kill(self.supervisord_pid, signal.SIGTERM)
@@ -82,7 +92,9 @@ class FatalListener:
 
 def main() -> int:
     """Serve supervisord's event listener protocol until stdin closes."""
-    listener = FatalListener(Path(os.environ.get("CAPE_RUN_DIR", ".")), os.getppid())
+    run_pid = os.environ.get("CAPE_RUN_PID", "")
+    listener = FatalListener(Path(os.environ.get("CAPE_RUN_DIR", ".")), os.getppid(),
+                             run_pid=int(run_pid) if run_pid.isdigit() else None)
     # supervisord's stop: leave at once with status 0 (the default action made supervisord log a WARN, "terminated
     # by SIGTERM", at every docker stop). Nothing is lost: the marker is in place before supervisord is signalled.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
