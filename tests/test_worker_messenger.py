@@ -892,3 +892,50 @@ def test_an_unavailable_broker_is_said_now_and_then_and_recorded_for_status(tmp_
     assert "sending: the broker is reachable again (after 2 s)" in caplog.text or \
         "sending: the broker is reachable again (after 1 s)" in caplog.text
     assert health.BROKER_UNREACHABLE.read(run_dir) is None  # cleared once a put went through (read after the loop)
+
+
+def test_a_refused_inbox_files_record_goes_when_its_job_ends(job, tmp_path, monkeypatch):
+    """The spool refused a message's inbox file, and the job then ended (its partners gave up on this worker): no
+    message of it comes any more, so none was placed to clear the record, and `health` failed on an idle worker
+    whose spool was writable again until a new job brought a message in."""
+    import errno
+
+    from services.worker import health
+    from services.worker import messenger as messenger_module
+    from services.worker import spool as spool_module
+    from services.worker.broker_client import BrokerClient
+
+    monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.3)
+    sender = start_messenger(job, "x_owner", tmp_path)
+    try:
+        with transport(job, "x_owner") as x_sender:
+            x_sender.send(1, "block", np.arange(10, dtype=np.uint64))
+        spool = job.seats["x_owner"].spool
+        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
+                 "the x_owner's message to be confirmed by the broker")
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.wait(timeout=10)
+
+    y = job.seats["y_owner"]
+    run_dir = tmp_path / "y-run"
+    run_dir.mkdir()
+    inbox = y.spool.inbox_path(job.id, "x_owner.block")
+    real_writer = spool_module.atomic_writer
+
+    def refusing_writer(final, **kwargs):
+        if final == inbox:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(final))
+        return real_writer(final, **kwargs)
+
+    monkeypatch.setattr(messenger_module, "atomic_writer", refusing_writer)
+    stop = threading.Event()
+    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
+                          run_dir=run_dir)
+    _run_receiver(messenger, 1.0)
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is not None
+    monkeypatch.setattr(messenger_module, "atomic_writer", real_writer)  # the operator made it writable again
+    y.spool.mark_done(job.id, "error", "no message from the x_owner worker")  # meanwhile the job ended
+    messenger.stop.clear()
+    _run_receiver(messenger, 1.0)
+    assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is None

@@ -83,7 +83,9 @@ class Messenger:
         self.reserve_bytes = reserve_bytes
         self.run_dir = run_dir  # where the short-of-room record goes for `health` and `status` (None: nowhere)
         self._short_of_room: set[str] = set()  # jobs with a message held at the broker for room, said once each
-        self._inbox_refusal = False  # whether the spool refused an inbox file since one was last placed (said once)
+        # Jobs with a message whose inbox file the spool refused since one was last placed (said once): the record
+        # goes when one is placed, or when they all ended (none of their messages comes any more).
+        self._inbox_refused_jobs: set[str] = set()
         self._held = 0  # messages held for room in the current receiver pass
         self._vanished = 0  # listed messages the broker no longer had when fetched, in the current receiver pass
         self._retry_at: dict[str, tuple[float, float]] = {}  # outbox path -> (next attempt, last delay)
@@ -243,12 +245,13 @@ class Messenger:
         return True
 
     def _forget_ended_shortage(self, active: set[str]) -> None:
-        """Jobs held for room that ended (their messages removed) wait for nothing: without any left, the record
-        goes."""
+        """Jobs held for room, or whose inbox file the spool refused, that ended (their messages removed) wait for
+        nothing: without any left, the record goes."""
         with self._lock:
-            ended = self._short_of_room - active
+            ended = (self._short_of_room | self._inbox_refused_jobs) - active
             self._short_of_room -= ended
-            over = bool(ended) and not self._short_of_room
+            self._inbox_refused_jobs -= ended
+            over = bool(ended) and not self._short_of_room and not self._inbox_refused_jobs
         if over:
             health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
 
@@ -354,10 +357,13 @@ class Messenger:
                 return False
             self._inbox_refused(spec, name, exc)
             return False
-        if self._inbox_refusal:
-            self._inbox_refusal = False
+        with self._lock:
+            refused, self._inbox_refused_jobs = self._inbox_refused_jobs, set()
+            short = bool(self._short_of_room)
+        if refused:
             log.info("the spool takes messages again")
-            health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
+            if not short:  # a job held for room keeps the record
+                health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
         self.broker.delete(spec.id, name)  # only now: the plaintext is durable in the inbox
         with self._lock:
             self.received += 1
@@ -371,9 +377,11 @@ class Messenger:
         if free - (size if isinstance(size, int) and size > 0 else 0) >= self.reserve_bytes:
             with self._lock:  # the shortage is the volume's: over for every job once one message fits
                 held, self._short_of_room = self._short_of_room, set()
+                refusing = bool(self._inbox_refused_jobs)
             if held:
                 log.info("the spool volume has room again; taking the messages of job(s) %s", ", ".join(sorted(held)))
-                health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
+                if not refusing:  # room is not enough where the spool refused an inbox file: a write must go through
+                    health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, None, log)
             return True
         with self._lock:
             self._held += 1
@@ -395,7 +403,8 @@ class Messenger:
         job's error blamed the sender's worker for a message the broker held all along."""
         with self._lock:
             self._held += 1  # the receiver looks again in ROOM_RETRY_SECONDS, as for a message held for room
-            first, self._inbox_refusal = not self._inbox_refusal, True
+            first = not self._inbox_refused_jobs
+            self._inbox_refused_jobs.add(spec.id)
         if first:
             why = (f"message {name} of job {spec.id} waits at the broker: the spool cannot write it ({exc.filename}: "
                    f"{exc.strerror or exc}); free space on CAPE_SPOOL_DIR's volume, or make it writable")
