@@ -195,7 +195,7 @@ def test_run_says_a_state_volume_without_room_for_the_keys_in_one_line(tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)  # without the fix: supervisord and its programs, still running
     assert proc.returncode == 2, out + err
     assert err.endswith(f"cape-worker: cannot make the worker's keys in {state}: File too large; free space on "
-                        "CAPE_STATE_DIR's volume, or make it writable\n"), err
+                        "the volume of CAPE_STATE_DIR, or make it writable\n"), err
     assert "Traceback" not in out + err and not (state / "run" / "supervisord.pid").exists()
 
 

@@ -453,8 +453,7 @@ def test_a_spool_that_refuses_the_inbox_file_leaves_the_message_at_the_broker_an
         assert "Traceback" not in caplog.text and "unexpected" not in caplog.text, caplog.text
         said = [r.getMessage() for r in caplog.records if "the spool cannot write it" in r.getMessage()]
         assert said == [f"message x_owner.block of job {job.id} waits at the broker: the spool cannot write it "
-                        f"({inbox}: Operation not permitted); free space on CAPE_SPOOL_DIR's volume, or make it "
-                        "writable"], caplog.text
+                        f"({inbox}: Operation not permitted); make CAPE_SPOOL_DIR writable by this worker"], caplog.text
         assert health.SPOOL_SHORT_OF_ROOM.read(run_dir)["message"] == said[0]  # `health` fails, `status` says it
         listed = requests.get(f"{job.broker_url}/v1/jobs/{job.id}/messages", timeout=10,
                               headers={"Authorization": f"Bearer {y.token}"}).json()

@@ -271,8 +271,8 @@ def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_
     caplog.set_level(logging.INFO, logger="cape.runner")
     assert [runner.run_job(job_id) for _ in range(3)] == ["waiting"] * 3
     refusals = [r.getMessage() for r in caplog.records if "cannot claim" in r.getMessage()]
-    assert refusals == [f"job {job_id}: cannot claim it in the spool (No space left on device); make "
-                        "CAPE_SPOOL_DIR's volume writable, with free space; trying again every 0 s"]
+    assert refusals == [f"job {job_id}: cannot claim it in the spool (No space left on device); free space on the "
+                        "volume of CAPE_SPOOL_DIR; trying again every 0 s"]
     assert "Traceback" not in caplog.text and not spool.is_claimed(job_id)
     # For `health` and `status`, until the poller sees a write go through.
     from services.worker import health

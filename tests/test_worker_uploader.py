@@ -364,7 +364,7 @@ def test_a_full_spool_volume_keeps_the_model_and_the_uploader_running(tmp_path, 
     uploader._refused_until.clear()  # (the bucket's own refusal waits a minute: not this test's subject)
     assert uploader.cycle() is False
     assert caplog.text.count("job job1: cannot write the spool (") == 1, caplog.text
-    assert "No space left on device); the model is kept and tried again: free space on CAPE_SPOOL_DIR's volume" \
+    assert "No space left on device); the model is kept and tried again: free space on the volume of CAPE_SPOOL_DIR" \
         in caplog.text
     full[:] = [str(config.spool_dir)]  # a bucket elsewhere takes the model; the status still cannot be queued
     uploader._refused_until.clear()

@@ -258,8 +258,9 @@ class WorkerJob(View):
     outputs_to: Seat
     timeout: int
     approved_at: str | None
-    error: str | None = Field(description="why the job ended in Error, or who stopped it, as its project's members "
-                                          "see it (null otherwise): a partner's worker logs it when it stops its seat")
+    error: str | None = Field(description="why the job ended in Error, as its project's members see it (null "
+                                          "otherwise, also for a Stopped job: who stopped it is a person's email): "
+                                          "a partner's worker logs it when it stops its seat")
     task: WorkerTask
     parties: dict[Seat, WorkerParty]
 

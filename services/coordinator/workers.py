@@ -156,7 +156,9 @@ def worker_job_view(conn: sqlite3.Connection, job: sqlite3.Row, seat: str) -> di
         "id": job["id"], "type": job["type"], "status": job["status"], "seat": seat,
         "seat_state": seats[seat]["state"],
         "outputs_to": job["outputs_to"], "timeout": job["timeout"], "approved_at": job["approved_at"],
-        "error": job["error"],
+        # Why it ended in Error, for the partners' logs; not who stopped a Stopped job (a person's email, which
+        # would go to every partner organization's log and its CloudWatch).
+        "error": job["error"] if job["status"] == "Error" else None,
         "task": {"x": {"columns": task["x"]["columns"], "dataview": dataview("x", "x_owner")},
                  "y": {"column": task["y"]["column"], "dataview": dataview("y", "y_owner")},
                  # Where the model owner keeps its models: for its own worker, which writes there, alone.
@@ -209,10 +211,13 @@ def _offline_partners(conn: sqlite3.Connection, job_id: str, seat: str, message:
     stopped, and the job's error blamed y alone."""
     if not message.startswith("no message "):  # the runner's words for a wait that ended (spool_transport.py)
         return ""
-    offline = []
+    offline, seen = [], set()
     for party in parties(conn, job_id):
+        if party["seat"] == seat or party["org_id"] in seen:  # one organization may hold two seats
+            continue
+        seen.add(party["org_id"])
         state = worker_liveness(conn, party["org_id"])
-        if party["seat"] != seat and not state["online"]:
+        if not state["online"]:
             offline.append(f"the {party['seat']} worker (organization {get_org(conn, party['org_id'])['label']}: "
                            f"{offline_in_words(state)})")
     return f"; the coordinator shows offline {' and '.join(offline)}" if offline else ""

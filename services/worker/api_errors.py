@@ -24,7 +24,8 @@ def token_refusal(code: str | None, message: str, token: str) -> str:
     and their tokens too (`cape tokens create`, `cape-server admin ...`). Names the token's id, which is not secret,
     when the token has the `<id>,<secret>` shape, so the operator knows which one to replace."""
     token_id = token.split(",", 1)[0] if "," in token else ""
-    named = f"token {token_id}" if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", token_id) else "the token"
+    # Ids are 32 hex digits; a secret (43 base64 characters and '=') pasted first must never be quoted as one.
+    named = f"token {token_id}" if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", token_id) else "the token"
     why = {"bad_token": f"{named} is not one it knows (check CAPE_TOKEN: it looks like <id>,<secret>)",
            "revoked_token": f"{named} was revoked",
            "no_token": "no token reached it (check CAPE_TOKEN, and any proxy on the way)"}.get(code or "", message)

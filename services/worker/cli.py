@@ -22,6 +22,7 @@ from services.worker import health as health_mod
 from services.worker import reaper
 from services.worker.keys import KeyFileError, WorkerKeys, check_key_files
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
+from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
@@ -152,9 +153,9 @@ def run() -> None:
     try:  # made here once, not by the four programs: a state volume with no room for them crash-looped all four
         WorkerKeys.load_or_create(config.state_dir)
     except (KeyFileError, OSError) as exc:
+        advice = disk_advice(exc if isinstance(exc, OSError) else OSError(), "CAPE_STATE_DIR")
         reason = exc if isinstance(exc, KeyFileError) else exc.strerror or exc
-        click.echo(f"cape-worker: cannot make the worker's keys in {config.state_dir}: {reason}; free space on "
-                   "CAPE_STATE_DIR's volume, or make it writable", err=True)
+        click.echo(f"cape-worker: cannot make the worker's keys in {config.state_dir}: {reason}; {advice}", err=True)
         sys.exit(2)
     locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
     _wait_for_earlier_programs(config)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.worker import health
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
+from services.worker.disk_advice import disk_advice
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keepalive import is_keepalive_name
 from services.worker.keys import WorkerKeys
@@ -407,7 +408,7 @@ class Messenger:
             self._inbox_refused_jobs.add(spec.id)
         if first:
             why = (f"message {name} of job {spec.id} waits at the broker: the spool cannot write it ({exc.filename}: "
-                   f"{exc.strerror or exc}); free space on CAPE_SPOOL_DIR's volume, or make it writable")
+                   f"{exc.strerror or exc}); {disk_advice(exc, 'CAPE_SPOOL_DIR')}")
             log.error("%s", why)
             health.SPOOL_SHORT_OF_ROOM.note(self.run_dir, why, log)
 

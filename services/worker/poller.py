@@ -342,6 +342,7 @@ class Poller:
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
             cycles += 1
+            self._look_at_spool_refusal()  # whether or not the coordinator answers
             try:
                 self.cycle()
             except (CoordinatorAuthError, SeatTaken) as exc:
@@ -393,13 +394,13 @@ class Poller:
                 health.COORDINATOR_UNTRUSTED.clear(self.config.run_dir)
                 health.COORDINATOR_MISADDRESSED.clear(self.config.run_dir)
                 health.COORDINATOR_UNREACHABLE.clear(self.config.run_dir)
-                self._look_at_spool_refusal()
                 self.report_until(time.monotonic() + self.config.poll_interval)
                 continue
             time.sleep(delay)
 
     def _look_at_spool_refusal(self) -> None:
-        """After a program recorded the spool refusing its writes: clear the record once a write goes through."""
+        """After a program recorded the spool refusing its writes: clear the record once a write goes through (a
+        refusal since is recorded again by whoever meets it)."""
         if health.SPOOL_REFUSES_WRITES.read(self.config.run_dir) is None or self.spool.write_refused() is not None:
             return
         if health.SPOOL_REFUSES_WRITES.clear(self.config.run_dir):

@@ -36,6 +36,7 @@ from services.mpc import ProtocolError as EngineProtocolError
 from services.worker import health
 from services.worker.dataview import (DownloadWatch, S3ClientFactory, default_s3_client, load_dataview,
                                       s3_client_config)
+from services.worker.disk_advice import disk_advice
 from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keepalive import KeepAlives
@@ -199,8 +200,8 @@ class Runner:
         except OSError as exc:  # the job has not started: nothing to report but the reason
             if job_id not in self._claim_refused:
                 self._claim_refused.add(job_id)
-                log.error("job %s: cannot claim it in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
-                          "free space; trying again every %.0f s", job_id, exc.strerror or exc, CLAIM_RETRY_SECONDS)
+                log.error("job %s: cannot claim it in the spool (%s); %s; trying again every %.0f s", job_id,
+                          exc.strerror or exc, disk_advice(exc, "CAPE_SPOOL_DIR"), CLAIM_RETRY_SECONDS)
             self._spool_refused(exc)
             self.stop.wait(CLAIM_RETRY_SECONDS)
             return False
@@ -222,9 +223,8 @@ class Runner:
             self.spool.release_claim(job_id)
             self.spool.discard_messages(job_id)
         except OSError as exc:
-            log.error("job %s: cannot record its end in the spool (%s); make CAPE_SPOOL_DIR's volume writable, with "
-                      "free space; the job is taken up again in %.0f s", job_id, exc.strerror or exc,
-                      CLAIM_RETRY_SECONDS)
+            log.error("job %s: cannot record its end in the spool (%s); %s; the job is taken up again in %.0f s",
+                      job_id, exc.strerror or exc, disk_advice(exc, "CAPE_SPOOL_DIR"), CLAIM_RETRY_SECONDS)
             self._spool_refused(exc)
             self.stop.wait(CLAIM_RETRY_SECONDS)
             return False

@@ -331,6 +331,8 @@ class Uploader:
             try:
                 healthy = self._cycle_one(job_id, away) and healthy
             except OSError as exc:
+                if exc.filename is None:  # not the spool's (its writes name their file): a bug, for supervisord
+                    raise
                 self._spool_refused(job_id, exc)
                 healthy = False
         return healthy
@@ -366,9 +368,8 @@ class Uploader:
         supervisord's restarts of it ended FATAL, stopping the whole worker."""
         if job_id not in self._spool_said:
             self._spool_said.add(job_id)
-            log.error("job %s: cannot write the spool (%s: %s); the model is kept and tried again: free space on "
-                      "CAPE_SPOOL_DIR's volume, or make it writable", job_id, exc.filename or self.spool.root,
-                      exc.strerror or exc)
+            log.error("job %s: cannot write the spool (%s: %s); the model is kept and tried again: %s", job_id,
+                      exc.filename or self.spool.root, exc.strerror or exc, disk_advice(exc, "CAPE_SPOOL_DIR"))
 
     def _bucket_uri(self, job_id: str) -> str:
         """The store a pending result goes to ("" if that cannot be told now: its upload says why)."""
