@@ -84,12 +84,44 @@ def test_a_message_of_another_shape_is_refused_before_its_data_is_read(world, mo
     reads = []
     real_read_array = np.lib.format.read_array
     monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: reads.append(1) or real_read_array(*a, **k))
-    with pytest.raises(ProtocolError, match=r"party 0 sent 'share' as uint64 \(50000, 1\), expected uint64 \(32,\)"):
+    with pytest.raises(ProtocolError, match=r"the x_owner worker \(organization org-x_owner\) sent message 'share' as "
+                                            r"uint64 \(50000, 1\), expected uint64 \(32,\)"):
         y.receive(0, "share", Expected((32,), np.dtype(np.uint64)))
     assert reads == []
     with pytest.raises(ProtocolError, match=r"'count' as float64 \(1,\), expected int64 \(1,\)"):
         y.receive(0, "count", Expected((1,), np.dtype(np.int64)))
     np.testing.assert_array_equal(y.receive(0, "count", Expected((1,), np.dtype(np.float64))), [7.0])
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("body", [
+    _npy(np.arange(96, dtype=np.uint64).reshape(32, 3))[:-100],  # the header promises more than there is
+    b"not an array at all",
+    b"",
+    b"\x93NUMPY\x02\x00" + (200_000).to_bytes(4, "little") + b"{" * 200_000,  # a header numpy will not parse
+], ids=["cut-short", "garbage", "empty", "huge-header"])
+def test_a_partners_message_that_is_not_a_whole_array_ends_the_job_naming_that_worker(world, body, caplog):
+    """A genuine (verified) message whose content is no array: a typed protocol error that names the sender, not
+    the runner's 'failed unexpectedly (ValueError)'; numpy's own words, which quote the header, stay in the log."""
+    keys, spools, specs = world
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=5)
+    wire = wire_name("x_owner", "share")
+    with atomic_writer(spools["y_owner"].inbox_path(JOB, wire)) as out:  # as the messenger places it once verified
+        out.write(body)
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"the x_owner worker \(organization org-x_owner\) sent message 'share' "
+                                            r"that is not a whole array") as raised:
+        y.receive(0, "share", Expected((32, 3), np.dtype(np.uint64)))
+    assert time.monotonic() - started < 2  # at once, not after the job's timeout
+    assert "{{{{" not in str(raised.value)
+    assert f"message {wire} from the x_owner worker is not a readable array" in caplog.text
 
 
 def test_a_large_received_array_is_read_only_and_its_inbox_file_leaves_the_page_cache(world, monkeypatch):

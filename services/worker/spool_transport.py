@@ -51,6 +51,12 @@ class SpoolTransportTimeout(TransportTimeout):
     """A message did not arrive within the job's bound; the message says which, from whom, and any rejections."""
 
 
+class PartnerMessageInvalid(ProtocolError):
+    """A partner's message verified (its own worker sealed and signed it) but is not the array the protocol expects
+    there: another shape or dtype, cut short, or no array at all. The job cannot go on; the message names that
+    worker, whose operator has to look at it (a bug, another version, or a worker that means harm)."""
+
+
 class JobInterrupted(Exception):
     """The runner must stop waiting: the program is stopping, or the coordinator ended the job."""
 
@@ -279,6 +285,7 @@ class SpoolTransport:
         from_seat = self.spec.seat_of(frm)
         wire = wire_name(from_seat, name)
         path = self.spool.inbox_path(self.spec.id, wire)
+        check = None if expected is None else partial(self._check, from_seat, name, expected)
         wait = PartnerWait(self.timeout, time.monotonic())
         partner: PartnerKeepAlives | None = None
         delay = _POLL_MIN
@@ -286,11 +293,18 @@ class SpoolTransport:
         while True:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
-                array = _read_inbox_array(path, None if expected is None else partial(expected.check, frm, name))
+                array = _read_inbox_array(path, check)
                 self.messages_received += 1
                 return array
             except FileNotFoundError:
                 pass
+            except ValueError as exc:  # numpy's word for a .npy cut short, with a bad header, or not one at all
+                log.warning("job %s: message %s from the %s worker is not a readable array: %s", self.spec.id, wire,
+                            from_seat, exc)
+                # numpy's text quotes the partner's header: it stays in this log, not in the job's error
+                raise PartnerMessageInvalid(f"{self._worker(from_seat)} sent message {name!r} that is not a whole "
+                                            "array (cut short, a malformed header, or no array at all); its operator "
+                                            "checks that worker runs this version, unmodified") from None
             if partner is None:  # a wait after all: keep-alives already received are not news of this one
                 partner = PartnerKeepAlives(self.spool, self.spec.id, from_seat)
             reason = self.interrupted()
@@ -311,10 +325,19 @@ class SpoolTransport:
             self.spool.changes.wait(seen, delay, at_most=max(0.0, wait.left(time.monotonic())))
             delay = min(_POLL_MAX, delay * 2)
 
+    def _worker(self, seat: str) -> str:
+        return f"the {seat} worker (organization {self.spec.parties[seat].organization})"
+
+    def _check(self, from_seat: str, name: str, expected: Expected, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Refuse a partner's array of another shape or dtype from its header, naming that worker."""
+        if tuple(shape) != expected.shape or np.dtype(dtype) != expected.dtype:
+            raise PartnerMessageInvalid(f"{self._worker(from_seat)} sent message {name!r} as {np.dtype(dtype)} "
+                                        f"{tuple(shape)}, expected {expected.dtype} {expected.shape}; are all "
+                                        "workers running the same version?")
+
     def _timeout_message(self, from_seat: str, wire: str, partner: PartnerKeepAlives, limit: bool) -> str:
-        party = self.spec.parties[from_seat]
         said = f" ({partner.phase})" if partner.phase else ""
-        worker = f"the {from_seat} worker (organization {party.organization})"
+        worker = self._worker(from_seat)
         if limit:
             text = (f"no message {wire!r} from {worker} within {LIMIT_TIMEOUTS * self.timeout:g} s, "
                     f"{LIMIT_TIMEOUTS} times the job's timeout and the longest a wait lasts, although it kept saying "
