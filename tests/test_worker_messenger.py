@@ -260,6 +260,26 @@ def test_keep_alives_are_verified_like_any_message_and_only_genuine_ones_prolong
     assert (tmp_path / "y_owner.messenger.log").read_text().count("dropped message helper.preparing.") == 3
 
 
+def test_a_partners_oversized_keep_alive_is_refused_unread(job, tmp_path):
+    """A genuine keep-alive (the helper's own key) far larger than any a worker sends: dropped before download,
+    with a trace naming its size, never written to the inbox (where the runner used to read it whole)."""
+    helper, y = job.seats["helper"], job.seats["y_owner"]
+    y_key = JobSpec.parse(helper.spec).parties["y_owner"].encryption_key
+    body = json.dumps({"phase": "A" * (4 << 20)}).encode()
+    sealed = SealedMessage.seal_bytes(body, MessageAddress(job.id, "helper", "y_owner", "helper.preparing.1"), y_key,
+                                      helper.keys.signing)
+    assert requests.put(f"{job.broker_url}/v1/jobs/{job.id}/messages/y_owner/helper.preparing.1", data=sealed,
+                        headers={"Authorization": f"Bearer {helper.token}"}, timeout=10).status_code == 201
+    started = [start_messenger(job, "y_owner", tmp_path)]
+    try:
+        wait_for(lambda: "helper.preparing.1" in y.spool.rejections(job.id), "the keep-alive's rejection")
+    finally:
+        stop_all(started)
+    reason = y.spool.rejections(job.id)["helper.preparing.1"]["reason"]
+    assert f"a keep-alive of {len(sealed)} bytes; keep-alives are at most" in reason
+    assert "helper.preparing.1" not in y.spool.inbox_names(job.id)
+
+
 def test_sigterm_stops_the_messenger_within_two_seconds(job, tmp_path):
     proc = start_messenger(job, "y_owner", tmp_path)
     try:

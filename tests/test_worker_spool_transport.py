@@ -571,6 +571,27 @@ def test_keep_alive_numbers_go_on_after_a_restart_and_a_replay_does_not_stop_the
                                count)
 
 
+def test_a_keep_alive_too_large_to_be_one_is_not_read_whole(world):
+    """A partner's keep-alive that reached the inbox (an older messenger took it) yet holds 64 MiB: the wait reads
+    a bounded prefix, says no phase, and still counts it as a sign of life; reading it whole took gigabytes."""
+    import tracemalloc
+
+    from services.worker.keepalive import PartnerKeepAlives
+
+    keys, spools, specs = world
+    alive = PartnerKeepAlives(spools["y_owner"], JOB, "x_owner")
+    with atomic_writer(spools["y_owner"].inbox_path(JOB, keepalive_name("x_owner", 1))) as out:
+        out.write(json.dumps({"phase": "A" * (64 << 20)}).encode())
+    tracemalloc.start()
+    try:
+        fresh = alive.fresh()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fresh == [keepalive_name("x_owner", 1)] and alive.heard and alive.phase is None
+    assert peak < 1 << 20
+
+
 def test_an_engine_message_never_takes_a_keep_alives_name():
     assert wire_name("x_owner", "preparing.3") != "x_owner.preparing.3"
     assert not is_keepalive_name(wire_name("x_owner", "preparing.3"))

@@ -36,6 +36,12 @@ MAX_INTERVAL_SECONDS = 60.0
 # data at hand and a slot free, costs no extra message.
 FIRST_AFTER_SECONDS = 1.0
 PHASE_MAX_CHARS = 200
+# A keep-alive's plaintext is `{"phase": ...}` of at most PHASE_MAX_CHARS characters (each at most 12 bytes as JSON
+# escapes it); its sealed form adds a header and one chunk's length and tag. Anything larger is not a keep-alive our
+# workers send: the messenger refuses it unread and the runner never reads more than this (a partner's 300 MiB one
+# took the runner to 3 GiB, enough to kill it, and its replay after the restart read it again).
+MAX_PLAINTEXT_BYTES = 4096
+MAX_SEALED_BYTES = MAX_PLAINTEXT_BYTES + 1024
 IDLE_SECONDS = 1.0  # the sending thread looks at the stop flag at least this often
 
 
@@ -94,7 +100,11 @@ class PartnerKeepAlives:
 
     def _phase(self, name: str) -> str | None:
         try:
-            return _clean(json.loads(self.spool.inbox_path(self.job_id, name).read_bytes()).get("phase"))
+            with open(self.spool.inbox_path(self.job_id, name), "rb") as handle:
+                body = handle.read(MAX_PLAINTEXT_BYTES + 1)
+            if len(body) > MAX_PLAINTEXT_BYTES:  # never read whole: a partner's phase is short, or it is not one
+                return None
+            return _clean(json.loads(body).get("phase"))
         except (OSError, ValueError, AttributeError):  # genuine (it verified) but unreadable: alive all the same
             return None
 
