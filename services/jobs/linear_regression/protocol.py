@@ -93,6 +93,17 @@ OUTER_FRAC_BITS = 24  # ... and v v^T (normalized, entries <= 1) with 24: sum < 
 
 _STATUS_OK, _STATUS_SINGULAR, _STATUS_CONSTANT_Y = 0, 1, 2
 _NO_EXPONENT = -(1 << 20)  # ky when ybar == 0: its term vanishes
+# The exponent of a positive finite float64 (kx, ky, and fy's range with room): a partner's value outside it is no
+# value this protocol makes, and would overflow numpy's ldexp or give infinite weights.
+_EXPONENT_RANGE = range(-1100, 1100)
+_ROLE = {X_OWNER: "x_owner", Y_OWNER: "y_owner", THIRD_SEAT: "third seat"}
+
+
+def _partner_sent(frm: int, what: str) -> ProtocolError:
+    """A partner's genuine message holds a value this protocol never sends: a bug, another version, or a worker
+    that means harm. The error names that seat, for its operator."""
+    return ProtocolError(f"the {_ROLE[frm]} worker sent {what}; are all workers running the same version, "
+                         "unmodified?")
 
 Progress = Callable[[float, str], None]
 
@@ -196,6 +207,8 @@ def _x_owner(party: Party, task: LinearRegressionTask, x: np.ndarray, clock: _Cl
         v = decode(v_ring, M_FRAC_BITS + fy)
         clock.done(0.9, "reveal")
         ybar = float(party.receive(Y_OWNER, "lr/ybar", (1,), np.float64)[0])
+        if not np.isfinite(ybar):
+            raise _partner_sent(Y_OWNER, "a y mean that is not a finite number")
         slopes = plan.k[1:] @ v
         weights = np.concatenate([[ybar - plan.mu @ slopes], slopes])
         clock.done(1.0, "weights")
@@ -256,7 +269,7 @@ def _y_owner(party: Party, task: LinearRegressionTask, y: np.ndarray, clock: _Cl
                            vector=_outer_vector(v, plan.fy))
         send_masked_vector(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, vector=v_encoded)
         correction = _open_metric_correction(party, task, v=v, fy=plan.fy, vector_sent=True)
-        kx = _receive_int(party, X_OWNER, "lr/kx")
+        kx = _receive_exponent(party, X_OWNER, "lr/kx")
         share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=Y_OWNER, n=task.d, m=task.d + 1,
                                vector=v_encoded, block_rows=task.d, vector_sent=True)
         opened = reveal_additive(party, "lr/w-open", share, Y_OWNER)
@@ -311,8 +324,8 @@ def _third_seat(party: Party, task: LinearRegressionTask, clock: _Clock) -> Line
     v = decode(v_ring, M_FRAC_BITS + fy)
     clock.done(0.9, "reveal")
     correction = _open_metric_correction(party, task, v=v, fy=fy)
-    kx = _receive_int(party, X_OWNER, "lr/kx")
-    ky = _receive_int(party, Y_OWNER, "lr/ky")
+    kx = _receive_exponent(party, X_OWNER, "lr/kx")
+    ky = _receive_exponent(party, Y_OWNER, "lr/ky", allow_none=True)
     t = max(0, ky - kx)
     v_encoded = encode(np.ldexp(v, fy - Y_NORM_BITS - t), V_FRAC_BITS, what="the opened vector v")
     share = private_matvec(party, "lr/w", matrix_owner=X_OWNER, vector_owner=THIRD_SEAT, n=task.d, m=task.d + 1,
@@ -502,6 +515,10 @@ def _result(weights: np.ndarray, ss_tot: float, v: np.ndarray, correction: float
         weights=np.asarray(weights, dtype=np.float64),
         metrics={"mse_result": ss_res / n, "r_squared_result": 1.0 - ss_res / ss_tot},
     )
+    # Finite inputs give finite outputs; an infinite or NaN model is no result (the coordinator refuses NaN metrics).
+    if not (np.all(np.isfinite(result.weights)) and all(np.isfinite(list(result.metrics.values())))):
+        raise ProtocolError("the computed weights or metrics are not finite numbers, so no model is stored; a "
+                            "partner worker sent values out of range (are all workers running the same version?)")
     result.seconds = dict(clock.seconds)  # type: ignore[attr-defined]
     return result
 
@@ -528,16 +545,30 @@ def _send_status(party: Party, name: str, status: int, to: tuple[int, ...]) -> N
         party.send(other, name, np.array([status], dtype=np.int64))
 
 
+def _receive_exponent(party: Party, frm: int, name: str, allow_none: bool = False) -> int:
+    """A power-of-two exponent a partner sends (kx, ky): that of a finite float64, or ky's `_NO_EXPONENT`."""
+    value = _receive_int(party, frm, name)
+    if value not in _EXPONENT_RANGE and not (allow_none and value == _NO_EXPONENT):
+        raise _partner_sent(frm, f"{name} = {value}, not the exponent of any float64")
+    return value
+
+
 def _check_status(party: Party, frm: int, name: str) -> None:
+    """Each data owner can stop the job for its own data only: a status is read as the sender's alone."""
     status = _receive_int(party, frm, name)
-    if status == _STATUS_SINGULAR:
+    if status == _STATUS_SINGULAR and frm == X_OWNER:
         raise ProtocolError("the x_owner stopped the job: its x columns are constant or collinear (see its error)")
-    if status == _STATUS_CONSTANT_Y:
+    if status == _STATUS_CONSTANT_Y and frm == Y_OWNER:
         raise ProtocolError("the y_owner stopped the job: its y column is constant (see its error)")
     if status != _STATUS_OK:
-        raise ProtocolError(f"party {frm} sent an unknown status; are all workers running the same version?")
+        raise _partner_sent(frm, f"an unknown status ({status}) as {name}")
 
 
 def _receive_meta(party: Party) -> tuple[float, int]:
     meta = party.receive(Y_OWNER, "lr/y-meta", (2,), np.float64)
-    return float(meta[0]), int(meta[1])
+    ss_tot, fy = float(meta[0]), float(meta[1])
+    if not (np.isfinite(ss_tot) and ss_tot > 0):
+        raise _partner_sent(Y_OWNER, "a total sum of squares that is not a positive finite number")
+    if not (fy.is_integer() and int(fy) in _EXPONENT_RANGE):
+        raise _partner_sent(Y_OWNER, "a scale exponent that is not a whole number in range")
+    return ss_tot, int(fy)
