@@ -15,7 +15,7 @@ their passage is logged at DEBUG (one a minute per partner while a seat prepares
 leave less than `spool.RESERVE_BYTES` free on the spool volume waits at the broker until there is room (inbox files
 stay until their job ends, and a peer, buggy or not, could otherwise fill the volume every program writes to).
 
-A keep-alive larger than any a worker sends (`keepalive.MAX_SEALED_BYTES`) is refused before download.
+A keep-alive larger than any a worker sends (`MAX_SEALED_BYTES`) is refused before download.
 
 Run as `python -m services.worker.messenger`; SIGTERM stops it within a second or two.
 """
@@ -36,8 +36,7 @@ from services.worker import health
 from services.worker.broker_client import BrokerClient, BrokerConflict, BrokerError, BrokerUnavailable
 from services.worker.disk_advice import disk_advice
 from services.worker.job_spec import JobSpec, JobSpecError
-from services.worker import keepalive
-from services.worker.keepalive import is_keepalive_name
+from services.worker.keepalive import MAX_SEALED_BYTES, is_keepalive_name
 from services.worker.keys import WorkerKeys
 from services.worker.outage_log import SAID_EVERY_SECONDS, OutageLog
 from services.worker.sealing import MessageAddress, MessageRejected, SealedMessage
@@ -335,9 +334,9 @@ class Messenger:
             self._reject(spec, name, str(from_seat), problem)
             return False
         size = entry.get("size")
-        if is_keepalive_name(name) and isinstance(size, int) and size > keepalive.MAX_SEALED_BYTES:
+        if is_keepalive_name(name) and isinstance(size, int) and size > MAX_SEALED_BYTES:
             self._reject(spec, name, str(from_seat), f"a keep-alive of {size} bytes; keep-alives are at most "
-                                                     f"{keepalive.MAX_SEALED_BYTES} bytes (not downloaded)")
+                                                     f"{MAX_SEALED_BYTES} bytes (not downloaded)")
             return False
         inbox = self.spool.inbox_path(spec.id, name)
         if inbox.exists():
