@@ -512,7 +512,9 @@ def test_a_full_spool_volume_is_one_clear_line_and_a_retry_not_a_crash(cape_serv
     monkeypatch.setattr(os, "fsync", full_disk_fsync)
     monkeypatch.setattr(poller_mod.time, "sleep", lambda _seconds: None)
     caplog.set_level(logging.INFO, logger="cape.poller")
-    poller.run(max_cycles=1)
+    poller.run(max_cycles=3)
+    said = [r.getMessage() for r in caplog.records if "cannot write the spool" in r.getMessage()]
+    assert len(said) == 1, said  # once, not at every retry (then once a minute while it lasts)
     assert re.search(rf"cannot write the spool \({re.escape(spool_root)}/jobs/\w+/spec\.json: No space left on "
                      r"device\); free space on the volume of CAPE_SPOOL_DIR; retrying in", caplog.text), caplog.text
     assert "Traceback" not in caplog.text

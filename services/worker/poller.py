@@ -338,6 +338,7 @@ class Poller:
         # Refusals that need the operator (a token, a certificate, a URL): said at once and when the reason changes,
         # else once a minute; one ERROR per retry was 360 identical lines an hour for a revoked token.
         refused = OutageLog(log, level=logging.ERROR)
+        unwritable = OutageLog(log, level=logging.ERROR)  # the spool's refusals, likewise
         said_unhealthy = False
         cycles = 0
         while max_cycles is None or cycles < max_cycles:
@@ -378,13 +379,15 @@ class Poller:
                 if exc.filename is None:  # not the spool's: a bug, for supervisord's restart and its traceback
                     raise
                 delay = backoff.next_delay()
-                log.error("cannot write the spool (%s: %s); %s; retrying in %.1f s", exc.filename, exc.strerror,
-                          disk_advice(exc, "CAPE_SPOOL_DIR"), delay)
+                unwritable.failed(f"cannot write the spool ({exc.filename}: {exc.strerror}); "
+                                  f"{disk_advice(exc, 'CAPE_SPOOL_DIR')}; retrying in {delay:.1f} s",
+                                  reason=exc.strerror)
                 health.SPOOL_REFUSES_WRITES.note(self.config.run_dir, f"cannot write {exc.filename} ({exc.strerror}); "
                                                  f"{disk_advice(exc, 'CAPE_SPOOL_DIR')}", log)
             else:
                 lasted = outage.recovered()  # None after a refusal: the coordinator answered all along
                 refused.recovered()
+                unwritable.recovered()
                 if lasted is not None:
                     log.info("the coordinator at %s is reachable again (after %.0f s)", self.config.coordinator, lasted)
                 said_unhealthy = False
