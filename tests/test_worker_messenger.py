@@ -19,7 +19,7 @@ from services.worker.job_spec import JobSpec
 from services.worker.keepalive import KeepAlives
 from services.worker.messenger import Messenger
 from services.worker.sealing import MessageAddress, SealedMessage
-from services.worker.spool_transport import SpoolTransport, SpoolTransportTimeout
+from services.worker.spool_transport import PartnerMessageInvalid, SpoolTransport, SpoolTransportTimeout
 from tests.support.fault_proxy import FaultProxy
 from tests.support.worker_messaging import approved_job, program_env, wait_for
 
@@ -343,6 +343,15 @@ def test_a_second_copy_of_a_received_name_is_verified(job, tmp_path):
     assert "dropped a second copy of helper.r1" in log
     assert "dropped message helper.r2" in log and "dropped message helper.r3" in log
     assert "other content" not in log and "forged" not in log
+    # Other content under its own signature is proof the sender broke the protocol (a forgery is not): whichever copy
+    # came first was used, so the job has no result to trust and ends in Error, naming that worker.
+    assert rejections["helper.r3"].get("conflict") is True and "conflict" not in rejections["helper.r2"]
+    with pytest.raises(PartnerMessageInvalid, match=r"^the helper worker \(organization [^)]+\) sent two different "
+                                                    r"messages under the name 'helper.r3', both sealed and signed"):
+        transport(job, "y_owner").check_partner()
+    with pytest.raises(PartnerMessageInvalid, match="helper.r3"):
+        transport(job, "y_owner").check_partner("helper.r3")
+    transport(job, "y_owner").check_partner("helper.r2")  # a forgery, dropped: no reason to end the job
 
 
 def test_many_messages_of_one_job_are_all_confirmed_once(job, tmp_path):

@@ -435,7 +435,7 @@ class Messenger:
             return
         if digest.digest() != _file_sha256(inbox):
             self._reject(spec, name, from_seat, "a second, different message under a name already received; "
-                                                "the first is kept")
+                                                "the first is kept", conflict=not is_keepalive_name(name))
             return
         log.info("job %s: dropped a second copy of %s from %s (the same message as the one received)", spec.id,
                  name, from_seat)
@@ -462,11 +462,11 @@ class Messenger:
             return f"the name does not belong to the sender's seat {from_seat}"
         return None
 
-    def _reject(self, spec: JobSpec, name: str, from_seat: str, reason: str) -> None:
+    def _reject(self, spec: JobSpec, name: str, from_seat: str, reason: str, conflict: bool = False) -> None:
         with self._lock:
             self.rejected += 1
         log.warning("job %s: dropped message %s from %s: %s", spec.id, name, from_seat, reason)
-        self.spool.record_rejection(spec.id, name, from_seat, reason)
+        self.spool.record_rejection(spec.id, name, from_seat, reason, conflict=conflict)
         self.broker.delete(spec.id, name)
 
     # ---- loops ----------------------------------------------------------------------------------------------

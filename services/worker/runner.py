@@ -339,6 +339,7 @@ class Runner:
                                     spec.id, spec.index)
                 result = run_party(spec.index, task, data, transport, seeds, progress, data_name=uri)
                 transport.flush()  # every message durable before the result or `completed` is written
+                transport.check_partner()  # a second, different message from a partner: no result to trust
             except MissingColumnError as exc:  # the full header stays in this organization's own log
                 raise JobFailed(_without_uri(exc.for_other_parties(), uri, spec),
                                 own=_with_uri(str(exc), uri, spec)) from None

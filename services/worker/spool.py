@@ -421,15 +421,24 @@ class Spool:
                  if entry.name.endswith(".msg"))
         return [name for name in names if MESSAGE_NAME_PATTERN.fullmatch(name)]
 
-    def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str) -> bool:
+    def record_rejection(self, job_id: str, name: str, from_seat: str, reason: str, conflict: bool = False) -> bool:
         """Note that a received message was dropped (reason without secrets), for the runner's error message; the
-        first REJECTIONS_KEPT of a job only (False for one not recorded)."""
+        first REJECTIONS_KEPT of a job only (False for one not recorded). A `conflict` is a second, different message
+        the sender itself sealed and signed under a name already received: the runner fails the job on it."""
         folder = self.root / "rejected" / validate_job_id(job_id)
         path = folder / f"{validate_message_name(name)}.json"
-        if not path.exists() and folder.is_dir() and sum(1 for _ in folder.iterdir()) >= REJECTIONS_KEPT:
+        full = folder.is_dir() and sum(1 for _ in folder.iterdir()) >= REJECTIONS_KEPT
+        if full and not conflict and not path.exists():  # a conflict fails the job: always kept
             return False
-        atomic_write_json(path, {"from_seat": from_seat, "reason": reason, "at": time.time()})
+        record: dict[str, Any] = {"from_seat": from_seat, "reason": reason, "at": time.time()}
+        if conflict:
+            record["conflict"] = True
+        atomic_write_json(path, record)
         return True
+
+    def rejection(self, job_id: str, name: str) -> dict[str, Any] | None:
+        """The record of a dropped message under `name`, or None."""
+        return read_json(self.root / "rejected" / validate_job_id(job_id) / f"{validate_message_name(name)}.json")
 
     def rejections(self, job_id: str) -> dict[str, dict[str, Any]]:
         """Dropped messages of a job by name: {"from_seat", "reason", "at"}."""

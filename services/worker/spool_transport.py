@@ -294,6 +294,7 @@ class SpoolTransport:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
                 array = _read_inbox_array(path, check)
+                self.check_partner(wire)
                 self.messages_received += 1
                 return array
             except FileNotFoundError:
@@ -324,6 +325,20 @@ class SpoolTransport:
             # the messenger's inbox file (or an end) wakes it
             self.spool.changes.wait(seen, delay, at_most=max(0.0, wait.left(time.monotonic())))
             delay = min(_POLL_MAX, delay * 2)
+
+    def check_partner(self, wire: str | None = None) -> None:
+        """Refuse the job when a partner sealed and signed two different messages under one name (`wire`, or any):
+        which one the protocol used depends on the order they came in, so the result cannot be trusted. Its worker
+        holds the proof: both verified as that worker's own."""
+        names = [wire] if wire is not None else list(self.spool.rejections(self.spec.id))
+        for name in names:
+            record = self.spool.rejection(self.spec.id, name) or {}
+            if record.get("conflict"):
+                seat = str(record.get("from_seat"))
+                raise PartnerMessageInvalid(f"{self._worker(seat) if seat in self.spec.parties else seat} sent two "
+                                            f"different messages under the name {name!r}, both sealed and signed by "
+                                            "it; the job cannot be trusted to a result: its operator checks that "
+                                            "worker runs this version, unmodified")
 
     def _worker(self, seat: str) -> str:
         return f"the {seat} worker (organization {self.spec.parties[seat].organization})"
