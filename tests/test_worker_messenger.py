@@ -389,16 +389,7 @@ def test_a_message_that_would_leave_the_spool_short_of_room_waits_at_the_broker(
 
     monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.5)
     block = np.arange(100_000, dtype=np.uint64)
-    sender = start_messenger(job, "x_owner", tmp_path)
-    try:
-        with transport(job, "x_owner") as x_sender:
-            x_sender.send(1, "block", block)
-        spool = job.seats["x_owner"].spool
-        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
-                 "the x_owner's message to be confirmed by the broker")
-    finally:
-        sender.send_signal(signal.SIGTERM)
-        sender.wait(timeout=10)
+    _block_at_the_broker(job, tmp_path, block)
 
     class CountingBroker(BrokerClient):
         lists = 0
@@ -445,37 +436,15 @@ def test_a_spool_that_refuses_the_inbox_file_leaves_the_message_at_the_broker_an
 
     from services.worker import health
     from services.worker import messenger as messenger_module
-    from services.worker import spool as spool_module
-    from services.worker.broker_client import BrokerClient
 
     monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.3)
     block = np.arange(1000, dtype=np.uint64)
-    sender = start_messenger(job, "x_owner", tmp_path)
-    try:
-        with transport(job, "x_owner") as x_sender:
-            x_sender.send(1, "block", block)
-        spool = job.seats["x_owner"].spool
-        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
-                 "the x_owner's message to be confirmed by the broker")
-    finally:
-        sender.send_signal(signal.SIGTERM)
-        sender.wait(timeout=10)
+    _block_at_the_broker(job, tmp_path, block)
 
     y = job.seats["y_owner"]
-    run_dir = tmp_path / "y-run"
-    run_dir.mkdir()
     inbox = y.spool.inbox_path(job.id, "x_owner.block")
-    real_writer = spool_module.atomic_writer
-
-    def refusing_writer(final, **kwargs):
-        if final == inbox:
-            raise PermissionError(errno.EPERM, "Operation not permitted", str(final))
-        return real_writer(final, **kwargs)
-
-    monkeypatch.setattr(messenger_module, "atomic_writer", refusing_writer)
-    stop = threading.Event()
-    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
-                          run_dir=run_dir)
+    real_writer = _refuse_the_inbox_file(monkeypatch, inbox, errno.EPERM, "Operation not permitted")
+    messenger, run_dir = _y_owner_receiver(job, tmp_path)
     with caplog.at_level(logging.INFO, logger="cape.messenger"):
         _run_receiver(messenger, 1.5)
         assert not inbox.exists()
@@ -503,22 +472,10 @@ def test_a_message_whose_inbox_the_runner_removes_as_it_finishes_is_no_refusal(j
 
     from services.worker import health
     from services.worker import messenger as messenger_module
-    from services.worker.broker_client import BrokerClient
 
-    sender = start_messenger(job, "x_owner", tmp_path)
-    try:
-        with transport(job, "x_owner") as x_sender:
-            x_sender.send(1, "block", np.arange(10, dtype=np.uint64))
-        spool = job.seats["x_owner"].spool
-        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
-                 "the x_owner's message to be confirmed by the broker")
-    finally:
-        sender.send_signal(signal.SIGTERM)
-        sender.wait(timeout=10)
+    _block_at_the_broker(job, tmp_path, np.arange(10, dtype=np.uint64))
 
     y = job.seats["y_owner"]
-    run_dir = tmp_path / "y-run"
-    run_dir.mkdir()
     inbox = y.spool.inbox_path(job.id, "x_owner.block")
 
     def finished_under_the_write(final, **kwargs):
@@ -526,9 +483,7 @@ def test_a_message_whose_inbox_the_runner_removes_as_it_finishes_is_no_refusal(j
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(final))
 
     monkeypatch.setattr(messenger_module, "atomic_writer", finished_under_the_write)
-    stop = threading.Event()
-    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
-                          run_dir=run_dir)
+    messenger, run_dir = _y_owner_receiver(job, tmp_path)
     with caplog.at_level(logging.INFO, logger="cape.messenger"):
         _run_receiver(messenger, 1.0)
     assert not inbox.exists()
@@ -628,6 +583,48 @@ def test_a_malformed_job_description_does_not_stop_receiving_for_the_others(tmp_
     assert [r.getMessage() for r in caplog.records] == [
         f"job {'a' * 32}: cannot receive its messages: parties.helper must be an object with the seat's "
         "organization and keys"]
+
+
+def _block_at_the_broker(job, tmp_path, block: np.ndarray) -> None:
+    """The x-owner's messenger puts its message "block" for the y-owner at the broker, and stops."""
+    sender = start_messenger(job, "x_owner", tmp_path)
+    try:
+        with transport(job, "x_owner") as x_sender:
+            x_sender.send(1, "block", block)
+        spool = job.seats["x_owner"].spool
+        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
+                 "the x_owner's message to be confirmed by the broker")
+    finally:
+        sender.send_signal(signal.SIGTERM)
+        sender.wait(timeout=10)
+
+
+def _y_owner_receiver(job, tmp_path) -> tuple[Messenger, Path]:
+    """An in-process messenger of the y-owner (run its receiver with `_run_receiver`) and its run dir."""
+    from services.worker.broker_client import BrokerClient
+
+    y = job.seats["y_owner"]
+    run_dir = tmp_path / "y-run"
+    run_dir.mkdir()
+    stop = threading.Event()
+    return Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
+                     run_dir=run_dir), run_dir
+
+
+def _refuse_the_inbox_file(monkeypatch, inbox: Path, code: int, text: str):
+    """Have the messenger's writes of `inbox` refused as a spool volume would; returns the real writer."""
+    from services.worker import messenger as messenger_module
+    from services.worker import spool as spool_module
+
+    real_writer = spool_module.atomic_writer
+
+    def refusing_writer(final, **kwargs):
+        if final == inbox:
+            raise PermissionError(code, text, str(final))
+        return real_writer(final, **kwargs)
+
+    monkeypatch.setattr(messenger_module, "atomic_writer", refusing_writer)
+    return real_writer
 
 
 def _run_receiver(messenger, seconds: float) -> None:
@@ -930,36 +927,14 @@ def test_a_refused_inbox_files_record_goes_when_its_job_ends(job, tmp_path, monk
 
     from services.worker import health
     from services.worker import messenger as messenger_module
-    from services.worker import spool as spool_module
-    from services.worker.broker_client import BrokerClient
 
     monkeypatch.setattr(messenger_module, "ROOM_RETRY_SECONDS", 0.3)
-    sender = start_messenger(job, "x_owner", tmp_path)
-    try:
-        with transport(job, "x_owner") as x_sender:
-            x_sender.send(1, "block", np.arange(10, dtype=np.uint64))
-        spool = job.seats["x_owner"].spool
-        wait_for(lambda: not spool.pending_outbox() and spool.outbox_has(job.id, "y_owner", "x_owner.block"),
-                 "the x_owner's message to be confirmed by the broker")
-    finally:
-        sender.send_signal(signal.SIGTERM)
-        sender.wait(timeout=10)
+    _block_at_the_broker(job, tmp_path, np.arange(10, dtype=np.uint64))
 
     y = job.seats["y_owner"]
-    run_dir = tmp_path / "y-run"
-    run_dir.mkdir()
     inbox = y.spool.inbox_path(job.id, "x_owner.block")
-    real_writer = spool_module.atomic_writer
-
-    def refusing_writer(final, **kwargs):
-        if final == inbox:
-            raise PermissionError(errno.EROFS, "Read-only file system", str(final))
-        return real_writer(final, **kwargs)
-
-    monkeypatch.setattr(messenger_module, "atomic_writer", refusing_writer)
-    stop = threading.Event()
-    messenger = Messenger(y.spool, y.keys, BrokerClient(job.broker_url, y.token, stop=stop), stop, long_poll=0.5,
-                          run_dir=run_dir)
+    real_writer = _refuse_the_inbox_file(monkeypatch, inbox, errno.EROFS, "Read-only file system")
+    messenger, run_dir = _y_owner_receiver(job, tmp_path)
     _run_receiver(messenger, 1.0)
     assert health.SPOOL_SHORT_OF_ROOM.read(run_dir) is not None
     monkeypatch.setattr(messenger_module, "atomic_writer", real_writer)  # the operator made it writable again

@@ -598,16 +598,22 @@ def test_a_seats_completed_report_still_reaches_a_job_completed_meanwhile(cape_s
     assert (party["state"], party["progress"]) == ("completed", 1.0)
 
 
-def test_a_seats_own_error_still_reaches_a_job_a_partners_relay_of_it_ended(cape_server, world, tmp_path):
-    """A partner told to stop by this seat ("the y_owner stopped the job ... (see its error)") reported first and its
-    job watch marked the job ended here at once: this seat's own queued error was dropped, and the job pointed at
-    an error shown nowhere."""
+def _started_then_x_owner_error(world, message: str) -> str:
+    """Every seat of the world's job took its seat, then the x-owner reported `message` as its error; the job's id."""
     job_id, worker = world["job"]["id"], world["worker"]
     report = f"/v1/worker/jobs/{job_id}/report"
     for label in ("xorg", "yorg", "helper"):
         assert worker[label].post(report, json={"state": "started"}).status_code == 204
+    assert worker["xorg"].post(report, json={"state": "error", "message": message}).status_code == 204
+    return job_id
+
+
+def test_a_seats_own_error_still_reaches_a_job_a_partners_relay_of_it_ended(cape_server, world, tmp_path):
+    """A partner told to stop by this seat ("the y_owner stopped the job ... (see its error)") reported first and its
+    job watch marked the job ended here at once: this seat's own queued error was dropped, and the job pointed at
+    an error shown nowhere."""
     relay = "the y_owner stopped the job: its y column is constant (see its error)"
-    assert worker["xorg"].post(report, json={"state": "error", "message": relay}).status_code == 204
+    job_id = _started_then_x_owner_error(world, relay)
     poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
     poller.spool.put_job({**world["job"], "seat": "y_owner"})
     own = "dataview 'ys': column 't' is constant (all its values are equal); a regression needs a target that varies"
@@ -823,13 +829,9 @@ def test_a_coordinator_older_than_the_heartbeats_key_check_still_gets_heartbeats
 def test_a_job_a_partner_ended_in_error_is_logged_with_its_reason(cape_server, world, tmp_path, caplog):
     """The worker view of a job carried no error: a partner's log said only "ended at the coordinator: Error", and
     `cape-worker status` no reason, so its operator could not tell from the worker which seat failed or why."""
-    job_id, worker = world["job"]["id"], world["worker"]
-    report = f"/v1/worker/jobs/{job_id}/report"
-    for label in ("xorg", "yorg", "helper"):
-        assert worker[label].post(report, json={"state": "started"}).status_code == 204
     why = "dataview 'xs': no such file; check the path (a local path, a file:// uri, or a dataview's uri)"
-    assert worker["xorg"].post(report, json={"state": "error", "message": why}).status_code == 204
-    assert worker["yorg"].get(f"/v1/worker/jobs/{job_id}").json()["error"] == f"x_owner (xorg): {why}"
+    job_id = _started_then_x_owner_error(world, why)
+    assert world["worker"]["yorg"].get(f"/v1/worker/jobs/{job_id}").json()["error"] == f"x_owner (xorg): {why}"
     poller, _ = make_poller(tmp_path, cape_server.url, world["orgs"]["yorg"]["organization_token"])
     poller.spool.put_job({**world["job"], "seat": "y_owner"})
     with caplog.at_level(logging.INFO, logger="cape.poller"):

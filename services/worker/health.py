@@ -121,7 +121,7 @@ class PollerRecord:
     def line(self, record: dict[str, Any]) -> str:
         """One line for `health` and `status`: since when (UTC) and why."""
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"])) if record["since"] else "?"
-        return f"{self.headline} (since {since}): {record['message']}"
+        return f"{self.headline} (since {since})" + (f": {record['message']}" if record["message"] else "")
 
 
 LOGIN_REFUSED = PollerRecord(LOGIN_REFUSED_NAME, "the coordinator refused CAPE_TOKEN",
@@ -162,7 +162,7 @@ def messenger_trouble(run_dir: Path | None) -> str | None:
     for record in (BROKER_UNREACHABLE, SPOOL_SHORT_OF_ROOM):
         found = record.read(run_dir)
         if found is not None:
-            said.append(record.line({**found, "message": ""}).removesuffix(": "))
+            said.append(record.line({**found, "message": ""}))
     return "; ".join(said) or None
 
 

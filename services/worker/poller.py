@@ -218,8 +218,8 @@ class Poller:
                         self.seat_held.clear()
                         self.registered = False
                     else:
-                        previous = self.spool.read_job(spec["id"])
-                        if self.spool.put_job(spec):
+                        changed, previous = self.spool.store_job(spec)
+                        if changed:
                             # Said when the job is new or its status moved: its seat's state changes the view too,
                             # and one line per such change read like the job being taken again.
                             stored = previous is None or previous.get("status") != spec.get("status")

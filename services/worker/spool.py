@@ -262,11 +262,16 @@ class Spool:
 
     def put_job(self, spec: dict[str, Any]) -> bool:
         """Store a WorkerJob spec (poller); returns True if it is new or changed."""
+        return self.store_job(spec)[0]
+
+    def store_job(self, spec: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """As `put_job`, and the spec stored before (None if the job is new)."""
         path = self.job_dir(spec["id"]) / "spec.json"
-        if read_json(path) == spec:
-            return False
+        previous = read_json(path)
+        if previous == spec:
+            return False, previous
         atomic_write_json(path, spec)
-        return True
+        return True, previous
 
     def read_job(self, job_id: str) -> dict[str, Any] | None:
         """The stored WorkerJob spec, or None."""

@@ -330,9 +330,9 @@ class SpoolTransport:
         """Refuse the job when a partner sealed and signed two different messages under one name (`wire`, or any):
         which one the protocol used depends on the order they came in, so the result cannot be trusted. Its worker
         holds the proof: both verified as that worker's own."""
-        names = [wire] if wire is not None else list(self.spool.rejections(self.spec.id))
-        for name in names:
-            record = self.spool.rejection(self.spec.id, name) or {}
+        records = ({wire: self.spool.rejection(self.spec.id, wire) or {}} if wire is not None
+                   else self.spool.rejections(self.spec.id))
+        for name, record in records.items():
             if record.get("conflict"):
                 seat = str(record.get("from_seat"))
                 raise PartnerMessageInvalid(f"{self._worker(seat) if seat in self.spec.parties else seat} sent two "
