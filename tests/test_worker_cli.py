@@ -104,9 +104,8 @@ def test_check_fails_when_cloudwatch_drops_its_event_for_this_machines_clock(goo
     result = checks.check_cloudwatch(WorkerConfig.from_env(good_env))
     assert not result.ok, result
     said = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ahead))
-    assert result.detail == (f"CloudWatch Logs dropped the test event for its time (this machine's clock says "
-                              f"{said}: over 2 hours ahead of AWS's, or 14 days behind); set the clock right (NTP), "
-                              "or set CAPE_CLOUDWATCH=off")
+    assert result.detail == (f"CloudWatch Logs dropped the test event, stamped {said} by this machine's clock, as "
+                              "over 2 hours ahead of AWS's clock; set the clock right (NTP), or set CAPE_CLOUDWATCH=off")
 
 
 def test_check_says_what_is_wrong_with_the_aws_settings_in_one_line(good_env, tmp_path):

@@ -561,13 +561,22 @@ def test_records_cloudwatch_rejects_for_their_time_are_said_once(moto, tmp_path)
     lines = [line.split(" ", 1)[1] for line in program.output.splitlines() if " poller " in line]
     assert lines == [
         "poller INFO stale",
-        "poller WARNING CloudWatch Logs rejected records of log group /cape/clock for their time (more than 14 days"
-        " old, over 2 hours ahead, or past the group's retention); check this machine's clock",
+        "poller WARNING CloudWatch Logs rejected records of log group /cape/clock: their time stamps are over 14 days"
+        " old; check this machine's clock",
         "poller INFO stale",
         "poller INFO fresh",
     ]
     assert "WatchtowerWarning" not in program.output and "warnings.warn" not in program.output
     assert moto.log_events("/cape/clock", "org-a/poller") == ["poller INFO fresh"]
+
+
+def test_each_reason_cloudwatch_gives_for_dropping_records_is_named():
+    """AWS says which events it dropped and why (moto never expires any: the group's retention is AWS's alone)."""
+    assert logs.rejected_for({"tooNewLogEventStartIndex": 0}) == "over 2 hours ahead of AWS's clock"
+    assert logs.rejected_for({"expiredLogEventEndIndex": 3}) == "older than the log group's retention"
+    assert logs.rejected_for({"tooOldLogEventEndIndex": 2, "expiredLogEventEndIndex": 3}) == (
+        "over 14 days old or older than the log group's retention")
+    assert logs.rejected_for({}) == "outside what it keeps"
 
 
 def test_cloudwatch_down_at_start_is_tried_again_until_it_answers(moto, relay, monkeypatch):

@@ -28,7 +28,7 @@ from services.worker.disk_advice import FULL_ERRNOS, disk_advice
 from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
-from services.worker.logs import make_unless_there
+from services.worker.logs import make_unless_there, rejected_for
 from services.worker.spool import RESERVE_BYTES, mib
 from services.worker.uploader import ModelStore, UploadError
 
@@ -287,9 +287,9 @@ def check_cloudwatch(config: WorkerConfig) -> CheckResult:
                                                 "set CAPE_CLOUDWATCH=off")
     if put.get("rejectedLogEventsInfo"):
         # Taken with a 200 and dropped: the programs' records would be too (they warn once, on stdout only).
-        return CheckResult("cloudwatch", False, f"CloudWatch Logs dropped the test event for its time (this machine's "
-                                                f"clock says {_utc_now()}: over 2 hours ahead of AWS's, or 14 days "
-                                                "behind); set the clock right (NTP), or set CAPE_CLOUDWATCH=off")
+        return CheckResult("cloudwatch", False, f"CloudWatch Logs dropped the test event, stamped {_utc_now()} by "
+                                                f"this machine's clock, as {rejected_for(put['rejectedLogEventsInfo'])}"
+                                                "; set the clock right (NTP), or set CAPE_CLOUDWATCH=off")
     return CheckResult("cloudwatch", True, f"log group {config.log_group}{' (made now)' if made else ''}: wrote a "
                                            f"test event to stream {stream}")
 

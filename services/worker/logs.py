@@ -20,7 +20,7 @@ import threading
 import time
 import types
 import warnings
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from services.process_exit import exit_now
 
@@ -202,6 +202,18 @@ def make_unless_there(create, **names: str) -> bool:  # type: ignore[no-untyped-
     return True
 
 
+# PutLogEvents answers 200 and drops events it will not keep, saying which in `rejectedLogEventsInfo` (AWS's API
+# reference): too far ahead of its clock, older than 14 days, or older than the group's retention.
+_REJECTED_FOR = (("tooNewLogEventStartIndex", "over 2 hours ahead of AWS's clock"),
+                 ("tooOldLogEventEndIndex", "over 14 days old"),
+                 ("expiredLogEventEndIndex", "older than the log group's retention"))
+
+
+def rejected_for(info: Mapping[str, object]) -> str:
+    """Why CloudWatch Logs dropped events of a batch it took, from the answer's `rejectedLogEventsInfo`."""
+    return " or ".join(cause for key, cause in _REJECTED_FOR if key in info) or "outside what it keeps"
+
+
 def _aws_error_reason(exc: Exception) -> str:
     """`ClientError AccessDeniedException: <AWS's message>`, or a botocore error's class and text (an endpoint, the
     name of a missing credential): what AWS or botocore said, which never holds a credential's value."""
@@ -288,9 +300,9 @@ class _DeliveryWatch:
         _delivering.delivered = True
         if "rejectedLogEventsInfo" in parsed and not self.rejections_said:  # the same cause every time: say it once
             self.rejections_said = True
-            self.say(logging.WARNING, "CloudWatch Logs rejected records of log group %s for their time (more than 14 "
-                                      "days old, over 2 hours ahead, or past the group's retention); check this "
-                                      "machine's clock", self.log_group)
+            self.say(logging.WARNING, "CloudWatch Logs rejected records of log group %s: their time stamps are %s; "
+                                      "check this machine's clock", self.log_group,
+                     rejected_for(parsed["rejectedLogEventsInfo"]))
 
     @staticmethod
     def _not_answered(exception: Exception, **_: object) -> None:
