@@ -268,13 +268,24 @@ def test_a_partner_silent_after_a_resume_is_given_up_a_timeout_later(world, monk
     assert time.monotonic() - started >= 0.2 + 0.5 - 0.01  # a timer may wake a hair early
 
 
-def test_a_timeout_on_a_spool_short_of_room_says_how_much_is_free(world, monkeypatch):
-    """The messenger leaves messages at the broker below its reserve: the runner's timeout says the free space."""
+def test_a_timeout_on_a_spool_short_of_room_says_how_much_is_free(world, tmp_path):
+    """The messenger leaves messages at the broker below its reserve: the runner's timeout says the free space, and
+    only then (low free space alone, said whether a message waited or not, read as the cause)."""
+    from services.worker import health
+
     keys, spools, specs = world
-    monkeypatch.setattr(spools["y_owner"], "free_bytes", lambda: 300 * 1024**2)
-    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.1)
-    with pytest.raises(TransportTimeout, match=r"the spool volume has only 300 MiB free, and the messenger leaves "
-                                                r"messages at the broker rather than go below 256 MiB"):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    low = 300 * 1024**2
+    assert health.messenger_trouble(run_dir, low) is None
+    health.SPOOL_SHORT_OF_ROOM.record(run_dir, "message m of job j waits at the broker")
+    assert re.fullmatch(r"the spool volume is short of room or refuses writes; messages wait at the broker "
+                        r"\(since [^)]+\)", health.messenger_trouble(run_dir, 2 * 1024**3))  # room enough: not said
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=0.1,
+                       own_trouble=lambda: health.messenger_trouble(run_dir, low))
+    with pytest.raises(TransportTimeout, match=r"the spool volume is short of room or refuses writes; messages wait "
+                                                r"at the broker \(since [^)]+\): it has 300 MiB free, and the "
+                                                r"messenger leaves messages at the broker rather than go below 256 MiB"):
         y.receive(2, "r9")
 
 

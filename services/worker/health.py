@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from supervisor.xmlrpc import SupervisorTransport
 
 from services.worker.config import DEFAULT_STATE_DIR
-from services.worker.spool import Spool
+from services.worker.spool import RESERVE_BYTES, Spool, mib
 
 PROGRAMS = ("poller", "messenger", "runner", "uploader")
 SOCKET_NAME = "supervisor.sock"
@@ -153,9 +153,13 @@ BROKER_UNREACHABLE = PollerRecord("broker-unreachable", "the broker did not answ
                                   topic="broker")
 
 
-def messenger_trouble(run_dir: Path | None) -> str | None:
+LOW_ROOM_BYTES = 1024**3  # a spool with less than this above the messenger's reserve is said with its free space
+
+
+def messenger_trouble(run_dir: Path | None, free_bytes: int | None = None) -> str | None:
     """What this worker's messenger records against its own link to the broker and its spool, in headlines only
-    (the records' messages can name local paths; this goes into job errors every project member reads)."""
+    (the records' messages can name local paths; this goes into job errors every project member reads). The spool's
+    `free_bytes`, when low, go with its record: alone they were said whether or not a message waited for room."""
     if run_dir is None:
         return None
     said = []
@@ -163,6 +167,9 @@ def messenger_trouble(run_dir: Path | None) -> str | None:
         found = record.read(run_dir)
         if found is not None:
             said.append(record.line({**found, "message": ""}))
+            if record is SPOOL_SHORT_OF_ROOM and free_bytes is not None and free_bytes < RESERVE_BYTES + LOW_ROOM_BYTES:
+                said[-1] += (f": it has {mib(free_bytes)} free, and the messenger leaves messages at the broker "
+                             f"rather than go below {mib(RESERVE_BYTES)} (see its log)")
     return "; ".join(said) or None
 
 

@@ -325,7 +325,7 @@ class Runner:
         with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id),
                             sending=lambda: self.keepalives.end(job_id),
                             partner_preparing=partial(self._partner_preparing, spec, progress),
-                            own_trouble=lambda: health.messenger_trouble(self.run_dir)) as transport:
+                            own_trouble=self._messenger_trouble) as transport:
             try:
                 uri = spec.data_uri()
                 started = time.monotonic()
@@ -380,6 +380,10 @@ class Runner:
             return load_dataview(uri, x_columns=spec.x_columns, spool=self.spool, s3_client=self.s3_client,
                                  watch=watch)
         return load_dataview(uri, y_column=spec.y_column, spool=self.spool, s3_client=self.s3_client, watch=watch)
+
+    def _messenger_trouble(self) -> str | None:
+        """What this worker's messenger records against the broker and the spool, for a wait's timeout message."""
+        return health.messenger_trouble(self.run_dir, self.spool.free_bytes())
 
     def _interrupted(self, job_id: str) -> str | None:
         if self.stop.is_set():

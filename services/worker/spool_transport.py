@@ -33,7 +33,7 @@ from services.worker.keepalive import PartnerKeepAlives, is_keepalive_name
 from services.worker.keys import WorkerKeys
 from services.worker.partner_wait import LIMIT_TIMEOUTS, STALLED_SECONDS, PartnerWait
 from services.worker.sealing import MessageAddress, SealedMessage
-from services.worker.spool import MESSAGE_NAME_PATTERN, RESERVE_BYTES, Spool, atomic_writer, mib
+from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
 
 from services.mpc import ProtocolError, TransportTimeout
 from services.mpc.transport import Expected
@@ -44,7 +44,6 @@ _POLL_MIN, _POLL_MAX = 0.002, 0.01
 WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
 DROP_CACHE_BYTES = 1 << 20  # inbox files from this size on leave the page cache once read
 _SEALER_IDLE_SECONDS = 5.0
-_LOW_ROOM_BYTES = 1024**3  # a timeout with less than this above the messenger's reserve names the free space
 
 
 class SpoolTransportTimeout(TransportTimeout):
@@ -372,8 +371,4 @@ class SpoolTransport:
         trouble = self.own_trouble()
         if trouble:  # the partner may have sent all along: a broker away or a full spool stops it on this side
             text += f"; meanwhile this worker's own messenger reports: {trouble}"
-        free = self.spool.free_bytes()
-        if free < RESERVE_BYTES + _LOW_ROOM_BYTES:
-            text += (f"; the spool volume has only {mib(free)} free, and the messenger leaves messages at the broker "
-                     f"rather than go below {mib(RESERVE_BYTES)} (see its log)")
         return text
