@@ -542,7 +542,7 @@ class Messenger:
             if failures and busy is not None:
                 lasted = outage.recovered()
                 if lasted is not None:
-                    log.info("%s: the broker is reachable again (after %.0f s)", what, lasted)
+                    log.info("%s: the broker is reachable again (%s)", what, lasted)
                     health.BROKER_UNREACHABLE.note(self.run_dir, None, log)
                 failures = 0
             if not busy and idle:

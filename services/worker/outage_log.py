@@ -21,13 +21,13 @@ class OutageLog:
         self.every = every
         self.level = level
         self.failures = 0
-        self._since = self._said_at = 0.0
+        self._since = self._said_at = self._last = 0.0
         self._reason: str | None = None
 
     def failed(self, message: str, reason: str | None = None) -> bool:
         """Note one failed try; returns True if it was said (the first, the first for `every` seconds, or the first
         with another `reason`: the failure's cause without the retry's delay, when it can change during an outage)."""
-        now = time.monotonic()
+        now = self._last = time.monotonic()
         self.failures += 1
         if self.failures == 1:
             self._since = now
@@ -45,10 +45,13 @@ class OutageLog:
         """Seconds since the current outage began (0 when there is none)."""
         return time.monotonic() - self._since if self.failures else 0.0
 
-    def recovered(self) -> float | None:
-        """End the outage; how long it lasted in seconds (None if there was none)."""
+    def recovered(self) -> str | None:
+        """End the outage; what is known of how long it lasted, in words (None if there was none): its failed tries
+        and the time between the first and the last. Up to the try that succeeded, it overstated the outage by up to
+        one backoff (30 s), a pause in which the service may have come back at any time."""
         if not self.failures:
             return None
+        tries, span = self.failures, self._last - self._since
         self.failures = 0
         self._reason = None
-        return time.monotonic() - self._since
+        return "after one failed try" if tries == 1 else f"after {tries} failed tries over {span:.0f} s"

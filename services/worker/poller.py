@@ -389,7 +389,7 @@ class Poller:
                 refused.recovered()
                 unwritable.recovered()
                 if lasted is not None:
-                    log.info("the coordinator at %s is reachable again (after %.0f s)", self.config.coordinator, lasted)
+                    log.info("the coordinator at %s is reachable again (%s)", self.config.coordinator, lasted)
                 said_unhealthy = False
                 backoff.reset()
                 if health.LOGIN_REFUSED.clear(self.config.run_dir):

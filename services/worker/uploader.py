@@ -345,7 +345,7 @@ class Uploader:
         try:
             self.upload(job_id)
             if (lasted := self._outage.recovered()) is not None:
-                log.info("the model store takes models again, after %.0f s", lasted)
+                log.info("the model store takes models again (%s)", lasted)
         except UploadUnavailable as exc:
             if exc.bucket:
                 away[exc.bucket] = exc
