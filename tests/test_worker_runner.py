@@ -490,3 +490,19 @@ def test_a_job_queued_for_a_slot_tells_its_partners_it_is_still_preparing_until_
                                              .parties["x_owner"].signing_key)
         assert json.loads(plain) == {"phase": "queued at its worker: all 1 of the worker's job slots are taken by "
                                               "jobs loading their data or computing"}
+
+
+def test_the_seat_says_what_this_workers_messenger_reports_during_a_long_wait(tmp_path):
+    """What the transport hands on goes on the seat, in the words of a wait's timeout, and goes when it clears."""
+    from services.worker.runner import _Progress
+
+    spool = Spool(tmp_path / "spool")
+    progress = _Progress(spool, "j" * 32, note=None)
+    Runner._own_trouble_changed(progress, "x_owner", "the spool volume is short of room or refuses writes; "
+                                                     "messages wait at the broker (since 2026-11-27 16:00:00 UTC)")
+    Runner._own_trouble_changed(progress, "x_owner", None)
+    assert statuses(spool, "j" * 32) == [
+        {"state": "running", "progress": 0.0, "message": "waiting for the x_owner worker; meanwhile this worker's "
+         "messenger reports: the spool volume is short of room or refuses writes; messages wait at the broker (since "
+         "2026-11-27 16:00:00 UTC)"},
+        {"state": "running", "progress": 0.0, "message": "waiting for the x_owner worker"}]

@@ -216,6 +216,31 @@ def test_a_wait_that_ends_quotes_what_this_workers_own_messenger_reports(world, 
     assert f"; meanwhile this worker's own messenger reports: {trouble}" in str(caught.value)
 
 
+def test_a_long_wait_says_on_the_seat_what_this_workers_own_messenger_reports(world, monkeypatch):
+    """A message held on this side (the spool short of room, the broker away from here) showed nothing on the seat:
+    the people following the job saw it wait, with no word of which worker held it up, until the timeout."""
+    from services.worker import spool_transport
+
+    monkeypatch.setattr(spool_transport, "OWN_TROUBLE_LOOK_SECONDS", 0.05)
+    keys, spools, specs = world
+    reports: list[str | None] = [None]
+    said: list[tuple[str, str | None]] = []
+    x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
+    y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=5,
+                       own_trouble=lambda: reports[-1],
+                       own_trouble_changed=lambda seat, trouble: said.append((seat, trouble)))
+    steps = [threading.Timer(0.2, reports.append, args=("the spool volume is short of room",)),
+             threading.Timer(0.5, reports.append, args=(None,)),
+             threading.Timer(0.8, lambda: (x.send(1, "late", np.ones(3)), x.flush(),
+                                           deliver(world, "x_owner", "y_owner")))]
+    for step in steps:
+        step.start()
+    np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
+    for step in steps:
+        step.join()
+    assert said == [("x_owner", "the spool volume is short of room"), ("x_owner", None)]  # each change once
+
+
 class SuspendedClock:
     """`time.monotonic()` of a machine that may be suspended: `suspend(s)` makes s seconds pass at once."""
 

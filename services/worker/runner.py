@@ -325,7 +325,8 @@ class Runner:
         with SpoolTransport(self.spool, spec, self.keys, interrupted=lambda: self._interrupted(job_id),
                             sending=lambda: self.keepalives.end(job_id),
                             partner_preparing=partial(self._partner_preparing, spec, progress),
-                            own_trouble=self._messenger_trouble) as transport:
+                            own_trouble=self._messenger_trouble,
+                            own_trouble_changed=partial(self._own_trouble_changed, progress)) as transport:
             try:
                 uri = spec.data_uri()
                 started = time.monotonic()
@@ -370,6 +371,13 @@ class Runner:
         text = f"waiting for the {seat} worker, still preparing" + (f" ({phase})" if phase else "")
         log.info("job %s: %s; waited %.0f s so far", spec.id, text, waited)
         progress.say(text)
+
+    @staticmethod
+    def _own_trouble_changed(progress: _Progress, seat: str, trouble: str | None) -> None:
+        """A long wait for `seat`'s message, and this worker's messenger reports trouble (or no longer does): the
+        seat says it, so that the people following the job see which worker holds it up (the log has it already)."""
+        progress.say(f"waiting for the {seat} worker; meanwhile this worker's messenger reports: {trouble}" if trouble
+                     else f"waiting for the {seat} worker")
 
     def _load(self, spec: JobSpec, uri: str | None, note: str | None = None) -> np.ndarray | None:
         if uri is None:

@@ -44,6 +44,9 @@ _POLL_MIN, _POLL_MAX = 0.002, 0.01
 WRITE_AHEAD = 4  # sends waiting for the background sealer; bounds the memory they hold
 DROP_CACHE_BYTES = 1 << 20  # inbox files from this size on leave the page cache once read
 _SEALER_IDLE_SECONDS = 5.0
+# A wait this long looks at what this worker's own messenger reports (a broker away, a spool short of room), and
+# again as often: the message may be held on this side, which the seat says (else it showed nothing of it).
+OWN_TROUBLE_LOOK_SECONDS = 5.0
 
 
 class SpoolTransportTimeout(TransportTimeout):
@@ -203,6 +206,7 @@ class SpoolTransport:
         sending: Callable[[], None] = lambda: None,
         partner_preparing: Callable[[str, str | None, float], None] = lambda seat, phase, waited: None,
         own_trouble: Callable[[], str | None] = lambda: None,
+        own_trouble_changed: Callable[[str, str | None], None] = lambda seat, trouble: None,
     ) -> None:
         """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None.
 
@@ -210,7 +214,8 @@ class SpoolTransport:
         `sending()` is called once, before the first message is sealed. `partner_preparing(seat, phase, waited)`
         is called each time a wait for `seat` goes on past its deadline because the seat is still preparing
         (`phase`, as it said it, or None), `waited` seconds into the wait. `own_trouble()` says what this worker's
-        own messenger reports against its link to the broker or its spool (None: nothing), for a wait that ends.
+        own messenger reports against its link to the broker or its spool (None: nothing), for a wait that ends;
+        `own_trouble_changed(seat, trouble)` is called when what it says changes during a long wait for `seat`.
         """
         self.spool = spool
         self.spec = spec
@@ -221,6 +226,7 @@ class SpoolTransport:
         self.sending: Callable[[], None] | None = sending
         self.partner_preparing = partner_preparing
         self.own_trouble = own_trouble
+        self.own_trouble_changed = own_trouble_changed
         self.bytes_sent = 0
         self.messages_sent = 0
         self.messages_received = 0
@@ -289,6 +295,7 @@ class SpoolTransport:
         partner: PartnerKeepAlives | None = None
         delay = _POLL_MIN
         looked = wait.started
+        trouble_look, trouble = wait.started + OWN_TROUBLE_LOOK_SECONDS, None
         while True:
             seen = self.spool.changes.generation  # before looking: a file landing meanwhile ends the wait below
             try:
@@ -316,6 +323,11 @@ class SpoolTransport:
                 log.info("job %s: did not run for %.0f s (its machine suspended?); waiting for the %s worker afresh",
                          self.spec.id, now - looked, from_seat)
             looked = now
+            if now >= trouble_look:
+                trouble_look, said = now + OWN_TROUBLE_LOOK_SECONDS, self.own_trouble()
+                if said != trouble:
+                    trouble = said
+                    self.own_trouble_changed(from_seat, trouble)
             if wait.left(now) <= 0:
                 fresh = bool(partner.fresh())
                 if not wait.extend(now, fresh):
