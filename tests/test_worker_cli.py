@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from services.worker import health
+from services.worker.keys import WorkerKeys
 from services.worker.spool import Spool
 from tests.support.aws import free_port
 from tests.support.server import Api
@@ -308,6 +309,7 @@ def test_status_needs_no_token_or_coordinator_and_exits_1_without_a_worker(tmp_p
     assert (result.returncode, result.stderr) == (1, "")
     assert result.stdout.splitlines() == [
         "worker w",
+        "keys: none yet (the first start makes them)",
         f"no worker is running on this state dir: no supervisord socket at {sock}; is the worker running "
         "(`cape-worker run`) with this CAPE_STATE_DIR?",
         "  poller     MISSING", "  messenger  MISSING", "  runner     MISSING", "  uploader   MISSING",
@@ -332,6 +334,12 @@ def test_status_json_says_what_the_text_says(tmp_path):
     assert status["supervisor_error"].startswith("no supervisord socket at ")
     assert (status["spool_dir"], status["spool_exists"]) == (str(tmp_path / "w" / "spool"), True)
     assert [job["id"] for job in status["jobs"]] == ["job-a"]
+    assert status["key_fingerprint"] is None  # no first start yet
+    keys = WorkerKeys.load_or_create(tmp_path / "w" / "state")
+    fingerprint = json.loads(cape_worker("status", "--json", env=env, cwd=tmp_path).stdout)["key_fingerprint"]
+    assert fingerprint == keys.fingerprint and re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fingerprint)
+    assert f"keys: {fingerprint} (for a partner's operator whose worker says this organization's keys changed)" in \
+        cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
 
 
 def test_status_of_a_stopped_worker_shows_claims_and_reasons(tmp_path):

@@ -20,7 +20,7 @@ from services.file_locks import lock_file
 from services.tables import cell_text
 from services.worker import health as health_mod
 from services.worker import reaper
-from services.worker.keys import KeyFileError, WorkerKeys, check_key_files
+from services.worker.keys import KeyFileError, WorkerKeys, check_key_files, existing_fingerprint
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
@@ -332,8 +332,10 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
              for record in health_mod.POLLER_RECORDS}
     spool_exists = config.spool_dir.is_dir()
     jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
+    fingerprint, keys_line = _key_fingerprint(config.state_dir)
     if as_json:
         click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
+                               "key_fingerprint": fingerprint,
                                "supervisor_error": problem, "login_refused": notes[health_mod.LOGIN_REFUSED],
                                "coordinator_untrusted": notes[health_mod.COORDINATOR_UNTRUSTED],
                                "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
@@ -344,14 +346,26 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
-        _print_status(config, programs, problem, notes, spool_exists, jobs, None if show_all else last)
+        _print_status(config, programs, problem, notes, spool_exists, jobs, None if show_all else last, keys_line)
     sys.exit(0 if problem is None else 1)
+
+
+def _key_fingerprint(state_dir: Path) -> tuple[str | None, str]:
+    """This worker's key fingerprint (None before the first start made the keys, or unreadable), and its line."""
+    try:
+        found = existing_fingerprint(state_dir)
+    except (KeyFileError, OSError) as exc:
+        return None, f"keys: unreadable ({exc})"
+    if found is None:
+        return None, "keys: none yet (the first start makes them)"
+    return found, f"keys: {found} (for a partner's operator whose worker says this organization's keys changed)"
 
 
 def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None,
                   notes: dict[health_mod.PollerRecord, dict | None],
-                  spool_exists: bool, jobs: list[dict], last: int | None) -> None:
+                  spool_exists: bool, jobs: list[dict], last: int | None, keys_line: str) -> None:
     click.echo(f"worker {config.worker_name}")
+    click.echo(keys_line)
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
     for name, state in programs.items():

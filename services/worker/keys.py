@@ -7,6 +7,7 @@ every program then loads what is on disk, so all four agree on one key pair.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ def b64_raw_public(key: x25519.X25519PublicKey | ed25519.Ed25519PublicKey) -> st
     """The raw 32-byte public key, base64 (standard alphabet), as the coordinator stores it."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
+
+
+def fingerprint(encryption_public_b64: str, signing_public_b64: str) -> str:
+    """`SHA256:<base64>` of a worker's two raw public keys, as ssh shows a host key's (partner_keys.py)."""
+    raw = _raw32(encryption_public_b64, "encryption_public_key") + _raw32(signing_public_b64, "signing_public_key")
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
 
 
 def x25519_public_from_b64(text: str) -> x25519.X25519PublicKey:
@@ -78,6 +85,11 @@ class WorkerKeys:
         """Base64 raw Ed25519 public key for `PUT /v1/worker/keys`."""
         return b64_raw_public(self.signing.public_key())
 
+    @property
+    def fingerprint(self) -> str:
+        """What partners' operators compare with the one their workers log when this worker's keys change."""
+        return fingerprint(self.encryption_public_b64, self.signing_public_b64)
+
     def public_keys(self) -> dict[str, str]:
         """The body of `PUT /v1/worker/keys`."""
         return {"encryption_public_key": self.encryption_public_b64, "signing_public_key": self.signing_public_b64}
@@ -106,6 +118,14 @@ def _load_or_create(path: Path):  # type: ignore[no-untyped-def]
         # First writer wins (link never replaces); everyone then loads the winner's file.
         atomic_write_bytes(path, pem, overwrite=False, mode=0o600)
     return load_key_file(path)
+
+
+def existing_fingerprint(state_dir: Path) -> str | None:
+    """The fingerprint of the keys in `state_dir`, None before a first start made them (KeyFileError, OSError)."""
+    if check_key_files(state_dir):
+        return None
+    return WorkerKeys(load_key_file(state_dir / ENCRYPTION_KEY_FILE), load_key_file(state_dir / SIGNING_KEY_FILE)
+                      ).fingerprint
 
 
 def check_key_files(state_dir: Path) -> list[str]:

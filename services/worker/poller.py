@@ -28,6 +28,7 @@ from services.worker.coordinator_client import (CoordinatorAuthError, Coordinato
 from services.worker.keys import WorkerKeys
 from services.worker.disk_advice import disk_advice
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog
+from services.worker.partner_keys import PartnerKeyBook
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
 ENDED_STATUSES = ("Stopped", "Error", "Completed", "Rejected")
@@ -84,6 +85,7 @@ class Poller:
         self.client = client
         self.spool = spool
         self.keys = keys
+        self.partner_keys = PartnerKeyBook(config.state_dir)
         self.program_states = program_states or (lambda: {})
         self.registered = False
         # Set while the coordinator holds this worker's keys for the organization: only then are jobs stored. A
@@ -219,6 +221,8 @@ class Poller:
                         self.registered = False
                     else:
                         changed, previous = self.spool.store_job(spec)
+                        if previous is None or previous.get("parties") != spec.get("parties"):
+                            self._note_partner_keys(spec)
                         if changed:
                             # Said when the job is new or its status moved: its seat's state changes the view too,
                             # and one line per such change read like the job being taken again.
@@ -229,6 +233,17 @@ class Poller:
                 except (InvalidName, KeyError, TypeError, AttributeError):
                     log.error("ignoring a job from the coordinator with an invalid id or shape")
         return served
+
+    def _note_partner_keys(self, spec: dict[str, Any]) -> None:
+        """Say it when a partner organization's worker shows other keys than before (partner_keys.py)."""
+        try:
+            changes = self.partner_keys.note(spec)
+        except OSError as exc:
+            log.warning("job %s: cannot record the partners' key fingerprints in %s (%s); a change of their keys "
+                        "goes unnoticed until it can", spec["id"], self.partner_keys.path, exc.strerror or exc)
+            return
+        for change in changes:
+            log.warning("%s", change.line())
 
     def _names_our_keys(self, spec: dict[str, Any]) -> bool:
         party = (spec.get("parties") or {}).get(spec.get("seat")) or {}
