@@ -249,6 +249,54 @@ def test_a_job_not_approved_by_every_data_owner_in_time_ends_in_error(start_cape
     assert user["xorg"].delete("/v1/dataviews/" + job["task"]["x"]["dataview"]["id"]).status_code == 204  # not held
 
 
+def test_a_started_job_whose_workers_all_went_away_ends_once_their_messages_would_have_expired(start_cape_server):
+    """A live worker gives up a silent partner itself; a job whose workers all went away for good (an organization
+    that retired its worker) showed Started for ever, holding its project and dataviews. After --message-ttl without
+    a report (what was sent to them expired then) and with none of them online, it ends in Error naming them."""
+    server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2", "--message-ttl", "1.5"])
+    world = build_job_world(server)
+    jid, user, worker = world["job"]["id"], world["user"], world["worker"]
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running"}).status_code == 204
+        assert worker[label].post("/v1/worker/heartbeat", json={}).status_code == 204
+    assert worker["helper"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "completed"}).status_code == 204
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["status"] == "Started"
+    time.sleep(2.2)  # silent past the TTL, but its workers online (a long step, say): theirs to judge
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["status"] == "Started"
+    for label in ("xorg", "yorg"):  # the helper, done with its part, stays online: it cannot finish the job
+        assert worker[label].post("/v1/worker/heartbeat", json={"stopping": True}).status_code == 204
+    deadline = time.monotonic() + 5
+    while (job := user["yorg"].get(f"/v1/jobs/{jid}").json())["status"] == "Started" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job["status"] == "Error"
+    assert job["error"] == ("no report from its workers for 1.5 s and none of x_owner (xorg), y_owner (yorg) is "
+                            "online; the broker keeps undelivered messages that long, so the job cannot go on: submit "
+                            "it again once their workers run")
+    assert user["xorg"].delete("/v1/dataviews/" + job["task"]["x"]["dataview"]["id"]).status_code == 204  # not held
+
+
+def test_silence_while_the_server_was_down_does_not_end_a_started_job(start_cape_server):
+    """Workers cannot report to a server that is down, and after a long outage their first heartbeats come after its
+    first sweep: only silence while it ran counts."""
+    server = start_cape_server(extra_args=["--job-sweep-seconds", "0.2", "--message-ttl", "1.5"])
+    world = build_job_world(server)
+    jid, user, worker = world["job"]["id"], world["user"], world["worker"]
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running"}).status_code == 204
+        assert worker[label].post("/v1/worker/heartbeat", json={"stopping": True}).status_code == 204
+    server.stop()
+    time.sleep(2.0)  # down longer than the TTL, the job's workers offline
+    server.start()
+    restarted = time.monotonic()
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["status"] == "Started"
+    time.sleep(max(0.0, restarted + 1.0 - time.monotonic()))  # several sweeps, before 1.5 s of its own
+    assert user["xorg"].get(f"/v1/jobs/{jid}").json()["status"] == "Started"
+    deadline = time.monotonic() + 5
+    while (job := user["yorg"].get(f"/v1/jobs/{jid}").json())["status"] == "Started" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job["status"] == "Error" and time.monotonic() - restarted >= 1.5
+
+
 def test_reject_and_stop(cape_server):
     world = build_job_world(cape_server, approve=False)
     jid, user = world["job"]["id"], world["user"]

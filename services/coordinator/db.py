@@ -70,7 +70,12 @@ SCHEMA_VERSION = 1
 
 def now_iso() -> str:
     """The current time as an ISO 8601 UTC string (what every timestamp of the API looks like)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """`moment` (UTC) as the stored timestamps are written, so that SQL compares them as strings."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text: str) -> datetime:

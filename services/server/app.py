@@ -6,6 +6,7 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                         store.orphans_removed)
         tasks = []
         if db is not None:
+            serving_since = datetime.now(UTC)
+
             def sweep_jobs() -> None:
                 with db.transaction() as conn:
-                    expired = expire_late_jobs(conn, config.approval_ttl)
+                    expired = expire_late_jobs(conn, config.approval_ttl, config.message_ttl, serving_since)
                 if expired:
                     changes.bump()
                 refused.flush()

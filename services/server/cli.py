@@ -266,7 +266,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
               help="Seconds without a byte after which the broker gives up a message being sent (and its partial "
                    "file).")
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds after which undelivered messages expire.")
+              help="Seconds after which undelivered messages expire; a Started job none of whose workers reported "
+                   "for as long, and whose workers still to finish are offline, ends in Error.")
 @click.option("--approval-ttl", default=DEFAULT_APPROVAL_TTL, show_default=True, type=click.FloatRange(min=0),
               help="Seconds after its submission by which every data owner must have approved a job, or it ends in "
                    "Error (an early approval would otherwise count for ever); 0: no deadline.")
