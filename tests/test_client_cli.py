@@ -149,6 +149,14 @@ def test_orgs_remove_user_and_set_role(shared_cape_server, cape_cli, orgs) -> No
     readded = made["user"]
     removed = cape_cli("orgs", "remove-user", acme, readded["id"], "--json", env=env)
     assert removed.exit_code == 0 and json.loads(removed.stdout) == {"organization": acme, "removed": readded["id"]}
+    # Another organization's admin adds that account (acme's admin holds its first token) only once confirmed.
+    globex = orgs["globex"]["organization"]["label"]
+    env_g = {**env, "CAPE_TOKEN": orgs["globex"]["user_token"]}
+    refused = cape_cli("orgs", "add-user", globex, email, env=env_g)
+    assert refused.exit_code == 1 and f"by organization {acme}'s admin, who got its first token" in refused.stderr
+    assert refused.stderr.strip().endswith("(HTTP 409)")
+    confirmed = cape_cli("orgs", "add-user", globex, email, "--existing-account", env=env_g)
+    assert confirmed.exit_code == 0 and confirmed.stdout.startswith(f"Added {email} to {globex} as user. ")
 
 
 def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label, tmp_path: Path) -> None:
@@ -379,8 +387,8 @@ def _pending_job(server, orgs: dict[str, dict], unique_label) -> Job:
 def test_approve_names_the_organization_when_you_may_decide_for_both(start_cape_server, cape_cli) -> None:
     """One person, operator in both data owners: an approval is for one organization, named with --org."""
     world = build_job_world(start_cape_server(), approve=False)
-    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users",
-                                           json={"email": "ops@both.example", "role": "operator"})
+    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users", json={
+        "email": "ops@both.example", "role": "operator", "existing_account": org == "yorg"})  # xorg's admin made it
              for org in ("xorg", "yorg")}
     assert [r.status_code for r in users.values()] == [201, 201]
     assert users["yorg"].json()["token"] is None  # one user, one token: it carries both roles
@@ -410,8 +418,8 @@ def test_an_older_coordinator_deciding_for_every_organization_is_said(start_cape
     from services.client.http import ApiSession
 
     world = build_job_world(start_cape_server(), approve=False)
-    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users",
-                                           json={"email": "ops@both.example", "role": "operator"})
+    users = {org: world["user"][org].post(f"/v1/organizations/{org}/users", json={
+        "email": "ops@both.example", "role": "operator", "existing_account": org == "yorg"})  # xorg's admin made it
              for org in ("xorg", "yorg")}
     post = ApiSession.post
 

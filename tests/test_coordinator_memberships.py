@@ -61,7 +61,8 @@ def orgs(shared_cape_server: CapeServer, unique_label: Any) -> Orgs:
 def test_removed_member_loses_the_orgs_projects_but_keeps_other_orgs_and_jobs(orgs: Orgs) -> None:
     email = f"ds@{orgs.label['x']}.example"
     member, user = orgs.add("x", email, "data_scientist")
-    ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users", json={"email": email, "role": "user"}))
+    ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users",
+                            json={"email": email, "role": "user", "existing_account": True}))
     ok(orgs.dataview(member, "xs"))
     job = ok(orgs.job(member, "xs"))
     project = f"/v1/projects/{orgs.project}"
@@ -237,8 +238,8 @@ def test_an_email_is_one_account_whatever_its_case(orgs) -> None:
     'ann@y.example', and whoever adds an existing account sees which organization made it (and holds its first
     token), so a squatted email is noticed."""
     _, made = orgs.add("x", f"Ann@{orgs.label['y']}.example", "user")
-    added = ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users",
-                                    json={"email": f"ann@{orgs.label['y']}.EXAMPLE", "role": "operator"}))
+    added = ok(orgs.admin["y"].post(f"/v1/organizations/{orgs.label['y']}/users", json={
+        "email": f"ann@{orgs.label['y']}.EXAMPLE", "role": "operator", "existing_account": True}))
     assert added["token"] is None and added["user"] == {**made, "role": "operator"}
     assert (added["existing_account"]["made_by"], added["existing_account"]["created_by_organization"]) == (
         "organization", orgs.label["x"])
@@ -248,3 +249,37 @@ def test_an_email_is_one_account_whatever_its_case(orgs) -> None:
         f"'{made['email']}' is already a member of this organization"
     ok(orgs.admin["y"].delete(orgs.users_path("y", made["email"].lower())))  # found whatever the case
     assert made["email"] not in orgs.members("y")
+
+
+def test_an_account_another_organization_made_is_added_only_when_confirmed(orgs) -> None:
+    """Tried as a new user would: x's admin makes an account for y's future admin before y does, so x's admin holds
+    its first token. y's admin adding that email must not give x's token y's admin role before y's admin has seen
+    who made the account and confirmed it is the person meant."""
+    squatter, made = orgs.add("x", f"cfo@{orgs.label['y']}.example", "user")
+    ok(orgs.admin["x"].delete(orgs.users_path("x", made["id"])))
+    path = f"/v1/organizations/{orgs.label['y']}/users"
+    refused = orgs.admin["y"].post(path, json={"email": made["email"], "role": "admin"})
+    assert refused.status_code == 409, refused.text
+    body = refused.json()["error"]
+    assert body["code"] == "existing_account" and body["existing_account"] == {
+        "created_at": body["existing_account"]["created_at"], "made_by": "organization",
+        "created_by_organization": orgs.label["x"]}
+    assert body["message"] == (
+        f"'{made['email']}' already has an account, made {body['existing_account']['created_at']} by organization "
+        f"{orgs.label['x']}'s admin, who got its first token (emails are not verified); adding it gives that token "
+        f"the role admin in {orgs.label['y']} at once. If it is the person you mean (ask them), add it again "
+        f"confirming it (`cape orgs add-user {orgs.label['y']} {made['email']} --existing-account`, or "
+        '"existing_account": true)')
+    assert made["email"] not in orgs.members("y")
+    assert ok(squatter.post("/v1/login"))["roles"] == {}
+    assert squatter.get(f"/v1/organizations/{orgs.label['y']}/tokens").status_code == 403
+
+    confirmed = ok(orgs.admin["y"].post(path, json={"email": made["email"], "role": "user", "existing_account": True}))
+    assert confirmed["token"] is None and orgs.members("y")[made["email"]] == "user"
+    # Accounts the server's operator made, or this organization's own admin, need no confirmation.
+    ok(orgs.admin["y"].delete(orgs.users_path("y", made["id"])))
+    _, own = orgs.add("y", f"own@{orgs.label['y']}.example", "user")
+    ok(orgs.admin["y"].delete(orgs.users_path("y", own["id"])))
+    assert ok(orgs.admin["y"].post(path, json={"email": own["email"], "role": "user"}))["token"] is None
+    operator_made = orgs.created["h"]["user"]["email"]
+    assert ok(orgs.admin["y"].post(path, json={"email": operator_made, "role": "user"}))["token"] is None

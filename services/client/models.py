@@ -95,11 +95,16 @@ class Organization(Resource):
         """Members of the organization with their roles."""
         return self._session.get(f"/v1/organizations/{seg(self.id)}/users")
 
-    def add_user(self, email: str, role: str) -> dict[str, Any]:
+    def add_user(self, email: str, role: str, existing_account: bool = False) -> dict[str, Any]:
         """Add a user (admin only); returns ``{"user", "token", "existing_account"}``: a new user's first token, or
         None for a user who exists already (their own tokens now carry this role too; ``existing_account`` then says
-        when and by which organization the account was made, since emails are not verified)."""
-        return self._session.post(f"/v1/organizations/{seg(self.id)}/users", {"email": email, "role": role})
+        when and by which organization the account was made, since emails are not verified). An account another
+        organization's admin made (who holds its first token) is refused (409 ``existing_account``) unless
+        ``existing_account`` confirms it is the person meant."""
+        body: dict[str, Any] = {"email": email, "role": role}
+        if existing_account:  # only when asked: a coordinator from before the confirmation refuses unknown fields
+            body["existing_account"] = True
+        return self._session.post(f"/v1/organizations/{seg(self.id)}/users", body)
 
     def remove_user(self, email_or_id: str) -> None:
         """End a user's membership of this organization (admin only); their other organizations keep them."""

@@ -119,7 +119,8 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "add users")
-            user, token, existing = identity.add_user(conn, org_id, body.email, body.role)
+            user, token, existing = identity.add_user(conn, org_id, body.email, body.role,
+                                                      existing_ok=body.existing_account)
         record(p, "added %s to organization %s as %s%s", body.email, org, body.role,
                " (an existing account)" if existing else "")
         return {"user": user, "token": token, "existing_account": existing}

@@ -80,8 +80,15 @@ def user_view(row: sqlite3.Row | dict[str, Any], role: str | None = None) -> dic
     return view
 
 
-def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
-             token_for_existing: bool = False) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
+class ExistingAccount(Conflict):
+    """The email's account was made by another organization's admin (or by no one the coordinator recorded), who
+    holds its first token: adding it would give that token the role at once, so the admin confirms it first."""
+
+    code = "existing_account"
+
+
+def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str, token_for_existing: bool = False,
+             existing_ok: bool = False) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
     """Add a user (made if the email is new) to the organization with a role; returns (user, token, existing).
 
     A new user gets a first token. A user who exists already keeps their own tokens and gets none: a user token
@@ -89,7 +96,9 @@ def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
     the user's other organizations too. Only the server's operator (`cape-server admin`, `token_for_existing`)
     issues a token for an existing user. `existing` says, for an account that was there, when it was made and
     by which organization's admin (None: by the server's operator): emails are not verified, so whoever made the
-    account holds its first token, and the one adding it must be able to see that it is not a new one."""
+    account holds its first token, and the one adding it must be able to see that it is not a new one: one that
+    another organization's admin made is added only with `existing_ok` (ExistingAccount otherwise), or that admin
+    could make accounts for other organizations' people before them and hold the roles they are given."""
     if role not in ROLES:
         raise InvalidRequest(f"field 'role': must be one of {', '.join(ROLES)}")
     user = user_by_email(conn, email)
@@ -103,11 +112,25 @@ def add_user(conn: sqlite3.Connection, org_id: str, email: str, role: str,
         raise Conflict(f"'{user['email']}' is already a member of this organization", code="duplicate_member")
     else:
         existing = existing_account(conn, user)
+        if user["created_by_org_id"] not in ("", org_id) and not (token_for_existing or existing_ok):
+            _refuse_existing(conn, org_id, user, role, existing)
     conn.execute("INSERT INTO memberships (user_id, org_id, role) VALUES (?, ?, ?)", (user["id"], org_id, role))
     if existing and not token_for_existing:
         return user_view(user, role), None, existing
     token = issue_user_token(conn, user["id"], "first token" if not existing else "issued by the server's operator")
     return user_view(user, role), token["token"], existing
+
+
+def _refuse_existing(conn: sqlite3.Connection, org_id: str, user: sqlite3.Row, role: str,
+                     existing: dict[str, Any]) -> None:
+    label = get_org(conn, org_id)["label"]
+    maker = (f"by organization {existing['created_by_organization']}'s admin" if existing["made_by"] == "organization"
+             else "by a maker the coordinator did not record")
+    raise ExistingAccount(
+        f"'{user['email']}' already has an account, made {existing['created_at']} {maker}, who got its first token "
+        f"(emails are not verified); adding it gives that token the role {role} in {label} at once. If it is the "
+        f"person you mean (ask them), add it again confirming it (`cape orgs add-user {label} {user['email']} "
+        "--existing-account`, or \"existing_account\": true)", extra={"existing_account": existing})
 
 
 def list_members(conn: sqlite3.Connection, org_id: str) -> list[dict[str, Any]]:

@@ -93,6 +93,8 @@ class Body(BaseModel):
 class NewUser(Body):
     email: Email
     role: Role
+    # The admin confirms adding an account another organization made (`existing_account` in the 409).
+    existing_account: bool = False
 
 
 class MemberRole(Body):

@@ -79,11 +79,14 @@ def worker_line(worker: dict[str, Any]) -> str:
 @click.argument("org")
 @click.argument("email")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@click.option("--existing-account", is_flag=True,
+              help="The email's account was made by another organization's admin (who got its first token): add it "
+                   "all the same, having checked it is the person you mean.")
 @json_option
 @pass_cli
-def add_user(cli: CliContext, org: str, email: str, role: str, as_json: bool) -> None:
+def add_user(cli: CliContext, org: str, email: str, role: str, existing_account: bool, as_json: bool) -> None:
     """Add a user to ORG (admin); prints a new user's token once (a user who exists already keeps their own)."""
-    created = cli.cape().get_organization(org).add_user(email, role)
+    created = cli.cape().get_organization(org).add_user(email, role, existing_account=existing_account)
     if as_json:
         print_json(created)
         return
