@@ -36,6 +36,10 @@ def test_malformed_bodies_name_the_field(world):
     org = world["orgs"]["xorg"]["organization"]["label"]
     assert error(admin.post(f"/v1/organizations/{org}/users", json={"email": "nope", "role": "user"}), 422) == (
         "field 'email': 'nope' is not an email address (like name@example.org)")
+    # An email is written to the audit log and shown to other organizations' members: as a name, no escapes.
+    for email in ("a\x1b]0;title\x07\x1b[2J@x.example", "admin\u202e@x.example", "a\x00b@x.example"):
+        assert error(admin.post(f"/v1/organizations/{org}/users", json={"email": email, "role": "user"}), 422) == (
+            "field 'email': must be one line of text, without control characters (line breaks, tabs, escapes)")
     assert error(admin.post("/v1/projects", json={"name": "no label"}), 422) == "field 'label': field required"
     # Names are shown in tables: one line, no terminal escapes; a length in characters, not pydantic's "items".
     assert error(admin.post("/v1/projects", json={"label": "p", "name": "Evil\nCorp\x1b[31m"}), 422) == (

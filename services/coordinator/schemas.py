@@ -74,7 +74,9 @@ def _label(value: str) -> str:
 def _email(value: str) -> str:
     if not _EMAIL.match(value):
         raise ValueError(f"{value[:80]!r} is not an email address (like name@example.org)")
-    return value
+    # An email goes into the audit log and every project member's job views, as names do: no escapes, no bidi
+    # overrides (one would show another organization's address).
+    return _one_line(value)
 
 
 # Validators rather than patterns: a pattern's error quotes the regular expression to the user.
