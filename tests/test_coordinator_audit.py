@@ -80,6 +80,33 @@ def test_the_brokers_refusals_are_counted_too(cape_server):
             "such line: 127.0.0.1 x1") in cape_server.log_path.read_text()
 
 
+def test_requests_refused_as_not_allowed_are_counted_by_caller_and_code(cape_server):
+    """An organization probing others' projects, jobs and tokens (all 403) left no line in the server's log."""
+    world = build_job_world(cape_server, approve=False)
+    outsider = cape_server.create_org("outsider")
+    probe = Api(cape_server, outsider["user_token"])
+    assert probe.get("/v1/projects/demo").status_code in (403, 404)
+    assert probe.post(f"/v1/jobs/{world['job']['id']}/approve").status_code == 403
+    assert probe.get("/v1/organizations/xorg/tokens").status_code == 403
+    worker = Api(cape_server, outsider["organization_token"])
+    assert worker.get(f"/broker/v1/jobs/{world['job']['id']}/messages").status_code == 403
+    log = cape_server.log_path.read_text()
+    token_id = outsider["user_token"].split(",")[0]
+    said = [line.split("cape.audit: ", 1)[1] for line in log.splitlines()
+            if "refused as not allowed to the caller (403)" in line]
+    # The first at once; the others within the minute are added up (said by the sweep a minute on, or at stop).
+    assert said and said[0].startswith("1 request(s) refused as not allowed to the caller (403) since the last such "
+                                       f"line: admin@outsider.example (token {token_id}) "), said
+    cape_server.stop()
+    said = [line.split("cape.audit: ", 1)[1] for line in cape_server.log_path.read_text().splitlines()
+            if "refused as not allowed to the caller (403)" in line]
+    assert len(said) == 2 and said[1].startswith("3 request(s) refused as not allowed"), said
+    worker_token = outsider["organization_token"].split(",")[0]
+    assert f"the worker with token {worker_token} no_seat x1" in said[1]
+    secrets = [outsider[k].split(",", 1)[1] for k in ("user_token", "organization_token")]
+    assert not any(secret in line for secret in secrets for line in said)
+
+
 def test_audit_lines_stay_at_a_quiet_log_level_and_counts_are_said_at_stop(start_cape_server):
     server = start_cape_server(extra_args=["--log-level", "warning"])
     org = server.create_org("quiet")

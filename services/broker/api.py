@@ -17,11 +17,11 @@ from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
 from services.broker.room import Room
 from services.broker.store import BodyTooLarge, Commit, MessageStore
-from services.coordinator.audit import RefusedTokens
+from services.coordinator.audit import RefusedActions, RefusedTokens
 from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
-    ApiError, Conflict, InsufficientStorage, InvalidRequest, NotFound, RequestTimeout, TooLarge, Unauthorized,
-    Unavailable,
+    ApiError, Conflict, Forbidden, InsufficientStorage, InvalidRequest, NotFound, RequestTimeout, TooLarge,
+    Unauthorized, Unavailable,
 )
 from services.server.config import DEFAULT_BODY_IDLE_SECONDS
 from services.server.storage_trouble import StorageTrouble, is_storage_refusal
@@ -67,20 +67,25 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
 
 def broker_router(store: MessageStore, membership: JobMembership, signals: MailboxSignals,
                   max_message_bytes: int, room: Room, storage: StorageTrouble | None = None,
-                  refused: RefusedTokens | None = None, body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
-                  ) -> APIRouter:
+                  refused: RefusedTokens | None = None, body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS,
+                  forbidden: RefusedActions | None = None) -> APIRouter:
     """All `/broker/v1` endpoints over one store and one way of authorizing callers; `storage` notes a disk that
-    refuses writes (for /healthz), `refused` counts callers refused for their token (for the audit log); a body
-    from which nothing arrives for `body_idle_seconds` is given up."""
+    refuses writes (for /healthz), `refused` counts callers refused for their token and `forbidden` those refused
+    a job they have no seat in (for the audit log); a body from which nothing arrives for `body_idle_seconds` is
+    given up."""
     router = APIRouter(prefix="/broker/v1", tags=["broker"])
     storage = storage or StorageTrouble()
     refused = refused or RefusedTokens()
+    forbidden = forbidden or RefusedActions()
 
     async def access(request: Request, token: str | None, job_id: str) -> JobAccess:
         try:
             return await membership.access(token, job_id)
         except Unauthorized:
             refused.note(request.client.host if request.client else "unknown")
+            raise
+        except Forbidden as exc:  # a valid token (else 401 above): its id is no secret
+            forbidden.note(f"the worker with token {str(token).split(',', 1)[0]} {exc.code}")
             raise
 
     def _storage_failed(exc: OSError) -> ApiError:

@@ -87,6 +87,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
             refused.note(request.client.host if request.client else "unknown")
             raise
         identity.note_use(db, found)
+        request.state.principal = found  # for the audit of a refusal (403) that follows
         return found
 
     def person(p: Principal = Depends(principal)) -> Principal:

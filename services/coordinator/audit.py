@@ -1,8 +1,9 @@
 """What an operator needs to answer "who did this?": one `cape.audit` log line per change to who may do what
 (members and roles, tokens issued and revoked, a worker's keys, projects' organizations and helper, job approvals,
-rejections and stops, deletions), and requests to the coordinator or the broker refused for their token, counted
-per client address and said at most once a minute. Ids, labels and emails only: never a token's secret.
-(`cape-server admin` commands act on the database directly: services/server/admin_audit.py records them.)"""
+rejections and stops, deletions), and requests to the coordinator or the broker refused for their token (counted
+per client address) or as not allowed to their caller (per token and code), each said at most once a minute. Ids,
+labels and emails only: never a token's secret. (`cape-server admin` commands act on the database directly:
+services/server/admin_audit.py records them.)"""
 from __future__ import annotations
 
 import logging
@@ -28,18 +29,19 @@ def record(p: Principal, action: str, *args: object) -> None:
     log.info("%s " + action, actor(p), *args)
 
 
-class RefusedTokens:
-    """Requests answered 401 (no token, a malformed, unknown or revoked one), by client address: the first after a
-    quiet minute is said at once, the rest are added up and said by `flush` (the server's sweep calls it)."""
+class Refusals:
+    """Refused requests of one kind, by who made them: the first after a quiet minute is said at once, the rest are
+    added up and said by `flush` (the server's sweep calls it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refused_for: str) -> None:
+        self.refused_for = refused_for
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._said_at = -REFUSALS_SAID_EVERY_SECONDS
 
-    def note(self, client: str) -> None:
+    def note(self, who: str) -> None:
         with self._lock:
-            self._counts[client] += 1
+            self._counts[who] += 1
         self.flush()
 
     def flush(self, final: bool = False) -> None:
@@ -49,5 +51,23 @@ class RefusedTokens:
             if not self._counts or (now - self._said_at < REFUSALS_SAID_EVERY_SECONDS and not final):
                 return
             counts, self._counts, self._said_at = self._counts, Counter(), now
-        log.warning("%d request(s) refused for their token (missing, unknown or revoked) since the last such line: "
-                    "%s", sum(counts.values()), ", ".join(f"{client} x{n}" for client, n in counts.most_common(10)))
+        log.warning("%d request(s) refused %s since the last such line: %s", sum(counts.values()), self.refused_for,
+                    ", ".join(f"{who} x{n}" for who, n in counts.most_common(10)))
+
+
+class RefusedTokens(Refusals):
+    """Requests answered 401 (no token, a malformed, unknown or revoked one), by client address."""
+
+    def __init__(self) -> None:
+        super().__init__("for their token (missing, unknown or revoked)")
+
+
+class RefusedActions(Refusals):
+    """Requests answered 403 (a valid token that may not do it: another organization's project, a role too low),
+    by who made them and the refusal's code: an organization probing others' projects left no trace before."""
+
+    def __init__(self) -> None:
+        super().__init__("as not allowed to the caller (403)")
+
+    def note_principal(self, p: Principal, code: str) -> None:
+        self.note(f"{actor(p)} {code}")

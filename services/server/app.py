@@ -22,7 +22,7 @@ from services.broker.membership import JobMembership, LocalMembership, RemoteMem
 from services.broker.store import MessageStore
 from services.broker.room import Room
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
-from services.coordinator.audit import RefusedTokens
+from services.coordinator.audit import RefusedActions, RefusedTokens
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
 from services.coordinator.views import ErrorBody, Health
@@ -83,7 +83,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     signals = MailboxSignals()
     changes = JobChanges()
-    refused = RefusedTokens()
+    refused, forbidden = RefusedTokens(), RefusedActions()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +108,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 if expired:
                     changes.bump()
                 refused.flush()
+                forbidden.flush()
                 if store is not None:
                     _purge_ended_jobs(db, store)
             tasks.append(asyncio.create_task(_every(config.job_sweep_seconds, "job timeout sweep", sweep_jobs)))
@@ -115,6 +116,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             interval = min(60.0, max(0.5, config.message_ttl / 4))
             def expire_messages() -> None:
                 refused.flush()  # for a broker running alone, which has no job sweep
+                forbidden.flush()
                 expired = store.expire()
                 if expired:  # undelivered: a worker that was away too long; its job will say what it missed
                     log.info("%d undelivered message(s) expired (--message-ttl %g s)", expired, config.message_ttl)
@@ -124,6 +126,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             refused.flush(final=True)  # counts not yet said would be lost with the process
+            forbidden.flush(final=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -139,7 +142,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                   description="Reference coordinator (`/v1`) and broker (`/broker/v1`) for Cape workers.")
     app.add_middleware(DeclaredBodyLimit, prefix="/v1/", limit=MAX_JSON_BODY)
     storage = StorageTrouble()
-    install_error_handlers(app, storage)  # after: its middleware is the outermost of ours
+    install_error_handlers(app, storage, forbidden)  # after: its middleware is the outermost of ours
     parts = []
     if db is not None:
         app.include_router(coordinator_router(db, changes, refused))
@@ -147,7 +150,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
                                          Room(config.max_job_bytes, config.min_free_bytes), storage, refused,
-                                         config.body_idle_seconds))
+                                         config.body_idle_seconds, forbidden))
         parts.append("broker")
 
     _answer_for_missing_parts(app, runs_coordinator=db is not None, runs_broker=store is not None)

@@ -6,7 +6,7 @@ stack trace never does (it is logged server-side only).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.server.errors import ApiError, InvalidRequest
 from services.server.storage_trouble import StorageTrouble, is_storage_refusal
+
+if TYPE_CHECKING:
+    from services.coordinator.audit import RefusedActions
 
 log = logging.getLogger("cape.server")
 
@@ -69,12 +72,16 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     return message
 
 
-def install_error_handlers(app: FastAPI, storage: StorageTrouble | None = None) -> None:
-    """Register the JSON error handlers: typed errors, validation (422 naming the field), HTTP errors, 500 (507
-    for a disk that refuses writes, noted in `storage`)."""
+def install_error_handlers(app: FastAPI, storage: StorageTrouble | None = None,
+                           forbidden: RefusedActions | None = None) -> None:
+    """Register the JSON error handlers: typed errors (a 403 to a known caller counted in `forbidden`), validation
+    (422 naming the field), HTTP errors, 500 (507 for a disk that refuses writes, noted in `storage`)."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        caller = getattr(request.state, "principal", None)
+        if exc.status == 403 and forbidden is not None and caller is not None:
+            forbidden.note_principal(caller, exc.code)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
