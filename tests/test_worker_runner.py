@@ -248,6 +248,33 @@ def test_an_unforeseen_failure_is_reported_without_its_details(cape_server, tmp_
     assert "/secret/bank/x.csv row 7: 1234.5" in caplog.text  # its operator still finds what happened
 
 
+@pytest.mark.parametrize("failure, said", [
+    (MemoryError("Unable to allocate 8.00 MiB for an array with shape (32768, 32)"), "ran out of memory"),
+    (OSError(12, "Cannot allocate memory"), "ran out of memory"),  # mmap of the loaded columns
+    (RuntimeError("can't start new thread"), "could not start a thread"),  # a pids limit, or address space
+    (OSError(24, "Too many open files"), "ran out of open files"),
+])
+def test_a_failure_for_the_workers_own_limits_names_the_limit(cape_server, tmp_path, caplog, monkeypatch, failure,
+                                                              said):
+    """Tried as a new user would, in a container short of memory: the job said only "failed unexpectedly
+    (OSError)" (or MemoryError, RuntimeError), and nobody learned that the worker needs more memory."""
+    job = approved_job(cape_server, tmp_path)
+    x = job.seats["x_owner"]
+    x.spool.put_job(x.spec)
+
+    def fails(self, job_id, resumed):
+        raise failure
+
+    monkeypatch.setattr(Runner, "_run", fails)
+    caplog.set_level(logging.ERROR, logger="cape.runner")
+    assert Runner(x.spool, x.keys).run_job(job.id) == "error"
+    message = statuses(x.spool, job.id)[-1]["message"]
+    assert message.startswith(f"the worker's runner {said}; its operator ") and "submitted again" in message
+    assert str(failure) not in message  # the exception's own text stays in the worker's log
+    assert [r.getMessage() for r in caplog.records][0].startswith(f"job {job.id}: the runner {said} (")
+    assert str(failure) in caplog.text and "Traceback" not in caplog.text
+
+
 def test_a_spool_that_refuses_writes_is_said_once_and_retried_not_a_traceback_a_second(tmp_path, caplog,
                                                                                        monkeypatch):
     """A full spool volume: the claim raised out of the job thread, which the scan started again every second (600

@@ -41,6 +41,7 @@ from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keepalive import KeepAlives
 from services.worker.keys import WorkerKeys
+from services.worker.resource_limits import shortage
 from services.worker.seeds import party_seeds
 from services.worker.spool import SCRATCH_PREFIX, Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
@@ -513,6 +514,10 @@ def _unexpected_failure(job_id: str, exc: Exception) -> str:
         log.error("job %s: the spool refused a write: %s", job_id, exc.strerror)
         return ("the worker's spool volume refused a write (full or read-only); its operator frees space on "
                 "CAPE_SPOOL_DIR's volume, then the job is submitted again")
+    if limit := shortage(exc):  # the container's limits: its operator acts, nothing is wrong with the job
+        what, remedy = limit
+        log.error("job %s: the runner %s (%s: %s); its operator %s", job_id, what, type(exc).__name__, exc, remedy)
+        return f"the worker's runner {what}; its operator {remedy}, then the job is submitted again"
     log.exception("job %s: unexpected failure", job_id, exc_info=exc)
     return (f"the worker's runner failed unexpectedly ({type(exc).__name__}); the details are in that worker's "
             "runner log")

@@ -1,0 +1,29 @@
+"""What a failure caused by the worker's own limits (memory, processes, open files) tells its operator.
+
+Such failures reached a job's error as "the worker's runner failed unexpectedly (OSError)", or `MemoryError`,
+`RuntimeError`: nothing said the container was short of memory, and no one knew to give it more. The job's
+error (every project member reads it) names the limit and what its operator does; the exception's own text (an
+array's size, a path) stays in the worker's log.
+"""
+from __future__ import annotations
+
+import errno
+
+# What each limit's shortage is called, and what the worker's operator does about it.
+MEMORY = ("ran out of memory", "gives the worker (its container) more memory (README, \"Memory and other limits\")")
+THREADS = ("could not start a thread", "raises the worker's limit on processes and threads (docker run "
+           "--pids-limit) or gives it more memory (README, \"Memory and other limits\")")
+OPEN_FILES = ("ran out of open files", "raises the worker's open-files limit (docker run --ulimit nofile=)")
+
+
+def shortage(exc: BaseException) -> tuple[str, str] | None:
+    """(what ran short, what the operator does) when `exc` says the process hit one of its limits, else None."""
+    if isinstance(exc, MemoryError):  # numpy's and Arrow's allocation failures are MemoryErrors too
+        return MEMORY
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:  # mmap, fork: "Cannot allocate memory"
+        return MEMORY
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return OPEN_FILES
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):  # EAGAIN from pthread_create
+        return THREADS
+    return None
