@@ -402,6 +402,49 @@ def test_sigterm_lets_a_running_job_pause_before_the_runner_exits(data_job, tmp_
     assert x.spool.done(job.id) is None
 
 
+def test_a_job_whose_runner_keeps_being_killed_ends_in_error_saying_memory(data_job, tmp_path):
+    """Tried as a new user would, in a container short of memory: the kernel's OOM killer killed the runner as it
+    loaded the job's data, supervisord (or Docker) restarted it, it replayed the job into the same death, 25 times in
+    150 s, until its partners gave up after 5 times the job's timeout; nothing said memory. A clean stop
+    (SIGTERM, `docker stop`) is not counted; the third kill ends the job."""
+    from services.worker.runner import MAX_KILLS_PER_JOB
+
+    job, _, _ = data_job
+    x = job.seats["x_owner"]  # its peers never run: its job waits for their messages, loaded
+    log = tmp_path / "x_owner.runner.log"
+    proc = None
+
+    def start_and_load(times: int) -> subprocess.Popen:
+        started = start_program("runner", job, "x_owner", tmp_path)
+        wait_for(lambda: log.read_text().count(f"job {job.id}: loaded its data") == times, "the job to load",
+                 timeout=60)
+        return started
+
+    try:
+        proc = start_and_load(1)
+        proc.send_signal(signal.SIGTERM)  # a stop: replayed at the next start, not counted
+        assert proc.wait(timeout=10) == 0
+        for loaded in range(2, 2 + MAX_KILLS_PER_JOB):
+            proc = start_and_load(loaded)
+            proc.kill()  # as the OOM killer does
+            proc.wait(timeout=10)
+            assert x.spool.done(job.id) is None
+        proc = start_program("runner", job, "x_owner", tmp_path)
+        done = wait_for(lambda: x.spool.done(job.id), "the job to end", timeout=60)
+    finally:
+        stop_all([proc] if proc else [])
+    text = log.read_text()
+    assert text.count(f"job {job.id}: loaded its data") == 1 + MAX_KILLS_PER_JOB  # not loaded a fifth time
+    assert done["outcome"] == "error"
+    message = statuses(x.spool, job.id)[-1]["message"]
+    assert message.startswith(f"the worker's runner was killed {MAX_KILLS_PER_JOB} times while it worked on this job")
+    assert "more memory" in message
+    for kill in range(1, MAX_KILLS_PER_JOB + 1):
+        assert (f"job {job.id}: the last runner was killed while it worked on this job ({kill} of "
+                f"{MAX_KILLS_PER_JOB} times before the job ends in Error), most often for lack of memory") in text
+    assert x.spool.claimed_jobs() == []
+
+
 def test_a_run_loop_ended_by_sigterm_still_waits_for_its_job_threads(tmp_path, monkeypatch):
     """SIGTERM's handler raises SystemExit in the main thread, inside the loop's wait; the job threads must still
     be told to stop and be waited for, since the process then exits without finalizing."""

@@ -70,6 +70,14 @@ QUEUED_SAID_AFTER_SECONDS = 1.0  # a wait for the other workers shorter than thi
 # days an appliance may idle); a job that follows sooner finds its heap warm.
 IDLE_RELEASE_SECONDS = 60.0
 STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
+# A job whose runner died this often while working on it (SIGKILL: the kernel's OOM killer, most often) ends in
+# Error: each restart replayed it into the same death, under supervisord's restarts or Docker's, until its partners
+# gave up after 5 times the job's timeout, saying "give such jobs a longer timeout". One kill is normal (README).
+MAX_KILLS_PER_JOB = 3
+KILLED_MESSAGE = ("the worker's runner was killed {kills} times while it worked on this job, without an error of its "
+                  "own: most often by the kernel's OOM killer, the job needing more memory than the worker's "
+                  "container has; its operator gives the worker (its container) more memory (README, \"Memory and "
+                  "other limits\"), then the job is submitted again")
 CLAIM_RETRY_SECONDS = 10.0  # a job the spool refused to claim (a full or read-only volume) is tried again after this
 _STOPPING = "the runner is stopping"
 
@@ -113,6 +121,18 @@ class Runner:
         self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
 
     # ---- scheduling -----------------------------------------------------------------------------------------
+    def count_kills(self) -> None:
+        """At start: unless the last runner noted a clean stop, it died (SIGKILL, OOM) while its working jobs ran;
+        count that against each (`MAX_KILLS_PER_JOB`) and say it, with its most common cause."""
+        if self.spool.take_runner_stopped():
+            return
+        for job_id in self.spool.claimed_jobs():
+            if self.spool.is_working(job_id):
+                kills = self.spool.count_kill(job_id)
+                log.warning("job %s: the last runner was killed while it worked on this job (%d of %d times before "
+                            "the job ends in Error), most often for lack of memory (the kernel's OOM killer); the "
+                            "job is replayed", job_id, kills, MAX_KILLS_PER_JOB)
+
     def runnable(self) -> list[str]:
         """Jobs to run: claimed ones first (a restart resumes them), then active ones oldest approval first."""
         active = set(self.spool.active_job_ids())
@@ -169,6 +189,10 @@ class Runner:
             deadline = time.monotonic() + STOP_JOIN_SECONDS
             for thread in list(self._threads.values()):
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            try:  # a stop, not a death: the next runner counts no kill against the jobs it resumes
+                self.spool.note_runner_stopped()
+            except OSError as exc:
+                log.warning("cannot note the runner's clean stop in the spool (%s)", exc.strerror or exc)
 
     # ---- one job --------------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
@@ -238,6 +262,8 @@ class Runner:
 
     def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
         """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""
+        if (kills := self.spool.kills(job_id)) >= MAX_KILLS_PER_JOB:
+            raise JobFailed(KILLED_MESSAGE.format(kills=kills))
         try:
             spec = JobSpec.parse(self.spool.read_job(job_id) or {})
         except JobSpecError as exc:
@@ -539,6 +565,7 @@ def main() -> int:
                                                                            **config.boto3_kwargs("s3")),
                         model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")),
                         run_dir=config.run_dir)
+        runner.count_kills()
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

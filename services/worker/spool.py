@@ -53,6 +53,7 @@ MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
+RUNNER_STOPPED_NAME = ".runner-stopped.json"  # under claims/: the last runner stopped cleanly (not a .json claim name)
 SCRATCH_PREFIX = ".scratch-"  # the runner's scratch files under tmp/ (an s3:// dataview being read)
 REJECTIONS_KEPT = 100  # dropped messages recorded per job (each is also logged); more are only logged
 FINISHED_JOBS_KEPT = 100  # finished jobs whose records stay in jobs/ (for `cape-worker status`); older ones go
@@ -341,7 +342,35 @@ class Spool:
         """Durably record that the runner took `job_id` (a restarted runner resumes it), and whether it holds one of
         its job slots (`working`: it loads the job's data or computes) or waits for one."""
         path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
-        atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time(), "working": working})
+        killed = self.kills(job_id)  # kept across the claim's rewrites: only the job's end clears it
+        atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time(), "working": working,
+                                 **({"killed": killed} if killed else {})})
+
+    def count_kill(self, job_id: str) -> int:
+        """Record that a runner died (not stopped) while it worked on the claimed `job_id`; the count so far."""
+        path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
+        record = read_json(path) or {"job_id": job_id, "claimed_at": time.time(), "working": True}
+        record["killed"] = self.kills(job_id) + 1
+        atomic_write_json(path, record)
+        return record["killed"]
+
+    def kills(self, job_id: str) -> int:
+        """How many runners died while they worked on the claimed `job_id` (`count_kill`)."""
+        record = read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json") or {}
+        killed = record.get("killed", 0)
+        return killed if isinstance(killed, int) else 0
+
+    def note_runner_stopped(self) -> None:
+        """The runner stopped cleanly (SIGTERM, `docker stop`): its next start does not count a kill."""
+        atomic_write_json(self.root / "claims" / RUNNER_STOPPED_NAME, {"at": time.time()})
+
+    def take_runner_stopped(self) -> bool:
+        """Whether the last runner noted a clean stop; the note is removed, for this runner to write in its turn."""
+        try:
+            (self.root / "claims" / RUNNER_STOPPED_NAME).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def is_working(self, job_id: str) -> bool:
         """True while a claimed job holds one of the runner's job slots (False: it is queued for one)."""
