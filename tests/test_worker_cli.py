@@ -199,6 +199,28 @@ def test_run_says_a_state_volume_without_room_for_the_keys_in_one_line(tmp_path)
     assert "Traceback" not in out + err and not (state / "run" / "supervisord.pid").exists()
 
 
+def test_run_says_an_open_files_limit_too_low_for_supervisord_in_one_line(tmp_path):
+    """Tried as a new user would, with `ulimit -n 64` (docker run --ulimit nofile=64): supervisord refused in lines
+    of its own, saying the environment allowed 1024 files and to lower `minfds` in a configuration file that the
+    image holds, and `cape-worker run` added nothing."""
+    env = worker_env(tmp_path, "w")
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.Popen(["cape-worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=few_files, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, out + err
+    assert err == ("cape-worker: the open-files limit is 64 (ulimit -n); the worker needs at least 1024: raise it "
+                   "(docker run --ulimit nofile=1024:1024, systemd LimitNOFILE=)\n"), out + err
+    assert "minfds" not in out + err
+
+
 def test_run_refuses_a_state_dir_too_deep_for_the_socket(tmp_path):
     env = worker_env(tmp_path, "w", CAPE_STATE_DIR=str(tmp_path / ("d" * 120)))
     run = subprocess.run(["cape-worker", "run"], env=env, capture_output=True, text=True, timeout=30)
