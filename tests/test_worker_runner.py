@@ -441,7 +441,9 @@ def test_a_job_whose_runner_keeps_being_killed_ends_in_error_saying_memory(data_
     assert "more memory" in message
     for kill in range(1, MAX_KILLS_PER_JOB + 1):
         assert (f"job {job.id}: the last runner was killed while it worked on this job ({kill} of "
-                f"{MAX_KILLS_PER_JOB} times before the job ends in Error), most often for lack of memory") in text
+                f"{MAX_KILLS_PER_JOB} times before the job ends in Error), most often for lack of memory (the "
+                "kernel's OOM killer); " + ("it ends now" if kill == MAX_KILLS_PER_JOB else "the job is replayed")
+                ) in text
     assert x.spool.claimed_jobs() == []
 
 

@@ -130,8 +130,9 @@ class Runner:
             if self.spool.is_working(job_id):
                 kills = self.spool.count_kill(job_id)
                 log.warning("job %s: the last runner was killed while it worked on this job (%d of %d times before "
-                            "the job ends in Error), most often for lack of memory (the kernel's OOM killer); the "
-                            "job is replayed", job_id, kills, MAX_KILLS_PER_JOB)
+                            "the job ends in Error), most often for lack of memory (the kernel's OOM killer); %s",
+                            job_id, kills, MAX_KILLS_PER_JOB,
+                            "it ends now" if kills >= MAX_KILLS_PER_JOB else "the job is replayed")
 
     def runnable(self) -> list[str]:
         """Jobs to run: claimed ones first (a restart resumes them), then active ones oldest approval first."""
