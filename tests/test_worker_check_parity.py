@@ -77,3 +77,24 @@ def test_a_state_dir_too_deep_for_the_socket_fails_check_as_run_refuses_it(tmp_p
     lines, code = check_lines(env, tmp_path)
     assert code == 1 and lines["state"] == f"FAIL state         {problem}", lines
     assert not state.exists()
+
+
+def test_an_open_files_limit_run_refuses_fails_check_with_the_same_advice(tmp_path):
+    """`check` passed every local check under `ulimit -n 64`, and `run` then refused to start."""
+    import resource
+
+    env = worker_env(tmp_path, "w")
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    run = subprocess.run(["cape-worker", "run"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT, preexec_fn=few_files)
+    assert run.returncode == 2
+    problem = run.stderr.removeprefix("cape-worker: ").rstrip("\n")
+    checked = subprocess.run(["cape-worker", "check"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60, preexec_fn=few_files)
+    lines = {line[5:].split(" ", 1)[0]: line for line in checked.stdout.splitlines()}
+    assert checked.returncode == 1 and lines["limits"] == f"FAIL limits        {problem}", lines
+    lines, _ = check_lines(env, tmp_path)
+    assert lines["limits"] == "ok   limits        open files: at least 1024", lines

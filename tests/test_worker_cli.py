@@ -54,7 +54,8 @@ def good_env(cape_server, acme, moto, tmp_path):
 def test_all_checks_ok(good_env, moto):
     code, lines, out = check(good_env)
     assert code == 0, out
-    assert list(lines) == ["configuration", "spool", "state", "keys", "coordinator", "broker", "bucket", "cloudwatch"]
+    assert list(lines) == ["configuration", "spool", "state", "keys", "limits", "coordinator", "broker", "bucket",
+                           "cloudwatch"]
     assert all(line.startswith("ok   ") for line in lines.values()), out
     assert "logged in as organization acme" in lines["coordinator"]
     assert "s3://acme-models/cape: wrote and deleted a test object" in lines["bucket"]

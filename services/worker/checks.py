@@ -29,6 +29,7 @@ from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
 from services.worker.logs import make_unless_there, rejected_for
+from services.worker.resource_limits import MIN_OPEN_FILES, open_files_problem
 from services.worker.spool import RESERVE_BYTES, mib
 from services.worker.uploader import ModelStore, UploadError
 
@@ -73,7 +74,7 @@ def iter_checks(environ: Mapping[str, str]) -> Iterator[CheckResult]:
     yield CheckResult("configuration", True, f"worker {config.worker_name}, token id {config.token_id}")
     yield from warnings
     yield check_spool(config)
-    for check in (check_state, check_keys, check_coordinator, check_broker, check_bucket):
+    for check in (check_state, check_keys, check_limits, check_coordinator, check_broker, check_bucket):
         yield check(config)
     if config.cloudwatch:
         yield check_cloudwatch(config)
@@ -96,6 +97,14 @@ def check_spool(config: WorkerConfig) -> CheckResult:
                                            f"least {mib(SPOOL_LEAST_FREE_BYTES)} free (at n = 10^6 rows and d = 32 "
                                            "columns, the y-owner's worker keeps 0.26 GB of messages)")
     return CheckResult("spool", True, f"{result.detail}, {mib(free)} free")
+
+
+def check_limits(_: WorkerConfig) -> CheckResult:
+    """The process limits `cape-worker run` refuses to start under (its supervisord would not)."""
+    problem = open_files_problem()
+    if problem:
+        return CheckResult("limits", False, problem)
+    return CheckResult("limits", True, f"open files: at least {MIN_OPEN_FILES}")
 
 
 def check_directory(name: str, path: Path, variable: str) -> CheckResult:

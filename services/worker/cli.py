@@ -26,6 +26,7 @@ from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
+from services.worker.resource_limits import open_files_problem
 from services.worker.spool import Spool
 
 T = TypeVar("T")
@@ -34,7 +35,6 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LIVE_PROBE_TIMEOUT = 2.0
 LOCK_NAME = "worker.lock"
 FINISHED_SHOWN = 10  # `status` lists the jobs in progress, then this many finished ones (--all: every one kept)
-MIN_OPEN_FILES = 1024  # supervisord's `minfds` default: it refuses to start below it
 ORPHANS_STOP_SECONDS = 10.0  # a program notices within 1 s that supervisord is gone, then stops within 4 s
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every subcommand
 
@@ -229,19 +229,6 @@ def run() -> None:
                    f" {stopped} work already handed over resumes at the next start", err=True)
         sys.exit(128 - code)  # the shell's convention: 137 for SIGKILL
     sys.exit(code)
-
-
-def open_files_problem() -> str | None:
-    """Why the open-files limit stops supervisord, or None. It needs `MIN_OPEN_FILES` and raises its own soft limit up
-    to the hard one; below that it refused in lines of its own that said the limit was 1024 (it was 64) and to lower
-    `minfds` in a configuration file the image holds."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard >= MIN_OPEN_FILES:
-        return None
-    return (f"the open-files limit is {hard} (ulimit -n); the worker needs at least {MIN_OPEN_FILES}: raise it "
-            f"(docker run --ulimit nofile={MIN_OPEN_FILES}:{MIN_OPEN_FILES}, systemd LimitNOFILE=)")
 
 
 def _already_running(config: WorkerConfig, evidence: str) -> NoReturn:

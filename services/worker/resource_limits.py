@@ -1,4 +1,5 @@
-"""What a failure caused by the worker's own limits (memory, processes, open files) tells its operator.
+"""What a failure caused by the worker's own limits (memory, processes, open files) tells its operator, and the
+open-files limit below which its supervisord does not start.
 
 Such failures reached a job's error as "the worker's runner failed unexpectedly (OSError)", or `MemoryError`,
 `RuntimeError`: nothing said the container was short of memory, and no one knew to give it more. The job's
@@ -8,6 +9,7 @@ array's size, a path) stays in the worker's log.
 from __future__ import annotations
 
 import errno
+import resource
 
 # What each limit's shortage is called, and what the worker's operator does about it.
 MEMORY = ("ran out of memory", "gives the worker (its container) more memory (README, \"Memory and other limits\")")
@@ -27,3 +29,17 @@ def shortage(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):  # EAGAIN from pthread_create
         return THREADS
     return None
+
+
+MIN_OPEN_FILES = 1024  # supervisord's `minfds` default: it refuses to start below it
+
+
+def open_files_problem() -> str | None:
+    """Why the open-files limit stops supervisord, or None (`run` refuses, `check` fails on it). It needs
+    `MIN_OPEN_FILES` and raises its own soft limit up to the hard one; below that it refused in lines of its own that
+    said the limit was 1024 (it was 64) and to lower `minfds` in a configuration file the image holds."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= MIN_OPEN_FILES:
+        return None
+    return (f"the open-files limit is {hard} (ulimit -n); the worker needs at least {MIN_OPEN_FILES}: raise it "
+            f"(docker run --ulimit nofile={MIN_OPEN_FILES}:{MIN_OPEN_FILES}, systemd LimitNOFILE=)")
