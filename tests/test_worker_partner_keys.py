@@ -33,6 +33,8 @@ def test_a_changed_partner_key_is_said_once_with_both_fingerprints(tmp_path):
     assert book.note(job("j2", parties)) == []
     assert stat.S_IMODE((tmp_path / "state" / BOOK_FILE).stat().st_mode) == 0o600
     assert set(json.loads((tmp_path / "state" / BOOK_FILE).read_text())) == {"o-bank", "o-hlp"}  # not our own
+    assert book.note(job("j2b", {**parties, "y_owner": party("o-own", "own", own)})) == []  # our own other seat
+    assert set(json.loads((tmp_path / "state" / BOOK_FILE).read_text())) == {"o-bank", "o-hlp"}
     changes = book.note(job("j3", {**parties, "y_owner": party("o-bank", "bank", moved)}))
     assert [(c.job, c.organization, c.before, c.after, c.last_job) for c in changes] == [
         ("j3", "bank", bank.fingerprint, moved.fingerprint, "j1")]

@@ -53,10 +53,12 @@ class PartnerKeyBook:
         changed since this worker last saw their organization (a first sight is no change)."""
         book = self._read()
         changes, recorded = [], False
-        for seat, party in (spec.get("parties") or {}).items():
+        parties = spec.get("parties") or {}
+        own = ((parties.get(spec.get("seat")) or {}).get("organization") or {}).get("id")
+        for party in parties.values():
             organization = party.get("organization") or {}
             org_id, keys = organization.get("id"), (party.get("encryption_public_key"), party.get("signing_public_key"))
-            if seat == spec.get("seat") or not org_id or None in keys:
+            if not org_id or org_id == own or None in keys:  # its own keys are this worker's: no partner's
                 continue
             try:
                 seen = fingerprint(*keys)
