@@ -208,7 +208,7 @@ def expire_abandoned(conn: sqlite3.Connection, silence_ttl: float, serving_since
             "SELECT * FROM jobs j WHERE status = 'Started' AND updated_at <= ? AND NOT EXISTS "
             "(SELECT 1 FROM job_parties p WHERE p.job_id = j.id AND p.updated_at > ?)", (cutoff, cutoff))):
         unfinished = [p for p in parties(conn, job["id"]) if p["state"] != "completed"]
-        if any(worker_online(conn, p["org_id"]) for p in unfinished):
+        if not unfinished or any(worker_online(conn, p["org_id"]) for p in unfinished):
             continue  # computing a long step, or back after an outage: its partners judge it
         within = _duration(silence_ttl)
         set_status(conn, job["id"], "Error",
