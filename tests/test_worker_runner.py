@@ -578,3 +578,26 @@ def test_the_seat_says_what_this_workers_messenger_reports_during_a_long_wait(tm
          "messenger reports: the spool volume is short of room or refuses writes; messages wait at the broker (since "
          "2026-11-27 16:00:00 UTC)"},
         {"state": "running", "progress": 0.0, "message": "waiting for the x_owner worker"}]
+
+
+def test_a_spool_that_refuses_the_kill_count_does_not_stop_the_runner_starting(tmp_path, caplog, monkeypatch):
+    """Tried as a new user would: a runner killed while a job worked, on a spool volume left full. Its restart
+    raised ENOSPC out of the kill count and exited; supervisord's retries then took the whole worker down, where
+    the runner had started and retried the claim every 10 s. Unit test: the volume's refusal is simulated."""
+    import errno
+
+    from tests.support.worker_messaging import worker_job
+
+    keys = WorkerKeys.load_or_create(tmp_path / "state")
+    spool = Spool(tmp_path / "spool")
+    job_id = "d" * 32
+    spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
+    spool.claim(job_id, working=True)  # as a runner killed while it worked on the job leaves it
+    refuse = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Spool, "count_kill", lambda self, j: (_ for _ in ()).throw(refuse))
+    caplog.set_level(logging.INFO, logger="cape.runner")
+    Runner(spool, keys).count_kills()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [f"job {job_id}: the last runner was killed while it worked on this job; the spool refuses to "
+                    "count it (No space left on device): free space on the volume of CAPE_SPOOL_DIR"], said
+    assert spool.is_claimed(job_id) and spool.kills(job_id) == 0

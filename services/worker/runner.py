@@ -128,7 +128,13 @@ class Runner:
             return
         for job_id in self.spool.claimed_jobs():
             if self.spool.is_working(job_id):
-                kills = self.spool.count_kill(job_id)
+                try:
+                    kills = self.spool.count_kill(job_id)
+                except OSError as exc:  # a full volume: the runner still starts, and says why it waits
+                    log.warning("job %s: the last runner was killed while it worked on this job; the spool refuses "
+                                "to count it (%s): %s", job_id, exc.strerror or exc,
+                                disk_advice(exc, "CAPE_SPOOL_DIR"))
+                    continue
                 log.warning("job %s: the last runner was killed while it worked on this job (%d of %d times before "
                             "the job ends in Error), most often for lack of memory (the kernel's OOM killer); %s",
                             job_id, kills, MAX_KILLS_PER_JOB,
