@@ -592,6 +592,7 @@ def test_a_spool_that_refuses_the_kill_count_does_not_stop_the_runner_starting(t
     spool = Spool(tmp_path / "spool")
     job_id = "d" * 32
     spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
+    spool.runner_starts()
     spool.claim(job_id, working=True)  # as a runner killed while it worked on the job leaves it
     refuse = OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Spool, "count_kill", lambda self, j: (_ for _ in ()).throw(refuse))
@@ -601,3 +602,55 @@ def test_a_spool_that_refuses_the_kill_count_does_not_stop_the_runner_starting(t
     assert said == [f"job {job_id}: the last runner was killed while it worked on this job; the spool refuses to "
                     "count it (No space left on device): free space on the volume of CAPE_SPOOL_DIR"], said
     assert spool.is_claimed(job_id) and spool.kills(job_id) == 0
+
+
+def working_job_in_spool(tmp_path, job_id: str) -> tuple[Spool, WorkerKeys]:
+    """A spool as a runner stopped while it worked on `job_id` leaves it."""
+    from tests.support.worker_messaging import worker_job
+
+    keys = WorkerKeys.load_or_create(tmp_path / "state")
+    spool = Spool(tmp_path / "spool")
+    spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
+    spool.claim(job_id, working=True)
+    return spool, keys
+
+
+def test_the_first_start_after_an_upgrade_counts_no_kill(tmp_path, caplog):
+    """The worker upgraded (`docker stop`, a new image) while a job worked: the runner before the kill count left
+    no note of its clean stop, and the new one counted a kill against the job, "most often for lack of memory"."""
+    spool, keys = working_job_in_spool(tmp_path, "f" * 32)
+    caplog.set_level(logging.WARNING, logger="cape.runner")
+    Runner(spool, keys).count_kills()
+    assert spool.kills("f" * 32) == 0 and "killed" not in caplog.text, caplog.text
+
+
+def test_a_stop_on_a_full_volume_is_no_kill(tmp_path, monkeypatch, caplog):
+    """A runner stopped (SIGTERM) while the spool volume was full had its jobs' next start count a kill, and a
+    third such stop ended them in Error: the stop's note was a write, which a full volume refuses."""
+    import errno
+
+    from services.worker import spool as spool_module
+
+    job_id = "e" * 32
+    spool, keys = working_job_in_spool(tmp_path, job_id)
+    caplog.set_level(logging.WARNING, logger="cape.runner")
+    real_write, full = spool_module.atomic_write_bytes, threading.Event()
+
+    def write(*args, **kwargs):
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "atomic_write_bytes", write)
+    runner = Runner(spool, keys)
+
+    def volume_fills_then_sigterm() -> None:
+        full.set()
+        runner.stop.set()
+        spool.changes.wake()
+
+    monkeypatch.setattr(runner, "start_due", volume_fills_then_sigterm)
+    runner.run()  # a start, then the volume fills up and SIGTERM stops the runner
+    full.clear()
+    Runner(spool, keys).count_kills()  # the next start
+    assert spool.kills(job_id) == 0 and "killed" not in caplog.text, caplog.text

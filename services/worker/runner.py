@@ -122,9 +122,14 @@ class Runner:
 
     # ---- scheduling -----------------------------------------------------------------------------------------
     def count_kills(self) -> None:
-        """At start: unless the last runner noted a clean stop, it died (SIGKILL, OOM) while its working jobs ran;
-        count that against each (`MAX_KILLS_PER_JOB`) and say it, with its most common cause."""
-        if self.spool.take_runner_stopped():
+        """At start: if the last runner left its mark, it died (SIGKILL, OOM) while its working jobs ran; count that
+        against each (`MAX_KILLS_PER_JOB`) and say it, with its most common cause."""
+        try:
+            if not self.spool.runner_starts():
+                return
+        except OSError as exc:  # a full volume: this runner's own death would go uncounted, nothing worse
+            log.warning("cannot mark the runner running in the spool (%s); a kill of this runner is not counted "
+                        "against its jobs", exc.strerror or exc)
             return
         for job_id in self.spool.claimed_jobs():
             if self.spool.is_working(job_id):
@@ -181,8 +186,10 @@ class Runner:
                 thread.start()
 
     def run(self) -> None:
-        """Start jobs as they appear until stopped, then give the job threads `STOP_JOIN_SECONDS` to stop."""
+        """Count a kill of the last runner against its jobs, start jobs as they appear until stopped, then give the
+        job threads `STOP_JOIN_SECONDS` to stop."""
         try:
+            self.count_kills()
             while not self.stop.is_set():
                 seen = self.spool.changes.generation
                 self.start_due()
@@ -197,9 +204,10 @@ class Runner:
             for thread in list(self._threads.values()):
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
             try:  # a stop, not a death: the next runner counts no kill against the jobs it resumes
-                self.spool.note_runner_stopped()
+                self.spool.runner_stops()
             except OSError as exc:
-                log.warning("cannot note the runner's clean stop in the spool (%s)", exc.strerror or exc)
+                log.warning("cannot remove the runner's mark from the spool (%s); its next start counts a kill "
+                            "against the jobs it resumes", exc.strerror or exc)
 
     # ---- one job --------------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
@@ -572,7 +580,6 @@ def main() -> int:
                                                                            **config.boto3_kwargs("s3")),
                         model_bucket=lambda spec: model_bucket(config, spec.task.get("model_location")),
                         run_dir=config.run_dir)
-        runner.count_kills()
         log.info("running jobs from %s", config.spool_dir)
         with spool.watching("jobs", "inbox"):
             runner.run()  # however it ends (SIGTERM too), it stops the job threads and waits for them

@@ -11,7 +11,9 @@ Layout (one directory per job under each stage):
     jobs/<job>/ended.json             the coordinator ended the job: Stopped/Error/Completed/Rejected (poller)
     jobs/<job>/done.json              this worker's runner finished its role (runner)
     jobs/<job>/reported.json          the seat's final report as the coordinator took it (poller)
-    claims/<job>.json                 a job the runner works on; survives the runner's restart
+    claims/<job>.json                 a job the runner works on; survives the runner's restart; counts the runners
+                                      killed while it worked on it
+    claims/.runner-running.json       a runner runs, or died without stopping (its next start counts a kill)
     outbox/<job>/<to_seat>/<name>.sealed   sealed message to send (runner); once the broker has it, renamed to .sent
                                       and emptied (the name alone keeps a replaying runner from sealing it again),
                                       or removed once the runner is done with the job; the runner's keep-alives
@@ -53,7 +55,7 @@ MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
-RUNNER_STOPPED_NAME = ".runner-stopped.json"  # under claims/: the last runner stopped cleanly (not a .json claim name)
+RUNNER_RUNNING_NAME = ".runner-running.json"  # under claims/: a runner runs, or died (not a claim's name)
 SCRATCH_PREFIX = ".scratch-"  # the runner's scratch files under tmp/ (an s3:// dataview being read)
 REJECTIONS_KEPT = 100  # dropped messages recorded per job (each is also logged); more are only logged
 FINISHED_JOBS_KEPT = 100  # finished jobs whose records stay in jobs/ (for `cape-worker status`); older ones go
@@ -360,17 +362,20 @@ class Spool:
         killed = record.get("killed", 0)
         return killed if isinstance(killed, int) else 0
 
-    def note_runner_stopped(self) -> None:
-        """The runner stopped cleanly (SIGTERM, `docker stop`): its next start does not count a kill."""
-        atomic_write_json(self.root / "claims" / RUNNER_STOPPED_NAME, {"at": time.time()})
+    def runner_starts(self) -> bool:
+        """Mark a runner running until `runner_stops`; whether the last one left its mark: it died (SIGKILL, OOM)
+        rather than stopped. The mark is made at start and removed at the stop, not the other way round: a removal
+        needs no room on a full volume, and a spool from before the mark has none, so neither turns a stop into a
+        death."""
+        path = self.root / "claims" / RUNNER_RUNNING_NAME
+        if path.exists():
+            return True
+        atomic_write_json(path, {"at": time.time()})
+        return False
 
-    def take_runner_stopped(self) -> bool:
-        """Whether the last runner noted a clean stop; the note is removed, for this runner to write in its turn."""
-        try:
-            (self.root / "claims" / RUNNER_STOPPED_NAME).unlink()
-        except FileNotFoundError:
-            return False
-        return True
+    def runner_stops(self) -> None:
+        """The runner stops (SIGTERM, `docker stop`, an error of its own): its next start counts no kill."""
+        durable_unlink(self.root / "claims" / RUNNER_RUNNING_NAME)
 
     def is_working(self, job_id: str) -> bool:
         """True while a claimed job holds one of the runner's job slots (False: it is queued for one)."""
