@@ -70,3 +70,24 @@ def test_the_poller_logs_a_partners_new_keys_when_it_stores_the_job(tmp_path, ca
     assert said[0].getMessage().startswith(f"job {'b' * 32}: organization bank's worker shows other keys than it did "
                                            f"from job {'a' * 32} (")
     assert f"on: {moved.fingerprint}, was {bank.fingerprint}." in said[0].getMessage()
+
+
+def test_a_malformed_party_is_skipped_not_said_to_ignore_a_job_the_poller_stored(tmp_path, caplog):
+    """A party or organization of another shape than an object raised AttributeError out of the book after the
+    poller had stored the job: it logged "ignoring a job from the coordinator with an invalid id or shape" for a
+    job it had stored and ran, and left it out of those served."""
+    config = WorkerConfig.from_env({"CAPE_TOKEN": "tid,c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "CAPE_WORKER_NAME": "w",
+                                    "CAPE_COORDINATOR": "http://127.0.0.1:9", "CAPE_SPOOL_DIR": str(tmp_path / "spool"),
+                                    "CAPE_STATE_DIR": str(tmp_path / "state")})
+    own = WorkerKeys.load_or_create(config.state_dir)
+    spool = Spool(config.spool_dir)
+    poller = Poller(config, CoordinatorClient(config.coordinator, config.token, timeout=1), spool, own)
+    bank = WorkerKeys.load_or_create(tmp_path / "bank")
+    caplog.set_level(logging.INFO, logger="cape.poller")
+    for n, odd in enumerate(("helper", {"organization": "o-hlp"}, {"organization": {"id": ["o-hlp"]}})):
+        job_id = str(n) * 32
+        parties = {"x_owner": party("o-own", "own", own), "y_owner": party("o-bank", "bank", bank), "helper": odd}
+        assert poller.store_jobs([job(job_id, parties)]) == {job_id}, caplog.text
+        assert spool.read_job(job_id) is not None
+    assert "ignoring" not in caplog.text
+    assert set(json.loads((tmp_path / "state" / BOOK_FILE).read_text())) == {"o-bank"}

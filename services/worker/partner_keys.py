@@ -53,23 +53,28 @@ class PartnerKeyBook:
         changed since this worker last saw their organization (a first sight is no change)."""
         book = self._read()
         changes, recorded = [], False
-        parties = spec.get("parties") or {}
-        own = ((parties.get(spec.get("seat")) or {}).get("organization") or {}).get("id")
+        parties = spec.get("parties") if isinstance(spec.get("parties"), dict) else {}
+        own = _org_id(parties.get(spec.get("seat")))
         for party in parties.values():
-            organization = party.get("organization") or {}
-            org_id, keys = organization.get("id"), (party.get("encryption_public_key"), party.get("signing_public_key"))
-            if not org_id or org_id == own or None in keys:  # its own keys are this worker's: no partner's
+            # Another shape is skipped, not raised: the poller stored the job already, and the runner says what
+            # is wrong with it.
+            org_id = _org_id(party)
+            if org_id is None or org_id == own:
+                continue  # its own keys are this worker's, in whichever seat: no partner's
+            keys = (party.get("encryption_public_key"), party.get("signing_public_key"))
+            if None in keys:
                 continue
             try:
                 seen = fingerprint(*keys)
             except (KeyFileError, TypeError):  # not a key: the runner refuses such a job, naming the seat
                 continue
-            before = book.get(org_id)
+            before = book.get(org_id) if isinstance(book.get(org_id), dict) else None
             if before is not None and before.get("fingerprint") == seen:
                 continue
             if before is not None:
-                changes.append(KeyChange(spec["id"], str(organization.get("label") or org_id), before["fingerprint"],
-                                         seen, before.get("job", "?"), before.get("seen_at", "?")))
+                label = party["organization"].get("label") or org_id
+                changes.append(KeyChange(spec["id"], str(label), str(before.get("fingerprint")), seen,
+                                         str(before.get("job", "?")), str(before.get("seen_at", "?"))))
             book[org_id] = {"fingerprint": seen, "job": spec["id"],
                             "seen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             recorded = True
@@ -89,3 +94,10 @@ class PartnerKeyBook:
 
     def _write(self, book: dict[str, Any]) -> None:
         atomic_write_bytes(self.path, json.dumps(book, sort_keys=True, indent=1).encode(), mode=0o600)
+
+
+def _org_id(party: Any) -> str | None:
+    """A party's organization id, None for a party of another shape."""
+    organization = party.get("organization") if isinstance(party, dict) else None
+    org_id = organization.get("id") if isinstance(organization, dict) else None
+    return org_id if isinstance(org_id, str) and org_id else None
