@@ -297,6 +297,55 @@ def test_silence_while_the_server_was_down_does_not_end_a_started_job(start_cape
     assert job["status"] == "Error" and time.monotonic() - restarted >= 1.5
 
 
+def test_a_clock_step_ends_no_started_job_whose_workers_heartbeat_again(start_cape_server):
+    """The silence is read from stored wall-clock times: a clock stepped (or a machine resumed) days ahead made every
+    Started job look silent at once, its workers offline until their next heartbeat. A job is ended only when a sweep
+    a confirmation later finds it still silent and its workers still offline."""
+    from datetime import UTC, datetime, timedelta
+
+    from services.coordinator.abandoned_jobs import CONFIRM_SECONDS, AbandonedJobs
+    from services.coordinator.db import Database
+
+    server = start_cape_server()
+    world = build_job_world(server)
+    jid, worker = world["job"]["id"], world["worker"]
+    for label in ("xorg", "yorg", "helper"):
+        assert worker[label].post(f"/v1/worker/jobs/{jid}/report", json={"state": "running"}).status_code == 204
+
+    def heartbeats(**body) -> None:
+        for label in ("xorg", "yorg", "helper"):
+            assert worker[label].post("/v1/worker/heartbeat", json=body).status_code == 204
+
+    heartbeats(stopping=True)  # offline, as workers look in the instant after a step
+    clock = [0.0]
+    abandoned = AbandonedJobs(7 * 86400, clock=lambda: clock[0])
+    stepped = datetime.now(UTC) + timedelta(days=8)  # every report looks 8 days old
+    db = Database(server.data_dir / "coordinator.sqlite3")
+    try:
+        def sweep() -> int:
+            with db.transaction() as conn:
+                return abandoned.sweep(conn, now=stepped)
+
+        def status() -> str:
+            with db.transaction() as conn:
+                return conn.execute("SELECT status FROM jobs WHERE id = ?", (jid,)).fetchone()[0]
+
+        clock[0] = 7 * 86400 - 1
+        assert sweep() == 0  # the server has not run for the TTL: its silence does not count yet
+        clock[0] = 8 * 86400
+        assert sweep() == 0 and status() == "Started"  # found; confirmed only a sweep later
+        heartbeats()  # the workers' next heartbeats
+        clock[0] += CONFIRM_SECONDS
+        assert sweep() == 0 and status() == "Started"
+        heartbeats(stopping=True)  # now they went away for good
+        clock[0] += 1
+        assert sweep() == 0 and status() == "Started"  # found afresh
+        clock[0] += CONFIRM_SECONDS
+        assert sweep() == 1 and status() == "Error"
+    finally:
+        db.close()
+
+
 def test_reject_and_stop(cape_server):
     world = build_job_world(cape_server, approve=False)
     jid, user = world["job"]["id"], world["user"]

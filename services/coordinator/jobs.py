@@ -147,20 +147,20 @@ def expire_if_late(conn: sqlite3.Connection, job: sqlite3.Row, now: datetime | N
     if now < parse_iso(job["approved_at"]) + timedelta(seconds=job["timeout"]):
         return job
     seats = parties(conn, job["id"])
-    keyless = [_seat_label(conn, p) for p in seats if not has_worker_keys(conn, p["org_id"])]
+    keyless = [seat_label(conn, p) for p in seats if not has_worker_keys(conn, p["org_id"])]
     if keyless:  # the job went to no worker: the others were ready and waiting, not missing
         set_status(conn, job["id"], "Error",
                    f"not all parties started within {job['timeout']} s of approval: no worker of "
                    f"{' or '.join(keyless)} has registered its keys, and the job goes to the workers only once all "
                    "three have; start that organization's worker (cape-worker run), then submit the job again")
     else:
-        missing = [_seat_label(conn, p) for p in seats if p["state"] == "pending"]
+        missing = [seat_label(conn, p) for p in seats if p["state"] == "pending"]
         set_status(conn, job["id"], "Error",
                    f"not all parties started within {job['timeout']} s of approval; missing: {', '.join(missing)}")
     return find_job(conn, job["id"])
 
 
-def _seat_label(conn: sqlite3.Connection, party: sqlite3.Row) -> str:
+def seat_label(conn: sqlite3.Connection, party: sqlite3.Row) -> str:
     return f"{party['seat']} ({get_org(conn, party['org_id'])['label']})"
 
 
@@ -175,47 +175,15 @@ def has_worker_keys(conn: sqlite3.Connection, org_id: str) -> bool:
     return registered_worker(conn, org_id) is not None
 
 
-def expire_late_jobs(conn: sqlite3.Connection, approval_ttl: float | None = None,
-                     silence_ttl: float | None = None, serving_since: datetime | None = None) -> int:
-    """The periodic sweep: apply the start timeout to every Approved job, the approval deadline (`approval_ttl`
-    seconds after submission; None: none) to every job still waiting for approval, and `silence_ttl` (None: none) to
-    Started jobs whose workers all went away (`expire_abandoned`, with the server up since `serving_since`); returns
-    how many ended."""
+def expire_late_jobs(conn: sqlite3.Connection, approval_ttl: float | None = None) -> int:
+    """The periodic sweep: apply the start timeout to every Approved job, and the approval deadline (`approval_ttl`
+    seconds after submission; None: none) to every job still waiting for approval; returns how many ended. (Started
+    jobs whose workers all went away: abandoned_jobs.py.)"""
     ended = 0
     for job in list(conn.execute("SELECT * FROM jobs WHERE status = 'Approved'")):
         ended += expire_if_late(conn, job)["status"] == "Error"
     if approval_ttl is not None:
         ended += expire_unapproved(conn, approval_ttl)
-    if silence_ttl is not None:
-        ended += expire_abandoned(conn, silence_ttl, serving_since)
-    return ended
-
-
-def expire_abandoned(conn: sqlite3.Connection, silence_ttl: float, serving_since: datetime | None = None,
-                     now: datetime | None = None) -> int:
-    """Started jobs with no seat report for `silence_ttl` seconds (the broker's message TTL) and no worker online
-    among the seats still to finish end in Error: a live worker gives up a silent partner within a few of the job's
-    timeouts and says so, but when every one went away for good (an organization that retired its worker), the job
-    showed Started for ever, holding its project and dataviews. A worker away that long cannot go on anyway: the
-    broker dropped what was sent to it. Only silence while this server ran counts (`serving_since`): workers cannot
-    report to a server that is down, and after a long outage their first heartbeats come after its first sweep."""
-    moment = now or datetime.now(UTC)
-    if serving_since is not None and moment - serving_since < timedelta(seconds=silence_ttl):
-        return 0
-    cutoff = iso(moment - timedelta(seconds=silence_ttl))
-    ended = 0
-    for job in list(conn.execute(  # the sweep runs every few seconds: only jobs silent that long are read
-            "SELECT * FROM jobs j WHERE status = 'Started' AND updated_at <= ? AND NOT EXISTS "
-            "(SELECT 1 FROM job_parties p WHERE p.job_id = j.id AND p.updated_at > ?)", (cutoff, cutoff))):
-        unfinished = [p for p in parties(conn, job["id"]) if p["state"] != "completed"]
-        if not unfinished or any(worker_online(conn, p["org_id"]) for p in unfinished):
-            continue  # computing a long step, or back after an outage: its partners judge it
-        within = _duration(silence_ttl)
-        set_status(conn, job["id"], "Error",
-                   f"no report from its workers for {within} and none of "
-                   f"{', '.join(_seat_label(conn, p) for p in unfinished)} is online; the broker keeps undelivered "
-                   "messages that long, so the job cannot go on: submit it again once their workers run")
-        ended += 1
     return ended
 
 
@@ -238,14 +206,14 @@ def expire_unapproved(conn: sqlite3.Connection, approval_ttl: float, now: dateti
             continue
         waiting = [row["org_id"] for row in conn.execute(
             "SELECT org_id FROM job_approvals WHERE job_id = ? AND decision = 'pending'", (job["id"],))]
-        within = _duration(approval_ttl)
+        within = duration(approval_ttl)
         set_status(conn, job["id"], "Error", f"not approved within {within} of its submission (no approval from "
                                              f"{org_labels(conn, waiting)}); submit it again if it is still wanted")
         ended += 1
     return ended
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """A deadline's length as its error says it: days from a day on (the defaults are 7 and 30), else seconds."""
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} s"
 

@@ -6,7 +6,6 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobMembership, LocalMembership, RemoteMembership
 from services.broker.store import MessageStore
 from services.broker.room import Room
+from services.coordinator.abandoned_jobs import AbandonedJobs
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.audit import RefusedActions, RefusedTokens
 from services.coordinator.db import Database
@@ -100,11 +100,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                         store.orphans_removed)
         tasks = []
         if db is not None:
-            serving_since = datetime.now(UTC)
+            abandoned = AbandonedJobs(config.message_ttl)
 
             def sweep_jobs() -> None:
                 with db.transaction() as conn:
-                    expired = expire_late_jobs(conn, config.approval_ttl, config.message_ttl, serving_since)
+                    expired = expire_late_jobs(conn, config.approval_ttl) + abandoned.sweep(conn)
                 if expired:
                     changes.bump()
                 refused.flush()

@@ -267,7 +267,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
                    "file).")
 @click.option("--message-ttl", default=DEFAULT_MESSAGE_TTL, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds after which undelivered messages expire; a Started job none of whose workers reported "
-                   "for as long, and whose workers still to finish are offline, ends in Error.")
+                   "for as long while the server ran, and whose workers still to finish are offline, ends in Error.")
 @click.option("--approval-ttl", default=DEFAULT_APPROVAL_TTL, show_default=True, type=click.FloatRange(min=0),
               help="Seconds after its submission by which every data owner must have approved a job, or it ends in "
                    "Error (an early approval would otherwise count for ever); 0: no deadline.")
