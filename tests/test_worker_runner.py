@@ -564,93 +564,33 @@ def test_a_job_queued_for_a_slot_tells_its_partners_it_is_still_preparing_until_
                                               "jobs loading their data or computing"}
 
 
-def test_the_seat_says_what_this_workers_messenger_reports_during_a_long_wait(tmp_path):
-    """What the transport hands on goes on the seat, in the words of a wait's timeout, and goes when it clears."""
-    from services.worker.runner import _Progress
+def test_the_seat_says_what_this_workers_messenger_reports_during_a_long_wait(data_job, tmp_path, monkeypatch):
+    """A message held on this side (the spool short of room) showed nothing on the waiting seat until the timeout:
+    the seat says what this worker's own messenger reports, in the words of a wait's timeout, and not once it clears."""
+    from services.worker import health, spool_transport
 
-    spool = Spool(tmp_path / "spool")
-    progress = _Progress(spool, "j" * 32, note=None)
-    Runner._own_trouble_changed(progress, "x_owner", "the spool volume is short of room or refuses writes; "
-                                                     "messages wait at the broker (since 2026-11-27 16:00:00 UTC)")
-    Runner._own_trouble_changed(progress, "x_owner", None)
-    assert statuses(spool, "j" * 32) == [
-        {"state": "running", "progress": 0.0, "message": "waiting for the x_owner worker; meanwhile this worker's "
-         "messenger reports: the spool volume is short of room or refuses writes; messages wait at the broker (since "
-         "2026-11-27 16:00:00 UTC)"},
-        {"state": "running", "progress": 0.0, "message": "waiting for the x_owner worker"}]
+    monkeypatch.setattr(spool_transport, "OWN_TROUBLE_LOOK_SECONDS", 0.05)
+    job, _, _ = data_job
+    x = job.seats["x_owner"]  # its partners never run: it waits for their messages
+    run_dir = tmp_path / "x-run"
+    run_dir.mkdir()
+    runner = Runner(x.spool, x.keys, run_dir=run_dir)
+    thread = threading.Thread(target=runner.run_job, args=(job.id,), daemon=True)
+    thread.start()
+    said = "meanwhile this worker's messenger reports: the spool volume is short of room or refuses writes"
 
+    def messages() -> list[str]:
+        return [s.get("message") or "" for s in statuses(x.spool, job.id)]
 
-def test_a_spool_that_refuses_the_kill_count_does_not_stop_the_runner_starting(tmp_path, caplog, monkeypatch):
-    """Tried as a new user would: a runner killed while a job worked, on a spool volume left full. Its restart
-    raised ENOSPC out of the kill count and exited; supervisord's retries then took the whole worker down, where
-    the runner had started and retried the claim every 10 s. Unit test: the volume's refusal is simulated."""
-    import errno
-
-    from tests.support.worker_messaging import worker_job
-
-    keys = WorkerKeys.load_or_create(tmp_path / "state")
-    spool = Spool(tmp_path / "spool")
-    job_id = "d" * 32
-    spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
-    spool.runner_starts()
-    spool.claim(job_id, working=True)  # as a runner killed while it worked on the job leaves it
-    refuse = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(Spool, "count_kill", lambda self, j: (_ for _ in ()).throw(refuse))
-    caplog.set_level(logging.INFO, logger="cape.runner")
-    Runner(spool, keys).count_kills()
-    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert said == [f"job {job_id}: the last runner was killed while it worked on this job; the spool refuses to "
-                    "count it (No space left on device): free space on the volume of CAPE_SPOOL_DIR"], said
-    assert spool.is_claimed(job_id) and spool.kills(job_id) == 0
-
-
-def working_job_in_spool(tmp_path, job_id: str) -> tuple[Spool, WorkerKeys]:
-    """A spool as a runner stopped while it worked on `job_id` leaves it."""
-    from tests.support.worker_messaging import worker_job
-
-    keys = WorkerKeys.load_or_create(tmp_path / "state")
-    spool = Spool(tmp_path / "spool")
-    spool.put_job(worker_job({s: keys for s in ("x_owner", "y_owner", "helper")}, "helper", job_id))
-    spool.claim(job_id, working=True)
-    return spool, keys
-
-
-def test_the_first_start_after_an_upgrade_counts_no_kill(tmp_path, caplog):
-    """The worker upgraded (`docker stop`, a new image) while a job worked: the runner before the kill count left
-    no note of its clean stop, and the new one counted a kill against the job, "most often for lack of memory"."""
-    spool, keys = working_job_in_spool(tmp_path, "f" * 32)
-    caplog.set_level(logging.WARNING, logger="cape.runner")
-    Runner(spool, keys).count_kills()
-    assert spool.kills("f" * 32) == 0 and "killed" not in caplog.text, caplog.text
-
-
-def test_a_stop_on_a_full_volume_is_no_kill(tmp_path, monkeypatch, caplog):
-    """A runner stopped (SIGTERM) while the spool volume was full had its jobs' next start count a kill, and a
-    third such stop ended them in Error: the stop's note was a write, which a full volume refuses."""
-    import errno
-
-    from services.worker import spool as spool_module
-
-    job_id = "e" * 32
-    spool, keys = working_job_in_spool(tmp_path, job_id)
-    caplog.set_level(logging.WARNING, logger="cape.runner")
-    real_write, full = spool_module.atomic_write_bytes, threading.Event()
-
-    def write(*args, **kwargs):
-        if full.is_set():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "atomic_write_bytes", write)
-    runner = Runner(spool, keys)
-
-    def volume_fills_then_sigterm() -> None:
-        full.set()
+    try:
+        wait_for(lambda: x.spool.is_claimed(job.id), "the job to be claimed")
+        health.SPOOL_SHORT_OF_ROOM.record(run_dir, "message m of job j waits at the broker")
+        waiting = wait_for(lambda: next((m for m in messages() if said in m), None), "the seat to say it")
+        assert waiting.startswith("waiting for the ") and " worker; " + said in waiting
+        health.SPOOL_SHORT_OF_ROOM.note(run_dir, None, logging.getLogger("test"))
+        wait_for(lambda: messages()[-1].startswith("waiting for the ") and said not in messages()[-1],
+                 "the seat to drop it")
+    finally:
         runner.stop.set()
-        spool.changes.wake()
-
-    monkeypatch.setattr(runner, "start_due", volume_fills_then_sigterm)
-    runner.run()  # a start, then the volume fills up and SIGTERM stops the runner
-    full.clear()
-    Runner(spool, keys).count_kills()  # the next start
-    assert spool.kills(job_id) == 0 and "killed" not in caplog.text, caplog.text
+        thread.join(timeout=10)
+    assert not thread.is_alive()

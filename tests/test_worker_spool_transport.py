@@ -229,7 +229,8 @@ def test_a_long_wait_says_on_the_seat_what_this_workers_own_messenger_reports(wo
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=5,
                        own_trouble=lambda: reports[-1],
                        own_trouble_changed=lambda seat, trouble: said.append((seat, trouble)))
-    steps = [threading.Timer(0.2, reports.append, args=("the spool volume is short of room",)),
+    steps = [threading.Timer(0.2, reports.append, args=("the spool volume is short of room: it has 300 MiB free",)),
+             threading.Timer(0.35, reports.append, args=("the spool volume is short of room: it has 290 MiB free",)),
              threading.Timer(0.5, reports.append, args=(None,)),
              threading.Timer(0.8, lambda: (x.send(1, "late", np.ones(3)), x.flush(),
                                            deliver(world, "x_owner", "y_owner")))]
@@ -238,7 +239,8 @@ def test_a_long_wait_says_on_the_seat_what_this_workers_own_messenger_reports(wo
     np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
     for step in steps:
         step.join()
-    assert said == [("x_owner", "the spool volume is short of room"), ("x_owner", None)]  # each change once
+    # Each change once: the free space counting down is no new report (a status every 5 s for each waiting job).
+    assert said == [("x_owner", "the spool volume is short of room: it has 300 MiB free"), ("x_owner", None)]
 
 
 class SuspendedClock:

@@ -5,12 +5,18 @@ telling one buried among them (and an alarm on the count of warnings firing all 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 SAID_EVERY_SECONDS = 60.0
 # A service away this long makes `cape-worker health` fail: a brief outage is no reason for an orchestrator to
 # act, but a coordinator that moved (a new URL) leaves a worker idle for weeks while it looks healthy.
 UNHEALTHY_AFTER_SECONDS = 3600.0
+
+
+def without_numbers(text: str) -> str:
+    """`text` with its numbers as `#`: a reason that only counts on (seconds ago, MiB free) is no new reason."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", text)
 
 
 class OutageLog:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from services.worker.coordinator_client import (CoordinatorAuthError, Coordinato
                                                 JobEnded, KeysNotRegistered, RequestRefused, SeatTaken)
 from services.worker.keys import WorkerKeys
 from services.worker.disk_advice import disk_advice
-from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog
+from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS, OutageLog, without_numbers
 from services.worker.partner_keys import PartnerKeyBook
 from services.worker.spool import FINISHED_JOBS_KEPT, InvalidName, Spool
 
@@ -55,7 +54,7 @@ def refusal_reason(exc: Exception) -> str:
     """A refusal's cause for `OutageLog`, without the numbers in it: the coordinator's refusal of a second worker
     says how many seconds ago the first was heard from, which changed at every retry, so each retry was taken for a
     new reason and said at ERROR (one line per retry for as long as two workers shared a token)."""
-    return re.sub(r"\d+(?:\.\d+)?", "#", str(exc))
+    return without_numbers(str(exc))
 
 
 @dataclass

@@ -31,6 +31,7 @@ import numpy as np
 from services.worker.job_spec import JobSpec
 from services.worker.keepalive import PartnerKeepAlives, is_keepalive_name
 from services.worker.keys import WorkerKeys
+from services.worker.outage_log import without_numbers
 from services.worker.partner_wait import LIMIT_TIMEOUTS, STALLED_SECONDS, PartnerWait
 from services.worker.sealing import MessageAddress, SealedMessage
 from services.worker.spool import MESSAGE_NAME_PATTERN, Spool, atomic_writer
@@ -325,7 +326,7 @@ class SpoolTransport:
             looked = now
             if now >= trouble_look:
                 trouble_look, said = now + OWN_TROUBLE_LOOK_SECONDS, self.own_trouble()
-                if said != trouble:
+                if (said and without_numbers(said)) != (trouble and without_numbers(trouble)):  # not the MiB free
                     trouble = said
                     self.own_trouble_changed(from_seat, trouble)
             if wait.left(now) <= 0:
