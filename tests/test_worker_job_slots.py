@@ -114,3 +114,22 @@ def test_jobs_waiting_for_a_worker_that_is_down_leave_a_job_between_running_work
     runners = {j["id"]: j["runner"] for j in json.loads(status.stdout)["jobs"] if j["id"] in stuck}
     assert sorted(runners.values()) == ["queued", "running", "running", "running"], (runners, status.stderr)
     assert all(world.job(j)["status"] == "Approved" for j in stuck)
+
+
+def test_a_job_whose_runner_was_killed_runs_alone():
+    """A kill counts against every job that was working: run alone, a job killed beside a large one completes, and
+    one that dies again alone is the one that needs more memory (3 such kills end it)."""
+    slots = JobSlots(4, lambda job: True)
+    assert slots.take("small", "2026-01-01T00:00:05Z") is None
+    waiting = slots.take("killed", "2026-01-01T00:00:01Z", resumed=True, alone=True)
+    assert waiting is not None and "it runs alone once they leave their slots" in waiting.message
+    behind = slots.take("new", "2026-01-01T00:00:00Z")  # free slots, but the killed job goes first, alone
+    assert behind is not None and "runs alone first" in behind.message
+    slots.leave("small")
+    assert slots.take("killed", "2026-01-01T00:00:01Z", resumed=True, alone=True) is None
+    assert slots.working == 1
+    still = slots.take("new", "2026-01-01T00:00:00Z")
+    assert still is not None and "runs alone first" in still.message
+    slots.leave("killed")
+    assert slots.take("new", "2026-01-01T00:00:00Z") is None
+    assert slots.take("other", "2026-01-01T00:00:02Z") is None  # slots shared again

@@ -332,12 +332,13 @@ class Runner:
         for more than a moment; raise JobInterrupted if the runner stops or the coordinator ends the job meanwhile."""
         said: str | None = None
         since = time.monotonic()
+        alone = self.spool.kills(spec.id) > 0  # to tell whether it, or a job beside it, took the memory
         try:
             while True:
                 if reason := self._interrupted(spec.id):
                     raise JobInterrupted(reason)
                 seen = self.spool.changes.generation
-                waiting = self.slots.take(spec.id, spec.approved_at or "", resumed)
+                waiting = self.slots.take(spec.id, spec.approved_at or "", resumed, alone=alone)
                 if waiting is None:
                     break
                 self.keepalives.phase(spec.id, _phase(note, waiting.message))
