@@ -594,3 +594,10 @@ def test_the_seat_says_what_this_workers_messenger_reports_during_a_long_wait(da
         runner.stop.set()
         thread.join(timeout=10)
     assert not thread.is_alive()
+    from services.worker.runner import _Progress
+
+    progress = _Progress(x.spool, job.id)  # the wait's end puts back what the seat said before it
+    progress(0.4, "computing the products")
+    Runner._own_trouble_changed(progress, "y_owner", "the broker did not answer", True)
+    Runner._own_trouble_changed(progress, "y_owner", None, False)
+    assert statuses(x.spool, job.id)[-1] == {"state": "running", "progress": 0.4, "message": "computing the products"}

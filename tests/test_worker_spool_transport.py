@@ -224,14 +224,15 @@ def test_a_long_wait_says_on_the_seat_what_this_workers_own_messenger_reports(wo
     monkeypatch.setattr(spool_transport, "OWN_TROUBLE_LOOK_SECONDS", 0.05)
     keys, spools, specs = world
     reports: list[str | None] = [None]
-    said: list[tuple[str, str | None]] = []
+    said: list[tuple[str, str | None, bool]] = []
     x = SpoolTransport(spools["x_owner"], specs["x_owner"], keys["x_owner"])
     y = SpoolTransport(spools["y_owner"], specs["y_owner"], keys["y_owner"], timeout=5,
                        own_trouble=lambda: reports[-1],
-                       own_trouble_changed=lambda seat, trouble: said.append((seat, trouble)))
+                       own_trouble_changed=lambda seat, trouble, waiting: said.append((seat, trouble, waiting)))
     steps = [threading.Timer(0.2, reports.append, args=("the spool volume is short of room: it has 300 MiB free",)),
              threading.Timer(0.35, reports.append, args=("the spool volume is short of room: it has 290 MiB free",)),
              threading.Timer(0.5, reports.append, args=(None,)),
+             threading.Timer(0.6, reports.append, args=("the broker did not answer",)),
              threading.Timer(0.8, lambda: (x.send(1, "late", np.ones(3)), x.flush(),
                                            deliver(world, "x_owner", "y_owner")))]
     for step in steps:
@@ -239,8 +240,10 @@ def test_a_long_wait_says_on_the_seat_what_this_workers_own_messenger_reports(wo
     np.testing.assert_array_equal(y.receive(0, "late"), np.ones(3))
     for step in steps:
         step.join()
-    # Each change once: the free space counting down is no new report (a status every 5 s for each waiting job).
-    assert said == [("x_owner", "the spool volume is short of room: it has 300 MiB free"), ("x_owner", None)]
+    # Each change once: the free space counting down is no new report (a status every 5 s for each waiting job);
+    # and the wait's end, which what the seat said of it would outlive.
+    assert said == [("x_owner", "the spool volume is short of room: it has 300 MiB free", True),
+                    ("x_owner", None, True), ("x_owner", "the broker did not answer", True), ("x_owner", None, False)]
 
 
 class SuspendedClock:

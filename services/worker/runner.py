@@ -416,11 +416,16 @@ class Runner:
         progress.say(text)
 
     @staticmethod
-    def _own_trouble_changed(progress: _Progress, seat: str, trouble: str | None) -> None:
+    def _own_trouble_changed(progress: _Progress, seat: str, trouble: str | None, waiting: bool) -> None:
         """A long wait for `seat`'s message, and this worker's messenger reports trouble (or no longer does): the
-        seat says it, so that the people following the job see which worker holds it up (the log has it already)."""
-        progress.say(f"waiting for the {seat} worker; meanwhile this worker's messenger reports: {trouble}" if trouble
-                     else f"waiting for the {seat} worker")
+        seat says it, so that the people following the job see which worker holds it up (the log has it already).
+        Once the wait ends, the seat says again what it said before."""
+        if not waiting:
+            progress.resume()
+        elif trouble:
+            progress.say(f"waiting for the {seat} worker; meanwhile this worker's messenger reports: {trouble}")
+        else:
+            progress.say(f"waiting for the {seat} worker")
 
     def _load(self, spec: JobSpec, uri: str | None, note: str | None = None) -> np.ndarray | None:
         if uri is None:
@@ -519,6 +524,7 @@ class _Progress:
         self.note = note
         self.last_at = 0.0
         self.last_fraction = -1.0
+        self.last_message: str | None = None  # what the last progress update said (`resume` says it again)
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
@@ -535,7 +541,13 @@ class _Progress:
         message = ": ".join(str(part) for part in (self.note, phase) if part)
         if message:
             update["message"] = message
+        self.last_message = message or None
         self.spool.put_status(self.job_id, update)
+
+    def resume(self) -> None:
+        """Put back what the seat said before a wait said why it waited."""
+        self.spool.put_status(self.job_id, {"state": "running", "progress": max(0.0, self.last_fraction),
+                                            **({"message": self.last_message} if self.last_message else {})})
 
     def say(self, text: str) -> None:
         """Put why the seat waits on it, at the progress it reached."""

@@ -207,7 +207,7 @@ class SpoolTransport:
         sending: Callable[[], None] = lambda: None,
         partner_preparing: Callable[[str, str | None, float], None] = lambda seat, phase, waited: None,
         own_trouble: Callable[[], str | None] = lambda: None,
-        own_trouble_changed: Callable[[str, str | None], None] = lambda seat, trouble: None,
+        own_trouble_changed: Callable[[str, str | None, bool], None] = lambda seat, trouble, waiting: None,
     ) -> None:
         """`interrupted()` returns a reason to stop waiting (program stopping, job ended), or None.
 
@@ -216,7 +216,8 @@ class SpoolTransport:
         is called each time a wait for `seat` goes on past its deadline because the seat is still preparing
         (`phase`, as it said it, or None), `waited` seconds into the wait. `own_trouble()` says what this worker's
         own messenger reports against its link to the broker or its spool (None: nothing), for a wait that ends;
-        `own_trouble_changed(seat, trouble)` is called when what it says changes during a long wait for `seat`.
+        `own_trouble_changed(seat, trouble, True)` is called when what it says changes during a long wait for
+        `seat`, and `(seat, None, False)` when a wait during which it said something ends.
         """
         self.spool = spool
         self.spec = spec
@@ -303,6 +304,8 @@ class SpoolTransport:
                 array = _read_inbox_array(path, check)
                 self.check_partner(wire)
                 self.messages_received += 1
+                if trouble:  # what the seat says of it would outlive the wait
+                    self.own_trouble_changed(from_seat, None, False)
                 return array
             except FileNotFoundError:
                 pass
@@ -328,7 +331,7 @@ class SpoolTransport:
                 trouble_look, said = now + OWN_TROUBLE_LOOK_SECONDS, self.own_trouble()
                 if (said and without_numbers(said)) != (trouble and without_numbers(trouble)):  # not the MiB free
                     trouble = said
-                    self.own_trouble_changed(from_seat, trouble)
+                    self.own_trouble_changed(from_seat, trouble, True)
             if wait.left(now) <= 0:
                 fresh = bool(partner.fresh())
                 if not wait.extend(now, fresh):
