@@ -168,6 +168,12 @@ def atomic_write_json(final: Path, obj: Any, *, overwrite: bool = True) -> None:
     atomic_write_bytes(final, json.dumps(obj, sort_keys=True).encode(), overwrite=overwrite)
 
 
+def _kills_in(claim: dict[str, Any]) -> int:
+    """The kill count a claim holds (none in a claim of another shape)."""
+    killed = claim.get("killed", 0) if isinstance(claim, dict) else 0
+    return killed if isinstance(killed, int) else 0
+
+
 def read_json(path: Path) -> Any | None:
     """Return the JSON in `path`, or None if the file does not exist."""
     try:
@@ -352,15 +358,13 @@ class Spool:
         """Record that a runner died (not stopped) while it worked on the claimed `job_id`; the count so far."""
         path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
         record = read_json(path) or {"job_id": job_id, "claimed_at": time.time(), "working": True}
-        record["killed"] = self.kills(job_id) + 1
+        record["killed"] = _kills_in(record) + 1
         atomic_write_json(path, record)
         return record["killed"]
 
     def kills(self, job_id: str) -> int:
         """How many runners died while they worked on the claimed `job_id` (`count_kill`)."""
-        record = read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json") or {}
-        killed = record.get("killed", 0)
-        return killed if isinstance(killed, int) else 0
+        return _kills_in(read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json") or {})
 
     def runner_starts(self) -> bool:
         """Mark a runner running until `runner_stops`; whether the last one left its mark: it died (SIGKILL, OOM)
