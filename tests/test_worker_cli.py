@@ -176,6 +176,19 @@ def test_bad_configuration(tmp_path, change, words):
     assert not (tmp_path / "w" / "state" / "run").exists()  # nothing was started
 
 
+def run_under_limit(env: dict[str, str], limit) -> tuple[int, str, str]:
+    """`cape-worker run` with `limit()` applied in the child (a resource limit); (exit code, stdout, stderr). What it
+    started is killed afterwards: without a refusal, supervisord and its programs would still be running."""
+    proc = subprocess.Popen(["cape-worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=limit, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
 def test_run_says_a_state_volume_without_room_for_the_keys_in_one_line(tmp_path):
     """The keys are made by `run` before supervisord starts: on a full CAPE_STATE_DIR volume the four programs
     each failed making them, with a traceback, until FATAL (and the FATAL listener, whose marker lives there too,
@@ -187,14 +200,8 @@ def test_run_says_a_state_volume_without_room_for_the_keys_in_one_line(tmp_path)
     def no_room() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    proc = subprocess.Popen(["cape-worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=no_room, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # without the fix: supervisord and its programs, still running
-    assert proc.returncode == 2, out + err
+    code, out, err = run_under_limit(env, no_room)
+    assert code == 2, out + err
     assert err.endswith(f"cape-worker: cannot make the worker's keys in {state}: File too large; free space on "
                         "the volume of CAPE_STATE_DIR, or make it writable\n"), err
     assert "Traceback" not in out + err and not (state / "run" / "supervisord.pid").exists()
@@ -209,14 +216,8 @@ def test_run_says_an_open_files_limit_too_low_for_supervisord_in_one_line(tmp_pa
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    proc = subprocess.Popen(["cape-worker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=few_files, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 2, out + err
+    code, out, err = run_under_limit(env, few_files)
+    assert code == 2, out + err
     assert err == ("cape-worker: the open-files limit is 64 (ulimit -n); the worker needs at least 1024: raise it "
                    "(docker run --ulimit nofile=1024:1024, systemd LimitNOFILE=)\n"), out + err
     assert "minfds" not in out + err
