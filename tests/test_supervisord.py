@@ -22,6 +22,8 @@ import pytest
 
 from services.worker import health
 from services.worker.keys import ENCRYPTION_KEY_FILE
+from services.worker.oom_kills import oom_kill_count
+from tests.support.cgroups import child_memory_cgroup, oom_kill_in
 from tests.support.workers import worker_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,13 +101,20 @@ def test_supervisords_own_lines_are_stamped_in_utc_as_the_programs_lines_are(sta
     assert abs((datetime.now(UTC) - said).total_seconds()) < 120, (stamps[0], worker.output)
 
 
-def test_program_that_keeps_failing_makes_worker_exit_non_zero(start_worker, tmp_path):
-    worker = start_worker(worker_env(tmp_path, "org-a"))
-    corrupt_keys_under(worker, tmp_path, "org-a")
-    code = worker.wait_exit(timeout=60)
-    assert code not in (None, 0), worker.output[-2000:]
-    assert "kept failing (FATAL)" in worker.output
+def test_program_that_keeps_failing_makes_worker_exit_non_zero_saying_oom_kills_before(start_worker, tmp_path):
+    """A program that keeps failing ends the worker, exit 3 (a FATAL marker that cannot be written: below). In a
+    memory cgroup of its own, as in a container with --memory, whose processes the OOM killer took before (one
+    killed within supervisord's start window ends FATAL): the exit says the OOM kills beside `cape-worker check`."""
+    with child_memory_cgroup() as group:
+        worker = start_worker(worker_env(tmp_path, "org-a"), cgroup=group)
+        worker.wait_running()
+        assert oom_kill_in(group) == -signal.SIGKILL
+        corrupt_keys_under(worker, tmp_path, "org-a")
+        assert worker.wait_exit(timeout=60) == 3, worker.output[-2000:]
     assert "not a readable private key" in worker.output
+    assert ("`cape-worker check` tests the configuration. The kernel's OOM killer killed 1 of this worker's "
+            "processes since it started (its memory cgroup's count): give the worker more memory (README, "
+            "\"Memory and other limits\").") in worker.output
 
 
 def corrupt_keys_under(worker, tmp_path, name):
@@ -325,8 +334,25 @@ def test_a_killed_supervisord_is_said_and_run_exits_137(start_worker, tmp_path):
     supervisord = [p for p in psutil.Process(worker.proc.pid).children() if "supervisord" in " ".join(p.cmdline())]
     supervisord[0].kill()
     assert worker.wait_exit(30) == 137
-    assert ("cape-worker: supervisord was killed by signal SIGKILL (out of memory?); its programs stopped, and work "
+    cause = "(out of memory?)" if oom_kill_count() is None else "(not by the OOM killer: its memory cgroup counted none)"
+    assert (f"cape-worker: supervisord was killed by signal SIGKILL {cause}; its programs stopped, and work "
             "already handed over resumes at the next start") in worker.output
+
+
+def test_supervisord_killed_by_the_oom_killer_is_said_for_certain(start_worker, tmp_path):
+    """The worker in a memory cgroup of its own, as in a container with --memory: the kernel's OOM killer takes
+    supervisord; its memory cgroup's count says so, and what to do."""
+    with child_memory_cgroup() as group:
+        worker = start_worker(worker_env(tmp_path, "org-oom"), cgroup=group)
+        worker.wait_running()
+        supervisord = [p for p in psutil.Process(worker.proc.pid).children()
+                       if "supervisord" in " ".join(p.cmdline())]
+        oom_kill_in(group, victim=supervisord[0].pid)
+        assert worker.wait_exit(30) == 137
+    assert ("cape-worker: supervisord was killed by signal SIGKILL (by the kernel's OOM killer: it killed "
+            in worker.output), worker.output[-2000:]
+    assert ("of this worker's processes since it started, its memory cgroup counts; give the worker more memory, "
+            "README \"Memory and other limits\"); its programs stopped") in worker.output
 
 
 def test_a_new_run_waits_for_programs_still_holding_the_spool(start_worker, tmp_path, monkeypatch):
@@ -388,3 +414,5 @@ def test_a_fatal_program_ends_the_worker_non_zero_even_when_its_marker_cannot_be
     assert code not in (None, 0), worker.output[-2000:]
     assert "fatal_listener: cannot record the failure" in worker.output
     assert "kept failing (FATAL)" in worker.output
+    assert "not a readable private key" in worker.output
+    assert "OOM killer" not in worker.output  # none counted (or no counter): none said

@@ -22,6 +22,7 @@ from services.worker import health
 from services.worker.keys import WorkerKeys
 from services.worker.spool import Spool
 from tests.support.aws import free_port
+from tests.support.cgroups import child_memory_cgroup, join_code, oom_kill_in
 from tests.support.server import Api
 from tests.support.workers import worker_env
 
@@ -364,6 +365,25 @@ def test_status_json_says_what_the_text_says(tmp_path):
     assert fingerprint == keys.fingerprint and re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fingerprint)
     assert f"keys: {fingerprint} (for a partner's operator whose worker says this organization's keys changed)" in \
         cape_worker("status", env=env, cwd=tmp_path).stdout.splitlines()
+
+
+def test_status_says_the_oom_kills_its_memory_cgroup_counted(tmp_path):
+    """`docker exec ... cape-worker status` in a container (here a memory cgroup of its own) whose processes the
+    kernel's OOM killer took: it says how many, and what to do; none counted, it says nothing of memory."""
+    env = worker_env(tmp_path, "w")
+    with child_memory_cgroup() as group:
+        def status(*args: str) -> str:
+            code = join_code(group) + f"os.execvp('cape-worker', ['cape-worker', 'status', *{list(args)!r}])"
+            return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=60).stdout
+
+        assert json.loads(status("--json"))["oom_kills"] == 0
+        assert "memory:" not in status()
+        assert oom_kill_in(group) == -signal.SIGKILL
+        assert json.loads(status("--json"))["oom_kills"] == 1
+        assert ("memory: the kernel's OOM killer killed 1 of this worker's processes since its container started "
+                "(its memory cgroup's count); give it more memory (README, \"Memory and other limits\")"
+                ) in status().splitlines()
 
 
 def test_status_of_a_stopped_worker_shows_claims_and_reasons(tmp_path):

@@ -19,6 +19,7 @@ from services.worker.keys import WorkerKeys
 from services.worker.messenger import Messenger
 from services.worker.runner import Runner
 from services.worker.spool import Spool
+from tests.support.cgroups import child_memory_cgroup, join_code, oom_kill_in
 from tests.support.worker_messaging import approved_job, program_env, wait_for
 
 SEATS = ("x_owner", "y_owner", "helper")
@@ -57,10 +58,14 @@ def data_job(cape_server, tmp_path):
     return job, x, y
 
 
-def start_program(program: str, job, seat: str, base: Path) -> subprocess.Popen:
+def start_program(program: str, job, seat: str, base: Path, cgroup: Path | None = None) -> subprocess.Popen:
+    """`python -m services.worker.<program>` for `seat`, logging to base/<seat>.<program>.log; in `cgroup` if given."""
     log = open(base / f"{seat}.{program}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", f"services.worker.{program}"],
-                            env=program_env(job, seat, base), stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", f"services.worker.{program}"]
+    if cgroup is not None:
+        command = [sys.executable, "-c", join_code(cgroup) + "import runpy\n"
+                   f"runpy.run_module('services.worker.{program}', run_name='__main__', alter_sys=True)\n"]
+    return subprocess.Popen(command, env=program_env(job, seat, base), stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
@@ -402,20 +407,17 @@ def test_sigterm_lets_a_running_job_pause_before_the_runner_exits(data_job, tmp_
     assert x.spool.done(job.id) is None
 
 
-def test_a_job_whose_runner_keeps_being_killed_ends_in_error_saying_memory(data_job, tmp_path):
-    """Tried as a new user would, in a container short of memory: the kernel's OOM killer killed the runner as it
-    loaded the job's data, supervisord (or Docker) restarted it, it replayed the job into the same death, 25 times in
-    150 s, until its partners gave up after 5 times the job's timeout; nothing said memory. A clean stop
-    (SIGTERM, `docker stop`) is not counted; the third kill ends the job."""
+def killed_again_and_again(job, base: Path, kill, cgroup: Path | None = None) -> str:
+    """Start the x-owner's runner on its job (its peers never run: the job waits for their messages, loaded), stop it
+    once with SIGTERM, then `kill(proc)` it MAX_KILLS_PER_JOB times once loaded, and start it again; its log."""
     from services.worker.runner import MAX_KILLS_PER_JOB
 
-    job, _, _ = data_job
-    x = job.seats["x_owner"]  # its peers never run: its job waits for their messages, loaded
-    log = tmp_path / "x_owner.runner.log"
+    x = job.seats["x_owner"]
+    log = base / "x_owner.runner.log"
     proc = None
 
     def start_and_load(times: int) -> subprocess.Popen:
-        started = start_program("runner", job, "x_owner", tmp_path)
+        started = start_program("runner", job, "x_owner", base, cgroup)
         wait_for(lambda: log.read_text().count(f"job {job.id}: loaded its data") == times, "the job to load",
                  timeout=60)
         return started
@@ -426,25 +428,59 @@ def test_a_job_whose_runner_keeps_being_killed_ends_in_error_saying_memory(data_
         assert proc.wait(timeout=10) == 0
         for loaded in range(2, 2 + MAX_KILLS_PER_JOB):
             proc = start_and_load(loaded)
-            proc.kill()  # as the OOM killer does
-            proc.wait(timeout=10)
+            kill(proc)
+            assert proc.wait(timeout=10) == -signal.SIGKILL
             assert x.spool.done(job.id) is None
-        proc = start_program("runner", job, "x_owner", tmp_path)
+        proc = start_program("runner", job, "x_owner", base, cgroup)
         done = wait_for(lambda: x.spool.done(job.id), "the job to end", timeout=60)
     finally:
         stop_all([proc] if proc else [])
     text = log.read_text()
     assert text.count(f"job {job.id}: loaded its data") == 1 + MAX_KILLS_PER_JOB  # not loaded a fifth time
     assert done["outcome"] == "error"
-    message = statuses(x.spool, job.id)[-1]["message"]
+    assert x.spool.claimed_jobs() == []
+    return text
+
+
+def test_a_job_whose_runner_keeps_being_killed_ends_in_error(data_job, tmp_path):
+    """Tried as a new user would, in a container short of memory: the kernel's OOM killer killed the runner as it
+    loaded the job's data, supervisord (or Docker) restarted it, it replayed the job into the same death, 25 times in
+    150 s, until its partners gave up after 5 times the job's timeout; nothing said memory. A clean stop
+    (SIGTERM, `docker stop`) is not counted; the third kill ends the job. Here a SIGKILL from outside kills it: where
+    the memory cgroup's counter can be read, the job says that was not for lack of memory."""
+    from services.worker.oom_kills import oom_kill_count
+    from services.worker.runner import MAX_KILLS_PER_JOB
+
+    job, _, _ = data_job
+    text = killed_again_and_again(job, tmp_path, lambda proc: proc.kill())
+    readable = oom_kill_count() is not None
+    message = statuses(job.seats["x_owner"].spool, job.id)[-1]["message"]
     assert message.startswith(f"the worker's runner was killed {MAX_KILLS_PER_JOB} times while it worked on this job")
-    assert "more memory" in message
+    assert ("never by the OOM killer" in message) == readable
+    assert ("more memory" in message) == (not readable)
+    cause = ("not for lack of memory (its memory cgroup counted no OOM kill)" if readable
+             else "most often for lack of memory (the kernel's OOM killer)")
     for kill in range(1, MAX_KILLS_PER_JOB + 1):
         assert (f"job {job.id}: the last runner was killed while it worked on this job ({kill} of "
-                f"{MAX_KILLS_PER_JOB} times before the job ends in Error), most often for lack of memory (the "
-                "kernel's OOM killer); " + ("it ends now" if kill == MAX_KILLS_PER_JOB else "the job is replayed")
+                f"{MAX_KILLS_PER_JOB} times before the job ends in Error), {cause}"
                 ) in text
-    assert x.spool.claimed_jobs() == []
+        assert ("it ends now" if kill == MAX_KILLS_PER_JOB else "the job is replayed") in text
+
+
+def test_a_runner_the_oom_killer_keeps_killing_ends_its_job_saying_memory_for_certain(data_job, tmp_path):
+    """The runner in a memory cgroup of its own, as in a container with --memory, killed by the kernel's OOM killer
+    each time (its memory cgroup counting each): the job's error says memory for certain, not "most often"."""
+    from services.worker.runner import MAX_KILLS_PER_JOB
+
+    job, _, _ = data_job
+    with child_memory_cgroup() as group:
+        text = killed_again_and_again(job, tmp_path, lambda proc: oom_kill_in(group, victim=proc.pid), group)
+    message = statuses(job.seats["x_owner"].spool, job.id)[-1]["message"]
+    assert message.startswith(f"the worker's runner was killed {MAX_KILLS_PER_JOB} times while it worked on this "
+                              "job, each time by the kernel's OOM killer (its memory cgroup's count): the job needs "
+                              "more memory than the worker's container has")
+    assert text.count("for lack of memory: the kernel's OOM killer killed ") == MAX_KILLS_PER_JOB
+    assert "most often" not in text
 
 
 def test_a_run_loop_ended_by_sigterm_still_waits_for_its_job_threads(tmp_path, monkeypatch):

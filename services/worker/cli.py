@@ -24,6 +24,7 @@ from services.worker.keys import KeyFileError, WorkerKeys, check_key_files, exis
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
+from services.worker.oom_kills import oom_kill_count, oom_kills_since
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.resource_limits import open_files_problem
@@ -162,6 +163,7 @@ def run() -> None:
         click.echo(f"cape-worker: cannot make the worker's keys in {config.state_dir}: {reason}; {advice}", err=True)
         sys.exit(2)
     locks = _lock_run_dir(config)  # held until we exit; closes the race of two runs passing the check above
+    oom_kills_at_start = oom_kill_count()  # what a death below is put down to
     _wait_for_earlier_programs(config)
     marker = marker_path(config.run_dir)
     marker.unlink(missing_ok=True)
@@ -219,16 +221,32 @@ def run() -> None:
     # clean stop, not a failure. The listener ignores FATAL after supervisord's STOPPING event; this also covers
     # a FATAL that raced the signal.
     if fatal is not None and not (stop_requested and float(fatal.get("at") or 0) >= stop_requested[0]):
+        oom = oom_kills_since(oom_kills_at_start, oom_kill_count())
+        memory = (f" The kernel's OOM killer killed {oom} of this worker's processes since it started (its memory "
+                  "cgroup's count): give the worker more memory (README, \"Memory and other limits\")." if oom else "")
         click.echo(f"cape-worker: program {fatal.get('program', '?')} kept failing (FATAL); the worker stopped. "
-                   "See its log lines above; `cape-worker check` tests the configuration.", err=True)
+                   f"See its log lines above; `cape-worker check` tests the configuration.{memory}", err=True)
         sys.exit(3)
     if code < 0:  # killed: by the kernel's OOM killer, most often, which leaves no line of its own
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         stopped = "its programs stopped, and" if orphans_stopped else "once its programs stopped (above),"
-        click.echo(f"cape-worker: supervisord was killed by signal {name}{' (out of memory?)' if -code == 9 else ''};"
+        click.echo(f"cape-worker: supervisord was killed by signal {name}{_kill_cause(-code, oom_kills_at_start)};"
                    f" {stopped} work already handed over resumes at the next start", err=True)
         sys.exit(128 - code)  # the shell's convention: 137 for SIGKILL
     sys.exit(code)
+
+
+def _kill_cause(signum: int, oom_kills_at_start: int | None) -> str:
+    """What a SIGKILL of supervisord is put down to: the memory cgroup's OOM kill counter, where it can be read."""
+    if signum != signal.SIGKILL:
+        return ""
+    oom = oom_kills_since(oom_kills_at_start, oom_kill_count())
+    if oom is None:
+        return " (out of memory?)"
+    if oom == 0:
+        return " (not by the OOM killer: its memory cgroup counted none)"
+    return (f" (by the kernel's OOM killer: it killed {oom} of this worker's processes since it started, its memory "
+            "cgroup counts; give the worker more memory, README \"Memory and other limits\")")
 
 
 def _already_running(config: WorkerConfig, evidence: str) -> NoReturn:
@@ -337,9 +355,10 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
     spool_exists = config.spool_dir.is_dir()
     jobs = health_mod.spool_jobs(Spool(config.spool_dir), programs["runner"] == "RUNNING") if spool_exists else []
     fingerprint, keys_line = _key_fingerprint(config.state_dir)
+    oom_kills = oom_kill_count()  # `docker exec`: the container's memory cgroup, since it started
     if as_json:
         click.echo(json.dumps({"worker": config.worker_name, "running": problem is None, "programs": programs,
-                               "key_fingerprint": fingerprint,
+                               "key_fingerprint": fingerprint, "oom_kills": oom_kills,
                                "supervisor_error": problem, "login_refused": notes[health_mod.LOGIN_REFUSED],
                                "coordinator_untrusted": notes[health_mod.COORDINATOR_UNTRUSTED],
                                "coordinator_unreachable": notes[health_mod.COORDINATOR_UNREACHABLE],
@@ -350,7 +369,8 @@ def status(as_json: bool, last: int, show_all: bool) -> None:
                                "spool_dir": str(config.spool_dir), "spool_exists": spool_exists, "jobs": jobs},
                               indent=2))
     else:
-        _print_status(config, programs, problem, notes, spool_exists, jobs, None if show_all else last, keys_line)
+        _print_status(config, programs, problem, notes, spool_exists, jobs, None if show_all else last, keys_line,
+                      oom_kills)
     sys.exit(0 if problem is None else 1)
 
 
@@ -367,9 +387,14 @@ def _key_fingerprint(state_dir: Path) -> tuple[str | None, str]:
 
 def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | None,
                   notes: dict[health_mod.PollerRecord, dict | None],
-                  spool_exists: bool, jobs: list[dict], last: int | None, keys_line: str) -> None:
+                  spool_exists: bool, jobs: list[dict], last: int | None, keys_line: str,
+                  oom_kills: int | None) -> None:
     click.echo(f"worker {config.worker_name}")
     click.echo(keys_line)
+    if oom_kills:
+        click.echo(f"memory: the kernel's OOM killer killed {oom_kills} of this worker's processes since its "
+                   "container started (its memory cgroup's count); give it more memory (README, \"Memory and other "
+                   "limits\")")
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
     for name, state in programs.items():

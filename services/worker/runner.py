@@ -41,7 +41,9 @@ from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keepalive import KeepAlives
 from services.worker.keys import WorkerKeys
+from services.worker.oom_kills import oom_kill_count, oom_kills_since
 from services.worker.resource_limits import shortage
+from services.worker.runner_deaths import MAX_KILLS_PER_JOB, kill_cause, killed_message
 from services.worker.seeds import party_seeds
 from services.worker.spool import SCRATCH_PREFIX, Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
@@ -70,14 +72,6 @@ QUEUED_SAID_AFTER_SECONDS = 1.0  # a wait for the other workers shorter than thi
 # days an appliance may idle); a job that follows sooner finds its heap warm.
 IDLE_RELEASE_SECONDS = 60.0
 STOP_JOIN_SECONDS = 2.0  # inside supervisord's stopwaitsecs for the runner (7)
-# A job whose runner died this often while working on it (SIGKILL: the kernel's OOM killer, most often) ends in
-# Error: each restart replayed it into the same death, under supervisord's restarts or Docker's, until its partners
-# gave up after 5 times the job's timeout, saying "give such jobs a longer timeout". One kill is normal (README).
-MAX_KILLS_PER_JOB = 3
-KILLED_MESSAGE = ("the worker's runner was killed {kills} times while it worked on this job, without an error of its "
-                  "own: most often by the kernel's OOM killer, the job needing more memory than the worker's "
-                  "container has; its operator gives the worker (its container) more memory (README, \"Memory and "
-                  "other limits\"), then the job is submitted again")
 CLAIM_RETRY_SECONDS = 10.0  # a job the spool refused to claim (a full or read-only volume) is tried again after this
 _STOPPING = "the runner is stopping"
 
@@ -123,26 +117,29 @@ class Runner:
     # ---- scheduling -----------------------------------------------------------------------------------------
     def count_kills(self) -> None:
         """At start: if the last runner left its mark, it died (SIGKILL, OOM) while its working jobs ran; count that
-        against each (`MAX_KILLS_PER_JOB`) and say it, with its most common cause."""
+        against each (`MAX_KILLS_PER_JOB`) and say it, with its cause where the memory cgroup's counter tells it."""
+        oom_now = oom_kill_count()
         try:
-            if not self.spool.runner_starts():
-                return
+            last = self.spool.runner_starts(oom_now)
         except OSError as exc:  # a full volume: this runner's own death would go uncounted, nothing worse
             log.warning("cannot mark the runner running in the spool (%s); a kill of this runner is not counted "
                         "against its jobs", exc.strerror or exc)
             return
+        if last is None:
+            return
+        oom_kills = oom_kills_since(last.get("oom_kills"), oom_now)
+        oom = None if oom_kills is None else oom_kills > 0
         for job_id in self.spool.claimed_jobs():
             if self.spool.is_working(job_id):
                 try:
-                    kills = self.spool.count_kill(job_id)
+                    kills = self.spool.count_kill(job_id, oom)["killed"]
                 except OSError as exc:  # a full volume: the runner still starts, and says why it waits
                     log.warning("job %s: the last runner was killed while it worked on this job; the spool refuses "
                                 "to count it (%s): %s", job_id, exc.strerror or exc,
                                 disk_advice(exc, "CAPE_SPOOL_DIR"))
                     continue
                 log.warning("job %s: the last runner was killed while it worked on this job (%d of %d times before "
-                            "the job ends in Error), most often for lack of memory (the kernel's OOM killer); %s",
-                            job_id, kills, MAX_KILLS_PER_JOB,
+                            "the job ends in Error), %s; %s", job_id, kills, MAX_KILLS_PER_JOB, kill_cause(oom_kills),
                             "it ends now" if kills >= MAX_KILLS_PER_JOB else "the job is replayed")
 
     def runnable(self) -> list[str]:
@@ -277,8 +274,8 @@ class Runner:
 
     def _run(self, job_id: str, resumed: bool = False) -> tuple[str, str | None, dict[str, int]]:
         """Run the role; (outcome, message, the transport's traffic), or raise JobFailed / JobInterrupted."""
-        if (kills := self.spool.kills(job_id)) >= MAX_KILLS_PER_JOB:
-            raise JobFailed(KILLED_MESSAGE.format(kills=kills))
+        if (kills := self.spool.kill_counts(job_id))["killed"] >= MAX_KILLS_PER_JOB:
+            raise JobFailed(killed_message(kills))
         try:
             spec = JobSpec.parse(self.spool.read_job(job_id) or {})
         except JobSpecError as exc:

@@ -55,6 +55,7 @@ MESSAGE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
+KILL_COUNTS = ("killed", "oom_killed", "not_oom")  # in a claim: runner deaths, and their causes when known
 RUNNER_RUNNING_NAME = ".runner-running.json"  # under claims/: a runner runs, or died (not a claim's name)
 SCRATCH_PREFIX = ".scratch-"  # the runner's scratch files under tmp/ (an s3:// dataview being read)
 REJECTIONS_KEPT = 100  # dropped messages recorded per job (each is also logged); more are only logged
@@ -168,9 +169,9 @@ def atomic_write_json(final: Path, obj: Any, *, overwrite: bool = True) -> None:
     atomic_write_bytes(final, json.dumps(obj, sort_keys=True).encode(), overwrite=overwrite)
 
 
-def _kills_in(claim: dict[str, Any]) -> int:
-    """The kill count a claim holds (none in a claim of another shape)."""
-    killed = claim.get("killed", 0) if isinstance(claim, dict) else 0
+def _kills_in(claim: dict[str, Any], key: str = "killed") -> int:
+    """A kill count a claim holds (none in a claim of another shape)."""
+    killed = claim.get(key, 0) if isinstance(claim, dict) else 0
     return killed if isinstance(killed, int) else 0
 
 
@@ -350,32 +351,50 @@ class Spool:
         """Durably record that the runner took `job_id` (a restarted runner resumes it), and whether it holds one of
         its job slots (`working`: it loads the job's data or computes) or waits for one."""
         path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
-        killed = self.kills(job_id)  # kept across the claim's rewrites: only the job's end clears it
+        kills = self.kill_counts(job_id)  # kept across the claim's rewrites: only the job's end clears them
         atomic_write_json(path, {"job_id": job_id, "claimed_at": time.time(), "working": working,
-                                 **({"killed": killed} if killed else {})})
+                                 **{key: count for key, count in kills.items() if count}})
 
-    def count_kill(self, job_id: str) -> int:
-        """Record that a runner died (not stopped) while it worked on the claimed `job_id`; the count so far."""
+    def count_kill(self, job_id: str, oom: bool | None = None) -> dict[str, int]:
+        """Record that a runner died (not stopped) while it worked on the claimed `job_id`, `oom` whether the OOM
+        killer killed it (None: unknown); the counts so far: `killed`, and of those `oom_killed` and `not_oom`."""
         path = self.root / "claims" / f"{validate_job_id(job_id)}.json"
         record = read_json(path) or {"job_id": job_id, "claimed_at": time.time(), "working": True}
         record["killed"] = _kills_in(record) + 1
+        if oom is not None:
+            key = "oom_killed" if oom else "not_oom"
+            record[key] = _kills_in(record, key) + 1
         atomic_write_json(path, record)
-        return record["killed"]
+        return {key: _kills_in(record, key) for key in KILL_COUNTS}
 
     def kills(self, job_id: str) -> int:
         """How many runners died while they worked on the claimed `job_id` (`count_kill`)."""
-        return _kills_in(read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json") or {})
+        return self.kill_counts(job_id)["killed"]
 
-    def runner_starts(self) -> bool:
-        """Mark a runner running until `runner_stops`; whether the last one left its mark: it died (SIGKILL, OOM)
-        rather than stopped. The mark is made at start and removed at the stop, not the other way round: a removal
-        needs no room on a full volume, and a spool from before the mark has none, so neither turns a stop into a
-        death."""
+    def kill_counts(self, job_id: str) -> dict[str, int]:
+        """`count_kill`'s counts for the claimed `job_id`."""
+        record = read_json(self.root / "claims" / f"{validate_job_id(job_id)}.json") or {}
+        return {key: _kills_in(record, key) for key in KILL_COUNTS}
+
+    def runner_starts(self, oom_kills: int | None = None) -> dict[str, Any] | None:
+        """Mark a runner running until `runner_stops`, with the OOM kill counter's reading at its start (`oom_kills`);
+        the last runner's mark if it left one: it died (SIGKILL, OOM) rather than stopped. The mark is made at start
+        and removed at the stop, not the other way round: a removal needs no room on a full volume, and a spool from
+        before the mark has none, so neither turns a stop into a death."""
         path = self.root / "claims" / RUNNER_RUNNING_NAME
-        if path.exists():
-            return True
-        atomic_write_json(path, {"at": time.time()})
-        return False
+        try:
+            last = read_json(path)
+        except (OSError, ValueError):  # a mark cut short: it was there
+            last = {}
+        mark = {"at": time.time(), "oom_kills": oom_kills}
+        if last is None:
+            atomic_write_json(path, mark)
+            return None
+        try:  # this runner's own reading, for its own death; on a full volume the last one's stays
+            atomic_write_json(path, mark)
+        except OSError:
+            pass
+        return last if isinstance(last, dict) else {}
 
     def runner_stops(self) -> None:
         """The runner stops (SIGTERM, `docker stop`, an error of its own): its next start counts no kill."""

@@ -2,7 +2,8 @@
 
 - `WORKER_COMMAND`: the command the Dockerfile's CMD runs (a test asserts they are equal).
 - `worker_env(tmp_path, name, **extra)`: a complete environment for one worker with its own spool and state.
-- `start_worker` fixture: `start_worker(env)` -> `WorkerProcess`; every worker started is stopped at teardown.
+- `start_worker` fixture: `start_worker(env, cgroup=None)` -> `WorkerProcess`; every worker started is stopped at
+  teardown.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 import pytest
 
 from services.worker import health
+from tests.support.cgroups import join_code
 
 WORKER_COMMAND = ["cape-worker", "run"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +48,16 @@ def worker_env(base: Path, name: str, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     """A running `cape-worker run` whose output goes to `log_path` (opened in append mode)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, cgroup: Path | None = None) -> None:
+        """`cgroup`: a memory cgroup (tests/support/cgroups.py) the worker runs in, as in a container."""
         self.env = env
         self.log_path = log_path
         self.run_dir = Path(env["CAPE_STATE_DIR"]) / "run"
+        command = WORKER_COMMAND
+        if cgroup is not None:
+            command = [sys.executable, "-c", join_code(cgroup) + f"os.execvp({WORKER_COMMAND[0]!r}, {WORKER_COMMAND!r})"]
         with open(log_path, "ab") as out:  # O_APPEND: the programs' lines must not overwrite each other
-            self.proc = subprocess.Popen(WORKER_COMMAND, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log_path.parent,
+            self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log_path.parent,
                                          start_new_session=True)
 
     @property
@@ -104,8 +110,8 @@ def start_worker(tmp_path) -> Callable[..., WorkerProcess]:
     """`start_worker(env)` starts one worker; all are stopped (and their process groups killed) at teardown."""
     started: list[WorkerProcess] = []
 
-    def _start(env: dict[str, str]) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{env['CAPE_WORKER_NAME']}-{len(started)}.log")
+    def _start(env: dict[str, str], cgroup: Path | None = None) -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"{env['CAPE_WORKER_NAME']}-{len(started)}.log", cgroup)
         started.append(worker)
         return worker
 
