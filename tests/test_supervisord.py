@@ -22,7 +22,7 @@ import pytest
 
 from services.worker import health
 from services.worker.keys import ENCRYPTION_KEY_FILE
-from services.worker.oom_kills import oom_kill_count
+from services.worker.memory_cgroup import oom_kill_count
 from tests.support.cgroups import child_memory_cgroup, oom_kill_in
 from tests.support.workers import worker_env
 

@@ -448,7 +448,7 @@ def test_a_job_whose_runner_keeps_being_killed_ends_in_error(data_job, tmp_path)
     150 s, until its partners gave up after 5 times the job's timeout; nothing said memory. A clean stop
     (SIGTERM, `docker stop`) is not counted; the third kill ends the job. Here a SIGKILL from outside kills it: where
     the memory cgroup's counter can be read, the job says that was not for lack of memory."""
-    from services.worker.oom_kills import oom_kill_count
+    from services.worker.memory_cgroup import oom_kill_count
     from services.worker.runner import MAX_KILLS_PER_JOB
 
     job, _, _ = data_job

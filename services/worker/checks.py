@@ -29,7 +29,8 @@ from services.worker.config import ConfigError, WorkerConfig, setting_warnings
 from services.worker.coordinator_client import CoordinatorClient, CoordinatorError
 from services.worker.keys import KeyFileError
 from services.worker.logs import make_unless_there, rejected_for
-from services.worker.resource_limits import MIN_OPEN_FILES, open_files_problem
+from services.worker.memory_cgroup import memory_limit
+from services.worker.resource_limits import MIN_OPEN_FILES, memory_limit_said, open_files_problem
 from services.worker.spool import RESERVE_BYTES, mib
 from services.worker.uploader import ModelStore, UploadError
 
@@ -100,11 +101,15 @@ def check_spool(config: WorkerConfig) -> CheckResult:
 
 
 def check_limits(_: WorkerConfig) -> CheckResult:
-    """The process limits `cape-worker run` refuses to start under (its supervisord would not)."""
+    """The process limits `cape-worker run` refuses to start under (its supervisord would not), and the memory
+    limit: too small for a worker to run a job, or what size of jobs it leaves room for."""
     problem = open_files_problem()
     if problem:
         return CheckResult("limits", False, problem)
-    return CheckResult("limits", True, f"open files: at least {MIN_OPEN_FILES}")
+    enough, memory = memory_limit_said(memory_limit())
+    if not enough:
+        return CheckResult("limits", False, memory)
+    return CheckResult("limits", True, f"open files: at least {MIN_OPEN_FILES}; {memory}")
 
 
 def check_directory(name: str, path: Path, variable: str) -> CheckResult:

@@ -24,10 +24,10 @@ from services.worker.keys import KeyFileError, WorkerKeys, check_key_files, exis
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
-from services.worker.oom_kills import oom_kill_count, oom_kills_since
+from services.worker.memory_cgroup import memory_limit, oom_kill_count, oom_kills_since
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
-from services.worker.resource_limits import open_files_problem
+from services.worker.resource_limits import memory_limit_said, open_files_problem
 from services.worker.spool import Spool
 
 T = TypeVar("T")
@@ -133,6 +133,9 @@ def run() -> None:
     if files_problem := open_files_problem():
         click.echo(f"cape-worker: {files_problem}", err=True)
         sys.exit(2)
+    enough, memory = memory_limit_said(memory_limit())
+    if not enough:  # it may still run small jobs; `check` fails on it
+        click.echo(f"cape-worker: warning: {memory}", err=True)
     socket_problem = health_mod.socket_path_problem(config.run_dir)  # `check` fails on it too
     if socket_problem:
         click.echo(f"cape-worker: {socket_problem}", err=True)

@@ -1,5 +1,5 @@
-"""What a failure caused by the worker's own limits (memory, processes, open files) tells its operator, and the
-open-files limit below which its supervisord does not start.
+"""What a failure caused by the worker's own limits (memory, processes, open files) tells its operator, the
+open-files limit below which its supervisord does not start, and what jobs a memory limit leaves room for.
 
 Such failures reached a job's error as "the worker's runner failed unexpectedly (OSError)", or `MemoryError`,
 `RuntimeError`: nothing said the container was short of memory, and no one knew to give it more. The job's
@@ -43,3 +43,25 @@ def open_files_problem() -> str | None:
         return None
     return (f"the open-files limit is {hard} (ulimit -n); the worker needs at least {MIN_OPEN_FILES}: raise it "
             f"(docker run --ulimit nofile={MIN_OPEN_FILES}:{MIN_OPEN_FILES}, systemd LimitNOFILE=)")
+
+
+# Measured (README, "Memory and other limits"): an idle worker holds about 360 MB, and a job about 3.3 times its
+# data in memory (rows x columns x 8 bytes) more at its peak (the x-owner's runner, from CSV).
+IDLE_WORKER_BYTES = 400 * 10**6
+JOB_BYTES_PER_DATA_BYTE = 3.3
+
+
+def memory_limit_said(limit: int | None) -> tuple[bool, str]:
+    """(enough, words) for the worker's memory limit (`memory_cgroup.memory_limit`; None: none of its own): below
+    `IDLE_WORKER_BYTES` it cannot be run; else how much data in memory its jobs have room for at once."""
+    if limit is None:
+        return True, "memory: no limit of its own (the machine's)"
+    mib = limit / 2**20
+    if limit < IDLE_WORKER_BYTES:
+        return False, (f"the worker's memory limit is {mib:.0f} MiB, less than an idle worker holds (about 360 MB) "
+                       f"with room for a job: give it at least {IDLE_WORKER_BYTES * 1.3 / 2**20:.0f} MiB, and 3.3 times "
+                       "each concurrent job's data in memory more (docker run --memory; README, \"Memory and other "
+                       "limits\")")
+    room = (limit - IDLE_WORKER_BYTES) / JOB_BYTES_PER_DATA_BYTE
+    return True, (f"memory: limit {mib:.0f} MiB, room for about {room / 10**6:.0f} MB of job data in memory at "
+                  "once (rows x columns x 8 bytes, all running jobs)")

@@ -41,7 +41,7 @@ from services.worker.job_slots import JobSlots
 from services.worker.job_spec import JobSpec, JobSpecError
 from services.worker.keepalive import KeepAlives
 from services.worker.keys import WorkerKeys
-from services.worker.oom_kills import oom_kill_count, oom_kills_since
+from services.worker.memory_cgroup import oom_kill_count, oom_kills_since
 from services.worker.resource_limits import shortage
 from services.worker.runner_deaths import MAX_KILLS_PER_JOB, kill_cause, killed_message
 from services.worker.seeds import party_seeds

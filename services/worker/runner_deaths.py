@@ -2,7 +2,7 @@
 
 A job whose runner died (SIGKILL: the kernel's OOM killer, most often) is replayed from the start at the next runner
 start; `MAX_KILLS_PER_JOB` deaths end it in Error. The cause is said for certain where the worker's memory cgroup
-counts its OOM kills (`oom_kills.py`), else as the most likely one.
+counts its OOM kills (`memory_cgroup.py`), else as the most likely one.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MORE_MEMORY = ("its operator gives the worker (its container) more memory (READM
 
 
 def kill_cause(oom_kills: int | None) -> str:
-    """Why the last runner died, as far as the memory cgroup's OOM kill counter tells (`oom_kills.py`)."""
+    """Why the last runner died, as far as the memory cgroup's OOM kill counter tells (`memory_cgroup.py`)."""
     if oom_kills is None:
         return "most often for lack of memory (the kernel's OOM killer)"
     if oom_kills:

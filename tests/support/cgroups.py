@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.worker.oom_kills import memory_cgroup_dir
+from services.worker.memory_cgroup import memory_cgroup_dir
 
 
 @contextmanager

@@ -1,12 +1,13 @@
-"""How many of this worker's processes the kernel's OOM killer killed: its memory cgroup's `oom_kill` counter.
+"""This worker's memory cgroup (its container's): its memory limit, and how many of its processes the kernel's OOM
+killer killed.
 
-A program killed with SIGKILL leaves no line of its own, and the OOM killer is only its most common cause; this
-counter tells it for certain. It counts the processes of the cgroup (the container's) that any OOM kill took,
-whichever limit ran out (the container's, or the machine's): cgroup v2's `memory.events`, v1's
-`memory.oom_control` (kernels since 4.13). The cgroup is found from /proc/self/cgroup and /proc/self/mountinfo,
-so inside a container (where its cgroup namespace shows it as the root, or where only its own cgroup is mounted)
-and outside one alike. None where it cannot be read: the caller then says "most often" rather than "certainly".
-A counter that went down belongs to a new container (a restart): nothing can be told from it.
+A program killed with SIGKILL leaves no line of its own, and the OOM killer is only its most common cause; the
+`oom_kill` counter tells it for certain. It counts the processes of the cgroup that any OOM kill took, whichever
+limit ran out (the container's, or the machine's): cgroup v2's `memory.events`, v1's `memory.oom_control` (kernels
+since 4.13). The limit is v2's `memory.max`, v1's `memory.limit_in_bytes`. The cgroup is found from /proc/self/cgroup
+and /proc/self/mountinfo, so inside a container (where its cgroup namespace shows it as the root, or where only its
+own cgroup is mounted) and outside one alike. None where it cannot be read: the caller then says "most often" rather
+than "certainly". A counter that went down belongs to a new container (a restart): nothing can be told from it.
 """
 from __future__ import annotations
 
@@ -15,22 +16,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC_SELF = Path("/proc/self")
+NO_LIMIT_V1 = 1 << 62  # v1 writes its "no limit" as 9223372036854771712; no machine has 4 EiB
 
 
 def oom_kill_count(proc: Path = PROC_SELF) -> int | None:
     """The OOM kills counted in this process's memory cgroup, or None where no counter can be read."""
+    text = _cgroup_file(proc, "memory.events", "memory.oom_control")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def memory_limit(proc: Path = PROC_SELF) -> int | None:
+    """This process's memory cgroup's limit in bytes; None for no limit, or none that can be read."""
+    value = (_cgroup_file(proc, "memory.max", "memory.limit_in_bytes") or "").strip()
+    # v2 says "max" for no limit, v1 the largest page-aligned 63-bit number
+    return int(value) if value.isdigit() and int(value) < NO_LIMIT_V1 else None
+
+
+def _cgroup_file(proc: Path, v2_name: str, v1_name: str) -> str | None:
+    """The text of this process's memory cgroup's file of that name (v2's or v1's), or None."""
     directory = memory_cgroup_dir(proc)
-    if directory is None:
-        return None
-    for name in ("memory.events", "memory.oom_control"):  # v2, v1
+    for name in (v2_name, v1_name) if directory is not None else ():
         try:
-            text = (directory / name).read_text()
+            return (directory / name).read_text()
         except OSError:
             continue
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
     return None
 
 

@@ -1,4 +1,4 @@
-"""The memory cgroup's OOM kill counter: found as a container shows it, and counting a real OOM kill."""
+"""The memory cgroup: found as a container shows it, its limit, and its OOM kill counter counting a real OOM kill."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.worker.oom_kills import memory_cgroup_dir, oom_kill_count, oom_kills_since
+from services.worker.memory_cgroup import memory_cgroup_dir, memory_limit, oom_kill_count, oom_kills_since
+from services.worker.resource_limits import memory_limit_said
 from services.worker.runner_deaths import MAX_KILLS_PER_JOB, kill_cause, killed_message
 from tests.support.cgroups import child_memory_cgroup, join_code, oom_kill_in
 
@@ -33,6 +34,11 @@ def test_a_v2_container_with_its_own_cgroup_namespace_reads_memory_events(tmp_pa
     proc = fake_proc(tmp_path, "0::/\n", [("/", str(mount), "cgroup2", "rw,nsdelegate")])
     assert memory_cgroup_dir(proc) == mount
     assert oom_kill_count(proc) == 2
+    assert memory_limit(proc) is None  # no memory.max
+    (mount / "memory.max").write_text("max\n")
+    assert memory_limit(proc) is None
+    (mount / "memory.max").write_text("1073741824\n")
+    assert memory_limit(proc) == 1 << 30
 
 
 def test_a_v1_container_without_a_cgroup_namespace_finds_its_cgroup_mounted_as_the_root(tmp_path):
@@ -43,6 +49,10 @@ def test_a_v1_container_without_a_cgroup_namespace_finds_its_cgroup_mounted_as_t
                      [("/docker/abc", str(tmp_path / "pids"), "cgroup", "rw,pids"),
                       ("/docker/abc", str(mount), "cgroup", "rw,memory")])
     assert oom_kill_count(proc) == 5
+    (mount / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert memory_limit(proc) is None
+    (mount / "memory.limit_in_bytes").write_text("536870912\n")
+    assert memory_limit(proc) == 512 << 20
 
 
 def test_a_hybrid_host_uses_v1_memory_not_the_unified_hierarchy_without_it(tmp_path):
@@ -97,7 +107,7 @@ def test_the_job_says_the_cause_only_as_far_as_the_counter_tells_it():
 def test_a_real_oom_kill_in_the_workers_cgroup_is_counted_where_the_worker_reads_it():
     with child_memory_cgroup() as group:
         reader = [sys.executable, "-c", join_code(group) + "import time\n"
-                  "from services.worker.oom_kills import oom_kill_count\n"
+                  "from services.worker.memory_cgroup import oom_kill_count\n"
                   "print(oom_kill_count(), flush=True)\ninput()\nprint(oom_kill_count(), flush=True)\n"]
         proc = subprocess.Popen(reader, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
@@ -109,3 +119,42 @@ def test_a_real_oom_kill_in_the_workers_cgroup_is_counted_where_the_worker_reads
                 proc.kill()
                 proc.wait(timeout=10)
         assert out.strip() == "1"  # the reader itself was left alone
+
+
+def test_a_memory_limit_is_said_with_the_room_it_leaves_jobs():
+    assert memory_limit_said(None) == (True, "memory: no limit of its own (the machine's)")
+    assert memory_limit_said(2 << 30) == (True, "memory: limit 2048 MiB, room for about 530 MB of job data in memory "
+                                                "at once (rows x columns x 8 bytes, all running jobs)")
+    enough, said = memory_limit_said(300 << 20)
+    assert not enough
+    assert said.startswith("the worker's memory limit is 300 MiB, less than an idle worker holds (about 360 MB) with "
+                           "room for a job: give it at least 496 MiB")
+
+
+def test_check_fails_on_a_memory_limit_too_small_for_a_worker_and_run_warns(tmp_path):
+    """As `docker run --memory 300m`: `check` fails on it in its limits line; under 2 GiB it says the room left."""
+    from tests.support.workers import worker_env
+
+    env = worker_env(tmp_path, "w")
+    with child_memory_cgroup() as group:
+        def check() -> str:
+            code = join_code(group) + "os.execvp('cape-worker', ['cape-worker', 'check'])"
+            out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=60).stdout
+            return next(line for line in out.splitlines() if line[5:].startswith("limits "))
+
+        (group / "memory.limit_in_bytes").write_text(str(300 << 20))
+        assert check() == ("FAIL limits        the worker's memory limit is 300 MiB, less than an idle worker holds "
+                           "(about 360 MB) with room for a job: give it at least 496 MiB, and 3.3 times each "
+                           "concurrent job's data in memory more (docker run --memory; README, \"Memory and other "
+                           "limits\")")
+        deep = {**env, "CAPE_STATE_DIR": str(tmp_path / ("d" * 120))}  # `run` stops soon after, at the socket
+        code = join_code(group) + "os.execvp('cape-worker', ['cape-worker', 'run'])"
+        run = subprocess.run([sys.executable, "-c", code], env=deep, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2
+        assert run.stderr.startswith("cape-worker: warning: the worker's memory limit is 300 MiB, less than an idle "
+                                     "worker holds"), run.stderr
+        (group / "memory.limit_in_bytes").write_text(str(2 << 30))
+        assert check() == ("ok   limits        open files: at least 1024; memory: limit 2048 MiB, room for about "
+                           "530 MB of job data in memory at once (rows x columns x 8 bytes, all running jobs)")
