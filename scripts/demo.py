@@ -159,6 +159,7 @@ class Demo:
         self.cape("bank", "projects", "create", "demo", "--name", "Claims model")
         self.cape("bank", "projects", "add-org", "demo", "insurer")
         self.cape("bank", "projects", "set-helper", "demo", "helper")
+        self.cape("helper", "projects", "join", "demo", "helper")  # its worker takes the third seat: it agrees
         self.cape("bank", "dataviews", "add", "demo", "features", x_csv.as_uri(), "--schema-from-file", str(x_csv))
         self.cape("insurer", "dataviews", "add", "demo", "target", y_csv.as_uri(), "--schema-from-file", str(y_csv))
 

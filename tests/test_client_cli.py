@@ -170,8 +170,11 @@ def test_projects_and_dataviews(shared_cape_server, cape_cli, orgs, unique_label
     assert f"Created project {project}." in created.stdout
     cape_cli("projects", "add-org", project, globex, env=env_a)
     cape_cli("projects", "add-org", project, initech, env=env_a)
-    shown = json.loads(cape_cli("projects", "set-helper", project, initech, "--json", env=env_a).stdout)
+    cape_cli("projects", "set-helper", project, initech, env=env_a)
+    env_i = {**env_a, "CAPE_TOKEN": orgs["initech"]["user_token"]}
+    shown = json.loads(cape_cli("projects", "join", project, initech, "--json", env=env_i).stdout)
     assert shown["helper"]["label"] == initech
+    assert {o["label"]: o["joined"] for o in shown["organizations"]} == {acme: True, globex: False, initech: True}
     assert sorted(o["label"] for o in shown["organizations"]) == sorted([acme, globex, initech])
     assert [p["label"] for p in json.loads(cape_cli("projects", "list", "--json", env=env_g).stdout)] == [project]
     text = cape_cli("projects", "show", project, env=env_g).stdout
@@ -266,6 +269,10 @@ def test_sdk_pycape_shape(shared_cape_server, orgs, unique_label, tmp_path: Path
     project.add_org(globex["organization"]["label"])
     project.add_org(orgs["initech"]["organization"]["label"]).set_helper(orgs["initech"]["organization"]["label"])
     assert project.helper["label"] == orgs["initech"]["organization"]["label"]
+    assert [o.joined for o in project.organizations] == [True, False, False]
+    initech = Cape(endpoint=shared_cape_server.url, token=orgs["initech"]["user_token"])
+    assert [o.joined for o in initech.get_project(project.id).join(project.helper["label"]).organizations] == \
+        [True, False, True]
     csv = tmp_path / "x.csv"
     csv.write_text("a,b\n1,2\n3,4\n")
     x = project.create_dataview("x", csv.as_uri())
@@ -378,6 +385,7 @@ def _pending_job(server, orgs: dict[str, dict], unique_label) -> Job:
     acme, globex, initech = (orgs[n]["organization"]["label"] for n in ("acme", "globex", "initech"))
     project = Cape(endpoint=server.url, token=orgs["acme"]["user_token"]).create_project(unique_label("watch"))
     project.add_org(globex).add_org(initech)
+    Cape(endpoint=server.url, token=orgs["initech"]["user_token"]).get_project(project.id).join(initech)
     x = project.create_dataview("x", "s3://acme/x.csv", schema="a")
     Cape(endpoint=server.url, token=orgs["globex"]["user_token"]).get_project(project.id).create_dataview(
         "y", "s3://globex/y.csv", schema="t")

@@ -97,6 +97,8 @@ def test_a_user_of_several_organizations_names_one_with_org(shared_cape_server, 
     assert cape_cli("projects", "create", project, "--org", acme, env=env).exit_code == 0
     assert cape_cli("projects", "add-org", project, globex, env=env).exit_code == 0
     assert cape_cli("projects", "set-helper", project, initech, env=env).exit_code == 0
+    joined = cape_cli("projects", "join", project, initech, env={**env, "CAPE_TOKEN": orgs["initech"]["user_token"]})
+    assert joined.exit_code == 0, joined.stderr
     unnamed = cape_cli("dataviews", "add", project, "x", "s3://acme/x.csv", "--schema", "a,b", env=env)
     assert (unnamed.exit_code, one_error_line(unnamed.stderr)) == (1, several)
     for name, org, schema in (("x", acme, "a,b"), ("y", globex, "t")):
@@ -162,6 +164,8 @@ def test_sdk_gets_jobs_and_dataviews_by_id_keyword(shared_cape_server, orgs, uni
     c.login(token=orgs["acme"]["user_token"])
     project = c.create_project(unique_label("kw")).add_org(orgs["globex"]["organization"]["label"])
     project.set_helper(orgs["initech"]["organization"]["label"])
+    Cape(endpoint=shared_cape_server.url, token=orgs["initech"]["user_token"]).get_project(project.id).join(
+        orgs["initech"]["organization"]["label"])
     x = project.create_dataview("x", "s3://acme/x.csv", schema="a")
     Cape(endpoint=shared_cape_server.url, token=orgs["globex"]["user_token"]).get_project(project.id) \
         .create_dataview("y", "s3://globex/y.csv", schema="t")

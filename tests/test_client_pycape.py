@@ -29,7 +29,9 @@ def world(shared_cape_server, unique_label) -> dict:
     bank = Cape(endpoint=shared_cape_server.url, token=orgs["bank"]["user_token"])
     project = bank.create_project(unique_label("lr")).add_org(label["shop"]).add_org(label["neutral"])
     project.set_helper(label["neutral"])
-    return {"orgs": orgs, "label": label, "project": project}
+    Cape(endpoint=shared_cape_server.url, token=orgs["neutral"]["user_token"]).get_project(project.id).join(
+        label["neutral"])
+    return {"orgs": orgs, "label": label, "project": project.refresh()}
 
 
 def pycape(server, token: str) -> Cape:
@@ -52,9 +54,9 @@ def test_projects_as_pycape_gets_creates_and_deletes_them(shared_cape_server, wo
     orgs = c.get_project(id=project.id).organizations
     assert [o.label for o in orgs] == [world["label"][n] for n in ("bank", "shop", "neutral")]
     bank_org = world["orgs"]["bank"]["organization"]
-    assert orgs[0] == {"id": bank_org["id"], "label": world["label"]["bank"], "name": bank_org["name"]}
+    assert orgs[0] == {"id": bank_org["id"], "label": world["label"]["bank"], "name": bank_org["name"], "joined": True}
     assert (orgs[0].id, orgs[0].name) == (orgs[0]["id"], bank_org["name"])
-    with pytest.raises(AttributeError, match="has no 'email'; it has id, label, name"):
+    with pytest.raises(AttributeError, match="has no 'email'; it has id, label, name, joined"):
         orgs[0].email
 
     bank_id = world["orgs"]["bank"]["organization"]["id"]

@@ -33,6 +33,7 @@ def test_readme_sdk_snippet_gets_the_results(cape_server: CapeServer, cape_home:
     orgs = {label: cape_server.create_org(label) for label in ("bank", "shop", "neutral")}
     bank = Cape(endpoint=cape_server.url, token=orgs["bank"]["user_token"])
     project = bank.create_project("churn").add_org("shop").add_org("neutral").set_helper("neutral")
+    Cape(endpoint=cape_server.url, token=orgs["neutral"]["user_token"]).get_project("churn").join("neutral")
     project.create_dataview("features", "s3://bank-data/x.csv", schema="age,income")
     shop = Cape(endpoint=cape_server.url, token=orgs["shop"]["user_token"])
     shop.get_project("churn").create_dataview("target", "s3://shop-data/y.csv", schema="spend")

@@ -46,6 +46,7 @@ class World:
         self.ok(self.admin["a"].post("/v1/projects", json={"label": "p"}))
         self.ok(self.admin["a"].post("/v1/projects/p/organizations", json={"organization": "b"}))
         self.ok(self.admin["a"].put("/v1/projects/p/helper", json={"organization": "c"}))
+        self.ok(self.admin["c"].post("/v1/projects/p/organizations/c/join"))
         self.xs = self.dataview("a", "xs")
         self.ys = self.dataview("b", "ys")
         for label in "abc":
@@ -124,6 +125,10 @@ ACTIONS: list[tuple[str, Action, dict[str, int]]] = [
     ("read project", lambda api, w: api.get("/v1/projects/p"), expect(200, 200, 200, 200, 403, 403, 403)),
     ("add project organization", lambda api, w: api.post("/v1/projects/p/organizations", json={"organization": "c"}),
      expect(200, 403, 200, 403, 403, 403, 403)),
+    ("join project for own org", lambda api, w: api.post("/v1/projects/p/organizations/a/join"),
+     expect(200, 200, 403, 403, 403, 403, 403)),
+    ("join project for another org", lambda api, w: api.post("/v1/projects/p/organizations/b/join"),
+     expect(403, 403, 403, 403, 403, 403, 403)),
     ("set project helper", lambda api, w: api.put("/v1/projects/p/helper", json={"organization": "c"}),
      expect(200, 403, 200, 403, 403, 403, 403)),
     ("delete project", lambda api, w: api.delete(f"/v1/projects/{w.project()}"),

@@ -29,6 +29,7 @@ class World:
         ok(bank.post("/v1/projects", json={"label": self.project}))
         ok(bank.post(f"/v1/projects/{self.project}/organizations", json={"organization": self.label["shop"]}))
         ok(bank.put(f"/v1/projects/{self.project}/helper", json={"organization": self.label["helper"]}))
+        ok(self.admin["helper"].post(f"/v1/projects/{self.project}/organizations/{self.label['helper']}/join"))
         ok(bank.post(f"/v1/projects/{self.project}/dataviews", json={
             "name": "xs", "uri": "file:///data/x.csv", "schema": [{"name": "a", "type": "number"}]}))
         ok(shop.post(f"/v1/projects/{self.project}/dataviews", json={

@@ -26,6 +26,7 @@ class Orgs:
         ok(self.admin["x"].post("/v1/projects", json={"label": self.project}))
         ok(self.admin["x"].post(f"/v1/projects/{self.project}/organizations", json={"organization": self.label["y"]}))
         ok(self.admin["x"].put(f"/v1/projects/{self.project}/helper", json={"organization": self.label["h"]}))
+        ok(self.admin["h"].post(f"/v1/projects/{self.project}/organizations/{self.label['h']}/join"))
         ok(self.admin["y"].post(f"/v1/projects/{self.project}/dataviews", json={
             "name": "ys", "uri": "file:///y.csv", "schema": [{"name": "t", "type": "number"}]}))
 

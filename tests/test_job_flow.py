@@ -164,10 +164,14 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     # Project with three organizations and a helper (the model owner is the y-owner, so a helper takes seat 3).
     ok("bank", "projects", "create", "churn", "--name", "Churn study")
     ok("bank", "projects", "add-org", "churn", "shop")
-    ok("bank", "projects", "add-org", "churn", "neutral")
+    added = cape_cli("projects", "add-org", "churn", "neutral", env=as_("bank"))
+    assert "organizations: bank, shop (not joined), neutral (not joined)" in added.stdout.splitlines()
+    assert added.stderr == ("neutral has not joined churn: its worker takes no seat in its jobs until one of its admins "
+                            "or operators runs `cape projects join churn neutral`.\n")
     project = json.loads(ok("bank", "projects", "set-helper", "churn", "neutral", "--json"))
     assert project["helper"]["label"] == "neutral"
-    assert sorted(o["label"] for o in project["organizations"]) == ["bank", "neutral", "shop"]
+    assert {o["label"]: o["joined"] for o in project["organizations"]} == {"bank": True, "shop": False,
+                                                                           "neutral": False}
 
     # Dataviews: schema from the CSV header (x) and given on the command line (y).
     ok("bank", "dataviews", "add", "churn", "features", flow_data["x_csv"].as_uri(),
@@ -177,6 +181,15 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     assert [c["name"] for c in views["features"]["schema"]] == ["age", "income", "score"]
     assert views["features"]["uri"] is None  # the bank's uri is not shown to the shop
     assert views["target"]["uri"] == flow_data["y_csv"].as_uri()
+
+    # The helper's worker would take the third seat of the project's jobs: its organization agrees first.
+    refused = cape_cli("jobs", "submit", "churn", "linear-regression", "--x", "features:age", "--y", "target:spend",
+                       "--model-owner", "shop", env=as_("shop"))
+    assert refused.exit_code != 0
+    assert refused.stderr.startswith("error: organization 'neutral', the project's helper, has not joined project "
+                                     "'churn', so its worker takes no seat in its jobs: one of its admins or operators "
+                                     "runs `cape projects join churn neutral`")
+    assert "Joined project churn." in ok("neutral", "projects", "join", "churn", "neutral")
 
     # Workers register their keys with their organization tokens.
     workers = {label: ScriptedWorker(url, orgs[label]["organization_token"]) for label in orgs}

@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from services.coordinator import identity
-from services.coordinator.db import Database
-from tests.support.server import cape_server_command
+from tests.support.server import cape_server_command, database_from_before
 
 DATA_DIR_ADVICE = "(give a directory this user can create and write)"
 NO_DATABASE_ADVICE = ("is --data-dir (or CAPE_SERVER_DATA_DIR) the one `cape-server serve` uses? `admin create-org` "
@@ -289,12 +288,10 @@ def test_create_user_warns_when_the_email_already_had_an_account(tmp_path):
 def test_a_database_from_before_accounts_recorded_their_maker_opens(tmp_path):
     """An earlier version's users table gains the column; two emails differing only in case do not stop the
     server (a warning, lookups take the older account)."""
-    old = sqlite3.connect(tmp_path / "coordinator.sqlite3")
-    old.executescript("CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);"
-                      "INSERT INTO users VALUES ('u1', 'ann@x.example', '2026-01-01T00:00:00.000Z');"
-                      "INSERT INTO users VALUES ('u2', 'Ann@x.example', '2026-02-01T00:00:00.000Z');")
-    old.close()
-    db = Database(tmp_path / "coordinator.sqlite3")
+    db = database_from_before(tmp_path, (
+        "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);"
+        "INSERT INTO users VALUES ('u1', 'ann@x.example', '2026-01-01T00:00:00.000Z');"
+        "INSERT INTO users VALUES ('u2', 'Ann@x.example', '2026-02-01T00:00:00.000Z');"))
     try:
         with db.transaction() as conn:
             assert identity.user_by_email(conn, "ANN@X.EXAMPLE")["id"] == "u1"

@@ -76,6 +76,7 @@ def test_jobs_waiting_for_a_worker_that_is_down_leave_a_job_between_running_work
     world._ok(xorg.post("/v1/projects", json={"label": "down", "name": "Helper down"}))
     world._ok(xorg.post("/v1/projects/down/organizations", json={"organization": "yorg"}))
     world._ok(xorg.put("/v1/projects/down/helper", json={"organization": "away"}))
+    world._ok(Api(cape_server, away["user_token"]).post("/v1/projects/down/organizations/away/join"))
     world._ok(xorg.post("/v1/projects/down/dataviews", json={
         "name": "xs", "uri": world.x_path.as_uri(), "schema": [{"name": c, "type": "number"} for c in "abc"]}))
     world._ok(yorg.post("/v1/projects/down/dataviews", json={

@@ -338,8 +338,8 @@ class Project(Resource):
 
     @property
     def organizations(self) -> list[OrgRef]:
-        """Member organizations, ``{"id", "label", "name"}`` each (also ``o.id``, ``o.label``, ``o.name`` as in
-        pycape)."""
+        """Member organizations, ``{"id", "label", "name", "joined"}`` each (also ``o.id``, ``o.label``, ``o.name`` as
+        in pycape); ``joined``: its admin or operator agreed, so its worker may take a job's third seat."""
         return [OrgRef(o) for o in self.data.get("organizations") or []]
 
     @property
@@ -356,6 +356,14 @@ class Project(Resource):
         self.data = self._session.post(
             f"/v1/projects/{seg(self.id)}/organizations", {"organization": org_ref(organization)}
         )
+        return self
+
+    def join(self, organization: str | Organization) -> Project:
+        """Agree, as an admin or operator of ``organization`` (a member), that its worker takes a job's third seat
+        in this project: as helper, or as a model owner that owns none of the job's data. Jobs that need it are
+        refused (409 ``not_joined``) until then; an organization added by someone who may join for it is joined."""
+        self.data = self._session.post(f"/v1/projects/{seg(self.id)}/organizations/{seg(org_ref(organization))}/join",
+                                       {})
         return self
 
     def set_helper(self, organization: str | Organization | None) -> Project:

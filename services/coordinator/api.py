@@ -223,6 +223,13 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
         record(p, "added organization %s to project %s", body.organization, project)
         return view
 
+    @router.post("/projects/{project}/organizations/{org}/join", tags=["projects"], response_model=views.Project)
+    def join_project(project: str, org: str, p: Principal = Depends(person)) -> dict[str, Any]:
+        with db.transaction() as conn:
+            view = projects.project_view(conn, projects.join_project(conn, p, project, org))
+        record(p, "joined project %s for organization %s", project, org)
+        return view
+
     @router.put("/projects/{project}/helper", tags=["projects"], response_model=views.Project)
     def set_project_helper(project: str, body: HelperRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:

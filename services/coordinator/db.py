@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS projects (
     id TEXT PRIMARY KEY, label TEXT NOT NULL UNIQUE, name TEXT NOT NULL, description TEXT NOT NULL,
     owner_org_id TEXT NOT NULL, helper_org_id TEXT, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS project_organizations (
-    project_id TEXT NOT NULL, org_id TEXT NOT NULL, added_at TEXT NOT NULL, PRIMARY KEY (project_id, org_id));
+    project_id TEXT NOT NULL, org_id TEXT NOT NULL, added_at TEXT NOT NULL, joined_at TEXT,
+    PRIMARY KEY (project_id, org_id));
 CREATE TABLE IF NOT EXISTS dataviews (
     id TEXT PRIMARY KEY, project_id TEXT NOT NULL, name TEXT NOT NULL, uri TEXT NOT NULL,
     owner_org_id TEXT NOT NULL, schema_json TEXT NOT NULL, created_at TEXT NOT NULL, UNIQUE (project_id, name));
@@ -65,7 +66,7 @@ CREATE INDEX IF NOT EXISTS tokens_org ON tokens(org_id, created_at);
 READERS_KEPT = 4  # idle read connections kept for the next listing
 # The schema's version in `PRAGMA user_version`: one more whenever SCHEMA or `_upgrade` changes, so an older server
 # refuses a database a newer one upgraded (services/sqlite_files.py).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def now_iso() -> str:
@@ -95,6 +96,10 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE tokens ADD COLUMN last_used_at TEXT")
     if "stopped_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(workers)")}:
         conn.execute("ALTER TABLE workers ADD COLUMN stopped_at TEXT")
+    if "joined_at" not in {row["name"] for row in conn.execute("PRAGMA table_info(project_organizations)")}:
+        conn.execute("ALTER TABLE project_organizations ADD COLUMN joined_at TEXT")
+        # Members from before joining existed took seats as they were added: their projects go on as they were.
+        conn.execute("UPDATE project_organizations SET joined_at = added_at")
     # Superseded by the same columns and id (the listings' order): kept, each would only cost every write.
     conn.execute("DROP INDEX IF EXISTS jobs_project_created")
     conn.execute("DROP INDEX IF EXISTS jobs_project_status")

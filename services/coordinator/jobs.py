@@ -15,6 +15,7 @@ from services.coordinator.permissions import STOP_JOBS, SUBMIT_JOBS, acting_orga
 from services.coordinator.projects import (
     find_project,
     find_project_dataview,
+    has_joined,
     is_member_org,
     readable_project,
     readable_projects,
@@ -113,6 +114,14 @@ def submit_job(conn: sqlite3.Connection, principal: Principal, project_ref: str,
                                  "organizations must take the seats, so set another helper")
     else:
         third_seat, third_org, outputs_to = "model_owner", model_owner, "model_owner"
+    if third_org != org_id and not has_joined(conn, project["id"], third_org):
+        # Its worker would compute, and store a model in its bucket, for a project its organization never agreed to.
+        label = get_org(conn, third_org)["label"]
+        role = "the project's helper" if third_seat == "helper" else "the model owner"
+        raise Conflict(f"organization '{label}', {role}, has not joined project '{project['label']}', so its worker "
+                       f"takes no seat in its jobs: one of its admins or operators runs `cape projects join "
+                       f"{project['label']} {label}` (`POST /v1/projects/{{project}}/organizations/{{org}}/join`)",
+                       code="not_joined")
     job_id, now = new_id(), now_iso()
     task = {"x": {"dataview": x_view["id"], "dataview_name": x_view["name"], "columns": columns},
             "y": {"dataview": y_view["id"], "dataview_name": y_view["name"], "column": body["y"]["column"]},

@@ -11,6 +11,9 @@ MANAGE_PROJECTS = frozenset({"admin", "data_scientist"})
 MANAGE_DATAVIEWS = frozenset({"admin", "data_scientist"})
 SUBMIT_JOBS = frozenset({"admin", "data_scientist"})
 APPROVE_JOBS = frozenset({"admin", "operator"})
+# Joining a project lets the organization's worker take a job's third seat (and, as model owner, store the model):
+# decided by those who decide what its worker does.
+JOIN_PROJECTS = frozenset({"admin", "operator"})
 STOP_JOBS = frozenset({"admin", "operator", "data_scientist"})
 
 

@@ -10,6 +10,7 @@ from services.coordinator.db import new_id, now_iso
 from services.coordinator.identity import Principal, find_organization, get_org, org_ref, org_view
 from services.coordinator.paging import Page, PageRequest, newest_first
 from services.coordinator.permissions import (
+    JOIN_PROJECTS,
     MANAGE_DATAVIEWS,
     MANAGE_PROJECTS,
     acting_organization,
@@ -38,6 +39,12 @@ def is_member_org(conn: sqlite3.Connection, project_id: str, org_id: str) -> boo
                         (project_id, org_id)).fetchone() is not None
 
 
+def has_joined(conn: sqlite3.Connection, project_id: str, org_id: str) -> bool:
+    """Whether the member organization agreed to the project (`join_project`), so its worker may take seats."""
+    return conn.execute("SELECT 1 FROM project_organizations WHERE project_id = ? AND org_id = ? "
+                        "AND joined_at IS NOT NULL", (project_id, org_id)).fetchone() is not None
+
+
 def readable_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> sqlite3.Row:
     """The project if one of the caller's organizations is a member (any role); 403/404 otherwise."""
     require_person(principal)
@@ -53,7 +60,8 @@ def project_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
         "id": row["id"], "label": row["label"], "name": row["name"], "description": row["description"],
         "owner": org_ref(get_org(conn, row["owner_org_id"])),
         # With names: pycape's examples name things after `o.name` of a project's organizations.
-        "organizations": [org_view(get_org(conn, o)) for o in member_org_ids(conn, row["id"])],
+        "organizations": [{**org_view(get_org(conn, o)), "joined": has_joined(conn, row["id"], o)}
+                          for o in member_org_ids(conn, row["id"])],
         "helper": org_ref(get_org(conn, row["helper_org_id"])) if row["helper_org_id"] else None,
         "created_at": row["created_at"],
     }
@@ -67,8 +75,8 @@ def create_project(conn: sqlite3.Connection, principal: Principal, label: str, n
     project_id, now = new_id(), now_iso()
     conn.execute("INSERT INTO projects (id, label, name, description, owner_org_id, created_at) "
                  "VALUES (?, ?, ?, ?, ?, ?)", (project_id, label, name or label, description or "", org_id, now))
-    conn.execute("INSERT INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
-                 (project_id, org_id, now))
+    conn.execute("INSERT INTO project_organizations (project_id, org_id, added_at, joined_at) VALUES (?, ?, ?, ?)",
+                 (project_id, org_id, now, now))
     return find_project(conn, project_id)
 
 
@@ -78,11 +86,24 @@ def _managed_project(conn: sqlite3.Connection, principal: Principal, ref: str, a
     return project
 
 
+def _add_member(conn: sqlite3.Connection, principal: Principal, project_id: str, org_id: str) -> None:
+    """Make the organization a member; joined at once when the caller may join for it (`JOIN_PROJECTS` there),
+    else once one of its admins or operators joins (`join_project`)."""
+    now = now_iso()
+    conn.execute("INSERT OR IGNORE INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
+                 (project_id, org_id, now))
+    if principal.role_in(org_id) in JOIN_PROJECTS:
+        _join(conn, project_id, org_id)
+
+
+def _join(conn: sqlite3.Connection, project_id: str, org_id: str) -> None:
+    conn.execute("UPDATE project_organizations SET joined_at = ? WHERE project_id = ? AND org_id = ? "
+                 "AND joined_at IS NULL", (now_iso(), project_id, org_id))
+
+
 def add_organization(conn: sqlite3.Connection, principal: Principal, ref: str, org: str) -> sqlite3.Row:
     project = _managed_project(conn, principal, ref, "add organizations to a project")
-    org_id = find_organization(conn, org)["id"]
-    conn.execute("INSERT OR IGNORE INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
-                 (project["id"], org_id, now_iso()))
+    _add_member(conn, principal, project["id"], find_organization(conn, org)["id"])
     return project
 
 
@@ -91,9 +112,21 @@ def set_helper(conn: sqlite3.Connection, principal: Principal, ref: str, org: st
     project = _managed_project(conn, principal, ref, "set a project's helper")
     org_id = find_organization(conn, org)["id"] if org is not None else None
     if org_id is not None:
-        conn.execute("INSERT OR IGNORE INTO project_organizations (project_id, org_id, added_at) VALUES (?, ?, ?)",
-                     (project["id"], org_id, now_iso()))
+        _add_member(conn, principal, project["id"], org_id)
     conn.execute("UPDATE projects SET helper_org_id = ? WHERE id = ?", (org_id, project["id"]))
+    return find_project(conn, project["id"])
+
+
+def join_project(conn: sqlite3.Connection, principal: Principal, ref: str, org: str) -> sqlite3.Row:
+    """The member organization `org` agrees to the project (its admin or operator): its worker may then take a
+    job's third seat, as helper or as a model owner that owns no data, and store that model in its bucket."""
+    project = readable_project(conn, principal, ref)
+    org_id = find_organization(conn, org)["id"]
+    require_role(principal, org_id, JOIN_PROJECTS, "join a project for an organization")
+    if not is_member_org(conn, project["id"], org_id):
+        raise Conflict(f"organization '{org}' is not a member of project '{ref}': an admin or data_scientist of the "
+                       "project's owner organization adds it first (`cape projects add-org`)", code="not_a_member")
+    _join(conn, project["id"], org_id)
     return find_project(conn, project["id"])
 
 

@@ -119,13 +119,17 @@ class WorkerStatus(View):
 
 # --- projects and dataviews ------------------------------------------------------------------------------------
 
+class ProjectOrganization(Organization):
+    joined: bool  # its admin or operator agreed: its worker may take a job's third seat
+
+
 class Project(View):
     id: str
     label: str
     name: str | None
     description: str | None
     owner: OrgRef
-    organizations: list[Organization]
+    organizations: list[ProjectOrganization]
     helper: OrgRef | None
     created_at: str
 

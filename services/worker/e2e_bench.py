@@ -346,6 +346,7 @@ def create_project(url: str, user: dict[str, str], x_uri: str, y_uri: str, colum
     _call("POST", f"{url}/v1/projects", user["xorg"], json={"label": "bench", "name": "bench"})
     _call("POST", f"{url}/v1/projects/bench/organizations", user["xorg"], json={"organization": "yorg"})
     _call("PUT", f"{url}/v1/projects/bench/helper", user["xorg"], json={"organization": "helper"})
+    _call("POST", f"{url}/v1/projects/bench/organizations/helper/join", user["helper"])
     _call("POST", f"{url}/v1/projects/bench/dataviews", user["xorg"], json={
         "name": "xs", "uri": x_uri, "schema": [{"name": c, "type": "number"} for c in columns]})
     _call("POST", f"{url}/v1/projects/bench/dataviews", user["yorg"], json={

@@ -250,7 +250,8 @@ def build_job_world(server: CapeServer, approve: bool = True, register_keys: boo
 
     ok(user["xorg"].post("/v1/projects", json={"label": "demo", "name": "Demo"}))
     ok(user["xorg"].post("/v1/projects/demo/organizations", json={"organization": "yorg"}))
-    project = ok(user["xorg"].put("/v1/projects/demo/helper", json={"organization": "helper"}))
+    ok(user["xorg"].put("/v1/projects/demo/helper", json={"organization": "helper"}))
+    project = ok(user["helper"].post("/v1/projects/demo/organizations/helper/join"))  # its worker may take seats
     add_dataviews(user, "demo")
     job = ok(user["yorg"].post("/v1/projects/demo/jobs", json={
         "type": "linear_regression", "x": {"dataview": "xs", "columns": ["a", "b"]},
@@ -278,8 +279,22 @@ def add_side_project(server: CapeServer, world: dict[str, Any]) -> None:
     """To a `build_job_world`: project `side` of xorg, yorg and its own helper `aside` (the world's helper is no
     member), with dataviews `xs` and `ys` as in `demo`."""
     user = world["user"]
-    server.create_org("aside")
+    aside = Api(server, server.create_org("aside")["user_token"])
     ok(user["xorg"].post("/v1/projects", json={"label": "side"}))
     ok(user["xorg"].post("/v1/projects/side/organizations", json={"organization": "yorg"}))
     ok(user["xorg"].put("/v1/projects/side/helper", json={"organization": "aside"}))
+    ok(aside.post("/v1/projects/side/organizations/aside/join"))
     add_dataviews(user, "side")
+
+
+def database_from_before(data_dir: Path, script: str):
+    """The coordinator's database in `data_dir` as an earlier version left it (`script`: its tables and rows),
+    opened by this one (which upgrades it); the caller closes it."""
+    import sqlite3
+
+    from services.coordinator.db import Database
+
+    old = sqlite3.connect(data_dir / "coordinator.sqlite3")
+    old.executescript(script)
+    old.close()
+    return Database(data_dir / "coordinator.sqlite3")

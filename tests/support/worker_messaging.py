@@ -78,6 +78,7 @@ def approved_job(cape_server: Any, base: Path, *, x_uri: str = "file:///nonexist
     for other in ("shop", "neutral"):
         _call("POST", f"{url}/v1/projects/{project['id']}/organizations", bank, json={"organization": other})
     _call("PUT", f"{url}/v1/projects/{project['id']}/helper", bank, json={"organization": "neutral"})
+    _call("POST", f"{url}/v1/projects/{project['id']}/organizations/neutral/join", orgs["helper"]["user_token"])
     _call("POST", f"{url}/v1/projects/{project['id']}/dataviews", bank, json={
         "name": "features", "uri": x_uri, "schema": [{"name": c, "type": "number"} for c in x_columns]})
     _call("POST", f"{url}/v1/projects/{project['id']}/dataviews", orgs["y_owner"]["user_token"], json={

@@ -168,6 +168,7 @@ class JobWorld:
         ok(self.user["xorg"].post("/v1/projects", json={"label": "e2e", "name": "End to end"}))
         ok(self.user["xorg"].post("/v1/projects/e2e/organizations", json={"organization": "yorg"}))
         ok(self.user["xorg"].put("/v1/projects/e2e/helper", json={"organization": "helper"}))
+        ok(self.user["helper"].post("/v1/projects/e2e/organizations/helper/join"))
         ok(self.user["xorg"].post("/v1/projects/e2e/dataviews", json={
             "name": "xs", "uri": self.x_path.as_uri(), "schema": [{"name": c, "type": "number"} for c in "abc"]}))
         ok(self.user["yorg"].post("/v1/projects/e2e/dataviews", json={

@@ -1,4 +1,4 @@
-"""`cape projects create|list|show|add-org|set-helper|delete`."""
+"""`cape projects create|list|show|add-org|join|set-helper|delete`."""
 from __future__ import annotations
 
 import click
@@ -67,8 +67,23 @@ def show(cli: CliContext, project: str, as_json: bool) -> None:
 @json_option
 @pass_cli
 def add_org(cli: CliContext, project: str, org: str, as_json: bool) -> None:
-    """Add organization ORG (label or id) to PROJECT."""
-    _show(cli.cape().get_project(project).add_org(org), as_json, verb="Updated")
+    """Add organization ORG (label or id) to PROJECT. Its worker takes a job's third seat (helper, or a model owner
+    that owns none of the job's data) only once ORG has joined (`cape projects join`)."""
+    updated = cli.cape().get_project(project).add_org(org)
+    _show(updated, as_json, verb="Updated")
+    _say_if_not_joined(updated, org, as_json)
+
+
+@projects.command("join")
+@click.argument("project")
+@click.argument("org")
+@json_option
+@pass_cli
+def join(cli: CliContext, project: str, org: str, as_json: bool) -> None:
+    """Agree, for your organization ORG (as its admin or operator), that its worker takes a job's third seat in
+    PROJECT: as the helper, or as a model owner that owns none of the job's data (storing the model in its bucket).
+    Jobs that need it are refused until it has joined."""
+    _show(cli.cape().get_project(project).join(org), as_json, verb="Joined")
 
 
 @projects.command("set-helper")
@@ -81,7 +96,10 @@ def set_helper(cli: CliContext, project: str, org: str | None, clear: bool, as_j
     """Name ORG as the helper whose worker takes the third seat when the model owner is a data owner."""
     if bool(org) == clear:
         raise click.UsageError("give either ORG or --none")
-    _show(cli.cape().get_project(project).set_helper(None if clear else org), as_json, verb="Updated")
+    updated = cli.cape().get_project(project).set_helper(None if clear else org)
+    _show(updated, as_json, verb="Updated")
+    if org:
+        _say_if_not_joined(updated, org, as_json)
 
 
 @projects.command("delete")
@@ -119,6 +137,15 @@ def _check_can_delete(cape: Cape, project: Project) -> None:
                          f"{' or '.join(sorted(MANAGE_PROJECTS))} in the organization ({have})")
 
 
+def _say_if_not_joined(project: Project, org: str, as_json: bool) -> None:
+    """On stderr: ORG's worker takes no seat until ORG joins (its admin or operator), and how."""
+    member = next((o for o in project.organizations if org in (o.get("label"), o.get("id"))), None)
+    if member is not None and member.get("joined") is False and not as_json:
+        click.echo(f"{org_label(member)} has not joined {project.label}: its worker takes no seat in its jobs until "
+                   f"one of its admins or operators runs `cape projects join {project.label} {org_label(member)}`.",
+                   err=True)
+
+
 def _show(project: Project, as_json: bool, verb: str | None = None) -> None:
     if as_json:
         print_json(project.data)
@@ -132,7 +159,8 @@ def _show(project: Project, as_json: bool, verb: str | None = None) -> None:
         ("name", project.name),
         ("description", project.description),
         ("owner", org_label(data.get("owner")) if isinstance(data.get("owner"), dict) else data.get("owner")),
-        ("organizations", [org_label(o) for o in project.organizations]),
+        ("organizations", [org_label(o) + ("" if o.get("joined", True) else " (not joined)")
+                           for o in project.organizations]),
         ("helper", org_label(project.helper)),
         ("created", data.get("created_at")),
     ])
