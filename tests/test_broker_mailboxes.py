@@ -348,6 +348,37 @@ def test_a_seat_has_bounded_bytes_waiting_and_sends_again_once_they_are_taken(st
     assert [m["name"] for m in yorg.get(_messages(jid)).json()] == ["helper.h", "x_owner.b"]
 
 
+def test_a_seat_has_bounded_messages_waiting_and_a_listing_names_the_oldest_thousand(start_cape_server):
+    """A party flooding a partner's mailbox with empty messages (no bytes, so --max-job-bytes never binds) is held
+    at --max-job-messages; and however full a mailbox is, one listing names its oldest 1,000: whole, 200,000
+    names took 4 s to list on the event loop, holding every other organization's requests up at each poll."""
+    server = start_cape_server(extra_args=["--max-job-messages", "3"])
+    world = build_job_world(server)
+    jid, helper, yorg = world["job"]["id"], world["worker"]["helper"], world["worker"]["yorg"]
+    for n in range(3):
+        assert helper.put(_messages(jid, f"helper.junk-{n}", "y_owner"), data=b"").status_code == 201
+    full = helper.put(_messages(jid, "helper.junk-3", "x_owner"), data=b"")
+    assert full.status_code == 507 and full.json()["error"] == {
+        "code": "job_quota_exceeded", "message": "seat helper has 3 messages waiting for its recipients in this job "
+        "and this broker holds at most 3 per seat and job; send again once they took some"}
+    assert helper.put(_messages(jid, "helper.junk-0", "y_owner"), data=b"").status_code == 200  # a repeat is fine
+    assert world["worker"]["xorg"].put(_messages(jid, "x_owner.a", "y_owner"), data=b"").status_code == 201
+    assert yorg.delete(_messages(jid, "helper.junk-0")).status_code == 204
+    assert helper.put(_messages(jid, "helper.junk-3", "x_owner"), data=b"").status_code == 201
+
+    # However they came (an older server, a larger limit), a listing stays bounded: rows straight into the index.
+    index = sqlite3.connect(server.data_dir / "broker" / "index.sqlite3", isolation_level=None)
+    start = time.time() + 1
+    with index:
+        index.executemany("INSERT INTO messages VALUES (?, 'y_owner', ?, 'helper', 0, ?, ?)",
+                          [(jid, f"helper.more-{n:04d}", f"none-{n}.msg", start + n / 1000) for n in range(1500)])
+    index.close()
+    listed = yorg.get(_messages(jid)).json()
+    assert len(listed) == 1000 and listed[0]["name"] == "helper.junk-1" and listed[-1]["name"] == "helper.more-0996"
+    both = yorg.get("/broker/v1/messages", params={"job": jid}).json()["jobs"][jid]
+    assert [m["name"] for m in both] == [m["name"] for m in listed]
+
+
 def test_the_broker_keeps_its_disk_reserve(start_cape_server):
     server = start_cape_server(extra_args=["--min-free-bytes", str(2**62)])
     world = build_job_world(server)

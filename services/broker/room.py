@@ -1,5 +1,6 @@
-"""Room for a message at the broker: what one seat of a job has waiting unacknowledged is bounded, and the disk
-under the data dir keeps a reserve (the coordinator's database lives there too).
+"""Room for a message at the broker: what one seat of a job has waiting unacknowledged is bounded (bytes, and
+messages: empty ones cost an index row, a file and a listing entry each), and the disk under the data dir keeps a
+reserve (the coordinator's database lives there too).
 
 Both refusals are 507: a worker's broker client retries them with backoff, so a sender whose recipients are slow
 to take its messages waits for room instead of failing.
@@ -11,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.broker.store import Waiting
+from services.server.config import DEFAULT_MAX_JOB_MESSAGES
 from services.server.errors import InsufficientStorage
 
 log = logging.getLogger("cape.broker")
@@ -24,6 +27,7 @@ def _gib(size: int) -> str:
 class Room:
     max_job_bytes: int  # per sending seat and job, waiting for its recipients
     min_free_bytes: int  # kept free on the data dir's file system
+    max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES  # per sending seat and job, waiting for its recipients
 
     def check_disk(self, root: Path, size: int) -> None:
         """Refuse a body of `size` bytes (0 when not declared) that would eat into the disk's reserve."""
@@ -34,10 +38,15 @@ class Room:
             raise InsufficientStorage("the broker's disk is nearly full; try again later (its operator frees space "
                                       "or lowers --min-free-bytes)", code="broker_disk_full")
 
-    def check_job(self, waiting: int, size: int, seat: str) -> None:
-        """Refuse a body of `size` bytes when seat `seat` already has `waiting` bytes unacknowledged in the job."""
-        if waiting + size > self.max_job_bytes:
+    def check_job(self, waiting: Waiting, size: int, seat: str) -> None:
+        """Refuse a body of `size` bytes when seat `seat` already has `waiting` unacknowledged in the job."""
+        if waiting.size + size > self.max_job_bytes:
             raise InsufficientStorage(
-                f"seat {seat} has {_gib(waiting)} waiting for its recipients in this job and this broker holds at "
+                f"seat {seat} has {_gib(waiting.size)} waiting for its recipients in this job and this broker holds at "
                 f"most {_gib(self.max_job_bytes)} per seat and job; send again once they took some",
+                code="job_quota_exceeded")
+        if waiting.count + 1 > self.max_job_messages:
+            raise InsufficientStorage(
+                f"seat {seat} has {waiting.count} messages waiting for its recipients in this job and this broker "
+                f"holds at most {self.max_job_messages} per seat and job; send again once they took some",
                 code="job_quota_exceeded")

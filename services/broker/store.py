@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.sqlite_files import mark_schema, refuse_newer_schema, unusable
 
@@ -44,6 +44,13 @@ class StoredMessage:
         created = datetime.fromtimestamp(self.created, UTC).isoformat(timespec="milliseconds")
         return {"name": self.name, "from_seat": self.from_seat, "size": self.size,
                 "created_at": created.replace("+00:00", "Z")}
+
+
+class Waiting(NamedTuple):
+    """What one seat of a job has waiting unacknowledged at the broker."""
+
+    count: int
+    size: int
 
 
 class Commit(enum.Enum):
@@ -128,10 +135,10 @@ class MessageStore:
         return PendingBody(self.incoming / f"{uuid.uuid4().hex}.part", limit)
 
     def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody,
-               room: Callable[[int], None] = lambda waiting: None) -> Commit:
+               room: Callable[[Waiting], None] = lambda waiting: None) -> Commit:
         """Store a received (finished) body under its name. A name already stored keeps its body; the new one is
         discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict).
-        `room` gets the bytes the sender has waiting in the job (concurrent puts counted) and raises to refuse."""
+        `room` gets what the sender has waiting in the job (concurrent puts counted) and raises to refuse."""
         with self._lock:
             # An expired message not yet swept still holds its name's row: drop it, so the name is free again.
             self._delete_where("job_id = ? AND to_seat = ? AND name = ? AND created <= ?",
@@ -144,7 +151,7 @@ class MessageStore:
                     same = False
                 body.discard()
                 return Commit.DUPLICATE if same else Commit.CONFLICT
-            room(self.bytes_from(job_id, from_seat))
+            room(self.sent_from(job_id, from_seat))
             final = self.bodies / f"{uuid.uuid4().hex}.msg"
             os.replace(body.path, final)
             try:
@@ -166,18 +173,25 @@ class MessageStore:
                                      "AND created > ?", (job_id, to_seat, name, time.time() - self.ttl)).fetchone()
         return self._row(row) if row else None
 
+    def sent_from(self, job_id: str, from_seat: str) -> Waiting:
+        """The unexpired messages a seat sent in a job that no recipient acknowledged yet: how many, what size."""
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE job_id = ? AND "
+                                     "from_seat = ? AND created > ?",
+                                     (job_id, from_seat, time.time() - self.ttl)).fetchone()
+        return Waiting(int(row[0]), int(row[1]))
+
     def bytes_from(self, job_id: str, from_seat: str) -> int:
         """The size of the unexpired messages a seat sent in a job that no recipient acknowledged yet."""
-        with self._lock:
-            row = self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE job_id = ? AND from_seat = ? "
-                                     "AND created > ?", (job_id, from_seat, time.time() - self.ttl)).fetchone()
-        return int(row[0])
+        return self.sent_from(job_id, from_seat).size
 
-    def waiting(self, job_id: str, to_seat: str) -> list[StoredMessage]:
-        """Unexpired messages waiting in a mailbox, oldest first."""
+    def waiting(self, job_id: str, to_seat: str, limit: int | None = None) -> list[StoredMessage]:
+        """Unexpired messages waiting in a mailbox, oldest first; the first `limit` only when given."""
         with self._lock:
             rows = self._conn.execute("SELECT * FROM messages WHERE job_id = ? AND to_seat = ? AND created > ? "
-                                      "ORDER BY created, name", (job_id, to_seat, time.time() - self.ttl)).fetchall()
+                                      "ORDER BY created, name LIMIT ?",
+                                      (job_id, to_seat, time.time() - self.ttl, -1 if limit is None else limit)
+                                      ).fetchall()
         return [self._row(r) for r in rows]
 
     def delete(self, job_id: str, to_seat: str, name: str) -> bool:

@@ -26,8 +26,8 @@ from services.coordinator.schemas import Email, Name, TokenDescription
 from services.file_locks import lock_file
 from services.server import admin_audit
 from services.server.config import (
-    DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
-    DEFAULT_MIN_FREE_BYTES, ServerConfig,
+    DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_MESSAGES,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
 )
 from services.server.error_handlers import problem_of
 from services.server.errors import ApiError
@@ -259,6 +259,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--max-job-bytes", default=DEFAULT_MAX_JOB_BYTES, show_default=True, type=click.IntRange(1),
               help="Most bytes one seat of a job may have waiting at the broker for its recipients; more waits "
                    "(the workers retry).")
+@click.option("--max-job-messages", default=DEFAULT_MAX_JOB_MESSAGES, show_default=True, type=click.IntRange(1),
+              help="Most messages one seat of a job may have waiting at the broker for its recipients; more wait "
+                   "(the workers retry).")
 @click.option("--min-free-bytes", default=DEFAULT_MIN_FREE_BYTES, show_default=True, type=click.IntRange(0),
               help="Free space the broker keeps on the data dir's disk; a message that would use it waits.")
 @click.option("--body-idle-seconds", default=DEFAULT_BODY_IDLE_SECONDS, show_default=True,
@@ -282,7 +285,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--tls-key", envvar="CAPE_SERVER_TLS_KEY", show_envvar=True, type=click.Path(dir_okay=False),
               callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
-          max_message_bytes: int, max_job_bytes: int, min_free_bytes: int, body_idle_seconds: float,
+          max_message_bytes: int, max_job_bytes: int, max_job_messages: int, min_free_bytes: int,
+          body_idle_seconds: float,
           message_ttl: float, approval_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
           tls_key: Path | None) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
@@ -333,6 +337,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     logging.getLogger("cape.audit").setLevel(logging.INFO)  # "who did this?" is kept at any --log-level
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
+                          max_job_messages=max_job_messages,
                           min_free_bytes=min_free_bytes, body_idle_seconds=body_idle_seconds,
                           message_ttl=message_ttl, approval_ttl=approval_ttl or None,
                           job_sweep_seconds=job_sweep_seconds)

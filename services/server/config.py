@@ -8,6 +8,9 @@ from typing import Literal
 DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024**3
 DEFAULT_MESSAGE_TTL = 7 * 24 * 3600.0
 DEFAULT_MAX_JOB_BYTES = 16 * 1024**3  # per sending seat and job; a job at n = 10^6, d = 32 keeps 0.26 GB waiting
+# Per sending seat and job: a job sends a few dozen messages plus one per 2^15 rows of its matrices, and its recipient
+# takes them as they come, so this binds only a sender of empty messages (each an index row, a file, a listing entry).
+DEFAULT_MAX_JOB_MESSAGES = 10_000
 DEFAULT_MIN_FREE_BYTES = 1024**3
 # A message body from which no byte arrives for this long is given up: a sender whose network dropped the flow
 # (a NAT, a pulled cable) never closes it, and its partial file would stay until a restart.
@@ -23,6 +26,7 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     message_ttl: float = DEFAULT_MESSAGE_TTL
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
     approval_ttl: float | None = DEFAULT_APPROVAL_TTL  # None: jobs wait for approval for ever
