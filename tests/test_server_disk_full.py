@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.support.server import build_job_world, cape_server_command
+from tests.support.server import api_error, build_job_world, cape_server_command
 
 pytestmark = pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux prlimit")
 
@@ -66,3 +66,33 @@ def test_a_disk_that_refuses_writes_is_said_once_and_reads_still_answer(start_ca
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+def test_below_the_create_reserve_nothing_new_is_taken_and_running_jobs_go_on(start_cape_server):
+    """One member creating in bulk (jobs of 1,000 long column names: 200 KB each) filled the disk, and then every
+    organization's reports and messages failed. Below --create-reserve-bytes free, nothing new is taken, in words
+    naming the cause; the jobs already there still report, stop, and pass messages."""
+    server = start_cape_server()
+    world = build_job_world(server)
+    server.extra_args += ["--create-reserve-bytes", str(2**62)]  # more than any disk has free
+    server.restart()
+    jid, user, worker = world["job"]["id"], world["user"], world["worker"]
+    job = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]}, "y": {"dataview": "ys",
+           "column": "t"}, "model_owner": "yorg"}
+    for refused in (user["yorg"].post("/v1/projects/demo/jobs", json=job), user["xorg"].post("/v1/projects",
+                    json={"label": "more"}), user["xorg"].post("/v1/tokens", json={}),
+                    user["xorg"].post("/v1/projects/demo/dataviews", json={"name": "more", "uri": "/d.csv",
+                                                                           "schema": [{"name": "a", "type": "number"}]})):
+        error = api_error(refused, 507)
+        assert error["code"] == "server_disk_low", error
+        assert error["message"].endswith("free, less than the 4398046511104 MiB it keeps for the jobs already running, "
+                                         "so it takes no new projects, dataviews, jobs, users or tokens; try again "
+                                         "once its operator has freed space"), error
+    assert worker["xorg"].post("/v1/worker/heartbeat", json={}).status_code == 204
+    assert worker["xorg"].post(f"/v1/worker/jobs/{jid}/report", json={"state": "started"}).status_code == 204
+    put = worker["xorg"].put(f"/broker/v1/jobs/{jid}/messages/y_owner/x_owner.a", data=b"sealed")
+    assert put.status_code == 201, put.text
+    assert user["xorg"].post(f"/v1/jobs/{jid}/stop").status_code == 200
+    log = server.log_path.read_text()
+    assert log.count("below the 4611686018427387904 kept for the jobs already running") == 1  # once a minute
+    assert "refused a job from admin@yorg.example" in log

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.coordinator import decisions, identity, jobs, memberships, projects, views, workers
 from services.coordinator.audit import RefusedTokens, record
+from services.coordinator.creation_room import CreationRoom
 from services.coordinator.db import Database
 from services.coordinator.identity import Principal
 from services.coordinator.job_changes import VERSION_HEADER, JobChanges
@@ -62,11 +63,12 @@ PAGED = {200: {"description": "a page, newest first", "headers": {NEXT_CURSOR_HE
 
 
 def coordinator_router(db: Database, changes: JobChanges | None = None,
-                       refused: RefusedTokens | None = None) -> APIRouter:
+                       refused: RefusedTokens | None = None, room: CreationRoom | None = None) -> APIRouter:
     """All `/v1` endpoints, bound to one database; `changes` is bumped whenever a job's status may have changed,
-    `refused` counts requests refused for their token."""
+    `refused` counts requests refused for their token, `room` refuses new things when the disk runs low."""
     changes = changes or JobChanges()
     refused = refused or RefusedTokens()
+    room = room or CreationRoom(db.path.parent, 0)
 
     @contextmanager
     def job_change(job_id: str | None = None) -> Iterator[Any]:
@@ -117,6 +119,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/organizations/{org}/users", status_code=201, tags=["identity"], response_model=views.NewMember)
     def add_user(org: str, body: NewUser, p: Principal = Depends(person)) -> dict[str, Any]:
+        room.check(p, "a user")
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "add users")
@@ -160,6 +163,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_org_token(org: str, body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
+        room.check(p, "a token")
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "create organization tokens")
@@ -183,6 +187,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
+        room.check(p, "a token")
         with db.transaction() as conn:
             issued = identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
         record(p, "issued themselves user token %s", issued["id"])
@@ -200,6 +205,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects", status_code=201, tags=["projects"], response_model=views.Project)
     def create_project(body: NewProject, p: Principal = Depends(person)) -> dict[str, Any]:
+        room.check(p, "a project")
         with db.transaction() as conn:
             row = projects.create_project(conn, p, body.label, body.name, body.description, body.organization)
             return projects.project_view(conn, row)
@@ -248,6 +254,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects/{project}/dataviews", status_code=201, tags=["dataviews"], response_model=views.Dataview)
     def create_dataview(project: str, body: NewDataview, p: Principal = Depends(person)) -> dict[str, Any]:
+        room.check(p, "a dataview")
         with db.transaction() as conn:
             schema = [c.model_dump() for c in body.schema_]
             row = projects.create_dataview(conn, p, project, body.name, body.uri, schema, body.organization)
@@ -274,6 +281,7 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects/{project}/jobs", status_code=201, tags=["jobs"], response_model=views.Job)
     def submit_job(project: str, body: NewJob, p: Principal = Depends(person)) -> dict[str, Any]:
+        room.check(p, "a job")
         with db.transaction() as conn:
             job_id = jobs.submit_job(conn, p, project, body.model_dump())
             return jobs.job_view(conn, jobs.find_job(conn, job_id), p)

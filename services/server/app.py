@@ -23,6 +23,7 @@ from services.broker.room import Room
 from services.coordinator.abandoned_jobs import AbandonedJobs
 from services.coordinator.api import MAX_JSON_BODY, coordinator_router
 from services.coordinator.audit import RefusedActions, RefusedTokens
+from services.coordinator.creation_room import CreationRoom
 from services.coordinator.db import Database
 from services.coordinator.job_changes import JobChanges
 from services.coordinator.views import ErrorBody, Health
@@ -145,7 +146,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app, storage, forbidden)  # after: its middleware is the outermost of ours
     parts = []
     if db is not None:
-        app.include_router(coordinator_router(db, changes, refused))
+        app.include_router(coordinator_router(db, changes, refused,
+                                              CreationRoom(config.data_dir, config.create_reserve_bytes)))
         parts.append("coordinator")
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,

@@ -27,7 +27,8 @@ from services.file_locks import lock_file
 from services.server import admin_audit
 from services.server.config import (
     DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_MESSAGES,
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, ServerConfig,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES, DEFAULT_CREATE_RESERVE_BYTES,
+    ServerConfig,
 )
 from services.server.error_handlers import problem_of
 from services.server.errors import ApiError
@@ -264,6 +265,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
                    "(the workers retry).")
 @click.option("--min-free-bytes", default=DEFAULT_MIN_FREE_BYTES, show_default=True, type=click.IntRange(0),
               help="Free space the broker keeps on the data dir's disk; a message that would use it waits.")
+@click.option("--create-reserve-bytes", default=DEFAULT_CREATE_RESERVE_BYTES, show_default=True,
+              type=click.IntRange(0),
+              help="Free space below which the coordinator takes no new projects, dataviews, jobs, users or tokens "
+                   "(running jobs go on); keep it above --min-free-bytes. 0: none.")
 @click.option("--body-idle-seconds", default=DEFAULT_BODY_IDLE_SECONDS, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Seconds without a byte after which the broker gives up a message being sent (and its partial "
@@ -286,7 +291,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
               callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
           max_message_bytes: int, max_job_bytes: int, max_job_messages: int, min_free_bytes: int,
-          body_idle_seconds: float,
+          create_reserve_bytes: int, body_idle_seconds: float,
           message_ttl: float, approval_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
           tls_key: Path | None) -> None:
     """Serve the coordinator at /v1 and the broker at /broker/v1 on one port."""
@@ -338,7 +343,8 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
                           max_job_messages=max_job_messages,
-                          min_free_bytes=min_free_bytes, body_idle_seconds=body_idle_seconds,
+                          min_free_bytes=min_free_bytes, create_reserve_bytes=create_reserve_bytes,
+                          body_idle_seconds=body_idle_seconds,
                           message_ttl=message_ttl, approval_ttl=approval_ttl or None,
                           job_sweep_seconds=job_sweep_seconds)
     keep_freed_memory()  # message bodies pass through in MB-sized pieces: reuse their memory

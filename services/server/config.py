@@ -12,6 +12,8 @@ DEFAULT_MAX_JOB_BYTES = 16 * 1024**3  # per sending seat and job; a job at n = 1
 # takes them as they come, so this binds only a sender of empty messages (each an index row, a file, a listing entry).
 DEFAULT_MAX_JOB_MESSAGES = 10_000
 DEFAULT_MIN_FREE_BYTES = 1024**3
+# Below it the coordinator takes nothing new: above the broker's reserve, so the messages of running jobs keep room.
+DEFAULT_CREATE_RESERVE_BYTES = 2 * 1024**3
 # A message body from which no byte arrives for this long is given up: a sender whose network dropped the flow
 # (a NAT, a pulled cable) never closes it, and its partial file would stay until a restart.
 DEFAULT_BODY_IDLE_SECONDS = 120.0
@@ -28,6 +30,7 @@ class ServerConfig:
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    create_reserve_bytes: int = DEFAULT_CREATE_RESERVE_BYTES
     body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
     approval_ttl: float | None = DEFAULT_APPROVAL_TTL  # None: jobs wait for approval for ever
     job_sweep_seconds: float = 5.0  # how often the start timeout is applied, and ended jobs' messages dropped
