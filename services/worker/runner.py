@@ -44,6 +44,8 @@ from services.worker.keys import WorkerKeys
 from services.worker.memory_cgroup import oom_kill_count, oom_kills_since
 from services.worker.resource_limits import shortage
 from services.worker.runner_deaths import MAX_KILLS_PER_JOB, kill_cause, killed_message
+from services.worker.seat_record import (ENDED_MESSAGE, LOST_ERROR, LOST_LOG, LOST_NOTE, SEAT_ENDED,
+                                        seat_taken_before)
 from services.worker.seeds import party_seeds
 from services.worker.spool import SCRATCH_PREFIX, Spool
 from services.worker.spool_transport import JobInterrupted, SpoolTransport
@@ -113,6 +115,7 @@ class Runner:
         self._threads: dict[str, threading.Thread] = {}
         self._idle_since: float | None = None  # when the last job thread ended, until memory is released
         self._claim_refused: set[str] = set()  # jobs whose claim the spool refused, said once until it works
+        self._lost_record: set[str] = set()  # jobs taken by a runner whose spool is gone (seat_record.py)
 
     # ---- scheduling -----------------------------------------------------------------------------------------
     def count_kills(self) -> None:
@@ -211,6 +214,16 @@ class Runner:
         """Run this worker's role of `job_id` to its end here; returns the outcome (completed/error/abandoned/...)."""
         # Worked on by a runner that did not finish it (a restart): its role is replayed.
         resumed = self.spool.is_working(job_id)  # False without a claim
+        # Taken by a runner whose spool is gone (seat_record.py): a seat that ended is not run again, where a
+        # replay could only wait for messages acknowledged long ago and end a job its partners complete in Error.
+        taken = seat_taken_before(self.spool, job_id)
+        if taken in SEAT_ENDED:
+            message = ENDED_MESSAGE.format(state=taken)
+            log.warning("job %s: %s", job_id, message)
+            return "abandoned" if self._record_end(job_id, "abandoned", message, None) else "waiting"
+        if taken is not None:
+            log.error(LOST_LOG, job_id, taken)
+            self._lost_record.add(job_id)
         if not self._claim(job_id, working=resumed):
             return "waiting"
         traffic: dict[str, int] | None = None
@@ -227,6 +240,8 @@ class Runner:
             outcome, message, logged = "error", str(exc), exc.own
         except Exception as exc:  # noqa: BLE001 - any failure must end as a readable error status, not a hang
             outcome, message = "error", _unexpected_failure(job_id, exc)
+        if outcome == "error" and job_id in self._lost_record:  # most likely a wait for a message the lost spool had
+            message = f"{message} ({LOST_ERROR})"
         return outcome if self._record_end(job_id, outcome, message, traffic, logged) else "waiting"
 
     def _claim(self, job_id: str, working: bool = False) -> bool:
@@ -299,7 +314,7 @@ class Runner:
                                 "s3://bucket[/prefix]") from None
         log.info("job %s: running seat %s (party %d)", job_id, spec.seat, spec.index)
         # A resumed role starts again from 0 % and catches up: say why, so its progress going back is no surprise.
-        note = RESUMED_NOTE if resumed else None
+        note = LOST_NOTE if job_id in self._lost_record else RESUMED_NOTE if resumed else None
         self.spool.put_status(job_id, {"state": "started", "progress": 0.0, **({"message": note} if note else {})})
 
         self.keepalives.begin(spec, _phase(note, TAKING_A_SLOT))

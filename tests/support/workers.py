@@ -95,6 +95,23 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def kill_whole(self) -> None:
+        """SIGKILL `cape-worker run`, supervisord and every program at once, as `docker kill` or a power loss does
+        (the programs are in process groups of their own: a kill of the session's group spares them, and they stop
+        cleanly). All are frozen first, so none sees another die."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        tree = [root, *root.children(recursive=True)]
+        for signum in (signal.SIGSTOP, signal.SIGKILL):
+            for process in tree:
+                try:
+                    process.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
+        self.proc.wait(timeout=10)
+        psutil.wait_procs(tree, timeout=10)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (as `docker stop`), then SIGKILL of the whole session if it does not end in time."""
         if self.proc.poll() is None:
