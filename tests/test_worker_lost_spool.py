@@ -91,3 +91,32 @@ def test_a_started_seat_on_an_empty_spool_says_its_received_messages_are_lost(fl
     assert re.search(r"without its spool's record of (the job \(|it: )CAPE_SPOOL_DIR emptied or replaced",
                      seat["message"] or ""), seat
     assert "this worker's spool holds no record of the job" in workers["xorg"].output
+
+
+def test_a_whole_worker_killed_mid_job_is_not_counted_as_a_runner_death_as_its_runner_killed_alone_is(
+        fleet, start_worker):
+    """Three `docker kill`s (or power losses) during one job ended it in Error saying the worker needed more memory:
+    each counted as a death of its runner. A runner killed alone, restarted by supervisord under the same run, still
+    counts (its cause from the memory cgroup's counter, here none)."""
+    world, workers = fleet
+    x_spool = Spool(Path(workers["xorg"].env["CAPE_SPOOL_DIR"]))
+    y_runner = workers["yorg"].pid("runner")
+    os.kill(y_runner, signal.SIGSTOP)  # the job cannot end meanwhile: xorg's seat waits for the y-owner's messages
+    try:
+        job_id = world.submit(timeout=60)
+        loaded = f"job {job_id}: loaded its data"
+        wait_for("xorg's runner loads its data", lambda: loaded in workers["xorg"].output)
+        workers["xorg"].kill_whole()
+        workers["xorg"] = start_worker(workers["xorg"].env)
+        wait_for("the restarted runner loads the job again", lambda: loaded in workers["xorg"].output)
+        assert (f"job {job_id}: the whole worker stopped while its runner worked on this job, without a clean stop "
+                "(docker kill, a power loss, its supervisord killed): not counted as a death of the runner; the job "
+                "is replayed") in workers["xorg"].output
+        assert x_spool.kills(job_id) == 0
+        os.kill(workers["xorg"].pid("runner"), signal.SIGKILL)
+        wait_for("the runner's death is counted", lambda: x_spool.kills(job_id) == 1)
+        assert f"job {job_id}: the last runner was killed while it worked on this job (1 of 3 times" in \
+            workers["xorg"].output
+    finally:
+        os.kill(y_runner, signal.SIGCONT)
+    assert world.wait_ended(job_id)["status"] == "Completed"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
@@ -174,7 +175,9 @@ def run() -> None:
         record.clear(config.run_dir)  # the token or the network may have changed: the poller says anew
     # TZ=UTC: supervisord stamps its own lines in local time, without a zone, between the programs' UTC lines.
     env = {**os.environ, "CAPE_RUN_DIR": str(config.run_dir), "CAPE_PYTHON": sys.executable, "TZ": "UTC",
-           "CAPE_RUN_PID": str(os.getpid())}
+           "CAPE_RUN_PID": str(os.getpid()),
+           # This run's own: a runner that finds the mark of one from another run died with the whole worker
+           "CAPE_RUN_ID": uuid.uuid4().hex}
     # The FATAL listener's word when it could not write its marker (a full state volume): set before supervisord
     # starts, as the signal's default action would end this process.
     unrecorded_fatal: list[float] = []

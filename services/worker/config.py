@@ -44,12 +44,12 @@ _REGION_RE = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
 _SERVER_EXAMPLE = "https://cape.example.com"
 _S3_ENDPOINT_EXAMPLE = "http://127.0.0.1:9000 or https://s3.eu-west-1.amazonaws.com"
 # Every CAPE_ variable the worker reads: these settings, the CLI's (CAPE_ENV_FILE, CAPE_WORKER_CONF) and the
-# three `cape-worker run` hands to supervisord and its programs (CAPE_RUN_DIR, CAPE_PYTHON, CAPE_RUN_PID). Any other
-# is a typo.
+# four `cape-worker run` hands to supervisord and its programs (CAPE_RUN_DIR, CAPE_PYTHON, CAPE_RUN_PID,
+# CAPE_RUN_ID). Any other is a typo.
 KNOWN_VARIABLES = frozenset({
     "CAPE_TOKEN", "CAPE_COORDINATOR", "CAPE_BROKER", "CAPE_BUCKET", "CAPE_SPOOL_DIR", "CAPE_STATE_DIR",
     "CAPE_WORKER_NAME", "CAPE_LOG_LEVEL", "CAPE_CLOUDWATCH", "CAPE_LOG_GROUP", "CAPE_POLL_INTERVAL",
-    "CAPE_ENV_FILE", "CAPE_WORKER_CONF", "CAPE_RUN_DIR", "CAPE_PYTHON", "CAPE_RUN_PID",
+    "CAPE_ENV_FILE", "CAPE_WORKER_CONF", "CAPE_RUN_DIR", "CAPE_PYTHON", "CAPE_RUN_PID", "CAPE_RUN_ID",
 })
 # Read by another Cape tool that may share the worker's environment (the demo runs both): not a typo.
 OTHER_TOOLS_VARIABLES = frozenset({"CAPE_SERVER_DATA_DIR", "CAPE_SERVER_TLS_CERT", "CAPE_SERVER_TLS_KEY"})

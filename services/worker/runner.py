@@ -43,7 +43,7 @@ from services.worker.keepalive import KeepAlives
 from services.worker.keys import WorkerKeys
 from services.worker.memory_cgroup import oom_kill_count, oom_kills_since
 from services.worker.resource_limits import shortage
-from services.worker.runner_deaths import MAX_KILLS_PER_JOB, kill_cause, killed_message
+from services.worker.runner_deaths import MAX_KILLS_PER_JOB, died_with_the_whole_worker, kill_cause, killed_message
 from services.worker.seat_record import (ENDED_MESSAGE, LOST_ERROR, LOST_LOG, LOST_NOTE, SEAT_ENDED,
                                         seat_taken_before)
 from services.worker.seeds import party_seeds
@@ -129,6 +129,12 @@ class Runner:
                         "against its jobs", exc.strerror or exc)
             return
         if last is None:
+            return
+        if died_with_the_whole_worker(last):
+            for job_id in filter(self.spool.is_working, self.spool.claimed_jobs()):
+                log.warning("job %s: the whole worker stopped while its runner worked on this job, without a clean "
+                            "stop (docker kill, a power loss, its supervisord killed): not counted as a death of the "
+                            "runner; the job is replayed", job_id)
             return
         oom_kills = oom_kills_since(last.get("oom_kills"), oom_now)
         oom = None if oom_kills is None else oom_kills > 0

@@ -2,9 +2,15 @@
 
 A job whose runner died (SIGKILL: the kernel's OOM killer, most often) is replayed from the start at the next runner
 start; `MAX_KILLS_PER_JOB` deaths end it in Error. The cause is said for certain where the worker's memory cgroup
-counts its OOM kills (`memory_cgroup.py`), else as the most likely one.
+counts its OOM kills (`memory_cgroup.py`), else as the most likely one. A runner that died with the whole worker
+(`docker kill`, a power loss) is not counted: three of those ended a job saying it needed more memory.
 """
 from __future__ import annotations
+
+import os
+from typing import Any
+
+from services.worker.spool import RUN_ID_VARIABLE
 
 # A job whose runner died this often while working on it (SIGKILL: the kernel's OOM killer, most often) ends in
 # Error: each restart replayed it into the same death, under supervisord's restarts or Docker's, until its partners
@@ -37,3 +43,10 @@ def killed_message(kills: dict[str, int]) -> str:
                 "submitted again")
     return (f"{said}, without an error of its own: most often by the kernel's OOM killer, the job needing more "
             f"memory than the worker's container has; {MORE_MEMORY}")
+
+
+def died_with_the_whole_worker(mark: dict[str, Any]) -> bool:
+    """Whether the last runner, whose mark (`Spool.runner_starts`) this is, ran under another `cape-worker run` than
+    this one: it died with the whole worker, not alone (supervisord would have restarted it under the same run)."""
+    now, then = os.environ.get(RUN_ID_VARIABLE), mark.get("run")
+    return bool(now and then and now != then)

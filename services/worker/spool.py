@@ -56,6 +56,7 @@ SEAT_PATTERN = re.compile(r"[a-z][a-z_]{0,31}")
 _STATUS_NAME = re.compile(r"[0-9]{20}-[a-z]{1,16}-[0-9a-f]{8}\.json")
 _TEMP_SUFFIX = ".tmp"
 KILL_COUNTS = ("killed", "oom_killed", "not_oom")  # in a claim: runner deaths, and their causes when known
+RUN_ID_VARIABLE = "CAPE_RUN_ID"  # set by `cape-worker run` for its supervisord and programs: one per run
 RUNNER_RUNNING_NAME = ".runner-running.json"  # under claims/: a runner runs, or died (not a claim's name)
 SCRATCH_PREFIX = ".scratch-"  # the runner's scratch files under tmp/ (an s3:// dataview being read)
 REJECTIONS_KEPT = 100  # dropped messages recorded per job (each is also logged); more are only logged
@@ -386,7 +387,7 @@ class Spool:
             last = read_json(path)
         except (OSError, ValueError):  # a mark cut short: it was there
             last = {}
-        mark = {"at": time.time(), "oom_kills": oom_kills}
+        mark = {"at": time.time(), "oom_kills": oom_kills, "run": os.environ.get(RUN_ID_VARIABLE)}
         if last is None:
             atomic_write_json(path, mark)
             return None
