@@ -550,3 +550,37 @@ def test_a_broker_alone_says_its_coordinator_reports_a_problem(start_cape_server
         _, err = broker.communicate(timeout=15)
     assert f"cape-server: warning: the coordinator at {troubled.url} reports a problem: the data dir's disk has" in err
     assert "does not answer now" not in err
+
+
+def test_a_stored_message_is_durable_before_its_put_is_answered(tmp_path, monkeypatch):
+    """Unit test with the directory fsync recorded (a power loss cannot be made here): the body's rename into
+    bodies/ is made durable before the message's row exists, so a row never outlives its body's name; and the
+    coordinator's commits are on disk before their answers (synchronous FULL), as an acknowledged report must be."""
+    from pathlib import Path
+
+    from services.broker import store as store_module
+    from services.broker.store import Commit, MessageStore
+    from services.coordinator.db import Database
+
+    store = MessageStore(tmp_path, ttl_seconds=60)
+    synced: list[tuple[Path, list[str], int]] = []
+
+    def recording_fsync_dir(path: Path) -> None:
+        synced.append((path, sorted(p.name for p in path.iterdir()), len(store.waiting("job", "y_owner"))))
+
+    monkeypatch.setattr(store_module, "fsync_dir", recording_fsync_dir)
+    try:
+        pending = store.begin(limit=100)
+        pending.write(b"sealed")
+        pending.finish()
+        assert store.commit("job", "y_owner", "m", "x_owner", pending) is Commit.CREATED
+        [message] = store.waiting("job", "y_owner")
+        assert synced == [(store.bodies, [message.file.name], 0)]  # renamed into bodies/, no row yet
+    finally:
+        store.close()
+    db = Database(tmp_path / "coordinator" / "coordinator.sqlite3")
+    try:
+        with db.transaction() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        db.close()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from services.durable_files import fsync_dir
 from services.sqlite_files import mark_schema, refuse_newer_schema, unusable
 
 INDEX_SCHEMA_VERSION = 1  # in `PRAGMA user_version`: one more with each change of the index's schema
@@ -154,6 +155,9 @@ class MessageStore:
             room(self.sent_from(job_id, from_seat))
             final = self.bodies / f"{uuid.uuid4().hex}.msg"
             os.replace(body.path, final)
+            # Before the row: a power loss could otherwise keep the row and lose the rename, and the body would be
+            # swept at start as an incoming/ leftover while its sender took the put as done.
+            fsync_dir(self.bodies)
             try:
                 self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
                                    "VALUES (?, ?, ?, ?, ?, ?, ?)",

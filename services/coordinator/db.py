@@ -129,7 +129,9 @@ class Database:
         try:
             self._conn = self._connect()
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            # FULL: each commit is on disk before its answer; NORMAL could lose a worker's acknowledged report (a
+            # `completed` it has since removed from its spool) to a power loss.
+            self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             refuse_newer_schema(self._conn, path, SCHEMA_VERSION)
             self._conn.executescript(SCHEMA)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from services.durable_files import fsync_dir
 from services.worker.spool_watch import SpoolWatch
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -90,22 +91,6 @@ def validate_seat(seat: str) -> str:
     if not isinstance(seat, str) or not SEAT_PATTERN.fullmatch(seat):
         raise InvalidName("seat must be lower-case letters and '_' (e.g. x_owner)")
     return seat
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or unlink inside it is durable.
-
-    A folder already gone is not an error: its consumer took the file renamed into it, made that durable on its
-    side and removed the emptied folder (`_remove_empty`), all before this fsync; nothing is left in it to keep.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_path(final: Path) -> Path:
