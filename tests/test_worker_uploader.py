@@ -101,6 +101,23 @@ def test_file_bucket_writes_local_directory(tmp_path):
     assert statuses(spool)[0]["model_location"] == weights.as_uri()
 
 
+def test_a_file_bucket_keeps_no_temporary_file_of_an_upload_killed_mid_write(tmp_path):
+    """An uploader killed while it wrote the weights left `.regression_weights.csv.<hex>.tmp` in the model owner's
+    folder for ever; the upload that follows removes it (only this worker's own temporary names)."""
+    config = make_config(tmp_path, CAPE_BUCKET=f"file://{tmp_path}/bucket")
+    folder = tmp_path / "bucket" / "job1"
+    folder.mkdir(parents=True)
+    killed = folder / ".regression_weights.csv.0123456789ab.tmp"
+    killed.write_bytes(b"1.0\n2.")
+    theirs = [folder / ".regression_weights.csv.notes.tmp", folder / "regression_weights.csv.bak"]
+    for path in theirs:
+        path.write_text("the owner's")
+    Uploader(config, spool_with_result(config, model_location="s3://ignored")).cycle()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["metrics.json", "regression_weights.csv", *(p.name for p in theirs)])
+    np.testing.assert_array_equal(np.loadtxt(folder / "regression_weights.csv", delimiter=","), WEIGHTS)
+
+
 def test_large_file_goes_multipart(tmp_path, moto):
     moto.make_bucket("models")
     big = tmp_path / "big.bin"

@@ -97,6 +97,15 @@ def _temp_path(final: Path) -> Path:
     return final.parent / f".{final.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
 
 
+def leftover_temps(final: Path) -> list[Path]:
+    """The temporary files an earlier `atomic_writer` of `final`, killed mid-write, left beside it."""
+    own = re.compile(rf"\.{re.escape(final.name)}\.[0-9a-f]{{12}}{re.escape(_TEMP_SUFFIX)}")
+    try:
+        return [path for path in final.parent.iterdir() if own.fullmatch(path.name)]
+    except FileNotFoundError:
+        return []
+
+
 def is_temp_name(name: str) -> bool:
     """True for the spool's temporary file names (never read by any stage)."""
     return name.startswith(".") and name.endswith(_TEMP_SUFFIX)

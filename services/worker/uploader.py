@@ -32,7 +32,7 @@ from services.worker.config import RETRY_BASE_SECONDS, Bucket, ConfigError, Work
 from services.worker.disk_advice import disk_advice
 from services.worker.outage_log import OutageLog
 from services.worker.s3_errors import code_and_status, is_transient
-from services.worker.spool import Spool, atomic_write_bytes
+from services.worker.spool import Spool, atomic_write_bytes, leftover_temps
 
 WEIGHTS_FILE = "regression_weights.csv"
 METRICS_FILE = "metrics.json"
@@ -169,6 +169,8 @@ class ModelStore:
         target = Path(bucket.name) / key
         try:
             atomic_write_bytes(target, data)
+            for leftover in leftover_temps(target):  # an upload killed mid-write: in the model owner's own folder
+                leftover.unlink(missing_ok=True)
         except OSError as exc:
             raise UploadError(f"cannot write {target}: {exc.strerror}; "
                               f"{disk_advice(exc, _BUCKET_DIRECTORY)}",
