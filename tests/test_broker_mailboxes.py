@@ -108,6 +108,10 @@ def test_access_is_limited_to_the_job_parties(cape_server):
     assert bad_seat.json()["error"]["message"] == "field 'to_seat': this job's seats are x_owner, y_owner, helper"
     # This job has a helper seat, not a model_owner one: nobody would ever read that mailbox.
     assert world["worker"]["xorg"].put(_messages(jid, "m1", "model_owner"), data=b"x").status_code == 422
+    # Nor its own mailbox: no partner would take (acknowledge) what waits there, and it would count against the job.
+    own = world["worker"]["xorg"].put(_messages(jid, "x_owner.m1", "x_owner"), data=b"x")
+    assert (own.status_code, own.json()["error"]["message"]) == (
+        422, "field 'to_seat': x_owner is the sender's own seat; a message goes to another seat of the job")
 
 
 def test_a_seat_cannot_take_another_seats_message_name(cape_server):

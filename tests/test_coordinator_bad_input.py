@@ -58,6 +58,12 @@ def test_malformed_bodies_name_the_field(world):
     assert error(admin.post("/v1/projects/demo/dataviews", json={
         "name": "d", "uri": "file:///d.csv", "schema": [{"name": "a", "type": "number"}] * 2}), 422) == \
         "field 'schema': column names must be unique"
+    # Columns show in every member's job views, and scripts read the API raw: one line too.
+    for column in ("a\x1b[31m\nb", "income\u202e", "a\tb"):
+        assert error(admin.post("/v1/projects/demo/dataviews", json={
+            "name": "d", "uri": "file:///d.csv", "schema": [{"name": column, "type": "number"}]}), 422) == (
+            "field 'schema[0].name': must be one line of text, without control characters (line breaks, tabs, "
+            "escapes)")
     # A uri no worker can read is refused when the dataview is added, not after a job using it was approved.
     for uri in ("http://host/x.csv", "s3://bucket-only", "file://host/x.csv", "file://relative.csv", "ftp://h/x"):
         assert error(admin.post("/v1/projects/demo/dataviews", json={
@@ -248,3 +254,20 @@ def test_only_the_model_owner_chooses_the_model_location(world):
     worker_views = {org: world["worker"][org].get(f"/v1/worker/jobs/{job_id}").json() for org in ("xorg", "yorg")}
     assert worker_views["xorg"]["task"]["model_location"] is None
     assert worker_views["yorg"]["task"]["model_location"] == "s3://somewhere/models"
+
+
+def test_jobs_waiting_for_approval_are_bounded_per_project_and_submitter(world):
+    """A member submitted 1,000 jobs in 9 s against a partner's dataview: each waits weeks for its owner, holds the
+    dataview from deletion and was rejected one call at a time. Past the bound, submitting says what to do."""
+    from services.coordinator.jobs import MAX_WAITING_JOBS
+    from tests.support.server import SIMPLE_JOB, submit_jobs
+
+    yorg, xorg = world["user"]["yorg"], world["user"]["xorg"]
+    waiting = [j["id"] for j in submit_jobs(xorg, "demo", MAX_WAITING_JOBS)]
+    assert error(xorg.post("/v1/projects/demo/jobs", json=SIMPLE_JOB), 409) == (
+        f"your organization has {MAX_WAITING_JOBS} jobs waiting for approval in project 'demo', the most it may: stop "
+        "some (`cape jobs list demo --status NeedsApproval`, then `cape jobs stop JOB_ID`) or wait for their data "
+        "owners to decide")
+    assert yorg.post("/v1/projects/demo/jobs", json=SIMPLE_JOB).status_code == 201  # another submitter's own bound
+    assert xorg.post(f"/v1/jobs/{waiting[0]}/stop").status_code == 200
+    assert xorg.post("/v1/projects/demo/jobs", json=SIMPLE_JOB).status_code == 201

@@ -133,6 +133,10 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
                           access: JobAccess = Depends(caller)) -> Response:
         if to_seat not in access.seats:
             raise InvalidRequest(f"field 'to_seat': this job's seats are {', '.join(access.seats)}")
+        if to_seat == access.seat:
+            # No protocol message goes to its own sender, and no partner would ever take (acknowledge) one.
+            raise InvalidRequest(f"field 'to_seat': {to_seat} is the sender's own seat; a message goes to another "
+                                 "seat of the job")
         if access.status in UNAPPROVED_STATUSES:
             # Seats exist from submission, and such a job may wait for approval for ever: no worker has a reason
             # to send anything yet, and what it stored would stay until the TTL.

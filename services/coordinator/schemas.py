@@ -85,7 +85,8 @@ Ref = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
 Name = Annotated[Text, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
 Email = Annotated[str, AfterValidator(_email)]
 Role = Literal["admin", "operator", "data_scientist", "user"]
-Column = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+# One line too: columns show in every project member's job views, and scripts read the API's text raw.
+Column = Annotated[Text, StringConstraints(min_length=1, max_length=200), AfterValidator(_one_line)]
 
 
 class Body(BaseModel):
