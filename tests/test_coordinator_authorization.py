@@ -129,6 +129,9 @@ ACTIONS: list[tuple[str, Action, dict[str, int]]] = [
      expect(200, 200, 403, 403, 403, 403, 403)),
     ("join project for another org", lambda api, w: api.post("/v1/projects/p/organizations/b/join"),
      expect(403, 403, 403, 403, 403, 403, 403)),
+    # Allowed (then refused: the helper has a seat in jobs that have not ended) or not allowed.
+    ("take an organization out of a project", lambda api, w: api.delete("/v1/projects/p/organizations/c"),
+     expect(409, 403, 409, 403, 403, 403, 403)),
     ("set project helper", lambda api, w: api.put("/v1/projects/p/helper", json={"organization": "c"}),
      expect(200, 403, 200, 403, 403, 403, 403)),
     ("delete project", lambda api, w: api.delete(f"/v1/projects/{w.project()}"),

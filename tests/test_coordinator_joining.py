@@ -105,3 +105,36 @@ def test_members_of_a_database_from_before_joining_have_joined(tmp_path):
             assert not has_joined(conn, "p1", "o2")  # the upgrade does not join members added after it
     finally:
         db.close()
+
+
+def test_an_organization_leaves_or_is_taken_out_with_its_dataviews_but_not_mid_job(shared_cape_server, unique_label):
+    """An organization added without being asked had no way out. It leaves (its admin or operator), or the owner
+    takes it out; its dataviews there go with it, and it stops being the helper. Not the owner, and not while a
+    job that has not ended gives it a seat."""
+    o = Orgs(shared_cape_server, unique_label)
+    p = o.project
+    ok(o.admin["x"].put(f"/v1/projects/{p}/helper", json={"organization": o.label["m"]}))
+    ok(o.join("m"))
+    ok(o.admin["m"].post(f"/v1/projects/{p}/dataviews", json={
+        "name": "ms", "uri": "file:///m.csv", "schema": [{"name": "z", "type": "number"}]}))
+    job = ok(o.admin["y"].post(f"/v1/projects/{p}/jobs", json={**JOB, "model_owner": o.label["y"]}))
+    leave = f"/v1/projects/{p}/organizations/{o.label['m']}"
+    refused = error(o.admin["m"].delete(leave), 409)
+    assert refused["code"] == "active_jobs" and refused["message"].startswith(
+        f"organization '{o.label['m']}' has a seat in 1 job that has not ended: {job['id']} (NeedsApproval); stop")
+    ok(o.admin["y"].post(f"/v1/jobs/{job['id']}/stop"))
+    assert error(o.admin["y"].delete(leave), 403)["message"].startswith(
+        "to take an organization out of a project you need the role admin or operator in it")
+    assert o.admin["m"].delete(leave).status_code == 204
+    project = ok(o.admin["x"].get(f"/v1/projects/{p}"))
+    assert project["helper"] is None and o.label["m"] not in [org["label"] for org in project["organizations"]]
+    assert [d["name"] for d in ok(o.admin["x"].get(f"/v1/projects/{p}/dataviews"))] == ["xs", "ys"]
+    assert error(o.admin["m"].get(f"/v1/projects/{p}"), 403)["code"] == "forbidden"
+    # The owner takes a member out; it cannot leave its own project.
+    taken = f"/v1/projects/{p}/organizations/{o.label['y']}"
+    assert o.admin["x"].delete(taken).status_code == 204
+    assert error(o.admin["x"].delete(taken), 409) == {
+        "code": "not_a_member", "message": f"organization '{o.label['y']}' is not a member of project '{p}'"}
+    assert error(o.admin["x"].delete(f"/v1/projects/{p}/organizations/{o.label['x']}"), 409) == {
+        "code": "owner_cannot_leave", "message": f"organization '{o.label['x']}' owns project '{p}' and cannot leave "
+                                                 "it; delete the project instead (`cape projects delete`)"}

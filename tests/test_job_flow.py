@@ -271,3 +271,10 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     with pytest.raises(ApiError) as info:
         Cape(endpoint=url, token=orgs["bank"]["user_token"]).get_job(job_id).get_results()
     assert info.value.status == 403
+
+    # The job ended: the helper's organization may leave the project, and then sees it no more.
+    assert ok("neutral", "projects", "remove-org", "churn", "neutral") == \
+        "Organization neutral is no longer in project churn.\n"
+    shown = json.loads(ok("bank", "projects", "show", "churn", "--json"))
+    assert shown["helper"] is None and [o["label"] for o in shown["organizations"]] == ["bank", "shop"]
+    assert cape_cli("projects", "show", "churn", env=as_("neutral")).exit_code == 1

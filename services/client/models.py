@@ -366,6 +366,12 @@ class Project(Resource):
                                        {})
         return self
 
+    def remove_org(self, organization: str | Organization) -> None:
+        """Take ``organization`` out of the project: it leaves (as its admin or operator), or the owner organization
+        (its admin or data scientist) removes it; its dataviews here go with it, and it stops being the helper.
+        Refused for the owner organization and while a job that has not ended gives it a seat."""
+        self._session.delete(f"/v1/projects/{seg(self.id)}/organizations/{seg(org_ref(organization))}")
+
     def set_helper(self, organization: str | Organization | None) -> Project:
         """Name the organization whose worker takes the third seat when needed (None removes it)."""
         ref = None if organization is None else org_ref(organization)

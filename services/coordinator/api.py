@@ -236,6 +236,13 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
         record(p, "joined project %s for organization %s", project, org)
         return view
 
+    @router.delete("/projects/{project}/organizations/{org}", status_code=204, tags=["projects"])
+    def remove_project_organization(project: str, org: str, p: Principal = Depends(person)) -> Response:
+        with db.transaction() as conn:
+            projects.remove_organization(conn, p, project, org)
+        record(p, "took organization %s out of project %s", org, project)
+        return Response(status_code=204)
+
     @router.put("/projects/{project}/helper", tags=["projects"], response_model=views.Project)
     def set_project_helper(project: str, body: HelperRef, p: Principal = Depends(person)) -> dict[str, Any]:
         with db.transaction() as conn:

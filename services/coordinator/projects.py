@@ -130,6 +130,30 @@ def join_project(conn: sqlite3.Connection, principal: Principal, ref: str, org: 
     return find_project(conn, project["id"])
 
 
+def remove_organization(conn: sqlite3.Connection, principal: Principal, ref: str, org: str) -> None:
+    """The member organization `org` leaves the project (its admin or operator), or the owner organization's admin
+    or data scientist takes it out: its dataviews in the project go with it, and it stops being the helper. Refused
+    for the owner organization, and while a job of the project that has not ended gives it a seat."""
+    project = readable_project(conn, principal, ref)
+    org_id = find_organization(conn, org)["id"]
+    if (principal.role_in(org_id) not in JOIN_PROJECTS
+            and principal.role_in(project["owner_org_id"]) not in MANAGE_PROJECTS):
+        raise Forbidden("to take an organization out of a project you need the role admin or operator in it, or "
+                        "admin or data_scientist in the project's owner organization")
+    if not is_member_org(conn, project["id"], org_id):
+        raise Conflict(f"organization '{org}' is not a member of project '{ref}'", code="not_a_member")
+    if org_id == project["owner_org_id"]:
+        raise Conflict(f"organization '{org}' owns project '{ref}' and cannot leave it; delete the project instead "
+                       "(`cape projects delete`)", code="owner_cannot_leave")
+    blocking = active_jobs(conn, "project_id = ? AND id IN (SELECT job_id FROM job_parties WHERE org_id = ?)",
+                           (project["id"], org_id))
+    if blocking:
+        raise blocked(f"organization '{org}' has a seat in", blocking, "active_jobs")
+    conn.execute("DELETE FROM dataviews WHERE project_id = ? AND owner_org_id = ?", (project["id"], org_id))
+    conn.execute("UPDATE projects SET helper_org_id = NULL WHERE id = ? AND helper_org_id = ?", (project["id"], org_id))
+    conn.execute("DELETE FROM project_organizations WHERE project_id = ? AND org_id = ?", (project["id"], org_id))
+
+
 def delete_project(conn: sqlite3.Connection, principal: Principal, ref: str) -> None:
     project = _managed_project(conn, principal, ref, "delete a project")
     blocking = active_jobs(conn, "project_id = ?", (project["id"],))

@@ -1,4 +1,4 @@
-"""`cape projects create|list|show|add-org|join|set-helper|delete`."""
+"""`cape projects create|list|show|add-org|join|remove-org|set-helper|delete`."""
 from __future__ import annotations
 
 import click
@@ -84,6 +84,19 @@ def join(cli: CliContext, project: str, org: str, as_json: bool) -> None:
     PROJECT: as the helper, or as a model owner that owns none of the job's data (storing the model in its bucket).
     Jobs that need it are refused until it has joined."""
     _show(cli.cape().get_project(project).join(org), as_json, verb="Joined")
+
+
+@projects.command("remove-org")
+@click.argument("project")
+@click.argument("org")
+@pass_cli
+def remove_org(cli: CliContext, project: str, org: str) -> None:
+    """Take organization ORG out of PROJECT: ORG leaves (as its admin or operator), or the owner organization (its
+    admin or data_scientist) removes it. Its dataviews in PROJECT go with it, and it stops being the helper; refused
+    for the owner organization and while a job that has not ended gives ORG a seat."""
+    found = cli.cape().get_project(project)
+    found.remove_org(org)
+    click.echo(f"Organization {org} is no longer in project {found.label}.")
 
 
 @projects.command("set-helper")
