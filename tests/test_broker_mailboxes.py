@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 
+import pytest
 import requests
 
 from services.worker.broker_client import BrokerClient
@@ -320,6 +321,12 @@ def test_an_index_from_before_bodies_were_unhashed_still_opens_and_stores(tmp_pa
         [message] = store.waiting("job", "y_owner")
         assert message.file.read_bytes() == b"sealed" and message.size == 6
         assert list(store.incoming.iterdir()) == []  # the duplicate and the conflicting body were discarded
+        assert store.sent_by_org("") == (0, 0)  # stored without an organization: counted against none
+        pending = store.begin(limit=100)
+        pending.write(b"more")
+        pending.finish()
+        assert store.commit("job", "y_owner", "n", "x_owner", pending, from_org="org-x") is Commit.CREATED
+        assert store.sent_by_org("org-x") == (1, 4)
     finally:
         store.close()
 
@@ -352,6 +359,39 @@ def test_a_seat_has_bounded_bytes_waiting_and_sends_again_once_they_are_taken(st
     assert [m["name"] for m in yorg.get(_messages(jid)).json()] == ["helper.h", "x_owner.b"]
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["one server", "broker alone"])
+def test_an_organization_has_bounded_bytes_waiting_across_its_jobs(start_cape_server, alone):
+    """A member with seats in many jobs could hold --max-job-bytes in each, until the broker's disk refused every
+    other project's messages: across its jobs it holds --max-org-bytes at most (both at the put's start and at
+    commit), while other organizations' messages go through. A broker alone learns the organization from the
+    coordinator."""
+    from tests.support.server import SIMPLE_JOB, ok
+
+    limits = ["--max-job-bytes", "1000", "--max-message-bytes", "1000", "--max-org-bytes", "1500"]
+    if alone:
+        coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
+        broker = start_cape_server(extra_args=[*limits, "--only", "broker", "--coordinator-url", coordinator.url],
+                                   name="broker")
+    else:
+        coordinator = broker = start_cape_server(extra_args=limits)
+    world = build_job_world(coordinator)
+    first = world["job"]["id"]
+    second = ok(world["user"]["yorg"].post("/v1/projects/demo/jobs", json=SIMPLE_JOB))["id"]
+    for org in ("xorg", "yorg"):
+        ok(world["user"][org].post(f"/v1/jobs/{second}/approve"))
+    xorg, yorg = (Api(broker, world["orgs"][org]["organization_token"]) for org in ("xorg", "yorg"))
+    assert xorg.put(_messages(first, "x_owner.a", "y_owner"), data=b"a" * 900).status_code == 201
+    for body in (b"b" * 700, iter([b"b" * 350, b"b" * 350])):  # declared up front, or only known at commit
+        refused = xorg.put(_messages(second, "x_owner.b", "y_owner"), data=body)
+        assert refused.status_code == 507 and refused.json()["error"] == {
+            "code": "org_quota_exceeded", "message": "your organization has 8.38e-07 GiB waiting for its recipients "
+            "across its jobs and this broker holds at most 1.4e-06 GiB per organization; send again once they took "
+            "some"}
+    assert yorg.put(_messages(second, "y_owner.c", "x_owner"), data=b"c" * 900).status_code == 201
+    assert yorg.delete(_messages(first, "x_owner.a")).status_code == 204  # taken: room again
+    assert xorg.put(_messages(second, "x_owner.b", "y_owner"), data=b"b" * 700).status_code == 201
+
+
 def test_a_seat_has_bounded_messages_waiting_and_a_listing_names_the_oldest_thousand(start_cape_server):
     """A party flooding a partner's mailbox with empty messages (no bytes, so --max-job-bytes never binds) is held
     at --max-job-messages; and however full a mailbox is, one listing names its oldest 1,000: whole, 200,000
@@ -374,7 +414,7 @@ def test_a_seat_has_bounded_messages_waiting_and_a_listing_names_the_oldest_thou
     index = sqlite3.connect(server.data_dir / "broker" / "index.sqlite3", isolation_level=None)
     start = time.time() + 1
     with index:
-        index.executemany("INSERT INTO messages VALUES (?, 'y_owner', ?, 'helper', 0, ?, ?)",
+        index.executemany("INSERT INTO messages VALUES (?, 'y_owner', ?, 'helper', 0, ?, ?, NULL)",
                           [(jid, f"helper.more-{n:04d}", f"none-{n}.msg", start + n / 1000) for n in range(1500)])
     index.close()
     listed = yorg.get(_messages(jid)).json()

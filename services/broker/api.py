@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from services.broker.mailboxes import MailboxSignals
 from services.broker.membership import JobAccess, JobMembership
 from services.broker.room import Room
-from services.broker.store import BodyTooLarge, Commit, MessageStore
+from services.broker.store import BodyTooLarge, Commit, MessageStore, Waiting
 from services.coordinator.audit import RefusedActions, RefusedTokens
 from services.coordinator.views import JobsWaiting, WaitingMessage
 from services.server.errors import (
@@ -123,6 +123,12 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
     async def caller_seat(access: JobAccess = Depends(caller)) -> str:
         return access.seat
 
+    def _room_for(waiting: Waiting, size: int, seat: str, org: str) -> None:
+        """At commit, the store's lock held: the seat's bound in the job, and its organization's across jobs."""
+        room.check_job(waiting, size, seat)
+        if org:
+            room.check_org(store.sent_by_org(org), size)
+
     @router.put("/jobs/{job}/messages/{to_seat}/{name}", status_code=201, response_class=Response,
                 responses={201: {"description": "stored (no body)"},
                            200: {"description": "already stored with the same bytes (no body)"}},
@@ -158,6 +164,8 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             room.check_disk(store.root, size)
             # Early; commit checks again (puts overlap). In a thread: the sum grows with the seat's waiting messages.
             room.check_job(await asyncio.to_thread(store.sent_from, job, seat), size, seat)
+            if access.org:
+                room.check_org(await asyncio.to_thread(store.sent_by_org, access.org), size)
         try:
             pending = store.begin(max_message_bytes)
         except OSError as exc:
@@ -194,7 +202,8 @@ def broker_router(store: MessageStore, membership: JobMembership, signals: Mailb
             raise
         try:
             outcome = await asyncio.to_thread(store.commit, job, to_seat, name, seat, pending,
-                                              lambda waiting: room.check_job(waiting, pending.size, seat))
+                                              lambda waiting: _room_for(waiting, pending.size, seat, access.org),
+                                              access.org)
         except OSError as exc:
             pending.discard()
             raise _storage_failed(exc) from None

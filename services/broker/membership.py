@@ -23,11 +23,13 @@ log = logging.getLogger("cape.broker")
 
 @dataclass(frozen=True)
 class JobAccess:
-    """The caller's seat in a job, all the job's seats (the mailboxes it may write to), and the job's status."""
+    """The caller's seat in a job, all the job's seats (the mailboxes it may write to), the job's status, and the
+    caller's organization (its id: what it has waiting across jobs is bounded)."""
 
     seat: str
     seats: tuple[str, ...]
     status: str = "Started"
+    org: str = ""
 
 
 class JobMembership(Protocol):
@@ -61,7 +63,7 @@ class LocalMembership:
         identity.note_use(self.db, principal)
         if seat is None:
             raise Forbidden("your organization has no seat in this job", code="no_seat")
-        return JobAccess(seat, seats, job["status"])
+        return JobAccess(seat, seats, job["status"], principal.org_id or "")
 
     async def close(self) -> None:
         return None
@@ -101,7 +103,9 @@ class RemoteMembership:
             self._failing = False
         if response.status_code == 200:
             job = response.json()
-            access = JobAccess(job["seat"], tuple(job["parties"]), job["status"])
+            party = job["parties"].get(job["seat"]) or {}
+            access = JobAccess(job["seat"], tuple(job["parties"]), job["status"],
+                               str((party.get("organization") or {}).get("id") or ""))
             if len(self._cache) > 10_000:  # bound memory: drop everything, it refills on demand
                 self._cache.clear()
             self._cache[key] = (access, time.monotonic() + self.cache_seconds)

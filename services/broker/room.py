@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.broker.store import Waiting
-from services.server.config import DEFAULT_MAX_JOB_MESSAGES
+from services.server.config import DEFAULT_MAX_JOB_MESSAGES, DEFAULT_MAX_ORG_BYTES
 from services.server.errors import InsufficientStorage
 
 log = logging.getLogger("cape.broker")
@@ -28,6 +28,7 @@ class Room:
     max_job_bytes: int  # per sending seat and job, waiting for its recipients
     min_free_bytes: int  # kept free on the data dir's file system
     max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES  # per sending seat and job, waiting for its recipients
+    max_org_bytes: int = DEFAULT_MAX_ORG_BYTES  # per sending organization across its jobs, waiting likewise
 
     def check_disk(self, root: Path, size: int) -> None:
         """Refuse a body of `size` bytes (0 when not declared) that would eat into the disk's reserve."""
@@ -50,3 +51,13 @@ class Room:
                 f"seat {seat} has {waiting.count} messages waiting for its recipients in this job and this broker "
                 f"holds at most {self.max_job_messages} per seat and job; send again once they took some",
                 code="job_quota_exceeded")
+
+    def check_org(self, waiting: Waiting, size: int) -> None:
+        """Refuse a body of `size` bytes when the sender's organization already has `waiting` unacknowledged across
+        its jobs: with seats in many jobs it could otherwise hold many times `max_job_bytes`, and a full disk fails
+        every other project's messages."""
+        if waiting.size + size > self.max_org_bytes:
+            raise InsufficientStorage(
+                f"your organization has {_gib(waiting.size)} waiting for its recipients across its jobs and this "
+                f"broker holds at most {_gib(self.max_org_bytes)} per organization; send again once they took some",
+                code="org_quota_exceeded")

@@ -21,14 +21,16 @@ from typing import Any, NamedTuple
 from services.durable_files import fsync_dir
 from services.sqlite_files import mark_schema, refuse_newer_schema, unusable
 
-INDEX_SCHEMA_VERSION = 1  # in `PRAGMA user_version`: one more with each change of the index's schema
+INDEX_SCHEMA_VERSION = 2  # in `PRAGMA user_version`: one more with each change of the index's schema
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     job_id TEXT NOT NULL, to_seat TEXT NOT NULL, name TEXT NOT NULL, from_seat TEXT NOT NULL,
-    size INTEGER NOT NULL, file TEXT NOT NULL, created REAL NOT NULL,
+    size INTEGER NOT NULL, file TEXT NOT NULL, created REAL NOT NULL, from_org TEXT,
     PRIMARY KEY (job_id, to_seat, name));
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 """
+# After the upgrade below: an index from before has no from_org column for it until then.
+ORG_INDEX = "CREATE INDEX IF NOT EXISTS messages_from_org ON messages(from_org, created)"
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class StoredMessage:
 
 
 class Waiting(NamedTuple):
-    """What one seat of a job has waiting unacknowledged at the broker."""
+    """What one seat of a job (or one organization) has waiting unacknowledged at the broker."""
 
     count: int
     size: int
@@ -117,6 +119,9 @@ class MessageStore:
             columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(messages)")}
             if "sha256" in columns:  # an index written before bodies stopped being hashed
                 self._conn.execute("ALTER TABLE messages DROP COLUMN sha256")
+            if "from_org" not in columns:  # before organizations were bounded: its messages count for none
+                self._conn.execute("ALTER TABLE messages ADD COLUMN from_org TEXT")
+            self._conn.execute(ORG_INDEX)
             mark_schema(self._conn, INDEX_SCHEMA_VERSION)
         except sqlite3.Error as exc:
             raise unusable(index, exc, f"remove it and {self.bodies} to start the broker empty (the jobs whose "
@@ -136,10 +141,11 @@ class MessageStore:
         return PendingBody(self.incoming / f"{uuid.uuid4().hex}.part", limit)
 
     def commit(self, job_id: str, to_seat: str, name: str, from_seat: str, body: PendingBody,
-               room: Callable[[Waiting], None] = lambda waiting: None) -> Commit:
+               room: Callable[[Waiting], None] = lambda waiting: None, from_org: str = "") -> Commit:
         """Store a received (finished) body under its name. A name already stored keeps its body; the new one is
         discarded, and the answer says whether it held the same bytes (a repeated put) or others (a conflict).
-        `room` gets what the sender has waiting in the job (concurrent puts counted) and raises to refuse."""
+        `room` gets what the sender has waiting in the job (concurrent puts counted) and raises to refuse; it may
+        ask `sent_by_org` too (the store's lock is held, and taken again by the same thread)."""
         with self._lock:
             # An expired message not yet swept still holds its name's row: drop it, so the name is free again.
             self._delete_where("job_id = ? AND to_seat = ? AND name = ? AND created <= ?",
@@ -159,9 +165,10 @@ class MessageStore:
             # swept at start as an incoming/ leftover while its sender took the put as done.
             fsync_dir(self.bodies)
             try:
-                self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created) "
-                                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                   (job_id, to_seat, name, from_seat, body.size, final.name, time.time()))
+                self._conn.execute("INSERT INTO messages (job_id, to_seat, name, from_seat, size, file, created, "
+                                   "from_org) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (job_id, to_seat, name, from_seat, body.size, final.name, time.time(),
+                                    from_org or None))
             except BaseException:
                 final.unlink(missing_ok=True)  # never indexed: nothing would read or expire it
                 raise
@@ -183,6 +190,13 @@ class MessageStore:
             row = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE job_id = ? AND "
                                      "from_seat = ? AND created > ?",
                                      (job_id, from_seat, time.time() - self.ttl)).fetchone()
+        return Waiting(int(row[0]), int(row[1]))
+
+    def sent_by_org(self, org: str) -> Waiting:
+        """The unexpired messages an organization sent, in all its jobs, that no recipient acknowledged yet."""
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE from_org = ? AND "
+                                     "created > ?", (org, time.time() - self.ttl)).fetchone()
         return Waiting(int(row[0]), int(row[1]))
 
     def bytes_from(self, job_id: str, from_seat: str) -> int:

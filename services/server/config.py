@@ -11,6 +11,8 @@ DEFAULT_MAX_JOB_BYTES = 16 * 1024**3  # per sending seat and job; a job at n = 1
 # Per sending seat and job: a job sends a few dozen messages plus one per 2^15 rows of its matrices, and its recipient
 # takes them as they come, so this binds only a sender of empty messages (each an index row, a file, a listing entry).
 DEFAULT_MAX_JOB_MESSAGES = 10_000
+# Per sending organization, across its jobs: seats in many jobs could otherwise hold many times --max-job-bytes.
+DEFAULT_MAX_ORG_BYTES = 2 * DEFAULT_MAX_JOB_BYTES
 DEFAULT_MIN_FREE_BYTES = 1024**3
 # Below it the coordinator takes nothing new: above the broker's reserve, so the messages of running jobs keep room.
 DEFAULT_CREATE_RESERVE_BYTES = 2 * 1024**3
@@ -29,6 +31,7 @@ class ServerConfig:
     message_ttl: float = DEFAULT_MESSAGE_TTL
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES
+    max_org_bytes: int = DEFAULT_MAX_ORG_BYTES
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     create_reserve_bytes: int = DEFAULT_CREATE_RESERVE_BYTES
     body_idle_seconds: float = DEFAULT_BODY_IDLE_SECONDS
