@@ -112,8 +112,8 @@ def test_program_that_keeps_failing_makes_worker_exit_non_zero_saying_oom_kills_
         corrupt_keys_under(worker, tmp_path, "org-a")
         assert worker.wait_exit(timeout=60) == 3, worker.output[-2000:]
     assert "not a readable private key" in worker.output
-    assert ("`cape-worker check` tests the configuration. The kernel's OOM killer killed 1 of this worker's "
-            "processes since it started (its memory cgroup's count): give the worker more memory (README, "
+    assert ("`cape-worker check` tests the configuration. Out of memory: the kernel's OOM killer killed 1 of this "
+            "worker's processes since it started (its memory cgroup's count); give the worker more memory (README, "
             "\"Memory and other limits\").") in worker.output
 
 
@@ -349,9 +349,9 @@ def test_supervisord_killed_by_the_oom_killer_is_said_for_certain(start_worker, 
                        if "supervisord" in " ".join(p.cmdline())]
         oom_kill_in(group, victim=supervisord[0].pid)
         assert worker.wait_exit(30) == 137
-    assert ("cape-worker: supervisord was killed by signal SIGKILL (by the kernel's OOM killer: it killed "
+    assert ("cape-worker: supervisord was killed by signal SIGKILL (out of memory: the kernel's OOM killer killed "
             in worker.output), worker.output[-2000:]
-    assert ("of this worker's processes since it started, its memory cgroup counts; give the worker more memory, "
+    assert ("of this worker's processes since it started (its memory cgroup's count); give the worker more memory, "
             "README \"Memory and other limits\"); its programs stopped") in worker.output
 
 

@@ -25,7 +25,7 @@ from services.worker.keys import KeyFileError, WorkerKeys, check_key_files, exis
 from services.worker.config import ConfigError, LocalConfig, WorkerConfig, env_file_path, setting_warnings
 from services.worker.disk_advice import disk_advice
 from services.worker.fatal_listener import UNRECORDED_FATAL_SIGNAL, marker_path, read_marker
-from services.worker.memory_cgroup import memory_limit, oom_kill_count, oom_kills_since
+from services.worker.memory_cgroup import memory_limit, oom_kill_count, oom_kills_said, oom_kills_since
 from services.worker.outage_log import UNHEALTHY_AFTER_SECONDS
 from services.worker.program import PROGRAMS_LOCK_NAME
 from services.worker.resource_limits import memory_limit_said, open_files_problem
@@ -228,8 +228,8 @@ def run() -> None:
     # a FATAL that raced the signal.
     if fatal is not None and not (stop_requested and float(fatal.get("at") or 0) >= stop_requested[0]):
         oom = oom_kills_since(oom_kills_at_start, oom_kill_count())
-        memory = (f" The kernel's OOM killer killed {oom} of this worker's processes since it started (its memory "
-                  "cgroup's count): give the worker more memory (README, \"Memory and other limits\")." if oom else "")
+        memory = (f" Out of memory: {oom_kills_said(oom, 'since it started')}; give the worker more memory (README, "
+                  "\"Memory and other limits\")." if oom else "")
         click.echo(f"cape-worker: program {fatal.get('program', '?')} kept failing (FATAL); the worker stopped. "
                    f"See its log lines above; `cape-worker check` tests the configuration.{memory}", err=True)
         sys.exit(3)
@@ -251,8 +251,8 @@ def _kill_cause(signum: int, oom_kills_at_start: int | None) -> str:
         return " (out of memory?)"
     if oom == 0:
         return " (not by the OOM killer: its memory cgroup counted none)"
-    return (f" (by the kernel's OOM killer: it killed {oom} of this worker's processes since it started, its memory "
-            "cgroup counts; give the worker more memory, README \"Memory and other limits\")")
+    return (f" (out of memory: {oom_kills_said(oom, 'since it started')}; give the worker more memory, README "
+            "\"Memory and other limits\")")
 
 
 def _already_running(config: WorkerConfig, evidence: str) -> NoReturn:
@@ -398,9 +398,8 @@ def _print_status(config: LocalConfig, programs: dict[str, str], problem: str | 
     click.echo(f"worker {config.worker_name}")
     click.echo(keys_line)
     if oom_kills:
-        click.echo(f"memory: the kernel's OOM killer killed {oom_kills} of this worker's processes since its "
-                   "container started (its memory cgroup's count); give it more memory (README, \"Memory and other "
-                   "limits\")")
+        click.echo(f"memory: {oom_kills_said(oom_kills, 'since its container started')}; give it more memory "
+                   "(README, \"Memory and other limits\")")
     if problem:
         click.echo(f"no worker is running on this state dir: {problem}")
     for name, state in programs.items():

@@ -100,6 +100,11 @@ def _unescape(field: str) -> str:
     return field
 
 
+def oom_kills_said(count: int, when: str) -> str:
+    """`count` OOM kills counted `when` ("meanwhile", "since it started"), in the words every program uses."""
+    return f"the kernel's OOM killer killed {count} of this worker's processes {when} (its memory cgroup's count)"
+
+
 def oom_kills_since(before: int | None, now: int | None) -> int | None:
     """OOM kills counted between two readings; None when that cannot be told (unreadable, or a new container)."""
     if before is None or now is None or now < before:

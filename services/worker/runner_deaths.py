@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from services.worker.memory_cgroup import oom_kills_said
 from services.worker.spool import RUN_ID_VARIABLE
 
 # A job whose runner died this often while working on it (SIGKILL: the kernel's OOM killer, most often) ends in
@@ -25,8 +26,7 @@ def kill_cause(oom_kills: int | None) -> str:
     if oom_kills is None:
         return "most often for lack of memory (the kernel's OOM killer)"
     if oom_kills:
-        return (f"for lack of memory: the kernel's OOM killer killed {oom_kills} of this worker's processes "
-                "meanwhile (its memory cgroup's count)")
+        return f"for lack of memory: {oom_kills_said(oom_kills, 'meanwhile')}"
     return ("not for lack of memory (its memory cgroup counted no OOM kill): a SIGKILL from outside the worker, "
             "or the machine stopped")
 
