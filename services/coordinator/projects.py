@@ -60,8 +60,9 @@ def project_view(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
         "id": row["id"], "label": row["label"], "name": row["name"], "description": row["description"],
         "owner": org_ref(get_org(conn, row["owner_org_id"])),
         # With names: pycape's examples name things after `o.name` of a project's organizations.
-        "organizations": [{**org_view(get_org(conn, o)), "joined": has_joined(conn, row["id"], o)}
-                          for o in member_org_ids(conn, row["id"])],
+        "organizations": [{**org_view(get_org(conn, m["org_id"])), "joined": m["joined_at"] is not None}
+                          for m in conn.execute("SELECT org_id, joined_at FROM project_organizations WHERE "
+                                                "project_id = ? ORDER BY added_at, org_id", (row["id"],))],
         "helper": org_ref(get_org(conn, row["helper_org_id"])) if row["helper_org_id"] else None,
         "created_at": row["created_at"],
     }
