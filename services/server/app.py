@@ -161,10 +161,13 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # Below this much free space the server cannot work on: the broker's reserve, and room for SQLite to grow.
     least_free = max(config.min_free_bytes if store is not None else 0, HEALTHY_FREE_BYTES)
+    # Below this one the coordinator refuses everything new (creation_room.py): a monitor must see that too.
+    create_reserve = config.create_reserve_bytes if db is not None else 0
 
     @app.get("/healthz", tags=["server"], response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> Any:  # no thread hand-off: a statvfs is all the I/O
-        problem = storage.problem() or _low_space(config.data_dir, least_free, store is not None)
+        problem = (storage.problem() or _low_space(config.data_dir, least_free, store is not None)
+                   or _below_create_reserve(config.data_dir, create_reserve))
         if problem is None:
             return {"status": "ok", "parts": parts, "version": server_version}
         return JSONResponse({"status": "degraded", "parts": parts, "version": server_version, "problem": problem},
@@ -184,6 +187,21 @@ def _low_space(data_dir: Path, least_free: int, runs_broker: bool) -> str | None
         return None
     refusing = "; the broker refuses new messages (--min-free-bytes)" if runs_broker else ""
     return f"the data dir's disk has {free} bytes free, below the {least_free} the server needs{refusing}"
+
+
+def _below_create_reserve(data_dir: Path, reserve: int) -> str | None:
+    """A sentence when the data dir's disk has less than `reserve` bytes free (--create-reserve-bytes; 0: none),
+    below which the coordinator takes nothing new, else None."""
+    if reserve <= 0:
+        return None
+    try:
+        free = shutil.disk_usage(data_dir).free
+    except OSError as exc:
+        return f"the data dir cannot be examined ({exc.strerror or exc})"
+    if free >= reserve:
+        return None
+    return (f"the data dir's disk has {free} bytes free, below --create-reserve-bytes ({reserve}): the coordinator "
+            "takes no new projects, dataviews, jobs, users or tokens")
 
 
 def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_broker: bool) -> None:
