@@ -549,3 +549,18 @@ def test_an_admin_revokes_a_leaked_worker_token(shared_cape_server, cape_cli, un
         assert (refused.exit_code, one_error_line(refused.stderr)) == (
             1, f"error: no token '{token_id}' that you may revoke (your own user tokens, and the organization tokens "
                "of organizations you administer) (HTTP 404)")
+
+
+def test_adding_an_organization_says_joining_concerns_the_third_seat_only(shared_cape_server, cape_cli, orgs,
+                                                                          unique_label) -> None:
+    """A data owner need not join (it approves each job that uses its data): the note on adding one said its worker
+    took "no seat in its jobs" until it joined, and its admin joined for nothing, or thought its jobs could not run."""
+    acme, globex = (orgs[n]["organization"]["label"] for n in ("acme", "globex"))
+    env = {"CAPE_COORDINATOR": shared_cape_server.url, "CAPE_TOKEN": orgs["acme"]["user_token"]}
+    project = unique_label("note")
+    assert cape_cli("projects", "create", project, env=env).exit_code == 0
+    added = cape_cli("projects", "add-org", project, globex, env=env)
+    assert added.exit_code == 0, added.stderr
+    assert added.stderr == (f"{globex} has not joined {project}: its worker takes no third seat in its jobs (the "
+                            "helper's, or a model owner's that owns none of the job's data) until one of its admins or "
+                            f"operators runs `cape projects join {project} {globex}` (a data owner need not join).\n")

@@ -166,8 +166,9 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     ok("bank", "projects", "add-org", "churn", "shop")
     added = cape_cli("projects", "add-org", "churn", "neutral", env=as_("bank"))
     assert "organizations: bank, shop (not joined), neutral (not joined)" in added.stdout.splitlines()
-    assert added.stderr == ("neutral has not joined churn: its worker takes no seat in its jobs until one of its admins "
-                            "or operators runs `cape projects join churn neutral`.\n")
+    assert added.stderr == ("neutral has not joined churn: its worker takes no third seat in its jobs (the helper's, or a "
+                            "model owner's that owns none of the job's data) until one of its admins or operators runs "
+                            "`cape projects join churn neutral` (a data owner need not join).\n")
     project = json.loads(ok("bank", "projects", "set-helper", "churn", "neutral", "--json"))
     assert project["helper"]["label"] == "neutral"
     assert {o["label"]: o["joined"] for o in project["organizations"]} == {"bank": True, "shop": False,

@@ -151,12 +151,14 @@ def _check_can_delete(cape: Cape, project: Project) -> None:
 
 
 def _say_if_not_joined(project: Project, org: str, as_json: bool) -> None:
-    """On stderr: ORG's worker takes no seat until ORG joins (its admin or operator), and how."""
+    """On stderr: ORG's worker takes no third seat until ORG joins (its admin or operator), and how. Only the third
+    seat: a data owner approves each job that uses its data, and need not join."""
     member = next((o for o in project.organizations if org in (o.get("label"), o.get("id"))), None)
     if member is not None and member.get("joined") is False and not as_json:
-        click.echo(f"{org_label(member)} has not joined {project.label}: its worker takes no seat in its jobs until "
-                   f"one of its admins or operators runs `cape projects join {project.label} {org_label(member)}`.",
-                   err=True)
+        click.echo(f"{org_label(member)} has not joined {project.label}: its worker takes no third seat in its jobs "
+                   "(the helper's, or a model owner's that owns none of the job's data) until one of its admins or "
+                   f"operators runs `cape projects join {project.label} {org_label(member)}` (a data owner need not "
+                   "join).", err=True)
 
 
 def _show(project: Project, as_json: bool, verb: str | None = None) -> None:
