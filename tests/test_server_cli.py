@@ -618,3 +618,21 @@ def test_admin_changes_are_recorded_in_the_data_dirs_admin_audit_log(tmp_path):
     text = log.read_text()
     for token in (made["organization_token"], made["user_token"], user["token"], org_token["token"], again["token"]):
         assert token.split(",")[1] not in text
+
+
+def test_serve_warns_of_a_create_reserve_not_above_the_brokers_reserve(tmp_path):
+    """--create-reserve-bytes (2 GiB) exists so that new jobs are refused before running ones lose their messages;
+    an operator raising --min-free-bytes past it got the opposite, silently. 192.0.2.1 is no address of this
+    machine: the warnings come first, then the bind fails."""
+    def first_line(*args: str) -> str:
+        result = run_cli("serve", "--host", "192.0.2.1", "--port", "0", "--data-dir", str(tmp_path / "d"), *args)
+        assert result.returncode != 0
+        return result.stderr.splitlines()[0]
+
+    assert first_line("--min-free-bytes", str(3 * 1024**3)) == (
+        "cape-server: warning: --create-reserve-bytes (2147483648) is not above --min-free-bytes (3221225472): as "
+        "the disk fills, the broker refuses the running jobs' messages while the coordinator still takes new jobs; "
+        "raise --create-reserve-bytes above it")
+    for fine in (["--min-free-bytes", str(3 * 1024**3), "--create-reserve-bytes", "0"],
+                 ["--min-free-bytes", str(3 * 1024**3), "--only", "coordinator"], []):
+        assert first_line(*fine).startswith("cape-server: warning: serving plain HTTP on 192.0.2.1"), fine

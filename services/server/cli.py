@@ -314,6 +314,12 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     if only != "broker" and coordinator_url:
         raise click.UsageError("--coordinator-url is only for --only broker (otherwise the coordinator runs in this "
                                "same process)")
+    if only is None and 0 < create_reserve_bytes <= min_free_bytes:
+        # The reserve's point is the other way round: new jobs refused while running ones still pass messages.
+        click.echo(f"cape-server: warning: --create-reserve-bytes ({create_reserve_bytes}) is not above "
+                   f"--min-free-bytes ({min_free_bytes}): as the disk fills, the broker refuses the running jobs' "
+                   "messages while the coordinator still takes new jobs; raise --create-reserve-bytes above it",
+                   err=True)
     check_tls_files(tls_cert, tls_key)
     if tls_cert is None and not is_loopback(host):
         click.echo(f"cape-server: warning: serving plain HTTP on {host}: tokens and job details cross the network "
