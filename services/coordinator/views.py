@@ -298,7 +298,7 @@ class ErrorBody(View):
 
 
 class Health(View):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "warning", "degraded"]
     parts: list[Literal["coordinator", "broker"]]
     version: str
-    problem: str | None = Field(default=None, description="what is wrong, when degraded (503)")
+    problem: str | None = Field(default=None, description="what is wrong, when degraded (503) or warning (200)")

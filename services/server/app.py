@@ -166,9 +166,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/healthz", tags=["server"], response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> Any:  # no thread hand-off: a statvfs is all the I/O
-        problem = (storage.problem() or _low_space(config.data_dir, least_free, store is not None)
-                   or _below_create_reserve(config.data_dir, create_reserve))
+        problem = storage.problem() or _low_space(config.data_dir, least_free, store is not None)
         if problem is None:
+            # 200: running jobs go on, and a probe that drains a 503 would stop them; the JSON says it to a monitor.
+            warning = _below_create_reserve(config.data_dir, create_reserve)
+            if warning is not None:
+                return {"status": "warning", "parts": parts, "version": server_version, "problem": warning}
             return {"status": "ok", "parts": parts, "version": server_version}
         return JSONResponse({"status": "degraded", "parts": parts, "version": server_version, "problem": problem},
                             status_code=503)  # a monitor watching the status code sees it
