@@ -367,7 +367,8 @@ def test_an_organization_has_bounded_bytes_waiting_across_its_jobs(start_cape_se
     coordinator."""
     from tests.support.server import SIMPLE_JOB, ok
 
-    limits = ["--max-job-bytes", "1000", "--max-message-bytes", "1000", "--max-org-bytes", "1500"]
+    limits = ["--max-job-bytes", "1000", "--max-message-bytes", "1000", "--max-org-bytes", "1500",
+              "--max-org-messages", "3"]
     if alone:
         coordinator = start_cape_server(extra_args=["--only", "coordinator"], name="coordinator")
         broker = start_cape_server(extra_args=[*limits, "--only", "broker", "--coordinator-url", coordinator.url],
@@ -390,6 +391,13 @@ def test_an_organization_has_bounded_bytes_waiting_across_its_jobs(start_cape_se
     assert yorg.put(_messages(second, "y_owner.c", "x_owner"), data=b"c" * 900).status_code == 201
     assert yorg.delete(_messages(first, "x_owner.a")).status_code == 204  # taken: room again
     assert xorg.put(_messages(second, "x_owner.b", "y_owner"), data=b"b" * 700).status_code == 201
+    # In number too (each put sums them): one waiting (x_owner.b), two more fit, a fourth does not.
+    assert xorg.put(_messages(first, "x_owner.d", "helper")).status_code == 201
+    assert xorg.put(_messages(second, "x_owner.e", "helper")).status_code == 201
+    counted = xorg.put(_messages(second, "x_owner.f", "helper"))
+    assert counted.status_code == 507 and counted.json()["error"] == {
+        "code": "org_quota_exceeded", "message": "your organization has 3 messages waiting for its recipients across "
+        "its jobs and this broker holds at most 3 per organization; send again once they took some"}
 
 
 def test_a_seat_has_bounded_messages_waiting_and_a_listing_names_the_oldest_thousand(start_cape_server):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.broker.store import Waiting
-from services.server.config import DEFAULT_MAX_JOB_MESSAGES, DEFAULT_MAX_ORG_BYTES
+from services.server.config import DEFAULT_MAX_JOB_MESSAGES, DEFAULT_MAX_ORG_BYTES, DEFAULT_MAX_ORG_MESSAGES
 from services.server.errors import InsufficientStorage
 
 log = logging.getLogger("cape.broker")
@@ -29,6 +29,7 @@ class Room:
     min_free_bytes: int  # kept free on the data dir's file system
     max_job_messages: int = DEFAULT_MAX_JOB_MESSAGES  # per sending seat and job, waiting for its recipients
     max_org_bytes: int = DEFAULT_MAX_ORG_BYTES  # per sending organization across its jobs, waiting likewise
+    max_org_messages: int = DEFAULT_MAX_ORG_MESSAGES  # ... and in number
 
     def check_disk(self, root: Path, size: int) -> None:
         """Refuse a body of `size` bytes (0 when not declared) that would eat into the disk's reserve."""
@@ -60,4 +61,9 @@ class Room:
             raise InsufficientStorage(
                 f"your organization has {_gib(waiting.size)} waiting for its recipients across its jobs and this "
                 f"broker holds at most {_gib(self.max_org_bytes)} per organization; send again once they took some",
+                code="org_quota_exceeded")
+        if waiting.count + 1 > self.max_org_messages:
+            raise InsufficientStorage(
+                f"your organization has {waiting.count} messages waiting for its recipients across its jobs and this "
+                f"broker holds at most {self.max_org_messages} per organization; send again once they took some",
                 code="org_quota_exceeded")

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 """
 # After the upgrade below: an index from before has no from_org column for it until then.
-ORG_INDEX = "CREATE INDEX IF NOT EXISTS messages_from_org ON messages(from_org, created)"
+ORG_INDEX = "CREATE INDEX IF NOT EXISTS messages_from_org ON messages(from_org, created, size)"  # covers sent_by_org
 
 
 @dataclass(frozen=True)

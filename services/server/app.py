@@ -152,7 +152,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     if store is not None and membership is not None:
         app.include_router(broker_router(store, membership, signals, config.max_message_bytes,
                                          Room(config.max_job_bytes, config.min_free_bytes, config.max_job_messages,
-                                              config.max_org_bytes), storage, refused,
+                                              config.max_org_bytes, config.max_org_messages), storage, refused,
                                          config.body_idle_seconds, forbidden))
         parts.append("broker")
 

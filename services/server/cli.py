@@ -27,8 +27,8 @@ from services.file_locks import lock_file
 from services.server import admin_audit
 from services.server.config import (
     DEFAULT_APPROVAL_TTL, DEFAULT_BODY_IDLE_SECONDS, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_MESSAGES,
-    DEFAULT_MAX_ORG_BYTES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL, DEFAULT_MIN_FREE_BYTES,
-    DEFAULT_CREATE_RESERVE_BYTES,
+    DEFAULT_MAX_ORG_BYTES, DEFAULT_MAX_ORG_MESSAGES, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MESSAGE_TTL,
+    DEFAULT_MIN_FREE_BYTES, DEFAULT_CREATE_RESERVE_BYTES,
     ServerConfig,
 )
 from services.server.error_handlers import problem_of
@@ -267,6 +267,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @click.option("--max-org-bytes", default=DEFAULT_MAX_ORG_BYTES, show_default=True, type=click.IntRange(1),
               help="Most bytes one organization may have waiting at the broker for its recipients across all its "
                    "jobs; more waits (the workers retry).")
+@click.option("--max-org-messages", default=DEFAULT_MAX_ORG_MESSAGES, show_default=True, type=click.IntRange(1),
+              help="Most messages one organization may have waiting at the broker for its recipients across all its "
+                   "jobs; more wait (the workers retry).")
 @click.option("--min-free-bytes", default=DEFAULT_MIN_FREE_BYTES, show_default=True, type=click.IntRange(0),
               help="Free space the broker keeps on the data dir's disk; a message that would use it waits.")
 @click.option("--create-reserve-bytes", default=DEFAULT_CREATE_RESERVE_BYTES, show_default=True,
@@ -295,7 +298,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
               callback=_tls_file, help="The certificate's PEM private key, unencrypted.")
 def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_url: str | None,
           max_message_bytes: int, max_job_bytes: int, max_job_messages: int, max_org_bytes: int,
-          min_free_bytes: int,
+          max_org_messages: int, min_free_bytes: int,
           create_reserve_bytes: int, body_idle_seconds: float,
           message_ttl: float, approval_ttl: float, job_sweep_seconds: float, log_level: str, access_log: bool, tls_cert: Path | None,
           tls_key: Path | None) -> None:
@@ -357,6 +360,7 @@ def serve(host: str, port: int, data_dir: Path, only: str | None, coordinator_ur
     config = ServerConfig(data_dir=data_dir, only=only, coordinator_url=coordinator_url,  # type: ignore[arg-type]
                           max_message_bytes=max_message_bytes, max_job_bytes=max_job_bytes,
                           max_job_messages=max_job_messages, max_org_bytes=max_org_bytes,
+                          max_org_messages=max_org_messages,
                           min_free_bytes=min_free_bytes, create_reserve_bytes=create_reserve_bytes,
                           body_idle_seconds=body_idle_seconds,
                           message_ttl=message_ttl, approval_ttl=approval_ttl or None,
