@@ -279,3 +279,7 @@ def test_job_flow_end_to_end(cape_server, cape_cli, cape_script, flow_data, tmp_
     shown = json.loads(ok("bank", "projects", "show", "churn", "--json"))
     assert shown["helper"] is None and [o["label"] for o in shown["organizations"]] == ["bank", "shop"]
     assert cape_cli("projects", "show", "churn", env=as_("neutral")).exit_code == 1
+    # The owner takes a data owner out: what went with it is said.
+    assert ok("bank", "projects", "remove-org", "churn", "shop") == \
+        "Organization shop is no longer in project churn; its dataviews there went with it: target.\n"
+    assert [v["name"] for v in json.loads(ok("bank", "dataviews", "list", "churn", "--json"))] == ["features"]

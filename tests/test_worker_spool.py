@@ -409,3 +409,31 @@ def test_a_programs_scratch_files_are_removed_by_prefix_only(tmp_path):
     assert spool.remove_scratch(".scratch-") == 1
     assert not scratch.exists() and other.exists() and not_temp.exists()
     assert Spool(tmp_path / "fresh").remove_scratch(".scratch-") == 0
+
+
+def test_a_runner_mark_that_cannot_be_replaced_on_a_full_volume_is_removed_not_kept(tmp_path, monkeypatch):
+    """The last runner's mark, from another `cape-worker run`, stayed when a full volume refused this runner's own:
+    every later death in this run then read as the whole worker's and was never counted, so a job the OOM killer
+    kept killing replayed until its partners gave up. It is removed instead (that needs no room)."""
+    import errno
+    import json
+
+    from services.worker import spool as spool_module
+    from services.worker.spool import RUNNER_RUNNING_NAME
+
+    spool = Spool(tmp_path / "spool")
+    mark = tmp_path / "spool" / "claims" / RUNNER_RUNNING_NAME
+    monkeypatch.setenv("CAPE_RUN_ID", "earlier-run")
+    assert spool.runner_starts(0) is None
+    monkeypatch.setenv("CAPE_RUN_ID", "this-run")
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "atomic_write_json", full)
+    assert spool.runner_starts(0)["run"] == "earlier-run"  # the last runner died: said to the caller
+    assert not mark.exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("CAPE_RUN_ID", "this-run")
+    assert spool.runner_starts(0) is None  # the next start of this run finds no stale mark
+    assert json.loads(mark.read_text())["run"] == "this-run"

@@ -385,10 +385,14 @@ class Spool:
         if last is None:
             atomic_write_json(path, mark)
             return None
-        try:  # this runner's own reading, for its own death; on a full volume the last one's stays
+        try:  # this runner's own reading and run, for its own death
             atomic_write_json(path, mark)
         except OSError:
-            pass
+            # A full volume: the last runner's mark must not stay, or this run's own deaths would read as the
+            # whole worker's (another run's) and never be counted. Removed (that needs no room), this runner's
+            # death goes uncounted, as when the first mark cannot be made.
+            with contextlib.suppress(OSError):
+                durable_unlink(path)
         return last if isinstance(last, dict) else {}
 
     def runner_stops(self) -> None:

@@ -95,8 +95,10 @@ def remove_org(cli: CliContext, project: str, org: str) -> None:
     admin or data_scientist) removes it. Its dataviews in PROJECT go with it, and it stops being the helper; refused
     for the owner organization and while a job that has not ended gives ORG a seat."""
     found = cli.cape().get_project(project)
+    going = [d.name for d in found.list_dataviews() if org in (d.data["owner"].get("label"), d.data["owner"].get("id"))]
     found.remove_org(org)
-    click.echo(f"Organization {org} is no longer in project {found.label}.")
+    went = f"; its dataviews there went with it: {', '.join(going)}" if going else ""
+    click.echo(f"Organization {org} is no longer in project {found.label}{went}.")
 
 
 @projects.command("set-helper")
