@@ -381,6 +381,12 @@ def test_serve_refuses_a_job_quota_below_the_message_limit(tmp_path):
         "Error: --max-job-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
         "be stored")
     assert not (tmp_path / "d").exists()
+    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--max-message-bytes", "2000",
+                     "--max-org-bytes", "1000")
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "Error: --max-org-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
+        "be stored")
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_second_server_on_the_same_data_dir_is_refused_naming_the_first(cape_server):
