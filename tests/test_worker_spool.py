@@ -175,6 +175,28 @@ def test_a_message_marked_sent_while_the_runner_finishes_its_job_is_no_failure(t
     assert os.listdir(tmp_path / "outbox") == []
 
 
+def test_a_message_marked_sent_just_before_the_runner_finishes_leaves_no_sent_name(tmp_path, monkeypatch):
+    """The runner ended the job between the messenger's check and its rename: its discard_messages kept the message,
+    still .sealed, and the rename then left a .sent name (and the job's outbox folder) until housekeeping; a test
+    that stopped the programs right after found the folder (seen once in CI)."""
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
+    spool.put_job({"id": JOB, "seat": "x_owner"})
+    [item] = spool.pending_outbox()
+    real_done = spool.done
+
+    def done_then_the_runner_ends(job_id):
+        answer = real_done(job_id)
+        monkeypatch.setattr(spool, "done", real_done)  # once
+        spool.mark_done(JOB, "completed")
+        spool.discard_messages(JOB)  # finds x_owner.r1 still .sealed: kept for the messenger
+        return answer
+
+    monkeypatch.setattr(spool, "done", done_then_the_runner_ends)
+    spool.mark_sent(item)
+    assert os.listdir(tmp_path / "outbox") == []
+
+
 def test_a_message_sent_after_the_runner_finished_leaves_nothing_in_the_outbox(tmp_path):
     spool = Spool(tmp_path)
     for name in ("x_owner.r1", "x_owner.r2"):

@@ -465,6 +465,11 @@ class Spool:
             # nothing is left to keep. Raised, this was an ERROR with a traceback for a message sent as it should be.
             if self.done(item.job_id) is None:
                 raise
+            return
+        if self.done(item.job_id) is not None:
+            # The runner finished between the check above and the rename: its discard_messages found this one still
+            # .sealed and kept it, so the .sent name would stay (and the job's outbox folder) until housekeeping.
+            self.discard_outbox_item(OutboxItem(item.job_id, item.to_seat, item.name, sent))
 
     def discard_outbox_item(self, item: OutboxItem) -> None:
         """Remove a sealed message nobody needs any more (sent after the runner finished, or its job ended)."""
