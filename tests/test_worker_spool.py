@@ -8,6 +8,7 @@ import pytest
 
 from services.worker.spool import (
     InvalidName,
+    OutboxItem,
     Spool,
     atomic_write_bytes,
     atomic_writer,
@@ -153,15 +154,21 @@ def test_outbox_is_marked_sent_and_remembered(tmp_path):
     assert os.listdir(tmp_path / "outbox") == []  # nothing of the finished job is left to scan
 
 
+def one_sealed_message(tmp_path) -> tuple[Spool, OutboxItem]:
+    """A spool whose job (x_owner's seat) has one sealed message for y_owner waiting to be sent."""
+    spool = Spool(tmp_path)
+    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
+    spool.put_job({"id": JOB, "seat": "x_owner"})
+    [item] = spool.pending_outbox()
+    return spool, item
+
+
 def test_a_message_marked_sent_while_the_runner_finishes_its_job_is_no_failure(tmp_path, monkeypatch):
     """The runner ended the job (done, its sent messages removed) between the messenger's check and its rename:
     mark_sent raised FileNotFoundError, logged by the messenger as an unexpected failure with a traceback."""
     import services.worker.spool as spool_module
 
-    spool = Spool(tmp_path)
-    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
-    spool.put_job({"id": JOB, "seat": "x_owner"})
-    [item] = spool.pending_outbox()
+    spool, item = one_sealed_message(tmp_path)
     real_fsync_dir = spool_module.fsync_dir
 
     def runner_ends_the_job_meanwhile(folder):
@@ -179,10 +186,7 @@ def test_a_message_marked_sent_just_before_the_runner_finishes_leaves_no_sent_na
     """The runner ended the job between the messenger's check and its rename: its discard_messages kept the message,
     still .sealed, and the rename then left a .sent name (and the job's outbox folder) until housekeeping; a test
     that stopped the programs right after found the folder (seen once in CI)."""
-    spool = Spool(tmp_path)
-    atomic_write_bytes(spool.outbox_path(JOB, "y_owner", "x_owner.r1"), b"sealed bytes")
-    spool.put_job({"id": JOB, "seat": "x_owner"})
-    [item] = spool.pending_outbox()
+    spool, item = one_sealed_message(tmp_path)
     real_done = spool.done
 
     def done_then_the_runner_ends(job_id):
