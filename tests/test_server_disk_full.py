@@ -79,6 +79,11 @@ def test_below_the_create_reserve_nothing_new_is_taken_and_running_jobs_go_on(st
     jid, user, worker = world["job"]["id"], world["user"], world["worker"]
     job = {"type": "linear_regression", "x": {"dataview": "xs", "columns": ["a"]}, "y": {"dataview": "ys",
            "column": "t"}, "model_owner": "yorg"}
+    # What the caller may not do is refused for that first (403), not told the server's free space nor logged as
+    # refused for room (the diff review: the room was checked before any permission).
+    assert api_error(user["helper"].post("/v1/organizations/xorg/users", json={"email": "e@x.example",
+                                                                              "role": "user"}), 403)
+    assert api_error(user["helper"].post("/v1/organizations/yorg/tokens", json={}), 403)
     for refused in (user["yorg"].post("/v1/projects/demo/jobs", json=job), user["xorg"].post("/v1/projects",
                     json={"label": "more"}), user["xorg"].post("/v1/tokens", json={}),
                     user["xorg"].post("/v1/projects/demo/dataviews", json={"name": "more", "uri": "/d.csv",
@@ -96,6 +101,7 @@ def test_below_the_create_reserve_nothing_new_is_taken_and_running_jobs_go_on(st
     log = server.log_path.read_text()
     assert log.count("below the 4611686018427387904 kept for the jobs already running") == 1  # once a minute
     assert "refused a job from admin@yorg.example" in log
+    assert api_error(user["xorg"].get("/v1/projects/more"), 404)  # a refused creation leaves nothing behind
 
 
 def test_healthz_says_when_the_coordinator_takes_nothing_new(start_cape_server):

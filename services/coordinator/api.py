@@ -119,12 +119,12 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/organizations/{org}/users", status_code=201, tags=["identity"], response_model=views.NewMember)
     def add_user(org: str, body: NewUser, p: Principal = Depends(person)) -> dict[str, Any]:
-        room.check(p, "a user")
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "add users")
             user, token, existing = identity.add_user(conn, org_id, body.email, body.role,
                                                       existing_ok=body.existing_account)
+            room.check(p, "a user")  # after the checks: a refusal of its own comes first; raised, it rolls back
         record(p, "added %s to organization %s as %s%s", body.email, org, body.role,
                " (an existing account)" if existing else "")
         return {"user": user, "token": token, "existing_account": existing}
@@ -163,11 +163,11 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/organizations/{org}/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_org_token(org: str, body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
-        room.check(p, "a token")
         with db.transaction() as conn:
             org_id = identity.find_organization(conn, org)["id"]
             require_role(p, org_id, MANAGE_USERS, "create organization tokens")
             issued = identity.issue_org_token(conn, org_id, body.description if body else None)
+            room.check(p, "a token")
         record(p, "issued organization token %s for organization %s", issued["id"], org)
         return issued
 
@@ -187,9 +187,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/tokens", status_code=201, tags=["identity"], response_model=views.IssuedToken)
     def create_user_token(body: NewToken | None = None, p: Principal = Depends(person)) -> dict[str, str]:
-        room.check(p, "a token")
         with db.transaction() as conn:
             issued = identity.issue_user_token(conn, p.user_id or "", body.description if body else None)
+            room.check(p, "a token")
         record(p, "issued themselves user token %s", issued["id"])
         return issued
 
@@ -205,9 +205,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects", status_code=201, tags=["projects"], response_model=views.Project)
     def create_project(body: NewProject, p: Principal = Depends(person)) -> dict[str, Any]:
-        room.check(p, "a project")
         with db.transaction() as conn:
             row = projects.create_project(conn, p, body.label, body.name, body.description, body.organization)
+            room.check(p, "a project")
             return projects.project_view(conn, row)
 
     @router.get("/projects", tags=["projects"], response_model=list[views.Project], responses=PAGED)
@@ -261,10 +261,10 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects/{project}/dataviews", status_code=201, tags=["dataviews"], response_model=views.Dataview)
     def create_dataview(project: str, body: NewDataview, p: Principal = Depends(person)) -> dict[str, Any]:
-        room.check(p, "a dataview")
         with db.transaction() as conn:
             schema = [c.model_dump() for c in body.schema_]
             row = projects.create_dataview(conn, p, project, body.name, body.uri, schema, body.organization)
+            room.check(p, "a dataview")
             return projects.dataview_view(conn, p, row)
 
     @router.get("/projects/{project}/dataviews", tags=["dataviews"], response_model=list[views.Dataview])
@@ -288,9 +288,9 @@ def coordinator_router(db: Database, changes: JobChanges | None = None,
 
     @router.post("/projects/{project}/jobs", status_code=201, tags=["jobs"], response_model=views.Job)
     def submit_job(project: str, body: NewJob, p: Principal = Depends(person)) -> dict[str, Any]:
-        room.check(p, "a job")
         with db.transaction() as conn:
             job_id = jobs.submit_job(conn, p, project, body.model_dump())
+            room.check(p, "a job")
             return jobs.job_view(conn, jobs.find_job(conn, job_id), p)
 
     def job_page(p: Principal, project: str | None, status: list[str] | None, page: PageRequest) -> JSONResponse:
