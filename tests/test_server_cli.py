@@ -374,17 +374,12 @@ def test_a_data_dir_this_user_cannot_look_into_is_a_one_line_error(tmp_path):
     assert result.stderr == f"Error: --data-dir {data_dir} cannot be used: Permission denied {DATA_DIR_ADVICE}\n"
 
 
-def test_serve_refuses_a_job_quota_below_the_message_limit(tmp_path):
+@pytest.mark.parametrize("quota", ["--max-job-bytes", "--max-org-bytes"])
+def test_serve_refuses_a_quota_below_the_message_limit(tmp_path, quota):
     result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--max-message-bytes", "2000",
-                     "--max-job-bytes", "1000")
+                     quota, "1000")
     assert result.returncode == 2 and result.stderr.strip().endswith(
-        "Error: --max-job-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
-        "be stored")
-    assert not (tmp_path / "d").exists()
-    result = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--max-message-bytes", "2000",
-                     "--max-org-bytes", "1000")
-    assert result.returncode == 2 and result.stderr.strip().endswith(
-        "Error: --max-org-bytes (1000) is below --max-message-bytes (2000): a message between the two could never "
+        f"Error: {quota} (1000) is below --max-message-bytes (2000): a message between the two could never "
         "be stored")
     assert not (tmp_path / "d").exists()
 

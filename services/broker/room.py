@@ -42,28 +42,25 @@ class Room:
 
     def check_job(self, waiting: Waiting, size: int, seat: str) -> None:
         """Refuse a body of `size` bytes when seat `seat` already has `waiting` unacknowledged in the job."""
-        if waiting.size + size > self.max_job_bytes:
-            raise InsufficientStorage(
-                f"seat {seat} has {_gib(waiting.size)} waiting for its recipients in this job and this broker holds at "
-                f"most {_gib(self.max_job_bytes)} per seat and job; send again once they took some",
-                code="job_quota_exceeded")
-        if waiting.count + 1 > self.max_job_messages:
-            raise InsufficientStorage(
-                f"seat {seat} has {waiting.count} messages waiting for its recipients in this job and this broker "
-                f"holds at most {self.max_job_messages} per seat and job; send again once they took some",
-                code="job_quota_exceeded")
+        _refuse_past(waiting, size, self.max_job_bytes, self.max_job_messages, f"seat {seat}", "in this job",
+                     "seat and job", "job_quota_exceeded")
 
     def check_org(self, waiting: Waiting, size: int) -> None:
         """Refuse a body of `size` bytes when the sender's organization already has `waiting` unacknowledged across
         its jobs: with seats in many jobs it could otherwise hold many times `max_job_bytes`, and a full disk fails
         every other project's messages."""
-        if waiting.size + size > self.max_org_bytes:
-            raise InsufficientStorage(
-                f"your organization has {_gib(waiting.size)} waiting for its recipients across its jobs and this "
-                f"broker holds at most {_gib(self.max_org_bytes)} per organization; send again once they took some",
-                code="org_quota_exceeded")
-        if waiting.count + 1 > self.max_org_messages:
-            raise InsufficientStorage(
-                f"your organization has {waiting.count} messages waiting for its recipients across its jobs and this "
-                f"broker holds at most {self.max_org_messages} per organization; send again once they took some",
-                code="org_quota_exceeded")
+        _refuse_past(waiting, size, self.max_org_bytes, self.max_org_messages, "your organization",
+                     "across its jobs", "organization", "org_quota_exceeded")
+
+
+def _refuse_past(waiting: Waiting, size: int, max_bytes: int, max_messages: int, holder: str, where: str, per: str,
+                 code: str) -> None:
+    """507 `code` when `holder`'s waiting messages and a body of `size` bytes would pass either bound."""
+    if waiting.size + size > max_bytes:
+        held, most = _gib(waiting.size), _gib(max_bytes)
+    elif waiting.count + 1 > max_messages:
+        held, most = f"{waiting.count} messages", str(max_messages)
+    else:
+        return
+    raise InsufficientStorage(f"{holder} has {held} waiting for its recipients {where} and this broker holds at most "
+                              f"{most} per {per}; send again once they took some", code=code)

@@ -182,14 +182,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 def _low_space(data_dir: Path, least_free: int, runs_broker: bool) -> str | None:
     """A sentence when the data dir's disk has less than `least_free` bytes free (a full disk that no request wrote
     to yet), else None."""
-    try:
-        free = shutil.disk_usage(data_dir).free
-    except OSError as exc:
-        return f"the data dir cannot be examined ({exc.strerror or exc})"
-    if free >= least_free:
-        return None
     refusing = "; the broker refuses new messages (--min-free-bytes)" if runs_broker else ""
-    return f"the data dir's disk has {free} bytes free, below the {least_free} the server needs{refusing}"
+    return _short_of_space(data_dir, least_free,
+                           f"below the {least_free} the server needs{refusing}")
 
 
 def _below_create_reserve(data_dir: Path, reserve: int) -> str | None:
@@ -197,14 +192,17 @@ def _below_create_reserve(data_dir: Path, reserve: int) -> str | None:
     below which the coordinator takes nothing new, else None."""
     if reserve <= 0:
         return None
+    return _short_of_space(data_dir, reserve, f"below --create-reserve-bytes ({reserve}): the coordinator takes no "
+                                              "new projects, dataviews, jobs, users or tokens")
+
+
+def _short_of_space(data_dir: Path, least: int, below: str) -> str | None:
+    """'the data dir's disk has N bytes free, <below>' when it has less than `least` free, else None."""
     try:
         free = shutil.disk_usage(data_dir).free
     except OSError as exc:
         return f"the data dir cannot be examined ({exc.strerror or exc})"
-    if free >= reserve:
-        return None
-    return (f"the data dir's disk has {free} bytes free, below --create-reserve-bytes ({reserve}): the coordinator "
-            "takes no new projects, dataviews, jobs, users or tokens")
+    return None if free >= least else f"the data dir's disk has {free} bytes free, {below}"
 
 
 def _answer_for_missing_parts(app: FastAPI, *, runs_coordinator: bool, runs_broker: bool) -> None:
